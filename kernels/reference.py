@@ -1,0 +1,85 @@
+"""Plain-torch references for every kernel: what each Triton kernel must compute.
+
+Runtime layouts (what ``process_weights_after_loading`` produces and the ops take):
+
+- W4A16: ``qweight`` int32 ``[K // 8, N]``, the int4 value of row ``k`` and column ``n`` in
+  bits ``4 * (k % 8)`` to ``4 * (k % 8) + 3`` of ``qweight[k // 8, n]``; ``scales`` and
+  ``zeros`` ``[K // group_size, N]`` in the activation dtype, ``zeros`` holding the integer
+  zero point (8 for symmetric). ``w[k, n] = (q[k, n] - zeros[g, n]) * scales[g, n]``.
+- W8A16: ``qweight`` int8 ``[N, K]`` (nn.Linear's orientation), ``scales`` ``[N]``.
+- FP8 W8A8: ``qweight`` float8_e4m3fn ``[N, K]``, ``weight_scale`` float32 ``[N]``;
+  activations are quantized per token to float8_e4m3fn with scale ``amax / 448``.
+"""
+
+from typing import Optional
+
+import torch
+
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+def unpack_int4_rows(qweight: torch.Tensor) -> torch.Tensor:
+    """int32 ``[K // 8, N]`` -> uint8 ``[K, N]`` of values 0..15 (row k in nibble k % 8)."""
+    shifts = torch.arange(0, 32, 4, device=qweight.device, dtype=torch.int32)
+    nibbles = (qweight.unsqueeze(1) >> shifts.view(1, 8, 1)) & 0xF
+    return nibbles.reshape(-1, qweight.shape[1]).to(torch.uint8)
+
+
+def pack_int4_rows(q: torch.Tensor) -> torch.Tensor:
+    """uint8/int ``[K, N]`` of values 0..15 -> int32 ``[K // 8, N]``; inverse of unpack."""
+    k, n = q.shape
+    q = q.to(torch.int32).reshape(k // 8, 8, n)
+    shifts = torch.arange(0, 32, 4, device=q.device, dtype=torch.int32).view(1, 8, 1)
+    return (q << shifts).sum(dim=1, dtype=torch.int32)
+
+
+def dequantize_w4(
+    qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int
+) -> torch.Tensor:
+    """The float weight ``[K, N]`` (in ``scales.dtype``) of the W4A16 runtime layout."""
+    q = unpack_int4_rows(qweight).to(scales.dtype)
+    s = scales.repeat_interleave(group_size, dim=0)
+    z = zeros.repeat_interleave(group_size, dim=0)
+    return (q - z) * s
+
+
+def w4a16_linear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    group_size: int,
+    bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    w = dequantize_w4(qweight, scales.float(), zeros.float(), group_size)
+    out = x.float() @ w
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype)
+
+
+def w8a16_linear(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    out = (x.float() @ qweight.float().t()) * scales.float()
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype)
+
+
+def quantize_fp8_per_token(x: torch.Tensor):
+    """float ``[M, K]`` -> (float8_e4m3fn ``[M, K]``, float32 scale ``[M, 1]``)."""
+    amax = x.float().abs().amax(dim=-1, keepdim=True).clamp(min=1e-12)
+    scale = amax / FP8_MAX
+    xq = (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return xq, scale
+
+
+def fp8_linear(
+    x: torch.Tensor, qweight: torch.Tensor, weight_scale: torch.Tensor, bias: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    xq, x_scale = quantize_fp8_per_token(x.reshape(-1, x.shape[-1]))
+    out = (xq.float() @ qweight.float().t()) * x_scale * weight_scale.float()
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype).reshape(*x.shape[:-1], -1)

@@ -1,0 +1,118 @@
+"""``qpass.quantize``: the passes in order, capture -> plan -> calibrate -> swap -> load ->
+finalise. The model is only changed by the last steps (attach), so a failure anywhere
+before leaves it as it was."""
+
+import copy
+import logging
+from typing import Any, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from qpass.calib.base import Calibration
+from qpass.layers.linear import QuantLinear
+from qpass.methods.base import get_config
+from qpass.passes.capture import exported_graph, symbolic_graph
+from qpass.passes.finalise import finalise
+from qpass.passes.load import install_state_dict_hooks, load_float_shard, load_shard
+from qpass.passes.plan import LinearGroup, Plan, make_plan, resolve_overrides
+from qpass.passes.swap import attach, build_stub, stub_groups
+
+log = logging.getLogger("qpass")
+
+
+def quantize(
+    model: nn.Module,
+    method: str,
+    *,
+    calib: Optional[Iterable[Any]] = None,
+    skip: Sequence[str] = (),
+    overrides: Optional[Mapping[str, Mapping[str, Any]]] = None,
+    merge: bool = True,
+    inplace: bool = False,
+    **options: Any,
+) -> nn.Module:
+    """Quantize every linear of ``model`` with ``method`` ("awq", "int8", ...).
+
+    - ``options``: the method's options, e.g. ``group_size=64``.
+    - ``skip``: fnmatch patterns of layer paths kept in float ("lm_head", "*.down_proj").
+    - ``overrides``: pattern -> options for matching layers, e.g.
+      ``{"*.down_proj": {"method": "int8"}}``; the first matching pattern wins.
+    - ``calib``: calibration batches (tensors, tuples or dicts of keyword tensors) for
+      methods that calibrate.
+    - ``merge``: where the model symbolically traces, return a GraphModule in which
+      linears that read the same input are one merged stub. Models that do not trace,
+      and ``merge=False``, keep their class and get one stub per linear.
+    - ``inplace``: rewrite ``model`` itself (one stub per linear) instead of a copy.
+    """
+    calib_batches = list(calib) if calib is not None else None
+    target, plan, config = _plan(model, method, options, skip, overrides, merge, inplace,
+                                 example=calib_batches[0] if calib_batches else None, check_weights=True)
+    calibration = Calibration()
+    if calib_batches is not None:
+        calibration = config.calibrate(target, plan, calib_batches) or calibration
+    stubs = []
+    for group in stub_groups(plan):
+        stub = build_stub(group)
+        _load_group(stub, group, calibration)
+        finalise(stub)
+        stubs.append((group, stub))
+    calibration.apply_folds(target)
+    result = _attach(target, plan, stubs)
+    quantized = sum(len(g.sites) for g, _ in stubs if g.config is not None)
+    log.info("qpass: %s: %d of %d linears quantized with %s (%d stubs)", type(model).__name__,
+             quantized, len(plan.sites), method, len(stubs))
+    return result
+
+
+def skeleton(
+    model: nn.Module,
+    method: str,
+    *,
+    skip: Sequence[str] = (),
+    overrides: Optional[Mapping[str, Mapping[str, Any]]] = None,
+    merge: bool = True,
+    device: Optional[torch.device] = None,
+    **options: Any,
+) -> nn.Module:
+    """The model rewritten as ``quantize`` would, with empty stubs (on ``device``) left
+    for a checkpoint to fill through their weight loaders; ``model`` may be on the meta
+    device. The caller loads the tensors and then runs ``qpass.passes.finalise``."""
+    target, plan, _ = _plan(model, method, options, skip, overrides, merge, inplace=False,
+                            example=None, check_weights=False)
+    stubs = [(group, build_stub(group, device)) for group in stub_groups(plan)]
+    return _attach(target, plan, stubs)
+
+
+def _plan(model, method, options, skip, overrides, merge, inplace, example, check_weights) -> Tuple[nn.Module, Plan, Any]:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"quantize takes an nn.Module, got {type(model).__name__}")
+    config = get_config(method, options)
+    override_configs = resolve_overrides(overrides, method, options)
+    skip = [skip] if isinstance(skip, str) else list(skip)
+    target = model if inplace else copy.deepcopy(model)
+    graph = symbolic_graph(target) if merge and not inplace else None
+    analysis_graph = graph if graph is not None or example is None else exported_graph(target, example)
+    plan = make_plan(target, analysis_graph, config, skip=skip, overrides=override_configs,
+                     rewrite_graph=graph is not None, check_weights=check_weights)
+    return target, plan, config
+
+
+def _load_group(stub: QuantLinear, group: LinearGroup, calibration: Calibration) -> None:
+    for shard, site in enumerate(group.sites):
+        if group.config is None:
+            stub.weight = site.weight  # shared, not copied: tied weights stay tied
+            if site.bias is not None:
+                stub.bias = site.bias
+        elif site.name in calibration.checkpoint:
+            load_shard(stub, shard, calibration.checkpoint[site.name], site.bias)
+        else:
+            load_float_shard(stub, shard, calibration.weights.get(site.name, site.weight), site.bias)
+    if group.name in calibration.input_scales:
+        stub.set_input_scale(calibration.input_scales[group.name])
+
+
+def _attach(target: nn.Module, plan: Plan, stubs: List[Tuple[LinearGroup, QuantLinear]]) -> nn.Module:
+    result = attach(target, plan, stubs)
+    install_state_dict_hooks(result, [group.name for group, _ in stubs])
+    return result

@@ -1,0 +1,170 @@
+"""AWQ: W4A16, int4 weights in groups along the input dimension with integer zero points.
+
+Parameters are created in AutoAWQ's GEMM checkpoint layout (what AutoAWQ, vLLM and
+transformers read and write), with K = in_features and N = out_features:
+
+- ``qweight`` int32 ``[K, N // 8]``: eight int4 values of one row per word, columns
+  ``8j .. 8j+7`` in the nibble order ``AWQ_PACK_ORDER``;
+- ``qzeros`` int32 ``[K // G, N // 8]``: the zero points, packed the same way;
+- ``scales`` ``[K // G, N]`` in the model dtype.
+
+``process_weights_after_loading`` repacks them into the kernels' runtime layout
+(``qpass.kernels.reference``); ``checkpoint_tensors`` gives the checkpoint layout back.
+Without calibration data the weights are rounded to nearest; with it, the scales and
+clipping of ``qpass.calib.awq`` choose what is rounded.
+"""
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import torch
+from torch.nn import Parameter
+
+from qpass.calib.rtn import quantize_groupwise
+from qpass.kernels.reference import pack_int4_rows, unpack_int4_rows
+from qpass.layers.quantize_base import LinearMethodBase
+from qpass.layers.utils import set_weight_attrs
+from qpass.methods.base import QuantConfig, register_method
+
+# Nibble i of a packed word holds column AWQ_PACK_ORDER[i] of its block of eight.
+AWQ_PACK_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+PACK_FACTOR = 8
+MIN_GROUP_SIZE = 32
+
+
+def pack_awq(q: torch.Tensor) -> torch.Tensor:
+    """int ``[R, N]`` of values 0..15 -> int32 ``[R, N // 8]`` in AutoAWQ's order."""
+    r, n = q.shape
+    blocks = q.to(torch.int32).reshape(r, n // PACK_FACTOR, PACK_FACTOR)[:, :, list(AWQ_PACK_ORDER)]
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=q.device)
+    return (blocks << shifts).sum(dim=-1, dtype=torch.int32)
+
+
+def unpack_awq(packed: torch.Tensor) -> torch.Tensor:
+    """int32 ``[R, N // 8]`` in AutoAWQ's order -> int32 ``[R, N]`` of values 0..15."""
+    r, n8 = packed.shape
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=packed.device)
+    nibbles = (packed.unsqueeze(-1) >> shifts) & 0xF
+    unordered = torch.empty_like(nibbles)
+    unordered[:, :, list(AWQ_PACK_ORDER)] = nibbles
+    return unordered.reshape(r, n8 * PACK_FACTOR)
+
+
+@register_method("awq")
+@dataclass(frozen=True)
+class AWQConfig(QuantConfig):
+    bits: int = 4
+    group_size: int = 128
+    zero_point: bool = True
+
+    def validate(self) -> None:
+        if self.bits != 4:
+            raise ValueError(f"awq supports bits=4 only, got bits={self.bits}")
+        if self.group_size < MIN_GROUP_SIZE or self.group_size % PACK_FACTOR:
+            raise ValueError(
+                f"awq group_size must be a multiple of {PACK_FACTOR} and >= {MIN_GROUP_SIZE}, "
+                f"got {self.group_size}"
+            )
+
+    def for_layer(self, name, in_features, out_features):
+        if out_features % PACK_FACTOR:
+            return None, f"{name}: kept in float: out_features {out_features} is not a multiple of {PACK_FACTOR}"
+        group_size = fitting_group_size(self.group_size, in_features)
+        if group_size is None:
+            return None, (
+                f"{name}: kept in float: in_features {in_features} has no group size "
+                f">= {MIN_GROUP_SIZE} that divides it (halving from {self.group_size})"
+            )
+        if group_size != self.group_size:
+            return (
+                AWQConfig(self.bits, group_size, self.zero_point),
+                f"{name}: group_size {self.group_size} does not divide in_features {in_features}; "
+                f"using {group_size}",
+            )
+        return self, ""
+
+    def get_linear_method(self) -> "AWQLinearMethod":
+        return AWQLinearMethod(self)
+
+    def calibrate(self, model, plan, calib):
+        from qpass.calib.awq import calibrate_awq
+
+        return calibrate_awq(model, plan, calib, self)
+
+
+def fitting_group_size(group_size: int, in_features: int) -> Optional[int]:
+    """The group size to use where ``group_size`` does not divide ``in_features``: halve it
+    until it does (576 with 128 gives 64), stopping at MIN_GROUP_SIZE."""
+    while group_size >= MIN_GROUP_SIZE:
+        if in_features % group_size == 0:
+            return group_size
+        group_size //= 2
+    return None
+
+
+class AWQLinearMethod(LinearMethodBase):
+    def __init__(self, quant_config: AWQConfig):
+        self.quant_config = quant_config
+
+    def create_weights(
+        self,
+        layer: torch.nn.Module,
+        input_size_per_partition: int,
+        output_partition_sizes: List[int],
+        input_size: int,
+        output_size: int,
+        params_dtype: torch.dtype,
+        **extra_weight_attrs,
+    ):
+        group_size = self.quant_config.group_size
+        if input_size_per_partition % group_size:
+            raise ValueError(
+                f"awq: input size per partition {input_size_per_partition} is not a multiple of "
+                f"group_size {group_size}"
+            )
+        for size in output_partition_sizes:
+            if size % PACK_FACTOR:
+                raise ValueError(f"awq: output partition size {size} is not a multiple of {PACK_FACTOR}")
+        out = sum(output_partition_sizes)
+        groups = input_size_per_partition // group_size
+        packed = {"input_dim": 0, "output_dim": 1, "packed_dim": 1, "packed_factor": PACK_FACTOR}
+        params = {
+            "qweight": (torch.empty(input_size_per_partition, out // PACK_FACTOR, dtype=torch.int32), packed),
+            "qzeros": (torch.empty(groups, out // PACK_FACTOR, dtype=torch.int32), packed),
+            "scales": (torch.empty(groups, out, dtype=params_dtype), {"input_dim": 0, "output_dim": 1}),
+        }
+        for name, (data, attrs) in params.items():
+            param = Parameter(data, requires_grad=False)
+            set_weight_attrs(param, attrs)
+            set_weight_attrs(param, extra_weight_attrs)
+            layer.register_parameter(name, param)
+
+    def quantize_weight(self, weight: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Checkpoint tensors of a float weight ``[N, K]`` by round-to-nearest."""
+        cfg = self.quant_config
+        q, scales, zeros = quantize_groupwise(weight, cfg.bits, cfg.group_size, symmetric=not cfg.zero_point)
+        return {
+            "qweight": pack_awq(q.t()),
+            "qzeros": pack_awq(zeros.t()),
+            "scales": scales.t().to(weight.dtype).contiguous(),
+        }
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        q = unpack_awq(layer.qweight.data)
+        zeros = unpack_awq(layer.qzeros.data).to(layer.scales.dtype)
+        del layer.qweight, layer.qzeros
+        layer.register_parameter("qweight", Parameter(pack_int4_rows(q), requires_grad=False))
+        layer.register_parameter("zeros", Parameter(zeros, requires_grad=False))
+
+    def checkpoint_tensors(self, layer: torch.nn.Module) -> Dict[str, torch.Tensor]:
+        """The checkpoint layout of a finalised layer (inverse of the repack above)."""
+        return {
+            "qweight": pack_awq(unpack_int4_rows(layer.qweight.data)),
+            "qzeros": pack_awq(layer.zeros.data.to(torch.int32)),
+            "scales": layer.scales.data,
+        }
+
+    def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return torch.ops.qpass.w4a16_linear(
+            x, layer.qweight, layer.scales, layer.zeros, self.quant_config.group_size, bias
+        )

@@ -1,0 +1,98 @@
+"""Method configs and the registry that maps a method name to its config class.
+
+A method is one file in ``qpass/methods``: a frozen dataclass config registered with
+:func:`register_method`, and the ``LinearMethodBase`` it builds. Every module of this
+package is imported on first lookup, so adding a method touches nothing else.
+"""
+
+import dataclasses
+import importlib
+import pkgutil
+import typing
+from typing import Any, ClassVar, Dict, Mapping, Optional, Tuple, Type
+
+import torch
+
+from qpass.layers.quantize_base import LinearMethodBase
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+_REGISTRY: Dict[str, Type["QuantConfig"]] = {}
+
+
+class QuantConfig:
+    """Base of every method's config: a frozen dataclass whose fields are its options."""
+
+    name: ClassVar[str]
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any]) -> "QuantConfig":
+        """Build a config from keyword options, checking each name and type."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - set(fields))
+        if unknown:
+            raise ValueError(
+                f"method {cls.name!r} has no option {', '.join(map(repr, unknown))}; "
+                f"its options are: {', '.join(sorted(fields)) or '(none)'}"
+            )
+        hints = typing.get_type_hints(cls)
+        for key, value in options.items():
+            expected = hints[key]
+            ok = isinstance(value, expected) and not (expected is int and isinstance(value, bool))
+            if not ok:
+                raise TypeError(
+                    f"option {key!r} of method {cls.name!r} must be {expected.__name__}, "
+                    f"got {type(value).__name__} {value!r}"
+                )
+        config = cls(**options)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        """Check option values; raise ValueError naming the option and what is allowed."""
+
+    def for_layer(self, name: str, in_features: int, out_features: int) -> Tuple[Optional["QuantConfig"], str]:
+        """The config to use for one linear, or None to keep it in float; and a log line
+        saying what was changed and why ("" when nothing was)."""
+        return self, ""
+
+    def get_linear_method(self) -> LinearMethodBase:
+        raise NotImplementedError
+
+    def calibrate(self, model, plan, calib):
+        """Calibrated weights for the plan's linears; methods without calibration return None."""
+        return None
+
+
+def register_method(name: str):
+    """Class decorator: make a config class available as ``qpass.quantize(model, name)``."""
+
+    def register(cls: Type[QuantConfig]) -> Type[QuantConfig]:
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"method {name!r} is already registered by {_REGISTRY[name].__qualname__}")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return register
+
+
+def _import_builtin_methods() -> None:
+    package = importlib.import_module("qpass.methods")
+    for info in pkgutil.iter_modules(package.__path__):
+        importlib.import_module(f"qpass.methods.{info.name}")
+
+
+def method_names() -> Tuple[str, ...]:
+    _import_builtin_methods()
+    return tuple(sorted(_REGISTRY))
+
+
+def get_config(method: str, options: Optional[Mapping[str, Any]] = None) -> QuantConfig:
+    """The validated config of ``method`` with ``options``."""
+    if not isinstance(method, str):
+        raise TypeError(f"method must be a name such as 'awq', got {type(method).__name__}")
+    known = method_names()
+    if method not in _REGISTRY:
+        raise ValueError(f"unknown quantization method {method!r}; known methods: {', '.join(known)}")
+    return _REGISTRY[method].from_options(dict(options or {}))

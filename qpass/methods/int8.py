@@ -1,0 +1,54 @@
+"""int8: W8A16, symmetric int8 weights with one scale per output channel.
+
+``qweight`` int8 ``[N, K]`` and ``scales`` ``[N]`` in the model dtype: the checkpoint
+layout and the kernel's are the same, so nothing is repacked after loading.
+"""
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import torch
+from torch.nn import Parameter
+
+from qpass.calib.rtn import quantize_per_channel_int8
+from qpass.layers.quantize_base import LinearMethodBase
+from qpass.layers.utils import set_weight_attrs
+from qpass.methods.base import QuantConfig, register_method
+
+
+@register_method("int8")
+@dataclass(frozen=True)
+class Int8Config(QuantConfig):
+    def get_linear_method(self) -> "Int8LinearMethod":
+        return Int8LinearMethod(self)
+
+
+class Int8LinearMethod(LinearMethodBase):
+    def __init__(self, quant_config: Int8Config):
+        self.quant_config = quant_config
+
+    def create_weights(
+        self,
+        layer: torch.nn.Module,
+        input_size_per_partition: int,
+        output_partition_sizes: List[int],
+        input_size: int,
+        output_size: int,
+        params_dtype: torch.dtype,
+        **extra_weight_attrs,
+    ):
+        out = sum(output_partition_sizes)
+        qweight = Parameter(torch.empty(out, input_size_per_partition, dtype=torch.int8), requires_grad=False)
+        scales = Parameter(torch.empty(out, dtype=params_dtype), requires_grad=False)
+        set_weight_attrs(qweight, {"input_dim": 1, "output_dim": 0})
+        set_weight_attrs(scales, {"output_dim": 0})
+        for name, param in (("qweight", qweight), ("scales", scales)):
+            set_weight_attrs(param, extra_weight_attrs)
+            layer.register_parameter(name, param)
+
+    def quantize_weight(self, weight: torch.Tensor) -> Dict[str, torch.Tensor]:
+        q, scales = quantize_per_channel_int8(weight)
+        return {"qweight": q, "scales": scales.to(weight.dtype)}
+
+    def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return torch.ops.qpass.w8a16_linear(x, layer.qweight, layer.scales, bias)
