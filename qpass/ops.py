@@ -58,3 +58,35 @@ def fp8_linear(
 @fp8_linear.register_fake
 def _(x, qweight, weight_scale, bias=None):
     return x.new_empty(*x.shape[:-1], qweight.shape[0])
+
+
+# Gradients flow to the activations (weights are frozen), so quantized models can sit
+# inside training graphs (adapters, distillation) and compile with autograd on.
+def _setup_context(ctx, inputs, output):
+    ctx.weights = inputs[1:]
+    ctx.has_bias = inputs[-1] is not None
+
+
+def _w4a16_backward(ctx, grad):
+    qweight, scales, zeros, group_size, _ = ctx.weights
+    w = reference.dequantize_w4(qweight, scales, zeros, group_size)
+    grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias else None
+    return grad @ w.t().to(grad.dtype), None, None, None, None, grad_bias
+
+
+def _w8a16_backward(ctx, grad):
+    qweight, scales, _ = ctx.weights
+    grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias else None
+    return (grad * scales.to(grad.dtype)) @ qweight.to(grad.dtype), None, None, grad_bias
+
+
+def _fp8_backward(ctx, grad):
+    qweight, weight_scale, _ = ctx.weights
+    w = qweight.float() * weight_scale.float().unsqueeze(1)  # straight through the activation rounding
+    grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias else None
+    return grad @ w.to(grad.dtype), None, None, grad_bias
+
+
+w4a16_linear.register_autograd(_w4a16_backward, setup_context=_setup_context)
+w8a16_linear.register_autograd(_w8a16_backward, setup_context=_setup_context)
+fp8_linear.register_autograd(_fp8_backward, setup_context=_setup_context)

@@ -66,13 +66,11 @@ def _rewrite_group(gm: fx.GraphModule, group: LinearGroup, stub: QuantLinear) ->
     if len(sites) == 1 and sites[0].is_module:
         _set_submodule(gm, path, stub)  # every call of the module now calls the stub
         return
+    graph = gm.graph
     for site in sites:
         if not site.is_module:
-            _delete_attr(gm, site.weight_name)
-            if site.bias_name:
-                _delete_attr(gm, site.bias_name)
+            _release_params(gm, graph, site)
     _set_submodule(gm, path, stub)
-    graph = gm.graph
     first = min((n for s in sites for n in s.nodes), key=_position(graph))
     with graph.inserting_before(first):
         for site in sites if len(sites) == 1 else ():
@@ -101,7 +99,16 @@ def _set_submodule(gm: nn.Module, path: str, module: nn.Module) -> None:
     setattr(owner, leaf, module)
 
 
-def _delete_attr(gm: nn.Module, path: str) -> None:
-    parent, _, leaf = path.rpartition(".")
-    owner: Optional[nn.Module] = gm.get_submodule(parent) if parent else gm
-    delattr(owner, leaf)
+def _release_params(gm: fx.GraphModule, graph: fx.Graph, site) -> None:
+    """Drop an F.linear's weight and bias from the module once only its calls read them
+    (the stub holds them now); a parameter read elsewhere too stays."""
+    for path in filter(None, (site.weight_name, site.bias_name)):
+        reads = [n for n in graph.nodes if n.op == "get_attr" and n.target == path]
+        if any(user not in site.nodes for node in reads for user in node.users):
+            continue
+        for node in reads:
+            for user in site.nodes:
+                user.replace_input_with(node, None)
+            graph.erase_node(node)
+        parent, _, leaf = path.rpartition(".")
+        delattr(gm.get_submodule(parent) if parent else gm, leaf)

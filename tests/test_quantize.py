@@ -1,0 +1,158 @@
+"""qpass.quantize on small models: outputs, options, merging, module trees, state dicts."""
+
+import copy
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+import qpass
+from qpass.layers.linear import QuantLinear
+from qpass.layers.quantize_base import UnquantizedLinearMethod
+from qpass.methods.awq import AWQLinearMethod, fitting_group_size
+from qpass.methods.int8 import Int8LinearMethod
+from models import MLP, Block, FunctionalLinears, TinyLM, relative_error, seeded
+
+
+def stubs(model):
+    return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+@pytest.mark.parametrize("method, bound", [("awq", 0.06), ("int8", 0.01)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_block_output_close_to_float(method, bound, dtype):
+    model = seeded(Block).to(dtype)
+    x = torch.randn(2, 9, 256, dtype=dtype)
+    q = qpass.quantize(model, method)
+    out, ref = q(x), model(x)
+    assert out.dtype == dtype
+    tolerance = bound if dtype == torch.float32 else bound + 0.02
+    assert relative_error(out, ref) < tolerance
+
+
+def test_input_untouched_and_inplace():
+    model = seeded(MLP)
+    before = copy.deepcopy(model.state_dict())
+    q = qpass.quantize(model, "awq")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert isinstance(model.fc1, nn.Linear) and q is not model
+    same = qpass.quantize(model, "awq", inplace=True)
+    assert same is model and isinstance(model.fc1, QuantLinear)
+    x = torch.randn(4, 256)
+    torch.testing.assert_close(model(x), q(x))
+
+
+def test_module_tree_without_merge_keeps_class_and_one_stub_per_linear():
+    model = seeded(Block)
+    q = qpass.quantize(model, "awq", merge=False)
+    assert type(q) is Block
+    assert sorted(stubs(q)) == sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear))
+    x = torch.randn(2, 5, 256)
+    torch.testing.assert_close(q(x), qpass.quantize(model, "awq")(x))  # merging changes nothing
+
+
+def test_merged_stub_shards_follow_the_original_linears():
+    q = qpass.quantize(seeded(Block), "awq")
+    qkv = q.attn.q_proj_k_proj_v_proj
+    assert qkv.shard_names == ["attn.q_proj", "attn.k_proj", "attn.v_proj"]
+    assert qkv.output_partition_sizes == [256, 128, 128]
+    assert isinstance(qkv.quant_method, AWQLinearMethod)
+
+
+def test_group_size_option_and_awq_checkpoint_shapes():
+    q = qpass.quantize(seeded(MLP), "awq", group_size=64)
+    sd = q.state_dict()
+    assert sd["fc1.qweight"].shape == (256, 512 // 8) and sd["fc1.qweight"].dtype == torch.int32
+    assert sd["fc1.qzeros"].shape == (256 // 64, 512 // 8)
+    assert sd["fc1.scales"].shape == (256 // 64, 512)
+    assert q.fc1.quant_method.quant_config.group_size == 64
+
+
+def test_skip_and_overrides():
+    model = seeded(TinyLM, layers=2)
+    q = qpass.quantize(model, "awq", merge=False, skip=["lm_head"],
+                       overrides={"*.down_proj": {"method": "int8"}, "layers.1.*": {"group_size": 64}})
+    assert isinstance(q.lm_head.quant_method, UnquantizedLinearMethod)
+    assert q.lm_head.weight is q.embed.weight  # tied weights stay tied
+    assert isinstance(q.layers[0].mlp.down_proj.quant_method, Int8LinearMethod)
+    assert q.layers[1].attn.q_proj.quant_method.quant_config.group_size == 64
+    assert q.layers[0].attn.q_proj.quant_method.quant_config.group_size == 128
+    ids = torch.randint(0, 512, (2, 16))
+    assert relative_error(q(ids), model(ids)) < 0.1
+
+
+def test_indivisible_in_features_use_the_largest_halved_group(caplog):
+    assert fitting_group_size(128, 576) == 64
+    assert fitting_group_size(128, 1536) == 128
+    assert fitting_group_size(128, 100) is None
+    model = nn.Sequential(nn.Linear(576, 192), nn.ReLU(), nn.Linear(192, 100)).eval()
+    with caplog.at_level(logging.INFO, logger="qpass"):
+        q = qpass.quantize(model, "awq")
+    first, last = q.get_submodule("0"), q.get_submodule("2")  # a GraphModule: no indexing
+    assert first.quant_method.quant_config.group_size == 64
+    assert isinstance(last.quant_method, UnquantizedLinearMethod)  # out 100: not a multiple of 8
+    assert "group_size 128 does not divide in_features 576; using 64" in caplog.text
+    assert "kept in float: out_features 100 is not a multiple of 8" in caplog.text
+
+
+@pytest.mark.parametrize("merge", [True, False])
+def test_load_state_dict_of_the_float_model_goes_through_the_loaders(merge):
+    model = seeded(Block)
+    other = seeded(Block, seed=1)
+    q = qpass.quantize(model, "awq", merge=merge)
+    result = q.load_state_dict(other.state_dict())
+    assert not result.missing_keys and not result.unexpected_keys
+    x = torch.randn(2, 5, 256)
+    torch.testing.assert_close(q(x), qpass.quantize(other, "awq", merge=merge)(x))
+
+
+def test_state_dict_is_checkpoint_layout_and_round_trips():
+    model = seeded(Block)
+    q = qpass.quantize(model, "awq")
+    sd = q.state_dict()
+    assert "attn.q_proj_k_proj_v_proj.qzeros" in sd and "attn.q_proj_k_proj_v_proj.zeros" not in sd
+    fresh = qpass.quantize(seeded(Block, seed=3), "awq")
+    fresh.load_state_dict(sd)
+    x = torch.randn(1, 4, 256)
+    torch.testing.assert_close(fresh(x), q(x))
+
+
+def test_partial_float_state_dict_reports_missing_shards():
+    q = qpass.quantize(seeded(Block), "awq")
+    sd = {k: v for k, v in seeded(Block).state_dict().items() if "k_proj" not in k}
+    with pytest.raises(RuntimeError, match="attn.k_proj.weight"):
+        q.load_state_dict(sd)
+
+
+def test_functional_linears_quantize():
+    model = seeded(FunctionalLinears)
+    q = qpass.quantize(model, "awq")
+    assert set(stubs(q)) == {"w_in", "w_out"}
+    assert not hasattr(q, "b_in") or isinstance(q.b_in, nn.Module) is False
+    x = torch.randn(3, 256)
+    assert relative_error(q(x), model(x)) < 0.2
+
+
+def test_quantized_model_compiles_without_graph_break():
+    model = seeded(Block)
+    q = qpass.quantize(model, "awq")
+    x = torch.randn(1, 3, 256)
+    compiled = torch.compile(q, fullgraph=True)
+    torch.testing.assert_close(compiled(x), q(x), rtol=1e-4, atol=1e-4)
+
+
+def test_gradients_reach_the_activations():
+    model = seeded(Block)
+    x = torch.randn(1, 3, 256, requires_grad=True)
+    for method in ("awq", "int8"):
+        q = qpass.quantize(model, method)
+        q(x).sum().backward()
+        grad_q, x.grad = x.grad, None
+        model(x).sum().backward()
+        grad_f, x.grad = x.grad, None
+        assert relative_error(grad_q, grad_f) < 0.1
+
+
+def test_method_registry_lists_builtin_methods():
+    assert {"awq", "int8"} <= set(qpass.method_names())
