@@ -1,0 +1,73 @@
+"""The main job: quantize a real model (SmolLM2-135M-Instruct, a Llama) with qpass and
+print accuracy (perplexity on real text), weight size and speed before and after.
+
+    python examples/quantize_smollm2.py [--methods awq int8] [--tokens 4096] [--device cuda]
+
+Runs on the GPU when there is one (fp16 there, fp32 on the CPU).
+"""
+
+import argparse
+import time
+
+import torch
+
+import qpass
+from assets import load_smollm2, perplexity, python_docs_text, token_windows
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of every parameter and buffer, shared (tied) tensors counted once."""
+    seen, total = set(), 0
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        if tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            total += tensor.numel() * tensor.element_size()
+    return total
+
+
+@torch.no_grad()
+def tokens_per_second(model, windows, device) -> float:
+    batch = windows[:2].to(device)
+    model(batch)  # warm up
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    model(batch)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return batch.numel() / (time.perf_counter() - start)
+
+
+def report(name, model, windows, device):
+    ppl = perplexity(model, windows.to(device))
+    size = weight_bytes(model) / 2**20
+    speed = tokens_per_second(model, windows, device)
+    print(f"{name:>8} | perplexity {ppl:8.3f} | weights {size:7.1f} MiB | {speed:8.0f} tokens/s", flush=True)
+    return ppl
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", nargs="+", default=["int8", "awq"])
+    parser.add_argument("--tokens", type=int, default=4096, help="evaluation tokens of Python's documentation")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+
+    model, tokenizer = load_smollm2()
+    model = model.to(device=device, dtype=dtype)
+    windows = token_windows(tokenizer, python_docs_text(), window=512, max_tokens=args.tokens)
+    print(f"SmolLM2-135M-Instruct on {device} ({dtype}), {windows.numel()} tokens of Python's documentation")
+    base = report("float", model, windows, device)
+    for method in args.methods:
+        start = time.perf_counter()
+        qmodel = qpass.quantize(model, method, skip=["lm_head"])
+        seconds = time.perf_counter() - start
+        ppl = report(method, qmodel, windows, device)
+        print(f"{'':>8} | +{100 * (ppl / base - 1):.1f}% perplexity, quantized in {seconds:.1f} s")
+
+
+if __name__ == "__main__":
+    main()
