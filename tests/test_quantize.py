@@ -19,7 +19,7 @@ def stubs(model):
     return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
 
 
-@pytest.mark.parametrize("method, bound", [("awq", 0.06), ("int8", 0.01)])
+@pytest.mark.parametrize("method, bound", [("awq", 0.06), ("int8", 0.01), ("fp8", 0.03)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_block_output_close_to_float(method, bound, dtype):
     model = seeded(Block).to(dtype)
@@ -155,4 +155,4 @@ def test_gradients_reach_the_activations():
 
 
 def test_method_registry_lists_builtin_methods():
-    assert {"awq", "int8"} <= set(qpass.method_names())
+    assert {"awq", "int8", "fp8"} <= set(qpass.method_names())

@@ -88,19 +88,26 @@ def resolve_overrides(overrides: Optional[Mapping[str, Mapping]], method: str, o
     return resolved
 
 
-def find_sites(model: nn.Module, graph: Optional[fx.GraphModule]) -> List[LinearSite]:
-    """Every linear, in graph order where there is a graph, else in module order."""
+def find_sites(model: nn.Module, graph: Optional[fx.GraphModule], rewrite_graph: bool) -> List[LinearSite]:
+    """Every linear the swap can replace, with its calls in ``graph``.
+
+    Rewriting the graph, that is every ``nn.Linear`` call and every ``F.linear`` on the
+    model's own parameters, in graph order. Keeping the module tree, it is every
+    ``nn.Linear`` in module order (an ``F.linear`` inside a method cannot be swapped);
+    the graph, if any, only tells which of them read the same input. Graph nodes are
+    matched to modules by weight tensor, so tied weights (an exported graph names a tied
+    head after the embedding) still find their module.
+    """
     params = dict(model.named_parameters(remove_duplicate=False))
     modules = dict(model.named_modules(remove_duplicate=False))
+    linear_of_weight = {id(m.weight): name for name, m in modules.items() if type(m) is nn.Linear}
     sites: Dict[str, LinearSite] = {}
-    if graph is not None:
-        for node in graph.graph.nodes:
-            site = _site_of_node(node, modules, params)
-            if site is not None:
-                sites.setdefault(site.name, site).nodes.append(node)
-    for name, module in modules.items():
-        if type(module) is nn.Linear and name not in sites and graph is None:
-            sites[name] = _module_site(name, module)
+    if not rewrite_graph:
+        sites = {name: _module_site(name, m) for name, m in modules.items() if type(m) is nn.Linear}
+    for node in graph.graph.nodes if graph is not None else ():
+        site = _site_of_node(node, modules, params, linear_of_weight, rewrite_graph)
+        if site is not None:
+            sites.setdefault(site.name, site).nodes.append(node)
     return list(sites.values())
 
 
@@ -117,7 +124,7 @@ def _param_of(node, params) -> Optional[str]:
     return node.meta.get("qpass_parameter")  # exported graphs: parameter placeholders
 
 
-def _site_of_node(node: fx.Node, modules, params) -> Optional[LinearSite]:
+def _site_of_node(node: fx.Node, modules, params, linear_of_weight, rewrite_graph) -> Optional[LinearSite]:
     if node.op == "call_module" and type(modules.get(node.target)) is nn.Linear:
         return _module_site(node.target, modules[node.target])
     is_linear = node.op == "call_function" and (
@@ -130,6 +137,9 @@ def _site_of_node(node: fx.Node, modules, params) -> Optional[LinearSite]:
     bias_name = _param_of(bias_arg, params)
     if weight_name is None or (bias_arg is not None and bias_name is None):
         return None  # a computed weight or bias: not a layer of the model's own
+    if not rewrite_graph:
+        module_name = linear_of_weight.get(id(params[weight_name]))
+        return _module_site(module_name, modules[module_name]) if module_name is not None else None
     # Named after the weight ("proj" for "proj.weight"), unless that names a module already.
     owner, _, leaf = weight_name.rpartition(".")
     name = owner if leaf == "weight" and owner and owner not in modules else weight_name
@@ -176,7 +186,7 @@ def make_plan(
 ) -> Plan:
     """``check_weights=False`` plans from shapes alone (a meta model whose weights come
     from a checkpoint)."""
-    sites = find_sites(model, graph)
+    sites = find_sites(model, graph, rewrite_graph)
     if not sites:
         raise ValueError(f"{type(model).__name__} has no nn.Linear or F.linear on its own parameters to quantize")
     for site in sites if check_weights else ():

@@ -1,0 +1,57 @@
+"""fp8: W8A8, float8_e4m3fn weights with one float32 scale per output channel, and
+activations quantized per token at run time (scale = amax / 448) inside the op.
+
+``qweight`` float8_e4m3fn ``[N, K]`` and ``weight_scale`` float32 ``[N]``: the layout of
+compressed-tensors' and vLLM's per-channel FP8 checkpoints, which the kernels read as is.
+"""
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import torch
+from torch.nn import Parameter
+
+from qpass.kernels.reference import FP8_MAX
+from qpass.layers.quantize_base import LinearMethodBase
+from qpass.layers.utils import set_weight_attrs
+from qpass.methods.base import QuantConfig, register_method
+
+
+@register_method("fp8")
+@dataclass(frozen=True)
+class FP8Config(QuantConfig):
+    def get_linear_method(self) -> "FP8LinearMethod":
+        return FP8LinearMethod(self)
+
+
+class FP8LinearMethod(LinearMethodBase):
+    def __init__(self, quant_config: FP8Config):
+        self.quant_config = quant_config
+
+    def create_weights(
+        self,
+        layer: torch.nn.Module,
+        input_size_per_partition: int,
+        output_partition_sizes: List[int],
+        input_size: int,
+        output_size: int,
+        params_dtype: torch.dtype,
+        **extra_weight_attrs,
+    ):
+        out = sum(output_partition_sizes)
+        qweight = Parameter(torch.empty(out, input_size_per_partition, dtype=torch.float8_e4m3fn), requires_grad=False)
+        weight_scale = Parameter(torch.empty(out, dtype=torch.float32), requires_grad=False)
+        set_weight_attrs(qweight, {"input_dim": 1, "output_dim": 0})
+        set_weight_attrs(weight_scale, {"output_dim": 0})
+        for name, param in (("qweight", qweight), ("weight_scale", weight_scale)):
+            set_weight_attrs(param, extra_weight_attrs)
+            layer.register_parameter(name, param)
+
+    def quantize_weight(self, weight: torch.Tensor) -> Dict[str, torch.Tensor]:
+        amax = weight.float().abs().amax(dim=1).clamp(min=1e-12)
+        scale = amax / FP8_MAX
+        q = (weight.float() / scale.unsqueeze(1)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        return {"qweight": q, "weight_scale": scale}
+
+    def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return torch.ops.qpass.fp8_linear(x, layer.qweight, layer.weight_scale, bias)
