@@ -79,23 +79,31 @@ def skeleton(
     for a checkpoint to fill through their weight loaders; ``model`` may be on the meta
     device. The caller loads the tensors and then runs ``qpass.passes.finalise``."""
     target, plan, _ = _plan(model, method, options, skip, overrides, merge, inplace=False,
-                            example=None, check_weights=False)
+                            example=None, check_weights=False, keep_weights=False)
     stubs = [(group, build_stub(group, device)) for group in stub_groups(plan)]
     return _attach(target, plan, stubs)
 
 
-def _plan(model, method, options, skip, overrides, merge, inplace, example, check_weights) -> Tuple[nn.Module, Plan, Any]:
+def _plan(model, method, options, skip, overrides, merge, inplace, example, check_weights,
+          keep_weights=True) -> Tuple[nn.Module, Plan, Any]:
     if not isinstance(model, nn.Module):
         raise TypeError(f"quantize takes an nn.Module, got {type(model).__name__}")
     config = get_config(method, options)
     override_configs = resolve_overrides(overrides, method, options)
     skip = [skip] if isinstance(skip, str) else list(skip)
-    target = model if inplace else copy.deepcopy(model)
+    target = model if inplace else copy.deepcopy(model, memo=None if keep_weights else _meta_parameters(model))
     graph = symbolic_graph(target) if merge and not inplace else None
     analysis_graph = graph if graph is not None or example is None else exported_graph(target, example)
     plan = make_plan(target, analysis_graph, config, skip=skip, overrides=override_configs,
                      rewrite_graph=graph is not None, check_weights=check_weights)
     return target, plan, config
+
+
+def _meta_parameters(model: nn.Module) -> dict:
+    """A deepcopy memo giving every parameter a meta copy: a skeleton's parameters all come
+    from the checkpoint, so copying the float ones would only cost memory."""
+    return {id(p): nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+            for p in model.parameters()}
 
 
 def _load_group(stub: QuantLinear, group: LinearGroup, calibration: Calibration) -> None:
