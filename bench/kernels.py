@@ -1,0 +1,310 @@
+"""One quantized linear through every peer: the table of ../shared/ANCHORS.md, plus qpass.
+
+Peers: fp16 cuBLAS (``F.linear``, the baseline), torch's tinygemm int4
+(``aten._weight_int4pack_mm``, bf16), torchao 0.17 ``Int4WeightOnlyConfig`` (tile_packed_to_4d,
+bf16), GemLite 0.6 ``GemLiteLinear`` (A16W4, fp16), and qpass's W4A16 (awq layout), W8A16 and
+FP8 W8A8 kernels (fp16). Group size 128, no bias, random data. Every time is the median of
+CUDA-graph replays (``triton.testing.do_bench_cudagraph``), as in ANCHORS.md: launch
+overhead is out, and a weight that fits in L2 (50 MB on the H100) stays there between
+replays, as it did for the peers' figures there.
+
+    python bench/kernels.py --out bench/results/kernels-h100.json   # on the GPU
+    python bench/kernels.py --sweep --out /tmp/sweep.json           # time qpass's block shapes
+    python bench/kernels.py --plot bench/results/kernels-h100.json  # png and md beside the json
+
+A peer that fails to import or run is recorded under "errors" and the run goes on.
+"""
+
+import argparse
+import datetime
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+SHAPES = [(4096, 4096), (4096, 6144), (4096, 28672), (14336, 4096)]  # (K, N)
+MS = [1, 16, 64, 128, 1024, 4096]
+GROUP = 128
+PEERS = ["fp16_cublas", "tinygemm_int4", "torchao_int4wo", "gemlite_a16w4", "qpass_awq", "qpass_int8", "qpass_fp8"]
+
+
+def bench(fn, rep=20):
+    import triton
+
+    return triton.testing.do_bench_cudagraph(fn, rep=rep, return_mode="median") * 1000.0  # us
+
+
+class Weights:
+    """Random int4 codes with scales and zeros for one (K, N), and an fp16 weight."""
+
+    def __init__(self, K, N):
+        import torch
+
+        self.K, self.N = K, N
+        self.q = torch.randint(0, 16, (N, K), dtype=torch.uint8, device="cuda")  # nn.Linear orientation
+        self.scales = torch.rand(N, K // GROUP, device="cuda") * 0.01 + 0.001
+        self.zeros = torch.randint(0, 16, (N, K // GROUP), device="cuda").float()
+        self.w16 = torch.randn(N, K, device="cuda", dtype=torch.float16) * 0.02
+
+
+def make_peer(name, w):
+    """A function of x -> (the linear, the activation dtype); built once per shape."""
+    import torch
+    import torch.nn.functional as F
+
+    K, N = w.K, w.N
+    if name == "fp16_cublas":
+        return (lambda x: F.linear(x, w.w16)), torch.float16
+    if name == "tinygemm_int4":
+        packed = (w.q[:, ::2] << 4 | w.q[:, 1::2]).contiguous()
+        packed = torch.ops.aten._convert_weight_to_int4pack(packed, 8)
+        # tinygemm's zero is a float offset: w = (q - 8) * scale + zero_point
+        zp = (8 - w.zeros) * w.scales
+        scales_and_zeros = torch.stack([w.scales.t(), zp.t()], dim=-1).contiguous().to(torch.bfloat16)
+        return (lambda x: torch.ops.aten._weight_int4pack_mm(x, packed, GROUP, scales_and_zeros)), torch.bfloat16
+    if name == "torchao_int4wo":
+        from torchao.quantization import Int4WeightOnlyConfig, quantize_
+
+        linear = torch.nn.Linear(K, N, bias=False, device="cuda", dtype=torch.bfloat16)
+        linear.weight.data.copy_(w.w16)
+        quantize_(linear, Int4WeightOnlyConfig(group_size=GROUP, int4_packing_format="tile_packed_to_4d"))
+        return linear, torch.bfloat16
+    if name == "gemlite_a16w4":
+        from gemlite import DType, GemLiteLinear
+
+        linear = GemLiteLinear(4, group_size=GROUP, in_features=K, out_features=N,
+                               input_dtype=DType.FP16, output_dtype=DType.FP16)
+        linear.pack(w.q, w.scales.half(), w.zeros.half(), bias=None)
+        return linear, torch.float16
+    if name == "qpass_awq":
+        from qpass.kernels import reference
+        from qpass.kernels.w4a16 import w4a16_linear
+
+        qweight = reference.pack_int4_rows(w.q.t().contiguous())
+        scales = w.scales.t().contiguous().half()
+        zeros = w.zeros.t().contiguous().half()
+        return (lambda x: w4a16_linear(x, qweight, scales, zeros, GROUP)), torch.float16
+    if name == "qpass_int8":
+        from qpass.kernels.w8a16 import w8a16_linear
+
+        qweight = (w.q.to(torch.int16) * 16 - 128).to(torch.int8)
+        scales = w.scales[:, 0].half().contiguous()
+        return (lambda x: w8a16_linear(x, qweight, scales)), torch.float16
+    if name == "qpass_fp8":
+        from qpass.kernels.fp8 import fp8_linear
+
+        qweight = (w.w16.float() * 1000).clamp(-448, 448).to(torch.float8_e4m3fn)
+        weight_scale = torch.full((N,), 1e-3, device="cuda")
+        return (lambda x: fp8_linear(x, qweight, weight_scale)), torch.float16
+    raise ValueError(name)
+
+
+def run_table(peers, shapes, ms):
+    import torch
+
+    rows, errors = [], {}
+    for K, N in shapes:
+        w = Weights(K, N)
+        for peer in peers:
+            try:
+                fn, dtype = make_peer(peer, w)
+            except Exception as e:  # a peer that does not import or pack is recorded, not fatal
+                errors.setdefault(peer, f"{type(e).__name__}: {e}")
+                print(f"{peer} K={K} N={N}: {errors[peer]}", flush=True)
+                continue
+            for M in ms:
+                x = torch.randn(M, K, device="cuda", dtype=dtype)
+                try:
+                    with torch.no_grad():
+                        us = bench(lambda: fn(x))
+                except Exception as e:
+                    errors[f"{peer} M={M} K={K} N={N}"] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+                    print(f"{peer} M={M} K={K} N={N} failed: {errors[f'{peer} M={M} K={K} N={N}']}", flush=True)
+                    continue
+                rows.append({"peer": peer, "M": M, "K": K, "N": N, "us": round(us, 3)})
+                print(f"{peer:15s} M={M:5d} K={K:5d} N={N:5d} {us:9.2f} us", flush=True)
+            del fn
+        del w
+        torch.cuda.empty_cache()
+    return rows, errors
+
+
+def sweep_candidates(kind, M):
+    """Block shapes worth timing for one kernel family and M (bench/NOTES-kernels.md)."""
+    from qpass.kernels import fp8, w4a16, w8a16
+
+    out = []
+    if kind == "awq":
+        if M <= 2:
+            for bn, bk, warps in [(8, 1024, 4), (8, 2048, 8), (8, 4096, 16), (16, 1024, 8), (16, 2048, 8),
+                                  (16, 2048, 16), (16, 4096, 16), (32, 512, 4), (32, 512, 8), (32, 1024, 8),
+                                  (32, 1024, 16), (32, 2048, 16), (64, 512, 8), (64, 1024, 16)]:
+                out.append(w4a16.GemvConfig(bn, bk, 1, warps))
+            out.append(w4a16.GemvConfig(16, 1024, 2, 8))
+            out.append(w4a16.GemvConfig(16, 2048, 1, 8, packed_f16=False))
+        elif M <= 64:
+            for bn in (64, 128):
+                for swap in (True, False):
+                    out.append(w4a16.MmaConfig(min(M, 64), bn, 128, 0, swap, 4, 3))
+        elif M <= 256:
+            for bm, bn, bk, warps in [(128, 128, 64, 8), (64, 128, 64, 4), (64, 128, 128, 4)]:
+                out.append(w4a16.MmaConfig(bm, bn, bk, 0, False, warps, 3))
+            out.append(w4a16.DequantMmConfig())
+        else:
+            for bm, bn, bk, warps in [(128, 128, 64, 4), (256, 128, 64, 8), (128, 256, 64, 8)]:
+                out.append(w4a16.MmaConfig(bm, bn, bk, 0, False, warps, 3))
+            out.append(w4a16.DequantMmConfig())
+            out.append(w4a16.DequantMmConfig(32, 64))
+    elif kind == "int8":
+        if M <= 2:
+            for bn in (4, 8, 16):
+                for bk in (256, 512, 1024):
+                    for warps in (4, 8):
+                        out.append(w8a16.GemvConfig(bn, bk, 0, warps, 2))
+        else:
+            for bm, bn, bk, warps, stages in [(16, 64, 128, 4, 4), (16, 128, 128, 4, 4), (16, 32, 128, 4, 5),
+                                              (64, 128, 64, 4, 4), (128, 256, 64, 8, 3), (128, 128, 64, 8, 4)]:
+                if (M <= 16) == (bm == 16):
+                    out.append(w8a16.MmaConfig(bm, bn, bk, 0, warps, stages))
+    elif kind == "fp8":
+        if M >= 1024:
+            for bm, bn, bk, warps, stages in [(128, 256, 128, 8, 3), (128, 256, 128, 8, 4), (128, 128, 128, 8, 4),
+                                              (256, 128, 128, 8, 3), (128, 256, 64, 8, 4)]:
+                out.append(fp8.MmaConfig(bm, bn, bk, 0, warps, stages))
+        else:
+            for bm, bn, bk, warps, stages in [(16, 64, 256, 4, 4), (16, 128, 128, 4, 4), (64, 64, 128, 4, 4)]:
+                out.append(fp8.MmaConfig(bm, bn, bk, 0, warps, stages))
+    return out
+
+
+def run_sweep(shapes, plan, deadline):
+    """Time each candidate block shape; split_k 0 in a candidate means the launcher's rule."""
+    import torch
+    import torch.nn.functional as F
+
+    from qpass.kernels import fp8, reference, w4a16, w8a16
+
+    results = []
+    for K, N in shapes:
+        w = Weights(K, N)
+        qweight4 = reference.pack_int4_rows(w.q.t().contiguous())
+        scales4, zeros4 = w.scales.t().contiguous().half(), w.zeros.t().contiguous().half()
+        qweight8 = (w.q.to(torch.int16) * 16 - 128).to(torch.int8)
+        scales8 = w.scales[:, 0].half().contiguous()
+        qweightf8 = (w.w16.float() * 1000).clamp(-448, 448).to(torch.float8_e4m3fn)
+        wscale = torch.full((N,), 1e-3, device="cuda")
+        for kind, M in plan:
+            if time.time() > deadline:
+                return results
+            x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+            base = bench(lambda: F.linear(x, w.w16), rep=10)
+            for cfg in sweep_candidates(kind, M):
+                module = {"awq": w4a16, "int8": w8a16, "fp8": fp8}[kind]
+                if getattr(cfg, "split_k", 1) == 0:  # the launchers' rule for this block shape
+                    row_tiles = -(-M // cfg.block_m) if hasattr(cfg, "block_m") else M
+                    cfg = cfg._replace(split_k=module._split_for(
+                        row_tiles * -(-N // cfg.block_n), -(-K // cfg.block_k), 132))
+                if kind == "awq":
+                    fn = lambda: w4a16.w4a16_linear(x, qweight4, scales4, zeros4, GROUP, config=cfg)  # noqa: E731
+                elif kind == "int8":
+                    fn = lambda: w8a16.w8a16_linear(x, qweight8, scales8, config=cfg)  # noqa: E731
+                else:
+                    fn = lambda: fp8.fp8_linear(x, qweightf8, wscale, config=cfg)  # noqa: E731
+                try:
+                    us = bench(fn, rep=10)
+                except Exception as e:
+                    print(f"{kind} M={M} K={K} N={N} {cfg}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                    continue
+                results.append({"kind": kind, "M": M, "K": K, "N": N, "config": [type(cfg).__name__, *cfg],
+                                "us": round(us, 3), "fp16_us": round(base, 3)})
+                print(f"{kind:4s} M={M:5d} K={K:5d} N={N:5d} {type(cfg).__name__}{tuple(cfg)} {us:8.2f} us "
+                      f"x{base / us:5.2f}", flush=True)
+    return results
+
+
+def write_plot(path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = json.loads(Path(path).read_text())
+    rows = data["rows"]
+    base = {(r["M"], r["K"], r["N"]): r["us"] for r in rows if r["peer"] == "fp16_cublas"}
+    shapes = sorted({(r["K"], r["N"]) for r in rows}, key=SHAPES.index)
+    fig, axes = plt.subplots(1, len(shapes), figsize=(5 * len(shapes), 4.2), sharey=True)
+    for ax, (K, N) in zip(axes, shapes):
+        for peer in PEERS[1:]:
+            pts = sorted((r["M"], base[(r["M"], K, N)] / r["us"]) for r in rows
+                         if r["peer"] == peer and (r["K"], r["N"]) == (K, N) and (r["M"], K, N) in base)
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=peer, lw=2.2 if peer.startswith("qpass") else 1.2)
+        ax.axhline(1.0, color="gray", lw=0.8, ls="--")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("M (tokens)")
+        ax.set_title(f"K={K}, N={N}")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("speed-up over fp16 cuBLAS")
+    axes[-1].legend(fontsize=8)
+    fig.suptitle(f"One linear, {data['device']}, torch {data['torch']}, triton {data['triton']}, {data['date']}")
+    fig.tight_layout()
+    fig.savefig(Path(path).with_suffix(".png"), dpi=110)
+
+    lines = [f"# One quantized linear: speed-up over fp16 cuBLAS", "",
+             f"{data['device']}, torch {data['torch']}, triton {data['triton']}, {data['date']}. "
+             "Median of CUDA-graph replays (`triton.testing.do_bench_cudagraph`); group size 128; "
+             "fp16 activations (bf16 for tinygemm and torchao). Raw times in the json beside this.", "",
+             "| K, N | M | fp16 us | " + " | ".join(PEERS[1:]) + " |",
+             "|---|---|---|" + "---|" * (len(PEERS) - 1)]
+    for K, N in shapes:
+        for M in sorted({r["M"] for r in rows}):
+            if (M, K, N) not in base:
+                continue
+            cells = []
+            for peer in PEERS[1:]:
+                us = [r["us"] for r in rows if (r["peer"], r["M"], r["K"], r["N"]) == (peer, M, K, N)]
+                cells.append(f"{base[(M, K, N)] / us[0]:.2f}" if us else "-")
+            lines.append(f"| {K}, {N} | {M} | {base[(M, K, N)]:.1f} | " + " | ".join(cells) + " |")
+    if data.get("errors"):
+        lines += ["", "Errors:", ""] + [f"- {k}: {v}" for k, v in data["errors"].items()]
+    Path(path).with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="bench/results/kernels-h100.json")
+    parser.add_argument("--peers", default=",".join(PEERS))
+    parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--sweep-plan", default="awq:1,awq:16,awq:128,awq:1024,awq:4096,awq:64,fp8:4096,"
+                                                "fp8:1024,int8:1,int8:16")
+    parser.add_argument("--budget-s", type=float, default=1e9, help="stop the sweep after this many seconds")
+    parser.add_argument("--plot", metavar="JSON")
+    args = parser.parse_args()
+    if args.plot:
+        write_plot(args.plot)
+        return
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    import torch
+    import triton
+
+    if args.sweep:
+        plan = [(p.split(":")[0], int(p.split(":")[1])) for p in args.sweep_plan.split(",")]
+        results = run_sweep(SHAPES, plan, time.time() + args.budget_s)
+        Path(args.out).write_text(json.dumps(results, indent=1))
+        return
+    data = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "date": datetime.date.today().isoformat(), "rows": [], "errors": {}}
+    for shape in SHAPES:  # written after each shape, so a run cut short keeps what it measured
+        rows, errors = run_table(args.peers.split(","), [shape], MS)
+        data["rows"] += rows
+        data["errors"].update(errors)
+        Path(args.out).write_text(json.dumps(data, indent=1))
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except Exception:
+        traceback.print_exc()
+        raise

@@ -1,0 +1,206 @@
+"""FP8 W8A8: float8_e4m3fn weights ``[N, K]`` with one float32 scale per output channel;
+activations quantized per token to float8_e4m3fn with scale ``amax / 448`` at run time.
+
+Two launches: ``_quantize_rows_kernel`` (one program per token: the row's amax, then the
+row divided by its scale, rounded to fp8) and ``_fp8_mma_kernel`` (fp8 x fp8 on the tensor
+cores, float32 accumulation, both scales applied to the accumulator). Split K as in the
+other kernels when the tiles alone would leave the GPU idle, reduced inside the kernel
+(``w4a16.store_output``).
+"""
+
+from typing import NamedTuple, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .w4a16 import output_columns, split_k_workspace, store_output
+
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+@triton.jit
+def _round_to_e4m3(v):
+    """Round float32 to the nearest float8_e4m3fn value (ties to even), still as float32.
+
+    The cast to fp8 that follows is then exact: it rounds the same way on every backend
+    (Triton's interpreter rounds 124.3 to 64, not 128)."""
+    bits = v.to(tl.int32, bitcast=True)
+    # Normal range: keep 3 of the 23 mantissa bits, rounding half to even.
+    bits = (bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576  # -1048576 = 0xFFF00000
+    normal = bits.to(tl.float32, bitcast=True)
+    # Subnormal range (|v| < 2**-6): multiples of 2**-9; adding 1.5 * 2**14 rounds there.
+    subnormal = (v + 24576.0) - 24576.0
+    return tl.where(tl.abs(v) < 0.015625, subnormal, normal)
+
+
+@triton.jit
+def _quantize_rows_kernel(x_ptr, xq_ptr, scale_ptr, K, stride_xm, stride_xk, stride_qm, BLOCK_K: tl.constexpr,
+                          ONE_PASS: tl.constexpr):
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK_K)
+    x_row = x_ptr + row * stride_xm
+    if ONE_PASS:  # the row fits in registers: read it once
+        x = tl.load(x_row + offs * stride_xk, mask=offs < K, other=0).to(tl.float32)
+        amax = tl.abs(x)
+    else:
+        amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            xk = tl.load(x_row + (k0 + offs) * stride_xk, mask=k0 + offs < K, other=0).to(tl.float32)
+            amax = tl.maximum(amax, tl.abs(xk))
+    scale = tl.math.div_rn(tl.maximum(tl.max(amax, axis=0), 1e-12), 448.0)
+    tl.store(scale_ptr + row, scale)
+    if ONE_PASS:
+        xq = tl.clamp(_round_to_e4m3(tl.math.div_rn(x, scale)), -448.0, 448.0)
+        tl.store(xq_ptr + row * stride_qm + offs, xq.to(xq_ptr.dtype.element_ty), mask=offs < K)
+    else:
+        for k0 in range(0, K, BLOCK_K):
+            mask = k0 + offs < K
+            xk = tl.load(x_row + (k0 + offs) * stride_xk, mask=mask, other=0).to(tl.float32)
+            xq = tl.clamp(_round_to_e4m3(tl.math.div_rn(xk, scale)), -448.0, 448.0)
+            tl.store(xq_ptr + row * stride_qm + k0 + offs, xq.to(xq_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _fp8_mma_kernel(
+    a_ptr, b_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, out_ptr, ws_ptr,
+    M, N_OUT, N_UP, K,
+    stride_am, stride_bn, stride_om, stride_on, stride_wm,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N_OUT, BLOCK_N)
+    width = GROUP_M * grid_n
+    first_m = (pid // width) * GROUP_M
+    group_rows = tl.minimum(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % group_rows
+    pid_n = (pid % width) // group_rows
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    # Out-of-range rows and columns read row 0 again (always valid) and are never stored.
+    a_ptrs = a_ptr + (offs_m % M)[:, None] * stride_am + offs_k[None, :]
+    b_ptrs = b_ptr + (offs_n % N_OUT)[:, None] * stride_bn + offs_k[None, :]
+
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    tiles_per_split = tl.cdiv(k_tiles, SPLIT_K)
+    tile_start = pid_k * tiles_per_split
+    tile_end = tl.minimum(tile_start + tiles_per_split, k_tiles)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = acc
+    for t in range(tile_start, tile_end):
+        k0 = t * BLOCK_K
+        if EVEN_K:
+            a = tl.load(a_ptrs + k0)
+            b = tl.load(b_ptrs + k0)
+        else:
+            mask_k = (k0 + offs_k) < K
+            a = tl.load(a_ptrs + k0, mask=mask_k[None, :], other=0.0)
+            b = tl.load(b_ptrs + k0, mask=mask_k[None, :], other=0.0)
+        acc = tl.dot(a, tl.trans(b), acc)
+        if SILU_MUL:
+            if EVEN_K:
+                b_up = tl.load(b_ptrs + N_UP * stride_bn + k0)
+            else:
+                b_up = tl.load(b_ptrs + N_UP * stride_bn + k0, mask=mask_k[None, :], other=0.0)
+            acc_up = tl.dot(a, tl.trans(b_up), acc_up)
+    mask_m = offs_m < M
+    mask_n = offs_n < N_OUT
+    a_scale = tl.load(a_scale_ptr + offs_m, mask=mask_m, other=0)[:, None]
+    acc *= a_scale * tl.load(b_scale_ptr + offs_n, mask=mask_n, other=0)[None, :]
+    if SILU_MUL:
+        acc_up *= a_scale * tl.load(b_scale_ptr + N_UP + offs_n, mask=mask_n, other=0)[None, :]
+    store_output(acc, acc_up, offs_m, offs_n, mask_m, mask_n, pid, M, N_UP, bias_ptr, out_ptr, ws_ptr,
+                 stride_om, stride_on, stride_wm, SPLIT_K, HAS_BIAS, SILU_MUL)
+
+
+class MmaConfig(NamedTuple):
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int
+    num_warps: int
+    num_stages: int
+    group_m: int = 8
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 132
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _split_for(tiles: int, k_steps: int, sms: int) -> int:
+    """Fewest K splits (a power of two) that give every SM about two programs."""
+    split = 1
+    while tiles * split < 2 * sms and split * 2 <= k_steps and split < 16:
+        split *= 2
+    return split
+
+
+def pick_config(M: int, N: int, K: int, device: torch.device) -> MmaConfig:
+    """Block shapes for a problem; tuned on the H100 (bench/NOTES-kernels.md)."""
+    sms = _sm_count(device)
+    if M <= 16:
+        cfg = MmaConfig(16, 64, 256, 1, num_warps=4, num_stages=4)
+    elif M <= 64:
+        cfg = MmaConfig(64, 64, 128, 1, num_warps=4, num_stages=4)
+    elif M <= 256:
+        cfg = MmaConfig(64, 128, 128, 1, num_warps=4, num_stages=4)
+    elif triton.cdiv(M, 128) * triton.cdiv(N, 256) >= sms:
+        return MmaConfig(128, 256, 128, 1, num_warps=8, num_stages=3)
+    else:  # large M, few 128x256 tiles: smaller tiles rather than float32 partial sums
+        return MmaConfig(64, 128, 128, 1, num_warps=4, num_stages=4)
+    tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
+    return cfg._replace(split_k=_split_for(tiles, triton.cdiv(K, cfg.block_k), sms))
+
+
+def quantize_rows(x: torch.Tensor):
+    """float ``[M, K]`` -> (float8_e4m3fn ``[M, K]``, float32 scale ``[M]``), per token."""
+    M, K = x.shape
+    xq = torch.empty((M, K), device=x.device, dtype=torch.float8_e4m3fn)
+    scale = torch.empty((M,), device=x.device, dtype=torch.float32)
+    block_k = min(triton.next_power_of_2(K), 16384)
+    torch.library.wrap_triton(_quantize_rows_kernel)[(M,)](
+        x, xq, scale, K, x.stride(0), x.stride(1), xq.stride(0), BLOCK_K=block_k, ONE_PASS=block_k >= K,
+        num_warps=min(max(block_k // 512, 1), 16),
+    )
+    return xq, scale
+
+
+def fp8_linear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    activation: str = "none",
+    config: Optional[MmaConfig] = None,
+) -> torch.Tensor:
+    """``fp8(x [M, K]) @ qweight.T`` scaled per token and per channel (+ bias) -> ``[M, N]``
+    in x.dtype. ``activation="silu_mul"``: the N columns are ``[gate | up]`` and the result
+    is ``silu(gate) * up`` ``[M, N // 2]``, computed in float32 before the cast.
+    ``config`` overrides the tuned choice; for sweeps."""
+    M, K = x.shape
+    N = qweight.shape[0]
+    n_out = output_columns(activation, N)
+    assert qweight.shape[1] == K and qweight.stride(1) == 1 and weight_scale.shape == (N,)
+    if M == 0:
+        return x.new_empty((0, n_out))
+    cfg = config or pick_config(M, n_out, K, x.device)
+    xq, x_scale = quantize_rows(x)
+    out = torch.empty((M, n_out), device=x.device, dtype=x.dtype)
+    has_bias = bias is not None
+    grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(n_out, cfg.block_n), cfg.split_k)
+    ws = split_k_workspace(M, N, grid[0], cfg.split_k, out)
+    torch.library.wrap_triton(_fp8_mma_kernel)[grid](
+        xq, qweight, x_scale, weight_scale, bias if has_bias else weight_scale, out, ws, M, n_out, N - n_out, K,
+        xq.stride(0), qweight.stride(0), out.stride(0), out.stride(1), N,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+        SPLIT_K=cfg.split_k, EVEN_K=K % cfg.block_k == 0, HAS_BIAS=has_bias, SILU_MUL=activation == "silu_mul",
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out

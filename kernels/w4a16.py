@@ -1,0 +1,602 @@
+"""W4A16: group-wise int4 weights, fp16/bf16 (or fp32) activations.
+
+Layout (see ``reference.py``): ``qweight`` int32 ``[K // 8, N]`` with row ``k`` in nibble
+``k % 8``; ``scales``/``zeros`` ``[K // group_size, N]`` in the activation dtype, the zeros
+integers; ``w = (q - zero) * scale``.
+
+Three paths, chosen by M (``pick_config``):
+
+- ``_w4a16_gemv_kernel`` (M of a few rows): no tensor cores. Each program owns ``BLOCK_N``
+  columns of one activation row and reads each packed word once; nibble ``j`` of word row
+  ``r`` meets ``x[8 r + j]``. For fp16 x on a GPU the words are dequantized two at a time
+  in half2 registers by inline PTX (``_word_pair_dot_f16x2``: about 13 instructions per 8
+  weights, against about 30 for the float32 path that the interpreter and bf16 use).
+- ``_w4a16_mma_kernel`` (larger M): unpacks a ``[BLOCK_K, BLOCK_N]`` tile, dequantizes it
+  in the activation dtype and feeds ``tl.dot``. ``SWAP_AB`` computes the transposed
+  product (weight tile as the left operand) so a small M fills the narrow side of the
+  tensor-core instruction.
+- ``_w4a16_dequantize_kernel`` + cuBLAS (M >= 512): writes the whole fp16/bf16 weight once,
+  then ``torch.mm``. Where the GEMM is compute-bound, one extra pass over 2 bytes per weight
+  costs less than the dequantization inside the fused kernel's main loop (which Triton does
+  not overlap with the tensor cores well enough: about 0.5x of cuBLAS).
+
+The first two may split K over ``SPLIT_K`` programs when the (M, N) tiles alone would leave
+the GPU idle; the programs of a tile add their partial sums into a zeroed float32 workspace
+and the last to arrive finishes the tile (``store_output``): no second launch. They take
+``activation="silu_mul"`` (columns ``[gate | up]``, result ``silu(gate) * up``) in that same
+epilogue, each program computing matching gate and up tiles.
+"""
+
+import math
+import os
+from typing import NamedTuple, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+_F32_MAGIC = tl.constexpr(8388608.0)  # 2**23: 0x4B000000 | q is 2**23 + q as float32
+
+
+ACTIVATIONS = ("none", "silu_mul")
+
+
+def triton_interpreted() -> bool:
+    """Triton's interpreter runs no inline PTX."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def output_columns(activation: str, N: int) -> int:
+    """Columns of the result: N, or N // 2 under "silu_mul" (whose N GEMM columns are [gate | up])."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if activation == "none":
+        return N
+    if N % 2:
+        raise ValueError(f"activation 'silu_mul' needs an even number of columns ([gate | up]), got N={N}")
+    return N // 2
+
+
+def split_k_workspace(M: int, N: int, tiles: int, split_k: int, like: torch.Tensor) -> torch.Tensor:
+    """Zeroed float32 partial sums ``[M, N]`` followed by one arrival count per output tile
+    (float32 too: one allocation, one memset, no dtype view for Inductor to trip on);
+    ``like`` (never read) when K is not split."""
+    if split_k == 1:
+        return like
+    return torch.zeros(M * N + tiles, device=like.device, dtype=torch.float32)
+
+
+@triton.jit
+def store_output(acc, acc_up, rows, cols, mask_rows, mask_cols, tile, M, N_UP,
+                 b_ptr, out_ptr, ws_ptr, stride_om, stride_on, stride_wm,
+                 SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr):
+    """Finish one output tile from float32 sums: ``acc [R, C]`` of the GEMM columns ``cols`` (and,
+    under SILU_MUL, ``acc_up`` of the up columns ``cols + N_UP``); bias, activation, cast, store.
+
+    With SPLIT_K > 1 the sums are partial: each program adds them into the zeroed workspace
+    (``split_k_workspace``: ``[M, stride_wm]`` sums, then a count per tile), and the last of the
+    tile's SPLIT_K programs to arrive reads the totals back and runs the epilogue, so the
+    reduction costs no second launch."""
+    mask = mask_rows[:, None] & mask_cols[None, :]
+    if SPLIT_K > 1:
+        ws = ws_ptr + rows[:, None] * stride_wm + cols[None, :]
+        tl.atomic_add(ws, acc, mask=mask, sem="relaxed")
+        if SILU_MUL:
+            tl.atomic_add(ws + N_UP, acc_up, mask=mask, sem="relaxed")
+        tl.debug_barrier()  # all threads' additions are issued before the arrival is counted
+        arrived = tl.atomic_add(ws_ptr + M * stride_wm + tile, 1.0, sem="acq_rel")
+        # (broadcast before comparing: Triton's interpreter rejects a mask made from a 0-d one)
+        mask = mask & ((rows * 0 + arrived) == SPLIT_K - 1)[:, None]
+        acc = tl.load(ws, mask=mask, other=0, cache_modifier=".cg")
+        if SILU_MUL:
+            acc_up = tl.load(ws + N_UP, mask=mask, other=0, cache_modifier=".cg")
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=mask_cols, other=0).to(tl.float32)[None, :]
+        if SILU_MUL:
+            acc_up += tl.load(b_ptr + N_UP + cols, mask=mask_cols, other=0).to(tl.float32)[None, :]
+    if SILU_MUL:
+        acc = acc * tl.sigmoid(acc) * acc_up
+    out_ptrs = out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _load_x_pairs_f16x2(x_ptrs):
+    """The 8 fp16 values at each (16-byte aligned) x_ptrs, loaded by inline PTX, as the four
+    half2 pairs (x_j, x_j+4), j < 4, that meet nibbles j and j + 4 of a word
+    (``_word_pair_dot_f16x2``).
+
+    A ``tl.load`` here would get a thread layout of its own from Triton's coalescing pass, and
+    the compiler would then move the whole word tile into that layout through shared memory;
+    an elementwise op takes the layout of the word tile it is broadcast against. The copies
+    that land in one thread (one per column it holds) are merged into one load."""
+    return tl.inline_asm_elementwise(
+        """
+        {
+        .reg .b32 a, b, c, d;
+        ld.global.nc.v4.b32 {a, b, c, d}, [$4];
+        prmt.b32 $0, a, c, 0x5410;
+        prmt.b32 $1, a, c, 0x7632;
+        prmt.b32 $2, b, d, 0x5410;
+        prmt.b32 $3, b, d, 0x7632;
+        }
+        """,
+        "=r,=r,=r,=r,l", [x_ptrs],
+        dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1,
+    )
+
+
+@triton.jit
+def _zero_f16x2(zero):
+    """fp16 zero points -> the half2 constants (1024 + z, 1024 + z) and (-64 - z, -64 - z)."""
+    return tl.inline_asm_elementwise(
+        """
+        {
+        .reg .b16 c, t;
+        mov.b16 c, 0x6400;
+        add.rn.f16 t, $2, c;
+        mov.b32 $0, {t, t};
+        mov.b16 c, 0xD400;
+        sub.rn.f16 t, c, $2;
+        mov.b32 $1, {t, t};
+        }
+        """,
+        "=r,=r,h", [zero], dtype=(tl.int32, tl.int32), is_pure=True, pack=1,
+    )
+
+
+@triton.jit
+def _word_pair_dot_f16x2(w0, w1, z_1024, z_64, a0, a1, a2, a3, b0, b1, b2, b3):
+    """sum_k x[k] * (q[k] - zero) over the 16 nibbles of two words (8 rows each), as float32;
+    a0..a3 and b0..b3 are their x pairs from ``_load_x_pairs_f16x2``.
+
+    One lop3 turns a word into a half2 of two nibbles: ``(w & 0x000F000F) | 0x64006400`` is
+    (1024 + q0, 1024 + q4) and ``(w & 0x00F000F0) | 0x64006400`` is (1024 + 16 q1, 1024 + 16 q5);
+    the same after one shift by 8 gives nibbles 2, 6 and 3, 7. Subtracting 1024 + z, or
+    scaling by 1/16 and adding -64 - z (one HFMA2), leaves q - z exactly (zeros are integers).
+    The 8 products of each lane sum in fp16 (HFMA2, two weights an instruction) before the
+    float32 widening: that adds rounding of about the fp16 output's own."""
+    return tl.inline_asm_elementwise(
+        """
+        {
+        .reg .b32 t, q0, q1, q2, q3, s, sixteenth;
+        .reg .b16 lo, hi;
+        .reg .f32 flo, fhi;
+        mov.b32 sixteenth, 0x2C002C00;
+        shr.u32 t, $1, 8;
+        lop3.b32 q0, $1, 0x000F000F, 0x64006400, 0xEA;
+        lop3.b32 q1, $1, 0x00F000F0, 0x64006400, 0xEA;
+        lop3.b32 q2, t, 0x000F000F, 0x64006400, 0xEA;
+        lop3.b32 q3, t, 0x00F000F0, 0x64006400, 0xEA;
+        sub.rn.f16x2 q0, q0, $3;
+        fma.rn.f16x2 q1, q1, sixteenth, $4;
+        sub.rn.f16x2 q2, q2, $3;
+        fma.rn.f16x2 q3, q3, sixteenth, $4;
+        mul.rn.f16x2 s, q0, $5;
+        fma.rn.f16x2 s, q1, $6, s;
+        fma.rn.f16x2 s, q2, $7, s;
+        fma.rn.f16x2 s, q3, $8, s;
+        shr.u32 t, $2, 8;
+        lop3.b32 q0, $2, 0x000F000F, 0x64006400, 0xEA;
+        lop3.b32 q1, $2, 0x00F000F0, 0x64006400, 0xEA;
+        lop3.b32 q2, t, 0x000F000F, 0x64006400, 0xEA;
+        lop3.b32 q3, t, 0x00F000F0, 0x64006400, 0xEA;
+        sub.rn.f16x2 q0, q0, $3;
+        fma.rn.f16x2 q1, q1, sixteenth, $4;
+        sub.rn.f16x2 q2, q2, $3;
+        fma.rn.f16x2 q3, q3, sixteenth, $4;
+        fma.rn.f16x2 s, q0, $9, s;
+        fma.rn.f16x2 s, q1, $10, s;
+        fma.rn.f16x2 s, q2, $11, s;
+        fma.rn.f16x2 s, q3, $12, s;
+        mov.b32 {lo, hi}, s;
+        cvt.f32.f16 flo, lo;
+        cvt.f32.f16 fhi, hi;
+        add.rn.f32 $0, flo, fhi;
+        }
+        """,
+        "=r,r,r,r,r,r,r,r,r,r,r,r,r", [w0, w1, z_1024, z_64, a0, a1, a2, a3, b0, b1, b2, b3],
+        dtype=tl.float32, is_pure=True, pack=1,
+    )
+
+
+@triton.jit
+def _gemv_partial_f16x2(x_row, qw_ptr, s_ptr, z_ptr, offs_n, mask_n, row_start, row_end, stride_qk, stride_qn,
+                        stride_sg, stride_sn, GROUP_SIZE: tl.constexpr, GROUP_ROWS: tl.constexpr,
+                        GROUPS: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr):
+    """``_gemv_partial`` with half2 dequantization (inline PTX; x fp16, contiguous, 16-byte
+    aligned). Each step reads a ``[GROUP_ROWS // 2, GROUPS, BLOCK_N]`` tile of even word rows
+    and the one of the odd rows below them (word row ``r0 + g * GROUP_ROWS + 2 i (+1)`` at
+    ``[i, g, :]``), and the loads of the next step are issued before this step's arithmetic:
+    Triton does not software-pipeline a loop without ``tl.dot``, and the GEMV needs bytes in
+    flight. EVEN_K: every step lies inside [row_start, row_end). Words and zeros past the end
+    or right of N stay unset: the scale there is 0, and those columns are not stored."""
+    STEP: tl.constexpr = GROUPS * GROUP_ROWS
+    first_rows = tl.arange(0, GROUPS)[None, :, None] * GROUP_ROWS  # [1, GROUPS, 1], from the step's start
+    rows = first_rows + 2 * tl.arange(0, GROUP_ROWS // 2)[:, None, None]  # [GROUP_ROWS // 2, GROUPS, 1]
+    cols = offs_n[None, None, :]
+    mask_w = mask_n[None, None, :]  # broadcast against row masks; ignored when EVEN_N
+    w_ptrs = qw_ptr + (row_start + rows) * stride_qk + cols * stride_qn
+    if EVEN_K and EVEN_N:
+        w0 = tl.load(w_ptrs)
+        w1 = tl.load(w_ptrs + stride_qk)
+    else:
+        mask = (row_start + first_rows < row_end) & mask_w
+        w0 = tl.load(w_ptrs, mask=mask)
+        w1 = tl.load(w_ptrs + stride_qk, mask=mask)
+    acc = tl.zeros((GROUP_ROWS // 2, GROUPS, BLOCK_N), dtype=tl.float32)
+    for r0 in range(row_start, row_end, STEP):
+        w_ptrs += STEP * stride_qk
+        mask_next = (r0 + STEP + first_rows < row_end) & mask_w
+        w0_next = tl.load(w_ptrs, mask=mask_next)
+        w1_next = tl.load(w_ptrs + stride_qk, mask=mask_next)
+
+        # [GROUP_ROWS // 2, GROUPS, BLOCK_N] like the words, so no layout change; copies merge
+        sz_offs = ((r0 + rows) * 8 // GROUP_SIZE) * stride_sg + cols * stride_sn
+        if EVEN_K and EVEN_N:
+            scale = tl.load(s_ptr + sz_offs).to(tl.float32)
+            zero = tl.load(z_ptr + sz_offs)
+            x_ptrs = x_row + (r0 + rows) * 8
+        else:
+            mask = (r0 + first_rows < row_end) & mask_w
+            scale = tl.load(s_ptr + sz_offs, mask=mask, other=0).to(tl.float32)  # 0 past the end
+            zero = tl.load(z_ptr + sz_offs, mask=mask)
+            x_ptrs = x_row + tl.minimum(r0 + rows, row_end - 2) * 8  # past the end: the last rows again
+        z_1024, z_64 = _zero_f16x2(zero)
+        a0, a1, a2, a3 = _load_x_pairs_f16x2(x_ptrs)
+        b0, b1, b2, b3 = _load_x_pairs_f16x2(x_ptrs + 8)
+        acc += _word_pair_dot_f16x2(w0, w1, z_1024, z_64, a0, a1, a2, a3, b0, b1, b2, b3) * scale
+        w0 = w0_next
+        w1 = w1_next
+    return tl.sum(tl.sum(acc, axis=0), axis=0)
+
+
+@triton.jit
+def _gemv_partial(x_row, qw_ptr, s_ptr, z_ptr, offs_n, mask_n, row_start, row_end, stride_xk, stride_qk, stride_qn,
+                  stride_sg, stride_sn, GROUP_SIZE: tl.constexpr, GROUP_ROWS: tl.constexpr, GROUPS: tl.constexpr,
+                  BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr):
+    """float32 sum over the word rows [row_start, row_end) of x . w for the columns offs_n: [BLOCK_N].
+
+    Each step reads a ``[GROUP_ROWS, GROUPS, BLOCK_N]`` tile of words, word row
+    ``r0 + g * GROUP_ROWS + i`` at ``[i, g, :]``: the GROUP_ROWS rows of one ``g`` share a
+    row of scales and zeros. Dequantization in float32 through the exponent trick."""
+    offs_i = tl.arange(0, GROUP_ROWS)[:, None, None]
+    offs_g = tl.arange(0, GROUPS)[None, :, None]
+    cols = offs_n[None, None, :]
+    acc = tl.zeros((GROUP_ROWS, GROUPS, BLOCK_N), dtype=tl.float32)
+    for r0 in range(row_start, row_end, GROUPS * GROUP_ROWS):
+        first_rows = r0 + offs_g * GROUP_ROWS  # [1, GROUPS, 1]
+        rows = first_rows + offs_i  # [GROUP_ROWS, GROUPS, 1]
+        mask_g = first_rows < row_end  # row_end is a multiple of GROUP_ROWS
+        if EVEN_N:
+            mask_w = mask_g
+        else:
+            mask_w = mask_g & mask_n[None, None, :]
+        words = tl.load(qw_ptr + rows * stride_qk + cols * stride_qn, mask=mask_w, other=0)
+        sz_offs = (first_rows * 8 // GROUP_SIZE) * stride_sg + cols * stride_sn  # [1, GROUPS, BLOCK_N]
+        scale = tl.load(s_ptr + sz_offs, mask=mask_w, other=0).to(tl.float32)
+        magic_zero = tl.load(z_ptr + sz_offs, mask=mask_w, other=0).to(tl.float32) + _F32_MAGIC
+        dot = tl.zeros((GROUP_ROWS, GROUPS, BLOCK_N), dtype=tl.float32)
+        for j in tl.static_range(8):
+            xj = tl.load(x_row + (rows * 8 + j) * stride_xk, mask=mask_g, other=0).to(tl.float32)
+            qj = ((words >> (4 * j)) & 0xF) | 0x4B000000
+            dot += xj * (qj.to(tl.float32, bitcast=True) - magic_zero)
+        acc += dot * scale
+    return tl.sum(tl.sum(acc, axis=0), axis=0)
+
+
+@triton.jit
+def _gemv_columns(x_row, qw_ptr, s_ptr, z_ptr, offs_n, mask_n, row_start, row_end, stride_xk, stride_qk, stride_qn,
+                  stride_sg, stride_sn, GROUP_SIZE: tl.constexpr, GROUP_ROWS: tl.constexpr, GROUPS: tl.constexpr,
+                  BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, PACKED_F16: tl.constexpr):
+    if PACKED_F16:
+        return _gemv_partial_f16x2(x_row, qw_ptr, s_ptr, z_ptr, offs_n, mask_n, row_start, row_end, stride_qk,
+                                   stride_qn, stride_sg, stride_sn, GROUP_SIZE, GROUP_ROWS, GROUPS, BLOCK_N, EVEN_N,
+                                   EVEN_K)
+    return _gemv_partial(x_row, qw_ptr, s_ptr, z_ptr, offs_n, mask_n, row_start, row_end, stride_xk, stride_qk,
+                         stride_qn, stride_sg, stride_sn, GROUP_SIZE, GROUP_ROWS, GROUPS, BLOCK_N, EVEN_N)
+
+
+@triton.jit
+def _w4a16_gemv_kernel(
+    x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr,
+    M, N_OUT, N_UP, K,
+    stride_xm, stride_xk, stride_qk, stride_qn, stride_sg, stride_sn, stride_om, stride_on, stride_wm,
+    GROUP_SIZE: tl.constexpr, GROUP_ROWS: tl.constexpr, GROUPS: tl.constexpr, BLOCK_N: tl.constexpr,
+    SPLIT_K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SILU_MUL: tl.constexpr, PACKED_F16: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    STEP: tl.constexpr = GROUPS * GROUP_ROWS
+    k_rows = K // 8
+    rows_per_split = tl.cdiv(k_rows, SPLIT_K * STEP) * STEP
+    row_start = pid_k * rows_per_split
+    row_end = tl.minimum(row_start + rows_per_split, k_rows)
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N_OUT
+    x_row = x_ptr + pid_m * stride_xm
+    acc = _gemv_columns(x_row, qw_ptr, s_ptr, z_ptr, offs_n, mask_n, row_start, row_end, stride_xk, stride_qk,
+                        stride_qn, stride_sg, stride_sn, GROUP_SIZE, GROUP_ROWS, GROUPS, BLOCK_N, EVEN_N, EVEN_K,
+                        PACKED_F16)
+    acc_up = acc
+    if SILU_MUL:
+        acc_up = _gemv_columns(x_row, qw_ptr, s_ptr, z_ptr, offs_n + N_UP, mask_n, row_start, row_end, stride_xk,
+                               stride_qk, stride_qn, stride_sg, stride_sn, GROUP_SIZE, GROUP_ROWS, GROUPS, BLOCK_N,
+                               EVEN_N, EVEN_K, PACKED_F16)
+    rows = pid_m + tl.arange(0, 1)
+    store_output(acc[None, :], acc_up[None, :], rows, offs_n, rows < M, mask_n, pid_m * tl.num_programs(1) + pid_n,
+                 M, N_UP, b_ptr, out_ptr, ws_ptr, stride_om, stride_on, stride_wm, SPLIT_K, HAS_BIAS, SILU_MUL)
+
+
+@triton.jit
+def _dequantize_tile(q, scale, zero, DTYPE: tl.constexpr):
+    """int4 codes q (int32, any 2-D shape), scale/zero broadcastable -> DTYPE."""
+    if DTYPE == tl.float16:  # 0x6400 | q is 1024 + q in fp16
+        w = (q | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+        return (w - (zero + 1024.0)) * scale
+    # bf16 and fp32 dequantize in fp32 (then round once): exact (q - zero), and Triton's
+    # interpreter miscomputes arithmetic on bf16 values made by a bitcast.
+    w = (q | 0x4B000000).to(tl.float32, bitcast=True) - (zero.to(tl.float32) + 8388608.0)
+    return (w * scale.to(tl.float32)).to(DTYPE)
+
+
+@triton.jit
+def _w4a16_dequantize_kernel(
+    qw_ptr, s_ptr, z_ptr, w_ptr, K, N,
+    stride_qk, stride_qn, stride_sg, stride_sn, stride_wk, stride_wn,
+    GROUP_SIZE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """The whole weight ``[K, N]`` in the activation dtype, for cuBLAS at large M."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rows < K // 8)[:, None] & (offs_n < N)[None, :]
+    words = tl.load(qw_ptr + rows[:, None] * stride_qk + offs_n[None, :] * stride_qn, mask=mask, other=0)
+    sz_offs = ((rows * 8) // GROUP_SIZE)[:, None] * stride_sg + offs_n[None, :] * stride_sn
+    scale = tl.load(s_ptr + sz_offs, mask=mask, other=0)
+    zero = tl.load(z_ptr + sz_offs, mask=mask, other=0)
+    for j in tl.static_range(8):
+        w = _dequantize_tile((words >> (4 * j)) & 0xF, scale, zero, w_ptr.dtype.element_ty)
+        tl.store(w_ptr + (rows * 8 + j)[:, None] * stride_wk + offs_n[None, :] * stride_wn, w, mask=mask)
+
+
+@triton.jit
+def _mma_weight_tile(qw_ptrs, s_ptr, z_ptr, offs_n, mask_n, k0, stride_qk, stride_sg, stride_sn,
+                     GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+                     EVEN_N: tl.constexpr, DTYPE: tl.constexpr):
+    """The dequantized ``[BLOCK_K, BLOCK_N]`` weight tile at row k0 and columns offs_n."""
+    # One load per word, split into its 8 nibbles and reshaped to [BLOCK_K, BLOCK_N] (faster on
+    # the H100 than loading each word once per row it holds: bench/NOTES-kernels.md).
+    if EVEN_N:
+        words = tl.load(qw_ptrs + (k0 // 8) * stride_qk)
+    else:
+        words = tl.load(qw_ptrs + (k0 // 8) * stride_qk, mask=mask_n[None, :], other=0)
+    g = k0 // GROUP_SIZE
+    scale = tl.load(s_ptr + g * stride_sg + offs_n * stride_sn, mask=mask_n, other=0)[None, :]
+    zero = tl.load(z_ptr + g * stride_sg + offs_n * stride_sn, mask=mask_n, other=0)[None, :]
+    shifts = (tl.arange(0, 8) * 4)[None, :, None]
+    q = tl.reshape((words[:, None, :] >> shifts) & 0xF, (BLOCK_K, BLOCK_N))
+    return _dequantize_tile(q, scale, zero, DTYPE)
+
+
+@triton.jit
+def _w4a16_mma_kernel(
+    x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr,
+    M, N_OUT, N_UP, K,
+    stride_xm, stride_xk, stride_qk, stride_qn, stride_sg, stride_sn, stride_om, stride_on, stride_wm,
+    GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, SWAP_AB: tl.constexpr,
+    EVEN_N: tl.constexpr, HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    # Grouped tile order: GROUP_M row-tiles share each weight column-tile while it is in L2.
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N_OUT, BLOCK_N)
+    width = GROUP_M * grid_n
+    first_m = (pid // width) * GROUP_M
+    group_rows = tl.minimum(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % group_rows
+    pid_n = (pid % width) // group_rows
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N_OUT
+    offs_k = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + (offs_m % M)[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    qw_ptrs = qw_ptr + tl.arange(0, BLOCK_K // 8)[:, None] * stride_qk + offs_n[None, :] * stride_qn
+    DTYPE: tl.constexpr = x_ptr.dtype.element_ty
+
+    k_tiles = K // BLOCK_K  # BLOCK_K divides group_size, which divides K
+    tiles_per_split = tl.cdiv(k_tiles, SPLIT_K)
+    tile_start = pid_k * tiles_per_split
+    tile_end = tl.minimum(tile_start + tiles_per_split, k_tiles)
+    if SWAP_AB:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = acc
+    for t in range(tile_start, tile_end):
+        k0 = t * BLOCK_K
+        x = tl.load(x_ptrs + k0 * stride_xk)
+        w = _mma_weight_tile(qw_ptrs, s_ptr, z_ptr, offs_n, mask_n, k0, stride_qk, stride_sg, stride_sn,
+                             GROUP_SIZE, BLOCK_K, BLOCK_N, EVEN_N, DTYPE)
+        if SWAP_AB:
+            acc = tl.dot(tl.trans(w), tl.trans(x), acc, input_precision=DOT_PRECISION)
+        else:
+            acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
+        if SILU_MUL:
+            w_up = _mma_weight_tile(qw_ptrs + N_UP * stride_qn, s_ptr, z_ptr, offs_n + N_UP, mask_n, k0, stride_qk,
+                                    stride_sg, stride_sn, GROUP_SIZE, BLOCK_K, BLOCK_N, EVEN_N, DTYPE)
+            if SWAP_AB:
+                acc_up = tl.dot(tl.trans(w_up), tl.trans(x), acc_up, input_precision=DOT_PRECISION)
+            else:
+                acc_up = tl.dot(x, w_up, acc_up, input_precision=DOT_PRECISION)
+    if SWAP_AB:
+        acc = tl.trans(acc)
+        acc_up = tl.trans(acc_up)
+    store_output(acc, acc_up, offs_m, offs_n, offs_m < M, mask_n, pid, M, N_UP, b_ptr, out_ptr, ws_ptr,
+                 stride_om, stride_on, stride_wm, SPLIT_K, HAS_BIAS, SILU_MUL)
+
+
+class GemvConfig(NamedTuple):
+    block_n: int
+    block_k: int  # K per loop step: a power of two, at least 16
+    split_k: int
+    num_warps: int
+    packed_f16: bool = True  # half2 dequantization (inline PTX) where x is fp16 on a GPU
+
+
+def _packed_f16_ok(x: torch.Tensor) -> bool:
+    """The half2 path reads x 8 values at a time: fp16 on a GPU, rows contiguous and 16-byte aligned."""
+    # (storage_offset, not data_ptr: under torch.compile x is a fake tensor; allocations are aligned)
+    return (x.dtype == torch.float16 and x.is_cuda and not triton_interpreted() and x.stride(1) == 1
+            and x.stride(0) % 8 == 0 and x.storage_offset() % 8 == 0)
+
+
+class MmaConfig(NamedTuple):
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int
+    swap_ab: bool
+    num_warps: int
+    num_stages: int
+    group_m: int = 8
+
+
+class DequantMmConfig(NamedTuple):
+    """Dequantize the whole weight, then cuBLAS: for M large enough to amortize the write."""
+
+    block_r: int = 16
+    block_n: int = 128
+
+
+_SM_COUNT = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 132
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNT[index]
+
+
+def _split_for(tiles: int, k_steps: int, sms: int) -> int:
+    """Fewest K splits (a power of two) that give every SM about two programs."""
+    split = 1
+    while tiles * split < 2 * sms and split * 2 <= k_steps and split < 16:
+        split *= 2
+    return split
+
+
+def _split_within_one_wave(tiles: int, k_steps: int, sms: int) -> int:
+    """Most K splits (a power of two) that still fit one program per SM."""
+    split = 1
+    while tiles * split * 2 <= sms and split * 2 <= k_steps and split < 16:
+        split *= 2
+    return split
+
+
+GEMV_MAX_M = 2
+DEQUANT_MM_MIN_M = 512
+
+
+def pick_config(M: int, N: int, K: int, group_size: int, device: torch.device):
+    """The kernel and its block shapes for a problem; from the H100 sweep in bench/NOTES-kernels.md."""
+    sms = _sm_count(device)
+    mma_block_k = [b for b in (128, 64, 32, 16) if group_size % b == 0]
+    if M <= GEMV_MAX_M or not mma_block_k:
+        # No split: a program's 8 warps cover K in steps of 128 or 256 word rows, so even
+        # N = 4096 gives 256 programs, and split K would add a memset and atomics.
+        if triton.cdiv(N, 32) >= 4 * sms:
+            return GemvConfig(32, 1024, 1, num_warps=8)
+        return GemvConfig(16, 2048, 1, num_warps=8)
+    if M >= DEQUANT_MM_MIN_M:
+        return DequantMmConfig()
+    block_k = mma_block_k[0]  # the largest power of two up to 128 that divides group_size
+    if M <= 16:
+        cfg = MmaConfig(16, 128, block_k, 1, True, num_warps=4, num_stages=3)
+    elif M <= 64:
+        cfg = MmaConfig(64, 64, block_k, 1, True, num_warps=4, num_stages=3)
+    else:
+        cfg = MmaConfig(128, 128, min(block_k, 64), 1, False, num_warps=8, num_stages=3)
+    tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
+    if M <= 64:
+        return cfg._replace(split_k=_split_for(tiles, K // cfg.block_k, sms))
+    # Each split adds M x N float32 atomics: past M = 64 split only within one wave (H100,
+    # 2026-11-24, M = 128: 4096x28672 0.51x with two waves of split 128x128 tiles, 0.81x
+    # with one unsplit; at M = 64 two waves were the faster, 0.97x against 0.58x on 4096x6144).
+    return cfg._replace(split_k=_split_within_one_wave(tiles, K // cfg.block_k, sms))
+
+
+def w4a16_linear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    group_size: int,
+    bias: Optional[torch.Tensor] = None,
+    activation: str = "none",
+    config=None,
+) -> torch.Tensor:
+    """``x [M, K] @ dequantize(qweight, scales, zeros) (+ bias)`` -> ``[M, N]`` in x.dtype.
+
+    ``activation="silu_mul"``: the N columns are ``[gate | up]`` and the result is
+    ``silu(gate) * up`` ``[M, N // 2]``, computed in float32 before the cast.
+    ``config`` (a ``GemvConfig``, ``MmaConfig`` or ``DequantMmConfig``) overrides the tuned
+    choice; for sweeps.
+    """
+    M, K = x.shape
+    N = qweight.shape[1]
+    n_out = output_columns(activation, N)
+    assert qweight.shape[0] * 8 == K and K % group_size == 0 and group_size % 8 == 0
+    assert scales.shape == zeros.shape == (K // group_size, N) and scales.stride() == zeros.stride()
+    if M == 0:
+        return x.new_empty((0, n_out))
+    silu_mul = activation == "silu_mul"
+    cfg = config or pick_config(M, n_out, K, group_size, x.device)
+    if isinstance(cfg, DequantMmConfig):
+        w = torch.empty((K, N), device=x.device, dtype=x.dtype)
+        grid = (triton.cdiv(K // 8, cfg.block_r), triton.cdiv(N, cfg.block_n))
+        torch.library.wrap_triton(_w4a16_dequantize_kernel)[grid](
+            qweight, scales, zeros, w, K, N, qweight.stride(0), qweight.stride(1), scales.stride(0), scales.stride(1),
+            w.stride(0), w.stride(1), GROUP_SIZE=group_size, BLOCK_R=cfg.block_r, BLOCK_N=cfg.block_n,
+        )
+        out = torch.mm(x, w) if bias is None else torch.addmm(bias, x, w)
+        if not silu_mul:
+            return out
+        # cuBLAS has no such epilogue: one pointwise pass (Inductor fuses it under torch.compile)
+        gate, up = out.float().chunk(2, dim=1)
+        return (torch.nn.functional.silu(gate) * up).to(x.dtype)
+    out = torch.empty((M, n_out), device=x.device, dtype=x.dtype)
+    has_bias = bias is not None
+    bias_arg = bias if has_bias else scales  # any pointer; never read
+    if isinstance(cfg, GemvConfig):
+        grid = (M, triton.cdiv(n_out, cfg.block_n), cfg.split_k)
+        word_rows = cfg.block_k // 8
+        group_rows = math.gcd(group_size // 8 & -(group_size // 8), word_rows)  # a power of two
+        kernel = _w4a16_gemv_kernel
+        meta = dict(GROUP_ROWS=group_rows, GROUPS=word_rows // group_rows,
+                    EVEN_K=(K // 8) % (cfg.split_k * word_rows) == 0,
+                    PACKED_F16=cfg.packed_f16 and group_rows >= 2 and _packed_f16_ok(x))
+    else:
+        assert group_size % cfg.block_k == 0
+        grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(n_out, cfg.block_n), cfg.split_k)
+        kernel = _w4a16_mma_kernel
+        meta = dict(BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, SWAP_AB=cfg.swap_ab,
+                    DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_stages=cfg.num_stages)
+    ws = split_k_workspace(M, N, grid[0] * (grid[1] if len(grid) == 3 else 1), cfg.split_k, out)
+    torch.library.wrap_triton(kernel)[grid](
+        x, qweight, scales, zeros, bias_arg, out, ws, M, n_out, N - n_out, K,
+        x.stride(0), x.stride(1), qweight.stride(0), qweight.stride(1), scales.stride(0), scales.stride(1),
+        out.stride(0), out.stride(1), N,
+        GROUP_SIZE=group_size, BLOCK_N=cfg.block_n, SPLIT_K=cfg.split_k,
+        EVEN_N=n_out % cfg.block_n == 0, HAS_BIAS=has_bias, SILU_MUL=silu_mul,
+        num_warps=cfg.num_warps, **meta,
+    )
+    return out

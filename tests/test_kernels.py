@@ -1,0 +1,360 @@
+"""The Triton kernels of ``kernels/`` against dequantize-then-matmul in float32.
+
+Bound: relative error of the whole output, ``||out - ref|| / ||ref||``, where ``ref`` is
+the float32 reference (``kernels/reference.py`` on float32 inputs). The kernel's output is
+rounded to the activation dtype, so the bound follows that dtype: fp16 1e-3, bf16 1e-2,
+fp32 1e-4. FP8 W8A8 gets 3e-3, 1e-2 and 1e-3: the H100's fp8 tensor cores accumulate with
+fewer bits than float32 (seen: 1.3e-3 at K = 2048 against the float32 reference). Outputs have at least 16 columns: with a handful of elements, one dot product
+whose terms cancel can stand for the whole norm and its relative error is unbounded.
+
+Without a GPU the kernels run in Triton's interpreter (tests/conftest.py sets
+TRITON_INTERPRET=1 before triton is imported) on small shapes. The interpreter stores
+bf16 as raw 16-bit integers and gets arithmetic and ``tl.dot`` on them wrong, so on the
+CPU bf16 is tested only through the GEMV kernels (whose arithmetic is float32); the
+tensor-core kernels in bf16 are tested on the GPU (``-m cuda``). The interpreter does run
+fp8 ``tl.dot`` (it widens to fp16), so the fp8 kernels are tested on the CPU too.
+"""
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from qpass.kernels import fp8, reference, w4a16, w8a16
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+BOUND = {torch.float16: 1e-3, torch.bfloat16: 1e-2, torch.float32: 1e-4}
+FP8_BOUND = {torch.float16: 3e-3, torch.bfloat16: 1e-2, torch.float32: 1e-3}
+cuda = pytest.mark.cuda
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+
+# On the CPU (interpreter) every example costs a fraction of a second: keep them few.
+examples = settings(max_examples=12, deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow])
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    assert out.shape == ref.shape and torch.isfinite(out).all()
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def make_w4(M, N, K, group_size, dtype, symmetric, bias, seed):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (K, N), generator=g)
+    qweight = reference.pack_int4_rows(q)
+    scales = (torch.rand(K // group_size, N, generator=g) * 0.02 + 0.005).to(dtype)
+    if symmetric:
+        zeros = torch.full((K // group_size, N), 8.0).to(dtype)
+    else:
+        zeros = torch.randint(0, 16, (K // group_size, N), generator=g).to(dtype)
+    x = torch.randn(M, K, generator=g).to(dtype)
+    b = torch.randn(N, generator=g).to(dtype) if bias else None
+    return [t.to(DEVICE) if t is not None else None for t in (x, qweight, scales, zeros, b)]
+
+
+def w4_reference(x, qweight, scales, zeros, group_size, bias):
+    return reference.w4a16_linear(x.float(), qweight, scales.float(), zeros.float(), group_size,
+                                  None if bias is None else bias.float())
+
+
+def make_w8(M, N, K, dtype, bias, seed):
+    g = torch.Generator().manual_seed(seed)
+    qweight = torch.randint(-128, 128, (N, K), generator=g, dtype=torch.int8)
+    scales = (torch.rand(N, generator=g) * 0.01 + 0.001).to(dtype)
+    x = torch.randn(M, K, generator=g).to(dtype)
+    b = torch.randn(N, generator=g).to(dtype) if bias else None
+    return [t.to(DEVICE) if t is not None else None for t in (x, qweight, scales, b)]
+
+
+def make_fp8(M, N, K, dtype, bias, seed):
+    g = torch.Generator().manual_seed(seed)
+    qweight = (torch.randn(N, K, generator=g) * 50).clamp(-448, 448).to(torch.float8_e4m3fn)
+    weight_scale = torch.rand(N, generator=g) * 0.01 + 0.001
+    x = (torch.randn(M, K, generator=g) * torch.rand(M, 1, generator=g) * 4).to(dtype)
+    b = torch.randn(N, generator=g).to(dtype) if bias else None
+    return [t.to(DEVICE) if t is not None else None for t in (x, qweight, weight_scale, b)]
+
+
+def cpu_dtypes(gemv: bool):
+    return [torch.float16, torch.bfloat16, torch.float32] if (CUDA or gemv) else [torch.float16, torch.float32]
+
+
+# --- W4A16 ---------------------------------------------------------------------------------
+
+@examples
+@given(M=st.integers(1, 40), N=st.integers(16, 72), groups=st.integers(1, 3),
+       group_size=st.sampled_from([32, 64, 128]), dtype=st.sampled_from(cpu_dtypes(gemv=False)),
+       symmetric=st.booleans(), bias=st.booleans(), seed=st.integers(0, 2**16))
+def test_w4a16_tuned_choice_matches_reference(M, N, groups, group_size, dtype, symmetric, bias, seed):
+    K = groups * group_size
+    args = make_w4(M, N, K, group_size, dtype, symmetric, bias, seed)
+    x, qweight, scales, zeros, b = args
+    out = w4a16.w4a16_linear(x, qweight, scales, zeros, group_size, b)
+    assert out.dtype == dtype and out.shape == (M, N)
+    assert relative_error(out, w4_reference(*args[:4], group_size, b)) < BOUND[dtype]
+
+
+W4_CONFIGS = [
+    w4a16.GemvConfig(block_n=16, block_k=64, split_k=1, num_warps=4),
+    w4a16.GemvConfig(block_n=16, block_k=256, split_k=3, num_warps=4),  # a step spans groups; split K
+    w4a16.GemvConfig(block_n=32, block_k=128, split_k=2, num_warps=4, packed_f16=False),  # float32 path on GPU too
+    w4a16.MmaConfig(16, 32, 32, split_k=1, swap_ab=True, num_warps=4, num_stages=2),
+    w4a16.MmaConfig(32, 16, 32, split_k=2, swap_ab=False, num_warps=4, num_stages=2),
+    w4a16.MmaConfig(16, 16, 32, split_k=1, swap_ab=False, num_warps=4, num_stages=2),
+    w4a16.DequantMmConfig(block_r=4, block_n=16),
+]
+
+
+@pytest.mark.parametrize("config", W4_CONFIGS, ids=lambda c: type(c).__name__ + str(tuple(c)))
+@settings(max_examples=3 if not CUDA else 6, deadline=None)
+@given(M=st.integers(1, 37), N=st.integers(16, 50), groups=st.integers(1, 3),
+       group_size=st.sampled_from([32, 64]), symmetric=st.booleans(), bias=st.booleans(),
+       seed=st.integers(0, 2**16), data=st.data())
+def test_w4a16_each_kernel_variant(config, M, N, groups, group_size, symmetric, bias, seed, data):
+    dtype = data.draw(st.sampled_from(cpu_dtypes(gemv=not isinstance(config, w4a16.MmaConfig))))
+    if isinstance(config, w4a16.GemvConfig) and not CUDA:
+        M = M % 3 + 1  # the interpreter runs one program per row: keep the GEMV's rows few
+    K = groups * group_size
+    args = make_w4(M, N, K, group_size, dtype, symmetric, bias, seed)
+    x, qweight, scales, zeros, b = args
+    out = w4a16.w4a16_linear(x, qweight, scales, zeros, group_size, b, config=config)
+    assert relative_error(out, w4_reference(*args[:4], group_size, b)) < BOUND[dtype]
+
+
+def test_w4a16_strided_activations_and_empty_batch():
+    x, qweight, scales, zeros, _ = make_w4(6, 24, 64, 32, torch.float16, False, False, 0)
+    wide = torch.randn(6, 128, dtype=torch.float16, device=DEVICE)
+    wide[:, ::2] = x
+    out = w4a16.w4a16_linear(wide[:, ::2], qweight, scales, zeros, 32)
+    assert relative_error(out, w4_reference(x, qweight, scales, zeros, 32, None)) < BOUND[torch.float16]
+    assert w4a16.w4a16_linear(x[:0], qweight, scales, zeros, 32).shape == (0, 24)
+
+
+# --- W8A16 ---------------------------------------------------------------------------------
+
+@examples
+@given(M=st.integers(1, 40), N=st.integers(16, 72), K=st.integers(1, 300),
+       dtype=st.sampled_from(cpu_dtypes(gemv=False)), bias=st.booleans(), seed=st.integers(0, 2**16))
+def test_w8a16_tuned_choice_matches_reference(M, N, K, dtype, bias, seed):
+    x, qweight, scales, b = make_w8(M, N, K, dtype, bias, seed)
+    out = w8a16.w8a16_linear(x, qweight, scales, b)
+    assert out.dtype == dtype and out.shape == (M, N)
+    ref = reference.w8a16_linear(x.float(), qweight, scales.float(), None if b is None else b.float())
+    assert relative_error(out, ref) < BOUND[dtype]
+
+
+W8_CONFIGS = [
+    w8a16.GemvConfig(block_n=8, block_k=64, split_k=3, num_warps=4, num_stages=2),
+    w8a16.MmaConfig(16, 32, 32, split_k=2, num_warps=4, num_stages=2),
+]
+
+
+@pytest.mark.parametrize("config", W8_CONFIGS, ids=lambda c: type(c).__name__ + str(tuple(c)))
+@settings(max_examples=3 if not CUDA else 6, deadline=None)
+@given(M=st.integers(1, 37), N=st.integers(16, 50), K=st.integers(1, 200), bias=st.booleans(),
+       seed=st.integers(0, 2**16), data=st.data())
+def test_w8a16_each_kernel_variant(config, M, N, K, bias, seed, data):
+    dtype = data.draw(st.sampled_from(cpu_dtypes(gemv=isinstance(config, w8a16.GemvConfig))))
+    if isinstance(config, w8a16.GemvConfig) and not CUDA:
+        M = M % 3 + 1  # the interpreter runs one program per row: keep the GEMV's rows few
+    x, qweight, scales, b = make_w8(M, N, K, dtype, bias, seed)
+    out = w8a16.w8a16_linear(x, qweight, scales, b, config=config)
+    ref = reference.w8a16_linear(x.float(), qweight, scales.float(), None if b is None else b.float())
+    assert relative_error(out, ref) < BOUND[dtype]
+
+
+# --- FP8 W8A8 ------------------------------------------------------------------------------
+
+@examples
+@given(M=st.integers(1, 40), N=st.integers(16, 72), K=st.integers(1, 300),
+       dtype=st.sampled_from(cpu_dtypes(gemv=False)), bias=st.booleans(), seed=st.integers(0, 2**16))
+def test_fp8_matches_reference(M, N, K, dtype, bias, seed):
+    x, qweight, weight_scale, b = make_fp8(M, N, K, dtype, bias, seed)
+    out = fp8.fp8_linear(x, qweight, weight_scale, b)
+    assert out.dtype == dtype and out.shape == (M, N)
+    ref = reference.fp8_linear(x.float(), qweight, weight_scale, None if b is None else b.float())
+    assert relative_error(out, ref) < FP8_BOUND[dtype]
+
+
+@settings(max_examples=6, deadline=None)
+@given(M=st.integers(1, 9), K=st.integers(1, 300), dtype=st.sampled_from([torch.float16, torch.float32]),
+       seed=st.integers(0, 2**16))
+def test_fp8_activation_quantization_matches_the_reference(M, K, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(M, K, generator=g) * 10 ** torch.empty(M, 1).uniform_(-4, 2, generator=g)).to(dtype)
+    assert_quantized_like_reference(x.to(DEVICE))
+
+
+def assert_quantized_like_reference(x):
+    """The scale is amax / 448 (torch on CUDA divides by a scalar through its reciprocal, so
+    allow one ulp); the fp8 values are x / scale rounded to nearest even, bit for bit."""
+    xq, scale = fp8.quantize_rows(x)
+    _, ref_scale = reference.quantize_fp8_per_token(x)
+    torch.testing.assert_close(scale, ref_scale[:, 0], rtol=2.5e-7, atol=0)
+    expected = (x.float() / scale[:, None]).clamp(-448, 448).to(torch.float8_e4m3fn)
+    assert torch.equal(xq.view(torch.uint8), expected.view(torch.uint8))
+
+
+def test_fp8_rows_longer_than_one_block_quantize_in_two_passes():
+    g = torch.Generator().manual_seed(0)
+    assert_quantized_like_reference(torch.randn(2, 16384 + 40, generator=g).to(torch.float16).to(DEVICE))
+
+
+def test_fp8_split_k_variant():
+    x, qweight, weight_scale, b = make_fp8(5, 40, 300, torch.float16, True, 1)
+    out = fp8.fp8_linear(x, qweight, weight_scale, b, config=fp8.MmaConfig(16, 32, 64, 3, 4, 2))
+    ref = reference.fp8_linear(x.float(), qweight, weight_scale, b.float())
+    assert relative_error(out, ref) < FP8_BOUND[torch.float16]
+
+
+# --- activation="silu_mul": [gate | up] columns, silu(gate) * up in the epilogue --------------
+
+def silu_mul(ref: torch.Tensor) -> torch.Tensor:
+    gate, up = ref.float().chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
+
+
+def w4_silu_mul_error(M, N, K, dtype, bias, seed, config=None):
+    x, qweight, scales, zeros, b = make_w4(M, N, K, 64, dtype, False, bias, seed)
+    out = w4a16.w4a16_linear(x, qweight, scales, zeros, 64, b, activation="silu_mul", config=config)
+    assert out.dtype == dtype and out.shape == (M, N // 2)
+    return relative_error(out, silu_mul(w4_reference(x, qweight, scales, zeros, 64, b)))
+
+
+def w8_silu_mul_error(M, N, K, dtype, bias, seed, config=None):
+    x, qweight, scales, b = make_w8(M, N, K, dtype, bias, seed)
+    out = w8a16.w8a16_linear(x, qweight, scales, b, activation="silu_mul", config=config)
+    assert out.dtype == dtype and out.shape == (M, N // 2)
+    ref = reference.w8a16_linear(x.float(), qweight, scales.float(), None if b is None else b.float())
+    return relative_error(out, silu_mul(ref))
+
+
+def fp8_silu_mul_error(M, N, K, dtype, bias, seed, config=None):
+    x, qweight, weight_scale, b = make_fp8(M, N, K, dtype, bias, seed)
+    out = fp8.fp8_linear(x, qweight, weight_scale, b, activation="silu_mul", config=config)
+    assert out.dtype == dtype and out.shape == (M, N // 2)
+    ref = reference.fp8_linear(x.float(), qweight, weight_scale, None if b is None else b.float())
+    return relative_error(out, silu_mul(ref))
+
+
+SILU_MUL_VARIANTS = [  # (error function, config, needs fp16/fp32 on the CPU, bound)
+    (w4_silu_mul_error, None, False, BOUND),
+    (w4_silu_mul_error, w4a16.GemvConfig(16, 64, 3, 4), False, BOUND),
+    (w4_silu_mul_error, w4a16.MmaConfig(16, 16, 32, 2, True, 4, 2), True, BOUND),
+    (w4_silu_mul_error, w4a16.DequantMmConfig(4, 16), False, BOUND),
+    (w8_silu_mul_error, w8a16.GemvConfig(8, 64, 2, 4, 2), False, BOUND),
+    (w8_silu_mul_error, w8a16.MmaConfig(16, 16, 32, 2, 4, 2), True, BOUND),
+    (fp8_silu_mul_error, fp8.MmaConfig(16, 16, 64, 2, 4, 2), True, FP8_BOUND),
+]
+
+
+@pytest.mark.parametrize("variant", SILU_MUL_VARIANTS,
+                         ids=lambda v: v[0].__name__.split("_")[0] + "-" + type(v[1]).__name__)
+@settings(max_examples=2 if not CUDA else 6, deadline=None)
+@given(M=st.integers(1, 20), half_n=st.integers(16, 40), groups=st.integers(1, 3), bias=st.booleans(),
+       seed=st.integers(0, 2**16), data=st.data())
+def test_silu_mul_epilogue_matches_reference(variant, M, half_n, groups, bias, seed, data):
+    error, config, tensor_cores, bound = variant
+    dtype = data.draw(st.sampled_from(cpu_dtypes(gemv=not tensor_cores)))
+    if not CUDA and config is None:  # the tuned choice, kept to the GEMV (float32 arithmetic, bf16 too)
+        M = M % w4a16.GEMV_MAX_M + 1
+    elif not CUDA and isinstance(config, (w4a16.GemvConfig, w8a16.GemvConfig)):
+        M = M % 3 + 1  # the interpreter runs one GEMV program per row: keep the rows few
+    assert error(M, 2 * half_n, 64 * groups, dtype, bias, seed, config) < bound[dtype]
+
+
+def test_unknown_activation_or_odd_columns_raise():
+    x, qweight, scales, zeros, _ = make_w4(2, 24, 64, 32, torch.float16, False, False, 0)
+    with pytest.raises(ValueError, match="'gelu'"):
+        w4a16.w4a16_linear(x, qweight, scales, zeros, 32, activation="gelu")
+    x8, qweight8, scales8, _ = make_w8(2, 24, 64, torch.float16, False, 0)
+    with pytest.raises(ValueError, match="'relu'"):
+        w8a16.w8a16_linear(x8, qweight8, scales8, activation="relu")
+    xf, qweightf, weight_scale, _ = make_fp8(2, 24, 64, torch.float16, False, 0)
+    with pytest.raises(ValueError, match="'silu'"):
+        fp8.fp8_linear(xf, qweightf, weight_scale, activation="silu")
+    with pytest.raises(ValueError, match="N=23"):
+        w8a16.w8a16_linear(x8, qweight8[:23], scales8[:23], activation="silu_mul")
+
+
+# --- On the GPU: the sizes the tuned configs choose, and the ops under torch.compile -------
+
+GPU_SHAPES = [(1, 4096, 4096), (2, 1000, 768), (16, 4100, 1024), (64, 768, 2048), (200, 1536, 512),
+              (1000, 2048, 1024), (4096, 512, 256)]
+
+
+@cuda
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("M,N,K", GPU_SHAPES)
+def test_gpu_every_kernel_at_tuned_sizes(M, N, K, dtype):
+    args = make_w4(M, N, K, 128, dtype, False, True, M)
+    x, qweight, scales, zeros, b = args
+    out = w4a16.w4a16_linear(x, qweight, scales, zeros, 128, b)
+    assert relative_error(out, w4_reference(*args[:4], 128, b)) < BOUND[dtype]
+
+    x, qweight, scales, b = make_w8(M, N, K, dtype, True, M)
+    out = w8a16.w8a16_linear(x, qweight, scales, b)
+    ref = reference.w8a16_linear(x.float(), qweight, scales.float(), b.float())
+    assert relative_error(out, ref) < BOUND[dtype]
+
+    x, qweight, weight_scale, b = make_fp8(M, N, K, dtype, True, M)
+    out = fp8.fp8_linear(x, qweight, weight_scale, b)
+    ref = reference.fp8_linear(x.float(), qweight, weight_scale, b.float())
+    assert relative_error(out, ref) < FP8_BOUND[dtype]
+
+
+@cuda
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("M,N,K", [(1, 28672, 4096), (16, 4096, 1024), (200, 1536, 512), (1000, 2048, 1024)])
+def test_gpu_silu_mul_at_tuned_sizes(M, N, K, dtype):
+    assert w4_silu_mul_error(M, N, K, dtype, True, M) < BOUND[dtype]
+    assert w8_silu_mul_error(M, N, K, dtype, True, M) < BOUND[dtype]
+    assert fp8_silu_mul_error(M, N, K, dtype, True, M) < FP8_BOUND[dtype]
+
+
+@cuda
+@needs_cuda
+def test_gpu_ops_dispatch_to_the_kernels_for_3d_activations():
+    import qpass  # noqa: F401  (registers torch.ops.qpass.*)
+
+    x, qweight, scales, zeros, b = make_w4(12, 96, 256, 64, torch.float16, False, True, 0)
+    out = torch.ops.qpass.w4a16_linear(x.view(3, 4, 256), qweight, scales, zeros, 64, b)
+    ref = w4_reference(x, qweight, scales, zeros, 64, b).view(3, 4, 96)
+    assert relative_error(out, ref) < BOUND[torch.float16]
+
+    x, qweight, scales, b = make_w8(12, 96, 256, torch.float16, True, 0)
+    out = torch.ops.qpass.w8a16_linear(x.view(3, 4, 256), qweight, scales, b)
+    ref = reference.w8a16_linear(x.float(), qweight, scales.float(), b.float()).view(3, 4, 96)
+    assert relative_error(out, ref) < BOUND[torch.float16]
+
+    x, qweight, weight_scale, b = make_fp8(12, 96, 256, torch.float16, True, 0)
+    out = torch.ops.qpass.fp8_linear(x.view(3, 4, 256), qweight, weight_scale, b)
+    ref = reference.fp8_linear(x.float(), qweight, weight_scale, b.float()).view(3, 4, 96)
+    assert relative_error(out, ref) < FP8_BOUND[torch.float16]
+
+
+@cuda
+@needs_cuda
+@pytest.mark.parametrize("M", [1, 64, 1024])
+def test_gpu_compiled_op_calls_the_triton_kernel_without_graph_break(M):
+    import torch._dynamo
+    from torch._inductor.utils import run_and_get_code
+
+    import qpass  # noqa: F401
+
+    x, qweight, scales, zeros, b = make_w4(M, 512, 1024, 128, torch.float16, False, True, 0)
+
+    def f(x):
+        return torch.nn.functional.silu(torch.ops.qpass.w4a16_linear(x, qweight, scales, zeros, 128, b))
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True)
+    out, codes = run_and_get_code(compiled, x)
+    ref = torch.nn.functional.silu(w4_reference(x, qweight, scales, zeros, 128, b))
+    assert relative_error(out, ref) < BOUND[torch.float16]
+    kernel = {w4a16.GemvConfig: "_w4a16_gemv_kernel", w4a16.MmaConfig: "_w4a16_mma_kernel",
+              w4a16.DequantMmConfig: "_w4a16_dequantize_kernel"}[type(w4a16.pick_config(M, 512, 1024, 128, x.device))]
+    assert any(kernel in code for code in codes), "Inductor's code does not launch the Triton kernel"
