@@ -9,13 +9,40 @@ Runtime layouts (what ``process_weights_after_loading`` produces and the ops tak
 - W8A16: ``qweight`` int8 ``[N, K]`` (nn.Linear's orientation), ``scales`` ``[N]``.
 - FP8 W8A8: ``qweight`` float8_e4m3fn ``[N, K]``, ``weight_scale`` float32 ``[N]``;
   activations are quantized per token to float8_e4m3fn with scale ``amax / 448``.
+
+Every linear takes ``activation``, an epilogue on the float32 result (after the bias,
+before the cast): ``"none"``, or ``"silu_mul"``, which reads the N output columns as
+``[gate | up]`` and returns ``silu(gate) * up``, ``[M, N / 2]``.
 """
 
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+ACTIVATIONS = ("none", "silu_mul")
+
+
+def activation_width(n: int, activation: str) -> int:
+    """Output columns of a linear with ``n`` columns after ``activation``."""
+    if activation == "none":
+        return n
+    if activation == "silu_mul":
+        if n % 2:
+            raise ValueError(f"activation 'silu_mul' needs an even number of output columns [gate | up], got {n}")
+        return n // 2
+    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+
+
+def apply_activation(out: torch.Tensor, activation: str) -> torch.Tensor:
+    """The epilogue ``activation`` on a linear's output ``[..., N]``."""
+    width = activation_width(out.shape[-1], activation)
+    if activation == "none":
+        return out
+    return F.silu(out[..., :width]) * out[..., width:]
 
 
 def unpack_int4_rows(qweight: torch.Tensor) -> torch.Tensor:
@@ -50,21 +77,26 @@ def w4a16_linear(
     zeros: torch.Tensor,
     group_size: int,
     bias: Optional[torch.Tensor] = None,
+    activation: str = "none",
 ) -> torch.Tensor:
     w = dequantize_w4(qweight, scales.float(), zeros.float(), group_size)
     out = x.float() @ w
     if bias is not None:
         out = out + bias.float()
-    return out.to(x.dtype)
+    return apply_activation(out, activation).to(x.dtype)
 
 
 def w8a16_linear(
-    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor] = None
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    activation: str = "none",
 ) -> torch.Tensor:
     out = (x.float() @ qweight.float().t()) * scales.float()
     if bias is not None:
         out = out + bias.float()
-    return out.to(x.dtype)
+    return apply_activation(out, activation).to(x.dtype)
 
 
 def quantize_fp8_per_token(x: torch.Tensor):
@@ -76,10 +108,14 @@ def quantize_fp8_per_token(x: torch.Tensor):
 
 
 def fp8_linear(
-    x: torch.Tensor, qweight: torch.Tensor, weight_scale: torch.Tensor, bias: Optional[torch.Tensor] = None
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    activation: str = "none",
 ) -> torch.Tensor:
     xq, x_scale = quantize_fp8_per_token(x.reshape(-1, x.shape[-1]))
     out = (xq.float() @ qweight.float().t()) * x_scale * weight_scale.float()
     if bias is not None:
         out = out + bias.float()
-    return out.to(x.dtype).reshape(*x.shape[:-1], -1)
+    return apply_activation(out, activation).to(x.dtype).reshape(*x.shape[:-1], -1)

@@ -3,18 +3,31 @@
 Each is a ``torch.library.triton_op``: a schema, a fake implementation for tracing, and a
 body that torch.compile can see into. On CPU the body is the plain-torch reference of
 ``qpass.kernels.reference``; on CUDA it launches the Triton kernels of ``qpass.kernels``.
+
+Each takes ``activation`` ("none" or "silu_mul", ``reference.ACTIVATIONS``): an epilogue
+computed inside the op, so that ``silu(gate) * up`` after a merged gate/up linear costs
+no launch of its own (``qpass.passes.lower`` folds it in). With "silu_mul" the N output
+columns are ``[gate | up]`` and the op returns ``[..., N / 2]``.
 """
 
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch.library import triton_op
 
+from qpass.kernels import fp8 as fp8_kernels
 from qpass.kernels import reference
+from qpass.kernels import w4a16 as w4a16_kernels
+from qpass.kernels import w8a16 as w8a16_kernels
 
 
 def _flatten(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
+
+
+def _out_shape(x: torch.Tensor, n: int, activation: str):
+    return (*x.shape[:-1], reference.activation_width(n, activation))
 
 
 @triton_op("qpass::w4a16_linear", mutates_args=())
@@ -25,66 +38,108 @@ def w4a16_linear(
     zeros: torch.Tensor,
     group_size: int,
     bias: Optional[torch.Tensor] = None,
+    activation: str = "none",
 ) -> torch.Tensor:
-    out = reference.w4a16_linear(_flatten(x), qweight, scales, zeros, group_size, bias)
-    return out.reshape(*x.shape[:-1], qweight.shape[1])
+    shape = _out_shape(x, qweight.shape[1], activation)
+    if x.is_cuda:
+        out = w4a16_kernels.w4a16_linear(_flatten(x), qweight, scales, zeros, group_size, bias, activation=activation)
+    else:
+        out = reference.w4a16_linear(_flatten(x), qweight, scales, zeros, group_size, bias, activation)
+    return out.reshape(shape)
 
 
 @w4a16_linear.register_fake
-def _(x, qweight, scales, zeros, group_size, bias=None):
-    return x.new_empty(*x.shape[:-1], qweight.shape[1])
+def _(x, qweight, scales, zeros, group_size, bias=None, activation="none"):
+    return x.new_empty(_out_shape(x, qweight.shape[1], activation))
 
 
 @triton_op("qpass::w8a16_linear", mutates_args=())
 def w8a16_linear(
-    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor] = None
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    activation: str = "none",
 ) -> torch.Tensor:
-    out = reference.w8a16_linear(_flatten(x), qweight, scales, bias)
-    return out.reshape(*x.shape[:-1], qweight.shape[0])
+    shape = _out_shape(x, qweight.shape[0], activation)
+    if x.is_cuda:
+        out = w8a16_kernels.w8a16_linear(_flatten(x), qweight, scales, bias, activation=activation)
+    else:
+        out = reference.w8a16_linear(_flatten(x), qweight, scales, bias, activation)
+    return out.reshape(shape)
 
 
 @w8a16_linear.register_fake
-def _(x, qweight, scales, bias=None):
-    return x.new_empty(*x.shape[:-1], qweight.shape[0])
+def _(x, qweight, scales, bias=None, activation="none"):
+    return x.new_empty(_out_shape(x, qweight.shape[0], activation))
 
 
 @triton_op("qpass::fp8_linear", mutates_args=())
 def fp8_linear(
-    x: torch.Tensor, qweight: torch.Tensor, weight_scale: torch.Tensor, bias: Optional[torch.Tensor] = None
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    activation: str = "none",
 ) -> torch.Tensor:
-    return reference.fp8_linear(x, qweight, weight_scale, bias)
+    shape = _out_shape(x, qweight.shape[0], activation)
+    if x.is_cuda:
+        out = fp8_kernels.fp8_linear(_flatten(x), qweight, weight_scale, bias, activation=activation)
+    else:
+        out = reference.fp8_linear(x, qweight, weight_scale, bias, activation)
+    return out.reshape(shape)
 
 
 @fp8_linear.register_fake
-def _(x, qweight, weight_scale, bias=None):
-    return x.new_empty(*x.shape[:-1], qweight.shape[0])
+def _(x, qweight, weight_scale, bias=None, activation="none"):
+    return x.new_empty(_out_shape(x, qweight.shape[0], activation))
 
 
 # Gradients flow to the activations (weights are frozen), so quantized models can sit
-# inside training graphs (adapters, distillation) and compile with autograd on.
+# inside training graphs (adapters, distillation) and compile with autograd on. With a
+# fused activation the backward recomputes the linear's output (the op with "none")
+# rather than the forward keeping it: the point of the fusion is not to write it.
 def _setup_context(ctx, inputs, output):
-    ctx.weights = inputs[1:]
-    ctx.has_bias = inputs[-1] is not None
+    x, *rest = inputs
+    ctx.x = x if rest[-1] != "none" else None  # kept only to recompute a fused activation's input
+    ctx.rest = rest
+
+
+def _pre_activation_grad(grad: torch.Tensor, activation: str, linear_out) -> torch.Tensor:
+    """The gradient at the linear's output ``[..., N]`` from the gradient after the epilogue;
+    ``linear_out()`` recomputes that output."""
+    if activation == "none":
+        return grad
+    gate, up = linear_out().float().chunk(2, dim=-1)
+    sigmoid = torch.sigmoid(gate)
+    grad_out = grad.float()
+    grad_gate = grad_out * up * sigmoid * (1 + gate * (1 - sigmoid))
+    return torch.cat([grad_gate, grad_out * F.silu(gate)], dim=-1).to(grad.dtype)
+
+
+def _bias_grad(grad: torch.Tensor, bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return grad.reshape(-1, grad.shape[-1]).sum(0) if bias is not None else None
 
 
 def _w4a16_backward(ctx, grad):
-    qweight, scales, zeros, group_size, _ = ctx.weights
+    qweight, scales, zeros, group_size, bias, activation = ctx.rest
+    grad = _pre_activation_grad(
+        grad, activation, lambda: torch.ops.qpass.w4a16_linear(ctx.x, qweight, scales, zeros, group_size, bias))
     w = reference.dequantize_w4(qweight, scales, zeros, group_size)
-    grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias else None
-    return grad @ w.t().to(grad.dtype), None, None, None, None, grad_bias
+    return grad @ w.t().to(grad.dtype), None, None, None, None, _bias_grad(grad, bias), None
 
 
 def _w8a16_backward(ctx, grad):
-    qweight, scales, _ = ctx.weights
-    grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias else None
-    return (grad * scales.to(grad.dtype)) @ qweight.to(grad.dtype), None, None, grad_bias
+    qweight, scales, bias, activation = ctx.rest
+    grad = _pre_activation_grad(grad, activation, lambda: torch.ops.qpass.w8a16_linear(ctx.x, qweight, scales, bias))
+    return (grad * scales.to(grad.dtype)) @ qweight.to(grad.dtype), None, None, _bias_grad(grad, bias), None
 
 
 def _fp8_backward(ctx, grad):
-    qweight, weight_scale, _ = ctx.weights
+    qweight, weight_scale, bias, activation = ctx.rest
+    grad = _pre_activation_grad(grad, activation, lambda: torch.ops.qpass.fp8_linear(ctx.x, qweight, weight_scale, bias))
     w = qweight.float() * weight_scale.float().unsqueeze(1)  # straight through the activation rounding
-    grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias else None
-    return grad @ w.to(grad.dtype), None, None, grad_bias
+    return grad @ w.to(grad.dtype), None, None, _bias_grad(grad, bias), None
 
 
 w4a16_linear.register_autograd(_w4a16_backward, setup_context=_setup_context)

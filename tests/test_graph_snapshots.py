@@ -1,11 +1,18 @@
 """Snapshots of the graphs qpass.quantize writes: the merge of siblings, the stubs, the
-split of merged outputs. A change in the pass shows up here as a diff."""
+split of merged outputs, the lowering of silu(gate) * up into the gate/up stub. A change
+in the pass shows up here as a diff."""
 
+from dataclasses import dataclass
+
+import pytest
 import torch
+import torch.nn.functional as F
 from expecttest import TestCase
+from torch import nn
 
 import qpass
 from models import MLP, Block, FunctionalLinears, TinyLM, relative_error, seeded
+from qpass.methods.int8 import Int8Config, Int8LinearMethod
 
 
 def code(gm):
@@ -61,12 +68,7 @@ def forward(self, x):
     post_norm_weight = self.post_norm.weight
     mul_3 = mul_2 * post_norm_weight;  mul_2 = post_norm_weight = None
     mlp_gate_proj_up_proj = self.mlp.gate_proj_up_proj(mul_3);  mul_3 = None
-    split_1 = torch.functional.split(mlp_gate_proj_up_proj, [512, 512], dim = -1);  mlp_gate_proj_up_proj = None
-    getitem_6 = split_1[0]
-    getitem_7 = split_1[1];  split_1 = None
-    silu = torch.nn.functional.silu(getitem_6, inplace = False);  getitem_6 = None
-    mul_4 = silu * getitem_7;  silu = getitem_7 = None
-    mlp_down_proj = self.mlp.down_proj(mul_4);  mul_4 = None
+    mlp_down_proj = self.mlp.down_proj(mlp_gate_proj_up_proj);  mlp_gate_proj_up_proj = None
     add_3 = add_1 + mlp_down_proj;  add_1 = mlp_down_proj = None
     return add_3""")
         x = torch.randn(2, 7, 256)
@@ -123,12 +125,7 @@ def forward(self, ids):
     layers_0_post_norm_weight = getattr(self.layers, "0").post_norm.weight
     mul_3 = mul_2 * layers_0_post_norm_weight;  mul_2 = layers_0_post_norm_weight = None
     layers_0_mlp_gate_proj_up_proj = getattr(self.layers, "0").mlp.gate_proj_up_proj(mul_3);  mul_3 = None
-    split_1 = torch.functional.split(layers_0_mlp_gate_proj_up_proj, [512, 512], dim = -1);  layers_0_mlp_gate_proj_up_proj = None
-    getitem_6 = split_1[0]
-    getitem_7 = split_1[1];  split_1 = None
-    silu = torch.nn.functional.silu(getitem_6, inplace = False);  getitem_6 = None
-    mul_4 = silu * getitem_7;  silu = getitem_7 = None
-    layers_0_mlp_down_proj = getattr(self.layers, "0").mlp.down_proj(mul_4);  mul_4 = None
+    layers_0_mlp_down_proj = getattr(self.layers, "0").mlp.down_proj(layers_0_mlp_gate_proj_up_proj);  layers_0_mlp_gate_proj_up_proj = None
     add_3 = add_1 + layers_0_mlp_down_proj;  add_1 = layers_0_mlp_down_proj = None
     pow_3 = add_3.pow(2)
     mean_2 = pow_3.mean(-1, keepdim = True);  pow_3 = None
@@ -140,3 +137,92 @@ def forward(self, ids):
     lm_head = self.lm_head(mul_6);  mul_6 = None
     return lm_head""")
         self.assertIs(q.lm_head.weight, q.embed.weight)
+
+
+class SiLUModuleMLP(nn.Module):
+    """gate/up as siblings, SiLU as a module, the product written up * act(gate). (The merged
+    stub's shards follow the graph's order: were up computed first, the stub would be
+    [up | gate] and stay unfused.)"""
+
+    def __init__(self, dim=256, hidden=512):
+        super().__init__()
+        self.gate = nn.Linear(dim, hidden, bias=True)
+        self.up = nn.Linear(dim, hidden, bias=True)
+        self.act = nn.SiLU()
+        self.down = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        gate = self.act(self.gate(x))
+        return self.down(self.up(x) * gate)
+
+
+class GateReadTwice(nn.Module):
+    """gate is read past the product too: the split must stay."""
+
+    def __init__(self, dim=256, hidden=512):
+        super().__init__()
+        self.gate_up = nn.Linear(dim, 2 * hidden, bias=False)
+
+    def forward(self, x):
+        gate, up = self.gate_up(x).split(512, dim=-1)
+        return F.silu(gate) * up + gate
+
+
+class Int8WithoutEpilogues(Int8LinearMethod):
+    fused_activations = ()  # as a method ported from elsewhere, which declares none
+
+
+@qpass.register_method("test_int8_no_epilogue")
+@dataclass(frozen=True)
+class Int8WithoutEpiloguesConfig(Int8Config):
+    def get_linear_method(self):
+        return Int8WithoutEpilogues(self)
+
+
+class Lowering(TestCase):
+    def test_silu_module_and_either_order(self):
+        model = seeded(SiLUModuleMLP)
+        q = qpass.quantize(model, "int8")
+        self.assertExpectedInline(code(q), """\
+def forward(self, x):
+    gate_up = self.gate_up(x);  x = None
+    down = self.down(gate_up);  gate_up = None
+    return down""")
+        self.assertEqual(q.gate_up.activation, "silu_mul")
+        self.assertFalse(hasattr(q, "act"))
+        x = torch.randn(3, 256)
+        self.assertLess(relative_error(q(x), qpass.quantize(model, "int8", merge=False)(x)), 1e-5)  # bias first
+
+    def test_half_read_elsewhere_stays_unfused(self):
+        q = qpass.quantize(seeded(GateReadTwice), "awq")
+        self.assertExpectedInline(code(q), """\
+def forward(self, x):
+    gate_up = self.gate_up(x);  x = None
+    split = gate_up.split(512, dim = -1);  gate_up = None
+    getitem = split[0]
+    getitem_1 = split[1];  split = None
+    silu = torch.nn.functional.silu(getitem, inplace = False)
+    mul = silu * getitem_1;  silu = getitem_1 = None
+    add = mul + getitem;  mul = getitem = None
+    return add""")
+        self.assertEqual(q.gate_up.activation, "none")
+
+    def test_method_without_fused_activations_stays_unfused(self):
+        q = qpass.quantize(seeded(Block), "test_int8_no_epilogue")
+        self.assertEqual(q.mlp.gate_proj_up_proj.activation, "none")
+        self.assertIn("silu", code(q))
+
+
+@pytest.mark.parametrize("method", ["awq", "gptq", "int8", "fp8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lowered_matches_unlowered(method, dtype):
+    """The lowered model (merged stubs, silu*mul in the op) against the same quantization
+    unlowered (module tree: one stub per linear, silu*mul by torch)."""
+    model = seeded(Block).to(dtype)
+    lowered = qpass.quantize(model, method)
+    unlowered = qpass.quantize(model, method, merge=False)
+    assert lowered.mlp.gate_proj_up_proj.activation == "silu_mul"
+    x = torch.randn(2, 7, 256, dtype=dtype)
+    with torch.no_grad():
+        error = relative_error(lowered(x), unlowered(x))
+    assert error < (1e-5 if dtype == torch.float32 else 1e-2), error

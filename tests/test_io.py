@@ -32,6 +32,10 @@ def assert_same_state(a, b):
         assert sa[key].dtype == sb[key].dtype and torch.equal(sa[key], sb[key]), key
 
 
+def activations(model):
+    return {name: m.activation for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
 @pytest.fixture(scope="module")
 def tiny():
     model = seeded(TinyLM)
@@ -46,6 +50,7 @@ def test_mixed_methods_round_trip_bit_exact_into_a_meta_model(tiny, tmp_path):
     loaded = load(meta, tmp_path)
     assert_same_state(qmodel, loaded)
     assert torch.equal(loaded(IDS), qmodel(IDS))
+    assert activations(loaded) == activations(qmodel) and "silu_mul" in activations(loaded).values()  # lowered too
     assert loaded.lm_head.weight is loaded.embed.weight  # tied again
     assert all(p.device.type == "meta" for p in meta.parameters())  # the caller's model is untouched
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())

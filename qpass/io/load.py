@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from qpass.api import skeleton
+from qpass.api import lower_graph, skeleton
 from qpass.io.formats import CheckpointError, Recipe, layer_record, recipe_for
 from qpass.io.save import CONFIG_FILE, INDEX_FILE, SINGLE_FILE, stub_config
 from qpass.layers.linear import QuantLinear
@@ -92,7 +92,7 @@ def load(
         files.check_all_read()
     retie(new, aliases)
     check_nothing_on_meta(new, folder)
-    return finalise(new)
+    return lower_graph(finalise(new))
 
 
 class CheckpointFiles:

@@ -5,6 +5,11 @@ One stub may stand for several original linears that read the same input (q/k/v,
 gate/up): each is a *shard* of ``output_partition_sizes``, loaded by its index or name.
 Tensor parallelism follows vLLM: ``parallel="column"`` splits the outputs across ranks,
 ``"row"`` splits the inputs (the caller all-reduces the partial outputs).
+
+``activation`` ("none" unless ``qpass.passes.lower`` folded ``silu(gate) * up`` into the
+layer) is an epilogue the method's ``apply`` passes to its op: with "silu_mul" the layer
+returns ``silu(gate) * up`` of its ``[gate | up]`` outputs, half as many columns. Methods
+list the epilogues their ops compute in ``fused_activations``.
 """
 
 from typing import List, Optional, Sequence, Union
@@ -57,6 +62,7 @@ class QuantLinear(nn.Module):
         self.parallel, self.tp_rank, self.tp_size = parallel, tp_rank, tp_size
         self.params_dtype = params_dtype
         self.quant_method = quant_method
+        self.activation = "none"
         self.finalised = False
         self._create_weights()
         if bias:
@@ -168,6 +174,31 @@ class QuantLinear(nn.Module):
         bias = self.bias if self.parallel != "row" or self.tp_rank == 0 else None
         return self.quant_method.apply(self, x, bias)
 
+    def activation_problem(self, activation: str) -> Optional[str]:
+        """Why ``activation`` cannot be fused into this layer, or None where it can."""
+        if activation == "none":
+            return None
+        supported = getattr(self.quant_method, "fused_activations", ())
+        if activation not in supported:
+            return (f"{type(self.quant_method).__name__} cannot fuse activation {activation!r}: its "
+                    f"fused_activations are {tuple(supported)}")
+        if self.parallel == "row":
+            return f"activation {activation!r} needs whole outputs; a row-parallel layer has partial sums"
+        halves = self.output_partition_sizes
+        if self.tp_size > 1 and not (len(halves) == 2 and halves[0] == halves[1]):
+            return (f"activation {activation!r} on a column-parallel layer needs two equal output partitions "
+                    f"[gate, up], got {halves}")
+        if sum(halves) % 2:
+            return f"activation {activation!r} needs an even number of outputs [gate | up], got {sum(halves)}"
+        return None
+
+    def set_activation(self, activation: str) -> None:
+        """Have ``apply`` compute ``activation`` in the op's epilogue ("silu_mul" or "none")."""
+        problem = self.activation_problem(activation)
+        if problem is not None:
+            raise ValueError(problem)
+        self.activation = activation
+
     def set_input_scale(self, scale: torch.Tensor) -> None:
         """Multiply inputs by ``scale`` (per input channel) before ``apply``: AWQ's scales
         where no preceding op can absorb them."""
@@ -178,6 +209,8 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         method = type(self.quant_method).__name__
         parts = f"in={self.input_size}, out={self.output_partition_sizes}, method={method}"
+        if self.activation != "none":
+            parts += f", activation={self.activation}"
         if self.tp_size > 1:
             parts += f", {self.parallel} rank {self.tp_rank}/{self.tp_size}"
         return parts

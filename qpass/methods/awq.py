@@ -14,6 +14,7 @@ Without calibration data the weights are rounded to nearest; with it, the scales
 clipping of ``qpass.calib.awq`` choose what is rounded.
 """
 
+import logging
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
@@ -25,6 +26,8 @@ from qpass.kernels.reference import pack_int4_rows, unpack_int4_rows
 from qpass.layers.quantize_base import LinearMethodBase
 from qpass.layers.utils import set_weight_attrs
 from qpass.methods.base import QuantConfig, register_method
+
+log = logging.getLogger("qpass")
 
 # Nibble i of a packed word holds column AWQ_PACK_ORDER[i] of its block of eight.
 AWQ_PACK_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
@@ -86,10 +89,23 @@ class AWQConfig(QuantConfig):
     def get_linear_method(self) -> "AWQLinearMethod":
         return AWQLinearMethod(self)
 
-    def calibrate(self, model, plan, calib):
+    def calibrate(self, model, plan, calib, device=None):
+        if calib is None:
+            warn_uncalibrated_once("awq")
+            return None
         from qpass.calib.awq import calibrate_awq
 
-        return calibrate_awq(model, plan, calib, self)
+        return calibrate_awq(model, plan, calib, self, device)
+
+
+_WARNED_UNCALIBRATED = set()
+
+
+def warn_uncalibrated_once(method: str) -> None:
+    """Say once per process that a calibrating method ran without data."""
+    if method not in _WARNED_UNCALIBRATED:
+        _WARNED_UNCALIBRATED.add(method)
+        log.warning("qpass: %s without calibration data (calib=None): weights are rounded to nearest", method)
 
 
 def fitting_group_size(group_size: int, in_features: int) -> Optional[int]:
@@ -103,6 +119,8 @@ def fitting_group_size(group_size: int, in_features: int) -> Optional[int]:
 
 
 class AWQLinearMethod(LinearMethodBase):
+    fused_activations = ("silu_mul",)  # epilogues the op computes (QuantLinear.activation)
+
     def __init__(self, quant_config: AWQConfig):
         self.quant_config = quant_config
 
@@ -166,5 +184,5 @@ class AWQLinearMethod(LinearMethodBase):
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         return torch.ops.qpass.w4a16_linear(
-            x, layer.qweight, layer.scales, layer.zeros, self.quant_config.group_size, bias
+            x, layer.qweight, layer.scales, layer.zeros, self.quant_config.group_size, bias, layer.activation
         )

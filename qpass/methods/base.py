@@ -59,8 +59,10 @@ class QuantConfig:
     def get_linear_method(self) -> LinearMethodBase:
         raise NotImplementedError
 
-    def calibrate(self, model, plan, calib):
-        """Calibrated weights for the plan's linears; methods without calibration return None."""
+    def calibrate(self, model, plan, calib, device=None):
+        """A ``qpass.calib.base.Calibration`` for the plan's linears from the batches ``calib``
+        (None when the user gave none), computed on ``device`` if given; methods without
+        calibration return None."""
         return None
 
 

@@ -25,6 +25,8 @@ class FP8Config(QuantConfig):
 
 
 class FP8LinearMethod(LinearMethodBase):
+    fused_activations = ("silu_mul",)  # epilogues the op computes (QuantLinear.activation)
+
     def __init__(self, quant_config: FP8Config):
         self.quant_config = quant_config
 
@@ -54,4 +56,4 @@ class FP8LinearMethod(LinearMethodBase):
         return {"qweight": q, "weight_scale": scale}
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return torch.ops.qpass.fp8_linear(x, layer.qweight, layer.weight_scale, bias)
+        return torch.ops.qpass.fp8_linear(x, layer.qweight, layer.weight_scale, bias, layer.activation)

@@ -24,6 +24,8 @@ class Int8Config(QuantConfig):
 
 
 class Int8LinearMethod(LinearMethodBase):
+    fused_activations = ("silu_mul",)  # epilogues the op computes (QuantLinear.activation)
+
     def __init__(self, quant_config: Int8Config):
         self.quant_config = quant_config
 
@@ -51,4 +53,4 @@ class Int8LinearMethod(LinearMethodBase):
         return {"qweight": q, "scales": scales.to(weight.dtype)}
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return torch.ops.qpass.w8a16_linear(x, layer.qweight, layer.scales, bias)
+        return torch.ops.qpass.w8a16_linear(x, layer.qweight, layer.scales, bias, layer.activation)

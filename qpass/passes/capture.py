@@ -33,7 +33,7 @@ def exported_graph(model: nn.Module, example: Any) -> Optional[fx.GraphModule]:
     ``aten.linear`` nodes whose weights are placeholders named after the parameters."""
     args, kwargs = split_example(example)
     try:
-        program = torch.export.export(model, args, kwargs, strict=False)
+        program = torch.export.export(_TensorOutputs(model), args, kwargs, strict=False)
     except Exception as err:
         log.info("qpass: torch.export of %s failed (%s); planning without a graph", type(model).__name__, err)
         return None
@@ -41,8 +41,30 @@ def exported_graph(model: nn.Module, example: Any) -> Optional[fx.GraphModule]:
     names = program.graph_signature.inputs_to_parameters
     for node in graph_module.graph.nodes:
         if node.op == "placeholder" and node.name in names:
-            node.meta["qpass_parameter"] = names[node.name]
+            node.meta["qpass_parameter"] = names[node.name].removeprefix("model.")
     return graph_module
+
+
+class _TensorOutputs(nn.Module):
+    """The model returning only the tensors of its output: torch.export refuses outputs
+    holding other objects (a Hugging Face model returns its key/value cache)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args, **kwargs):
+        return _tensors_of(self.model(*args, **kwargs))
+
+
+def _tensors_of(value: Any) -> list:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _tensors_of(v)]
+    return []
 
 
 def split_example(example: Any):

@@ -1,0 +1,114 @@
+"""GPTQ calibration: round the columns of each weight one at a time and spread each
+column's rounding error over the columns not yet rounded, weighted by the inverse
+Hessian of the layer's output error, ``H = 2 X^T X / n`` over the calibration inputs.
+
+Linears that read the same input share ``H`` (and, with act-order, the column order),
+so a group is quantized as one matrix. Blocks follow ``qpass.calib.blocks``: each block
+sees the outputs of the blocks before it, already quantized.
+"""
+
+from typing import Dict, List, Tuple
+
+import torch
+from torch import nn
+
+from qpass.calib.base import Calibration
+from qpass.calib.blocks import run_blocks
+from qpass.calib.rtn import quantize_groupwise
+from qpass.passes.plan import LinearGroup, Plan
+
+LAZY_BLOCK = 128  # columns per lazy batch update (rounded to whole groups)
+
+
+def hessian(x: torch.Tensor) -> torch.Tensor:
+    """``2 X^T X / n`` of inputs ``x [n, K]``, in float64 for a stable Cholesky."""
+    x = x.double()
+    return 2 * (x.t() @ x) / x.shape[0]
+
+
+def gptq_quantize(
+    weight: torch.Tensor, h: torch.Tensor, group_size: int, sym: bool, desc_act: bool, damp_percent: float,
+    name: str = "weight",
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GPTQ of ``weight [N, K]`` with Hessian ``h [K, K]``.
+
+    Returns ``(q, scales, zeros, g_idx, dequantized)``: ``q`` int32 ``[N, K]`` (0..15, in the
+    original column order), ``scales``/``zeros`` ``[N, K / group_size]`` indexed by
+    group, ``g_idx`` ``[K]`` the group of each column (``k // group_size`` unless
+    ``desc_act``), and the float32 weight they stand for."""
+    n, k = weight.shape
+    w = weight.detach().double().clone()
+    h = h.clone()
+    dead = torch.diagonal(h) == 0  # inputs never active: any value will do
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    perm = torch.argsort(torch.diagonal(h), descending=True, stable=True) if desc_act else torch.arange(k, device=w.device)
+    w, h = w[:, perm], h[perm][:, perm]
+    h += damp_percent * torch.diagonal(h).mean() * torch.eye(k, dtype=h.dtype, device=h.device)
+    try:
+        h_inv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    except torch.linalg.LinAlgError as err:
+        raise ValueError(f"gptq: the Hessian [{k}, {k}] of {name!r} is not positive definite even with "
+                         f"damp_percent={damp_percent}; raise damp_percent") from err
+    groups = k // group_size
+    q = torch.zeros(n, k, dtype=torch.int32, device=w.device)
+    scales = torch.zeros(n, groups, dtype=torch.float64, device=w.device)
+    zeros = torch.zeros(n, groups, dtype=torch.int32, device=w.device)
+    dequantized = torch.zeros_like(w)
+    block = group_size * max(1, LAZY_BLOCK // group_size)  # whole groups per block
+    for start in range(0, k, block):
+        end = min(start + block, k)
+        w_block = w[:, start:end].clone()
+        errors = torch.zeros_like(w_block)
+        h_inv_block = h_inv[start:end, start:end]
+        for i in range(end - start):
+            column = start + i
+            if column % group_size == 0:  # this group's grid, from its weights as updated so far
+                group = column // group_size
+                s, z = _group_grid(w_block[:, i:i + group_size], sym)
+                scales[:, group], zeros[:, group] = s, z
+            s, z = scales[:, group], zeros[:, group]
+            q_col = (torch.round(w_block[:, i] / s) + z).clamp(0, 15)
+            deq = (q_col - z) * s
+            q[:, column], dequantized[:, column] = q_col.to(torch.int32), deq
+            error = (w_block[:, i] - deq) / h_inv_block[i, i]
+            w_block[:, i:] -= error.unsqueeze(1) * h_inv_block[i, i:].unsqueeze(0)
+            errors[:, i] = error
+        w[:, end:] -= errors @ h_inv[start:end, end:]
+    inverse = torch.argsort(perm)
+    g_idx = (torch.arange(k, device=w.device) // group_size)[inverse]
+    return q[:, inverse], scales.float(), zeros, g_idx.to(torch.int32), dequantized[:, inverse].float()
+
+
+def _group_grid(w: torch.Tensor, sym: bool):
+    """Scale and zero point [N] of a group of columns (asymmetric zeros kept in 1..15, the
+    range the v1 checkpoint stores)."""
+    _, scales, zeros = quantize_groupwise(w, 4, w.shape[1], symmetric=sym)
+    return scales[:, 0].double(), zeros[:, 0].clamp(min=0 if sym else 1)
+
+
+def calibrate_gptq(model: nn.Module, plan: Plan, calib, config, device=None) -> Calibration:
+    from qpass.methods.gptq import GPTQConfig, checkpoint_from_quantized
+
+    groups = [g for g in plan.groups if isinstance(g.config, GPTQConfig)]
+    calibration = Calibration()
+
+    def quantize_block(index: int, block_groups: List[LinearGroup], inputs: List[torch.Tensor]) -> Dict[str, torch.Tensor]:
+        simulated = {}
+        for group, x in zip(block_groups, inputs):
+            cfg = group.config
+            weight = torch.cat([s.weight.detach().to(x.device) for s in group.sites])
+            q, scales, zeros, g_idx, dequantized = gptq_quantize(
+                weight, hessian(x), cfg.groups_of(weight.shape[1]), cfg.sym, cfg.desc_act, cfg.damp_percent,
+                name=group.name)
+            start = 0
+            for site in group.sites:
+                rows = slice(start, start + site.out_features)
+                start += site.out_features
+                tensors = checkpoint_from_quantized(q[rows], scales[rows], zeros[rows], g_idx, site.weight.dtype)
+                calibration.checkpoint[site.name] = {k: v.to(site.weight.device) for k, v in tensors.items()}
+                simulated[site.name] = dequantized[rows].to(site.weight.dtype)
+        return simulated
+
+    run_blocks(model, plan, calib, groups, quantize_block, device=device, desc="gptq calibration")
+    return calibration

@@ -1,0 +1,358 @@
+"""The ``qpass`` torch.compile backend: the rewritten Dynamo graph (snapshots), the entry
+point with no import, recompiles, options and mode, quantized models under plain
+torch.compile, and (on CUDA) the kernels a compiled decode layer launches."""
+
+import functools
+import operator
+import subprocess
+import sys
+import textwrap
+from typing import List
+
+import pytest
+import torch
+import torch.nn.functional as F
+from expecttest import TestCase
+from torch import fx, nn
+
+import qpass
+from models import Block, RMSNorm, relative_error, seeded
+from qpass.backend import qpass_backend, quantize_graph, taking_inputs
+from qpass.layers.linear import QuantLinear
+
+
+def normalised(gm: fx.GraphModule) -> str:
+    """The graph with values numbered in order and ops by short name, so that it reads the
+    same whatever names Dynamo gives its nodes in a torch version."""
+    names = {}
+    lines = []
+    for node in gm.graph.nodes:
+        args = fx.node.map_arg((node.args, node.kwargs), lambda n: names[n])
+        text = ", ".join([*map(repr, args[0]), *(f"{k}={v!r}" for k, v in args[1].items())]).replace("'", "")
+        if node.op == "output":
+            lines.append(f"return {text}")
+            continue
+        names[node] = name = f"v{len(names)}"
+        if node.op == "placeholder":
+            lines.append(f"{name} = input")
+        elif node.op == "get_attr":
+            lines.append(f"{name} = self.{node.target}")
+        elif node.op == "call_module":
+            stub = gm.get_submodule(node.target)
+            fused = f", {stub.activation}" if stub.activation != "none" else ""
+            lines.append(f"{name} = {node.target}({text})  # {type(stub.quant_method).__name__}{fused}")
+        elif node.op == "call_method":
+            receiver, _, rest = text.partition(", ")
+            lines.append(f"{name} = {receiver}.{node.target}({rest})")
+        else:
+            target = "getitem" if node.target is operator.getitem else node.target.__name__
+            lines.append(f"{name} = {target}({text})")
+    return "\n".join(lines)
+
+
+def capture(graphs, method="awq", **options):
+    """A backend that runs the qpass rewrite and keeps the result, with no Inductor."""
+
+    def compile_graph(gm, example_inputs):
+        quantized, kept = quantize_graph(gm, example_inputs, method, **options)
+        graphs.append(quantized)
+        return taking_inputs(quantized.forward, kept)
+
+    return compile_graph
+
+
+class DecodeLayer(nn.Module):
+    """The decode layer of the e2e benchmark, small: norm, qkv, o, norm, gate_up, SiLU*mul,
+    down, residual adds (attention left out: o reads the q part)."""
+
+    def __init__(self, dim=256, hidden=512):
+        super().__init__()
+        self.input_norm = RMSNorm(dim)
+        self.qkv_proj = nn.Linear(dim, 2 * dim, bias=False)
+        self.o_proj = nn.Linear(dim, dim, bias=False)
+        self.post_norm = RMSNorm(dim)
+        self.gate_up_proj = nn.Linear(dim, 2 * hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x):
+        q = self.qkv_proj(self.input_norm(x))[..., : x.shape[-1]]
+        x = x + self.o_proj(q)
+        gate, up = self.gate_up_proj(self.post_norm(x)).chunk(2, dim=-1)
+        return x + self.down_proj(F.silu(gate) * up)
+
+
+class GeluMLP(nn.Module):
+    def __init__(self, dim=256, hidden=512):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return x + self.fc2(F.gelu(self.fc1(x)))
+
+
+class RewrittenGraphs(TestCase):
+    def test_llama_block(self):
+        graphs = []
+        model = seeded(Block, 64, 4, 2, 128)
+        x = torch.randn(2, 5, 64)
+        with torch.no_grad():
+            out = torch.compile(model, backend=capture(graphs, group_size=32), fullgraph=True)(x)
+            self.assertEqual(relative_error(out, qpass.quantize(model, "awq", group_size=32)(x)), 0.0)
+        self.assertExpectedInline(normalised(graphs[0]), """\
+v0 = input
+v1 = self.input_norm_weight
+v2 = self.post_norm_weight
+v3 = v0.pow(2)
+v4 = v3.mean(-1, keepdim=True)
+v5 = add(v4, 1e-06)
+v6 = rsqrt(v5)
+v7 = mul(v0, v6)
+v8 = mul(v7, v1)
+v9 = attn.q_proj_k_proj_v_proj(v8)  # AWQLinearMethod
+v10 = split(v9, [64, 32, 32], dim=-1)
+v11 = getitem(v10, 0)
+v12 = getitem(v10, 1)
+v13 = getitem(v10, 2)
+v14 = v11.view(2, 5, 4, 16)
+v15 = v14.transpose(1, 2)
+v16 = v12.view(2, 5, 2, 16)
+v17 = v16.transpose(1, 2)
+v18 = v13.view(2, 5, 2, 16)
+v19 = v18.transpose(1, 2)
+v20 = scaled_dot_product_attention(v15, v17, v19, is_causal=True, enable_gqa=True)
+v21 = v20.transpose(1, 2)
+v22 = v21.reshape(2, 5, -1)
+v23 = attn.o_proj(v22)  # AWQLinearMethod
+v24 = add(v0, v23)
+v25 = v24.pow(2)
+v26 = v25.mean(-1, keepdim=True)
+v27 = add(v26, 1e-06)
+v28 = rsqrt(v27)
+v29 = mul(v24, v28)
+v30 = mul(v29, v2)
+v31 = mlp.gate_proj_up_proj(v30)  # AWQLinearMethod, silu_mul
+v32 = mlp.down_proj(v31)  # AWQLinearMethod
+v33 = add(v24, v32)
+return (v33,)""")
+
+    def test_skip_and_bias(self):
+        graphs = []
+        model = seeded(GeluMLP, 64, 128)
+        with torch.no_grad():
+            torch.compile(model, backend=capture(graphs, "int8", skip=["fc2"]), fullgraph=True)(torch.randn(3, 64))
+        self.assertExpectedInline(normalised(graphs[0]), """\
+v0 = input
+v1 = fc1(v0)  # Int8LinearMethod
+v2 = gelu(v1)
+v3 = fc2(v2)  # UnquantizedLinearMethod
+v4 = add(v0, v3)
+return (v4,)""")
+        self.assertIs(graphs[0].fc2.weight, model.fc2.weight)  # kept in float: shared, not copied
+
+    def test_decode_layer_folds_silu_mul(self):
+        """One gate_up linear split by ``chunk``: the stub computes silu(gate) * up itself."""
+        graphs = []
+        model = seeded(DecodeLayer, 64, 128)
+        x = torch.randn(2, 3, 64)
+        with torch.no_grad():
+            out = torch.compile(model, backend=capture(graphs, group_size=32), fullgraph=True)(x)
+            self.assertLess(relative_error(out, qpass.quantize(model, "awq", group_size=32, merge=False)(x)), 1e-6)
+        self.assertExpectedInline(normalised(graphs[0]), """\
+v0 = input
+v1 = self.input_norm_weight
+v2 = self.post_norm_weight
+v3 = v0.pow(2)
+v4 = v3.mean(-1, keepdim=True)
+v5 = add(v4, 1e-06)
+v6 = rsqrt(v5)
+v7 = mul(v0, v6)
+v8 = mul(v7, v1)
+v9 = qkv_proj(v8)  # AWQLinearMethod
+v10 = getitem(v9, (Ellipsis, slice(None, 64, None)))
+v11 = o_proj(v10)  # AWQLinearMethod
+v12 = add(v0, v11)
+v13 = v12.pow(2)
+v14 = v13.mean(-1, keepdim=True)
+v15 = add(v14, 1e-06)
+v16 = rsqrt(v15)
+v17 = mul(v12, v16)
+v18 = mul(v17, v2)
+v19 = gate_up_proj(v18)  # AWQLinearMethod, silu_mul
+v20 = down_proj(v19)  # AWQLinearMethod
+v21 = add(v12, v20)
+return (v21,)""")
+
+
+def test_recompile_reuses_quantized_weights():
+    graphs = []
+    model = seeded(Block, 64, 4, 2, 128)
+    compiled = torch.compile(model, backend=capture(graphs, group_size=32), fullgraph=True)
+    with torch.no_grad():
+        for batch, tokens in [(2, 5), (3, 7), (4, 9), (5, 3)]:
+            compiled(torch.randn(batch, tokens, 64))
+    assert len(graphs) == 2  # one static graph, then one dynamic in batch and sequence
+    first, second = ([m for m in g.modules() if isinstance(m, QuantLinear)] for g in graphs)
+    assert [id(m) for m in first] == [id(m) for m in second]
+
+
+def test_free_float_weights():
+    """``free_float_weights=True``: the replaced float weights lose their storage (shapes
+    kept), what else the graph reads stays; recompiles reuse the stubs; a compile that
+    would need the freed weights again says so."""
+    torch._dynamo.reset()  # so that the first graph is static, the second dynamic
+    graphs = []
+    model = seeded(Block, 64, 4, 2, 128)
+    x = torch.randn(2, 5, 64)
+    with torch.no_grad():
+        expected = qpass.quantize(model, "awq", group_size=32, skip=["o_proj"])(x)
+        compiled = torch.compile(model, backend=capture(graphs, group_size=32, skip=["o_proj"], free_float_weights=True),
+                                 fullgraph=True)
+        assert relative_error(compiled(x), expected) == 0.0
+        compiled(torch.randn(3, 7, 64))  # a recompile, from the cached stubs
+    assert len(graphs) == 2
+    freed = [model.attn.q_proj.weight, model.attn.k_proj.weight, model.mlp.gate_proj.weight, model.mlp.down_proj.weight]
+    assert all(w.untyped_storage().nbytes() == 0 for w in freed)
+    assert model.attn.o_proj.weight.untyped_storage().nbytes() > 0  # skipped: the float stub shares it
+    assert model.input_norm.weight.untyped_storage().nbytes() > 0
+    torch._dynamo.reset()
+    with torch.no_grad(), pytest.raises(Exception, match="free_float_weights=True"):
+        torch.compile(model, backend=capture([], group_size=64), fullgraph=True)(x)
+
+
+def kernel_paths(batches, shapes, device) -> int:
+    """How many different kernel choices the W4A16 op makes over ``batches`` (one token
+    each) for linears of ``shapes`` (K, N): each is a branch on M that a dynamic graph
+    guards on. The CPU reference has one."""
+    if device.type != "cuda":
+        return 1
+    from qpass.kernels.w4a16 import pick_config
+
+    return len({tuple(pick_config(m, n, k, 128, device) for k, n in shapes) for m in batches})
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_recompiles_once_per_kernel_path(device):
+    """New batch sizes through ``backend="qpass"`` (Inductor): one static graph, then at
+    most one recompile per kernel path (the op's kernel choice is a guard on M)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    device = torch.device(device)
+    batches = [1, 2, 3, 5, 8, 16, 32] if device.type == "cuda" else [1, 2, 3, 5]
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    layer = seeded(DecodeLayer).to(device, dtype)
+    torch._dynamo.reset()
+    before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    compiled = torch.compile(layer, backend="qpass", options={"method": "awq"}, fullgraph=True)
+    with torch.no_grad():
+        for batch in batches:
+            compiled(torch.randn(batch, 1, 256, device=device, dtype=dtype))
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"] - before
+    assert graphs <= 1 + kernel_paths(batches, [(256, 512), (256, 256), (256, 1024), (512, 256)], device)
+
+
+def test_mode_and_options_reach_inductor(monkeypatch):
+    seen = {}
+
+    def fake_compile_fx(gm, example_inputs, config_patches=None):
+        seen.update(config_patches)
+        return gm.forward
+
+    monkeypatch.setattr("torch._inductor.compile_fx.compile_fx", fake_compile_fx)
+    model = seeded(GeluMLP, 64, 128)
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        torch.compile(model, backend=qpass.backend("awq", group_size=32, mode="reduce-overhead"))(x)
+        assert seen == {"triton.cudagraphs": True}
+        torch._dynamo.reset()
+        seen.clear()
+        options = {"method": "int8", "inductor": {"max_autotune": True}}
+        torch.compile(model, backend="qpass", options=options)(x)
+        assert seen == {"max_autotune": True}
+    with pytest.raises(ValueError, match="group_size"):
+        qpass.backend("awq", group_size=3)
+    assert qpass_backend.__module__ == "qpass.backend"
+
+
+def test_entry_point_with_no_import():
+    """``backend="qpass"`` in a fresh interpreter that never imports qpass: Inductor on CPU,
+    matching ``qpass.quantize`` run eagerly, one recompile for new shapes."""
+    script = textwrap.dedent("""
+        import sys, torch
+        sys.path.insert(0, "tests")
+        from models import Block, seeded, relative_error
+        model = seeded(Block, 64, 4, 2, 128)
+        assert "qpass" not in sys.modules
+        compiled = torch.compile(model, backend="qpass", options={"method": "awq", "group_size": 32}, fullgraph=True)
+        with torch.no_grad():
+            outs = [(x, compiled(x)) for x in (torch.randn(2, 5, 64), torch.randn(3, 7, 64), torch.randn(4, 9, 64))]
+            import qpass
+            reference = qpass.quantize(model, "awq", group_size=32)
+            print(max(relative_error(out, reference(x)) for x, out in outs))
+        print(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+    """)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    error, graphs = run.stdout.split()
+    assert float(error) < 1e-3
+    assert int(graphs) == 2
+
+
+def test_quantized_model_compiles_with_no_graph_break():
+    model = seeded(Block, 64, 4, 2, 128)
+    quantized = qpass.quantize(model, "awq", group_size=32)
+    x = torch.randn(2, 5, 64)
+    with torch.no_grad():
+        explanation = torch._dynamo.explain(quantized)(x)
+        assert explanation.graph_break_count == 0
+        out = torch.compile(quantized, fullgraph=True)(x)
+    assert relative_error(out, quantized(x)) < 1e-3
+
+
+def launched_kernels(fn, *args) -> List[str]:
+    """Names of the CUDA kernels one call of ``fn`` launches (after a warm-up call)."""
+    fn(*args)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn(*args)
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
+def op_kernels(k: int, n: int, x: torch.Tensor, activation: str = "none") -> List[str]:
+    """What one compiled W4A16 op of ``k`` inputs and ``n`` outputs launches on ``x``'s
+    rows: its kernel, and the split-K reduction where the op splits K."""
+    weights = (torch.randint(-2**31, 2**31 - 1, (k // 8, n), dtype=torch.int32, device="cuda"),
+               torch.rand(k // 128, n, dtype=x.dtype, device="cuda") / 64,
+               torch.full((k // 128, n), 8.0, dtype=x.dtype, device="cuda"))
+    op = torch.compile(functools.partial(torch.ops.qpass.w4a16_linear, group_size=128, activation=activation))
+    return launched_kernels(op, x.new_empty(*x.shape[:-1], k).normal_(), *weights)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("batch", [1, 16])
+def test_kernel_budget_of_compiled_layers(batch):
+    """The budget of a decode layer under ``backend="qpass"``: each quantized linear costs
+    what its op costs alone (its kernel, plus a split-K reduction where the op splits K);
+    around them Inductor adds at most 3 kernels: the input RMSNorm, the residual add fused
+    with the post-attention RMSNorm, and the final residual add (casts fuse into these).
+    SiLU*mul costs nothing: the gate_up op computes it (the op with "silu_mul" launches no
+    more than without). The GELU MLP: 2 ops + GELU (not folded: the kernels compute
+    silu_mul only) + the residual add."""
+    torch.manual_seed(0)
+    with torch.no_grad(), torch.device("cuda"):
+        x = torch.randn(batch, 1, 256, dtype=torch.bfloat16)
+        ops = [op_kernels(256, 512, x), op_kernels(256, 256, x), op_kernels(256, 1024, x, "silu_mul"),
+               op_kernels(512, 256, x)]
+        assert len(ops[2]) == len(op_kernels(256, 1024, x)), ops[2]
+        layer = DecodeLayer().to(torch.bfloat16).eval()
+        kernels = launched_kernels(torch.compile(layer, backend="qpass", options={"method": "awq"}, fullgraph=True), x)
+        budget = sum(map(len, ops)) + 3
+        print(f"\ndecode layer, batch {batch}: {len(kernels)} kernels (budget {budget}): {kernels}")
+        assert len(kernels) <= budget, (kernels, ops)
+        mlp = GeluMLP().to(torch.bfloat16).eval()
+        kernels = launched_kernels(torch.compile(mlp, backend="qpass", options={"method": "awq"}, fullgraph=True), x)
+        budget = len(op_kernels(256, 512, x)) + len(op_kernels(512, 256, x)) + 2
+        print(f"GELU MLP, batch {batch}: {len(kernels)} kernels (budget {budget}): {kernels}")
+        assert len(kernels) <= budget, kernels
