@@ -8,13 +8,13 @@ other kernels when the tiles alone would leave the GPU idle, reduced inside the 
 (``w4a16.store_output``).
 """
 
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from .w4a16 import output_columns, split_k_workspace, store_output
+from .common import MmaConfig, output_columns, sm_count, split_for, split_k_workspace, store_output
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
@@ -118,33 +118,9 @@ def _fp8_mma_kernel(
                  stride_om, stride_on, stride_wm, SPLIT_K, HAS_BIAS, SILU_MUL)
 
 
-class MmaConfig(NamedTuple):
-    block_m: int
-    block_n: int
-    block_k: int
-    split_k: int
-    num_warps: int
-    num_stages: int
-    group_m: int = 8
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 132
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def _split_for(tiles: int, k_steps: int, sms: int) -> int:
-    """Fewest K splits (a power of two) that give every SM about two programs."""
-    split = 1
-    while tiles * split < 2 * sms and split * 2 <= k_steps and split < 16:
-        split *= 2
-    return split
-
-
 def pick_config(M: int, N: int, K: int, device: torch.device) -> MmaConfig:
     """Block shapes for a problem; tuned on the H100 (bench/NOTES-kernels.md)."""
-    sms = _sm_count(device)
+    sms = sm_count(device)
     if M <= 16:
         cfg = MmaConfig(16, 64, 256, 1, num_warps=4, num_stages=4)
     elif M <= 64:
@@ -156,7 +132,7 @@ def pick_config(M: int, N: int, K: int, device: torch.device) -> MmaConfig:
     else:  # large M, few 128x256 tiles: smaller tiles rather than float32 partial sums
         return MmaConfig(64, 128, 128, 1, num_warps=4, num_stages=4)
     tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
-    return cfg._replace(split_k=_split_for(tiles, triton.cdiv(K, cfg.block_k), sms))
+    return cfg._replace(split_k=split_for(tiles, triton.cdiv(K, cfg.block_k), sms))
 
 
 def quantize_rows(x: torch.Tensor):

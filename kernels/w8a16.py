@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .w4a16 import output_columns, split_k_workspace, store_output
+from .common import MmaConfig, output_columns, sm_count, split_for, split_k_workspace, store_output
 
 
 @triton.jit
@@ -138,36 +138,12 @@ class GemvConfig(NamedTuple):
     num_stages: int
 
 
-class MmaConfig(NamedTuple):
-    block_m: int
-    block_n: int
-    block_k: int
-    split_k: int
-    num_warps: int
-    num_stages: int
-    group_m: int = 8
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 132
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def _split_for(tiles: int, k_steps: int, sms: int) -> int:
-    """Fewest K splits (a power of two) that give every SM about two programs."""
-    split = 1
-    while tiles * split < 2 * sms and split * 2 <= k_steps and split < 16:
-        split *= 2
-    return split
-
-
 GEMV_MAX_M = 2
 
 
 def pick_config(M: int, N: int, K: int, device: torch.device):
     """The kernel and its block shapes for a problem; tuned on the H100 (bench/NOTES-kernels.md)."""
-    sms = _sm_count(device)
+    sms = sm_count(device)
     if M <= GEMV_MAX_M:  # H100 sweep, 2026-11-24: the best of 18 block shapes per weight shape
         if K >= 8192:
             return GemvConfig(4, 1024, 1, num_warps=4, num_stages=2)
@@ -183,7 +159,7 @@ def pick_config(M: int, N: int, K: int, device: torch.device):
     else:
         cfg = MmaConfig(128, 256, 64, 1, num_warps=8, num_stages=3)
     tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
-    return cfg._replace(split_k=_split_for(tiles, triton.cdiv(K, cfg.block_k), sms))
+    return cfg._replace(split_k=split_for(tiles, triton.cdiv(K, cfg.block_k), sms))
 
 
 def w8a16_linear(

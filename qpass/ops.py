@@ -30,6 +30,13 @@ def _out_shape(x: torch.Tensor, n: int, activation: str):
     return (*x.shape[:-1], reference.activation_width(n, activation))
 
 
+def _run(cuda_kernel, cpu_reference, x: torch.Tensor, n: int, *args, activation: str) -> torch.Tensor:
+    """The Triton kernel on CUDA, the plain-torch reference elsewhere, on ``x`` flattened
+    to ``[M, K]``; the result shaped as ``x`` with ``n`` (or ``n / 2``) outputs."""
+    implementation = cuda_kernel if x.is_cuda else cpu_reference
+    return implementation(_flatten(x), *args, activation=activation).reshape(_out_shape(x, n, activation))
+
+
 @triton_op("qpass::w4a16_linear", mutates_args=())
 def w4a16_linear(
     x: torch.Tensor,
@@ -40,12 +47,8 @@ def w4a16_linear(
     bias: Optional[torch.Tensor] = None,
     activation: str = "none",
 ) -> torch.Tensor:
-    shape = _out_shape(x, qweight.shape[1], activation)
-    if x.is_cuda:
-        out = w4a16_kernels.w4a16_linear(_flatten(x), qweight, scales, zeros, group_size, bias, activation=activation)
-    else:
-        out = reference.w4a16_linear(_flatten(x), qweight, scales, zeros, group_size, bias, activation)
-    return out.reshape(shape)
+    return _run(w4a16_kernels.w4a16_linear, reference.w4a16_linear, x, qweight.shape[1],
+                qweight, scales, zeros, group_size, bias, activation=activation)
 
 
 @w4a16_linear.register_fake
@@ -61,12 +64,8 @@ def w8a16_linear(
     bias: Optional[torch.Tensor] = None,
     activation: str = "none",
 ) -> torch.Tensor:
-    shape = _out_shape(x, qweight.shape[0], activation)
-    if x.is_cuda:
-        out = w8a16_kernels.w8a16_linear(_flatten(x), qweight, scales, bias, activation=activation)
-    else:
-        out = reference.w8a16_linear(_flatten(x), qweight, scales, bias, activation)
-    return out.reshape(shape)
+    return _run(w8a16_kernels.w8a16_linear, reference.w8a16_linear, x, qweight.shape[0],
+                qweight, scales, bias, activation=activation)
 
 
 @w8a16_linear.register_fake
@@ -82,12 +81,8 @@ def fp8_linear(
     bias: Optional[torch.Tensor] = None,
     activation: str = "none",
 ) -> torch.Tensor:
-    shape = _out_shape(x, qweight.shape[0], activation)
-    if x.is_cuda:
-        out = fp8_kernels.fp8_linear(_flatten(x), qweight, weight_scale, bias, activation=activation)
-    else:
-        out = reference.fp8_linear(x, qweight, weight_scale, bias, activation)
-    return out.reshape(shape)
+    return _run(fp8_kernels.fp8_linear, reference.fp8_linear, x, qweight.shape[0],
+                qweight, weight_scale, bias, activation=activation)
 
 
 @fp8_linear.register_fake

@@ -12,8 +12,10 @@ import typing
 from typing import Any, ClassVar, Dict, Mapping, Optional, Tuple, Type
 
 import torch
+from torch.nn import Parameter
 
 from qpass.layers.quantize_base import LinearMethodBase
+from qpass.layers.utils import set_weight_attrs
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -98,3 +100,17 @@ def get_config(method: str, options: Optional[Mapping[str, Any]] = None) -> Quan
     if method not in _REGISTRY:
         raise ValueError(f"unknown quantization method {method!r}; known methods: {', '.join(known)}")
     return _REGISTRY[method].from_options(dict(options or {}))
+
+
+def register_per_channel_weights(layer: torch.nn.Module, out_features: int, in_features: int,
+                                 weight_dtype: torch.dtype, scale_name: str, scale_dtype: torch.dtype,
+                                 extra_weight_attrs: Mapping[str, Any]) -> None:
+    """``qweight`` ``[out, in]`` of ``weight_dtype`` and one scale per output channel,
+    the layout of the per-channel methods (int8, fp8), with their loader metadata."""
+    qweight = Parameter(torch.empty(out_features, in_features, dtype=weight_dtype), requires_grad=False)
+    scale = Parameter(torch.empty(out_features, dtype=scale_dtype), requires_grad=False)
+    set_weight_attrs(qweight, {"input_dim": 1, "output_dim": 0})
+    set_weight_attrs(scale, {"output_dim": 0})
+    for name, param in (("qweight", qweight), (scale_name, scale)):
+        set_weight_attrs(param, extra_weight_attrs)
+        layer.register_parameter(name, param)

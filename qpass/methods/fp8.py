@@ -9,12 +9,10 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 import torch
-from torch.nn import Parameter
 
 from qpass.kernels.reference import FP8_MAX
 from qpass.layers.quantize_base import LinearMethodBase
-from qpass.layers.utils import set_weight_attrs
-from qpass.methods.base import QuantConfig, register_method
+from qpass.methods.base import QuantConfig, register_method, register_per_channel_weights
 
 
 @register_method("fp8")
@@ -40,14 +38,8 @@ class FP8LinearMethod(LinearMethodBase):
         params_dtype: torch.dtype,
         **extra_weight_attrs,
     ):
-        out = sum(output_partition_sizes)
-        qweight = Parameter(torch.empty(out, input_size_per_partition, dtype=torch.float8_e4m3fn), requires_grad=False)
-        weight_scale = Parameter(torch.empty(out, dtype=torch.float32), requires_grad=False)
-        set_weight_attrs(qweight, {"input_dim": 1, "output_dim": 0})
-        set_weight_attrs(weight_scale, {"output_dim": 0})
-        for name, param in (("qweight", qweight), ("weight_scale", weight_scale)):
-            set_weight_attrs(param, extra_weight_attrs)
-            layer.register_parameter(name, param)
+        register_per_channel_weights(layer, sum(output_partition_sizes), input_size_per_partition, torch.float8_e4m3fn,
+                                     "weight_scale", torch.float32, extra_weight_attrs)
 
     def quantize_weight(self, weight: torch.Tensor) -> Dict[str, torch.Tensor]:
         amax = weight.float().abs().amax(dim=1).clamp(min=1e-12)

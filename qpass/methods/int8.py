@@ -8,12 +8,10 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 import torch
-from torch.nn import Parameter
 
 from qpass.calib.rtn import quantize_per_channel_int8
 from qpass.layers.quantize_base import LinearMethodBase
-from qpass.layers.utils import set_weight_attrs
-from qpass.methods.base import QuantConfig, register_method
+from qpass.methods.base import QuantConfig, register_method, register_per_channel_weights
 
 
 @register_method("int8")
@@ -39,14 +37,8 @@ class Int8LinearMethod(LinearMethodBase):
         params_dtype: torch.dtype,
         **extra_weight_attrs,
     ):
-        out = sum(output_partition_sizes)
-        qweight = Parameter(torch.empty(out, input_size_per_partition, dtype=torch.int8), requires_grad=False)
-        scales = Parameter(torch.empty(out, dtype=params_dtype), requires_grad=False)
-        set_weight_attrs(qweight, {"input_dim": 1, "output_dim": 0})
-        set_weight_attrs(scales, {"output_dim": 0})
-        for name, param in (("qweight", qweight), ("scales", scales)):
-            set_weight_attrs(param, extra_weight_attrs)
-            layer.register_parameter(name, param)
+        register_per_channel_weights(layer, sum(output_partition_sizes), input_size_per_partition, torch.int8,
+                                     "scales", params_dtype, extra_weight_attrs)
 
     def quantize_weight(self, weight: torch.Tensor) -> Dict[str, torch.Tensor]:
         q, scales = quantize_per_channel_int8(weight)

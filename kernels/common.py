@@ -1,0 +1,94 @@
+"""What the kernels share: the activations their epilogues compute, the split-K workspace
+and the epilogue that finishes an output tile, tensor-core block shapes, and how K is split."""
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+ACTIVATIONS = ("none", "silu_mul")
+
+
+def output_columns(activation: str, N: int) -> int:
+    """Columns of the result: N, or N // 2 under "silu_mul" (whose N GEMM columns are [gate | up])."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if activation == "none":
+        return N
+    if N % 2:
+        raise ValueError(f"activation 'silu_mul' needs an even number of columns ([gate | up]), got N={N}")
+    return N // 2
+
+
+def split_k_workspace(M: int, N: int, tiles: int, split_k: int, like: torch.Tensor) -> torch.Tensor:
+    """Zeroed float32 partial sums ``[M, N]`` followed by one arrival count per output tile
+    (float32 too: one allocation, one memset, no dtype view for Inductor to trip on);
+    ``like`` (never read) when K is not split."""
+    if split_k == 1:
+        return like
+    return torch.zeros(M * N + tiles, device=like.device, dtype=torch.float32)
+
+
+@triton.jit
+def store_output(acc, acc_up, rows, cols, mask_rows, mask_cols, tile, M, N_UP,
+                 b_ptr, out_ptr, ws_ptr, stride_om, stride_on, stride_wm,
+                 SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr):
+    """Finish one output tile from float32 sums: ``acc [R, C]`` of the GEMM columns ``cols`` (and,
+    under SILU_MUL, ``acc_up`` of the up columns ``cols + N_UP``); bias, activation, cast, store.
+
+    With SPLIT_K > 1 the sums are partial: each program adds them into the zeroed workspace
+    (``split_k_workspace``: ``[M, stride_wm]`` sums, then a count per tile), and the last of the
+    tile's SPLIT_K programs to arrive reads the totals back and runs the epilogue, so the
+    reduction costs no second launch."""
+    mask = mask_rows[:, None] & mask_cols[None, :]
+    if SPLIT_K > 1:
+        ws = ws_ptr + rows[:, None] * stride_wm + cols[None, :]
+        tl.atomic_add(ws, acc, mask=mask, sem="relaxed")
+        if SILU_MUL:
+            tl.atomic_add(ws + N_UP, acc_up, mask=mask, sem="relaxed")
+        tl.debug_barrier()  # all threads' additions are issued before the arrival is counted
+        arrived = tl.atomic_add(ws_ptr + M * stride_wm + tile, 1.0, sem="acq_rel")
+        # (broadcast before comparing: Triton's interpreter rejects a mask made from a 0-d one)
+        mask = mask & ((rows * 0 + arrived) == SPLIT_K - 1)[:, None]
+        acc = tl.load(ws, mask=mask, other=0, cache_modifier=".cg")
+        if SILU_MUL:
+            acc_up = tl.load(ws + N_UP, mask=mask, other=0, cache_modifier=".cg")
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=mask_cols, other=0).to(tl.float32)[None, :]
+        if SILU_MUL:
+            acc_up += tl.load(b_ptr + N_UP + cols, mask=mask_cols, other=0).to(tl.float32)[None, :]
+    if SILU_MUL:
+        acc = acc * tl.sigmoid(acc) * acc_up
+    out_ptrs = out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+class MmaConfig(NamedTuple):
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int
+    num_warps: int
+    num_stages: int
+    group_m: int = 8
+
+
+_SM_COUNT = {}
+
+
+def sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 132
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNT[index]
+
+
+def split_for(tiles: int, k_steps: int, sms: int) -> int:
+    """Fewest K splits (a power of two) that give every SM about two programs."""
+    split = 1
+    while tiles * split < 2 * sms and split * 2 <= k_steps and split < 16:
+        split *= 2
+    return split
