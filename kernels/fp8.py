@@ -5,7 +5,7 @@ Two launches: ``_quantize_rows_kernel`` (one program per token: the row's amax, 
 row divided by its scale, rounded to fp8) and ``_fp8_mma_kernel`` (fp8 x fp8 on the tensor
 cores, float32 accumulation, both scales applied to the accumulator). Split K as in the
 other kernels when the tiles alone would leave the GPU idle, reduced inside the kernel
-(``w4a16.store_output``).
+(``common.store_output``).
 """
 
 from typing import Optional

@@ -20,26 +20,14 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .common import output_columns
+
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
-
-
-ACTIVATIONS = ("none", "silu_mul")
-
-
-def activation_width(n: int, activation: str) -> int:
-    """Output columns of a linear with ``n`` columns after ``activation``."""
-    if activation == "none":
-        return n
-    if activation == "silu_mul":
-        if n % 2:
-            raise ValueError(f"activation 'silu_mul' needs an even number of output columns [gate | up], got {n}")
-        return n // 2
-    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
 
 
 def apply_activation(out: torch.Tensor, activation: str) -> torch.Tensor:
     """The epilogue ``activation`` on a linear's output ``[..., N]``."""
-    width = activation_width(out.shape[-1], activation)
+    width = output_columns(activation, out.shape[-1])
     if activation == "none":
         return out
     return F.silu(out[..., :width]) * out[..., width:]

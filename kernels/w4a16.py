@@ -10,7 +10,9 @@ Three paths, chosen by M (``pick_config``):
   columns of one activation row and reads each packed word once; nibble ``j`` of word row
   ``r`` meets ``x[8 r + j]``. For fp16 x on a GPU the words are dequantized two at a time
   in half2 registers by inline PTX (``_word_pair_dot_f16x2``: about 13 instructions per 8
-  weights, against about 30 for the float32 path that the interpreter and bf16 use).
+  weights, against about 30 for the float32 path that the interpreter uses); bf16 x the same
+  way in bf16x2 registers (``_word_pair_dot_bf16x2``: 15), through the same loop
+  (``_gemv_partial_x2``, constexprs PACKED_F16 / PACKED_BF16, ``gemv_meta``).
 - ``_w4a16_mma_kernel`` (larger M): unpacks a ``[BLOCK_K, BLOCK_N]`` tile, dequantizes it
   in the activation dtype and feeds ``tl.dot``. ``SWAP_AB`` computes the transposed
   product (weight tile as the left operand) so a small M fills the narrow side of the
@@ -35,76 +37,21 @@ import torch
 import triton
 import triton.language as tl
 
+from .common import output_columns, sm_count, split_for, split_k_workspace, store_output
+
 _F32_MAGIC = tl.constexpr(8388608.0)  # 2**23: 0x4B000000 | q is 2**23 + q as float32
 
 
-ACTIVATIONS = ("none", "silu_mul")
-
-
-def triton_interpreted() -> bool:
+def _triton_interpreted() -> bool:
     """Triton's interpreter runs no inline PTX."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def output_columns(activation: str, N: int) -> int:
-    """Columns of the result: N, or N // 2 under "silu_mul" (whose N GEMM columns are [gate | up])."""
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    if activation == "none":
-        return N
-    if N % 2:
-        raise ValueError(f"activation 'silu_mul' needs an even number of columns ([gate | up]), got N={N}")
-    return N // 2
-
-
-def split_k_workspace(M: int, N: int, tiles: int, split_k: int, like: torch.Tensor) -> torch.Tensor:
-    """Zeroed float32 partial sums ``[M, N]`` followed by one arrival count per output tile
-    (float32 too: one allocation, one memset, no dtype view for Inductor to trip on);
-    ``like`` (never read) when K is not split."""
-    if split_k == 1:
-        return like
-    return torch.zeros(M * N + tiles, device=like.device, dtype=torch.float32)
-
-
 @triton.jit
-def store_output(acc, acc_up, rows, cols, mask_rows, mask_cols, tile, M, N_UP,
-                 b_ptr, out_ptr, ws_ptr, stride_om, stride_on, stride_wm,
-                 SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr):
-    """Finish one output tile from float32 sums: ``acc [R, C]`` of the GEMM columns ``cols`` (and,
-    under SILU_MUL, ``acc_up`` of the up columns ``cols + N_UP``); bias, activation, cast, store.
-
-    With SPLIT_K > 1 the sums are partial: each program adds them into the zeroed workspace
-    (``split_k_workspace``: ``[M, stride_wm]`` sums, then a count per tile), and the last of the
-    tile's SPLIT_K programs to arrive reads the totals back and runs the epilogue, so the
-    reduction costs no second launch."""
-    mask = mask_rows[:, None] & mask_cols[None, :]
-    if SPLIT_K > 1:
-        ws = ws_ptr + rows[:, None] * stride_wm + cols[None, :]
-        tl.atomic_add(ws, acc, mask=mask, sem="relaxed")
-        if SILU_MUL:
-            tl.atomic_add(ws + N_UP, acc_up, mask=mask, sem="relaxed")
-        tl.debug_barrier()  # all threads' additions are issued before the arrival is counted
-        arrived = tl.atomic_add(ws_ptr + M * stride_wm + tile, 1.0, sem="acq_rel")
-        # (broadcast before comparing: Triton's interpreter rejects a mask made from a 0-d one)
-        mask = mask & ((rows * 0 + arrived) == SPLIT_K - 1)[:, None]
-        acc = tl.load(ws, mask=mask, other=0, cache_modifier=".cg")
-        if SILU_MUL:
-            acc_up = tl.load(ws + N_UP, mask=mask, other=0, cache_modifier=".cg")
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + cols, mask=mask_cols, other=0).to(tl.float32)[None, :]
-        if SILU_MUL:
-            acc_up += tl.load(b_ptr + N_UP + cols, mask=mask_cols, other=0).to(tl.float32)[None, :]
-    if SILU_MUL:
-        acc = acc * tl.sigmoid(acc) * acc_up
-    out_ptrs = out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _load_x_pairs_f16x2(x_ptrs):
-    """The 8 fp16 values at each (16-byte aligned) x_ptrs, loaded by inline PTX, as the four
-    half2 pairs (x_j, x_j+4), j < 4, that meet nibbles j and j + 4 of a word
-    (``_word_pair_dot_f16x2``).
+def _load_x_pairs_x2(x_ptrs):
+    """The 8 16-bit values (fp16 or bf16) at each (16-byte aligned) x_ptrs, loaded by inline
+    PTX, as the four pairs (x_j, x_j+4), j < 4, packed in 32 bits, that meet nibbles j and
+    j + 4 of a word (``_word_pair_dot_f16x2``, ``_word_pair_dot_bf16x2``).
 
     A ``tl.load`` here would get a thread layout of its own from Triton's coalescing pass, and
     the compiler would then move the whole word tile into that layout through shared memory;
@@ -148,7 +95,7 @@ def _zero_f16x2(zero):
 @triton.jit
 def _word_pair_dot_f16x2(w0, w1, z_1024, z_64, a0, a1, a2, a3, b0, b1, b2, b3):
     """sum_k x[k] * (q[k] - zero) over the 16 nibbles of two words (8 rows each), as float32;
-    a0..a3 and b0..b3 are their x pairs from ``_load_x_pairs_f16x2``.
+    a0..a3 and b0..b3 are their x pairs from ``_load_x_pairs_x2``.
 
     One lop3 turns a word into a half2 of two nibbles: ``(w & 0x000F000F) | 0x64006400`` is
     (1024 + q0, 1024 + q4) and ``(w & 0x00F000F0) | 0x64006400`` is (1024 + 16 q1, 1024 + 16 q5);
@@ -201,11 +148,102 @@ def _word_pair_dot_f16x2(w0, w1, z_1024, z_64, a0, a1, a2, a3, b0, b1, b2, b3):
 
 
 @triton.jit
-def _gemv_partial_f16x2(x_row, qw_ptr, s_ptr, z_ptr, offs_n, mask_n, row_start, row_end, stride_qk, stride_qn,
-                        stride_sg, stride_sn, GROUP_SIZE: tl.constexpr, GROUP_ROWS: tl.constexpr,
-                        GROUPS: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr):
-    """``_gemv_partial`` with half2 dequantization (inline PTX; x fp16, contiguous, 16-byte
-    aligned). Each step reads a ``[GROUP_ROWS // 2, GROUPS, BLOCK_N]`` tile of even word rows
+def _zero_bf16x2(zero):
+    """bf16 zero points -> the bf16x2 constant (-128 - z, -128 - z) (exact: z is an integer in [0, 15])."""
+    return tl.inline_asm_elementwise(
+        """
+        {
+        .reg .b16 m, c, t;
+        mov.b16 m, 0xBF80;
+        mov.b16 c, 0xC300;
+        fma.rn.bf16 t, $1, m, c;
+        mov.b32 $0, {t, t};
+        }
+        """,
+        "=r,h", [zero], dtype=tl.int32, is_pure=True, pack=1,
+    )
+
+
+@triton.jit
+def _word_pair_dot_bf16x2(w0, w1, z_128, a0, a1, a2, a3, b0, b1, b2, b3):
+    """``_word_pair_dot_f16x2`` for bf16 x (``z_128`` from ``_zero_bf16x2``).
+
+    bf16 keeps 7 mantissa bits, so nibble j must sit in bits 0-3 of each 16-bit lane: one
+    lop3 makes ``((w >> 4 j) & 0x000F000F) | 0x43004300`` the bf16x2 (128 + q_j, 128 + q_j+4)
+    exactly (0x4300 is 128.0), and one fma by 1 with (-128 - z) leaves q - z exactly. Per
+    word: 3 shifts, 4 lop3, 4 fma (q - z), 4 fma (x products): 15 instructions for 8 weights.
+    Each lane's 8 products sum in bf16 (fma.rn.bf16x2) before the float32 widening (a 16-bit
+    shift / mask): measured and emulated error in bench/NOTES-kernels.md (about 2x the bf16
+    output's own rounding, within the 1e-2 bound). No overflow: bf16 has float32's range."""
+    return tl.inline_asm_elementwise(
+        """
+        {
+        .reg .b32 t1, t2, t3, q0, q1, q2, q3, s, one, nz;
+        .reg .f32 flo, fhi;
+        mov.b32 one, 0x3F803F80;
+        mov.b32 nz, 0x80008000;
+        shr.u32 t1, $1, 4;
+        shr.u32 t2, $1, 8;
+        shr.u32 t3, $1, 12;
+        lop3.b32 q0, $1, 0x000F000F, 0x43004300, 0xEA;
+        lop3.b32 q1, t1, 0x000F000F, 0x43004300, 0xEA;
+        lop3.b32 q2, t2, 0x000F000F, 0x43004300, 0xEA;
+        lop3.b32 q3, t3, 0x000F000F, 0x43004300, 0xEA;
+        fma.rn.bf16x2 q0, q0, one, $3;
+        fma.rn.bf16x2 q1, q1, one, $3;
+        fma.rn.bf16x2 q2, q2, one, $3;
+        fma.rn.bf16x2 q3, q3, one, $3;
+        fma.rn.bf16x2 s, q0, $4, nz;
+        fma.rn.bf16x2 s, q1, $5, s;
+        fma.rn.bf16x2 s, q2, $6, s;
+        fma.rn.bf16x2 s, q3, $7, s;
+        shr.u32 t1, $2, 4;
+        shr.u32 t2, $2, 8;
+        shr.u32 t3, $2, 12;
+        lop3.b32 q0, $2, 0x000F000F, 0x43004300, 0xEA;
+        lop3.b32 q1, t1, 0x000F000F, 0x43004300, 0xEA;
+        lop3.b32 q2, t2, 0x000F000F, 0x43004300, 0xEA;
+        lop3.b32 q3, t3, 0x000F000F, 0x43004300, 0xEA;
+        fma.rn.bf16x2 q0, q0, one, $3;
+        fma.rn.bf16x2 q1, q1, one, $3;
+        fma.rn.bf16x2 q2, q2, one, $3;
+        fma.rn.bf16x2 q3, q3, one, $3;
+        fma.rn.bf16x2 s, q0, $8, s;
+        fma.rn.bf16x2 s, q1, $9, s;
+        fma.rn.bf16x2 s, q2, $10, s;
+        fma.rn.bf16x2 s, q3, $11, s;
+        shl.b32 t1, s, 16;
+        and.b32 t2, s, 0xFFFF0000;
+        mov.b32 flo, t1;
+        mov.b32 fhi, t2;
+        add.rn.f32 $0, flo, fhi;
+        }
+        """,
+        "=r,r,r,r,r,r,r,r,r,r,r,r", [w0, w1, z_128, a0, a1, a2, a3, b0, b1, b2, b3],
+        dtype=tl.float32, is_pure=True, pack=1,
+    )
+
+
+@triton.jit
+def _word_pair_dot_x2(w0, w1, zero, x_ptrs, BF16: tl.constexpr):
+    """float32 sum_k x[k] * (q[k] - zero) over the 16 rows of the word pair (w0, w1) whose x
+    starts at x_ptrs: x pairs loaded by ``_load_x_pairs_x2``, the packed dot of the dtype."""
+    a0, a1, a2, a3 = _load_x_pairs_x2(x_ptrs)
+    b0, b1, b2, b3 = _load_x_pairs_x2(x_ptrs + 8)
+    if BF16:
+        return _word_pair_dot_bf16x2(w0, w1, _zero_bf16x2(zero), a0, a1, a2, a3, b0, b1, b2, b3)
+    z_1024, z_64 = _zero_f16x2(zero)
+    return _word_pair_dot_f16x2(w0, w1, z_1024, z_64, a0, a1, a2, a3, b0, b1, b2, b3)
+
+
+@triton.jit
+def _gemv_partial_x2(x_row, qw_ptr, s_ptr, z_ptr, offs_n, mask_n, row_start, row_end, stride_qk, stride_qn,
+                     stride_sg, stride_sn, GROUP_SIZE: tl.constexpr, GROUP_ROWS: tl.constexpr,
+                     GROUPS: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
+                     BF16: tl.constexpr):
+    """``_gemv_partial`` with dequantization two weights a register (inline PTX; x fp16, or bf16
+    with BF16, contiguous, 16-byte aligned). Each step reads a ``[GROUP_ROWS // 2, GROUPS, BLOCK_N]``
+    tile of even word rows
     and the one of the odd rows below them (word row ``r0 + g * GROUP_ROWS + 2 i (+1)`` at
     ``[i, g, :]``), and the loads of the next step are issued before this step's arithmetic:
     Triton does not software-pipeline a loop without ``tl.dot``, and the GEMV needs bytes in
@@ -242,10 +280,7 @@ def _gemv_partial_f16x2(x_row, qw_ptr, s_ptr, z_ptr, offs_n, mask_n, row_start, 
             scale = tl.load(s_ptr + sz_offs, mask=mask, other=0).to(tl.float32)  # 0 past the end
             zero = tl.load(z_ptr + sz_offs, mask=mask)
             x_ptrs = x_row + tl.minimum(r0 + rows, row_end - 2) * 8  # past the end: the last rows again
-        z_1024, z_64 = _zero_f16x2(zero)
-        a0, a1, a2, a3 = _load_x_pairs_f16x2(x_ptrs)
-        b0, b1, b2, b3 = _load_x_pairs_f16x2(x_ptrs + 8)
-        acc += _word_pair_dot_f16x2(w0, w1, z_1024, z_64, a0, a1, a2, a3, b0, b1, b2, b3) * scale
+        acc += _word_pair_dot_x2(w0, w1, zero, x_ptrs, BF16) * scale
         w0 = w0_next
         w1 = w1_next
     return tl.sum(tl.sum(acc, axis=0), axis=0)
@@ -288,11 +323,13 @@ def _gemv_partial(x_row, qw_ptr, s_ptr, z_ptr, offs_n, mask_n, row_start, row_en
 @triton.jit
 def _gemv_columns(x_row, qw_ptr, s_ptr, z_ptr, offs_n, mask_n, row_start, row_end, stride_xk, stride_qk, stride_qn,
                   stride_sg, stride_sn, GROUP_SIZE: tl.constexpr, GROUP_ROWS: tl.constexpr, GROUPS: tl.constexpr,
-                  BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, PACKED_F16: tl.constexpr):
-    if PACKED_F16:
-        return _gemv_partial_f16x2(x_row, qw_ptr, s_ptr, z_ptr, offs_n, mask_n, row_start, row_end, stride_qk,
-                                   stride_qn, stride_sg, stride_sn, GROUP_SIZE, GROUP_ROWS, GROUPS, BLOCK_N, EVEN_N,
-                                   EVEN_K)
+                  BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, PACKED_F16: tl.constexpr,
+                  PACKED_BF16: tl.constexpr):
+    """float32 x . w for the columns offs_n over the word rows [row_start, row_end): [BLOCK_N]."""
+    if PACKED_F16 or PACKED_BF16:
+        return _gemv_partial_x2(x_row, qw_ptr, s_ptr, z_ptr, offs_n, mask_n, row_start, row_end, stride_qk,
+                                stride_qn, stride_sg, stride_sn, GROUP_SIZE, GROUP_ROWS, GROUPS, BLOCK_N, EVEN_N,
+                                EVEN_K, PACKED_BF16)
     return _gemv_partial(x_row, qw_ptr, s_ptr, z_ptr, offs_n, mask_n, row_start, row_end, stride_xk, stride_qk,
                          stride_qn, stride_sg, stride_sn, GROUP_SIZE, GROUP_ROWS, GROUPS, BLOCK_N, EVEN_N)
 
@@ -304,7 +341,7 @@ def _w4a16_gemv_kernel(
     stride_xm, stride_xk, stride_qk, stride_qn, stride_sg, stride_sn, stride_om, stride_on, stride_wm,
     GROUP_SIZE: tl.constexpr, GROUP_ROWS: tl.constexpr, GROUPS: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT_K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-    SILU_MUL: tl.constexpr, PACKED_F16: tl.constexpr,
+    SILU_MUL: tl.constexpr, PACKED_F16: tl.constexpr, PACKED_BF16: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -320,12 +357,12 @@ def _w4a16_gemv_kernel(
     x_row = x_ptr + pid_m * stride_xm
     acc = _gemv_columns(x_row, qw_ptr, s_ptr, z_ptr, offs_n, mask_n, row_start, row_end, stride_xk, stride_qk,
                         stride_qn, stride_sg, stride_sn, GROUP_SIZE, GROUP_ROWS, GROUPS, BLOCK_N, EVEN_N, EVEN_K,
-                        PACKED_F16)
+                        PACKED_F16, PACKED_BF16)
     acc_up = acc
     if SILU_MUL:
         acc_up = _gemv_columns(x_row, qw_ptr, s_ptr, z_ptr, offs_n + N_UP, mask_n, row_start, row_end, stride_xk,
                                stride_qk, stride_qn, stride_sg, stride_sn, GROUP_SIZE, GROUP_ROWS, GROUPS, BLOCK_N,
-                               EVEN_N, EVEN_K, PACKED_F16)
+                               EVEN_N, EVEN_K, PACKED_F16, PACKED_BF16)
     rows = pid_m + tl.arange(0, 1)
     store_output(acc[None, :], acc_up[None, :], rows, offs_n, rows < M, mask_n, pid_m * tl.num_programs(1) + pid_n,
                  M, N_UP, b_ptr, out_ptr, ws_ptr, stride_om, stride_on, stride_wm, SPLIT_K, HAS_BIAS, SILU_MUL)
@@ -447,13 +484,27 @@ class GemvConfig(NamedTuple):
     split_k: int
     num_warps: int
     packed_f16: bool = True  # half2 dequantization (inline PTX) where x is fp16 on a GPU
+    packed_bf16: bool = True  # bf16x2 dequantization (inline PTX) where x is bf16 on a GPU
 
 
-def _packed_f16_ok(x: torch.Tensor) -> bool:
-    """The half2 path reads x 8 values at a time: fp16 on a GPU, rows contiguous and 16-byte aligned."""
+def _packed_ok(x: torch.Tensor) -> bool:
+    """The packed paths read x 8 values at a time: fp16 or bf16 on a GPU, rows contiguous and
+    16-byte aligned."""
     # (storage_offset, not data_ptr: under torch.compile x is a fake tensor; allocations are aligned)
-    return (x.dtype == torch.float16 and x.is_cuda and not triton_interpreted() and x.stride(1) == 1
+    return (x.dtype in (torch.float16, torch.bfloat16) and x.is_cuda and not _triton_interpreted() and x.stride(1) == 1
             and x.stride(0) % 8 == 0 and x.storage_offset() % 8 == 0)
+
+
+def gemv_meta(cfg: GemvConfig, x: torch.Tensor, K: int, group_size: int) -> dict:
+    """The GEMV kernel's tile constexprs for x ``[M, K]``, and which dequantization it runs:
+    PACKED_F16 / PACKED_BF16 (inline PTX, two weights a register) or neither (float32)."""
+    word_rows = cfg.block_k // 8
+    group_rows = math.gcd(group_size // 8 & -(group_size // 8), word_rows)  # a power of two
+    packed = group_rows >= 2 and _packed_ok(x)
+    return dict(GROUP_ROWS=group_rows, GROUPS=word_rows // group_rows,
+                EVEN_K=(K // 8) % (cfg.split_k * word_rows) == 0,
+                PACKED_F16=packed and cfg.packed_f16 and x.dtype == torch.float16,
+                PACKED_BF16=packed and cfg.packed_bf16 and x.dtype == torch.bfloat16)
 
 
 class MmaConfig(NamedTuple):
@@ -474,26 +525,6 @@ class DequantMmConfig(NamedTuple):
     block_n: int = 128
 
 
-_SM_COUNT = {}
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 132
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SM_COUNT:
-        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _SM_COUNT[index]
-
-
-def _split_for(tiles: int, k_steps: int, sms: int) -> int:
-    """Fewest K splits (a power of two) that give every SM about two programs."""
-    split = 1
-    while tiles * split < 2 * sms and split * 2 <= k_steps and split < 16:
-        split *= 2
-    return split
-
-
 def _split_within_one_wave(tiles: int, k_steps: int, sms: int) -> int:
     """Most K splits (a power of two) that still fit one program per SM."""
     split = 1
@@ -508,7 +539,7 @@ DEQUANT_MM_MIN_M = 512
 
 def pick_config(M: int, N: int, K: int, group_size: int, device: torch.device):
     """The kernel and its block shapes for a problem; from the H100 sweep in bench/NOTES-kernels.md."""
-    sms = _sm_count(device)
+    sms = sm_count(device)
     mma_block_k = [b for b in (128, 64, 32, 16) if group_size % b == 0]
     if M <= GEMV_MAX_M or not mma_block_k:
         # No split: a program's 8 warps cover K in steps of 128 or 256 word rows, so even
@@ -527,7 +558,7 @@ def pick_config(M: int, N: int, K: int, group_size: int, device: torch.device):
         cfg = MmaConfig(128, 128, min(block_k, 64), 1, False, num_warps=8, num_stages=3)
     tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
     if M <= 64:
-        return cfg._replace(split_k=_split_for(tiles, K // cfg.block_k, sms))
+        return cfg._replace(split_k=split_for(tiles, K // cfg.block_k, sms))
     # Each split adds M x N float32 atomics: past M = 64 split only within one wave (H100,
     # 2026-11-24, M = 128: 4096x28672 0.51x with two waves of split 128x128 tiles, 0.81x
     # with one unsplit; at M = 64 two waves were the faster, 0.97x against 0.58x on 4096x6144).
@@ -578,12 +609,8 @@ def w4a16_linear(
     bias_arg = bias if has_bias else scales  # any pointer; never read
     if isinstance(cfg, GemvConfig):
         grid = (M, triton.cdiv(n_out, cfg.block_n), cfg.split_k)
-        word_rows = cfg.block_k // 8
-        group_rows = math.gcd(group_size // 8 & -(group_size // 8), word_rows)  # a power of two
         kernel = _w4a16_gemv_kernel
-        meta = dict(GROUP_ROWS=group_rows, GROUPS=word_rows // group_rows,
-                    EVEN_K=(K // 8) % (cfg.split_k * word_rows) == 0,
-                    PACKED_F16=cfg.packed_f16 and group_rows >= 2 and _packed_f16_ok(x))
+        meta = gemv_meta(cfg, x, K, group_size)
     else:
         assert group_size % cfg.block_k == 0
         grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(n_out, cfg.block_n), cfg.split_k)

@@ -9,7 +9,7 @@ channel, fp16/bf16 (or fp32) activations. ``out = (x @ q.T) * scales``.
 
 Both split K when the tiles alone would leave the GPU idle; the programs of a tile add
 their partial sums into a float32 workspace and the last to arrive finishes the tile
-(``w4a16.store_output``).
+(``common.store_output``).
 """
 
 from typing import NamedTuple, Optional

@@ -4,7 +4,7 @@ Each is a ``torch.library.triton_op``: a schema, a fake implementation for traci
 body that torch.compile can see into. On CPU the body is the plain-torch reference of
 ``qpass.kernels.reference``; on CUDA it launches the Triton kernels of ``qpass.kernels``.
 
-Each takes ``activation`` ("none" or "silu_mul", ``reference.ACTIVATIONS``): an epilogue
+Each takes ``activation`` ("none" or "silu_mul", ``qpass.kernels.common.ACTIVATIONS``): an epilogue
 computed inside the op, so that ``silu(gate) * up`` after a merged gate/up linear costs
 no launch of its own (``qpass.passes.lower`` folds it in). With "silu_mul" the N output
 columns are ``[gate | up]`` and the op returns ``[..., N / 2]``.
@@ -18,6 +18,7 @@ from torch.library import triton_op
 
 from qpass.kernels import fp8 as fp8_kernels
 from qpass.kernels import reference
+from qpass.kernels.common import output_columns
 from qpass.kernels import w4a16 as w4a16_kernels
 from qpass.kernels import w8a16 as w8a16_kernels
 
@@ -27,7 +28,7 @@ def _flatten(x: torch.Tensor) -> torch.Tensor:
 
 
 def _out_shape(x: torch.Tensor, n: int, activation: str):
-    return (*x.shape[:-1], reference.activation_width(n, activation))
+    return (*x.shape[:-1], output_columns(activation, n))
 
 
 def _run(cuda_kernel, cpu_reference, x: torch.Tensor, n: int, *args, activation: str) -> torch.Tensor:

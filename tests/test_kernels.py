@@ -12,7 +12,11 @@ TRITON_INTERPRET=1 before triton is imported) on small shapes. The interpreter s
 bf16 as raw 16-bit integers and gets arithmetic and ``tl.dot`` on them wrong, so on the
 CPU bf16 is tested only through the GEMV kernels (whose arithmetic is float32); the
 tensor-core kernels in bf16 are tested on the GPU (``-m cuda``). The interpreter does run
-fp8 ``tl.dot`` (it widens to fp16), so the fp8 kernels are tested on the CPU too.
+fp8 ``tl.dot`` (it widens to fp16), so the fp8 kernels are tested on the CPU too. It runs no
+inline PTX: the W4A16 GEMV's half2 and bf16x2 paths (fp16 / bf16 x on a GPU) are tested by
+the same tests on the GPU, where every fp16 and bf16 GEMV case takes them (and by
+``test_gpu_w4a16_gemv_packed_bf16``), and ``packed_f16=False, packed_bf16=False`` keeps the
+float32 path covered there.
 """
 
 import pytest
@@ -98,7 +102,8 @@ def test_w4a16_tuned_choice_matches_reference(M, N, groups, group_size, dtype, s
 W4_CONFIGS = [
     w4a16.GemvConfig(block_n=16, block_k=64, split_k=1, num_warps=4),
     w4a16.GemvConfig(block_n=16, block_k=256, split_k=3, num_warps=4),  # a step spans groups; split K
-    w4a16.GemvConfig(block_n=32, block_k=128, split_k=2, num_warps=4, packed_f16=False),  # float32 path on GPU too
+    w4a16.GemvConfig(block_n=32, block_k=128, split_k=2, num_warps=4, packed_f16=False,
+                     packed_bf16=False),  # float32 path on GPU too
     w4a16.MmaConfig(16, 32, 32, split_k=1, swap_ab=True, num_warps=4, num_stages=2),
     w4a16.MmaConfig(32, 16, 32, split_k=2, swap_ab=False, num_warps=4, num_stages=2),
     w4a16.MmaConfig(16, 16, 32, split_k=1, swap_ab=False, num_warps=4, num_stages=2),
@@ -313,6 +318,26 @@ def test_gpu_silu_mul_at_tuned_sizes(M, N, K, dtype):
     assert w4_silu_mul_error(M, N, K, dtype, True, M) < BOUND[dtype]
     assert w8_silu_mul_error(M, N, K, dtype, True, M) < BOUND[dtype]
     assert fp8_silu_mul_error(M, N, K, dtype, True, M) < FP8_BOUND[dtype]
+
+
+@cuda
+@needs_cuda
+@pytest.mark.parametrize("config", [None, w4a16.GemvConfig(16, 64, 3, 4), w4a16.GemvConfig(32, 1024, 1, 8)],
+                         ids=lambda c: "tuned" if c is None else str(tuple(c)))
+@pytest.mark.parametrize("M,N,K,group_size", [(1, 4096, 4096, 128), (2, 1000, 768, 128), (1, 200, 14336, 128),
+                                              (2, 72, 320, 64), (1, 50, 96, 32), (2, 4100, 1280, 64)])
+def test_gpu_w4a16_gemv_packed_bf16(M, N, K, group_size, config):
+    """The bf16x2 GEMV path (bf16 products summed in bf16 per lane) against the float32
+    reference, M, N and K off the block sizes; plain and silu_mul, with bias."""
+    args = make_w4(M, N, K, group_size, torch.bfloat16, False, True, N + K)
+    x, qweight, scales, zeros, b = args
+    cfg = config or w4a16.pick_config(M, N, K, group_size, x.device)
+    assert w4a16.gemv_meta(cfg, x, K, group_size)["PACKED_BF16"]
+    out = w4a16.w4a16_linear(x, qweight, scales, zeros, group_size, b, config=config)
+    assert relative_error(out, w4_reference(*args[:4], group_size, b)) < BOUND[torch.bfloat16]
+    out = w4a16.w4a16_linear(x, qweight, scales, zeros, group_size, b, activation="silu_mul", config=config)
+    ref = silu_mul(w4_reference(*args[:4], group_size, b))
+    assert relative_error(out, ref) < BOUND[torch.bfloat16]
 
 
 @cuda
