@@ -2,6 +2,7 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 # Without a GPU the Triton kernels run in Triton's interpreter; it must be chosen
@@ -11,3 +12,35 @@ if not torch.cuda.is_available():
 
 # examples/assets.py loads the real models and texts for the tests and the examples.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+
+import qpass  # noqa: E402  (after TRITON_INTERPRET is chosen)
+
+
+# Real models and their float results, loaded once per session: the real-model tests of the
+# core (round to nearest) and of calibration evaluate on the same text.
+@pytest.fixture(scope="session")
+def assets():
+    return pytest.importorskip("assets", reason="examples/assets.py")
+
+
+@pytest.fixture(scope="session")
+def minilm(assets):
+    """(model, tokenizer, 256 Austen sentences, their float embeddings)."""
+    model, tokenizer = assets.load_minilm()
+    texts = assets.sentences(assets.austen_text(), 256)
+    return model, tokenizer, texts, assets.embed(model, tokenizer, texts)
+
+
+@pytest.fixture(scope="session")
+def smollm2(assets):
+    """(model, tokenizer, 4096 tokens of Austen in windows of 512, float perplexity)."""
+    model, tokenizer = assets.load_smollm2()
+    windows = assets.token_windows(tokenizer, assets.austen_text(), window=512, max_tokens=4096)
+    return model, tokenizer, windows, assets.perplexity(model, windows)
+
+
+@pytest.fixture(scope="session")
+def smollm2_awq_rtn_perplexity(assets, smollm2):
+    """Perplexity of SmolLM2 with awq rounded to nearest (lm_head kept): what calibration must beat."""
+    model, _, windows, _ = smollm2
+    return assets.perplexity(qpass.quantize(model, "awq", skip=["lm_head"]), windows)
