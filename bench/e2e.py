@@ -12,6 +12,7 @@ with the default (the eager model intact), measured at batch 1 only, for its mem
 
     python bench/e2e.py                      # on the GPU: writes bench/results/e2e-h100.json
     python bench/e2e.py --tiny --out /tmp/e2e.json   # small shapes, a check on the CPU
+    python bench/e2e.py --peers bf16_compile_cg qpass_awq_compile_cg --cases batch1 --out /tmp/e2e.json
     python bench/e2e.py --plot bench/results/e2e-h100.json   # the png and md beside it
 
 Inductor's caches are off (TORCHINDUCTOR_FORCE_DISABLE_CACHES) so that every peer's first
@@ -164,13 +165,13 @@ def allocated_bytes(device):
     return torch.cuda.memory_allocated() if torch.device(device).type == "cuda" else 0
 
 
-def run_peer(peer, shape, device, prefill_tokens):
+def run_peer(peer, shape, device, cases):
     start_bytes = allocated_bytes(device)
     with torch.no_grad():
         fn, prepare_s = prepare(peer, shape, device)
         prepared_bytes = allocated_bytes(device) - start_bytes
         dim = SHAPES[shape][0]
-        cases = [(1, 1)] if peer in ONE_CASE_PEERS else [(1, 1), (16, 1), (1, prefill_tokens)]
+        cases = [(1, 1)] if peer in ONE_CASE_PEERS else cases
         rows = []
         for batch, tokens in cases:
             x = torch.randn(batch, tokens, dim, dtype=torch.bfloat16, device=device)
@@ -200,7 +201,7 @@ def run_peer(peer, shape, device, prefill_tokens):
     return rows
 
 
-def measure(shape, device, peers, prefill_tokens, out):
+def measure(shape, device, peers, cases, out):
     """Runs every peer, writing ``out`` after each so that a cut-off run keeps what it has."""
     name = torch.cuda.get_device_name() if torch.device(device).type == "cuda" else "cpu"
     result = {"device": name, "torch": torch.__version__, "date": datetime.date.today().isoformat(),
@@ -208,7 +209,7 @@ def measure(shape, device, peers, prefill_tokens, out):
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     for peer in peers:
         try:
-            result["rows"].extend(run_peer(peer, shape, device, prefill_tokens))
+            result["rows"].extend(run_peer(peer, shape, device, cases))
         except Exception as err:  # one peer failing (a missing package) must not lose the others
             print(f"{peer}: failed: {type(err).__name__}: {err}", flush=True)
             torch._dynamo.reset()
@@ -284,12 +285,15 @@ def main():
     parser.add_argument("--peers", nargs="*", default=PEERS)
     parser.add_argument("--out", default="bench/results/e2e-h100.json")
     parser.add_argument("--plot", metavar="JSON", help="only plot an existing result")
+    parser.add_argument("--cases", nargs="*", choices=["batch1", "batch16", "prefill"],
+                        default=["batch1", "batch16", "prefill"], help="which calls to measure, in this order")
     args = parser.parse_args()
     if args.plot:
         plot(args.plot)
         return
     shape, device, prefill = ("tiny", "cpu", 64) if args.tiny else ("llama3-8b", "cuda", 2048)
-    print(summary(measure(shape, device, args.peers, prefill, args.out)))
+    cases = {"batch1": (1, 1), "batch16": (16, 1), "prefill": (1, prefill)}
+    print(summary(measure(shape, device, args.peers, [cases[c] for c in args.cases], args.out)))
 
 
 if __name__ == "__main__":

@@ -15,12 +15,18 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch.library import triton_op
+from triton.runtime import KernelInterface
 
+from qpass.kernel_analysis import cache_kernel_analysis
 from qpass.kernels import fp8 as fp8_kernels
 from qpass.kernels import reference
 from qpass.kernels.common import output_columns
 from qpass.kernels import w4a16 as w4a16_kernels
 from qpass.kernels import w8a16 as w8a16_kernels
+
+# torch.compile analyses each launch site of a kernel; one analysis per specialization will do
+cache_kernel_analysis(kernel for module in (fp8_kernels, w4a16_kernels, w8a16_kernels)
+                      for kernel in vars(module).values() if isinstance(kernel, KernelInterface))
 
 
 def _flatten(x: torch.Tensor) -> torch.Tensor:
