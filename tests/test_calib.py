@@ -281,6 +281,37 @@ def test_calibration_on_another_device():
     assert all(torch.equal(on_cpu[k], default[k]) for k in default)
 
 
+class TokenMLPs(nn.Module):
+    """Token ids -> embeddings -> NormMLP blocks, each token on its own; the padding id's
+    embedding is loud, as garbage at padded positions can be."""
+
+    def __init__(self, dim=128, layers=2):
+        super().__init__()
+        self.embed = nn.Embedding(16, dim)
+        self.layers = nn.ModuleList(NormMLP(dim) for _ in range(layers))
+        with torch.no_grad():
+            self.embed.weight[0] = 1000.0
+
+    def forward(self, input_ids, attention_mask):
+        x = self.embed(input_ids)
+        for layer in self.layers:
+            x = layer(x)
+        return x * attention_mask.unsqueeze(-1)
+
+
+@pytest.mark.parametrize("method", ["awq", "gptq"])
+def test_padding_tokens_are_left_out_of_the_statistics(method):
+    model = seeded(TokenMLPs)
+    ids = torch.randint(1, 16, (2, 24), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    ids[1, 16:], mask[1, 16:] = 0, 0  # the second sequence is padded from token 16 on
+    padded = [{"input_ids": ids, "attention_mask": mask}]
+    unpadded = [{"input_ids": ids[:1], "attention_mask": mask[:1]}, {"input_ids": ids[1:, :16], "attention_mask": mask[1:, :16]}]
+    with_padding = qpass.quantize(model, method, calib=padded, group_size=32).state_dict()
+    without = qpass.quantize(model, method, calib=unpadded, group_size=32).state_dict()
+    assert all(torch.allclose(with_padding[k].float(), without[k].float(), atol=1e-6) for k in without)
+
+
 # --- calibration data -----------------------------------------------------------------------
 
 class WordTokenizer:

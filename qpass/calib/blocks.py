@@ -99,6 +99,7 @@ def run_blocks(
     in_blocks = {id(g) for block_groups in by_block for g in block_groups}
     outside = [g for g in groups if id(g) not in in_blocks]
     simulated_all: Dict[str, torch.Tensor] = {}  # kept only to calibrate the linears outside the blocks
+    token_masks = [_token_mask(batch, device) for batch in batches]
     with torch.no_grad(), _eval_mode(model):
         inputs = _block_inputs(model, blocks, batches, model_device, device)
         for index, (path, block) in enumerate(_progress(blocks, desc)):
@@ -114,7 +115,8 @@ def run_blocks(
 
             simulated = {}
             if block_groups:
-                seen, collected = _collect_inputs(run_block, inputs, block_groups, name_of_weight, f"block {path!r}")
+                seen, collected = _collect_inputs(run_block, inputs, block_groups, name_of_weight, f"block {path!r}",
+                                                  token_masks=token_masks)
                 simulated = quantize_block(index, seen, collected)
                 del collected
             if outside:
@@ -126,10 +128,11 @@ def run_blocks(
                 _check_finite_outputs(inputs, path)
         del inputs
         if outside:
-            _calibrate_outside(model, plan, batches, outside, simulated_all, quantize_block, len(blocks), model_device)
+            _calibrate_outside(model, plan, batches, outside, simulated_all, quantize_block, len(blocks), model_device,
+                               [_to(m, model_device) for m in token_masks])
 
 
-def _calibrate_outside(model, plan, batches, outside, simulated, quantize_block, index, model_device) -> None:
+def _calibrate_outside(model, plan, batches, outside, simulated, quantize_block, index, model_device, token_masks) -> None:
     """The linears outside the blocks (a head, a pooler), on the inputs the whole model
     gives them with every block's linears already quantized."""
     name_of_weight = {id(s.weight): s.name for s in plan.sites if s.name in simulated}
@@ -139,7 +142,7 @@ def _calibrate_outside(model, plan, batches, outside, simulated, quantize_block,
     def run_model(args, kwargs, tap, batch):
         return _call(model, args, kwargs, tap, f"calibration batch {batch}: {type(model).__name__}")
 
-    seen, collected = _collect_inputs(run_model, batch_inputs, outside, name_of_weight, "the model", simulated)
+    seen, collected = _collect_inputs(run_model, batch_inputs, outside, name_of_weight, "the model", simulated, token_masks)
     quantize_block(index, seen, collected)
 
 
@@ -257,17 +260,29 @@ def _call(function, args, kwargs, tap, where):
         raise ValueError(f"{where} rejected its inputs: {type(err).__name__}: {err}") from err
 
 
-def _collect_inputs(run, inputs, groups, name_of_weight, where, substitute=None):
-    """(groups, their float32 [tokens, in_features] inputs over all batches), less the
-    groups the forward never called (left to round to nearest)."""
+def _token_mask(batch: Any, device: torch.device) -> Optional[torch.Tensor]:
+    """The batch's ``attention_mask`` [batch, tokens] as booleans (False at padding), or
+    None where it has none: padding tokens are left out of the statistics."""
+    mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+        return None
+    return mask.to(device).bool()
+
+
+def _collect_inputs(run, inputs, groups, name_of_weight, where, substitute=None, token_masks=None):
+    """(groups, their float32 [tokens, in_features] inputs over all batches, less padding
+    tokens), less the groups the forward never called (left to round to nearest)."""
     reader = {g.sites[0].name: i for i, g in enumerate(groups)}  # one site reads for its group
     parts: List[List[torch.Tensor]] = [[] for _ in groups]
+    current_mask: List[Optional[torch.Tensor]] = [None]
 
     def record(name, x):
         index = reader.get(name)
         if index is None:
             return
-        x = x.detach().reshape(-1, x.shape[-1]).float()
+        mask = current_mask[0]
+        x = x.detach()
+        x = (x[mask] if mask is not None and x.shape[:-1] == mask.shape else x.reshape(-1, x.shape[-1])).float()
         if not torch.isfinite(x).all():
             bad = int((~torch.isfinite(x)).sum())
             raise NonFiniteActivations(f"calibration: the input {tuple(x.shape)} of linear {name!r} has {bad} NaN/Inf values")
@@ -275,6 +290,7 @@ def _collect_inputs(run, inputs, groups, name_of_weight, where, substitute=None)
 
     tap = _LinearTap(name_of_weight, record=record, substitute=substitute)
     for batch, (args, kwargs) in enumerate(inputs):
+        current_mask[0] = token_masks[batch] if token_masks else None
         run(args, kwargs, tap, batch)
     seen = [(g, torch.cat(p)) for g, p in zip(groups, parts) if p and sum(x.shape[0] for x in p)]
     if not seen:
