@@ -146,7 +146,8 @@ def sweep_candidates(kind, M):
         elif M <= 64:
             for bn in (64, 128):
                 for swap in (True, False):
-                    out.append(w4a16.MmaConfig(min(M, 64), bn, 128, 0, swap, 4, 3))
+                    for scale_acc in (False, True):
+                        out.append(w4a16.MmaConfig(min(M, 64), bn, 128, 0, swap, 4, 3, scale_acc=scale_acc))
         elif M <= 256:
             for bm, bn, bk, warps in [(128, 128, 64, 8), (64, 128, 64, 4), (64, 128, 128, 4)]:
                 out.append(w4a16.MmaConfig(bm, bn, bk, 0, False, warps, 3))
@@ -184,6 +185,7 @@ def run_sweep(shapes, plan, deadline):
     import torch.nn.functional as F
 
     from qpass.kernels import fp8, reference, w4a16, w8a16
+    from qpass.kernels.common import split_for
 
     results = []
     for K, N in shapes:
@@ -203,7 +205,7 @@ def run_sweep(shapes, plan, deadline):
                 module = {"awq": w4a16, "int8": w8a16, "fp8": fp8}[kind]
                 if getattr(cfg, "split_k", 1) == 0:  # the launchers' rule for this block shape
                     row_tiles = -(-M // cfg.block_m) if hasattr(cfg, "block_m") else M
-                    cfg = cfg._replace(split_k=module._split_for(
+                    cfg = cfg._replace(split_k=split_for(
                         row_tiles * -(-N // cfg.block_n), -(-K // cfg.block_k), 132))
                 if kind == "awq":
                     fn = lambda: w4a16.w4a16_linear(x, qweight4, scales4, zeros4, GROUP, config=cfg)  # noqa: E731

@@ -16,7 +16,8 @@ Three paths, chosen by M (``pick_config``):
 - ``_w4a16_mma_kernel`` (larger M): unpacks a ``[BLOCK_K, BLOCK_N]`` tile, dequantizes it
   in the activation dtype and feeds ``tl.dot``. ``SWAP_AB`` computes the transposed
   product (weight tile as the left operand) so a small M fills the narrow side of the
-  tensor-core instruction.
+  tensor-core instruction. ``SCALE_ACC`` feeds ``q - zero`` instead and scales each K
+  step's product per column (``BLOCK_K`` divides the group).
 - ``_w4a16_dequantize_kernel`` + cuBLAS (M >= 512): writes the whole fp16/bf16 weight once,
   then ``torch.mm``. Where the GEMM is compute-bound, one extra pass over 2 bytes per weight
   costs less than the dequantization inside the fused kernel's main loop (which Triton does
@@ -369,15 +370,23 @@ def _w4a16_gemv_kernel(
 
 
 @triton.jit
+def _codes_minus_zero(q, zero, DTYPE: tl.constexpr):
+    """int4 codes q (int32, any 2-D shape) minus the integer zero points (broadcastable): exact
+    in DTYPE (integers in [-15, 15])."""
+    if DTYPE == tl.float16:  # 0x6400 | q is 1024 + q in fp16
+        return (q | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - (zero + 1024.0)
+    # bf16 and fp32 through fp32 (0x4B000000 | q is 2**23 + q): Triton's interpreter
+    # miscomputes arithmetic on bf16 values made by a bitcast.
+    return ((q | 0x4B000000).to(tl.float32, bitcast=True) - (zero.to(tl.float32) + 8388608.0)).to(DTYPE)
+
+
+@triton.jit
 def _dequantize_tile(q, scale, zero, DTYPE: tl.constexpr):
     """int4 codes q (int32, any 2-D shape), scale/zero broadcastable -> DTYPE."""
-    if DTYPE == tl.float16:  # 0x6400 | q is 1024 + q in fp16
-        w = (q | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
-        return (w - (zero + 1024.0)) * scale
-    # bf16 and fp32 dequantize in fp32 (then round once): exact (q - zero), and Triton's
-    # interpreter miscomputes arithmetic on bf16 values made by a bitcast.
-    w = (q | 0x4B000000).to(tl.float32, bitcast=True) - (zero.to(tl.float32) + 8388608.0)
-    return (w * scale.to(tl.float32)).to(DTYPE)
+    if DTYPE == tl.float16:
+        return _codes_minus_zero(q, zero, DTYPE) * scale
+    # bf16 and fp32: scaled in fp32, then rounded once (and see ``_codes_minus_zero``)
+    return (_codes_minus_zero(q, zero, tl.float32) * scale.to(tl.float32)).to(DTYPE)
 
 
 @triton.jit
@@ -402,8 +411,10 @@ def _w4a16_dequantize_kernel(
 @triton.jit
 def _mma_weight_tile(qw_ptrs, s_ptr, z_ptr, offs_n, mask_n, k0, stride_qk, stride_sg, stride_sn,
                      GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-                     EVEN_N: tl.constexpr, DTYPE: tl.constexpr):
-    """The dequantized ``[BLOCK_K, BLOCK_N]`` weight tile at row k0 and columns offs_n."""
+                     EVEN_N: tl.constexpr, SCALE_ACC: tl.constexpr, DTYPE: tl.constexpr):
+    """The ``[BLOCK_K, BLOCK_N]`` weight tile at row k0 and columns offs_n, and its float32
+    scales ``[BLOCK_N]``. Dequantized, or under SCALE_ACC only ``q - zero`` (exact integers),
+    the scale left to the dot's result (``_mma_accumulate``)."""
     # One load per word, split into its 8 nibbles and reshaped to [BLOCK_K, BLOCK_N] (faster on
     # the H100 than loading each word once per row it holds: bench/NOTES-kernels.md).
     if EVEN_N:
@@ -411,11 +422,29 @@ def _mma_weight_tile(qw_ptrs, s_ptr, z_ptr, offs_n, mask_n, k0, stride_qk, strid
     else:
         words = tl.load(qw_ptrs + (k0 // 8) * stride_qk, mask=mask_n[None, :], other=0)
     g = k0 // GROUP_SIZE
-    scale = tl.load(s_ptr + g * stride_sg + offs_n * stride_sn, mask=mask_n, other=0)[None, :]
+    scale = tl.load(s_ptr + g * stride_sg + offs_n * stride_sn, mask=mask_n, other=0)
     zero = tl.load(z_ptr + g * stride_sg + offs_n * stride_sn, mask=mask_n, other=0)[None, :]
     shifts = (tl.arange(0, 8) * 4)[None, :, None]
     q = tl.reshape((words[:, None, :] >> shifts) & 0xF, (BLOCK_K, BLOCK_N))
-    return _dequantize_tile(q, scale, zero, DTYPE)
+    if SCALE_ACC:
+        return _codes_minus_zero(q, zero, DTYPE), scale.to(tl.float32)
+    return _dequantize_tile(q, scale[None, :], zero, DTYPE), scale.to(tl.float32)
+
+
+@triton.jit
+def _mma_accumulate(acc, x, w, scale, SWAP_AB: tl.constexpr, SCALE_ACC: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc + x @ w (``[BLOCK_M, BLOCK_N]``, or its transpose under SWAP_AB: the weight tile as
+    the left operand); under SCALE_ACC w holds ``q - zero`` and the product is scaled per column."""
+    if SWAP_AB:
+        if SCALE_ACC:
+            acc += tl.dot(tl.trans(w), tl.trans(x), input_precision=DOT_PRECISION) * scale[:, None]
+        else:
+            acc = tl.dot(tl.trans(w), tl.trans(x), acc, input_precision=DOT_PRECISION)
+    elif SCALE_ACC:
+        acc += tl.dot(x, w, input_precision=DOT_PRECISION) * scale[None, :]
+    else:
+        acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
+    return acc
 
 
 @triton.jit
@@ -424,7 +453,7 @@ def _w4a16_mma_kernel(
     M, N_OUT, N_UP, K,
     stride_xm, stride_xk, stride_qk, stride_qn, stride_sg, stride_sn, stride_om, stride_on, stride_wm,
     GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, SWAP_AB: tl.constexpr,
+    GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, SWAP_AB: tl.constexpr, SCALE_ACC: tl.constexpr,
     EVEN_N: tl.constexpr, HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # Grouped tile order: GROUP_M row-tiles share each weight column-tile while it is in L2.
@@ -458,19 +487,14 @@ def _w4a16_mma_kernel(
     for t in range(tile_start, tile_end):
         k0 = t * BLOCK_K
         x = tl.load(x_ptrs + k0 * stride_xk)
-        w = _mma_weight_tile(qw_ptrs, s_ptr, z_ptr, offs_n, mask_n, k0, stride_qk, stride_sg, stride_sn,
-                             GROUP_SIZE, BLOCK_K, BLOCK_N, EVEN_N, DTYPE)
-        if SWAP_AB:
-            acc = tl.dot(tl.trans(w), tl.trans(x), acc, input_precision=DOT_PRECISION)
-        else:
-            acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
+        w, scale = _mma_weight_tile(qw_ptrs, s_ptr, z_ptr, offs_n, mask_n, k0, stride_qk, stride_sg, stride_sn,
+                                    GROUP_SIZE, BLOCK_K, BLOCK_N, EVEN_N, SCALE_ACC, DTYPE)
+        acc = _mma_accumulate(acc, x, w, scale, SWAP_AB, SCALE_ACC, DOT_PRECISION)
         if SILU_MUL:
-            w_up = _mma_weight_tile(qw_ptrs + N_UP * stride_qn, s_ptr, z_ptr, offs_n + N_UP, mask_n, k0, stride_qk,
-                                    stride_sg, stride_sn, GROUP_SIZE, BLOCK_K, BLOCK_N, EVEN_N, DTYPE)
-            if SWAP_AB:
-                acc_up = tl.dot(tl.trans(w_up), tl.trans(x), acc_up, input_precision=DOT_PRECISION)
-            else:
-                acc_up = tl.dot(x, w_up, acc_up, input_precision=DOT_PRECISION)
+            w_up, scale_up = _mma_weight_tile(qw_ptrs + N_UP * stride_qn, s_ptr, z_ptr, offs_n + N_UP, mask_n, k0,
+                                              stride_qk, stride_sg, stride_sn, GROUP_SIZE, BLOCK_K, BLOCK_N, EVEN_N,
+                                              SCALE_ACC, DTYPE)
+            acc_up = _mma_accumulate(acc_up, x, w_up, scale_up, SWAP_AB, SCALE_ACC, DOT_PRECISION)
     if SWAP_AB:
         acc = tl.trans(acc)
         acc_up = tl.trans(acc_up)
@@ -516,6 +540,10 @@ class MmaConfig(NamedTuple):
     num_warps: int
     num_stages: int
     group_m: int = 8
+    # Scale each K step's product [BLOCK_M, BLOCK_N] rather than the weight tile [BLOCK_K, BLOCK_N]
+    # (``_mma_accumulate``): fewer multiplies where BLOCK_M < BLOCK_K, but Triton then stages the
+    # weight tile through shared memory with 2-byte stores (H200: 20-36% slower at M = 16).
+    scale_acc: bool = False
 
 
 class DequantMmConfig(NamedTuple):
@@ -552,8 +580,8 @@ def pick_config(M: int, N: int, K: int, group_size: int, device: torch.device):
     block_k = mma_block_k[0]  # the largest power of two up to 128 that divides group_size
     if M <= 16:
         cfg = MmaConfig(16, 128, block_k, 1, True, num_warps=4, num_stages=3)
-    elif M <= 64:
-        cfg = MmaConfig(64, 64, block_k, 1, True, num_warps=4, num_stages=3)
+    elif M <= 64:  # scale_acc: H200, M = 64, 8-12% faster on three of the four Llama shapes, 4% slower on 4096x6144
+        cfg = MmaConfig(64, 64, block_k, 1, True, num_warps=4, num_stages=3, scale_acc=True)
     else:
         cfg = MmaConfig(128, 128, min(block_k, 64), 1, False, num_warps=8, num_stages=3)
     tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
@@ -616,6 +644,7 @@ def w4a16_linear(
         grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(n_out, cfg.block_n), cfg.split_k)
         kernel = _w4a16_mma_kernel
         meta = dict(BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, SWAP_AB=cfg.swap_ab,
+                    SCALE_ACC=cfg.scale_acc,
                     DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_stages=cfg.num_stages)
     ws = split_k_workspace(M, N, grid[0] * (grid[1] if len(grid) == 3 else 1), cfg.split_k, out)
     torch.library.wrap_triton(kernel)[grid](

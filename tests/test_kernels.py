@@ -106,7 +106,8 @@ W4_CONFIGS = [
                      packed_bf16=False),  # float32 path on GPU too
     w4a16.MmaConfig(16, 32, 32, split_k=1, swap_ab=True, num_warps=4, num_stages=2),
     w4a16.MmaConfig(32, 16, 32, split_k=2, swap_ab=False, num_warps=4, num_stages=2),
-    w4a16.MmaConfig(16, 16, 32, split_k=1, swap_ab=False, num_warps=4, num_stages=2),
+    w4a16.MmaConfig(16, 16, 32, split_k=1, swap_ab=False, num_warps=4, num_stages=2, scale_acc=True),
+    w4a16.MmaConfig(16, 32, 32, split_k=2, swap_ab=True, num_warps=4, num_stages=2, scale_acc=True),
     w4a16.DequantMmConfig(block_r=4, block_n=16),
 ]
 
@@ -247,6 +248,7 @@ SILU_MUL_VARIANTS = [  # (error function, config, needs fp16/fp32 on the CPU, bo
     (w4_silu_mul_error, None, False, BOUND),
     (w4_silu_mul_error, w4a16.GemvConfig(16, 64, 3, 4), False, BOUND),
     (w4_silu_mul_error, w4a16.MmaConfig(16, 16, 32, 2, True, 4, 2), True, BOUND),
+    (w4_silu_mul_error, w4a16.MmaConfig(16, 16, 32, 2, True, 4, 2, scale_acc=True), True, BOUND),
     (w4_silu_mul_error, w4a16.DequantMmConfig(4, 16), False, BOUND),
     (w8_silu_mul_error, w8a16.GemvConfig(8, 64, 2, 4, 2), False, BOUND),
     (w8_silu_mul_error, w8a16.MmaConfig(16, 16, 32, 2, 4, 2), True, BOUND),
