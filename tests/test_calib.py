@@ -101,6 +101,17 @@ def test_gptq_beats_rtn_on_correlated_inputs(sym, desc_act):
         assert zeros.min() >= 1 and zeros.max() <= 15  # what the v1 checkpoint can store
 
 
+def test_hessian_caps_massive_tokens():
+    x = torch.randn(1000, 64, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert torch.equal(hessian(x, 2.0), hessian(x))  # no token norm is twice the median
+    loud = x.clone()
+    loud[7] *= 1000  # an attention sink
+    cut = loud.clone()
+    cut[7] *= 2 * loud.norm(dim=1).median() / loud[7].norm()
+    torch.testing.assert_close(hessian(loud, 2.0), hessian(cut))
+    assert hessian(loud).diagonal().sum() > 100 * hessian(loud, 2.0).diagonal().sum()
+
+
 def test_gptq_act_order_g_idx():
     w, x, _ = gptq_problem()
     h = hessian(x)

@@ -1,10 +1,11 @@
-"""Calibrated AWQ on real models (../shared/ASSETS.md), calibrated on one text (Python's
-documentation) and evaluated on another (Jane Austen). Minutes on 2 CPU cores.
+"""Calibration on real models (../shared/ASSETS.md): calibrated on Python's documentation
+and the Jargon File, evaluated on Jane Austen. Minutes on 2 CPU cores.
 
-The bars are what the code reaches today, below the calibration issue's (SmolLM2: recover
-50% of what rounding loses, measured 42%; MiniLM: mean cosine 0.98, measured 0.9655), which
-stays open; GPTQ on SmolLM2 does worse than rounding today and has no real-model test yet
-(tests/test_calib.py checks it beats rounding on synthetic layers)."""
+The bars are what the code reaches today, below the calibration issue's (SmolLM2 AWQ:
+recover 50% of what rounding loses, measured 49%; MiniLM: mean cosine 0.98, measured 0.970),
+which stays open. GPTQ over the whole of SmolLM2 still does worse than rounding (33.2
+against 32.8); what is tested here is the one failure found and fixed: a down_proj whose
+Hessian a few massive tokens dominate."""
 
 import time
 
@@ -13,16 +14,19 @@ import torch
 
 import qpass
 from qpass.calib.data import text_windows
+from qpass.calib.gptq import gptq_quantize, hessian
+from qpass.calib.rtn import quantize_groupwise
 
 pytestmark = pytest.mark.slow
 
-CALIBRATION_WINDOWS = 8  # x 512 tokens of Python's documentation
+WINDOWS_PER_TEXT = 8  # x 512 tokens of each calibration text
 
 
 @pytest.fixture(scope="module")
 def smollm2_calib(assets, smollm2):
     _, tokenizer, _, _ = smollm2
-    return text_windows(tokenizer, assets.python_docs_text(), window=512, n=CALIBRATION_WINDOWS, batch_size=2)
+    return [batch for text in (assets.python_docs_text(), assets.jargon_text())
+            for batch in text_windows(tokenizer, text, window=512, n=WINDOWS_PER_TEXT, batch_size=2)]
 
 
 def test_smollm2_awq_calibration_recovers_what_rounding_loses(assets, smollm2, smollm2_calib,
@@ -36,14 +40,46 @@ def test_smollm2_awq_calibration_recovers_what_rounding_loses(assets, smollm2, s
     recovered = (rounded - ppl) / (rounded - base)
     print(f"SmolLM2-135M awq: perplexity {ppl:.3f} (float {base:.3f}, round-to-nearest {rounded:.3f}); "
           f"recovers {100 * recovered:.0f}% of the loss; calibration {seconds:.0f} s on {torch.get_num_threads()} threads")
-    assert recovered >= 0.3
+    assert recovered >= 0.45
+    assert seconds <= 300  # the issue's bar for 2 CPU cores
+
+
+def test_gptq_token_norm_cap_saves_a_massive_activation_layer(assets, smollm2, smollm2_calib):
+    """Layer 28's down_proj reads one channel that a few tokens (the first of each window)
+    drive ~1000x above the rest: plain GPTQ fits those tokens and costs every other one."""
+    model, _, windows, _ = smollm2
+    layer = model.model.layers[28].mlp.down_proj
+    inputs = []
+    hook = layer.register_forward_pre_hook(lambda module, args: inputs.append(args[0].reshape(-1, args[0].shape[-1])))
+    try:
+        with torch.no_grad():
+            for batch in smollm2_calib:
+                model(**batch)
+    finally:
+        hook.remove()
+    x, weight = torch.cat(inputs), layer.weight.detach().clone()
+    q, scales, zeros = quantize_groupwise(weight, 4, 128, symmetric=True)
+    rounded = ((q.reshape(576, 12, 128) - zeros.unsqueeze(-1)) * scales.unsqueeze(-1)).reshape(576, 1536)
+    candidates = {"float": weight, "round to nearest": rounded,
+                  "gptq": gptq_quantize(weight, hessian(x), 128, True, False, 0.01)[4],
+                  "gptq, token norms capped": gptq_quantize(weight, hessian(x, 2.0), 128, True, False, 0.01)[4]}
+    ppl = {}
+    try:
+        for name, candidate in candidates.items():
+            layer.weight.data = candidate
+            ppl[name] = assets.perplexity(model, windows[:4])
+    finally:
+        layer.weight.data = weight
+    print("SmolLM2-135M, layer 28's down_proj alone quantized: perplexity on 2048 tokens",
+          {name: round(value, 3) for name, value in ppl.items()})
+    assert ppl["gptq, token norms capped"] < ppl["round to nearest"] < ppl["gptq"]
 
 
 def test_minilm_awq_mean_cosine(assets, minilm):
     model, tokenizer, texts, reference = minilm
-    calib_texts = assets.sentences(assets.python_docs_text(), 64)
-    calib = [dict(tokenizer(calib_texts[i:i + 16], padding=True, return_tensors="pt")) for i in range(0, 64, 16)]
+    calib_texts = assets.sentences(assets.python_docs_text(), 64) + assets.sentences(assets.jargon_text(), 64)
+    calib = [dict(tokenizer(calib_texts[i:i + 16], padding=True, return_tensors="pt")) for i in range(0, 128, 16)]
     qmodel = qpass.quantize(model, "awq", calib=calib)
     mean, worst = assets.mean_cosine(assets.embed(qmodel, tokenizer, texts), reference)
     print(f"all-MiniLM-L6-v2 awq: mean cosine {mean:.4f}, min {worst:.4f} over {len(texts)} sentences")
-    assert mean >= 0.96  # round to nearest: 0.947
+    assert mean >= 0.965  # round to nearest: 0.947

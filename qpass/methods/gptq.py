@@ -20,7 +20,7 @@ N = out_features:
 permutation (``perm``), which ``apply`` applies to the input channels.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -75,6 +75,9 @@ class GPTQConfig(QuantConfig):
     desc_act: bool = False
     sym: bool = True
     damp_percent: float = 0.01
+    # Tokens whose input norm exceeds this multiple of the median count with it in the
+    # Hessian (qpass.calib.gptq.hessian says why); 0: the plain 2 X^T X / n.
+    token_norm_cap: float = 2.0
 
     def validate(self) -> None:
         if self.bits != 4:
@@ -84,6 +87,9 @@ class GPTQConfig(QuantConfig):
                              f"got {self.group_size}")
         if not 0 < self.damp_percent <= 1:
             raise ValueError(f"gptq damp_percent must be in (0, 1], got {self.damp_percent}")
+        if not (self.token_norm_cap == 0 or self.token_norm_cap >= 1):
+            raise ValueError(f"gptq token_norm_cap must be 0 (off) or >= 1 (a multiple of the median token norm), "
+                             f"got {self.token_norm_cap}")
 
     def for_layer(self, name, in_features, out_features):
         if out_features % PACK_FACTOR or in_features % PACK_FACTOR:
@@ -96,7 +102,7 @@ class GPTQConfig(QuantConfig):
             return None, (f"{name}: kept in float: in_features {in_features} has no group size "
                           f">= {MIN_GROUP_SIZE} that divides it (halving from {self.group_size})")
         if group_size != self.group_size:
-            return (GPTQConfig(self.bits, group_size, self.desc_act, self.sym, self.damp_percent),
+            return (replace(self, group_size=group_size),
                     f"{name}: group_size {self.group_size} does not divide in_features {in_features}; using {group_size}")
         return self, ""
 
