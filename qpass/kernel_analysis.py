@@ -18,6 +18,7 @@ kernel is known by its JIT function and that config's constexprs.
 """
 
 import copy
+import functools
 from typing import Any, Callable, Dict, Hashable, Iterable, Optional
 
 import sympy
@@ -78,6 +79,7 @@ def cache_kernel_analysis(kernels: Iterable[Any]) -> None:
 def _cached(analyze: Callable, kernel_ids: set) -> Callable:
     answers: Dict[Hashable, Any] = {}
 
+    @functools.wraps(analyze)
     def cached_analysis(kernel, kwargs, *rest):
         key = _analysis_key(kernel, kwargs, rest) if id(_jit_function(kernel)) in kernel_ids else None
         if key is None:
@@ -87,6 +89,4 @@ def _cached(analyze: Callable, kernel_ids: set) -> Callable:
         return copy.deepcopy(answers[key])  # callers own what they get
 
     cached_analysis.qpass_kernel_ids = kernel_ids
-    cached_analysis.__wrapped__ = analyze
-    cached_analysis.__doc__ = analyze.__doc__
     return cached_analysis

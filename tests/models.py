@@ -1,5 +1,5 @@
 """Small models the tests rewrite: an MLP, a Llama-style block and a module that calls
-F.linear on its own parameters."""
+F.linear on its own parameters; and helpers the tests share."""
 
 import torch
 import torch.nn.functional as F
@@ -104,3 +104,12 @@ def seeded(model_cls, *args, seed=0, **kwargs):
 
 def relative_error(out, ref):
     return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def rtn_weight(w, group_size, sym):
+    """``w [N, K]`` rounded to nearest to 4 bits in groups of ``group_size``, and back to float."""
+    from qpass.calib.rtn import quantize_groupwise  # here: a test imports this module without qpass
+
+    n, k = w.shape
+    q, s, z = quantize_groupwise(w, 4, group_size, symmetric=sym)
+    return ((q.reshape(n, k // group_size, -1) - z.unsqueeze(-1)) * s.unsqueeze(-1)).reshape(n, k)

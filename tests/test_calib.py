@@ -15,13 +15,12 @@ from qpass.api import _plan
 from qpass.calib.blocks import find_blocks
 from qpass.calib.data import text_windows
 from qpass.calib.gptq import gptq_quantize, hessian
-from qpass.calib.rtn import quantize_groupwise
 from qpass.layers.linear import QuantLinear
 from qpass.methods import awq as awq_method
 from qpass.methods.gptq import GPTQConfig, checkpoint_from_quantized, pack_columns, unpack_columns
 from qpass.passes.finalise import finalise
 from qpass.passes.load import load_shard
-from models import MLP, TinyLM, relative_error, seeded
+from models import MLP, TinyLM, relative_error, rtn_weight, seeded
 
 
 class NormMLP(nn.Module):
@@ -64,12 +63,6 @@ def correlated(n, dim=128, seed=0):
 
 def batches(n=4, seed=0):
     return list(correlated(4 * n, seed=seed).split(4))
-
-
-def rtn_weight(w, group_size, sym):
-    n, k = w.shape
-    q, s, z = quantize_groupwise(w, 4, group_size, symmetric=sym)
-    return ((q.reshape(n, k // group_size, -1) - z.unsqueeze(-1)) * s.unsqueeze(-1)).reshape(n, k)
 
 
 # --- GPTQ's math ----------------------------------------------------------------------------

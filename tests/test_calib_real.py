@@ -13,7 +13,7 @@ import torch
 import qpass
 from qpass.calib.data import text_windows
 from qpass.calib.gptq import gptq_quantize, hessian
-from qpass.calib.rtn import quantize_groupwise
+from models import rtn_weight
 
 pytestmark = pytest.mark.slow
 
@@ -66,9 +66,7 @@ def test_gptq_token_norm_cap_saves_a_massive_activation_layer(assets, smollm2, s
     finally:
         hook.remove()
     x, weight = torch.cat(inputs), layer.weight.detach().clone()
-    q, scales, zeros = quantize_groupwise(weight, 4, 128, symmetric=True)
-    rounded = ((q.reshape(576, 12, 128) - zeros.unsqueeze(-1)) * scales.unsqueeze(-1)).reshape(576, 1536)
-    candidates = {"float": weight, "round to nearest": rounded,
+    candidates = {"float": weight, "round to nearest": rtn_weight(weight, 128, sym=True),
                   "gptq": gptq_quantize(weight, hessian(x), 128, True, False, 0.01)[4],
                   "gptq, token norms capped": gptq_quantize(weight, hessian(x, 2.0), 128, True, False, 0.01)[4]}
     ppl = {}
