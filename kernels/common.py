@@ -1,6 +1,7 @@
 """What the kernels share: the activations their epilogues compute, the split-K workspace
 and the epilogue that finishes an output tile, tensor-core block shapes, and how K is split."""
 
+import os
 from typing import NamedTuple
 
 import torch
@@ -8,6 +9,11 @@ import triton
 import triton.language as tl
 
 ACTIVATIONS = ("none", "silu_mul")
+
+
+def triton_interpreted() -> bool:
+    """Triton's interpreter (TRITON_INTERPRET=1) runs no inline PTX."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def output_columns(activation: str, N: int) -> int:

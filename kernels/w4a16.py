@@ -31,21 +31,15 @@ epilogue, each program computing matching gate and up tiles.
 """
 
 import math
-import os
 from typing import NamedTuple, Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from .common import output_columns, sm_count, split_for, split_k_workspace, store_output
+from .common import output_columns, sm_count, split_for, split_k_workspace, store_output, triton_interpreted
 
 _F32_MAGIC = tl.constexpr(8388608.0)  # 2**23: 0x4B000000 | q is 2**23 + q as float32
-
-
-def _triton_interpreted() -> bool:
-    """Triton's interpreter runs no inline PTX."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
@@ -515,8 +509,8 @@ def _packed_ok(x: torch.Tensor) -> bool:
     """The packed paths read x 8 values at a time: fp16 or bf16 on a GPU, rows contiguous and
     16-byte aligned."""
     # (storage_offset, not data_ptr: under torch.compile x is a fake tensor; allocations are aligned)
-    return (x.dtype in (torch.float16, torch.bfloat16) and x.is_cuda and not _triton_interpreted() and x.stride(1) == 1
-            and x.stride(0) % 8 == 0 and x.storage_offset() % 8 == 0)
+    return (x.dtype in (torch.float16, torch.bfloat16) and x.is_cuda and not triton_interpreted()
+            and x.stride(1) == 1 and x.stride(0) % 8 == 0 and x.storage_offset() % 8 == 0)
 
 
 def gemv_meta(cfg: GemvConfig, x: torch.Tensor, K: int, group_size: int) -> dict:

@@ -3,7 +3,12 @@ channel, fp16/bf16 (or fp32) activations. ``out = (x @ q.T) * scales``.
 
 - ``_w8a16_gemv_kernel`` (M of a few rows): each program owns ``BLOCK_N`` weight rows of one
   activation row and streams them along K with 16-byte loads; the per-channel scale is
-  applied once at the end. Bound by the bytes of ``qweight``.
+  applied once at the end. Bound by the bytes of ``qweight``. For fp16 and bf16 x on a GPU
+  (constexprs PACKED_F16 / PACKED_BF16, chosen by ``gemv_meta``) weights and x are loaded 16 a
+  thread by inline PTX and each weight costs one ``prmt`` (into the float32 32768 + q + 128)
+  and one FFMA (``_chunk_dot_f32``): the loop compiled for sm_90 is 3.2 SASS instructions a
+  weight at 4 rows x 2048 (4.1 at 8 x 512), against 5.8 for the float32 path (which also moves
+  x through shared memory) that Triton's interpreter and fp32 x take.
 - ``_w8a16_mma_kernel`` (larger M): int8 tiles converted to the activation dtype (exact:
   |q| <= 128) and fed to ``tl.dot``; the scale multiplies the accumulator.
 
@@ -18,7 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import MmaConfig, output_columns, sm_count, split_for, split_k_workspace, store_output
+from .common import (MmaConfig, output_columns, sm_count, split_for, split_k_workspace, store_output,
+                     triton_interpreted)
 
 
 @triton.jit
@@ -43,12 +49,168 @@ def _gemv_partial(x_row, qw_ptr, offs_n, mask_n, k_start, k_end, stride_xk, stri
 
 
 @triton.jit
+def _load_w16(w_ptrs, valid):
+    """The 16 int8 weights at each (16-byte aligned) w_ptrs as 4 words, where valid (int32) is
+    not 0 (elsewhere the words are left unset), by inline PTX, read once: no L1 allocation.
+    Loaded by PTX rather than ``tl.load`` so that the words keep the thread layout of the tile
+    of 16-byte chunks (one asm call a chunk) and need no reshape."""
+    return tl.inline_asm_elementwise(
+        """
+        {
+        .reg .pred p;
+        setp.ne.b32 p, $5, 0;
+        @p ld.global.nc.L1::no_allocate.v4.b32 {$0, $1, $2, $3}, [$4];
+        }
+        """,
+        "=r,=r,=r,=r,l,r", [w_ptrs, valid], dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True,
+        pack=1,
+    )
+
+
+def _load_x16_asm(bf16: bool) -> str:
+    """The PTX of ``_load_x16``: two 16-byte loads, then each word's two halves widened to
+    float32 ($0..$15): fp16 by ``cvt``, bf16 by a shift or a mask."""
+    lines = ["{", ".reg .b32 a0, a1, a2, a3, a4, a5, a6, a7;", ".reg .b16 l, h;",
+             "ld.global.nc.v4.b32 {a0, a1, a2, a3}, [$16];", "ld.global.nc.v4.b32 {a4, a5, a6, a7}, [$16+16];"]
+    for j in range(8):
+        if bf16:
+            lines += [f"shl.b32 ${2 * j}, a{j}, 16;", f"and.b32 ${2 * j + 1}, a{j}, 0xFFFF0000;"]
+        else:
+            lines += [f"mov.b32 {{l, h}}, a{j};", f"cvt.f32.f16 ${2 * j}, l;", f"cvt.f32.f16 ${2 * j + 1}, h;"]
+    return "\n".join(lines + ["}"])
+
+
+_LOAD_X16_F16_ASM = tl.constexpr(_load_x16_asm(bf16=False))
+_LOAD_X16_BF16_ASM = tl.constexpr(_load_x16_asm(bf16=True))
+_LOAD_X16_CONSTRAINTS = tl.constexpr("=r," * 16 + "l")
+
+
+@triton.jit
+def _load_x16(x_ptrs, BF16: tl.constexpr):
+    """The 16 fp16 (or, with BF16, bf16) values at each (16-byte aligned) x_ptrs, loaded by
+    inline PTX and widened to float32 (exact). A ``tl.load`` here would get a thread layout of
+    its own and the compiler would move the weight tile through shared memory to match
+    (bench/NOTES-kernels.md); this takes the layout of the chunk tile it is broadcast against,
+    and the copies that land in one thread (one per weight row it holds) merge into one."""
+    if BF16:
+        return tl.inline_asm_elementwise(_LOAD_X16_BF16_ASM, _LOAD_X16_CONSTRAINTS, [x_ptrs], dtype=(tl.float32,) * 16,
+                                         is_pure=True, pack=1)
+    return tl.inline_asm_elementwise(_LOAD_X16_F16_ASM, _LOAD_X16_CONSTRAINTS, [x_ptrs], dtype=(tl.float32,) * 16,
+                                     is_pure=True, pack=1)
+
+
+@triton.jit
+def _chunk_offset(x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15):
+    """``-32896 * sum(x)`` over a chunk's 16 x: the offset that ``_chunk_dot_f32`` takes away."""
+    s0 = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
+    s1 = ((x8 + x9) + (x10 + x11)) + ((x12 + x13) + (x14 + x15))
+    return (s0 + s1) * -32896.0
+
+
+def _chunk_dot_asm() -> str:
+    """The PTX of ``_chunk_dot_f32``: per word (operands $1..$4) one xor, then per byte i one
+    prmt into 0x4700uu00 and one FFMA with its x ($5..$20), chained from cx ($21) to $0."""
+    lines = ["{", ".reg .b32 u, f, c47;", ".reg .f32 t;", "mov.b32 c47, 0x47000000;"]
+    for j in range(4):
+        lines.append(f"xor.b32 u, ${j + 1}, 0x80808080;")
+        for i in range(4):
+            k = 4 * j + i
+            lines += [f"prmt.b32 f, u, c47, 0x74{i}4;",
+                      f"fma.rn.f32 {'$0' if k == 15 else 't'}, f, ${k + 5}, {'$21' if k == 0 else 't'};"]
+    return "\n".join(lines + ["}"])
+
+
+_CHUNK_DOT_ASM = tl.constexpr(_chunk_dot_asm())
+
+
+@triton.jit
+def _chunk_dot_f32(w0, w1, w2, w3, x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15, cx):
+    """float32 sum_k x[k] * q[k] over the 16 int8 weights of one chunk (words w0..w3, weight 4j + i
+    in byte i of wj); x0..x15 from ``_load_x16`` and cx from ``_chunk_offset``.
+
+    After an xor with 0x80808080 each byte is u = q + 128, and one ``prmt`` (selector 0x74i4)
+    puts byte i of a word between 0x47 and zero bytes: 0x4700uu00 is the float32 32768 + u, so
+    one FFMA a weight accumulates (32768 + u) * x onto cx, which takes the 32896 * x back: the
+    chunk's sum_k q x. Per weight 1 prmt, 1 FFMA and a quarter of an xor (the float32 path:
+    about 4). The products are exact (16 by 11 significant bits, inside the FMA); the sums are
+    rounded at the magnitude of 32768 * (a partial sum of 16 x), which leaves about 5e-5 of
+    relative error, far under the output's own rounding. Half2 products summed in fp16 (the
+    W4A16 GEMV's way) cost fewer instructions but leave 4e-4 and, where a bias or silu * up
+    cancels the sum, past the tests' 1e-3 bound (emulated: 1 to 9% of small cases)."""
+    return tl.inline_asm_elementwise(
+        _CHUNK_DOT_ASM,
+        "=r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r",
+        [w0, w1, w2, w3, x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15, cx],
+        dtype=tl.float32, is_pure=True, pack=1,
+    )
+
+
+@triton.jit
+def _gemv_partial_x2(x_row, qw_ptr, offs_n, mask_n, k_start, k_end, stride_qn,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
+                     BF16: tl.constexpr):
+    """``_gemv_partial`` by inline PTX, 16 weights of a row a call (``_chunk_dot_f32``; x fp16, or
+    bf16 with BF16; x and the weight rows contiguous and 16-byte aligned, K a multiple of 16).
+
+    The tile is ``[BLOCK_N, BLOCK_K // 16]`` chunks of 16 weights; a thread widens the x of its
+    chunk once for all the rows it holds (BLOCK_N over the warps along N), so shapes whose warps
+    lie along K (BLOCK_K = 512 * num_warps) share it most. The
+    next step's weights are loaded before this step's arithmetic (Triton does not pipeline a
+    loop without ``tl.dot``); the loads of chunks at or past k_end are predicated off. Rows
+    right of N read row 0 again (never stored). EVEN_K: every step lies inside
+    [k_start, k_end); else a step's chunks past k_end read the last x again and add 0."""
+    CHUNKS: tl.constexpr = BLOCK_K // 16
+    offs_c = (tl.arange(0, CHUNKS) * 16)[None, :]  # [1, CHUNKS]: a chunk's first k within the step
+    if EVEN_N:
+        rows = offs_n
+    else:
+        rows = tl.where(mask_n, offs_n, 0)
+    w_rows = qw_ptr + rows[:, None] * stride_qn  # [BLOCK_N, 1]
+    ks = k_start + offs_c
+    w0, w1, w2, w3 = _load_w16(w_rows + ks, (ks < k_end).to(tl.int32))
+    acc = tl.zeros((BLOCK_N, CHUNKS), dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        ks_next = k0 + BLOCK_K + offs_c
+        n0, n1, n2, n3 = _load_w16(w_rows + ks_next, (ks_next < k_end).to(tl.int32))
+        ks = k0 + offs_c
+        if EVEN_K:
+            x_ptrs = x_row + ks
+        else:
+            x_ptrs = x_row + tl.minimum(ks, k_end - 16)  # (16 divides k_end)
+        x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15 = _load_x16(x_ptrs, BF16)
+        cx = _chunk_offset(x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15)
+        d = _chunk_dot_f32(w0, w1, w2, w3, x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15, cx)
+        if EVEN_K:
+            acc += d
+        else:
+            acc += tl.where(ks < k_end, d, 0.0)  # (unset words past k_end: whatever d is there)
+        w0 = n0
+        w1 = n1
+        w2 = n2
+        w3 = n3
+    return tl.sum(acc, axis=1)
+
+
+@triton.jit
+def _gemv_columns(x_row, qw_ptr, offs_n, mask_n, k_start, k_end, stride_xk, stride_qn, stride_qk,
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
+                  PACKED_F16: tl.constexpr, PACKED_BF16: tl.constexpr):
+    """float32 x . q for the rows offs_n over k in [k_start, k_end): [BLOCK_N]."""
+    if PACKED_F16 or PACKED_BF16:
+        return _gemv_partial_x2(x_row, qw_ptr, offs_n, mask_n, k_start, k_end, stride_qn, BLOCK_N, BLOCK_K,
+                                EVEN_N, EVEN_K, PACKED_BF16)
+    return _gemv_partial(x_row, qw_ptr, offs_n, mask_n, k_start, k_end, stride_xk, stride_qn, stride_qk,
+                         BLOCK_N, BLOCK_K, EVEN_N)
+
+
+@triton.jit
 def _w8a16_gemv_kernel(
     x_ptr, qw_ptr, s_ptr, b_ptr, out_ptr, ws_ptr,
     M, N_OUT, N_UP, K,
     stride_xm, stride_xk, stride_qn, stride_qk, stride_om, stride_on, stride_wm,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    EVEN_N: tl.constexpr, HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr,
+    EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr,
+    PACKED_F16: tl.constexpr, PACKED_BF16: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -60,13 +222,13 @@ def _w8a16_gemv_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N_OUT
     x_row = x_ptr + pid_m * stride_xm
-    acc = _gemv_partial(x_row, qw_ptr, offs_n, mask_n, k_start, k_end, stride_xk, stride_qn, stride_qk,
-                        BLOCK_N, BLOCK_K, EVEN_N)
+    acc = _gemv_columns(x_row, qw_ptr, offs_n, mask_n, k_start, k_end, stride_xk, stride_qn, stride_qk,
+                        BLOCK_N, BLOCK_K, EVEN_N, EVEN_K, PACKED_F16, PACKED_BF16)
     acc *= tl.load(s_ptr + offs_n, mask=mask_n, other=0).to(tl.float32)
     acc_up = acc
     if SILU_MUL:
-        acc_up = _gemv_partial(x_row, qw_ptr + N_UP * stride_qn, offs_n, mask_n, k_start, k_end, stride_xk,
-                               stride_qn, stride_qk, BLOCK_N, BLOCK_K, EVEN_N)
+        acc_up = _gemv_columns(x_row, qw_ptr + N_UP * stride_qn, offs_n, mask_n, k_start, k_end, stride_xk,
+                               stride_qn, stride_qk, BLOCK_N, BLOCK_K, EVEN_N, EVEN_K, PACKED_F16, PACKED_BF16)
         acc_up *= tl.load(s_ptr + N_UP + offs_n, mask=mask_n, other=0).to(tl.float32)
     rows = pid_m + tl.arange(0, 1)
     store_output(acc[None, :], acc_up[None, :], rows, offs_n, rows < M, mask_n, pid_m * tl.num_programs(1) + pid_n,
@@ -132,23 +294,54 @@ def _w8a16_mma_kernel(
 
 class GemvConfig(NamedTuple):
     block_n: int
-    block_k: int
+    block_k: int  # K per loop step: a power of two, at least 16
     split_k: int
     num_warps: int
     num_stages: int
+    packed_f16: bool = True  # the packed path (inline PTX, ``_chunk_dot_f32``) where x is fp16 on a GPU
+    packed_bf16: bool = True  # the same where x is bf16 on a GPU
+
+
+def _packed_ok(x: torch.Tensor, qweight: torch.Tensor) -> bool:
+    """The packed paths read 16 weights and 16 x values at a time: fp16 or bf16 x on a GPU, x
+    rows and weight rows contiguous and 16-byte aligned (K a multiple of 16)."""
+    # (storage_offset, not data_ptr: under torch.compile the tensors are fake; allocations are aligned)
+    K = x.shape[1]
+    return (x.dtype in (torch.float16, torch.bfloat16) and x.is_cuda and not triton_interpreted()
+            and K > 0 and K % 16 == 0 and x.stride(1) == 1 and x.stride(0) % 8 == 0 and x.storage_offset() % 8 == 0
+            and qweight.stride(1) == 1 and qweight.stride(0) % 16 == 0 and qweight.storage_offset() % 16 == 0)
+
+
+def gemv_meta(cfg: GemvConfig, x: torch.Tensor, qweight: torch.Tensor) -> dict:
+    """The GEMV kernel's constexprs for x ``[M, K]``: EVEN_K, and which loop it runs: PACKED_F16 /
+    PACKED_BF16 (inline PTX, ``_gemv_partial_x2``) or neither (``_gemv_partial``, float32)."""
+    packed = cfg.block_k >= 16 and _packed_ok(x, qweight)
+    return dict(EVEN_K=x.shape[1] % (cfg.split_k * cfg.block_k) == 0,
+                PACKED_F16=packed and cfg.packed_f16 and x.dtype == torch.float16,
+                PACKED_BF16=packed and cfg.packed_bf16 and x.dtype == torch.bfloat16)
 
 
 GEMV_MAX_M = 2
 
 
-def pick_config(M: int, N: int, K: int, device: torch.device):
-    """The kernel and its block shapes for a problem; tuned on the H100 (bench/NOTES-kernels.md)."""
+def pick_config(M: int, N: int, K: int, device: torch.device, packed: bool = True):
+    """The kernel and its block shapes for a problem; the MMA shapes tuned on the H100
+    (bench/NOTES-kernels.md), the GEMV's on the H200 (``packed``: the GEMV takes the packed
+    path, ``_packed_ok``)."""
     sms = sm_count(device)
-    if M <= GEMV_MAX_M:  # H100 sweep, 2026-11-24: the best of 18 block shapes per weight shape
+    if M <= GEMV_MAX_M and not packed:  # float32 path; H100 sweep, 2026-11-24: the best of 18 block shapes
         if K >= 8192:
             return GemvConfig(4, 1024, 1, num_warps=4, num_stages=2)
         if N >= 16384:
             return GemvConfig(16, 256, 1, num_warps=4, num_stages=2)
+        return GemvConfig(8, 512, 1, num_warps=4, num_stages=2)
+    if M <= GEMV_MAX_M:
+        # H200 sweep of the packed path, 2026-11-30 (bench/kernels.py, 17 block shapes; speed-up over fp16
+        # cuBLAS, fp16 x): 4 rows x 2048 with 2 warps (a thread widens its chunk of x once for 4 rows)
+        # 1.88 on 4096x28672 and 1.95 on 14336x4096; 8 x 512 with 4 warps 1.76 on 4096^2, 2.08 on
+        # 4096x6144. The float32 path's tuned shapes there: 1.45 / 1.71 / 1.60 / 1.70.
+        if N >= 16384 or K >= 8192:
+            return GemvConfig(4, 2048, 1, num_warps=2, num_stages=2)
         return GemvConfig(8, 512, 1, num_warps=4, num_stages=2)
     if M <= 16:
         cfg = MmaConfig(16, 64, 128, 1, num_warps=4, num_stages=4)
@@ -182,12 +375,12 @@ def w8a16_linear(
     assert qweight.shape[1] == K and scales.shape == (N,)
     if M == 0:
         return x.new_empty((0, n_out))
-    cfg = config or pick_config(M, n_out, K, x.device)
+    cfg = config or pick_config(M, n_out, K, x.device, packed=_packed_ok(x, qweight))
     out = torch.empty((M, n_out), device=x.device, dtype=x.dtype)
     has_bias = bias is not None
     if isinstance(cfg, GemvConfig):
         grid = (M, triton.cdiv(n_out, cfg.block_n), cfg.split_k)
-        kernel, meta = _w8a16_gemv_kernel, dict(EVEN_N=n_out % cfg.block_n == 0)
+        kernel, meta = _w8a16_gemv_kernel, dict(EVEN_N=n_out % cfg.block_n == 0, **gemv_meta(cfg, x, qweight))
     else:
         grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(n_out, cfg.block_n), cfg.split_k)
         kernel = _w8a16_mma_kernel

@@ -152,6 +152,8 @@ def test_w8a16_tuned_choice_matches_reference(M, N, K, dtype, bias, seed):
 
 W8_CONFIGS = [
     w8a16.GemvConfig(block_n=8, block_k=64, split_k=3, num_warps=4, num_stages=2),
+    w8a16.GemvConfig(block_n=16, block_k=128, split_k=2, num_warps=4, num_stages=2, packed_f16=False,
+                     packed_bf16=False),  # float32 path on GPU too
     w8a16.MmaConfig(16, 32, 32, split_k=2, num_warps=4, num_stages=2),
 ]
 
