@@ -2,8 +2,8 @@
 and the Jargon File, evaluated on Jane Austen. Minutes on 2 CPU cores.
 
 The bars are what the code reaches today, below the calibration issue's (recover 50% of
-what rounding loses: SmolLM2 AWQ measured 49%, GPTQ with act-order 30%; MiniLM mean cosine
-0.98, measured 0.970), which stays open."""
+what rounding loses: SmolLM2 AWQ measured 49%, GPTQ (act-order, the default) 29%; MiniLM mean
+cosine 0.98, measured 0.970), which stays open."""
 
 import time
 
@@ -42,14 +42,18 @@ def test_smollm2_awq_calibration_recovers_what_rounding_loses(assets, smollm2, s
     assert seconds <= 300  # the issue's bar for 2 CPU cores
 
 
-def test_smollm2_gptq_act_order_beats_rounding(assets, smollm2, smollm2_calib):
+def test_smollm2_gptq_beats_rounding(assets, smollm2, smollm2_calib):
     model, _, windows, base = smollm2
     rounded = assets.perplexity(qpass.quantize(model, "gptq", skip=["lm_head"]), windows)  # symmetric, as below
-    ppl = assets.perplexity(qpass.quantize(model, "gptq", calib=smollm2_calib, desc_act=True, skip=["lm_head"]), windows)
+    start = time.perf_counter()
+    qmodel = qpass.quantize(model, "gptq", calib=smollm2_calib, skip=["lm_head"])  # act-order, symmetric
+    seconds = time.perf_counter() - start
+    ppl = assets.perplexity(qmodel, windows)
     recovered = (rounded - ppl) / (rounded - base)
-    print(f"SmolLM2-135M gptq (act-order): perplexity {ppl:.3f} (float {base:.3f}, round-to-nearest {rounded:.3f}); "
-          f"recovers {100 * recovered:.0f}% of the loss")
+    print(f"SmolLM2-135M gptq: perplexity {ppl:.3f} (float {base:.3f}, round-to-nearest {rounded:.3f}); "
+          f"recovers {100 * recovered:.0f}% of the loss; calibration {seconds:.0f} s on {torch.get_num_threads()} threads")
     assert recovered >= 0.2
+    assert seconds <= 300
 
 
 def test_gptq_token_norm_cap_saves_a_massive_activation_layer(assets, smollm2, smollm2_calib):
