@@ -6,6 +6,7 @@ import torch
 from qpass.layers.linear import QuantLinear
 from qpass.layers.quantize_base import UnquantizedLinearMethod
 from qpass.methods.awq import AWQConfig, pack_awq, unpack_awq
+from qpass.methods.gptq import GPTQConfig
 from qpass.methods.int8 import Int8Config
 from qpass.passes.load import checkpoint_tensors_from_float, load_float_shard, load_shard
 from models import relative_error
@@ -66,6 +67,16 @@ def test_row_parallel_rejects_a_slice_that_splits_a_group():
     with pytest.raises(ValueError, match="input size per partition 96 is not a multiple of group_size 64"):
         QuantLinear(384, [256], False, torch.float32, AWQConfig(group_size=64).get_linear_method(),
                     parallel="row", tp_rank=0, tp_size=4)
+
+
+def test_gptq_row_parallel_needs_desc_act_off():
+    with pytest.raises(ValueError, match=r"desc_act \(act-order, the default\) weights cannot be split along the "
+                                         r"inputs \(row parallel: 128 of 512\); quantize with desc_act=False"):
+        QuantLinear(512, [256], False, torch.float32, GPTQConfig().get_linear_method(),
+                    parallel="row", tp_rank=0, tp_size=4)
+    stub = QuantLinear(512, [256], False, torch.float32, GPTQConfig(desc_act=False).get_linear_method(),
+                       parallel="row", tp_rank=1, tp_size=4)
+    assert stub.qweight.shape == (128 // 8, 256)
 
 
 def test_shard_shape_mismatch_names_parameter_and_shard():

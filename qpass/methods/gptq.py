@@ -144,7 +144,9 @@ class GPTQLinearMethod(LinearMethodBase):
             raise ValueError(f"gptq: input size per partition {input_size_per_partition} is not a multiple of "
                              f"group_size {group_size} and of {PACK_FACTOR}")
         if self.quant_config.desc_act and input_size_per_partition != input_size:
-            raise ValueError("gptq: desc_act (act-order) checkpoints cannot be split along the inputs (row parallel)")
+            raise ValueError(f"gptq: desc_act (act-order, the default) weights cannot be split along the inputs "
+                             f"(row parallel: {input_size_per_partition} of {input_size}); quantize with "
+                             f"desc_act=False for row-parallel layers")
         for size in output_partition_sizes:
             if size % PACK_FACTOR:
                 raise ValueError(f"gptq: output partition size {size} is not a multiple of {PACK_FACTOR}")
