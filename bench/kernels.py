@@ -184,7 +184,7 @@ def sweep_candidates(kind, M):
     return out
 
 
-def run_sweep(shapes, plan, deadline):
+def run_sweep(shapes, plan, deadline, dtype_name="float16", activation="none"):
     """Time each candidate block shape; split_k 0 in a candidate means the launcher's rule."""
     import torch
     import torch.nn.functional as F
@@ -195,8 +195,10 @@ def run_sweep(shapes, plan, deadline):
     results = []
     for K, N in shapes:
         w = Weights(K, N)
+        dtype = getattr(torch, dtype_name)  # activations, scales and zeros, and the cuBLAS baseline
         qweight4 = reference.pack_int4_rows(w.q.t().contiguous())
-        scales4, zeros4 = w.scales.t().contiguous().half(), w.zeros.t().contiguous().half()
+        scales4, zeros4 = w.scales.t().contiguous().to(dtype), w.zeros.t().contiguous().to(dtype)
+        w_base = w.w16.to(dtype)
         qweight8 = (w.q.to(torch.int16) * 16 - 128).to(torch.int8)
         scales8 = w.scales[:, 0].half().contiguous()
         qweightf8 = (w.w16.float() * 1000).clamp(-448, 448).to(torch.float8_e4m3fn)
@@ -204,16 +206,18 @@ def run_sweep(shapes, plan, deadline):
         for kind, M in plan:
             if time.time() > deadline:
                 return results
-            x = torch.randn(M, K, device="cuda", dtype=torch.float16)
-            base = bench(lambda: F.linear(x, w.w16), rep=10)
+            x = torch.randn(M, K, device="cuda", dtype=dtype)
+            base = bench(lambda: F.linear(x, w_base), rep=10)
             for cfg in sweep_candidates(kind, M):
                 module = {"awq": w4a16, "int8": w8a16, "fp8": fp8}[kind]
                 if getattr(cfg, "split_k", 1) == 0:  # the launchers' rule for this block shape
                     row_tiles = -(-M // cfg.block_m) if hasattr(cfg, "block_m") else M
+                    n_out = N // 2 if activation == "silu_mul" and kind == "awq" else N
                     cfg = cfg._replace(split_k=split_for(
-                        row_tiles * -(-N // cfg.block_n), -(-K // cfg.block_k), 132))
+                        row_tiles * -(-n_out // cfg.block_n), -(-K // cfg.block_k), 132))
                 if kind == "awq":
-                    fn = lambda: w4a16.w4a16_linear(x, qweight4, scales4, zeros4, GROUP, config=cfg)  # noqa: E731
+                    fn = lambda: w4a16.w4a16_linear(x, qweight4, scales4, zeros4, GROUP, activation=activation,  # noqa: E731
+                                                    config=cfg)
                 elif kind == "int8":
                     fn = lambda: w8a16.w8a16_linear(x, qweight8, scales8, config=cfg)  # noqa: E731
                 else:
@@ -286,6 +290,9 @@ def main():
     parser.add_argument("--sweep-plan", default="awq:1,awq:16,awq:128,awq:1024,awq:4096,awq:64,fp8:4096,"
                                                 "fp8:1024,int8:1,int8:16")
     parser.add_argument("--budget-s", type=float, default=1e9, help="stop the sweep after this many seconds")
+    parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"], help="the sweep's activations")
+    parser.add_argument("--activation", default="none", choices=["none", "silu_mul"],
+                        help="the W4A16 sweep's epilogue (silu_mul: N columns of [gate | up], N / 2 out)")
     parser.add_argument("--plot", metavar="JSON")
     args = parser.parse_args()
     if args.plot:
@@ -297,7 +304,7 @@ def main():
 
     if args.sweep:
         plan = [(p.split(":")[0], int(p.split(":")[1])) for p in args.sweep_plan.split(",")]
-        results = run_sweep(SHAPES, plan, time.time() + args.budget_s)
+        results = run_sweep(SHAPES, plan, time.time() + args.budget_s, args.dtype, args.activation)
         Path(args.out).write_text(json.dumps(results, indent=1))
         return
     data = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,

@@ -564,10 +564,16 @@ def pick_config(M: int, N: int, K: int, group_size: int, device: torch.device):
     sms = sm_count(device)
     mma_block_k = [b for b in (128, 64, 32, 16) if group_size % b == 0]
     if M <= GEMV_MAX_M or not mma_block_k:
-        # No split: a program's 8 warps cover K in steps of 128 or 256 word rows, so even
-        # N = 4096 gives 256 programs, and split K would add a memset and atomics.
+        # No split: a program's warps cover K in steps of 64 to 256 word rows, so even N = 4096
+        # gives 256 programs, and split K would add a memset and atomics. H200 sweep, fp16 and
+        # bf16 (bench/NOTES-kernels.md): 32 x 512 with 4 warps where N alone fills the SMs four
+        # times over (4096x28672: 20.3 against 24.3 us in bf16 for 32 x 1024 with 8), 16 x 1024
+        # up to K = 4096 (4096x6144: 5.4-5.6 against 5.8-6.0 us; gate_up with silu_mul 26.0
+        # against 28.3 us), 16 x 2048 past it.
         if triton.cdiv(N, 32) >= 4 * sms:
-            return GemvConfig(32, 1024, 1, num_warps=8)
+            return GemvConfig(32, 512, 1, num_warps=4)
+        if K <= 4096:
+            return GemvConfig(16, 1024, 1, num_warps=8)
         return GemvConfig(16, 2048, 1, num_warps=8)
     if M >= DEQUANT_MM_MIN_M:
         return DequantMmConfig()
