@@ -144,6 +144,9 @@ def sweep_candidates(kind, M):
             out.append(w4a16.GemvConfig(16, 1024, 2, 8))
             out.append(w4a16.GemvConfig(16, 2048, 1, 8, packed_f16=False))
         elif M <= 64:
+            if M <= 16:  # the split rule against fixed splits, for the tuned block shape
+                for split in (1, 2, 4, 8, 16):
+                    out.append(w4a16.MmaConfig(16, 128, 128, split, True, 4, 3))
             for bn in (64, 128):
                 for swap in (True, False):
                     for scale_acc in (False, True):
