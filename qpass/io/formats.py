@@ -62,9 +62,8 @@ def _headline_fields(method: str, options: Mapping[str, Any]) -> Dict[str, Any]:
         return {"quant_method": "awq", "bits": options["bits"], "group_size": options["group_size"],
                 "zero_point": options["zero_point"], "version": "gemm"}
     if method == "gptq":
-        return {"quant_method": "gptq", "bits": options.get("bits", 4), "group_size": options.get("group_size", 128),
-                "desc_act": options.get("desc_act", False), "sym": options.get("sym", True),
-                "checkpoint_format": "gptq"}
+        return {"quant_method": "gptq", "bits": options["bits"], "group_size": options["group_size"],
+                "desc_act": options["desc_act"], "sym": options["sym"], "checkpoint_format": "gptq"}
     return {"quant_method": "qpass", "method": method, **options}
 
 
