@@ -6,10 +6,12 @@ The stack reads hidden states, so the calibration batches are random bf16 activa
 [batch, 512, 4096] (seeded): the time depends on the shapes, not on the values.
 
     python bench/calibration.py --out bench/results/calibration-h200.json   # on the GPU
+    python bench/calibration.py --methods awq awq:rounding=nearest --out ...   # with method options
     python bench/calibration.py --tiny --sequences 4 --out /tmp/calibration.json   # a check on the CPU
 """
 
 import argparse
+import ast
 import datetime
 import json
 import sys
@@ -30,11 +32,25 @@ def calibration_batches(dim, sequences, tokens, batch_size, device):
             .to(device, torch.bfloat16) for start in range(0, sequences, batch_size)]
 
 
-def time_method(method, shape, device, batches):
+def parse_method(spec: str):
+    """"awq" or "awq:rounding=nearest,group_size=64" -> (method, options)."""
+    method, _, rest = spec.partition(":")
+    options = {}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        try:
+            options[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            options[key] = value  # a plain string
+    return method, options
+
+
+def time_method(spec, shape, device, batches):
+    method, options = parse_method(spec)
     model = build_model(shape, device)
     sync(device)
     start = time.perf_counter()
-    quantized = qpass.quantize(model, method, calib=batches)
+    quantized = qpass.quantize(model, method, calib=batches, **options)
     sync(device)
     seconds = time.perf_counter() - start
     del model, quantized

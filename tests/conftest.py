@@ -16,6 +16,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 import qpass  # noqa: E402  (after TRITON_INTERPRET is chosen)
 
 
+CALIBRATION_NOVEL = "Emma"  # what calibration reads; every evaluation reads Austen's other five novels
+
+
 # Real models and their float results, loaded once per session: the real-model tests of the
 # core (round to nearest) and of calibration evaluate on the same text.
 @pytest.fixture(scope="session")
@@ -24,18 +27,27 @@ def assets():
 
 
 @pytest.fixture(scope="session")
+def calibration_text(assets):
+    return assets.austen_text(CALIBRATION_NOVEL)
+
+
+def evaluation_text(assets) -> str:
+    return "\n\n\n".join(assets.austen_text(book) for book in assets.AUSTEN_BOOKS.values() if book != CALIBRATION_NOVEL)
+
+
+@pytest.fixture(scope="session")
 def minilm(assets):
-    """(model, tokenizer, 256 Austen sentences, their float embeddings)."""
+    """(model, tokenizer, 256 sentences of the evaluation novels, their float embeddings)."""
     model, tokenizer = assets.load_minilm()
-    texts = assets.sentences(assets.austen_text(), 256)
+    texts = assets.sentences(evaluation_text(assets), 256)
     return model, tokenizer, texts, assets.embed(model, tokenizer, texts)
 
 
 @pytest.fixture(scope="session")
 def smollm2(assets):
-    """(model, tokenizer, 4096 tokens of Austen in windows of 512, float perplexity)."""
+    """(model, tokenizer, the first 4096 tokens of the evaluation novels in windows of 512, float perplexity)."""
     model, tokenizer = assets.load_smollm2()
-    windows = assets.token_windows(tokenizer, assets.austen_text(), window=512, max_tokens=4096)
+    windows = assets.token_windows(tokenizer, evaluation_text(assets), window=512, max_tokens=4096)
     return model, tokenizer, windows, assets.perplexity(model, windows)
 
 

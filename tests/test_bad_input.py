@@ -28,7 +28,7 @@ def test_unknown_method_lists_known_ones():
 
 
 def test_unknown_option_lists_valid_ones():
-    check(seeded(MLP), ValueError, r"method 'awq' has no option 'group'; its options are: bits, group_size, zero_point",
+    check(seeded(MLP), ValueError, r"method 'awq' has no option 'group'; its options are: bits, group_size, rounding, zero_point",
           method="awq", group=64)
 
 
@@ -41,6 +41,8 @@ def test_option_of_wrong_type():
 def test_option_value_out_of_range():
     check(seeded(MLP), ValueError, r"awq group_size must be a multiple of 8 and >= 32, got 12", method="awq", group_size=12)
     check(seeded(MLP), ValueError, r"awq supports bits=4 only, got bits=3", method="awq", bits=3)
+    check(seeded(MLP), ValueError, r"awq rounding must be one of \(.gptq., .nearest.\), got .round.", method="awq",
+          rounding="round")
     check(seeded(MLP), ValueError, r"gptq token_norm_cap must be 0 \(off\) or >= 1 .*, got 0.5", method="gptq",
           token_norm_cap=0.5)
 

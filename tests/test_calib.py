@@ -15,6 +15,7 @@ from qpass.api import _plan
 from qpass.calib.blocks import find_blocks
 from qpass.calib.data import text_windows
 from qpass.calib.gptq import gptq_quantize, hessian
+from qpass.calib.rtn import quantize_groupwise
 from qpass.layers.linear import QuantLinear
 from qpass.methods import awq as awq_method
 from qpass.methods.gptq import GPTQConfig, checkpoint_from_quantized, pack_columns, unpack_columns
@@ -116,6 +117,20 @@ def test_gptq_act_order_g_idx():
     assert plain.tolist() == [i // 64 for i in range(256)]
 
 
+@pytest.mark.parametrize("sym", [True, False])
+def test_gptq_on_a_fixed_grid(sym):
+    """AWQ's rounding="gptq": act-order over the natural groups of a grid chosen beforehand."""
+    w, x, held_out = gptq_problem()
+    _, scales, zeros = quantize_groupwise(w, 4, 64, symmetric=sym)
+    q, got_scales, got_zeros, g_idx, deq = gptq_quantize(w, hessian(x), 64, sym, True, 0.01, grid=(scales, zeros))
+    assert torch.equal(got_scales, scales) and torch.equal(got_zeros, zeros)
+    assert g_idx.tolist() == [i // 64 for i in range(256)]  # act-order, yet no g_idx needed
+    rebuilt = (q.float() - zeros.float().repeat_interleave(64, dim=1)) * scales.repeat_interleave(64, dim=1)
+    torch.testing.assert_close(rebuilt, deq, rtol=0, atol=1e-6)
+    error = lambda weight: relative_error(held_out @ weight.t(), held_out @ w.t())
+    assert error(deq) < 0.8 * error(rtn_weight(w, 64, sym))
+
+
 def test_gptq_dead_inputs_and_bad_hessian():
     w, x, _ = gptq_problem()
     x[:, 5] = 0
@@ -175,7 +190,8 @@ def test_gptq_parameters_carry_loader_attributes():
 # --- GPTQ and AWQ through qpass.quantize ----------------------------------------------------
 
 @pytest.mark.parametrize("merge", [True, False])
-@pytest.mark.parametrize("method, options, bar", [("awq", {}, 0.95), ("gptq", {}, 0.85),
+@pytest.mark.parametrize("method, options, bar", [("awq", {}, 0.9), ("awq", {"rounding": "nearest"}, 0.95),
+                                                  ("gptq", {}, 0.85),
                                                   ("gptq", {"desc_act": True, "sym": False}, 0.85)])
 def test_calibration_beats_round_to_nearest(method, options, bar, merge):
     model = seeded(Stack)
@@ -190,7 +206,8 @@ def test_awq_folds_keep_the_function(monkeypatch):
     """With the clipping search off, scaled weights plus folds compute what the model did."""
     monkeypatch.setattr(awq_calib, "search_clipping", lambda weight, x, config: weight)
     model = seeded(Stack)
-    target, plan, config = _plan(model, "awq", {"group_size": 32}, [], None, True, False, None, True)
+    options = {"group_size": 32, "rounding": "nearest"}  # the weights before rounding, not checkpoint tensors
+    target, plan, config = _plan(model, "awq", options, [], None, True, False, None, True)
     calibration = config.calibrate(target, plan, batches())
     assert sorted(calibration.folds) == [f"layers.{i}.{p}" for i in range(2)
                                          for p in ("norm.bias", "norm.weight", "up.bias")]
@@ -278,10 +295,11 @@ def test_blocks_take_keyword_inputs_and_caches():
         assert relative_error(q(calib[0]), model(calib[0])) < 0.05
 
 
-def test_calibration_on_another_device():
+@pytest.mark.parametrize("method", ["awq", "gptq"])
+def test_calibration_on_another_device(method):
     model = seeded(Stack)
-    on_cpu = qpass.quantize(model, "gptq", calib=batches(), group_size=32, calib_device="cpu").state_dict()
-    default = qpass.quantize(model, "gptq", calib=batches(), group_size=32).state_dict()
+    on_cpu = qpass.quantize(model, method, calib=batches(), group_size=32, calib_device="cpu").state_dict()
+    default = qpass.quantize(model, method, calib=batches(), group_size=32).state_dict()
     assert all(torch.equal(on_cpu[k], default[k]) for k in default)
 
 

@@ -1,9 +1,11 @@
-"""Calibration on real models (../shared/ASSETS.md): calibrated on Python's documentation
-and the Jargon File, evaluated on Jane Austen. Minutes on 2 CPU cores.
+"""Calibration on real models (../shared/ASSETS.md): calibrated on one of Jane Austen's novels
+(*Emma*, conftest's CALIBRATION_NOVEL) and evaluated on her other five (SmolLM2: the start of
+*Sense and Sensibility*). Minutes on 2 CPU cores.
 
-The bars are what the code reaches today, below the calibration issue's (recover 50% of
-what rounding loses: SmolLM2 AWQ measured 49%, GPTQ (act-order, the default) 29%; MiniLM mean
-cosine 0.98, measured 0.970), which stays open."""
+The bars are the calibration issue's: recover at least 50% of the perplexity that rounding to
+nearest loses (SmolLM2-135M), keep a mean cosine of at least 0.98 (all-MiniLM-L6-v2), in at
+most 5 minutes on 2 CPU cores. Out-of-domain calibration (Python's documentation and the Jargon
+File for the same evaluation) recovers less: bench/NOTES-calibration.md."""
 
 import time
 
@@ -17,14 +19,13 @@ from models import rtn_weight
 
 pytestmark = pytest.mark.slow
 
-WINDOWS_PER_TEXT = 8  # x 512 tokens of each calibration text
+CALIBRATION_WINDOWS = 16  # x 512 tokens
 
 
 @pytest.fixture(scope="module")
-def smollm2_calib(assets, smollm2):
+def smollm2_calib(smollm2, calibration_text):
     _, tokenizer, _, _ = smollm2
-    return [batch for text in (assets.python_docs_text(), assets.jargon_text())
-            for batch in text_windows(tokenizer, text, window=512, n=WINDOWS_PER_TEXT, batch_size=2)]
+    return text_windows(tokenizer, calibration_text, window=512, n=CALIBRATION_WINDOWS, batch_size=2)
 
 
 def calibrated_recovery(assets, smollm2, calib, rounded, method, note):
@@ -44,15 +45,15 @@ def test_smollm2_awq_calibration_recovers_what_rounding_loses(assets, smollm2, s
                                                               smollm2_awq_rtn_perplexity):
     recovered, seconds = calibrated_recovery(assets, smollm2, smollm2_calib, smollm2_awq_rtn_perplexity, "awq",
                                              "group 128; 64 where 576")
-    assert recovered >= 0.45
+    assert recovered >= 0.5
     assert seconds <= 300  # the issue's bar for 2 CPU cores
 
 
-def test_smollm2_gptq_beats_rounding(assets, smollm2, smollm2_calib):
+def test_smollm2_gptq_calibration_recovers_what_rounding_loses(assets, smollm2, smollm2_calib):
     model, _, windows, _ = smollm2
     rounded = assets.perplexity(qpass.quantize(model, "gptq", skip=["lm_head"]), windows)  # symmetric, as below
     recovered, seconds = calibrated_recovery(assets, smollm2, smollm2_calib, rounded, "gptq", "act-order, symmetric")
-    assert recovered >= 0.2
+    assert recovered >= 0.5
     assert seconds <= 300
 
 
@@ -85,11 +86,11 @@ def test_gptq_token_norm_cap_saves_a_massive_activation_layer(assets, smollm2, s
     assert ppl["gptq, token norms capped"] < ppl["round to nearest"] < ppl["gptq"]
 
 
-def test_minilm_awq_mean_cosine(assets, minilm):
+def test_minilm_awq_mean_cosine(assets, minilm, calibration_text):
     model, tokenizer, texts, reference = minilm
-    calib_texts = assets.sentences(assets.python_docs_text(), 64) + assets.sentences(assets.jargon_text(), 64)
+    calib_texts = assets.sentences(calibration_text, 128)
     calib = [dict(tokenizer(calib_texts[i:i + 16], padding=True, return_tensors="pt")) for i in range(0, 128, 16)]
     qmodel = qpass.quantize(model, "awq", calib=calib)
     mean, worst = assets.mean_cosine(assets.embed(qmodel, tokenizer, texts), reference)
     print(f"all-MiniLM-L6-v2 awq: mean cosine {mean:.4f}, min {worst:.4f} over {len(texts)} sentences")
-    assert mean >= 0.965  # round to nearest: 0.947
+    assert mean >= 0.98  # round to nearest: 0.948

@@ -14,7 +14,11 @@ For each group of linears that read the same input:
 4. per weight group, a search of the clipping range (the group's max shrunk by up to 50%)
    minimising the error of the group's partial outputs.
 
-``Calibration.weights`` then holds the scaled, clipped weights that the method rounds.
+5. the scaled, clipped weights rounded onto that grid: by GPTQ (``rounding="gptq"``, the
+   default: each column's rounding error spread over the columns not yet rounded, in
+   act-order, the grid fixed beforehand; ``Calibration.checkpoint`` then holds the AWQ
+   checkpoint tensors), or to nearest (``"nearest"``, AutoAWQ's; ``Calibration.weights``
+   holds what the method rounds).
 """
 
 import operator
@@ -27,6 +31,10 @@ from torch import fx, nn
 
 from qpass.calib.base import Calibration
 from qpass.calib.blocks import run_blocks
+from qpass.calib.gptq import gptq_quantize, hessian
+from qpass.calib.rtn import quantize_groupwise
+from qpass.methods.awq import AWQConfig, checkpoint_from_quantized
+from qpass.methods.gptq import GPTQConfig
 from qpass.passes.plan import LinearGroup, LinearSite, Plan
 
 SCALE_GRID = 20
@@ -36,6 +44,7 @@ CLIP_MAX_SHRINK = 0.5
 # choices, few enough for minutes on a CPU. The scale search uses every token.
 CLIP_SEARCH_TOKENS = 512
 CLIP_ROWS_PER_STEP = 1024  # output channels per step of the clip search (bounds memory)
+GPTQ_DEFAULTS = GPTQConfig()  # the damping and token-norm cap of rounding="gptq"
 
 _MULS = (operator.mul, torch.mul, torch.ops.aten.mul.Tensor, "mul")
 _ADDS = (operator.add, torch.add, torch.ops.aten.add.Tensor, "add")
@@ -55,8 +64,6 @@ class Absorber:
 
 
 def calibrate_awq(model: nn.Module, plan: Plan, calib, config, device=None) -> Calibration:
-    from qpass.methods.awq import AWQConfig
-
     groups = [g for g in plan.groups if isinstance(g.config, AWQConfig)]
     calibration = Calibration()
     site_of_node = {s.nodes[0]: s for s in plan.sites if len(s.nodes) == 1}
@@ -88,11 +95,16 @@ def calibrate_awq(model: nn.Module, plan: Plan, calib, config, device=None) -> C
         simulated = {}
         for group, x, s in zip(block_groups, inputs, scales):
             x_scaled = _strided(x, CLIP_SEARCH_TOKENS) / s
+            clipped = {site.name: search_clipping(weights[site.name], x_scaled, group.config) for site in group.sites}
+            if group.config.rounding == "gptq":
+                rounded = round_gptq(clipped, hessian(x / s, GPTQ_DEFAULTS.token_norm_cap), group, calibration)
+            else:
+                rounded = {name: fake_quantize(w, group.config) for name, w in clipped.items()}
+                for site in group.sites:
+                    calibration.weights[site.name] = clipped[site.name].to(site.weight.device, site.weight.dtype)
             for site in group.sites:
-                clipped = search_clipping(weights[site.name], x_scaled, group.config)
-                calibration.weights[site.name] = clipped.to(site.weight.device, site.weight.dtype)
                 # The float weight this stub stands for, seen from the unscaled input and output.
-                fake = fake_quantize(clipped, group.config) / s
+                fake = rounded[site.name] / s
                 if site.name in row_scales:
                     fake = fake * row_scales[site.name].unsqueeze(1)
                 simulated[site.name] = fake.to(site.weight.dtype)
@@ -135,6 +147,27 @@ def fake_quantize(weight: torch.Tensor, config) -> torch.Tensor:
         zeros = torch.full_like(scales, (qmax + 1) // 2)
     q = (torch.round(w / scales) + zeros).clamp(0, qmax)
     return ((q - zeros) * scales).reshape(n, k)
+
+
+def round_gptq(clipped: Dict[str, torch.Tensor], h: torch.Tensor, group: LinearGroup,
+               calibration: Calibration) -> Dict[str, torch.Tensor]:
+    """The group's scaled, clipped weights rounded by GPTQ in act-order, on the grid that
+    rounding to nearest gives them; their AWQ checkpoint tensors go into ``calibration``, and
+    the float32 weights they stand for are returned. The grid is fixed before GPTQ moves any
+    weight, so the clipping search's choice holds and the groups stay AWQ's (no ``g_idx``).
+    GPTQ's rows are independent: the group's linears share one pass over the columns."""
+    config = group.config
+    sym = not config.zero_point
+    weight = torch.cat([clipped[site.name] for site in group.sites])
+    _, scales, zeros = quantize_groupwise(weight, config.bits, config.group_size, symmetric=sym)
+    q, scales, zeros, _, dequantized = gptq_quantize(weight, h, config.group_size, sym, True, GPTQ_DEFAULTS.damp_percent,
+                                                     name=group.name, grid=(scales, zeros))
+    result = {}
+    for site, rows in group.site_rows():
+        tensors = checkpoint_from_quantized(q[rows], scales[rows], zeros[rows], site.weight.dtype)
+        calibration.checkpoint[site.name] = {k: v.to(site.weight.device) for k, v in tensors.items()}
+        result[site.name] = dequantized[rows]
+    return result
 
 
 def search_scales(group: LinearGroup, x: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ so a group is quantized as one matrix. Blocks follow ``qpass.calib.blocks``: eac
 sees the outputs of the blocks before it, already quantized.
 """
 
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -39,14 +39,18 @@ def hessian(x: torch.Tensor, token_norm_cap: float = 0.0) -> torch.Tensor:
 
 def gptq_quantize(
     weight: torch.Tensor, h: torch.Tensor, group_size: int, sym: bool, desc_act: bool, damp_percent: float,
-    name: str = "weight",
+    name: str = "weight", grid: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """GPTQ of ``weight [N, K]`` with Hessian ``h [K, K]``.
 
     Returns ``(q, scales, zeros, g_idx, dequantized)``: ``q`` int32 ``[N, K]`` (0..15, in the
     original column order), ``scales``/``zeros`` ``[N, K / group_size]`` indexed by
     group, ``g_idx`` ``[K]`` the group of each column (``k // group_size`` unless
-    ``desc_act``), and the float32 weight they stand for."""
+    ``desc_act``), and the float32 weight they stand for.
+
+    ``grid``: fixed ``(scales, zeros)`` ``[N, K / group_size]`` of the natural groups
+    (``g_idx`` is then ``k // group_size`` even with ``desc_act``): the rounding of a
+    format without ``g_idx`` (AWQ's), on a grid chosen beforehand (AWQ's clipping)."""
     n, k = weight.shape
     w = weight.detach().double().clone()
     h = h.clone()
@@ -63,8 +67,14 @@ def gptq_quantize(
                          f"damp_percent={damp_percent}; raise damp_percent") from err
     groups = k // group_size
     q = torch.zeros(n, k, dtype=torch.int32, device=w.device)
-    scales = torch.zeros(n, groups, dtype=torch.float64, device=w.device)
-    zeros = torch.zeros(n, groups, dtype=torch.int32, device=w.device)
+    if grid is None:  # each group's grid is chosen when GPTQ reaches it, in the quantization order
+        scales = torch.zeros(n, groups, dtype=torch.float64, device=w.device)
+        zeros = torch.zeros(n, groups, dtype=torch.int32, device=w.device)
+        group_of = torch.arange(k, device=w.device) // group_size
+    else:
+        scales, zeros = grid[0].double().to(w.device), grid[1].to(w.device, torch.int32)
+        group_of = perm // group_size
+    group_list = group_of.tolist()  # read once per column: no device sync in the loop
     dequantized = torch.zeros_like(w)
     block = group_size * max(1, LAZY_BLOCK // group_size)  # whole groups per block
     for start in range(0, k, block):
@@ -74,10 +84,9 @@ def gptq_quantize(
         h_inv_block = h_inv[start:end, start:end]
         for i in range(end - start):
             column = start + i
-            if column % group_size == 0:  # this group's grid, from its weights as updated so far
-                group = column // group_size
-                s, z = _group_grid(w_block[:, i:i + group_size], sym)
-                scales[:, group], zeros[:, group] = s, z
+            group = group_list[column]
+            if grid is None and column % group_size == 0:  # this group's grid, from its weights as updated so far
+                scales[:, group], zeros[:, group] = _group_grid(w_block[:, i:i + group_size], sym)
             s, z = scales[:, group], zeros[:, group]
             q_col = (torch.round(w_block[:, i] / s) + z).clamp(0, 15)
             deq = (q_col - z) * s
@@ -87,7 +96,7 @@ def gptq_quantize(
             errors[:, i] = error
         w[:, end:] -= errors @ h_inv[start:end, end:]
     inverse = torch.argsort(perm)
-    g_idx = (torch.arange(k, device=w.device) // group_size)[inverse]
+    g_idx = group_of[inverse]
     return q[:, inverse], scales.float(), zeros, g_idx.to(torch.int32), dequantized[:, inverse].float()
 
 
@@ -112,10 +121,7 @@ def calibrate_gptq(model: nn.Module, plan: Plan, calib, config, device=None) -> 
             q, scales, zeros, g_idx, dequantized = gptq_quantize(
                 weight, hessian(x, cfg.token_norm_cap), cfg.groups_of(weight.shape[1]), cfg.sym, cfg.desc_act, cfg.damp_percent,
                 name=group.name)
-            start = 0
-            for site in group.sites:
-                rows = slice(start, start + site.out_features)
-                start += site.out_features
+            for site, rows in group.site_rows():
                 tensors = checkpoint_from_quantized(q[rows], scales[rows], zeros[rows], g_idx, site.weight.dtype)
                 calibration.checkpoint[site.name] = {k: v.to(site.weight.device) for k, v in tensors.items()}
                 simulated[site.name] = dequantized[rows].to(site.weight.dtype)

@@ -7,7 +7,7 @@ Nothing here changes the model: every error a user can cause is raised before th
 import fnmatch
 import logging
 from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +55,14 @@ class LinearGroup:
         parent, _, _ = self.sites[0].name.rpartition(".")
         leaf = "_".join(s.name.rpartition(".")[2] for s in self.sites)
         return f"{parent}.{leaf}" if parent else leaf
+
+    def site_rows(self) -> List[Tuple[LinearSite, slice]]:
+        """Each linear and its rows of the group's weights concatenated along the outputs."""
+        result, start = [], 0
+        for site in self.sites:
+            result.append((site, slice(start, start + site.out_features)))
+            start += site.out_features
+        return result
 
 
 @dataclass
