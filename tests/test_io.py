@@ -183,6 +183,16 @@ def test_gptq_round_trip_and_config(tmp_path):
     assert torch.equal(loaded(IDS), qmodel(IDS))
 
 
+def test_calibrated_awq_round_trip(tmp_path):
+    """AWQ's GPTQ rounding hands the swap checkpoint tensors: they save and load like rounded ones."""
+    model = seeded(TinyLM, 512, 256, 1)
+    qmodel = qpass.quantize(model, "awq", group_size=64, skip=["lm_head"], calib=[IDS])
+    save(qmodel, tmp_path)
+    loaded = load(on_meta(TinyLM, 512, 256, 1), tmp_path)
+    assert_same_state(qmodel, loaded)
+    assert torch.equal(loaded(IDS), qmodel(IDS))
+
+
 # ---- checkpoints that must be refused, naming the file and the tensor ----
 
 
