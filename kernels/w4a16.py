@@ -27,7 +27,8 @@ The first two may split K over ``SPLIT_K`` programs when the (M, N) tiles alone 
 the GPU idle; the programs of a tile add their partial sums into a zeroed float32 workspace
 and the last to arrive finishes the tile (``store_output``): no second launch. They take
 ``activation="silu_mul"`` (columns ``[gate | up]``, result ``silu(gate) * up``) in that same
-epilogue, each program computing matching gate and up tiles.
+epilogue, each program computing matching gate and up tiles (the GEMV in one pass over K,
+its gate columns then its up columns as one tile).
 """
 
 import math
@@ -350,14 +351,21 @@ def _w4a16_gemv_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N_OUT
     x_row = x_ptr + pid_m * stride_xm
-    acc = _gemv_columns(x_row, qw_ptr, s_ptr, z_ptr, offs_n, mask_n, row_start, row_end, stride_xk, stride_qk,
-                        stride_qn, stride_sg, stride_sn, GROUP_SIZE, GROUP_ROWS, GROUPS, BLOCK_N, EVEN_N, EVEN_K,
-                        PACKED_F16, PACKED_BF16)
-    acc_up = acc
     if SILU_MUL:
-        acc_up = _gemv_columns(x_row, qw_ptr, s_ptr, z_ptr, offs_n + N_UP, mask_n, row_start, row_end, stride_xk,
-                               stride_qk, stride_qn, stride_sg, stride_sn, GROUP_SIZE, GROUP_ROWS, GROUPS, BLOCK_N,
-                               EVEN_N, EVEN_K, PACKED_F16, PACKED_BF16)
+        # The gate columns, then the up columns: one pass over K reads both, with twice the
+        # bytes of a step in flight, and x is read once. (Runs of BLOCK_N contiguous columns:
+        # interleaved single columns hid the contiguity from Triton's coalescing, 3-4x slower.)
+        both_n = tl.arange(0, 2 * BLOCK_N)
+        offs_both = pid_n * BLOCK_N + both_n % BLOCK_N
+        both = _gemv_columns(x_row, qw_ptr, s_ptr, z_ptr, offs_both + (both_n // BLOCK_N) * N_UP, offs_both < N_OUT,
+                             row_start, row_end, stride_xk, stride_qk, stride_qn, stride_sg, stride_sn, GROUP_SIZE,
+                             GROUP_ROWS, GROUPS, 2 * BLOCK_N, EVEN_N, EVEN_K, PACKED_F16, PACKED_BF16)
+        acc, acc_up = tl.split(tl.permute(tl.reshape(both, (2, BLOCK_N)), (1, 0)))
+    else:
+        acc = _gemv_columns(x_row, qw_ptr, s_ptr, z_ptr, offs_n, mask_n, row_start, row_end, stride_xk, stride_qk,
+                            stride_qn, stride_sg, stride_sn, GROUP_SIZE, GROUP_ROWS, GROUPS, BLOCK_N, EVEN_N, EVEN_K,
+                            PACKED_F16, PACKED_BF16)
+        acc_up = acc
     rows = pid_m + tl.arange(0, 1)
     store_output(acc[None, :], acc_up[None, :], rows, offs_n, rows < M, mask_n, pid_m * tl.num_programs(1) + pid_n,
                  M, N_UP, b_ptr, out_ptr, ws_ptr, stride_om, stride_on, stride_wm, SPLIT_K, HAS_BIAS, SILU_MUL)
@@ -559,19 +567,22 @@ GEMV_MAX_M = 2
 DEQUANT_MM_MIN_M = 512
 
 
-def pick_config(M: int, N: int, K: int, group_size: int, device: torch.device):
-    """The kernel and its block shapes for a problem; from the H100 sweep in bench/NOTES-kernels.md."""
+def pick_config(M: int, N: int, K: int, group_size: int, device: torch.device, activation: str = "none"):
+    """The kernel and its block shapes for a problem of N output columns; from the sweeps in
+    bench/NOTES-kernels.md."""
     sms = sm_count(device)
     mma_block_k = [b for b in (128, 64, 32, 16) if group_size % b == 0]
     if M <= GEMV_MAX_M or not mma_block_k:
         # No split: a program's warps cover K in steps of 64 to 256 word rows, so even N = 4096
         # gives 256 programs, and split K would add a memset and atomics. H200 sweep, fp16 and
-        # bf16 (bench/NOTES-kernels.md): 32 x 512 with 4 warps where N alone fills the SMs four
-        # times over (4096x28672: 20.3 against 24.3 us in bf16 for 32 x 1024 with 8), 16 x 1024
-        # up to K = 4096 (4096x6144: 5.4-5.6 against 5.8-6.0 us; gate_up with silu_mul 26.0
-        # against 28.3 us), 16 x 2048 past it.
-        if triton.cdiv(N, 32) >= 4 * sms:
-            return GemvConfig(32, 512, 1, num_warps=4)
+        # bf16 (bench/NOTES-kernels.md): 32 weight columns a program by 512 rows with 4 warps
+        # where they alone fill the SMs four times over (4096x28672: 20.3 against 24.3 us in bf16
+        # for 32 x 1024 with 8; gate_up with silu_mul, 16 output columns = 32 weight columns:
+        # 21.2 against 25.7 us), 16 x 1024 up to K = 4096 (4096x6144: 5.4-5.6 against 5.8-6.0
+        # us), 16 x 2048 past it.
+        reads = 2 if activation == "silu_mul" else 1  # weight columns a program reads per output column
+        if triton.cdiv(N * reads, 32) >= 4 * sms:
+            return GemvConfig(32 // reads, 512, 1, num_warps=4)
         if K <= 4096:
             return GemvConfig(16, 1024, 1, num_warps=8)
         return GemvConfig(16, 2048, 1, num_warps=8)
@@ -618,7 +629,7 @@ def w4a16_linear(
     if M == 0:
         return x.new_empty((0, n_out))
     silu_mul = activation == "silu_mul"
-    cfg = config or pick_config(M, n_out, K, group_size, x.device)
+    cfg = config or pick_config(M, n_out, K, group_size, x.device, activation)
     if isinstance(cfg, DequantMmConfig):
         w = torch.empty((K, N), device=x.device, dtype=x.dtype)
         grid = (triton.cdiv(K // 8, cfg.block_r), triton.cdiv(N, cfg.block_n))
