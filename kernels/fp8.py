@@ -67,7 +67,7 @@ def _fp8_mma_kernel(
     M, N_OUT, N_UP, K,
     stride_am, stride_bn, stride_om, stride_on, stride_wm,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr,
+    SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
 ):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -102,7 +102,7 @@ def _fp8_mma_kernel(
             a = tl.load(a_ptrs + k0, mask=mask_k[None, :], other=0.0)
             b = tl.load(b_ptrs + k0, mask=mask_k[None, :], other=0.0)
         acc = tl.dot(a, tl.trans(b), acc)
-        if SILU_MUL:
+        if ACTIVATION == "silu_mul":
             if EVEN_K:
                 b_up = tl.load(b_ptrs + N_UP * stride_bn + k0)
             else:
@@ -112,10 +112,10 @@ def _fp8_mma_kernel(
     mask_n = offs_n < N_OUT
     a_scale = tl.load(a_scale_ptr + offs_m, mask=mask_m, other=0)[:, None]
     acc *= a_scale * tl.load(b_scale_ptr + offs_n, mask=mask_n, other=0)[None, :]
-    if SILU_MUL:
+    if ACTIVATION == "silu_mul":
         acc_up *= a_scale * tl.load(b_scale_ptr + N_UP + offs_n, mask=mask_n, other=0)[None, :]
     store_output(acc, acc_up, offs_m, offs_n, mask_m, mask_n, pid, M, N_UP, bias_ptr, out_ptr, ws_ptr,
-                 stride_om, stride_on, stride_wm, SPLIT_K, HAS_BIAS, SILU_MUL)
+                 stride_om, stride_on, stride_wm, SPLIT_K, HAS_BIAS, ACTIVATION)
 
 
 def pick_config(M: int, N: int, K: int, device: torch.device) -> MmaConfig:
@@ -157,8 +157,9 @@ def fp8_linear(
     config: Optional[MmaConfig] = None,
 ) -> torch.Tensor:
     """``fp8(x [M, K]) @ qweight.T`` scaled per token and per channel (+ bias) -> ``[M, N]``
-    in x.dtype. ``activation="silu_mul"``: the N columns are ``[gate | up]`` and the result
-    is ``silu(gate) * up`` ``[M, N // 2]``, computed in float32 before the cast.
+    in x.dtype. ``activation`` (``common.ACTIVATIONS``), computed in float32 before the cast:
+    "silu_mul" reads the N columns as ``[gate | up]`` and gives ``silu(gate) * up``
+    ``[M, N // 2]``; "gelu" / "gelu_tanh" apply GELU.
     ``config`` overrides the tuned choice; for sweeps."""
     M, K = x.shape
     N = qweight.shape[0]
@@ -176,7 +177,7 @@ def fp8_linear(
         xq, qweight, x_scale, weight_scale, bias if has_bias else weight_scale, out, ws, M, n_out, N - n_out, K,
         xq.stride(0), qweight.stride(0), out.stride(0), out.stride(1), N,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-        SPLIT_K=cfg.split_k, EVEN_K=K % cfg.block_k == 0, HAS_BIAS=has_bias, SILU_MUL=activation == "silu_mul",
+        SPLIT_K=cfg.split_k, EVEN_K=K % cfg.block_k == 0, HAS_BIAS=has_bias, ACTIVATION=activation,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out

@@ -11,8 +11,9 @@ Runtime layouts (what ``process_weights_after_loading`` produces and the ops tak
   activations are quantized per token to float8_e4m3fn with scale ``amax / 448``.
 
 Every linear takes ``activation``, an epilogue on the float32 result (after the bias,
-before the cast): ``"none"``, or ``"silu_mul"``, which reads the N output columns as
-``[gate | up]`` and returns ``silu(gate) * up``, ``[M, N / 2]``.
+before the cast): ``"none"``; ``"silu_mul"``, which reads the N output columns as
+``[gate | up]`` and returns ``silu(gate) * up``, ``[M, N / 2]``; ``"gelu"`` (erf) or
+``"gelu_tanh"`` (the tanh approximation).
 """
 
 from typing import Optional
@@ -28,9 +29,13 @@ FP8_MAX = 448.0  # largest finite float8_e4m3fn
 def apply_activation(out: torch.Tensor, activation: str) -> torch.Tensor:
     """The epilogue ``activation`` on a linear's output ``[..., N]``."""
     width = output_columns(activation, out.shape[-1])
-    if activation == "none":
-        return out
-    return F.silu(out[..., :width]) * out[..., width:]
+    if activation == "silu_mul":
+        return F.silu(out[..., :width]) * out[..., width:]
+    if activation == "gelu":
+        return F.gelu(out)
+    if activation == "gelu_tanh":
+        return F.gelu(out, approximate="tanh")
+    return out
 
 
 def unpack_int4_rows(qweight: torch.Tensor) -> torch.Tensor:

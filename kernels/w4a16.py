@@ -39,6 +39,7 @@ import triton
 import triton.language as tl
 
 from .common import output_columns, sm_count, split_for, split_k_workspace, store_output, triton_interpreted
+from .reference import apply_activation
 
 _F32_MAGIC = tl.constexpr(8388608.0)  # 2**23: 0x4B000000 | q is 2**23 + q as float32
 
@@ -337,7 +338,7 @@ def _w4a16_gemv_kernel(
     stride_xm, stride_xk, stride_qk, stride_qn, stride_sg, stride_sn, stride_om, stride_on, stride_wm,
     GROUP_SIZE: tl.constexpr, GROUP_ROWS: tl.constexpr, GROUPS: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT_K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-    SILU_MUL: tl.constexpr, PACKED_F16: tl.constexpr, PACKED_BF16: tl.constexpr,
+    ACTIVATION: tl.constexpr, PACKED_F16: tl.constexpr, PACKED_BF16: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -351,7 +352,7 @@ def _w4a16_gemv_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N_OUT
     x_row = x_ptr + pid_m * stride_xm
-    if SILU_MUL:
+    if ACTIVATION == "silu_mul":
         # The gate columns, then the up columns: one pass over K reads both, with twice the
         # bytes of a step in flight, and x is read once. (Runs of BLOCK_N contiguous columns:
         # interleaved single columns hid the contiguity from Triton's coalescing, 3-4x slower.)
@@ -368,7 +369,7 @@ def _w4a16_gemv_kernel(
         acc_up = acc
     rows = pid_m + tl.arange(0, 1)
     store_output(acc[None, :], acc_up[None, :], rows, offs_n, rows < M, mask_n, pid_m * tl.num_programs(1) + pid_n,
-                 M, N_UP, b_ptr, out_ptr, ws_ptr, stride_om, stride_on, stride_wm, SPLIT_K, HAS_BIAS, SILU_MUL)
+                 M, N_UP, b_ptr, out_ptr, ws_ptr, stride_om, stride_on, stride_wm, SPLIT_K, HAS_BIAS, ACTIVATION)
 
 
 @triton.jit
@@ -456,7 +457,7 @@ def _w4a16_mma_kernel(
     stride_xm, stride_xk, stride_qk, stride_qn, stride_sg, stride_sn, stride_om, stride_on, stride_wm,
     GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, SWAP_AB: tl.constexpr, SCALE_ACC: tl.constexpr,
-    EVEN_N: tl.constexpr, HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    EVEN_N: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # Grouped tile order: GROUP_M row-tiles share each weight column-tile while it is in L2.
     pid = tl.program_id(0)
@@ -492,7 +493,7 @@ def _w4a16_mma_kernel(
         w, scale = _mma_weight_tile(qw_ptrs, s_ptr, z_ptr, offs_n, mask_n, k0, stride_qk, stride_sg, stride_sn,
                                     GROUP_SIZE, BLOCK_K, BLOCK_N, EVEN_N, SCALE_ACC, DTYPE)
         acc = _mma_accumulate(acc, x, w, scale, SWAP_AB, SCALE_ACC, DOT_PRECISION)
-        if SILU_MUL:
+        if ACTIVATION == "silu_mul":
             w_up, scale_up = _mma_weight_tile(qw_ptrs + N_UP * stride_qn, s_ptr, z_ptr, offs_n + N_UP, mask_n, k0,
                                               stride_qk, stride_sg, stride_sn, GROUP_SIZE, BLOCK_K, BLOCK_N, EVEN_N,
                                               SCALE_ACC, DTYPE)
@@ -501,7 +502,7 @@ def _w4a16_mma_kernel(
         acc = tl.trans(acc)
         acc_up = tl.trans(acc_up)
     store_output(acc, acc_up, offs_m, offs_n, offs_m < M, mask_n, pid, M, N_UP, b_ptr, out_ptr, ws_ptr,
-                 stride_om, stride_on, stride_wm, SPLIT_K, HAS_BIAS, SILU_MUL)
+                 stride_om, stride_on, stride_wm, SPLIT_K, HAS_BIAS, ACTIVATION)
 
 
 class GemvConfig(NamedTuple):
@@ -616,8 +617,9 @@ def w4a16_linear(
 ) -> torch.Tensor:
     """``x [M, K] @ dequantize(qweight, scales, zeros) (+ bias)`` -> ``[M, N]`` in x.dtype.
 
-    ``activation="silu_mul"``: the N columns are ``[gate | up]`` and the result is
-    ``silu(gate) * up`` ``[M, N // 2]``, computed in float32 before the cast.
+    ``activation`` (``common.ACTIVATIONS``), computed in float32 before the cast: "silu_mul"
+    reads the N columns as ``[gate | up]`` and gives ``silu(gate) * up`` ``[M, N // 2]``;
+    "gelu" / "gelu_tanh" apply GELU.
     ``config`` (a ``GemvConfig``, ``MmaConfig`` or ``DequantMmConfig``) overrides the tuned
     choice; for sweeps.
     """
@@ -628,7 +630,6 @@ def w4a16_linear(
     assert scales.shape == zeros.shape == (K // group_size, N) and scales.stride() == zeros.stride()
     if M == 0:
         return x.new_empty((0, n_out))
-    silu_mul = activation == "silu_mul"
     cfg = config or pick_config(M, n_out, K, group_size, x.device, activation)
     if isinstance(cfg, DequantMmConfig):
         w = torch.empty((K, N), device=x.device, dtype=x.dtype)
@@ -638,11 +639,10 @@ def w4a16_linear(
             w.stride(0), w.stride(1), GROUP_SIZE=group_size, BLOCK_R=cfg.block_r, BLOCK_N=cfg.block_n,
         )
         out = torch.mm(x, w) if bias is None else torch.addmm(bias, x, w)
-        if not silu_mul:
+        if activation == "none":
             return out
         # cuBLAS has no such epilogue: one pointwise pass (Inductor fuses it under torch.compile)
-        gate, up = out.float().chunk(2, dim=1)
-        return (torch.nn.functional.silu(gate) * up).to(x.dtype)
+        return apply_activation(out.float(), activation).to(x.dtype)
     out = torch.empty((M, n_out), device=x.device, dtype=x.dtype)
     has_bias = bias is not None
     bias_arg = bias if has_bias else scales  # any pointer; never read
@@ -663,7 +663,7 @@ def w4a16_linear(
         x.stride(0), x.stride(1), qweight.stride(0), qweight.stride(1), scales.stride(0), scales.stride(1),
         out.stride(0), out.stride(1), N,
         GROUP_SIZE=group_size, BLOCK_N=cfg.block_n, SPLIT_K=cfg.split_k,
-        EVEN_N=n_out % cfg.block_n == 0, HAS_BIAS=has_bias, SILU_MUL=silu_mul,
+        EVEN_N=n_out % cfg.block_n == 0, HAS_BIAS=has_bias, ACTIVATION=activation,
         num_warps=cfg.num_warps, **meta,
     )
     return out

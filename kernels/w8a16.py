@@ -209,7 +209,7 @@ def _w8a16_gemv_kernel(
     M, N_OUT, N_UP, K,
     stride_xm, stride_xk, stride_qn, stride_qk, stride_om, stride_on, stride_wm,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr,
+    EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
     PACKED_F16: tl.constexpr, PACKED_BF16: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -226,13 +226,13 @@ def _w8a16_gemv_kernel(
                         BLOCK_N, BLOCK_K, EVEN_N, EVEN_K, PACKED_F16, PACKED_BF16)
     acc *= tl.load(s_ptr + offs_n, mask=mask_n, other=0).to(tl.float32)
     acc_up = acc
-    if SILU_MUL:
+    if ACTIVATION == "silu_mul":
         acc_up = _gemv_columns(x_row, qw_ptr + N_UP * stride_qn, offs_n, mask_n, k_start, k_end, stride_xk,
                                stride_qn, stride_qk, BLOCK_N, BLOCK_K, EVEN_N, EVEN_K, PACKED_F16, PACKED_BF16)
         acc_up *= tl.load(s_ptr + N_UP + offs_n, mask=mask_n, other=0).to(tl.float32)
     rows = pid_m + tl.arange(0, 1)
     store_output(acc[None, :], acc_up[None, :], rows, offs_n, rows < M, mask_n, pid_m * tl.num_programs(1) + pid_n,
-                 M, N_UP, b_ptr, out_ptr, ws_ptr, stride_om, stride_on, stride_wm, SPLIT_K, HAS_BIAS, SILU_MUL)
+                 M, N_UP, b_ptr, out_ptr, ws_ptr, stride_om, stride_on, stride_wm, SPLIT_K, HAS_BIAS, ACTIVATION)
 
 
 @triton.jit
@@ -242,7 +242,7 @@ def _w8a16_mma_kernel(
     stride_xm, stride_xk, stride_qn, stride_qk, stride_om, stride_on, stride_wm,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
-    HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -278,7 +278,7 @@ def _w8a16_mma_kernel(
             x = tl.load(x_ptrs + k0 * stride_xk, mask=mask_k[None, :], other=0)
             q = tl.load(qw_ptrs + k0 * stride_qk, mask=mask_k[None, :], other=0)
         acc = tl.dot(x, tl.trans(q.to(DTYPE)), acc, input_precision=DOT_PRECISION)
-        if SILU_MUL:
+        if ACTIVATION == "silu_mul":
             if EVEN_K:
                 q_up = tl.load(qw_ptrs + N_UP * stride_qn + k0 * stride_qk)
             else:
@@ -286,10 +286,10 @@ def _w8a16_mma_kernel(
             acc_up = tl.dot(x, tl.trans(q_up.to(DTYPE)), acc_up, input_precision=DOT_PRECISION)
     mask_n = offs_n < N_OUT
     acc *= tl.load(s_ptr + offs_n, mask=mask_n, other=0).to(tl.float32)[None, :]
-    if SILU_MUL:
+    if ACTIVATION == "silu_mul":
         acc_up *= tl.load(s_ptr + N_UP + offs_n, mask=mask_n, other=0).to(tl.float32)[None, :]
     store_output(acc, acc_up, offs_m, offs_n, offs_m < M, mask_n, pid, M, N_UP, b_ptr, out_ptr, ws_ptr,
-                 stride_om, stride_on, stride_wm, SPLIT_K, HAS_BIAS, SILU_MUL)
+                 stride_om, stride_on, stride_wm, SPLIT_K, HAS_BIAS, ACTIVATION)
 
 
 class GemvConfig(NamedTuple):
@@ -365,8 +365,9 @@ def w8a16_linear(
 ) -> torch.Tensor:
     """``(x [M, K] @ qweight.T) * scales (+ bias)`` -> ``[M, N]`` in x.dtype.
 
-    ``activation="silu_mul"``: the N columns are ``[gate | up]`` and the result is
-    ``silu(gate) * up`` ``[M, N // 2]``, computed in float32 before the cast.
+    ``activation`` (``common.ACTIVATIONS``), computed in float32 before the cast: "silu_mul"
+    reads the N columns as ``[gate | up]`` and gives ``silu(gate) * up`` ``[M, N // 2]``;
+    "gelu" / "gelu_tanh" apply GELU.
     ``config`` (a ``GemvConfig`` or ``MmaConfig``) overrides the tuned choice; for sweeps.
     """
     M, K = x.shape
@@ -391,6 +392,6 @@ def w8a16_linear(
         x, qweight, scales, bias if has_bias else scales, out, ws, M, n_out, N - n_out, K,
         x.stride(0), x.stride(1), qweight.stride(0), qweight.stride(1), out.stride(0), out.stride(1), N,
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k, HAS_BIAS=has_bias,
-        SILU_MUL=activation == "silu_mul", num_warps=cfg.num_warps, num_stages=cfg.num_stages, **meta,
+        ACTIVATION=activation, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **meta,
     )
     return out

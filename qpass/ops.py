@@ -4,10 +4,11 @@ Each is a ``torch.library.triton_op``: a schema, a fake implementation for traci
 body that torch.compile can see into. On CPU the body is the plain-torch reference of
 ``qpass.kernels.reference``; on CUDA it launches the Triton kernels of ``qpass.kernels``.
 
-Each takes ``activation`` ("none" or "silu_mul", ``qpass.kernels.common.ACTIVATIONS``): an epilogue
-computed inside the op, so that ``silu(gate) * up`` after a merged gate/up linear costs
-no launch of its own (``qpass.passes.lower`` folds it in). With "silu_mul" the N output
-columns are ``[gate | up]`` and the op returns ``[..., N / 2]``.
+Each takes ``activation`` (``qpass.kernels.common.ACTIVATIONS``: "none", "silu_mul", "gelu",
+"gelu_tanh"): an epilogue computed inside the op, so that ``silu(gate) * up`` after a merged
+gate/up linear, or the GELU after an MLP's first linear, costs no launch of its own
+(``qpass.passes.lower`` folds it in). With "silu_mul" the N output columns are
+``[gate | up]`` and the op returns ``[..., N / 2]``.
 """
 
 from typing import Optional
@@ -20,9 +21,12 @@ from triton.runtime import KernelInterface
 from qpass.kernel_analysis import cache_kernel_analysis
 from qpass.kernels import fp8 as fp8_kernels
 from qpass.kernels import reference
-from qpass.kernels.common import output_columns
+from qpass.kernels.common import ACTIVATIONS, output_columns
 from qpass.kernels import w4a16 as w4a16_kernels
 from qpass.kernels import w8a16 as w8a16_kernels
+
+# The epilogues every op computes: what the methods built on these ops list as fused_activations.
+FUSED_ACTIVATIONS = tuple(a for a in ACTIVATIONS if a != "none")
 
 # torch.compile analyses each launch site of a kernel; one analysis per specialization will do
 cache_kernel_analysis(kernel for module in (fp8_kernels, w4a16_kernels, w8a16_kernels)
@@ -112,9 +116,16 @@ def _pre_activation_grad(grad: torch.Tensor, activation: str, linear_out) -> tor
     ``linear_out()`` recomputes that output."""
     if activation == "none":
         return grad
-    gate, up = linear_out().float().chunk(2, dim=-1)
+    grad_out, out = grad.float(), linear_out().float()
+    if activation == "gelu":  # d/dx x Phi(x) = Phi(x) + x phi(x)
+        phi = torch.exp(-0.5 * out * out) * 0.3989422804014327
+        return (grad_out * (0.5 * (1 + torch.erf(out * 0.7071067811865476)) + out * phi)).to(grad.dtype)
+    if activation == "gelu_tanh":  # x sigmoid(2 u), u = sqrt(2 / pi) (x + 0.044715 x^3)
+        sigmoid = torch.sigmoid(1.5957691216057308 * (out + 0.044715 * out**3))
+        du = 1.5957691216057308 * (1 + 3 * 0.044715 * out * out)
+        return (grad_out * (sigmoid + out * sigmoid * (1 - sigmoid) * du)).to(grad.dtype)
+    gate, up = out.chunk(2, dim=-1)
     sigmoid = torch.sigmoid(gate)
-    grad_out = grad.float()
     grad_gate = grad_out * up * sigmoid * (1 + gate * (1 - sigmoid))
     return torch.cat([grad_gate, grad_out * F.silu(gate)], dim=-1).to(grad.dtype)
 

@@ -25,8 +25,7 @@ class GraphSnapshots(TestCase):
         self.assertExpectedInline(code(q), """\
 def forward(self, x):
     fc1 = self.fc1(x);  x = None
-    gelu = torch._C._nn.gelu(fc1);  fc1 = None
-    fc2 = self.fc2(gelu);  gelu = None
+    fc2 = self.fc2(fc1);  fc1 = None
     return fc2""")
 
     def test_block_merges_qkv_and_gate_up(self):
@@ -168,6 +167,21 @@ class GateReadTwice(nn.Module):
         return F.silu(gate) * up + gate
 
 
+class GeluMLPs(nn.Module):
+    """Three GELUs: a tanh nn.GELU module, F.gelu, and an F.gelu whose input is read again."""
+
+    def __init__(self, dim=256, hidden=512):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc3, self.fc4 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        x = x + self.fc2(self.act(self.fc1(x)))
+        h = self.fc3(x)
+        return x + self.fc4(F.gelu(h) + h)
+
+
 class Int8WithoutEpilogues(Int8LinearMethod):
     fused_activations = ()  # as a method ported from elsewhere, which declares none
 
@@ -206,6 +220,24 @@ def forward(self, x):
     add = mul + getitem;  mul = getitem = None
     return add""")
         self.assertEqual(q.gate_up.activation, "none")
+
+    def test_gelu_module_and_function(self):
+        model = seeded(GeluMLPs)
+        q = qpass.quantize(model, "awq")
+        self.assertExpectedInline(code(q), """\
+def forward(self, x):
+    fc1 = self.fc1(x)
+    fc2 = self.fc2(fc1);  fc1 = None
+    add = x + fc2;  x = fc2 = None
+    fc3 = self.fc3(add)
+    gelu = torch._C._nn.gelu(fc3)
+    add_1 = gelu + fc3;  gelu = fc3 = None
+    fc4 = self.fc4(add_1);  add_1 = None
+    add_2 = add + fc4;  add = fc4 = None
+    return add_2""")
+        self.assertEqual((q.fc1.activation, q.fc3.activation), ("gelu_tanh", "none"))
+        x = torch.randn(3, 256)
+        self.assertLess(relative_error(q(x), qpass.quantize(model, "awq", merge=False)(x)), 1e-5)
 
     def test_method_without_fused_activations_stays_unfused(self):
         q = qpass.quantize(seeded(Block), "test_int8_no_epilogue")

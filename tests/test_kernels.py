@@ -25,6 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from qpass.kernels import fp8, reference, w4a16, w8a16
+from qpass.kernels.common import output_columns
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -222,67 +223,66 @@ def test_fp8_split_k_variant():
     assert relative_error(out, ref) < FP8_BOUND[torch.float16]
 
 
-# --- activation="silu_mul": [gate | up] columns, silu(gate) * up in the epilogue --------------
+# --- epilogues: silu_mul ([gate | up] columns, silu(gate) * up), gelu, gelu_tanh ------------
 
-def silu_mul(ref: torch.Tensor) -> torch.Tensor:
-    gate, up = ref.float().chunk(2, dim=-1)
-    return torch.nn.functional.silu(gate) * up
+EPILOGUES = ("silu_mul", "gelu", "gelu_tanh")
 
 
-def w4_silu_mul_error(M, N, K, dtype, bias, seed, config=None):
+def w4_epilogue_error(activation, M, N, K, dtype, bias, seed, config=None):
     x, qweight, scales, zeros, b = make_w4(M, N, K, 64, dtype, False, bias, seed)
-    out = w4a16.w4a16_linear(x, qweight, scales, zeros, 64, b, activation="silu_mul", config=config)
-    assert out.dtype == dtype and out.shape == (M, N // 2)
-    return relative_error(out, silu_mul(w4_reference(x, qweight, scales, zeros, 64, b)))
+    out = w4a16.w4a16_linear(x, qweight, scales, zeros, 64, b, activation=activation, config=config)
+    assert out.dtype == dtype and out.shape == (M, output_columns(activation, N))
+    return relative_error(out, reference.apply_activation(w4_reference(x, qweight, scales, zeros, 64, b), activation))
 
 
-def w8_silu_mul_error(M, N, K, dtype, bias, seed, config=None):
+def w8_epilogue_error(activation, M, N, K, dtype, bias, seed, config=None):
     x, qweight, scales, b = make_w8(M, N, K, dtype, bias, seed)
-    out = w8a16.w8a16_linear(x, qweight, scales, b, activation="silu_mul", config=config)
-    assert out.dtype == dtype and out.shape == (M, N // 2)
+    out = w8a16.w8a16_linear(x, qweight, scales, b, activation=activation, config=config)
+    assert out.dtype == dtype and out.shape == (M, output_columns(activation, N))
     ref = reference.w8a16_linear(x.float(), qweight, scales.float(), None if b is None else b.float())
-    return relative_error(out, silu_mul(ref))
+    return relative_error(out, reference.apply_activation(ref, activation))
 
 
-def fp8_silu_mul_error(M, N, K, dtype, bias, seed, config=None):
+def fp8_epilogue_error(activation, M, N, K, dtype, bias, seed, config=None):
     x, qweight, weight_scale, b = make_fp8(M, N, K, dtype, bias, seed)
-    out = fp8.fp8_linear(x, qweight, weight_scale, b, activation="silu_mul", config=config)
-    assert out.dtype == dtype and out.shape == (M, N // 2)
+    out = fp8.fp8_linear(x, qweight, weight_scale, b, activation=activation, config=config)
+    assert out.dtype == dtype and out.shape == (M, output_columns(activation, N))
     ref = reference.fp8_linear(x.float(), qweight, weight_scale, None if b is None else b.float())
-    return relative_error(out, silu_mul(ref))
+    return relative_error(out, reference.apply_activation(ref, activation))
 
 
-SILU_MUL_VARIANTS = [  # (error function, config, needs fp16/fp32 on the CPU, bound)
-    (w4_silu_mul_error, None, False, BOUND),
-    (w4_silu_mul_error, w4a16.GemvConfig(16, 64, 3, 4), False, BOUND),
-    (w4_silu_mul_error, w4a16.MmaConfig(16, 16, 32, 2, True, 4, 2), True, BOUND),
-    (w4_silu_mul_error, w4a16.MmaConfig(16, 16, 32, 2, True, 4, 2, scale_acc=True), True, BOUND),
-    (w4_silu_mul_error, w4a16.DequantMmConfig(4, 16), False, BOUND),
-    (w8_silu_mul_error, w8a16.GemvConfig(8, 64, 2, 4, 2), False, BOUND),
-    (w8_silu_mul_error, w8a16.MmaConfig(16, 16, 32, 2, 4, 2), True, BOUND),
-    (fp8_silu_mul_error, fp8.MmaConfig(16, 16, 64, 2, 4, 2), True, FP8_BOUND),
+EPILOGUE_VARIANTS = [  # (error function, config, needs fp16/fp32 on the CPU, bound)
+    (w4_epilogue_error, None, False, BOUND),
+    (w4_epilogue_error, w4a16.GemvConfig(16, 64, 3, 4), False, BOUND),
+    (w4_epilogue_error, w4a16.MmaConfig(16, 16, 32, 2, True, 4, 2), True, BOUND),
+    (w4_epilogue_error, w4a16.MmaConfig(16, 16, 32, 2, True, 4, 2, scale_acc=True), True, BOUND),
+    (w4_epilogue_error, w4a16.DequantMmConfig(4, 16), False, BOUND),
+    (w8_epilogue_error, w8a16.GemvConfig(8, 64, 2, 4, 2), False, BOUND),
+    (w8_epilogue_error, w8a16.MmaConfig(16, 16, 32, 2, 4, 2), True, BOUND),
+    (fp8_epilogue_error, fp8.MmaConfig(16, 16, 64, 2, 4, 2), True, FP8_BOUND),
 ]
 
 
-@pytest.mark.parametrize("variant", SILU_MUL_VARIANTS,
+@pytest.mark.parametrize("activation", EPILOGUES)
+@pytest.mark.parametrize("variant", EPILOGUE_VARIANTS,
                          ids=lambda v: v[0].__name__.split("_")[0] + "-" + type(v[1]).__name__)
 @settings(max_examples=2 if not CUDA else 6, deadline=None)
 @given(M=st.integers(1, 20), half_n=st.integers(16, 40), groups=st.integers(1, 3), bias=st.booleans(),
        seed=st.integers(0, 2**16), data=st.data())
-def test_silu_mul_epilogue_matches_reference(variant, M, half_n, groups, bias, seed, data):
+def test_epilogue_matches_reference(activation, variant, M, half_n, groups, bias, seed, data):
     error, config, tensor_cores, bound = variant
     dtype = data.draw(st.sampled_from(cpu_dtypes(gemv=not tensor_cores)))
     if not CUDA and config is None:  # the tuned choice, kept to the GEMV (float32 arithmetic, bf16 too)
         M = M % w4a16.GEMV_MAX_M + 1
     elif not CUDA and isinstance(config, (w4a16.GemvConfig, w8a16.GemvConfig)):
         M = M % 3 + 1  # the interpreter runs one GEMV program per row: keep the rows few
-    assert error(M, 2 * half_n, 64 * groups, dtype, bias, seed, config) < bound[dtype]
+    assert error(activation, M, 2 * half_n, 64 * groups, dtype, bias, seed, config) < bound[dtype]
 
 
 def test_unknown_activation_or_odd_columns_raise():
     x, qweight, scales, zeros, _ = make_w4(2, 24, 64, 32, torch.float16, False, False, 0)
-    with pytest.raises(ValueError, match="'gelu'"):
-        w4a16.w4a16_linear(x, qweight, scales, zeros, 32, activation="gelu")
+    with pytest.raises(ValueError, match="'gelu_erf'"):
+        w4a16.w4a16_linear(x, qweight, scales, zeros, 32, activation="gelu_erf")
     x8, qweight8, scales8, _ = make_w8(2, 24, 64, torch.float16, False, 0)
     with pytest.raises(ValueError, match="'relu'"):
         w8a16.w8a16_linear(x8, qweight8, scales8, activation="relu")
@@ -324,10 +324,11 @@ def test_gpu_every_kernel_at_tuned_sizes(M, N, K, dtype):
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("M,N,K", [(1, 28672, 4096), (16, 4096, 1024), (200, 1536, 512), (1000, 2048, 1024)])
-def test_gpu_silu_mul_at_tuned_sizes(M, N, K, dtype):
-    assert w4_silu_mul_error(M, N, K, dtype, True, M) < BOUND[dtype]
-    assert w8_silu_mul_error(M, N, K, dtype, True, M) < BOUND[dtype]
-    assert fp8_silu_mul_error(M, N, K, dtype, True, M) < FP8_BOUND[dtype]
+@pytest.mark.parametrize("activation", EPILOGUES)
+def test_gpu_epilogues_at_tuned_sizes(activation, M, N, K, dtype):
+    assert w4_epilogue_error(activation, M, N, K, dtype, True, M) < BOUND[dtype]
+    assert w8_epilogue_error(activation, M, N, K, dtype, True, M) < BOUND[dtype]
+    assert fp8_epilogue_error(activation, M, N, K, dtype, True, M) < FP8_BOUND[dtype]
 
 
 @cuda
@@ -338,16 +339,17 @@ def test_gpu_silu_mul_at_tuned_sizes(M, N, K, dtype):
                                               (2, 72, 320, 64), (1, 50, 96, 32), (2, 4100, 1280, 64)])
 def test_gpu_w4a16_gemv_packed_bf16(M, N, K, group_size, config):
     """The bf16x2 GEMV path (bf16 products summed in bf16 per lane) against the float32
-    reference, M, N and K off the block sizes; plain and silu_mul, with bias."""
+    reference, M, N and K off the block sizes; plain and with each epilogue, with bias."""
     args = make_w4(M, N, K, group_size, torch.bfloat16, False, True, N + K)
     x, qweight, scales, zeros, b = args
     cfg = config or w4a16.pick_config(M, N, K, group_size, x.device)
     assert w4a16.gemv_meta(cfg, x, K, group_size)["PACKED_BF16"]
     out = w4a16.w4a16_linear(x, qweight, scales, zeros, group_size, b, config=config)
     assert relative_error(out, w4_reference(*args[:4], group_size, b)) < BOUND[torch.bfloat16]
-    out = w4a16.w4a16_linear(x, qweight, scales, zeros, group_size, b, activation="silu_mul", config=config)
-    ref = silu_mul(w4_reference(*args[:4], group_size, b))
-    assert relative_error(out, ref) < BOUND[torch.bfloat16]
+    for activation in EPILOGUES:
+        out = w4a16.w4a16_linear(x, qweight, scales, zeros, group_size, b, activation=activation, config=config)
+        ref = reference.apply_activation(w4_reference(*args[:4], group_size, b), activation)
+        assert relative_error(out, ref) < BOUND[torch.bfloat16], activation
 
 
 @cuda

@@ -8,6 +8,8 @@ import torch
 from torch import nn
 
 import qpass
+from qpass.kernels.common import output_columns
+from qpass.kernels.reference import apply_activation
 from qpass.layers.linear import QuantLinear
 from qpass.layers.quantize_base import UnquantizedLinearMethod
 from qpass.methods.awq import AWQLinearMethod, fitting_group_size
@@ -152,6 +154,22 @@ def test_gradients_reach_the_activations():
         model(x).sum().backward()
         grad_f, x.grad = x.grad, None
         assert relative_error(grad_q, grad_f) < 0.1
+
+
+@pytest.mark.parametrize("activation", ["silu_mul", "gelu", "gelu_tanh"])
+def test_fused_activation_gradients_match_torch(activation):
+    """The backward of an op with an epilogue: the epilogue's own derivative, as torch's."""
+    g = torch.Generator().manual_seed(0)
+    qweight = torch.randint(-2**31, 2**31 - 1, (256 // 8, 64), dtype=torch.int32, generator=g)
+    scales, zeros = torch.rand(2, 64, generator=g) / 16, torch.full((2, 64), 8.0)
+    x = torch.randn(3, 256, generator=g, requires_grad=True)
+    grad_out = torch.randn(3, output_columns(activation, 64), generator=g)
+    fused = torch.ops.qpass.w4a16_linear(x, qweight, scales, zeros, 128, activation=activation)
+    (grad_fused,) = torch.autograd.grad(fused, x, grad_out)
+    plain = apply_activation(torch.ops.qpass.w4a16_linear(x, qweight, scales, zeros, 128), activation)
+    (grad_plain,) = torch.autograd.grad(plain, x, grad_out)
+    torch.testing.assert_close(fused, plain)
+    torch.testing.assert_close(grad_fused, grad_plain, rtol=1e-5, atol=1e-5)
 
 
 def test_method_registry_lists_builtin_methods():

@@ -6,10 +6,11 @@ gate/up): each is a *shard* of ``output_partition_sizes``, loaded by its index o
 Tensor parallelism follows vLLM: ``parallel="column"`` splits the outputs across ranks,
 ``"row"`` splits the inputs (the caller all-reduces the partial outputs).
 
-``activation`` ("none" unless ``qpass.passes.lower`` folded ``silu(gate) * up`` into the
-layer) is an epilogue the method's ``apply`` passes to its op: with "silu_mul" the layer
-returns ``silu(gate) * up`` of its ``[gate | up]`` outputs, half as many columns. Methods
-list the epilogues their ops compute in ``fused_activations``.
+``activation`` ("none" unless ``qpass.passes.lower`` folded ``silu(gate) * up`` or a GELU
+into the layer) is an epilogue the method's ``apply`` passes to its op: with "silu_mul" the
+layer returns ``silu(gate) * up`` of its ``[gate | up]`` outputs, half as many columns; with
+"gelu" or "gelu_tanh", GELU of its outputs. Methods list the epilogues their ops compute in
+``fused_activations``.
 """
 
 from typing import List, Optional, Sequence, Union
@@ -184,6 +185,8 @@ class QuantLinear(nn.Module):
                     f"fused_activations are {tuple(supported)}")
         if self.parallel == "row":
             return f"activation {activation!r} needs whole outputs; a row-parallel layer has partial sums"
+        if activation != "silu_mul":
+            return None
         halves = self.output_partition_sizes
         if self.tp_size > 1 and not (len(halves) == 2 and halves[0] == halves[1]):
             return (f"activation {activation!r} on a column-parallel layer needs two equal output partitions "
@@ -193,7 +196,8 @@ class QuantLinear(nn.Module):
         return None
 
     def set_activation(self, activation: str) -> None:
-        """Have ``apply`` compute ``activation`` in the op's epilogue ("silu_mul" or "none")."""
+        """Have ``apply`` compute ``activation`` in the op's epilogue ("none" or one of the
+        method's ``fused_activations``)."""
         problem = self.activation_problem(activation)
         if problem is not None:
             raise ValueError(problem)

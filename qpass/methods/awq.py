@@ -27,6 +27,7 @@ from qpass.kernels.reference import pack_int4_rows, unpack_int4_rows
 from qpass.layers.quantize_base import LinearMethodBase
 from qpass.layers.utils import set_weight_attrs
 from qpass.methods.base import QuantConfig, register_method
+from qpass.ops import FUSED_ACTIVATIONS
 
 log = logging.getLogger("qpass")
 
@@ -134,7 +135,7 @@ def fitting_group_size(group_size: int, in_features: int) -> Optional[int]:
 
 
 class AWQLinearMethod(LinearMethodBase):
-    fused_activations = ("silu_mul",)  # epilogues the op computes (QuantLinear.activation)
+    fused_activations = FUSED_ACTIVATIONS  # epilogues the op computes (QuantLinear.activation)
 
     def __init__(self, quant_config: AWQConfig):
         self.quant_config = quant_config

@@ -13,6 +13,7 @@ import torch
 from qpass.kernels.reference import FP8_MAX
 from qpass.layers.quantize_base import LinearMethodBase
 from qpass.methods.base import QuantConfig, register_method, register_per_channel_weights
+from qpass.ops import FUSED_ACTIVATIONS
 
 
 @register_method("fp8")
@@ -23,7 +24,7 @@ class FP8Config(QuantConfig):
 
 
 class FP8LinearMethod(LinearMethodBase):
-    fused_activations = ("silu_mul",)  # epilogues the op computes (QuantLinear.activation)
+    fused_activations = FUSED_ACTIVATIONS  # epilogues the op computes (QuantLinear.activation)
 
     def __init__(self, quant_config: FP8Config):
         self.quant_config = quant_config

@@ -32,6 +32,7 @@ from qpass.layers.quantize_base import LinearMethodBase
 from qpass.layers.utils import set_weight_attrs
 from qpass.methods.awq import MIN_GROUP_SIZE, PACK_FACTOR, fitting_group_size, warn_uncalibrated_once
 from qpass.methods.base import QuantConfig, register_method
+from qpass.ops import FUSED_ACTIVATIONS
 
 
 def pack_columns(z: torch.Tensor) -> torch.Tensor:
@@ -124,7 +125,7 @@ class GPTQConfig(QuantConfig):
 
 
 class GPTQLinearMethod(LinearMethodBase):
-    fused_activations = ("silu_mul",)  # epilogues the op computes (QuantLinear.activation)
+    fused_activations = FUSED_ACTIVATIONS  # epilogues the op computes (QuantLinear.activation)
 
     def __init__(self, quant_config: GPTQConfig):
         self.quant_config = quant_config

@@ -12,6 +12,7 @@ import torch
 from qpass.calib.rtn import quantize_per_channel_int8
 from qpass.layers.quantize_base import LinearMethodBase
 from qpass.methods.base import QuantConfig, register_method, register_per_channel_weights
+from qpass.ops import FUSED_ACTIVATIONS
 
 
 @register_method("int8")
@@ -22,7 +23,7 @@ class Int8Config(QuantConfig):
 
 
 class Int8LinearMethod(LinearMethodBase):
-    fused_activations = ("silu_mul",)  # epilogues the op computes (QuantLinear.activation)
+    fused_activations = FUSED_ACTIVATIONS  # epilogues the op computes (QuantLinear.activation)
 
     def __init__(self, quant_config: Int8Config):
         self.quant_config = quant_config

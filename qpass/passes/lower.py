@@ -10,16 +10,18 @@ rewritten graph,
     y = silu(gate) * up                      (either order of the product)
 
 and makes the stub compute ``y`` itself (``QuantLinear.set_activation("silu_mul")``,
-which its method's ``apply`` passes to the op); the split, silu and mul nodes go. A
-stub whose method does not list "silu_mul" in ``fused_activations``, or that is called
-more than once, or whose halves have other readers, is left as it is.
+which its method's ``apply`` passes to the op); the split, silu and mul nodes go. The same
+for ``y = gelu(stub(x))`` (F.gelu, aten.gelu or ``nn.GELU``; "gelu", or "gelu_tanh" for
+``approximate="tanh"``). A stub whose method does not list the activation in
+``fused_activations``, or that is called more than once, or whose output (or halves) has
+other readers, is left as it is.
 
 Residual adds, norms and casts need nothing here: Inductor fuses them into its own
 pointwise/reduction kernels between the ops.
 """
 
 import operator
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +30,8 @@ from torch import fx, nn
 from qpass.layers.linear import QuantLinear
 
 SILU_FUNCTIONS = (F.silu, torch.ops.aten.silu.default, torch.ops.aten.silu)
+GELU_FUNCTIONS = (F.gelu, torch.ops.aten.gelu.default, torch.ops.aten.gelu)
+GELU_ACTIVATIONS = {"none": "gelu", "tanh": "gelu_tanh"}  # approximate= -> the op's activation
 MUL_FUNCTIONS = (operator.mul, torch.mul, torch.ops.aten.mul.Tensor, torch.ops.aten.mul)
 SPLIT_FUNCTIONS = (torch.split, torch.ops.aten.split.Tensor, torch.ops.aten.split_with_sizes.default)
 CHUNK_FUNCTIONS = (torch.chunk, torch.ops.aten.chunk.default)
@@ -35,14 +39,20 @@ META_KEYS = ("example_value", "val", "tensor_meta")  # what tracers record of a 
 
 
 def lower(gm: fx.GraphModule) -> fx.GraphModule:
-    """Fold ``silu(gate) * up`` into every stub that can compute it; returns ``gm``."""
+    """Fold ``silu(gate) * up`` and GELU into every stub that can compute them; returns ``gm``."""
     calls = [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), QuantLinear)]
     for node in calls:
         stub = gm.get_submodule(node.target)
-        called_once = sum(n.target == node.target for n in calls) == 1
+        if sum(n.target == node.target for n in calls) != 1:
+            continue
         match = silu_mul_after(node, sum(stub.output_partition_sizes))
-        if called_once and match is not None and stub.activation_problem("silu_mul") is None:
-            fold_silu_mul(gm, node, stub, match)
+        if match is not None and stub.activation_problem("silu_mul") is None:
+            split, gate, up, silu, mul = match
+            fold(gm, node, stub, "silu_mul", mul, [mul, silu, up, gate, split])
+            continue
+        gelu = gelu_after(node)
+        if gelu is not None and stub.activation_problem(gelu[1]) is None:
+            fold(gm, node, stub, gelu[1], gelu[0], [gelu[0]])
     gm.graph.lint()
     gm.delete_all_unused_submodules()
     gm.recompile()
@@ -70,6 +80,27 @@ def silu_mul_after(node: fx.Node, width: int) -> Optional[Tuple[fx.Node, ...]]:
     if not (is_mul(mul) and set(mul.args) == {silu, up} and not mul.kwargs):
         return None
     return split, gate, up, silu, mul
+
+
+def gelu_after(node: fx.Node) -> Optional[Tuple[fx.Node, str]]:
+    """(the GELU node, its op activation) where ``node``'s only reader is GELU of it; None
+    otherwise (also for an ``approximate`` the ops do not compute)."""
+    if len(node.users) != 1:
+        return None
+    (gelu,) = node.users
+    if not gelu.args or gelu.args[0] is not node:
+        return None
+    if gelu.op == "call_module":
+        module = gelu.graph.owning_module.get_submodule(gelu.target)
+        if type(module) is not nn.GELU:
+            return None
+        approximate = module.approximate
+    elif _is_call(gelu, GELU_FUNCTIONS, None):
+        approximate = gelu.args[1] if len(gelu.args) > 1 else gelu.kwargs.get("approximate", "none")
+    else:
+        return None
+    activation = GELU_ACTIVATIONS.get(approximate)
+    return (gelu, activation) if activation is not None else None
 
 
 def splits_in_halves(split: fx.Node, source: fx.Node, width: int) -> bool:
@@ -115,13 +146,14 @@ def _is_call(node: fx.Node, functions, method: Optional[str]) -> bool:
     return node.op == "call_method" and node.target == method
 
 
-def fold_silu_mul(gm: fx.GraphModule, node: fx.Node, stub: QuantLinear, match: Tuple[fx.Node, ...]) -> None:
-    """The stub computes ``silu(gate) * up``: its call takes the product's place."""
-    split, gate, up, silu, mul = match
-    stub.set_activation("silu_mul")
+def fold(gm: fx.GraphModule, node: fx.Node, stub: QuantLinear, activation: str, result: fx.Node,
+         dead: List[fx.Node]) -> None:
+    """The stub computes ``activation``: its call takes the place of ``result``, and the
+    nodes ``dead`` (readers first) go."""
+    stub.set_activation(activation)
     for key in META_KEYS:
-        if key in mul.meta:
-            node.meta[key] = mul.meta[key]
-    mul.replace_all_uses_with(node)
-    for dead in (mul, silu, up, gate, split):
-        gm.graph.erase_node(dead)
+        if key in result.meta:
+            node.meta[key] = result.meta[key]
+    result.replace_all_uses_with(node)
+    for unused in dead:
+        gm.graph.erase_node(unused)
