@@ -14,7 +14,7 @@ import qpass.calib.awq as awq_calib
 from qpass.api import _plan
 from qpass.calib.blocks import find_blocks
 from qpass.calib.data import text_windows
-from qpass.calib.gptq import gptq_quantize, hessian
+from qpass.calib.gptq import HESSIAN_TOKENS_PER_STEP, gptq_quantize, hessian
 from qpass.calib.rtn import quantize_groupwise
 from qpass.layers.linear import QuantLinear
 from qpass.methods import awq as awq_method
@@ -104,6 +104,18 @@ def test_hessian_caps_massive_tokens():
     cut[7] *= 2 * loud.norm(dim=1).median() / loud[7].norm()
     torch.testing.assert_close(hessian(loud, 2.0), hessian(cut))
     assert hessian(loud).diagonal().sum() > 100 * hessian(loud, 2.0).diagonal().sum()
+
+
+def test_hessian_in_chunks_of_scaled_inputs():
+    """Inputs past one chunk, divided per channel on the fly: the H of ``x / divisor`` in one go."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(HESSIAN_TOKENS_PER_STEP + 1000, 32, generator=g)
+    x[5] *= 500  # a token past the cap
+    divisor = torch.rand(32, generator=g) + 0.5
+    scaled = (x / divisor).double()
+    norms = scaled.norm(dim=1, keepdim=True)
+    capped = scaled * (2 * norms.median() / norms).clamp(max=1)
+    torch.testing.assert_close(hessian(x, 2.0, divisor=divisor), 2 * capped.t() @ capped / x.shape[0], rtol=1e-5, atol=1e-5)
 
 
 def test_gptq_act_order_g_idx():

@@ -97,7 +97,7 @@ def calibrate_awq(model: nn.Module, plan: Plan, calib, config, device=None) -> C
             x_scaled = _strided(x, CLIP_SEARCH_TOKENS) / s
             clipped = {site.name: search_clipping(weights[site.name], x_scaled, group.config) for site in group.sites}
             if group.config.rounding == "gptq":
-                rounded = round_gptq(clipped, hessian(x / s, GPTQ_DEFAULTS.token_norm_cap), group, calibration)
+                rounded = round_gptq(clipped, hessian(x, GPTQ_DEFAULTS.token_norm_cap, divisor=s), group, calibration)
             else:
                 rounded = {name: fake_quantize(w, group.config) for name, w in clipped.items()}
                 for site in group.sites:

@@ -20,9 +20,13 @@ from qpass.passes.plan import LinearGroup, Plan
 LAZY_BLOCK = 128  # columns per lazy batch update (rounded to whole groups)
 
 
-def hessian(x: torch.Tensor, token_norm_cap: float = 0.0) -> torch.Tensor:
-    """``2 X^T X / n`` of inputs ``x [n, K]``: summed in float32 (a float64 matmul is several
-    times slower on a CPU), returned in float64 for a stable Cholesky.
+HESSIAN_TOKENS_PER_STEP = 8192  # tokens scaled at a time: a copy of a chunk, not of all inputs
+
+
+def hessian(x: torch.Tensor, token_norm_cap: float = 0.0, divisor: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``2 X^T X / n`` of inputs ``x [n, K]`` (divided per channel by ``divisor [K]`` where
+    given: AWQ's scaled inputs, without a copy of ``x``): summed in float32 (a float64 matmul
+    is several times slower on a CPU), returned in float64 for a stable Cholesky.
 
     With ``token_norm_cap > 0``, a token whose norm exceeds that multiple of the median
     token norm counts with its norm cut to it. Otherwise the few tokens with massive
@@ -30,11 +34,21 @@ def hessian(x: torch.Tensor, token_norm_cap: float = 0.0) -> torch.Tensor:
     changes to weights that every other token then reads: on SmolLM2-135M, layer 28's
     down_proj alone cost +1.9 perplexity (rounding to nearest: +0.13; capped at 2: +0.05;
     tests/test_calib_real.py)."""
-    x = x.float()
+    def chunks():
+        for chunk in x.split(HESSIAN_TOKENS_PER_STEP):
+            chunk = chunk.float()
+            yield chunk if divisor is None else chunk / divisor
+
+    limit = None
     if token_norm_cap > 0:
-        norms = x.norm(dim=1, keepdim=True).clamp(min=torch.finfo(x.dtype).tiny)
-        x = x * (token_norm_cap * norms.median() / norms).clamp(max=1)
-    return (2 * (x.t() @ x) / x.shape[0]).double()
+        norms = torch.cat([chunk.norm(dim=1) for chunk in chunks()]).clamp(min=torch.finfo(torch.float32).tiny)
+        limit = token_norm_cap * norms.median()
+    h = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
+    for chunk in chunks():
+        if limit is not None:
+            chunk = chunk * (limit / chunk.norm(dim=1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)).clamp(max=1)
+        h.addmm_(chunk.t(), chunk)
+    return (2 * h / x.shape[0]).double()
 
 
 def gptq_quantize(
