@@ -25,10 +25,10 @@ Three paths, chosen by M (``pick_config``):
 
 The first two may split K over ``SPLIT_K`` programs when the (M, N) tiles alone would leave
 the GPU idle; the programs of a tile add their partial sums into a zeroed float32 workspace
-and the last to arrive finishes the tile (``store_output``): no second launch. They take
-``activation="silu_mul"`` (columns ``[gate | up]``, result ``silu(gate) * up``) in that same
-epilogue, each program computing matching gate and up tiles (the GEMV in one pass over K,
-its gate columns then its up columns as one tile).
+and the last to arrive finishes the tile (``store_output``): no second launch. That same
+epilogue computes the ``activation``: GELU, or ``"silu_mul"`` (columns ``[gate | up]``,
+result ``silu(gate) * up``), each program computing matching gate and up tiles (the GEMV in
+one pass over K, its gate columns then its up columns as one tile).
 """
 
 import math

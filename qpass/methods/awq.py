@@ -71,7 +71,7 @@ class AWQConfig(QuantConfig):
     # How calibrated weights meet the int4 grid that the scale and clipping searches chose:
     # "gptq" rounds them with GPTQ's error compensation (act-order over AWQ's own groups, so
     # the checkpoint is plain AWQ); "nearest" is AutoAWQ's rounding. On real models "gptq"
-    # recovers more (bench/NOTES-calibration.md): all-MiniLM-L6-v2 0.985 against 0.975.
+    # recovers more (bench/NOTES-calibration.md): all-MiniLM-L6-v2 0.985 against 0.974.
     rounding: str = "gptq"
 
     def validate(self) -> None:
