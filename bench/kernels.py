@@ -143,19 +143,23 @@ def sweep_candidates(kind, M):
                 out.append(w4a16.GemvConfig(bn, bk, 1, warps))
             out.append(w4a16.GemvConfig(16, 1024, 2, 8))
             out.append(w4a16.GemvConfig(16, 2048, 1, 8, packed_f16=False))
-        elif M <= 64:
-            if M <= 16:  # the split rule against fixed splits, for the tuned block shape
+        if 2 <= M <= 16:  # the warp-level MMA kernel
+            for warps in (4, 8):
+                for split in (1, 2, 4, 8):
+                    out.append(w4a16.WarpMmaConfig(warps, split, (M + 7) // 8))
+        if 2 < M <= 64:
+            if M <= 16:  # the split rule against fixed splits, for the tensor-core kernel's tuned block shape
                 for split in (1, 2, 4, 8, 16):
                     out.append(w4a16.MmaConfig(16, 128, 128, split, True, 4, 3))
             for bn in (64, 128):
                 for swap in (True, False):
                     for scale_acc in (False, True):
                         out.append(w4a16.MmaConfig(min(M, 64), bn, 128, 0, swap, 4, 3, scale_acc=scale_acc))
-        elif M <= 256:
+        if 64 < M <= 256:
             for bm, bn, bk, warps in [(128, 128, 64, 8), (64, 128, 64, 4), (64, 128, 128, 4)]:
                 out.append(w4a16.MmaConfig(bm, bn, bk, 0, False, warps, 3))
             out.append(w4a16.DequantMmConfig())
-        else:
+        if M > 256:
             for bm, bn, bk, warps in [(128, 128, 64, 4), (256, 128, 64, 8), (128, 256, 64, 8)]:
                 out.append(w4a16.MmaConfig(bm, bn, bk, 0, False, warps, 3))
             out.append(w4a16.DequantMmConfig())

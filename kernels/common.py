@@ -39,41 +39,41 @@ def split_k_workspace(M: int, N: int, tiles: int, split_k: int, like: torch.Tens
 
 
 @triton.jit
-def store_output(acc, acc_up, rows, cols, mask_rows, mask_cols, tile, M, N_UP,
+def store_output(acc, acc_up, rows, cols, mask, tile, M, N_UP,
                  b_ptr, out_ptr, ws_ptr, stride_om, stride_on, stride_wm,
                  SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr):
-    """Finish one output tile from float32 sums: ``acc [R, C]`` of the GEMM columns ``cols`` (and,
-    under "silu_mul", ``acc_up`` of the up columns ``cols + N_UP``); bias, ACTIVATION (one of
-    ``ACTIVATIONS``), cast, store.
+    """Finish one output tile from float32 sums: ``acc [R, C]`` of the rows ``rows`` and GEMM
+    columns ``cols`` (index tensors that broadcast to ``[R, C]``: ``[R, 1]`` and ``[1, C]`` for a
+    rectangle; ``mask`` the same) and, under "silu_mul", ``acc_up`` of the up columns
+    ``cols + N_UP``; bias, ACTIVATION (one of ``ACTIVATIONS``), cast, store.
 
     With SPLIT_K > 1 the sums are partial: each program adds them into the zeroed workspace
     (``split_k_workspace``: ``[M, stride_wm]`` sums, then a count per tile), and the last of the
     tile's SPLIT_K programs to arrive reads the totals back and runs the epilogue, so the
     reduction costs no second launch."""
-    mask = mask_rows[:, None] & mask_cols[None, :]
     if SPLIT_K > 1:
-        ws = ws_ptr + rows[:, None] * stride_wm + cols[None, :]
+        ws = ws_ptr + rows * stride_wm + cols
         tl.atomic_add(ws, acc, mask=mask, sem="relaxed")
         if ACTIVATION == "silu_mul":
             tl.atomic_add(ws + N_UP, acc_up, mask=mask, sem="relaxed")
         tl.debug_barrier()  # all threads' additions are issued before the arrival is counted
         arrived = tl.atomic_add(ws_ptr + M * stride_wm + tile, 1.0, sem="acq_rel")
         # (broadcast before comparing: Triton's interpreter rejects a mask made from a 0-d one)
-        mask = mask & ((rows * 0 + arrived) == SPLIT_K - 1)[:, None]
+        mask = mask & ((rows * 0 + arrived) == SPLIT_K - 1)
         acc = tl.load(ws, mask=mask, other=0, cache_modifier=".cg")
         if ACTIVATION == "silu_mul":
             acc_up = tl.load(ws + N_UP, mask=mask, other=0, cache_modifier=".cg")
     if HAS_BIAS:
-        acc += tl.load(b_ptr + cols, mask=mask_cols, other=0).to(tl.float32)[None, :]
+        acc += tl.load(b_ptr + cols, mask=mask, other=0).to(tl.float32)
         if ACTIVATION == "silu_mul":
-            acc_up += tl.load(b_ptr + N_UP + cols, mask=mask_cols, other=0).to(tl.float32)[None, :]
+            acc_up += tl.load(b_ptr + N_UP + cols, mask=mask, other=0).to(tl.float32)
     if ACTIVATION == "silu_mul":
         acc = acc * tl.sigmoid(acc) * acc_up
     elif ACTIVATION == "gelu":
         acc = 0.5 * acc * (1 + tl.erf(acc * 0.7071067811865476))  # x * Phi(x)
     elif ACTIVATION == "gelu_tanh":  # 0.5 * (1 + tanh(u)) is sigmoid(2 u)
         acc = acc * tl.sigmoid(1.5957691216057308 * (acc + 0.044715 * acc * acc * acc))
-    out_ptrs = out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on
+    out_ptrs = out_ptr + rows * stride_om + cols * stride_on
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 

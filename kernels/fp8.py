@@ -114,8 +114,8 @@ def _fp8_mma_kernel(
     acc *= a_scale * tl.load(b_scale_ptr + offs_n, mask=mask_n, other=0)[None, :]
     if ACTIVATION == "silu_mul":
         acc_up *= a_scale * tl.load(b_scale_ptr + N_UP + offs_n, mask=mask_n, other=0)[None, :]
-    store_output(acc, acc_up, offs_m, offs_n, mask_m, mask_n, pid, M, N_UP, bias_ptr, out_ptr, ws_ptr,
-                 stride_om, stride_on, stride_wm, SPLIT_K, HAS_BIAS, ACTIVATION)
+    store_output(acc, acc_up, offs_m[:, None], offs_n[None, :], mask_m[:, None] & mask_n[None, :], pid, M, N_UP,
+                 bias_ptr, out_ptr, ws_ptr, stride_om, stride_on, stride_wm, SPLIT_K, HAS_BIAS, ACTIVATION)
 
 
 def pick_config(M: int, N: int, K: int, device: torch.device) -> MmaConfig:

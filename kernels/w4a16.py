@@ -4,26 +4,30 @@ Layout (see ``reference.py``): ``qweight`` int32 ``[K // 8, N]`` with row ``k`` 
 ``k % 8``; ``scales``/``zeros`` ``[K // group_size, N]`` in the activation dtype, the zeros
 integers; ``w = (q - zero) * scale``.
 
-Three paths, chosen by M (``pick_config``):
+Four paths, chosen by M (``pick_config``):
 
-- ``_w4a16_gemv_kernel`` (M of a few rows): no tensor cores. Each program owns ``BLOCK_N``
-  columns of one activation row and reads each packed word once; nibble ``j`` of word row
+- ``_w4a16_gemv_kernel`` (M = 1, and 2 on small weights): no tensor cores. Each program
+  owns ``BLOCK_N`` columns of one activation row and reads each packed word once; nibble ``j`` of word row
   ``r`` meets ``x[8 r + j]``. For fp16 x on a GPU the words are dequantized two at a time
   in half2 registers by inline PTX (``_word_pair_dot_f16x2``: about 13 instructions per 8
   weights, against about 30 for the float32 path that the interpreter uses); bf16 x the same
   way in bf16x2 registers (``_word_pair_dot_bf16x2``: 15), through the same loop
   (``_gemv_partial_x2``, constexprs PACKED_F16 / PACKED_BF16, ``gemv_meta``).
-- ``_w4a16_mma_kernel`` (larger M): unpacks a ``[BLOCK_K, BLOCK_N]`` tile, dequantizes it
-  in the activation dtype and feeds ``tl.dot``. ``SWAP_AB`` computes the transposed
-  product (weight tile as the left operand) so a small M fills the narrow side of the
-  tensor-core instruction. ``SCALE_ACC`` feeds ``q - zero`` instead and scales each K
-  step's product per column (``BLOCK_K`` divides the group).
+- ``w4a16_warp_mma.w4a16_warp_mma_kernel`` (M up to 16, fp16/bf16 on a GPU): the same
+  dequantization feeding warp-level ``mma.sync`` from registers, one lane's loads being its
+  MMA fragments (inline PTX; see that module). Reads the weight at the GEMV's rate for any
+  M up to 8.
+- ``_w4a16_mma_kernel`` (larger M, or inputs the warp-level kernel cannot read): unpacks a
+  ``[BLOCK_K, BLOCK_N]`` tile, dequantizes it in the activation dtype and feeds ``tl.dot``.
+  ``SWAP_AB`` computes the transposed product (weight tile as the left operand) so a small M
+  fills the narrow side of the tensor-core instruction. ``SCALE_ACC`` feeds ``q - zero``
+  instead and scales each K step's product per column (``BLOCK_K`` divides the group).
 - ``_w4a16_dequantize_kernel`` + cuBLAS (M >= 512): writes the whole fp16/bf16 weight once,
   then ``torch.mm``. Where the GEMM is compute-bound, one extra pass over 2 bytes per weight
   costs less than the dequantization inside the fused kernel's main loop (which Triton does
   not overlap with the tensor cores well enough: about 0.5x of cuBLAS).
 
-The first two may split K over ``SPLIT_K`` programs when the (M, N) tiles alone would leave
+All but the last may split K over ``SPLIT_K`` programs when the (M, N) tiles alone would leave
 the GPU idle; the programs of a tile add their partial sums into a zeroed float32 workspace
 and the last to arrive finishes the tile (``store_output``): no second launch. That same
 epilogue computes the ``activation``: GELU, or ``"silu_mul"`` (columns ``[gate | up]``,
@@ -40,6 +44,7 @@ import triton.language as tl
 
 from .common import output_columns, sm_count, split_for, split_k_workspace, store_output, triton_interpreted
 from .reference import apply_activation
+from .w4a16_warp_mma import warp_mma_columns, w4a16_warp_mma_kernel
 
 _F32_MAGIC = tl.constexpr(8388608.0)  # 2**23: 0x4B000000 | q is 2**23 + q as float32
 
@@ -368,8 +373,9 @@ def _w4a16_gemv_kernel(
                             PACKED_F16, PACKED_BF16)
         acc_up = acc
     rows = pid_m + tl.arange(0, 1)
-    store_output(acc[None, :], acc_up[None, :], rows, offs_n, rows < M, mask_n, pid_m * tl.num_programs(1) + pid_n,
-                 M, N_UP, b_ptr, out_ptr, ws_ptr, stride_om, stride_on, stride_wm, SPLIT_K, HAS_BIAS, ACTIVATION)
+    store_output(acc[None, :], acc_up[None, :], rows[:, None], offs_n[None, :], (rows < M)[:, None] & mask_n[None, :],
+                 pid_m * tl.num_programs(1) + pid_n, M, N_UP, b_ptr, out_ptr, ws_ptr, stride_om, stride_on, stride_wm,
+                 SPLIT_K, HAS_BIAS, ACTIVATION)
 
 
 @triton.jit
@@ -501,8 +507,8 @@ def _w4a16_mma_kernel(
     if SWAP_AB:
         acc = tl.trans(acc)
         acc_up = tl.trans(acc_up)
-    store_output(acc, acc_up, offs_m, offs_n, offs_m < M, mask_n, pid, M, N_UP, b_ptr, out_ptr, ws_ptr,
-                 stride_om, stride_on, stride_wm, SPLIT_K, HAS_BIAS, ACTIVATION)
+    store_output(acc, acc_up, offs_m[:, None], offs_n[None, :], (offs_m < M)[:, None] & mask_n[None, :], pid, M,
+                 N_UP, b_ptr, out_ptr, ws_ptr, stride_om, stride_on, stride_wm, SPLIT_K, HAS_BIAS, ACTIVATION)
 
 
 class GemvConfig(NamedTuple):
@@ -549,6 +555,25 @@ class MmaConfig(NamedTuple):
     scale_acc: bool = False
 
 
+class WarpMmaConfig(NamedTuple):
+    """The warp-level MMA kernel (``w4a16_warp_mma``) for M <= 16."""
+
+    num_warps: int
+    split_k: int
+    row_tiles: int  # 8-row tiles of x the kernel covers: 1 (M <= 8) or 2 (M <= 16)
+
+
+def warp_mma_ok(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                group_size: int, n_out: int) -> bool:
+    """What the warp-level MMA kernel reads as 16- and 8-byte vectors must be aligned so: x as
+    for the packed GEMV, weight rows and columns in fours, groups of whole 64-row steps."""
+    N = qweight.shape[1]
+    return (_packed_ok(x) and x.shape[0] <= 16 and group_size % 64 == 0 and N % 4 == 0 and n_out % 4 == 0
+            and qweight.stride(1) == 1 and qweight.stride(0) % 4 == 0 and qweight.storage_offset() % 4 == 0
+            and scales.stride(1) == 1 and scales.stride(0) % 4 == 0 and scales.storage_offset() % 4 == 0
+            and zeros.storage_offset() % 4 == 0 and scales.dtype == zeros.dtype == x.dtype)
+
+
 class DequantMmConfig(NamedTuple):
     """Dequantize the whole weight, then cuBLAS: for M large enough to amortize the write."""
 
@@ -564,14 +589,39 @@ def _split_within_one_wave(tiles: int, k_steps: int, sms: int) -> int:
     return split
 
 
+def _warp_mma_config(M: int, tiles: int, groups: int, sms: int) -> WarpMmaConfig:
+    """Warps and K splits of the warp-level MMA kernel for ``tiles`` programs' worth of columns
+    and ``groups`` groups of K. H200 sweep (bench/NOTES-kernels.md), 2 <= M <= 16: 4 warps
+    unsplit where the tiles alone fill the SMs twice (4096x28672), 8 warps unsplit from half
+    the SMs (4096x6144: 96 tiles), else 4 warps and K split to about two programs an SM
+    (4096x4096, 14336x4096: 64 tiles, split 4); each split costs a memset and atomics."""
+    row_tiles = triton.cdiv(M, 8)
+    if tiles >= 2 * sms:
+        return WarpMmaConfig(num_warps=4, split_k=1, row_tiles=row_tiles)
+    if 2 * tiles >= sms:
+        return WarpMmaConfig(num_warps=8, split_k=1, row_tiles=row_tiles)
+    split = 1
+    while tiles * split * 2 <= 2 * sms and split * 2 * 4 <= groups:
+        split *= 2
+    return WarpMmaConfig(num_warps=4, split_k=split, row_tiles=row_tiles)
+
+
 GEMV_MAX_M = 2
+WARP_MMA_MAX_M = 16
 DEQUANT_MM_MIN_M = 512
 
 
-def pick_config(M: int, N: int, K: int, group_size: int, device: torch.device, activation: str = "none"):
+def pick_config(M: int, N: int, K: int, group_size: int, device: torch.device, activation: str = "none",
+                warp_mma: bool = True):
     """The kernel and its block shapes for a problem of N output columns; from the sweeps in
-    bench/NOTES-kernels.md."""
+    bench/NOTES-kernels.md. ``warp_mma``: whether the inputs suit the warp-level MMA kernel
+    (``warp_mma_ok``)."""
     sms = sm_count(device)
+    # M = 1 (and 2 on weights up to 4096 x 4096) read the weight fastest with the GEMV; the
+    # warp-level MMA reads it at about the same rate for any M up to 8 (H200, 4096x28672:
+    # 20.3 us at M = 1, 20.9 at 8, 33.4 at 16; the tensor-core kernel before it 54 us from M = 4).
+    if warp_mma and 2 <= M <= WARP_MMA_MAX_M and not (M == 2 and N * K <= 4096 * 4096):
+        return _warp_mma_config(M, triton.cdiv(N, warp_mma_columns(activation)), K // group_size, sms)
     mma_block_k = [b for b in (128, 64, 32, 16) if group_size % b == 0]
     if M <= GEMV_MAX_M or not mma_block_k:
         # No split: a program's warps cover K in steps of 64 to 256 word rows, so even N = 4096
@@ -630,7 +680,8 @@ def w4a16_linear(
     assert scales.shape == zeros.shape == (K // group_size, N) and scales.stride() == zeros.stride()
     if M == 0:
         return x.new_empty((0, n_out))
-    cfg = config or pick_config(M, n_out, K, group_size, x.device, activation)
+    cfg = config or pick_config(M, n_out, K, group_size, x.device, activation,
+                                warp_mma=warp_mma_ok(x, qweight, scales, zeros, group_size, n_out))
     if isinstance(cfg, DequantMmConfig):
         w = torch.empty((K, N), device=x.device, dtype=x.dtype)
         grid = (triton.cdiv(K // 8, cfg.block_r), triton.cdiv(N, cfg.block_n))
@@ -646,6 +697,21 @@ def w4a16_linear(
     out = torch.empty((M, n_out), device=x.device, dtype=x.dtype)
     has_bias = bias is not None
     bias_arg = bias if has_bias else scales  # any pointer; never read
+    if isinstance(cfg, WarpMmaConfig):
+        if (not warp_mma_ok(x, qweight, scales, zeros, group_size, n_out) or cfg.row_tiles not in (1, 2)
+                or M > 8 * cfg.row_tiles):
+            raise ValueError(f"{cfg} needs fp16/bf16 x on a GPU with at most 8 * row_tiles rows, 16-byte aligned, "
+                             f"group_size a multiple of 64 and N a multiple of 4; got x {tuple(x.shape)} "
+                             f"{x.dtype} strides {x.stride()} on {x.device}, group_size {group_size}, N {N}")
+        grid = (triton.cdiv(n_out, warp_mma_columns(activation)), cfg.split_k)
+        ws = split_k_workspace(M, N, grid[0], cfg.split_k, out)
+        torch.library.wrap_triton(w4a16_warp_mma_kernel)[grid](
+            x, qweight, scales, zeros, bias_arg, out, ws, M, n_out, N - n_out, K,
+            x.stride(0), qweight.stride(0), scales.stride(0), out.stride(0), out.stride(1), N,
+            GROUP_SIZE=group_size, M_TILES=cfg.row_tiles, WARPS=cfg.num_warps, SPLIT_K=cfg.split_k,
+            HAS_BIAS=has_bias, ACTIVATION=activation, BF16=x.dtype == torch.bfloat16, num_warps=cfg.num_warps,
+        )
+        return out
     if isinstance(cfg, GemvConfig):
         grid = (M, triton.cdiv(n_out, cfg.block_n), cfg.split_k)
         kernel = _w4a16_gemv_kernel

@@ -231,8 +231,9 @@ def _w8a16_gemv_kernel(
                                stride_qn, stride_qk, BLOCK_N, BLOCK_K, EVEN_N, EVEN_K, PACKED_F16, PACKED_BF16)
         acc_up *= tl.load(s_ptr + N_UP + offs_n, mask=mask_n, other=0).to(tl.float32)
     rows = pid_m + tl.arange(0, 1)
-    store_output(acc[None, :], acc_up[None, :], rows, offs_n, rows < M, mask_n, pid_m * tl.num_programs(1) + pid_n,
-                 M, N_UP, b_ptr, out_ptr, ws_ptr, stride_om, stride_on, stride_wm, SPLIT_K, HAS_BIAS, ACTIVATION)
+    store_output(acc[None, :], acc_up[None, :], rows[:, None], offs_n[None, :], (rows < M)[:, None] & mask_n[None, :],
+                 pid_m * tl.num_programs(1) + pid_n, M, N_UP, b_ptr, out_ptr, ws_ptr, stride_om, stride_on, stride_wm,
+                 SPLIT_K, HAS_BIAS, ACTIVATION)
 
 
 @triton.jit
@@ -288,8 +289,8 @@ def _w8a16_mma_kernel(
     acc *= tl.load(s_ptr + offs_n, mask=mask_n, other=0).to(tl.float32)[None, :]
     if ACTIVATION == "silu_mul":
         acc_up *= tl.load(s_ptr + N_UP + offs_n, mask=mask_n, other=0).to(tl.float32)[None, :]
-    store_output(acc, acc_up, offs_m, offs_n, offs_m < M, mask_n, pid, M, N_UP, b_ptr, out_ptr, ws_ptr,
-                 stride_om, stride_on, stride_wm, SPLIT_K, HAS_BIAS, ACTIVATION)
+    store_output(acc, acc_up, offs_m[:, None], offs_n[None, :], (offs_m < M)[:, None] & mask_n[None, :], pid, M,
+                 N_UP, b_ptr, out_ptr, ws_ptr, stride_om, stride_on, stride_wm, SPLIT_K, HAS_BIAS, ACTIVATION)
 
 
 class GemvConfig(NamedTuple):

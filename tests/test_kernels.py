@@ -16,7 +16,8 @@ fp8 ``tl.dot`` (it widens to fp16), so the fp8 kernels are tested on the CPU too
 inline PTX: the W4A16 GEMV's half2 and bf16x2 paths (fp16 / bf16 x on a GPU) are tested by
 the same tests on the GPU, where every fp16 and bf16 GEMV case takes them (and by
 ``test_gpu_w4a16_gemv_packed_bf16``), and ``packed_f16=False, packed_bf16=False`` keeps the
-float32 path covered there.
+float32 path covered there; the warp-level MMA kernel (inline PTX throughout) by
+``test_gpu_w4a16_warp_mma`` and every GPU test whose tuned choice for 2 to 16 rows it is.
 """
 
 import pytest
@@ -127,6 +128,32 @@ def test_w4a16_each_kernel_variant(config, M, N, groups, group_size, symmetric, 
     x, qweight, scales, zeros, b = args
     out = w4a16.w4a16_linear(x, qweight, scales, zeros, group_size, b, config=config)
     assert relative_error(out, w4_reference(*args[:4], group_size, b)) < BOUND[dtype]
+
+
+def test_w4a16_kernel_choice_by_rows():
+    """M = 1 takes the GEMV; 2 to 16 rows the warp-level MMA (M = 2 on a small weight the GEMV),
+    with one 8-row tile up to M = 8; inputs it cannot read, and larger M, the other kernels."""
+    device = torch.device(DEVICE)
+    pick = w4a16.pick_config
+    assert isinstance(pick(1, 28672, 4096, 128, device), w4a16.GemvConfig)
+    assert isinstance(pick(2, 4096, 4096, 128, device), w4a16.GemvConfig)
+    assert isinstance(pick(2, 6144, 4096, 128, device), w4a16.WarpMmaConfig)
+    assert [pick(M, 28672, 4096, 128, device).row_tiles for M in (3, 8, 9, 16)] == [1, 1, 2, 2]
+    assert isinstance(pick(8, 14336, 4096, 128, device, activation="silu_mul"), w4a16.WarpMmaConfig)
+    assert isinstance(pick(8, 28672, 4096, 128, device, warp_mma=False), w4a16.MmaConfig)
+    assert isinstance(pick(17, 28672, 4096, 128, device), w4a16.MmaConfig)
+    for M, N, K in [(16, 4096, 4096), (4, 6144, 4096), (16, 28672, 4096), (2, 4096, 14336), (5, 256, 512)]:
+        cfg = pick(M, N, K, 128, device)
+        assert cfg.split_k * cfg.num_warps <= K // 128  # every warp has a group of K
+
+
+def test_w4a16_warp_mma_rejects_what_it_cannot_read():
+    x, qweight, scales, zeros, _ = make_w4(12, 64, 128, 32, torch.float16, False, False, 0)
+    with pytest.raises(ValueError, match="group_size a multiple of 64.*group_size 32"):
+        w4a16.w4a16_linear(x, qweight, scales, zeros, 32, config=w4a16.WarpMmaConfig(4, 1, 2))
+    x, qweight, scales, zeros, _ = make_w4(12, 64, 128, 64, torch.float16, False, False, 0)
+    with pytest.raises(ValueError, match=r"8 \* row_tiles rows.*x \(12, 128\)"):
+        w4a16.w4a16_linear(x, qweight, scales, zeros, 64, config=w4a16.WarpMmaConfig(4, 1, 1))
 
 
 def test_w4a16_strided_activations_and_empty_batch():
@@ -354,6 +381,28 @@ def test_gpu_w4a16_gemv_packed_bf16(M, N, K, group_size, config):
 
 @cuda
 @needs_cuda
+@settings(max_examples=60, deadline=None)
+@given(M=st.integers(1, 16), eighth_n=st.integers(1, 40), groups=st.integers(1, 4),
+       group_size=st.sampled_from([64, 128]), dtype=st.sampled_from([torch.float16, torch.bfloat16]),
+       symmetric=st.booleans(), bias=st.booleans(), activation=st.sampled_from(("none",) + EPILOGUES),
+       warps=st.sampled_from([4, 8]), split=st.integers(1, 4), wide=st.booleans(), seed=st.integers(0, 2**16))
+def test_gpu_w4a16_warp_mma(M, eighth_n, groups, group_size, dtype, symmetric, bias, activation, warps, split, wide,
+                            seed):
+    """The warp-level MMA kernel against the float32 reference: N off its 64-column tiles (a
+    multiple of 8, so "silu_mul" halves stay whole), splits that leave warps without a group,
+    one or two 8-row tiles, each epilogue."""
+    N, K = 8 * eighth_n, groups * group_size
+    args = make_w4(M, N, K, group_size, dtype, symmetric, bias, seed)
+    x, qweight, scales, zeros, b = args
+    config = w4a16.WarpMmaConfig(warps, split, 2 if wide else (M + 7) // 8)
+    out = w4a16.w4a16_linear(x, qweight, scales, zeros, group_size, b, activation=activation, config=config)
+    ref = reference.apply_activation(w4_reference(*args[:4], group_size, b), activation)
+    assert out.shape == (M, output_columns(activation, N))
+    assert relative_error(out, ref) < BOUND[dtype]
+
+
+@cuda
+@needs_cuda
 def test_gpu_ops_dispatch_to_the_kernels_for_3d_activations():
     import qpass  # noqa: F401  (registers torch.ops.qpass.*)
 
@@ -375,7 +424,7 @@ def test_gpu_ops_dispatch_to_the_kernels_for_3d_activations():
 
 @cuda
 @needs_cuda
-@pytest.mark.parametrize("M", [1, 64, 1024])
+@pytest.mark.parametrize("M", [1, 8, 64, 1024])
 def test_gpu_compiled_op_calls_the_triton_kernel_without_graph_break(M):
     import torch._dynamo
     from torch._inductor.utils import run_and_get_code
@@ -393,5 +442,5 @@ def test_gpu_compiled_op_calls_the_triton_kernel_without_graph_break(M):
     ref = torch.nn.functional.silu(w4_reference(x, qweight, scales, zeros, 128, b))
     assert relative_error(out, ref) < BOUND[torch.float16]
     kernel = {w4a16.GemvConfig: "_w4a16_gemv_kernel", w4a16.MmaConfig: "_w4a16_mma_kernel",
-              w4a16.DequantMmConfig: "_w4a16_dequantize_kernel"}[type(w4a16.pick_config(M, 512, 1024, 128, x.device))]
+              w4a16.WarpMmaConfig: "w4a16_warp_mma_kernel", w4a16.DequantMmConfig: "_w4a16_dequantize_kernel"}[type(w4a16.pick_config(M, 512, 1024, 128, x.device))]
     assert any(kernel in code for code in codes), "Inductor's code does not launch the Triton kernel"

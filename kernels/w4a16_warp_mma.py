@@ -1,0 +1,431 @@
+"""W4A16 for 2 to 16 rows of activations on tensor cores: warp-level ``mma.sync`` in inline PTX.
+
+The layout is ``w4a16.py``'s (``qweight`` int32 ``[K // 8, N]``, row k in nibble k % 8;
+``scales``/``zeros`` ``[K // group_size, N]``), read as it is. The product is computed
+transposed, ``out^T = W^T x^T``, so the weight fills the 16-row side of
+``mma.m16n8k16`` and the few rows of x its 8-column side (one or two 8-row tiles).
+
+Every tensor of the kernel holds one value a thread (``[32 * WARPS]``), so each lane's
+registers are exactly what it loaded, in the order the MMA wants them: the loads are inline
+PTX (a ``tl.load`` may be given another thread layout by Triton) and so is the MMA. Lane
+``(g, c) = (lane // 4, lane % 4)`` of a warp:
+
+- holds the columns ``base_a + b`` and ``base_b + b`` for the four 16-column blocks b
+  (``base_a = n0 + 4 g``, ``base_b = base_a + 32``, or the up columns under "silu_mul"), and
+  loads four words of each with one 16-byte load, for the two word rows ``r + 2 c`` and
+  ``r + 2 c + 1`` of each 64-row step r: as the MMA's A fragment, the columns are its rows g
+  and g + 8, and the rows are its K positions 2c, 2c+1 and 2c+8, 2c+9;
+- dequantizes each word into four half2 (bf16x2) registers, register t holding nibbles t and
+  t + 4 minus the zero point, exactly (the GEMV's lop3 trick); MMA t of a step takes register
+  t of its four words: a sum over K does not care about the order of K, only that x follows
+  the same order, so MMA t covers rows ``8 (r + 2c) + t (+4)`` and ``8 (r + 2c + 1) + t (+4)``;
+- loads x row g of each tile (16 values at rows ``8 (r + 2c)``) and pairs them the same way
+  (``_x_pairs``): the B fragment.
+
+The C fragment leaves lane (g, c) with columns a and b at rows 2c and 2c + 1 of each tile.
+A group's products accumulate unscaled in float32 (the MMA's C), and are scaled per column
+once a group (``group_size`` a multiple of 64). The warps of a program take turns over its
+groups of K, each issuing the next group's loads before this one's arithmetic; at the end
+their sums are added across warps and the tile goes through ``common.store_output`` (split
+K, bias, activation) like every other kernel's.
+
+Needs a GPU (inline PTX: Triton's interpreter does not run it) with ``mma.sync`` for bf16
+(sm_80+); ``w4a16.warp_mma_ok`` states the alignment it reads with.
+"""
+
+import triton
+import triton.language as tl
+
+from .common import store_output
+
+
+def _dequant_asm(word: str, out: str, bf16: bool, zero: tuple) -> str:
+    """PTX: the 8 nibbles of ``word`` minus the zero point, as four half2 (bf16x2) registers
+    ``{out}0..3``, register t holding nibbles (t, t + 4)."""
+    if bf16:
+        (z128,) = zero
+        lines = [f"shr.u32 t1, {word}, 4;", f"shr.u32 t2, {word}, 8;", f"shr.u32 t3, {word}, 12;"]
+        for t, src in enumerate((word, "t1", "t2", "t3")):
+            lines.append(f"lop3.b32 {out}{t}, {src}, 0x000F000F, 0x43004300, 0xEA;")
+            lines.append(f"fma.rn.bf16x2 {out}{t}, {out}{t}, one, {z128};")
+        return "\n".join(lines)
+    z1024, z64 = zero
+    return "\n".join([
+        f"shr.u32 t1, {word}, 8;",
+        f"lop3.b32 {out}0, {word}, 0x000F000F, 0x64006400, 0xEA;",
+        f"lop3.b32 {out}1, {word}, 0x00F000F0, 0x64006400, 0xEA;",
+        f"lop3.b32 {out}2, t1, 0x000F000F, 0x64006400, 0xEA;",
+        f"lop3.b32 {out}3, t1, 0x00F000F0, 0x64006400, 0xEA;",
+        f"sub.rn.f16x2 {out}0, {out}0, {z1024};",
+        f"fma.rn.f16x2 {out}1, {out}1, sixteenth, {z64};",
+        f"sub.rn.f16x2 {out}2, {out}2, {z1024};",
+        f"fma.rn.f16x2 {out}3, {out}3, sixteenth, {z64};",
+    ])
+
+
+def _block_step_asm(bf16: bool, m_tiles: int) -> str:
+    """PTX of one 64-row step of one 16-column block (``_block_step``)."""
+    n_out = 4 * m_tiles
+    n_zero = 1 if bf16 else 2
+    words = [f"${n_out + i}" for i in range(4)]
+    zero_a = tuple(f"${n_out + 4 + i}" for i in range(n_zero))
+    zero_b = tuple(f"${n_out + 4 + n_zero + i}" for i in range(n_zero))
+    x_base = n_out + 4 + 2 * n_zero
+    c_base = x_base + 8 * m_tiles
+    kind = "bf16" if bf16 else "f16"
+    lines = ["{", ".reg .b32 t1, t2, t3, one, sixteenth;",
+             ".reg .b32 " + ", ".join(f"w{i}{t}" for i in range(4) for t in range(4)) + ";",
+             "mov.b32 one, 0x3F803F80;", "mov.b32 sixteenth, 0x2C002C00;"]
+    for i, (word, zero) in enumerate(zip(words, (zero_a, zero_b, zero_a, zero_b))):
+        lines.append(_dequant_asm(word, f"w{i}", bf16, zero))
+    for j in range(n_out):
+        lines.append(f"mov.b32 ${j}, ${c_base + j};")
+    for ti in range(m_tiles):
+        d = ", ".join(f"${4 * ti + j}" for j in range(4))
+        for t in range(4):
+            xa, xb = f"${x_base + 8 * ti + t}", f"${x_base + 8 * ti + 4 + t}"
+            lines.append(f"mma.sync.aligned.m16n8k16.row.col.f32.{kind}.{kind}.f32 {{{d}}}, "
+                         f"{{w0{t}, w1{t}, w2{t}, w3{t}}}, {{{xa}, {xb}}}, {{{d}}};")
+    lines.append("}")
+    return "\n".join(lines)
+
+
+def _block_step_constraints(bf16: bool, m_tiles: int) -> str:
+    n_zero = 1 if bf16 else 2
+    return ",".join(["=f"] * (4 * m_tiles) + ["r"] * (4 + 2 * n_zero + 8 * m_tiles) + ["f"] * (4 * m_tiles))
+
+
+_STEP_F16_1 = tl.constexpr(_block_step_asm(False, 1))
+_STEP_F16_2 = tl.constexpr(_block_step_asm(False, 2))
+_STEP_BF16_1 = tl.constexpr(_block_step_asm(True, 1))
+_STEP_BF16_2 = tl.constexpr(_block_step_asm(True, 2))
+_CON_F16_1 = tl.constexpr(_block_step_constraints(False, 1))
+_CON_F16_2 = tl.constexpr(_block_step_constraints(False, 2))
+_CON_BF16_1 = tl.constexpr(_block_step_constraints(True, 1))
+_CON_BF16_2 = tl.constexpr(_block_step_constraints(True, 2))
+
+
+@triton.jit
+def _load_v4(ptrs):
+    """Four 32-bit words at each (16-byte aligned) pointer, by inline PTX (a ``tl.load`` could get
+    another thread layout, and the MMA needs each lane's own registers)."""
+    return tl.inline_asm_elementwise(
+        "ld.global.nc.v4.b32 {$0, $1, $2, $3}, [$4];", "=r,=r,=r,=r,l", [ptrs],
+        dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
+
+
+@triton.jit
+def _load_words(ptrs):
+    """``_load_v4`` for weights, read once: not kept in L1 (H200: 4-8% faster on 4096x28672)."""
+    return tl.inline_asm_elementwise(
+        "ld.global.nc.L1::no_allocate.v4.b32 {$0, $1, $2, $3}, [$4];", "=r,=r,=r,=r,l", [ptrs],
+        dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
+
+
+@triton.jit
+def _load_v2(ptrs):
+    """Two 32-bit words (four 16-bit values) at each (8-byte aligned) pointer."""
+    return tl.inline_asm_elementwise(
+        "ld.global.nc.v2.b32 {$0, $1}, [$2];", "=r,=r,l", [ptrs], dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
+
+
+@triton.jit
+def _x_pairs(x01, x23, x45, x67):
+    """Eight 16-bit x values (as loaded, two a register) -> the pairs (x_t, x_t+4), t < 4, that
+    meet nibbles t and t + 4 of a word. Done where they are used, not after the load: there it
+    would make the compiler wait for the load early and so issue it late."""
+    return tl.inline_asm_elementwise(
+        """
+        {
+        prmt.b32 $0, $4, $6, 0x5410;
+        prmt.b32 $1, $4, $6, 0x7632;
+        prmt.b32 $2, $5, $7, 0x5410;
+        prmt.b32 $3, $5, $7, 0x7632;
+        }
+        """,
+        "=r,=r,=r,=r,r,r,r,r", [x01, x23, x45, x67], dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True,
+        pack=1)
+
+
+@triton.jit
+def _zero_consts(pair, BF16: tl.constexpr):
+    """The two 16-bit zero points in ``pair`` -> each one's dequantization constants:
+    fp16 (1024 + z, 1024 + z) and (-64 - z, -64 - z); bf16 (-128 - z, -128 - z)."""
+    if BF16:
+        consts = tl.inline_asm_elementwise(
+            """
+            {
+            .reg .b16 lo, hi, m, c, t;
+            mov.b32 {lo, hi}, $2;
+            mov.b16 m, 0xBF80;
+            mov.b16 c, 0xC300;
+            fma.rn.bf16 t, lo, m, c;
+            mov.b32 $0, {t, t};
+            fma.rn.bf16 t, hi, m, c;
+            mov.b32 $1, {t, t};
+            }
+            """,
+            "=r,=r,r", [pair], dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
+    else:
+        consts = tl.inline_asm_elementwise(
+            """
+            {
+            .reg .b16 lo, hi, c, t;
+            mov.b32 {lo, hi}, $4;
+            mov.b16 c, 0x6400;
+            add.rn.f16 t, lo, c;
+            mov.b32 $0, {t, t};
+            add.rn.f16 t, hi, c;
+            mov.b32 $2, {t, t};
+            mov.b16 c, 0xD400;
+            sub.rn.f16 t, c, lo;
+            mov.b32 $1, {t, t};
+            sub.rn.f16 t, c, hi;
+            mov.b32 $3, {t, t};
+            }
+            """,
+            "=r,=r,=r,=r,r", [pair], dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
+    return consts
+
+
+@triton.jit
+def _scales_f32(pair, BF16: tl.constexpr):
+    """The two 16-bit scales in ``pair`` as float32."""
+    if BF16:
+        return tl.inline_asm_elementwise(
+            "{ shl.b32 $0, $2, 16; and.b32 $1, $2, 0xFFFF0000; }",
+            "=f,=f,r", [pair], dtype=(tl.float32, tl.float32), is_pure=True, pack=1)
+    return tl.inline_asm_elementwise(
+        "{ .reg .b16 lo, hi; mov.b32 {lo, hi}, $2; cvt.f32.f16 $0, lo; cvt.f32.f16 $1, hi; }",
+        "=f,=f,r", [pair], dtype=(tl.float32, tl.float32), is_pure=True, pack=1)
+
+
+@triton.jit
+def _block_step(w0, w1, w2, w3, zero_a, zero_b, xs, acc, BF16: tl.constexpr, M_TILES: tl.constexpr):
+    """acc + one 64-row step of one block of 16 weight columns: words w0..w3 (rows r and r + 1
+    of columns a and b), their zero constants, the x pairs of each 8-row tile."""
+    args = (w0, w1, w2, w3) + zero_a + zero_b + xs + acc
+    if BF16:
+        if M_TILES == 1:
+            acc = tl.inline_asm_elementwise(_STEP_BF16_1, _CON_BF16_1, args, dtype=(tl.float32,) * 4, is_pure=True,
+                                            pack=1)
+        else:
+            acc = tl.inline_asm_elementwise(_STEP_BF16_2, _CON_BF16_2, args, dtype=(tl.float32,) * 8, is_pure=True,
+                                            pack=1)
+    elif M_TILES == 1:
+        acc = tl.inline_asm_elementwise(_STEP_F16_1, _CON_F16_1, args, dtype=(tl.float32,) * 4, is_pure=True, pack=1)
+    else:
+        acc = tl.inline_asm_elementwise(_STEP_F16_2, _CON_F16_2, args, dtype=(tl.float32,) * 8, is_pure=True, pack=1)
+    return acc
+
+
+@triton.jit
+def _zeros_like_acc(z, M_TILES: tl.constexpr):
+    acc = (z, z, z, z)
+    if M_TILES == 2:
+        acc = acc + acc
+    return acc
+
+
+@triton.jit
+def _scaled_add(acc, part, scale_a, scale_b, M_TILES: tl.constexpr):
+    """acc + part with its rows of column a (values 0, 1 of each tile) scaled by scale_a and
+    those of column b (2, 3) by scale_b."""
+    first = (acc[0] + part[0] * scale_a, acc[1] + part[1] * scale_a,
+             acc[2] + part[2] * scale_b, acc[3] + part[3] * scale_b)
+    if M_TILES == 2:
+        first = first + (acc[4] + part[4] * scale_a, acc[5] + part[5] * scale_a,
+                         acc[6] + part[6] * scale_b, acc[7] + part[7] * scale_b)
+    return first
+
+
+@triton.jit
+def _repeat8(v):
+    return (v, v, v, v, v, v, v, v)
+
+
+@triton.jit
+def _cat(a, b):
+    """[T] or [T, n] tensors a and b -> [T, 2 n], interleaved."""
+    both = tl.join(a, b)
+    return tl.reshape(both, (both.shape[0], both.numel // both.shape[0]))
+
+
+@triton.jit
+def _column_values(blocks, COLUMN: tl.constexpr, M_TILES: tl.constexpr):
+    """The values of column COLUMN (0: a, 1: b) of the four blocks, [T, 8 * M_TILES], in a fixed
+    order (apply it to index tensors to learn the order)."""
+    i: tl.constexpr = 2 * COLUMN
+    per_block0 = _cat(blocks[0][i], blocks[0][i + 1])
+    per_block1 = _cat(blocks[1][i], blocks[1][i + 1])
+    per_block2 = _cat(blocks[2][i], blocks[2][i + 1])
+    per_block3 = _cat(blocks[3][i], blocks[3][i + 1])
+    if M_TILES == 2:
+        per_block0 = _cat(per_block0, _cat(blocks[0][4 + i], blocks[0][5 + i]))
+        per_block1 = _cat(per_block1, _cat(blocks[1][4 + i], blocks[1][5 + i]))
+        per_block2 = _cat(per_block2, _cat(blocks[2][4 + i], blocks[2][5 + i]))
+        per_block3 = _cat(per_block3, _cat(blocks[3][4 + i], blocks[3][5 + i]))
+    return _cat(_cat(per_block0, per_block1), _cat(per_block2, per_block3))
+
+
+@triton.jit
+def _load_step(qw_ptr, x_row0, x_row1, row, base_a, base_b, stride_qk, M_TILES: tl.constexpr):
+    """One 64-row step's words of this lane (word rows ``row`` and ``row + 1``, columns a0..a3
+    then b0..b3 of each) and its x, as loaded."""
+    words = (_load_words(qw_ptr + row * stride_qk + base_a) + _load_words(qw_ptr + row * stride_qk + base_b)
+             + _load_words(qw_ptr + (row + 1) * stride_qk + base_a)
+             + _load_words(qw_ptr + (row + 1) * stride_qk + base_b))
+    xs = _load_v4(x_row0 + 8 * row) + _load_v4(x_row0 + 8 * row + 8)
+    if M_TILES == 2:
+        xs = xs + _load_v4(x_row1 + 8 * row) + _load_v4(x_row1 + 8 * row + 8)
+    return words, xs
+
+
+@triton.jit
+def _load_group(qw_ptr, s_ptr, z_ptr, x_row0, x_row1, group, lane_c, base_a, base_b, stride_qk, stride_sg,
+                GROUP_SIZE: tl.constexpr, M_TILES: tl.constexpr):
+    """This lane's loads for one group: the words and x of each 64-row step (``_load_step``), and
+    the packed zeros and scales of its columns."""
+    sz = group * stride_sg
+    params = (_load_v2(z_ptr + sz + base_a) + _load_v2(z_ptr + sz + base_b) + _load_v2(s_ptr + sz + base_a)
+              + _load_v2(s_ptr + sz + base_b))
+    first_row = group * (GROUP_SIZE // 8) + 2 * lane_c
+    words, xs = _load_step(qw_ptr, x_row0, x_row1, first_row, base_a, base_b, stride_qk, M_TILES)
+    for step in tl.static_range(1, GROUP_SIZE // 64):
+        step_words, step_xs = _load_step(qw_ptr, x_row0, x_row1, first_row + 8 * step, base_a, base_b, stride_qk,
+                                         M_TILES)
+        words = words + step_words
+        xs = xs + step_xs
+    return words, xs, params
+
+
+@triton.jit
+def _group_product(loads, live, acc0, acc1, acc2, acc3, z, GROUP_SIZE: tl.constexpr, M_TILES: tl.constexpr,
+                   BF16: tl.constexpr):
+    """The four blocks' accumulators plus one group's product (``_load_group``'s loads), scaled per
+    column and by ``live`` (0 for a group past the end)."""
+    words, xs, params = loads
+    za01, za23, zb01, zb23, sa01, sa23, sb01, sb23 = params
+    zc_a01 = _zero_consts(za01, BF16)
+    zc_a23 = _zero_consts(za23, BF16)
+    zc_b01 = _zero_consts(zb01, BF16)
+    zc_b23 = _zero_consts(zb23, BF16)
+    if BF16:
+        zero_a = ((zc_a01[0],), (zc_a01[1],), (zc_a23[0],), (zc_a23[1],))
+        zero_b = ((zc_b01[0],), (zc_b01[1],), (zc_b23[0],), (zc_b23[1],))
+    else:
+        zero_a = ((zc_a01[0], zc_a01[1]), (zc_a01[2], zc_a01[3]), (zc_a23[0], zc_a23[1]), (zc_a23[2], zc_a23[3]))
+        zero_b = ((zc_b01[0], zc_b01[1]), (zc_b01[2], zc_b01[3]), (zc_b23[0], zc_b23[1]), (zc_b23[2], zc_b23[3]))
+    part0 = _zeros_like_acc(z, M_TILES)
+    part1 = _zeros_like_acc(z, M_TILES)
+    part2 = _zeros_like_acc(z, M_TILES)
+    part3 = _zeros_like_acc(z, M_TILES)
+    # words of a step: row r + 2 c columns a0..a3, b0..b3, then row r + 2 c + 1 the same
+    for step in tl.static_range(GROUP_SIZE // 64):
+        step_words = words[16 * step:16 * step + 16]
+        raw = xs[8 * M_TILES * step:8 * M_TILES * step + 8 * M_TILES]
+        step_xs = _x_pairs(raw[0], raw[1], raw[2], raw[3]) + _x_pairs(raw[4], raw[5], raw[6], raw[7])
+        if M_TILES == 2:
+            step_xs = step_xs + _x_pairs(raw[8], raw[9], raw[10], raw[11]) + _x_pairs(raw[12], raw[13], raw[14],
+                                                                                       raw[15])
+        part0 = _block_step(step_words[0], step_words[4], step_words[8], step_words[12], zero_a[0], zero_b[0],
+                            step_xs, part0, BF16, M_TILES)
+        part1 = _block_step(step_words[1], step_words[5], step_words[9], step_words[13], zero_a[1], zero_b[1],
+                            step_xs, part1, BF16, M_TILES)
+        part2 = _block_step(step_words[2], step_words[6], step_words[10], step_words[14], zero_a[2], zero_b[2],
+                            step_xs, part2, BF16, M_TILES)
+        part3 = _block_step(step_words[3], step_words[7], step_words[11], step_words[15], zero_a[3], zero_b[3],
+                            step_xs, part3, BF16, M_TILES)
+    sa0, sa1 = _scales_f32(sa01, BF16)
+    sa2, sa3 = _scales_f32(sa23, BF16)
+    sb0, sb1 = _scales_f32(sb01, BF16)
+    sb2, sb3 = _scales_f32(sb23, BF16)
+    return (_scaled_add(acc0, part0, sa0 * live, sb0 * live, M_TILES),
+            _scaled_add(acc1, part1, sa1 * live, sb1 * live, M_TILES),
+            _scaled_add(acc2, part2, sa2 * live, sb2 * live, M_TILES),
+            _scaled_add(acc3, part3, sa3 * live, sb3 * live, M_TILES))
+
+
+
+@triton.jit
+def w4a16_warp_mma_kernel(
+    x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr,
+    M, N_OUT, N_UP, K,
+    stride_xm, stride_qk, stride_sg, stride_om, stride_on, stride_wm,
+    GROUP_SIZE: tl.constexpr, M_TILES: tl.constexpr, WARPS: tl.constexpr, SPLIT_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, BF16: tl.constexpr,
+):
+    """out = x @ W for M <= 8 * M_TILES rows and 64 weight columns a program (32 gate and 32 up
+    columns under "silu_mul"); the program's WARPS warps take turns over its groups of K."""
+    T: tl.constexpr = 32 * WARPS
+    tid = tl.arange(0, T)
+    warp = tid // 32
+    lane_g = (tid % 32) // 4  # the MMA's row group: weight columns, and x's row in a tile
+    lane_c = tid % 4  # the MMA's column pair: word rows r + 2 c, r + 2 c + 1
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    # Lane g's columns: a = base_a + b and b = base_b + b for the four blocks b (16-byte loads);
+    # columns past N are read at N - 4 (never stored).
+    if ACTIVATION == "silu_mul":
+        base_a = tl.minimum(pid_n * 32 + 4 * lane_g, N_UP - 4)
+        base_b = base_a + N_UP
+    else:
+        base_a = tl.minimum(pid_n * 64 + 4 * lane_g, N_OUT - 4)
+        base_b = tl.minimum(pid_n * 64 + 32 + 4 * lane_g, N_OUT - 4)
+    x_row0 = x_ptr + tl.minimum(lane_g, M - 1) * stride_xm
+    x_row1 = x_ptr + tl.minimum(8 + lane_g, M - 1) * stride_xm
+
+    groups = K // GROUP_SIZE
+    per_split = tl.cdiv(groups, SPLIT_K)
+    group_start = pid_k * per_split
+    group_end = tl.minimum(group_start + per_split, groups)
+    z = tl.zeros((T,), tl.float32)
+    acc0 = _zeros_like_acc(z, M_TILES)
+    acc1 = _zeros_like_acc(z, M_TILES)
+    acc2 = _zeros_like_acc(z, M_TILES)
+    acc3 = _zeros_like_acc(z, M_TILES)
+    # Each warp takes every WARPS-th group; the next group's loads are issued before this one's
+    # arithmetic. Past the end a warp re-reads the range's last group (already fetched by the
+    # program) and scales it by 0.
+    group = tl.minimum(group_start + warp, group_end - 1)
+    loads = _load_group(qw_ptr, s_ptr, z_ptr, x_row0, x_row1, group, lane_c, base_a, base_b, stride_qk,
+                        stride_sg, GROUP_SIZE, M_TILES)
+    for it in range(0, tl.cdiv(group_end - group_start, WARPS)):
+        live = (group_start + it * WARPS + warp < group_end).to(tl.float32)
+        group = tl.minimum(group_start + (it + 1) * WARPS + warp, group_end - 1)
+        next_loads = _load_group(qw_ptr, s_ptr, z_ptr, x_row0, x_row1, group, lane_c, base_a, base_b, stride_qk,
+                                 stride_sg, GROUP_SIZE, M_TILES)
+        acc0, acc1, acc2, acc3 = _group_product(loads, live, acc0, acc1, acc2, acc3, z, GROUP_SIZE, M_TILES, BF16)
+        loads = next_loads
+
+    # Sum the warps' partial tiles; each value's row and column follow from the same stacking
+    # applied to index tensors of one warp's lanes.
+    blocks = (acc0, acc1, acc2, acc3)
+    V: tl.constexpr = 8 * M_TILES
+    lanes = tl.arange(0, 32)
+    g = lanes // 4
+    c = lanes % 4
+    zi = lanes * 0
+    m_tile = (2 * c, 2 * c + 1, 2 * c, 2 * c + 1, 8 + 2 * c, 9 + 2 * c, 8 + 2 * c, 9 + 2 * c)
+    row_blocks = (m_tile, m_tile, m_tile, m_tile)
+    col_blocks = (_repeat8(4 * g), _repeat8(4 * g + 1), _repeat8(4 * g + 2), _repeat8(4 * g + 3))
+    rows = _column_values(row_blocks, 0, M_TILES)
+    cols = _column_values(col_blocks, 0, M_TILES) + zi[:, None]
+    acc_a = tl.sum(tl.reshape(_column_values(blocks, 0, M_TILES), (WARPS, 32, V)), axis=0)
+    acc_b = tl.sum(tl.reshape(_column_values(blocks, 1, M_TILES), (WARPS, 32, V)), axis=0)
+    if ACTIVATION == "silu_mul":
+        cols = pid_n * 32 + cols
+        acc = acc_a
+        acc_up = acc_b
+    else:
+        rows = _cat(rows, rows)
+        cols = pid_n * 64 + _cat(cols, cols + 32)
+        acc = _cat(acc_a, acc_b)
+        acc_up = acc
+    store_output(acc, acc_up, rows, cols, (rows < M) & (cols < N_OUT), pid_n, M, N_UP, b_ptr, out_ptr, ws_ptr,
+                 stride_om, stride_on, stride_wm, SPLIT_K, HAS_BIAS, ACTIVATION)
+
+
+def warp_mma_columns(activation: str) -> int:
+    """Output columns of one program: 64, or 32 (and their 32 up columns) under "silu_mul"."""
+    return 32 if activation == "silu_mul" else 64
