@@ -39,72 +39,6 @@ import triton.language as tl
 from .common import store_output
 
 
-def _dequant_asm(word: str, out: str, bf16: bool, zero: tuple) -> str:
-    """PTX: the 8 nibbles of ``word`` minus the zero point, as four half2 (bf16x2) registers
-    ``{out}0..3``, register t holding nibbles (t, t + 4)."""
-    if bf16:
-        (z128,) = zero
-        lines = [f"shr.u32 t1, {word}, 4;", f"shr.u32 t2, {word}, 8;", f"shr.u32 t3, {word}, 12;"]
-        for t, src in enumerate((word, "t1", "t2", "t3")):
-            lines.append(f"lop3.b32 {out}{t}, {src}, 0x000F000F, 0x43004300, 0xEA;")
-            lines.append(f"fma.rn.bf16x2 {out}{t}, {out}{t}, one, {z128};")
-        return "\n".join(lines)
-    z1024, z64 = zero
-    return "\n".join([
-        f"shr.u32 t1, {word}, 8;",
-        f"lop3.b32 {out}0, {word}, 0x000F000F, 0x64006400, 0xEA;",
-        f"lop3.b32 {out}1, {word}, 0x00F000F0, 0x64006400, 0xEA;",
-        f"lop3.b32 {out}2, t1, 0x000F000F, 0x64006400, 0xEA;",
-        f"lop3.b32 {out}3, t1, 0x00F000F0, 0x64006400, 0xEA;",
-        f"sub.rn.f16x2 {out}0, {out}0, {z1024};",
-        f"fma.rn.f16x2 {out}1, {out}1, sixteenth, {z64};",
-        f"sub.rn.f16x2 {out}2, {out}2, {z1024};",
-        f"fma.rn.f16x2 {out}3, {out}3, sixteenth, {z64};",
-    ])
-
-
-def _block_step_asm(bf16: bool, m_tiles: int) -> str:
-    """PTX of one 64-row step of one 16-column block (``_block_step``)."""
-    n_out = 4 * m_tiles
-    n_zero = 1 if bf16 else 2
-    words = [f"${n_out + i}" for i in range(4)]
-    zero_a = tuple(f"${n_out + 4 + i}" for i in range(n_zero))
-    zero_b = tuple(f"${n_out + 4 + n_zero + i}" for i in range(n_zero))
-    x_base = n_out + 4 + 2 * n_zero
-    c_base = x_base + 8 * m_tiles
-    kind = "bf16" if bf16 else "f16"
-    lines = ["{", ".reg .b32 t1, t2, t3, one, sixteenth;",
-             ".reg .b32 " + ", ".join(f"w{i}{t}" for i in range(4) for t in range(4)) + ";",
-             "mov.b32 one, 0x3F803F80;", "mov.b32 sixteenth, 0x2C002C00;"]
-    for i, (word, zero) in enumerate(zip(words, (zero_a, zero_b, zero_a, zero_b))):
-        lines.append(_dequant_asm(word, f"w{i}", bf16, zero))
-    for j in range(n_out):
-        lines.append(f"mov.b32 ${j}, ${c_base + j};")
-    for ti in range(m_tiles):
-        d = ", ".join(f"${4 * ti + j}" for j in range(4))
-        for t in range(4):
-            xa, xb = f"${x_base + 8 * ti + t}", f"${x_base + 8 * ti + 4 + t}"
-            lines.append(f"mma.sync.aligned.m16n8k16.row.col.f32.{kind}.{kind}.f32 {{{d}}}, "
-                         f"{{w0{t}, w1{t}, w2{t}, w3{t}}}, {{{xa}, {xb}}}, {{{d}}};")
-    lines.append("}")
-    return "\n".join(lines)
-
-
-def _block_step_constraints(bf16: bool, m_tiles: int) -> str:
-    n_zero = 1 if bf16 else 2
-    return ",".join(["=f"] * (4 * m_tiles) + ["r"] * (4 + 2 * n_zero + 8 * m_tiles) + ["f"] * (4 * m_tiles))
-
-
-_STEP_F16_1 = tl.constexpr(_block_step_asm(False, 1))
-_STEP_F16_2 = tl.constexpr(_block_step_asm(False, 2))
-_STEP_BF16_1 = tl.constexpr(_block_step_asm(True, 1))
-_STEP_BF16_2 = tl.constexpr(_block_step_asm(True, 2))
-_CON_F16_1 = tl.constexpr(_block_step_constraints(False, 1))
-_CON_F16_2 = tl.constexpr(_block_step_constraints(False, 2))
-_CON_BF16_1 = tl.constexpr(_block_step_constraints(True, 1))
-_CON_BF16_2 = tl.constexpr(_block_step_constraints(True, 2))
-
-
 @triton.jit
 def _load_v4(ptrs):
     """Four 32-bit words at each (16-byte aligned) pointer, by inline PTX (a ``tl.load`` could get
@@ -201,22 +135,90 @@ def _scales_f32(pair, BF16: tl.constexpr):
 
 
 @triton.jit
-def _block_step(w0, w1, w2, w3, zero_a, zero_b, xs, acc, BF16: tl.constexpr, M_TILES: tl.constexpr):
-    """acc + one 64-row step of one block of 16 weight columns: words w0..w3 (rows r and r + 1
-    of columns a and b), their zero constants, the x pairs of each 8-row tile."""
-    args = (w0, w1, w2, w3) + zero_a + zero_b + xs + acc
+def _dequantize_word(word, zero, BF16: tl.constexpr):
+    """The 8 nibbles of ``word`` minus the zero point, exactly, as four half2 (bf16x2) registers,
+    register t holding nibbles (t, t + 4) (the GEMV's lop3 trick, ``w4a16._word_pair_dot_f16x2``);
+    ``zero`` from ``_zero_consts``."""
     if BF16:
-        if M_TILES == 1:
-            acc = tl.inline_asm_elementwise(_STEP_BF16_1, _CON_BF16_1, args, dtype=(tl.float32,) * 4, is_pure=True,
-                                            pack=1)
-        else:
-            acc = tl.inline_asm_elementwise(_STEP_BF16_2, _CON_BF16_2, args, dtype=(tl.float32,) * 8, is_pure=True,
-                                            pack=1)
-    elif M_TILES == 1:
-        acc = tl.inline_asm_elementwise(_STEP_F16_1, _CON_F16_1, args, dtype=(tl.float32,) * 4, is_pure=True, pack=1)
+        halves = tl.inline_asm_elementwise(
+            """
+            {
+            .reg .b32 t1, t2, t3, one;
+            mov.b32 one, 0x3F803F80;
+            shr.u32 t1, $4, 4;
+            shr.u32 t2, $4, 8;
+            shr.u32 t3, $4, 12;
+            lop3.b32 $0, $4, 0x000F000F, 0x43004300, 0xEA;
+            lop3.b32 $1, t1, 0x000F000F, 0x43004300, 0xEA;
+            lop3.b32 $2, t2, 0x000F000F, 0x43004300, 0xEA;
+            lop3.b32 $3, t3, 0x000F000F, 0x43004300, 0xEA;
+            fma.rn.bf16x2 $0, $0, one, $5;
+            fma.rn.bf16x2 $1, $1, one, $5;
+            fma.rn.bf16x2 $2, $2, one, $5;
+            fma.rn.bf16x2 $3, $3, one, $5;
+            }
+            """,
+            "=r,=r,=r,=r,r,r", (word,) + zero, dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
     else:
-        acc = tl.inline_asm_elementwise(_STEP_F16_2, _CON_F16_2, args, dtype=(tl.float32,) * 8, is_pure=True, pack=1)
-    return acc
+        halves = tl.inline_asm_elementwise(
+            """
+            {
+            .reg .b32 t, sixteenth;
+            mov.b32 sixteenth, 0x2C002C00;
+            shr.u32 t, $4, 8;
+            lop3.b32 $0, $4, 0x000F000F, 0x64006400, 0xEA;
+            lop3.b32 $1, $4, 0x00F000F0, 0x64006400, 0xEA;
+            lop3.b32 $2, t, 0x000F000F, 0x64006400, 0xEA;
+            lop3.b32 $3, t, 0x00F000F0, 0x64006400, 0xEA;
+            sub.rn.f16x2 $0, $0, $5;
+            fma.rn.f16x2 $1, $1, sixteenth, $6;
+            sub.rn.f16x2 $2, $2, $5;
+            fma.rn.f16x2 $3, $3, sixteenth, $6;
+            }
+            """,
+            "=r,=r,=r,=r,r,r,r", (word,) + zero, dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True,
+            pack=1)
+    return halves
+
+
+@triton.jit
+def _mma(a0, a1, a2, a3, b0, b1, c, BF16: tl.constexpr):
+    """One warp-level ``mma.m16n8k16`` (float32 accumulation): A fragment a0..a3, B fragment
+    b0, b1, accumulators c (four floats) -> four floats."""
+    if BF16:
+        d = tl.inline_asm_elementwise(
+            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {$0, $1, $2, $3}, {$4, $5, $6, $7}, {$8, $9}, "
+            "{$10, $11, $12, $13};",
+            "=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f", (a0, a1, a2, a3, b0, b1) + c,
+            dtype=(tl.float32, tl.float32, tl.float32, tl.float32), is_pure=True, pack=1)
+    else:
+        d = tl.inline_asm_elementwise(
+            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {$0, $1, $2, $3}, {$4, $5, $6, $7}, {$8, $9}, "
+            "{$10, $11, $12, $13};",
+            "=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f", (a0, a1, a2, a3, b0, b1) + c,
+            dtype=(tl.float32, tl.float32, tl.float32, tl.float32), is_pure=True, pack=1)
+    return d
+
+
+@triton.jit
+def _block_step(w0, w1, w2, w3, zero_a, zero_b, xs, acc, BF16: tl.constexpr, M_TILES: tl.constexpr):
+    """acc + one 64-row step of one block of 16 weight columns: words w0..w3 (rows r + 2c and
+    r + 2c + 1 of columns a and b: the A fragment's four registers), their zero constants, the
+    x pairs of each 8-row tile (8 a tile: the B fragments of MMAs 0..3), the accumulators
+    (4 a tile)."""
+    a0 = _dequantize_word(w0, zero_a, BF16)
+    a1 = _dequantize_word(w1, zero_b, BF16)
+    a2 = _dequantize_word(w2, zero_a, BF16)
+    a3 = _dequantize_word(w3, zero_b, BF16)
+    tile = acc[0:4]
+    for t in tl.static_range(4):
+        tile = _mma(a0[t], a1[t], a2[t], a3[t], xs[t], xs[4 + t], tile, BF16)
+    if M_TILES == 2:
+        tile1 = acc[4:8]
+        for t in tl.static_range(4):
+            tile1 = _mma(a0[t], a1[t], a2[t], a3[t], xs[8 + t], xs[12 + t], tile1, BF16)
+        tile = tile + tile1
+    return tile
 
 
 @triton.jit
