@@ -568,7 +568,7 @@ def warp_mma_ok(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
     """What the warp-level MMA kernel reads as 16- and 8-byte vectors must be aligned so: x as
     for the packed GEMV, weight rows and columns in fours, groups of whole 64-row steps."""
     N = qweight.shape[1]
-    return (_packed_ok(x) and x.shape[0] <= 16 and group_size % 64 == 0 and N % 4 == 0 and n_out % 4 == 0
+    return (_packed_ok(x) and x.shape[0] <= WARP_MMA_MAX_M and group_size % 64 == 0 and N % 4 == 0 and n_out % 4 == 0
             and qweight.stride(1) == 1 and qweight.stride(0) % 4 == 0 and qweight.storage_offset() % 4 == 0
             and scales.stride(1) == 1 and scales.stride(0) % 4 == 0 and scales.storage_offset() % 4 == 0
             and zeros.storage_offset() % 4 == 0 and scales.dtype == zeros.dtype == x.dtype)
@@ -680,8 +680,8 @@ def w4a16_linear(
     assert scales.shape == zeros.shape == (K // group_size, N) and scales.stride() == zeros.stride()
     if M == 0:
         return x.new_empty((0, n_out))
-    cfg = config or pick_config(M, n_out, K, group_size, x.device, activation,
-                                warp_mma=warp_mma_ok(x, qweight, scales, zeros, group_size, n_out))
+    warp_ok = warp_mma_ok(x, qweight, scales, zeros, group_size, n_out)
+    cfg = config or pick_config(M, n_out, K, group_size, x.device, activation, warp_mma=warp_ok)
     if isinstance(cfg, DequantMmConfig):
         w = torch.empty((K, N), device=x.device, dtype=x.dtype)
         grid = (triton.cdiv(K // 8, cfg.block_r), triton.cdiv(N, cfg.block_n))
@@ -698,8 +698,7 @@ def w4a16_linear(
     has_bias = bias is not None
     bias_arg = bias if has_bias else scales  # any pointer; never read
     if isinstance(cfg, WarpMmaConfig):
-        if (not warp_mma_ok(x, qweight, scales, zeros, group_size, n_out) or cfg.row_tiles not in (1, 2)
-                or M > 8 * cfg.row_tiles):
+        if not warp_ok or cfg.row_tiles not in (1, 2) or M > 8 * cfg.row_tiles:
             raise ValueError(f"{cfg} needs fp16/bf16 x on a GPU with at most 8 * row_tiles rows, 16-byte aligned, "
                              f"group_size a multiple of 64 and N a multiple of 4; got x {tuple(x.shape)} "
                              f"{x.dtype} strides {x.stride()} on {x.device}, group_size {group_size}, N {N}")

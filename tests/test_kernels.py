@@ -441,6 +441,7 @@ def test_gpu_compiled_op_calls_the_triton_kernel_without_graph_break(M):
     out, codes = run_and_get_code(compiled, x)
     ref = torch.nn.functional.silu(w4_reference(x, qweight, scales, zeros, 128, b))
     assert relative_error(out, ref) < BOUND[torch.float16]
-    kernel = {w4a16.GemvConfig: "_w4a16_gemv_kernel", w4a16.MmaConfig: "_w4a16_mma_kernel",
-              w4a16.WarpMmaConfig: "w4a16_warp_mma_kernel", w4a16.DequantMmConfig: "_w4a16_dequantize_kernel"}[type(w4a16.pick_config(M, 512, 1024, 128, x.device))]
+    kernels = {w4a16.GemvConfig: "_w4a16_gemv_kernel", w4a16.MmaConfig: "_w4a16_mma_kernel",
+               w4a16.WarpMmaConfig: "w4a16_warp_mma_kernel", w4a16.DequantMmConfig: "_w4a16_dequantize_kernel"}
+    kernel = kernels[type(w4a16.pick_config(M, 512, 1024, 128, x.device))]
     assert any(kernel in code for code in codes), "Inductor's code does not launch the Triton kernel"
