@@ -2,7 +2,7 @@
 activations quantized per token to float8_e4m3fn with scale ``amax / 448`` at run time.
 
 Two launches: ``_quantize_rows_kernel`` (one program per token: the row's amax, then the
-row divided by its scale, rounded to fp8) and ``_fp8_mma_kernel`` (fp8 x fp8 on the tensor
+row divided by its scale, correctly rounded, then rounded to fp8) and ``_fp8_mma_kernel`` (fp8 x fp8 on the tensor
 cores, float32 accumulation, both scales applied to the accumulator). Split K as in the
 other kernels when the tiles alone would leave the GPU idle, reduced inside the kernel
 (``common.store_output``).
@@ -29,9 +29,21 @@ def _round_to_e4m3(v):
     # Normal range: keep 3 of the 23 mantissa bits, rounding half to even.
     bits = (bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576  # -1048576 = 0xFFF00000
     normal = bits.to(tl.float32, bitcast=True)
-    # Subnormal range (|v| < 2**-6): multiples of 2**-9; adding 1.5 * 2**14 rounds there.
-    subnormal = (v + 24576.0) - 24576.0
+    # Subnormal range (|v| < 2**-6): multiples of 2**-9; adding 1.5 * 2**14 rounds there. On |v|
+    # with v's sign put back, so what rounds to zero keeps it (-0.0, as torch's cast gives).
+    magnitude = (tl.abs(v) + 24576.0) - 24576.0
+    subnormal = (magnitude.to(tl.int32, bitcast=True) | (bits & -2147483648)).to(tl.float32, bitcast=True)
     return tl.where(tl.abs(v) < 0.015625, subnormal, normal)
+
+
+@triton.jit
+def _divide(x, d, d_inverse):
+    """x / d correctly rounded, from d's correctly rounded reciprocal: q = x * (1 / d) is within
+    an ulp, and one FMA with the exact remainder x - q d rounds it right (Markstein). About 3x
+    faster than ``div_rn`` per element, which made the quantization ALU-bound (H200: 4096 x 14336
+    in 95 us against 50)."""
+    q = x * d_inverse
+    return tl.math.fma(tl.math.fma(-q, d, x), d_inverse, q)
 
 
 @triton.jit
@@ -40,24 +52,26 @@ def _quantize_rows_kernel(x_ptr, xq_ptr, scale_ptr, K, stride_xm, stride_xk, str
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK_K)
     x_row = x_ptr + row * stride_xm
-    if ONE_PASS:  # the row fits in registers: read it once
-        x = tl.load(x_row + offs * stride_xk, mask=offs < K, other=0).to(tl.float32)
-        amax = tl.abs(x)
+    if ONE_PASS:  # the row fits in registers: read it once, kept in its own dtype (|x| and max are exact)
+        x = tl.load(x_row + offs * stride_xk, mask=offs < K, other=0)
+        amax = tl.max(tl.abs(x), axis=0).to(tl.float32)
     else:
-        amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        amax_k = tl.zeros((BLOCK_K,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             xk = tl.load(x_row + (k0 + offs) * stride_xk, mask=k0 + offs < K, other=0).to(tl.float32)
-            amax = tl.maximum(amax, tl.abs(xk))
-    scale = tl.math.div_rn(tl.maximum(tl.max(amax, axis=0), 1e-12), 448.0)
+            amax_k = tl.maximum(amax_k, tl.abs(xk))
+        amax = tl.max(amax_k, axis=0)
+    scale = tl.math.div_rn(tl.maximum(amax, 1e-12), 448.0)
+    scale_inverse = tl.math.div_rn(1.0, scale)
     tl.store(scale_ptr + row, scale)
     if ONE_PASS:
-        xq = tl.clamp(_round_to_e4m3(tl.math.div_rn(x, scale)), -448.0, 448.0)
+        xq = tl.clamp(_round_to_e4m3(_divide(x.to(tl.float32), scale, scale_inverse)), -448.0, 448.0)
         tl.store(xq_ptr + row * stride_qm + offs, xq.to(xq_ptr.dtype.element_ty), mask=offs < K)
     else:
         for k0 in range(0, K, BLOCK_K):
             mask = k0 + offs < K
             xk = tl.load(x_row + (k0 + offs) * stride_xk, mask=mask, other=0).to(tl.float32)
-            xq = tl.clamp(_round_to_e4m3(tl.math.div_rn(xk, scale)), -448.0, 448.0)
+            xq = tl.clamp(_round_to_e4m3(_divide(xk, scale, scale_inverse)), -448.0, 448.0)
             tl.store(xq_ptr + row * stride_qm + k0 + offs, xq.to(xq_ptr.dtype.element_ty), mask=mask)
 
 
@@ -143,7 +157,7 @@ def quantize_rows(x: torch.Tensor):
     block_k = min(triton.next_power_of_2(K), 16384)
     torch.library.wrap_triton(_quantize_rows_kernel)[(M,)](
         x, xq, scale, K, x.stride(0), x.stride(1), xq.stride(0), BLOCK_K=block_k, ONE_PASS=block_k >= K,
-        num_warps=min(max(block_k // 512, 1), 16),
+        num_warps=4,  # H200, M = 4096: 4 warps 50 us at K = 14336 (16 warps 62), 16.2 at 4096 (8 warps 16.0)
     )
     return xq, scale
 

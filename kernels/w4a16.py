@@ -561,6 +561,7 @@ class WarpMmaConfig(NamedTuple):
     num_warps: int
     split_k: int
     row_tiles: int  # 8-row tiles of x the kernel covers: 1 (M <= 8) or 2 (M <= 16)
+    column_warps: int = 1  # warps on separate columns (the others take turns over K)
 
 
 def warp_mma_ok(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
@@ -590,14 +591,16 @@ def _split_within_one_wave(tiles: int, k_steps: int, sms: int) -> int:
 
 
 def _warp_mma_config(M: int, tiles: int, groups: int, sms: int) -> WarpMmaConfig:
-    """Warps and K splits of the warp-level MMA kernel for ``tiles`` programs' worth of columns
-    and ``groups`` groups of K. H200 sweep (bench/NOTES-kernels.md), 2 <= M <= 16: 4 warps
-    unsplit where the tiles alone fill the SMs twice (4096x28672), 8 warps unsplit from half
-    the SMs (4096x6144: 96 tiles), else 4 warps and K split to about two programs an SM
-    (4096x4096, 14336x4096: 64 tiles, split 4); each split costs a memset and atomics."""
+    """Warps and K splits of the warp-level MMA kernel for ``tiles`` blocks of a warp's columns
+    (``warp_mma_columns``) and ``groups`` groups of K. H200 sweeps (bench/NOTES-kernels.md), 2 <= M <= 16: 4 warps
+    unsplit where the tiles alone fill the SMs twice (4096x28672), two column blocks of two
+    warps each past 8 rows there (x shared through L1: 29-30 against 33 us at M = 16), 8 warps
+    unsplit from half the SMs (4096x6144: 96 tiles), else 4 warps and K split to about two
+    programs an SM (4096x4096, 14336x4096: 64 tiles, split 4); each split costs a memset and
+    atomics."""
     row_tiles = triton.cdiv(M, 8)
     if tiles >= 2 * sms:
-        return WarpMmaConfig(num_warps=4, split_k=1, row_tiles=row_tiles)
+        return WarpMmaConfig(num_warps=4, split_k=1, row_tiles=row_tiles, column_warps=row_tiles)
     if 2 * tiles >= sms:
         return WarpMmaConfig(num_warps=8, split_k=1, row_tiles=row_tiles)
     split = 1
@@ -698,16 +701,19 @@ def w4a16_linear(
     has_bias = bias is not None
     bias_arg = bias if has_bias else scales  # any pointer; never read
     if isinstance(cfg, WarpMmaConfig):
+        if cfg.column_warps < 1 or cfg.num_warps % cfg.column_warps:
+            raise ValueError(f"{cfg}: column_warps ({cfg.column_warps}) must divide num_warps ({cfg.num_warps})")
         if not warp_ok or cfg.row_tiles not in (1, 2) or M > 8 * cfg.row_tiles:
             raise ValueError(f"{cfg} needs fp16/bf16 x on a GPU with at most 8 * row_tiles rows, 16-byte aligned, "
                              f"group_size a multiple of 64 and N a multiple of 4; got x {tuple(x.shape)} "
                              f"{x.dtype} strides {x.stride()} on {x.device}, group_size {group_size}, N {N}")
-        grid = (triton.cdiv(n_out, warp_mma_columns(activation)), cfg.split_k)
+        grid = (triton.cdiv(n_out, warp_mma_columns(activation) * cfg.column_warps), cfg.split_k)
         ws = split_k_workspace(M, N, grid[0], cfg.split_k, out)
         torch.library.wrap_triton(w4a16_warp_mma_kernel)[grid](
             x, qweight, scales, zeros, bias_arg, out, ws, M, n_out, N - n_out, K,
             x.stride(0), qweight.stride(0), scales.stride(0), out.stride(0), out.stride(1), N,
-            GROUP_SIZE=group_size, M_TILES=cfg.row_tiles, WARPS=cfg.num_warps, SPLIT_K=cfg.split_k,
+            GROUP_SIZE=group_size, M_TILES=cfg.row_tiles, WARPS=cfg.num_warps, COLUMN_WARPS=cfg.column_warps,
+            SPLIT_K=cfg.split_k,
             HAS_BIAS=has_bias, ACTIVATION=activation, BF16=x.dtype == torch.bfloat16, num_warps=cfg.num_warps,
         )
         return out

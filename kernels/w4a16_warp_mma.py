@@ -24,7 +24,8 @@ PTX (a ``tl.load`` may be given another thread layout by Triton) and so is the M
 
 The C fragment leaves lane (g, c) with columns a and b at rows 2c and 2c + 1 of each tile.
 A group's products accumulate unscaled in float32 (the MMA's C), and are scaled per column
-once a group (``group_size`` a multiple of 64). The warps of a program take turns over its
+once a group (``group_size`` a multiple of 64). A program's warps cover ``COLUMN_WARPS``
+blocks of 64 columns (sharing x through L1), the warps of a block taking turns over its
 groups of K, each issuing the next group's loads before this one's arithmetic; at the end
 their sums are added across warps and the tile goes through ``common.store_output`` (split
 K, bias, activation) like every other kernel's.
@@ -354,26 +355,32 @@ def w4a16_warp_mma_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr,
     M, N_OUT, N_UP, K,
     stride_xm, stride_qk, stride_sg, stride_om, stride_on, stride_wm,
-    GROUP_SIZE: tl.constexpr, M_TILES: tl.constexpr, WARPS: tl.constexpr, SPLIT_K: tl.constexpr,
-    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, BF16: tl.constexpr,
+    GROUP_SIZE: tl.constexpr, M_TILES: tl.constexpr, WARPS: tl.constexpr, COLUMN_WARPS: tl.constexpr,
+    SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, BF16: tl.constexpr,
 ):
-    """out = x @ W for M <= 8 * M_TILES rows and 64 weight columns a program (32 gate and 32 up
-    columns under "silu_mul"); the program's WARPS warps take turns over its groups of K."""
+    """out = x @ W for M <= 8 * M_TILES rows and 64 weight columns a warp (32 gate and 32 up
+    columns under "silu_mul"): a program's WARPS warps cover COLUMN_WARPS such blocks of columns,
+    the K_WARPS = WARPS / COLUMN_WARPS warps of each block taking turns over its groups of K."""
     T: tl.constexpr = 32 * WARPS
+    K_WARPS: tl.constexpr = WARPS // COLUMN_WARPS
+    WARP_COLUMNS: tl.constexpr = 32 if ACTIVATION == "silu_mul" else 64
     tid = tl.arange(0, T)
     warp = tid // 32
+    warp_n = warp % COLUMN_WARPS  # which of the program's column blocks
+    warp_k = warp // COLUMN_WARPS  # which of every K_WARPS groups
     lane_g = (tid % 32) // 4  # the MMA's row group: weight columns, and x's row in a tile
     lane_c = tid % 4  # the MMA's column pair: word rows r + 2 c, r + 2 c + 1
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     # Lane g's columns: a = base_a + b and b = base_b + b for the four blocks b (16-byte loads);
     # columns past N are read at N - 4 (never stored).
+    first_column = (pid_n * COLUMN_WARPS + warp_n) * WARP_COLUMNS + 4 * lane_g
     if ACTIVATION == "silu_mul":
-        base_a = tl.minimum(pid_n * 32 + 4 * lane_g, N_UP - 4)
+        base_a = tl.minimum(first_column, N_UP - 4)
         base_b = base_a + N_UP
     else:
-        base_a = tl.minimum(pid_n * 64 + 4 * lane_g, N_OUT - 4)
-        base_b = tl.minimum(pid_n * 64 + 32 + 4 * lane_g, N_OUT - 4)
+        base_a = tl.minimum(first_column, N_OUT - 4)
+        base_b = tl.minimum(first_column + 32, N_OUT - 4)
     x_row0 = x_ptr + tl.minimum(lane_g, M - 1) * stride_xm
     x_row1 = x_ptr + tl.minimum(8 + lane_g, M - 1) * stride_xm
 
@@ -386,15 +393,15 @@ def w4a16_warp_mma_kernel(
     acc1 = _zeros_like_acc(z, M_TILES)
     acc2 = _zeros_like_acc(z, M_TILES)
     acc3 = _zeros_like_acc(z, M_TILES)
-    # Each warp takes every WARPS-th group; the next group's loads are issued before this one's
+    # Each warp takes every K_WARPS-th group; the next group's loads are issued before this one's
     # arithmetic. Past the end a warp re-reads the range's last group (already fetched by the
     # program) and scales it by 0.
-    group = tl.minimum(group_start + warp, group_end - 1)
+    group = tl.minimum(group_start + warp_k, group_end - 1)
     loads = _load_group(qw_ptr, s_ptr, z_ptr, x_row0, x_row1, group, lane_c, base_a, base_b, stride_qk,
                         stride_sg, GROUP_SIZE, M_TILES)
-    for it in range(0, tl.cdiv(group_end - group_start, WARPS)):
-        live = (group_start + it * WARPS + warp < group_end).to(tl.float32)
-        group = tl.minimum(group_start + (it + 1) * WARPS + warp, group_end - 1)
+    for it in range(0, tl.cdiv(group_end - group_start, K_WARPS)):
+        live = (group_start + it * K_WARPS + warp_k < group_end).to(tl.float32)
+        group = tl.minimum(group_start + (it + 1) * K_WARPS + warp_k, group_end - 1)
         next_loads = _load_group(qw_ptr, s_ptr, z_ptr, x_row0, x_row1, group, lane_c, base_a, base_b, stride_qk,
                                  stride_sg, GROUP_SIZE, M_TILES)
         acc0, acc1, acc2, acc3 = _group_product(loads, live, acc0, acc1, acc2, acc3, z, GROUP_SIZE, M_TILES, BF16)
@@ -404,24 +411,22 @@ def w4a16_warp_mma_kernel(
     # applied to index tensors of one warp's lanes.
     blocks = (acc0, acc1, acc2, acc3)
     V: tl.constexpr = 8 * M_TILES
-    lanes = tl.arange(0, 32)
-    g = lanes // 4
+    lanes = tl.arange(0, 32 * COLUMN_WARPS)  # a warp of each column block
+    g = (lanes % 32) // 4
     c = lanes % 4
-    zi = lanes * 0
     m_tile = (2 * c, 2 * c + 1, 2 * c, 2 * c + 1, 8 + 2 * c, 9 + 2 * c, 8 + 2 * c, 9 + 2 * c)
     row_blocks = (m_tile, m_tile, m_tile, m_tile)
     col_blocks = (_repeat8(4 * g), _repeat8(4 * g + 1), _repeat8(4 * g + 2), _repeat8(4 * g + 3))
     rows = _column_values(row_blocks, 0, M_TILES)
-    cols = _column_values(col_blocks, 0, M_TILES) + zi[:, None]
-    acc_a = tl.sum(tl.reshape(_column_values(blocks, 0, M_TILES), (WARPS, 32, V)), axis=0)
-    acc_b = tl.sum(tl.reshape(_column_values(blocks, 1, M_TILES), (WARPS, 32, V)), axis=0)
+    cols = _column_values(col_blocks, 0, M_TILES) + ((pid_n * COLUMN_WARPS + lanes // 32) * WARP_COLUMNS)[:, None]
+    acc_a = tl.sum(tl.reshape(_column_values(blocks, 0, M_TILES), (K_WARPS, 32 * COLUMN_WARPS, V)), axis=0)
+    acc_b = tl.sum(tl.reshape(_column_values(blocks, 1, M_TILES), (K_WARPS, 32 * COLUMN_WARPS, V)), axis=0)
     if ACTIVATION == "silu_mul":
-        cols = pid_n * 32 + cols
         acc = acc_a
         acc_up = acc_b
     else:
         rows = _cat(rows, rows)
-        cols = pid_n * 64 + _cat(cols, cols + 32)
+        cols = _cat(cols, cols + 32)
         acc = _cat(acc_a, acc_b)
         acc_up = acc
     store_output(acc, acc_up, rows, cols, (rows < M) & (cols < N_OUT), pid_n, M, N_UP, b_ptr, out_ptr, ws_ptr,

@@ -139,12 +139,14 @@ def test_w4a16_kernel_choice_by_rows():
     assert isinstance(pick(2, 4096, 4096, 128, device), w4a16.GemvConfig)
     assert isinstance(pick(2, 6144, 4096, 128, device), w4a16.WarpMmaConfig)
     assert [pick(M, 28672, 4096, 128, device).row_tiles for M in (3, 8, 9, 16)] == [1, 1, 2, 2]
+    # past 8 rows on a wide weight, two warps side by side on columns share x through L1
+    assert [pick(M, 28672, 4096, 128, device).column_warps for M in (8, 16)] == [1, 2]
     assert isinstance(pick(8, 14336, 4096, 128, device, activation="silu_mul"), w4a16.WarpMmaConfig)
     assert isinstance(pick(8, 28672, 4096, 128, device, warp_mma=False), w4a16.MmaConfig)
     assert isinstance(pick(17, 28672, 4096, 128, device), w4a16.MmaConfig)
     for M, N, K in [(16, 4096, 4096), (4, 6144, 4096), (16, 28672, 4096), (2, 4096, 14336), (5, 256, 512)]:
         cfg = pick(M, N, K, 128, device)
-        assert cfg.split_k * cfg.num_warps <= K // 128  # every warp has a group of K
+        assert cfg.split_k * cfg.num_warps // cfg.column_warps <= K // 128  # every warp has a group of K
 
 
 def test_w4a16_warp_mma_rejects_what_it_cannot_read():
@@ -154,6 +156,8 @@ def test_w4a16_warp_mma_rejects_what_it_cannot_read():
     x, qweight, scales, zeros, _ = make_w4(12, 64, 128, 64, torch.float16, False, False, 0)
     with pytest.raises(ValueError, match=r"8 \* row_tiles rows.*x \(12, 128\)"):
         w4a16.w4a16_linear(x, qweight, scales, zeros, 64, config=w4a16.WarpMmaConfig(4, 1, 1))
+    with pytest.raises(ValueError, match=r"column_warps \(3\) must divide num_warps \(4\)"):
+        w4a16.w4a16_linear(x, qweight, scales, zeros, 64, config=w4a16.WarpMmaConfig(4, 1, 2, 3))
 
 
 def test_w4a16_strided_activations_and_empty_batch():
@@ -236,6 +240,16 @@ def assert_quantized_like_reference(x):
     torch.testing.assert_close(scale, ref_scale[:, 0], rtol=2.5e-7, atol=0)
     expected = (x.float() / scale[:, None]).clamp(-448, 448).to(torch.float8_e4m3fn)
     assert torch.equal(xq.view(torch.uint8), expected.view(torch.uint8))
+
+
+@pytest.mark.parametrize("dtype, decades", [(torch.float16, 3), (torch.bfloat16, 6), (torch.float32, 6)])
+def test_fp8_quantization_divides_exactly_on_many_values(dtype, decades):
+    """The kernel divides by the scale through its reciprocal and one FMA: bit for bit the
+    rounded quotient on 128 x 2048 values spread over 2 * decades decades within a row (ties of
+    the fp8 rounding, subnormals, and negative values that round to -0.0 included)."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(128, 2048, generator=g) * 10 ** torch.empty(128, 2048).uniform_(-decades, decades, generator=g)
+    assert_quantized_like_reference(x.to(dtype).to(DEVICE))
 
 
 def test_fp8_rows_longer_than_one_block_quantize_in_two_passes():
@@ -385,16 +399,17 @@ def test_gpu_w4a16_gemv_packed_bf16(M, N, K, group_size, config):
 @given(M=st.integers(1, 16), eighth_n=st.integers(1, 40), groups=st.integers(1, 4),
        group_size=st.sampled_from([64, 128]), dtype=st.sampled_from([torch.float16, torch.bfloat16]),
        symmetric=st.booleans(), bias=st.booleans(), activation=st.sampled_from(("none",) + EPILOGUES),
-       warps=st.sampled_from([4, 8]), split=st.integers(1, 4), wide=st.booleans(), seed=st.integers(0, 2**16))
-def test_gpu_w4a16_warp_mma(M, eighth_n, groups, group_size, dtype, symmetric, bias, activation, warps, split, wide,
-                            seed):
+       warps=st.sampled_from([4, 8]), column_warps=st.sampled_from([1, 2, 4]), split=st.integers(1, 4),
+       wide=st.booleans(), seed=st.integers(0, 2**16))
+def test_gpu_w4a16_warp_mma(M, eighth_n, groups, group_size, dtype, symmetric, bias, activation, warps, column_warps,
+                            split, wide, seed):
     """The warp-level MMA kernel against the float32 reference: N off its 64-column tiles (a
     multiple of 8, so "silu_mul" halves stay whole), splits that leave warps without a group,
-    one or two 8-row tiles, each epilogue."""
+    one or two 8-row tiles, warps side by side on columns, each epilogue."""
     N, K = 8 * eighth_n, groups * group_size
     args = make_w4(M, N, K, group_size, dtype, symmetric, bias, seed)
     x, qweight, scales, zeros, b = args
-    config = w4a16.WarpMmaConfig(warps, split, 2 if wide else (M + 7) // 8)
+    config = w4a16.WarpMmaConfig(warps, split, 2 if wide else (M + 7) // 8, column_warps)
     out = w4a16.w4a16_linear(x, qweight, scales, zeros, group_size, b, activation=activation, config=config)
     ref = reference.apply_activation(w4_reference(*args[:4], group_size, b), activation)
     assert out.shape == (M, output_columns(activation, N))
