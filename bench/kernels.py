@@ -143,10 +143,11 @@ def sweep_candidates(kind, M):
                 out.append(w4a16.GemvConfig(bn, bk, 1, warps))
             out.append(w4a16.GemvConfig(16, 1024, 2, 8))
             out.append(w4a16.GemvConfig(16, 2048, 1, 8, packed_f16=False))
-        if 2 <= M <= 16:  # the warp-level MMA kernel
+        if 2 <= M <= 16:  # the warp-level MMA kernel, its warps on one column block or side by side on two
             for warps in (4, 8):
-                for split in (1, 2, 4, 8):
-                    out.append(w4a16.WarpMmaConfig(warps, split, (M + 7) // 8))
+                for column_warps in (1, 2):
+                    for split in (1, 2, 4, 8):
+                        out.append(w4a16.WarpMmaConfig(warps, split, (M + 7) // 8, column_warps))
         if 2 < M <= 64:
             if M <= 16:  # the split rule against fixed splits, for the tensor-core kernel's tuned block shape
                 for split in (1, 2, 4, 8, 16):

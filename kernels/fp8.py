@@ -2,10 +2,10 @@
 activations quantized per token to float8_e4m3fn with scale ``amax / 448`` at run time.
 
 Two launches: ``_quantize_rows_kernel`` (one program per token: the row's amax, then the
-row divided by its scale, correctly rounded, then rounded to fp8) and ``_fp8_mma_kernel`` (fp8 x fp8 on the tensor
-cores, float32 accumulation, both scales applied to the accumulator). Split K as in the
-other kernels when the tiles alone would leave the GPU idle, reduced inside the kernel
-(``common.store_output``).
+row divided by its scale, correctly rounded, then rounded to fp8) and ``_fp8_mma_kernel``
+(fp8 x fp8 on the tensor cores, float32 accumulation, both scales applied to the
+accumulator). Split K as in the other kernels when the tiles alone would leave the GPU idle,
+reduced inside the kernel (``common.store_output``).
 """
 
 from typing import Optional
