@@ -12,7 +12,10 @@ replays, as it did for the peers' figures there.
     python bench/kernels.py --sweep --out /tmp/sweep.json           # time qpass's block shapes
     python bench/kernels.py --plot bench/results/kernels-h100.json  # png and md beside the json
 
-A peer that fails to import or run is recorded under "errors" and the run goes on.
+A peer that fails to import or run is recorded under "errors" and the run goes on. The GPU
+machine has neither torchao nor GemLite: carry them as wheels (torchao's from PyPI; GemLite
+0.6.0.post2 is an sdist of pure Python, so ``pip wheel --no-deps gemlite==0.6.0.post2`` makes
+its wheel; it needs numpy, tqdm and triton >= 3.6) and ``pip install --no-deps`` them there.
 """
 
 import argparse
