@@ -561,7 +561,7 @@ class WarpMmaConfig(NamedTuple):
     num_warps: int
     split_k: int
     row_tiles: int  # 8-row tiles of x the kernel covers: 1 (M <= 8) or 2 (M <= 16)
-    column_warps: int = 1  # warps on separate columns (the others take turns over K)
+    column_warps: int = 1  # warps side by side on 64-column blocks; each block's warps take turns over K
 
 
 def warp_mma_ok(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
@@ -591,16 +591,16 @@ def _split_within_one_wave(tiles: int, k_steps: int, sms: int) -> int:
 
 
 def _warp_mma_config(M: int, tiles: int, groups: int, sms: int) -> WarpMmaConfig:
-    """Warps and K splits of the warp-level MMA kernel for ``tiles`` blocks of a warp's columns
-    (``warp_mma_columns``) and ``groups`` groups of K. H200 sweeps (bench/NOTES-kernels.md), 2 <= M <= 16: 4 warps
-    unsplit where the tiles alone fill the SMs twice (4096x28672), two column blocks of two
-    warps each past 8 rows there (x shared through L1: 29-30 against 33 us at M = 16), 8 warps
-    unsplit from half the SMs (4096x6144: 96 tiles), else 4 warps and K split to about two
-    programs an SM (4096x4096, 14336x4096: 64 tiles, split 4); each split costs a memset and
-    atomics."""
+    """Warps and K splits of the warp-level MMA kernel for ``tiles`` blocks of a warp's
+    columns (``warp_mma_columns``) and ``groups`` groups of K. H200 sweeps
+    (bench/NOTES-kernels.md), 2 <= M <= 16: 4 warps unsplit where the tiles alone fill the SMs
+    twice (4096x28672), as two column blocks of two warps past 8 rows (x shared through L1:
+    29-30 against 33 us at M = 16), 8 warps unsplit from half the SMs (4096x6144: 96 tiles),
+    else 4 warps and K split to about two programs an SM (4096x4096, 14336x4096: 64 tiles,
+    split 4); each split costs a memset and atomics."""
     row_tiles = triton.cdiv(M, 8)
     if tiles >= 2 * sms:
-        return WarpMmaConfig(num_warps=4, split_k=1, row_tiles=row_tiles, column_warps=row_tiles)
+        return WarpMmaConfig(num_warps=4, split_k=1, row_tiles=row_tiles, column_warps=2 if M > 8 else 1)
     if 2 * tiles >= sms:
         return WarpMmaConfig(num_warps=8, split_k=1, row_tiles=row_tiles)
     split = 1
@@ -622,7 +622,7 @@ def pick_config(M: int, N: int, K: int, group_size: int, device: torch.device, a
     sms = sm_count(device)
     # M = 1 (and 2 on weights up to 4096 x 4096) read the weight fastest with the GEMV; the
     # warp-level MMA reads it at about the same rate for any M up to 8 (H200, 4096x28672:
-    # 20.3 us at M = 1, 20.9 at 8, 33.4 at 16; the tensor-core kernel before it 54 us from M = 4).
+    # 20.3 us at M = 1, 20.9 at 8, 29.4 at 16; the tensor-core kernel before it 54 us from M = 4).
     if warp_mma and 2 <= M <= WARP_MMA_MAX_M and not (M == 2 and N * K <= 4096 * 4096):
         return _warp_mma_config(M, triton.cdiv(N, warp_mma_columns(activation)), K // group_size, sms)
     mma_block_k = [b for b in (128, 64, 32, 16) if group_size % b == 0]
@@ -713,8 +713,8 @@ def w4a16_linear(
             x, qweight, scales, zeros, bias_arg, out, ws, M, n_out, N - n_out, K,
             x.stride(0), qweight.stride(0), scales.stride(0), out.stride(0), out.stride(1), N,
             GROUP_SIZE=group_size, M_TILES=cfg.row_tiles, WARPS=cfg.num_warps, COLUMN_WARPS=cfg.column_warps,
-            SPLIT_K=cfg.split_k,
-            HAS_BIAS=has_bias, ACTIVATION=activation, BF16=x.dtype == torch.bfloat16, num_warps=cfg.num_warps,
+            SPLIT_K=cfg.split_k, HAS_BIAS=has_bias, ACTIVATION=activation, BF16=x.dtype == torch.bfloat16,
+            num_warps=cfg.num_warps,
         )
         return out
     if isinstance(cfg, GemvConfig):
