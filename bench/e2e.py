@@ -14,6 +14,8 @@ with the default (the eager model intact), measured at batch 1 only, for its mem
     python bench/e2e.py --tiny --out /tmp/e2e.json   # small shapes, a check on the CPU
     python bench/e2e.py --peers bf16_compile_cg qpass_awq_compile_cg --cases batch1 --out /tmp/e2e.json
     python bench/e2e.py --plot bench/results/e2e-h100.json   # the png and md beside it
+    python bench/e2e.py --peers qpass_awq_compile_cg --cases batch1 --profile --out /tmp/e2e.json
+                                             # and where each step's time goes, kernel by kernel
 
 Inductor's caches are off (TORCHINDUCTOR_FORCE_DISABLE_CACHES) so that every peer's first
 call compiles from scratch rather than reusing the previous peer's graphs.
@@ -145,6 +147,31 @@ def median_ms(fn, x, device):
     return sorted(times)[len(times) // 2]
 
 
+def kernel_profile(fn, x, steps=20, top=12):
+    """Where a step's GPU time goes: the profiler over ``steps`` calls (CUDA-graph replays
+    included, kernel by kernel). ``span_us``: first kernel start to last kernel end, per step;
+    ``busy_us``: the kernels' own time per step (the rest is gaps between kernels)."""
+    from collections import defaultdict
+
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            torch.compiler.cudagraph_mark_step_begin()
+            fn(x)
+        torch.cuda.synchronize()
+    events = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                    key=lambda e: e.time_range.start)
+    by_name = defaultdict(list)
+    for e in events:
+        by_name[e.name].append(e.time_range.elapsed_us())
+    kernels = sorted(({"name": name, "per_step": len(us) / steps, "avg_us": round(sum(us) / len(us), 3),
+                       "us_per_step": round(sum(us) / steps, 3)} for name, us in by_name.items()),
+                     key=lambda k: -k["us_per_step"])
+    return {"span_us": round((events[-1].time_range.end - events[0].time_range.start) / steps, 1),
+            "busy_us": round(sum(k["us_per_step"] for k in kernels), 1),
+            "kernels_per_step": len(events) / steps, "top": kernels[:top]}
+
+
 def storages(t):
     """The storages of a tensor, or of the plain tensors inside a tensor subclass (torchao's)."""
     if type(t) in (torch.Tensor, nn.Parameter):
@@ -165,7 +192,7 @@ def allocated_bytes(device):
     return torch.cuda.memory_allocated() if torch.device(device).type == "cuda" else 0
 
 
-def run_peer(peer, shape, device, cases):
+def run_peer(peer, shape, device, cases, profile=False):
     start_bytes = allocated_bytes(device)
     with torch.no_grad():
         fn, prepare_s = prepare(peer, shape, device)
@@ -184,6 +211,14 @@ def run_peer(peer, shape, device, cases):
                          "first_call_s": round(first_call_s, 3), "prepare_s": round(prepare_s, 3)})
             print(f"{peer:28s} batch {batch:3d} tokens {tokens:5d}: {rows[-1]['ms']:8.3f} ms  "
                   f"first call {first_call_s:6.1f} s", flush=True)
+            if profile:
+                rows[-1]["profile"] = kernel_profile(fn, x)
+                p = rows[-1]["profile"]
+                print(f"    per step: {p['span_us']} us from first kernel to last, {p['busy_us']} us in "
+                      f"{p['kernels_per_step']:.0f} kernels", flush=True)
+                for k in p["top"]:
+                    print(f"    {k['us_per_step']:9.1f} us  {k['per_step']:5.1f} x {k['avg_us']:7.2f} us  "
+                          f"{k['name'][:90]}", flush=True)
         # the model's weights; the backend's model holds its float weights (freed or not)
         # and the backend the stubs
         weights = weight_bytes([getattr(fn, "_orig_mod", fn), *cached_stubs()])
@@ -201,7 +236,7 @@ def run_peer(peer, shape, device, cases):
     return rows
 
 
-def measure(shape, device, peers, cases, out):
+def measure(shape, device, peers, cases, out, profile=False):
     """Runs every peer, writing ``out`` after each so that a cut-off run keeps what it has."""
     name = torch.cuda.get_device_name() if torch.device(device).type == "cuda" else "cpu"
     result = {"device": name, "torch": torch.__version__, "date": datetime.date.today().isoformat(),
@@ -209,7 +244,7 @@ def measure(shape, device, peers, cases, out):
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     for peer in peers:
         try:
-            result["rows"].extend(run_peer(peer, shape, device, cases))
+            result["rows"].extend(run_peer(peer, shape, device, cases, profile))
         except Exception as err:  # one peer failing (a missing package) must not lose the others
             print(f"{peer}: failed: {type(err).__name__}: {err}", flush=True)
             torch._dynamo.reset()
@@ -287,13 +322,17 @@ def main():
     parser.add_argument("--plot", metavar="JSON", help="only plot an existing result")
     parser.add_argument("--cases", nargs="*", choices=["batch1", "batch16", "prefill"],
                         default=["batch1", "batch16", "prefill"], help="which calls to measure, in this order")
+    parser.add_argument("--profile", action="store_true",
+                        help="also record, per case, the GPU time of each kernel of a step (GPU only)")
     args = parser.parse_args()
     if args.plot:
         plot(args.plot)
         return
+    if args.profile and (args.tiny or not torch.cuda.is_available()):
+        parser.error("--profile times CUDA kernels: it needs a GPU and the full shapes (no --tiny)")
     shape, device, prefill = ("tiny", "cpu", 64) if args.tiny else ("llama3-8b", "cuda", 2048)
     cases = {"batch1": (1, 1), "batch16": (16, 1), "prefill": (1, prefill)}
-    print(summary(measure(shape, device, args.peers, [cases[c] for c in args.cases], args.out)))
+    print(summary(measure(shape, device, args.peers, [cases[c] for c in args.cases], args.out, args.profile)))
 
 
 if __name__ == "__main__":

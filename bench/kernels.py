@@ -10,6 +10,7 @@ replays, as it did for the peers' figures there.
 
     python bench/kernels.py --out bench/results/kernels-h100.json   # on the GPU
     python bench/kernels.py --sweep --out /tmp/sweep.json           # time qpass's block shapes
+    python bench/kernels.py --sweep --cold --out /tmp/sweep.json    # the same, weights from DRAM
     python bench/kernels.py --plot bench/results/kernels-h100.json  # png and md beside the json
 
 A peer that fails to import or run is recorded under "errors" and the run goes on. The GPU
@@ -144,7 +145,9 @@ def sweep_candidates(kind, M):
                                   (16, 2048, 16), (16, 4096, 16), (32, 512, 4), (32, 512, 8), (32, 1024, 8),
                                   (32, 1024, 16), (32, 2048, 16), (64, 512, 8), (64, 1024, 16), (16, 512, 4)]:
                 out.append(w4a16.GemvConfig(bn, bk, 1, warps))
-            out.append(w4a16.GemvConfig(16, 1024, 2, 8))
+            for bn, bk, split, warps in [(16, 1024, 2, 8), (16, 2048, 2, 8), (16, 1024, 4, 8), (8, 1024, 2, 4),
+                                         (16, 512, 2, 4), (16, 512, 4, 4), (32, 512, 2, 4)]:
+                out.append(w4a16.GemvConfig(bn, bk, split, warps))
             out.append(w4a16.GemvConfig(16, 2048, 1, 8, packed_f16=False))
         if 2 <= M <= 16:  # the warp-level MMA kernel, its warps on one column block or side by side on two
             for warps in (4, 8):
@@ -195,53 +198,65 @@ def sweep_candidates(kind, M):
     return out
 
 
-def run_sweep(shapes, plan, deadline, dtype_name="float16", activation="none"):
-    """Time each candidate block shape; split_k 0 in a candidate means the launcher's rule."""
+def run_sweep(shapes, plan, deadline, dtype_name="float16", activation="none", cold=False):
+    """Time each candidate block shape; split_k 0 in a candidate means the launcher's rule.
+    ``cold``: each timed call runs over enough copies of the weights to overflow L2 several
+    times, so every byte comes from DRAM as in a model's decode step (a weight under L2's
+    size otherwise stays there between replays); times are per copy."""
     import torch
     import torch.nn.functional as F
 
     from qpass.kernels import fp8, reference, w4a16, w8a16
     from qpass.kernels.common import split_for
 
+    dtype = getattr(torch, dtype_name)  # activations, scales and zeros, and the cuBLAS baseline
+
+    def weight_set(K, N):
+        w = Weights(K, N)
+        return dict(qweight4=reference.pack_int4_rows(w.q.t().contiguous()),
+                    scales4=w.scales.t().contiguous().to(dtype), zeros4=w.zeros.t().contiguous().to(dtype),
+                    base=w.w16.to(dtype), qweight8=(w.q.to(torch.int16) * 16 - 128).to(torch.int8),
+                    scales8=w.scales[:, 0].half().contiguous(),
+                    qweightf8=(w.w16.float() * 1000).clamp(-448, 448).to(torch.float8_e4m3fn),
+                    wscale=torch.full((N,), 1e-3, device="cuda"))
+
+    def call(kind, x, cfg, s):
+        if kind == "awq":
+            return w4a16.w4a16_linear(x, s["qweight4"], s["scales4"], s["zeros4"], GROUP, activation=activation,
+                                      config=cfg)
+        if kind == "int8":
+            return w8a16.w8a16_linear(x, s["qweight8"], s["scales8"], config=cfg)
+        return fp8.fp8_linear(x, s["qweightf8"], s["wscale"], config=cfg)
+
     results = []
     for K, N in shapes:
-        w = Weights(K, N)
-        dtype = getattr(torch, dtype_name)  # activations, scales and zeros, and the cuBLAS baseline
-        qweight4 = reference.pack_int4_rows(w.q.t().contiguous())
-        scales4, zeros4 = w.scales.t().contiguous().to(dtype), w.zeros.t().contiguous().to(dtype)
-        w_base = w.w16.to(dtype)
-        qweight8 = (w.q.to(torch.int16) * 16 - 128).to(torch.int8)
-        scales8 = w.scales[:, 0].half().contiguous()
-        qweightf8 = (w.w16.float() * 1000).clamp(-448, 448).to(torch.float8_e4m3fn)
-        wscale = torch.full((N,), 1e-3, device="cuda")
+        copies = 1
+        if cold:  # int4 weights with their scales and zeros: K N / 2 + 4 N K / 128 bytes
+            l2 = torch.cuda.get_device_properties(0).L2_cache_size
+            copies = -(-8 * l2 // (K * N // 2 + K * N // 32))
+        sets = [weight_set(K, N) for _ in range(copies)]
         for kind, M in plan:
             if time.time() > deadline:
                 return results
             x = torch.randn(M, K, device="cuda", dtype=dtype)
-            base = bench(lambda: F.linear(x, w_base), rep=10)
+            base = bench(lambda: [F.linear(x, s["base"]) for s in sets], rep=10) / copies
             for cfg in sweep_candidates(kind, M):
-                module = {"awq": w4a16, "int8": w8a16, "fp8": fp8}[kind]
                 if getattr(cfg, "split_k", 1) == 0:  # the launchers' rule for this block shape
                     row_tiles = -(-M // cfg.block_m) if hasattr(cfg, "block_m") else M
                     n_out = N // 2 if activation == "silu_mul" and kind == "awq" else N
                     cfg = cfg._replace(split_k=split_for(
                         row_tiles * -(-n_out // cfg.block_n), -(-K // cfg.block_k), 132))
-                if kind == "awq":
-                    fn = lambda: w4a16.w4a16_linear(x, qweight4, scales4, zeros4, GROUP, activation=activation,  # noqa: E731
-                                                    config=cfg)
-                elif kind == "int8":
-                    fn = lambda: w8a16.w8a16_linear(x, qweight8, scales8, config=cfg)  # noqa: E731
-                else:
-                    fn = lambda: fp8.fp8_linear(x, qweightf8, wscale, config=cfg)  # noqa: E731
                 try:
-                    us = bench(fn, rep=10)
+                    us = bench(lambda: [call(kind, x, cfg, s) for s in sets], rep=10) / copies
                 except Exception as e:
                     print(f"{kind} M={M} K={K} N={N} {cfg}: {type(e).__name__}: {str(e)[:200]}", flush=True)
                     continue
                 results.append({"kind": kind, "M": M, "K": K, "N": N, "config": [type(cfg).__name__, *cfg],
-                                "us": round(us, 3), "fp16_us": round(base, 3)})
+                                "us": round(us, 3), "fp16_us": round(base, 3), "cold": cold})
                 print(f"{kind:4s} M={M:5d} K={K:5d} N={N:5d} {type(cfg).__name__}{tuple(cfg)} {us:8.2f} us "
                       f"x{base / us:5.2f}", flush=True)
+        del sets
+        torch.cuda.empty_cache()
     return results
 
 
@@ -304,6 +319,7 @@ def main():
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"], help="the sweep's activations")
     parser.add_argument("--activation", default="none", choices=["none", "silu_mul"],
                         help="the W4A16 sweep's epilogue (silu_mul: N columns of [gate | up], N / 2 out)")
+    parser.add_argument("--cold", action="store_true", help="the sweep reads its weights from DRAM (see run_sweep)")
     parser.add_argument("--plot", metavar="JSON")
     args = parser.parse_args()
     if args.plot:
@@ -315,7 +331,7 @@ def main():
 
     if args.sweep:
         plan = [(p.split(":")[0], int(p.split(":")[1])) for p in args.sweep_plan.split(",")]
-        results = run_sweep(SHAPES, plan, time.time() + args.budget_s, args.dtype, args.activation)
+        results = run_sweep(SHAPES, plan, time.time() + args.budget_s, args.dtype, args.activation, args.cold)
         Path(args.out).write_text(json.dumps(results, indent=1))
         return
     data = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,

@@ -627,19 +627,22 @@ def pick_config(M: int, N: int, K: int, group_size: int, device: torch.device, a
         return _warp_mma_config(M, triton.cdiv(N, warp_mma_columns(activation)), K // group_size, sms)
     mma_block_k = [b for b in (128, 64, 32, 16) if group_size % b == 0]
     if M <= GEMV_MAX_M or not mma_block_k:
-        # No split: a program's warps cover K in steps of 64 to 256 word rows, so even N = 4096
-        # gives 256 programs, and split K would add a memset and atomics. H200 sweep, fp16 and
-        # bf16 (bench/NOTES-kernels.md): 32 weight columns a program by 512 rows with 4 warps
-        # where they alone fill the SMs four times over (4096x28672: 20.3 against 24.3 us in bf16
-        # for 32 x 1024 with 8; gate_up with silu_mul, 16 output columns = 32 weight columns:
-        # 21.2 against 25.7 us), 16 x 1024 up to K = 4096 (4096x6144: 5.4-5.6 against 5.8-6.0
-        # us), 16 x 2048 past it.
+        # No split: a program's warps cover K in steps of 64 to 512 word rows, so even N = 4096
+        # gives 256 programs, and split K would add a memset and atomics. H200 sweeps, fp16 and
+        # bf16, weights in L2 and weights from DRAM as in a decode step (`--cold`;
+        # bench/NOTES-kernels.md): 32 weight columns a program by 512 rows with 4 warps where
+        # they alone fill the SMs four times over (4096x28672: 20.3 against 24.3 us in bf16 for
+        # 32 x 1024 with 8; gate_up with silu_mul, 16 output columns = 32 weight columns: 21.2
+        # against 25.7 us); 16 x 2048 with 16 warps where 16-column programs are at most two an SM
+        # or K > 4096 (from DRAM, 14336x4096: 12.3-12.5 against 14.3-14.4 us for 8 warps;
+        # 4096x4096: 5.6-5.7 against 5.8-6.7 for 16 x 1024 with 8); else 16 x 1024 with 8 warps
+        # (4096x6144, bf16 from DRAM: 7.0-7.1 against 8.6 us).
         reads = 2 if activation == "silu_mul" else 1  # weight columns a program reads per output column
         if triton.cdiv(N * reads, 32) >= 4 * sms:
             return GemvConfig(32 // reads, 512, 1, num_warps=4)
-        if K <= 4096:
+        if K <= 4096 and triton.cdiv(N * reads, 16) > 2 * sms:
             return GemvConfig(16, 1024, 1, num_warps=8)
-        return GemvConfig(16, 2048, 1, num_warps=8)
+        return GemvConfig(16, 2048, 1, num_warps=16)
     if M >= DEQUANT_MM_MIN_M:
         return DequantMmConfig()
     block_k = mma_block_k[0]  # the largest power of two up to 128 that divides group_size
