@@ -137,6 +137,13 @@ def test_w4a16_kernel_choice_by_rows():
     pick = w4a16.pick_config
     assert isinstance(pick(1, 28672, 4096, 128, device), w4a16.GemvConfig)
     assert isinstance(pick(2, 4096, 4096, 128, device), w4a16.GemvConfig)
+    # M = 1 block shapes for 132 SMs (what sm_count gives a CPU device): wide weights 32 columns x
+    # 512 rows with 4 warps; narrow ones (16-column programs at most two an SM) and K > 4096 16 x
+    # 2048 with 16 warps; 4096x6144 16 x 1024 with 8
+    cpu = torch.device("cpu")
+    assert pick(1, 28672, 4096, 128, cpu) == w4a16.GemvConfig(32, 512, 1, 4)
+    assert pick(1, 4096, 4096, 128, cpu) == pick(1, 4096, 14336, 128, cpu) == w4a16.GemvConfig(16, 2048, 1, 16)
+    assert pick(1, 6144, 4096, 128, cpu) == w4a16.GemvConfig(16, 1024, 1, 8)
     assert isinstance(pick(2, 6144, 4096, 128, device), w4a16.WarpMmaConfig)
     assert [pick(M, 28672, 4096, 128, device).row_tiles for M in (3, 8, 9, 16)] == [1, 1, 2, 2]
     # past 8 rows on a wide weight, two warps side by side on columns share x through L1
