@@ -149,11 +149,13 @@ def sweep_candidates(kind, M):
                                          (16, 512, 2, 4), (16, 512, 4, 4), (32, 512, 2, 4)]:
                 out.append(w4a16.GemvConfig(bn, bk, split, warps))
             out.append(w4a16.GemvConfig(16, 2048, 1, 8, packed_f16=False))
-        if 2 <= M <= 16:  # the warp-level MMA kernel, its warps on one column block or side by side on two
-            for warps in (4, 8):
-                for column_warps in (1, 2):
-                    for split in (1, 2, 4, 8):
-                        out.append(w4a16.WarpMmaConfig(warps, split, (M + 7) // 8, column_warps))
+        if 2 <= M <= 16:  # the warp-level MMA kernel, its warps on one column block or side by side on two,
+            # one program for all rows or (past 8) a program an 8-row tile
+            for row_tiles in sorted({1, (M + 7) // 8}):
+                for warps in (4, 8):
+                    for column_warps in (1, 2):
+                        for split in (1, 2, 4, 8):
+                            out.append(w4a16.WarpMmaConfig(warps, split, row_tiles, column_warps))
         if 2 < M <= 64:
             if M <= 16:  # the split rule against fixed splits, for the tensor-core kernel's tuned block shape
                 for split in (1, 2, 4, 8, 16):

@@ -358,9 +358,10 @@ def w4a16_warp_mma_kernel(
     GROUP_SIZE: tl.constexpr, M_TILES: tl.constexpr, WARPS: tl.constexpr, COLUMN_WARPS: tl.constexpr,
     SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, BF16: tl.constexpr,
 ):
-    """out = x @ W for M <= 8 * M_TILES rows and 64 weight columns a warp (32 gate and 32 up
-    columns under "silu_mul"): a program's WARPS warps cover COLUMN_WARPS such blocks of columns,
-    the K_WARPS = WARPS / COLUMN_WARPS warps of each block taking turns over its groups of K."""
+    """out = x @ W for 8 * M_TILES rows a program (program_id 0 picks them) and 64 weight columns
+    a warp (32 gate and 32 up columns under "silu_mul"): a program's WARPS warps cover
+    COLUMN_WARPS such blocks of columns, the K_WARPS = WARPS / COLUMN_WARPS warps of each block
+    taking turns over its groups of K."""
     T: tl.constexpr = 32 * WARPS
     K_WARPS: tl.constexpr = WARPS // COLUMN_WARPS
     WARP_COLUMNS: tl.constexpr = 32 if ACTIVATION == "silu_mul" else 64
@@ -370,8 +371,12 @@ def w4a16_warp_mma_kernel(
     warp_k = warp // COLUMN_WARPS  # which of every K_WARPS groups
     lane_g = (tid % 32) // 4  # the MMA's row group: weight columns, and x's row in a tile
     lane_c = tid % 4  # the MMA's column pair: word rows r + 2 c, r + 2 c + 1
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
+    # Programs of the same columns and K range but different rows are adjacent in launch order,
+    # so they read the same weight tiles at about the same time: from DRAM once, then from L2.
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    first_row = pid_m * 8 * M_TILES
     # Lane g's columns: a = base_a + b and b = base_b + b for the four blocks b (16-byte loads);
     # columns past N are read at N - 4 (never stored).
     first_column = (pid_n * COLUMN_WARPS + warp_n) * WARP_COLUMNS + 4 * lane_g
@@ -381,8 +386,8 @@ def w4a16_warp_mma_kernel(
     else:
         base_a = tl.minimum(first_column, N_OUT - 4)
         base_b = tl.minimum(first_column + 32, N_OUT - 4)
-    x_row0 = x_ptr + tl.minimum(lane_g, M - 1) * stride_xm
-    x_row1 = x_ptr + tl.minimum(8 + lane_g, M - 1) * stride_xm
+    x_row0 = x_ptr + tl.minimum(first_row + lane_g, M - 1) * stride_xm
+    x_row1 = x_ptr + tl.minimum(first_row + 8 + lane_g, M - 1) * stride_xm
 
     groups = K // GROUP_SIZE
     per_split = tl.cdiv(groups, SPLIT_K)
@@ -417,7 +422,7 @@ def w4a16_warp_mma_kernel(
     m_tile = (2 * c, 2 * c + 1, 2 * c, 2 * c + 1, 8 + 2 * c, 9 + 2 * c, 8 + 2 * c, 9 + 2 * c)
     row_blocks = (m_tile, m_tile, m_tile, m_tile)
     col_blocks = (_repeat8(4 * g), _repeat8(4 * g + 1), _repeat8(4 * g + 2), _repeat8(4 * g + 3))
-    rows = _column_values(row_blocks, 0, M_TILES)
+    rows = _column_values(row_blocks, 0, M_TILES) + first_row
     cols = _column_values(col_blocks, 0, M_TILES) + ((pid_n * COLUMN_WARPS + lanes // 32) * WARP_COLUMNS)[:, None]
     acc_a = tl.sum(tl.reshape(_column_values(blocks, 0, M_TILES), (K_WARPS, 32 * COLUMN_WARPS, V)), axis=0)
     acc_b = tl.sum(tl.reshape(_column_values(blocks, 1, M_TILES), (K_WARPS, 32 * COLUMN_WARPS, V)), axis=0)
@@ -429,8 +434,8 @@ def w4a16_warp_mma_kernel(
         cols = _cat(cols, cols + 32)
         acc = _cat(acc_a, acc_b)
         acc_up = acc
-    store_output(acc, acc_up, rows, cols, (rows < M) & (cols < N_OUT), pid_n, M, N_UP, b_ptr, out_ptr, ws_ptr,
-                 stride_om, stride_on, stride_wm, SPLIT_K, HAS_BIAS, ACTIVATION)
+    store_output(acc, acc_up, rows, cols, (rows < M) & (cols < N_OUT), pid_m * tl.num_programs(1) + pid_n, M, N_UP,
+                 b_ptr, out_ptr, ws_ptr, stride_om, stride_on, stride_wm, SPLIT_K, HAS_BIAS, ACTIVATION)
 
 
 def warp_mma_columns(activation: str) -> int:

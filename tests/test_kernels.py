@@ -148,6 +148,9 @@ def test_w4a16_kernel_choice_by_rows():
     assert [pick(M, 28672, 4096, 128, device).row_tiles for M in (3, 8, 9, 16)] == [1, 1, 2, 2]
     # past 8 rows on a wide weight, two warps side by side on columns share x through L1
     assert [pick(M, 28672, 4096, 128, device).column_warps for M in (8, 16)] == [1, 2]
+    # past 8 rows on a narrow weight with short K, a program an 8-row tile; longer K stays split
+    assert pick(16, 4096, 4096, 128, device) == w4a16.WarpMmaConfig(8, 1, 1)
+    assert pick(16, 4096, 14336, 128, device).row_tiles == 2
     assert isinstance(pick(8, 14336, 4096, 128, device, activation="silu_mul"), w4a16.WarpMmaConfig)
     assert isinstance(pick(8, 28672, 4096, 128, device, warp_mma=False), w4a16.MmaConfig)
     assert isinstance(pick(17, 28672, 4096, 128, device), w4a16.MmaConfig)
@@ -161,8 +164,8 @@ def test_w4a16_warp_mma_rejects_what_it_cannot_read():
     with pytest.raises(ValueError, match="group_size a multiple of 64.*group_size 32"):
         w4a16.w4a16_linear(x, qweight, scales, zeros, 32, config=w4a16.WarpMmaConfig(4, 1, 2))
     x, qweight, scales, zeros, _ = make_w4(12, 64, 128, 64, torch.float16, False, False, 0)
-    with pytest.raises(ValueError, match=r"8 \* row_tiles rows.*x \(12, 128\)"):
-        w4a16.w4a16_linear(x, qweight, scales, zeros, 64, config=w4a16.WarpMmaConfig(4, 1, 1))
+    with pytest.raises(ValueError, match=r"row_tiles 1 or 2.*x \(12, 128\)"):
+        w4a16.w4a16_linear(x, qweight, scales, zeros, 64, config=w4a16.WarpMmaConfig(4, 1, 3))
     with pytest.raises(ValueError, match=r"column_warps \(3\) must divide num_warps \(4\)"):
         w4a16.w4a16_linear(x, qweight, scales, zeros, 64, config=w4a16.WarpMmaConfig(4, 1, 2, 3))
 
@@ -407,16 +410,17 @@ def test_gpu_w4a16_gemv_packed_bf16(M, N, K, group_size, config):
        group_size=st.sampled_from([64, 128]), dtype=st.sampled_from([torch.float16, torch.bfloat16]),
        symmetric=st.booleans(), bias=st.booleans(), activation=st.sampled_from(("none",) + EPILOGUES),
        warps=st.sampled_from([4, 8]), column_warps=st.sampled_from([1, 2, 4]), split=st.integers(1, 4),
-       wide=st.booleans(), seed=st.integers(0, 2**16))
+       row_tiles=st.sampled_from([1, 2]), seed=st.integers(0, 2**16))
 def test_gpu_w4a16_warp_mma(M, eighth_n, groups, group_size, dtype, symmetric, bias, activation, warps, column_warps,
-                            split, wide, seed):
+                            split, row_tiles, seed):
     """The warp-level MMA kernel against the float32 reference: N off its 64-column tiles (a
     multiple of 8, so "silu_mul" halves stay whole), splits that leave warps without a group,
-    one or two 8-row tiles, warps side by side on columns, each epilogue."""
+    one or two 8-row tiles a program (past 8 rows with one: two programs of rows), warps side
+    by side on columns, each epilogue."""
     N, K = 8 * eighth_n, groups * group_size
     args = make_w4(M, N, K, group_size, dtype, symmetric, bias, seed)
     x, qweight, scales, zeros, b = args
-    config = w4a16.WarpMmaConfig(warps, split, 2 if wide else (M + 7) // 8, column_warps)
+    config = w4a16.WarpMmaConfig(warps, split, row_tiles, column_warps)
     out = w4a16.w4a16_linear(x, qweight, scales, zeros, group_size, b, activation=activation, config=config)
     ref = reference.apply_activation(w4_reference(*args[:4], group_size, b), activation)
     assert out.shape == (M, output_columns(activation, N))
