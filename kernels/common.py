@@ -2,7 +2,7 @@
 and the epilogue that finishes an output tile, tensor-core block shapes, and how K is split."""
 
 import os
-from typing import NamedTuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import triton
@@ -38,14 +38,27 @@ def split_k_workspace(M: int, N: int, tiles: int, split_k: int, like: torch.Tens
     return torch.zeros(M * N + tiles, device=like.device, dtype=torch.float32)
 
 
+def bias_rows(bias: Optional[torch.Tensor], M: int, N: int) -> Tuple[Optional[torch.Tensor], int]:
+    """The bias as the epilogue reads it, and its row stride: ``[N]`` is every row's (stride 0);
+    ``[M, N]``, shaped as the GEMM's output (a residual added in the epilogue), row by row."""
+    if bias is None or bias.dim() == 1:
+        return bias, 0
+    if tuple(bias.shape) != (M, N):
+        raise ValueError(f"bias has shape {tuple(bias.shape)}; expected ({N},) or the output's ({M}, {N})")
+    if bias.stride(1) != 1:
+        bias = bias.contiguous()
+    return bias, bias.stride(0)
+
+
 @triton.jit
 def store_output(acc, acc_up, rows, cols, mask, tile, M, N_UP,
-                 b_ptr, out_ptr, ws_ptr, stride_om, stride_on, stride_wm,
+                 b_ptr, out_ptr, ws_ptr, stride_bm, stride_om, stride_on, stride_wm,
                  SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr):
     """Finish one output tile from float32 sums: ``acc [R, C]`` of the rows ``rows`` and GEMM
     columns ``cols`` (index tensors that broadcast to ``[R, C]``: ``[R, 1]`` and ``[1, C]`` for a
     rectangle; ``mask`` the same) and, under "silu_mul", ``acc_up`` of the up columns
-    ``cols + N_UP``; bias, ACTIVATION (one of ``ACTIVATIONS``), cast, store.
+    ``cols + N_UP``; bias (row ``r`` at ``b_ptr + r * stride_bm``: ``bias_rows``), ACTIVATION
+    (one of ``ACTIVATIONS``), cast, store.
 
     With SPLIT_K > 1 the sums are partial: each program adds them into the zeroed workspace
     (``split_k_workspace``: ``[M, stride_wm]`` sums, then a count per tile), and the last of the
@@ -64,9 +77,10 @@ def store_output(acc, acc_up, rows, cols, mask, tile, M, N_UP,
         if ACTIVATION == "silu_mul":
             acc_up = tl.load(ws + N_UP, mask=mask, other=0, cache_modifier=".cg")
     if HAS_BIAS:
-        acc += tl.load(b_ptr + cols, mask=mask, other=0).to(tl.float32)
+        b_ptrs = b_ptr + rows * stride_bm + cols
+        acc += tl.load(b_ptrs, mask=mask, other=0).to(tl.float32)
         if ACTIVATION == "silu_mul":
-            acc_up += tl.load(b_ptr + N_UP + cols, mask=mask, other=0).to(tl.float32)
+            acc_up += tl.load(b_ptrs + N_UP, mask=mask, other=0).to(tl.float32)
     if ACTIVATION == "silu_mul":
         acc = acc * tl.sigmoid(acc) * acc_up
     elif ACTIVATION == "gelu":

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import MmaConfig, output_columns, sm_count, split_for, split_k_workspace, store_output
+from .common import MmaConfig, bias_rows, output_columns, sm_count, split_for, split_k_workspace, store_output
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
@@ -79,7 +79,7 @@ def _quantize_rows_kernel(x_ptr, xq_ptr, scale_ptr, K, stride_xm, stride_xk, str
 def _fp8_mma_kernel(
     a_ptr, b_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, out_ptr, ws_ptr,
     M, N_OUT, N_UP, K,
-    stride_am, stride_bn, stride_om, stride_on, stride_wm,
+    stride_am, stride_bn, stride_bm, stride_om, stride_on, stride_wm,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
 ):
@@ -129,7 +129,7 @@ def _fp8_mma_kernel(
     if ACTIVATION == "silu_mul":
         acc_up *= a_scale * tl.load(b_scale_ptr + N_UP + offs_n, mask=mask_n, other=0)[None, :]
     store_output(acc, acc_up, offs_m[:, None], offs_n[None, :], mask_m[:, None] & mask_n[None, :], pid, M, N_UP,
-                 bias_ptr, out_ptr, ws_ptr, stride_om, stride_on, stride_wm, SPLIT_K, HAS_BIAS, ACTIVATION)
+                 bias_ptr, out_ptr, ws_ptr, stride_bm, stride_om, stride_on, stride_wm, SPLIT_K, HAS_BIAS, ACTIVATION)
 
 
 def pick_config(M: int, N: int, K: int, device: torch.device) -> MmaConfig:
@@ -184,12 +184,13 @@ def fp8_linear(
     cfg = config or pick_config(M, n_out, K, x.device)
     xq, x_scale = quantize_rows(x)
     out = torch.empty((M, n_out), device=x.device, dtype=x.dtype)
+    bias, stride_bm = bias_rows(bias, M, N)
     has_bias = bias is not None
     grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(n_out, cfg.block_n), cfg.split_k)
     ws = split_k_workspace(M, N, grid[0], cfg.split_k, out)
     torch.library.wrap_triton(_fp8_mma_kernel)[grid](
         xq, qweight, x_scale, weight_scale, bias if has_bias else weight_scale, out, ws, M, n_out, N - n_out, K,
-        xq.stride(0), qweight.stride(0), out.stride(0), out.stride(1), N,
+        xq.stride(0), qweight.stride(0), stride_bm, out.stride(0), out.stride(1), N,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         SPLIT_K=cfg.split_k, EVEN_K=K % cfg.block_k == 0, HAS_BIAS=has_bias, ACTIVATION=activation,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,

@@ -10,6 +10,9 @@ Runtime layouts (what ``process_weights_after_loading`` produces and the ops tak
 - FP8 W8A8: ``qweight`` float8_e4m3fn ``[N, K]``, ``weight_scale`` float32 ``[N]``;
   activations are quantized per token to float8_e4m3fn with scale ``amax / 448``.
 
+A ``bias`` is ``[N]``, or shaped as the output (a residual added in the epilogue). The W4A16
+linear may take the RMSNorm before it (``norm_weight``, in x's dtype, and ``norm_eps``: ``rms_norm``).
+
 Every linear takes ``activation``, an epilogue on the float32 result (after the bias,
 before the cast): ``"none"``; ``"silu_mul"``, which reads the N output columns as
 ``[gate | up]`` and returns ``silu(gate) * up``, ``[M, N / 2]``; ``"gelu"`` (erf) or
@@ -63,6 +66,13 @@ def dequantize_w4(
     return (q - z) * s
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim, as Llama's: reduced in float32, rounded to x's dtype, times
+    the weight (in the dtype the two promote to)."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
+
+
 def w4a16_linear(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -71,7 +81,11 @@ def w4a16_linear(
     group_size: int,
     bias: Optional[torch.Tensor] = None,
     activation: str = "none",
+    norm_weight: Optional[torch.Tensor] = None,
+    norm_eps: float = 0.0,
 ) -> torch.Tensor:
+    if norm_weight is not None:
+        x = rms_norm(x, norm_weight.to(x.dtype), norm_eps)
     w = dequantize_w4(qweight, scales.float(), zeros.float(), group_size)
     out = x.float() @ w
     if bias is not None:

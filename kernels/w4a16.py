@@ -42,8 +42,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import output_columns, sm_count, split_for, split_k_workspace, store_output, triton_interpreted
-from .reference import apply_activation
+from .common import bias_rows, output_columns, sm_count, split_for, split_k_workspace, store_output, triton_interpreted
+from .reference import apply_activation, rms_norm
 from .w4a16_warp_mma import warp_mma_columns, w4a16_warp_mma_kernel
 
 _F32_MAGIC = tl.constexpr(8388608.0)  # 2**23: 0x4B000000 | q is 2**23 + q as float32
@@ -73,6 +73,82 @@ def _load_x_pairs_x2(x_ptrs):
         "=r,=r,=r,=r,l", [x_ptrs],
         dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1,
     )
+
+
+@triton.jit
+def _load_normed_x_pairs_x2(x_ptrs, g_ptrs, r_pair, BF16: tl.constexpr):
+    """``_load_x_pairs_x2`` of ``x * r * g`` (an RMSNorm's output): the 8 values at each x_ptrs
+    and g_ptrs (norm weight), x times the packed pair ``r_pair`` (1 / rms rounded to the dtype,
+    ``_pack_pair``), then times g, each product rounded to the dtype as the unfused norm rounds."""
+    if BF16:  # (bf16x2 multiply is sm_90+; an fma adding -0 is the same product from sm_80)
+        return tl.inline_asm_elementwise(
+            """
+            {
+            .reg .b32 a, b, c, d, e, f, g, h, nz;
+            mov.b32 nz, 0x80008000;
+            ld.global.nc.v4.b32 {a, b, c, d}, [$4];
+            ld.global.nc.v4.b32 {e, f, g, h}, [$5];
+            fma.rn.bf16x2 a, a, $6, nz;
+            fma.rn.bf16x2 b, b, $6, nz;
+            fma.rn.bf16x2 c, c, $6, nz;
+            fma.rn.bf16x2 d, d, $6, nz;
+            fma.rn.bf16x2 a, a, e, nz;
+            fma.rn.bf16x2 b, b, f, nz;
+            fma.rn.bf16x2 c, c, g, nz;
+            fma.rn.bf16x2 d, d, h, nz;
+            prmt.b32 $0, a, c, 0x5410;
+            prmt.b32 $1, a, c, 0x7632;
+            prmt.b32 $2, b, d, 0x5410;
+            prmt.b32 $3, b, d, 0x7632;
+            }
+            """,
+            "=r,=r,=r,=r,l,l,r", [x_ptrs, g_ptrs, r_pair],
+            dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1,
+        )
+    return tl.inline_asm_elementwise(
+        """
+        {
+        .reg .b32 a, b, c, d, e, f, g, h;
+        ld.global.nc.v4.b32 {a, b, c, d}, [$4];
+        ld.global.nc.v4.b32 {e, f, g, h}, [$5];
+        mul.rn.f16x2 a, a, $6;
+        mul.rn.f16x2 b, b, $6;
+        mul.rn.f16x2 c, c, $6;
+        mul.rn.f16x2 d, d, $6;
+        mul.rn.f16x2 a, a, e;
+        mul.rn.f16x2 b, b, f;
+        mul.rn.f16x2 c, c, g;
+        mul.rn.f16x2 d, d, h;
+        prmt.b32 $0, a, c, 0x5410;
+        prmt.b32 $1, a, c, 0x7632;
+        prmt.b32 $2, b, d, 0x5410;
+        prmt.b32 $3, b, d, 0x7632;
+        }
+        """,
+        "=r,=r,=r,=r,l,l,r", [x_ptrs, g_ptrs, r_pair],
+        dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1,
+    )
+
+
+@triton.jit
+def _pack_pair(value, BF16: tl.constexpr):
+    """float32 ``value`` rounded to bf16 (or fp16), twice, in one 32-bit register."""
+    if BF16:
+        return tl.inline_asm_elementwise("cvt.rn.bf16x2.f32 $0, $1, $1;", "=r,f", [value], dtype=tl.int32,
+                                         is_pure=True, pack=1)
+    return tl.inline_asm_elementwise("cvt.rn.f16x2.f32 $0, $1, $1;", "=r,f", [value], dtype=tl.int32, is_pure=True,
+                                     pack=1)
+
+
+@triton.jit
+def _inv_rms(x_row, K, stride_xk, eps, BLOCK: tl.constexpr):
+    """1 / sqrt(mean(x^2) + eps) of the row of K values at x_row, in float32."""
+    squares = tl.zeros((BLOCK,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK):
+        offs = k0 + tl.arange(0, BLOCK)
+        v = tl.load(x_row + offs * stride_xk, mask=offs < K, other=0).to(tl.float32)
+        squares += v * v
+    return tl.rsqrt(tl.sum(squares, axis=0) / K + eps)
 
 
 @triton.jit
@@ -227,11 +303,16 @@ def _word_pair_dot_bf16x2(w0, w1, z_128, a0, a1, a2, a3, b0, b1, b2, b3):
 
 
 @triton.jit
-def _word_pair_dot_x2(w0, w1, zero, x_ptrs, BF16: tl.constexpr):
+def _word_pair_dot_x2(w0, w1, zero, x_ptrs, g_ptrs, r_pair, BF16: tl.constexpr, HAS_NORM: tl.constexpr):
     """float32 sum_k x[k] * (q[k] - zero) over the 16 rows of the word pair (w0, w1) whose x
-    starts at x_ptrs: x pairs loaded by ``_load_x_pairs_x2``, the packed dot of the dtype."""
-    a0, a1, a2, a3 = _load_x_pairs_x2(x_ptrs)
-    b0, b1, b2, b3 = _load_x_pairs_x2(x_ptrs + 8)
+    starts at x_ptrs: x pairs loaded by ``_load_x_pairs_x2`` (under HAS_NORM the RMSNorm's
+    output, ``_load_normed_x_pairs_x2``), the packed dot of the dtype."""
+    if HAS_NORM:
+        a0, a1, a2, a3 = _load_normed_x_pairs_x2(x_ptrs, g_ptrs, r_pair, BF16)
+        b0, b1, b2, b3 = _load_normed_x_pairs_x2(x_ptrs + 8, g_ptrs + 8, r_pair, BF16)
+    else:
+        a0, a1, a2, a3 = _load_x_pairs_x2(x_ptrs)
+        b0, b1, b2, b3 = _load_x_pairs_x2(x_ptrs + 8)
     if BF16:
         return _word_pair_dot_bf16x2(w0, w1, _zero_bf16x2(zero), a0, a1, a2, a3, b0, b1, b2, b3)
     z_1024, z_64 = _zero_f16x2(zero)
@@ -239,10 +320,10 @@ def _word_pair_dot_x2(w0, w1, zero, x_ptrs, BF16: tl.constexpr):
 
 
 @triton.jit
-def _gemv_partial_x2(x_row, qw_ptr, s_ptr, z_ptr, offs_n, mask_n, row_start, row_end, stride_qk, stride_qn,
-                     stride_sg, stride_sn, GROUP_SIZE: tl.constexpr, GROUP_ROWS: tl.constexpr,
+def _gemv_partial_x2(x_row, g_ptr, r_pair, qw_ptr, s_ptr, z_ptr, offs_n, mask_n, row_start, row_end, stride_qk,
+                     stride_qn, stride_sg, stride_sn, GROUP_SIZE: tl.constexpr, GROUP_ROWS: tl.constexpr,
                      GROUPS: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
-                     BF16: tl.constexpr):
+                     BF16: tl.constexpr, HAS_NORM: tl.constexpr):
     """``_gemv_partial`` with dequantization two weights a register (inline PTX; x fp16, or bf16
     with BF16, contiguous, 16-byte aligned). Each step reads a ``[GROUP_ROWS // 2, GROUPS, BLOCK_N]``
     tile of even word rows
@@ -276,23 +357,24 @@ def _gemv_partial_x2(x_row, qw_ptr, s_ptr, z_ptr, offs_n, mask_n, row_start, row
         if EVEN_K and EVEN_N:
             scale = tl.load(s_ptr + sz_offs).to(tl.float32)
             zero = tl.load(z_ptr + sz_offs)
-            x_ptrs = x_row + (r0 + rows) * 8
+            k_offs = (r0 + rows) * 8
         else:
             mask = (r0 + first_rows < row_end) & mask_w
             scale = tl.load(s_ptr + sz_offs, mask=mask, other=0).to(tl.float32)  # 0 past the end
             zero = tl.load(z_ptr + sz_offs, mask=mask)
-            x_ptrs = x_row + tl.minimum(r0 + rows, row_end - 2) * 8  # past the end: the last rows again
-        acc += _word_pair_dot_x2(w0, w1, zero, x_ptrs, BF16) * scale
+            k_offs = tl.minimum(r0 + rows, row_end - 2) * 8  # past the end: the last rows again
+        acc += _word_pair_dot_x2(w0, w1, zero, x_row + k_offs, g_ptr + k_offs, r_pair, BF16, HAS_NORM) * scale
         w0 = w0_next
         w1 = w1_next
     return tl.sum(tl.sum(acc, axis=0), axis=0)
 
 
 @triton.jit
-def _gemv_partial(x_row, qw_ptr, s_ptr, z_ptr, offs_n, mask_n, row_start, row_end, stride_xk, stride_qk, stride_qn,
-                  stride_sg, stride_sn, GROUP_SIZE: tl.constexpr, GROUP_ROWS: tl.constexpr, GROUPS: tl.constexpr,
-                  BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr):
-    """float32 sum over the word rows [row_start, row_end) of x . w for the columns offs_n: [BLOCK_N].
+def _gemv_partial(x_row, g_ptr, inv_rms, qw_ptr, s_ptr, z_ptr, offs_n, mask_n, row_start, row_end, stride_xk,
+                  stride_qk, stride_qn, stride_sg, stride_sn, GROUP_SIZE: tl.constexpr, GROUP_ROWS: tl.constexpr,
+                  GROUPS: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, HAS_NORM: tl.constexpr):
+    """float32 sum over the word rows [row_start, row_end) of x . w for the columns offs_n: [BLOCK_N]
+    (under HAS_NORM x is ``x * inv_rms * g``, in float32).
 
     Each step reads a ``[GROUP_ROWS, GROUPS, BLOCK_N]`` tile of words, word row
     ``r0 + g * GROUP_ROWS + i`` at ``[i, g, :]``: the GROUP_ROWS rows of one ``g`` share a
@@ -316,6 +398,8 @@ def _gemv_partial(x_row, qw_ptr, s_ptr, z_ptr, offs_n, mask_n, row_start, row_en
         dot = tl.zeros((GROUP_ROWS, GROUPS, BLOCK_N), dtype=tl.float32)
         for j in tl.static_range(8):
             xj = tl.load(x_row + (rows * 8 + j) * stride_xk, mask=mask_g, other=0).to(tl.float32)
+            if HAS_NORM:
+                xj *= tl.load(g_ptr + rows * 8 + j, mask=mask_g, other=0).to(tl.float32) * inv_rms
             qj = ((words >> (4 * j)) & 0xF) | 0x4B000000
             dot += xj * (qj.to(tl.float32, bitcast=True) - magic_zero)
         acc += dot * scale
@@ -323,27 +407,33 @@ def _gemv_partial(x_row, qw_ptr, s_ptr, z_ptr, offs_n, mask_n, row_start, row_en
 
 
 @triton.jit
-def _gemv_columns(x_row, qw_ptr, s_ptr, z_ptr, offs_n, mask_n, row_start, row_end, stride_xk, stride_qk, stride_qn,
-                  stride_sg, stride_sn, GROUP_SIZE: tl.constexpr, GROUP_ROWS: tl.constexpr, GROUPS: tl.constexpr,
-                  BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, PACKED_F16: tl.constexpr,
-                  PACKED_BF16: tl.constexpr):
-    """float32 x . w for the columns offs_n over the word rows [row_start, row_end): [BLOCK_N]."""
+def _gemv_columns(x_row, g_ptr, inv_rms, qw_ptr, s_ptr, z_ptr, offs_n, mask_n, row_start, row_end, stride_xk,
+                  stride_qk, stride_qn, stride_sg, stride_sn, GROUP_SIZE: tl.constexpr, GROUP_ROWS: tl.constexpr,
+                  GROUPS: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
+                  PACKED_F16: tl.constexpr, PACKED_BF16: tl.constexpr, HAS_NORM: tl.constexpr):
+    """float32 x . w for the columns offs_n over the word rows [row_start, row_end): [BLOCK_N];
+    under HAS_NORM, x is the RMSNorm ``x * inv_rms * g`` (g at g_ptr)."""
     if PACKED_F16 or PACKED_BF16:
-        return _gemv_partial_x2(x_row, qw_ptr, s_ptr, z_ptr, offs_n, mask_n, row_start, row_end, stride_qk,
-                                stride_qn, stride_sg, stride_sn, GROUP_SIZE, GROUP_ROWS, GROUPS, BLOCK_N, EVEN_N,
-                                EVEN_K, PACKED_BF16)
-    return _gemv_partial(x_row, qw_ptr, s_ptr, z_ptr, offs_n, mask_n, row_start, row_end, stride_xk, stride_qk,
-                         stride_qn, stride_sg, stride_sn, GROUP_SIZE, GROUP_ROWS, GROUPS, BLOCK_N, EVEN_N)
+        # x scaled in the dtype by 1 / rms rounded to it; the rounding's factor goes on the sum
+        r_pair = _pack_pair(inv_rms, PACKED_BF16) if HAS_NORM else 0
+        correction = inv_rms / inv_rms.to(x_row.dtype.element_ty).to(tl.float32) if HAS_NORM else 1.0
+        return correction * _gemv_partial_x2(
+            x_row, g_ptr, r_pair, qw_ptr, s_ptr, z_ptr, offs_n, mask_n, row_start, row_end, stride_qk, stride_qn,
+            stride_sg, stride_sn, GROUP_SIZE, GROUP_ROWS, GROUPS, BLOCK_N, EVEN_N, EVEN_K, PACKED_BF16, HAS_NORM)
+    return _gemv_partial(x_row, g_ptr, inv_rms, qw_ptr, s_ptr, z_ptr, offs_n, mask_n, row_start, row_end, stride_xk,
+                         stride_qk, stride_qn, stride_sg, stride_sn, GROUP_SIZE, GROUP_ROWS, GROUPS, BLOCK_N, EVEN_N,
+                         HAS_NORM)
 
 
 @triton.jit
 def _w4a16_gemv_kernel(
-    x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr,
-    M, N_OUT, N_UP, K,
-    stride_xm, stride_xk, stride_qk, stride_qn, stride_sg, stride_sn, stride_om, stride_on, stride_wm,
+    x_ptr, g_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr,
+    M, N_OUT, N_UP, K, norm_eps,
+    stride_xm, stride_xk, stride_qk, stride_qn, stride_sg, stride_sn, stride_bm, stride_om, stride_on, stride_wm,
     GROUP_SIZE: tl.constexpr, GROUP_ROWS: tl.constexpr, GROUPS: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT_K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-    ACTIVATION: tl.constexpr, PACKED_F16: tl.constexpr, PACKED_BF16: tl.constexpr,
+    ACTIVATION: tl.constexpr, PACKED_F16: tl.constexpr, PACKED_BF16: tl.constexpr, HAS_NORM: tl.constexpr,
+    NORM_BLOCK: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -357,25 +447,28 @@ def _w4a16_gemv_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N_OUT
     x_row = x_ptr + pid_m * stride_xm
+    # The RMSNorm before the linear: each program reduces its whole row (from L2; K values) itself
+    inv_rms = _inv_rms(x_row, K, stride_xk, norm_eps, NORM_BLOCK) if HAS_NORM else 1.0
     if ACTIVATION == "silu_mul":
         # The gate columns, then the up columns: one pass over K reads both, with twice the
         # bytes of a step in flight, and x is read once. (Runs of BLOCK_N contiguous columns:
         # interleaved single columns hid the contiguity from Triton's coalescing, 3-4x slower.)
         both_n = tl.arange(0, 2 * BLOCK_N)
         offs_both = pid_n * BLOCK_N + both_n % BLOCK_N
-        both = _gemv_columns(x_row, qw_ptr, s_ptr, z_ptr, offs_both + (both_n // BLOCK_N) * N_UP, offs_both < N_OUT,
-                             row_start, row_end, stride_xk, stride_qk, stride_qn, stride_sg, stride_sn, GROUP_SIZE,
-                             GROUP_ROWS, GROUPS, 2 * BLOCK_N, EVEN_N, EVEN_K, PACKED_F16, PACKED_BF16)
+        both = _gemv_columns(x_row, g_ptr, inv_rms, qw_ptr, s_ptr, z_ptr, offs_both + (both_n // BLOCK_N) * N_UP,
+                             offs_both < N_OUT, row_start, row_end, stride_xk, stride_qk, stride_qn, stride_sg,
+                             stride_sn, GROUP_SIZE, GROUP_ROWS, GROUPS, 2 * BLOCK_N, EVEN_N, EVEN_K, PACKED_F16,
+                             PACKED_BF16, HAS_NORM)
         acc, acc_up = tl.split(tl.permute(tl.reshape(both, (2, BLOCK_N)), (1, 0)))
     else:
-        acc = _gemv_columns(x_row, qw_ptr, s_ptr, z_ptr, offs_n, mask_n, row_start, row_end, stride_xk, stride_qk,
-                            stride_qn, stride_sg, stride_sn, GROUP_SIZE, GROUP_ROWS, GROUPS, BLOCK_N, EVEN_N, EVEN_K,
-                            PACKED_F16, PACKED_BF16)
+        acc = _gemv_columns(x_row, g_ptr, inv_rms, qw_ptr, s_ptr, z_ptr, offs_n, mask_n, row_start, row_end,
+                            stride_xk, stride_qk, stride_qn, stride_sg, stride_sn, GROUP_SIZE, GROUP_ROWS, GROUPS,
+                            BLOCK_N, EVEN_N, EVEN_K, PACKED_F16, PACKED_BF16, HAS_NORM)
         acc_up = acc
     rows = pid_m + tl.arange(0, 1)
     store_output(acc[None, :], acc_up[None, :], rows[:, None], offs_n[None, :], (rows < M)[:, None] & mask_n[None, :],
-                 pid_m * tl.num_programs(1) + pid_n, M, N_UP, b_ptr, out_ptr, ws_ptr, stride_om, stride_on, stride_wm,
-                 SPLIT_K, HAS_BIAS, ACTIVATION)
+                 pid_m * tl.num_programs(1) + pid_n, M, N_UP, b_ptr, out_ptr, ws_ptr, stride_bm, stride_om, stride_on,
+                 stride_wm, SPLIT_K, HAS_BIAS, ACTIVATION)
 
 
 @triton.jit
@@ -460,7 +553,7 @@ def _mma_accumulate(acc, x, w, scale, SWAP_AB: tl.constexpr, SCALE_ACC: tl.const
 def _w4a16_mma_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr,
     M, N_OUT, N_UP, K,
-    stride_xm, stride_xk, stride_qk, stride_qn, stride_sg, stride_sn, stride_om, stride_on, stride_wm,
+    stride_xm, stride_xk, stride_qk, stride_qn, stride_sg, stride_sn, stride_bm, stride_om, stride_on, stride_wm,
     GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, SWAP_AB: tl.constexpr, SCALE_ACC: tl.constexpr,
     EVEN_N: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -508,7 +601,7 @@ def _w4a16_mma_kernel(
         acc = tl.trans(acc)
         acc_up = tl.trans(acc_up)
     store_output(acc, acc_up, offs_m[:, None], offs_n[None, :], (offs_m < M)[:, None] & mask_n[None, :], pid, M,
-                 N_UP, b_ptr, out_ptr, ws_ptr, stride_om, stride_on, stride_wm, SPLIT_K, HAS_BIAS, ACTIVATION)
+                 N_UP, b_ptr, out_ptr, ws_ptr, stride_bm, stride_om, stride_on, stride_wm, SPLIT_K, HAS_BIAS, ACTIVATION)
 
 
 class GemvConfig(NamedTuple):
@@ -674,13 +767,18 @@ def w4a16_linear(
     group_size: int,
     bias: Optional[torch.Tensor] = None,
     activation: str = "none",
+    norm_weight: Optional[torch.Tensor] = None,
+    norm_eps: float = 0.0,
     config=None,
 ) -> torch.Tensor:
     """``x [M, K] @ dequantize(qweight, scales, zeros) (+ bias)`` -> ``[M, N]`` in x.dtype.
 
+    ``bias``: ``[N]``, or ``[M, N]`` (a residual, added in the epilogue).
     ``activation`` (``common.ACTIVATIONS``), computed in float32 before the cast: "silu_mul"
     reads the N columns as ``[gate | up]`` and gives ``silu(gate) * up`` ``[M, N // 2]``;
     "gelu" / "gelu_tanh" apply GELU.
+    ``norm_weight`` ``[K]``: x goes through the RMSNorm ``rms_norm(x, norm_weight, norm_eps)`` (in x's dtype)
+    first (``reference.rms_norm``); the GEMV computes it as it reads x, the other paths in a pass of their own.
     ``config`` (a ``GemvConfig``, ``MmaConfig`` or ``DequantMmConfig``) overrides the tuned
     choice; for sweeps.
     """
@@ -689,10 +787,14 @@ def w4a16_linear(
     n_out = output_columns(activation, N)
     assert qweight.shape[0] * 8 == K and K % group_size == 0 and group_size % 8 == 0
     assert scales.shape == zeros.shape == (K // group_size, N) and scales.stride() == zeros.stride()
+    assert norm_weight is None or norm_weight.shape == (K,)
     if M == 0:
         return x.new_empty((0, n_out))
     warp_ok = warp_mma_ok(x, qweight, scales, zeros, group_size, n_out)
     cfg = config or pick_config(M, n_out, K, group_size, x.device, activation, warp_mma=warp_ok)
+    if norm_weight is not None and not isinstance(cfg, GemvConfig):
+        x = rms_norm(x, norm_weight.to(x.dtype), norm_eps)  # (under torch.compile Inductor fuses it with its producer)
+        norm_weight = None
     if isinstance(cfg, DequantMmConfig):
         w = torch.empty((K, N), device=x.device, dtype=x.dtype)
         grid = (triton.cdiv(K // 8, cfg.block_r), triton.cdiv(N, cfg.block_n))
@@ -706,6 +808,7 @@ def w4a16_linear(
         # cuBLAS has no such epilogue: one pointwise pass (Inductor fuses it under torch.compile)
         return apply_activation(out.float(), activation).to(x.dtype)
     out = torch.empty((M, n_out), device=x.device, dtype=x.dtype)
+    bias, stride_bm = bias_rows(bias, M, N)
     has_bias = bias is not None
     bias_arg = bias if has_bias else scales  # any pointer; never read
     if isinstance(cfg, WarpMmaConfig):
@@ -721,30 +824,38 @@ def w4a16_linear(
         ws = split_k_workspace(M, N, grid[0] * grid[1], cfg.split_k, out)
         torch.library.wrap_triton(w4a16_warp_mma_kernel)[grid](
             x, qweight, scales, zeros, bias_arg, out, ws, M, n_out, N - n_out, K,
-            x.stride(0), qweight.stride(0), scales.stride(0), out.stride(0), out.stride(1), N,
+            x.stride(0), qweight.stride(0), scales.stride(0), stride_bm, out.stride(0), out.stride(1), N,
             GROUP_SIZE=group_size, M_TILES=cfg.row_tiles, WARPS=cfg.num_warps, COLUMN_WARPS=cfg.column_warps,
             SPLIT_K=cfg.split_k, HAS_BIAS=has_bias, ACTIVATION=activation, BF16=x.dtype == torch.bfloat16,
             num_warps=cfg.num_warps,
         )
         return out
+    common = dict(GROUP_SIZE=group_size, BLOCK_N=cfg.block_n, SPLIT_K=cfg.split_k, EVEN_N=n_out % cfg.block_n == 0,
+                  HAS_BIAS=has_bias, ACTIVATION=activation, num_warps=cfg.num_warps)
+    strides = (x.stride(0), x.stride(1), qweight.stride(0), qweight.stride(1), scales.stride(0), scales.stride(1),
+               stride_bm, out.stride(0), out.stride(1), N)
     if isinstance(cfg, GemvConfig):
         grid = (M, triton.cdiv(n_out, cfg.block_n), cfg.split_k)
-        kernel = _w4a16_gemv_kernel
+        ws = split_k_workspace(M, N, grid[0] * grid[1], cfg.split_k, out)
         meta = gemv_meta(cfg, x, K, group_size)
-    else:
-        assert group_size % cfg.block_k == 0
-        grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(n_out, cfg.block_n), cfg.split_k)
-        kernel = _w4a16_mma_kernel
-        meta = dict(BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, SWAP_AB=cfg.swap_ab,
-                    SCALE_ACC=cfg.scale_acc,
-                    DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_stages=cfg.num_stages)
-    ws = split_k_workspace(M, N, grid[0] * (grid[1] if len(grid) == 3 else 1), cfg.split_k, out)
-    torch.library.wrap_triton(kernel)[grid](
-        x, qweight, scales, zeros, bias_arg, out, ws, M, n_out, N - n_out, K,
-        x.stride(0), x.stride(1), qweight.stride(0), qweight.stride(1), scales.stride(0), scales.stride(1),
-        out.stride(0), out.stride(1), N,
-        GROUP_SIZE=group_size, BLOCK_N=cfg.block_n, SPLIT_K=cfg.split_k,
-        EVEN_N=n_out % cfg.block_n == 0, HAS_BIAS=has_bias, ACTIVATION=activation,
-        num_warps=cfg.num_warps, **meta,
+        g = x if norm_weight is None else _norm_weight_as_x(norm_weight, x)  # x: any pointer; never read
+        torch.library.wrap_triton(_w4a16_gemv_kernel)[grid](
+            x, g, qweight, scales, zeros, bias_arg, out, ws, M, n_out, N - n_out, K, float(norm_eps), *strides,
+            HAS_NORM=norm_weight is not None, NORM_BLOCK=min(triton.next_power_of_2(K), 4096), **common, **meta,
+        )
+        return out
+    assert group_size % cfg.block_k == 0
+    grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(n_out, cfg.block_n), cfg.split_k)
+    ws = split_k_workspace(M, N, grid[0], cfg.split_k, out)
+    torch.library.wrap_triton(_w4a16_mma_kernel)[grid](
+        x, qweight, scales, zeros, bias_arg, out, ws, M, n_out, N - n_out, K, *strides,
+        BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, SWAP_AB=cfg.swap_ab, SCALE_ACC=cfg.scale_acc,
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_stages=cfg.num_stages, **common,
     )
     return out
+
+
+def _norm_weight_as_x(norm_weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The norm weight in x's dtype, contiguous and 16-byte aligned as the packed GEMV reads x."""
+    g = norm_weight.to(x.dtype).contiguous()
+    return g if g.storage_offset() % 8 == 0 else g.clone()

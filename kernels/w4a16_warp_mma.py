@@ -354,7 +354,7 @@ def _group_product(loads, live, acc0, acc1, acc2, acc3, z, GROUP_SIZE: tl.conste
 def w4a16_warp_mma_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr,
     M, N_OUT, N_UP, K,
-    stride_xm, stride_qk, stride_sg, stride_om, stride_on, stride_wm,
+    stride_xm, stride_qk, stride_sg, stride_bm, stride_om, stride_on, stride_wm,
     GROUP_SIZE: tl.constexpr, M_TILES: tl.constexpr, WARPS: tl.constexpr, COLUMN_WARPS: tl.constexpr,
     SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, BF16: tl.constexpr,
 ):
@@ -435,7 +435,7 @@ def w4a16_warp_mma_kernel(
         acc = _cat(acc_a, acc_b)
         acc_up = acc
     store_output(acc, acc_up, rows, cols, (rows < M) & (cols < N_OUT), pid_m * tl.num_programs(1) + pid_n, M, N_UP,
-                 b_ptr, out_ptr, ws_ptr, stride_om, stride_on, stride_wm, SPLIT_K, HAS_BIAS, ACTIVATION)
+                 b_ptr, out_ptr, ws_ptr, stride_bm, stride_om, stride_on, stride_wm, SPLIT_K, HAS_BIAS, ACTIVATION)
 
 
 def warp_mma_columns(activation: str) -> int:

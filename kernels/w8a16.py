@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (MmaConfig, output_columns, sm_count, split_for, split_k_workspace, store_output,
+from .common import (MmaConfig, bias_rows, output_columns, sm_count, split_for, split_k_workspace, store_output,
                      triton_interpreted)
 
 
@@ -207,7 +207,7 @@ def _gemv_columns(x_row, qw_ptr, offs_n, mask_n, k_start, k_end, stride_xk, stri
 def _w8a16_gemv_kernel(
     x_ptr, qw_ptr, s_ptr, b_ptr, out_ptr, ws_ptr,
     M, N_OUT, N_UP, K,
-    stride_xm, stride_xk, stride_qn, stride_qk, stride_om, stride_on, stride_wm,
+    stride_xm, stride_xk, stride_qn, stride_qk, stride_bm, stride_om, stride_on, stride_wm,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
     PACKED_F16: tl.constexpr, PACKED_BF16: tl.constexpr,
@@ -232,7 +232,7 @@ def _w8a16_gemv_kernel(
         acc_up *= tl.load(s_ptr + N_UP + offs_n, mask=mask_n, other=0).to(tl.float32)
     rows = pid_m + tl.arange(0, 1)
     store_output(acc[None, :], acc_up[None, :], rows[:, None], offs_n[None, :], (rows < M)[:, None] & mask_n[None, :],
-                 pid_m * tl.num_programs(1) + pid_n, M, N_UP, b_ptr, out_ptr, ws_ptr, stride_om, stride_on, stride_wm,
+                 pid_m * tl.num_programs(1) + pid_n, M, N_UP, b_ptr, out_ptr, ws_ptr, stride_bm, stride_om, stride_on, stride_wm,
                  SPLIT_K, HAS_BIAS, ACTIVATION)
 
 
@@ -240,7 +240,7 @@ def _w8a16_gemv_kernel(
 def _w8a16_mma_kernel(
     x_ptr, qw_ptr, s_ptr, b_ptr, out_ptr, ws_ptr,
     M, N_OUT, N_UP, K,
-    stride_xm, stride_xk, stride_qn, stride_qk, stride_om, stride_on, stride_wm,
+    stride_xm, stride_xk, stride_qn, stride_qk, stride_bm, stride_om, stride_on, stride_wm,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
     HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -290,7 +290,7 @@ def _w8a16_mma_kernel(
     if ACTIVATION == "silu_mul":
         acc_up *= tl.load(s_ptr + N_UP + offs_n, mask=mask_n, other=0).to(tl.float32)[None, :]
     store_output(acc, acc_up, offs_m[:, None], offs_n[None, :], (offs_m < M)[:, None] & mask_n[None, :], pid, M,
-                 N_UP, b_ptr, out_ptr, ws_ptr, stride_om, stride_on, stride_wm, SPLIT_K, HAS_BIAS, ACTIVATION)
+                 N_UP, b_ptr, out_ptr, ws_ptr, stride_bm, stride_om, stride_on, stride_wm, SPLIT_K, HAS_BIAS, ACTIVATION)
 
 
 class GemvConfig(NamedTuple):
@@ -379,6 +379,7 @@ def w8a16_linear(
         return x.new_empty((0, n_out))
     cfg = config or pick_config(M, n_out, K, x.device, packed=_packed_ok(x, qweight))
     out = torch.empty((M, n_out), device=x.device, dtype=x.dtype)
+    bias, stride_bm = bias_rows(bias, M, N)
     has_bias = bias is not None
     if isinstance(cfg, GemvConfig):
         grid = (M, triton.cdiv(n_out, cfg.block_n), cfg.split_k)
@@ -391,7 +392,7 @@ def w8a16_linear(
     ws = split_k_workspace(M, N, grid[0] * (grid[1] if len(grid) == 3 else 1), cfg.split_k, out)
     torch.library.wrap_triton(kernel)[grid](
         x, qweight, scales, bias if has_bias else scales, out, ws, M, n_out, N - n_out, K,
-        x.stride(0), x.stride(1), qweight.stride(0), qweight.stride(1), out.stride(0), out.stride(1), N,
+        x.stride(0), x.stride(1), qweight.stride(0), qweight.stride(1), stride_bm, out.stride(0), out.stride(1), N,
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k, HAS_BIAS=has_bias,
         ACTIVATION=activation, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **meta,
     )

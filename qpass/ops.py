@@ -4,6 +4,10 @@ Each is a ``torch.library.triton_op``: a schema, a fake implementation for traci
 body that torch.compile can see into. On CPU the body is the plain-torch reference of
 ``qpass.kernels.reference``; on CUDA it launches the Triton kernels of ``qpass.kernels``.
 
+A ``bias`` is ``[N]``, or shaped as the output: a residual added in the epilogue, so that
+``x + linear(h)`` costs no launch of its own either. The W4A16 op may also take the RMSNorm
+before it (``norm_weight``, ``norm_eps``), which its GEMV computes as it reads x.
+
 Each takes ``activation`` (``qpass.kernels.common.ACTIVATIONS``: "none", "silu_mul", "gelu",
 "gelu_tanh"): an epilogue computed inside the op, so that ``silu(gate) * up`` after a merged
 gate/up linear, or the GELU after an MLP's first linear, costs no launch of its own
@@ -41,11 +45,21 @@ def _out_shape(x: torch.Tensor, n: int, activation: str):
     return (*x.shape[:-1], output_columns(activation, n))
 
 
-def _run(cuda_kernel, cpu_reference, x: torch.Tensor, n: int, *args, activation: str) -> torch.Tensor:
+def _flat_bias(bias: Optional[torch.Tensor], x: torch.Tensor, n: int) -> Optional[torch.Tensor]:
+    """A bias ``[n]`` as it is; one of more dims (a residual) broadcast to the GEMM's output
+    ``[..., n]`` and flattened to ``[M, n]`` as x is."""
+    if bias is None or bias.dim() == 1:
+        return bias
+    return torch.broadcast_to(bias, (*x.shape[:-1], n)).reshape(-1, n)
+
+
+def _run(cuda_kernel, cpu_reference, x: torch.Tensor, n: int, *args, bias: Optional[torch.Tensor], activation: str,
+         **kwargs) -> torch.Tensor:
     """The Triton kernel on CUDA, the plain-torch reference elsewhere, on ``x`` flattened
     to ``[M, K]``; the result shaped as ``x`` with ``n`` (or ``n / 2``) outputs."""
     implementation = cuda_kernel if x.is_cuda else cpu_reference
-    return implementation(_flatten(x), *args, activation=activation).reshape(_out_shape(x, n, activation))
+    out = implementation(_flatten(x), *args, _flat_bias(bias, x, n), activation=activation, **kwargs)
+    return out.reshape(_out_shape(x, n, activation))
 
 
 @triton_op("qpass::w4a16_linear", mutates_args=())
@@ -57,13 +71,16 @@ def w4a16_linear(
     group_size: int,
     bias: Optional[torch.Tensor] = None,
     activation: str = "none",
+    norm_weight: Optional[torch.Tensor] = None,
+    norm_eps: float = 0.0,
 ) -> torch.Tensor:
     return _run(w4a16_kernels.w4a16_linear, reference.w4a16_linear, x, qweight.shape[1],
-                qweight, scales, zeros, group_size, bias, activation=activation)
+                qweight, scales, zeros, group_size, bias=bias, activation=activation, norm_weight=norm_weight,
+                norm_eps=norm_eps)
 
 
 @w4a16_linear.register_fake
-def _(x, qweight, scales, zeros, group_size, bias=None, activation="none"):
+def _(x, qweight, scales, zeros, group_size, bias=None, activation="none", norm_weight=None, norm_eps=0.0):
     return x.new_empty(_out_shape(x, qweight.shape[1], activation))
 
 
@@ -76,7 +93,7 @@ def w8a16_linear(
     activation: str = "none",
 ) -> torch.Tensor:
     return _run(w8a16_kernels.w8a16_linear, reference.w8a16_linear, x, qweight.shape[0],
-                qweight, scales, bias, activation=activation)
+                qweight, scales, bias=bias, activation=activation)
 
 
 @w8a16_linear.register_fake
@@ -93,7 +110,7 @@ def fp8_linear(
     activation: str = "none",
 ) -> torch.Tensor:
     return _run(fp8_kernels.fp8_linear, reference.fp8_linear, x, qweight.shape[0],
-                qweight, weight_scale, bias, activation=activation)
+                qweight, weight_scale, bias=bias, activation=activation)
 
 
 @fp8_linear.register_fake
@@ -108,6 +125,13 @@ def _(x, qweight, weight_scale, bias=None, activation="none"):
 def _setup_context(ctx, inputs, output):
     x, *rest = inputs
     ctx.x = x if rest[-1] != "none" else None  # kept only to recompute a fused activation's input
+    ctx.rest = rest
+
+
+def _w4a16_setup_context(ctx, inputs, output):
+    x, *rest = inputs
+    activation, norm_weight = rest[5], rest[6]
+    ctx.x = x if activation != "none" or norm_weight is not None else None  # and for a fused norm's gradient
     ctx.rest = rest
 
 
@@ -131,15 +155,29 @@ def _pre_activation_grad(grad: torch.Tensor, activation: str, linear_out) -> tor
 
 
 def _bias_grad(grad: torch.Tensor, bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    return grad.reshape(-1, grad.shape[-1]).sum(0) if bias is not None else None
+    """The gradient of a bias ``[N]`` or of one shaped as the output (a residual)."""
+    return grad.sum_to_size(bias.shape).to(bias.dtype) if bias is not None else None
+
+
+def _rms_norm_backward(x: torch.Tensor, weight: torch.Tensor, eps: float, grad: torch.Tensor):
+    """Gradients of x and of the weight of ``reference.rms_norm`` from the gradient at its output
+    (in float32, through y = x r g with r = 1 / sqrt(mean(x^2) + eps))."""
+    xf, scaled = x.float(), grad.float() * weight.float()
+    r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    grad_x = r * scaled - xf * r.pow(3) * (scaled * xf).mean(-1, keepdim=True)
+    grad_weight = (grad.float() * xf * r).reshape(-1, x.shape[-1]).sum(0)
+    return grad_x.to(x.dtype), grad_weight.to(weight.dtype)
 
 
 def _w4a16_backward(ctx, grad):
-    qweight, scales, zeros, group_size, bias, activation = ctx.rest
-    grad = _pre_activation_grad(
-        grad, activation, lambda: torch.ops.qpass.w4a16_linear(ctx.x, qweight, scales, zeros, group_size, bias))
+    qweight, scales, zeros, group_size, bias, activation, norm_weight, norm_eps = ctx.rest
+    grad = _pre_activation_grad(grad, activation, lambda: torch.ops.qpass.w4a16_linear(
+        ctx.x, qweight, scales, zeros, group_size, bias, "none", norm_weight, norm_eps))
     w = reference.dequantize_w4(qweight, scales, zeros, group_size)
-    return grad @ w.t().to(grad.dtype), None, None, None, None, _bias_grad(grad, bias), None
+    grad_x, grad_norm_weight = grad @ w.t().to(grad.dtype), None
+    if norm_weight is not None:
+        grad_x, grad_norm_weight = _rms_norm_backward(ctx.x, norm_weight, norm_eps, grad_x)
+    return grad_x, None, None, None, None, _bias_grad(grad, bias), None, grad_norm_weight, None
 
 
 def _w8a16_backward(ctx, grad):
@@ -155,6 +193,6 @@ def _fp8_backward(ctx, grad):
     return grad @ w.to(grad.dtype), None, None, _bias_grad(grad, bias), None
 
 
-w4a16_linear.register_autograd(_w4a16_backward, setup_context=_setup_context)
+w4a16_linear.register_autograd(_w4a16_backward, setup_context=_w4a16_setup_context)
 w8a16_linear.register_autograd(_w8a16_backward, setup_context=_setup_context)
 fp8_linear.register_autograd(_fp8_backward, setup_context=_setup_context)

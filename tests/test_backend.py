@@ -103,38 +103,24 @@ class RewrittenGraphs(TestCase):
 v0 = input
 v1 = self.input_norm_weight
 v2 = self.post_norm_weight
-v3 = v0.pow(2)
-v4 = v3.mean(-1, keepdim=True)
-v5 = add(v4, 1e-06)
-v6 = rsqrt(v5)
-v7 = mul(v0, v6)
-v8 = mul(v7, v1)
-v9 = attn.q_proj_k_proj_v_proj(v8)  # AWQLinearMethod
-v10 = split(v9, [64, 32, 32], dim=-1)
-v11 = getitem(v10, 0)
-v12 = getitem(v10, 1)
-v13 = getitem(v10, 2)
-v14 = v11.view(2, 5, 4, 16)
+v3 = attn.q_proj_k_proj_v_proj(v0, norm_weight=v1, norm_eps=1e-06)  # AWQLinearMethod
+v4 = split(v3, [64, 32, 32], dim=-1)
+v5 = getitem(v4, 0)
+v6 = getitem(v4, 1)
+v7 = getitem(v4, 2)
+v8 = v5.view(2, 5, 4, 16)
+v9 = v8.transpose(1, 2)
+v10 = v6.view(2, 5, 2, 16)
+v11 = v10.transpose(1, 2)
+v12 = v7.view(2, 5, 2, 16)
+v13 = v12.transpose(1, 2)
+v14 = scaled_dot_product_attention(v9, v11, v13, is_causal=True, enable_gqa=True)
 v15 = v14.transpose(1, 2)
-v16 = v12.view(2, 5, 2, 16)
-v17 = v16.transpose(1, 2)
-v18 = v13.view(2, 5, 2, 16)
-v19 = v18.transpose(1, 2)
-v20 = scaled_dot_product_attention(v15, v17, v19, is_causal=True, enable_gqa=True)
-v21 = v20.transpose(1, 2)
-v22 = v21.reshape(2, 5, -1)
-v23 = attn.o_proj(v22)  # AWQLinearMethod
-v24 = add(v0, v23)
-v25 = v24.pow(2)
-v26 = v25.mean(-1, keepdim=True)
-v27 = add(v26, 1e-06)
-v28 = rsqrt(v27)
-v29 = mul(v24, v28)
-v30 = mul(v29, v2)
-v31 = mlp.gate_proj_up_proj(v30)  # AWQLinearMethod, silu_mul
-v32 = mlp.down_proj(v31)  # AWQLinearMethod
-v33 = add(v24, v32)
-return (v33,)""")
+v16 = v15.reshape(2, 5, -1)
+v17 = attn.o_proj(v16, residual=v0)  # AWQLinearMethod
+v18 = mlp.gate_proj_up_proj(v17, norm_weight=v2, norm_eps=1e-06)  # AWQLinearMethod, silu_mul
+v19 = mlp.down_proj(v18, residual=v17)  # AWQLinearMethod
+return (v19,)""")
 
     def test_skip_and_bias(self):
         graphs = []
@@ -161,26 +147,12 @@ return (v3,)""")
 v0 = input
 v1 = self.input_norm_weight
 v2 = self.post_norm_weight
-v3 = v0.pow(2)
-v4 = v3.mean(-1, keepdim=True)
-v5 = add(v4, 1e-06)
-v6 = rsqrt(v5)
-v7 = mul(v0, v6)
-v8 = mul(v7, v1)
-v9 = qkv_proj(v8)  # AWQLinearMethod
-v10 = getitem(v9, (Ellipsis, slice(None, 64, None)))
-v11 = o_proj(v10)  # AWQLinearMethod
-v12 = add(v0, v11)
-v13 = v12.pow(2)
-v14 = v13.mean(-1, keepdim=True)
-v15 = add(v14, 1e-06)
-v16 = rsqrt(v15)
-v17 = mul(v12, v16)
-v18 = mul(v17, v2)
-v19 = gate_up_proj(v18)  # AWQLinearMethod, silu_mul
-v20 = down_proj(v19)  # AWQLinearMethod
-v21 = add(v12, v20)
-return (v21,)""")
+v3 = qkv_proj(v0, norm_weight=v1, norm_eps=1e-06)  # AWQLinearMethod
+v4 = getitem(v3, (Ellipsis, slice(None, 64, None)))
+v5 = o_proj(v4, residual=v0)  # AWQLinearMethod
+v6 = gate_up_proj(v5, norm_weight=v2, norm_eps=1e-06)  # AWQLinearMethod, silu_mul
+v7 = down_proj(v6, residual=v5)  # AWQLinearMethod
+return (v7,)""")
 
 
 def test_recompile_reuses_quantized_weights():

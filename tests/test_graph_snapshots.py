@@ -57,19 +57,11 @@ def forward(self, x):
     scaled_dot_product_attention = torch._C._nn.scaled_dot_product_attention(transpose, transpose_1, transpose_2, is_causal = True, enable_gqa = True);  transpose = transpose_1 = transpose_2 = None
     transpose_3 = scaled_dot_product_attention.transpose(1, 2);  scaled_dot_product_attention = None
     reshape = transpose_3.reshape(getitem, getitem_1, -1);  transpose_3 = getitem = getitem_1 = None
-    attn_o_proj = self.attn.o_proj(reshape);  reshape = None
-    add_1 = x + attn_o_proj;  x = attn_o_proj = None
-    pow_2 = add_1.pow(2)
-    mean_1 = pow_2.mean(-1, keepdim = True);  pow_2 = None
-    add_2 = mean_1 + 1e-06;  mean_1 = None
-    rsqrt_1 = torch.rsqrt(add_2);  add_2 = None
-    mul_2 = add_1 * rsqrt_1;  rsqrt_1 = None
+    attn_o_proj = self.attn.o_proj(reshape, residual = x);  reshape = x = None
     post_norm_weight = self.post_norm.weight
-    mul_3 = mul_2 * post_norm_weight;  mul_2 = post_norm_weight = None
-    mlp_gate_proj_up_proj = self.mlp.gate_proj_up_proj(mul_3);  mul_3 = None
-    mlp_down_proj = self.mlp.down_proj(mlp_gate_proj_up_proj);  mlp_gate_proj_up_proj = None
-    add_3 = add_1 + mlp_down_proj;  add_1 = mlp_down_proj = None
-    return add_3""")
+    mlp_gate_proj_up_proj = self.mlp.gate_proj_up_proj(attn_o_proj, norm_weight = post_norm_weight, norm_eps = 1e-06);  post_norm_weight = None
+    mlp_down_proj = self.mlp.down_proj(mlp_gate_proj_up_proj, residual = attn_o_proj);  mlp_gate_proj_up_proj = attn_o_proj = None
+    return mlp_down_proj""")
         x = torch.randn(2, 7, 256)
         self.assertLess(relative_error(q(x), model(x)), 0.05)
 
@@ -114,18 +106,11 @@ def forward(self, ids):
     scaled_dot_product_attention = torch._C._nn.scaled_dot_product_attention(transpose, transpose_1, transpose_2, is_causal = True, enable_gqa = True);  transpose = transpose_1 = transpose_2 = None
     transpose_3 = scaled_dot_product_attention.transpose(1, 2);  scaled_dot_product_attention = None
     reshape = transpose_3.reshape(getitem, getitem_1, -1);  transpose_3 = getitem = getitem_1 = None
-    layers_0_attn_o_proj = getattr(self.layers, "0").attn.o_proj(reshape);  reshape = None
-    add_1 = embed + layers_0_attn_o_proj;  embed = layers_0_attn_o_proj = None
-    pow_2 = add_1.pow(2)
-    mean_1 = pow_2.mean(-1, keepdim = True);  pow_2 = None
-    add_2 = mean_1 + 1e-06;  mean_1 = None
-    rsqrt_1 = torch.rsqrt(add_2);  add_2 = None
-    mul_2 = add_1 * rsqrt_1;  rsqrt_1 = None
+    layers_0_attn_o_proj = getattr(self.layers, "0").attn.o_proj(reshape, residual = embed);  reshape = embed = None
     layers_0_post_norm_weight = getattr(self.layers, "0").post_norm.weight
-    mul_3 = mul_2 * layers_0_post_norm_weight;  mul_2 = layers_0_post_norm_weight = None
-    layers_0_mlp_gate_proj_up_proj = getattr(self.layers, "0").mlp.gate_proj_up_proj(mul_3);  mul_3 = None
+    layers_0_mlp_gate_proj_up_proj = getattr(self.layers, "0").mlp.gate_proj_up_proj(layers_0_attn_o_proj, norm_weight = layers_0_post_norm_weight, norm_eps = 1e-06);  layers_0_post_norm_weight = None
     layers_0_mlp_down_proj = getattr(self.layers, "0").mlp.down_proj(layers_0_mlp_gate_proj_up_proj);  layers_0_mlp_gate_proj_up_proj = None
-    add_3 = add_1 + layers_0_mlp_down_proj;  add_1 = layers_0_mlp_down_proj = None
+    add_3 = layers_0_attn_o_proj + layers_0_mlp_down_proj;  layers_0_attn_o_proj = layers_0_mlp_down_proj = None
     pow_3 = add_3.pow(2)
     mean_2 = pow_3.mean(-1, keepdim = True);  pow_3 = None
     add_4 = mean_2 + 1e-06;  mean_2 = None
@@ -227,14 +212,12 @@ def forward(self, x):
         self.assertExpectedInline(code(q), """\
 def forward(self, x):
     fc1 = self.fc1(x)
-    fc2 = self.fc2(fc1);  fc1 = None
-    add = x + fc2;  x = fc2 = None
-    fc3 = self.fc3(add)
+    fc2 = self.fc2(fc1, residual = x);  fc1 = x = None
+    fc3 = self.fc3(fc2)
     gelu = torch._C._nn.gelu(fc3)
     add_1 = gelu + fc3;  gelu = fc3 = None
-    fc4 = self.fc4(add_1);  add_1 = None
-    add_2 = add + fc4;  add = fc4 = None
-    return add_2""")
+    fc4 = self.fc4(add_1, residual = fc2);  add_1 = fc2 = None
+    return fc4""")
         self.assertEqual((q.fc1.activation, q.fc3.activation), ("gelu_tanh", "none"))
         x = torch.randn(3, 256)
         self.assertLess(relative_error(q(x), qpass.quantize(model, "awq", merge=False)(x)), 1e-5)

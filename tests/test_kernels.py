@@ -59,6 +59,14 @@ def make_w4(M, N, K, group_size, dtype, symmetric, bias, seed):
     return [t.to(DEVICE) if t is not None else None for t in (x, qweight, scales, zeros, b)]
 
 
+def norm_and_residual(M, N, K, dtype, seed):
+    """An RMSNorm weight ``[K]`` and a residual ``[M, N]``, as the ops take them."""
+    g = torch.Generator().manual_seed(seed + 1)
+    norm_weight = (torch.rand(K, generator=g) + 0.5).to(dtype)
+    residual = torch.randn(M, N, generator=g).to(dtype)
+    return norm_weight.to(DEVICE), residual.to(DEVICE)
+
+
 def w4_reference(x, qweight, scales, zeros, group_size, bias):
     return reference.w4a16_linear(x.float(), qweight, scales.float(), zeros.float(), group_size,
                                   None if bias is None else bias.float())
@@ -128,6 +136,12 @@ def test_w4a16_each_kernel_variant(config, M, N, groups, group_size, symmetric, 
     x, qweight, scales, zeros, b = args
     out = w4a16.w4a16_linear(x, qweight, scales, zeros, group_size, b, config=config)
     assert relative_error(out, w4_reference(*args[:4], group_size, b)) < BOUND[dtype]
+    # the RMSNorm before the linear and the residual after it, folded into the op
+    norm_weight, residual = norm_and_residual(M, N, K, dtype, seed)
+    out = w4a16.w4a16_linear(3 * x, qweight, scales, zeros, group_size, residual, norm_weight=norm_weight,
+                             norm_eps=1e-5, config=config)
+    normed = reference.rms_norm(3 * x, norm_weight, 1e-5)
+    assert relative_error(out, w4_reference(normed, *args[1:4], group_size, residual)) < BOUND[dtype]
 
 
 def test_w4a16_kernel_choice_by_rows():
@@ -212,6 +226,9 @@ def test_w8a16_each_kernel_variant(config, M, N, K, bias, seed, data):
     out = w8a16.w8a16_linear(x, qweight, scales, b, config=config)
     ref = reference.w8a16_linear(x.float(), qweight, scales.float(), None if b is None else b.float())
     assert relative_error(out, ref) < BOUND[dtype]
+    _, residual = norm_and_residual(M, N, K, dtype, seed)  # a bias shaped as the output: a residual
+    out = w8a16.w8a16_linear(x, qweight, scales, residual, config=config)
+    assert relative_error(out, reference.w8a16_linear(x.float(), qweight, scales.float(), residual.float())) < BOUND[dtype]
 
 
 # --- FP8 W8A8 ------------------------------------------------------------------------------
@@ -230,6 +247,10 @@ def test_fp8_matches_reference(M, N, K, dtype, bias, seed):
     ref = (xq.float() @ qweight.float().t()) * x_scale[:, None] * weight_scale[None, :]
     if b is not None:
         ref = ref + b.float()
+    assert relative_error(out, ref) < FP8_BOUND[dtype]
+    _, residual = norm_and_residual(M, N, K, dtype, seed)  # a bias shaped as the output: a residual
+    out = fp8.fp8_linear(x, qweight, weight_scale, residual)
+    ref = (xq.float() @ qweight.float().t()) * x_scale[:, None] * weight_scale[None, :] + residual.float()
     assert relative_error(out, ref) < FP8_BOUND[dtype]
 
 
@@ -397,6 +418,13 @@ def test_gpu_w4a16_gemv_packed_bf16(M, N, K, group_size, config):
     assert w4a16.gemv_meta(cfg, x, K, group_size)["PACKED_BF16"]
     out = w4a16.w4a16_linear(x, qweight, scales, zeros, group_size, b, config=config)
     assert relative_error(out, w4_reference(*args[:4], group_size, b)) < BOUND[torch.bfloat16]
+    for dtype in (torch.bfloat16, torch.float16):  # with the RMSNorm before it and a residual after
+        x, qweight, scales, zeros, _ = make_w4(M, N, K, group_size, dtype, False, False, N + K)
+        norm_weight, residual = norm_and_residual(M, N, K, dtype, N)
+        out = w4a16.w4a16_linear(20 * x, qweight, scales, zeros, group_size, residual, norm_weight=norm_weight,
+                                 norm_eps=1e-5, config=config)
+        normed = reference.rms_norm(20 * x, norm_weight, 1e-5)
+        assert relative_error(out, w4_reference(normed, qweight, scales, zeros, group_size, residual)) < BOUND[dtype]
     for activation in EPILOGUES:
         out = w4a16.w4a16_linear(x, qweight, scales, zeros, group_size, b, activation=activation, config=config)
         ref = reference.apply_activation(w4_reference(*args[:4], group_size, b), activation)
@@ -425,6 +453,11 @@ def test_gpu_w4a16_warp_mma(M, eighth_n, groups, group_size, dtype, symmetric, b
     ref = reference.apply_activation(w4_reference(*args[:4], group_size, b), activation)
     assert out.shape == (M, output_columns(activation, N))
     assert relative_error(out, ref) < BOUND[dtype]
+    norm_weight, residual = norm_and_residual(M, N, K, dtype, seed)
+    out = w4a16.w4a16_linear(x, qweight, scales, zeros, group_size, residual, norm_weight=norm_weight,
+                             norm_eps=1e-6, config=config)
+    normed = reference.rms_norm(x, norm_weight, 1e-6)
+    assert relative_error(out, w4_reference(normed, *args[1:4], group_size, residual)) < BOUND[dtype]
 
 
 @cuda

@@ -6,6 +6,10 @@ gate/up): each is a *shard* of ``output_partition_sizes``, loaded by its index o
 Tensor parallelism follows vLLM: ``parallel="column"`` splits the outputs across ranks,
 ``"row"`` splits the inputs (the caller all-reduces the partial outputs).
 
+``qpass.passes.lower`` may also fold the residual add after the layer (``residual``) and
+the RMSNorm before it (``norm_weight``, ``norm_eps``) into its call, for methods whose ops
+compute them (``residual_bias``, ``apply_after_rms_norm``).
+
 ``activation`` ("none" unless ``qpass.passes.lower`` folded ``silu(gate) * up`` or a GELU
 into the layer) is an epilogue the method's ``apply`` passes to its op: with "silu_mul" the
 layer returns ``silu(gate) * up`` of its ``[gate | up]`` outputs, half as many columns; with
@@ -19,6 +23,8 @@ import torch
 from torch import nn
 from torch.nn import Parameter
 
+from qpass.kernels.common import output_columns
+from qpass.kernels.reference import rms_norm
 from qpass.layers.quantize_base import LinearMethodBase
 from qpass.layers.utils import set_weight_attrs
 
@@ -164,16 +170,54 @@ class QuantLinear(nn.Module):
             self.quant_method.process_weights_after_loading(self)
             self.finalised = True
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None,
+                norm_weight: Optional[torch.Tensor] = None, norm_eps: float = 0.0) -> torch.Tensor:
+        """``linear(x)``; with ``residual``, ``residual + linear(x)``; with ``norm_weight``,
+        ``linear(rms_norm(x))`` (``qpass.kernels.reference.rms_norm``): the folds of
+        ``qpass.passes.lower``, computed in the op where the method can (``residual_problem``,
+        ``input_norm_problem``)."""
         if not self.finalised:
             raise RuntimeError(
                 "QuantLinear used before process_weights_after_loading: load its weights, then call "
                 "qpass.passes.finalise.finalise(model)"
             )
-        if self.input_scale is not None:
-            x = x * self.input_scale
         bias = self.bias if self.parallel != "row" or self.tp_rank == 0 else None
-        return self.quant_method.apply(self, x, bias)
+        out_shape = (*x.shape[:-1], output_columns(self.activation, sum(self.output_partition_sizes)))
+        fold_residual = (residual is not None and residual.shape == out_shape and residual.dtype == x.dtype
+                         and self.residual_problem() is None)
+        if fold_residual:  # the op adds it in its epilogue, as a bias shaped as the output
+            bias = residual if bias is None else residual + bias
+        if norm_weight is not None and norm_weight.dtype == x.dtype and self.input_norm_problem() is None:
+            out = self.quant_method.apply_after_rms_norm(self, x, norm_weight, norm_eps, bias)
+        else:
+            if norm_weight is not None:
+                x = rms_norm(x, norm_weight, norm_eps)
+            if self.input_scale is not None:
+                x = x * self.input_scale
+            out = self.quant_method.apply(self, x, bias)
+        if residual is not None and not fold_residual:  # broadcast, or another dtype: as ``residual + out`` would
+            out = residual + out
+        return out
+
+    def residual_problem(self) -> Optional[str]:
+        """Why ``residual + self(x)`` cannot be computed by this layer's op, or None where it can."""
+        if not getattr(self.quant_method, "residual_bias", False):
+            return f"{type(self.quant_method).__name__} does not take a bias shaped as its output (residual_bias)"
+        if self.parallel == "row":
+            return "a row-parallel layer has partial sums: the residual is added after the all-reduce"
+        if self.activation != "none":
+            return f"the residual comes after the layer's activation {self.activation!r}, the bias before it"
+        return None
+
+    def input_norm_problem(self) -> Optional[str]:
+        """Why ``self(rms_norm(x))`` cannot be computed by this layer's op, or None where it can."""
+        if not hasattr(self.quant_method, "apply_after_rms_norm"):
+            return f"{type(self.quant_method).__name__} has no apply_after_rms_norm"
+        if self.parallel == "row":
+            return "a row-parallel layer reads a slice of the row the norm reduces"
+        if self.input_scale is not None:
+            return "the layer scales its input (input_scale) after the norm"
+        return None
 
     def activation_problem(self, activation: str) -> Optional[str]:
         """Why ``activation`` cannot be fused into this layer, or None where it can."""

@@ -136,6 +136,7 @@ def fitting_group_size(group_size: int, in_features: int) -> Optional[int]:
 
 class AWQLinearMethod(LinearMethodBase):
     fused_activations = FUSED_ACTIVATIONS  # epilogues the op computes (QuantLinear.activation)
+    residual_bias = True  # apply takes a bias shaped as its output: a residual added in the epilogue
 
     def __init__(self, quant_config: AWQConfig):
         self.quant_config = quant_config
@@ -197,4 +198,12 @@ class AWQLinearMethod(LinearMethodBase):
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         return torch.ops.qpass.w4a16_linear(
             x, layer.qweight, layer.scales, layer.zeros, self.quant_config.group_size, bias, layer.activation
+        )
+
+    def apply_after_rms_norm(self, layer: torch.nn.Module, x: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                             bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``apply`` to the RMSNorm of x, computed by the op (``QuantLinear.forward``)."""
+        return torch.ops.qpass.w4a16_linear(
+            x, layer.qweight, layer.scales, layer.zeros, self.quant_config.group_size, bias, layer.activation,
+            norm_weight, eps
         )

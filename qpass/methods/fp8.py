@@ -25,6 +25,7 @@ class FP8Config(QuantConfig):
 
 class FP8LinearMethod(LinearMethodBase):
     fused_activations = FUSED_ACTIVATIONS  # epilogues the op computes (QuantLinear.activation)
+    residual_bias = True  # apply takes a bias shaped as its output: a residual added in the epilogue
 
     def __init__(self, quant_config: FP8Config):
         self.quant_config = quant_config

@@ -126,6 +126,7 @@ class GPTQConfig(QuantConfig):
 
 class GPTQLinearMethod(LinearMethodBase):
     fused_activations = FUSED_ACTIVATIONS  # epilogues the op computes (QuantLinear.activation)
+    residual_bias = True  # apply takes a bias shaped as its output: a residual added in the epilogue
 
     def __init__(self, quant_config: GPTQConfig):
         self.quant_config = quant_config
@@ -209,8 +210,17 @@ class GPTQLinearMethod(LinearMethodBase):
         }
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if layer.perm is not None:
+        return self._linear(layer, x, bias, None, 0.0)
+
+    def apply_after_rms_norm(self, layer: torch.nn.Module, x: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                             bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``apply`` to the RMSNorm of x, computed by the op (``QuantLinear.forward``)."""
+        return self._linear(layer, x, bias, norm_weight, eps)
+
+    def _linear(self, layer, x, bias, norm_weight, eps):
+        if layer.perm is not None:  # (the norm's scale is per row: its weight takes x's permutation)
             x = x.index_select(-1, layer.perm)
+            norm_weight = None if norm_weight is None else norm_weight.index_select(-1, layer.perm)
         group_size = self.quant_config.groups_of(layer.g_idx.shape[0])
         return torch.ops.qpass.w4a16_linear(x, layer.qweight, layer.scales, layer.zeros, group_size, bias,
-                                            layer.activation)
+                                            layer.activation, norm_weight, eps)

@@ -24,6 +24,7 @@ class Int8Config(QuantConfig):
 
 class Int8LinearMethod(LinearMethodBase):
     fused_activations = FUSED_ACTIVATIONS  # epilogues the op computes (QuantLinear.activation)
+    residual_bias = True  # apply takes a bias shaped as its output: a residual added in the epilogue
 
     def __init__(self, quant_config: Int8Config):
         self.quant_config = quant_config
