@@ -148,7 +148,8 @@ def _inv_rms(x_row, K, stride_xk, eps, BLOCK: tl.constexpr):
         offs = k0 + tl.arange(0, BLOCK)
         v = tl.load(x_row + offs * stride_xk, mask=offs < K, other=0).to(tl.float32)
         squares += v * v
-    return tl.rsqrt(tl.sum(squares, axis=0) / K + eps)
+    # (eps may arrive as a float64 constant: Inductor passes Python floats so)
+    return tl.rsqrt((tl.sum(squares, axis=0) / K + eps).to(tl.float32))
 
 
 @triton.jit

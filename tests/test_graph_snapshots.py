@@ -167,8 +167,63 @@ class GeluMLPs(nn.Module):
         return x + self.fc4(F.gelu(h) + h)
 
 
+class LlamaRMSNorm(nn.Module):
+    """Hugging Face Llama's RMSNorm, as written there."""
+
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(dim) + 0.5)
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states):
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+
+class FunctionalRMSNorm(nn.Module):
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(dim) + 0.5)
+        self.eps = eps
+
+    def forward(self, x):
+        return F.rms_norm(x, (self.weight.shape[0],), self.weight, self.eps)
+
+
+def module_rms_norm(dim):
+    norm = nn.RMSNorm(dim, eps=1e-6)
+    nn.init.uniform_(norm.weight, 0.5, 1.5)
+    return norm
+
+
+NORMS = {"llama": LlamaRMSNorm, "functional": FunctionalRMSNorm, "module": module_rms_norm}
+
+
+class NormedMLPs(nn.Module):
+    """Two pre-norm residual MLPs; the second norm is read by separate gate and up linears,
+    and the last residual reads its input's sum again."""
+
+    def __init__(self, norm="llama", dim=256, hidden=512):
+        super().__init__()
+        self.norm1, self.norm2 = NORMS[norm](dim), NORMS[norm](dim)
+        self.gate_up = nn.Linear(dim, 2 * hidden, bias=False)
+        self.down1 = nn.Linear(hidden, dim, bias=False)
+        self.gate, self.up = nn.Linear(dim, hidden, bias=False), nn.Linear(dim, hidden, bias=True)
+        self.down2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x):
+        gate, up = self.gate_up(self.norm1(x)).chunk(2, dim=-1)
+        x = x + self.down1(F.silu(gate) * up)
+        h = self.norm2(x)
+        return x + self.down2(F.silu(self.gate(h)) * self.up(h))
+
+
 class Int8WithoutEpilogues(Int8LinearMethod):
     fused_activations = ()  # as a method ported from elsewhere, which declares none
+    residual_bias = False
 
 
 @qpass.register_method("test_int8_no_epilogue")
@@ -226,18 +281,71 @@ def forward(self, x):
         q = qpass.quantize(seeded(Block), "test_int8_no_epilogue")
         self.assertEqual(q.mlp.gate_proj_up_proj.activation, "none")
         self.assertIn("silu", code(q))
+        self.assertNotIn("residual", code(q))
+        self.assertNotIn(", norm_weight = ", code(q))  # int8 has no apply_after_rms_norm
+
+    def test_norms_and_residuals_fold(self):
+        q = qpass.quantize(seeded(NormedMLPs, "llama"), "awq")
+        self.assertExpectedInline(code(q), """\
+def forward(self, x):
+    norm1_weight = self.norm1.weight
+    gate_up = self.gate_up(x, norm_weight = norm1_weight, norm_eps = 1e-06);  norm1_weight = None
+    down1 = self.down1(gate_up, residual = x);  gate_up = x = None
+    norm2_weight = self.norm2.weight
+    gate = self.gate(down1, norm_weight = norm2_weight, norm_eps = 1e-06)
+    silu_1 = torch.nn.functional.silu(gate, inplace = False);  gate = None
+    up = self.up(down1, norm_weight = norm2_weight, norm_eps = 1e-06);  norm2_weight = None
+    mul_5 = silu_1 * up;  silu_1 = up = None
+    down2 = self.down2(mul_5, residual = down1);  mul_5 = down1 = None
+    return down2""")
+        self.assertEqual(q.gate_up.activation, "silu_mul")
+        for norm in NORMS:  # nn.RMSNorm and F.rms_norm the same way (only node names differ)
+            lowered = code(qpass.quantize(seeded(NormedMLPs, norm), "awq"))
+            self.assertEqual((lowered.count(", norm_weight = "), lowered.count(", residual = ")), (3, 2), norm)
+            self.assertNotIn("rsqrt", lowered)
+            self.assertNotIn("rms_norm", lowered)
+            self.assertNotIn("getattr", lowered)
+
+    def test_norm_read_elsewhere_stays(self):
+        class NormReadTwice(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.norm, self.fc = LlamaRMSNorm(256), nn.Linear(256, 256, bias=False)
+
+            def forward(self, x):
+                h = self.norm(x)
+                return self.fc(h) + h  # the norm's output is read past the linear: it stays
+
+        q = qpass.quantize(seeded(NormReadTwice), "awq")
+        self.assertIn("rsqrt", code(q))
+        self.assertIn("residual = ", code(q))  # the add after the linear still folds
 
 
-@pytest.mark.parametrize("method", ["awq", "gptq", "int8", "fp8"])
+@pytest.mark.parametrize("norm", list(NORMS))
+@pytest.mark.parametrize("method", ["awq", "gptq"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_lowered_matches_unlowered(method, dtype):
-    """The lowered model (merged stubs, silu*mul in the op) against the same quantization
-    unlowered (module tree: one stub per linear, silu*mul by torch)."""
-    model = seeded(Block).to(dtype)
+def test_folded_norms_and_residuals_match_unlowered(norm, method, dtype):
+    """Norms and residual adds folded into the ops against the module tree (no lowering)."""
+    model = seeded(NormedMLPs, norm).to(dtype)
     lowered = qpass.quantize(model, method)
+    assert ", norm_weight = " in code(lowered) and ", residual = " in code(lowered)
     unlowered = qpass.quantize(model, method, merge=False)
-    assert lowered.mlp.gate_proj_up_proj.activation == "silu_mul"
-    x = torch.randn(2, 7, 256, dtype=dtype)
+    x = 3 * torch.randn(2, 5, 256, dtype=dtype)
     with torch.no_grad():
         error = relative_error(lowered(x), unlowered(x))
     assert error < (1e-5 if dtype == torch.float32 else 1e-2), error
+
+
+def test_folded_norm_and_residual_gradients_match_unlowered():
+    """Gradients reach the input and the norm weights through the folded ops as through the
+    unfused ones."""
+    model = seeded(NormedMLPs, "llama").requires_grad_(False)
+    x = torch.randn(2, 5, 256)
+    grads = []
+    for q in (qpass.quantize(model, "awq"), qpass.quantize(model, "awq", merge=False)):
+        inputs = (x.clone().requires_grad_(True), q.norm1.weight.requires_grad_(True),
+                  q.norm2.weight.requires_grad_(True))
+        q(inputs[0]).square().sum().backward()
+        grads.append([t.grad for t in inputs])
+    for fused, plain in zip(*grads):
+        assert relative_error(fused, plain) < 1e-5

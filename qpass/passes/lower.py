@@ -141,7 +141,18 @@ def fold_rms_norm(gm: fx.GraphModule, norm: fx.Node) -> None:
         reader.kwargs = {**reader.kwargs, "norm_weight": weight, "norm_eps": eps}
     for dead in nodes:
         if not dead.users:
-            gm.graph.erase_node(dead)
+            _erase_with_shape_queries(dead)
+
+
+def _erase_with_shape_queries(node: fx.Node) -> None:
+    """Erase ``node``, and then each of its inputs left unread that only asks about a tensor
+    (``t.dtype``, ``t.shape[0]``: what a traced norm reads to build its arguments)."""
+    inputs = node.all_input_nodes
+    node.graph.erase_node(node)
+    for arg in inputs:
+        asks = arg.op == "call_function" and arg.target in (getattr, operator.getitem)
+        if asks and not arg.users:
+            _erase_with_shape_queries(arg)
 
 
 def _attribute(gm: fx.GraphModule, target: str):
@@ -196,8 +207,7 @@ def _written_out_rms_norm(node: fx.Node) -> Optional[Tuple[fx.Node, fx.Node, flo
         if cast is None:
             return source, weight, eps, [node] + nodes
         if _casts_to_dtype_of(cast, source):
-            dtype_of = [a for a in cast.args[1:] if isinstance(a, fx.Node)]
-            return source, weight, eps, [node, cast] + nodes + dtype_of
+            return source, weight, eps, [node, cast] + nodes
     return None
 
 
