@@ -27,6 +27,11 @@ Four paths, chosen by M (``pick_config``):
   costs less than the dequantization inside the fused kernel's main loop (which Triton does
   not overlap with the tensor cores well enough: about 0.5x of cuBLAS).
 
+The GEMV also computes the RMSNorm of x when given its weight (HAS_NORM): each program
+reduces the row itself, from L2, and scales the x values it reads (``_gemv_columns``); the
+other paths run the norm as a pass of its own. A bias may be shaped as the output (a residual,
+``common.bias_rows``).
+
 All but the last may split K over ``SPLIT_K`` programs when the (M, N) tiles alone would leave
 the GPU idle; the programs of a tile add their partial sums into a zeroed float32 workspace
 and the last to arrive finishes the tile (``store_output``): no second launch. That same
@@ -77,9 +82,11 @@ def _load_x_pairs_x2(x_ptrs):
 
 @triton.jit
 def _load_normed_x_pairs_x2(x_ptrs, g_ptrs, r_pair, BF16: tl.constexpr):
-    """``_load_x_pairs_x2`` of ``x * r * g`` (an RMSNorm's output): the 8 values at each x_ptrs
-    and g_ptrs (norm weight), x times the packed pair ``r_pair`` (1 / rms rounded to the dtype,
-    ``_pack_pair``), then times g, each product rounded to the dtype as the unfused norm rounds."""
+    """``_load_x_pairs_x2`` of an RMSNorm's output: the 8 values at each x_ptrs times those at
+    g_ptrs (the norm weight), each product rounded to the dtype as the unfused norm rounds. fp16:
+    x first times the packed pair ``r_pair`` (1 / rms rounded to fp16, ``_f16_pair``), as
+    unscaled products could overflow fp16; bf16 has float32's range, and 1 / rms goes on the sum
+    (``_gemv_columns``)."""
     if BF16:  # (bf16x2 multiply is sm_90+; an fma adding -0 is the same product from sm_80)
         return tl.inline_asm_elementwise(
             """
@@ -88,10 +95,6 @@ def _load_normed_x_pairs_x2(x_ptrs, g_ptrs, r_pair, BF16: tl.constexpr):
             mov.b32 nz, 0x80008000;
             ld.global.nc.v4.b32 {a, b, c, d}, [$4];
             ld.global.nc.v4.b32 {e, f, g, h}, [$5];
-            fma.rn.bf16x2 a, a, $6, nz;
-            fma.rn.bf16x2 b, b, $6, nz;
-            fma.rn.bf16x2 c, c, $6, nz;
-            fma.rn.bf16x2 d, d, $6, nz;
             fma.rn.bf16x2 a, a, e, nz;
             fma.rn.bf16x2 b, b, f, nz;
             fma.rn.bf16x2 c, c, g, nz;
@@ -102,7 +105,7 @@ def _load_normed_x_pairs_x2(x_ptrs, g_ptrs, r_pair, BF16: tl.constexpr):
             prmt.b32 $3, b, d, 0x7632;
             }
             """,
-            "=r,=r,=r,=r,l,l,r", [x_ptrs, g_ptrs, r_pair],
+            "=r,=r,=r,=r,l,l", [x_ptrs, g_ptrs],
             dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1,
         )
     return tl.inline_asm_elementwise(
@@ -131,11 +134,8 @@ def _load_normed_x_pairs_x2(x_ptrs, g_ptrs, r_pair, BF16: tl.constexpr):
 
 
 @triton.jit
-def _pack_pair(value, BF16: tl.constexpr):
-    """float32 ``value`` rounded to bf16 (or fp16), twice, in one 32-bit register."""
-    if BF16:
-        return tl.inline_asm_elementwise("cvt.rn.bf16x2.f32 $0, $1, $1;", "=r,f", [value], dtype=tl.int32,
-                                         is_pure=True, pack=1)
+def _f16_pair(value):
+    """float32 ``value`` rounded to fp16, twice, in one 32-bit register."""
     return tl.inline_asm_elementwise("cvt.rn.f16x2.f32 $0, $1, $1;", "=r,f", [value], dtype=tl.int32, is_pure=True,
                                      pack=1)
 
@@ -408,19 +408,36 @@ def _gemv_partial(x_row, g_ptr, inv_rms, qw_ptr, s_ptr, z_ptr, offs_n, mask_n, r
 
 
 @triton.jit
-def _gemv_columns(x_row, g_ptr, inv_rms, qw_ptr, s_ptr, z_ptr, offs_n, mask_n, row_start, row_end, stride_xk,
+def _gemv_columns(x_row, g_ptr, norm_eps, K, qw_ptr, s_ptr, z_ptr, offs_n, mask_n, row_start, row_end, stride_xk,
                   stride_qk, stride_qn, stride_sg, stride_sn, GROUP_SIZE: tl.constexpr, GROUP_ROWS: tl.constexpr,
                   GROUPS: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
-                  PACKED_F16: tl.constexpr, PACKED_BF16: tl.constexpr, HAS_NORM: tl.constexpr):
+                  PACKED_F16: tl.constexpr, PACKED_BF16: tl.constexpr, HAS_NORM: tl.constexpr,
+                  NORM_BLOCK: tl.constexpr):
     """float32 x . w for the columns offs_n over the word rows [row_start, row_end): [BLOCK_N];
-    under HAS_NORM, x is the RMSNorm ``x * inv_rms * g`` (g at g_ptr)."""
+    under HAS_NORM, x is the RMSNorm ``x * inv_rms * g`` of the row of K values at x_row (each
+    program reduces the whole row itself; g at g_ptr)."""
     if PACKED_F16 or PACKED_BF16:
-        # x scaled in the dtype by 1 / rms rounded to it; the rounding's factor goes on the sum
-        r_pair = _pack_pair(inv_rms, PACKED_BF16) if HAS_NORM else 0
-        correction = inv_rms / inv_rms.to(x_row.dtype.element_ty).to(tl.float32) if HAS_NORM else 1.0
+        if not HAS_NORM:
+            return _gemv_partial_x2(x_row, g_ptr, 0, qw_ptr, s_ptr, z_ptr, offs_n, mask_n, row_start, row_end,
+                                    stride_qk, stride_qn, stride_sg, stride_sn, GROUP_SIZE, GROUP_ROWS, GROUPS,
+                                    BLOCK_N, EVEN_N, EVEN_K, PACKED_BF16, HAS_NORM)
+        if PACKED_BF16:
+            # bf16 has float32's range: x * g in the loop and 1 / rms on the sum, the row reduced
+            # after the loop, so that its latency is not in front of the first words' (a decode
+            # step's grids are one wave: every program would wait on it at once)
+            acc = _gemv_partial_x2(x_row, g_ptr, 0, qw_ptr, s_ptr, z_ptr, offs_n, mask_n, row_start, row_end,
+                                   stride_qk, stride_qn, stride_sg, stride_sn, GROUP_SIZE, GROUP_ROWS, GROUPS,
+                                   BLOCK_N, EVEN_N, EVEN_K, PACKED_BF16, HAS_NORM)
+            return acc * _inv_rms(x_row, K, stride_xk, norm_eps, NORM_BLOCK)
+        # fp16 could overflow unscaled: x scaled in the loop by 1 / rms rounded to fp16, the
+        # rounding's factor put on the sum
+        inv_rms = _inv_rms(x_row, K, stride_xk, norm_eps, NORM_BLOCK)
+        correction = inv_rms / inv_rms.to(tl.float16).to(tl.float32)
         return correction * _gemv_partial_x2(
-            x_row, g_ptr, r_pair, qw_ptr, s_ptr, z_ptr, offs_n, mask_n, row_start, row_end, stride_qk, stride_qn,
-            stride_sg, stride_sn, GROUP_SIZE, GROUP_ROWS, GROUPS, BLOCK_N, EVEN_N, EVEN_K, PACKED_BF16, HAS_NORM)
+            x_row, g_ptr, _f16_pair(inv_rms), qw_ptr, s_ptr, z_ptr, offs_n, mask_n, row_start, row_end,
+            stride_qk, stride_qn, stride_sg, stride_sn, GROUP_SIZE, GROUP_ROWS, GROUPS, BLOCK_N, EVEN_N, EVEN_K,
+            PACKED_BF16, HAS_NORM)
+    inv_rms = _inv_rms(x_row, K, stride_xk, norm_eps, NORM_BLOCK) if HAS_NORM else 1.0
     return _gemv_partial(x_row, g_ptr, inv_rms, qw_ptr, s_ptr, z_ptr, offs_n, mask_n, row_start, row_end, stride_xk,
                          stride_qk, stride_qn, stride_sg, stride_sn, GROUP_SIZE, GROUP_ROWS, GROUPS, BLOCK_N, EVEN_N,
                          HAS_NORM)
@@ -448,23 +465,21 @@ def _w4a16_gemv_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N_OUT
     x_row = x_ptr + pid_m * stride_xm
-    # The RMSNorm before the linear: each program reduces its whole row (from L2; K values) itself
-    inv_rms = _inv_rms(x_row, K, stride_xk, norm_eps, NORM_BLOCK) if HAS_NORM else 1.0
     if ACTIVATION == "silu_mul":
         # The gate columns, then the up columns: one pass over K reads both, with twice the
         # bytes of a step in flight, and x is read once. (Runs of BLOCK_N contiguous columns:
         # interleaved single columns hid the contiguity from Triton's coalescing, 3-4x slower.)
         both_n = tl.arange(0, 2 * BLOCK_N)
         offs_both = pid_n * BLOCK_N + both_n % BLOCK_N
-        both = _gemv_columns(x_row, g_ptr, inv_rms, qw_ptr, s_ptr, z_ptr, offs_both + (both_n // BLOCK_N) * N_UP,
+        both = _gemv_columns(x_row, g_ptr, norm_eps, K, qw_ptr, s_ptr, z_ptr, offs_both + (both_n // BLOCK_N) * N_UP,
                              offs_both < N_OUT, row_start, row_end, stride_xk, stride_qk, stride_qn, stride_sg,
                              stride_sn, GROUP_SIZE, GROUP_ROWS, GROUPS, 2 * BLOCK_N, EVEN_N, EVEN_K, PACKED_F16,
-                             PACKED_BF16, HAS_NORM)
+                             PACKED_BF16, HAS_NORM, NORM_BLOCK)
         acc, acc_up = tl.split(tl.permute(tl.reshape(both, (2, BLOCK_N)), (1, 0)))
     else:
-        acc = _gemv_columns(x_row, g_ptr, inv_rms, qw_ptr, s_ptr, z_ptr, offs_n, mask_n, row_start, row_end,
+        acc = _gemv_columns(x_row, g_ptr, norm_eps, K, qw_ptr, s_ptr, z_ptr, offs_n, mask_n, row_start, row_end,
                             stride_xk, stride_qk, stride_qn, stride_sg, stride_sn, GROUP_SIZE, GROUP_ROWS, GROUPS,
-                            BLOCK_N, EVEN_N, EVEN_K, PACKED_F16, PACKED_BF16, HAS_NORM)
+                            BLOCK_N, EVEN_N, EVEN_K, PACKED_F16, PACKED_BF16, HAS_NORM, NORM_BLOCK)
         acc_up = acc
     rows = pid_m + tl.arange(0, 1)
     store_output(acc[None, :], acc_up[None, :], rows[:, None], offs_n[None, :], (rows < M)[:, None] & mask_n[None, :],
@@ -602,7 +617,8 @@ def _w4a16_mma_kernel(
         acc = tl.trans(acc)
         acc_up = tl.trans(acc_up)
     store_output(acc, acc_up, offs_m[:, None], offs_n[None, :], (offs_m < M)[:, None] & mask_n[None, :], pid, M,
-                 N_UP, b_ptr, out_ptr, ws_ptr, stride_bm, stride_om, stride_on, stride_wm, SPLIT_K, HAS_BIAS, ACTIVATION)
+                 N_UP, b_ptr, out_ptr, ws_ptr, stride_bm, stride_om, stride_on, stride_wm, SPLIT_K, HAS_BIAS,
+                 ACTIVATION)
 
 
 class GemvConfig(NamedTuple):

@@ -22,6 +22,9 @@ PTX (a ``tl.load`` may be given another thread layout by Triton) and so is the M
 - loads x row g of each tile (16 values at rows ``8 (r + 2c)``) and pairs them the same way
   (``_x_pairs``): the B fragment.
 
+A program covers one or two 8-row tiles (M_TILES); more rows take more programs (program_id 0),
+adjacent in launch order, so they read the same weight tiles together: from DRAM once.
+
 The C fragment leaves lane (g, c) with columns a and b at rows 2c and 2c + 1 of each tile.
 A group's products accumulate unscaled in float32 (the MMA's C), and are scaled per column
 once a group (``group_size`` a multiple of 64). A program's warps cover ``COLUMN_WARPS``

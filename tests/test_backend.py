@@ -305,11 +305,12 @@ def op_kernels(k: int, n: int, x: torch.Tensor, activation: str = "none") -> Lis
 @pytest.mark.parametrize("batch", [1, 16])
 def test_kernel_budget_of_compiled_layers(batch):
     """The budget of a decode layer under ``backend="qpass"``: each quantized linear costs
-    what its op costs alone (its kernel, plus a split-K reduction where the op splits K);
-    around them Inductor adds at most 3 kernels: the input RMSNorm, the residual add fused
-    with the post-attention RMSNorm, and the final residual add (casts fuse into these).
-    SiLU*mul costs nothing: the gate_up op computes it (the op with "silu_mul" launches no
-    more than without). The GELU MLP: 2 ops (fc1's computes the GELU) + the residual add."""
+    what its op costs alone (its kernel, plus a split-K reduction where the op splits K), and
+    nothing else at batch 1: the qkv and gate_up GEMVs compute the RMSNorms before them, the
+    o and down ops add the residuals in their epilogues, gate_up's computes SiLU*mul (the op
+    with "silu_mul" launches no more than without). At 16 rows the two norms are passes of
+    their own (Inductor's), 2 kernels. The GELU MLP: 2 ops (fc1's computes the GELU, fc2's
+    adds the residual) + the residual's sum with fc2's bias."""
     torch.manual_seed(0)
     with torch.no_grad(), torch.device("cuda"):
         x = torch.randn(batch, 1, 256, dtype=torch.bfloat16)
@@ -318,7 +319,7 @@ def test_kernel_budget_of_compiled_layers(batch):
         assert len(ops[2]) == len(op_kernels(256, 1024, x)), ops[2]
         layer = DecodeLayer().to(torch.bfloat16).eval()
         kernels = launched_kernels(torch.compile(layer, backend="qpass", options={"method": "awq"}, fullgraph=True), x)
-        budget = sum(map(len, ops)) + 3
+        budget = sum(map(len, ops)) + (0 if batch == 1 else 2)
         print(f"\ndecode layer, batch {batch}: {len(kernels)} kernels (budget {budget}): {kernels}")
         assert len(kernels) <= budget, (kernels, ops)
         mlp = GeluMLP().to(torch.bfloat16).eval()
