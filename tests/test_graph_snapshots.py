@@ -33,17 +33,11 @@ def forward(self, x):
         q = qpass.quantize(model, "awq")
         self.assertExpectedInline(code(q), """\
 def forward(self, x):
-    pow_1 = x.pow(2)
-    mean = pow_1.mean(-1, keepdim = True);  pow_1 = None
-    add = mean + 1e-06;  mean = None
-    rsqrt = torch.rsqrt(add);  add = None
-    mul = x * rsqrt;  rsqrt = None
     input_norm_weight = self.input_norm.weight
-    mul_1 = mul * input_norm_weight;  mul = input_norm_weight = None
-    getattr_1 = mul_1.shape
+    getattr_1 = x.shape
     getitem = getattr_1[0]
     getitem_1 = getattr_1[1];  getattr_1 = None
-    attn_q_proj_k_proj_v_proj = self.attn.q_proj_k_proj_v_proj(mul_1);  mul_1 = None
+    attn_q_proj_k_proj_v_proj = self.attn.q_proj_k_proj_v_proj(x, norm_weight = input_norm_weight, norm_eps = 1e-06);  input_norm_weight = None
     split = torch.functional.split(attn_q_proj_k_proj_v_proj, [256, 128, 128], dim = -1);  attn_q_proj_k_proj_v_proj = None
     getitem_3 = split[0]
     getitem_4 = split[1]
@@ -82,17 +76,11 @@ def forward(self, x):
         self.assertExpectedInline(code(q), """\
 def forward(self, ids):
     embed = self.embed(ids);  ids = None
-    pow_1 = embed.pow(2)
-    mean = pow_1.mean(-1, keepdim = True);  pow_1 = None
-    add = mean + 1e-06;  mean = None
-    rsqrt = torch.rsqrt(add);  add = None
-    mul = embed * rsqrt;  rsqrt = None
     layers_0_input_norm_weight = getattr(self.layers, "0").input_norm.weight
-    mul_1 = mul * layers_0_input_norm_weight;  mul = layers_0_input_norm_weight = None
-    getattr_1 = mul_1.shape
+    getattr_1 = embed.shape
     getitem = getattr_1[0]
     getitem_1 = getattr_1[1];  getattr_1 = None
-    layers_0_attn_q_proj_k_proj_v_proj = getattr(self.layers, "0").attn.q_proj_k_proj_v_proj(mul_1);  mul_1 = None
+    layers_0_attn_q_proj_k_proj_v_proj = getattr(self.layers, "0").attn.q_proj_k_proj_v_proj(embed, norm_weight = layers_0_input_norm_weight, norm_eps = 1e-06);  layers_0_input_norm_weight = None
     split = torch.functional.split(layers_0_attn_q_proj_k_proj_v_proj, [256, 128, 128], dim = -1);  layers_0_attn_q_proj_k_proj_v_proj = None
     getitem_3 = split[0]
     getitem_4 = split[1]

@@ -39,3 +39,28 @@ def test_smollm2_awq_perplexity(smollm2, smollm2_awq_rtn_perplexity):
     ppl = smollm2_awq_rtn_perplexity  # the same quantization, evaluated once for this and calibration's tests
     print(f"SmolLM2-135M awq: perplexity {ppl:.3f} vs float {base:.3f} ({100 * (ppl / base - 1):+.2f}%)")
     assert ppl <= base * 1.40
+
+
+def test_smollm2_backend_folds_every_norm_and_residual(smollm2):
+    """Hugging Face's Llama code through Dynamo and the qpass rewrite: each layer's two RMSNorms
+    go into the stubs that read them and its two residual adds into o_proj's and down_proj's
+    epilogues, and the logits are those of ``qpass.quantize``'s module tree (nothing folded)."""
+    import torch
+    from test_backend import capture
+
+    model, _, windows, _ = smollm2
+    ids = windows[:2, :96]
+    graphs = []
+    with torch.no_grad():
+        compiled = torch.compile(model, backend=capture(graphs, skip=["lm_head"]))
+        logits = compiled(ids, use_cache=False).logits
+        reference = qpass.quantize(model, "awq", skip=["lm_head"])(ids, use_cache=False).logits
+    stubs = [n for gm in graphs for n in gm.graph.nodes if n.op == "call_module"
+             and isinstance(gm.get_submodule(n.target), QuantLinear)]
+    layers = model.config.num_hidden_layers
+    assert sum("norm_weight" in n.kwargs for n in stubs) == 2 * layers  # merged q/k/v, merged gate/up
+    assert sum("residual" in n.kwargs for n in stubs) == 2 * layers
+    torch._dynamo.reset()
+    error = ((logits - reference).norm() / reference.norm()).item()
+    print(f"SmolLM2-135M awq, folded against unfolded: relative error {error:.2e}")
+    assert error < 1e-4

@@ -118,8 +118,10 @@ def _comes_before(a: fx.Node, b: fx.Node) -> bool:
 
 def fold_rms_norm(gm: fx.GraphModule, norm: fx.Node) -> None:
     """Where ``norm`` is an RMSNorm read only by stubs (as their input) that can each compute it
-    (``QuantLinear.input_norm_problem``), they read its input and compute it; its nodes go."""
-    readers = list(norm.users)
+    (``QuantLinear.input_norm_problem``), and by queries of its shape, the stubs read its input
+    and compute it, the queries ask the input (a norm keeps the shape); its nodes go."""
+    shape_queries = [n for n in norm.users if _asks_shape(n, norm)]
+    readers = [n for n in norm.users if n not in shape_queries]
     stubs = [gm.get_submodule(n.target) for n in readers if n.op == "call_module"]
     if not readers or len(stubs) != len(readers) or not all(isinstance(s, QuantLinear) for s in stubs):
         return
@@ -139,6 +141,8 @@ def fold_rms_norm(gm: fx.GraphModule, norm: fx.Node) -> None:
     for reader in readers:
         reader.args = (source,)
         reader.kwargs = {**reader.kwargs, "norm_weight": weight, "norm_eps": eps}
+    for query in shape_queries:
+        query.replace_input_with(norm, source)
     for dead in nodes:
         if not dead.users:
             _erase_with_shape_queries(dead)
@@ -153,6 +157,18 @@ def _erase_with_shape_queries(node: fx.Node) -> None:
         asks = arg.op == "call_function" and arg.target in (getattr, operator.getitem)
         if asks and not arg.users:
             _erase_with_shape_queries(arg)
+
+
+SIZE_FUNCTIONS = (torch.ops.aten.sym_size.int, torch.ops.aten.size.default)
+
+
+def _asks_shape(node: fx.Node, tensor: fx.Node) -> bool:
+    """``node`` is ``tensor.shape``, ``tensor.size(...)`` or aten's size of it."""
+    if node.op == "call_function" and node.target is getattr:
+        return node.args == (tensor, "shape")
+    if node.op == "call_method" and node.target == "size":
+        return node.args[0] is tensor
+    return node.op == "call_function" and node.target in SIZE_FUNCTIONS and node.args[0] is tensor
 
 
 def _attribute(gm: fx.GraphModule, target: str):
