@@ -255,12 +255,14 @@ def forward(self, x):
         self.assertExpectedInline(code(q), """\
 def forward(self, x):
     fc1 = self.fc1(x)
-    fc2 = self.fc2(fc1, residual = x);  fc1 = x = None
-    fc3 = self.fc3(fc2)
+    fc2 = self.fc2(fc1);  fc1 = None
+    add = x + fc2;  x = fc2 = None
+    fc3 = self.fc3(add)
     gelu = torch._C._nn.gelu(fc3)
     add_1 = gelu + fc3;  gelu = fc3 = None
-    fc4 = self.fc4(add_1, residual = fc2);  add_1 = fc2 = None
-    return fc4""")
+    fc4 = self.fc4(add_1);  add_1 = None
+    add_2 = add + fc4;  add = fc4 = None
+    return add_2""")
         self.assertEqual((q.fc1.activation, q.fc3.activation), ("gelu_tanh", "none"))
         x = torch.randn(3, 256)
         self.assertLess(relative_error(q(x), qpass.quantize(model, "awq", merge=False)(x)), 1e-5)
@@ -307,6 +309,27 @@ def forward(self, x):
         q = qpass.quantize(seeded(NormReadTwice), "awq")
         self.assertIn("rsqrt", code(q))
         self.assertIn("residual = ", code(q))  # the add after the linear still folds
+
+
+def test_stub_call_computes_what_was_folded_whatever_it_is_given():
+    """A stub called with a residual or a norm computes ``residual + linear(x)`` and
+    ``linear(rms_norm(x))`` in the op where it can, and after or before it where it cannot: a
+    residual that broadcasts or has another dtype, a norm weight of another dtype, a layer with
+    a bias (``residual_problem``)."""
+    from qpass.kernels.reference import rms_norm
+
+    q = qpass.quantize(seeded(NormedMLPs, "llama"), "awq")
+    stub, biased = q.down1, q.up  # (up has a bias)
+    x, h = torch.randn(3, 512), torch.randn(3, 256)
+    for residual in (torch.randn(3, 256), torch.randn(256), torch.randn(3, 256, dtype=torch.float64)):
+        assert torch.allclose(stub(x, residual=residual), residual + stub(x), rtol=1e-5, atol=1e-5)
+    assert biased.residual_problem() is not None
+    residual = torch.randn(3, 512)
+    assert torch.allclose(biased(h, residual=residual), residual + biased(h), rtol=1e-5, atol=1e-5)
+    for weight in (torch.rand(256) + 0.5, (torch.rand(256) + 0.5).double()):
+        folded = q.gate(h, norm_weight=weight, norm_eps=1e-6)
+        assert folded.dtype == (q.gate(rms_norm(h, weight, 1e-6))).dtype
+        assert torch.allclose(folded, q.gate(rms_norm(h, weight, 1e-6)).to(folded.dtype), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("norm", list(NORMS))

@@ -186,7 +186,7 @@ class QuantLinear(nn.Module):
         fold_residual = (residual is not None and residual.shape == out_shape and residual.dtype == x.dtype
                          and self.residual_problem() is None)
         if fold_residual:  # the op adds it in its epilogue, as a bias shaped as the output
-            bias = residual if bias is None else residual + bias
+            bias = residual
         if norm_weight is not None and norm_weight.dtype == x.dtype and self.input_norm_problem() is None:
             out = self.quant_method.apply_after_rms_norm(self, x, norm_weight, norm_eps, bias)
         else:
@@ -207,6 +207,8 @@ class QuantLinear(nn.Module):
             return "a row-parallel layer has partial sums: the residual is added after the all-reduce"
         if self.activation != "none":
             return f"the residual comes after the layer's activation {self.activation!r}, the bias before it"
+        if self.bias is not None:  # (unfolded, Inductor fuses the add with what reads the sum, a LayerNorm)
+            return "the layer has a bias: joining the residual to it would cost an add of its own"
         return None
 
     def input_norm_problem(self) -> Optional[str]:

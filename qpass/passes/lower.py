@@ -19,8 +19,8 @@ other readers, is left as it is.
 Two more folds take the kernels between the ops away where the methods can compute them
 (``QuantLinear.residual_problem``, ``input_norm_problem``):
 
-- ``r + stub(x)`` (either order, the stub's only reader) becomes ``stub(x, residual=r)``:
-  the op adds r in its epilogue, as a bias shaped as its output.
+- ``r + stub(x)`` (either order, the stub's only reader; a stub without a bias) becomes
+  ``stub(x, residual=r)``: the op adds r in its epilogue, as a bias shaped as its output.
 - ``stub(rms_norm(h))``, where every reader of the norm is such a stub, becomes
   ``stub(h, norm_weight=w, norm_eps=eps)``: the op computes the norm as it reads h (the
   W4A16 GEMV reduces the row itself; larger M runs the norm as a pass Inductor fuses).
