@@ -19,6 +19,12 @@ back its ``nn.Linear`` at its module path, then runs the passes of ``qpass.quant
 (plan, swap, load, finalise, lower) on it. Quantized stubs are cached per weight, so a
 recompile (a new batch size or sequence length) does not quantize again.
 
+A model that ``qpass.quantize`` quantized already (a Hugging Face model, which it keeps as
+a module tree, calibrated or not) is not quantized again: Dynamo inlines its stubs into
+calls of the ``torch.ops.qpass`` ops, and the backend runs only the lowering pass on them
+(the folds of ``qpass.passes.lower``: activation, residual add, RMSNorm); the layers it
+left in float (a skipped ``lm_head``) stay so.
+
 Float weights. The compiled module holds the user's model (Dynamo re-reads it to guard
 and to recompile), so by default its float weights stay allocated beside the quantized
 ones: the eager model keeps working. With ``free_float_weights=True`` the backend frees
@@ -44,7 +50,7 @@ from qpass.calib.base import Calibration
 from qpass.layers.linear import QuantLinear
 from qpass.methods.base import get_config
 from qpass.passes.finalise import finalise
-from qpass.passes.lower import lower
+from qpass.passes.lower import lower, quantized_linear
 from qpass.passes.plan import LinearGroup, check_site, find_sites, make_plan, resolve_overrides
 from qpass.passes.swap import attach, build_stub, stub_groups
 
@@ -104,6 +110,8 @@ def quantize_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], method: st
     gm_copy.meta = dict(gm.meta)
     gm = gm_copy
     kept = _lift_parameters(gm, example_inputs)
+    if any(quantized_linear(gm, node) is not None for node in gm.graph.nodes):
+        return lower(gm), kept  # quantized already (qpass.quantize's module tree): its float layers stay
     _linears_as_modules(gm)
     if not find_sites(gm, gm, rewrite_graph=True):
         return gm, kept  # a graph without linears (a piece between graph breaks) compiles as it is

@@ -122,6 +122,39 @@ v18 = mlp.gate_proj_up_proj(v17, norm_weight=v2, norm_eps=1e-06)  # AWQLinearMet
 v19 = mlp.down_proj(v18, residual=v17)  # AWQLinearMethod
 return (v19,)""")
 
+    def test_quantized_module_tree_is_lowered_not_quantized_again(self):
+        """A model qpass.quantize kept as a module tree (merge=False here; a Hugging Face model
+        always): Dynamo inlines its stubs into op calls, and the backend folds the norms, the
+        residual adds and silu * up into those ops' arguments; the layer it skipped stays float."""
+        model = seeded(DecodeLayer)
+        qmodel = qpass.quantize(model, "awq", merge=False, skip=["o_proj"])
+        graphs = []
+        x = torch.randn(2, 1, 256)
+        with torch.no_grad():
+            out = torch.compile(qmodel, backend=capture(graphs), fullgraph=True)(x)
+            self.assertEqual(relative_error(out, qmodel(x)), 0.0)
+        self.assertExpectedInline(normalised(graphs[0]), """\
+v0 = input
+v1 = self.input_norm_weight
+v2 = self.qkv_proj_qweight
+v3 = self.qkv_proj_scales
+v4 = self.qkv_proj_zeros
+v5 = self.o_proj_weight
+v6 = self.post_norm_weight
+v7 = self.gate_up_proj_qweight
+v8 = self.gate_up_proj_scales
+v9 = self.gate_up_proj_zeros
+v10 = self.down_proj_qweight
+v11 = self.down_proj_scales
+v12 = self.down_proj_zeros
+v13 = w4a16_linear(v0, v2, v3, v4, 128, None, none, v1, 1e-06)
+v14 = getitem(v13, (Ellipsis, slice(None, 256, None)))
+v15 = linear(v14, v5, None)
+v16 = add(v0, v15)
+v17 = w4a16_linear(v16, v7, v8, v9, 128, None, silu_mul, v6, 1e-06)
+v18 = w4a16_linear(v17, v10, v11, v12, 128, v16, none, None, 0.0)
+return (v18,)""")
+
     def test_skip_and_bias(self):
         graphs = []
         model = seeded(GeluMLP, 64, 128)

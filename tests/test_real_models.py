@@ -64,3 +64,30 @@ def test_smollm2_backend_folds_every_norm_and_residual(smollm2):
     error = ((logits - reference).norm() / reference.norm()).item()
     print(f"SmolLM2-135M awq, folded against unfolded: relative error {error:.2e}")
     assert error < 1e-4
+
+
+def test_smollm2_quantized_module_tree_is_lowered_by_the_backend(smollm2):
+    """``qpass.quantize`` keeps a Hugging Face model's module tree; compiled with the qpass
+    backend, its stubs inlined into op calls, each layer's two RMSNorms go into the five ops
+    that read them (q, k, v, gate, up) and its two residual adds into o_proj's and down_proj's;
+    nothing is quantized again (lm_head, skipped, stays float), and the logits are the eager
+    model's."""
+    import torch
+    from qpass.passes.lower import OpCall, quantized_linear
+    from test_backend import capture
+
+    model, _, windows, _ = smollm2
+    qmodel = qpass.quantize(model, "awq", skip=["lm_head"])
+    ids = windows[:2, :96]
+    graphs = []
+    with torch.no_grad():
+        logits = torch.compile(qmodel, backend=capture(graphs))(ids, use_cache=False).logits
+        reference = qmodel(ids, use_cache=False).logits
+    torch._dynamo.reset()
+    ops = [op for gm in graphs for node in gm.graph.nodes if isinstance(op := quantized_linear(gm, node), OpCall)]
+    layers = model.config.num_hidden_layers
+    assert len(ops) == 7 * layers and not any(n.op == "call_module" for gm in graphs for n in gm.graph.nodes)
+    assert sum(op.arguments["norm_weight"] is not None for op in ops) == 5 * layers
+    assert sum(isinstance(op.arguments["bias"], torch.fx.Node) and op.arguments["bias"].op != "get_attr"
+               for op in ops) == 2 * layers
+    assert ((logits - reference).norm() / reference.norm()).item() < 1e-5
