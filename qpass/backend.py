@@ -37,6 +37,7 @@ tied embedding).
 """
 
 import functools
+import logging
 import re
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -53,6 +54,8 @@ from qpass.passes.finalise import finalise
 from qpass.passes.lower import lower, quantized_linear
 from qpass.passes.plan import LinearGroup, check_site, find_sites, make_plan, resolve_overrides
 from qpass.passes.swap import attach, build_stub, stub_groups
+
+log = logging.getLogger("qpass")
 
 # Keys of ``options`` that are the backend's own; the rest go to the method.
 BACKEND_KEYS = ("method", "mode", "skip", "overrides", "inductor", "free_float_weights")
@@ -111,7 +114,9 @@ def quantize_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], method: st
     gm = gm_copy
     kept = _lift_parameters(gm, example_inputs)
     if any(quantized_linear(gm, node) is not None for node in gm.graph.nodes):
-        return lower(gm), kept  # quantized already (qpass.quantize's module tree): its float layers stay
+        log.info("qpass backend: the model is quantized already (its graph calls torch.ops.qpass): lowering "
+                 "it, quantizing nothing (method %r and its options unused)", method)
+        return lower(gm), kept
     _linears_as_modules(gm)
     if not find_sites(gm, gm, rewrite_graph=True):
         return gm, kept  # a graph without linears (a piece between graph breaks) compiles as it is
