@@ -155,6 +155,19 @@ v17 = w4a16_linear(v16, v7, v8, v9, 128, None, silu_mul, v6, 1e-06)
 v18 = w4a16_linear(v17, v10, v11, v12, 128, v16, none, None, 0.0)
 return (v18,)""")
 
+    def test_quantized_module_tree_ops_of_each_method_take_their_gelu(self):
+        for method, op in (("int8", "w8a16_linear"), ("fp8", "fp8_linear"), ("gptq", "w4a16_linear")):
+            qmodel = qpass.quantize(seeded(GeluMLP), method, merge=False)
+            graphs = []
+            x = torch.randn(2, 1, 256)
+            with torch.no_grad():
+                out = torch.compile(qmodel, backend=capture(graphs), fullgraph=True)(x)
+                self.assertEqual(relative_error(out, qmodel(x)), 0.0)
+            calls = [line for line in normalised(graphs[0]).splitlines() if f" = {op}(" in line]
+            self.assertEqual(len(calls), 2, method)
+            self.assertTrue(calls[0].endswith(", gelu)") and calls[1].endswith(", none)"), calls)  # fc1's op
+            self.assertIn("add(v0", normalised(graphs[0]), method)  # fc2 has a bias: the residual add stays
+
     def test_skip_and_bias(self):
         graphs = []
         model = seeded(GeluMLP, 64, 128)
