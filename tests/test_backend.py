@@ -165,7 +165,7 @@ return (v18,)""")
                 self.assertEqual(relative_error(out, qmodel(x)), 0.0)
             calls = [line for line in normalised(graphs[0]).splitlines() if f" = {op}(" in line]
             self.assertEqual(len(calls), 2, method)
-            self.assertTrue(calls[0].endswith(", gelu)") and calls[1].endswith(", none)"), calls)  # fc1's op
+            self.assertTrue(", gelu" in calls[0] and ", none" in calls[1], calls)  # fc1's op computes it
             self.assertIn("add(v0", normalised(graphs[0]), method)  # fc2 has a bias: the residual add stays
 
     def test_skip_and_bias(self):
