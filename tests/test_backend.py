@@ -61,6 +61,17 @@ def capture(graphs, method="awq", **options):
     return compile_graph
 
 
+def lowered_by_the_backend(qmodel: nn.Module) -> str:
+    """The graph (``normalised``) the backend writes for a model quantized already, whose
+    result on a batch of two rows must be the eager model's."""
+    graphs = []
+    x = torch.randn(2, 1, 256)
+    with torch.no_grad():
+        out = torch.compile(qmodel, backend=capture(graphs), fullgraph=True)(x)
+        assert relative_error(out, qmodel(x)) == 0.0
+    return normalised(graphs[0])
+
+
 class DecodeLayer(nn.Module):
     """The decode layer of the e2e benchmark, small: norm, qkv, o, norm, gate_up, SiLU*mul,
     down, residual adds (attention left out: o reads the q part)."""
@@ -126,14 +137,8 @@ return (v19,)""")
         """A model qpass.quantize kept as a module tree (merge=False here; a Hugging Face model
         always): Dynamo inlines its stubs into op calls, and the backend folds the norms, the
         residual adds and silu * up into those ops' arguments; the layer it skipped stays float."""
-        model = seeded(DecodeLayer)
-        qmodel = qpass.quantize(model, "awq", merge=False, skip=["o_proj"])
-        graphs = []
-        x = torch.randn(2, 1, 256)
-        with torch.no_grad():
-            out = torch.compile(qmodel, backend=capture(graphs), fullgraph=True)(x)
-            self.assertEqual(relative_error(out, qmodel(x)), 0.0)
-        self.assertExpectedInline(normalised(graphs[0]), """\
+        qmodel = qpass.quantize(seeded(DecodeLayer), "awq", merge=False, skip=["o_proj"])
+        self.assertExpectedInline(lowered_by_the_backend(qmodel), """\
 v0 = input
 v1 = self.input_norm_weight
 v2 = self.qkv_proj_qweight
@@ -157,16 +162,11 @@ return (v18,)""")
 
     def test_quantized_module_tree_ops_of_each_method_take_their_gelu(self):
         for method, op in (("int8", "w8a16_linear"), ("fp8", "fp8_linear"), ("gptq", "w4a16_linear")):
-            qmodel = qpass.quantize(seeded(GeluMLP), method, merge=False)
-            graphs = []
-            x = torch.randn(2, 1, 256)
-            with torch.no_grad():
-                out = torch.compile(qmodel, backend=capture(graphs), fullgraph=True)(x)
-                self.assertEqual(relative_error(out, qmodel(x)), 0.0)
-            calls = [line for line in normalised(graphs[0]).splitlines() if f" = {op}(" in line]
+            graph = lowered_by_the_backend(qpass.quantize(seeded(GeluMLP), method, merge=False))
+            calls = [line for line in graph.splitlines() if f" = {op}(" in line]
             self.assertEqual(len(calls), 2, method)
             self.assertTrue(", gelu" in calls[0] and ", none" in calls[1], calls)  # fc1's op computes it
-            self.assertIn("add(v0", normalised(graphs[0]), method)  # fc2 has a bias: the residual add stays
+            self.assertIn("add(v0", graph, method)  # fc2 has a bias: the residual add stays
 
     def test_skip_and_bias(self):
         graphs = []
