@@ -66,9 +66,12 @@ def lowered_by_the_backend(qmodel: nn.Module) -> str:
     result on a batch of two rows must be the eager model's."""
     graphs = []
     x = torch.randn(2, 1, 256)
-    with torch.no_grad():
-        out = torch.compile(qmodel, backend=capture(graphs), fullgraph=True)(x)
-        assert relative_error(out, qmodel(x)) == 0.0
+    try:
+        with torch.no_grad():
+            out = torch.compile(qmodel, backend=capture(graphs), fullgraph=True)(x)
+            assert relative_error(out, qmodel(x)) == 0.0
+    finally:
+        torch._dynamo.reset()  # (Dynamo's caches of the model class would change how later tests trace it)
     return normalised(graphs[0])
 
 
