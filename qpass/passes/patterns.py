@@ -114,7 +114,7 @@ def _is_call(node: fx.Node, functions, method: Optional[str]) -> bool:
 def residual_add_after(node: fx.Node) -> Optional[Tuple[fx.Node, fx.Node]]:
     """(the add, the residual) where ``node``'s only reader adds it to another node: ``r + node``
     or ``node + r`` (no ``alpha``); None otherwise."""
-    if len(node.users) != 1 or "residual" in node.kwargs:
+    if len(node.users) != 1:
         return None
     (add,) = node.users
     if not _is_call(add, ADD_FUNCTIONS, "add") or len(add.args) != 2 or add.kwargs:
