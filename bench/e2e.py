@@ -6,6 +6,10 @@ o reads the q part of qkv), bf16, random weights. For each peer: batch 1 and 16 
 token each) and one 2048-token prefill, median ms per step; weight memory; the time of
 the first call (compile, and quantization for the backend); the device memory held.
 
+Not run by default: ``qpass_awq_tree_backend_cg``, the way of a model that does not trace (a
+Hugging Face model): ``qpass.quantize`` keeps its module tree (one op per linear, nothing
+merged), then ``backend="qpass"`` lowers it (norms and residual adds folded into the ops).
+
 The backend peer frees the float weights it replaced (``free_float_weights=True``, what a
 server that drops the eager model wants); ``qpass_backend_awq_cg_keepfloat`` is the same
 with the default (the eager model intact), measured at batch 1 only, for its memory.
@@ -119,6 +123,10 @@ def prepare(peer, shape, device):
         fn = torch.compile(model, backend="qpass", options={"method": "awq", "mode": cg, "free_float_weights": True})
     elif peer == "qpass_backend_awq_cg_keepfloat":
         fn = torch.compile(model, backend="qpass", options={"method": "awq", "mode": cg})
+    elif peer == "qpass_awq_tree_backend_cg":  # a Hugging Face model's way: qpass.quantize keeps the module tree
+        quantized = qpass.quantize(model, "awq", merge=False)
+        del model
+        fn = torch.compile(quantized, backend="qpass", options={"mode": cg})  # lowered, not quantized again
     else:
         raise ValueError(peer)
     sync(device)
