@@ -171,6 +171,27 @@ return (v18,)""")
             self.assertTrue(", gelu" in calls[0] and ", none" in calls[1], calls)  # fc1's op computes it
             self.assertIn("add(v0", graph, method)  # fc2 has a bias: the residual add stays
 
+    def test_quantized_module_tree_keeps_a_residual_that_broadcasts(self):
+        class BroadcastResidual(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.offset = nn.Parameter(torch.randn(256))
+                self.fc = nn.Linear(256, 256, bias=False)
+
+            def forward(self, x):
+                return self.offset + self.fc(x)  # [256] + [2, 1, 256]: not the op's output shape
+
+        graph = lowered_by_the_backend(qpass.quantize(seeded(BroadcastResidual), "awq", merge=False))
+        self.assertExpectedInline(graph, """\
+v0 = input
+v1 = self.offset
+v2 = self.fc_qweight
+v3 = self.fc_scales
+v4 = self.fc_zeros
+v5 = w4a16_linear(v0, v2, v3, v4, 128, None, none)
+v6 = add(v1, v5)
+return (v6,)""")
+
     def test_skip_and_bias(self):
         graphs = []
         model = seeded(GeluMLP, 64, 128)
