@@ -416,19 +416,7 @@ def _gemv_columns(x_row, g_ptr, norm_eps, K, qw_ptr, s_ptr, z_ptr, offs_n, mask_
     """float32 x . w for the columns offs_n over the word rows [row_start, row_end): [BLOCK_N];
     under HAS_NORM, x is the RMSNorm ``x * inv_rms * g`` of the row of K values at x_row (each
     program reduces the whole row itself; g at g_ptr)."""
-    if PACKED_F16 or PACKED_BF16:
-        if not HAS_NORM:
-            return _gemv_partial_x2(x_row, g_ptr, 0, qw_ptr, s_ptr, z_ptr, offs_n, mask_n, row_start, row_end,
-                                    stride_qk, stride_qn, stride_sg, stride_sn, GROUP_SIZE, GROUP_ROWS, GROUPS,
-                                    BLOCK_N, EVEN_N, EVEN_K, PACKED_BF16, HAS_NORM)
-        if PACKED_BF16:
-            # bf16 has float32's range: x * g in the loop and 1 / rms on the sum, the row reduced
-            # after the loop, so that its latency is not in front of the first words' (a decode
-            # step's grids are one wave: every program would wait on it at once)
-            acc = _gemv_partial_x2(x_row, g_ptr, 0, qw_ptr, s_ptr, z_ptr, offs_n, mask_n, row_start, row_end,
-                                   stride_qk, stride_qn, stride_sg, stride_sn, GROUP_SIZE, GROUP_ROWS, GROUPS,
-                                   BLOCK_N, EVEN_N, EVEN_K, PACKED_BF16, HAS_NORM)
-            return acc * _inv_rms(x_row, K, stride_xk, norm_eps, NORM_BLOCK)
+    if PACKED_F16 and HAS_NORM:
         # fp16 could overflow unscaled: x scaled in the loop by 1 / rms rounded to fp16, the
         # rounding's factor put on the sum
         inv_rms = _inv_rms(x_row, K, stride_xk, norm_eps, NORM_BLOCK)
@@ -437,6 +425,16 @@ def _gemv_columns(x_row, g_ptr, norm_eps, K, qw_ptr, s_ptr, z_ptr, offs_n, mask_
             x_row, g_ptr, _f16_pair(inv_rms), qw_ptr, s_ptr, z_ptr, offs_n, mask_n, row_start, row_end,
             stride_qk, stride_qn, stride_sg, stride_sn, GROUP_SIZE, GROUP_ROWS, GROUPS, BLOCK_N, EVEN_N, EVEN_K,
             PACKED_BF16, HAS_NORM)
+    if PACKED_F16 or PACKED_BF16:
+        acc = _gemv_partial_x2(x_row, g_ptr, 0, qw_ptr, s_ptr, z_ptr, offs_n, mask_n, row_start, row_end, stride_qk,
+                               stride_qn, stride_sg, stride_sn, GROUP_SIZE, GROUP_ROWS, GROUPS, BLOCK_N, EVEN_N, EVEN_K,
+                               PACKED_BF16, HAS_NORM)
+        if HAS_NORM:
+            # bf16 has float32's range: x * g in the loop and 1 / rms on the sum, the row reduced
+            # after the loop, so that its latency is not in front of the first words' (a decode
+            # step's grids are one wave: every program would wait on it at once)
+            acc *= _inv_rms(x_row, K, stride_xk, norm_eps, NORM_BLOCK)
+        return acc
     inv_rms = _inv_rms(x_row, K, stride_xk, norm_eps, NORM_BLOCK) if HAS_NORM else 1.0
     return _gemv_partial(x_row, g_ptr, inv_rms, qw_ptr, s_ptr, z_ptr, offs_n, mask_n, row_start, row_end, stride_xk,
                          stride_qk, stride_qn, stride_sg, stride_sn, GROUP_SIZE, GROUP_ROWS, GROUPS, BLOCK_N, EVEN_N,

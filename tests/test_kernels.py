@@ -420,12 +420,12 @@ def test_gpu_w4a16_gemv_packed_bf16(M, N, K, group_size, config):
     out = w4a16.w4a16_linear(x, qweight, scales, zeros, group_size, b, config=config)
     assert relative_error(out, w4_reference(*args[:4], group_size, b)) < BOUND[torch.bfloat16]
     for dtype in (torch.bfloat16, torch.float16):  # with the RMSNorm before it and a residual after
-        x, qweight, scales, zeros, _ = make_w4(M, N, K, group_size, dtype, False, False, N + K)
+        xd, *weights, _ = make_w4(M, N, K, group_size, dtype, False, False, N + K)
         norm_weight, residual = norm_and_residual(M, N, K, dtype, N)
-        out = w4a16.w4a16_linear(20 * x, qweight, scales, zeros, group_size, residual, norm_weight=norm_weight,
-                                 norm_eps=1e-5, config=config)
-        normed = reference.rms_norm(20 * x, norm_weight, 1e-5)
-        assert relative_error(out, w4_reference(normed, qweight, scales, zeros, group_size, residual)) < BOUND[dtype]
+        out = w4a16.w4a16_linear(20 * xd, *weights, group_size, residual, norm_weight=norm_weight, norm_eps=1e-5,
+                                 config=config)
+        normed = reference.rms_norm(20 * xd, norm_weight, 1e-5)
+        assert relative_error(out, w4_reference(normed, *weights, group_size, residual)) < BOUND[dtype]
     for activation in EPILOGUES:
         out = w4a16.w4a16_linear(x, qweight, scales, zeros, group_size, b, activation=activation, config=config)
         ref = reference.apply_activation(w4_reference(*args[:4], group_size, b), activation)

@@ -86,8 +86,8 @@ def lower(gm: fx.GraphModule) -> fx.GraphModule:
 class StubCall:
     """A ``QuantLinear`` stub's call in the graph."""
 
-    def __init__(self, gm: fx.GraphModule, node: fx.Node, stub: QuantLinear, called_once: bool):
-        self.gm, self.node, self.stub, self.called_once = gm, node, stub, called_once
+    def __init__(self, gm: fx.GraphModule, node: fx.Node, stub: QuantLinear):
+        self.gm, self.node, self.stub = gm, node, stub
 
     @property
     def input(self):
@@ -97,7 +97,8 @@ class StubCall:
         return sum(self.stub.output_partition_sizes)
 
     def activation_problem(self, activation: str) -> Optional[str]:
-        if not self.called_once:
+        calls = sum(n.op == "call_module" and n.target == self.node.target for n in self.gm.graph.nodes)
+        if calls != 1:
             return "the stub is called more than once: its activation is its own, not its call's"
         return self.stub.activation_problem(activation)
 
@@ -186,8 +187,7 @@ class OpCall:
 def quantized_linear(gm: fx.GraphModule, node: fx.Node):
     """``node`` as a ``StubCall`` or an ``OpCall``; None where it is neither."""
     if node.op == "call_module" and isinstance(gm.get_submodule(node.target), QuantLinear):
-        calls = sum(n.op == "call_module" and n.target == node.target for n in gm.graph.nodes)
-        return StubCall(gm, node, gm.get_submodule(node.target), calls == 1)
+        return StubCall(gm, node, gm.get_submodule(node.target))
     if node.op == "call_function":
         name = _qpass_op_name(node.target)
         if name in OP_ARGUMENTS:
