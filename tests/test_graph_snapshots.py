@@ -296,6 +296,23 @@ def forward(self, x):
             self.assertNotIn("rms_norm", lowered)
             self.assertNotIn("getattr", lowered)
 
+    def test_stub_called_twice_keeps_its_activation(self):
+        class GateUpTwice(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.gate_up = nn.Linear(256, 1024, bias=False)
+
+            def forward(self, x):
+                gate, up = self.gate_up(x).chunk(2, dim=-1)
+                return F.silu(gate) * up + self.gate_up(2 * x)[..., :512]  # the second call: no silu * up
+
+        model = seeded(GateUpTwice)
+        q = qpass.quantize(model, "awq")
+        self.assertEqual(q.gate_up.activation, "none")
+        self.assertIn("silu", code(q))
+        x = torch.randn(3, 256)
+        self.assertLess(relative_error(q(x), qpass.quantize(model, "awq", merge=False)(x)), 1e-5)
+
     def test_norm_read_elsewhere_stays(self):
         class NormReadTwice(nn.Module):
             def __init__(self):
