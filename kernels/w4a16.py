@@ -324,9 +324,10 @@ def _word_pair_dot_x2(w0, w1, zero, x_ptrs, g_ptrs, r_pair, BF16: tl.constexpr, 
 def _gemv_partial_x2(x_row, g_ptr, r_pair, qw_ptr, s_ptr, z_ptr, offs_n, mask_n, row_start, row_end, stride_qk,
                      stride_qn, stride_sg, stride_sn, GROUP_SIZE: tl.constexpr, GROUP_ROWS: tl.constexpr,
                      GROUPS: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
-                     BF16: tl.constexpr, HAS_NORM: tl.constexpr):
+                     BF16: tl.constexpr, HAS_NORM: tl.constexpr, SQUARES: tl.constexpr):
     """``_gemv_partial`` with dequantization two weights a register (inline PTX; x fp16, or bf16
-    with BF16, contiguous, 16-byte aligned). Each step reads a ``[GROUP_ROWS // 2, GROUPS, BLOCK_N]``
+    with BF16, contiguous, 16-byte aligned), and under SQUARES the sum of x^2 over the rows (else
+    0), from a load of each step's x slice that L1 mostly serves (the pairs read the same bytes). Each step reads a ``[GROUP_ROWS // 2, GROUPS, BLOCK_N]``
     tile of even word rows
     and the one of the odd rows below them (word row ``r0 + g * GROUP_ROWS + 2 i (+1)`` at
     ``[i, g, :]``), and the loads of the next step are issued before this step's arithmetic:
@@ -347,7 +348,15 @@ def _gemv_partial_x2(x_row, g_ptr, r_pair, qw_ptr, s_ptr, z_ptr, offs_n, mask_n,
         w0 = tl.load(w_ptrs, mask=mask)
         w1 = tl.load(w_ptrs + stride_qk, mask=mask)
     acc = tl.zeros((GROUP_ROWS // 2, GROUPS, BLOCK_N), dtype=tl.float32)
+    squares = tl.zeros((8 * STEP,), dtype=tl.float32)
     for r0 in range(row_start, row_end, STEP):
+        if SQUARES:
+            k_step = 8 * r0 + tl.arange(0, 8 * STEP)
+            if EVEN_K:
+                v = tl.load(x_row + k_step).to(tl.float32)
+            else:
+                v = tl.load(x_row + k_step, mask=k_step < 8 * row_end, other=0).to(tl.float32)
+            squares += v * v
         w_ptrs += STEP * stride_qk
         mask_next = (r0 + STEP + first_rows < row_end) & mask_w
         w0_next = tl.load(w_ptrs, mask=mask_next)
@@ -367,7 +376,7 @@ def _gemv_partial_x2(x_row, g_ptr, r_pair, qw_ptr, s_ptr, z_ptr, offs_n, mask_n,
         acc += _word_pair_dot_x2(w0, w1, zero, x_row + k_offs, g_ptr + k_offs, r_pair, BF16, HAS_NORM) * scale
         w0 = w0_next
         w1 = w1_next
-    return tl.sum(tl.sum(acc, axis=0), axis=0)
+    return tl.sum(tl.sum(acc, axis=0), axis=0), tl.sum(squares, axis=0)
 
 
 @triton.jit
@@ -412,27 +421,31 @@ def _gemv_columns(x_row, g_ptr, norm_eps, K, qw_ptr, s_ptr, z_ptr, offs_n, mask_
                   stride_qk, stride_qn, stride_sg, stride_sn, GROUP_SIZE: tl.constexpr, GROUP_ROWS: tl.constexpr,
                   GROUPS: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
                   PACKED_F16: tl.constexpr, PACKED_BF16: tl.constexpr, HAS_NORM: tl.constexpr,
-                  NORM_BLOCK: tl.constexpr):
+                  NORM_BLOCK: tl.constexpr, WHOLE_ROW: tl.constexpr):
     """float32 x . w for the columns offs_n over the word rows [row_start, row_end): [BLOCK_N];
     under HAS_NORM, x is the RMSNorm ``x * inv_rms * g`` of the row of K values at x_row (each
-    program reduces the whole row itself; g at g_ptr)."""
+    program reduces the row itself; g at g_ptr). WHOLE_ROW: [row_start, row_end) is all of K."""
     if PACKED_F16 and HAS_NORM:
         # fp16 could overflow unscaled: x scaled in the loop by 1 / rms rounded to fp16, the
         # rounding's factor put on the sum
         inv_rms = _inv_rms(x_row, K, stride_xk, norm_eps, NORM_BLOCK)
         correction = inv_rms / inv_rms.to(tl.float16).to(tl.float32)
-        return correction * _gemv_partial_x2(
+        acc, _ = _gemv_partial_x2(
             x_row, g_ptr, _f16_pair(inv_rms), qw_ptr, s_ptr, z_ptr, offs_n, mask_n, row_start, row_end,
             stride_qk, stride_qn, stride_sg, stride_sn, GROUP_SIZE, GROUP_ROWS, GROUPS, BLOCK_N, EVEN_N, EVEN_K,
-            PACKED_BF16, HAS_NORM)
+            PACKED_BF16, HAS_NORM, False)
+        return correction * acc
     if PACKED_F16 or PACKED_BF16:
-        acc = _gemv_partial_x2(x_row, g_ptr, 0, qw_ptr, s_ptr, z_ptr, offs_n, mask_n, row_start, row_end, stride_qk,
-                               stride_qn, stride_sg, stride_sn, GROUP_SIZE, GROUP_ROWS, GROUPS, BLOCK_N, EVEN_N, EVEN_K,
-                               PACKED_BF16, HAS_NORM)
-        if HAS_NORM:
-            # bf16 has float32's range: x * g in the loop and 1 / rms on the sum, the row reduced
-            # after the loop, so that its latency is not in front of the first words' (a decode
-            # step's grids are one wave: every program would wait on it at once)
+        # bf16 has float32's range: x * g in the loop and 1 / rms on the sum; the loop sums the
+        # squares of a row it reads whole, so no pass over the row before it (a decode step's
+        # grids are one wave: every program would wait on it at once) or after it
+        squares_in_loop: tl.constexpr = HAS_NORM and WHOLE_ROW
+        acc, squares = _gemv_partial_x2(x_row, g_ptr, 0, qw_ptr, s_ptr, z_ptr, offs_n, mask_n, row_start, row_end,
+                                        stride_qk, stride_qn, stride_sg, stride_sn, GROUP_SIZE, GROUP_ROWS, GROUPS,
+                                        BLOCK_N, EVEN_N, EVEN_K, PACKED_BF16, HAS_NORM, squares_in_loop)
+        if squares_in_loop:
+            acc *= tl.rsqrt((squares / K + norm_eps).to(tl.float32))
+        elif HAS_NORM:
             acc *= _inv_rms(x_row, K, stride_xk, norm_eps, NORM_BLOCK)
         return acc
     inv_rms = _inv_rms(x_row, K, stride_xk, norm_eps, NORM_BLOCK) if HAS_NORM else 1.0
@@ -472,12 +485,12 @@ def _w4a16_gemv_kernel(
         both = _gemv_columns(x_row, g_ptr, norm_eps, K, qw_ptr, s_ptr, z_ptr, offs_both + (both_n // BLOCK_N) * N_UP,
                              offs_both < N_OUT, row_start, row_end, stride_xk, stride_qk, stride_qn, stride_sg,
                              stride_sn, GROUP_SIZE, GROUP_ROWS, GROUPS, 2 * BLOCK_N, EVEN_N, EVEN_K, PACKED_F16,
-                             PACKED_BF16, HAS_NORM, NORM_BLOCK)
+                             PACKED_BF16, HAS_NORM, NORM_BLOCK, SPLIT_K == 1)
         acc, acc_up = tl.split(tl.permute(tl.reshape(both, (2, BLOCK_N)), (1, 0)))
     else:
         acc = _gemv_columns(x_row, g_ptr, norm_eps, K, qw_ptr, s_ptr, z_ptr, offs_n, mask_n, row_start, row_end,
                             stride_xk, stride_qk, stride_qn, stride_sg, stride_sn, GROUP_SIZE, GROUP_ROWS, GROUPS,
-                            BLOCK_N, EVEN_N, EVEN_K, PACKED_F16, PACKED_BF16, HAS_NORM, NORM_BLOCK)
+                            BLOCK_N, EVEN_N, EVEN_K, PACKED_F16, PACKED_BF16, HAS_NORM, NORM_BLOCK, SPLIT_K == 1)
         acc_up = acc
     rows = pid_m + tl.arange(0, 1)
     store_output(acc[None, :], acc_up[None, :], rows[:, None], offs_n[None, :], (rows < M)[:, None] & mask_n[None, :],
