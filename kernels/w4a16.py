@@ -327,9 +327,10 @@ def _gemv_partial_x2(x_row, g_ptr, r_pair, qw_ptr, s_ptr, z_ptr, offs_n, mask_n,
                      BF16: tl.constexpr, HAS_NORM: tl.constexpr, SQUARES: tl.constexpr):
     """``_gemv_partial`` with dequantization two weights a register (inline PTX; x fp16, or bf16
     with BF16, contiguous, 16-byte aligned), and under SQUARES the sum of x^2 over the rows (else
-    0), from a load of each step's x slice that L1 mostly serves (the pairs read the same bytes). Each step reads a ``[GROUP_ROWS // 2, GROUPS, BLOCK_N]``
-    tile of even word rows
-    and the one of the odd rows below them (word row ``r0 + g * GROUP_ROWS + 2 i (+1)`` at
+    0), from a load of each step's x slice that L1 mostly serves (the pairs read the same bytes).
+
+    Each step reads a ``[GROUP_ROWS // 2, GROUPS, BLOCK_N]`` tile of even word rows and the one
+    of the odd rows below them (word row ``r0 + g * GROUP_ROWS + 2 i (+1)`` at
     ``[i, g, :]``), and the loads of the next step are issued before this step's arithmetic:
     Triton does not software-pipeline a loop without ``tl.dot``, and the GEMV needs bytes in
     flight. EVEN_K: every step lies inside [row_start, row_end). Words and zeros past the end
