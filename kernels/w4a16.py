@@ -17,11 +17,11 @@ Four paths, chosen by M (``pick_config``):
   dequantization feeding warp-level ``mma.sync`` from registers, one lane's loads being its
   MMA fragments (inline PTX; see that module). Reads the weight at the GEMV's rate for any
   M up to 8.
-- ``_w4a16_mma_kernel`` (larger M, or inputs the warp-level kernel cannot read): unpacks a
-  ``[BLOCK_K, BLOCK_N]`` tile, dequantizes it in the activation dtype and feeds ``tl.dot``.
-  ``SWAP_AB`` computes the transposed product (weight tile as the left operand) so a small M
-  fills the narrow side of the tensor-core instruction. ``SCALE_ACC`` feeds ``q - zero``
-  instead and scales each K step's product per column (``BLOCK_K`` divides the group).
+- ``_w4a16_mma_kernel`` (larger M, or inputs the warp-level kernel cannot read): unpacks the
+  transposed tile ``[BLOCK_N, BLOCK_K]`` (each word's nibbles joined in the registers that
+  loaded it), dequantizes it in the activation dtype and feeds ``tl.dot``. ``SWAP_AB``
+  computes the transposed product, the weight tile as the left operand, which the Hopper MMA
+  reads from registers: no trip through shared memory between dequantization and MMA.
 - ``_w4a16_dequantize_kernel`` + cuBLAS (M >= 512): writes the whole fp16/bf16 weight once,
   then ``torch.mm``. Where the GEMM is compute-bound, one extra pass over 2 bytes per weight
   costs less than the dequantization inside the fused kernel's main loop (which Triton does
@@ -500,23 +500,15 @@ def _w4a16_gemv_kernel(
 
 
 @triton.jit
-def _codes_minus_zero(q, zero, DTYPE: tl.constexpr):
-    """int4 codes q (int32, any 2-D shape) minus the integer zero points (broadcastable): exact
-    in DTYPE (integers in [-15, 15])."""
-    if DTYPE == tl.float16:  # 0x6400 | q is 1024 + q in fp16
-        return (q | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - (zero + 1024.0)
-    # bf16 and fp32 through fp32 (0x4B000000 | q is 2**23 + q): Triton's interpreter
-    # miscomputes arithmetic on bf16 values made by a bitcast.
-    return ((q | 0x4B000000).to(tl.float32, bitcast=True) - (zero.to(tl.float32) + 8388608.0)).to(DTYPE)
-
-
-@triton.jit
 def _dequantize_tile(q, scale, zero, DTYPE: tl.constexpr):
-    """int4 codes q (int32, any 2-D shape), scale/zero broadcastable -> DTYPE."""
-    if DTYPE == tl.float16:
-        return _codes_minus_zero(q, zero, DTYPE) * scale
-    # bf16 and fp32: scaled in fp32, then rounded once (and see ``_codes_minus_zero``)
-    return (_codes_minus_zero(q, zero, tl.float32) * scale.to(tl.float32)).to(DTYPE)
+    """int4 codes q (int32, any 2-D shape), scale/zero broadcastable -> DTYPE. ``q - zero`` is
+    exact (integers in [-15, 15]); the one rounding is the scale's."""
+    if DTYPE == tl.float16:  # 0x6400 | q is 1024 + q in fp16
+        return ((q | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - (zero + 1024.0)) * scale
+    # bf16 and fp32 through fp32 (0x4B000000 | q is 2**23 + q): Triton's interpreter miscomputes
+    # arithmetic on bf16 values made by a bitcast.
+    codes = (q | 0x4B000000).to(tl.float32, bitcast=True) - (zero.to(tl.float32) + 8388608.0)
+    return (codes * scale.to(tl.float32)).to(DTYPE)
 
 
 @triton.jit
@@ -539,41 +531,48 @@ def _w4a16_dequantize_kernel(
 
 
 @triton.jit
-def _mma_weight_tile(qw_ptrs, s_ptr, z_ptr, offs_n, mask_n, k0, stride_qk, stride_sg, stride_sn,
-                     GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-                     EVEN_N: tl.constexpr, SCALE_ACC: tl.constexpr, DTYPE: tl.constexpr):
-    """The ``[BLOCK_K, BLOCK_N]`` weight tile at row k0 and columns offs_n, and its float32
-    scales ``[BLOCK_N]``. Dequantized, or under SCALE_ACC only ``q - zero`` (exact integers),
-    the scale left to the dot's result (``_mma_accumulate``)."""
-    # One load per word, split into its 8 nibbles and reshaped to [BLOCK_K, BLOCK_N] (faster on
-    # the H100 than loading each word once per row it holds: bench/NOTES-kernels.md).
-    if EVEN_N:
-        words = tl.load(qw_ptrs + (k0 // 8) * stride_qk)
-    else:
-        words = tl.load(qw_ptrs + (k0 // 8) * stride_qk, mask=mask_n[None, :], other=0)
-    g = k0 // GROUP_SIZE
-    scale = tl.load(s_ptr + g * stride_sg + offs_n * stride_sn, mask=mask_n, other=0)
-    zero = tl.load(z_ptr + g * stride_sg + offs_n * stride_sn, mask=mask_n, other=0)[None, :]
-    shifts = (tl.arange(0, 8) * 4)[None, :, None]
-    q = tl.reshape((words[:, None, :] >> shifts) & 0xF, (BLOCK_K, BLOCK_N))
-    if SCALE_ACC:
-        return _codes_minus_zero(q, zero, DTYPE), scale.to(tl.float32)
-    return _dequantize_tile(q, scale[None, :], zero, DTYPE), scale.to(tl.float32)
+def _nibbles_along_rows(words):
+    """words ``[R, C]`` int32 -> codes ``[R, 8 C]``, nibble j of word c at column 8 c + j.
+
+    The eight nibbles are joined in registers, so each thread keeps the codes of the words it
+    loaded and the reshape moves no data: Triton then converts the tile straight to the
+    register operand of the tensor-core instruction (no trip through shared memory)."""
+    n0 = words & 0xF
+    n1 = (words >> 4) & 0xF
+    n2 = (words >> 8) & 0xF
+    n3 = (words >> 12) & 0xF
+    n4 = (words >> 16) & 0xF
+    n5 = (words >> 20) & 0xF
+    n6 = (words >> 24) & 0xF
+    n7 = (words >> 28) & 0xF
+    # join appends the new axis last, so the outermost join picks bit 0 of j, the innermost bit 2
+    codes = tl.join(tl.join(tl.join(n0, n4), tl.join(n2, n6)), tl.join(tl.join(n1, n5), tl.join(n3, n7)))
+    return tl.reshape(codes, (words.shape[0], words.shape[1] * 8))
 
 
 @triton.jit
-def _mma_accumulate(acc, x, w, scale, SWAP_AB: tl.constexpr, SCALE_ACC: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """acc + x @ w (``[BLOCK_M, BLOCK_N]``, or its transpose under SWAP_AB: the weight tile as
-    the left operand); under SCALE_ACC w holds ``q - zero`` and the product is scaled per column."""
-    if SWAP_AB:
-        if SCALE_ACC:
-            acc += tl.dot(tl.trans(w), tl.trans(x), input_precision=DOT_PRECISION) * scale[:, None]
-        else:
-            acc = tl.dot(tl.trans(w), tl.trans(x), acc, input_precision=DOT_PRECISION)
-    elif SCALE_ACC:
-        acc += tl.dot(x, w, input_precision=DOT_PRECISION) * scale[None, :]
+def _mma_weight_tile(qw_ptrs, s_ptr, z_ptr, offs_n, mask_n, k0, stride_qk, stride_sg, stride_sn,
+                     GROUP_SIZE: tl.constexpr, EVEN_N: tl.constexpr, DTYPE: tl.constexpr):
+    """The dequantized weight tile at row k0 and columns offs_n, transposed: ``[BLOCK_N, BLOCK_K]``
+    (qw_ptrs: the ``[BLOCK_N, BLOCK_K // 8]`` word pointers of row 0)."""
+    if EVEN_N:
+        words = tl.load(qw_ptrs + (k0 // 8) * stride_qk)
     else:
-        acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
+        words = tl.load(qw_ptrs + (k0 // 8) * stride_qk, mask=mask_n[:, None], other=0)
+    g = k0 // GROUP_SIZE
+    scale = tl.load(s_ptr + g * stride_sg + offs_n * stride_sn, mask=mask_n, other=0)[:, None]
+    zero = tl.load(z_ptr + g * stride_sg + offs_n * stride_sn, mask=mask_n, other=0)[:, None]
+    return _dequantize_tile(_nibbles_along_rows(words), scale, zero, DTYPE)
+
+
+@triton.jit
+def _mma_accumulate(acc, x, w_t, SWAP_AB: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc + x @ w for the transposed weight tile w_t: ``[BLOCK_M, BLOCK_N]``, or its transpose
+    under SWAP_AB (the weight tile as the left operand, which the MMA takes from registers)."""
+    if SWAP_AB:  # (one return: Triton compiles the code after a return in a constexpr branch too)
+        acc = tl.dot(w_t, tl.trans(x), acc, input_precision=DOT_PRECISION)
+    else:
+        acc = tl.dot(x, tl.trans(w_t), acc, input_precision=DOT_PRECISION)
     return acc
 
 
@@ -583,7 +582,7 @@ def _w4a16_mma_kernel(
     M, N_OUT, N_UP, K,
     stride_xm, stride_xk, stride_qk, stride_qn, stride_sg, stride_sn, stride_bm, stride_om, stride_on, stride_wm,
     GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, SWAP_AB: tl.constexpr, SCALE_ACC: tl.constexpr,
+    GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, SWAP_AB: tl.constexpr,
     EVEN_N: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # Grouped tile order: GROUP_M row-tiles share each weight column-tile while it is in L2.
@@ -602,7 +601,7 @@ def _w4a16_mma_kernel(
     mask_n = offs_n < N_OUT
     offs_k = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + (offs_m % M)[:, None] * stride_xm + offs_k[None, :] * stride_xk
-    qw_ptrs = qw_ptr + tl.arange(0, BLOCK_K // 8)[:, None] * stride_qk + offs_n[None, :] * stride_qn
+    qw_ptrs = qw_ptr + offs_n[:, None] * stride_qn + tl.arange(0, BLOCK_K // 8)[None, :] * stride_qk
     DTYPE: tl.constexpr = x_ptr.dtype.element_ty
 
     k_tiles = K // BLOCK_K  # BLOCK_K divides group_size, which divides K
@@ -617,14 +616,13 @@ def _w4a16_mma_kernel(
     for t in range(tile_start, tile_end):
         k0 = t * BLOCK_K
         x = tl.load(x_ptrs + k0 * stride_xk)
-        w, scale = _mma_weight_tile(qw_ptrs, s_ptr, z_ptr, offs_n, mask_n, k0, stride_qk, stride_sg, stride_sn,
-                                    GROUP_SIZE, BLOCK_K, BLOCK_N, EVEN_N, SCALE_ACC, DTYPE)
-        acc = _mma_accumulate(acc, x, w, scale, SWAP_AB, SCALE_ACC, DOT_PRECISION)
+        w_t = _mma_weight_tile(qw_ptrs, s_ptr, z_ptr, offs_n, mask_n, k0, stride_qk, stride_sg, stride_sn,
+                               GROUP_SIZE, EVEN_N, DTYPE)
+        acc = _mma_accumulate(acc, x, w_t, SWAP_AB, DOT_PRECISION)
         if ACTIVATION == "silu_mul":
-            w_up, scale_up = _mma_weight_tile(qw_ptrs + N_UP * stride_qn, s_ptr, z_ptr, offs_n + N_UP, mask_n, k0,
-                                              stride_qk, stride_sg, stride_sn, GROUP_SIZE, BLOCK_K, BLOCK_N, EVEN_N,
-                                              SCALE_ACC, DTYPE)
-            acc_up = _mma_accumulate(acc_up, x, w_up, scale_up, SWAP_AB, SCALE_ACC, DOT_PRECISION)
+            w_up_t = _mma_weight_tile(qw_ptrs + N_UP * stride_qn, s_ptr, z_ptr, offs_n + N_UP, mask_n, k0, stride_qk,
+                                      stride_sg, stride_sn, GROUP_SIZE, EVEN_N, DTYPE)
+            acc_up = _mma_accumulate(acc_up, x, w_up_t, SWAP_AB, DOT_PRECISION)
     if SWAP_AB:
         acc = tl.trans(acc)
         acc_up = tl.trans(acc_up)
@@ -671,10 +669,6 @@ class MmaConfig(NamedTuple):
     num_warps: int
     num_stages: int
     group_m: int = 8
-    # Scale each K step's product [BLOCK_M, BLOCK_N] rather than the weight tile [BLOCK_K, BLOCK_N]
-    # (``_mma_accumulate``): fewer multiplies where BLOCK_M < BLOCK_K, but Triton then stages the
-    # weight tile through shared memory with 2-byte stores (H200: 20-36% slower at M = 16).
-    scale_acc: bool = False
 
 
 class WarpMmaConfig(NamedTuple):
@@ -773,12 +767,18 @@ def pick_config(M: int, N: int, K: int, group_size: int, device: torch.device, a
     if M >= DEQUANT_MM_MIN_M:
         return DequantMmConfig()
     block_k = mma_block_k[0]  # the largest power of two up to 128 that divides group_size
+    # Weight tile as the left operand (swap-AB) in every case: it stays in registers from the
+    # dequantization to the MMA. H200 sweep over block shapes (bench/NOTES-kernels.md, fp16, the four
+    # Llama shapes, geometric mean over fp16 cuBLAS): M = 32 0.93 (32 x 64 x 64, 5 stages), M = 64
+    # 0.77 (64 x 64 x 64, 4 stages), M = 128 0.62 and M = 256 0.51 (128 x 128 x 128, 8 warps).
     if M <= 16:
         cfg = MmaConfig(16, 128, block_k, 1, True, num_warps=4, num_stages=3)
-    elif M <= 64:  # scale_acc: H200, M = 64, 8-12% faster on three of the four Llama shapes, 4% slower on 4096x6144
-        cfg = MmaConfig(64, 64, block_k, 1, True, num_warps=4, num_stages=3, scale_acc=True)
+    elif M <= 32:
+        cfg = MmaConfig(32, 64, min(block_k, 64), 1, True, num_warps=4, num_stages=5)
+    elif M <= 64:
+        cfg = MmaConfig(64, 64, min(block_k, 64), 1, True, num_warps=4, num_stages=4)
     else:
-        cfg = MmaConfig(128, 128, min(block_k, 64), 1, False, num_warps=8, num_stages=3)
+        cfg = MmaConfig(128, 128, block_k, 1, True, num_warps=8, num_stages=3)
     tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
     if M <= 64:
         return cfg._replace(split_k=split_for(tiles, K // cfg.block_k, sms))
@@ -878,7 +878,7 @@ def w4a16_linear(
     ws = split_k_workspace(M, N, grid[0], cfg.split_k, out)
     torch.library.wrap_triton(_w4a16_mma_kernel)[grid](
         x, qweight, scales, zeros, bias_arg, out, ws, M, n_out, N - n_out, K, *strides,
-        BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, SWAP_AB=cfg.swap_ab, SCALE_ACC=cfg.scale_acc,
+        BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, SWAP_AB=cfg.swap_ab,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_stages=cfg.num_stages, **common,
     )
     return out

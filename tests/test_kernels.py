@@ -116,8 +116,7 @@ W4_CONFIGS = [
                      packed_bf16=False),  # float32 path on GPU too
     w4a16.MmaConfig(16, 32, 32, split_k=1, swap_ab=True, num_warps=4, num_stages=2),
     w4a16.MmaConfig(32, 16, 32, split_k=2, swap_ab=False, num_warps=4, num_stages=2),
-    w4a16.MmaConfig(16, 16, 32, split_k=1, swap_ab=False, num_warps=4, num_stages=2, scale_acc=True),
-    w4a16.MmaConfig(16, 32, 32, split_k=2, swap_ab=True, num_warps=4, num_stages=2, scale_acc=True),
+    w4a16.MmaConfig(32, 16, 16, split_k=1, swap_ab=True, num_warps=4, num_stages=3),  # two words a row a step
     w4a16.DequantMmConfig(block_r=4, block_n=16),
 ]
 
@@ -328,7 +327,7 @@ EPILOGUE_VARIANTS = [  # (error function, config, needs fp16/fp32 on the CPU, bo
     (w4_epilogue_error, None, False, BOUND),
     (w4_epilogue_error, w4a16.GemvConfig(16, 64, 3, 4), False, BOUND),
     (w4_epilogue_error, w4a16.MmaConfig(16, 16, 32, 2, True, 4, 2), True, BOUND),
-    (w4_epilogue_error, w4a16.MmaConfig(16, 16, 32, 2, True, 4, 2, scale_acc=True), True, BOUND),
+    (w4_epilogue_error, w4a16.MmaConfig(16, 16, 32, 1, False, 4, 2), True, BOUND),
     (w4_epilogue_error, w4a16.DequantMmConfig(4, 16), False, BOUND),
     (w8_epilogue_error, w8a16.GemvConfig(8, 64, 2, 4, 2), False, BOUND),
     (w8_epilogue_error, w8a16.MmaConfig(16, 16, 32, 2, 4, 2), True, BOUND),
@@ -391,6 +390,21 @@ def test_gpu_every_kernel_at_tuned_sizes(M, N, K, dtype):
     out = fp8.fp8_linear(x, qweight, weight_scale, b)
     ref = reference.fp8_linear(x.float(), qweight, weight_scale, b.float())
     assert relative_error(out, ref) < FP8_BOUND[dtype]
+
+
+@cuda
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("activation", ("none",) + EPILOGUES)
+@pytest.mark.parametrize("M,n_out", [(24, 17000), (48, 17000), (100, 9000), (300, 4100)])
+def test_gpu_w4a16_mma_unsplit_at_each_tuned_tile(M, n_out, activation, dtype):
+    """Each block shape ``pick_config`` gives the tensor-core kernel, with N wide enough that K is
+    not split: the kernel's own epilogue, and every register of its accumulators (two of them
+    with silu_mul) live through the whole loop."""
+    N = 2 * n_out if activation == "silu_mul" else n_out
+    cfg = w4a16.pick_config(M, n_out, 512, 64, torch.device("cuda"), activation)
+    assert isinstance(cfg, w4a16.MmaConfig) and cfg.split_k == 1, cfg
+    assert w4_epilogue_error(activation, M, N, 512, dtype, True, M) < BOUND[dtype]
 
 
 @cuda
