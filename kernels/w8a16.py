@@ -10,7 +10,10 @@ channel, fp16/bf16 (or fp32) activations. ``out = (x @ q.T) * scales``.
   weight at 4 rows x 2048 (4.1 at 8 x 512), against 5.8 for the float32 path (which also moves
   x through shared memory) that Triton's interpreter and fp32 x take.
 - ``_w8a16_mma_kernel`` (larger M): int8 tiles converted to the activation dtype (exact:
-  |q| <= 128) and fed to ``tl.dot``; the scale multiplies the accumulator.
+  |q| <= 128; by inline PTX for fp16, ``_int8_to_f16``) and fed to ``tl.dot`` as its left
+  operand (the transposed product), which the Hopper MMA reads from registers; the scale
+  multiplies the accumulator.
+- ``DequantMmConfig`` (M >= 4096): the weight converted once (one torch pass), then cuBLAS.
 
 Both split K when the tiles alone would leave the GPU idle; the programs of a tile add
 their partial sums into a float32 workspace and the last to arrive finishes the tile
@@ -20,11 +23,13 @@ their partial sums into a float32 workspace and the last to arrive finishes the 
 from typing import NamedTuple, Optional
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from .common import (MmaConfig, bias_rows, output_columns, sm_count, split_for, split_k_workspace, store_output,
                      triton_interpreted)
+from .reference import apply_activation
 
 
 @triton.jit
@@ -237,13 +242,45 @@ def _w8a16_gemv_kernel(
 
 
 @triton.jit
+def _int8_to_f16(q):
+    """int8 -> fp16, exact, four at a time by inline PTX: after an xor with 0x80 each byte is
+    q + 128, and under the byte 0x64 it is the fp16 1024 + q + 128 (one prmt for two weights,
+    one HSUB2 takes the 1152 off). Triton's own conversion is one I2F a weight, a quarter-rate
+    instruction that outlasts the MMA at these tile shapes."""
+    return tl.inline_asm_elementwise(
+        """
+        {
+        .reg .b32 u, magic;
+        xor.b32 u, $2, 0x80808080;
+        prmt.b32 $0, u, 0x64646464, 0x4140;
+        prmt.b32 $1, u, 0x64646464, 0x4342;
+        mov.b32 magic, 0x64806480;
+        sub.f16x2 $0, $0, magic;
+        sub.f16x2 $1, $1, magic;
+        }
+        """,
+        "=r,=r,r", [q], dtype=tl.float16, is_pure=True, pack=4,
+    )
+
+
+@triton.jit
+def _weight_tile(q, DTYPE: tl.constexpr, CVT_ASM: tl.constexpr):
+    """The int8 tile in DTYPE: by ``_int8_to_f16`` where CVT_ASM (fp16 on a GPU)."""
+    if CVT_ASM:
+        w = _int8_to_f16(q)
+    else:
+        w = q.to(DTYPE)
+    return w
+
+
+@triton.jit
 def _w8a16_mma_kernel(
     x_ptr, qw_ptr, s_ptr, b_ptr, out_ptr, ws_ptr,
     M, N_OUT, N_UP, K,
     stride_xm, stride_xk, stride_qn, stride_qk, stride_bm, stride_om, stride_on, stride_wm,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
-    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, DOT_PRECISION: tl.constexpr, CVT_ASM: tl.constexpr,
 ):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -267,7 +304,10 @@ def _w8a16_mma_kernel(
     tiles_per_split = tl.cdiv(k_tiles, SPLIT_K)
     tile_start = pid_k * tiles_per_split
     tile_end = tl.minimum(tile_start + tiles_per_split, k_tiles)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # The product transposed, out^T = q x^T: the weight tile is the MMA's left operand, which Hopper's
+    # wgmma reads from registers, so the int8 -> fp16/bf16 conversion feeds it with no trip through
+    # shared memory (bench/NOTES-kernels.md).
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     acc_up = acc
     for t in range(tile_start, tile_end):
         k0 = t * BLOCK_K
@@ -278,17 +318,17 @@ def _w8a16_mma_kernel(
             mask_k = (k0 + offs_k) < K
             x = tl.load(x_ptrs + k0 * stride_xk, mask=mask_k[None, :], other=0)
             q = tl.load(qw_ptrs + k0 * stride_qk, mask=mask_k[None, :], other=0)
-        acc = tl.dot(x, tl.trans(q.to(DTYPE)), acc, input_precision=DOT_PRECISION)
+        acc = tl.dot(_weight_tile(q, DTYPE, CVT_ASM), tl.trans(x), acc, input_precision=DOT_PRECISION)
         if ACTIVATION == "silu_mul":
             if EVEN_K:
                 q_up = tl.load(qw_ptrs + N_UP * stride_qn + k0 * stride_qk)
             else:
                 q_up = tl.load(qw_ptrs + N_UP * stride_qn + k0 * stride_qk, mask=mask_k[None, :], other=0)
-            acc_up = tl.dot(x, tl.trans(q_up.to(DTYPE)), acc_up, input_precision=DOT_PRECISION)
+            acc_up = tl.dot(_weight_tile(q_up, DTYPE, CVT_ASM), tl.trans(x), acc_up, input_precision=DOT_PRECISION)
     mask_n = offs_n < N_OUT
-    acc *= tl.load(s_ptr + offs_n, mask=mask_n, other=0).to(tl.float32)[None, :]
+    acc = tl.trans(acc * tl.load(s_ptr + offs_n, mask=mask_n, other=0).to(tl.float32)[:, None])
     if ACTIVATION == "silu_mul":
-        acc_up *= tl.load(s_ptr + N_UP + offs_n, mask=mask_n, other=0).to(tl.float32)[None, :]
+        acc_up = tl.trans(acc_up * tl.load(s_ptr + N_UP + offs_n, mask=mask_n, other=0).to(tl.float32)[:, None])
     store_output(acc, acc_up, offs_m[:, None], offs_n[None, :], (offs_m < M)[:, None] & mask_n[None, :], pid, M,
                  N_UP, b_ptr, out_ptr, ws_ptr, stride_bm, stride_om, stride_on, stride_wm, SPLIT_K, HAS_BIAS,
                  ACTIVATION)
@@ -314,6 +354,11 @@ def _packed_ok(x: torch.Tensor, qweight: torch.Tensor) -> bool:
             and qweight.stride(1) == 1 and qweight.stride(0) % 16 == 0 and qweight.storage_offset() % 16 == 0)
 
 
+def _cvt_asm_ok(x: torch.Tensor) -> bool:
+    """The MMA kernel converts int8 by inline PTX (``_int8_to_f16``) for fp16 x on a GPU."""
+    return x.dtype == torch.float16 and x.is_cuda and not triton_interpreted()
+
+
 def gemv_meta(cfg: GemvConfig, x: torch.Tensor, qweight: torch.Tensor) -> dict:
     """The GEMV kernel's constexprs for x ``[M, K]``: EVEN_K, and which loop it runs: PACKED_F16 /
     PACKED_BF16 (inline PTX, ``_gemv_partial_x2``) or neither (``_gemv_partial``, float32)."""
@@ -323,7 +368,13 @@ def gemv_meta(cfg: GemvConfig, x: torch.Tensor, qweight: torch.Tensor) -> dict:
                 PACKED_BF16=packed and cfg.packed_bf16 and x.dtype == torch.bfloat16)
 
 
+class DequantMmConfig(NamedTuple):
+    """Convert the whole weight to the activation dtype, then cuBLAS: for M where the GEMM is
+    compute-bound and one pass over the weight costs less than converting it in the main loop."""
+
+
 GEMV_MAX_M = 2
+DEQUANT_MM_MIN_M = 4096
 
 
 def pick_config(M: int, N: int, K: int, device: torch.device, packed: bool = True):
@@ -345,14 +396,17 @@ def pick_config(M: int, N: int, K: int, device: torch.device, packed: bool = Tru
         if N >= 16384 or K >= 8192:
             return GemvConfig(4, 2048, 1, num_warps=2, num_stages=2)
         return GemvConfig(8, 512, 1, num_warps=4, num_stages=2)
+    # H200 sweep, fp16 (bench/NOTES-kernels.md; speed-up over fp16 cuBLAS, geometric mean of the four
+    # Llama shapes): M = 16 1.13, M = 64 0.70, M = 128 0.61, M = 1024 0.63; from M = 4096 the whole
+    # weight converted once and cuBLAS (0.72 against 0.60).
+    if M >= DEQUANT_MM_MIN_M:
+        return DequantMmConfig()
     if M <= 16:
         cfg = MmaConfig(16, 64, 128, 1, num_warps=4, num_stages=4)
     elif M <= 64:
-        cfg = MmaConfig(64, 64, 128, 1, num_warps=4, num_stages=4)
-    elif M <= 256:
-        cfg = MmaConfig(64, 128, 64, 1, num_warps=4, num_stages=4)
+        cfg = MmaConfig(64, 128, 128, 1, num_warps=4, num_stages=3)
     else:
-        cfg = MmaConfig(128, 256, 64, 1, num_warps=8, num_stages=3)
+        cfg = MmaConfig(128, 64, 128, 1, num_warps=4, num_stages=3)
     tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
     return cfg._replace(split_k=split_for(tiles, triton.cdiv(K, cfg.block_k), sms))
 
@@ -370,7 +424,7 @@ def w8a16_linear(
     ``activation`` (``common.ACTIVATIONS``), computed in float32 before the cast: "silu_mul"
     reads the N columns as ``[gate | up]`` and gives ``silu(gate) * up`` ``[M, N // 2]``;
     "gelu" / "gelu_tanh" apply GELU.
-    ``config`` (a ``GemvConfig`` or ``MmaConfig``) overrides the tuned choice; for sweeps.
+    ``config`` (a ``GemvConfig``, ``MmaConfig`` or ``DequantMmConfig``) overrides the tuned choice; for sweeps.
     """
     M, K = x.shape
     N = qweight.shape[0]
@@ -378,7 +432,12 @@ def w8a16_linear(
     assert qweight.shape[1] == K and scales.shape == (N,)
     if M == 0:
         return x.new_empty((0, n_out))
-    cfg = config or pick_config(M, n_out, K, x.device, packed=_packed_ok(x, qweight))
+    cfg = config if config is not None else pick_config(M, n_out, K, x.device, packed=_packed_ok(x, qweight))
+    if isinstance(cfg, DequantMmConfig):
+        out = F.linear(x, (qweight * scales[:, None]).to(x.dtype), bias)
+        if activation == "none":
+            return out
+        return apply_activation(out.float(), activation).to(x.dtype)  # (fused by Inductor under torch.compile)
     out = torch.empty((M, n_out), device=x.device, dtype=x.dtype)
     bias, stride_bm = bias_rows(bias, M, N)
     has_bias = bias is not None
@@ -389,7 +448,7 @@ def w8a16_linear(
         grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(n_out, cfg.block_n), cfg.split_k)
         kernel = _w8a16_mma_kernel
         meta = dict(BLOCK_M=cfg.block_m, GROUP_M=cfg.group_m, EVEN_K=K % cfg.block_k == 0,
-                    DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32")
+                    DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", CVT_ASM=_cvt_asm_ok(x))
     ws = split_k_workspace(M, N, grid[0] * (grid[1] if len(grid) == 3 else 1), cfg.split_k, out)
     torch.library.wrap_triton(kernel)[grid](
         x, qweight, scales, bias if has_bias else scales, out, ws, M, n_out, N - n_out, K,

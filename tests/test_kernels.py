@@ -210,6 +210,7 @@ W8_CONFIGS = [
     w8a16.GemvConfig(block_n=16, block_k=128, split_k=2, num_warps=4, num_stages=2, packed_f16=False,
                      packed_bf16=False),  # float32 path on GPU too
     w8a16.MmaConfig(16, 32, 32, split_k=2, num_warps=4, num_stages=2),
+    w8a16.DequantMmConfig(),
 ]
 
 
@@ -229,6 +230,16 @@ def test_w8a16_each_kernel_variant(config, M, N, K, bias, seed, data):
     out = w8a16.w8a16_linear(x, qweight, scales, residual, config=config)
     ref = reference.w8a16_linear(x.float(), qweight, scales.float(), residual.float())
     assert relative_error(out, ref) < BOUND[dtype]
+
+
+def test_w8a16_kernel_choice_by_rows():
+    """The GEMV for a row or two, the tensor-core kernel up to M = 4095, then the weight converted
+    once and cuBLAS."""
+    cpu = torch.device("cpu")
+    assert isinstance(w8a16.pick_config(1, 4096, 4096, cpu), w8a16.GemvConfig)
+    assert w8a16.pick_config(64, 4096, 4096, cpu)[:3] == (64, 128, 128)
+    assert w8a16.pick_config(4095, 4096, 4096, cpu)[:3] == (128, 64, 128)
+    assert w8a16.pick_config(4096, 4096, 4096, cpu) == w8a16.DequantMmConfig()
 
 
 # --- FP8 W8A8 ------------------------------------------------------------------------------
@@ -331,6 +342,7 @@ EPILOGUE_VARIANTS = [  # (error function, config, needs fp16/fp32 on the CPU, bo
     (w4_epilogue_error, w4a16.DequantMmConfig(4, 16), False, BOUND),
     (w8_epilogue_error, w8a16.GemvConfig(8, 64, 2, 4, 2), False, BOUND),
     (w8_epilogue_error, w8a16.MmaConfig(16, 16, 32, 2, 4, 2), True, BOUND),
+    (w8_epilogue_error, w8a16.DequantMmConfig(), False, BOUND),
     (fp8_epilogue_error, fp8.MmaConfig(16, 16, 64, 2, 4, 2), True, FP8_BOUND),
 ]
 
