@@ -43,7 +43,8 @@ def _divide(x, d, d_inverse):
     faster than ``div_rn`` per element, which made the quantization ALU-bound (H200: 4096 x 14336
     in 95 us against 50)."""
     q = x * d_inverse
-    return tl.math.fma(tl.math.fma(-q, d, x), d_inverse, q)
+    # (the FMAs would make x = -0.0 into +0.0: torch's division keeps the sign, and so does q)
+    return tl.where(x == 0, q, tl.math.fma(tl.math.fma(-q, d, x), d_inverse, q))
 
 
 @triton.jit

@@ -777,6 +777,11 @@ def pick_config(M: int, N: int, K: int, group_size: int, device: torch.device, a
         cfg = MmaConfig(32, 64, min(block_k, 64), 1, True, num_warps=4, num_stages=5)
     elif M <= 64:
         cfg = MmaConfig(64, 64, min(block_k, 64), 1, True, num_warps=4, num_stages=4)
+    elif activation == "silu_mul":
+        # Two 128 x 128 accumulators and two register tiles: at such register pressure the register
+        # operand has given wrong results unsplit over long K (bench/NOTES-kernels.md), so here the
+        # weight tiles go to the MMA through shared memory (the pick before swap-AB).
+        cfg = MmaConfig(128, 128, min(block_k, 64), 1, False, num_warps=8, num_stages=3)
     else:
         cfg = MmaConfig(128, 128, block_k, 1, True, num_warps=8, num_stages=3)
     tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)

@@ -288,9 +288,11 @@ def assert_quantized_like_reference(x):
 def test_fp8_quantization_divides_exactly_on_many_values(dtype, decades):
     """The kernel divides by the scale through its reciprocal and one FMA: bit for bit the
     rounded quotient on 128 x 2048 values spread over 2 * decades decades within a row (ties of
-    the fp8 rounding, subnormals, and negative values that round to -0.0 included)."""
+    the fp8 rounding, subnormals, negative values that round to -0.0, and signed zeros included)."""
     g = torch.Generator().manual_seed(1)
     x = torch.randn(128, 2048, generator=g) * 10 ** torch.empty(128, 2048).uniform_(-decades, decades, generator=g)
+    x[::3, 5::97] = -0.0
+    x[1::3, 7::89] = 0.0
     assert_quantized_like_reference(x.to(dtype).to(DEVICE))
 
 
