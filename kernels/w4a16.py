@@ -767,8 +767,8 @@ def pick_config(M: int, N: int, K: int, group_size: int, device: torch.device, a
     if M >= DEQUANT_MM_MIN_M:
         return DequantMmConfig()
     block_k = mma_block_k[0]  # the largest power of two up to 128 that divides group_size
-    # Weight tile as the left operand (swap-AB) in every case: it stays in registers from the
-    # dequantization to the MMA. H200 sweep over block shapes (bench/NOTES-kernels.md, fp16, the four
+    # Weight tile as the left operand (swap-AB) but for silu_mul past M = 64: it stays in registers
+    # from the dequantization to the MMA. H200 sweep over block shapes (bench/NOTES-kernels.md, fp16, the four
     # Llama shapes, geometric mean over fp16 cuBLAS): M = 32 0.93 (32 x 64 x 64, 5 stages), M = 64
     # 0.77 (64 x 64 x 64, 4 stages), M = 128 0.62 and M = 256 0.51 (128 x 128 x 128, 8 warps).
     if M <= 16:
