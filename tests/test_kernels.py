@@ -428,6 +428,20 @@ def test_gpu_w4a16_mma_unsplit_at_each_tuned_tile(M, n_out, K, group_size, activ
 @cuda
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("activation", ("none",) + EPILOGUES)
+@pytest.mark.parametrize("M,n_out,K", [(48, 34000, 4096), (100, 17000, 4096), (300, 5700, 4096)])
+def test_gpu_w8a16_mma_unsplit_at_each_tuned_tile(M, n_out, K, activation, dtype):
+    """The W8A16 tensor-core kernel at each block shape ``pick_config`` gives it, K unsplit over
+    4096: its converted weight tile is the MMA's register operand, as in the W4A16 test above."""
+    N = 2 * n_out if activation == "silu_mul" else n_out
+    cfg = w8a16.pick_config(M, n_out, K, torch.device("cuda"))
+    assert isinstance(cfg, w8a16.MmaConfig) and cfg.split_k == 1, cfg
+    assert w8_epilogue_error(activation, M, N, K, dtype, True, M) < BOUND[dtype]
+
+
+@cuda
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("M,N,K", [(1, 28672, 4096), (16, 4096, 1024), (200, 1536, 512), (1000, 2048, 1024)])
 @pytest.mark.parametrize("activation", EPILOGUES)
 def test_gpu_epilogues_at_tuned_sizes(activation, M, N, K, dtype):
