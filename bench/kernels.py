@@ -143,8 +143,10 @@ def sweep_candidates(kind, M):
         if M <= 2:
             for bn, bk, warps in [(8, 1024, 4), (8, 2048, 8), (8, 4096, 16), (16, 1024, 8), (16, 2048, 8),
                                   (16, 2048, 16), (16, 4096, 16), (32, 512, 4), (32, 512, 8), (32, 1024, 8),
-                                  (32, 1024, 16), (32, 2048, 16), (64, 512, 8), (64, 1024, 16), (16, 512, 4)]:
-                out.append(w4a16.GemvConfig(bn, bk, 1, warps))
+                                  (32, 1024, 16), (32, 2048, 16), (64, 512, 8), (64, 1024, 16), (16, 512, 4),
+                                  (16, 256, 2), (8, 512, 2)]:
+                for unrolled in (False, True):
+                    out.append(w4a16.GemvConfig(bn, bk, 1, warps, unrolled=unrolled))
             for bn, bk, split, warps in [(16, 1024, 2, 8), (16, 2048, 2, 8), (16, 1024, 4, 8), (8, 1024, 2, 4),
                                          (16, 512, 2, 4), (16, 512, 4, 4), (32, 512, 2, 4)]:
                 out.append(w4a16.GemvConfig(bn, bk, split, warps))

@@ -321,20 +321,59 @@ def _word_pair_dot_x2(w0, w1, zero, x_ptrs, g_ptrs, r_pair, BF16: tl.constexpr, 
 
 
 @triton.jit
+def _gemv_step_x2(acc, squares, w0, w1, w_ptrs, r0, x_row, g_ptr, r_pair, s_ptr, z_ptr, first_rows, rows, cols, mask_w,
+                  row_end, stride_qk, stride_sg, stride_sn, GROUP_SIZE: tl.constexpr, STEP: tl.constexpr,
+                  EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, BF16: tl.constexpr, HAS_NORM: tl.constexpr,
+                  SQUARES: tl.constexpr):
+    """One step of ``_gemv_partial_x2`` at word row r0, on the words w0, w1 loaded before it:
+    issues the next step's word loads, then adds this step's products (and squares of x).
+    Returns the sums, the next step's words and their pointers."""
+    if SQUARES:
+        k_step = 8 * r0 + tl.arange(0, 8 * STEP)
+        if EVEN_K:
+            v = tl.load(x_row + k_step).to(tl.float32)
+        else:
+            v = tl.load(x_row + k_step, mask=k_step < 8 * row_end, other=0).to(tl.float32)
+        squares += v * v
+    w_ptrs += STEP * stride_qk
+    mask_next = (r0 + STEP + first_rows < row_end) & mask_w
+    w0_next = tl.load(w_ptrs, mask=mask_next)
+    w1_next = tl.load(w_ptrs + stride_qk, mask=mask_next)
+
+    # [GROUP_ROWS // 2, GROUPS, BLOCK_N] like the words, so no layout change; copies merge
+    sz_offs = ((r0 + rows) * 8 // GROUP_SIZE) * stride_sg + cols * stride_sn
+    if EVEN_K and EVEN_N:
+        scale = tl.load(s_ptr + sz_offs).to(tl.float32)
+        zero = tl.load(z_ptr + sz_offs)
+        k_offs = (r0 + rows) * 8
+    else:
+        mask = (r0 + first_rows < row_end) & mask_w
+        scale = tl.load(s_ptr + sz_offs, mask=mask, other=0).to(tl.float32)  # 0 past the end
+        zero = tl.load(z_ptr + sz_offs, mask=mask)
+        k_offs = tl.minimum(r0 + rows, row_end - 2) * 8  # past the end: the last rows again
+    acc += _word_pair_dot_x2(w0, w1, zero, x_row + k_offs, g_ptr + k_offs, r_pair, BF16, HAS_NORM) * scale
+    return acc, squares, w0_next, w1_next, w_ptrs
+
+
+@triton.jit
 def _gemv_partial_x2(x_row, g_ptr, r_pair, qw_ptr, s_ptr, z_ptr, offs_n, mask_n, row_start, row_end, stride_qk,
                      stride_qn, stride_sg, stride_sn, GROUP_SIZE: tl.constexpr, GROUP_ROWS: tl.constexpr,
                      GROUPS: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
-                     BF16: tl.constexpr, HAS_NORM: tl.constexpr, SQUARES: tl.constexpr):
+                     BF16: tl.constexpr, HAS_NORM: tl.constexpr, SQUARES: tl.constexpr,
+                     UNROLLED_STEPS: tl.constexpr):
     """``_gemv_partial`` with dequantization two weights a register (inline PTX; x fp16, or bf16
     with BF16, contiguous, 16-byte aligned), and under SQUARES the sum of x^2 over the rows (else
     0), from a load of each step's x slice that L1 mostly serves (the pairs read the same bytes).
 
     Each step reads a ``[GROUP_ROWS // 2, GROUPS, BLOCK_N]`` tile of even word rows and the one
     of the odd rows below them (word row ``r0 + g * GROUP_ROWS + 2 i (+1)`` at
-    ``[i, g, :]``), and the loads of the next step are issued before this step's arithmetic:
-    Triton does not software-pipeline a loop without ``tl.dot``, and the GEMV needs bytes in
-    flight. EVEN_K: every step lies inside [row_start, row_end). Words and zeros past the end
-    or right of N stay unset: the scale there is 0, and those columns are not stored."""
+    ``[i, g, :]``), and issues the loads of the next step before its arithmetic: Triton does not
+    software-pipeline a loop without ``tl.dot``, and the GEMV needs bytes in flight. In a loop,
+    ptxas puts those loads after the arithmetic all the same (they take the registers of the
+    words being consumed at the back-edge); UNROLLED_STEPS > 0 (the number of steps, all of
+    [row_start, row_end), each whole) unrolls the loop, and then they stay ahead. EVEN_K: every
+    step lies inside [row_start, row_end). Words and zeros past the end or right of N stay unset: the
+    scale there is 0, and those columns are not stored."""
     STEP: tl.constexpr = GROUPS * GROUP_ROWS
     first_rows = tl.arange(0, GROUPS)[None, :, None] * GROUP_ROWS  # [1, GROUPS, 1], from the step's start
     rows = first_rows + 2 * tl.arange(0, GROUP_ROWS // 2)[:, None, None]  # [GROUP_ROWS // 2, GROUPS, 1]
@@ -350,33 +389,17 @@ def _gemv_partial_x2(x_row, g_ptr, r_pair, qw_ptr, s_ptr, z_ptr, offs_n, mask_n,
         w1 = tl.load(w_ptrs + stride_qk, mask=mask)
     acc = tl.zeros((GROUP_ROWS // 2, GROUPS, BLOCK_N), dtype=tl.float32)
     squares = tl.zeros((8 * STEP,), dtype=tl.float32)
-    for r0 in range(row_start, row_end, STEP):
-        if SQUARES:
-            k_step = 8 * r0 + tl.arange(0, 8 * STEP)
-            if EVEN_K:
-                v = tl.load(x_row + k_step).to(tl.float32)
-            else:
-                v = tl.load(x_row + k_step, mask=k_step < 8 * row_end, other=0).to(tl.float32)
-            squares += v * v
-        w_ptrs += STEP * stride_qk
-        mask_next = (r0 + STEP + first_rows < row_end) & mask_w
-        w0_next = tl.load(w_ptrs, mask=mask_next)
-        w1_next = tl.load(w_ptrs + stride_qk, mask=mask_next)
-
-        # [GROUP_ROWS // 2, GROUPS, BLOCK_N] like the words, so no layout change; copies merge
-        sz_offs = ((r0 + rows) * 8 // GROUP_SIZE) * stride_sg + cols * stride_sn
-        if EVEN_K and EVEN_N:
-            scale = tl.load(s_ptr + sz_offs).to(tl.float32)
-            zero = tl.load(z_ptr + sz_offs)
-            k_offs = (r0 + rows) * 8
-        else:
-            mask = (r0 + first_rows < row_end) & mask_w
-            scale = tl.load(s_ptr + sz_offs, mask=mask, other=0).to(tl.float32)  # 0 past the end
-            zero = tl.load(z_ptr + sz_offs, mask=mask)
-            k_offs = tl.minimum(r0 + rows, row_end - 2) * 8  # past the end: the last rows again
-        acc += _word_pair_dot_x2(w0, w1, zero, x_row + k_offs, g_ptr + k_offs, r_pair, BF16, HAS_NORM) * scale
-        w0 = w0_next
-        w1 = w1_next
+    if UNROLLED_STEPS > 0:
+        for i in tl.static_range(UNROLLED_STEPS):
+            acc, squares, w0, w1, w_ptrs = _gemv_step_x2(
+                acc, squares, w0, w1, w_ptrs, row_start + i * STEP, x_row, g_ptr, r_pair, s_ptr, z_ptr, first_rows,
+                rows, cols, mask_w, row_end, stride_qk, stride_sg, stride_sn, GROUP_SIZE, STEP, EVEN_N, EVEN_K, BF16,
+                HAS_NORM, SQUARES)
+    else:
+        for r0 in range(row_start, row_end, STEP):
+            acc, squares, w0, w1, w_ptrs = _gemv_step_x2(
+                acc, squares, w0, w1, w_ptrs, r0, x_row, g_ptr, r_pair, s_ptr, z_ptr, first_rows, rows, cols, mask_w,
+                row_end, stride_qk, stride_sg, stride_sn, GROUP_SIZE, STEP, EVEN_N, EVEN_K, BF16, HAS_NORM, SQUARES)
     return tl.sum(tl.sum(acc, axis=0), axis=0), tl.sum(squares, axis=0)
 
 
@@ -422,7 +445,7 @@ def _gemv_columns(x_row, g_ptr, norm_eps, K, qw_ptr, s_ptr, z_ptr, offs_n, mask_
                   stride_qk, stride_qn, stride_sg, stride_sn, GROUP_SIZE: tl.constexpr, GROUP_ROWS: tl.constexpr,
                   GROUPS: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
                   PACKED_F16: tl.constexpr, PACKED_BF16: tl.constexpr, HAS_NORM: tl.constexpr,
-                  NORM_BLOCK: tl.constexpr, WHOLE_ROW: tl.constexpr):
+                  NORM_BLOCK: tl.constexpr, WHOLE_ROW: tl.constexpr, UNROLLED_STEPS: tl.constexpr):
     """float32 x . w for the columns offs_n over the word rows [row_start, row_end): [BLOCK_N];
     under HAS_NORM, x is the RMSNorm ``x * inv_rms * g`` of the row of K values at x_row (each
     program reduces the row itself; g at g_ptr). WHOLE_ROW: [row_start, row_end) is all of K."""
@@ -434,7 +457,7 @@ def _gemv_columns(x_row, g_ptr, norm_eps, K, qw_ptr, s_ptr, z_ptr, offs_n, mask_
         acc, _ = _gemv_partial_x2(
             x_row, g_ptr, _f16_pair(inv_rms), qw_ptr, s_ptr, z_ptr, offs_n, mask_n, row_start, row_end,
             stride_qk, stride_qn, stride_sg, stride_sn, GROUP_SIZE, GROUP_ROWS, GROUPS, BLOCK_N, EVEN_N, EVEN_K,
-            PACKED_BF16, HAS_NORM, False)
+            PACKED_BF16, HAS_NORM, False, UNROLLED_STEPS)
         return correction * acc
     if PACKED_F16 or PACKED_BF16:
         # bf16 has float32's range: x * g in the loop and 1 / rms on the sum; the loop sums the
@@ -443,7 +466,8 @@ def _gemv_columns(x_row, g_ptr, norm_eps, K, qw_ptr, s_ptr, z_ptr, offs_n, mask_
         squares_in_loop: tl.constexpr = HAS_NORM and WHOLE_ROW
         acc, squares = _gemv_partial_x2(x_row, g_ptr, 0, qw_ptr, s_ptr, z_ptr, offs_n, mask_n, row_start, row_end,
                                         stride_qk, stride_qn, stride_sg, stride_sn, GROUP_SIZE, GROUP_ROWS, GROUPS,
-                                        BLOCK_N, EVEN_N, EVEN_K, PACKED_BF16, HAS_NORM, squares_in_loop)
+                                        BLOCK_N, EVEN_N, EVEN_K, PACKED_BF16, HAS_NORM, squares_in_loop,
+                                        UNROLLED_STEPS)
         if squares_in_loop:
             acc *= tl.rsqrt((squares / K + norm_eps).to(tl.float32))
         elif HAS_NORM:
@@ -463,7 +487,7 @@ def _w4a16_gemv_kernel(
     GROUP_SIZE: tl.constexpr, GROUP_ROWS: tl.constexpr, GROUPS: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT_K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr,
     ACTIVATION: tl.constexpr, PACKED_F16: tl.constexpr, PACKED_BF16: tl.constexpr, HAS_NORM: tl.constexpr,
-    NORM_BLOCK: tl.constexpr,
+    NORM_BLOCK: tl.constexpr, UNROLLED_STEPS: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -486,12 +510,13 @@ def _w4a16_gemv_kernel(
         both = _gemv_columns(x_row, g_ptr, norm_eps, K, qw_ptr, s_ptr, z_ptr, offs_both + (both_n // BLOCK_N) * N_UP,
                              offs_both < N_OUT, row_start, row_end, stride_xk, stride_qk, stride_qn, stride_sg,
                              stride_sn, GROUP_SIZE, GROUP_ROWS, GROUPS, 2 * BLOCK_N, EVEN_N, EVEN_K, PACKED_F16,
-                             PACKED_BF16, HAS_NORM, NORM_BLOCK, SPLIT_K == 1)
+                             PACKED_BF16, HAS_NORM, NORM_BLOCK, SPLIT_K == 1, UNROLLED_STEPS)
         acc, acc_up = tl.split(tl.permute(tl.reshape(both, (2, BLOCK_N)), (1, 0)))
     else:
         acc = _gemv_columns(x_row, g_ptr, norm_eps, K, qw_ptr, s_ptr, z_ptr, offs_n, mask_n, row_start, row_end,
                             stride_xk, stride_qk, stride_qn, stride_sg, stride_sn, GROUP_SIZE, GROUP_ROWS, GROUPS,
-                            BLOCK_N, EVEN_N, EVEN_K, PACKED_F16, PACKED_BF16, HAS_NORM, NORM_BLOCK, SPLIT_K == 1)
+                            BLOCK_N, EVEN_N, EVEN_K, PACKED_F16, PACKED_BF16, HAS_NORM, NORM_BLOCK, SPLIT_K == 1,
+                            UNROLLED_STEPS)
         acc_up = acc
     rows = pid_m + tl.arange(0, 1)
     store_output(acc[None, :], acc_up[None, :], rows[:, None], offs_n[None, :], (rows < M)[:, None] & mask_n[None, :],
@@ -638,6 +663,8 @@ class GemvConfig(NamedTuple):
     num_warps: int
     packed_f16: bool = True  # half2 dequantization (inline PTX) where x is fp16 on a GPU
     packed_bf16: bool = True  # bf16x2 dequantization (inline PTX) where x is bf16 on a GPU
+    unrolled: bool = False  # the packed paths' loop over K unrolled where every step is whole (EVEN_K),
+    # up to MAX_UNROLLED_STEPS steps
 
 
 def _packed_ok(x: torch.Tensor) -> bool:
@@ -648,16 +675,25 @@ def _packed_ok(x: torch.Tensor) -> bool:
             and x.stride(1) == 1 and x.stride(0) % 8 == 0 and x.storage_offset() % 8 == 0)
 
 
+# An unrolled loop's code grows with its steps: past this many the GEMV keeps its loop.
+MAX_UNROLLED_STEPS = 16
+
+
 def gemv_meta(cfg: GemvConfig, x: torch.Tensor, K: int, group_size: int) -> dict:
-    """The GEMV kernel's tile constexprs for x ``[M, K]``, and which dequantization it runs:
-    PACKED_F16 / PACKED_BF16 (inline PTX, two weights a register) or neither (float32)."""
+    """The GEMV kernel's tile constexprs for x ``[M, K]``, which dequantization it runs:
+    PACKED_F16 / PACKED_BF16 (inline PTX, two weights a register) or neither (float32), and
+    UNROLLED_STEPS: the steps of a split (0: a loop). Only splits of whole steps unroll: a loop
+    runs no step past a split's end, an unrolled split would run its last ones masked."""
     word_rows = cfg.block_k // 8
     group_rows = math.gcd(group_size // 8 & -(group_size // 8), word_rows)  # a power of two
     packed = group_rows >= 2 and _packed_ok(x)
-    return dict(GROUP_ROWS=group_rows, GROUPS=word_rows // group_rows,
-                EVEN_K=(K // 8) % (cfg.split_k * word_rows) == 0,
-                PACKED_F16=packed and cfg.packed_f16 and x.dtype == torch.float16,
-                PACKED_BF16=packed and cfg.packed_bf16 and x.dtype == torch.bfloat16)
+    packed_f16 = packed and cfg.packed_f16 and x.dtype == torch.float16
+    packed_bf16 = packed and cfg.packed_bf16 and x.dtype == torch.bfloat16
+    even_k = (K // 8) % (cfg.split_k * word_rows) == 0
+    steps = (K // 8) // (cfg.split_k * word_rows)
+    unrolled = cfg.unrolled and (packed_f16 or packed_bf16) and even_k and steps <= MAX_UNROLLED_STEPS
+    return dict(GROUP_ROWS=group_rows, GROUPS=word_rows // group_rows, EVEN_K=even_k,
+                PACKED_F16=packed_f16, PACKED_BF16=packed_bf16, UNROLLED_STEPS=steps if unrolled else 0)
 
 
 class MmaConfig(NamedTuple):
@@ -736,10 +772,10 @@ DEQUANT_MM_MIN_M = 512
 
 
 def pick_config(M: int, N: int, K: int, group_size: int, device: torch.device, activation: str = "none",
-                warp_mma: bool = True):
-    """The kernel and its block shapes for a problem of N output columns; from the sweeps in
-    bench/NOTES-kernels.md. ``warp_mma``: whether the inputs suit the warp-level MMA kernel
-    (``warp_mma_ok``)."""
+                warp_mma: bool = True, dtype: torch.dtype = torch.float16):
+    """The kernel and its block shapes for a problem of N output columns and activations of
+    ``dtype``; from the sweeps in bench/NOTES-kernels.md. ``warp_mma``: whether the inputs suit
+    the warp-level MMA kernel (``warp_mma_ok``)."""
     sms = sm_count(device)
     # M = 1 (and 2 on weights up to 4096 x 4096) read the weight fastest with the GEMV; the
     # warp-level MMA reads it at about the same rate for any M up to 8 (H200, 4096x28672:
@@ -749,21 +785,22 @@ def pick_config(M: int, N: int, K: int, group_size: int, device: torch.device, a
     mma_block_k = [b for b in (128, 64, 32, 16) if group_size % b == 0]
     if M <= GEMV_MAX_M or not mma_block_k:
         # No split: a program's warps cover K in steps of 64 to 512 word rows, so even N = 4096
-        # gives 256 programs, and split K would add a memset and atomics. H200 sweeps, fp16 and
-        # bf16, weights in L2 and weights from DRAM as in a decode step (`--cold`;
-        # bench/NOTES-kernels.md): 32 weight columns a program by 512 rows with 4 warps where
-        # they alone fill the SMs four times over (4096x28672: 20.3 against 24.3 us in bf16 for
-        # 32 x 1024 with 8; gate_up with silu_mul, 16 output columns = 32 weight columns: 21.2
-        # against 25.7 us); 16 x 2048 with 16 warps where 16-column programs are at most two an SM
-        # or K > 4096 (from DRAM, 14336x4096: 12.3-12.5 against 14.3-14.4 us for 8 warps;
-        # 4096x4096: 5.6-5.7 against 5.8-6.7 for 16 x 1024 with 8); else 16 x 1024 with 8 warps
-        # (4096x6144, bf16 from DRAM: 7.0-7.1 against 8.6 us).
+        # gives 256 programs, and split K would add a memset and atomics. H200 sweeps of 20 block
+        # shapes, rolled and unrolled, weights from DRAM as in a decode step (bench/NOTES-kernels.md,
+        # ninth session; us, pick against the best rolled shape): 32 weight columns a program by
+        # 512 rows with 4 warps where they alone fill the SMs four times over (4096x28672 fp16
+        # 19.97 unrolled against 20.92), but gate_up with silu_mul keeps its loop (16 output
+        # columns = 32 weight columns: 22.35 against 24.4 unrolled); 16 x 2048 with 8 warps where
+        # K <= 4096 and 16-column programs are over two an SM (4096x6144: bf16 with its norm 7.46
+        # against 8.06, fp16 7.41 against 7.19-7.76); else 16 x 2048 with 16 warps (4096x4096: bf16
+        # 5.53 against 5.71, fp16 5.99 against 5.86-6.25; 14336x4096 bf16 11.71 against 13.06),
+        # rolled for fp16 past K = 4096 (14336x4096: 12.60 against 13.41 unrolled).
         reads = 2 if activation == "silu_mul" else 1  # weight columns a program reads per output column
         if triton.cdiv(N * reads, 32) >= 4 * sms:
-            return GemvConfig(32 // reads, 512, 1, num_warps=4)
+            return GemvConfig(32 // reads, 512, 1, num_warps=4, unrolled=reads == 1)
         if K <= 4096 and triton.cdiv(N * reads, 16) > 2 * sms:
-            return GemvConfig(16, 1024, 1, num_warps=8)
-        return GemvConfig(16, 2048, 1, num_warps=16)
+            return GemvConfig(16, 2048, 1, num_warps=8, unrolled=True)
+        return GemvConfig(16, 2048, 1, num_warps=16, unrolled=K <= 4096 or dtype != torch.float16)
     if M >= DEQUANT_MM_MIN_M:
         return DequantMmConfig()
     block_k = mma_block_k[0]  # the largest power of two up to 128 that divides group_size
@@ -825,7 +862,7 @@ def w4a16_linear(
     if M == 0:
         return x.new_empty((0, n_out))
     warp_ok = warp_mma_ok(x, qweight, scales, zeros, group_size, n_out)
-    cfg = config or pick_config(M, n_out, K, group_size, x.device, activation, warp_mma=warp_ok)
+    cfg = config or pick_config(M, n_out, K, group_size, x.device, activation, warp_mma=warp_ok, dtype=x.dtype)
     if norm_weight is not None and not isinstance(cfg, GemvConfig):
         x = rms_norm(x, norm_weight.to(x.dtype), norm_eps)  # (under torch.compile Inductor fuses it with its producer)
         norm_weight = None

@@ -112,6 +112,7 @@ def test_w4a16_tuned_choice_matches_reference(M, N, groups, group_size, dtype, s
 W4_CONFIGS = [
     w4a16.GemvConfig(block_n=16, block_k=64, split_k=1, num_warps=4),
     w4a16.GemvConfig(block_n=16, block_k=256, split_k=3, num_warps=4),  # a step spans groups; split K
+    w4a16.GemvConfig(block_n=16, block_k=32, split_k=2, num_warps=4, unrolled=True),  # unrolled where steps are whole
     w4a16.GemvConfig(block_n=32, block_k=128, split_k=2, num_warps=4, packed_f16=False,
                      packed_bf16=False),  # float32 path on GPU too
     w4a16.MmaConfig(16, 32, 32, split_k=1, swap_ab=True, num_warps=4, num_stages=2),
@@ -151,12 +152,16 @@ def test_w4a16_kernel_choice_by_rows():
     assert isinstance(pick(1, 28672, 4096, 128, device), w4a16.GemvConfig)
     assert isinstance(pick(2, 4096, 4096, 128, device), w4a16.GemvConfig)
     # M = 1 block shapes for 132 SMs (what sm_count gives a CPU device): wide weights 32 columns x
-    # 512 rows with 4 warps; narrow ones (16-column programs at most two an SM) and K > 4096 16 x
-    # 2048 with 16 warps; 4096x6144 16 x 1024 with 8
+    # 512 rows with 4 warps, unrolled but for gate_up with silu_mul; narrow ones (16-column programs
+    # at most two an SM) and K > 4096 16 x 2048 with 16 warps, rolled for fp16 past K = 4096;
+    # 4096x6144 16 x 2048 with 8, unrolled
     cpu = torch.device("cpu")
-    assert pick(1, 28672, 4096, 128, cpu) == w4a16.GemvConfig(32, 512, 1, 4)
-    assert pick(1, 4096, 4096, 128, cpu) == pick(1, 4096, 14336, 128, cpu) == w4a16.GemvConfig(16, 2048, 1, 16)
-    assert pick(1, 6144, 4096, 128, cpu) == w4a16.GemvConfig(16, 1024, 1, 8)
+    assert pick(1, 28672, 4096, 128, cpu) == w4a16.GemvConfig(32, 512, 1, 4, unrolled=True)
+    assert pick(1, 14336, 4096, 128, cpu, activation="silu_mul") == w4a16.GemvConfig(16, 512, 1, 4)
+    assert pick(1, 4096, 4096, 128, cpu) == w4a16.GemvConfig(16, 2048, 1, 16, unrolled=True)
+    assert pick(1, 4096, 14336, 128, cpu, dtype=torch.bfloat16) == w4a16.GemvConfig(16, 2048, 1, 16, unrolled=True)
+    assert pick(1, 4096, 14336, 128, cpu, dtype=torch.float16) == w4a16.GemvConfig(16, 2048, 1, 16)
+    assert pick(1, 6144, 4096, 128, cpu) == w4a16.GemvConfig(16, 2048, 1, 8, unrolled=True)
     assert isinstance(pick(2, 6144, 4096, 128, device), w4a16.WarpMmaConfig)
     assert [pick(M, 28672, 4096, 128, device).row_tiles for M in (3, 8, 9, 16)] == [1, 1, 2, 2]
     # past 8 rows on a wide weight, two warps side by side on columns share x through L1
@@ -452,7 +457,9 @@ def test_gpu_epilogues_at_tuned_sizes(activation, M, N, K, dtype):
 
 @cuda
 @needs_cuda
-@pytest.mark.parametrize("config", [None, w4a16.GemvConfig(16, 64, 3, 4), w4a16.GemvConfig(32, 1024, 1, 8)],
+@pytest.mark.parametrize("config", [None, w4a16.GemvConfig(16, 64, 3, 4), w4a16.GemvConfig(32, 1024, 1, 8),
+                                    w4a16.GemvConfig(16, 256, 3, 4, unrolled=True),
+                                    w4a16.GemvConfig(16, 64, 1, 4, unrolled=True)],
                          ids=lambda c: "tuned" if c is None else str(tuple(c)))
 @pytest.mark.parametrize("M,N,K,group_size", [(1, 4096, 4096, 128), (2, 1000, 768, 128), (1, 200, 14336, 128),
                                               (2, 72, 320, 64), (1, 50, 96, 32), (2, 4100, 1280, 64)])
