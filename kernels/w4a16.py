@@ -683,7 +683,8 @@ def gemv_meta(cfg: GemvConfig, x: torch.Tensor, K: int, group_size: int) -> dict
     """The GEMV kernel's tile constexprs for x ``[M, K]``, which dequantization it runs:
     PACKED_F16 / PACKED_BF16 (inline PTX, two weights a register) or neither (float32), and
     UNROLLED_STEPS: the steps of a split (0: a loop). Only splits of whole steps unroll: a loop
-    runs no step past a split's end, an unrolled split would run its last ones masked."""
+    runs no step past a split's end, where an unrolled split shorter than the others would spend
+    whole steps on masked rows."""
     word_rows = cfg.block_k // 8
     group_rows = math.gcd(group_size // 8 & -(group_size // 8), word_rows)  # a power of two
     packed = group_rows >= 2 and _packed_ok(x)
