@@ -41,6 +41,14 @@ def apply_activation(out: torch.Tensor, activation: str) -> torch.Tensor:
     return out
 
 
+def activation_after_gemm(out: torch.Tensor, activation: str) -> torch.Tensor:
+    """``apply_activation`` in float32 on a GEMM's output, back in its dtype: the epilogue cuBLAS
+    has not, as one pointwise pass (Inductor fuses it under torch.compile)."""
+    if activation == "none":
+        return out
+    return apply_activation(out.float(), activation).to(out.dtype)
+
+
 def unpack_int4_rows(qweight: torch.Tensor) -> torch.Tensor:
     """int32 ``[K // 8, N]`` -> uint8 ``[K, N]`` of values 0..15 (row k in nibble k % 8)."""
     shifts = torch.arange(0, 32, 4, device=qweight.device, dtype=torch.int32)

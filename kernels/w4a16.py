@@ -48,7 +48,7 @@ import triton
 import triton.language as tl
 
 from .common import bias_rows, output_columns, sm_count, split_for, split_k_workspace, store_output, triton_interpreted
-from .reference import apply_activation, rms_norm
+from .reference import activation_after_gemm, rms_norm
 from .w4a16_warp_mma import warp_mma_columns, w4a16_warp_mma_kernel
 
 _F32_MAGIC = tl.constexpr(8388608.0)  # 2**23: 0x4B000000 | q is 2**23 + q as float32
@@ -372,8 +372,8 @@ def _gemv_partial_x2(x_row, g_ptr, r_pair, qw_ptr, s_ptr, z_ptr, offs_n, mask_n,
     ptxas puts those loads after the arithmetic all the same (they take the registers of the
     words being consumed at the back-edge); UNROLLED_STEPS > 0 (the number of steps, all of
     [row_start, row_end), each whole) unrolls the loop, and then they stay ahead. EVEN_K: every
-    step lies inside [row_start, row_end). Words and zeros past the end or right of N stay unset: the
-    scale there is 0, and those columns are not stored."""
+    step lies inside [row_start, row_end). Words, zeros and scales past the end or right of N load
+    as 0 (Triton zero-fills masked loads): those rows add nothing, and those columns are not stored."""
     STEP: tl.constexpr = GROUPS * GROUP_ROWS
     first_rows = tl.arange(0, GROUPS)[None, :, None] * GROUP_ROWS  # [1, GROUPS, 1], from the step's start
     rows = first_rows + 2 * tl.arange(0, GROUP_ROWS // 2)[:, None, None]  # [GROUP_ROWS // 2, GROUPS, 1]
@@ -874,11 +874,7 @@ def w4a16_linear(
             qweight, scales, zeros, w, K, N, qweight.stride(0), qweight.stride(1), scales.stride(0), scales.stride(1),
             w.stride(0), w.stride(1), GROUP_SIZE=group_size, BLOCK_R=cfg.block_r, BLOCK_N=cfg.block_n,
         )
-        out = torch.mm(x, w) if bias is None else torch.addmm(bias, x, w)
-        if activation == "none":
-            return out
-        # cuBLAS has no such epilogue: one pointwise pass (Inductor fuses it under torch.compile)
-        return apply_activation(out.float(), activation).to(x.dtype)
+        return activation_after_gemm(torch.mm(x, w) if bias is None else torch.addmm(bias, x, w), activation)
     out = torch.empty((M, n_out), device=x.device, dtype=x.dtype)
     bias, stride_bm = bias_rows(bias, M, N)
     has_bias = bias is not None

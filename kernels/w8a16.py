@@ -29,7 +29,7 @@ import triton.language as tl
 
 from .common import (MmaConfig, bias_rows, output_columns, sm_count, split_for, split_k_workspace, store_output,
                      triton_interpreted)
-from .reference import apply_activation
+from .reference import activation_after_gemm
 
 
 @triton.jit
@@ -434,10 +434,7 @@ def w8a16_linear(
         return x.new_empty((0, n_out))
     cfg = config if config is not None else pick_config(M, n_out, K, x.device, packed=_packed_ok(x, qweight))
     if isinstance(cfg, DequantMmConfig):
-        out = F.linear(x, (qweight * scales[:, None]).to(x.dtype), bias)
-        if activation == "none":
-            return out
-        return apply_activation(out.float(), activation).to(x.dtype)  # (fused by Inductor under torch.compile)
+        return activation_after_gemm(F.linear(x, (qweight * scales[:, None]).to(x.dtype), bias), activation)
     out = torch.empty((M, n_out), device=x.device, dtype=x.dtype)
     bias, stride_bm = bias_rows(bias, M, N)
     has_bias = bias is not None
