@@ -1,17 +1,18 @@
 """The decode step's W4A16 ops without torch.compile: where a change to their kernels shows first.
 
-16 layers of Llama-3-8B's linears at batch 1 (bf16; random int4 codes, scales and zeros), each op
-called as qpass's lowering calls it: qkv with the RMSNorm folded in, o with the residual as its
+16 layers of Llama-3-8B's linears at batch 1 (``--batch``: more tokens; bf16; random int4 codes,
+scales and zeros), each op called as qpass's lowering calls it: qkv with the RMSNorm folded in, o with the residual as its
 bias, gate_up with the RMSNorm and silu_mul, down with the residual. Times, us: each op alone,
 cycled over the 16 layers' weights (so its bytes come from DRAM, as in a decode step), and the
 64 ops as one eager CUDA-graph chain (the decode step of ``bench/e2e.py`` but for the graph's
-input copy). ``--baseline DIR``: another copy of ``kernels/`` (say an older commit's, below),
+input copy; past the GEMV's rows, the ops run the RMSNorm as a pass of their own). ``--baseline DIR``: another copy of ``kernels/`` (say an older commit's, below),
 timed the same way in the same process, each with its own block-shape picks, its outputs
 compared with the current ones.
 
     python bench/decode_ops.py --out /tmp/ops.json
     mkdir -p /tmp/base && git archive HEAD~1 kernels | tar -x -C /tmp/base
     python bench/decode_ops.py --baseline /tmp/base/kernels --out /tmp/ops.json
+    python bench/decode_ops.py --batch 16 --baseline /tmp/base/kernels --out /tmp/ops16.json
     python bench/decode_ops.py --tiny       # small shapes on the CPU: a check, not a measurement
 """
 
@@ -59,7 +60,7 @@ def make_layers(shape, device):
 
 
 def ops(w4a16, layers, x, x_down):
-    """Each op over every layer's weights, as the lowering calls it (one token)."""
+    """Each op over every layer's weights, as the lowering calls it."""
     linear = w4a16.w4a16_linear
     return {
         "qkv": lambda: [linear(x, *L["qkv"], GROUP, norm_weight=L["norm1"], norm_eps=1e-5) for L in layers],
@@ -100,11 +101,11 @@ def relative_difference(a, b):
     return float((a - b).abs().max() / a.abs().max().clamp_min(1e-30))
 
 
-def measure(kernels, shape, device):
+def measure(kernels, shape, batch, device):
     torch.manual_seed(0)
     layers = make_layers(shape, device)
-    x = torch.randn(1, shape["hidden"], device=device).bfloat16()
-    x_down = torch.randn(1, shape["intermediate"], device=device).bfloat16()
+    x = torch.randn(batch, shape["hidden"], device=device).bfloat16()
+    x_down = torch.randn(batch, shape["intermediate"], device=device).bfloat16()
     rows = []
     reference = {}
     for name, w4a16 in kernels.items():
@@ -127,6 +128,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--baseline", metavar="DIR", help="another copy of kernels/ to time against")
     parser.add_argument("--tiny", action="store_true", help="small shapes on the CPU: a check, not a measurement")
+    parser.add_argument("--batch", type=int, default=1, help="rows of activations (tokens of the decode step)")
     parser.add_argument("--out", default="/tmp/decode_ops.json")
     args = parser.parse_args()
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
@@ -140,9 +142,10 @@ def main():
     if args.baseline:
         kernels["baseline"] = load_kernels(args.baseline)
     shape = TINY if args.tiny else LLAMA3_8B
-    rows = measure(kernels, shape, device)
+    rows = measure(kernels, shape, args.batch, device)
     result = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", torch=torch.__version__,
-                  date=datetime.date.today().isoformat(), shape=shape, baseline=args.baseline, rows=rows)
+                  date=datetime.date.today().isoformat(), shape=shape, batch=args.batch, baseline=args.baseline,
+                  rows=rows)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
 
 

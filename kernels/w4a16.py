@@ -715,6 +715,7 @@ class WarpMmaConfig(NamedTuple):
     split_k: int
     row_tiles: int  # 8-row tiles of x a program covers (1 or 2); more rows take more programs
     column_warps: int = 1  # warps side by side on 64-column blocks; each block's warps take turns over K
+    unrolled: bool = False  # each warp's loop over its groups unrolled (``warp_mma_unrolled_iterations``)
 
 
 def warp_mma_ok(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
@@ -735,6 +736,15 @@ class DequantMmConfig(NamedTuple):
     block_n: int = 128
 
 
+def warp_mma_unrolled_iterations(cfg: WarpMmaConfig, groups: int) -> int:
+    """The warp-level MMA kernel's UNROLLED_ITERS for ``groups`` groups of K: each warp's iterations
+    over its groups where ``cfg`` asks to unroll them, every split has the same number of groups and
+    there are at most ``MAX_UNROLLED_STEPS`` (0: a loop)."""
+    k_warps = cfg.num_warps // cfg.column_warps
+    iterations = triton.cdiv(groups // cfg.split_k, k_warps)
+    return iterations if cfg.unrolled and groups % cfg.split_k == 0 and iterations <= MAX_UNROLLED_STEPS else 0
+
+
 def _split_within_one_wave(tiles: int, k_steps: int, sms: int) -> int:
     """Most K splits (a power of two) that still fit one program per SM."""
     split = 1
@@ -753,14 +763,17 @@ def _warp_mma_config(M: int, tiles: int, groups: int, sms: int) -> WarpMmaConfig
     split 4); each split costs a memset and atomics. Past 8 rows, where the tiles fill under
     half the SMs and K is at most 32 groups, a program an 8-row tile instead, 8 warps unsplit
     (4096x4096 at M = 16 from DRAM, bf16: 10.0 against 12.3 us; 14336x4096 stays split, 19.5
-    against 21.9)."""
+    against 21.9). The 8-warp kernels unroll their loop over groups up to K = 32 groups (4
+    iterations a warp; bf16 from DRAM, us: 4096x6144 at M = 4, 8, 16 10.3 / 10.4 / 12.8 -> 9.5 /
+    9.6 / 12.3, 4096x4096 at M = 16 10.4 -> 9.5); the 4-warp ones, with 7 to 16 iterations, lose
+    unrolled (4096x28672 silu_mul at M = 16 32.2 -> 40.8, 14336x4096 20.0 -> 22.7)."""
     row_tiles = triton.cdiv(M, 8)
     if M > 8 and 2 * tiles < sms and groups <= 32:
-        return WarpMmaConfig(num_warps=8, split_k=1, row_tiles=1)
+        return WarpMmaConfig(num_warps=8, split_k=1, row_tiles=1, unrolled=True)
     if tiles >= 2 * sms:
         return WarpMmaConfig(num_warps=4, split_k=1, row_tiles=row_tiles, column_warps=2 if M > 8 else 1)
     if 2 * tiles >= sms:
-        return WarpMmaConfig(num_warps=8, split_k=1, row_tiles=row_tiles)
+        return WarpMmaConfig(num_warps=8, split_k=1, row_tiles=row_tiles, unrolled=groups <= 32)
     split = 1
     while tiles * split * 2 <= 2 * sms and split * 2 * 4 <= groups:
         split *= 2
@@ -895,7 +908,7 @@ def w4a16_linear(
             x.stride(0), qweight.stride(0), scales.stride(0), stride_bm, out.stride(0), out.stride(1), N,
             GROUP_SIZE=group_size, M_TILES=cfg.row_tiles, WARPS=cfg.num_warps, COLUMN_WARPS=cfg.column_warps,
             SPLIT_K=cfg.split_k, HAS_BIAS=has_bias, ACTIVATION=activation, BF16=x.dtype == torch.bfloat16,
-            num_warps=cfg.num_warps,
+            UNROLLED_ITERS=warp_mma_unrolled_iterations(cfg, K // group_size), num_warps=cfg.num_warps,
         )
         return out
     common = dict(GROUP_SIZE=group_size, BLOCK_N=cfg.block_n, SPLIT_K=cfg.split_k, EVEN_N=n_out % cfg.block_n == 0,

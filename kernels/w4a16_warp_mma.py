@@ -354,12 +354,27 @@ def _group_product(loads, live, acc0, acc1, acc2, acc3, z, GROUP_SIZE: tl.conste
 
 
 @triton.jit
+def _iteration(accs, loads, it, group_start, group_end, warp_k, qw_ptr, s_ptr, z_ptr, x_row0, x_row1, lane_c, base_a,
+               base_b, stride_qk, stride_sg, z, GROUP_SIZE: tl.constexpr, M_TILES: tl.constexpr,
+               K_WARPS: tl.constexpr, BF16: tl.constexpr):
+    """Iteration ``it`` of a warp's walk over its groups: issues the next group's loads, then adds
+    this group's product (``loads``) to the accumulators. Returns the sums and the next loads."""
+    live = (group_start + it * K_WARPS + warp_k < group_end).to(tl.float32)
+    group = tl.minimum(group_start + (it + 1) * K_WARPS + warp_k, group_end - 1)
+    next_loads = _load_group(qw_ptr, s_ptr, z_ptr, x_row0, x_row1, group, lane_c, base_a, base_b, stride_qk,
+                             stride_sg, GROUP_SIZE, M_TILES)
+    acc0, acc1, acc2, acc3 = accs
+    return _group_product(loads, live, acc0, acc1, acc2, acc3, z, GROUP_SIZE, M_TILES, BF16), next_loads
+
+
+@triton.jit
 def w4a16_warp_mma_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr,
     M, N_OUT, N_UP, K,
     stride_xm, stride_qk, stride_sg, stride_bm, stride_om, stride_on, stride_wm,
     GROUP_SIZE: tl.constexpr, M_TILES: tl.constexpr, WARPS: tl.constexpr, COLUMN_WARPS: tl.constexpr,
     SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, BF16: tl.constexpr,
+    UNROLLED_ITERS: tl.constexpr = 0,
 ):
     """out = x @ W for 8 * M_TILES rows a program (program_id 0 picks them) and 64 weight columns
     a warp (32 gate and 32 up columns under "silu_mul"): a program's WARPS warps cover
@@ -407,13 +422,18 @@ def w4a16_warp_mma_kernel(
     group = tl.minimum(group_start + warp_k, group_end - 1)
     loads = _load_group(qw_ptr, s_ptr, z_ptr, x_row0, x_row1, group, lane_c, base_a, base_b, stride_qk,
                         stride_sg, GROUP_SIZE, M_TILES)
-    for it in range(0, tl.cdiv(group_end - group_start, K_WARPS)):
-        live = (group_start + it * K_WARPS + warp_k < group_end).to(tl.float32)
-        group = tl.minimum(group_start + (it + 1) * K_WARPS + warp_k, group_end - 1)
-        next_loads = _load_group(qw_ptr, s_ptr, z_ptr, x_row0, x_row1, group, lane_c, base_a, base_b, stride_qk,
-                                 stride_sg, GROUP_SIZE, M_TILES)
-        acc0, acc1, acc2, acc3 = _group_product(loads, live, acc0, acc1, acc2, acc3, z, GROUP_SIZE, M_TILES, BF16)
-        loads = next_loads
+    accs = (acc0, acc1, acc2, acc3)
+    if UNROLLED_ITERS > 0:
+        for it in tl.static_range(UNROLLED_ITERS):
+            accs, loads = _iteration(accs, loads, it, group_start, group_end, warp_k, qw_ptr, s_ptr, z_ptr, x_row0,
+                                     x_row1, lane_c, base_a, base_b, stride_qk, stride_sg, z, GROUP_SIZE, M_TILES,
+                                     K_WARPS, BF16)
+    else:
+        for it in range(0, tl.cdiv(group_end - group_start, K_WARPS)):
+            accs, loads = _iteration(accs, loads, it, group_start, group_end, warp_k, qw_ptr, s_ptr, z_ptr, x_row0,
+                                     x_row1, lane_c, base_a, base_b, stride_qk, stride_sg, z, GROUP_SIZE, M_TILES,
+                                     K_WARPS, BF16)
+    acc0, acc1, acc2, acc3 = accs
 
     # Sum the warps' partial tiles; each value's row and column follow from the same stacking
     # applied to index tensors of one warp's lanes.

@@ -167,14 +167,28 @@ def test_w4a16_kernel_choice_by_rows():
     # past 8 rows on a wide weight, two warps side by side on columns share x through L1
     assert [pick(M, 28672, 4096, 128, device).column_warps for M in (8, 16)] == [1, 2]
     # past 8 rows on a narrow weight with short K, a program an 8-row tile; longer K stays split
-    assert pick(16, 4096, 4096, 128, device) == w4a16.WarpMmaConfig(8, 1, 1)
+    assert pick(16, 4096, 4096, 128, device) == w4a16.WarpMmaConfig(8, 1, 1, unrolled=True)
     assert pick(16, 4096, 14336, 128, device).row_tiles == 2
+    # the 8-warp kernels unroll their loop over groups up to K = 32 groups; the 4-warp ones do not
+    assert [pick(M, 6144, 4096, 128, device).unrolled for M in (4, 16)] == [True, True]
+    assert [pick(M, 6144, 8192, 128, device).unrolled for M in (4, 16)] == [False, False]
+    assert not pick(16, 28672, 4096, 128, device).unrolled and not pick(16, 4096, 14336, 128, device).unrolled
     assert isinstance(pick(8, 14336, 4096, 128, device, activation="silu_mul"), w4a16.WarpMmaConfig)
     assert isinstance(pick(8, 28672, 4096, 128, device, warp_mma=False), w4a16.MmaConfig)
     assert isinstance(pick(17, 28672, 4096, 128, device), w4a16.MmaConfig)
     for M, N, K in [(16, 4096, 4096), (4, 6144, 4096), (16, 28672, 4096), (2, 4096, 14336), (5, 256, 512)]:
         cfg = pick(M, N, K, 128, device)
         assert cfg.split_k * cfg.num_warps // cfg.column_warps <= K // 128  # every warp has a group of K
+
+
+def test_w4a16_warp_mma_unrolls_only_whole_splits_of_few_iterations():
+    # 32 groups over 8 warps: 4 iterations a warp; with column warps, fewer warps share K
+    assert w4a16.warp_mma_unrolled_iterations(w4a16.WarpMmaConfig(8, 1, 2, unrolled=True), 32) == 4
+    assert w4a16.warp_mma_unrolled_iterations(w4a16.WarpMmaConfig(8, 1, 2, 2, unrolled=True), 32) == 8
+    assert w4a16.warp_mma_unrolled_iterations(w4a16.WarpMmaConfig(4, 2, 2, unrolled=True), 30) == 4  # cdiv(15, 4)
+    assert w4a16.warp_mma_unrolled_iterations(w4a16.WarpMmaConfig(8, 1, 2), 32) == 0  # not asked
+    assert w4a16.warp_mma_unrolled_iterations(w4a16.WarpMmaConfig(4, 3, 2, unrolled=True), 32) == 0  # splits differ
+    assert w4a16.warp_mma_unrolled_iterations(w4a16.WarpMmaConfig(4, 1, 2, unrolled=True), 112) == 0  # 28: too many
 
 
 def test_w4a16_warp_mma_rejects_what_it_cannot_read():
@@ -488,21 +502,21 @@ def test_gpu_w4a16_gemv_packed_bf16(M, N, K, group_size, config):
 @cuda
 @needs_cuda
 @settings(max_examples=60, deadline=None)
-@given(M=st.integers(1, 16), eighth_n=st.integers(1, 40), groups=st.integers(1, 4),
+@given(M=st.integers(1, 16), eighth_n=st.integers(1, 40), groups=st.integers(1, 24),
        group_size=st.sampled_from([64, 128]), dtype=st.sampled_from([torch.float16, torch.bfloat16]),
        symmetric=st.booleans(), bias=st.booleans(), activation=st.sampled_from(("none",) + EPILOGUES),
        warps=st.sampled_from([4, 8]), column_warps=st.sampled_from([1, 2, 4]), split=st.integers(1, 4),
-       row_tiles=st.sampled_from([1, 2]), seed=st.integers(0, 2**16))
+       row_tiles=st.sampled_from([1, 2]), unrolled=st.booleans(), seed=st.integers(0, 2**16))
 def test_gpu_w4a16_warp_mma(M, eighth_n, groups, group_size, dtype, symmetric, bias, activation, warps, column_warps,
-                            split, row_tiles, seed):
+                            split, row_tiles, unrolled, seed):
     """The warp-level MMA kernel against the float32 reference: N off its 64-column tiles (a
     multiple of 8, so "silu_mul" halves stay whole), splits that leave warps without a group,
     one or two 8-row tiles a program (past 8 rows with one: two programs of rows), warps side
-    by side on columns, each epilogue."""
+    by side on columns, each epilogue, the loop over groups unrolled or not."""
     N, K = 8 * eighth_n, groups * group_size
     args = make_w4(M, N, K, group_size, dtype, symmetric, bias, seed)
     x, qweight, scales, zeros, b = args
-    config = w4a16.WarpMmaConfig(warps, split, row_tiles, column_warps)
+    config = w4a16.WarpMmaConfig(warps, split, row_tiles, column_warps, unrolled)
     out = w4a16.w4a16_linear(x, qweight, scales, zeros, group_size, b, activation=activation, config=config)
     ref = reference.apply_activation(w4_reference(*args[:4], group_size, b), activation)
     assert out.shape == (M, output_columns(activation, N))
