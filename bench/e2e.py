@@ -22,7 +22,13 @@ with the default (the eager model intact), measured at batch 1 only, for its mem
                                              # and where each step's time goes, kernel by kernel
 
 Inductor's caches are off (TORCHINDUCTOR_FORCE_DISABLE_CACHES) so that every peer's first
-call compiles from scratch rather than reusing the previous peer's graphs.
+call compiles from scratch rather than reusing the previous peer's graphs. Kernels compiled in
+the same process (and Triton's cache on disk) still carry over from one peer to the next, so a
+peer that compiles the graphs of the one before it (bf16_compile_cg after bf16_compile) starts
+faster. ``--isolate`` runs each peer in a process of its own with empty Inductor and Triton cache
+directories: first calls as a user's first run sees them.
+
+    python bench/e2e.py --isolate --peers bf16_compile_cg qpass_awq_compile_cg --cases batch1 --out /tmp/e2e.json
 """
 
 import argparse
@@ -30,7 +36,9 @@ import datetime
 import gc
 import json
 import os
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -260,6 +268,27 @@ def measure(shape, device, peers, cases, out, profile=False):
     return result
 
 
+def measure_isolated(peers, case_names, out, tiny):
+    """``measure`` with each peer in a fresh process and fresh, empty Inductor and Triton cache
+    directories; the rows merged into ``out``."""
+    result = None
+    for peer in peers:
+        with tempfile.TemporaryDirectory() as tmp:
+            env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=f"{tmp}/inductor", TRITON_CACHE_DIR=f"{tmp}/triton")
+            peer_out = f"{tmp}/{peer}.json"
+            command = [sys.executable, __file__, "--peers", peer, "--cases", *case_names, "--out", peer_out]
+            subprocess.run(command + (["--tiny"] if tiny else []), env=env, check=True)
+            peer_result = json.loads(Path(peer_out).read_text())
+        if result is None:
+            result = peer_result
+        else:
+            result["rows"].extend(peer_result["rows"])
+        result["isolated"] = True
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
 def peers_in_order(rows):
     """The peers of ``rows`` in the order of PEERS, whatever order they ran in."""
     return sorted({r["peer"] for r in rows}, key=lambda p: PEERS.index(p) if p in PEERS else len(PEERS))
@@ -332,6 +361,8 @@ def main():
                         default=["batch1", "batch16", "prefill"], help="which calls to measure, in this order")
     parser.add_argument("--profile", action="store_true",
                         help="also record, per case, the GPU time of each kernel of a step (GPU only)")
+    parser.add_argument("--isolate", action="store_true",
+                        help="each peer in a process of its own, with empty compile caches (first calls)")
     args = parser.parse_args()
     if args.plot:
         plot(args.plot)
@@ -339,6 +370,11 @@ def main():
     if args.profile and (args.tiny or not torch.cuda.is_available()):
         parser.error("--profile times CUDA kernels: it needs a GPU and the full shapes (no --tiny)")
     shape, device, prefill = ("tiny", "cpu", 64) if args.tiny else ("llama3-8b", "cuda", 2048)
+    if args.isolate:
+        if args.profile:
+            parser.error("--profile runs in one process: leave out --isolate")
+        print(summary(measure_isolated(args.peers, args.cases, args.out, args.tiny)))
+        return
     cases = {"batch1": (1, 1), "batch16": (16, 1), "prefill": (1, prefill)}
     print(summary(measure(shape, device, args.peers, [cases[c] for c in args.cases], args.out, args.profile)))
 
