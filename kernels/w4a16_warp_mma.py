@@ -31,7 +31,10 @@ once a group (``group_size`` a multiple of 64). A program's warps cover ``COLUMN
 blocks of 64 columns (sharing x through L1), the warps of a block taking turns over its
 groups of K, each issuing the next group's loads before this one's arithmetic; at the end
 their sums are added across warps and the tile goes through ``common.store_output`` (split
-K, bias, activation) like every other kernel's.
+K, bias, activation) like every other kernel's. In a loop, ptxas moves those loads to the
+end of the body (they take the registers of the group being consumed at the back-edge), so
+each group waits a memory latency; with UNROLLED_ITERS (the loop unrolled) they stay among the
+MMAs, for more registers: a win only where few iterations keep the count down (``w4a16.pick_config``).
 
 Needs a GPU (inline PTX: Triton's interpreter does not run it) with ``mma.sync`` for bf16
 (sm_80+); ``w4a16.warp_mma_ok`` states the alignment it reads with.
