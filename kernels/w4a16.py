@@ -675,7 +675,7 @@ def _packed_ok(x: torch.Tensor) -> bool:
             and x.stride(1) == 1 and x.stride(0) % 8 == 0 and x.storage_offset() % 8 == 0)
 
 
-# An unrolled loop's code grows with its steps: past this many the GEMV keeps its loop.
+# An unrolled loop's code grows with its steps: past this many a kernel keeps its loop.
 MAX_UNROLLED_STEPS = 16
 
 
