@@ -193,7 +193,8 @@ def sweep_candidates(kind, M):
                                   (8, 1024, 2), (4, 2048, 2), (4, 2048, 4), (8, 2048, 4), (16, 2048, 8),
                                   (4, 4096, 4), (8, 4096, 8), (16, 512, 2), (16, 1024, 4), (32, 512, 4),
                                   (32, 1024, 8)]:
-                out.append(w8a16.GemvConfig(bn, bk, 0, warps, 2))
+                for unrolled in (False, True):
+                    out.append(w8a16.GemvConfig(bn, bk, 0, warps, 2, unrolled=unrolled))
         else:
             for bm, bn, bk, warps, stages in [(16, 64, 128, 4, 4), (16, 128, 128, 4, 4), (16, 32, 128, 4, 5),
                                               (64, 128, 64, 4, 4), (128, 256, 64, 8, 3), (128, 128, 64, 8, 4)]:
@@ -253,6 +254,8 @@ def run_sweep(shapes, plan, deadline, dtype_name="float16", activation="none", c
             x = torch.randn(M, K, device="cuda", dtype=dtype)
             base = bench(lambda: [F.linear(x, s["base"]) for s in sets], rep=10) / copies
             for cfg in sweep_candidates(kind, M):
+                if time.time() > deadline:
+                    return results
                 if getattr(cfg, "split_k", 1) == 0:  # the launchers' rule for this block shape
                     row_tiles = -(-M // cfg.block_m) if hasattr(cfg, "block_m") else M
                     n_out = N // 2 if activation == "silu_mul" and kind == "awq" else N

@@ -101,6 +101,19 @@ class MmaConfig(NamedTuple):
     group_m: int = 8
 
 
+# An unrolled loop's code grows with its steps: past this many a kernel keeps its loop.
+MAX_UNROLLED_STEPS = 16
+
+
+def unrolled_steps(asked: bool, length: int, split: int, step: int) -> int:
+    """A GEMV's UNROLLED_STEPS for a loop over ``length`` (rows of K) cut into ``split`` programs
+    that advance ``step`` at a time: the steps of a split where unrolling is asked for, every split
+    is whole steps and there are at most MAX_UNROLLED_STEPS; else 0 (a loop). A loop runs no step
+    past a split's end, where an unrolled split shorter than the others would spend whole steps
+    on masked loads."""
+    steps, rest = divmod(length, split * step)
+    return steps if asked and rest == 0 and 0 < steps <= MAX_UNROLLED_STEPS else 0
+
 _SM_COUNT = {}
 
 

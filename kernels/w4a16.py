@@ -47,7 +47,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import bias_rows, output_columns, sm_count, split_for, split_k_workspace, store_output, triton_interpreted
+from .common import (MAX_UNROLLED_STEPS, bias_rows, output_columns, sm_count, split_for, split_k_workspace,
+                     store_output, triton_interpreted, unrolled_steps)
 from .reference import activation_after_gemm, rms_norm
 from .w4a16_warp_mma import warp_mma_columns, w4a16_warp_mma_kernel
 
@@ -663,8 +664,8 @@ class GemvConfig(NamedTuple):
     num_warps: int
     packed_f16: bool = True  # half2 dequantization (inline PTX) where x is fp16 on a GPU
     packed_bf16: bool = True  # bf16x2 dequantization (inline PTX) where x is bf16 on a GPU
-    unrolled: bool = False  # the packed paths' loop over K unrolled where every step is whole (EVEN_K),
-    # up to MAX_UNROLLED_STEPS steps
+    unrolled: bool = False  # the packed paths' loop over K unrolled where every split is whole steps
+    # (``common.unrolled_steps``)
 
 
 def _packed_ok(x: torch.Tensor) -> bool:
@@ -675,26 +676,19 @@ def _packed_ok(x: torch.Tensor) -> bool:
             and x.stride(1) == 1 and x.stride(0) % 8 == 0 and x.storage_offset() % 8 == 0)
 
 
-# An unrolled loop's code grows with its steps: past this many a kernel keeps its loop.
-MAX_UNROLLED_STEPS = 16
-
-
 def gemv_meta(cfg: GemvConfig, x: torch.Tensor, K: int, group_size: int) -> dict:
     """The GEMV kernel's tile constexprs for x ``[M, K]``, which dequantization it runs:
     PACKED_F16 / PACKED_BF16 (inline PTX, two weights a register) or neither (float32), and
-    UNROLLED_STEPS: the steps of a split (0: a loop). Only splits of whole steps unroll: a loop
-    runs no step past a split's end, where an unrolled split shorter than the others would spend
-    whole steps on masked rows."""
+    UNROLLED_STEPS (``common.unrolled_steps``; the packed paths only)."""
     word_rows = cfg.block_k // 8
     group_rows = math.gcd(group_size // 8 & -(group_size // 8), word_rows)  # a power of two
     packed = group_rows >= 2 and _packed_ok(x)
     packed_f16 = packed and cfg.packed_f16 and x.dtype == torch.float16
     packed_bf16 = packed and cfg.packed_bf16 and x.dtype == torch.bfloat16
-    even_k = (K // 8) % (cfg.split_k * word_rows) == 0
-    steps = (K // 8) // (cfg.split_k * word_rows)
-    unrolled = cfg.unrolled and (packed_f16 or packed_bf16) and even_k and steps <= MAX_UNROLLED_STEPS
-    return dict(GROUP_ROWS=group_rows, GROUPS=word_rows // group_rows, EVEN_K=even_k,
-                PACKED_F16=packed_f16, PACKED_BF16=packed_bf16, UNROLLED_STEPS=steps if unrolled else 0)
+    return dict(GROUP_ROWS=group_rows, GROUPS=word_rows // group_rows,
+                EVEN_K=(K // 8) % (cfg.split_k * word_rows) == 0, PACKED_F16=packed_f16, PACKED_BF16=packed_bf16,
+                UNROLLED_STEPS=unrolled_steps(cfg.unrolled and (packed_f16 or packed_bf16), K // 8, cfg.split_k,
+                                              word_rows))
 
 
 class MmaConfig(NamedTuple):

@@ -8,7 +8,9 @@ channel, fp16/bf16 (or fp32) activations. ``out = (x @ q.T) * scales``.
   thread by inline PTX and each weight costs one ``prmt`` (into the float32 32768 + q + 128)
   and one FFMA (``_chunk_dot_f32``): the loop compiled for sm_90 is 3.2 SASS instructions a
   weight at 4 rows x 2048 (4.1 at 8 x 512), against 5.8 for the float32 path (which also moves
-  x through shared memory) that Triton's interpreter and fp32 x take.
+  x through shared memory) that Triton's interpreter and fp32 x take. Where a config asks and
+  every split is whole steps, the loop over K is unrolled (``UNROLLED_STEPS``) so that each
+  step's next loads stay ahead of its arithmetic.
 - ``_w8a16_mma_kernel`` (larger M): int8 tiles converted to the activation dtype (exact:
   |q| <= 128; by inline PTX for fp16, ``_int8_to_f16``) and fed to ``tl.dot`` as its left
   operand (the transposed product), which the Hopper MMA reads from registers; the scale
@@ -28,7 +30,7 @@ import triton
 import triton.language as tl
 
 from .common import (MmaConfig, bias_rows, output_columns, sm_count, split_for, split_k_workspace, store_output,
-                     triton_interpreted)
+                     triton_interpreted, unrolled_steps)
 from .reference import activation_after_gemm
 
 
@@ -151,19 +153,43 @@ def _chunk_dot_f32(w0, w1, w2, w3, x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, 
 
 
 @triton.jit
+def _gemv_step_x2(acc, w0, w1, w2, w3, w_rows, x_row, k0, k_end, offs_c, BLOCK_K: tl.constexpr,
+                  EVEN_K: tl.constexpr, BF16: tl.constexpr):
+    """One step of ``_gemv_partial_x2`` at k0, on the chunks w0..w3 loaded before it: issues the
+    next step's loads, then adds this step's products. Returns the sums and the next chunks."""
+    ks_next = k0 + BLOCK_K + offs_c
+    n0, n1, n2, n3 = _load_w16(w_rows + ks_next, (ks_next < k_end).to(tl.int32))
+    ks = k0 + offs_c
+    if EVEN_K:
+        x_ptrs = x_row + ks
+    else:
+        x_ptrs = x_row + tl.minimum(ks, k_end - 16)  # (16 divides k_end)
+    x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15 = _load_x16(x_ptrs, BF16)
+    cx = _chunk_offset(x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15)
+    d = _chunk_dot_f32(w0, w1, w2, w3, x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15, cx)
+    if EVEN_K:
+        acc += d
+    else:
+        acc += tl.where(ks < k_end, d, 0.0)  # (unset words past k_end: whatever d is there)
+    return acc, n0, n1, n2, n3
+
+
+@triton.jit
 def _gemv_partial_x2(x_row, qw_ptr, offs_n, mask_n, k_start, k_end, stride_qn,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
-                     BF16: tl.constexpr):
+                     BF16: tl.constexpr, UNROLLED_STEPS: tl.constexpr):
     """``_gemv_partial`` by inline PTX, 16 weights of a row a call (``_chunk_dot_f32``; x fp16, or
     bf16 with BF16; x and the weight rows contiguous and 16-byte aligned, K a multiple of 16).
 
     The tile is ``[BLOCK_N, BLOCK_K // 16]`` chunks of 16 weights; a thread widens the x of its
     chunk once for all the rows it holds (BLOCK_N over the warps along N), so shapes whose warps
-    lie along K (BLOCK_K = 512 * num_warps) share it most. The
-    next step's weights are loaded before this step's arithmetic (Triton does not pipeline a
-    loop without ``tl.dot``); the loads of chunks at or past k_end are predicated off. Rows
-    right of N read row 0 again (never stored). EVEN_K: every step lies inside
-    [k_start, k_end); else a step's chunks past k_end read the last x again and add 0."""
+    lie along K (BLOCK_K = 512 * num_warps) share it most. Each step issues the next step's
+    loads before its arithmetic (Triton does not pipeline a loop without ``tl.dot``); in a loop
+    ptxas moves them after it all the same (into the registers consumed at the back-edge), so
+    UNROLLED_STEPS > 0 (the number of steps, all of [k_start, k_end), each whole) unrolls the
+    loop, where they stay ahead (as in the W4A16 GEMV). The loads of chunks at or past k_end are
+    predicated off. Rows right of N read row 0 again (never stored). EVEN_K: every step lies
+    inside [k_start, k_end); else a step's chunks past k_end read the last x again and add 0."""
     CHUNKS: tl.constexpr = BLOCK_K // 16
     offs_c = (tl.arange(0, CHUNKS) * 16)[None, :]  # [1, CHUNKS]: a chunk's first k within the step
     if EVEN_N:
@@ -174,36 +200,25 @@ def _gemv_partial_x2(x_row, qw_ptr, offs_n, mask_n, k_start, k_end, stride_qn,
     ks = k_start + offs_c
     w0, w1, w2, w3 = _load_w16(w_rows + ks, (ks < k_end).to(tl.int32))
     acc = tl.zeros((BLOCK_N, CHUNKS), dtype=tl.float32)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        ks_next = k0 + BLOCK_K + offs_c
-        n0, n1, n2, n3 = _load_w16(w_rows + ks_next, (ks_next < k_end).to(tl.int32))
-        ks = k0 + offs_c
-        if EVEN_K:
-            x_ptrs = x_row + ks
-        else:
-            x_ptrs = x_row + tl.minimum(ks, k_end - 16)  # (16 divides k_end)
-        x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15 = _load_x16(x_ptrs, BF16)
-        cx = _chunk_offset(x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15)
-        d = _chunk_dot_f32(w0, w1, w2, w3, x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15, cx)
-        if EVEN_K:
-            acc += d
-        else:
-            acc += tl.where(ks < k_end, d, 0.0)  # (unset words past k_end: whatever d is there)
-        w0 = n0
-        w1 = n1
-        w2 = n2
-        w3 = n3
+    if UNROLLED_STEPS > 0:
+        for i in tl.static_range(UNROLLED_STEPS):
+            acc, w0, w1, w2, w3 = _gemv_step_x2(acc, w0, w1, w2, w3, w_rows, x_row, k_start + i * BLOCK_K, k_end,
+                                                offs_c, BLOCK_K, EVEN_K, BF16)
+    else:
+        for k0 in range(k_start, k_end, BLOCK_K):
+            acc, w0, w1, w2, w3 = _gemv_step_x2(acc, w0, w1, w2, w3, w_rows, x_row, k0, k_end, offs_c, BLOCK_K,
+                                                EVEN_K, BF16)
     return tl.sum(acc, axis=1)
 
 
 @triton.jit
 def _gemv_columns(x_row, qw_ptr, offs_n, mask_n, k_start, k_end, stride_xk, stride_qn, stride_qk,
                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
-                  PACKED_F16: tl.constexpr, PACKED_BF16: tl.constexpr):
+                  PACKED_F16: tl.constexpr, PACKED_BF16: tl.constexpr, UNROLLED_STEPS: tl.constexpr):
     """float32 x . q for the rows offs_n over k in [k_start, k_end): [BLOCK_N]."""
     if PACKED_F16 or PACKED_BF16:
         return _gemv_partial_x2(x_row, qw_ptr, offs_n, mask_n, k_start, k_end, stride_qn, BLOCK_N, BLOCK_K,
-                                EVEN_N, EVEN_K, PACKED_BF16)
+                                EVEN_N, EVEN_K, PACKED_BF16, UNROLLED_STEPS)
     return _gemv_partial(x_row, qw_ptr, offs_n, mask_n, k_start, k_end, stride_xk, stride_qn, stride_qk,
                          BLOCK_N, BLOCK_K, EVEN_N)
 
@@ -215,7 +230,7 @@ def _w8a16_gemv_kernel(
     stride_xm, stride_xk, stride_qn, stride_qk, stride_bm, stride_om, stride_on, stride_wm,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
-    PACKED_F16: tl.constexpr, PACKED_BF16: tl.constexpr,
+    PACKED_F16: tl.constexpr, PACKED_BF16: tl.constexpr, UNROLLED_STEPS: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -228,12 +243,13 @@ def _w8a16_gemv_kernel(
     mask_n = offs_n < N_OUT
     x_row = x_ptr + pid_m * stride_xm
     acc = _gemv_columns(x_row, qw_ptr, offs_n, mask_n, k_start, k_end, stride_xk, stride_qn, stride_qk,
-                        BLOCK_N, BLOCK_K, EVEN_N, EVEN_K, PACKED_F16, PACKED_BF16)
+                        BLOCK_N, BLOCK_K, EVEN_N, EVEN_K, PACKED_F16, PACKED_BF16, UNROLLED_STEPS)
     acc *= tl.load(s_ptr + offs_n, mask=mask_n, other=0).to(tl.float32)
     acc_up = acc
     if ACTIVATION == "silu_mul":
         acc_up = _gemv_columns(x_row, qw_ptr + N_UP * stride_qn, offs_n, mask_n, k_start, k_end, stride_xk,
-                               stride_qn, stride_qk, BLOCK_N, BLOCK_K, EVEN_N, EVEN_K, PACKED_F16, PACKED_BF16)
+                               stride_qn, stride_qk, BLOCK_N, BLOCK_K, EVEN_N, EVEN_K, PACKED_F16, PACKED_BF16,
+                               UNROLLED_STEPS)
         acc_up *= tl.load(s_ptr + N_UP + offs_n, mask=mask_n, other=0).to(tl.float32)
     rows = pid_m + tl.arange(0, 1)
     store_output(acc[None, :], acc_up[None, :], rows[:, None], offs_n[None, :], (rows < M)[:, None] & mask_n[None, :],
@@ -342,6 +358,8 @@ class GemvConfig(NamedTuple):
     num_stages: int
     packed_f16: bool = True  # the packed path (inline PTX, ``_chunk_dot_f32``) where x is fp16 on a GPU
     packed_bf16: bool = True  # the same where x is bf16 on a GPU
+    unrolled: bool = False  # the packed paths' loop over K unrolled where every split is whole steps
+    # (``common.unrolled_steps``)
 
 
 def _packed_ok(x: torch.Tensor, qweight: torch.Tensor) -> bool:
@@ -360,12 +378,16 @@ def _cvt_asm_ok(x: torch.Tensor) -> bool:
 
 
 def gemv_meta(cfg: GemvConfig, x: torch.Tensor, qweight: torch.Tensor) -> dict:
-    """The GEMV kernel's constexprs for x ``[M, K]``: EVEN_K, and which loop it runs: PACKED_F16 /
-    PACKED_BF16 (inline PTX, ``_gemv_partial_x2``) or neither (``_gemv_partial``, float32)."""
+    """The GEMV kernel's constexprs for x ``[M, K]``: EVEN_K, which loop it runs: PACKED_F16 /
+    PACKED_BF16 (inline PTX, ``_gemv_partial_x2``) or neither (``_gemv_partial``, float32), and
+    UNROLLED_STEPS (``common.unrolled_steps``; the packed paths only)."""
+    K = x.shape[1]
     packed = cfg.block_k >= 16 and _packed_ok(x, qweight)
-    return dict(EVEN_K=x.shape[1] % (cfg.split_k * cfg.block_k) == 0,
-                PACKED_F16=packed and cfg.packed_f16 and x.dtype == torch.float16,
-                PACKED_BF16=packed and cfg.packed_bf16 and x.dtype == torch.bfloat16)
+    packed_f16 = packed and cfg.packed_f16 and x.dtype == torch.float16
+    packed_bf16 = packed and cfg.packed_bf16 and x.dtype == torch.bfloat16
+    return dict(EVEN_K=K % (cfg.split_k * cfg.block_k) == 0, PACKED_F16=packed_f16, PACKED_BF16=packed_bf16,
+                UNROLLED_STEPS=unrolled_steps(cfg.unrolled and (packed_f16 or packed_bf16), K, cfg.split_k,
+                                              cfg.block_k))
 
 
 class DequantMmConfig(NamedTuple):
@@ -389,13 +411,16 @@ def pick_config(M: int, N: int, K: int, device: torch.device, packed: bool = Tru
             return GemvConfig(16, 256, 1, num_warps=4, num_stages=2)
         return GemvConfig(8, 512, 1, num_warps=4, num_stages=2)
     if M <= GEMV_MAX_M:
-        # H200 sweep of the packed path, 2026-11-30 (bench/kernels.py, 17 block shapes; speed-up over fp16
-        # cuBLAS, fp16 x): 4 rows x 2048 with 2 warps (a thread widens its chunk of x once for 4 rows)
-        # 1.88 on 4096x28672 and 1.95 on 14336x4096; 8 x 512 with 4 warps 1.76 on 4096^2, 2.08 on
-        # 4096x6144. The float32 path's tuned shapes there: 1.45 / 1.71 / 1.60 / 1.70.
-        if N >= 16384 or K >= 8192:
+        # H200 sweeps of the packed path (bench/kernels.py, 17 block shapes, each rolled and unrolled
+        # since 2026-11-30's eleventh session; fp16 x, the weight replayed as in the kernel table, us):
+        # 14336x4096 8 x 1024 with 8 warps unrolled 16.0 (4 x 2048, 2 warps, rolled: 16.8);
+        # 4096x28672 4 x 2048 with 2 warps 29.7 (the best, unrolled 4 x 4096, 29.4, within the spread);
+        # 4096^2 and 4096x6144 4 x 1024 with 2 warps 5.0 and 6.2 (8 x 512, 4 warps: 5.2 and 6.6).
+        if K >= 8192:
+            return GemvConfig(8, 1024, 1, num_warps=8, num_stages=2, unrolled=True)
+        if N >= 16384:
             return GemvConfig(4, 2048, 1, num_warps=2, num_stages=2)
-        return GemvConfig(8, 512, 1, num_warps=4, num_stages=2)
+        return GemvConfig(4, 1024, 1, num_warps=2, num_stages=2)
     # H200 sweep, fp16 (bench/NOTES-kernels.md; speed-up over fp16 cuBLAS, geometric mean of the four
     # Llama shapes): M = 16 1.13, M = 64 0.70, M = 128 0.61, M = 1024 0.63; from M = 4096 the whole
     # weight converted once and cuBLAS (0.72 against 0.60).

@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from qpass.kernels import fp8, reference, w4a16, w8a16
-from qpass.kernels.common import output_columns
+from qpass.kernels.common import MAX_UNROLLED_STEPS, output_columns, unrolled_steps
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -189,6 +189,17 @@ def test_w4a16_warp_mma_unrolls_only_whole_splits_of_few_iterations():
     assert w4a16.warp_mma_unrolled_iterations(w4a16.WarpMmaConfig(8, 1, 2), 32) == 0  # not asked
     assert w4a16.warp_mma_unrolled_iterations(w4a16.WarpMmaConfig(4, 3, 2, unrolled=True), 32) == 0  # splits differ
     assert w4a16.warp_mma_unrolled_iterations(w4a16.WarpMmaConfig(4, 1, 2, unrolled=True), 112) == 0  # 28: too many
+
+
+def test_gemv_unrolls_only_whole_splits_of_few_steps():
+    assert unrolled_steps(True, 4096, 1, 512) == 8
+    assert unrolled_steps(True, 4096, 2, 512) == 4
+    assert unrolled_steps(False, 4096, 1, 512) == 0  # not asked
+    assert unrolled_steps(True, 4096 + 16, 1, 512) == 0  # the last step is partial
+    assert unrolled_steps(True, 4096, 3, 256) == 0  # splits differ
+    assert unrolled_steps(True, 512 * MAX_UNROLLED_STEPS, 1, 512) == MAX_UNROLLED_STEPS
+    assert unrolled_steps(True, 512 * (MAX_UNROLLED_STEPS + 1), 1, 512) == 0  # too many
+    assert unrolled_steps(True, 0, 1, 512) == 0
 
 
 def test_w4a16_warp_mma_rejects_what_it_cannot_read():
@@ -467,6 +478,34 @@ def test_gpu_epilogues_at_tuned_sizes(activation, M, N, K, dtype):
     assert w4_epilogue_error(activation, M, N, K, dtype, True, M) < BOUND[dtype]
     assert w8_epilogue_error(activation, M, N, K, dtype, True, M) < BOUND[dtype]
     assert fp8_epilogue_error(activation, M, N, K, dtype, True, M) < FP8_BOUND[dtype]
+
+
+@cuda
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("config,K,steps", [
+    (w8a16.GemvConfig(8, 512, 1, 4, 2, unrolled=True), 4096, 8),
+    (w8a16.GemvConfig(4, 2048, 1, 2, 2, unrolled=True), 14336, 7),
+    (w8a16.GemvConfig(16, 256, 2, 4, 2, unrolled=True), 1536, 3),
+    (w8a16.GemvConfig(8, 512, 1, 4, 2, unrolled=True), 4096 + 16, 0),  # a partial step: the loop
+    (w8a16.GemvConfig(8, 64, 1, 4, 2, unrolled=True), 4096, 0),  # 64 steps: the loop
+])
+@pytest.mark.parametrize("M,N", [(1, 4096), (2, 1000), (1, 50)])
+def test_gpu_w8a16_gemv_unrolled(M, N, K, config, steps, dtype):
+    """The packed W8A16 GEMV with its loop over K unrolled where each split is whole steps (and
+    the loop kept where not), against the float32 reference: plain, with a residual and with
+    each epilogue."""
+    x, qweight, scales, b = make_w8(M, N, K, dtype, True, N + K)
+    meta = w8a16.gemv_meta(config, x, qweight)
+    assert meta["PACKED_F16" if dtype == torch.float16 else "PACKED_BF16"] and meta["UNROLLED_STEPS"] == steps
+    out = w8a16.w8a16_linear(x, qweight, scales, b, config=config)
+    assert relative_error(out, reference.w8a16_linear(x.float(), qweight, scales.float(), b.float())) < BOUND[dtype]
+    _, residual = norm_and_residual(M, N, K, dtype, N)
+    out = w8a16.w8a16_linear(x, qweight, scales, residual, config=config)
+    ref = reference.w8a16_linear(x.float(), qweight, scales.float(), residual.float())
+    assert relative_error(out, ref) < BOUND[dtype]
+    for activation in EPILOGUES:
+        assert w8_epilogue_error(activation, M, 2 * N, K, dtype, True, N, config=config) < BOUND[dtype], activation
 
 
 @cuda
