@@ -1,5 +1,6 @@
 """What the kernels share: the activations their epilogues compute, the split-K workspace
-and the epilogue that finishes an output tile, tensor-core block shapes, and how K is split."""
+and the epilogue that finishes an output tile, tensor-core block shapes and which operand the
+weight tile is, and how K is split."""
 
 import os
 from typing import NamedTuple, Optional, Tuple
@@ -16,6 +17,31 @@ ACTIVATIONS = ("none", "silu_mul", "gelu", "gelu_tanh")
 def triton_interpreted() -> bool:
     """Triton's interpreter (TRITON_INTERPRET=1) runs no inline PTX."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def register_operand_mma_safe(version: str = triton.__version__) -> bool:
+    """Whether a dequantized weight tile may be the left operand of ``tl.dot`` (swap-AB), which
+    Hopper's wgmma reads straight from registers. Triton up to 3.6 (torch 2.11's) lets the next
+    loop step's dequantization overwrite those registers while the wgmma that reads them is
+    still in flight (triton-lang/triton#9433; fixed upstream by #9514, 2026-02-19, after 3.6).
+    On the H200 with 3.6 that gave wrong results now and then (W8A16 at M = 100 with GELU, W4A16
+    at M = 1024 with 4 warps; bench/NOTES-kernels.md), so there the weight tile goes through
+    shared memory as the right operand. Triton 3.7 and later are taken to carry the fix (not
+    measured here)."""
+    major, minor = (int(part) for part in version.split(".")[:2])
+    return (major, minor) >= (3, 7)
+
+
+@triton.jit
+def mma_accumulate(acc, x, w_t, SWAP_AB: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc + x @ w for the transposed weight tile w_t ``[BLOCK_N, BLOCK_K]``: acc is ``[BLOCK_M,
+    BLOCK_N]``, or its transpose under SWAP_AB (the weight tile as the left operand, which the
+    MMA takes from registers: ``register_operand_mma_safe``)."""
+    if SWAP_AB:  # (one return: Triton compiles the code after a return in a constexpr branch too)
+        acc = tl.dot(w_t, tl.trans(x), acc, input_precision=DOT_PRECISION)
+    else:
+        acc = tl.dot(x, tl.trans(w_t), acc, input_precision=DOT_PRECISION)
+    return acc
 
 
 def output_columns(activation: str, N: int) -> int:

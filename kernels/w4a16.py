@@ -47,8 +47,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (MAX_UNROLLED_STEPS, bias_rows, output_columns, sm_count, split_for, split_k_workspace,
-                     store_output, triton_interpreted, unrolled_steps)
+from .common import (MAX_UNROLLED_STEPS, bias_rows, mma_accumulate, output_columns, register_operand_mma_safe,
+                     sm_count, split_for, split_k_workspace, store_output, triton_interpreted, unrolled_steps)
 from .reference import activation_after_gemm, rms_norm
 from .w4a16_warp_mma import warp_mma_columns, w4a16_warp_mma_kernel
 
@@ -592,17 +592,6 @@ def _mma_weight_tile(qw_ptrs, s_ptr, z_ptr, offs_n, mask_n, k0, stride_qk, strid
 
 
 @triton.jit
-def _mma_accumulate(acc, x, w_t, SWAP_AB: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """acc + x @ w for the transposed weight tile w_t: ``[BLOCK_M, BLOCK_N]``, or its transpose
-    under SWAP_AB (the weight tile as the left operand, which the MMA takes from registers)."""
-    if SWAP_AB:  # (one return: Triton compiles the code after a return in a constexpr branch too)
-        acc = tl.dot(w_t, tl.trans(x), acc, input_precision=DOT_PRECISION)
-    else:
-        acc = tl.dot(x, tl.trans(w_t), acc, input_precision=DOT_PRECISION)
-    return acc
-
-
-@triton.jit
 def _w4a16_mma_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr,
     M, N_OUT, N_UP, K,
@@ -644,11 +633,11 @@ def _w4a16_mma_kernel(
         x = tl.load(x_ptrs + k0 * stride_xk)
         w_t = _mma_weight_tile(qw_ptrs, s_ptr, z_ptr, offs_n, mask_n, k0, stride_qk, stride_sg, stride_sn,
                                GROUP_SIZE, EVEN_N, DTYPE)
-        acc = _mma_accumulate(acc, x, w_t, SWAP_AB, DOT_PRECISION)
+        acc = mma_accumulate(acc, x, w_t, SWAP_AB, DOT_PRECISION)
         if ACTIVATION == "silu_mul":
             w_up_t = _mma_weight_tile(qw_ptrs + N_UP * stride_qn, s_ptr, z_ptr, offs_n + N_UP, mask_n, k0, stride_qk,
                                       stride_sg, stride_sn, GROUP_SIZE, EVEN_N, DTYPE)
-            acc_up = _mma_accumulate(acc_up, x, w_up_t, SWAP_AB, DOT_PRECISION)
+            acc_up = mma_accumulate(acc_up, x, w_up_t, SWAP_AB, DOT_PRECISION)
     if SWAP_AB:
         acc = tl.trans(acc)
         acc_up = tl.trans(acc_up)
@@ -779,6 +768,16 @@ WARP_MMA_MAX_M = 16
 DEQUANT_MM_MIN_M = 512
 
 
+def _shared_operand_mma_config(M: int, block_k: int) -> MmaConfig:
+    """The tensor-core kernel with the weight tile through shared memory (no swap-AB), where the
+    register operand is not safe (``register_operand_mma_safe``): the block shapes the H100 sweep
+    picked before swap-AB (bench/NOTES-kernels.md), split K chosen by the caller."""
+    if M <= 64:
+        return MmaConfig(16 if M <= 16 else 32 if M <= 32 else 64, 128, min(block_k, 64), 1, False, num_warps=4,
+                         num_stages=3)
+    return MmaConfig(128, 128, min(block_k, 64), 1, False, num_warps=8, num_stages=3)
+
+
 def pick_config(M: int, N: int, K: int, group_size: int, device: torch.device, activation: str = "none",
                 warp_mma: bool = True, dtype: torch.dtype = torch.float16):
     """The kernel and its block shapes for a problem of N output columns and activations of
@@ -812,11 +811,13 @@ def pick_config(M: int, N: int, K: int, group_size: int, device: torch.device, a
     if M >= DEQUANT_MM_MIN_M:
         return DequantMmConfig()
     block_k = mma_block_k[0]  # the largest power of two up to 128 that divides group_size
+    if not register_operand_mma_safe():
+        cfg = _shared_operand_mma_config(M, block_k)
     # Weight tile as the left operand (swap-AB) but for silu_mul past M = 64: it stays in registers
     # from the dequantization to the MMA. H200 sweep over block shapes (bench/NOTES-kernels.md, fp16, the four
     # Llama shapes, geometric mean over fp16 cuBLAS): M = 32 0.93 (32 x 64 x 64, 5 stages), M = 64
     # 0.77 (64 x 64 x 64, 4 stages), M = 128 0.62 and M = 256 0.51 (128 x 128 x 128, 8 warps).
-    if M <= 16:
+    elif M <= 16:
         cfg = MmaConfig(16, 128, block_k, 1, True, num_warps=4, num_stages=3)
     elif M <= 32:
         cfg = MmaConfig(32, 64, min(block_k, 64), 1, True, num_warps=4, num_stages=5)

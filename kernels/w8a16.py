@@ -12,9 +12,10 @@ channel, fp16/bf16 (or fp32) activations. ``out = (x @ q.T) * scales``.
   every split is whole steps, the loop over K is unrolled (``UNROLLED_STEPS``) so that each
   step's next loads stay ahead of its arithmetic.
 - ``_w8a16_mma_kernel`` (larger M): int8 tiles converted to the activation dtype (exact:
-  |q| <= 128; by inline PTX for fp16, ``_int8_to_f16``) and fed to ``tl.dot`` as its left
-  operand (the transposed product), which the Hopper MMA reads from registers; the scale
-  multiplies the accumulator.
+  |q| <= 128; by inline PTX for fp16, ``_int8_to_f16``) and fed to ``tl.dot``, as its left
+  operand (the transposed product, which the Hopper MMA reads from registers) where
+  ``common.register_operand_mma_safe``, else as its right one; the scale multiplies the
+  accumulator.
 - ``DequantMmConfig`` (M >= 4096): the weight converted once (one torch pass), then cuBLAS.
 
 Both split K when the tiles alone would leave the GPU idle; the programs of a tile add
@@ -29,8 +30,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .common import (MmaConfig, bias_rows, output_columns, sm_count, split_for, split_k_workspace, store_output,
-                     triton_interpreted, unrolled_steps)
+from .common import (MmaConfig, bias_rows, mma_accumulate, output_columns, register_operand_mma_safe, sm_count,
+                     split_for, split_k_workspace, store_output, triton_interpreted, unrolled_steps)
 from .reference import activation_after_gemm
 
 
@@ -297,6 +298,7 @@ def _w8a16_mma_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
     HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, DOT_PRECISION: tl.constexpr, CVT_ASM: tl.constexpr,
+    SWAP_AB: tl.constexpr,
 ):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -320,10 +322,13 @@ def _w8a16_mma_kernel(
     tiles_per_split = tl.cdiv(k_tiles, SPLIT_K)
     tile_start = pid_k * tiles_per_split
     tile_end = tl.minimum(tile_start + tiles_per_split, k_tiles)
-    # The product transposed, out^T = q x^T: the weight tile is the MMA's left operand, which Hopper's
-    # wgmma reads from registers, so the int8 -> fp16/bf16 conversion feeds it with no trip through
-    # shared memory (bench/NOTES-kernels.md).
-    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    # SWAP_AB: the product transposed, out^T = q x^T, the weight tile the MMA's left operand, which
+    # Hopper's wgmma reads from registers: the int8 -> fp16/bf16 conversion feeds it with no trip
+    # through shared memory (bench/NOTES-kernels.md), where that is safe (common.register_operand_mma_safe).
+    if SWAP_AB:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = acc
     for t in range(tile_start, tile_end):
         k0 = t * BLOCK_K
@@ -334,17 +339,20 @@ def _w8a16_mma_kernel(
             mask_k = (k0 + offs_k) < K
             x = tl.load(x_ptrs + k0 * stride_xk, mask=mask_k[None, :], other=0)
             q = tl.load(qw_ptrs + k0 * stride_qk, mask=mask_k[None, :], other=0)
-        acc = tl.dot(_weight_tile(q, DTYPE, CVT_ASM), tl.trans(x), acc, input_precision=DOT_PRECISION)
+        acc = mma_accumulate(acc, x, _weight_tile(q, DTYPE, CVT_ASM), SWAP_AB, DOT_PRECISION)
         if ACTIVATION == "silu_mul":
             if EVEN_K:
                 q_up = tl.load(qw_ptrs + N_UP * stride_qn + k0 * stride_qk)
             else:
                 q_up = tl.load(qw_ptrs + N_UP * stride_qn + k0 * stride_qk, mask=mask_k[None, :], other=0)
-            acc_up = tl.dot(_weight_tile(q_up, DTYPE, CVT_ASM), tl.trans(x), acc_up, input_precision=DOT_PRECISION)
+            acc_up = mma_accumulate(acc_up, x, _weight_tile(q_up, DTYPE, CVT_ASM), SWAP_AB, DOT_PRECISION)
+    if SWAP_AB:
+        acc = tl.trans(acc)
+        acc_up = tl.trans(acc_up)
     mask_n = offs_n < N_OUT
-    acc = tl.trans(acc * tl.load(s_ptr + offs_n, mask=mask_n, other=0).to(tl.float32)[:, None])
+    acc = acc * tl.load(s_ptr + offs_n, mask=mask_n, other=0).to(tl.float32)[None, :]
     if ACTIVATION == "silu_mul":
-        acc_up = tl.trans(acc_up * tl.load(s_ptr + N_UP + offs_n, mask=mask_n, other=0).to(tl.float32)[:, None])
+        acc_up = acc_up * tl.load(s_ptr + N_UP + offs_n, mask=mask_n, other=0).to(tl.float32)[None, :]
     store_output(acc, acc_up, offs_m[:, None], offs_n[None, :], (offs_m < M)[:, None] & mask_n[None, :], pid, M,
                  N_UP, b_ptr, out_ptr, ws_ptr, stride_bm, stride_om, stride_on, stride_wm, SPLIT_K, HAS_BIAS,
                  ACTIVATION)
@@ -470,7 +478,8 @@ def w8a16_linear(
         grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(n_out, cfg.block_n), cfg.split_k)
         kernel = _w8a16_mma_kernel
         meta = dict(BLOCK_M=cfg.block_m, GROUP_M=cfg.group_m, EVEN_K=K % cfg.block_k == 0,
-                    DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", CVT_ASM=_cvt_asm_ok(x))
+                    DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", CVT_ASM=_cvt_asm_ok(x),
+                    SWAP_AB=register_operand_mma_safe())
     ws = split_k_workspace(M, N, grid[0] * (grid[1] if len(grid) == 3 else 1), cfg.split_k, out)
     torch.library.wrap_triton(kernel)[grid](
         x, qweight, scales, bias if has_bias else scales, out, ws, M, n_out, N - n_out, K,

@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from qpass.kernels import fp8, reference, w4a16, w8a16
-from qpass.kernels.common import MAX_UNROLLED_STEPS, output_columns, unrolled_steps
+from qpass.kernels.common import ACTIVATIONS, MAX_UNROLLED_STEPS, output_columns, register_operand_mma_safe, unrolled_steps
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -262,6 +262,27 @@ def test_w8a16_each_kernel_variant(config, M, N, K, bias, seed, data):
     assert relative_error(out, ref) < BOUND[dtype]
 
 
+@pytest.mark.parametrize("swap_ab", [False, True])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_w8a16_mma_either_operand(monkeypatch, swap_ab, activation):
+    """The W8A16 tensor-core kernel with the weight tile as the MMA's left operand (registers) and
+    as its right one (shared memory: Triton 3.6, ``register_operand_mma_safe``)."""
+    monkeypatch.setattr(w8a16, "register_operand_mma_safe", lambda: swap_ab)
+    config = w8a16.MmaConfig(16, 32, 32, split_k=2, num_warps=4, num_stages=2)
+    assert w8_epilogue_error(activation, 19, 40, 72, torch.float32, True, 7, config=config) < BOUND[torch.float32]
+
+
+def test_register_operand_mma_only_where_triton_has_the_fix(monkeypatch):
+    assert not register_operand_mma_safe("3.6.0") and not register_operand_mma_safe("3.5.1")
+    assert register_operand_mma_safe("3.7.0") and register_operand_mma_safe("3.10.0+git1234")
+    # where it is not safe, no W4A16 tensor-core pick puts the weight tile in registers
+    monkeypatch.setattr(w4a16, "register_operand_mma_safe", lambda: False)
+    for M in (3, 16, 17, 32, 64, 65, 128, 511):
+        for activation in ("none", "silu_mul"):
+            cfg = w4a16.pick_config(M, 4096, 4096, 128, torch.device("cpu"), activation, warp_mma=False)
+            assert isinstance(cfg, w4a16.MmaConfig) and not cfg.swap_ab, (M, activation, cfg)
+
+
 def test_w8a16_kernel_choice_by_rows():
     """The GEMV for a row or two, the tensor-core kernel up to M = 4095, then the weight converted
     once and cuBLAS."""
@@ -441,14 +462,14 @@ def test_gpu_every_kernel_at_tuned_sizes(M, N, K, dtype):
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("activation", ("none",) + EPILOGUES)
-@pytest.mark.parametrize("M,n_out,K,group_size", [(24, 17000, 512, 64), (48, 17000, 512, 64), (100, 9000, 512, 64),
+@pytest.mark.parametrize("M,n_out,K,group_size", [(24, 34000, 512, 64), (48, 34000, 512, 64), (100, 9000, 512, 64),
                                                   (300, 4100, 512, 64), (100, 9000, 4096, 128), (300, 4100, 4096, 128)])
 def test_gpu_w4a16_mma_unsplit_at_each_tuned_tile(M, n_out, K, group_size, activation, dtype):
     """Each block shape ``pick_config`` gives the tensor-core kernel, with N wide enough that K is
     not split: the kernel's own epilogue, and every register of its accumulators (two of them
-    with silu_mul) live through the whole loop; at K = 4096 and groups of 128 the 128 x 128 x 128
-    tile for 32 steps (other shapes of this kernel gave wrong results unsplit over long loops:
-    bench/NOTES-kernels.md)."""
+    with silu_mul) live through the whole loop, 32 to 64 steps at K = 4096 (with the weight tile
+    as the register operand, Triton 3.6 gave wrong results now and then over long loops:
+    ``common.register_operand_mma_safe``)."""
     N = 2 * n_out if activation == "silu_mul" else n_out
     cfg = w4a16.pick_config(M, n_out, K, group_size, torch.device("cuda"), activation)
     assert isinstance(cfg, w4a16.MmaConfig) and cfg.split_k == 1, cfg
