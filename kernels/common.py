@@ -137,8 +137,8 @@ def unrolled_steps(asked: bool, length: int, split: int, step: int) -> int:
     is whole steps and there are at most MAX_UNROLLED_STEPS; else 0 (a loop). A loop runs no step
     past a split's end, where an unrolled split shorter than the others would spend whole steps
     on masked loads."""
-    steps, rest = divmod(length, split * step)
-    return steps if asked and rest == 0 and 0 < steps <= MAX_UNROLLED_STEPS else 0
+    steps = length // (split * step)  # (no divmod: under torch.compile length may be a SymInt)
+    return steps if asked and length % (split * step) == 0 and 0 < steps <= MAX_UNROLLED_STEPS else 0
 
 _SM_COUNT = {}
 
