@@ -137,6 +137,7 @@ def run_table(peers, shapes, ms):
 def sweep_candidates(kind, M):
     """Block shapes worth timing for one kernel family and M (bench/NOTES-kernels.md)."""
     from qpass.kernels import fp8, w4a16, w8a16
+    from qpass.kernels.common import register_operand_mma_safe
 
     out = []
     if kind == "awq":
@@ -158,29 +159,29 @@ def sweep_candidates(kind, M):
                     for column_warps in (1, 2):
                         for split in (1, 2, 4, 8):
                             out.append(w4a16.WarpMmaConfig(warps, split, row_tiles, column_warps))
+        # the weight tile as the MMA's register operand (swap-AB) only where that is safe
+        # (common.register_operand_mma_safe: not with Triton 3.6, whose wgmma races on it)
+        swaps = (True, False) if register_operand_mma_safe() else (False,)
         if 2 < M <= 64:
             if M <= 16:  # the split rule against fixed splits, for the tensor-core kernel's tuned block shape
                 for split in (1, 2, 4, 8, 16):
-                    out.append(w4a16.MmaConfig(16, 128, 128, split, True, 4, 3))
+                    out.append(w4a16.MmaConfig(16, 128, 128, split, swaps[0], 4, 3))
             bm = 32 if M <= 32 else 64
             for bn, bk, warps, stages in [(64, 64, 4, 4), (64, 64, 4, 5), (128, 64, 4, 3), (128, 64, 4, 4),
                                           (64, 128, 4, 3), (128, 128, 4, 3), (256, 64, 8, 3)]:
-                out.append(w4a16.MmaConfig(bm, bn, bk, 0, True, warps, stages))
-            out.append(w4a16.MmaConfig(bm, 128, 64, 0, False, 4, 3))
+                for swap in swaps:
+                    out.append(w4a16.MmaConfig(bm, bn, bk, 0, swap, warps, stages))
         if 64 < M <= 256:
-            # (128 x 128 tiles swap-AB with 4 warps: wrong results unsplit with triton 3.6 on the H200,
-            # bench/NOTES-kernels.md; not a candidate)
             for bm, bn, bk, warps, stages in [(128, 128, 128, 8, 3), (128, 128, 128, 8, 4), (128, 128, 64, 8, 3),
                                               (128, 128, 64, 8, 4), (128, 64, 64, 4, 3), (128, 64, 128, 4, 3),
                                               (128, 256, 64, 8, 3), (64, 128, 64, 4, 3)]:
-                out.append(w4a16.MmaConfig(bm, bn, bk, 0, True, warps, stages))
-            for bm, bn, bk, warps in [(128, 128, 64, 8), (64, 128, 64, 4), (128, 256, 64, 8)]:
-                out.append(w4a16.MmaConfig(bm, bn, bk, 0, False, warps, 3))
+                for swap in swaps:
+                    out.append(w4a16.MmaConfig(bm, bn, bk, 0, swap, warps, stages))
             out.append(w4a16.DequantMmConfig())
         if M > 256:
-            for bm, bn, bk, warps, swap in [(128, 128, 64, 8, True), (128, 256, 64, 8, True), (128, 256, 64, 8, False),
-                                            (256, 128, 64, 8, False), (128, 128, 64, 8, False)]:
-                out.append(w4a16.MmaConfig(bm, bn, bk, 0, swap, warps, 3))
+            for bm, bn, bk, warps in [(128, 128, 64, 8), (128, 256, 64, 8), (256, 128, 64, 8)]:
+                for swap in swaps:
+                    out.append(w4a16.MmaConfig(bm, bn, bk, 0, swap, warps, 3))
             out.append(w4a16.DequantMmConfig())
             out.append(w4a16.DequantMmConfig(32, 64))
     elif kind == "int8":
@@ -197,7 +198,9 @@ def sweep_candidates(kind, M):
                     out.append(w8a16.GemvConfig(bn, bk, 0, warps, 2, unrolled=unrolled))
         else:
             for bm, bn, bk, warps, stages in [(16, 64, 128, 4, 4), (16, 128, 128, 4, 4), (16, 32, 128, 4, 5),
-                                              (64, 128, 64, 4, 4), (128, 256, 64, 8, 3), (128, 128, 64, 8, 4)]:
+                                              (64, 128, 64, 4, 4), (64, 128, 128, 4, 3), (64, 64, 128, 4, 4),
+                                              (128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 128, 4, 3),
+                                              (128, 128, 128, 8, 3)]:
                 if (M <= 16) == (bm == 16):
                     out.append(w8a16.MmaConfig(bm, bn, bk, 0, warps, stages))
     elif kind == "fp8":

@@ -436,7 +436,10 @@ def pick_config(M: int, N: int, K: int, device: torch.device, packed: bool = Tru
         return DequantMmConfig()
     if M <= 16:
         cfg = MmaConfig(16, 64, 128, 1, num_warps=4, num_stages=4)
-    elif M <= 64:
+    elif M <= 64 or not register_operand_mma_safe():
+        # With the weight tile through shared memory (Triton 3.6) 64 x 128 x 128 is also the best of
+        # 10 block shapes at M = 128 and 1024 (H200, bench/results/sweep-mma-shared-operand-h200.json;
+        # geometric mean over fp16 cuBLAS 0.55 and 0.48, against 0.50 and 0.38 for 128 x 64 x 128).
         cfg = MmaConfig(64, 128, 128, 1, num_warps=4, num_stages=3)
     else:
         cfg = MmaConfig(128, 64, 128, 1, num_warps=4, num_stages=3)
