@@ -21,7 +21,9 @@ Four paths, chosen by M (``pick_config``):
   transposed tile ``[BLOCK_N, BLOCK_K]`` (each word's nibbles joined in the registers that
   loaded it), dequantizes it in the activation dtype and feeds ``tl.dot``. ``SWAP_AB``
   computes the transposed product, the weight tile as the left operand, which the Hopper MMA
-  reads from registers: no trip through shared memory between dequantization and MMA.
+  reads from registers: no trip through shared memory between dequantization and MMA. The
+  picks use it only where Triton's wgmma reads that operand safely
+  (``common.register_operand_mma_safe``); elsewhere the tile goes through shared memory.
 - ``_w4a16_dequantize_kernel`` + cuBLAS (M >= 512): writes the whole fp16/bf16 weight once,
   then ``torch.mm``. Where the GEMM is compute-bound, one extra pass over 2 bytes per weight
   costs less than the dequantization inside the fused kernel's main loop (which Triton does
