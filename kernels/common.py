@@ -23,11 +23,11 @@ def register_operand_mma_safe(version: str = triton.__version__) -> bool:
     """Whether a dequantized weight tile may be the left operand of ``tl.dot`` (swap-AB), which
     Hopper's wgmma reads straight from registers. Triton up to 3.6 (torch 2.11's) lets the next
     loop step's dequantization overwrite those registers while the wgmma that reads them is
-    still in flight (triton-lang/triton#9433; fixed upstream by #9514, 2026-02-19, after 3.6).
-    On the H200 with 3.6 that gave wrong results now and then (W8A16 at M = 100 with GELU, W4A16
-    at M = 1024 with 4 warps; bench/NOTES-kernels.md), so there the weight tile goes through
-    shared memory as the right operand. Triton 3.7 and later are taken to carry the fix (not
-    measured here)."""
+    still in flight (triton-lang/triton#9433; fixed on main by #9514, 2026-02-19, which the 3.7
+    release branch, cut 2026-03-30, contains). On the H200 with 3.6 that gave wrong results now
+    and then (W8A16 at M = 100 with GELU, W4A16 at M = 1024 with 4 warps; bench/NOTES-kernels.md),
+    so there the weight tile goes through shared memory as the right operand. The register
+    operand from 3.7 on has not been measured here."""
     major, minor = (int(part) for part in version.split(".")[:2])
     return (major, minor) >= (3, 7)
 
