@@ -262,8 +262,11 @@ def run_sweep(shapes, plan, deadline, dtype_name="float16", activation="none", c
                 if getattr(cfg, "split_k", 1) == 0:  # the launchers' rule for this block shape
                     row_tiles = -(-M // cfg.block_m) if hasattr(cfg, "block_m") else M
                     n_out = N // 2 if activation == "silu_mul" and kind == "awq" else N
-                    cfg = cfg._replace(split_k=split_for(
-                        row_tiles * -(-n_out // cfg.block_n), -(-K // cfg.block_k), 132))
+                    if isinstance(cfg, w4a16.MmaConfig):  # what pick_config gives this block shape
+                        split = w4a16.mma_split_k(cfg, M, n_out, K, 132)
+                    else:
+                        split = split_for(row_tiles * -(-n_out // cfg.block_n), -(-K // cfg.block_k), 132)
+                    cfg = cfg._replace(split_k=split)
                 try:
                     us = bench(lambda: [call(kind, x, cfg, s) for s in sets], rep=10) / copies
                 except Exception as e:

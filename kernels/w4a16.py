@@ -832,13 +832,19 @@ def pick_config(M: int, N: int, K: int, group_size: int, device: torch.device, a
         cfg = MmaConfig(128, 128, min(block_k, 64), 1, False, num_warps=8, num_stages=3)
     else:
         cfg = MmaConfig(128, 128, block_k, 1, True, num_warps=8, num_stages=3)
+    return cfg._replace(split_k=mma_split_k(cfg, M, N, K, sms))
+
+
+def mma_split_k(cfg: MmaConfig, M: int, N: int, K: int, sms: int) -> int:
+    """K splits of the tensor-core kernel's block shape ``cfg`` for M x N outputs over K (what
+    ``pick_config`` gives it, and the sweeps, so that they time what the picks run)."""
     tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
     if M <= 64:
-        return cfg._replace(split_k=split_for(tiles, K // cfg.block_k, sms))
+        return split_for(tiles, K // cfg.block_k, sms)
     # Each split adds M x N float32 atomics: past M = 64 split only within one wave (H100,
     # 2026-11-24, M = 128: 4096x28672 0.51x with two waves of split 128x128 tiles, 0.81x
     # with one unsplit; at M = 64 two waves were the faster, 0.97x against 0.58x on 4096x6144).
-    return cfg._replace(split_k=_split_within_one_wave(tiles, K // cfg.block_k, sms))
+    return _split_within_one_wave(tiles, K // cfg.block_k, sms)
 
 
 def w4a16_linear(

@@ -272,6 +272,15 @@ def test_w8a16_mma_either_operand(monkeypatch, swap_ab, activation):
     assert w8_epilogue_error(activation, 19, 40, 72, torch.float32, True, 7, config=config) < BOUND[torch.float32]
 
 
+def test_w4a16_mma_split_is_what_the_pick_runs():
+    """The sweeps split K by ``mma_split_k``: for each tensor-core pick it is the pick's own split."""
+    cpu = torch.device("cpu")
+    for M in (3, 17, 48, 64, 65, 128, 300):
+        for N, K in [(4096, 4096), (28672, 4096), (4096, 14336)]:
+            cfg = w4a16.pick_config(M, N, K, 128, cpu, warp_mma=False)
+            assert cfg.split_k == w4a16.mma_split_k(cfg, M, N, K, 132), (M, N, K, cfg)
+
+
 def test_register_operand_mma_only_where_triton_has_the_fix(monkeypatch):
     assert not register_operand_mma_safe("3.6.0") and not register_operand_mma_safe("3.5.1")
     assert register_operand_mma_safe("3.7.0") and register_operand_mma_safe("3.10.0+git1234")
