@@ -772,8 +772,9 @@ DEQUANT_MM_MIN_M = 512
 
 def _shared_operand_mma_config(M: int, block_k: int) -> MmaConfig:
     """The tensor-core kernel with the weight tile through shared memory (no swap-AB), where the
-    register operand is not safe (``register_operand_mma_safe``): the block shapes the H100 sweep
-    picked before swap-AB (bench/NOTES-kernels.md), split K chosen by the caller."""
+    register operand is not safe (``register_operand_mma_safe``, and silu_mul past M = 64): the
+    block shapes the H100 sweep picked before swap-AB (bench/NOTES-kernels.md), split K chosen by
+    the caller."""
     if M <= 64:
         return MmaConfig(16 if M <= 16 else 32 if M <= 32 else 64, 128, min(block_k, 64), 1, False, num_warps=4,
                          num_stages=3)
@@ -813,7 +814,9 @@ def pick_config(M: int, N: int, K: int, group_size: int, device: torch.device, a
     if M >= DEQUANT_MM_MIN_M:
         return DequantMmConfig()
     block_k = mma_block_k[0]  # the largest power of two up to 128 that divides group_size
-    if not register_operand_mma_safe():
+    # Past M = 64 silu_mul's two 128 x 128 accumulators and two register tiles gave wrong results
+    # unsplit over long K even before the race was known (bench/NOTES-kernels.md): shared memory.
+    if not register_operand_mma_safe() or (M > 64 and activation == "silu_mul"):
         cfg = _shared_operand_mma_config(M, block_k)
     # Weight tile as the left operand (swap-AB) but for silu_mul past M = 64: it stays in registers
     # from the dequantization to the MMA. H200 sweep over block shapes (bench/NOTES-kernels.md, fp16, the four
@@ -825,11 +828,6 @@ def pick_config(M: int, N: int, K: int, group_size: int, device: torch.device, a
         cfg = MmaConfig(32, 64, min(block_k, 64), 1, True, num_warps=4, num_stages=5)
     elif M <= 64:
         cfg = MmaConfig(64, 64, min(block_k, 64), 1, True, num_warps=4, num_stages=4)
-    elif activation == "silu_mul":
-        # Two 128 x 128 accumulators and two register tiles: at such register pressure the register
-        # operand has given wrong results unsplit over long K (bench/NOTES-kernels.md), so here the
-        # weight tiles go to the MMA through shared memory (the pick before swap-AB).
-        cfg = MmaConfig(128, 128, min(block_k, 64), 1, False, num_warps=8, num_stages=3)
     else:
         cfg = MmaConfig(128, 128, block_k, 1, True, num_warps=8, num_stages=3)
     return cfg._replace(split_k=mma_split_k(cfg, M, N, K, sms))
