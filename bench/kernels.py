@@ -137,7 +137,6 @@ def run_table(peers, shapes, ms):
 def sweep_candidates(kind, M):
     """Block shapes worth timing for one kernel family and M (bench/NOTES-kernels.md)."""
     from qpass.kernels import fp8, w4a16, w8a16
-    from qpass.kernels.common import register_operand_mma_safe
 
     out = []
     if kind == "awq":
@@ -159,9 +158,7 @@ def sweep_candidates(kind, M):
                     for column_warps in (1, 2):
                         for split in (1, 2, 4, 8):
                             out.append(w4a16.WarpMmaConfig(warps, split, row_tiles, column_warps))
-        # the weight tile as the MMA's register operand (swap-AB) only where that is safe
-        # (common.register_operand_mma_safe: not with Triton 3.6, whose wgmma races on it)
-        swaps = (True, False) if register_operand_mma_safe() else (False,)
+        swaps = (True, False)  # the weight tile as the MMA's register operand, or through shared memory
         if 2 < M <= 64:
             if M <= 16:  # the split rule against fixed splits, for the tensor-core kernel's tuned block shape
                 for split in (1, 2, 4, 8, 16):
@@ -202,7 +199,8 @@ def sweep_candidates(kind, M):
                                               (128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 128, 4, 3),
                                               (128, 128, 128, 8, 3)]:
                 if (M <= 16) == (bm == 16):
-                    out.append(w8a16.MmaConfig(bm, bn, bk, 0, warps, stages))
+                    for swap in (True, False):
+                        out.append(w8a16.MmaConfig(bm, bn, bk, 0, warps, stages, swap_ab=swap))
     elif kind == "fp8":
         if M >= 1024:
             for bm, bn, bk, warps, stages in [(128, 256, 128, 8, 3), (128, 256, 128, 8, 4), (128, 128, 128, 8, 4),

@@ -19,26 +19,31 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def register_operand_mma_safe(version: str = triton.__version__) -> bool:
-    """Whether a dequantized weight tile may be the left operand of ``tl.dot`` (swap-AB), which
-    Hopper's wgmma reads straight from registers. Triton up to 3.6 (torch 2.11's) lets the next
-    loop step's dequantization overwrite those registers while the wgmma that reads them is
-    still in flight (triton-lang/triton#9433; fixed on main by #9514, 2026-02-19, which the 3.7
-    release branch, cut 2026-03-30, contains). On the H200 with 3.6 that gave wrong results now
-    and then (W8A16 at M = 100 with GELU, W4A16 at M = 1024 with 4 warps; bench/NOTES-kernels.md),
-    so there the weight tile goes through shared memory as the right operand. The register
-    operand from 3.7 on has not been measured here."""
-    major, minor = (int(part) for part in version.split(".")[:2])
-    return (major, minor) >= (3, 7)
+# Whether kernels run compiled: the interpreter runs no inline PTX (fixed at import, as Triton
+# fixes at decoration whether a kernel is interpreted).
+_COMPILED = tl.constexpr(not triton_interpreted())
+
+
+@triton.jit
+def _waited_for(acc):
+    """acc, read by a register move that ptxas drops. A dot whose result something other than the
+    next step's dot reads is synchronous to Triton's pipeliner: it waits for all of the step's
+    wgmmas (``pendings = 0``) before the loop goes on. Left asynchronous, a dot whose left operand
+    is in registers races: Triton up to 3.7 with ptxas before 13.3 waits only for a step's first
+    wgmma, and the next step's dequantization rewrites the registers the others still read
+    (triton-lang/triton#9433; wrong results on the H200 with 3.6, bench/NOTES-kernels.md)."""
+    return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [acc], dtype=tl.float32, is_pure=False, pack=1)
 
 
 @triton.jit
 def mma_accumulate(acc, x, w_t, SWAP_AB: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """acc + x @ w for the transposed weight tile w_t ``[BLOCK_N, BLOCK_K]``: acc is ``[BLOCK_M,
     BLOCK_N]``, or its transpose under SWAP_AB (the weight tile as the left operand, which the
-    MMA takes from registers: ``register_operand_mma_safe``)."""
+    MMA takes from registers, each step's wgmmas waited for before the next: ``_waited_for``)."""
     if SWAP_AB:  # (one return: Triton compiles the code after a return in a constexpr branch too)
         acc = tl.dot(w_t, tl.trans(x), acc, input_precision=DOT_PRECISION)
+        if _COMPILED:
+            acc = _waited_for(acc)
     else:
         acc = tl.dot(x, tl.trans(w_t), acc, input_precision=DOT_PRECISION)
     return acc
@@ -125,6 +130,7 @@ class MmaConfig(NamedTuple):
     num_warps: int
     num_stages: int
     group_m: int = 8
+    swap_ab: bool = False  # W8A16: the weight tile as the MMA's left operand (``mma_accumulate``)
 
 
 # An unrolled loop's code grows with its steps: past this many a kernel keeps its loop.

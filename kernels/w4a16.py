@@ -21,10 +21,9 @@ Four paths, chosen by M (``pick_config``):
   transposed tile ``[BLOCK_N, BLOCK_K]`` (each word's nibbles joined in the registers that
   loaded it), dequantizes it in the activation dtype and feeds ``tl.dot``. ``SWAP_AB``
   computes the transposed product, the weight tile as the left operand, which the Hopper MMA
-  reads from registers: no trip through shared memory between dequantization and MMA. The
-  picks use it only where Triton's wgmma reads that operand safely
-  (``common.register_operand_mma_safe``); elsewhere the tile goes through shared memory.
-- ``_w4a16_dequantize_kernel`` + cuBLAS (M >= 512): writes the whole fp16/bf16 weight once,
+  reads from registers: no trip through shared memory between dequantization and MMA (each
+  step's wgmmas finish before the next step's dequantization: ``common.mma_accumulate``).
+- ``_w4a16_dequantize_kernel`` + cuBLAS (M > 128): writes the whole fp16/bf16 weight once,
   then ``torch.mm``. Where the GEMM is compute-bound, one extra pass over 2 bytes per weight
   costs less than the dequantization inside the fused kernel's main loop (which Triton does
   not overlap with the tensor cores well enough: about 0.5x of cuBLAS).
@@ -49,8 +48,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (MAX_UNROLLED_STEPS, bias_rows, mma_accumulate, output_columns, register_operand_mma_safe,
-                     sm_count, split_for, split_k_workspace, store_output, triton_interpreted, unrolled_steps)
+from .common import (MAX_UNROLLED_STEPS, bias_rows, mma_accumulate, output_columns, sm_count,
+                     split_for, split_k_workspace, store_output, triton_interpreted, unrolled_steps)
 from .reference import activation_after_gemm, rms_norm
 from .w4a16_warp_mma import warp_mma_columns, w4a16_warp_mma_kernel
 
@@ -767,18 +766,10 @@ def _warp_mma_config(M: int, tiles: int, groups: int, sms: int) -> WarpMmaConfig
 
 GEMV_MAX_M = 2
 WARP_MMA_MAX_M = 16
-DEQUANT_MM_MIN_M = 512
-
-
-def _shared_operand_mma_config(M: int, block_k: int) -> MmaConfig:
-    """The tensor-core kernel with the weight tile through shared memory (no swap-AB), where the
-    register operand is not safe (``register_operand_mma_safe``, and silu_mul past M = 64): the
-    block shapes the H100 sweep picked before swap-AB (bench/NOTES-kernels.md), split K chosen by
-    the caller."""
-    if M <= 64:
-        return MmaConfig(16 if M <= 16 else 32 if M <= 32 else 64, 128, min(block_k, 64), 1, False, num_warps=4,
-                         num_stages=3)
-    return MmaConfig(128, 128, min(block_k, 64), 1, False, num_warps=8, num_stages=3)
+# Past one 128-row tile the fused kernel reads and dequantizes the weight once a tile: dequantizing
+# it once and cuBLAS is faster (H200, geometric mean over fp16 cuBLAS of the four Llama shapes: M = 192
+# 0.53 against 0.37 fused, M = 256 0.60 against 0.41; M = 128 0.46 against 0.52).
+DEQUANT_MM_MIN_M = 129
 
 
 def pick_config(M: int, N: int, K: int, group_size: int, device: torch.device, activation: str = "none",
@@ -814,22 +805,23 @@ def pick_config(M: int, N: int, K: int, group_size: int, device: torch.device, a
     if M >= DEQUANT_MM_MIN_M:
         return DequantMmConfig()
     block_k = mma_block_k[0]  # the largest power of two up to 128 that divides group_size
-    # Past M = 64 silu_mul's two 128 x 128 accumulators and two register tiles gave wrong results
-    # unsplit over long K even before the race was known (bench/NOTES-kernels.md): shared memory.
-    if not register_operand_mma_safe() or (M > 64 and activation == "silu_mul"):
-        cfg = _shared_operand_mma_config(M, block_k)
-    # Weight tile as the left operand (swap-AB) but for silu_mul past M = 64: it stays in registers
-    # from the dequantization to the MMA. H200 sweep over block shapes (bench/NOTES-kernels.md, fp16, the four
-    # Llama shapes, geometric mean over fp16 cuBLAS): M = 32 0.93 (32 x 64 x 64, 5 stages), M = 64
-    # 0.77 (64 x 64 x 64, 4 stages), M = 128 0.62 and M = 256 0.51 (128 x 128 x 128, 8 warps).
-    elif M <= 16:
+    # Weight tile as the left operand (swap-AB): it stays in registers from the dequantization
+    # to the MMA. H200 sweeps over block shapes (bench/NOTES-kernels.md, fp16, the four Llama
+    # shapes, geometric mean over fp16 cuBLAS): M = 32 0.93 (32 x 64 x 64, 5 stages), M = 64 0.77
+    # (64 x 64 x 64, 4 stages); with each step's wgmmas waited for, M = 128 0.52 (128 x 128 x 64,
+    # 8 warps; through shared memory 0.50), and with silu_mul 0.45 (0.43). But where the 128-row
+    # tiles alone fill the GPU (4096x28672) the tile through shared memory with 4 stages is faster
+    # (0.64 against 0.51): one program an SM waiting for its wgmmas each step leaves them idle.
+    if M <= 16:
         cfg = MmaConfig(16, 128, block_k, 1, True, num_warps=4, num_stages=3)
     elif M <= 32:
         cfg = MmaConfig(32, 64, min(block_k, 64), 1, True, num_warps=4, num_stages=5)
     elif M <= 64:
         cfg = MmaConfig(64, 64, min(block_k, 64), 1, True, num_warps=4, num_stages=4)
+    elif triton.cdiv(M, 128) * triton.cdiv(N, 128) >= sms:
+        cfg = MmaConfig(128, 128, min(block_k, 64), 1, False, num_warps=8, num_stages=4)
     else:
-        cfg = MmaConfig(128, 128, block_k, 1, True, num_warps=8, num_stages=3)
+        cfg = MmaConfig(128, 128, min(block_k, 64), 1, True, num_warps=8, num_stages=3)
     return cfg._replace(split_k=mma_split_k(cfg, M, N, K, sms))
 
 

@@ -13,9 +13,8 @@ channel, fp16/bf16 (or fp32) activations. ``out = (x @ q.T) * scales``.
   step's next loads stay ahead of its arithmetic.
 - ``_w8a16_mma_kernel`` (larger M): int8 tiles converted to the activation dtype (exact:
   |q| <= 128; by inline PTX for fp16, ``_int8_to_f16``) and fed to ``tl.dot``, as its left
-  operand (the transposed product, which the Hopper MMA reads from registers) where
-  ``common.register_operand_mma_safe``, else as its right one; the scale multiplies the
-  accumulator.
+  operand (the transposed product, which the Hopper MMA reads from registers) where the config
+  asks (``swap_ab``), else as its right one; the scale multiplies the accumulator.
 - ``DequantMmConfig`` (M >= 4096): the weight converted once (one torch pass), then cuBLAS.
 
 Both split K when the tiles alone would leave the GPU idle; the programs of a tile add
@@ -30,7 +29,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .common import (MmaConfig, bias_rows, mma_accumulate, output_columns, register_operand_mma_safe, sm_count,
+from .common import (MmaConfig, bias_rows, mma_accumulate, output_columns, sm_count,
                      split_for, split_k_workspace, store_output, triton_interpreted, unrolled_steps)
 from .reference import activation_after_gemm
 
@@ -324,7 +323,7 @@ def _w8a16_mma_kernel(
     tile_end = tl.minimum(tile_start + tiles_per_split, k_tiles)
     # SWAP_AB: the product transposed, out^T = q x^T, the weight tile the MMA's left operand, which
     # Hopper's wgmma reads from registers: the int8 -> fp16/bf16 conversion feeds it with no trip
-    # through shared memory (bench/NOTES-kernels.md), where that is safe (common.register_operand_mma_safe).
+    # through shared memory (bench/NOTES-kernels.md).
     if SWAP_AB:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
@@ -429,20 +428,21 @@ def pick_config(M: int, N: int, K: int, device: torch.device, packed: bool = Tru
         if N >= 16384:
             return GemvConfig(4, 2048, 1, num_warps=2, num_stages=2)
         return GemvConfig(4, 1024, 1, num_warps=2, num_stages=2)
-    # H200 sweep, fp16 (bench/NOTES-kernels.md; speed-up over fp16 cuBLAS, geometric mean of the four
-    # Llama shapes): M = 16 1.13, M = 64 0.70, M = 128 0.61, M = 1024 0.63; from M = 4096 the whole
-    # weight converted once and cuBLAS (0.72 against 0.60).
+    # From M = 4096 the whole weight converted once and cuBLAS (H200, fp16, geometric mean over fp16
+    # cuBLAS of the four Llama shapes: 0.72 against 0.60 for the best fused block shape).
     if M >= DEQUANT_MM_MIN_M:
         return DequantMmConfig()
+    # Past 16 rows the weight tile is the MMA's left operand, each step's wgmmas waited for: at M = 64
+    # 64 x 128 x 128 (0.71 against 0.70 through shared memory), at M = 128 and 1024 128 x 64 x 128, the
+    # best of 14 (0.71 and 0.66 against 0.57 and 0.49 for the best through shared memory; H200,
+    # bench/results/sweep-register-operand-waited-h200.json). At 16 rows shared memory is faster
+    # (4096^2: 8.5 against 10.2 us).
     if M <= 16:
         cfg = MmaConfig(16, 64, 128, 1, num_warps=4, num_stages=4)
-    elif M <= 64 or not register_operand_mma_safe():
-        # With the weight tile through shared memory (Triton 3.6) 64 x 128 x 128 is also the best of
-        # 10 block shapes at M = 128 and 1024 (H200, bench/results/sweep-mma-shared-operand-h200.json;
-        # geometric mean over fp16 cuBLAS 0.55 and 0.48, against 0.50 and 0.38 for 128 x 64 x 128).
-        cfg = MmaConfig(64, 128, 128, 1, num_warps=4, num_stages=3)
+    elif M <= 64:
+        cfg = MmaConfig(64, 128, 128, 1, num_warps=4, num_stages=3, swap_ab=True)
     else:
-        cfg = MmaConfig(128, 64, 128, 1, num_warps=4, num_stages=3)
+        cfg = MmaConfig(128, 64, 128, 1, num_warps=4, num_stages=3, swap_ab=True)
     tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
     return cfg._replace(split_k=split_for(tiles, triton.cdiv(K, cfg.block_k), sms))
 
@@ -482,7 +482,7 @@ def w8a16_linear(
         kernel = _w8a16_mma_kernel
         meta = dict(BLOCK_M=cfg.block_m, GROUP_M=cfg.group_m, EVEN_K=K % cfg.block_k == 0,
                     DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", CVT_ASM=_cvt_asm_ok(x),
-                    SWAP_AB=register_operand_mma_safe())
+                    SWAP_AB=cfg.swap_ab)
     ws = split_k_workspace(M, N, grid[0] * (grid[1] if len(grid) == 3 else 1), cfg.split_k, out)
     torch.library.wrap_triton(kernel)[grid](
         x, qweight, scales, bias if has_bias else scales, out, ws, M, n_out, N - n_out, K,
