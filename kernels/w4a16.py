@@ -22,7 +22,8 @@ Four paths, chosen by M (``pick_config``):
   loaded it), dequantizes it in the activation dtype and feeds ``tl.dot``. ``SWAP_AB``
   computes the transposed product, the weight tile as the left operand, which the Hopper MMA
   reads from registers: no trip through shared memory between dequantization and MMA (each
-  step's wgmmas finish before the next step's dequantization: ``common.mma_accumulate``).
+  step's wgmmas finish before the next step's dequantization: ``common.mma_accumulate``); there,
+  for fp16 and bf16 on a GPU, inline PTX dequantizes two weights an instruction (PACKED).
 - ``_w4a16_dequantize_kernel`` + cuBLAS (M > 128): writes the whole fp16/bf16 weight once,
   then ``torch.mm``. Where the GEMM is compute-bound, one extra pass over 2 bytes per weight
   costs less than the dequantization inside the fused kernel's main loop (which Triton does
@@ -558,30 +559,101 @@ def _w4a16_dequantize_kernel(
 
 
 @triton.jit
-def _nibbles_along_rows(words):
-    """words ``[R, C]`` int32 -> codes ``[R, 8 C]``, nibble j of word c at column 8 c + j.
+def _along_rows(v0, v1, v2, v3, v4, v5, v6, v7):
+    """Eight ``[R, C]`` tiles, one a nibble of each word -> ``[R, 8 C]``, nibble j of word c at
+    column 8 c + j.
 
-    The eight nibbles are joined in registers, so each thread keeps the codes of the words it
-    loaded and the reshape moves no data: Triton then converts the tile straight to the
-    register operand of the tensor-core instruction (no trip through shared memory)."""
-    n0 = words & 0xF
-    n1 = (words >> 4) & 0xF
-    n2 = (words >> 8) & 0xF
-    n3 = (words >> 12) & 0xF
-    n4 = (words >> 16) & 0xF
-    n5 = (words >> 20) & 0xF
-    n6 = (words >> 24) & 0xF
-    n7 = (words >> 28) & 0xF
+    The tiles are joined in registers, so each thread keeps the values of the words it loaded
+    and the reshape moves no data: Triton then converts the tile straight to the register
+    operand of the tensor-core instruction (no trip through shared memory)."""
     # join appends the new axis last, so the outermost join picks bit 0 of j, the innermost bit 2
-    codes = tl.join(tl.join(tl.join(n0, n4), tl.join(n2, n6)), tl.join(tl.join(n1, n5), tl.join(n3, n7)))
-    return tl.reshape(codes, (words.shape[0], words.shape[1] * 8))
+    tile = tl.join(tl.join(tl.join(v0, v4), tl.join(v2, v6)), tl.join(tl.join(v1, v5), tl.join(v3, v7)))
+    return tl.reshape(tile, (v0.shape[0], v0.shape[1] * 8))
+
+
+@triton.jit
+def _pair(value):
+    """A 16-bit ``value`` (fp16 or bf16), twice, in one 32-bit register."""
+    return tl.inline_asm_elementwise("mov.b32 $0, {$1, $1};", "=r,h", [value], dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _word_weights_f16(words, z_1024, z_64, scale_pair):
+    """The eight fp16 weights ``(q_j - z) * scale`` of each word (nibble j), by the lop3s of
+    ``_word_pair_dot_f16x2``: four half2 of nibbles (j, j + 4), q - z exact, then one HMUL2 a
+    pair by the scale: the rounding of ``_dequantize_tile``, in 13 instructions for 8 weights."""
+    return tl.inline_asm_elementwise(
+        """
+        {
+        .reg .b32 t, q0, q1, q2, q3, sixteenth;
+        mov.b32 sixteenth, 0x2C002C00;
+        shr.u32 t, $8, 8;
+        lop3.b32 q0, $8, 0x000F000F, 0x64006400, 0xEA;
+        lop3.b32 q1, $8, 0x00F000F0, 0x64006400, 0xEA;
+        lop3.b32 q2, t, 0x000F000F, 0x64006400, 0xEA;
+        lop3.b32 q3, t, 0x00F000F0, 0x64006400, 0xEA;
+        sub.rn.f16x2 q0, q0, $9;
+        fma.rn.f16x2 q1, q1, sixteenth, $10;
+        sub.rn.f16x2 q2, q2, $9;
+        fma.rn.f16x2 q3, q3, sixteenth, $10;
+        mul.rn.f16x2 q0, q0, $11;
+        mul.rn.f16x2 q1, q1, $11;
+        mul.rn.f16x2 q2, q2, $11;
+        mul.rn.f16x2 q3, q3, $11;
+        mov.b32 {$0, $4}, q0;
+        mov.b32 {$1, $5}, q1;
+        mov.b32 {$2, $6}, q2;
+        mov.b32 {$3, $7}, q3;
+        }
+        """,
+        "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r", [words, z_1024, z_64, scale_pair],
+        dtype=(tl.float16,) * 8, is_pure=True, pack=1,
+    )
+
+
+@triton.jit
+def _word_weights_bf16(words, z_128, scale_pair):
+    """``_word_weights_f16`` for bf16 (``z_128`` from ``_zero_bf16x2``): the lop3s of
+    ``_word_pair_dot_bf16x2`` give (128 + q_j, 128 + q_j+4), one fma by 1 leaves q - z exactly and
+    one fma with -0 multiplies by the scale (one rounding, as ``_dequantize_tile``'s)."""
+    return tl.inline_asm_elementwise(
+        """
+        {
+        .reg .b32 t1, t2, t3, q0, q1, q2, q3, one, nz;
+        mov.b32 one, 0x3F803F80;
+        mov.b32 nz, 0x80008000;
+        shr.u32 t1, $8, 4;
+        shr.u32 t2, $8, 8;
+        shr.u32 t3, $8, 12;
+        lop3.b32 q0, $8, 0x000F000F, 0x43004300, 0xEA;
+        lop3.b32 q1, t1, 0x000F000F, 0x43004300, 0xEA;
+        lop3.b32 q2, t2, 0x000F000F, 0x43004300, 0xEA;
+        lop3.b32 q3, t3, 0x000F000F, 0x43004300, 0xEA;
+        fma.rn.bf16x2 q0, q0, one, $9;
+        fma.rn.bf16x2 q1, q1, one, $9;
+        fma.rn.bf16x2 q2, q2, one, $9;
+        fma.rn.bf16x2 q3, q3, one, $9;
+        fma.rn.bf16x2 q0, q0, $10, nz;
+        fma.rn.bf16x2 q1, q1, $10, nz;
+        fma.rn.bf16x2 q2, q2, $10, nz;
+        fma.rn.bf16x2 q3, q3, $10, nz;
+        mov.b32 {$0, $4}, q0;
+        mov.b32 {$1, $5}, q1;
+        mov.b32 {$2, $6}, q2;
+        mov.b32 {$3, $7}, q3;
+        }
+        """,
+        "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r", [words, z_128, scale_pair],
+        dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1,
+    )
 
 
 @triton.jit
 def _mma_weight_tile(qw_ptrs, s_ptr, z_ptr, offs_n, mask_n, k0, stride_qk, stride_sg, stride_sn,
-                     GROUP_SIZE: tl.constexpr, EVEN_N: tl.constexpr, DTYPE: tl.constexpr):
+                     GROUP_SIZE: tl.constexpr, EVEN_N: tl.constexpr, DTYPE: tl.constexpr, PACKED: tl.constexpr):
     """The dequantized weight tile at row k0 and columns offs_n, transposed: ``[BLOCK_N, BLOCK_K]``
-    (qw_ptrs: the ``[BLOCK_N, BLOCK_K // 8]`` word pointers of row 0)."""
+    (qw_ptrs: the ``[BLOCK_N, BLOCK_K // 8]`` word pointers of row 0). PACKED (fp16 or bf16 on a
+    GPU): by inline PTX, two weights an instruction, with the same result."""
     if EVEN_N:
         words = tl.load(qw_ptrs + (k0 // 8) * stride_qk)
     else:
@@ -589,7 +661,18 @@ def _mma_weight_tile(qw_ptrs, s_ptr, z_ptr, offs_n, mask_n, k0, stride_qk, strid
     g = k0 // GROUP_SIZE
     scale = tl.load(s_ptr + g * stride_sg + offs_n * stride_sn, mask=mask_n, other=0)[:, None]
     zero = tl.load(z_ptr + g * stride_sg + offs_n * stride_sn, mask=mask_n, other=0)[:, None]
-    return _dequantize_tile(_nibbles_along_rows(words), scale, zero, DTYPE)
+    if PACKED and DTYPE == tl.float16:
+        z_1024, z_64 = _zero_f16x2(zero)
+        w0, w1, w2, w3, w4, w5, w6, w7 = _word_weights_f16(words, z_1024, z_64, _pair(scale))
+        tile = _along_rows(w0, w1, w2, w3, w4, w5, w6, w7)
+    elif PACKED:
+        w0, w1, w2, w3, w4, w5, w6, w7 = _word_weights_bf16(words, _zero_bf16x2(zero), _pair(scale))
+        tile = _along_rows(w0, w1, w2, w3, w4, w5, w6, w7)
+    else:
+        codes = _along_rows(words & 0xF, (words >> 4) & 0xF, (words >> 8) & 0xF, (words >> 12) & 0xF,
+                            (words >> 16) & 0xF, (words >> 20) & 0xF, (words >> 24) & 0xF, (words >> 28) & 0xF)
+        tile = _dequantize_tile(codes, scale, zero, DTYPE)
+    return tile
 
 
 @triton.jit
@@ -600,6 +683,7 @@ def _w4a16_mma_kernel(
     GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, SWAP_AB: tl.constexpr,
     EVEN_N: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    PACKED: tl.constexpr,
 ):
     # Grouped tile order: GROUP_M row-tiles share each weight column-tile while it is in L2.
     pid = tl.program_id(0)
@@ -633,11 +717,11 @@ def _w4a16_mma_kernel(
         k0 = t * BLOCK_K
         x = tl.load(x_ptrs + k0 * stride_xk)
         w_t = _mma_weight_tile(qw_ptrs, s_ptr, z_ptr, offs_n, mask_n, k0, stride_qk, stride_sg, stride_sn,
-                               GROUP_SIZE, EVEN_N, DTYPE)
+                               GROUP_SIZE, EVEN_N, DTYPE, PACKED)
         acc = mma_accumulate(acc, x, w_t, SWAP_AB, DOT_PRECISION)
         if ACTIVATION == "silu_mul":
             w_up_t = _mma_weight_tile(qw_ptrs + N_UP * stride_qn, s_ptr, z_ptr, offs_n + N_UP, mask_n, k0, stride_qk,
-                                      stride_sg, stride_sn, GROUP_SIZE, EVEN_N, DTYPE)
+                                      stride_sg, stride_sn, GROUP_SIZE, EVEN_N, DTYPE, PACKED)
             acc_up = mma_accumulate(acc_up, x, w_up_t, SWAP_AB, DOT_PRECISION)
     if SWAP_AB:
         acc = tl.trans(acc)
@@ -924,9 +1008,17 @@ def w4a16_linear(
     torch.library.wrap_triton(_w4a16_mma_kernel)[grid](
         x, qweight, scales, zeros, bias_arg, out, ws, M, n_out, N - n_out, K, *strides,
         BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, SWAP_AB=cfg.swap_ab,
-        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_stages=cfg.num_stages, **common,
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        PACKED=_mma_packed(cfg, x), num_stages=cfg.num_stages, **common,
     )
     return out
+
+
+def _mma_packed(cfg: MmaConfig, x: torch.Tensor) -> bool:
+    """Whether the tensor-core kernel dequantizes its weight tile by inline PTX (``_mma_weight_tile``):
+    for fp16 and bf16 on a GPU, with the tile as the register operand. Through shared memory, Triton
+    3.6 failed to compile it for N not a multiple of the block (TritonGPUOptimizeDotOperands)."""
+    return cfg.swap_ab and x.dtype in (torch.float16, torch.bfloat16) and not triton_interpreted()
 
 
 def _norm_weight_as_x(norm_weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

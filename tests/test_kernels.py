@@ -307,8 +307,8 @@ def ttgir(kernel, pointers, constexprs, num_warps):
 
 common = dict(GROUP_M=8, SPLIT_K=1, SWAP_AB=True, HAS_BIAS=False, ACTIVATION="none", DOT_PRECISION="tf32")
 # unit strides as constants, as Triton's launcher specializes them: qweight [K / 8, N] (W4A16), [N, K] (W8A16)
-w4 = dict(common, GROUP_SIZE=128, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, EVEN_N=True, stride_xk=1, stride_qn=1,
-          stride_sn=1, stride_on=1)
+w4 = dict(common, GROUP_SIZE=128, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, EVEN_N=True, PACKED=True, stride_xk=1,
+          stride_qn=1, stride_sn=1, stride_on=1)
 w8 = dict(common, BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, EVEN_K=True, CVT_ASM=True, stride_xk=1, stride_qk=1,
           stride_on=1)
 print(ttgir(w4a16._w4a16_mma_kernel, {p: "*fp16" for p in ("x_ptr", "s_ptr", "z_ptr", "b_ptr", "out_ptr")}
