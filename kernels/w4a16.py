@@ -155,6 +155,120 @@ def _inv_rms(x_row, K, stride_xk, eps, BLOCK: tl.constexpr):
     return tl.rsqrt((tl.sum(squares, axis=0) / K + eps).to(tl.float32))
 
 
+def _f16_nibble_pairs(word: str, z_1024: str, z_64: str) -> str:
+    """PTX leaving in q0..q3 the half2 (q_j - z, q_j+4 - z), j = 0..3, of the 8 nibbles of the
+    word in register ``word`` (scratch: t; ``sixteenth`` holds (1/16, 1/16)). One lop3 turns a
+    word into a half2 of two nibbles: ``(w & 0x000F000F) | 0x64006400`` is (1024 + q0, 1024 + q4)
+    and ``(w & 0x00F000F0) | 0x64006400`` is (1024 + 16 q1, 1024 + 16 q5); the same after one
+    shift by 8 gives nibbles 2, 6 and 3, 7. Subtracting ``z_1024`` (1024 + z), or scaling by 1/16
+    and adding ``z_64`` (-64 - z, one HFMA2), leaves q - z exactly (zeros are integers)."""
+    return f"""
+        shr.u32 t, {word}, 8;
+        lop3.b32 q0, {word}, 0x000F000F, 0x64006400, 0xEA;
+        lop3.b32 q1, {word}, 0x00F000F0, 0x64006400, 0xEA;
+        lop3.b32 q2, t, 0x000F000F, 0x64006400, 0xEA;
+        lop3.b32 q3, t, 0x00F000F0, 0x64006400, 0xEA;
+        sub.rn.f16x2 q0, q0, {z_1024};
+        fma.rn.f16x2 q1, q1, sixteenth, {z_64};
+        sub.rn.f16x2 q2, q2, {z_1024};
+        fma.rn.f16x2 q3, q3, sixteenth, {z_64};"""
+
+
+def _bf16_nibble_pairs(word: str, z_128: str) -> str:
+    """PTX leaving in q0..q3 the bf16x2 (q_j - z, q_j+4 - z), j = 0..3, of the word in register
+    ``word`` (scratch: t1..t3; ``one`` holds (1, 1)). bf16 keeps 7 mantissa bits, so nibble j must
+    sit in bits 0-3 of each 16-bit lane: one lop3 makes ``((w >> 4 j) & 0x000F000F) | 0x43004300``
+    the bf16x2 (128 + q_j, 128 + q_j+4) exactly (0x4300 is 128.0), and one fma by 1 with ``z_128``
+    (-128 - z) leaves q - z exactly."""
+    return f"""
+        shr.u32 t1, {word}, 4;
+        shr.u32 t2, {word}, 8;
+        shr.u32 t3, {word}, 12;
+        lop3.b32 q0, {word}, 0x000F000F, 0x43004300, 0xEA;
+        lop3.b32 q1, t1, 0x000F000F, 0x43004300, 0xEA;
+        lop3.b32 q2, t2, 0x000F000F, 0x43004300, 0xEA;
+        lop3.b32 q3, t3, 0x000F000F, 0x43004300, 0xEA;
+        fma.rn.bf16x2 q0, q0, one, {z_128};
+        fma.rn.bf16x2 q1, q1, one, {z_128};
+        fma.rn.bf16x2 q2, q2, one, {z_128};
+        fma.rn.bf16x2 q3, q3, one, {z_128};"""
+
+
+# The asm of the packed GEMV's dot of a word pair and of the tensor-core tile's weights (composed
+# once here: Triton takes an asm string as a constant).
+_WORD_PAIR_DOT_F16X2 = tl.constexpr("""
+        {
+        .reg .b32 t, q0, q1, q2, q3, s, sixteenth;
+        .reg .b16 lo, hi;
+        .reg .f32 flo, fhi;
+        mov.b32 sixteenth, 0x2C002C00;""" + _f16_nibble_pairs("$1", "$3", "$4") + """
+        mul.rn.f16x2 s, q0, $5;
+        fma.rn.f16x2 s, q1, $6, s;
+        fma.rn.f16x2 s, q2, $7, s;
+        fma.rn.f16x2 s, q3, $8, s;""" + _f16_nibble_pairs("$2", "$3", "$4") + """
+        fma.rn.f16x2 s, q0, $9, s;
+        fma.rn.f16x2 s, q1, $10, s;
+        fma.rn.f16x2 s, q2, $11, s;
+        fma.rn.f16x2 s, q3, $12, s;
+        mov.b32 {lo, hi}, s;
+        cvt.f32.f16 flo, lo;
+        cvt.f32.f16 fhi, hi;
+        add.rn.f32 $0, flo, fhi;
+        }
+        """)
+_WORD_PAIR_DOT_BF16X2 = tl.constexpr("""
+        {
+        .reg .b32 t1, t2, t3, q0, q1, q2, q3, s, one, nz;
+        .reg .f32 flo, fhi;
+        mov.b32 one, 0x3F803F80;
+        mov.b32 nz, 0x80008000;""" + _bf16_nibble_pairs("$1", "$3") + """
+        fma.rn.bf16x2 s, q0, $4, nz;
+        fma.rn.bf16x2 s, q1, $5, s;
+        fma.rn.bf16x2 s, q2, $6, s;
+        fma.rn.bf16x2 s, q3, $7, s;""" + _bf16_nibble_pairs("$2", "$3") + """
+        fma.rn.bf16x2 s, q0, $8, s;
+        fma.rn.bf16x2 s, q1, $9, s;
+        fma.rn.bf16x2 s, q2, $10, s;
+        fma.rn.bf16x2 s, q3, $11, s;
+        shl.b32 t1, s, 16;
+        and.b32 t2, s, 0xFFFF0000;
+        mov.b32 flo, t1;
+        mov.b32 fhi, t2;
+        add.rn.f32 $0, flo, fhi;
+        }
+        """)
+# outputs $0..$7: the weights of nibbles 0..7; q_j holds nibbles j and j + 4
+_WORD_WEIGHTS_F16 = tl.constexpr("""
+        {
+        .reg .b32 t, q0, q1, q2, q3, sixteenth;
+        mov.b32 sixteenth, 0x2C002C00;""" + _f16_nibble_pairs("$8", "$9", "$10") + """
+        mul.rn.f16x2 q0, q0, $11;
+        mul.rn.f16x2 q1, q1, $11;
+        mul.rn.f16x2 q2, q2, $11;
+        mul.rn.f16x2 q3, q3, $11;
+        mov.b32 {$0, $4}, q0;
+        mov.b32 {$1, $5}, q1;
+        mov.b32 {$2, $6}, q2;
+        mov.b32 {$3, $7}, q3;
+        }
+        """)
+_WORD_WEIGHTS_BF16 = tl.constexpr("""
+        {
+        .reg .b32 t1, t2, t3, q0, q1, q2, q3, one, nz;
+        mov.b32 one, 0x3F803F80;
+        mov.b32 nz, 0x80008000;""" + _bf16_nibble_pairs("$8", "$9") + """
+        fma.rn.bf16x2 q0, q0, $10, nz;
+        fma.rn.bf16x2 q1, q1, $10, nz;
+        fma.rn.bf16x2 q2, q2, $10, nz;
+        fma.rn.bf16x2 q3, q3, $10, nz;
+        mov.b32 {$0, $4}, q0;
+        mov.b32 {$1, $5}, q1;
+        mov.b32 {$2, $6}, q2;
+        mov.b32 {$3, $7}, q3;
+        }
+        """)
+
+
 @triton.jit
 def _zero_f16x2(zero):
     """fp16 zero points -> the half2 constants (1024 + z, 1024 + z) and (-64 - z, -64 - z)."""
@@ -177,53 +291,11 @@ def _zero_f16x2(zero):
 @triton.jit
 def _word_pair_dot_f16x2(w0, w1, z_1024, z_64, a0, a1, a2, a3, b0, b1, b2, b3):
     """sum_k x[k] * (q[k] - zero) over the 16 nibbles of two words (8 rows each), as float32;
-    a0..a3 and b0..b3 are their x pairs from ``_load_x_pairs_x2``.
-
-    One lop3 turns a word into a half2 of two nibbles: ``(w & 0x000F000F) | 0x64006400`` is
-    (1024 + q0, 1024 + q4) and ``(w & 0x00F000F0) | 0x64006400`` is (1024 + 16 q1, 1024 + 16 q5);
-    the same after one shift by 8 gives nibbles 2, 6 and 3, 7. Subtracting 1024 + z, or
-    scaling by 1/16 and adding -64 - z (one HFMA2), leaves q - z exactly (zeros are integers).
-    The 8 products of each lane sum in fp16 (HFMA2, two weights an instruction) before the
-    float32 widening: that adds rounding of about the fp16 output's own."""
+    a0..a3 and b0..b3 are their x pairs from ``_load_x_pairs_x2``; q - z by
+    ``_f16_nibble_pairs``. The 8 products of each lane sum in fp16 (HFMA2, two weights an
+    instruction) before the float32 widening: that adds rounding of about the fp16 output's own."""
     return tl.inline_asm_elementwise(
-        """
-        {
-        .reg .b32 t, q0, q1, q2, q3, s, sixteenth;
-        .reg .b16 lo, hi;
-        .reg .f32 flo, fhi;
-        mov.b32 sixteenth, 0x2C002C00;
-        shr.u32 t, $1, 8;
-        lop3.b32 q0, $1, 0x000F000F, 0x64006400, 0xEA;
-        lop3.b32 q1, $1, 0x00F000F0, 0x64006400, 0xEA;
-        lop3.b32 q2, t, 0x000F000F, 0x64006400, 0xEA;
-        lop3.b32 q3, t, 0x00F000F0, 0x64006400, 0xEA;
-        sub.rn.f16x2 q0, q0, $3;
-        fma.rn.f16x2 q1, q1, sixteenth, $4;
-        sub.rn.f16x2 q2, q2, $3;
-        fma.rn.f16x2 q3, q3, sixteenth, $4;
-        mul.rn.f16x2 s, q0, $5;
-        fma.rn.f16x2 s, q1, $6, s;
-        fma.rn.f16x2 s, q2, $7, s;
-        fma.rn.f16x2 s, q3, $8, s;
-        shr.u32 t, $2, 8;
-        lop3.b32 q0, $2, 0x000F000F, 0x64006400, 0xEA;
-        lop3.b32 q1, $2, 0x00F000F0, 0x64006400, 0xEA;
-        lop3.b32 q2, t, 0x000F000F, 0x64006400, 0xEA;
-        lop3.b32 q3, t, 0x00F000F0, 0x64006400, 0xEA;
-        sub.rn.f16x2 q0, q0, $3;
-        fma.rn.f16x2 q1, q1, sixteenth, $4;
-        sub.rn.f16x2 q2, q2, $3;
-        fma.rn.f16x2 q3, q3, sixteenth, $4;
-        fma.rn.f16x2 s, q0, $9, s;
-        fma.rn.f16x2 s, q1, $10, s;
-        fma.rn.f16x2 s, q2, $11, s;
-        fma.rn.f16x2 s, q3, $12, s;
-        mov.b32 {lo, hi}, s;
-        cvt.f32.f16 flo, lo;
-        cvt.f32.f16 fhi, hi;
-        add.rn.f32 $0, flo, fhi;
-        }
-        """,
+        _WORD_PAIR_DOT_F16X2,
         "=r,r,r,r,r,r,r,r,r,r,r,r,r", [w0, w1, z_1024, z_64, a0, a1, a2, a3, b0, b1, b2, b3],
         dtype=tl.float32, is_pure=True, pack=1,
     )
@@ -248,59 +320,14 @@ def _zero_bf16x2(zero):
 
 @triton.jit
 def _word_pair_dot_bf16x2(w0, w1, z_128, a0, a1, a2, a3, b0, b1, b2, b3):
-    """``_word_pair_dot_f16x2`` for bf16 x (``z_128`` from ``_zero_bf16x2``).
-
-    bf16 keeps 7 mantissa bits, so nibble j must sit in bits 0-3 of each 16-bit lane: one
-    lop3 makes ``((w >> 4 j) & 0x000F000F) | 0x43004300`` the bf16x2 (128 + q_j, 128 + q_j+4)
-    exactly (0x4300 is 128.0), and one fma by 1 with (-128 - z) leaves q - z exactly. Per
-    word: 3 shifts, 4 lop3, 4 fma (q - z), 4 fma (x products): 15 instructions for 8 weights.
+    """``_word_pair_dot_f16x2`` for bf16 x (``z_128`` from ``_zero_bf16x2``; q - z by
+    ``_bf16_nibble_pairs``). Per word: 3 shifts, 4 lop3, 4 fma (q - z), 4 fma (x products): 15
+    instructions for 8 weights.
     Each lane's 8 products sum in bf16 (fma.rn.bf16x2) before the float32 widening (a 16-bit
     shift / mask): measured and emulated error in bench/NOTES-kernels.md (about 2x the bf16
     output's own rounding, within the 1e-2 bound). No overflow: bf16 has float32's range."""
     return tl.inline_asm_elementwise(
-        """
-        {
-        .reg .b32 t1, t2, t3, q0, q1, q2, q3, s, one, nz;
-        .reg .f32 flo, fhi;
-        mov.b32 one, 0x3F803F80;
-        mov.b32 nz, 0x80008000;
-        shr.u32 t1, $1, 4;
-        shr.u32 t2, $1, 8;
-        shr.u32 t3, $1, 12;
-        lop3.b32 q0, $1, 0x000F000F, 0x43004300, 0xEA;
-        lop3.b32 q1, t1, 0x000F000F, 0x43004300, 0xEA;
-        lop3.b32 q2, t2, 0x000F000F, 0x43004300, 0xEA;
-        lop3.b32 q3, t3, 0x000F000F, 0x43004300, 0xEA;
-        fma.rn.bf16x2 q0, q0, one, $3;
-        fma.rn.bf16x2 q1, q1, one, $3;
-        fma.rn.bf16x2 q2, q2, one, $3;
-        fma.rn.bf16x2 q3, q3, one, $3;
-        fma.rn.bf16x2 s, q0, $4, nz;
-        fma.rn.bf16x2 s, q1, $5, s;
-        fma.rn.bf16x2 s, q2, $6, s;
-        fma.rn.bf16x2 s, q3, $7, s;
-        shr.u32 t1, $2, 4;
-        shr.u32 t2, $2, 8;
-        shr.u32 t3, $2, 12;
-        lop3.b32 q0, $2, 0x000F000F, 0x43004300, 0xEA;
-        lop3.b32 q1, t1, 0x000F000F, 0x43004300, 0xEA;
-        lop3.b32 q2, t2, 0x000F000F, 0x43004300, 0xEA;
-        lop3.b32 q3, t3, 0x000F000F, 0x43004300, 0xEA;
-        fma.rn.bf16x2 q0, q0, one, $3;
-        fma.rn.bf16x2 q1, q1, one, $3;
-        fma.rn.bf16x2 q2, q2, one, $3;
-        fma.rn.bf16x2 q3, q3, one, $3;
-        fma.rn.bf16x2 s, q0, $8, s;
-        fma.rn.bf16x2 s, q1, $9, s;
-        fma.rn.bf16x2 s, q2, $10, s;
-        fma.rn.bf16x2 s, q3, $11, s;
-        shl.b32 t1, s, 16;
-        and.b32 t2, s, 0xFFFF0000;
-        mov.b32 flo, t1;
-        mov.b32 fhi, t2;
-        add.rn.f32 $0, flo, fhi;
-        }
-        """,
+        _WORD_PAIR_DOT_BF16X2,
         "=r,r,r,r,r,r,r,r,r,r,r,r", [w0, w1, z_128, a0, a1, a2, a3, b0, b1, b2, b3],
         dtype=tl.float32, is_pure=True, pack=1,
     )
@@ -579,33 +606,11 @@ def _pair(value):
 
 @triton.jit
 def _word_weights_f16(words, z_1024, z_64, scale_pair):
-    """The eight fp16 weights ``(q_j - z) * scale`` of each word (nibble j), by the lop3s of
-    ``_word_pair_dot_f16x2``: four half2 of nibbles (j, j + 4), q - z exact, then one HMUL2 a
-    pair by the scale: the rounding of ``_dequantize_tile``, in 13 instructions for 8 weights."""
+    """The eight fp16 weights ``(q_j - z) * scale`` of each word (nibble j): four half2 of nibbles
+    (j, j + 4), q - z exact (``_f16_nibble_pairs``), then one HMUL2 a pair by the scale: the
+    rounding of ``_dequantize_tile``, in 13 instructions for 8 weights."""
     return tl.inline_asm_elementwise(
-        """
-        {
-        .reg .b32 t, q0, q1, q2, q3, sixteenth;
-        mov.b32 sixteenth, 0x2C002C00;
-        shr.u32 t, $8, 8;
-        lop3.b32 q0, $8, 0x000F000F, 0x64006400, 0xEA;
-        lop3.b32 q1, $8, 0x00F000F0, 0x64006400, 0xEA;
-        lop3.b32 q2, t, 0x000F000F, 0x64006400, 0xEA;
-        lop3.b32 q3, t, 0x00F000F0, 0x64006400, 0xEA;
-        sub.rn.f16x2 q0, q0, $9;
-        fma.rn.f16x2 q1, q1, sixteenth, $10;
-        sub.rn.f16x2 q2, q2, $9;
-        fma.rn.f16x2 q3, q3, sixteenth, $10;
-        mul.rn.f16x2 q0, q0, $11;
-        mul.rn.f16x2 q1, q1, $11;
-        mul.rn.f16x2 q2, q2, $11;
-        mul.rn.f16x2 q3, q3, $11;
-        mov.b32 {$0, $4}, q0;
-        mov.b32 {$1, $5}, q1;
-        mov.b32 {$2, $6}, q2;
-        mov.b32 {$3, $7}, q3;
-        }
-        """,
+        _WORD_WEIGHTS_F16,
         "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r", [words, z_1024, z_64, scale_pair],
         dtype=(tl.float16,) * 8, is_pure=True, pack=1,
     )
@@ -613,36 +618,11 @@ def _word_weights_f16(words, z_1024, z_64, scale_pair):
 
 @triton.jit
 def _word_weights_bf16(words, z_128, scale_pair):
-    """``_word_weights_f16`` for bf16 (``z_128`` from ``_zero_bf16x2``): the lop3s of
-    ``_word_pair_dot_bf16x2`` give (128 + q_j, 128 + q_j+4), one fma by 1 leaves q - z exactly and
-    one fma with -0 multiplies by the scale (one rounding, as ``_dequantize_tile``'s)."""
+    """``_word_weights_f16`` for bf16 (``z_128`` from ``_zero_bf16x2``): q - z exact
+    (``_bf16_nibble_pairs``), then one fma with -0 multiplies by the scale (one rounding, as
+    ``_dequantize_tile``'s)."""
     return tl.inline_asm_elementwise(
-        """
-        {
-        .reg .b32 t1, t2, t3, q0, q1, q2, q3, one, nz;
-        mov.b32 one, 0x3F803F80;
-        mov.b32 nz, 0x80008000;
-        shr.u32 t1, $8, 4;
-        shr.u32 t2, $8, 8;
-        shr.u32 t3, $8, 12;
-        lop3.b32 q0, $8, 0x000F000F, 0x43004300, 0xEA;
-        lop3.b32 q1, t1, 0x000F000F, 0x43004300, 0xEA;
-        lop3.b32 q2, t2, 0x000F000F, 0x43004300, 0xEA;
-        lop3.b32 q3, t3, 0x000F000F, 0x43004300, 0xEA;
-        fma.rn.bf16x2 q0, q0, one, $9;
-        fma.rn.bf16x2 q1, q1, one, $9;
-        fma.rn.bf16x2 q2, q2, one, $9;
-        fma.rn.bf16x2 q3, q3, one, $9;
-        fma.rn.bf16x2 q0, q0, $10, nz;
-        fma.rn.bf16x2 q1, q1, $10, nz;
-        fma.rn.bf16x2 q2, q2, $10, nz;
-        fma.rn.bf16x2 q3, q3, $10, nz;
-        mov.b32 {$0, $4}, q0;
-        mov.b32 {$1, $5}, q1;
-        mov.b32 {$2, $6}, q2;
-        mov.b32 {$3, $7}, q3;
-        }
-        """,
+        _WORD_WEIGHTS_BF16,
         "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r", [words, z_128, scale_pair],
         dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1,
     )
