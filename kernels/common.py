@@ -29,9 +29,10 @@ def _waited_for(acc):
     """acc, read by a register move that ptxas drops. A dot whose result something other than the
     next step's dot reads is synchronous to Triton's pipeliner: it waits for all of the step's
     wgmmas (``pendings = 0``) before the loop goes on. Left asynchronous, a dot whose left operand
-    is in registers races: Triton up to 3.7 with ptxas before 13.3 waits only for a step's first
-    wgmma, and the next step's dequantization rewrites the registers the others still read
-    (triton-lang/triton#9433; wrong results on the H200 with 3.6, bench/NOTES-kernels.md)."""
+    is in registers races up to Triton 3.7: its wait covers only a step's first wgmma, and the
+    next step's dequantization rewrites the registers the others still read (triton-lang/triton#9433;
+    the fix needs Triton's later copies and ptxas 13.3, which Triton uses for sm_90 from 3.9 on).
+    On the H200 with 3.6 that gave wrong results, bench/NOTES-kernels.md."""
     return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [acc], dtype=tl.float32, is_pure=False, pack=1)
 
 
