@@ -147,6 +147,7 @@ def unrolled_steps(asked: bool, length: int, split: int, step: int) -> int:
     steps = length // (split * step)  # (no divmod: under torch.compile length may be a SymInt)
     return steps if asked and length % (split * step) == 0 and 0 < steps <= MAX_UNROLLED_STEPS else 0
 
+
 _SM_COUNT = {}
 
 
