@@ -19,6 +19,14 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def asm_constant(ptx: str) -> tl.constexpr:
+    """PTX composed in Python as a module-level constant of the kernels, on one line. Inductor
+    copies a user kernel's source and these constants (as their repr) into a triple-quoted string
+    of its generated module; torch 2.11 does not escape that string, so a repr's escaped newline
+    turns back into a line break inside a one-line literal and the module no longer parses."""
+    return tl.constexpr(" ".join(ptx.split()))
+
+
 # Whether kernels run compiled: the interpreter runs no inline PTX (fixed at import, as Triton
 # fixes at decoration whether a kernel is interpreted).
 _COMPILED = tl.constexpr(not triton_interpreted())
@@ -33,7 +41,7 @@ def _waited_for(acc):
     next step's dequantization rewrites the registers the others still read (triton-lang/triton#9433;
     the fix needs Triton's later copies and ptxas 13.3, which Triton uses for sm_90 from 3.9 on).
     On the H200 with 3.6 that gave wrong results, bench/NOTES-kernels.md."""
-    return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [acc], dtype=tl.float32, is_pure=False, pack=1)
+    return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [acc], dtype=tl.float32, is_pure=True, pack=1)
 
 
 @triton.jit

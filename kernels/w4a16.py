@@ -49,8 +49,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (MAX_UNROLLED_STEPS, bias_rows, mma_accumulate, output_columns, sm_count,
-                     split_for, split_k_workspace, store_output, triton_interpreted, unrolled_steps)
+from .common import (MAX_UNROLLED_STEPS, asm_constant, bias_rows, mma_accumulate, output_columns,
+                     sm_count, split_for, split_k_workspace, store_output, triton_interpreted, unrolled_steps)
 from .reference import activation_after_gemm, rms_norm
 from .w4a16_warp_mma import warp_mma_columns, w4a16_warp_mma_kernel
 
@@ -196,7 +196,7 @@ def _bf16_nibble_pairs(word: str, z_128: str) -> str:
 
 # The asm of the packed GEMV's dot of a word pair and of the tensor-core tile's weights (composed
 # once here: Triton takes an asm string as a constant).
-_WORD_PAIR_DOT_F16X2 = tl.constexpr("""
+_WORD_PAIR_DOT_F16X2 = asm_constant("""
         {
         .reg .b32 t, q0, q1, q2, q3, s, sixteenth;
         .reg .b16 lo, hi;
@@ -216,7 +216,7 @@ _WORD_PAIR_DOT_F16X2 = tl.constexpr("""
         add.rn.f32 $0, flo, fhi;
         }
         """)
-_WORD_PAIR_DOT_BF16X2 = tl.constexpr("""
+_WORD_PAIR_DOT_BF16X2 = asm_constant("""
         {
         .reg .b32 t1, t2, t3, q0, q1, q2, q3, s, one, nz;
         .reg .f32 flo, fhi;
@@ -238,7 +238,7 @@ _WORD_PAIR_DOT_BF16X2 = tl.constexpr("""
         }
         """)
 # outputs $0..$7: the weights of nibbles 0..7; q_j holds nibbles j and j + 4
-_WORD_WEIGHTS_F16 = tl.constexpr("""
+_WORD_WEIGHTS_F16 = asm_constant("""
         {
         .reg .b32 t, q0, q1, q2, q3, sixteenth;
         mov.b32 sixteenth, 0x2C002C00;""" + _f16_nibble_pairs("$8", "$9", "$10") + """
@@ -252,7 +252,7 @@ _WORD_WEIGHTS_F16 = tl.constexpr("""
         mov.b32 {$3, $7}, q3;
         }
         """)
-_WORD_WEIGHTS_BF16 = tl.constexpr("""
+_WORD_WEIGHTS_BF16 = asm_constant("""
         {
         .reg .b32 t1, t2, t3, q0, q1, q2, q3, one, nz;
         mov.b32 one, 0x3F803F80;

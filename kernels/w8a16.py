@@ -29,7 +29,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .common import (MmaConfig, bias_rows, mma_accumulate, output_columns, sm_count,
+from .common import (MmaConfig, asm_constant, bias_rows, mma_accumulate, output_columns, sm_count,
                      split_for, split_k_workspace, store_output, triton_interpreted, unrolled_steps)
 from .reference import activation_after_gemm
 
@@ -87,8 +87,8 @@ def _load_x16_asm(bf16: bool) -> str:
     return "\n".join(lines + ["}"])
 
 
-_LOAD_X16_F16_ASM = tl.constexpr(_load_x16_asm(bf16=False))
-_LOAD_X16_BF16_ASM = tl.constexpr(_load_x16_asm(bf16=True))
+_LOAD_X16_F16_ASM = asm_constant(_load_x16_asm(bf16=False))
+_LOAD_X16_BF16_ASM = asm_constant(_load_x16_asm(bf16=True))
 _LOAD_X16_CONSTRAINTS = tl.constexpr("=r," * 16 + "l")
 
 
@@ -127,7 +127,7 @@ def _chunk_dot_asm() -> str:
     return "\n".join(lines + ["}"])
 
 
-_CHUNK_DOT_ASM = tl.constexpr(_chunk_dot_asm())
+_CHUNK_DOT_ASM = asm_constant(_chunk_dot_asm())
 
 
 @triton.jit

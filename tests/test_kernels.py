@@ -335,6 +335,36 @@ def test_register_operand_wgmmas_are_waited_for_each_step():
         assert "warp_group_dot_wait" in mma_ops[i + 1] and "pendings = 0" in mma_ops[i + 1], mma_ops[i:i + 2]
 
 
+def test_kernel_sources_and_constants_survive_inductors_copy():
+    """Under torch.compile Inductor copies each user kernel's source, with the module constants it
+    reads (as their repr), into a triple-quoted string of its generated module, which torch 2.11
+    does not escape: a backslash there (a newline in a PTX constant's repr) breaks the module
+    (seen on the GPU: "unterminated string literal"). So neither may contain one; and every inline
+    asm is pure, which that analysis needs."""
+    import inspect
+
+    from triton.language import constexpr
+    from triton.runtime.jit import KernelInterface  # (a JITFunction, or the interpreter's function)
+
+    from qpass.kernels import common, w4a16_warp_mma
+
+    checked = 0
+    for module in (common, fp8, w4a16, w4a16_warp_mma, w8a16):
+        for name, value in vars(module).items():
+            if isinstance(value, constexpr):
+                text = repr(value.value)
+            elif isinstance(value, KernelInterface):
+                text = inspect.getsource(value.fn)
+            else:
+                continue
+            assert "\\" not in text, f"{module.__name__}.{name} holds a backslash: {text[:200]}"
+            # Inductor's mutation analysis gives up on inline asm with side effects and then takes
+            # every pointer argument as written (seen on the GPU with the swap-AB tile's wait)
+            assert "is_pure=False" not in text, f"{module.__name__}.{name}: inline asm not pure"
+            checked += 1
+    assert checked > 40
+
+
 def test_w8a16_kernel_choice_by_rows():
     """The GEMV for a row or two, the tensor-core kernel up to M = 4095, then the weight converted
     once and cuBLAS."""
