@@ -170,7 +170,8 @@ def sweep_candidates(kind, M):
                     out.append(w4a16.MmaConfig(bm, bn, bk, 0, swap, warps, stages))
         if 64 < M <= 256:
             for bm, bn, bk, warps, stages in [(128, 128, 128, 8, 3), (128, 128, 128, 8, 4), (128, 128, 64, 8, 3),
-                                              (128, 128, 64, 8, 4), (128, 64, 64, 4, 3), (128, 64, 128, 4, 3),
+                                              (128, 128, 64, 8, 4), (128, 64, 64, 4, 3), (128, 64, 64, 4, 4),
+                                              (128, 64, 128, 4, 3),
                                               (128, 256, 64, 8, 3), (64, 128, 64, 4, 3)]:
                 for swap in swaps:
                     out.append(w4a16.MmaConfig(bm, bn, bk, 0, swap, warps, stages))

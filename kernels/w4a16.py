@@ -793,10 +793,10 @@ def warp_mma_unrolled_iterations(cfg: WarpMmaConfig, groups: int) -> int:
     return iterations if cfg.unrolled and groups % cfg.split_k == 0 and iterations <= MAX_UNROLLED_STEPS else 0
 
 
-def _split_within_one_wave(tiles: int, k_steps: int, sms: int) -> int:
-    """Most K splits (a power of two) that still fit one program per SM."""
+def _split_within_one_wave(tiles: int, k_steps: int, slots: int) -> int:
+    """Most K splits (a power of two) whose programs still fit ``slots`` at once."""
     split = 1
-    while tiles * split * 2 <= sms and split * 2 <= k_steps and split < 16:
+    while tiles * split * 2 <= slots and split * 2 <= k_steps and split < 16:
         split *= 2
     return split
 
@@ -872,10 +872,12 @@ def pick_config(M: int, N: int, K: int, group_size: int, device: torch.device, a
     # Weight tile as the left operand (swap-AB): it stays in registers from the dequantization
     # to the MMA. H200 sweeps over block shapes (bench/NOTES-kernels.md, fp16, the four Llama
     # shapes, geometric mean over fp16 cuBLAS): M = 32 0.93 (32 x 64 x 64, 5 stages), M = 64 0.77
-    # (64 x 64 x 64, 4 stages); with each step's wgmmas waited for, M = 128 0.52 (128 x 128 x 64,
-    # 8 warps; through shared memory 0.50), and with silu_mul 0.45 (0.43). But where the 128-row
-    # tiles alone fill the GPU (4096x28672) the tile through shared memory with 4 stages is faster
-    # (0.64 against 0.51): one program an SM waiting for its wgmmas each step leaves them idle.
+    # (64 x 64 x 64, 4 stages). Each step's wgmmas are waited for, so one program an SM leaves
+    # them idle during its dequantization: past 64 rows, 64 weight columns with 4 warps, two
+    # programs an SM (``mma_split_k``); where 128-column tiles alone fill the GPU (4096x28672),
+    # 128 with 8 warps (M = 128, us against the 128 x 128 pick before: 4096x4096 21.4 against 24.5,
+    # 4096x6144 33.6 against 39.0, 14336x4096 52.0 against 63.7, 4096x28672 97.1 against 106.1
+    # through shared memory).
     if M <= 16:
         cfg = MmaConfig(16, 128, block_k, 1, True, num_warps=4, num_stages=3)
     elif M <= 32:
@@ -883,9 +885,9 @@ def pick_config(M: int, N: int, K: int, group_size: int, device: torch.device, a
     elif M <= 64:
         cfg = MmaConfig(64, 64, min(block_k, 64), 1, True, num_warps=4, num_stages=4)
     elif triton.cdiv(M, 128) * triton.cdiv(N, 128) >= sms:
-        cfg = MmaConfig(128, 128, min(block_k, 64), 1, False, num_warps=8, num_stages=4)
+        cfg = MmaConfig(128, 128, min(block_k, 64), 1, True, num_warps=8, num_stages=4)
     else:
-        cfg = MmaConfig(128, 128, min(block_k, 64), 1, True, num_warps=8, num_stages=3)
+        cfg = MmaConfig(128, 64, min(block_k, 64), 1, True, num_warps=4, num_stages=4)
     return cfg._replace(split_k=mma_split_k(cfg, M, N, K, sms))
 
 
@@ -897,8 +899,10 @@ def mma_split_k(cfg: MmaConfig, M: int, N: int, K: int, sms: int) -> int:
         return split_for(tiles, K // cfg.block_k, sms)
     # Each split adds M x N float32 atomics: past M = 64 split only within one wave (H100,
     # 2026-11-24, M = 128: 4096x28672 0.51x with two waves of split 128x128 tiles, 0.81x
-    # with one unsplit; at M = 64 two waves were the faster, 0.97x against 0.58x on 4096x6144).
-    return _split_within_one_wave(tiles, K // cfg.block_k, sms)
+    # with one unsplit; at M = 64 two waves were the faster, 0.97x against 0.58x on 4096x6144),
+    # a wave being two programs an SM for 4 warps (H200, M = 128, 128 x 64 tiles: 4096x4096 split
+    # 4 21.4 us against split 2 26.5, 14336x4096 52.0 against 74.8)
+    return _split_within_one_wave(tiles, K // cfg.block_k, sms * max(1, 8 // cfg.num_warps))
 
 
 def w4a16_linear(
