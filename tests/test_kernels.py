@@ -739,3 +739,34 @@ def test_gpu_compiled_op_calls_the_triton_kernel_without_graph_break(M):
                w4a16.WarpMmaConfig: "w4a16_warp_mma_kernel", w4a16.DequantMmConfig: "_w4a16_dequantize_kernel"}
     kernel = kernels[type(w4a16.pick_config(M, 512, 1024, 128, x.device))]
     assert any(kernel in code for code in codes), "Inductor's code does not launch the Triton kernel"
+
+
+@cuda
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind,M,kernel", [("int8", 1, "_w8a16_gemv_kernel"), ("int8", 64, "_w8a16_mma_kernel"),
+                                           ("fp8", 16, "_fp8_mma_kernel")])
+def test_gpu_compiled_w8_ops_call_their_triton_kernels(kind, M, kernel, dtype):
+    """The W8A16 and FP8 ops under torch.compile, as the W4A16 one above: Inductor's generated module
+    holds each kernel's source and the PTX constants it reads (``common.asm_constant``)."""
+    import torch._dynamo
+    from torch._inductor.utils import run_and_get_code
+
+    import qpass  # noqa: F401
+
+    if kind == "int8":
+        x, qweight, scales, b = make_w8(M, 512, 1024, dtype, True, 0)
+        op, args = torch.ops.qpass.w8a16_linear, (qweight, scales, b)
+        ref = reference.w8a16_linear(x.float(), qweight, scales.float(), b.float())
+        bound = BOUND[dtype]
+    else:
+        x, qweight, weight_scale, b = make_fp8(M, 512, 1024, dtype, True, 0)
+        op, args = torch.ops.qpass.fp8_linear, (qweight, weight_scale, b)
+        ref = reference.fp8_linear(x.float(), qweight, weight_scale, b.float())
+        bound = FP8_BOUND[dtype]
+
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x: torch.nn.functional.silu(op(x, *args)), fullgraph=True)
+    out, codes = run_and_get_code(compiled, x)
+    assert relative_error(out, torch.nn.functional.silu(ref)) < bound
+    assert any(kernel in code for code in codes), f"Inductor's code does not launch {kernel}"
