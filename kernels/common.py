@@ -40,7 +40,8 @@ def _waited_for(acc):
     is in registers races up to Triton 3.7: its wait covers only a step's first wgmma, and the
     next step's dequantization rewrites the registers the others still read (triton-lang/triton#9433;
     the fix needs Triton's later copies and ptxas 13.3, which Triton uses for sm_90 from 3.9 on).
-    On the H200 with 3.6 that gave wrong results, bench/NOTES-kernels.md."""
+    On the H200 with 3.6 that gave wrong results, bench/NOTES-kernels.md. Pure: Inductor's mutation
+    analysis of a kernel gives up at inline asm with side effects and takes every argument as written."""
     return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [acc], dtype=tl.float32, is_pure=True, pack=1)
 
 
