@@ -180,12 +180,12 @@ def test_w4a16_kernel_choice_by_rows():
     assert isinstance(pick(8, 14336, 4096, 128, device, activation="silu_mul"), w4a16.WarpMmaConfig)
     assert isinstance(pick(8, 28672, 4096, 128, device, warp_mma=False), w4a16.MmaConfig)
     assert isinstance(pick(17, 28672, 4096, 128, device), w4a16.MmaConfig)
-    # past one 128-row tile of the tensor-core kernel: the weight dequantized once, then cuBLAS
     # past 64 rows the weight tile as the register operand: 64 columns with 4 warps, two programs an
     # SM, but 128 with 8 warps where 128-column tiles alone fill the GPU
     assert pick(128, 4096, 4096, 128, cpu) == w4a16.MmaConfig(128, 64, 64, 4, True, 4, 4)
     assert pick(100, 6144, 4096, 128, cpu) == w4a16.MmaConfig(128, 64, 64, 2, True, 4, 4)
     assert pick(128, 28672, 4096, 128, cpu) == w4a16.MmaConfig(128, 128, 64, 1, True, 8, 4)
+    # past one 128-row tile of the tensor-core kernel: the weight dequantized once, then cuBLAS
     assert pick(129, 28672, 4096, 128, device) == w4a16.DequantMmConfig()
     for M, N, K in [(16, 4096, 4096), (4, 6144, 4096), (16, 28672, 4096), (2, 4096, 14336), (5, 256, 512)]:
         cfg = pick(M, N, K, 128, device)
