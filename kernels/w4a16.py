@@ -832,7 +832,8 @@ GEMV_MAX_M = 2
 WARP_MMA_MAX_M = 16
 # Past one 128-row tile the fused kernel reads and dequantizes the weight once a tile: dequantizing
 # it once and cuBLAS is faster (H200, geometric mean over fp16 cuBLAS of the four Llama shapes: M = 192
-# 0.53 against 0.37 fused, M = 256 0.60 against 0.41; M = 128 0.46 against 0.52).
+# 0.53 against 0.37 fused, M = 256 0.60 against 0.41; M = 128 0.46 against 0.52, and 0.63 fused with the
+# two-programs-an-SM picks, bench/results/kernels-h200.json).
 DEQUANT_MM_MIN_M = 129
 
 
