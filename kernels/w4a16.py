@@ -871,24 +871,37 @@ def pick_config(M: int, N: int, K: int, group_size: int, device: torch.device, a
         return DequantMmConfig()
     block_k = mma_block_k[0]  # the largest power of two up to 128 that divides group_size
     # Weight tile as the left operand (swap-AB): it stays in registers from the dequantization
-    # to the MMA. H200 sweeps over block shapes (bench/NOTES-kernels.md, fp16, the four Llama
-    # shapes, geometric mean over fp16 cuBLAS): M = 32 0.93 (32 x 64 x 64, 5 stages), M = 64 0.77
-    # (64 x 64 x 64, 4 stages). Each step's wgmmas are waited for, so one program an SM leaves
-    # them idle during its dequantization: past 64 rows, 64 weight columns with 4 warps, two
+    # to the MMA. Up to 64 rows, a tile of 32 or 64 rows by 64 columns with 4 warps (H200
+    # sweeps over block shapes, bench/NOTES-kernels.md). Each step's wgmmas are waited for, so
+    # one program an SM leaves them idle during its dequantization: past 64 rows, 64 weight columns with 4 warps, two
     # programs an SM (``mma_split_k``); where 128-column tiles alone fill the GPU (4096x28672),
     # 128 with 8 warps (M = 128, us against the 128 x 128 pick before: 4096x4096 21.4 against 24.5,
     # 4096x6144 33.6 against 39.0, 14336x4096 52.0 against 63.7, 4096x28672 97.1 against 106.1
     # through shared memory).
+    # K 128 a step where the group allows it: half the steps, so half the waits, of K 64; in 2
+    # stages, which leave two programs an SM (3 stages take 123 KB of shared memory at 128 rows).
+    # H200, fp16 and bf16 alike, us against the K-64 picks before (bench/NOTES-kernels.md,
+    # fourteenth session): M = 32 4096x4096 14.4 -> 13.5, 4096x28672 74.6 -> 71.2; M = 64
+    # 14336x4096 40.6 -> 39.6, 4096x28672 82.1 -> 79.6. Past 64 rows only where the 128 x 64
+    # tiles leave SMs free for a K split (M = 128 4096x6144 33.1 -> 32.3); with them alone
+    # filling a wave K 64 stays faster (gate_up with silu_mul 97.3 against 104.3).
     if M <= 16:
         cfg = MmaConfig(16, 128, block_k, 1, True, num_warps=4, num_stages=3)
-    elif M <= 32:
-        cfg = MmaConfig(32, 64, min(block_k, 64), 1, True, num_warps=4, num_stages=5)
+    elif 32 < M <= 64 and block_k == 128 and activation == "silu_mul" and triton.cdiv(N, 64) >= sms:
+        # gate and up tiles a program, enough of them to fill the SMs: unsplit with 3 stages
+        # (4096 -> 2 x 14336, M = 64: 80.1 us against 101.5 split in 2 stages and 107.6 for the
+        # K-64 pick; M = 48 79.9 against 105.5)
+        return MmaConfig(64, 64, 128, 1, True, num_warps=4, num_stages=3)
     elif M <= 64:
-        cfg = MmaConfig(64, 64, min(block_k, 64), 1, True, num_warps=4, num_stages=4)
+        cfg = MmaConfig(32 if M <= 32 else 64, 64, block_k, 1, True, num_warps=4, num_stages=2)
+        if block_k < 128:  # the K-64 picks (M = 32: 5 stages, 64: 4)
+            cfg = cfg._replace(block_k=min(block_k, 64), num_stages=5 if M <= 32 else 4)
     elif triton.cdiv(M, 128) * triton.cdiv(N, 128) >= sms:
         cfg = MmaConfig(128, 128, min(block_k, 64), 1, True, num_warps=8, num_stages=4)
     else:
         cfg = MmaConfig(128, 64, min(block_k, 64), 1, True, num_warps=4, num_stages=4)
+        if block_k == 128 and mma_split_k(cfg, M, N, K, sms) > 1:
+            cfg = cfg._replace(block_k=128, num_stages=2)
     return cfg._replace(split_k=mma_split_k(cfg, M, N, K, sms))
 
 

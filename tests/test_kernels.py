@@ -180,11 +180,22 @@ def test_w4a16_kernel_choice_by_rows():
     assert isinstance(pick(8, 14336, 4096, 128, device, activation="silu_mul"), w4a16.WarpMmaConfig)
     assert isinstance(pick(8, 28672, 4096, 128, device, warp_mma=False), w4a16.MmaConfig)
     assert isinstance(pick(17, 28672, 4096, 128, device), w4a16.MmaConfig)
+    # up to 64 rows K 128 a step in 2 stages where the group allows it, K 64 where it does not
+    assert pick(32, 4096, 4096, 128, cpu) == w4a16.MmaConfig(32, 64, 128, 8, True, 4, 2)
+    assert pick(64, 28672, 4096, 128, cpu) == w4a16.MmaConfig(64, 64, 128, 1, True, 4, 2)
+    assert pick(64, 28672, 4096, 64, cpu) == w4a16.MmaConfig(64, 64, 64, 1, True, 4, 4)
+    assert pick(32, 4096, 4096, 64, cpu) == w4a16.MmaConfig(32, 64, 64, 8, True, 4, 5)
+    # gate_up with silu_mul past 32 rows: unsplit, 3 stages, where its tiles fill the SMs
+    assert pick(48, 14336, 4096, 128, cpu, activation="silu_mul") == w4a16.MmaConfig(64, 64, 128, 1, True, 4, 3)
+    assert pick(48, 1024, 4096, 128, cpu, activation="silu_mul") == w4a16.MmaConfig(64, 64, 128, 16, True, 4, 2)
     # past 64 rows the weight tile as the register operand: 64 columns with 4 warps, two programs an
-    # SM, but 128 with 8 warps where 128-column tiles alone fill the GPU
-    assert pick(128, 4096, 4096, 128, cpu) == w4a16.MmaConfig(128, 64, 64, 4, True, 4, 4)
-    assert pick(100, 6144, 4096, 128, cpu) == w4a16.MmaConfig(128, 64, 64, 2, True, 4, 4)
+    # SM, K 128 a step where the tiles leave room for a K split; but 128 columns with 8 warps where
+    # 128-column tiles alone fill the GPU, and K 64 where the 64-column ones fill a wave
+    assert pick(128, 4096, 4096, 128, cpu) == w4a16.MmaConfig(128, 64, 128, 4, True, 4, 2)
+    assert pick(100, 6144, 4096, 128, cpu) == w4a16.MmaConfig(128, 64, 128, 2, True, 4, 2)
+    assert pick(100, 6144, 4096, 64, cpu) == w4a16.MmaConfig(128, 64, 64, 2, True, 4, 4)
     assert pick(128, 28672, 4096, 128, cpu) == w4a16.MmaConfig(128, 128, 64, 1, True, 8, 4)
+    assert pick(128, 14336, 4096, 128, cpu, activation="silu_mul") == w4a16.MmaConfig(128, 64, 64, 1, True, 4, 4)
     # past one 128-row tile of the tensor-core kernel: the weight dequantized once, then cuBLAS
     assert pick(129, 28672, 4096, 128, device) == w4a16.DequantMmConfig()
     for M, N, K in [(16, 4096, 4096), (4, 6144, 4096), (16, 28672, 4096), (2, 4096, 14336), (5, 256, 512)]:
@@ -299,14 +310,14 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from qpass.kernels import w4a16, w8a16
 
-def ttgir(kernel, pointers, constexprs, num_warps):
+def ttgir(kernel, pointers, constexprs, num_warps, num_stages=3):
     names = list(inspect.signature(kernel.fn).parameters)
     signature = {n: pointers.get(n, "constexpr" if n in constexprs else "i32") for n in names}
     # aligned pointers, sizes and strides, as at run time: the loop is then pipelined
     aligned = {(names.index(n),): [["tt.divisibility", 16]] for n in names if signature[n] != "constexpr"}
     source = ASTSource(fn=kernel, signature=signature, constexprs={n: constexprs[n] for n in names if n in constexprs},
                        attrs=aligned)
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=3)).asm["ttgir"]
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages)).asm["ttgir"]
 
 common = dict(GROUP_M=8, SPLIT_K=1, SWAP_AB=True, HAS_BIAS=False, ACTIVATION="none", DOT_PRECISION="tf32")
 # unit strides as constants, as Triton's launcher specializes them: qweight [K / 8, N] (W4A16), [N, K] (W8A16)
@@ -315,8 +326,9 @@ w4 = dict(common, GROUP_SIZE=128, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, EVEN_N=T
 w8 = dict(common, BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, EVEN_K=True, CVT_ASM=True, stride_xk=1, stride_qk=1,
           stride_on=1)
 for dtype in ("*fp16", "*bf16"):  # (the inline PTX of each dtype's tile, which the interpreter never runs)
-    print(ttgir(w4a16._w4a16_mma_kernel, {p: dtype for p in ("x_ptr", "s_ptr", "z_ptr", "b_ptr", "out_ptr")}
-                | {"qw_ptr": "*i32", "ws_ptr": "*fp32"}, w4, 4))
+    pointers = {p: dtype for p in ("x_ptr", "s_ptr", "z_ptr", "b_ptr", "out_ptr")} | {"qw_ptr": "*i32", "ws_ptr": "*fp32"}
+    print(ttgir(w4a16._w4a16_mma_kernel, pointers, w4, 4))
+    print(ttgir(w4a16._w4a16_mma_kernel, pointers, dict(w4, BLOCK_N=64, BLOCK_K=128), 4, num_stages=2))
 print(ttgir(w8a16._w8a16_mma_kernel, {p: "*fp16" for p in ("x_ptr", "s_ptr", "b_ptr", "out_ptr")}
             | {"qw_ptr": "*i8", "ws_ptr": "*fp32"}, w8, 4))
 """
@@ -333,7 +345,7 @@ def test_register_operand_wgmmas_are_waited_for_each_step():
     mma_ops = [line for line in run.stdout.splitlines() if "ttng.warp_group_dot" in line]
     register_dots = [i for i, line in enumerate(mma_ops)
                      if "warp_group_dot_wait" not in line and "dot_op<{opIdx = 0" in line]
-    assert len(register_dots) >= 3, run.stdout[-3000:]  # a tile in each kernel
+    assert len(register_dots) >= 5, run.stdout[-3000:]  # a tile in each kernel
     for i in register_dots:
         assert "warp_group_dot_wait" in mma_ops[i + 1] and "pendings = 0" in mma_ops[i + 1], mma_ops[i:i + 2]
 
