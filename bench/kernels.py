@@ -165,13 +165,13 @@ def sweep_candidates(kind, M):
                     out.append(w4a16.MmaConfig(16, 128, 128, split, swaps[0], 4, 3))
             bm = 32 if M <= 32 else 64
             for bn, bk, warps, stages in [(64, 64, 4, 4), (64, 64, 4, 5), (128, 64, 4, 3), (128, 64, 4, 4),
-                                          (64, 128, 4, 3), (128, 128, 4, 3), (256, 64, 8, 3)]:
+                                          (64, 128, 4, 2), (64, 128, 4, 3), (128, 128, 4, 3), (256, 64, 8, 3)]:
                 for swap in swaps:
                     out.append(w4a16.MmaConfig(bm, bn, bk, 0, swap, warps, stages))
         if 64 < M <= 256:
             for bm, bn, bk, warps, stages in [(128, 128, 128, 8, 3), (128, 128, 128, 8, 4), (128, 128, 64, 8, 3),
                                               (128, 128, 64, 8, 4), (128, 64, 64, 4, 3), (128, 64, 64, 4, 4),
-                                              (128, 64, 128, 4, 3),
+                                              (128, 64, 128, 4, 2), (128, 64, 128, 4, 3),
                                               (128, 256, 64, 8, 3), (64, 128, 64, 4, 3)]:
                 for swap in swaps:
                     out.append(w4a16.MmaConfig(bm, bn, bk, 0, swap, warps, stages))
@@ -255,7 +255,11 @@ def run_sweep(shapes, plan, deadline, dtype_name="float16", activation="none", c
                 return results
             x = torch.randn(M, K, device="cuda", dtype=dtype)
             base = bench(lambda: [F.linear(x, s["base"]) for s in sets], rep=10) / copies
-            for cfg in sweep_candidates(kind, M):
+            candidates = sweep_candidates(kind, M)
+            if kind == "awq":  # the pick itself, whose split may differ from its block shape's rule
+                n_out = N // 2 if activation == "silu_mul" else N
+                candidates.append(w4a16.pick_config(M, n_out, K, GROUP, x.device, activation, dtype=dtype))
+            for cfg in candidates:
                 if time.time() > deadline:
                     return results
                 if getattr(cfg, "split_k", 1) == 0:  # the launchers' rule for this block shape
