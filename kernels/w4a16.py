@@ -887,17 +887,16 @@ def pick_config(M: int, N: int, K: int, group_size: int, device: torch.device, a
     # filling a wave K 64 stays faster (gate_up with silu_mul 97.3 against 104.3).
     if M <= 16:
         cfg = MmaConfig(16, 128, block_k, 1, True, num_warps=4, num_stages=3)
+    elif 32 < M <= 64 and block_k == 128 and activation == "silu_mul" and triton.cdiv(N, 64) >= sms:
+        # gate and up tiles a program, enough of them to fill the SMs: unsplit with 3 stages
+        # (4096 -> 2 x 14336, M = 64: 80.1 us against 101.5 split in 2 stages and 107.6 for the
+        # K-64 pick; M = 48 79.9 against 105.5; the best of 17 block shapes in sweeps at M = 48 fp16
+        # and 64 bf16. 3 stages for narrower gate_up lose as often as they win: not taken there)
+        return MmaConfig(64, 64, 128, 1, True, num_warps=4, num_stages=3)
     elif M <= 64:
         cfg = MmaConfig(32 if M <= 32 else 64, 64, block_k, 1, True, num_warps=4, num_stages=2)
         if block_k < 128:  # the K-64 picks (M = 32: 5 stages, 64: 4)
             cfg = cfg._replace(block_k=min(block_k, 64), num_stages=5 if M <= 32 else 4)
-        elif M > 32 and activation == "silu_mul":
-            # gate and up tiles a program: 3 stages, and unsplit where the tiles fill the SMs
-            # (M = 48, us: 4096 -> 2 x 14336 80.0 against 89.7 split and 100.8 in 2 stages, 105.5
-            # for the K-64 pick; 4096 -> 2 x 2048 21.4 against 22.8 in 2 stages, 24.8 K-64)
-            cfg = cfg._replace(num_stages=3)
-            if triton.cdiv(N, 64) >= sms:
-                return cfg
     elif triton.cdiv(M, 128) * triton.cdiv(N, 128) >= sms:
         cfg = MmaConfig(128, 128, min(block_k, 64), 1, True, num_warps=8, num_stages=4)
     else:
