@@ -873,9 +873,9 @@ def pick_config(M: int, N: int, K: int, group_size: int, device: torch.device, a
     # Weight tile as the left operand (swap-AB): it stays in registers from the dequantization
     # to the MMA. Up to 64 rows, a tile of 32 or 64 rows by 64 columns with 4 warps (H200
     # sweeps over block shapes, bench/NOTES-kernels.md). Each step's wgmmas are waited for, so
-    # one program an SM leaves them idle during its dequantization: past 64 rows, 64 weight columns with 4 warps, two
-    # programs an SM (``mma_split_k``); where 128-column tiles alone fill the GPU (4096x28672),
-    # 128 with 8 warps (M = 128, us against the 128 x 128 pick before: 4096x4096 21.4 against 24.5,
+    # one program an SM leaves them idle during its dequantization: past 64 rows, 64 weight
+    # columns with 4 warps, two programs an SM (``mma_split_k``); where 128-column tiles alone
+    # fill the GPU (4096x28672), 128 with 8 warps (M = 128, us against the 128 x 128 pick before: 4096x4096 21.4 against 24.5,
     # 4096x6144 33.6 against 39.0, 14336x4096 52.0 against 63.7, 4096x28672 97.1 against 106.1
     # through shared memory).
     # K 128 a step where the group allows it: half the steps, so half the waits, of K 64; in 2
