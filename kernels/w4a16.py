@@ -875,9 +875,9 @@ def pick_config(M: int, N: int, K: int, group_size: int, device: torch.device, a
     # sweeps over block shapes, bench/NOTES-kernels.md). Each step's wgmmas are waited for, so
     # one program an SM leaves them idle during its dequantization: past 64 rows, 64 weight
     # columns with 4 warps, two programs an SM (``mma_split_k``); where 128-column tiles alone
-    # fill the GPU (4096x28672), 128 with 8 warps (M = 128, us against the 128 x 128 pick before: 4096x4096 21.4 against 24.5,
-    # 4096x6144 33.6 against 39.0, 14336x4096 52.0 against 63.7, 4096x28672 97.1 against 106.1
-    # through shared memory).
+    # fill the GPU (4096x28672), 128 with 8 warps (M = 128, us against the 128 x 128 pick
+    # before: 4096x4096 21.4 against 24.5, 4096x6144 33.6 against 39.0, 14336x4096 52.0 against
+    # 63.7, 4096x28672 97.1 against 106.1 through shared memory).
     # K 128 a step where the group allows it: half the steps, so half the waits, of K 64; in 2
     # stages, which leave two programs an SM (3 stages take 123 KB of shared memory at 128 rows).
     # H200, fp16 and bf16 alike, us against the K-64 picks before (bench/NOTES-kernels.md,
@@ -894,9 +894,9 @@ def pick_config(M: int, N: int, K: int, group_size: int, device: torch.device, a
         # and 64 bf16. 3 stages for narrower gate_up lose as often as they win: not taken there)
         return MmaConfig(64, 64, 128, 1, True, num_warps=4, num_stages=3)
     elif M <= 64:
-        cfg = MmaConfig(32 if M <= 32 else 64, 64, block_k, 1, True, num_warps=4, num_stages=2)
-        if block_k < 128:  # the K-64 picks (M = 32: 5 stages, 64: 4)
-            cfg = cfg._replace(block_k=min(block_k, 64), num_stages=5 if M <= 32 else 4)
+        # K 64 or less (group sizes that 128 does not divide) in 5 stages at 32 rows, 4 at 64
+        stages = 2 if block_k == 128 else 5 if M <= 32 else 4
+        cfg = MmaConfig(32 if M <= 32 else 64, 64, block_k, 1, True, num_warps=4, num_stages=stages)
     elif triton.cdiv(M, 128) * triton.cdiv(N, 128) >= sms:
         cfg = MmaConfig(128, 128, min(block_k, 64), 1, True, num_warps=8, num_stages=4)
     else:
