@@ -24,10 +24,11 @@ Four paths, chosen by M (``pick_config``):
   reads from registers: no trip through shared memory between dequantization and MMA (each
   step's wgmmas finish before the next step's dequantization: ``common.mma_accumulate``); there,
   for fp16 and bf16 on a GPU, inline PTX dequantizes two weights an instruction (PACKED).
-- ``_w4a16_dequantize_kernel`` + cuBLAS (M > 128): writes the whole fp16/bf16 weight once,
-  then ``torch.mm``. Where the GEMM is compute-bound, one extra pass over 2 bytes per weight
-  costs less than the dequantization inside the fused kernel's main loop (which Triton does
-  not overlap with the tensor cores well enough: about 0.5x of cuBLAS).
+- ``_w4a16_dequantize_kernel`` + cuBLAS (M > 128, ``dequantize_matmul``): writes the fp16/bf16
+  weight once, then ``torch.mm``. Where the GEMM is compute-bound, one extra pass over 2 bytes per
+  weight costs less than the dequantization inside the fused kernel's main loop (which Triton does
+  not overlap with the tensor cores well enough: about 0.5x of cuBLAS). From 1024 rows in chunks
+  of columns, each dequantized on a side stream while cuBLAS multiplies the one before.
 
 The GEMV also computes the RMSNorm of x when given its weight (HAS_NORM): each program
 reduces the row itself, from L2, and scales the x values it reads (``_gemv_columns``); the
@@ -42,6 +43,7 @@ result ``silu(gate) * up``), each program computing matching gate and up tiles (
 one pass over K, its gate columns then its up columns as one tile).
 """
 
+import contextlib
 import math
 from typing import NamedTuple, Optional
 
@@ -778,10 +780,13 @@ def warp_mma_ok(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
 
 
 class DequantMmConfig(NamedTuple):
-    """Dequantize the whole weight, then cuBLAS: for M large enough to amortize the write."""
+    """Dequantize the weight, then cuBLAS: for M large enough to amortize the write. ``chunk_n``
+    > 0: that many columns at a time, each chunk dequantized on a side stream while cuBLAS
+    multiplies the one before (``dequantize_matmul``); 0: the whole weight, then one GEMM."""
 
     block_r: int = 16
     block_n: int = 128
+    chunk_n: int = 0
 
 
 def warp_mma_unrolled_iterations(cfg: WarpMmaConfig, groups: int) -> int:
@@ -837,6 +842,22 @@ WARP_MMA_MAX_M = 16
 DEQUANT_MM_MIN_M = 129
 
 
+def dequantize_chunk_columns(M: int, N: int) -> int:
+    """``DequantMmConfig.chunk_n`` for M rows and N GEMM columns (gate and up both under silu_mul):
+    from 1024 rows, the widest of 4096, 2048 and 1024 columns whose GEMM writes at most 2^22 outputs
+    (two waves of 128 x 128 tiles), so the side stream's dequantization of the next chunk overlaps a
+    GEMM long enough to hide it; 0 where that chunk is all of N. H200, fp16, us, the whole weight ->
+    chunks (bench/NOTES-kernels.md, fifteenth session): 4096x28672 M = 1024 442.6 -> 407.6, M = 4096
+    1560.3 -> 1477.6; 14336x4096 M = 2048 409.2 -> 379.7; 4096x6144 M = 1024 101.4 -> 94.1. Below 1024
+    rows not measured."""
+    if M < 1024:
+        return 0
+    columns = 4096
+    while columns > 1024 and M * columns > 1 << 22:  # (comparisons only: M may be a SymInt)
+        columns //= 2
+    return columns if columns < N else 0
+
+
 def pick_config(M: int, N: int, K: int, group_size: int, device: torch.device, activation: str = "none",
                 warp_mma: bool = True, dtype: torch.dtype = torch.float16):
     """The kernel and its block shapes for a problem of N output columns and activations of
@@ -868,7 +889,7 @@ def pick_config(M: int, N: int, K: int, group_size: int, device: torch.device, a
             return GemvConfig(16, 2048, 1, num_warps=8, unrolled=True)
         return GemvConfig(16, 2048, 1, num_warps=16, unrolled=K <= 4096 or dtype != torch.float16)
     if M >= DEQUANT_MM_MIN_M:
-        return DequantMmConfig()
+        return DequantMmConfig(chunk_n=dequantize_chunk_columns(M, 2 * N if activation == "silu_mul" else N))
     block_k = mma_block_k[0]  # the largest power of two up to 128 that divides group_size
     # Weight tile as the left operand (swap-AB): it stays in registers from the dequantization
     # to the MMA. Up to 64 rows, a tile of 32 or 64 rows by 64 columns with 4 warps (H200
@@ -931,6 +952,7 @@ def w4a16_linear(
     norm_weight: Optional[torch.Tensor] = None,
     norm_eps: float = 0.0,
     config=None,
+    chunked_dequantize_matmul=None,
 ) -> torch.Tensor:
     """``x [M, K] @ dequantize(qweight, scales, zeros) (+ bias)`` -> ``[M, N]`` in x.dtype.
 
@@ -942,6 +964,9 @@ def w4a16_linear(
     first (``reference.rms_norm``); the GEMV computes it as it reads x, the other paths in a pass of their own.
     ``config`` (a ``GemvConfig``, ``MmaConfig`` or ``DequantMmConfig``) overrides the tuned
     choice; for sweeps.
+    ``chunked_dequantize_matmul``: what runs ``dequantize_matmul`` where the weight goes in chunks
+    (the same arguments; by default that function itself). Its streams cannot be traced, so
+    ``qpass.ops`` passes it wrapped in an op that torch.compile keeps opaque.
     """
     M, K = x.shape
     N = qweight.shape[1]
@@ -957,13 +982,10 @@ def w4a16_linear(
         x = rms_norm(x, norm_weight.to(x.dtype), norm_eps)  # (under torch.compile Inductor fuses it with its producer)
         norm_weight = None
     if isinstance(cfg, DequantMmConfig):
-        w = torch.empty((K, N), device=x.device, dtype=x.dtype)
-        grid = (triton.cdiv(K // 8, cfg.block_r), triton.cdiv(N, cfg.block_n))
-        torch.library.wrap_triton(_w4a16_dequantize_kernel)[grid](
-            qweight, scales, zeros, w, K, N, qweight.stride(0), qweight.stride(1), scales.stride(0), scales.stride(1),
-            w.stride(0), w.stride(1), GROUP_SIZE=group_size, BLOCK_R=cfg.block_r, BLOCK_N=cfg.block_n,
-        )
-        return activation_after_gemm(torch.mm(x, w) if bias is None else torch.addmm(bias, x, w), activation)
+        run = dequantize_matmul
+        if chunked_dequantize_matmul is not None and 0 < cfg.chunk_n < N:
+            run = chunked_dequantize_matmul
+        return run(x, qweight, scales, zeros, group_size, bias, activation, cfg.block_r, cfg.block_n, cfg.chunk_n)
     out = torch.empty((M, n_out), device=x.device, dtype=x.dtype)
     bias, stride_bm = bias_rows(bias, M, N)
     has_bias = bias is not None
@@ -1011,6 +1033,66 @@ def w4a16_linear(
         PACKED=_mma_packed(cfg, x), num_stages=cfg.num_stages, **common,
     )
     return out
+
+
+def _dequantize_into(w: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                     group_size: int, block_r: int, block_n: int):
+    """The weight of ``qweight`` (``[K / 8, n]``, any strides) written into ``w`` ``[K, n]``."""
+    K, N = w.shape
+    grid = (triton.cdiv(K // 8, block_r), triton.cdiv(N, block_n))
+    torch.library.wrap_triton(_w4a16_dequantize_kernel)[grid](
+        qweight, scales, zeros, w, K, N, qweight.stride(0), qweight.stride(1), scales.stride(0), scales.stride(1),
+        w.stride(0), w.stride(1), GROUP_SIZE=group_size, BLOCK_R=block_r, BLOCK_N=block_n,
+    )
+
+
+def dequantize_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                      group_size: int, bias: Optional[torch.Tensor], activation: str, block_r: int, block_n: int,
+                      chunk_n: int) -> torch.Tensor:
+    """``DequantMmConfig``'s path: the weight dequantized by ``_w4a16_dequantize_kernel``, then
+    cuBLAS; ``bias`` ``[N]`` or ``[M, N]``. With ``0 < chunk_n < N``, ``chunk_n`` columns at a
+    time through two reused scratch buffers: on a GPU chunk i + 1 is dequantized on a side stream
+    while cuBLAS multiplies chunk i into its column slice of the output, and the GEMMs' reads of
+    the scratch come from L2."""
+    M, K = x.shape
+    N = qweight.shape[1]
+    if not 0 < chunk_n < N:
+        w = torch.empty((K, N), device=x.device, dtype=x.dtype)
+        _dequantize_into(w, qweight, scales, zeros, group_size, block_r, block_n)
+        return activation_after_gemm(torch.mm(x, w) if bias is None else torch.addmm(bias, x, w), activation)
+    out = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    scratch = [torch.empty((K, chunk_n), device=x.device, dtype=x.dtype) for _ in range(2)]
+    main = torch.cuda.current_stream(x.device) if x.is_cuda else None
+    side = _side_stream(x.device) if x.is_cuda else None
+    if side is not None:
+        side.wait_stream(main)  # the inputs are written on the main stream
+    multiplied = []  # per chunk: the main stream has read its scratch
+    for i, n0 in enumerate(range(0, N, chunk_n)):
+        n1 = min(n0 + chunk_n, N)
+        w = scratch[i % 2][:, : n1 - n0]
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+            if side is not None and i >= 2:
+                side.wait_event(multiplied[i - 2])  # the GEMM two chunks back has read this buffer
+            _dequantize_into(w, qweight[:, n0:n1], scales[:, n0:n1], zeros[:, n0:n1], group_size, block_r, block_n)
+        if side is not None:
+            main.wait_stream(side)
+        if bias is None:
+            torch.mm(x, w, out=out[:, n0:n1])
+        else:
+            torch.addmm(bias[..., n0:n1], x, w, out=out[:, n0:n1])
+        if side is not None:
+            multiplied.append(main.record_event())
+    return activation_after_gemm(out, activation)
+
+
+_SIDE_STREAMS = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SIDE_STREAMS:
+        _SIDE_STREAMS[index] = torch.cuda.Stream(index)
+    return _SIDE_STREAMS[index]
 
 
 def _mma_packed(cfg: MmaConfig, x: torch.Tensor) -> bool:

@@ -15,6 +15,7 @@ gate/up linear, or the GELU after an MLP's first linear, costs no launch of its 
 ``[gate | up]`` and the op returns ``[..., N / 2]``.
 """
 
+import functools
 from typing import Optional
 
 import torch
@@ -62,6 +63,30 @@ def _run(cuda_kernel, cpu_reference, x: torch.Tensor, n: int, *args, bias: Optio
     return out.reshape(_out_shape(x, n, activation))
 
 
+@torch.library.custom_op("qpass::w4a16_dequantize_matmul", mutates_args=())
+def w4a16_dequantize_matmul(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    group_size: int,
+    bias: Optional[torch.Tensor],
+    activation: str,
+    block_r: int,
+    block_n: int,
+    chunk_n: int,
+) -> torch.Tensor:
+    """The W4A16 op's path for large M with the weight in chunks (``kernels.w4a16.dequantize_matmul``):
+    an op of its own, which torch.compile does not trace into, because it runs two CUDA streams."""
+    return w4a16_kernels.dequantize_matmul(x, qweight, scales, zeros, group_size, bias, activation, block_r,
+                                           block_n, chunk_n)
+
+
+@w4a16_dequantize_matmul.register_fake
+def _(x, qweight, scales, zeros, group_size, bias, activation, block_r, block_n, chunk_n):
+    return x.new_empty((x.shape[0], output_columns(activation, qweight.shape[1])))
+
+
 @triton_op("qpass::w4a16_linear", mutates_args=())
 def w4a16_linear(
     x: torch.Tensor,
@@ -74,9 +99,9 @@ def w4a16_linear(
     norm_weight: Optional[torch.Tensor] = None,
     norm_eps: float = 0.0,
 ) -> torch.Tensor:
-    return _run(w4a16_kernels.w4a16_linear, reference.w4a16_linear, x, qweight.shape[1],
-                qweight, scales, zeros, group_size, bias=bias, activation=activation, norm_weight=norm_weight,
-                norm_eps=norm_eps)
+    kernels = functools.partial(w4a16_kernels.w4a16_linear, chunked_dequantize_matmul=w4a16_dequantize_matmul)
+    return _run(kernels, reference.w4a16_linear, x, qweight.shape[1], qweight, scales, zeros, group_size, bias=bias,
+                activation=activation, norm_weight=norm_weight, norm_eps=norm_eps)
 
 
 @w4a16_linear.register_fake

@@ -123,6 +123,7 @@ W4_CONFIGS = [
     w4a16.MmaConfig(32, 16, 32, split_k=2, swap_ab=False, num_warps=4, num_stages=2),
     w4a16.MmaConfig(32, 16, 16, split_k=1, swap_ab=True, num_warps=4, num_stages=3),  # two words a row a step
     w4a16.DequantMmConfig(block_r=4, block_n=16),
+    w4a16.DequantMmConfig(block_r=4, block_n=16, chunk_n=16),  # N in chunks, the last one partial
 ]
 
 
@@ -198,6 +199,10 @@ def test_w4a16_kernel_choice_by_rows():
     assert pick(128, 14336, 4096, 128, cpu, activation="silu_mul") == w4a16.MmaConfig(128, 64, 64, 1, True, 4, 4)
     # past one 128-row tile of the tensor-core kernel: the weight dequantized once, then cuBLAS
     assert pick(129, 28672, 4096, 128, device) == w4a16.DequantMmConfig()
+    # from 1024 rows in chunks of columns whose GEMM writes at most 2^22 outputs, where that is not all of N
+    assert [pick(M, 28672, 4096, 128, device).chunk_n for M in (512, 1024, 1500, 2048, 4096, 8192)] == [
+        0, 4096, 2048, 2048, 1024, 1024]
+    assert [pick(M, 4096, 14336, 128, device).chunk_n for M in (1024, 2048)] == [0, 2048]
     for M, N, K in [(16, 4096, 4096), (4, 6144, 4096), (16, 28672, 4096), (2, 4096, 14336), (5, 256, 512)]:
         cfg = pick(M, N, K, 128, device)
         assert cfg.split_k * cfg.num_warps // cfg.column_warps <= K // 128  # every warp has a group of K
@@ -491,6 +496,7 @@ EPILOGUE_VARIANTS = [  # (error function, config, needs fp16/fp32 on the CPU, bo
     (w4_epilogue_error, w4a16.MmaConfig(16, 16, 32, 2, True, 4, 2), True, BOUND),
     (w4_epilogue_error, w4a16.MmaConfig(16, 16, 32, 1, False, 4, 2), True, BOUND),
     (w4_epilogue_error, w4a16.DequantMmConfig(4, 16), False, BOUND),
+    (w4_epilogue_error, w4a16.DequantMmConfig(4, 16, chunk_n=24), False, BOUND),
     (w8_epilogue_error, w8a16.GemvConfig(8, 64, 2, 4, 2), False, BOUND),
     (w8_epilogue_error, w8a16.MmaConfig(16, 16, 32, 2, 4, 2), True, BOUND),
     (w8_epilogue_error, w8a16.DequantMmConfig(), False, BOUND),
@@ -607,6 +613,38 @@ def test_gpu_w8a16_mma_unsplit_at_each_tuned_tile(M, n_out, K, activation, dtype
     cfg = w8a16.pick_config(M, n_out, K, torch.device("cuda"))
     assert isinstance(cfg, w8a16.MmaConfig) and cfg.split_k == 1, cfg
     assert w8_epilogue_error(activation, M, N, K, dtype, True, M) < BOUND[dtype]
+
+
+@cuda
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("activation", ("none",) + EPILOGUES)
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("M,N,K,chunk_n", [(1024, 9000, 512, 4096), (2048, 4096, 1024, 2048), (1100, 3000, 256, 1024)])
+def test_gpu_w4a16_dequantize_matmul_in_chunks(M, N, K, chunk_n, residual, activation, dtype):
+    """The weight in chunks on two streams: right eagerly, inside a captured CUDA graph (a side
+    stream forked from and joined to the captured one), and the same as the whole weight's path."""
+    args = make_w4(M, N, K, 128, dtype, False, not residual, M)
+    x, qweight, scales, zeros, b = args
+    if residual:
+        b = torch.randn(M, N, device=DEVICE, dtype=dtype)
+    assert w4a16.pick_config(M, output_columns(activation, N), K, 128, x.device, activation).chunk_n == chunk_n
+    ref = reference.apply_activation(w4_reference(*args[:4], 128, b), activation)
+    out = w4a16.w4a16_linear(x, qweight, scales, zeros, 128, b, activation=activation)
+    assert relative_error(out, ref) < BOUND[dtype]
+    whole = w4a16.w4a16_linear(x, qweight, scales, zeros, 128, b, activation=activation,
+                               config=w4a16.DequantMmConfig())
+    assert relative_error(out, whole) < BOUND[dtype] / 4
+
+    graph = torch.cuda.CUDAGraph()
+    torch.cuda.synchronize()
+    with torch.cuda.graph(graph):
+        captured = w4a16.w4a16_linear(x, qweight, scales, zeros, 128, b, activation=activation)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.cuda.synchronize()
+    ref = reference.apply_activation(w4_reference(x, *args[1:4], 128, b), activation)
+    assert relative_error(captured, ref) < BOUND[dtype]
 
 
 @cuda
@@ -751,6 +789,33 @@ def test_gpu_compiled_op_calls_the_triton_kernel_without_graph_break(M):
                w4a16.WarpMmaConfig: "w4a16_warp_mma_kernel", w4a16.DequantMmConfig: "_w4a16_dequantize_kernel"}
     kernel = kernels[type(w4a16.pick_config(M, 512, 1024, 128, x.device))]
     assert any(kernel in code for code in codes), "Inductor's code does not launch the Triton kernel"
+
+
+@cuda
+@needs_cuda
+def test_gpu_compiled_op_runs_the_chunked_path_as_an_opaque_op():
+    """Past 1024 rows the weight goes in chunks on two streams, which torch.compile cannot trace:
+    the W4A16 op calls ``qpass::w4a16_dequantize_matmul`` for it, and Inductor's code calls that op,
+    with CUDA graphs too (``mode="reduce-overhead"``)."""
+    import torch._dynamo
+    from torch._inductor.utils import run_and_get_code
+
+    import qpass  # noqa: F401
+
+    x, qweight, scales, zeros, b = make_w4(2048, 4096, 512, 128, torch.bfloat16, False, True, 0)
+    assert w4a16.pick_config(2048, 4096, 512, 128, x.device).chunk_n == 2048
+
+    def f(x):
+        return torch.ops.qpass.w4a16_linear(x, qweight, scales, zeros, 128, b, "silu_mul")
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, mode="reduce-overhead")
+    out, codes = run_and_get_code(compiled, x)
+    assert any("w4a16_dequantize_matmul" in code for code in codes)
+    for _ in range(3):  # warmed up, recorded, replayed
+        x = torch.randn_like(x)
+        ref = reference.apply_activation(w4_reference(x, qweight, scales, zeros, 128, b), "silu_mul")
+        assert relative_error(compiled(x), ref) < BOUND[torch.bfloat16]
 
 
 @cuda
