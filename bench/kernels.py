@@ -182,6 +182,7 @@ def sweep_candidates(kind, M):
                     out.append(w4a16.MmaConfig(bm, bn, bk, 0, swap, warps, 3))
             out.append(w4a16.DequantMmConfig())
             out.append(w4a16.DequantMmConfig(32, 64))
+            out.extend(w4a16.DequantMmConfig(chunk_n=c) for c in (8192, 4096, 2048, 1024) if c < N)
     elif kind == "int8":
         if M <= 2:
             for bn, bk in [(4, 1024), (8, 512), (16, 256)]:  # the float32 path's tuned shapes (H100, 2026-11-24)

@@ -846,12 +846,15 @@ def dequantize_chunk_columns(M: int, N: int) -> int:
     """``DequantMmConfig.chunk_n`` for M rows and N GEMM columns (gate and up both under silu_mul):
     from 1024 rows, the widest of 4096, 2048 and 1024 columns whose GEMM writes at most 2^22 outputs
     (two waves of 128 x 128 tiles), so the side stream's dequantization of the next chunk overlaps a
-    GEMM long enough to hide it; 0 where that chunk is all of N. H200, fp16, us, the whole weight ->
-    chunks (bench/NOTES-kernels.md, fifteenth session): 4096x28672 M = 1024 442.6 -> 407.6, M = 4096
-    1560.3 -> 1477.6; 14336x4096 M = 2048 409.2 -> 379.7; 4096x6144 M = 1024 101.4 -> 94.1. Below 1024
-    rows not measured."""
-    if M < 1024:
+    GEMM long enough to hide it; 0 where that chunk is all of N. From 384 rows, 8192 columns where N
+    takes at least three such chunks; narrower weights lost there. H200, fp16, us, the whole weight ->
+    chunks (bench/NOTES-kernels.md, fifteenth session): 4096x28672 M = 512 277.2 -> 244.1, M = 1024
+    442.6 -> 407.6, M = 4096 1560.3 -> 1477.6; 14336x4096 M = 2048 409.2 -> 379.7; 4096x6144 M = 1024
+    101.4 -> 94.1."""
+    if M < 384:
         return 0
+    if M < 1024:
+        return 8192 if N >= 3 * 8192 else 0
     columns = 4096
     while columns > 1024 and M * columns > 1 << 22:  # (comparisons only: M may be a SymInt)
         columns //= 2

@@ -199,10 +199,12 @@ def test_w4a16_kernel_choice_by_rows():
     assert pick(128, 14336, 4096, 128, cpu, activation="silu_mul") == w4a16.MmaConfig(128, 64, 64, 1, True, 4, 4)
     # past one 128-row tile of the tensor-core kernel: the weight dequantized once, then cuBLAS
     assert pick(129, 28672, 4096, 128, device) == w4a16.DequantMmConfig()
-    # from 1024 rows in chunks of columns whose GEMM writes at most 2^22 outputs, where that is not all of N
-    assert [pick(M, 28672, 4096, 128, device).chunk_n for M in (512, 1024, 1500, 2048, 4096, 8192)] == [
-        0, 4096, 2048, 2048, 1024, 1024]
-    assert [pick(M, 4096, 14336, 128, device).chunk_n for M in (1024, 2048)] == [0, 2048]
+    # from 1024 rows in chunks of columns whose GEMM writes at most 2^22 outputs, where that is not all
+    # of N; from 384 rows chunks of 8192 columns where N takes three
+    assert [pick(M, 28672, 4096, 128, device).chunk_n for M in (256, 384, 768, 1024, 1500, 2048, 4096, 8192)] == [
+        0, 8192, 8192, 4096, 2048, 2048, 1024, 1024]
+    assert [pick(M, 4096, 14336, 128, device).chunk_n for M in (512, 1024, 2048)] == [0, 0, 2048]
+    assert [pick(M, 6144, 4096, 128, device).chunk_n for M in (768, 1024)] == [0, 4096]
     for M, N, K in [(16, 4096, 4096), (4, 6144, 4096), (16, 28672, 4096), (2, 4096, 14336), (5, 256, 512)]:
         cfg = pick(M, N, K, 128, device)
         assert cfg.split_k * cfg.num_warps // cfg.column_warps <= K // 128  # every warp has a group of K
@@ -620,7 +622,8 @@ def test_gpu_w8a16_mma_unsplit_at_each_tuned_tile(M, n_out, K, activation, dtype
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("activation", ("none",) + EPILOGUES)
 @pytest.mark.parametrize("residual", [False, True])
-@pytest.mark.parametrize("M,N,K,chunk_n", [(1024, 9000, 512, 4096), (2048, 4096, 1024, 2048), (4200, 3000, 256, 1024)])
+@pytest.mark.parametrize("M,N,K,chunk_n", [(1024, 9000, 512, 4096), (2048, 4096, 1024, 2048), (4200, 3000, 256, 1024),
+                                            (500, 26000, 256, 8192)])
 def test_gpu_w4a16_dequantize_matmul_in_chunks(M, N, K, chunk_n, residual, activation, dtype):
     """The weight in chunks on two streams: right eagerly, inside a captured CUDA graph (a side
     stream forked from and joined to the captured one), and the same as the whole weight's path."""
