@@ -2,7 +2,9 @@
 
 Each is a ``torch.library.triton_op``: a schema, a fake implementation for tracing, and a
 body that torch.compile can see into. On CPU the body is the plain-torch reference of
-``qpass.kernels.reference``; on CUDA it launches the Triton kernels of ``qpass.kernels``.
+``qpass.kernels.reference``; on CUDA it launches the Triton kernels of ``qpass.kernels``. One
+part of a body runs two CUDA streams, which torch.compile cannot trace: the W4A16 GEMM for large
+M with the weight in chunks, an opaque ``torch.library.custom_op`` of its own that the body calls.
 
 A ``bias`` is ``[N]``, or shaped as the output: a residual added in the epilogue, so that
 ``x + linear(h)`` costs no launch of its own either. The W4A16 op may also take the RMSNorm
