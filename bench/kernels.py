@@ -223,7 +223,7 @@ def run_sweep(shapes, plan, deadline, dtype_name="float16", activation="none", c
     import torch.nn.functional as F
 
     from qpass.kernels import fp8, reference, w4a16, w8a16
-    from qpass.kernels.common import split_for
+    from qpass.kernels.common import output_columns, split_for
 
     dtype = getattr(torch, dtype_name)  # activations, scales and zeros, and the cuBLAS baseline
 
@@ -257,15 +257,14 @@ def run_sweep(shapes, plan, deadline, dtype_name="float16", activation="none", c
             x = torch.randn(M, K, device="cuda", dtype=dtype)
             base = bench(lambda: [F.linear(x, s["base"]) for s in sets], rep=10) / copies
             candidates = sweep_candidates(kind, M)
+            n_out = output_columns(activation, N) if kind == "awq" else N  # only W4A16 runs the activation
             if kind == "awq":  # the pick itself, whose split may differ from its block shape's rule
-                n_out = N // 2 if activation == "silu_mul" else N
                 candidates.append(w4a16.pick_config(M, n_out, K, GROUP, x.device, activation, dtype=dtype))
             for cfg in candidates:
                 if time.time() > deadline:
                     return results
                 if getattr(cfg, "split_k", 1) == 0:  # the launchers' rule for this block shape
                     row_tiles = -(-M // cfg.block_m) if hasattr(cfg, "block_m") else M
-                    n_out = N // 2 if activation == "silu_mul" and kind == "awq" else N
                     if isinstance(cfg, w4a16.MmaConfig):  # what pick_config gives this block shape
                         split = w4a16.mma_split_k(cfg, M, n_out, K, 132)
                     else:

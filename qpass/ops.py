@@ -87,6 +87,10 @@ def _(x, qweight, scales, zeros, group_size, bias, block_r, block_n, chunk_n):
     return x.new_empty((x.shape[0], qweight.shape[1]))
 
 
+# the kernels' entry point, its chunked GEMM through the opaque op (bound once, not at every call)
+_w4a16_kernels = functools.partial(w4a16_kernels.w4a16_linear, chunked_dequantize_matmul=w4a16_dequantize_matmul)
+
+
 @triton_op("qpass::w4a16_linear", mutates_args=())
 def w4a16_linear(
     x: torch.Tensor,
@@ -99,8 +103,7 @@ def w4a16_linear(
     norm_weight: Optional[torch.Tensor] = None,
     norm_eps: float = 0.0,
 ) -> torch.Tensor:
-    kernels = functools.partial(w4a16_kernels.w4a16_linear, chunked_dequantize_matmul=w4a16_dequantize_matmul)
-    return _run(kernels, reference.w4a16_linear, x, qweight.shape[1], qweight, scales, zeros, group_size, bias=bias,
+    return _run(_w4a16_kernels, reference.w4a16_linear, x, qweight.shape[1], qweight, scales, zeros, group_size, bias=bias,
                 activation=activation, norm_weight=norm_weight, norm_eps=norm_eps)
 
 
