@@ -81,6 +81,16 @@ def decode_step(w4a16, layers, x, hidden):
     return h
 
 
+def measuring_device(tiny: bool, script: str) -> torch.device:
+    """The GPU; with ``tiny`` (or none) the CPU, the kernels interpreted there: a check, not a measurement."""
+    device = torch.device("cpu" if tiny or not torch.cuda.is_available() else "cuda")
+    if device.type == "cpu":
+        if not tiny:
+            sys.exit(f"{script} measures on a GPU; on the CPU run it with --tiny (a check, not a measurement)")
+        os.environ["TRITON_INTERPRET"] = "1"  # read when triton is first imported
+    return device
+
+
 def time_us(fn, device):
     """Median us of ``fn``: CUDA-graph replays on a GPU, wall clock elsewhere."""
     if device.type == "cuda":
@@ -131,11 +141,7 @@ def main():
     parser.add_argument("--batch", type=int, default=1, help="rows of activations (tokens of the decode step)")
     parser.add_argument("--out", default="/tmp/decode_ops.json")
     args = parser.parse_args()
-    device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
-    if device.type == "cpu":
-        if not args.tiny:
-            sys.exit("decode_ops.py measures on a GPU; on the CPU run it with --tiny (a check, not a measurement)")
-        os.environ["TRITON_INTERPRET"] = "1"  # the kernels on the CPU; read when triton is first imported
+    device = measuring_device(args.tiny, "decode_ops.py")
     from qpass.kernels import w4a16
 
     kernels = {"current": w4a16}

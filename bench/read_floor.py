@@ -20,12 +20,11 @@ over fp16 cuBLAS that any W4A16 kernel could reach on the device:
 import argparse
 import datetime
 import json
-import os
-import sys
-import time
 from pathlib import Path
 
 import torch
+
+from decode_ops import LLAMA3_8B, TINY, decode_step, make_layers, measuring_device, time_us  # beside this script
 
 SHAPES = [(4096, 4096), (4096, 6144), (4096, 28672), (14336, 4096)]  # (K, N), as bench/kernels.py
 TINY_SHAPES = [(256, 128)]
@@ -69,18 +68,6 @@ class Reader:
 
 def words_of(n_bytes, device):
     return torch.randint(-2**31, 2**31 - 1, (-(-n_bytes // 4),), dtype=torch.int32, device=device)
-
-
-def time_us(fn, device):
-    """Median us of ``fn``: CUDA-graph replays on a GPU, one wall-clock call elsewhere."""
-    if device.type == "cuda":
-        import triton
-
-        return triton.testing.do_bench_cudagraph(fn, rep=20, return_mode="median") * 1000.0
-    fn()
-    start = time.perf_counter()
-    fn()
-    return (time.perf_counter() - start) * 1e6
 
 
 def copies_past_l2(n_bytes, device):
@@ -140,7 +127,6 @@ def decode_rows(readers, shape, device):
     qpass's ops as ``bench/decode_ops.py`` calls them."""
     import torch.nn.functional as F
 
-    import decode_ops  # beside this script
     from qpass.kernels import w4a16
 
     h, i, layers = shape["hidden"], shape["intermediate"], shape["layers"]
@@ -178,9 +164,9 @@ def decode_rows(readers, shape, device):
         lambda: [F.linear(x_down if op == "down" else x, w[op]) for w in weights for op in ops], device), 1)))
     del weights
 
-    int4_layers = decode_ops.make_layers(shape, device)
+    int4_layers = make_layers(shape, device)
     add(dict(kind="qpass_awq", op="step", us=round(time_us(
-        lambda: decode_ops.decode_step(w4a16, int4_layers, x, h), device), 1)))
+        lambda: decode_step(w4a16, int4_layers, x, h), device), 1)))
     return rows
 
 
@@ -189,19 +175,12 @@ def main():
     parser.add_argument("--tiny", action="store_true", help="small shapes on the CPU: a check, not a measurement")
     parser.add_argument("--out", default="/tmp/read_floor.json")
     args = parser.parse_args()
-    device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
-    if device.type == "cpu":
-        if not args.tiny:
-            sys.exit("read_floor.py measures on a GPU; on the CPU run it with --tiny (a check, not a measurement)")
-        os.environ["TRITON_INTERPRET"] = "1"  # read when triton is first imported
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    import decode_ops
-
+    device = measuring_device(args.tiny, "read_floor.py")
     kernel = read_kernel()
     candidates = CANDIDATES[:1] if args.tiny else CANDIDATES
     readers = [Reader(kernel, candidate, device) for candidate in candidates]
     rows = shape_rows(readers, TINY_SHAPES if args.tiny else SHAPES, device)
-    rows += decode_rows(readers, decode_ops.TINY if args.tiny else decode_ops.LLAMA3_8B, device)
+    rows += decode_rows(readers, TINY if args.tiny else LLAMA3_8B, device)
     result = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", torch=torch.__version__,
                   date=datetime.date.today().isoformat(), rows=rows)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
