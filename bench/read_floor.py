@@ -24,11 +24,11 @@ from pathlib import Path
 
 import torch
 
-from decode_ops import LLAMA3_8B, TINY, decode_step, make_layers, measuring_device, time_us  # beside this script
+# beside this script
+from decode_ops import GROUP, LLAMA3_8B, TINY, decode_step, int4_weights, make_layers, measuring_device, time_us
 
 SHAPES = [(4096, 4096), (4096, 6144), (4096, 28672), (14336, 4096)]  # (K, N), as bench/kernels.py
 TINY_SHAPES = [(256, 128)]
-GROUP = 128
 # (words a block, blocks a program, warps); a thread loads 16 bytes at a time from 1024 words up
 CANDIDATES = [(block, steps, warps) for block in (1024, 4096) for steps in (1, 4, 8) for warps in (4, 8)]
 
@@ -104,9 +104,8 @@ def shape_rows(readers, shapes, device):
                 print(rows[-1], flush=True)
             del buffers
         copies = copies_past_l2(int4_bytes(K, N), device)
-        weights = [(torch.randint(-2**31, 2**31 - 1, (K // 8, N), dtype=torch.int32, device=device),
-                    torch.rand(K // GROUP, N, device=device).half() * 0.01,
-                    torch.randint(0, 16, (K // GROUP, N), device=device).half()) for _ in range(copies)]
+        weights = [tuple(t.half() if t.is_floating_point() else t for t in int4_weights(K, N, device))
+                   for _ in range(copies)]  # scales and zeros in fp16, the table's dtype
         fp16 = [torch.randn(N, K, device=device, dtype=torch.float16) for _ in range(copies_past_l2(2 * K * N, device))]
         x = torch.randn(1, K, device=device, dtype=torch.float16)
         for source in ("l2", "dram"):

@@ -189,6 +189,7 @@ def test_w4a16_kernel_choice_by_rows():
     # gate_up with silu_mul past 32 rows: unsplit, 3 stages, where its tiles fill the SMs
     assert pick(48, 14336, 4096, 128, cpu, activation="silu_mul") == w4a16.MmaConfig(64, 64, 128, 1, True, 4, 3)
     assert pick(48, 1024, 4096, 128, cpu, activation="silu_mul") == w4a16.MmaConfig(64, 64, 128, 16, True, 4, 2)
+    assert pick(32, 14336, 4096, 128, cpu, activation="silu_mul") == w4a16.MmaConfig(32, 64, 128, 2, True, 4, 2)
     # past 64 rows the weight tile as the register operand: 64 columns with 4 warps, two programs an
     # SM, K 128 a step where the tiles leave room for a K split; but 128 columns with 8 warps where
     # 128-column tiles alone fill the GPU, and K 64 where the 64-column ones fill a wave
