@@ -146,7 +146,8 @@ def decode_rows(readers, shape, device):
                      tb_s=round(size(K, N) / us / 1e6, 3), config=candidate))
         step_bytes = layers * sum(size(K, N) for K, N in ops.values())
         us = time_us(lambda: [fastest[op](buffers[op][layer]) for layer in range(layers) for op in ops], device)
-        add(dict(kind=f"read_{what}", op="step", bytes=step_bytes, us=round(us, 1), tb_s=round(step_bytes / us / 1e6, 3)))
+        add(dict(kind=f"read_{what}", op="step", bytes=step_bytes, us=round(us, 1),
+                 tb_s=round(step_bytes / us / 1e6, 3)))
         del buffers
 
     reader = readers[0]
