@@ -45,6 +45,7 @@ one pass over K, its gate columns then its up columns as one tile).
 
 import contextlib
 import math
+import struct
 from typing import NamedTuple, Optional
 
 import torch
@@ -157,23 +158,31 @@ def _inv_rms(x_row, K, stride_xk, eps, BLOCK: tl.constexpr):
     return tl.rsqrt((tl.sum(squares, axis=0) / K + eps).to(tl.float32))
 
 
-def _f16_nibble_pairs(word: str, z_1024: str, z_64: str) -> str:
-    """PTX leaving in q0..q3 the half2 (q_j - z, q_j+4 - z), j = 0..3, of the 8 nibbles of the
-    word in register ``word`` (scratch: t; ``sixteenth`` holds (1/16, 1/16)). One lop3 turns a
-    word into a half2 of two nibbles: ``(w & 0x000F000F) | 0x64006400`` is (1024 + q0, 1024 + q4)
-    and ``(w & 0x00F000F0) | 0x64006400`` is (1024 + 16 q1, 1024 + 16 q5); the same after one
-    shift by 8 gives nibbles 2, 6 and 3, 7. Subtracting ``z_1024`` (1024 + z), or scaling by 1/16
-    and adding ``z_64`` (-64 - z, one HFMA2), leaves q - z exactly (zeros are integers)."""
+def _f16_bits(value: float) -> str:
+    return "0x%04X" % int.from_bytes(struct.pack("<e", value), "little")
+
+
+def _f16_nibble_pairs(word: str, unit: float, z_low: str, z_high: str) -> str:
+    """PTX leaving in q0..q3 the half2 ``unit * (q_j - z, q_j+4 - z)``, j = 0..3, of the 8 nibbles of
+    the word in register ``word``, exactly, for a power of two ``unit`` and its zero constants
+    ``z_low``, ``z_high`` (``_zero_f16x2``; scratch: t; ``sixteenth`` holds (1/16, 1/16)). One lop3
+    turns a word into a half2 of two nibbles under the fp16 1024 unit: with unit 1,
+    ``(w & 0x000F000F) | 0x64006400`` is (1024 + q0, 1024 + q4) and ``(w & 0x00F000F0) | 0x64006400``
+    is (1024 + 16 q1, 1024 + 16 q5); the same after one shift by 8 gives nibbles 2, 6 and 3, 7.
+    Subtracting ``z_low`` ((1024 + z) unit), or scaling by 1/16 and adding ``z_high`` (-(64 + z)
+    unit, one HFMA2), leaves unit (q - z): exact, as zeros are integers and no value needs more than
+    fp16's 11 significant bits."""
+    magic = _f16_bits(1024 * unit) + _f16_bits(1024 * unit)[2:]
     return f"""
         shr.u32 t, {word}, 8;
-        lop3.b32 q0, {word}, 0x000F000F, 0x64006400, 0xEA;
-        lop3.b32 q1, {word}, 0x00F000F0, 0x64006400, 0xEA;
-        lop3.b32 q2, t, 0x000F000F, 0x64006400, 0xEA;
-        lop3.b32 q3, t, 0x00F000F0, 0x64006400, 0xEA;
-        sub.rn.f16x2 q0, q0, {z_1024};
-        fma.rn.f16x2 q1, q1, sixteenth, {z_64};
-        sub.rn.f16x2 q2, q2, {z_1024};
-        fma.rn.f16x2 q3, q3, sixteenth, {z_64};"""
+        lop3.b32 q0, {word}, 0x000F000F, {magic}, 0xEA;
+        lop3.b32 q1, {word}, 0x00F000F0, {magic}, 0xEA;
+        lop3.b32 q2, t, 0x000F000F, {magic}, 0xEA;
+        lop3.b32 q3, t, 0x00F000F0, {magic}, 0xEA;
+        sub.rn.f16x2 q0, q0, {z_low};
+        fma.rn.f16x2 q1, q1, sixteenth, {z_high};
+        sub.rn.f16x2 q2, q2, {z_low};
+        fma.rn.f16x2 q3, q3, sixteenth, {z_high};"""
 
 
 def _bf16_nibble_pairs(word: str, z_128: str) -> str:
@@ -203,11 +212,11 @@ _WORD_PAIR_DOT_F16X2 = asm_constant("""
         .reg .b32 t, q0, q1, q2, q3, s, sixteenth;
         .reg .b16 lo, hi;
         .reg .f32 flo, fhi;
-        mov.b32 sixteenth, 0x2C002C00;""" + _f16_nibble_pairs("$1", "$3", "$4") + """
+        mov.b32 sixteenth, 0x2C002C00;""" + _f16_nibble_pairs("$1", 1 / 16, "$3", "$4") + """
         mul.rn.f16x2 s, q0, $5;
         fma.rn.f16x2 s, q1, $6, s;
         fma.rn.f16x2 s, q2, $7, s;
-        fma.rn.f16x2 s, q3, $8, s;""" + _f16_nibble_pairs("$2", "$3", "$4") + """
+        fma.rn.f16x2 s, q3, $8, s;""" + _f16_nibble_pairs("$2", 1 / 16, "$3", "$4") + """
         fma.rn.f16x2 s, q0, $9, s;
         fma.rn.f16x2 s, q1, $10, s;
         fma.rn.f16x2 s, q2, $11, s;
@@ -243,7 +252,7 @@ _WORD_PAIR_DOT_BF16X2 = asm_constant("""
 _WORD_WEIGHTS_F16 = asm_constant("""
         {
         .reg .b32 t, q0, q1, q2, q3, sixteenth;
-        mov.b32 sixteenth, 0x2C002C00;""" + _f16_nibble_pairs("$8", "$9", "$10") + """
+        mov.b32 sixteenth, 0x2C002C00;""" + _f16_nibble_pairs("$8", 1.0, "$9", "$10") + """
         mul.rn.f16x2 q0, q0, $11;
         mul.rn.f16x2 q1, q1, $11;
         mul.rn.f16x2 q2, q2, $11;
@@ -271,34 +280,50 @@ _WORD_WEIGHTS_BF16 = asm_constant("""
         """)
 
 
+def _f16_zero_constants(unit: float) -> str:
+    """PTX turning an fp16 zero point z into the half2 constants ``(1024 + z) unit`` and
+    ``-(64 + z) unit`` of ``_f16_nibble_pairs`` (exact for integer z and a power of two ``unit``;
+    an fma with two constants instead of the mul cost ptxas up to 16 more registers in the GEMV)."""
+    scaled = "mov.b16 z, $2;" if unit == 1 else f"mov.b16 c, {_f16_bits(unit)}; mul.rn.f16 z, $2, c;"
+    return f"""
+        {{
+        .reg .b16 c, t, z;
+        {scaled}
+        mov.b16 c, {_f16_bits(1024 * unit)};
+        add.rn.f16 t, z, c;
+        mov.b32 $0, {{t, t}};
+        mov.b16 c, {_f16_bits(-64 * unit)};
+        sub.rn.f16 t, c, z;
+        mov.b32 $1, {{t, t}};
+        }}"""
+
+
+# The tile's weights take q - z whole; the GEMV's dot takes (q - z) / 16 (see its docstring).
+_ZERO_CONSTANTS_WHOLE = asm_constant(_f16_zero_constants(1.0))
+_ZERO_CONSTANTS_SIXTEENTHS = asm_constant(_f16_zero_constants(1 / 16))
+
+
 @triton.jit
-def _zero_f16x2(zero):
-    """fp16 zero points -> the half2 constants (1024 + z, 1024 + z) and (-64 - z, -64 - z)."""
+def _zero_f16x2(zero, SIXTEENTHS: tl.constexpr):
+    """fp16 zero points -> the two half2 zero constants of ``_f16_nibble_pairs``, for the unit 1
+    or, with SIXTEENTHS, 1/16."""
     return tl.inline_asm_elementwise(
-        """
-        {
-        .reg .b16 c, t;
-        mov.b16 c, 0x6400;
-        add.rn.f16 t, $2, c;
-        mov.b32 $0, {t, t};
-        mov.b16 c, 0xD400;
-        sub.rn.f16 t, c, $2;
-        mov.b32 $1, {t, t};
-        }
-        """,
+        _ZERO_CONSTANTS_SIXTEENTHS if SIXTEENTHS else _ZERO_CONSTANTS_WHOLE,
         "=r,=r,h", [zero], dtype=(tl.int32, tl.int32), is_pure=True, pack=1,
     )
 
 
 @triton.jit
-def _word_pair_dot_f16x2(w0, w1, z_1024, z_64, a0, a1, a2, a3, b0, b1, b2, b3):
-    """sum_k x[k] * (q[k] - zero) over the 16 nibbles of two words (8 rows each), as float32;
-    a0..a3 and b0..b3 are their x pairs from ``_load_x_pairs_x2``; q - z by
+def _word_pair_dot_f16x2(w0, w1, z_low, z_high, a0, a1, a2, a3, b0, b1, b2, b3):
+    """sum_k x[k] * (q[k] - zero) / 16 over the 16 nibbles of two words (8 rows each), as float32;
+    a0..a3 and b0..b3 are their x pairs from ``_load_x_pairs_x2``; (q - z) / 16 by
     ``_f16_nibble_pairs``. The 8 products of each lane sum in fp16 (HFMA2, two weights an
-    instruction) before the float32 widening: that adds rounding of about the fp16 output's own."""
+    instruction) before the float32 widening: that adds rounding of about the fp16 output's own.
+    The sixteenth costs no instruction and keeps any single product finite (15/16 of fp16's
+    largest x at most): whole, one x past 4367 times a weight code 15 from its zero gave inf."""
     return tl.inline_asm_elementwise(
         _WORD_PAIR_DOT_F16X2,
-        "=r,r,r,r,r,r,r,r,r,r,r,r,r", [w0, w1, z_1024, z_64, a0, a1, a2, a3, b0, b1, b2, b3],
+        "=r,r,r,r,r,r,r,r,r,r,r,r,r", [w0, w1, z_low, z_high, a0, a1, a2, a3, b0, b1, b2, b3],
         dtype=tl.float32, is_pure=True, pack=1,
     )
 
@@ -348,8 +373,8 @@ def _word_pair_dot_x2(w0, w1, zero, x_ptrs, g_ptrs, r_pair, BF16: tl.constexpr, 
         b0, b1, b2, b3 = _load_x_pairs_x2(x_ptrs + 8)
     if BF16:
         return _word_pair_dot_bf16x2(w0, w1, _zero_bf16x2(zero), a0, a1, a2, a3, b0, b1, b2, b3)
-    z_1024, z_64 = _zero_f16x2(zero)
-    return _word_pair_dot_f16x2(w0, w1, z_1024, z_64, a0, a1, a2, a3, b0, b1, b2, b3)
+    z_low, z_high = _zero_f16x2(zero, True)
+    return _word_pair_dot_f16x2(w0, w1, z_low, z_high, a0, a1, a2, a3, b0, b1, b2, b3)
 
 
 @triton.jit
@@ -432,7 +457,10 @@ def _gemv_partial_x2(x_row, g_ptr, r_pair, qw_ptr, s_ptr, z_ptr, offs_n, mask_n,
             acc, squares, w0, w1, w_ptrs = _gemv_step_x2(
                 acc, squares, w0, w1, w_ptrs, r0, x_row, g_ptr, r_pair, s_ptr, z_ptr, first_rows, rows, cols, mask_w,
                 row_end, stride_qk, stride_sg, stride_sn, GROUP_SIZE, STEP, EVEN_N, EVEN_K, BF16, HAS_NORM, SQUARES)
-    return tl.sum(tl.sum(acc, axis=0), axis=0), tl.sum(squares, axis=0)
+    total = tl.sum(tl.sum(acc, axis=0), axis=0)
+    if not BF16:
+        total *= 16.0  # fp16's dot sums (q - z) / 16 (``_word_pair_dot_f16x2``); exact in float32
+    return total, tl.sum(squares, axis=0)
 
 
 @triton.jit
@@ -607,13 +635,13 @@ def _pair(value):
 
 
 @triton.jit
-def _word_weights_f16(words, z_1024, z_64, scale_pair):
+def _word_weights_f16(words, z_low, z_high, scale_pair):
     """The eight fp16 weights ``(q_j - z) * scale`` of each word (nibble j): four half2 of nibbles
     (j, j + 4), q - z exact (``_f16_nibble_pairs``), then one HMUL2 a pair by the scale: the
     rounding of ``_dequantize_tile``, in 13 instructions for 8 weights."""
     return tl.inline_asm_elementwise(
         _WORD_WEIGHTS_F16,
-        "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r", [words, z_1024, z_64, scale_pair],
+        "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r", [words, z_low, z_high, scale_pair],
         dtype=(tl.float16,) * 8, is_pure=True, pack=1,
     )
 
@@ -644,8 +672,8 @@ def _mma_weight_tile(qw_ptrs, s_ptr, z_ptr, offs_n, mask_n, k0, stride_qk, strid
     scale = tl.load(s_ptr + g * stride_sg + offs_n * stride_sn, mask=mask_n, other=0)[:, None]
     zero = tl.load(z_ptr + g * stride_sg + offs_n * stride_sn, mask=mask_n, other=0)[:, None]
     if PACKED and DTYPE == tl.float16:
-        z_1024, z_64 = _zero_f16x2(zero)
-        w0, w1, w2, w3, w4, w5, w6, w7 = _word_weights_f16(words, z_1024, z_64, _pair(scale))
+        z_low, z_high = _zero_f16x2(zero, False)
+        w0, w1, w2, w3, w4, w5, w6, w7 = _word_weights_f16(words, z_low, z_high, _pair(scale))
         tile = _along_rows(w0, w1, w2, w3, w4, w5, w6, w7)
     elif PACKED:
         w0, w1, w2, w3, w4, w5, w6, w7 = _word_weights_bf16(words, _zero_bf16x2(zero), _pair(scale))

@@ -722,6 +722,36 @@ def test_gpu_w4a16_gemv_packed_bf16(M, N, K, group_size, config):
 
 @cuda
 @needs_cuda
+@pytest.mark.parametrize("M,config", [(1, None), (2, None), (8, None), (64, None), (300, None),
+                                      (1, w4a16.GemvConfig(16, 256, 2, 4)),  # a step of two groups, K split
+                                      (2, w4a16.GemvConfig(32, 128, 1, 4, unrolled=True))],
+                         ids=str)
+def test_gpu_w4a16_fp16_activations_across_fp16s_range(M, config):
+    """fp16 activations as large as fp16 holds (massive activations: SmolLM2-135M's layer-11
+    down_proj input reaches 3047) against weight codes 15 from their zero, where each product
+    x (q - z) is past fp16's range but the output is not: finite and within the bound on every
+    path, the GEMV's fp16 lane sums included (two such x in one lane)."""
+    N, K, group_size = 256, 1024, 128
+    g = torch.Generator().manual_seed(M)
+    q = torch.randint(0, 16, (K, N), generator=g)
+    x = torch.randn(M, K, generator=g)
+    # The GEMV sums 8 products a lane in fp16: rows 16 p + (0-3, 8-11) and 16 p + (4-7, 12-15)
+    # of each word pair p. 8 and 9 share a lane; 37 and 100 have one each.
+    massive = {37: 60000.0, 100: -20000.0, 8: 30000.0, 9: 30000.0}
+    for k, value in massive.items():
+        x[:, k] = value
+        q[k] = 15
+    qweight = reference.pack_int4_rows(q).to(DEVICE)
+    scales = (torch.rand(K // group_size, N, generator=g) * 0.02 + 0.005).half().to(DEVICE)
+    zeros = torch.zeros(K // group_size, N).half().to(DEVICE)
+    x = x.half().to(DEVICE)
+    out = w4a16.w4a16_linear(x, qweight, scales, zeros, group_size, config=config)
+    ref = w4_reference(x, qweight, scales, zeros, group_size, None)
+    assert ref.abs().max() < 65504 and relative_error(out, ref) < BOUND[torch.float16]
+
+
+@cuda
+@needs_cuda
 @settings(max_examples=60, deadline=None)
 @given(M=st.integers(1, 16), eighth_n=st.integers(1, 40), groups=st.integers(1, 24),
        group_size=st.sampled_from([64, 128]), dtype=st.sampled_from([torch.float16, torch.bfloat16]),
