@@ -166,7 +166,7 @@ def _f16_nibble_pairs(word: str, unit: float, z_low: str, z_high: str) -> str:
     """PTX leaving in q0..q3 the half2 ``unit * (q_j - z, q_j+4 - z)``, j = 0..3, of the 8 nibbles of
     the word in register ``word``, exactly, for a power of two ``unit`` and its zero constants
     ``z_low``, ``z_high`` (``_zero_f16x2``; scratch: t; ``sixteenth`` holds (1/16, 1/16)). One lop3
-    turns a word into a half2 of two nibbles under the fp16 1024 unit: with unit 1,
+    turns a word into a half2 of two nibbles under the exponent of 1024 unit; with unit 1,
     ``(w & 0x000F000F) | 0x64006400`` is (1024 + q0, 1024 + q4) and ``(w & 0x00F000F0) | 0x64006400``
     is (1024 + 16 q1, 1024 + 16 q5); the same after one shift by 8 gives nibbles 2, 6 and 3, 7.
     Subtracting ``z_low`` ((1024 + z) unit), or scaling by 1/16 and adding ``z_high`` (-(64 + z)
@@ -319,8 +319,9 @@ def _word_pair_dot_f16x2(w0, w1, z_low, z_high, a0, a1, a2, a3, b0, b1, b2, b3):
     a0..a3 and b0..b3 are their x pairs from ``_load_x_pairs_x2``; (q - z) / 16 by
     ``_f16_nibble_pairs``. The 8 products of each lane sum in fp16 (HFMA2, two weights an
     instruction) before the float32 widening: that adds rounding of about the fp16 output's own.
-    The sixteenth costs no instruction and keeps any single product finite (15/16 of fp16's
-    largest x at most): whole, one x past 4367 times a weight code 15 from its zero gave inf."""
+    The sixteenth (one HMUL a zero point, in ``_zero_f16x2``) keeps every single product finite
+    (15/16 of fp16's largest x at most); whole, one x past 4367 against a weight code 15 from its
+    zero gave inf. A lane still overflows past a sum of |x| of 69871 over its 8 rows."""
     return tl.inline_asm_elementwise(
         _WORD_PAIR_DOT_F16X2,
         "=r,r,r,r,r,r,r,r,r,r,r,r,r", [w0, w1, z_low, z_high, a0, a1, a2, a3, b0, b1, b2, b3],
