@@ -358,6 +358,32 @@ def test_register_operand_wgmmas_are_waited_for_each_step():
         assert "warp_group_dot_wait" in mma_ops[i + 1] and "pendings = 0" in mma_ops[i + 1], mma_ops[i:i + 2]
 
 
+@pytest.mark.parametrize("unit", [1.0, 1 / 16])
+def test_f16_nibble_arithmetic_is_exact_for_every_code_and_zero(unit):
+    """The fp16 arithmetic of ``w4a16._f16_nibble_pairs`` and ``_f16_zero_constants``, which the
+    interpreter cannot run (inline PTX), emulated in torch with their constants: for every code q
+    and zero z, the low nibble under the magic minus ``(1024 + z) unit`` and the high nibble (4 bits
+    up) times 1/16 plus ``-(64 + z) unit`` are ``unit (q - z)`` exactly, each operation rounded to
+    fp16 as the PTX rounds it."""
+    import re
+
+    def f16(bits):  # the fp16 of 16 bits
+        return torch.tensor([bits - (bits >> 15 << 16)], dtype=torch.int16).view(torch.float16)
+
+    ptx = w4a16._f16_zero_constants(unit)
+    base_low, base_high = (f16(int(re.search(rf"mov\.b16 c, (0x[0-9A-F]{{4}});\s*{op}", ptx).group(1), 16))
+                           for op in ("add", "sub"))
+    magic = int(w4a16._f16_bits(1024 * unit), 16)
+    sixteenth = torch.tensor([1 / 16], dtype=torch.float16)
+    for z in range(16):
+        zu = torch.tensor([z], dtype=torch.float16) * torch.tensor([unit], dtype=torch.float16)
+        z_low, z_high = zu + base_low, base_high - zu
+        for q in range(16):
+            low = f16(magic | q) - z_low
+            high = f16(magic | q << 4) * sixteenth + z_high  # the product is exact: one rounding, as the fma
+            assert low.item() == high.item() == unit * (q - z), (q, z, low.item(), high.item())
+
+
 def test_kernel_sources_and_constants_survive_inductors_copy():
     """Under torch.compile Inductor copies each user kernel's source, with the module constants it
     reads (as their repr), into a triple-quoted string of its generated module, which torch 2.11
