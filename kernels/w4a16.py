@@ -172,7 +172,7 @@ def _f16_nibble_pairs(word: str, unit: float, z_low: str, z_high: str) -> str:
     Subtracting ``z_low`` ((1024 + z) unit), or scaling by 1/16 and adding ``z_high`` (-(64 + z)
     unit, one HFMA2), leaves unit (q - z): exact, as zeros are integers and no value needs more than
     fp16's 11 significant bits."""
-    magic = _f16_bits(1024 * unit) + _f16_bits(1024 * unit)[2:]
+    magic = _f16_bits(1024 * unit) + _f16_bits(1024 * unit)[2:]  # the fp16 twice: 0x64006400 for unit 1
     return f"""
         shr.u32 t, {word}, 8;
         lop3.b32 q0, {word}, 0x000F000F, {magic}, 0xEA;
@@ -205,6 +205,11 @@ def _bf16_nibble_pairs(word: str, z_128: str) -> str:
         fma.rn.bf16x2 q3, q3, one, {z_128};"""
 
 
+# The packed GEMV's fp16 dot sums unit (q - z) x, a sixteenth so that no product overflows
+# (``_word_pair_dot_f16x2``); the program's sum is scaled back once (``_gemv_partial_x2``).
+_F16_DOT_UNIT = 1 / 16
+_F16_DOT_SCALE = tl.constexpr(1 / _F16_DOT_UNIT)
+
 # The asm of the packed GEMV's dot of a word pair and of the tensor-core tile's weights (composed
 # once here: Triton takes an asm string as a constant).
 _WORD_PAIR_DOT_F16X2 = asm_constant("""
@@ -212,11 +217,11 @@ _WORD_PAIR_DOT_F16X2 = asm_constant("""
         .reg .b32 t, q0, q1, q2, q3, s, sixteenth;
         .reg .b16 lo, hi;
         .reg .f32 flo, fhi;
-        mov.b32 sixteenth, 0x2C002C00;""" + _f16_nibble_pairs("$1", 1 / 16, "$3", "$4") + """
+        mov.b32 sixteenth, 0x2C002C00;""" + _f16_nibble_pairs("$1", _F16_DOT_UNIT, "$3", "$4") + """
         mul.rn.f16x2 s, q0, $5;
         fma.rn.f16x2 s, q1, $6, s;
         fma.rn.f16x2 s, q2, $7, s;
-        fma.rn.f16x2 s, q3, $8, s;""" + _f16_nibble_pairs("$2", 1 / 16, "$3", "$4") + """
+        fma.rn.f16x2 s, q3, $8, s;""" + _f16_nibble_pairs("$2", _F16_DOT_UNIT, "$3", "$4") + """
         fma.rn.f16x2 s, q0, $9, s;
         fma.rn.f16x2 s, q1, $10, s;
         fma.rn.f16x2 s, q2, $11, s;
@@ -298,17 +303,17 @@ def _f16_zero_constants(unit: float) -> str:
         }}"""
 
 
-# The tile's weights take q - z whole; the GEMV's dot takes (q - z) / 16 (see its docstring).
-_ZERO_CONSTANTS_WHOLE = asm_constant(_f16_zero_constants(1.0))
-_ZERO_CONSTANTS_SIXTEENTHS = asm_constant(_f16_zero_constants(1 / 16))
+# The tile's weights take q - z whole; the GEMV's dot takes it in its unit.
+_ZERO_CONSTANTS_TILE = asm_constant(_f16_zero_constants(1.0))
+_ZERO_CONSTANTS_DOT = asm_constant(_f16_zero_constants(_F16_DOT_UNIT))
 
 
 @triton.jit
-def _zero_f16x2(zero, SIXTEENTHS: tl.constexpr):
+def _zero_f16x2(zero, FOR_DOT: tl.constexpr):
     """fp16 zero points -> the two half2 zero constants of ``_f16_nibble_pairs``, for the unit 1
-    or, with SIXTEENTHS, 1/16."""
+    (the tile's weights) or, with FOR_DOT, the GEMV dot's ``_F16_DOT_UNIT``."""
     return tl.inline_asm_elementwise(
-        _ZERO_CONSTANTS_SIXTEENTHS if SIXTEENTHS else _ZERO_CONSTANTS_WHOLE,
+        _ZERO_CONSTANTS_DOT if FOR_DOT else _ZERO_CONSTANTS_TILE,
         "=r,=r,h", [zero], dtype=(tl.int32, tl.int32), is_pure=True, pack=1,
     )
 
@@ -460,7 +465,7 @@ def _gemv_partial_x2(x_row, g_ptr, r_pair, qw_ptr, s_ptr, z_ptr, offs_n, mask_n,
                 row_end, stride_qk, stride_sg, stride_sn, GROUP_SIZE, STEP, EVEN_N, EVEN_K, BF16, HAS_NORM, SQUARES)
     total = tl.sum(tl.sum(acc, axis=0), axis=0)
     if not BF16:
-        total *= 16.0  # fp16's dot sums (q - z) / 16 (``_word_pair_dot_f16x2``); exact in float32
+        total *= _F16_DOT_SCALE  # back from the fp16 dot's unit (a power of two: exact in float32)
     return total, tl.sum(squares, axis=0)
 
 

@@ -9,9 +9,7 @@ import torch
 import qpass
 from models import TinyLM, relative_error, seeded
 
-cuda = pytest.mark.cuda
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-pytestmark = [cuda, needs_cuda]
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 # Relative error of TinyLM's logits against the float model's (fp16/bf16 roundings included).
 BOUND = {"int8": 0.03, "fp8": 0.05, "awq": 0.1, "gptq": 0.1}

@@ -358,7 +358,7 @@ def test_register_operand_wgmmas_are_waited_for_each_step():
         assert "warp_group_dot_wait" in mma_ops[i + 1] and "pendings = 0" in mma_ops[i + 1], mma_ops[i:i + 2]
 
 
-@pytest.mark.parametrize("unit", [1.0, 1 / 16])
+@pytest.mark.parametrize("unit", [1.0, w4a16._F16_DOT_UNIT])  # the tile's and the GEMV dot's
 def test_f16_nibble_arithmetic_is_exact_for_every_code_and_zero(unit):
     """The fp16 arithmetic of ``w4a16._f16_nibble_pairs`` and ``_f16_zero_constants``, which the
     interpreter cannot run (inline PTX), emulated in torch with their constants: for every code q
