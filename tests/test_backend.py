@@ -292,6 +292,44 @@ def test_recompiles_once_per_kernel_path(device):
     assert graphs <= 1 + kernel_paths(batches, [(256, 512), (256, 256), (256, 1024), (512, 256)], device)
 
 
+
+def tiny_hugging_face_llama(device: torch.device, dtype: torch.dtype):
+    """A randomly initialised ``LlamaForCausalLM`` (two layers, grouped-query attention)."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                      tie_word_embeddings=False)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config).to(device, dtype).eval()
+
+
+@pytest.mark.parametrize("entry", ["eager", "backend"])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_hugging_face_generate_with_the_kv_cache(device, entry):
+    """``generate`` on a quantized Hugging Face Llama: a prefill, then one row a step with the KV
+    cache (on CUDA through the GEMV); with ``entry="backend"``, every forward compiled by
+    ``backend="qpass"``, norms and residuals folded into the ops. Each step's logits are the eager
+    model's on the same tokens, recomputed without the cache."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    device = torch.device(device)
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    q = qpass.quantize(tiny_hugging_face_llama(device, dtype), "awq", skip=["lm_head"])
+    eager_forward = q.forward
+    if entry == "backend":
+        torch._dynamo.reset()
+        q.forward = torch.compile(q.forward, backend="qpass")
+    ids = torch.randint(0, 512, (1, 12), generator=torch.Generator().manual_seed(3)).to(device)
+    with torch.no_grad():
+        out = q.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False,
+                         return_dict_in_generate=True, output_logits=True)
+        recomputed = eager_forward(out.sequences, use_cache=False).logits
+    assert out.sequences.shape == (1, 12 + 16) and len(out.logits) == 16
+    bound = 2e-2 if dtype == torch.float16 else 1e-4  # fp16: the folds and the cache round differently
+    for step, logits in enumerate(out.logits):
+        assert torch.isfinite(logits).all()
+        assert relative_error(logits, recomputed[:, 11 + step]) < bound, step
+
 def test_mode_and_options_reach_inductor(monkeypatch):
     seen = {}
 

@@ -91,3 +91,32 @@ def test_smollm2_quantized_module_tree_is_lowered_by_the_backend(smollm2):
     assert sum(isinstance(op.arguments["bias"], torch.fx.Node) and op.arguments["bias"].op != "get_attr"
                for op in ops) == 2 * layers
     assert ((logits - reference).norm() / reference.norm()).item() < 1e-5
+
+
+def greedy_without_cache(model, ids, new_tokens: int):
+    """Greedy decoding that recomputes the whole sequence at every step (no KV cache)."""
+    import torch
+
+    for _ in range(new_tokens):
+        next_id = model(ids, use_cache=False).logits[:, -1:].argmax(-1)
+        ids = torch.cat([ids, next_id], dim=1)
+    return ids
+
+
+@pytest.mark.parametrize("method", ["awq", "int8"])
+def test_smollm2_generates_with_its_kv_cache(smollm2, method):
+    """``generate`` as a user calls it: a prefill, then one token a step through the stubs with
+    Hugging Face's KV cache. Its greedy tokens are those of recomputing the whole sequence at each
+    step, so the one-row calls and the cache see the same layers as a full forward."""
+    import torch
+
+    model, tokenizer, _, _ = smollm2
+    qmodel = qpass.quantize(model, method, skip=["lm_head"])
+    ids = tokenizer("It is a truth universally acknowledged, that a single man in possession of a good fortune,",
+                    return_tensors="pt").input_ids
+    with torch.no_grad():
+        generated = qmodel.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False)
+        recomputed = greedy_without_cache(qmodel, ids, 24)
+    print(f"SmolLM2-135M {method}: {tokenizer.decode(generated[0, ids.shape[1]:])!r}")
+    assert generated.shape == (1, ids.shape[1] + 24)
+    assert torch.equal(generated, recomputed)
