@@ -292,7 +292,6 @@ def test_recompiles_once_per_kernel_path(device):
     assert graphs <= 1 + kernel_paths(batches, [(256, 512), (256, 256), (256, 1024), (512, 256)], device)
 
 
-
 def tiny_hugging_face_llama(device: torch.device, dtype: torch.dtype):
     """A randomly initialised ``LlamaForCausalLM`` (two layers, grouped-query attention)."""
     transformers = pytest.importorskip("transformers")
@@ -329,6 +328,7 @@ def test_hugging_face_generate_with_the_kv_cache(device, entry):
     for step, logits in enumerate(out.logits):
         assert torch.isfinite(logits).all()
         assert relative_error(logits, recomputed[:, 11 + step]) < bound, step
+
 
 def test_mode_and_options_reach_inductor(monkeypatch):
     seen = {}
