@@ -17,7 +17,10 @@ Four paths, chosen by M (``pick_config``):
   dequantization feeding warp-level ``mma.sync`` from registers, one lane's loads being its
   MMA fragments (inline PTX; see that module). Reads the weight at the GEMV's rate for any
   M up to 8.
-- ``_w4a16_mma_kernel`` (larger M, or inputs the warp-level kernel cannot read): unpacks the
+- ``w4a16_wgmma.w4a16_wgmma_kernel`` (17 to 32 rows, fp16/bf16 on Hopper): warpgroup MMA
+  from registers in Gluon, the dequantization writing the MMA's operand registers themselves
+  (see that module); the residual and activation after it, as for cuBLAS below.
+- ``_w4a16_mma_kernel`` (larger M, or inputs the other kernels cannot read): unpacks the
   transposed tile ``[BLOCK_N, BLOCK_K]`` (each word's nibbles joined in the registers that
   loaded it), dequantizes it in the activation dtype and feeds ``tl.dot``. ``SWAP_AB``
   computes the transposed product, the weight tile as the left operand, which the Hopper MMA
@@ -55,6 +58,7 @@ import triton.language as tl
 from .common import (MAX_UNROLLED_STEPS, asm_constant, bias_rows, mma_accumulate, output_columns,
                      sm_count, split_for, split_k_workspace, store_output, triton_interpreted, unrolled_steps)
 from .reference import activation_after_gemm, rms_norm
+from . import w4a16_wgmma
 from .w4a16_warp_mma import warp_mma_columns, w4a16_warp_mma_kernel
 
 _F32_MAGIC = tl.constexpr(8388608.0)  # 2**23: 0x4B000000 | q is 2**23 + q as float32
@@ -813,6 +817,43 @@ def warp_mma_ok(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
             and zeros.storage_offset() % 4 == 0 and scales.dtype == zeros.dtype == x.dtype)
 
 
+class WgmmaConfig(NamedTuple):
+    """The Hopper kernel (``w4a16_wgmma``) for 17 to 32 rows: x's rows a program, 64 weight columns a
+    warpgroup, K split over programs by groups."""
+
+    block_m: int
+    warpgroups: int
+    split_k: int
+
+
+def wgmma_ok(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+             group_size: int) -> bool:
+    """Whether the Hopper kernel reads these inputs: fp16/bf16 x on an sm_90 GPU with a Triton that has
+    Gluon, contiguous rows of x, the weight and its scales and zeros, groups of whole 64-row steps."""
+    return (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and _hopper(x.device) and group_size % 64 == 0
+            and x.stride(1) == 1 and qweight.stride(1) == 1 and scales.stride(1) == 1
+            and scales.dtype == zeros.dtype == x.dtype)
+
+
+def _hopper(device: torch.device) -> bool:
+    return (device.type == "cuda" and w4a16_wgmma.available()
+            and torch.cuda.get_device_capability(device) == (9, 0))
+
+
+def _wgmma_config(M: int, N: int, K: int, sms: int) -> WgmmaConfig:
+    """H200 sweep (bench/NOTES-kernels.md, nineteenth session; fp16, 24 and 32 rows on the four Llama
+    shapes): 32 rows a program, two warpgroups with K split (a power of two, at least 8 steps of 64 a
+    split) while the programs fit two an SM; one warpgroup where two leave the programs under 200
+    (4096x6144: 12.3 us against 15.4 with two)."""
+    for warpgroups in (2, 1):
+        tiles = triton.cdiv(N, 64 * warpgroups) * triton.cdiv(M, 32)
+        split = 1
+        while split < 16 and tiles * split * 2 <= (2 if warpgroups == 2 else 3) * sms and K // 64 >= 16 * split:
+            split *= 2
+        if warpgroups == 1 or tiles * split > 200:
+            return WgmmaConfig(32, warpgroups, split)
+
+
 class DequantMmConfig(NamedTuple):
     """Dequantize the weight, then cuBLAS: for M large enough to amortize the write. ``chunk_n``
     > 0: that many columns at a time, each chunk dequantized on a side stream while cuBLAS
@@ -869,6 +910,7 @@ def _warp_mma_config(M: int, tiles: int, groups: int, sms: int) -> WarpMmaConfig
 
 GEMV_MAX_M = 2
 WARP_MMA_MAX_M = 16
+WGMMA_MAX_M = 32
 # Past one 128-row tile the fused kernel reads and dequantizes the weight once a tile: dequantizing
 # it once and cuBLAS is faster (H200, geometric mean over fp16 cuBLAS of the four Llama shapes: M = 192
 # 0.53 against 0.37 fused, M = 256 0.60 against 0.41; M = 128 0.46 against 0.52, and 0.63 fused with the
@@ -896,10 +938,10 @@ def dequantize_chunk_columns(M: int, N: int) -> int:
 
 
 def pick_config(M: int, N: int, K: int, group_size: int, device: torch.device, activation: str = "none",
-                warp_mma: bool = True, dtype: torch.dtype = torch.float16):
+                warp_mma: bool = True, dtype: torch.dtype = torch.float16, wgmma: bool = True):
     """The kernel and its block shapes for a problem of N output columns and activations of
-    ``dtype``; from the sweeps in bench/NOTES-kernels.md. ``warp_mma``: whether the inputs suit
-    the warp-level MMA kernel (``warp_mma_ok``)."""
+    ``dtype``; from the sweeps in bench/NOTES-kernels.md. ``warp_mma``, ``wgmma``: whether the inputs
+    suit the warp-level MMA kernel (``warp_mma_ok``) and the Hopper kernel (``wgmma_ok``)."""
     sms = sm_count(device)
     # M = 1 (and 2 on weights up to 4096 x 4096) read the weight fastest with the GEMV; the
     # warp-level MMA reads it at about the same rate for any M up to 8 (H200, 4096x28672:
@@ -927,6 +969,11 @@ def pick_config(M: int, N: int, K: int, group_size: int, device: torch.device, a
         return GemvConfig(16, 2048, 1, num_warps=16, unrolled=K <= 4096 or dtype != torch.float16)
     if M >= DEQUANT_MM_MIN_M:
         return DequantMmConfig(chunk_n=dequantize_chunk_columns(M, 2 * N if activation == "silu_mul" else N))
+    # 17 to 32 rows on Hopper: the wgmma kernel, 1.4 to 1.7x faster than the tensor-core kernel
+    # below on the four Llama shapes (H200, fp16, 24 and 32 rows, bench/NOTES-kernels.md, nineteenth
+    # session); at 48 and 64 rows the two are within 10% either way, so that kernel keeps them
+    if wgmma and WARP_MMA_MAX_M < M <= WGMMA_MAX_M and group_size % 64 == 0 and dtype != torch.float32 and _hopper(device):
+        return _wgmma_config(M, 2 * N if activation == "silu_mul" else N, K, sms)
     block_k = mma_block_k[0]  # the largest power of two up to 128 that divides group_size
     # Weight tile as the left operand (swap-AB): it stays in registers from the dequantization
     # to the MMA. Up to 64 rows, a tile of 32 or 64 rows by 64 columns with 4 warps (H200
@@ -990,6 +1037,7 @@ def w4a16_linear(
     norm_eps: float = 0.0,
     config=None,
     chunked_dequantize_matmul=None,
+    wgmma_matmul=None,
 ) -> torch.Tensor:
     """``x [M, K] @ dequantize(qweight, scales, zeros) (+ bias)`` -> ``[M, N]`` in x.dtype.
 
@@ -999,11 +1047,12 @@ def w4a16_linear(
     "gelu" / "gelu_tanh" apply GELU.
     ``norm_weight`` ``[K]``: x goes through the RMSNorm ``rms_norm(x, norm_weight, norm_eps)`` (in x's dtype)
     first (``reference.rms_norm``); the GEMV computes it as it reads x, the other paths in a pass of their own.
-    ``config`` (a ``GemvConfig``, ``MmaConfig`` or ``DequantMmConfig``) overrides the tuned
-    choice; for sweeps.
-    ``chunked_dequantize_matmul``: what runs ``dequantize_matmul`` where the weight goes in chunks
-    (the same arguments; by default that function itself). Its streams cannot be traced, so
-    ``qpass.ops`` passes it wrapped in an op that torch.compile keeps opaque.
+    ``config`` (a ``GemvConfig``, ``WarpMmaConfig``, ``WgmmaConfig``, ``MmaConfig`` or ``DequantMmConfig``)
+    overrides the tuned choice; for sweeps.
+    ``chunked_dequantize_matmul``, ``wgmma_matmul``: what runs ``dequantize_matmul`` where the weight
+    goes in chunks, and ``w4a16_wgmma.wgmma_matmul`` (the same arguments; by default those functions).
+    torch.compile can trace neither (streams; a Gluon kernel), so ``qpass.ops`` passes each wrapped in
+    an op that torch.compile keeps opaque.
     """
     M, K = x.shape
     N = qweight.shape[1]
@@ -1014,16 +1063,26 @@ def w4a16_linear(
     if M == 0:
         return x.new_empty((0, n_out))
     warp_ok = warp_mma_ok(x, qweight, scales, zeros, group_size, n_out)
-    cfg = config or pick_config(M, n_out, K, group_size, x.device, activation, warp_mma=warp_ok, dtype=x.dtype)
+    wgmma_fits = wgmma_ok(x, qweight, scales, zeros, group_size)
+    cfg = config or pick_config(M, n_out, K, group_size, x.device, activation, warp_mma=warp_ok, dtype=x.dtype,
+                                wgmma=wgmma_fits)
+    if isinstance(cfg, WgmmaConfig) and not wgmma_fits:
+        raise ValueError(f"{cfg} needs fp16/bf16 x on an sm_90 GPU (with Gluon in Triton), rows of x, qweight and "
+                         f"scales contiguous and group_size a multiple of 64; got x {tuple(x.shape)} {x.dtype} "
+                         f"strides {x.stride()} on {x.device}, group_size {group_size}")
     if norm_weight is not None and not isinstance(cfg, GemvConfig):
         x = rms_norm(x, norm_weight.to(x.dtype), norm_eps)  # (under torch.compile Inductor fuses it with its producer)
         norm_weight = None
-    if isinstance(cfg, DequantMmConfig):
-        run = dequantize_matmul
-        if chunked_dequantize_matmul is not None and 0 < cfg.chunk_n < N:
-            run = chunked_dequantize_matmul
+    if isinstance(cfg, (DequantMmConfig, WgmmaConfig)):
         vector_bias = bias if bias is None or bias.dim() == 1 else None
-        out = run(x, qweight, scales, zeros, group_size, vector_bias, cfg.block_r, cfg.block_n, cfg.chunk_n)
+        if isinstance(cfg, WgmmaConfig):
+            run = wgmma_matmul or w4a16_wgmma.wgmma_matmul
+            out = run(x, qweight, scales, zeros, group_size, vector_bias, cfg.block_m, cfg.warpgroups, cfg.split_k)
+        else:
+            run = dequantize_matmul
+            if chunked_dequantize_matmul is not None and 0 < cfg.chunk_n < N:
+                run = chunked_dequantize_matmul
+            out = run(x, qweight, scales, zeros, group_size, vector_bias, cfg.block_r, cfg.block_n, cfg.chunk_n)
         # a residual and the activation outside: under torch.compile one pointwise pass, which
         # Inductor fuses with what follows, though ``run`` is an opaque op
         return activation_after_gemm(out if vector_bias is bias else out + bias, activation)

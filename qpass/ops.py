@@ -30,6 +30,7 @@ from qpass.kernels import fp8 as fp8_kernels
 from qpass.kernels import reference
 from qpass.kernels.common import ACTIVATIONS, output_columns
 from qpass.kernels import w4a16 as w4a16_kernels
+from qpass.kernels import w4a16_wgmma as w4a16_wgmma_kernels
 from qpass.kernels import w8a16 as w8a16_kernels
 
 # The epilogues every op computes: what the methods built on these ops list as fused_activations.
@@ -87,8 +88,31 @@ def _(x, qweight, scales, zeros, group_size, bias, block_r, block_n, chunk_n):
     return x.new_empty((x.shape[0], qweight.shape[1]))
 
 
-# the kernels' entry point, its chunked GEMM through the opaque op (bound once, not at every call)
-_w4a16_kernels = functools.partial(w4a16_kernels.w4a16_linear, chunked_dequantize_matmul=w4a16_dequantize_matmul)
+@torch.library.custom_op("qpass::w4a16_wgmma_matmul", mutates_args=())
+def w4a16_wgmma_matmul(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    group_size: int,
+    bias: Optional[torch.Tensor],
+    block_m: int,
+    warpgroups: int,
+    split_k: int,
+) -> torch.Tensor:
+    """The W4A16 op's GEMM for 17 to 32 rows on Hopper (``kernels.w4a16_wgmma.wgmma_matmul``): an op of
+    its own, which torch.compile does not trace into, because Inductor cannot copy a Gluon kernel."""
+    return w4a16_wgmma_kernels.wgmma_matmul(x, qweight, scales, zeros, group_size, bias, block_m, warpgroups, split_k)
+
+
+@w4a16_wgmma_matmul.register_fake
+def _(x, qweight, scales, zeros, group_size, bias, block_m, warpgroups, split_k):
+    return x.new_empty((x.shape[0], qweight.shape[1]))
+
+
+# the kernels' entry point, its untraceable GEMMs through the opaque ops (bound once, not at every call)
+_w4a16_kernels = functools.partial(w4a16_kernels.w4a16_linear, chunked_dequantize_matmul=w4a16_dequantize_matmul,
+                                   wgmma_matmul=w4a16_wgmma_matmul)
 
 
 @triton_op("qpass::w4a16_linear", mutates_args=())

@@ -180,7 +180,13 @@ def test_w4a16_kernel_choice_by_rows():
     assert not pick(16, 28672, 4096, 128, device).unrolled and not pick(16, 4096, 14336, 128, device).unrolled
     assert isinstance(pick(8, 14336, 4096, 128, device, activation="silu_mul"), w4a16.WarpMmaConfig)
     assert isinstance(pick(8, 28672, 4096, 128, device, warp_mma=False), w4a16.MmaConfig)
-    assert isinstance(pick(17, 28672, 4096, 128, device), w4a16.MmaConfig)
+    # 17 to 32 rows: the wgmma kernel on Hopper (never on the CPU), else the tensor-core kernel
+    hopper = CUDA and torch.cuda.get_device_capability() == (9, 0)
+    for M in (17, 32):
+        assert isinstance(pick(M, 28672, 4096, 128, device), w4a16.WgmmaConfig if hopper else w4a16.MmaConfig)
+        assert isinstance(pick(M, 28672, 4096, 128, device, wgmma=False), w4a16.MmaConfig)
+    assert isinstance(pick(33, 28672, 4096, 128, device), w4a16.MmaConfig)
+    assert isinstance(pick(16, 28672, 4096, 128, device, warp_mma=False), w4a16.MmaConfig)
     # up to 64 rows K 128 a step in 2 stages where the group allows it, K 64 where it does not
     assert pick(32, 4096, 4096, 128, cpu) == w4a16.MmaConfig(32, 64, 128, 8, True, 4, 2)
     assert pick(64, 28672, 4096, 128, cpu) == w4a16.MmaConfig(64, 64, 128, 1, True, 4, 2)
@@ -209,6 +215,17 @@ def test_w4a16_kernel_choice_by_rows():
     for M, N, K in [(16, 4096, 4096), (4, 6144, 4096), (16, 28672, 4096), (2, 4096, 14336), (5, 256, 512)]:
         cfg = pick(M, N, K, 128, device)
         assert cfg.split_k * cfg.num_warps // cfg.column_warps <= K // 128  # every warp has a group of K
+
+
+def test_w4a16_wgmma_config_by_shape():
+    """The Hopper kernel's block shapes (H200 sweep, bench/NOTES-kernels.md): 32 rows a program, two
+    warpgroups with K split while the programs fit two an SM, one warpgroup where two leave them few."""
+    cfg = w4a16._wgmma_config
+    assert cfg(24, 4096, 4096, 132) == cfg(32, 4096, 4096, 132) == w4a16.WgmmaConfig(32, 2, 8)
+    assert cfg(24, 6144, 4096, 132) == cfg(32, 6144, 4096, 132) == w4a16.WgmmaConfig(32, 1, 4)
+    assert cfg(32, 28672, 4096, 132) == w4a16.WgmmaConfig(32, 2, 1)
+    assert cfg(32, 4096, 14336, 132) == w4a16.WgmmaConfig(32, 2, 8)
+    assert cfg(32, 4096, 1024, 132) == w4a16.WgmmaConfig(32, 1, 2)  # at least 8 steps of K a split
 
 
 def test_w4a16_warp_mma_unrolls_only_whole_splits_of_few_iterations():
@@ -241,6 +258,9 @@ def test_w4a16_warp_mma_rejects_what_it_cannot_read():
         w4a16.w4a16_linear(x, qweight, scales, zeros, 64, config=w4a16.WarpMmaConfig(4, 1, 3))
     with pytest.raises(ValueError, match=r"column_warps \(3\) must divide num_warps \(4\)"):
         w4a16.w4a16_linear(x, qweight, scales, zeros, 64, config=w4a16.WarpMmaConfig(4, 1, 2, 3))
+    x, qweight, scales, zeros, _ = make_w4(24, 64, 128, 32, torch.float16, False, False, 0)
+    with pytest.raises(ValueError, match=r"sm_90 GPU.*group_size a multiple of 64; got x \(24, 128\).*group_size 32"):
+        w4a16.w4a16_linear(x, qweight, scales, zeros, 32, config=w4a16.WgmmaConfig(32, 1, 1))
 
 
 def test_w4a16_strided_activations_and_empty_batch():
@@ -356,6 +376,46 @@ def test_register_operand_wgmmas_are_waited_for_each_step():
     assert len(register_dots) >= 5, run.stdout[-3000:]  # a tile in each kernel
     for i in register_dots:
         assert "warp_group_dot_wait" in mma_ops[i + 1] and "pendings = 0" in mma_ops[i + 1], mma_ops[i:i + 2]
+
+
+# The Hopper kernel compiled for sm_90 in a process of its own, as above (Gluon: no interpreter).
+_TTGIR_OF_WGMMA_KERNEL = r"""
+import inspect
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.experimental.gluon._runtime import GluonASTSource
+from qpass.kernels import w4a16_wgmma
+
+kernel = w4a16_wgmma.w4a16_wgmma_kernel
+names = list(inspect.signature(kernel.fn).parameters)
+for dtype, split, bias in (("fp16", 1, True), ("bf16", 4, False)):
+    constexprs = dict(GROUP_SIZE=128, BLOCK_M=32, WARPGROUPS=2, SPLIT_K=split, HAS_BIAS=bias, BF16=dtype == "bf16")
+    pointers = {p: "*" + dtype for p in ("x_ptr", "s_ptr", "z_ptr", "b_ptr")}
+    pointers |= {"qw_ptr": "*i32", "out_ptr": "*fp32" if split > 1 else "*" + dtype}
+    signature = {n: pointers.get(n, "constexpr" if n in constexprs else "i32") for n in names}
+    source = GluonASTSource(fn=kernel, signature=signature, constexprs=constexprs,
+                            attrs={(names.index(n),): [["tt.divisibility", 16]] for n in names if signature[n] != "constexpr"})
+    print(triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8)).asm["ttgir"])
+"""
+
+
+@pytest.mark.skipif(not w4a16.w4a16_wgmma.available(), reason="this Triton has no Gluon")
+def test_w4a16_wgmma_kernel_feeds_the_mma_from_registers():
+    """The Hopper kernel, compiled for sm_90 (fp16 and bf16, split or not): its only shared memory is x's
+    stages, so the dequantized weight reaches the wgmma in the registers that computed it; one step's
+    wgmma stays in flight while the next is dequantized (a wait for one pending), and a group's two steps
+    are done (none pending) before its products are scaled."""
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    run = subprocess.run([sys.executable, "-c", _TTGIR_OF_WGMMA_KERNEL], capture_output=True, text=True, env=env,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    modules = run.stdout.split("module attributes")[1:]
+    assert len(modules) == 2
+    for ttgir in modules:
+        assert ttgir.count("ttg.local_alloc") == 1 and "3x32x64x" in ttgir, ttgir[-3000:]
+        dots = [line for line in ttgir.splitlines() if "ttng.warp_group_dot " in line]
+        assert len(dots) == 2 and all("dot_op<{opIdx = 0" in dot for dot in dots), dots
+        assert "pendings = 1" in ttgir and "pendings = 0" in ttgir
 
 
 @pytest.mark.parametrize("unit", [1.0, w4a16._F16_DOT_UNIT])  # the tile's and the GEMV dot's
@@ -604,7 +664,7 @@ def test_gpu_w4a16_mma_unsplit_at_each_tuned_tile(M, n_out, K, group_size, activ
     as the register operand and no wait for each step's wgmmas, Triton 3.6 gave wrong results now
     and then over long loops: ``common.mma_accumulate``)."""
     N = 2 * n_out if activation == "silu_mul" else n_out
-    cfg = w4a16.pick_config(M, n_out, K, group_size, torch.device("cuda"), activation)
+    cfg = w4a16.pick_config(M, n_out, K, group_size, torch.device("cuda"), activation, wgmma=False)
     assert isinstance(cfg, w4a16.MmaConfig) and cfg.split_k == 1, cfg
     assert w4_epilogue_error(activation, M, N, K, dtype, True, M, group_size=group_size) < BOUND[dtype]
 
@@ -790,10 +850,15 @@ def test_gpu_w4a16_warp_mma(M, eighth_n, groups, group_size, dtype, symmetric, b
     multiple of 8, so "silu_mul" halves stay whole), splits that leave warps without a group,
     one or two 8-row tiles a program (past 8 rows with one: two programs of rows), warps side
     by side on columns, each epilogue, the loop over groups unrolled or not."""
-    N, K = 8 * eighth_n, groups * group_size
+    config = w4a16.WarpMmaConfig(warps, split, row_tiles, column_warps, unrolled)
+    check_w4_config(config, M, 8 * eighth_n, groups * group_size, group_size, dtype, symmetric, bias, activation, seed)
+
+
+def check_w4_config(config, M, N, K, group_size, dtype, symmetric, bias, activation, seed):
+    """``config``'s kernel against the float32 reference: with the bias (or none) and ``activation``,
+    then with the RMSNorm before it and a residual after it."""
     args = make_w4(M, N, K, group_size, dtype, symmetric, bias, seed)
     x, qweight, scales, zeros, b = args
-    config = w4a16.WarpMmaConfig(warps, split, row_tiles, column_warps, unrolled)
     out = w4a16.w4a16_linear(x, qweight, scales, zeros, group_size, b, activation=activation, config=config)
     ref = reference.apply_activation(w4_reference(*args[:4], group_size, b), activation)
     assert out.shape == (M, output_columns(activation, N))
@@ -803,6 +868,24 @@ def test_gpu_w4a16_warp_mma(M, eighth_n, groups, group_size, dtype, symmetric, b
                              norm_eps=1e-6, config=config)
     normed = reference.rms_norm(x, norm_weight, 1e-6)
     assert relative_error(out, w4_reference(normed, *args[1:4], group_size, residual)) < BOUND[dtype]
+
+
+@cuda
+@needs_cuda
+@pytest.mark.skipif(not (CUDA and torch.cuda.get_device_capability() == (9, 0)), reason="wgmma is Hopper's")
+@settings(max_examples=40, deadline=None)
+@given(M=st.integers(1, 140), eighth_n=st.integers(1, 40), groups=st.integers(1, 12),
+       group_size=st.sampled_from([64, 128]), dtype=st.sampled_from([torch.float16, torch.bfloat16]),
+       symmetric=st.booleans(), bias=st.booleans(), activation=st.sampled_from(("none",) + EPILOGUES),
+       block_m=st.sampled_from([16, 32, 64, 128]), warpgroups=st.sampled_from([1, 2]), split=st.integers(1, 5),
+       seed=st.integers(0, 2**16))
+def test_gpu_w4a16_wgmma(M, eighth_n, groups, group_size, dtype, symmetric, bias, activation, block_m, warpgroups,
+                         split, seed):
+    """The Hopper kernel against the float32 reference: N off its 64-column warpgroup tiles, M off its row
+    tiles, splits that leave programs without a step, a vector bias in its epilogue, a residual and each
+    activation after it, and the RMSNorm before it."""
+    config = w4a16.WgmmaConfig(block_m, warpgroups, split)
+    check_w4_config(config, M, 8 * eighth_n, groups * group_size, group_size, dtype, symmetric, bias, activation, seed)
 
 
 @cuda
@@ -846,7 +929,8 @@ def test_gpu_compiled_op_calls_the_triton_kernel_without_graph_break(M):
     ref = torch.nn.functional.silu(w4_reference(x, qweight, scales, zeros, 128, b))
     assert relative_error(out, ref) < BOUND[torch.float16]
     kernels = {w4a16.GemvConfig: "_w4a16_gemv_kernel", w4a16.MmaConfig: "_w4a16_mma_kernel",
-               w4a16.WarpMmaConfig: "w4a16_warp_mma_kernel", w4a16.DequantMmConfig: "_w4a16_dequantize_kernel"}
+               w4a16.WarpMmaConfig: "w4a16_warp_mma_kernel", w4a16.DequantMmConfig: "_w4a16_dequantize_kernel",
+               w4a16.WgmmaConfig: "w4a16_wgmma_matmul"}  # (an opaque op: Inductor cannot copy a Gluon kernel)
     kernel = kernels[type(w4a16.pick_config(M, 512, 1024, 128, x.device))]
     assert any(kernel in code for code in codes), "Inductor's code does not launch the Triton kernel"
 
