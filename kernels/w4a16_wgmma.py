@@ -10,8 +10,8 @@ registers directly, with no trip through shared memory (Triton's ``tl.dot`` kern
 routes the tile through shared memory and waits for each step's MMAs):
 
 - a K step is 64 rows, 8 word rows. Thread ``(g, c) = (lane // 4, lane % 4)`` of warp w loads
-  word rows ``2 c`` and ``2 c + 1`` of columns ``16 w + g`` and ``16 w + g + 8`` (``_WORDS``
-  below), the rows and K positions of its A fragment;
+  word rows ``2 c`` and ``2 c + 1`` of columns ``16 w + g`` and ``16 w + g + 8`` (the layout
+  ``WORDS`` in the kernel), the rows and K positions of its A fragment;
 - one ``lop3`` turns a word into two exact halves ``(q_t, q_t+4)`` (the GEMV's trick) and the
   zero is subtracted, still exact, in fp16/bf16 pairs (``_dequantize``); a group's products
   gather in an accumulator of their own, scaled once per group in float32, so the weights are
@@ -34,7 +34,7 @@ tests compile it for sm_90 instead (``tests/test_kernels.py``).
 import torch
 import triton
 
-try:  # Gluon: Triton 3.5 and later
+try:  # Gluon (Triton 3.6 and 3.9 both have it, with one call renamed: ``_cta_barrier``)
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
