@@ -4,7 +4,7 @@ Layout (see ``reference.py``): ``qweight`` int32 ``[K // 8, N]`` with row ``k`` 
 ``k % 8``; ``scales``/``zeros`` ``[K // group_size, N]`` in the activation dtype, the zeros
 integers; ``w = (q - zero) * scale``.
 
-Four paths, chosen by M (``pick_config``):
+Five paths, chosen by M (``pick_config``):
 
 - ``_w4a16_gemv_kernel`` (M = 1, and 2 on small weights): no tensor cores. Each program
   owns ``BLOCK_N`` columns of one activation row and reads each packed word once; nibble ``j`` of word row
@@ -38,12 +38,14 @@ reduces the row itself, from L2, and scales the x values it reads (``_gemv_colum
 other paths run the norm as a pass of its own. A bias may be shaped as the output (a residual,
 ``common.bias_rows``).
 
-All but the last may split K over ``SPLIT_K`` programs when the (M, N) tiles alone would leave
-the GPU idle; the programs of a tile add their partial sums into a zeroed float32 workspace
-and the last to arrive finishes the tile (``store_output``): no second launch. That same
-epilogue computes the ``activation``: GELU, or ``"silu_mul"`` (columns ``[gate | up]``,
-result ``silu(gate) * up``), each program computing matching gate and up tiles (the GEMV in
-one pass over K, its gate columns then its up columns as one tile).
+The GEMV, the warp-level and the tensor-core kernels may split K over ``SPLIT_K`` programs when
+the (M, N) tiles alone would leave the GPU idle; the programs of a tile add their partial sums
+into a zeroed float32 workspace and the last to arrive finishes the tile (``store_output``): no
+second launch. That same epilogue computes the ``activation``: GELU, or ``"silu_mul"`` (columns
+``[gate | up]``, result ``silu(gate) * up``), each program computing matching gate and up tiles
+(the GEMV in one pass over K, its gate columns then its up columns as one tile). The wgmma
+kernel adds its split sums into a zeroed float32 output and, like dequantize + cuBLAS, leaves a
+residual and the activation to one pointwise pass after it (fused by Inductor under torch.compile).
 """
 
 import contextlib
