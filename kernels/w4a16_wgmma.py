@@ -31,6 +31,8 @@ Needs Hopper (sm_90: ``wgmma``) and fp16/bf16 x; Triton's interpreter does not r
 tests compile it for sm_90 instead (``tests/test_kernels.py``).
 """
 
+from typing import Optional
+
 import torch
 import triton
 
@@ -246,7 +248,7 @@ def available() -> bool:
 
 
 def wgmma_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
-                 bias, block_m: int, warpgroups: int, split_k: int) -> torch.Tensor:
+                 bias: Optional[torch.Tensor], block_m: int, warpgroups: int, split_k: int) -> torch.Tensor:
     """``x [M, K] @ dequantize(qweight, scales, zeros) (+ bias [N])`` -> ``[M, N]`` in x.dtype, on
     Hopper; fp16/bf16 x, ``group_size`` a multiple of 64."""
     M, K = x.shape

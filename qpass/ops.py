@@ -66,48 +66,18 @@ def _run(cuda_kernel, cpu_reference, x: torch.Tensor, n: int, *args, bias: Optio
     return out.reshape(_out_shape(x, n, activation))
 
 
-@torch.library.custom_op("qpass::w4a16_dequantize_matmul", mutates_args=())
-def w4a16_dequantize_matmul(
-    x: torch.Tensor,
-    qweight: torch.Tensor,
-    scales: torch.Tensor,
-    zeros: torch.Tensor,
-    group_size: int,
-    bias: Optional[torch.Tensor],
-    block_r: int,
-    block_n: int,
-    chunk_n: int,
-) -> torch.Tensor:
-    """The W4A16 op's GEMM for large M with the weight in chunks (``kernels.w4a16.dequantize_matmul``):
-    an op of its own, which torch.compile does not trace into, because it runs two CUDA streams."""
-    return w4a16_kernels.dequantize_matmul(x, qweight, scales, zeros, group_size, bias, block_r, block_n, chunk_n)
+def _opaque_gemm(name: str, gemm):
+    """``gemm`` (``x [M, K], qweight [K / 8, N], ...`` -> ``[M, N]``) as the op ``qpass::<name>``, which
+    torch.compile calls as it is instead of tracing into it."""
+    op = torch.library.custom_op(f"qpass::{name}", gemm, mutates_args=())
+    op.register_fake(lambda x, qweight, *args: x.new_empty((x.shape[0], qweight.shape[1])))
+    return op
 
 
-@w4a16_dequantize_matmul.register_fake
-def _(x, qweight, scales, zeros, group_size, bias, block_r, block_n, chunk_n):
-    return x.new_empty((x.shape[0], qweight.shape[1]))
-
-
-@torch.library.custom_op("qpass::w4a16_wgmma_matmul", mutates_args=())
-def w4a16_wgmma_matmul(
-    x: torch.Tensor,
-    qweight: torch.Tensor,
-    scales: torch.Tensor,
-    zeros: torch.Tensor,
-    group_size: int,
-    bias: Optional[torch.Tensor],
-    block_m: int,
-    warpgroups: int,
-    split_k: int,
-) -> torch.Tensor:
-    """The W4A16 op's GEMM for 17 to 32 rows on Hopper (``kernels.w4a16_wgmma.wgmma_matmul``): an op of
-    its own, which torch.compile does not trace into, because Inductor cannot copy a Gluon kernel."""
-    return w4a16_wgmma_kernels.wgmma_matmul(x, qweight, scales, zeros, group_size, bias, block_m, warpgroups, split_k)
-
-
-@w4a16_wgmma_matmul.register_fake
-def _(x, qweight, scales, zeros, group_size, bias, block_m, warpgroups, split_k):
-    return x.new_empty((x.shape[0], qweight.shape[1]))
+# The W4A16 op's GEMMs that torch.compile cannot trace: the weight in chunks for large M (two CUDA
+# streams), and 17 to 32 rows on Hopper (a Gluon kernel, whose source Inductor cannot copy).
+w4a16_dequantize_matmul = _opaque_gemm("w4a16_dequantize_matmul", w4a16_kernels.dequantize_matmul)
+w4a16_wgmma_matmul = _opaque_gemm("w4a16_wgmma_matmul", w4a16_wgmma_kernels.wgmma_matmul)
 
 
 # the kernels' entry point, its untraceable GEMMs through the opaque ops (bound once, not at every call)

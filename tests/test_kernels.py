@@ -935,6 +935,27 @@ def test_gpu_compiled_op_calls_the_triton_kernel_without_graph_break(M):
     assert any(kernel in code for code in codes), "Inductor's code does not launch the Triton kernel"
 
 
+def test_opaque_gemm_ops_run_under_torch_compile():
+    """The W4A16 GEMMs that torch.compile cannot trace are ops of their own (``qpass.ops._opaque_gemm``): on
+    the CPU the chunked one runs inside a compiled graph as it runs eagerly, and both ops' fake
+    implementations give the output's shape."""
+    import torch._dynamo
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    import qpass  # noqa: F401
+
+    x, qweight, scales, zeros, _ = make_w4(5, 48, 256, 64, torch.float32, False, False, 0)
+    gemm = torch.ops.qpass.w4a16_dequantize_matmul
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x: torch.relu(gemm(x, qweight, scales, zeros, 64, None, 4, 16, 32)), fullgraph=True)
+    eager = torch.relu(w4a16.dequantize_matmul(x, qweight, scales, zeros, 64, None, 4, 16, 32))
+    assert torch.equal(compiled(x), eager)
+    with FakeTensorMode():
+        fake = (torch.empty(7, 256), torch.empty(32, 48, dtype=torch.int32), torch.empty(4, 48), torch.empty(4, 48))
+        assert gemm(*fake, 64, None, 4, 16, 32).shape == (7, 48)
+        assert torch.ops.qpass.w4a16_wgmma_matmul(*fake, 64, None, 32, 1, 1).shape == (7, 48)
+
+
 @cuda
 @needs_cuda
 def test_gpu_compiled_op_runs_the_chunked_path_as_an_opaque_op():
