@@ -974,7 +974,8 @@ def pick_config(M: int, N: int, K: int, group_size: int, device: torch.device, a
     # 17 to 32 rows on Hopper: the wgmma kernel, 1.4 to 1.7x faster than the tensor-core kernel
     # below on the four Llama shapes (H200, fp16, 24 and 32 rows, bench/NOTES-kernels.md, nineteenth
     # session); at 48 and 64 rows the two are within 10% either way, so that kernel keeps them
-    if wgmma and WARP_MMA_MAX_M < M <= WGMMA_MAX_M and group_size % 64 == 0 and dtype != torch.float32 and _hopper(device):
+    if (wgmma and WARP_MMA_MAX_M < M <= WGMMA_MAX_M and group_size % 64 == 0 and dtype != torch.float32
+            and _hopper(device)):
         return _wgmma_config(M, 2 * N if activation == "silu_mul" else N, K, sms)
     block_k = mma_block_k[0]  # the largest power of two up to 128 that divides group_size
     # Weight tile as the left operand (swap-AB): it stays in registers from the dequantization

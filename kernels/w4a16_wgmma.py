@@ -119,7 +119,9 @@ if gluon is not None:
         """One step's words ``[BN, 2 (j2), 2 (j1), 2 (j0)]`` -> the MMA's left operand ``[BN, 64]`` in
         the module's order of K; each thread's registers stay its own (the layout change is a renaming)."""
         v = _dequantize(words, zero, BF16)
-        r = gl.join(gl.join(gl.join(v[0], v[4]), gl.join(v[1], v[5])), gl.join(gl.join(v[2], v[6]), gl.join(v[3], v[7])))
+        low = gl.join(gl.join(v[0], v[4]), gl.join(v[1], v[5]))  # [BN, j2, j1, j0, t2, t0] for t1 = 0
+        high = gl.join(gl.join(v[2], v[6]), gl.join(v[3], v[7]))
+        r = gl.join(low, high)
         r = gl.permute(r, (0, 6, 5, 3, 1, 2, 4))  # [BN, j2, j1, j0, t2, t0, t1] -> [BN, t1, t0, j0, j2, j1, t2]
         return gl.convert_layout(gl.reshape(r, (r.shape[0], _STEP)), A_LAYOUT)
 

@@ -393,8 +393,8 @@ for dtype, split, bias in (("fp16", 1, True), ("bf16", 4, False)):
     pointers = {p: "*" + dtype for p in ("x_ptr", "s_ptr", "z_ptr", "b_ptr")}
     pointers |= {"qw_ptr": "*i32", "out_ptr": "*fp32" if split > 1 else "*" + dtype}
     signature = {n: pointers.get(n, "constexpr" if n in constexprs else "i32") for n in names}
-    source = GluonASTSource(fn=kernel, signature=signature, constexprs=constexprs,
-                            attrs={(names.index(n),): [["tt.divisibility", 16]] for n in names if signature[n] != "constexpr"})
+    aligned = {(names.index(n),): [["tt.divisibility", 16]] for n in names if signature[n] != "constexpr"}
+    source = GluonASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=aligned)
     print(triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8)).asm["ttgir"])
 """
 
