@@ -49,6 +49,7 @@ residual and the activation to one pointwise pass after it (fused by Inductor un
 """
 
 import contextlib
+import importlib.util
 import math
 import struct
 from typing import NamedTuple, Optional
@@ -60,7 +61,6 @@ import triton.language as tl
 from .common import (MAX_UNROLLED_STEPS, asm_constant, bias_rows, mma_accumulate, output_columns,
                      sm_count, split_for, split_k_workspace, store_output, triton_interpreted, unrolled_steps)
 from .reference import activation_after_gemm, rms_norm
-from . import w4a16_wgmma
 from .w4a16_warp_mma import warp_mma_columns, w4a16_warp_mma_kernel
 
 _F32_MAGIC = tl.constexpr(8388608.0)  # 2**23: 0x4B000000 | q is 2**23 + q as float32
@@ -837,18 +837,52 @@ def wgmma_ok(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros
             and scales.dtype == zeros.dtype == x.dtype)
 
 
+# Gluon, which the Hopper kernel is written in (Triton 3.6 and 3.9 have it), looked up without importing it
+_GLUON = importlib.util.find_spec("triton.experimental.gluon") is not None
+_HOPPER = {}
+
+
 def _hopper(device: torch.device) -> bool:
-    return (device.type == "cuda" and w4a16_wgmma.available()
-            and torch.cuda.get_device_capability(device) == (9, 0))
+    """Whether ``device`` runs the Hopper kernel: an sm_90 GPU, and Gluon in this Triton."""
+    if device.type != "cuda" or not _GLUON:
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _HOPPER:
+        _HOPPER[index] = torch.cuda.get_device_capability(index) == (9, 0)
+    return _HOPPER[index]
 
 
-def _wgmma_config(M: int, N: int, K: int, sms: int) -> WgmmaConfig:
+def wgmma_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                 group_size: int, bias: Optional[torch.Tensor], block_m: int, warpgroups: int,
+                 split_k: int) -> torch.Tensor:
+    """``WgmmaConfig``'s GEMM, ``x @ w (+ bias [N])`` -> ``[M, N]`` in x.dtype (``w4a16_wgmma``, imported
+    here at the first call)."""
+    from .w4a16_wgmma import w4a16_wgmma_kernel
+
+    M, K = x.shape
+    N = qweight.shape[1]
+    if split_k > 1:  # the splits' float32 sums are added into it
+        out = torch.zeros((M, N), device=x.device, dtype=torch.float32)
+    else:
+        out = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    grid = (triton.cdiv(N, 64 * warpgroups), triton.cdiv(M, block_m), split_k)
+    w4a16_wgmma_kernel[grid](
+        x, qweight, scales, zeros, bias if bias is not None else scales, out, M, N, K, x.stride(0),
+        qweight.stride(0), scales.stride(0), out.stride(0), GROUP_SIZE=group_size, BLOCK_M=block_m,
+        WARPGROUPS=warpgroups, SPLIT_K=split_k, HAS_BIAS=bias is not None and split_k == 1,
+        BF16=x.dtype == torch.bfloat16, num_warps=4 * warpgroups)
+    if split_k == 1:
+        return out
+    return (out if bias is None else out + bias).to(x.dtype)
+
+
+def _wgmma_config(N: int, K: int, sms: int) -> WgmmaConfig:
     """H200 sweep (bench/NOTES-kernels.md, nineteenth session; fp16, 24 and 32 rows on the four Llama
     shapes): 32 rows a program, two warpgroups with K split (a power of two, at least 8 steps of 64 a
     split) while the programs fit two an SM; one warpgroup where two leave the programs under 200
     (4096x6144: 12.3 us against 15.4 with two)."""
     for warpgroups in (2, 1):
-        tiles = triton.cdiv(N, 64 * warpgroups) * triton.cdiv(M, 32)
+        tiles = triton.cdiv(N, 64 * warpgroups)  # (one 32-row tile: M <= WGMMA_MAX_M)
         split = 1
         while split < 16 and tiles * split * 2 <= (2 if warpgroups == 2 else 3) * sms and K // 64 >= 16 * split:
             split *= 2
@@ -976,7 +1010,7 @@ def pick_config(M: int, N: int, K: int, group_size: int, device: torch.device, a
     # session); at 48 and 64 rows the two are within 10% either way, so that kernel keeps them
     if (wgmma and WARP_MMA_MAX_M < M <= WGMMA_MAX_M and group_size % 64 == 0 and dtype != torch.float32
             and _hopper(device)):
-        return _wgmma_config(M, 2 * N if activation == "silu_mul" else N, K, sms)
+        return _wgmma_config(2 * N if activation == "silu_mul" else N, K, sms)
     block_k = mma_block_k[0]  # the largest power of two up to 128 that divides group_size
     # Weight tile as the left operand (swap-AB): it stays in registers from the dequantization
     # to the MMA. Up to 64 rows, a tile of 32 or 64 rows by 64 columns with 4 warps (H200
@@ -1040,7 +1074,7 @@ def w4a16_linear(
     norm_eps: float = 0.0,
     config=None,
     chunked_dequantize_matmul=None,
-    wgmma_matmul=None,
+    wgmma_matmul_op=None,
 ) -> torch.Tensor:
     """``x [M, K] @ dequantize(qweight, scales, zeros) (+ bias)`` -> ``[M, N]`` in x.dtype.
 
@@ -1052,8 +1086,8 @@ def w4a16_linear(
     first (``reference.rms_norm``); the GEMV computes it as it reads x, the other paths in a pass of their own.
     ``config`` (a ``GemvConfig``, ``WarpMmaConfig``, ``WgmmaConfig``, ``MmaConfig`` or ``DequantMmConfig``)
     overrides the tuned choice; for sweeps.
-    ``chunked_dequantize_matmul``, ``wgmma_matmul``: what runs ``dequantize_matmul`` where the weight
-    goes in chunks, and ``w4a16_wgmma.wgmma_matmul`` (the same arguments; by default those functions).
+    ``chunked_dequantize_matmul``, ``wgmma_matmul_op``: what runs ``dequantize_matmul`` where the weight
+    goes in chunks, and ``wgmma_matmul`` (the same arguments; by default those functions).
     torch.compile can trace neither (streams; a Gluon kernel), so ``qpass.ops`` passes each wrapped in
     an op that torch.compile keeps opaque.
     """
@@ -1079,7 +1113,7 @@ def w4a16_linear(
     if isinstance(cfg, (DequantMmConfig, WgmmaConfig)):
         vector_bias = bias if bias is None or bias.dim() == 1 else None
         if isinstance(cfg, WgmmaConfig):
-            run = wgmma_matmul or w4a16_wgmma.wgmma_matmul
+            run = wgmma_matmul_op or wgmma_matmul
             out = run(x, qweight, scales, zeros, group_size, vector_bias, cfg.block_m, cfg.warpgroups, cfg.split_k)
         else:
             run = dequantize_matmul

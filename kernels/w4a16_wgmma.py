@@ -28,243 +28,214 @@ ahead in registers, and x in three shared-memory stages. K may be split over pro
 (``SPLIT_K``), whose float32 sums are added atomically into a zeroed float32 output.
 
 Needs Hopper (sm_90: ``wgmma``) and fp16/bf16 x; Triton's interpreter does not run Gluon, so the CPU
-tests compile it for sm_90 instead (``tests/test_kernels.py``).
+tests compile it for sm_90 instead (``tests/test_kernels.py``). ``w4a16.wgmma_matmul`` launches it and
+imports this module on its first call: Gluon's import costs ``import qpass`` about 0.2 s.
 """
 
-from typing import Optional
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
-import torch
-import triton
-
-try:  # Gluon (Triton 3.6 and 3.9 both have it, with one call renamed: ``_cta_barrier``)
-    from triton.experimental import gluon
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
-except ImportError:  # pragma: no cover  (an older Triton: the other kernels serve these rows)
-    gluon = None
-
-if gluon is not None:
-    _STEP = gl.constexpr(64)  # rows of K a loop step
-    # Triton 3.6 calls the CTA barrier ``thread_barrier``, 3.9 ``barrier``
-    _cta_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
-
-    @gluon.jit
-    def _dequantize(word, zero, BF16: gl.constexpr):
-        """The 8 nibbles of ``word`` minus ``zero``, t = 0..7, exactly, in x's dtype: register pairs
-        ``(t, t + 4)`` from one ``lop3`` each."""
-        if BF16:
-            values = gl.inline_asm_elementwise(
-                """
-                {
-                .reg .b32 t1, t2, t3, zz, h0, h1, h2, h3, one;
-                .reg .b16 c, m;
-                mov.b32 one, 0x3F803F80;
-                mov.b16 m, 0xBF80;
-                mov.b16 c, 0xC300;
-                fma.rn.bf16 c, $9, m, c;
-                mov.b32 zz, {c, c};
-                shr.u32 t1, $8, 4;
-                shr.u32 t2, $8, 8;
-                shr.u32 t3, $8, 12;
-                lop3.b32 h0, $8, 0x000F000F, 0x43004300, 0xEA;
-                lop3.b32 h1, t1, 0x000F000F, 0x43004300, 0xEA;
-                lop3.b32 h2, t2, 0x000F000F, 0x43004300, 0xEA;
-                lop3.b32 h3, t3, 0x000F000F, 0x43004300, 0xEA;
-                fma.rn.bf16x2 h0, h0, one, zz;
-                fma.rn.bf16x2 h1, h1, one, zz;
-                fma.rn.bf16x2 h2, h2, one, zz;
-                fma.rn.bf16x2 h3, h3, one, zz;
-                mov.b32 {$0, $4}, h0;
-                mov.b32 {$1, $5}, h1;
-                mov.b32 {$2, $6}, h2;
-                mov.b32 {$3, $7}, h3;
-                }
-                """,
-                "=h,=h,=h,=h,=h,=h,=h,=h,r,h", [word, zero], dtype=(gl.bfloat16,) * 8, is_pure=True, pack=1)
-        else:
-            # fp16: nibbles t + 1 come out 16 times too large (0x00F0 under the 0x6400 of 1024); one fma
-            # with 1 / 16 and -(64 + zero) leaves them exact too
-            values = gl.inline_asm_elementwise(
-                """
-                {
-                .reg .b32 t, zz, ww, h0, h1, h2, h3, sixteenth;
-                .reg .b16 c;
-                mov.b32 sixteenth, 0x2C002C00;
-                mov.b16 c, 0x6400;
-                add.rn.f16 c, $9, c;
-                mov.b32 zz, {c, c};
-                mov.b16 c, 0xD400;
-                sub.rn.f16 c, c, $9;
-                mov.b32 ww, {c, c};
-                shr.u32 t, $8, 8;
-                lop3.b32 h0, $8, 0x000F000F, 0x64006400, 0xEA;
-                lop3.b32 h1, $8, 0x00F000F0, 0x64006400, 0xEA;
-                lop3.b32 h2, t, 0x000F000F, 0x64006400, 0xEA;
-                lop3.b32 h3, t, 0x00F000F0, 0x64006400, 0xEA;
-                sub.rn.f16x2 h0, h0, zz;
-                fma.rn.f16x2 h1, h1, sixteenth, ww;
-                sub.rn.f16x2 h2, h2, zz;
-                fma.rn.f16x2 h3, h3, sixteenth, ww;
-                mov.b32 {$0, $4}, h0;
-                mov.b32 {$1, $5}, h1;
-                mov.b32 {$2, $6}, h2;
-                mov.b32 {$3, $7}, h3;
-                }
-                """,
-                "=h,=h,=h,=h,=h,=h,=h,=h,r,h", [word, zero], dtype=(gl.float16,) * 8, is_pure=True, pack=1)
-        return values
-
-    @gluon.jit
-    def _a_operand(words, zero, A_LAYOUT: gl.constexpr, BF16: gl.constexpr):
-        """One step's words ``[BN, 2 (j2), 2 (j1), 2 (j0)]`` -> the MMA's left operand ``[BN, 64]`` in
-        the module's order of K; each thread's registers stay its own (the layout change is a renaming)."""
-        v = _dequantize(words, zero, BF16)
-        low = gl.join(gl.join(v[0], v[4]), gl.join(v[1], v[5]))  # [BN, j2, j1, j0, t2, t0] for t1 = 0
-        high = gl.join(gl.join(v[2], v[6]), gl.join(v[3], v[7]))
-        r = gl.join(low, high)
-        r = gl.permute(r, (0, 6, 5, 3, 1, 2, 4))  # [BN, j2, j1, j0, t2, t0, t1] -> [BN, t1, t0, j0, j2, j1, t2]
-        return gl.convert_layout(gl.reshape(r, (r.shape[0], _STEP)), A_LAYOUT)
-
-    @gluon.jit
-    def _x_step(x_ptr, rows, columns, m0, k0, M, stride_xm):
-        """x's rows m0 + ``rows``, K k0 to k0 + 64, in the A operand's order of K."""
-        x = gl.load(x_ptr + (m0 + rows)[:, None] * stride_xm + k0 + columns[None, :], mask=(m0 + rows < M)[:, None],
-                    other=0.0)
-        x = gl.reshape(x, (x.shape[0], 2, 2, 2, 2, 2, 2))  # [BM, j2, j1, j0, t2, t1, t0]
-        x = gl.permute(x, (0, 5, 6, 3, 1, 2, 4))  # [BM, t1, t0, j0, j2, j1, t2]
-        return gl.reshape(x, (x.shape[0], _STEP))
-
-    @gluon.jit
-    def _step_loads(qw_ptrs, z_ptr, step, stride_qk, stride_sg, columns, spread, GROUP_SIZE: gl.constexpr):
-        """Step ``step``'s words, and the zeros of its group spread over the word tile."""
-        zero = gl.load(z_ptr + (step * _STEP // GROUP_SIZE) * stride_sg + columns)[:, None, None, None] + spread
-        return gl.load(qw_ptrs + step * 8 * stride_qk), zero
-
-    @gluon.jit
-    def w4a16_wgmma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_qk, stride_sg,
-                           stride_om, GROUP_SIZE: gl.constexpr, BLOCK_M: gl.constexpr, WARPGROUPS: gl.constexpr,
-                           SPLIT_K: gl.constexpr, HAS_BIAS: gl.constexpr, BF16: gl.constexpr):
-        """out = x @ W (+ bias [N]) for BLOCK_M rows (program_id 1) by 64 * WARPGROUPS weight columns
-        (program_id 0) over a SPLIT_K-th of K (program_id 2; split, the float32 sums are added into
-        ``out``, zeroed, and the bias left to the caller)."""
-        BN: gl.constexpr = 64 * WARPGROUPS
-        WARPS: gl.constexpr = 4 * WARPGROUPS
-        DTYPE: gl.constexpr = gl.bfloat16 if BF16 else gl.float16
-        # the word tile [BN, j2, j1, j0]: thread (warp w, lane 4 g + c) holds columns 16 w + g and
-        # 16 w + g + 8, word rows 2 c and 2 c + 1 (j1 + 2 j2 = c)
-        if WARPGROUPS == 1:
-            warp_bases: gl.constexpr = [[16, 0, 0, 0], [32, 0, 0, 0]]
-        else:
-            warp_bases: gl.constexpr = [[16, 0, 0, 0], [32, 0, 0, 0], [64, 0, 0, 0]]
-        WORDS: gl.constexpr = gl.DistributedLinearLayout(
-            reg_bases=[[0, 0, 0, 1], [8, 0, 0, 0]],
-            lane_bases=[[0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0], [2, 0, 0, 0], [4, 0, 0, 0]],
-            warp_bases=warp_bases, block_bases=[], shape=[BN, 2, 2, 2])
-        MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
-                                                      instr_shape=[16, BLOCK_M, 16])
-        A_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
-        X_LOAD: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[4, 8],
-                                                warps_per_cta=[WARPS, 1], order=[1, 0])
-        X_SHARED: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
-
-        n0 = gl.program_id(0) * BN
-        m0 = gl.program_id(1) * BLOCK_M
-        STEPS: gl.constexpr = GROUP_SIZE // _STEP  # a group's steps
-        groups = K // GROUP_SIZE
-        per_split = gl.cdiv(groups, SPLIT_K)
-        start = gl.program_id(2) * per_split
-        end = gl.minimum(start + per_split, groups)  # (no groups left: end <= start)
-        # the steps loads may touch, valid even where the split has no group
-        first = gl.minimum(start, groups - 1) * STEPS
-        last = gl.maximum(end * STEPS - 1, first)
-
-        rows = gl.arange(0, BN, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, WORDS))))
-        j2 = gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, WORDS))))
-        j1 = gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, WORDS))))
-        j0 = gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, WORDS))))
-        columns = gl.minimum(n0 + rows, N - 1)  # past N: read column N - 1, never stored
-        word_rows = 4 * j2[None, :, None, None] + 2 * j1[None, None, :, None] + j0[None, None, None, :]
-        w_ptrs = qw_ptr + word_rows * stride_qk + columns[:, None, None, None]
-        spread = gl.zeros([BN, 2, 2, 2], DTYPE, WORDS)
-        acc_columns = gl.minimum(n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, MMA)), N - 1)
-        x_rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, X_LOAD))
-        x_columns = gl.arange(0, _STEP, layout=gl.SliceLayout(0, X_LOAD))
-
-        xs = gl.allocate_shared_memory(DTYPE, [3, BLOCK_M, _STEP], X_SHARED)
-        acc = gl.zeros([BN, BLOCK_M], gl.float32, MMA)
-        # two steps ahead: words and zeros in registers; x in shared memory, then registers
-        words0, zero0 = _step_loads(w_ptrs, z_ptr, first, stride_qk, stride_sg, columns, spread, GROUP_SIZE)
-        words1, zero1 = _step_loads(w_ptrs, z_ptr, gl.minimum(first + 1, last), stride_qk, stride_sg, columns, spread,
-                                    GROUP_SIZE)
-        xs.index(0).store(_x_step(x_ptr, x_rows, x_columns, m0, first * _STEP, M, stride_xm))
-        x1 = _x_step(x_ptr, x_rows, x_columns, m0, gl.minimum(first + 1, last) * _STEP, M, stride_xm)
-        x2 = _x_step(x_ptr, x_rows, x_columns, m0, gl.minimum(first + 2, last) * _STEP, M, stride_xm)
-        fence_async_shared()
-        _cta_barrier()
-        a_in_flight = gl.zeros([BN, _STEP], DTYPE, A_LAYOUT)
-        i = 0
-        for group in range(start, end):
-            scale = gl.load(s_ptr + group * stride_sg + acc_columns).to(gl.float32)
-            # a group's products of the exact q - z, scaled once in float32
-            part = gl.zeros([BN, BLOCK_M], gl.float32, MMA)
-            for _ in gl.static_range(STEPS):
-                a = _a_operand(words0, zero0, A_LAYOUT, BF16)
-                ahead = gl.minimum(first + i + 2, last)
-                words0 = words1
-                zero0 = zero1
-                words1, zero1 = _step_loads(w_ptrs, z_ptr, ahead, stride_qk, stride_sg, columns, spread, GROUP_SIZE)
-                part = warpgroup_mma(a, xs.index(i % 3).permute((1, 0)), part, is_async=True)
-                # the step before's MMAs are done: its operand's registers and its x stage are free
-                part, a_in_flight = warpgroup_mma_wait(num_outstanding=1, deps=[part, a_in_flight])
-                a_in_flight = a
-                xs.index((i + 1) % 3).store(x1)
-                x1 = x2
-                x2 = _x_step(x_ptr, x_rows, x_columns, m0, gl.minimum(first + i + 3, last) * _STEP, M, stride_xm)
-                fence_async_shared()
-                _cta_barrier()
-                i += 1
-            part = warpgroup_mma_wait(num_outstanding=0, deps=[part])
-            acc += part * scale[:, None]
-
-        if SPLIT_K > 1:
-            an = n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, MMA))
-            am = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, MMA))
-            gl.atomic_add(out_ptr + am[None, :] * stride_om + an[:, None], acc,
-                          mask=(an[:, None] < N) & (am[None, :] < M), sem="relaxed")
-        else:
-            # stored along N, the output's contiguous dimension
-            OUT: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 1], threads_per_warp=[32, 1],
-                                                 warps_per_cta=[1, WARPS], order=[0, 1])
-            tile = gl.convert_layout(acc, OUT)
-            on = n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, OUT))
-            om = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, OUT))
-            if HAS_BIAS:
-                tile = tile + gl.load(b_ptr + on, mask=on < N, other=0.0).to(gl.float32)[:, None]
-            gl.store(out_ptr + om[None, :] * stride_om + on[:, None], tile.to(DTYPE),
-                     mask=(on[:, None] < N) & (om[None, :] < M))
+_STEP = gl.constexpr(64)  # rows of K a loop step
+# Triton 3.6 calls the CTA barrier ``thread_barrier``, 3.9 ``barrier``
+_cta_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
 
 
-def available() -> bool:
-    """Whether this Triton has Gluon (and so this kernel)."""
-    return gluon is not None
-
-
-def wgmma_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
-                 bias: Optional[torch.Tensor], block_m: int, warpgroups: int, split_k: int) -> torch.Tensor:
-    """``x [M, K] @ dequantize(qweight, scales, zeros) (+ bias [N])`` -> ``[M, N]`` in x.dtype, on
-    Hopper; fp16/bf16 x, ``group_size`` a multiple of 64."""
-    M, K = x.shape
-    N = qweight.shape[1]
-    if split_k > 1:
-        out = torch.zeros((M, N), device=x.device, dtype=torch.float32)
+@gluon.jit
+def _dequantize(word, zero, BF16: gl.constexpr):
+    """The 8 nibbles of ``word`` minus ``zero``, t = 0..7, exactly, in x's dtype: register pairs
+    ``(t, t + 4)`` from one ``lop3`` each."""
+    if BF16:
+        values = gl.inline_asm_elementwise(
+            """
+            {
+            .reg .b32 t1, t2, t3, zz, h0, h1, h2, h3, one;
+            .reg .b16 c, m;
+            mov.b32 one, 0x3F803F80;
+            mov.b16 m, 0xBF80;
+            mov.b16 c, 0xC300;
+            fma.rn.bf16 c, $9, m, c;
+            mov.b32 zz, {c, c};
+            shr.u32 t1, $8, 4;
+            shr.u32 t2, $8, 8;
+            shr.u32 t3, $8, 12;
+            lop3.b32 h0, $8, 0x000F000F, 0x43004300, 0xEA;
+            lop3.b32 h1, t1, 0x000F000F, 0x43004300, 0xEA;
+            lop3.b32 h2, t2, 0x000F000F, 0x43004300, 0xEA;
+            lop3.b32 h3, t3, 0x000F000F, 0x43004300, 0xEA;
+            fma.rn.bf16x2 h0, h0, one, zz;
+            fma.rn.bf16x2 h1, h1, one, zz;
+            fma.rn.bf16x2 h2, h2, one, zz;
+            fma.rn.bf16x2 h3, h3, one, zz;
+            mov.b32 {$0, $4}, h0;
+            mov.b32 {$1, $5}, h1;
+            mov.b32 {$2, $6}, h2;
+            mov.b32 {$3, $7}, h3;
+            }
+            """,
+            "=h,=h,=h,=h,=h,=h,=h,=h,r,h", [word, zero], dtype=(gl.bfloat16,) * 8, is_pure=True, pack=1)
     else:
-        out = torch.empty((M, N), device=x.device, dtype=x.dtype)
-    grid = (triton.cdiv(N, 64 * warpgroups), triton.cdiv(M, block_m), split_k)
-    w4a16_wgmma_kernel[grid](
-        x, qweight, scales, zeros, bias if bias is not None else scales, out, M, N, K, x.stride(0),
-        qweight.stride(0), scales.stride(0), out.stride(0), GROUP_SIZE=group_size, BLOCK_M=block_m,
-        WARPGROUPS=warpgroups, SPLIT_K=split_k, HAS_BIAS=bias is not None and split_k == 1,
-        BF16=x.dtype == torch.bfloat16, num_warps=4 * warpgroups)
-    if split_k == 1:
-        return out
-    return (out if bias is None else out + bias).to(x.dtype)
+        # fp16: nibbles t + 1 come out 16 times too large (0x00F0 under the 0x6400 of 1024); one fma
+        # with 1 / 16 and -(64 + zero) leaves them exact too
+        values = gl.inline_asm_elementwise(
+            """
+            {
+            .reg .b32 t, zz, ww, h0, h1, h2, h3, sixteenth;
+            .reg .b16 c;
+            mov.b32 sixteenth, 0x2C002C00;
+            mov.b16 c, 0x6400;
+            add.rn.f16 c, $9, c;
+            mov.b32 zz, {c, c};
+            mov.b16 c, 0xD400;
+            sub.rn.f16 c, c, $9;
+            mov.b32 ww, {c, c};
+            shr.u32 t, $8, 8;
+            lop3.b32 h0, $8, 0x000F000F, 0x64006400, 0xEA;
+            lop3.b32 h1, $8, 0x00F000F0, 0x64006400, 0xEA;
+            lop3.b32 h2, t, 0x000F000F, 0x64006400, 0xEA;
+            lop3.b32 h3, t, 0x00F000F0, 0x64006400, 0xEA;
+            sub.rn.f16x2 h0, h0, zz;
+            fma.rn.f16x2 h1, h1, sixteenth, ww;
+            sub.rn.f16x2 h2, h2, zz;
+            fma.rn.f16x2 h3, h3, sixteenth, ww;
+            mov.b32 {$0, $4}, h0;
+            mov.b32 {$1, $5}, h1;
+            mov.b32 {$2, $6}, h2;
+            mov.b32 {$3, $7}, h3;
+            }
+            """,
+            "=h,=h,=h,=h,=h,=h,=h,=h,r,h", [word, zero], dtype=(gl.float16,) * 8, is_pure=True, pack=1)
+    return values
+
+
+@gluon.jit
+def _a_operand(words, zero, A_LAYOUT: gl.constexpr, BF16: gl.constexpr):
+    """One step's words ``[BN, 2 (j2), 2 (j1), 2 (j0)]`` -> the MMA's left operand ``[BN, 64]`` in
+    the module's order of K; each thread's registers stay its own (the layout change is a renaming)."""
+    v = _dequantize(words, zero, BF16)
+    low = gl.join(gl.join(v[0], v[4]), gl.join(v[1], v[5]))  # [BN, j2, j1, j0, t2, t0] for t1 = 0
+    high = gl.join(gl.join(v[2], v[6]), gl.join(v[3], v[7]))
+    r = gl.join(low, high)
+    r = gl.permute(r, (0, 6, 5, 3, 1, 2, 4))  # [BN, j2, j1, j0, t2, t0, t1] -> [BN, t1, t0, j0, j2, j1, t2]
+    return gl.convert_layout(gl.reshape(r, (r.shape[0], _STEP)), A_LAYOUT)
+
+
+@gluon.jit
+def _x_step(x_ptr, rows, columns, m0, k0, M, stride_xm):
+    """x's rows m0 + ``rows``, K k0 to k0 + 64, in the A operand's order of K."""
+    x = gl.load(x_ptr + (m0 + rows)[:, None] * stride_xm + k0 + columns[None, :], mask=(m0 + rows < M)[:, None],
+                other=0.0)
+    x = gl.reshape(x, (x.shape[0], 2, 2, 2, 2, 2, 2))  # [BM, j2, j1, j0, t2, t1, t0]
+    x = gl.permute(x, (0, 5, 6, 3, 1, 2, 4))  # [BM, t1, t0, j0, j2, j1, t2]
+    return gl.reshape(x, (x.shape[0], _STEP))
+
+
+@gluon.jit
+def _step_loads(qw_ptrs, z_ptr, step, stride_qk, stride_sg, columns, spread, GROUP_SIZE: gl.constexpr):
+    """Step ``step``'s words, and the zeros of its group spread over the word tile."""
+    zero = gl.load(z_ptr + (step * _STEP // GROUP_SIZE) * stride_sg + columns)[:, None, None, None] + spread
+    return gl.load(qw_ptrs + step * 8 * stride_qk), zero
+
+
+@gluon.jit
+def w4a16_wgmma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_qk, stride_sg,
+                       stride_om, GROUP_SIZE: gl.constexpr, BLOCK_M: gl.constexpr, WARPGROUPS: gl.constexpr,
+                       SPLIT_K: gl.constexpr, HAS_BIAS: gl.constexpr, BF16: gl.constexpr):
+    """out = x @ W (+ bias [N]) for BLOCK_M rows (program_id 1) by 64 * WARPGROUPS weight columns
+    (program_id 0) over a SPLIT_K-th of K (program_id 2; split, the float32 sums are added into
+    ``out``, zeroed, and the bias left to the caller)."""
+    BN: gl.constexpr = 64 * WARPGROUPS
+    WARPS: gl.constexpr = 4 * WARPGROUPS
+    DTYPE: gl.constexpr = gl.bfloat16 if BF16 else gl.float16
+    # the word tile [BN, j2, j1, j0]: thread (warp w, lane 4 g + c) holds columns 16 w + g and
+    # 16 w + g + 8, word rows 2 c and 2 c + 1 (j1 + 2 j2 = c)
+    if WARPGROUPS == 1:
+        warp_bases: gl.constexpr = [[16, 0, 0, 0], [32, 0, 0, 0]]
+    else:
+        warp_bases: gl.constexpr = [[16, 0, 0, 0], [32, 0, 0, 0], [64, 0, 0, 0]]
+    WORDS: gl.constexpr = gl.DistributedLinearLayout(
+        reg_bases=[[0, 0, 0, 1], [8, 0, 0, 0]],
+        lane_bases=[[0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0], [2, 0, 0, 0], [4, 0, 0, 0]],
+        warp_bases=warp_bases, block_bases=[], shape=[BN, 2, 2, 2])
+    MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
+                                                  instr_shape=[16, BLOCK_M, 16])
+    A_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
+    X_LOAD: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[4, 8],
+                                            warps_per_cta=[WARPS, 1], order=[1, 0])
+    X_SHARED: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+
+    n0 = gl.program_id(0) * BN
+    m0 = gl.program_id(1) * BLOCK_M
+    STEPS: gl.constexpr = GROUP_SIZE // _STEP  # a group's steps
+    groups = K // GROUP_SIZE
+    per_split = gl.cdiv(groups, SPLIT_K)
+    start = gl.program_id(2) * per_split
+    end = gl.minimum(start + per_split, groups)  # (no groups left: end <= start)
+    # the steps loads may touch, valid even where the split has no group
+    first = gl.minimum(start, groups - 1) * STEPS
+    last = gl.maximum(end * STEPS - 1, first)
+
+    rows = gl.arange(0, BN, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, WORDS))))
+    j2 = gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, WORDS))))
+    j1 = gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, WORDS))))
+    j0 = gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, WORDS))))
+    columns = gl.minimum(n0 + rows, N - 1)  # past N: read column N - 1, never stored
+    word_rows = 4 * j2[None, :, None, None] + 2 * j1[None, None, :, None] + j0[None, None, None, :]
+    w_ptrs = qw_ptr + word_rows * stride_qk + columns[:, None, None, None]
+    spread = gl.zeros([BN, 2, 2, 2], DTYPE, WORDS)
+    acc_columns = gl.minimum(n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, MMA)), N - 1)
+    x_rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, X_LOAD))
+    x_columns = gl.arange(0, _STEP, layout=gl.SliceLayout(0, X_LOAD))
+
+    xs = gl.allocate_shared_memory(DTYPE, [3, BLOCK_M, _STEP], X_SHARED)
+    acc = gl.zeros([BN, BLOCK_M], gl.float32, MMA)
+    # two steps ahead: words and zeros in registers; x in shared memory, then registers
+    words0, zero0 = _step_loads(w_ptrs, z_ptr, first, stride_qk, stride_sg, columns, spread, GROUP_SIZE)
+    words1, zero1 = _step_loads(w_ptrs, z_ptr, gl.minimum(first + 1, last), stride_qk, stride_sg, columns, spread,
+                                GROUP_SIZE)
+    xs.index(0).store(_x_step(x_ptr, x_rows, x_columns, m0, first * _STEP, M, stride_xm))
+    x1 = _x_step(x_ptr, x_rows, x_columns, m0, gl.minimum(first + 1, last) * _STEP, M, stride_xm)
+    x2 = _x_step(x_ptr, x_rows, x_columns, m0, gl.minimum(first + 2, last) * _STEP, M, stride_xm)
+    fence_async_shared()
+    _cta_barrier()
+    a_in_flight = gl.zeros([BN, _STEP], DTYPE, A_LAYOUT)
+    i = 0
+    for group in range(start, end):
+        scale = gl.load(s_ptr + group * stride_sg + acc_columns).to(gl.float32)
+        # a group's products of the exact q - z, scaled once in float32
+        part = gl.zeros([BN, BLOCK_M], gl.float32, MMA)
+        for _ in gl.static_range(STEPS):
+            a = _a_operand(words0, zero0, A_LAYOUT, BF16)
+            ahead = gl.minimum(first + i + 2, last)
+            words0 = words1
+            zero0 = zero1
+            words1, zero1 = _step_loads(w_ptrs, z_ptr, ahead, stride_qk, stride_sg, columns, spread, GROUP_SIZE)
+            part = warpgroup_mma(a, xs.index(i % 3).permute((1, 0)), part, is_async=True)
+            # the step before's MMAs are done: its operand's registers and its x stage are free
+            part, a_in_flight = warpgroup_mma_wait(num_outstanding=1, deps=[part, a_in_flight])
+            a_in_flight = a
+            xs.index((i + 1) % 3).store(x1)
+            x1 = x2
+            x2 = _x_step(x_ptr, x_rows, x_columns, m0, gl.minimum(first + i + 3, last) * _STEP, M, stride_xm)
+            fence_async_shared()
+            _cta_barrier()
+            i += 1
+        part = warpgroup_mma_wait(num_outstanding=0, deps=[part])
+        acc += part * scale[:, None]
+
+    if SPLIT_K > 1:
+        an = n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, MMA))
+        am = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, MMA))
+        gl.atomic_add(out_ptr + am[None, :] * stride_om + an[:, None], acc,
+                      mask=(an[:, None] < N) & (am[None, :] < M), sem="relaxed")
+    else:
+        # stored along N, the output's contiguous dimension
+        OUT: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 1], threads_per_warp=[32, 1],
+                                             warps_per_cta=[1, WARPS], order=[0, 1])
+        tile = gl.convert_layout(acc, OUT)
+        on = n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, OUT))
+        om = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, OUT))
+        if HAS_BIAS:
+            tile = tile + gl.load(b_ptr + on, mask=on < N, other=0.0).to(gl.float32)[:, None]
+        gl.store(out_ptr + om[None, :] * stride_om + on[:, None], tile.to(DTYPE),
+                 mask=(on[:, None] < N) & (om[None, :] < M))

@@ -30,7 +30,6 @@ from qpass.kernels import fp8 as fp8_kernels
 from qpass.kernels import reference
 from qpass.kernels.common import ACTIVATIONS, output_columns
 from qpass.kernels import w4a16 as w4a16_kernels
-from qpass.kernels import w4a16_wgmma as w4a16_wgmma_kernels
 from qpass.kernels import w8a16 as w8a16_kernels
 
 # The epilogues every op computes: what the methods built on these ops list as fused_activations.
@@ -77,12 +76,12 @@ def _opaque_gemm(name: str, gemm):
 # The W4A16 op's GEMMs that torch.compile cannot trace: the weight in chunks for large M (two CUDA
 # streams), and 17 to 32 rows on Hopper (a Gluon kernel, whose source Inductor cannot copy).
 w4a16_dequantize_matmul = _opaque_gemm("w4a16_dequantize_matmul", w4a16_kernels.dequantize_matmul)
-w4a16_wgmma_matmul = _opaque_gemm("w4a16_wgmma_matmul", w4a16_wgmma_kernels.wgmma_matmul)
+w4a16_wgmma_matmul = _opaque_gemm("w4a16_wgmma_matmul", w4a16_kernels.wgmma_matmul)
 
 
 # the kernels' entry point, its untraceable GEMMs through the opaque ops (bound once, not at every call)
 _w4a16_kernels = functools.partial(w4a16_kernels.w4a16_linear, chunked_dequantize_matmul=w4a16_dequantize_matmul,
-                                   wgmma_matmul=w4a16_wgmma_matmul)
+                                   wgmma_matmul_op=w4a16_wgmma_matmul)
 
 
 @triton_op("qpass::w4a16_linear", mutates_args=())

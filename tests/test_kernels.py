@@ -221,11 +221,11 @@ def test_w4a16_wgmma_config_by_shape():
     """The Hopper kernel's block shapes (H200 sweep, bench/NOTES-kernels.md): 32 rows a program, two
     warpgroups with K split while the programs fit two an SM, one warpgroup where two leave them few."""
     cfg = w4a16._wgmma_config
-    assert cfg(24, 4096, 4096, 132) == cfg(32, 4096, 4096, 132) == w4a16.WgmmaConfig(32, 2, 8)
-    assert cfg(24, 6144, 4096, 132) == cfg(32, 6144, 4096, 132) == w4a16.WgmmaConfig(32, 1, 4)
-    assert cfg(32, 28672, 4096, 132) == w4a16.WgmmaConfig(32, 2, 1)
-    assert cfg(32, 4096, 14336, 132) == w4a16.WgmmaConfig(32, 2, 8)
-    assert cfg(32, 4096, 1024, 132) == w4a16.WgmmaConfig(32, 1, 2)  # at least 8 steps of K a split
+    assert cfg(4096, 4096, 132) == w4a16.WgmmaConfig(32, 2, 8)
+    assert cfg(6144, 4096, 132) == w4a16.WgmmaConfig(32, 1, 4)
+    assert cfg(28672, 4096, 132) == w4a16.WgmmaConfig(32, 2, 1)
+    assert cfg(4096, 14336, 132) == w4a16.WgmmaConfig(32, 2, 8)
+    assert cfg(4096, 1024, 132) == w4a16.WgmmaConfig(32, 1, 2)  # at least 8 steps of K a split
 
 
 def test_w4a16_warp_mma_unrolls_only_whole_splits_of_few_iterations():
@@ -399,7 +399,7 @@ for dtype, split, bias in (("fp16", 1, True), ("bf16", 4, False)):
 """
 
 
-@pytest.mark.skipif(not w4a16.w4a16_wgmma.available(), reason="this Triton has no Gluon")
+@pytest.mark.skipif(not w4a16._GLUON, reason="this Triton has no Gluon")
 def test_w4a16_wgmma_kernel_feeds_the_mma_from_registers():
     """The Hopper kernel, compiled for sm_90 (fp16 and bf16, split or not): its only shared memory is x's
     stages, so the dequantized weight reaches the wgmma in the registers that computed it; one step's
