@@ -821,7 +821,7 @@ def warp_mma_ok(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
 
 class WgmmaConfig(NamedTuple):
     """The Hopper kernel (``w4a16_wgmma``) for 17 to 32 rows: x's rows a program, 64 weight columns a
-    warpgroup, K split over programs by groups."""
+    warpgroup, K split over programs by chunks of 128 rows."""
 
     block_m: int
     warpgroups: int
@@ -831,10 +831,15 @@ class WgmmaConfig(NamedTuple):
 def wgmma_ok(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
              group_size: int) -> bool:
     """Whether the Hopper kernel reads these inputs: fp16/bf16 x on an sm_90 GPU with a Triton that has
-    Gluon, contiguous rows of x, the weight and its scales and zeros, groups of whole 64-row steps."""
-    return (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and _hopper(x.device) and group_size % 64 == 0
-            and x.stride(1) == 1 and qweight.stride(1) == 1 and scales.stride(1) == 1
-            and scales.dtype == zeros.dtype == x.dtype)
+    Gluon, contiguous rows of x, the weight and its scales and zeros, K in whole chunks (``wgmma_chunks``)."""
+    return (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and _hopper(x.device)
+            and wgmma_chunks(x.shape[1], group_size) and x.stride(1) == 1 and qweight.stride(1) == 1
+            and scales.stride(1) == 1 and scales.dtype == zeros.dtype == x.dtype)
+
+
+def wgmma_chunks(K: int, group_size: int) -> bool:
+    """Whether K splits into the Hopper kernel's chunks of 128 rows, each within one group or two of 64."""
+    return K % 128 == 0 and (group_size == 64 or group_size % 128 == 0)
 
 
 # Gluon, which the Hopper kernel is written in (Triton 3.6 and 3.9 have it), looked up without importing it
@@ -877,10 +882,11 @@ def wgmma_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
 
 
 def _wgmma_config(N: int, K: int, sms: int) -> WgmmaConfig:
-    """H200 sweep (bench/NOTES-kernels.md, nineteenth session; fp16, 24 and 32 rows on the four Llama
-    shapes): 32 rows a program, two warpgroups with K split (a power of two, at least 8 steps of 64 a
-    split) while the programs fit two an SM; one warpgroup where two leave the programs under 200
-    (4096x6144: 12.3 us against 15.4 with two)."""
+    """H200 sweeps (bench/NOTES-kernels.md, nineteenth and twentieth sessions; fp16 and bf16, 24 and 32
+    rows on the four Llama shapes): 32 rows a program, two warpgroups with K split (a power of two, at
+    least 8 steps of 64 a split) while the programs fit two an SM; one warpgroup where two leave the
+    programs under 200 (4096x6144: 12.4 us against 13.8 with two; 4096x28672 takes two, 43.3 against
+    44.0 with one, bf16 43.1 against 47.3)."""
     for warpgroups in (2, 1):
         tiles = triton.cdiv(N, 64 * warpgroups)  # (one 32-row tile: M <= WGMMA_MAX_M)
         split = 1
@@ -1008,7 +1014,7 @@ def pick_config(M: int, N: int, K: int, group_size: int, device: torch.device, a
     # 17 to 32 rows on Hopper: the wgmma kernel, 1.4 to 1.7x faster than the tensor-core kernel
     # below on the four Llama shapes (H200, fp16, 24 and 32 rows, bench/NOTES-kernels.md, nineteenth
     # session); at 48 and 64 rows the two are within 10% either way, so that kernel keeps them
-    if (wgmma and WARP_MMA_MAX_M < M <= WGMMA_MAX_M and group_size % 64 == 0 and dtype != torch.float32
+    if (wgmma and WARP_MMA_MAX_M < M <= WGMMA_MAX_M and wgmma_chunks(K, group_size) and dtype != torch.float32
             and _hopper(device)):
         return _wgmma_config(2 * N if activation == "silu_mul" else N, K, sms)
     block_k = mma_block_k[0]  # the largest power of two up to 128 that divides group_size
@@ -1105,8 +1111,8 @@ def w4a16_linear(
                                 wgmma=wgmma_fits)
     if isinstance(cfg, WgmmaConfig) and not wgmma_fits:
         raise ValueError(f"{cfg} needs fp16/bf16 x on an sm_90 GPU (with Gluon in Triton), rows of x, qweight and "
-                         f"scales contiguous and group_size a multiple of 64; got x {tuple(x.shape)} {x.dtype} "
-                         f"strides {x.stride()} on {x.device}, group_size {group_size}")
+                         f"scales contiguous, K a multiple of 128 and group_size 64 or a multiple of 128; got x "
+                         f"{tuple(x.shape)} {x.dtype} strides {x.stride()} on {x.device}, group_size {group_size}")
     if norm_weight is not None and not isinstance(cfg, GemvConfig):
         x = rms_norm(x, norm_weight.to(x.dtype), norm_eps)  # (under torch.compile Inductor fuses it with its producer)
         norm_weight = None

@@ -13,19 +13,23 @@ routes the tile through shared memory and waits for each step's MMAs):
   word rows ``2 c`` and ``2 c + 1`` of columns ``16 w + g`` and ``16 w + g + 8`` (the layout
   ``WORDS`` in the kernel), the rows and K positions of its A fragment;
 - one ``lop3`` turns a word into two exact halves ``(q_t, q_t+4)`` (the GEMV's trick) and the
-  zero is subtracted, still exact, in fp16/bf16 pairs (``_dequantize``); a group's products
-  gather in an accumulator of their own, scaled once per group in float32, so the weights are
-  never rounded;
+  zero is subtracted, still exact, in fp16/bf16 pairs (``_dequantize``); the products of a
+  group's steps in a chunk gather in an accumulator of their own, scaled once in float32, so the
+  weights are never rounded;
 - a sum over K does not care about the order of K, only that x follows the same order. So
   inside a step the A tile takes K in the order the fragment's registers hold it: logical k =
   t2 + 2 j1 + 4 j2 + 8 j0 + 16 t0 + 32 t1 holds nibble ``t = t0 + 2 t1 + 4 t2`` of word row
   ``j = j0 + 2 j1 + 4 j2``. x's step is permuted the same way on its way into shared memory
   (``_x_step``), read by contiguous 16-byte loads.
 
-The loop keeps one step's MMAs in flight while the next is dequantized (``warpgroup_mma_wait``
-holds the previous operand's registers until its MMAs are done), the words and zeros two steps
-ahead in registers, and x in three shared-memory stages. K may be split over programs by groups
-(``SPLIT_K``), whose float32 sums are added atomically into a zeroed float32 output.
+The loop goes over K in chunks of two steps (128 rows), each in one group or two of 64. A chunk's
+loads, its words, zeros, scales and x, are issued together one chunk ahead (``_chunk_loads``), so
+they are in flight under the chunk before's work. Its x goes into shared memory at the chunk's start,
+in two stages of a double buffer, so one barrier serves two steps (H200, 14336x4096 at 32 rows: 18.5
+us against 21.2 with x stored and waited for each step). One step's MMAs stay in flight while the next
+step is dequantized (``warpgroup_mma_wait`` holds the previous operand's registers until its MMAs are
+done). K may be split over programs by chunks (``SPLIT_K``), whose float32 sums are added atomically
+into a zeroed float32 output.
 
 Needs Hopper (sm_90: ``wgmma``) and fp16/bf16 x; Triton's interpreter does not run Gluon, so the CPU
 tests compile it for sm_90 instead (``tests/test_kernels.py``). ``w4a16.wgmma_matmul`` launches it and
@@ -131,10 +135,36 @@ def _x_step(x_ptr, rows, columns, m0, k0, M, stride_xm):
 
 
 @gluon.jit
-def _step_loads(qw_ptrs, z_ptr, step, stride_qk, stride_sg, columns, spread, GROUP_SIZE: gl.constexpr):
-    """Step ``step``'s words, and the zeros of its group spread over the word tile."""
-    zero = gl.load(z_ptr + (step * _STEP // GROUP_SIZE) * stride_sg + columns)[:, None, None, None] + spread
-    return gl.load(qw_ptrs + step * 8 * stride_qk), zero
+def _chunk_loads(w_ptrs, z_ptr, s_ptr, x_ptr, chunk, last, stride_qk, stride_sg, columns, spread, acc_columns, x_rows,
+                 x_columns, m0, M, stride_xm, GROUP_SIZE: gl.constexpr):
+    """All that chunk ``min(chunk, last)`` reads: its two steps' words, their groups' zeros (spread over
+    the word tile) and scales, and their x in the A operand's order of K."""
+    step = 2 * gl.minimum(chunk, last)
+    group = step * _STEP // GROUP_SIZE
+    zero_a = gl.load(z_ptr + group * stride_sg + columns)[:, None, None, None] + spread
+    scale_a = gl.load(s_ptr + group * stride_sg + acc_columns)
+    if GROUP_SIZE == _STEP:  # the chunk's second step is a group of its own
+        zero_b = gl.load(z_ptr + (group + 1) * stride_sg + columns)[:, None, None, None] + spread
+        scale_b = gl.load(s_ptr + (group + 1) * stride_sg + acc_columns)
+    else:
+        zero_b = zero_a
+        scale_b = scale_a
+    words_a = gl.load(w_ptrs + step * 8 * stride_qk)
+    words_b = gl.load(w_ptrs + (step + 1) * 8 * stride_qk)
+    x_a = _x_step(x_ptr, x_rows, x_columns, m0, step * _STEP, M, stride_xm)
+    x_b = _x_step(x_ptr, x_rows, x_columns, m0, (step + 1) * _STEP, M, stride_xm)
+    return words_a, words_b, zero_a, zero_b, scale_a, scale_b, x_a, x_b
+
+
+@gluon.jit
+def _mma_step(words, zero, x_stage, part, a_in_flight, A_LAYOUT: gl.constexpr, BF16: gl.constexpr):
+    """``part`` += the step's dequantized words times its x (asynchronously). Returns ``part`` and the
+    operand now in flight, whose registers must outlive its MMAs."""
+    a = _a_operand(words, zero, A_LAYOUT, BF16)
+    part = warpgroup_mma(a, x_stage.permute((1, 0)), part, is_async=True)
+    # the MMAs before are done: the operand before's registers are free
+    part, a_in_flight = warpgroup_mma_wait(num_outstanding=1, deps=[part, a_in_flight])
+    return part, a
 
 
 @gluon.jit
@@ -142,8 +172,8 @@ def w4a16_wgmma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, str
                        stride_om, GROUP_SIZE: gl.constexpr, BLOCK_M: gl.constexpr, WARPGROUPS: gl.constexpr,
                        SPLIT_K: gl.constexpr, HAS_BIAS: gl.constexpr, BF16: gl.constexpr):
     """out = x @ W (+ bias [N]) for BLOCK_M rows (program_id 1) by 64 * WARPGROUPS weight columns
-    (program_id 0) over a SPLIT_K-th of K (program_id 2; split, the float32 sums are added into
-    ``out``, zeroed, and the bias left to the caller)."""
+    (program_id 0) over a SPLIT_K-th of K's chunks (program_id 2; split, the float32 sums are added
+    into ``out``, zeroed, and the bias left to the caller)."""
     BN: gl.constexpr = 64 * WARPGROUPS
     WARPS: gl.constexpr = 4 * WARPGROUPS
     DTYPE: gl.constexpr = gl.bfloat16 if BF16 else gl.float16
@@ -166,14 +196,11 @@ def w4a16_wgmma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, str
 
     n0 = gl.program_id(0) * BN
     m0 = gl.program_id(1) * BLOCK_M
-    STEPS: gl.constexpr = GROUP_SIZE // _STEP  # a group's steps
-    groups = K // GROUP_SIZE
-    per_split = gl.cdiv(groups, SPLIT_K)
+    chunks = K // (2 * _STEP)
+    per_split = gl.cdiv(chunks, SPLIT_K)
     start = gl.program_id(2) * per_split
-    end = gl.minimum(start + per_split, groups)  # (no groups left: end <= start)
-    # the steps loads may touch, valid even where the split has no group
-    first = gl.minimum(start, groups - 1) * STEPS
-    last = gl.maximum(end * STEPS - 1, first)
+    end = gl.minimum(start + per_split, chunks)  # (no chunks left: end <= start)
+    last = gl.maximum(end - 1, gl.minimum(start, chunks - 1))  # the last chunk loads may touch
 
     rows = gl.arange(0, BN, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, WORDS))))
     j2 = gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, WORDS))))
@@ -187,41 +214,34 @@ def w4a16_wgmma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, str
     x_rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, X_LOAD))
     x_columns = gl.arange(0, _STEP, layout=gl.SliceLayout(0, X_LOAD))
 
-    xs = gl.allocate_shared_memory(DTYPE, [3, BLOCK_M, _STEP], X_SHARED)
+    # two chunks' x: the one the MMAs read and the one being stored
+    xs = gl.allocate_shared_memory(DTYPE, [4, BLOCK_M, _STEP], X_SHARED)
     acc = gl.zeros([BN, BLOCK_M], gl.float32, MMA)
-    # two steps ahead: words and zeros in registers; x in shared memory, then registers
-    words0, zero0 = _step_loads(w_ptrs, z_ptr, first, stride_qk, stride_sg, columns, spread, GROUP_SIZE)
-    words1, zero1 = _step_loads(w_ptrs, z_ptr, gl.minimum(first + 1, last), stride_qk, stride_sg, columns, spread,
-                                GROUP_SIZE)
-    xs.index(0).store(_x_step(x_ptr, x_rows, x_columns, m0, first * _STEP, M, stride_xm))
-    x1 = _x_step(x_ptr, x_rows, x_columns, m0, gl.minimum(first + 1, last) * _STEP, M, stride_xm)
-    x2 = _x_step(x_ptr, x_rows, x_columns, m0, gl.minimum(first + 2, last) * _STEP, M, stride_xm)
-    fence_async_shared()
-    _cta_barrier()
     a_in_flight = gl.zeros([BN, _STEP], DTYPE, A_LAYOUT)
-    i = 0
-    for group in range(start, end):
-        scale = gl.load(s_ptr + group * stride_sg + acc_columns).to(gl.float32)
-        # a group's products of the exact q - z, scaled once in float32
+    loads = _chunk_loads(w_ptrs, z_ptr, s_ptr, x_ptr, start, last, stride_qk, stride_sg, columns, spread,
+                         acc_columns, x_rows, x_columns, m0, M, stride_xm, GROUP_SIZE)
+    for chunk in range(start, end):
+        words_a, words_b, zero_a, zero_b, scale_a, scale_b, x_a, x_b = loads
+        stage = 2 * ((chunk - start) % 2)
+        # the chunk before last's MMAs, the last to read these stages, are done: every thread waited
+        # for none pending before it came past the barrier below a chunk ago
+        xs.index(stage).store(x_a)
+        xs.index(stage + 1).store(x_b)
+        fence_async_shared()
+        _cta_barrier()
+        # the next chunk's loads in flight under this one's dequantization and MMAs
+        loads = _chunk_loads(w_ptrs, z_ptr, s_ptr, x_ptr, chunk + 1, last, stride_qk, stride_sg, columns, spread,
+                             acc_columns, x_rows, x_columns, m0, M, stride_xm, GROUP_SIZE)
+        # the products of the exact q - z, scaled once a group in float32
         part = gl.zeros([BN, BLOCK_M], gl.float32, MMA)
-        for _ in gl.static_range(STEPS):
-            a = _a_operand(words0, zero0, A_LAYOUT, BF16)
-            ahead = gl.minimum(first + i + 2, last)
-            words0 = words1
-            zero0 = zero1
-            words1, zero1 = _step_loads(w_ptrs, z_ptr, ahead, stride_qk, stride_sg, columns, spread, GROUP_SIZE)
-            part = warpgroup_mma(a, xs.index(i % 3).permute((1, 0)), part, is_async=True)
-            # the step before's MMAs are done: its operand's registers and its x stage are free
-            part, a_in_flight = warpgroup_mma_wait(num_outstanding=1, deps=[part, a_in_flight])
-            a_in_flight = a
-            xs.index((i + 1) % 3).store(x1)
-            x1 = x2
-            x2 = _x_step(x_ptr, x_rows, x_columns, m0, gl.minimum(first + i + 3, last) * _STEP, M, stride_xm)
-            fence_async_shared()
-            _cta_barrier()
-            i += 1
+        part, a_in_flight = _mma_step(words_a, zero_a, xs.index(stage), part, a_in_flight, A_LAYOUT, BF16)
+        if GROUP_SIZE == _STEP:
+            part = warpgroup_mma_wait(num_outstanding=0, deps=[part])
+            acc += part * scale_a.to(gl.float32)[:, None]
+            part = gl.zeros([BN, BLOCK_M], gl.float32, MMA)
+        part, a_in_flight = _mma_step(words_b, zero_b, xs.index(stage + 1), part, a_in_flight, A_LAYOUT, BF16)
         part = warpgroup_mma_wait(num_outstanding=0, deps=[part])
-        acc += part * scale[:, None]
+        acc += part * scale_b.to(gl.float32)[:, None]
 
     if SPLIT_K > 1:
         an = n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, MMA))

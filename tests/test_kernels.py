@@ -186,6 +186,7 @@ def test_w4a16_kernel_choice_by_rows():
         assert isinstance(pick(M, 28672, 4096, 128, device), w4a16.WgmmaConfig if hopper else w4a16.MmaConfig)
         assert isinstance(pick(M, 28672, 4096, 128, device, wgmma=False), w4a16.MmaConfig)
     assert isinstance(pick(33, 28672, 4096, 128, device), w4a16.MmaConfig)
+    assert isinstance(pick(24, 4096, 4160, 64, device), w4a16.MmaConfig)  # K not in 128-row chunks
     assert isinstance(pick(16, 28672, 4096, 128, device, warp_mma=False), w4a16.MmaConfig)
     # up to 64 rows K 128 a step in 2 stages where the group allows it, K 64 where it does not
     assert pick(32, 4096, 4096, 128, cpu) == w4a16.MmaConfig(32, 64, 128, 8, True, 4, 2)
@@ -218,7 +219,7 @@ def test_w4a16_kernel_choice_by_rows():
 
 
 def test_w4a16_wgmma_config_by_shape():
-    """The Hopper kernel's block shapes (H200 sweep, bench/NOTES-kernels.md): 32 rows a program, two
+    """The Hopper kernel's block shapes (H200 sweeps, bench/NOTES-kernels.md): 32 rows a program, two
     warpgroups with K split while the programs fit two an SM, one warpgroup where two leave them few."""
     cfg = w4a16._wgmma_config
     assert cfg(4096, 4096, 132) == w4a16.WgmmaConfig(32, 2, 8)
@@ -259,8 +260,11 @@ def test_w4a16_warp_mma_rejects_what_it_cannot_read():
     with pytest.raises(ValueError, match=r"column_warps \(3\) must divide num_warps \(4\)"):
         w4a16.w4a16_linear(x, qweight, scales, zeros, 64, config=w4a16.WarpMmaConfig(4, 1, 2, 3))
     x, qweight, scales, zeros, _ = make_w4(24, 64, 128, 32, torch.float16, False, False, 0)
-    with pytest.raises(ValueError, match=r"sm_90 GPU.*group_size a multiple of 64; got x \(24, 128\).*group_size 32"):
+    with pytest.raises(ValueError, match=r"sm_90 GPU.*K a multiple of 128.*; got x \(24, 128\).*group_size 32"):
         w4a16.w4a16_linear(x, qweight, scales, zeros, 32, config=w4a16.WgmmaConfig(32, 1, 1))
+    # K in whole 128-row chunks, each in one group or two of 64
+    assert [w4a16.wgmma_chunks(K, g) for K, g in [(256, 64), (256, 128), (512, 256), (192, 64), (384, 192)]] == [
+        True, True, True, False, False]
 
 
 def test_w4a16_strided_activations_and_empty_batch():
@@ -402,9 +406,9 @@ for dtype, split, bias in (("fp16", 1, True), ("bf16", 4, False)):
 @pytest.mark.skipif(not w4a16._GLUON, reason="this Triton has no Gluon")
 def test_w4a16_wgmma_kernel_feeds_the_mma_from_registers():
     """The Hopper kernel, compiled for sm_90 (fp16 and bf16, split or not): its only shared memory is x's
-    stages, so the dequantized weight reaches the wgmma in the registers that computed it; one step's
-    wgmma stays in flight while the next is dequantized (a wait for one pending), and a group's two steps
-    are done (none pending) before its products are scaled."""
+    stages (two chunks of two steps), so the dequantized weight reaches the wgmma in the registers that
+    computed it; one step's wgmma stays in flight while the next is dequantized (a wait for one
+    pending), and a chunk's two steps are done (none pending) before its products are scaled."""
     env = dict(os.environ, TRITON_INTERPRET="0")
     run = subprocess.run([sys.executable, "-c", _TTGIR_OF_WGMMA_KERNEL], capture_output=True, text=True, env=env,
                          timeout=600)
@@ -412,7 +416,7 @@ def test_w4a16_wgmma_kernel_feeds_the_mma_from_registers():
     modules = run.stdout.split("module attributes")[1:]
     assert len(modules) == 2
     for ttgir in modules:
-        assert ttgir.count("ttg.local_alloc") == 1 and "3x32x64x" in ttgir, ttgir[-3000:]
+        assert ttgir.count("ttg.local_alloc") == 1 and "4x32x64x" in ttgir, ttgir[-3000:]
         dots = [line for line in ttgir.splitlines() if "ttng.warp_group_dot " in line]
         assert len(dots) == 2 and all("dot_op<{opIdx = 0" in dot for dot in dots), dots
         assert "pendings = 1" in ttgir and "pendings = 0" in ttgir
@@ -874,18 +878,19 @@ def check_w4_config(config, M, N, K, group_size, dtype, symmetric, bias, activat
 @needs_cuda
 @pytest.mark.skipif(not (CUDA and torch.cuda.get_device_capability() == (9, 0)), reason="wgmma is Hopper's")
 @settings(max_examples=40, deadline=None)
-@given(M=st.integers(1, 140), eighth_n=st.integers(1, 40), groups=st.integers(1, 12),
-       group_size=st.sampled_from([64, 128]), dtype=st.sampled_from([torch.float16, torch.bfloat16]),
+@given(M=st.integers(1, 140), eighth_n=st.integers(1, 40), chunks=st.integers(1, 12),
+       group_size=st.sampled_from([64, 128, 256]), dtype=st.sampled_from([torch.float16, torch.bfloat16]),
        symmetric=st.booleans(), bias=st.booleans(), activation=st.sampled_from(("none",) + EPILOGUES),
        block_m=st.sampled_from([16, 32, 64, 128]), warpgroups=st.sampled_from([1, 2]), split=st.integers(1, 5),
        seed=st.integers(0, 2**16))
-def test_gpu_w4a16_wgmma(M, eighth_n, groups, group_size, dtype, symmetric, bias, activation, block_m, warpgroups,
+def test_gpu_w4a16_wgmma(M, eighth_n, chunks, group_size, dtype, symmetric, bias, activation, block_m, warpgroups,
                          split, seed):
     """The Hopper kernel against the float32 reference: N off its 64-column warpgroup tiles, M off its row
-    tiles, splits that leave programs without a step, a vector bias in its epilogue, a residual and each
-    activation after it, and the RMSNorm before it."""
+    tiles, chunks of one group, two groups or part of one, splits that leave programs without a chunk, a
+    vector bias in its epilogue, a residual and each activation after it, and the RMSNorm before it."""
     config = w4a16.WgmmaConfig(block_m, warpgroups, split)
-    check_w4_config(config, M, 8 * eighth_n, groups * group_size, group_size, dtype, symmetric, bias, activation, seed)
+    K = chunks * max(128, group_size)
+    check_w4_config(config, M, 8 * eighth_n, K, group_size, dtype, symmetric, bias, activation, seed)
 
 
 @cuda
