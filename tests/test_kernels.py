@@ -392,8 +392,9 @@ from qpass.kernels import w4a16_wgmma
 
 kernel = w4a16_wgmma.w4a16_wgmma_kernel
 names = list(inspect.signature(kernel.fn).parameters)
-for dtype, split, bias in (("fp16", 1, True), ("bf16", 4, False)):
-    constexprs = dict(GROUP_SIZE=128, BLOCK_M=32, WARPGROUPS=2, SPLIT_K=split, HAS_BIAS=bias, BF16=dtype == "bf16")
+for dtype, split, bias, group_size in (("fp16", 1, True, 128), ("bf16", 4, False, 128), ("fp16", 3, False, 64)):
+    constexprs = dict(GROUP_SIZE=group_size, BLOCK_M=32, WARPGROUPS=2, SPLIT_K=split, HAS_BIAS=bias,
+                      BF16=dtype == "bf16")
     pointers = {p: "*" + dtype for p in ("x_ptr", "s_ptr", "z_ptr", "b_ptr")}
     pointers |= {"qw_ptr": "*i32", "out_ptr": "*fp32" if split > 1 else "*" + dtype}
     signature = {n: pointers.get(n, "constexpr" if n in constexprs else "i32") for n in names}
@@ -405,16 +406,17 @@ for dtype, split, bias in (("fp16", 1, True), ("bf16", 4, False)):
 
 @pytest.mark.skipif(not w4a16._GLUON, reason="this Triton has no Gluon")
 def test_w4a16_wgmma_kernel_feeds_the_mma_from_registers():
-    """The Hopper kernel, compiled for sm_90 (fp16 and bf16, split or not): its only shared memory is x's
-    stages (two chunks of two steps), so the dequantized weight reaches the wgmma in the registers that
-    computed it; one step's wgmma stays in flight while the next is dequantized (a wait for one
-    pending), and a chunk's two steps are done (none pending) before its products are scaled."""
+    """The Hopper kernel, compiled for sm_90 (fp16 and bf16, split or not, groups of 128 and of 64): its
+    only shared memory is x's stages (two chunks of two steps), so the dequantized weight reaches the
+    wgmma in the registers that computed it; one step's wgmma stays in flight while the next is
+    dequantized (a wait for one pending), and a group's steps are done (none pending) before its
+    products are scaled."""
     env = dict(os.environ, TRITON_INTERPRET="0")
     run = subprocess.run([sys.executable, "-c", _TTGIR_OF_WGMMA_KERNEL], capture_output=True, text=True, env=env,
                          timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     modules = run.stdout.split("module attributes")[1:]
-    assert len(modules) == 2
+    assert len(modules) == 3
     for ttgir in modules:
         assert ttgir.count("ttg.local_alloc") == 1 and "4x32x64x" in ttgir, ttgir[-3000:]
         dots = [line for line in ttgir.splitlines() if "ttng.warp_group_dot " in line]
