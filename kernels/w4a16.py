@@ -168,7 +168,7 @@ def _f16_bits(value: float) -> str:
     return "0x%04X" % int.from_bytes(struct.pack("<e", value), "little")
 
 
-def _f16_nibble_pairs(word: str, unit: float, z_low: str, z_high: str) -> str:
+def f16_nibble_pairs(word: str, unit: float, z_low: str, z_high: str) -> str:
     """PTX leaving in q0..q3 the half2 ``unit * (q_j - z, q_j+4 - z)``, j = 0..3, of the 8 nibbles of
     the word in register ``word``, exactly, for a power of two ``unit`` and its zero constants
     ``z_low``, ``z_high`` (``_zero_f16x2``; scratch: t; ``sixteenth`` holds (1/16, 1/16)). One lop3
@@ -191,7 +191,7 @@ def _f16_nibble_pairs(word: str, unit: float, z_low: str, z_high: str) -> str:
         fma.rn.f16x2 q3, q3, sixteenth, {z_high};"""
 
 
-def _bf16_nibble_pairs(word: str, z_128: str) -> str:
+def bf16_nibble_pairs(word: str, z_128: str) -> str:
     """PTX leaving in q0..q3 the bf16x2 (q_j - z, q_j+4 - z), j = 0..3, of the word in register
     ``word`` (scratch: t1..t3; ``one`` holds (1, 1)). bf16 keeps 7 mantissa bits, so nibble j must
     sit in bits 0-3 of each 16-bit lane: one lop3 makes ``((w >> 4 j) & 0x000F000F) | 0x43004300``
@@ -223,11 +223,11 @@ _WORD_PAIR_DOT_F16X2 = asm_constant("""
         .reg .b32 t, q0, q1, q2, q3, s, sixteenth;
         .reg .b16 lo, hi;
         .reg .f32 flo, fhi;
-        mov.b32 sixteenth, 0x2C002C00;""" + _f16_nibble_pairs("$1", _F16_DOT_UNIT, "$3", "$4") + """
+        mov.b32 sixteenth, 0x2C002C00;""" + f16_nibble_pairs("$1", _F16_DOT_UNIT, "$3", "$4") + """
         mul.rn.f16x2 s, q0, $5;
         fma.rn.f16x2 s, q1, $6, s;
         fma.rn.f16x2 s, q2, $7, s;
-        fma.rn.f16x2 s, q3, $8, s;""" + _f16_nibble_pairs("$2", _F16_DOT_UNIT, "$3", "$4") + """
+        fma.rn.f16x2 s, q3, $8, s;""" + f16_nibble_pairs("$2", _F16_DOT_UNIT, "$3", "$4") + """
         fma.rn.f16x2 s, q0, $9, s;
         fma.rn.f16x2 s, q1, $10, s;
         fma.rn.f16x2 s, q2, $11, s;
@@ -243,11 +243,11 @@ _WORD_PAIR_DOT_BF16X2 = asm_constant("""
         .reg .b32 t1, t2, t3, q0, q1, q2, q3, s, one, nz;
         .reg .f32 flo, fhi;
         mov.b32 one, 0x3F803F80;
-        mov.b32 nz, 0x80008000;""" + _bf16_nibble_pairs("$1", "$3") + """
+        mov.b32 nz, 0x80008000;""" + bf16_nibble_pairs("$1", "$3") + """
         fma.rn.bf16x2 s, q0, $4, nz;
         fma.rn.bf16x2 s, q1, $5, s;
         fma.rn.bf16x2 s, q2, $6, s;
-        fma.rn.bf16x2 s, q3, $7, s;""" + _bf16_nibble_pairs("$2", "$3") + """
+        fma.rn.bf16x2 s, q3, $7, s;""" + bf16_nibble_pairs("$2", "$3") + """
         fma.rn.bf16x2 s, q0, $8, s;
         fma.rn.bf16x2 s, q1, $9, s;
         fma.rn.bf16x2 s, q2, $10, s;
@@ -259,41 +259,36 @@ _WORD_PAIR_DOT_BF16X2 = asm_constant("""
         add.rn.f32 $0, flo, fhi;
         }
         """)
+# PTX closing an asm block whose q0..q3 hold nibble pairs (j, j + 4): outputs $0..$7 are nibbles 0..7
+NIBBLE_PAIRS_OUT = """
+        mov.b32 {$0, $4}, q0;
+        mov.b32 {$1, $5}, q1;
+        mov.b32 {$2, $6}, q2;
+        mov.b32 {$3, $7}, q3;
+        }"""
 # outputs $0..$7: the weights of nibbles 0..7; q_j holds nibbles j and j + 4
 _WORD_WEIGHTS_F16 = asm_constant("""
         {
         .reg .b32 t, q0, q1, q2, q3, sixteenth;
-        mov.b32 sixteenth, 0x2C002C00;""" + _f16_nibble_pairs("$8", 1.0, "$9", "$10") + """
+        mov.b32 sixteenth, 0x2C002C00;""" + f16_nibble_pairs("$8", 1.0, "$9", "$10") + """
         mul.rn.f16x2 q0, q0, $11;
         mul.rn.f16x2 q1, q1, $11;
         mul.rn.f16x2 q2, q2, $11;
-        mul.rn.f16x2 q3, q3, $11;
-        mov.b32 {$0, $4}, q0;
-        mov.b32 {$1, $5}, q1;
-        mov.b32 {$2, $6}, q2;
-        mov.b32 {$3, $7}, q3;
-        }
-        """)
+        mul.rn.f16x2 q3, q3, $11;""" + NIBBLE_PAIRS_OUT)
 _WORD_WEIGHTS_BF16 = asm_constant("""
         {
         .reg .b32 t1, t2, t3, q0, q1, q2, q3, one, nz;
         mov.b32 one, 0x3F803F80;
-        mov.b32 nz, 0x80008000;""" + _bf16_nibble_pairs("$8", "$9") + """
+        mov.b32 nz, 0x80008000;""" + bf16_nibble_pairs("$8", "$9") + """
         fma.rn.bf16x2 q0, q0, $10, nz;
         fma.rn.bf16x2 q1, q1, $10, nz;
         fma.rn.bf16x2 q2, q2, $10, nz;
-        fma.rn.bf16x2 q3, q3, $10, nz;
-        mov.b32 {$0, $4}, q0;
-        mov.b32 {$1, $5}, q1;
-        mov.b32 {$2, $6}, q2;
-        mov.b32 {$3, $7}, q3;
-        }
-        """)
+        fma.rn.bf16x2 q3, q3, $10, nz;""" + NIBBLE_PAIRS_OUT)
 
 
 def _f16_zero_constants(unit: float) -> str:
     """PTX turning an fp16 zero point z into the half2 constants ``(1024 + z) unit`` and
-    ``-(64 + z) unit`` of ``_f16_nibble_pairs`` (exact for integer z and a power of two ``unit``;
+    ``-(64 + z) unit`` of ``f16_nibble_pairs`` (exact for integer z and a power of two ``unit``;
     an fma with two constants instead of the mul cost ptxas up to 16 more registers in the GEMV)."""
     scaled = "mov.b16 z, $2;" if unit == 1 else f"mov.b16 c, {_f16_bits(unit)}; mul.rn.f16 z, $2, c;"
     return f"""
@@ -316,7 +311,7 @@ _ZERO_CONSTANTS_DOT = asm_constant(_f16_zero_constants(_F16_DOT_UNIT))
 
 @triton.jit
 def _zero_f16x2(zero, FOR_DOT: tl.constexpr):
-    """fp16 zero points -> the two half2 zero constants of ``_f16_nibble_pairs``, for the unit 1
+    """fp16 zero points -> the two half2 zero constants of ``f16_nibble_pairs``, for the unit 1
     (the tile's weights) or, with FOR_DOT, the GEMV dot's ``_F16_DOT_UNIT``."""
     return tl.inline_asm_elementwise(
         _ZERO_CONSTANTS_DOT if FOR_DOT else _ZERO_CONSTANTS_TILE,
@@ -328,7 +323,7 @@ def _zero_f16x2(zero, FOR_DOT: tl.constexpr):
 def _word_pair_dot_f16x2(w0, w1, z_low, z_high, a0, a1, a2, a3, b0, b1, b2, b3):
     """sum_k x[k] * (q[k] - zero) / 16 over the 16 nibbles of two words (8 rows each), as float32;
     a0..a3 and b0..b3 are their x pairs from ``_load_x_pairs_x2``; (q - z) / 16 by
-    ``_f16_nibble_pairs``. The 8 products of each lane sum in fp16 (HFMA2, two weights an
+    ``f16_nibble_pairs``. The 8 products of each lane sum in fp16 (HFMA2, two weights an
     instruction) before the float32 widening: that adds rounding of about the fp16 output's own.
     The sixteenth (one HMUL a zero point, in ``_zero_f16x2``) keeps every single product finite
     (15/16 of fp16's largest x at most); whole, one x past 4367 against a weight code 15 from its
@@ -360,7 +355,7 @@ def _zero_bf16x2(zero):
 @triton.jit
 def _word_pair_dot_bf16x2(w0, w1, z_128, a0, a1, a2, a3, b0, b1, b2, b3):
     """``_word_pair_dot_f16x2`` for bf16 x (``z_128`` from ``_zero_bf16x2``; q - z by
-    ``_bf16_nibble_pairs``). Per word: 3 shifts, 4 lop3, 4 fma (q - z), 4 fma (x products): 15
+    ``bf16_nibble_pairs``). Per word: 3 shifts, 4 lop3, 4 fma (q - z), 4 fma (x products): 15
     instructions for 8 weights.
     Each lane's 8 products sum in bf16 (fma.rn.bf16x2) before the float32 widening (a 16-bit
     shift / mask): measured and emulated error in bench/NOTES-kernels.md (about 2x the bf16
@@ -649,7 +644,7 @@ def _pair(value):
 @triton.jit
 def _word_weights_f16(words, z_low, z_high, scale_pair):
     """The eight fp16 weights ``(q_j - z) * scale`` of each word (nibble j): four half2 of nibbles
-    (j, j + 4), q - z exact (``_f16_nibble_pairs``), then one HMUL2 a pair by the scale: the
+    (j, j + 4), q - z exact (``f16_nibble_pairs``), then one HMUL2 a pair by the scale: the
     rounding of ``_dequantize_tile``, in 13 instructions for 8 weights."""
     return tl.inline_asm_elementwise(
         _WORD_WEIGHTS_F16,
@@ -661,7 +656,7 @@ def _word_weights_f16(words, z_low, z_high, scale_pair):
 @triton.jit
 def _word_weights_bf16(words, z_128, scale_pair):
     """``_word_weights_f16`` for bf16 (``z_128`` from ``_zero_bf16x2``): q - z exact
-    (``_bf16_nibble_pairs``), then one fma with -0 multiplies by the scale (one rounding, as
+    (``bf16_nibble_pairs``), then one fma with -0 multiplies by the scale (one rounding, as
     ``_dequantize_tile``'s)."""
     return tl.inline_asm_elementwise(
         _WORD_WEIGHTS_BF16,

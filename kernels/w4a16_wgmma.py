@@ -40,9 +40,36 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
+from .common import asm_constant
+from .w4a16 import NIBBLE_PAIRS_OUT, bf16_nibble_pairs, f16_nibble_pairs
+
 _STEP = gl.constexpr(64)  # rows of K a loop step
 # Triton 3.6 calls the CTA barrier ``thread_barrier``, 3.9 ``barrier``
 _cta_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
+
+
+# A word's 8 nibbles minus an fp16/bf16 zero (``$9``), exactly: the GEMV's nibble pairs (``w4a16``),
+# their zero constants made from the zero in the block
+_Q_MINUS_Z_F16 = asm_constant("""
+        {
+        .reg .b32 t, zz, ww, q0, q1, q2, q3, sixteenth;
+        .reg .b16 c;
+        mov.b32 sixteenth, 0x2C002C00;
+        mov.b16 c, 0x6400;
+        add.rn.f16 c, $9, c;
+        mov.b32 zz, {c, c};
+        mov.b16 c, 0xD400;
+        sub.rn.f16 c, c, $9;
+        mov.b32 ww, {c, c};""" + f16_nibble_pairs("$8", 1.0, "zz", "ww") + NIBBLE_PAIRS_OUT)
+_Q_MINUS_Z_BF16 = asm_constant("""
+        {
+        .reg .b32 t1, t2, t3, zz, q0, q1, q2, q3, one;
+        .reg .b16 c, m;
+        mov.b32 one, 0x3F803F80;
+        mov.b16 m, 0xBF80;
+        mov.b16 c, 0xC300;
+        fma.rn.bf16 c, $9, m, c;
+        mov.b32 zz, {c, c};""" + bf16_nibble_pairs("$8", "zz") + NIBBLE_PAIRS_OUT)
 
 
 @gluon.jit
@@ -50,65 +77,11 @@ def _dequantize(word, zero, BF16: gl.constexpr):
     """The 8 nibbles of ``word`` minus ``zero``, t = 0..7, exactly, in x's dtype: register pairs
     ``(t, t + 4)`` from one ``lop3`` each."""
     if BF16:
-        values = gl.inline_asm_elementwise(
-            """
-            {
-            .reg .b32 t1, t2, t3, zz, h0, h1, h2, h3, one;
-            .reg .b16 c, m;
-            mov.b32 one, 0x3F803F80;
-            mov.b16 m, 0xBF80;
-            mov.b16 c, 0xC300;
-            fma.rn.bf16 c, $9, m, c;
-            mov.b32 zz, {c, c};
-            shr.u32 t1, $8, 4;
-            shr.u32 t2, $8, 8;
-            shr.u32 t3, $8, 12;
-            lop3.b32 h0, $8, 0x000F000F, 0x43004300, 0xEA;
-            lop3.b32 h1, t1, 0x000F000F, 0x43004300, 0xEA;
-            lop3.b32 h2, t2, 0x000F000F, 0x43004300, 0xEA;
-            lop3.b32 h3, t3, 0x000F000F, 0x43004300, 0xEA;
-            fma.rn.bf16x2 h0, h0, one, zz;
-            fma.rn.bf16x2 h1, h1, one, zz;
-            fma.rn.bf16x2 h2, h2, one, zz;
-            fma.rn.bf16x2 h3, h3, one, zz;
-            mov.b32 {$0, $4}, h0;
-            mov.b32 {$1, $5}, h1;
-            mov.b32 {$2, $6}, h2;
-            mov.b32 {$3, $7}, h3;
-            }
-            """,
-            "=h,=h,=h,=h,=h,=h,=h,=h,r,h", [word, zero], dtype=(gl.bfloat16,) * 8, is_pure=True, pack=1)
+        values = gl.inline_asm_elementwise(_Q_MINUS_Z_BF16, "=h,=h,=h,=h,=h,=h,=h,=h,r,h", [word, zero],
+                                           dtype=(gl.bfloat16,) * 8, is_pure=True, pack=1)
     else:
-        # fp16: nibbles t + 1 come out 16 times too large (0x00F0 under the 0x6400 of 1024); one fma
-        # with 1 / 16 and -(64 + zero) leaves them exact too
-        values = gl.inline_asm_elementwise(
-            """
-            {
-            .reg .b32 t, zz, ww, h0, h1, h2, h3, sixteenth;
-            .reg .b16 c;
-            mov.b32 sixteenth, 0x2C002C00;
-            mov.b16 c, 0x6400;
-            add.rn.f16 c, $9, c;
-            mov.b32 zz, {c, c};
-            mov.b16 c, 0xD400;
-            sub.rn.f16 c, c, $9;
-            mov.b32 ww, {c, c};
-            shr.u32 t, $8, 8;
-            lop3.b32 h0, $8, 0x000F000F, 0x64006400, 0xEA;
-            lop3.b32 h1, $8, 0x00F000F0, 0x64006400, 0xEA;
-            lop3.b32 h2, t, 0x000F000F, 0x64006400, 0xEA;
-            lop3.b32 h3, t, 0x00F000F0, 0x64006400, 0xEA;
-            sub.rn.f16x2 h0, h0, zz;
-            fma.rn.f16x2 h1, h1, sixteenth, ww;
-            sub.rn.f16x2 h2, h2, zz;
-            fma.rn.f16x2 h3, h3, sixteenth, ww;
-            mov.b32 {$0, $4}, h0;
-            mov.b32 {$1, $5}, h1;
-            mov.b32 {$2, $6}, h2;
-            mov.b32 {$3, $7}, h3;
-            }
-            """,
-            "=h,=h,=h,=h,=h,=h,=h,=h,r,h", [word, zero], dtype=(gl.float16,) * 8, is_pure=True, pack=1)
+        values = gl.inline_asm_elementwise(_Q_MINUS_Z_F16, "=h,=h,=h,=h,=h,=h,=h,=h,r,h", [word, zero],
+                                           dtype=(gl.float16,) * 8, is_pure=True, pack=1)
     return values
 
 

@@ -426,7 +426,7 @@ def test_w4a16_wgmma_kernel_feeds_the_mma_from_registers():
 
 @pytest.mark.parametrize("unit", [1.0, w4a16._F16_DOT_UNIT])  # the tile's and the GEMV dot's
 def test_f16_nibble_arithmetic_is_exact_for_every_code_and_zero(unit):
-    """The fp16 arithmetic of ``w4a16._f16_nibble_pairs`` and ``_f16_zero_constants``, which the
+    """The fp16 arithmetic of ``w4a16.f16_nibble_pairs`` and ``_f16_zero_constants``, which the
     interpreter cannot run (inline PTX), emulated in torch with their constants: for every code q
     and zero z, the low nibble under the magic minus ``(1024 + z) unit`` and the high nibble (4 bits
     up) times 1/16 plus ``-(64 + z) unit`` are ``unit (q - z)`` exactly, each operation rounded to
