@@ -158,10 +158,12 @@ def sweep_candidates(kind, M):
                     for column_warps in (1, 2):
                         for split in (1, 2, 4, 8):
                             out.append(w4a16.WarpMmaConfig(warps, split, row_tiles, column_warps))
-        if 16 < M <= 64:  # the Hopper kernel (other GPUs: reported as failed, the sweep goes on)
+        if 16 < M <= 64:  # the Hopper kernel, its weights exact or scaled in the MMA (other GPUs: reported as
+            # failed, the sweep goes on)
             for warpgroups in (1, 2):
                 for split in (1, 2, 4, 8):
-                    out.append(w4a16.WgmmaConfig(32 if M <= 32 else 64, warpgroups, split))
+                    for scaled in (False, True):
+                        out.append(w4a16.WgmmaConfig(32 if M <= 32 else 64, warpgroups, split, scaled))
         swaps = (True, False)  # the weight tile as the MMA's register operand, or through shared memory
         if 2 < M <= 64:
             if M <= 16:  # the split rule against fixed splits, for the tensor-core kernel's tuned block shape

@@ -17,7 +17,7 @@ Five paths, chosen by M (``pick_config``):
   dequantization feeding warp-level ``mma.sync`` from registers, one lane's loads being its
   MMA fragments (inline PTX; see that module). Reads the weight at the GEMV's rate for any
   M up to 8.
-- ``w4a16_wgmma.w4a16_wgmma_kernel`` (17 to 32 rows, fp16/bf16 on Hopper): warpgroup MMA
+- ``w4a16_wgmma.w4a16_wgmma_kernel`` (17 to 64 rows, fp16/bf16 on Hopper): warpgroup MMA
   from registers in Gluon, the dequantization writing the MMA's operand registers themselves
   (see that module); the residual and activation after it, as for cuBLAS below.
 - ``_w4a16_mma_kernel`` (larger M, or inputs the other kernels cannot read): unpacks the
@@ -815,12 +815,13 @@ def warp_mma_ok(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
 
 
 class WgmmaConfig(NamedTuple):
-    """The Hopper kernel (``w4a16_wgmma``) for 17 to 32 rows: x's rows a program, 64 weight columns a
+    """The Hopper kernel (``w4a16_wgmma``) for 17 to 64 rows: x's rows a program, 64 weight columns a
     warpgroup, K split over programs by chunks of 128 rows."""
 
     block_m: int
     warpgroups: int
     split_k: int
+    scaled: bool = False  # the weights scaled in x's dtype before the MMA, not exact (one accumulator)
 
 
 def wgmma_ok(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
@@ -854,7 +855,7 @@ def _hopper(device: torch.device) -> bool:
 
 def wgmma_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                  group_size: int, bias: Optional[torch.Tensor], block_m: int, warpgroups: int,
-                 split_k: int) -> torch.Tensor:
+                 split_k: int, scaled: bool = False) -> torch.Tensor:
     """``WgmmaConfig``'s GEMM, ``x @ w (+ bias [N])`` -> ``[M, N]`` in x.dtype (``w4a16_wgmma``, imported
     here at the first call)."""
     from .w4a16_wgmma import w4a16_wgmma_kernel
@@ -870,23 +871,35 @@ def wgmma_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
         x, qweight, scales, zeros, bias if bias is not None else scales, out, M, N, K, x.stride(0),
         qweight.stride(0), scales.stride(0), out.stride(0), GROUP_SIZE=group_size, BLOCK_M=block_m,
         WARPGROUPS=warpgroups, SPLIT_K=split_k, HAS_BIAS=bias is not None and split_k == 1,
-        BF16=x.dtype == torch.bfloat16, num_warps=4 * warpgroups)
+        BF16=x.dtype == torch.bfloat16, SCALED=scaled, num_warps=4 * warpgroups)
     if split_k == 1:
         return out
     return (out if bias is None else out + bias).to(x.dtype)
 
 
-def _wgmma_config(N: int, K: int, sms: int) -> WgmmaConfig:
-    """H200 sweeps (bench/NOTES-kernels.md, nineteenth and twentieth sessions; fp16 and bf16, 24 and 32
-    rows on the four Llama shapes): 32 rows a program, two warpgroups with K split (a power of two, at
-    least 8 steps of 64 a split) while the programs fit two an SM; one warpgroup where two leave the
-    programs under 200 (4096x6144: 12.4 us against 13.8 with two; 4096x28672 takes two, 43.3 against
-    44.0 with one, bf16 43.1 against 47.3)."""
+def _wgmma_split(tiles: int, K: int, slots: int) -> int:
+    """The Hopper kernel's K split for ``tiles`` programs: powers of two while twice the programs fit in
+    ``slots`` and a split keeps 8 chunks (16 steps of 64)."""
+    split = 1
+    while split < 16 and tiles * split * 2 <= slots and K // 64 >= 16 * split:
+        split *= 2
+    return split
+
+
+def _wgmma_config(M: int, N: int, K: int, sms: int) -> WgmmaConfig:
+    """H200 sweeps (bench/NOTES-kernels.md, nineteenth to twenty-first sessions; fp16 and bf16 on the four
+    Llama shapes). 17 to 32 rows: 32 rows a program with the weights exact in the MMA, two warpgroups with
+    K split while the programs fit two an SM; one warpgroup where two leave the programs under 200
+    (4096x6144: 12.4 us against 13.8 with two; 4096x28672 takes two, 43.3 against 44.0 with one, bf16 43.1
+    against 47.3). 33 to 64 rows: 64 rows a program with the weights scaled before the MMA (the exact
+    kernel's second accumulator takes 197-208 registers there), two warpgroups, K split so too: the best of
+    8 timed configurations in 26 of 34 cases (40-64 rows, weights from L2 and from DRAM), within 4-11% of it
+    in the rest (4096x6144)."""
+    if M > WGMMA_EXACT_MAX_M:
+        return WgmmaConfig(64, 2, _wgmma_split(triton.cdiv(N, 128), K, 2 * sms), scaled=True)
     for warpgroups in (2, 1):
-        tiles = triton.cdiv(N, 64 * warpgroups)  # (one 32-row tile: M <= WGMMA_MAX_M)
-        split = 1
-        while split < 16 and tiles * split * 2 <= (2 if warpgroups == 2 else 3) * sms and K // 64 >= 16 * split:
-            split *= 2
+        tiles = triton.cdiv(N, 64 * warpgroups)  # (one 32-row tile)
+        split = _wgmma_split(tiles, K, (2 if warpgroups == 2 else 3) * sms)
         if warpgroups == 1 or tiles * split > 200:
             return WgmmaConfig(32, warpgroups, split)
 
@@ -947,7 +960,8 @@ def _warp_mma_config(M: int, tiles: int, groups: int, sms: int) -> WarpMmaConfig
 
 GEMV_MAX_M = 2
 WARP_MMA_MAX_M = 16
-WGMMA_MAX_M = 32
+WGMMA_MAX_M = 64
+WGMMA_EXACT_MAX_M = 32  # up to here the Hopper kernel keeps the weights exact in the MMA (``WgmmaConfig.scaled``)
 # Past one 128-row tile the fused kernel reads and dequantizes the weight once a tile: dequantizing
 # it once and cuBLAS is faster (H200, geometric mean over fp16 cuBLAS of the four Llama shapes: M = 192
 # 0.53 against 0.37 fused, M = 256 0.60 against 0.41; M = 128 0.46 against 0.52, and 0.63 fused with the
@@ -1006,12 +1020,12 @@ def pick_config(M: int, N: int, K: int, group_size: int, device: torch.device, a
         return GemvConfig(16, 2048, 1, num_warps=16, unrolled=K <= 4096 or dtype != torch.float16)
     if M >= DEQUANT_MM_MIN_M:
         return DequantMmConfig(chunk_n=dequantize_chunk_columns(M, 2 * N if activation == "silu_mul" else N))
-    # 17 to 32 rows on Hopper: the wgmma kernel, 1.4 to 1.7x faster than the tensor-core kernel
-    # below on the four Llama shapes (H200, fp16, 24 and 32 rows, bench/NOTES-kernels.md, nineteenth
-    # session); at 48 and 64 rows the two are within 10% either way, so that kernel keeps them
+    # 17 to 64 rows on Hopper: the wgmma kernel, faster than the tensor-core kernel below on the four
+    # Llama shapes (H200, bench/NOTES-kernels.md): 1.4 to 1.7x at 24 and 32 rows (nineteenth session),
+    # 1.1 to 1.6x at 40 to 64 rows with the weights scaled before the MMA (twenty-first session)
     if (wgmma and WARP_MMA_MAX_M < M <= WGMMA_MAX_M and wgmma_chunks(K, group_size) and dtype != torch.float32
             and _hopper(device)):
-        return _wgmma_config(2 * N if activation == "silu_mul" else N, K, sms)
+        return _wgmma_config(M, 2 * N if activation == "silu_mul" else N, K, sms)
     block_k = mma_block_k[0]  # the largest power of two up to 128 that divides group_size
     # Weight tile as the left operand (swap-AB): it stays in registers from the dequantization
     # to the MMA. Up to 64 rows, a tile of 32 or 64 rows by 64 columns with 4 warps (H200
@@ -1115,7 +1129,8 @@ def w4a16_linear(
         vector_bias = bias if bias is None or bias.dim() == 1 else None
         if isinstance(cfg, WgmmaConfig):
             run = wgmma_matmul_op or wgmma_matmul
-            out = run(x, qweight, scales, zeros, group_size, vector_bias, cfg.block_m, cfg.warpgroups, cfg.split_k)
+            out = run(x, qweight, scales, zeros, group_size, vector_bias, cfg.block_m, cfg.warpgroups, cfg.split_k,
+                      cfg.scaled)
         else:
             run = dequantize_matmul
             if chunked_dequantize_matmul is not None and 0 < cfg.chunk_n < N:

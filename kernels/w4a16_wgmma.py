@@ -1,4 +1,4 @@
-"""W4A16 for 17 to 32 rows on Hopper: warpgroup MMA (``wgmma``) fed from registers, in Gluon.
+"""W4A16 for 17 to 64 rows on Hopper: warpgroup MMA (``wgmma``) fed from registers, in Gluon.
 
 The layout is ``w4a16.py``'s (``qweight`` int32 ``[K // 8, N]``, row k in nibble k % 8;
 ``scales``/``zeros`` ``[K // group_size, N]``), read as it is. The product is computed
@@ -15,7 +15,9 @@ routes the tile through shared memory and waits for each step's MMAs):
 - one ``lop3`` turns a word into two exact halves ``(q_t, q_t+4)`` (the GEMV's trick) and the
   zero is subtracted, still exact, in fp16/bf16 pairs (``_dequantize``); the products of a
   group's steps in a chunk gather in an accumulator of their own, scaled once in float32, so the
-  weights are never rounded;
+  weights are never rounded. With ``SCALED`` the weights are multiplied by their scales in x's dtype
+  before the MMA instead, as a dequantized weight would be: one accumulator, so 64 rows a program fit
+  in 128 registers (the exact kernel's two took 197-208 there), and no wait for a group's MMAs;
 - a sum over K does not care about the order of K, only that x follows the same order. So
   inside a step the A tile takes K in the order the fragment's registers hold it: logical k =
   t2 + 2 j1 + 4 j2 + 8 j0 + 16 t0 + 32 t1 holds nibble ``t = t0 + 2 t1 + 4 t2`` of word row
@@ -30,6 +32,11 @@ us against 21.2 with x stored and waited for each step). One step's MMAs stay in
 step is dequantized (``warpgroup_mma_wait`` holds the previous operand's registers until its MMAs are
 done). K may be split over programs by chunks (``SPLIT_K``), whose float32 sums are added atomically
 into a zeroed float32 output.
+
+x's shared memory holds two chunks, three with ``SCALED``. A chunk's x overwrites that of the chunk two
+back (three), whose MMAs every warpgroup has waited for before it reached the barrier of the chunk before.
+Without ``SCALED`` a chunk ends by waiting for all its MMAs; with it, a chunk's last MMA is waited for only
+after the next chunk's first, past that chunk's barrier.
 
 Needs Hopper (sm_90: ``wgmma``) and fp16/bf16 x; Triton's interpreter does not run Gluon, so the CPU
 tests compile it for sm_90 instead (``tests/test_kernels.py``). ``w4a16.wgmma_matmul`` launches it and
@@ -86,10 +93,14 @@ def _dequantize(word, zero, BF16: gl.constexpr):
 
 
 @gluon.jit
-def _a_operand(words, zero, A_LAYOUT: gl.constexpr, BF16: gl.constexpr):
+def _a_operand(words, zero, scale, A_LAYOUT: gl.constexpr, BF16: gl.constexpr, SCALED: gl.constexpr):
     """One step's words ``[BN, 2 (j2), 2 (j1), 2 (j0)]`` -> the MMA's left operand ``[BN, 64]`` in
-    the module's order of K; each thread's registers stay its own (the layout change is a renaming)."""
+    the module's order of K, times ``scale`` where ``SCALED``; each thread's registers stay its own
+    (the layout change is a renaming)."""
     v = _dequantize(words, zero, BF16)
+    if SCALED:
+        v = (v[0] * scale, v[1] * scale, v[2] * scale, v[3] * scale, v[4] * scale, v[5] * scale, v[6] * scale,
+             v[7] * scale)
     low = gl.join(gl.join(v[0], v[4]), gl.join(v[1], v[5]))  # [BN, j2, j1, j0, t2, t0] for t1 = 0
     high = gl.join(gl.join(v[2], v[6]), gl.join(v[3], v[7]))
     r = gl.join(low, high)
@@ -109,16 +120,23 @@ def _x_step(x_ptr, rows, columns, m0, k0, M, stride_xm):
 
 @gluon.jit
 def _chunk_loads(w_ptrs, z_ptr, s_ptr, x_ptr, chunk, last, stride_qk, stride_sg, columns, spread, acc_columns, x_rows,
-                 x_columns, m0, M, stride_xm, GROUP_SIZE: gl.constexpr):
+                 x_columns, m0, M, stride_xm, GROUP_SIZE: gl.constexpr, SCALED: gl.constexpr):
     """All that chunk ``min(chunk, last)`` reads: its two steps' words, their groups' zeros (spread over
-    the word tile) and scales, and their x in the A operand's order of K."""
+    the word tile) and scales (spread so too where ``SCALED``, else by the accumulator's columns), and
+    their x in the A operand's order of K."""
     step = 2 * gl.minimum(chunk, last)
     group = step * _STEP // GROUP_SIZE
     zero_a = gl.load(z_ptr + group * stride_sg + columns)[:, None, None, None] + spread
-    scale_a = gl.load(s_ptr + group * stride_sg + acc_columns)
+    if SCALED:
+        scale_a = gl.load(s_ptr + group * stride_sg + columns)[:, None, None, None] + spread
+    else:
+        scale_a = gl.load(s_ptr + group * stride_sg + acc_columns)
     if GROUP_SIZE == _STEP:  # the chunk's second step is a group of its own
         zero_b = gl.load(z_ptr + (group + 1) * stride_sg + columns)[:, None, None, None] + spread
-        scale_b = gl.load(s_ptr + (group + 1) * stride_sg + acc_columns)
+        if SCALED:
+            scale_b = gl.load(s_ptr + (group + 1) * stride_sg + columns)[:, None, None, None] + spread
+        else:
+            scale_b = gl.load(s_ptr + (group + 1) * stride_sg + acc_columns)
     else:
         zero_b = zero_a
         scale_b = scale_a
@@ -130,10 +148,11 @@ def _chunk_loads(w_ptrs, z_ptr, s_ptr, x_ptr, chunk, last, stride_qk, stride_sg,
 
 
 @gluon.jit
-def _mma_step(words, zero, x_stage, part, a_in_flight, A_LAYOUT: gl.constexpr, BF16: gl.constexpr):
+def _mma_step(words, zero, scale, x_stage, part, a_in_flight, A_LAYOUT: gl.constexpr, BF16: gl.constexpr,
+              SCALED: gl.constexpr):
     """``part`` += the step's dequantized words times its x (asynchronously). Returns ``part`` and the
     operand now in flight, whose registers must outlive its MMAs."""
-    a = _a_operand(words, zero, A_LAYOUT, BF16)
+    a = _a_operand(words, zero, scale, A_LAYOUT, BF16, SCALED)
     part = warpgroup_mma(a, x_stage.permute((1, 0)), part, is_async=True)
     # the MMAs before are done: the operand before's registers are free
     part, a_in_flight = warpgroup_mma_wait(num_outstanding=1, deps=[part, a_in_flight])
@@ -143,7 +162,8 @@ def _mma_step(words, zero, x_stage, part, a_in_flight, A_LAYOUT: gl.constexpr, B
 @gluon.jit
 def w4a16_wgmma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_qk, stride_sg,
                        stride_om, GROUP_SIZE: gl.constexpr, BLOCK_M: gl.constexpr, WARPGROUPS: gl.constexpr,
-                       SPLIT_K: gl.constexpr, HAS_BIAS: gl.constexpr, BF16: gl.constexpr):
+                       SPLIT_K: gl.constexpr, HAS_BIAS: gl.constexpr, BF16: gl.constexpr,
+                       SCALED: gl.constexpr):
     """out = x @ W (+ bias [N]) for BLOCK_M rows (program_id 1) by 64 * WARPGROUPS weight columns
     (program_id 0) over a SPLIT_K-th of K's chunks (program_id 2; split, the float32 sums are added
     into ``out``, zeroed, and the bias left to the caller)."""
@@ -187,34 +207,44 @@ def w4a16_wgmma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, str
     x_rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, X_LOAD))
     x_columns = gl.arange(0, _STEP, layout=gl.SliceLayout(0, X_LOAD))
 
-    # two chunks' x: the one the MMAs read and the one being stored
-    xs = gl.allocate_shared_memory(DTYPE, [4, BLOCK_M, _STEP], X_SHARED)
+    # x's chunks in two stages each, the MMAs reading some while the next is stored
+    X_BUFFERS: gl.constexpr = 3 if SCALED else 2
+    xs = gl.allocate_shared_memory(DTYPE, [2 * X_BUFFERS, BLOCK_M, _STEP], X_SHARED)
     acc = gl.zeros([BN, BLOCK_M], gl.float32, MMA)
     a_in_flight = gl.zeros([BN, _STEP], DTYPE, A_LAYOUT)
     loads = _chunk_loads(w_ptrs, z_ptr, s_ptr, x_ptr, start, last, stride_qk, stride_sg, columns, spread,
-                         acc_columns, x_rows, x_columns, m0, M, stride_xm, GROUP_SIZE)
+                         acc_columns, x_rows, x_columns, m0, M, stride_xm, GROUP_SIZE, SCALED)
     for chunk in range(start, end):
         words_a, words_b, zero_a, zero_b, scale_a, scale_b, x_a, x_b = loads
-        stage = 2 * ((chunk - start) % 2)
-        # the chunk before last's MMAs, the last to read these stages, are done: every thread waited
-        # for none pending before it came past the barrier below a chunk ago
+        stage = 2 * ((chunk - start) % X_BUFFERS)
+        # the MMAs of the chunk that last read these stages are done (see the module's docstring)
         xs.index(stage).store(x_a)
         xs.index(stage + 1).store(x_b)
         fence_async_shared()
         _cta_barrier()
         # the next chunk's loads in flight under this one's dequantization and MMAs
         loads = _chunk_loads(w_ptrs, z_ptr, s_ptr, x_ptr, chunk + 1, last, stride_qk, stride_sg, columns, spread,
-                             acc_columns, x_rows, x_columns, m0, M, stride_xm, GROUP_SIZE)
-        # the products of the exact q - z, scaled once a group in float32
-        part = gl.zeros([BN, BLOCK_M], gl.float32, MMA)
-        part, a_in_flight = _mma_step(words_a, zero_a, xs.index(stage), part, a_in_flight, A_LAYOUT, BF16)
-        if GROUP_SIZE == _STEP:
-            part = warpgroup_mma_wait(num_outstanding=0, deps=[part])
-            acc += part * scale_a.to(gl.float32)[:, None]
+                             acc_columns, x_rows, x_columns, m0, M, stride_xm, GROUP_SIZE, SCALED)
+        if SCALED:
+            acc, a_in_flight = _mma_step(words_a, zero_a, scale_a, xs.index(stage), acc, a_in_flight, A_LAYOUT,
+                                         BF16, SCALED)
+            acc, a_in_flight = _mma_step(words_b, zero_b, scale_b, xs.index(stage + 1), acc, a_in_flight, A_LAYOUT,
+                                         BF16, SCALED)
+        else:
+            # the products of the exact q - z, scaled once a group in float32
             part = gl.zeros([BN, BLOCK_M], gl.float32, MMA)
-        part, a_in_flight = _mma_step(words_b, zero_b, xs.index(stage + 1), part, a_in_flight, A_LAYOUT, BF16)
-        part = warpgroup_mma_wait(num_outstanding=0, deps=[part])
-        acc += part * scale_b.to(gl.float32)[:, None]
+            part, a_in_flight = _mma_step(words_a, zero_a, scale_a, xs.index(stage), part, a_in_flight, A_LAYOUT,
+                                          BF16, SCALED)
+            if GROUP_SIZE == _STEP:
+                part = warpgroup_mma_wait(num_outstanding=0, deps=[part])
+                acc += part * scale_a.to(gl.float32)[:, None]
+                part = gl.zeros([BN, BLOCK_M], gl.float32, MMA)
+            part, a_in_flight = _mma_step(words_b, zero_b, scale_b, xs.index(stage + 1), part, a_in_flight, A_LAYOUT,
+                                          BF16, SCALED)
+            part = warpgroup_mma_wait(num_outstanding=0, deps=[part])
+            acc += part * scale_b.to(gl.float32)[:, None]
+    if SCALED:
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=[acc])
 
     if SPLIT_K > 1:
         an = n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, MMA))

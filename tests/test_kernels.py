@@ -180,12 +180,15 @@ def test_w4a16_kernel_choice_by_rows():
     assert not pick(16, 28672, 4096, 128, device).unrolled and not pick(16, 4096, 14336, 128, device).unrolled
     assert isinstance(pick(8, 14336, 4096, 128, device, activation="silu_mul"), w4a16.WarpMmaConfig)
     assert isinstance(pick(8, 28672, 4096, 128, device, warp_mma=False), w4a16.MmaConfig)
-    # 17 to 32 rows: the wgmma kernel on Hopper (never on the CPU), else the tensor-core kernel
+    # 17 to 64 rows: the wgmma kernel on Hopper (never on the CPU), else the tensor-core kernel; the
+    # weights exact in its MMA up to 32 rows, scaled before it past 32
     hopper = CUDA and torch.cuda.get_device_capability() == (9, 0)
-    for M in (17, 32):
-        assert isinstance(pick(M, 28672, 4096, 128, device), w4a16.WgmmaConfig if hopper else w4a16.MmaConfig)
+    for M in (17, 32, 33, 64):
+        cfg = pick(M, 28672, 4096, 128, device)
+        assert isinstance(cfg, w4a16.WgmmaConfig if hopper else w4a16.MmaConfig)
+        assert not hopper or cfg.scaled == (M > 32)
         assert isinstance(pick(M, 28672, 4096, 128, device, wgmma=False), w4a16.MmaConfig)
-    assert isinstance(pick(33, 28672, 4096, 128, device), w4a16.MmaConfig)
+    assert isinstance(pick(65, 28672, 4096, 128, device), w4a16.MmaConfig)
     assert isinstance(pick(24, 4096, 4160, 64, device), w4a16.MmaConfig)  # K not in 128-row chunks
     assert isinstance(pick(16, 28672, 4096, 128, device, warp_mma=False), w4a16.MmaConfig)
     # up to 64 rows K 128 a step in 2 stages where the group allows it, K 64 where it does not
@@ -219,14 +222,21 @@ def test_w4a16_kernel_choice_by_rows():
 
 
 def test_w4a16_wgmma_config_by_shape():
-    """The Hopper kernel's block shapes (H200 sweeps, bench/NOTES-kernels.md): 32 rows a program, two
-    warpgroups with K split while the programs fit two an SM, one warpgroup where two leave them few."""
+    """The Hopper kernel's block shapes (H200 sweeps, bench/NOTES-kernels.md): up to 32 rows, 32 rows a
+    program, two warpgroups with K split while the programs fit two an SM, one warpgroup where two leave
+    them few; past 32, 64 rows a program with the weights scaled before the MMA, two warpgroups, K split
+    so too."""
     cfg = w4a16._wgmma_config
-    assert cfg(4096, 4096, 132) == w4a16.WgmmaConfig(32, 2, 8)
-    assert cfg(6144, 4096, 132) == w4a16.WgmmaConfig(32, 1, 4)
-    assert cfg(28672, 4096, 132) == w4a16.WgmmaConfig(32, 2, 1)
-    assert cfg(4096, 14336, 132) == w4a16.WgmmaConfig(32, 2, 8)
-    assert cfg(4096, 1024, 132) == w4a16.WgmmaConfig(32, 1, 2)  # at least 8 steps of K a split
+    assert cfg(32, 4096, 4096, 132) == w4a16.WgmmaConfig(32, 2, 8)
+    assert cfg(17, 6144, 4096, 132) == w4a16.WgmmaConfig(32, 1, 4)
+    assert cfg(32, 28672, 4096, 132) == w4a16.WgmmaConfig(32, 2, 1)
+    assert cfg(32, 4096, 14336, 132) == w4a16.WgmmaConfig(32, 2, 8)
+    assert cfg(32, 4096, 1024, 132) == w4a16.WgmmaConfig(32, 1, 2)  # at least 8 steps of K a split
+    assert cfg(33, 4096, 4096, 132) == w4a16.WgmmaConfig(64, 2, 8, scaled=True)
+    assert cfg(64, 6144, 4096, 132) == w4a16.WgmmaConfig(64, 2, 4, scaled=True)
+    assert cfg(48, 28672, 4096, 132) == w4a16.WgmmaConfig(64, 2, 1, scaled=True)
+    assert cfg(64, 4096, 14336, 132) == w4a16.WgmmaConfig(64, 2, 8, scaled=True)
+    assert cfg(64, 4096, 1024, 132) == w4a16.WgmmaConfig(64, 2, 2, scaled=True)
 
 
 def test_w4a16_warp_mma_unrolls_only_whole_splits_of_few_iterations():
@@ -392,9 +402,10 @@ from qpass.kernels import w4a16_wgmma
 
 kernel = w4a16_wgmma.w4a16_wgmma_kernel
 names = list(inspect.signature(kernel.fn).parameters)
-for dtype, split, bias, group_size in (("fp16", 1, True, 128), ("bf16", 4, False, 128), ("fp16", 3, False, 64)):
-    constexprs = dict(GROUP_SIZE=group_size, BLOCK_M=32, WARPGROUPS=2, SPLIT_K=split, HAS_BIAS=bias,
-                      BF16=dtype == "bf16")
+for dtype, split, bias, group_size, scaled in (("fp16", 1, True, 128, False), ("bf16", 4, False, 128, False),
+                                              ("fp16", 3, False, 64, False), ("bf16", 1, True, 64, True)):
+    constexprs = dict(GROUP_SIZE=group_size, BLOCK_M=128 if scaled else 32, WARPGROUPS=2, SPLIT_K=split,
+                      HAS_BIAS=bias, BF16=dtype == "bf16", SCALED=scaled)
     pointers = {p: "*" + dtype for p in ("x_ptr", "s_ptr", "z_ptr", "b_ptr")}
     pointers |= {"qw_ptr": "*i32", "out_ptr": "*fp32" if split > 1 else "*" + dtype}
     signature = {n: pointers.get(n, "constexpr" if n in constexprs else "i32") for n in names}
@@ -416,9 +427,9 @@ def test_w4a16_wgmma_kernel_feeds_the_mma_from_registers():
                          timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     modules = run.stdout.split("module attributes")[1:]
-    assert len(modules) == 3
-    for ttgir in modules:
-        assert ttgir.count("ttg.local_alloc") == 1 and "4x32x64x" in ttgir, ttgir[-3000:]
+    assert len(modules) == 4
+    for ttgir, stages in zip(modules, ("4x32x64x", "4x32x64x", "4x32x64x", "6x128x64x")):
+        assert ttgir.count("ttg.local_alloc") == 1 and stages in ttgir, ttgir[-3000:]
         dots = [line for line in ttgir.splitlines() if "ttng.warp_group_dot " in line]
         assert len(dots) == 2 and all("dot_op<{opIdx = 0" in dot for dot in dots), dots
         assert "pendings = 1" in ttgir and "pendings = 0" in ttgir
@@ -884,13 +895,13 @@ def check_w4_config(config, M, N, K, group_size, dtype, symmetric, bias, activat
        group_size=st.sampled_from([64, 128, 256]), dtype=st.sampled_from([torch.float16, torch.bfloat16]),
        symmetric=st.booleans(), bias=st.booleans(), activation=st.sampled_from(("none",) + EPILOGUES),
        block_m=st.sampled_from([16, 32, 64, 128]), warpgroups=st.sampled_from([1, 2]), split=st.integers(1, 5),
-       seed=st.integers(0, 2**16))
+       scaled=st.booleans(), seed=st.integers(0, 2**16))
 def test_gpu_w4a16_wgmma(M, eighth_n, chunks, group_size, dtype, symmetric, bias, activation, block_m, warpgroups,
-                         split, seed):
+                         split, scaled, seed):
     """The Hopper kernel against the float32 reference: N off its 64-column warpgroup tiles, M off its row
     tiles, chunks of one group, two groups or part of one, splits that leave programs without a chunk, a
     vector bias in its epilogue, a residual and each activation after it, and the RMSNorm before it."""
-    config = w4a16.WgmmaConfig(block_m, warpgroups, split)
+    config = w4a16.WgmmaConfig(block_m, warpgroups, split, scaled)
     K = chunks * max(128, group_size)
     check_w4_config(config, M, 8 * eighth_n, K, group_size, dtype, symmetric, bias, activation, seed)
 
