@@ -417,11 +417,11 @@ for dtype, split, bias, group_size, scaled in (("fp16", 1, True, 128, False), ("
 
 @pytest.mark.skipif(not w4a16._GLUON, reason="this Triton has no Gluon")
 def test_w4a16_wgmma_kernel_feeds_the_mma_from_registers():
-    """The Hopper kernel, compiled for sm_90 (fp16 and bf16, split or not, groups of 128 and of 64): its
-    only shared memory is x's stages (two chunks of two steps), so the dequantized weight reaches the
-    wgmma in the registers that computed it; one step's wgmma stays in flight while the next is
-    dequantized (a wait for one pending), and a group's steps are done (none pending) before its
-    products are scaled."""
+    """The Hopper kernel, compiled for sm_90 (fp16 and bf16, split or not, groups of 128 and of 64, the
+    weights exact or scaled): its only shared memory is x's stages (two chunks of two steps, three chunks
+    when scaled), so the dequantized weight reaches the wgmma in the registers that computed it; one
+    step's wgmma stays in flight while the next is dequantized (a wait for one pending), and the MMAs are
+    all done (none pending) before a group's products are scaled, or, scaled, before the epilogue."""
     env = dict(os.environ, TRITON_INTERPRET="0")
     run = subprocess.run([sys.executable, "-c", _TTGIR_OF_WGMMA_KERNEL], capture_output=True, text=True, env=env,
                          timeout=600)
