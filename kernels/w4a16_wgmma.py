@@ -119,24 +119,28 @@ def _x_step(x_ptr, rows, columns, m0, k0, M, stride_xm):
 
 
 @gluon.jit
+def _group_scale(s_ptr, group, stride_sg, columns, spread, acc_columns, SCALED: gl.constexpr):
+    """A group's scales: spread over the word tile where ``SCALED`` (they multiply the weights), else by
+    the accumulator's columns (they multiply the group's products)."""
+    if SCALED:
+        scale = gl.load(s_ptr + group * stride_sg + columns)[:, None, None, None] + spread
+    else:
+        scale = gl.load(s_ptr + group * stride_sg + acc_columns)
+    return scale
+
+
+@gluon.jit
 def _chunk_loads(w_ptrs, z_ptr, s_ptr, x_ptr, chunk, last, stride_qk, stride_sg, columns, spread, acc_columns, x_rows,
                  x_columns, m0, M, stride_xm, GROUP_SIZE: gl.constexpr, SCALED: gl.constexpr):
     """All that chunk ``min(chunk, last)`` reads: its two steps' words, their groups' zeros (spread over
-    the word tile) and scales (spread so too where ``SCALED``, else by the accumulator's columns), and
-    their x in the A operand's order of K."""
+    the word tile) and scales (``_group_scale``), and their x in the A operand's order of K."""
     step = 2 * gl.minimum(chunk, last)
     group = step * _STEP // GROUP_SIZE
     zero_a = gl.load(z_ptr + group * stride_sg + columns)[:, None, None, None] + spread
-    if SCALED:
-        scale_a = gl.load(s_ptr + group * stride_sg + columns)[:, None, None, None] + spread
-    else:
-        scale_a = gl.load(s_ptr + group * stride_sg + acc_columns)
+    scale_a = _group_scale(s_ptr, group, stride_sg, columns, spread, acc_columns, SCALED)
     if GROUP_SIZE == _STEP:  # the chunk's second step is a group of its own
         zero_b = gl.load(z_ptr + (group + 1) * stride_sg + columns)[:, None, None, None] + spread
-        if SCALED:
-            scale_b = gl.load(s_ptr + (group + 1) * stride_sg + columns)[:, None, None, None] + spread
-        else:
-            scale_b = gl.load(s_ptr + (group + 1) * stride_sg + acc_columns)
+        scale_b = _group_scale(s_ptr, group + 1, stride_sg, columns, spread, acc_columns, SCALED)
     else:
         zero_b = zero_a
         scale_b = scale_a
