@@ -4,7 +4,7 @@ Layout (see ``reference.py``): ``qweight`` int32 ``[K // 8, N]`` with row ``k`` 
 ``k % 8``; ``scales``/``zeros`` ``[K // group_size, N]`` in the activation dtype, the zeros
 integers; ``w = (q - zero) * scale``.
 
-Five paths, chosen by M (``pick_config``):
+Six paths, chosen by M (``pick_config``):
 
 - ``_w4a16_gemv_kernel`` (M = 1, and 2 on small weights): no tensor cores. Each program
   owns ``BLOCK_N`` columns of one activation row and reads each packed word once; nibble ``j`` of word row
@@ -20,6 +20,9 @@ Five paths, chosen by M (``pick_config``):
 - ``w4a16_wgmma.w4a16_wgmma_kernel`` (17 to 64 rows, fp16/bf16 on Hopper): warpgroup MMA
   from registers in Gluon, the dequantization writing the MMA's operand registers themselves
   (see that module); the residual and activation after it, as for cuBLAS below.
+- ``w4a16_wgmma_tma.w4a16_wgmma_tma_kernel`` (65 to 192 rows, fp16/bf16 on Hopper): x's tiles copied
+  into shared memory by TMA, the weights dequantized into shared memory beside them, ``wgmma`` from
+  both (see that module); residual and activation after it too.
 - ``_w4a16_mma_kernel`` (larger M, or inputs the other kernels cannot read): unpacks the
   transposed tile ``[BLOCK_N, BLOCK_K]`` (each word's nibbles joined in the registers that
   loaded it), dequantizes it in the activation dtype and feeds ``tl.dot``. ``SWAP_AB``
@@ -27,7 +30,7 @@ Five paths, chosen by M (``pick_config``):
   reads from registers: no trip through shared memory between dequantization and MMA (each
   step's wgmmas finish before the next step's dequantization: ``common.mma_accumulate``); there,
   for fp16 and bf16 on a GPU, inline PTX dequantizes two weights an instruction (PACKED).
-- ``_w4a16_dequantize_kernel`` + cuBLAS (M > 128, ``dequantize_matmul``): writes the fp16/bf16
+- ``_w4a16_dequantize_kernel`` + cuBLAS (M > 128, past 192 on Hopper; ``dequantize_matmul``): writes the fp16/bf16
   weight once, then ``torch.mm``. Where the GEMM is compute-bound, one extra pass over 2 bytes per
   weight costs less than the dequantization inside the fused kernel's main loop (which Triton does
   not overlap with the tensor cores well enough: about 0.5x of cuBLAS). From 1024 rows in chunks
@@ -824,12 +827,24 @@ class WgmmaConfig(NamedTuple):
     scaled: bool = False  # the weights scaled in x's dtype before the MMA, not exact (one accumulator)
 
 
+class WgmmaTmaConfig(NamedTuple):
+    """The Hopper kernel for 65 to 192 rows (``w4a16_wgmma_tma``): a ``block_m`` x ``block_n`` output tile a
+    program, x's steps in ``stages`` shared buffers filled by TMA, K split over programs by steps of 64."""
+
+    block_m: int
+    block_n: int
+    stages: int
+    split_k: int
+    num_warps: int = 8
+
+
 def wgmma_ok(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
              group_size: int) -> bool:
-    """Whether the Hopper kernel reads these inputs: fp16/bf16 x on an sm_90 GPU with a Triton that has
-    Gluon, contiguous rows of x, the weight and its scales and zeros, K in whole chunks (``wgmma_chunks``)."""
+    """Whether the Hopper kernels read these inputs: fp16/bf16 x on an sm_90 GPU with a Triton that has
+    Gluon, contiguous rows of x, the weight and its scales and zeros, K in whole chunks (``wgmma_chunks``),
+    and x as the TMA reads it (``_packed_ok``: rows of whole 16 bytes, 16-byte aligned)."""
     return (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and _hopper(x.device)
-            and wgmma_chunks(x.shape[1], group_size) and x.stride(1) == 1 and qweight.stride(1) == 1
+            and wgmma_chunks(x.shape[1], group_size) and _packed_ok(x) and qweight.stride(1) == 1
             and scales.stride(1) == 1 and scales.dtype == zeros.dtype == x.dtype)
 
 
@@ -877,13 +892,71 @@ def wgmma_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
     return (out if bias is None else out + bias).to(x.dtype)
 
 
-def _wgmma_split(tiles: int, K: int, slots: int) -> int:
-    """The Hopper kernel's K split for ``tiles`` programs: powers of two while twice the programs fit in
-    ``slots`` and a split keeps 8 chunks (16 steps of 64)."""
+# shared memory a program may take on Hopper (227 KB)
+HOPPER_SHARED_BYTES = 232448
+
+
+def check_wgmma_tma_config(cfg: WgmmaTmaConfig):
+    """Raise ValueError where the TMA kernel cannot take ``cfg``'s shape: 4 or 8 warps, whose MMA rows
+    (16 a warp) tile ``block_m`` up to 256; ``block_n`` 32 to 256 columns, a warp's 32 lanes a column each;
+    at least 2 stages, and x's stages and three weight tiles within Hopper's shared memory."""
+    rows_a_pass = 16 * cfg.num_warps
+    column_warps = cfg.block_n // 32
+    shared = (cfg.stages * cfg.block_m + 3 * cfg.block_n) * 64 * 2
+    if (cfg.num_warps not in (4, 8) or cfg.block_m % rows_a_pass or not rows_a_pass <= cfg.block_m <= 256
+            or cfg.block_n not in (32, 64, 128, 256) or cfg.num_warps % column_warps or cfg.stages < 2
+            or cfg.split_k < 1 or shared > HOPPER_SHARED_BYTES):
+        raise ValueError(f"{cfg}: needs num_warps 4 or 8, block_m a multiple of 16 * num_warps up to 256, "
+                         f"block_n 32, 64, 128 or 256 with block_n / 32 dividing num_warps, stages >= 2, "
+                         f"split_k >= 1 and (stages * block_m + 3 * block_n) * 128 bytes of shared memory at "
+                         f"most {HOPPER_SHARED_BYTES} (this one: {shared})")
+
+
+def wgmma_tma_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                     group_size: int, bias: Optional[torch.Tensor], block_m: int, block_n: int, stages: int,
+                     split_k: int, num_warps: int = 8) -> torch.Tensor:
+    """``WgmmaTmaConfig``'s GEMM, ``x @ w (+ bias [N])`` -> ``[M, N]`` in x.dtype (``w4a16_wgmma_tma``,
+    imported here at the first call)."""
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    from .w4a16_wgmma_tma import w4a16_wgmma_tma_kernel
+
+    M, K = x.shape
+    N = qweight.shape[1]
+    x_tiles = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+    x_desc = TensorDescriptor.from_tensor(x, [block_m, 64], x_tiles)
+    if split_k > 1:  # the splits' float32 sums are added into it
+        out = torch.zeros((M, N), device=x.device, dtype=torch.float32)
+    else:
+        out = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    grid = (triton.cdiv(N, block_n), triton.cdiv(M, block_m), split_k)
+    w4a16_wgmma_tma_kernel[grid](
+        x_desc, qweight, scales, zeros, bias if bias is not None else scales, out, M, N, K, qweight.stride(0),
+        scales.stride(0), out.stride(0), GROUP_SIZE=group_size, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages,
+        SPLIT_K=split_k, HAS_BIAS=bias is not None and split_k == 1, BF16=x.dtype == torch.bfloat16,
+        num_warps=num_warps)
+    if split_k == 1:
+        return out
+    return (out if bias is None else out + bias).to(x.dtype)
+
+
+def _wgmma_split(tiles: int, K: int, slots: int, min_steps: int = 8) -> int:
+    """The Hopper kernels' K split for ``tiles`` programs: powers of two while twice the programs fit in
+    ``slots`` and a split keeps ``min_steps`` steps of 64."""
     split = 1
-    while split < 16 and tiles * split * 2 <= slots and K // 64 >= 16 * split:
+    while split < 16 and tiles * split * 2 <= slots and K // 64 >= min_steps * split * 2:
         split *= 2
     return split
+
+
+def _wgmma_tma_config(M: int, N: int, K: int, sms: int) -> WgmmaTmaConfig:
+    """H200 sweep (bench/NOTES-kernels.md, twenty-second session; fp16 64-256 rows and bf16 128 and 192 on
+    the four Llama shapes, tiles 128 x 128 with 8 warps, 64 x 128 with 4, 128 x 256 with 8, K split 1-8):
+    128 x 128 tiles, K split while the programs fit two an SM with 16 steps a split, was the best of the
+    timed configurations at every shape and row count from 96 to 192."""
+    tiles = triton.cdiv(M, 128) * triton.cdiv(N, 128)
+    return WgmmaTmaConfig(128, 128, 4, _wgmma_split(tiles, K, 2 * sms, min_steps=16))
 
 
 def _wgmma_config(M: int, N: int, K: int, sms: int) -> WgmmaConfig:
@@ -962,7 +1035,8 @@ GEMV_MAX_M = 2
 WARP_MMA_MAX_M = 16
 WGMMA_MAX_M = 64
 WGMMA_EXACT_MAX_M = 32  # up to here the Hopper kernel keeps the weights exact in the MMA (``WgmmaConfig.scaled``)
-# Past one 128-row tile the fused kernel reads and dequantizes the weight once a tile: dequantizing
+WGMMA_TMA_MAX_M = 192  # past it the dequantized weight and cuBLAS (``DequantMmConfig``) are faster on Hopper
+# Off Hopper (there ``WGMMA_TMA_MAX_M``), past one 128-row tile the fused kernel reads and dequantizes the weight once a tile: dequantizing
 # it once and cuBLAS is faster (H200, geometric mean over fp16 cuBLAS of the four Llama shapes: M = 192
 # 0.53 against 0.37 fused, M = 256 0.60 against 0.41; M = 128 0.46 against 0.52, and 0.63 fused with the
 # two-programs-an-SM picks, bench/results/kernels-h200.json).
@@ -1018,14 +1092,21 @@ def pick_config(M: int, N: int, K: int, group_size: int, device: torch.device, a
         if K <= 4096 and triton.cdiv(N * reads, 16) > 2 * sms:
             return GemvConfig(16, 2048, 1, num_warps=8, unrolled=True)
         return GemvConfig(16, 2048, 1, num_warps=16, unrolled=K <= 4096 or dtype != torch.float16)
+    gemm_n = 2 * N if activation == "silu_mul" else N  # (gate and up both, the activation after the GEMM)
+    hopper = wgmma and wgmma_chunks(K, group_size) and dtype != torch.float32 and _hopper(device)
+    # 65 to 192 rows on Hopper: x by TMA, the weights through shared memory, faster than the tensor-core
+    # kernel and than the dequantized weight + cuBLAS (H200, fp16, us, bench/NOTES-kernels.md, twenty-second
+    # session): 128 rows 18.9 / 26.0 / 77.7 / 39.1 against 20.8 / 40.5 / 104.1 / 54.8 on 4096², 4096x6144,
+    # 4096x28672 and 14336x4096; 192 rows 27.7 / 41.8 / 148.8 / 69.0 against 31.5 / 39.1 / 163.4 / 87.8
+    if hopper and WGMMA_MAX_M < M <= WGMMA_TMA_MAX_M:
+        return _wgmma_tma_config(M, gemm_n, K, sms)
     if M >= DEQUANT_MM_MIN_M:
-        return DequantMmConfig(chunk_n=dequantize_chunk_columns(M, 2 * N if activation == "silu_mul" else N))
+        return DequantMmConfig(chunk_n=dequantize_chunk_columns(M, gemm_n))
     # 17 to 64 rows on Hopper: the wgmma kernel, faster than the tensor-core kernel below on the four
     # Llama shapes (H200, bench/NOTES-kernels.md): 1.4 to 1.7x at 24 and 32 rows (nineteenth session),
     # 1.1 to 1.6x at 40 to 64 rows with the weights scaled before the MMA (twenty-first session)
-    if (wgmma and WARP_MMA_MAX_M < M <= WGMMA_MAX_M and wgmma_chunks(K, group_size) and dtype != torch.float32
-            and _hopper(device)):
-        return _wgmma_config(M, 2 * N if activation == "silu_mul" else N, K, sms)
+    if hopper and WARP_MMA_MAX_M < M <= WGMMA_MAX_M:
+        return _wgmma_config(M, gemm_n, K, sms)
     block_k = mma_block_k[0]  # the largest power of two up to 128 that divides group_size
     # Weight tile as the left operand (swap-AB): it stays in registers from the dequantization
     # to the MMA. Up to 64 rows, a tile of 32 or 64 rows by 64 columns with 4 warps (H200
@@ -1090,6 +1171,7 @@ def w4a16_linear(
     config=None,
     chunked_dequantize_matmul=None,
     wgmma_matmul_op=None,
+    wgmma_tma_matmul_op=None,
 ) -> torch.Tensor:
     """``x [M, K] @ dequantize(qweight, scales, zeros) (+ bias)`` -> ``[M, N]`` in x.dtype.
 
@@ -1099,12 +1181,12 @@ def w4a16_linear(
     "gelu" / "gelu_tanh" apply GELU.
     ``norm_weight`` ``[K]``: x goes through the RMSNorm ``rms_norm(x, norm_weight, norm_eps)`` (in x's dtype)
     first (``reference.rms_norm``); the GEMV computes it as it reads x, the other paths in a pass of their own.
-    ``config`` (a ``GemvConfig``, ``WarpMmaConfig``, ``WgmmaConfig``, ``MmaConfig`` or ``DequantMmConfig``)
-    overrides the tuned choice; for sweeps.
-    ``chunked_dequantize_matmul``, ``wgmma_matmul_op``: what runs ``dequantize_matmul`` where the weight
-    goes in chunks, and ``wgmma_matmul`` (the same arguments; by default those functions).
-    torch.compile can trace neither (streams; a Gluon kernel), so ``qpass.ops`` passes each wrapped in
-    an op that torch.compile keeps opaque.
+    ``config`` (a ``GemvConfig``, ``WarpMmaConfig``, ``WgmmaConfig``, ``WgmmaTmaConfig``, ``MmaConfig`` or
+    ``DequantMmConfig``) overrides the tuned choice; for sweeps.
+    ``chunked_dequantize_matmul``, ``wgmma_matmul_op``, ``wgmma_tma_matmul_op``: what runs
+    ``dequantize_matmul`` where the weight goes in chunks, ``wgmma_matmul`` and ``wgmma_tma_matmul`` (the
+    same arguments; by default those functions). torch.compile can trace none of them (streams; Gluon
+    kernels), so ``qpass.ops`` passes each wrapped in an op that torch.compile keeps opaque.
     """
     M, K = x.shape
     N = qweight.shape[1]
@@ -1118,19 +1200,24 @@ def w4a16_linear(
     wgmma_fits = wgmma_ok(x, qweight, scales, zeros, group_size)
     cfg = config or pick_config(M, n_out, K, group_size, x.device, activation, warp_mma=warp_ok, dtype=x.dtype,
                                 wgmma=wgmma_fits)
-    if isinstance(cfg, WgmmaConfig) and not wgmma_fits:
-        raise ValueError(f"{cfg} needs fp16/bf16 x on an sm_90 GPU (with Gluon in Triton), rows of x, qweight and "
-                         f"scales contiguous, K a multiple of 128 and group_size 64 or a multiple of 128; got x "
-                         f"{tuple(x.shape)} {x.dtype} strides {x.stride()} on {x.device}, group_size {group_size}")
+    if isinstance(cfg, (WgmmaConfig, WgmmaTmaConfig)) and not wgmma_fits:
+        raise ValueError(f"{cfg} needs fp16/bf16 x on an sm_90 GPU (with Gluon in Triton), rows of x 16-byte "
+                         f"aligned, rows of x, qweight and scales contiguous, K a multiple of 128 and group_size 64 "
+                         f"or a multiple of 128; got x {tuple(x.shape)} {x.dtype} strides {x.stride()} offset "
+                         f"{x.storage_offset()} on {x.device}, group_size {group_size}")
     if norm_weight is not None and not isinstance(cfg, GemvConfig):
         x = rms_norm(x, norm_weight.to(x.dtype), norm_eps)  # (under torch.compile Inductor fuses it with its producer)
         norm_weight = None
-    if isinstance(cfg, (DequantMmConfig, WgmmaConfig)):
+    if isinstance(cfg, (DequantMmConfig, WgmmaConfig, WgmmaTmaConfig)):
         vector_bias = bias if bias is None or bias.dim() == 1 else None
         if isinstance(cfg, WgmmaConfig):
             run = wgmma_matmul_op or wgmma_matmul
             out = run(x, qweight, scales, zeros, group_size, vector_bias, cfg.block_m, cfg.warpgroups, cfg.split_k,
                       cfg.scaled)
+        elif isinstance(cfg, WgmmaTmaConfig):
+            check_wgmma_tma_config(cfg)
+            run = wgmma_tma_matmul_op or wgmma_tma_matmul
+            out = run(x, qweight, scales, zeros, group_size, vector_bias, *cfg)
         else:
             run = dequantize_matmul
             if chunked_dequantize_matmul is not None and 0 < cfg.chunk_n < N:

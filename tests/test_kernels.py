@@ -21,6 +21,7 @@ float32 path covered there; the warp-level MMA kernel (inline PTX throughout) by
 """
 
 import os
+import re
 import subprocess
 import sys
 
@@ -188,7 +189,13 @@ def test_w4a16_kernel_choice_by_rows():
         assert isinstance(cfg, w4a16.WgmmaConfig if hopper else w4a16.MmaConfig)
         assert not hopper or cfg.scaled == (M > 32)
         assert isinstance(pick(M, 28672, 4096, 128, device, wgmma=False), w4a16.MmaConfig)
-    assert isinstance(pick(65, 28672, 4096, 128, device), w4a16.MmaConfig)
+    # 65 to 192 rows: the TMA kernel on Hopper, else the tensor-core kernel to 128 rows, then the weight
+    # dequantized once and cuBLAS
+    for M in (65, 128, 192):
+        assert isinstance(pick(M, 28672, 4096, 128, device), w4a16.WgmmaTmaConfig if hopper else
+                          w4a16.MmaConfig if M <= 128 else w4a16.DequantMmConfig)
+        assert not isinstance(pick(M, 28672, 4096, 128, device, wgmma=False), w4a16.WgmmaTmaConfig)
+    assert isinstance(pick(193, 28672, 4096, 128, device), w4a16.DequantMmConfig)
     assert isinstance(pick(24, 4096, 4160, 64, device), w4a16.MmaConfig)  # K not in 128-row chunks
     assert isinstance(pick(16, 28672, 4096, 128, device, warp_mma=False), w4a16.MmaConfig)
     # up to 64 rows K 128 a step in 2 stages where the group allows it, K 64 where it does not
@@ -209,7 +216,7 @@ def test_w4a16_kernel_choice_by_rows():
     assert pick(128, 28672, 4096, 128, cpu) == w4a16.MmaConfig(128, 128, 64, 1, True, 8, 4)
     assert pick(128, 14336, 4096, 128, cpu, activation="silu_mul") == w4a16.MmaConfig(128, 64, 64, 1, True, 4, 4)
     # past one 128-row tile of the tensor-core kernel: the weight dequantized once, then cuBLAS
-    assert pick(129, 28672, 4096, 128, device) == w4a16.DequantMmConfig()
+    assert pick(129, 28672, 4096, 128, cpu) == w4a16.DequantMmConfig()
     # from 1024 rows in chunks of columns whose GEMM writes at most 2^22 outputs, where that is not all
     # of N; from 384 rows chunks of 8192 columns where N takes three
     assert [pick(M, 28672, 4096, 128, device).chunk_n for M in (256, 384, 768, 1024, 1500, 2048, 4096, 8192)] == [
@@ -237,6 +244,33 @@ def test_w4a16_wgmma_config_by_shape():
     assert cfg(48, 28672, 4096, 132) == w4a16.WgmmaConfig(64, 2, 1, scaled=True)
     assert cfg(64, 4096, 14336, 132) == w4a16.WgmmaConfig(64, 2, 8, scaled=True)
     assert cfg(64, 4096, 1024, 132) == w4a16.WgmmaConfig(64, 2, 2, scaled=True)
+
+
+def test_w4a16_wgmma_tma_config_by_shape():
+    """The TMA kernel's block shapes (H200 sweep, bench/NOTES-kernels.md, twenty-second session): 128 x 128
+    tiles with 8 warps, K split while the programs fit two an SM with 16 steps of 64 a split."""
+    cfg = w4a16._wgmma_tma_config
+    assert [cfg(128, N, K, 132).split_k for N, K in [(4096, 4096), (6144, 4096), (28672, 4096), (4096, 14336)]] == [
+        4, 4, 1, 8]
+    assert [cfg(192, N, K, 132).split_k for N, K in [(4096, 4096), (6144, 4096), (28672, 4096), (4096, 14336)]] == [
+        4, 2, 1, 4]
+    assert cfg(100, 1024, 2048, 132) == w4a16.WgmmaTmaConfig(128, 128, 4, 2)  # 16 steps a split
+    assert cfg(100, 1024, 1024, 132) == w4a16.WgmmaTmaConfig(128, 128, 4, 1)
+
+
+def test_w4a16_wgmma_tma_rejects_shapes_it_cannot_run():
+    """Each shape the TMA kernel cannot lay out is named with what it needs, before any launch."""
+    for cfg in (w4a16.WgmmaTmaConfig(128, 128, 4, 1), w4a16.WgmmaTmaConfig(64, 64, 3, 3, num_warps=4),
+                w4a16.WgmmaTmaConfig(256, 128, 5, 1), w4a16.WgmmaTmaConfig(128, 256, 2, 2)):
+        w4a16.check_wgmma_tma_config(cfg)
+    for cfg, shared in ((w4a16.WgmmaTmaConfig(64, 128, 4, 1), 81920), (w4a16.WgmmaTmaConfig(128, 256, 4, 1, 4), 163840),
+                        (w4a16.WgmmaTmaConfig(256, 256, 5, 1), 262144), (w4a16.WgmmaTmaConfig(128, 96, 4, 1), 102400),
+                        (w4a16.WgmmaTmaConfig(128, 128, 1, 1), 65536), (w4a16.WgmmaTmaConfig(128, 128, 4, 0), 114688)):
+        with pytest.raises(ValueError, match=rf"{re.escape(repr(cfg))}: needs num_warps 4 or 8.*this one: {shared}"):
+            w4a16.check_wgmma_tma_config(cfg)
+    x, qweight, scales, zeros, _ = make_w4(80, 64, 128, 32, torch.float16, False, False, 0)
+    with pytest.raises(ValueError, match=r"WgmmaTmaConfig.*sm_90 GPU.*; got x \(80, 128\).*group_size 32"):
+        w4a16.w4a16_linear(x, qweight, scales, zeros, 32, config=w4a16.WgmmaTmaConfig(128, 128, 4, 1))
 
 
 def test_w4a16_warp_mma_unrolls_only_whole_splits_of_few_iterations():
@@ -433,6 +467,61 @@ def test_w4a16_wgmma_kernel_feeds_the_mma_from_registers():
         dots = [line for line in ttgir.splitlines() if "ttng.warp_group_dot " in line]
         assert len(dots) == 2 and all("dot_op<{opIdx = 0" in dot for dot in dots), dots
         assert "pendings = 1" in ttgir and "pendings = 0" in ttgir
+
+
+# The TMA kernel compiled for sm_90 in a process of its own, as above: fp16 and bf16, 8 and 4 warps, split or
+# not, groups of 128, 64 and 256, 4 to 2 stages
+_TTGIR_OF_WGMMA_TMA_KERNEL = r"""
+import inspect
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon._runtime import GluonASTSource
+from qpass.kernels import w4a16_wgmma_tma
+
+kernel = w4a16_wgmma_tma.w4a16_wgmma_tma_kernel
+names = list(inspect.signature(kernel.fn).parameters)
+x_tiles = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+for dtype, block_m, block_n, stages, split, bias, group_size, warps in (
+        ("fp16", 128, 128, 4, 1, True, 128, 8), ("bf16", 64, 64, 3, 3, False, 64, 4),
+        ("fp16", 128, 256, 2, 2, False, 256, 8)):
+    constexprs = dict(GROUP_SIZE=group_size, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, SPLIT_K=split,
+                      HAS_BIAS=bias, BF16=dtype == "bf16", num_warps=warps)
+    pointers = {p: "*" + dtype for p in ("s_ptr", "z_ptr", "b_ptr")}
+    pointers |= {"x_desc": f"tensordesc<{dtype}[{block_m},64],{x_tiles!r}>", "qw_ptr": "*i32",
+                 "out_ptr": "*fp32" if split > 1 else "*" + dtype}
+    signature = {n: pointers.get(n, "constexpr" if n in constexprs else "i32") for n in names}
+    aligned = {(names.index(n),): [["tt.divisibility", 16]] for n in names if signature[n][0] == "*"}
+    source = GluonASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=aligned)
+    print(triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps)).asm["ttgir"])
+"""
+
+
+@pytest.mark.skipif(not w4a16._GLUON, reason="this Triton has no Gluon")
+def test_w4a16_wgmma_tma_kernel_reads_both_operands_from_shared_memory():
+    """The TMA kernel, compiled for sm_90: three shared allocations, x's stages, three weight tiles and x's
+    mbarriers; x reaches its stages by TMA only; in the loop the step's weight tile is stored, then fenced
+    for the MMAs, and only then are the next words loaded (the fence waits for the loads in flight); the
+    wgmma reads both operands from shared memory and one stays in flight (a wait for one pending, then none
+    after the loop)."""
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    run = subprocess.run([sys.executable, "-c", _TTGIR_OF_WGMMA_TMA_KERNEL], capture_output=True, text=True,
+                         env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    modules = run.stdout.split("module attributes")[1:]
+    assert len(modules) == 3
+    for ttgir, x_stages, weights, dtype in zip(modules, ("4x128x64", "3x64x64", "2x128x64"),
+                                               ("3x128x64", "3x64x64", "3x256x64"), ("f16", "bf16", "f16")):
+        allocs = [line for line in ttgir.splitlines() if "ttg.local_alloc" in line]
+        assert len(allocs) == 3 and f"{x_stages}x{dtype}" in allocs[0] and f"{weights}x{dtype}" in allocs[1], allocs
+        assert "ttng.async_tma_copy_global_to_local %x_desc" in ttgir
+        loop = ttgir[ttgir.index("scf.for"):]
+        order = [loop.index(op) for op in ("ttg.local_store", "ttng.fence_async_shared", "tt.load",
+                                           "ttng.warp_group_dot ")]
+        assert order == sorted(order), order
+        dots = [line for line in ttgir.splitlines() if "ttng.warp_group_dot " in line]
+        assert len(dots) == 1 and "dot_op" not in dots[0] and dots[0].count("!ttg.memdesc") == 2, dots
+        assert "pendings = 1" in loop and "pendings = 0" in ttgir
 
 
 @pytest.mark.parametrize("unit", [1.0, w4a16._F16_DOT_UNIT])  # the tile's and the GEMV dot's
@@ -906,6 +995,32 @@ def test_gpu_w4a16_wgmma(M, eighth_n, chunks, group_size, dtype, symmetric, bias
     check_w4_config(config, M, 8 * eighth_n, K, group_size, dtype, symmetric, bias, activation, seed)
 
 
+# (block_m, block_n, num_warps) the TMA kernel lays out (``check_wgmma_tma_config``)
+WGMMA_TMA_SHAPES = [(128, 128, 8), (256, 128, 8), (128, 256, 8), (128, 32, 8), (64, 64, 4), (64, 128, 4),
+                    (128, 32, 4), (192, 64, 4)]
+
+
+@cuda
+@needs_cuda
+@pytest.mark.skipif(not (CUDA and torch.cuda.get_device_capability() == (9, 0)), reason="wgmma is Hopper's")
+@settings(max_examples=40, deadline=None)
+@given(M=st.integers(1, 300), eighth_n=st.integers(1, 40), chunks=st.integers(1, 12),
+       group_size=st.sampled_from([64, 128, 256]), dtype=st.sampled_from([torch.float16, torch.bfloat16]),
+       symmetric=st.booleans(), bias=st.booleans(), activation=st.sampled_from(("none",) + EPILOGUES),
+       shape=st.sampled_from(WGMMA_TMA_SHAPES), stages=st.integers(2, 4), split=st.integers(1, 5),
+       seed=st.integers(0, 2**16))
+def test_gpu_w4a16_wgmma_tma(M, eighth_n, chunks, group_size, dtype, symmetric, bias, activation, shape, stages,
+                             split, seed):
+    """The TMA kernel against the float32 reference: M off its row tiles (x's rows past M zero-filled by the
+    TMA), N off its column tiles, K of 2 to 48 steps of 64 in groups of one step, two or four, more stages
+    than steps, splits that leave programs without a step, a vector bias in its epilogue, a residual and
+    each activation after it, and the RMSNorm before it."""
+    block_m, block_n, warps = shape
+    config = w4a16.WgmmaTmaConfig(block_m, block_n, stages, split, warps)
+    K = chunks * max(128, group_size)
+    check_w4_config(config, M, 8 * eighth_n, K, group_size, dtype, symmetric, bias, activation, seed)
+
+
 @cuda
 @needs_cuda
 def test_gpu_ops_dispatch_to_the_kernels_for_3d_activations():
@@ -929,7 +1044,7 @@ def test_gpu_ops_dispatch_to_the_kernels_for_3d_activations():
 
 @cuda
 @needs_cuda
-@pytest.mark.parametrize("M", [1, 8, 64, 1024])
+@pytest.mark.parametrize("M", [1, 8, 64, 128, 1024])
 def test_gpu_compiled_op_calls_the_triton_kernel_without_graph_break(M):
     import torch._dynamo
     from torch._inductor.utils import run_and_get_code
@@ -948,7 +1063,8 @@ def test_gpu_compiled_op_calls_the_triton_kernel_without_graph_break(M):
     assert relative_error(out, ref) < BOUND[torch.float16]
     kernels = {w4a16.GemvConfig: "_w4a16_gemv_kernel", w4a16.MmaConfig: "_w4a16_mma_kernel",
                w4a16.WarpMmaConfig: "w4a16_warp_mma_kernel", w4a16.DequantMmConfig: "_w4a16_dequantize_kernel",
-               w4a16.WgmmaConfig: "w4a16_wgmma_matmul"}  # (an opaque op: Inductor cannot copy a Gluon kernel)
+               w4a16.WgmmaConfig: "w4a16_wgmma_matmul",  # (opaque ops: Inductor cannot copy a Gluon kernel)
+               w4a16.WgmmaTmaConfig: "w4a16_wgmma_tma_matmul"}
     kernel = kernels[type(w4a16.pick_config(M, 512, 1024, 128, x.device))]
     assert any(kernel in code for code in codes), "Inductor's code does not launch the Triton kernel"
 
@@ -972,6 +1088,7 @@ def test_opaque_gemm_ops_run_under_torch_compile():
         fake = (torch.empty(7, 256), torch.empty(32, 48, dtype=torch.int32), torch.empty(4, 48), torch.empty(4, 48))
         assert gemm(*fake, 64, None, 4, 16, 32).shape == (7, 48)
         assert torch.ops.qpass.w4a16_wgmma_matmul(*fake, 64, None, 32, 1, 1).shape == (7, 48)
+        assert torch.ops.qpass.w4a16_wgmma_tma_matmul(*fake, 64, None, 128, 128, 4, 1).shape == (7, 48)
 
 
 @cuda

@@ -1,0 +1,149 @@
+"""W4A16 for 65 to 192 rows on Hopper: x by TMA, the weights dequantized into shared memory, ``wgmma``
+from shared memory on both sides, in Gluon.
+
+The layout is ``w4a16.py``'s (``qweight`` int32 ``[K // 8, N]``, row k in nibble k % 8;
+``scales``/``zeros`` ``[K // group_size, N]``), read as it is. A program computes a
+``[BLOCK_M, BLOCK_N]`` tile of the output, the product in its natural orientation: x's rows are the
+MMA's M side, the left operand, the weight columns its N side.
+
+Past 64 rows the register-fed kernel (``w4a16_wgmma``) runs out of registers: its x goes through
+registers on its way to shared memory, and the accumulator grows with the rows. Here
+
+- x's tile of a K step (64 rows of K) is copied by the TMA unit into a ring of ``STAGES`` shared buffers,
+  K in its natural order, each stage signalled by an mbarrier: no registers, no thread's time;
+- a step's words, 8 word rows by ``BLOCK_N`` columns, are loaded two steps ahead, dequantized and scaled
+  in x's dtype (``_weight_tile``: the GEMV's ``lop3`` pairs, as a dequantized weight would be rounded),
+  and stored K-major, one 16-byte store a word, into a ring of three shared buffers;
+- the step's ``wgmma`` reads both tiles from shared memory and stays in flight while the next step is
+  dequantized (``warpgroup_mma_wait`` for one pending).
+
+Order between the threads, the TMA unit and the MMAs. A step's weight tile is written by every thread
+and read by every warpgroup's MMAs, so a fence (generic to async proxy) and a CTA barrier separate the
+stores from the MMAs. Past that barrier every warpgroup has waited for the MMAs of the step two back,
+so that step's x stage takes the step ``STAGES - 2`` ahead, and its weight buffer, the third, is free
+for the next step's stores.
+
+The fence waits for every load the thread has in flight (``MEMBAR.ALL.CTA`` in the SASS), so the next
+step's word loads are issued after it, not before (H200, fp16, 4096x28672 at 2048 rows: 968 us against
+1042 with the loads before the fence).
+
+K may be split over programs (``SPLIT_K``), whose float32 sums are added atomically into a zeroed
+float32 output. Needs Hopper (sm_90: TMA, ``wgmma``) and fp16/bf16 x; the CPU tests compile it for
+sm_90 (``tests/test_kernels.py``). ``w4a16.wgmma_tma_matmul`` launches it and imports this module on
+its first call.
+"""
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                              warpgroup_mma_wait)
+
+from .w4a16_wgmma import _cta_barrier, _dequantize
+
+_STEP = gl.constexpr(64)  # rows of K a loop step
+_WEIGHT_BUFFERS = gl.constexpr(3)  # see the module's docstring
+# Triton 3.9 calls the TMA load ``async_load``, 3.6 ``async_copy_global_to_shared``
+_tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+
+
+@gluon.jit
+def _step_loads(w_ptrs, z_ptr, s_ptr, step, last, stride_qk, stride_sg, columns, spread, GROUP_SIZE: gl.constexpr):
+    """What step ``min(step, last)`` reads: its 8 word rows and its group's zeros and scales, spread over
+    the word tile."""
+    step = gl.minimum(step, last)
+    group = step * _STEP // GROUP_SIZE
+    words = gl.load(w_ptrs + step * 8 * stride_qk)
+    zero = gl.load(z_ptr + group * stride_sg + columns)[:, None] + spread
+    scale = gl.load(s_ptr + group * stride_sg + columns)[:, None] + spread
+    return words, zero, scale
+
+
+@gluon.jit
+def _weight_tile(words, zero, scale, BF16: gl.constexpr):
+    """Words ``[BLOCK_N, 8 word rows]`` -> the weights ``[BLOCK_N, 64]``, scaled, K in its natural order
+    (each thread's 8 nibbles of a word become 8 contiguous values)."""
+    v = _dequantize(words, zero, BF16)
+    v = (v[0] * scale, v[1] * scale, v[2] * scale, v[3] * scale, v[4] * scale, v[5] * scale, v[6] * scale,
+         v[7] * scale)
+    low = gl.join(gl.join(v[0], v[1]), gl.join(v[2], v[3]))  # [BLOCK_N, j, t0, t1] for t2 = 0
+    high = gl.join(gl.join(v[4], v[5]), gl.join(v[6], v[7]))
+    r = gl.permute(gl.join(low, high), (0, 1, 4, 3, 2))  # [BLOCK_N, j, t2, t1, t0]: k = 8 j + t
+    return gl.reshape(r, (r.shape[0], _STEP))
+
+
+@gluon.jit
+def w4a16_wgmma_tma_kernel(x_desc, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, stride_qk, stride_sg, stride_om,
+                           GROUP_SIZE: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                           STAGES: gl.constexpr, SPLIT_K: gl.constexpr, HAS_BIAS: gl.constexpr,
+                           BF16: gl.constexpr, num_warps: gl.constexpr):
+    """out = x @ W (+ bias [N]) for BLOCK_N weight columns (program_id 0) by BLOCK_M rows of x (program_id
+    1, read through ``x_desc``, a TMA descriptor of blocks ``[BLOCK_M, 64]``) over a SPLIT_K-th of K's
+    steps (program_id 2; split, the float32 sums are added into ``out``, zeroed, and the bias left to the
+    caller)."""
+    DTYPE: gl.constexpr = gl.bfloat16 if BF16 else gl.float16
+    # a thread holds whole words: lanes along the columns (coalesced), warps over columns and word rows
+    WORDS: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 1], threads_per_warp=[32, 1],
+                                           warps_per_cta=[BLOCK_N // 32, num_warps // (BLOCK_N // 32)],
+                                           order=[0, 1])
+    MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                  instr_shape=[16, BLOCK_N, 16])
+    SHARED: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+    X_BYTES: gl.constexpr = BLOCK_M * _STEP * 2
+
+    n0 = gl.program_id(0) * BLOCK_N
+    m0 = gl.program_id(1) * BLOCK_M
+    steps = K // _STEP
+    per_split = gl.cdiv(steps, SPLIT_K)
+    start = gl.program_id(2) * per_split
+    end = gl.minimum(start + per_split, steps)  # (no steps left: end <= start)
+    last = gl.maximum(end - 1, gl.minimum(start, steps - 1))  # the last step loads may touch
+
+    columns = gl.minimum(n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, WORDS)), N - 1)  # past N: never stored
+    word_rows = gl.arange(0, 8, layout=gl.SliceLayout(0, WORDS))
+    w_ptrs = qw_ptr + word_rows[None, :] * stride_qk + columns[:, None]
+    spread = gl.zeros([BLOCK_N, 8], DTYPE, WORDS)
+
+    xs = gl.allocate_shared_memory(DTYPE, [STAGES, BLOCK_M, _STEP], SHARED)
+    ws = gl.allocate_shared_memory(DTYPE, [_WEIGHT_BUFFERS, BLOCK_N, _STEP], SHARED)
+    x_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for s in gl.static_range(STAGES):
+        mbarrier.init(x_ready.index(s), count=1)
+    fence_async_shared()
+    for s in gl.static_range(STAGES - 2):
+        mbarrier.expect(x_ready.index(s), X_BYTES, pred=start + s < end)
+        _tma_load(x_desc, [m0, (start + s) * _STEP], x_ready.index(s), xs.index(s), pred=start + s < end)
+
+    acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, MMA)
+    now = _step_loads(w_ptrs, z_ptr, s_ptr, start, last, stride_qk, stride_sg, columns, spread, GROUP_SIZE)
+    ahead = _step_loads(w_ptrs, z_ptr, s_ptr, start + 1, last, stride_qk, stride_sg, columns, spread, GROUP_SIZE)
+    for step in range(start, end):
+        i = step - start
+        words, zero, scale = now
+        now = ahead
+        w = ws.index(i % _WEIGHT_BUFFERS)
+        w.store(_weight_tile(words, zero, scale, BF16))
+        fence_async_shared()
+        _cta_barrier()
+        ahead = _step_loads(w_ptrs, z_ptr, s_ptr, step + 2, last, stride_qk, stride_sg, columns, spread,
+                            GROUP_SIZE)
+        # every warpgroup has waited for step i - 2's MMAs: its x stage takes step i + STAGES - 2
+        refill = (i + STAGES - 2) % STAGES
+        mbarrier.expect(x_ready.index(refill), X_BYTES, pred=step + STAGES - 2 < end)
+        _tma_load(x_desc, [m0, (step + STAGES - 2) * _STEP], x_ready.index(refill), xs.index(refill),
+                  pred=step + STAGES - 2 < end)
+        mbarrier.wait(x_ready.index(i % STAGES), (i // STAGES) & 1)
+        acc = warpgroup_mma(xs.index(i % STAGES), w.permute((1, 0)), acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=1, deps=[acc])
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=[acc])
+    for s in gl.static_range(STAGES):
+        mbarrier.invalidate(x_ready.index(s))
+
+    om = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, MMA))
+    on = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, MMA))
+    mask = (om[:, None] < M) & (on[None, :] < N)
+    if SPLIT_K > 1:
+        gl.atomic_add(out_ptr + om[:, None] * stride_om + on[None, :], acc, mask=mask, sem="relaxed")
+    else:
+        if HAS_BIAS:
+            acc = acc + gl.load(b_ptr + on, mask=on < N, other=0.0).to(gl.float32)[None, :]
+        gl.store(out_ptr + om[:, None] * stride_om + on[None, :], acc.to(DTYPE), mask=mask)
