@@ -898,15 +898,16 @@ HOPPER_SHARED_BYTES = 232448
 
 def check_wgmma_tma_config(cfg: WgmmaTmaConfig):
     """Raise ValueError where the TMA kernel cannot take ``cfg``'s shape: 4 or 8 warps, whose MMA rows
-    (16 a warp) tile ``block_m`` up to 256; ``block_n`` 32 to 256 columns, a warp's 32 lanes a column each;
-    at least 2 stages, and x's stages and three weight tiles within Hopper's shared memory."""
+    (16 a warp) tile ``block_m``, a power of two up to 256; ``block_n`` 32 to 256 columns, a warp's 32
+    lanes a column each; at least 2 stages, and x's stages and three weight tiles within Hopper's shared
+    memory."""
     rows_a_pass = 16 * cfg.num_warps
     column_warps = cfg.block_n // 32
     shared = (cfg.stages * cfg.block_m + 3 * cfg.block_n) * 64 * 2
-    if (cfg.num_warps not in (4, 8) or cfg.block_m % rows_a_pass or not rows_a_pass <= cfg.block_m <= 256
+    if (cfg.num_warps not in (4, 8) or cfg.block_m not in (64, 128, 256) or cfg.block_m < rows_a_pass
             or cfg.block_n not in (32, 64, 128, 256) or cfg.num_warps % column_warps or cfg.stages < 2
             or cfg.split_k < 1 or shared > HOPPER_SHARED_BYTES):
-        raise ValueError(f"{cfg}: needs num_warps 4 or 8, block_m a multiple of 16 * num_warps up to 256, "
+        raise ValueError(f"{cfg}: needs num_warps 4 or 8, block_m 64, 128 or 256 and at least 16 * num_warps, "
                          f"block_n 32, 64, 128 or 256 with block_n / 32 dividing num_warps, stages >= 2, "
                          f"split_k >= 1 and (stages * block_m + 3 * block_n) * 128 bytes of shared memory at "
                          f"most {HOPPER_SHARED_BYTES} (this one: {shared})")

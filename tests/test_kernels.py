@@ -265,7 +265,8 @@ def test_w4a16_wgmma_tma_rejects_shapes_it_cannot_run():
         w4a16.check_wgmma_tma_config(cfg)
     for cfg, shared in ((w4a16.WgmmaTmaConfig(64, 128, 4, 1), 81920), (w4a16.WgmmaTmaConfig(128, 256, 4, 1, 4), 163840),
                         (w4a16.WgmmaTmaConfig(256, 256, 5, 1), 262144), (w4a16.WgmmaTmaConfig(128, 96, 4, 1), 102400),
-                        (w4a16.WgmmaTmaConfig(128, 128, 1, 1), 65536), (w4a16.WgmmaTmaConfig(128, 128, 4, 0), 114688)):
+                        (w4a16.WgmmaTmaConfig(128, 128, 1, 1), 65536), (w4a16.WgmmaTmaConfig(128, 128, 4, 0), 114688),
+                        (w4a16.WgmmaTmaConfig(192, 64, 2, 1, 4), 73728)):  # (TMA blocks are powers of two)
         with pytest.raises(ValueError, match=rf"{re.escape(repr(cfg))}: needs num_warps 4 or 8.*this one: {shared}"):
             w4a16.check_wgmma_tma_config(cfg)
     x, qweight, scales, zeros, _ = make_w4(80, 64, 128, 32, torch.float16, False, False, 0)
@@ -997,7 +998,7 @@ def test_gpu_w4a16_wgmma(M, eighth_n, chunks, group_size, dtype, symmetric, bias
 
 # (block_m, block_n, num_warps) the TMA kernel lays out (``check_wgmma_tma_config``)
 WGMMA_TMA_SHAPES = [(128, 128, 8), (256, 128, 8), (128, 256, 8), (128, 32, 8), (64, 64, 4), (64, 128, 4),
-                    (128, 32, 4), (192, 64, 4)]
+                    (128, 32, 4), (256, 64, 4)]
 
 
 @cuda
