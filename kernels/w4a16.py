@@ -20,7 +20,7 @@ Six paths, chosen by M (``pick_config``):
 - ``w4a16_wgmma.w4a16_wgmma_kernel`` (17 to 64 rows, fp16/bf16 on Hopper): warpgroup MMA
   from registers in Gluon, the dequantization writing the MMA's operand registers themselves
   (see that module); the residual and activation after it, as for cuBLAS below.
-- ``w4a16_wgmma_tma.w4a16_wgmma_tma_kernel`` (65 to 192 rows, fp16/bf16 on Hopper): x's tiles copied
+- ``w4a16_wgmma_tma.w4a16_wgmma_tma_kernel`` (65 to 256 rows, fp16/bf16 on Hopper): x's tiles copied
   into shared memory by TMA, the weights dequantized into shared memory beside them, ``wgmma`` from
   both (see that module); residual and activation after it too.
 - ``_w4a16_mma_kernel`` (larger M, or inputs the other kernels cannot read): unpacks the
@@ -30,7 +30,7 @@ Six paths, chosen by M (``pick_config``):
   reads from registers: no trip through shared memory between dequantization and MMA (each
   step's wgmmas finish before the next step's dequantization: ``common.mma_accumulate``); there,
   for fp16 and bf16 on a GPU, inline PTX dequantizes two weights an instruction (PACKED).
-- ``_w4a16_dequantize_kernel`` + cuBLAS (M > 128, past 192 on Hopper; ``dequantize_matmul``): writes the fp16/bf16
+- ``_w4a16_dequantize_kernel`` + cuBLAS (M > 128, past 256 on Hopper; ``dequantize_matmul``): writes the fp16/bf16
   weight once, then ``torch.mm``. Where the GEMM is compute-bound, one extra pass over 2 bytes per
   weight costs less than the dequantization inside the fused kernel's main loop (which Triton does
   not overlap with the tensor cores well enough: about 0.5x of cuBLAS). From 1024 rows in chunks
@@ -828,7 +828,7 @@ class WgmmaConfig(NamedTuple):
 
 
 class WgmmaTmaConfig(NamedTuple):
-    """The Hopper kernel for 65 to 192 rows (``w4a16_wgmma_tma``): a ``block_m`` x ``block_n`` output tile a
+    """The Hopper kernel for 65 to 256 rows (``w4a16_wgmma_tma``): a ``block_m`` x ``block_n`` output tile a
     program, x's steps in ``stages`` shared buffers filled by TMA, K split over programs by steps of 64."""
 
     block_m: int
@@ -952,12 +952,16 @@ def _wgmma_split(tiles: int, K: int, slots: int, min_steps: int = 8) -> int:
 
 
 def _wgmma_tma_config(M: int, N: int, K: int, sms: int) -> WgmmaTmaConfig:
-    """H200 sweep (bench/NOTES-kernels.md, twenty-second session; fp16 64-256 rows and bf16 128 and 192 on
-    the four Llama shapes, tiles 128 x 128 with 8 warps, 64 x 128 with 4, 128 x 256 with 8, K split 1-8):
-    128 x 128 tiles, K split while the programs fit two an SM with 16 steps a split, was the best of the
-    timed configurations at every shape and row count from 96 to 192."""
-    tiles = triton.cdiv(M, 128) * triton.cdiv(N, 128)
-    return WgmmaTmaConfig(128, 128, 4, _wgmma_split(tiles, K, 2 * sms, min_steps=16))
+    """H200 sweeps (bench/NOTES-kernels.md, twenty-second session; fp16 64-256 rows and bf16 128 and 192 on
+    the four Llama shapes; tiles of 64 to 256 rows by 128 or 256 columns, K split 1-8): 128 columns by 128
+    rows to 128 rows, K split while the programs fit two an SM; past 128 rows, one tile of 256 rows, K split
+    while they fit one an SM (fp16, us, 128-row tiles with their split -> 256: 4096² at 192 rows 27.9 ->
+    25.9, 4096x28672 149.4 -> 126.5, 14336x4096 69.6 -> 56.6, 4096x6144 43.8 -> 37.2; a 256-row program's
+    split costs more, 4096x6144 split 4 40.8 against 36.2 split 2 at 160 rows). A split keeps 16 steps."""
+    if M <= 128:
+        return WgmmaTmaConfig(128, 128, 4, _wgmma_split(triton.cdiv(N, 128), K, 2 * sms, min_steps=16))
+    tiles = triton.cdiv(M, 256) * triton.cdiv(N, 128)
+    return WgmmaTmaConfig(256, 128, 4, _wgmma_split(tiles, K, sms, min_steps=16))
 
 
 def _wgmma_config(M: int, N: int, K: int, sms: int) -> WgmmaConfig:
@@ -1036,7 +1040,7 @@ GEMV_MAX_M = 2
 WARP_MMA_MAX_M = 16
 WGMMA_MAX_M = 64
 WGMMA_EXACT_MAX_M = 32  # up to here the Hopper kernel keeps the weights exact in the MMA (``WgmmaConfig.scaled``)
-WGMMA_TMA_MAX_M = 192  # past it the dequantized weight and cuBLAS (``DequantMmConfig``) are faster on Hopper
+WGMMA_TMA_MAX_M = 256  # past it the dequantized weight and cuBLAS (``DequantMmConfig``) are faster on Hopper
 # Off Hopper (there ``WGMMA_TMA_MAX_M``), past one 128-row tile the fused kernel reads and dequantizes the weight once a tile: dequantizing
 # it once and cuBLAS is faster (H200, geometric mean over fp16 cuBLAS of the four Llama shapes: M = 192
 # 0.53 against 0.37 fused, M = 256 0.60 against 0.41; M = 128 0.46 against 0.52, and 0.63 fused with the
@@ -1095,10 +1099,11 @@ def pick_config(M: int, N: int, K: int, group_size: int, device: torch.device, a
         return GemvConfig(16, 2048, 1, num_warps=16, unrolled=K <= 4096 or dtype != torch.float16)
     gemm_n = 2 * N if activation == "silu_mul" else N  # (gate and up both, the activation after the GEMM)
     hopper = wgmma and wgmma_chunks(K, group_size) and dtype != torch.float32 and _hopper(device)
-    # 65 to 192 rows on Hopper: x by TMA, the weights through shared memory, faster than the tensor-core
+    # 65 to 256 rows on Hopper: x by TMA, the weights through shared memory, faster than the tensor-core
     # kernel and than the dequantized weight + cuBLAS (H200, fp16, us, bench/NOTES-kernels.md, twenty-second
     # session): 128 rows 18.9 / 26.0 / 77.7 / 39.1 against 20.8 / 40.5 / 104.1 / 54.8 on 4096², 4096x6144,
-    # 4096x28672 and 14336x4096; 192 rows 27.7 / 41.8 / 148.8 / 69.0 against 31.5 / 39.1 / 163.4 / 87.8
+    # 4096x28672 and 14336x4096; 192 rows 25.9 / 37.2 / 126.5 / 56.6 against 30.7 / 38.7 / 157.9 / 88.8;
+    # 256 rows 28.4 / 39.9 / 133.3 / 62.1 against 29.0 / 40.1 / 178.6 / 98.8
     if hopper and WGMMA_MAX_M < M <= WGMMA_TMA_MAX_M:
         return _wgmma_tma_config(M, gemm_n, K, sms)
     if M >= DEQUANT_MM_MIN_M:

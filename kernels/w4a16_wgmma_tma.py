@@ -1,4 +1,4 @@
-"""W4A16 for 65 to 192 rows on Hopper: x by TMA, the weights dequantized into shared memory, ``wgmma``
+"""W4A16 for 65 to 256 rows on Hopper: x by TMA, the weights dequantized into shared memory, ``wgmma``
 from shared memory on both sides, in Gluon.
 
 The layout is ``w4a16.py``'s (``qweight`` int32 ``[K // 8, N]``, row k in nibble k % 8;

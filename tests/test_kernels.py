@@ -189,13 +189,13 @@ def test_w4a16_kernel_choice_by_rows():
         assert isinstance(cfg, w4a16.WgmmaConfig if hopper else w4a16.MmaConfig)
         assert not hopper or cfg.scaled == (M > 32)
         assert isinstance(pick(M, 28672, 4096, 128, device, wgmma=False), w4a16.MmaConfig)
-    # 65 to 192 rows: the TMA kernel on Hopper, else the tensor-core kernel to 128 rows, then the weight
+    # 65 to 256 rows: the TMA kernel on Hopper, else the tensor-core kernel to 128 rows, then the weight
     # dequantized once and cuBLAS
-    for M in (65, 128, 192):
+    for M in (65, 128, 256):
         assert isinstance(pick(M, 28672, 4096, 128, device), w4a16.WgmmaTmaConfig if hopper else
                           w4a16.MmaConfig if M <= 128 else w4a16.DequantMmConfig)
         assert not isinstance(pick(M, 28672, 4096, 128, device, wgmma=False), w4a16.WgmmaTmaConfig)
-    assert isinstance(pick(193, 28672, 4096, 128, device), w4a16.DequantMmConfig)
+    assert isinstance(pick(257, 28672, 4096, 128, device), w4a16.DequantMmConfig)
     assert isinstance(pick(24, 4096, 4160, 64, device), w4a16.MmaConfig)  # K not in 128-row chunks
     assert isinstance(pick(16, 28672, 4096, 128, device, warp_mma=False), w4a16.MmaConfig)
     # up to 64 rows K 128 a step in 2 stages where the group allows it, K 64 where it does not
@@ -219,7 +219,7 @@ def test_w4a16_kernel_choice_by_rows():
     assert pick(129, 28672, 4096, 128, cpu) == w4a16.DequantMmConfig()
     # from 1024 rows in chunks of columns whose GEMM writes at most 2^22 outputs, where that is not all
     # of N; from 384 rows chunks of 8192 columns where N takes three
-    assert [pick(M, 28672, 4096, 128, device).chunk_n for M in (256, 384, 768, 1024, 1500, 2048, 4096, 8192)] == [
+    assert [pick(M, 28672, 4096, 128, device).chunk_n for M in (300, 384, 768, 1024, 1500, 2048, 4096, 8192)] == [
         0, 8192, 8192, 4096, 2048, 2048, 1024, 1024]
     assert [pick(M, 4096, 14336, 128, device).chunk_n for M in (512, 1024, 2048)] == [0, 0, 2048]
     assert [pick(M, 6144, 4096, 128, device).chunk_n for M in (768, 1024)] == [0, 4096]
@@ -247,13 +247,14 @@ def test_w4a16_wgmma_config_by_shape():
 
 
 def test_w4a16_wgmma_tma_config_by_shape():
-    """The TMA kernel's block shapes (H200 sweep, bench/NOTES-kernels.md, twenty-second session): 128 x 128
-    tiles with 8 warps, K split while the programs fit two an SM with 16 steps of 64 a split."""
+    """The TMA kernel's block shapes (H200 sweeps, bench/NOTES-kernels.md, twenty-second session): 128 columns
+    with 8 warps; 128 rows, K split while the programs fit two an SM, to 128 rows; one tile of 256 rows past
+    it, K split while they fit one an SM; 16 steps of 64 a split."""
     cfg = w4a16._wgmma_tma_config
-    assert [cfg(128, N, K, 132).split_k for N, K in [(4096, 4096), (6144, 4096), (28672, 4096), (4096, 14336)]] == [
-        4, 4, 1, 8]
-    assert [cfg(192, N, K, 132).split_k for N, K in [(4096, 4096), (6144, 4096), (28672, 4096), (4096, 14336)]] == [
-        4, 2, 1, 4]
+    shapes = [(4096, 4096), (6144, 4096), (28672, 4096), (4096, 14336)]
+    assert [cfg(128, N, K, 132) for N, K in shapes] == [w4a16.WgmmaTmaConfig(128, 128, 4, split) for split in (4, 4, 1, 8)]
+    assert [cfg(M, N, K, 132) for M in (129, 256) for N, K in shapes] == 2 * [
+        w4a16.WgmmaTmaConfig(256, 128, 4, split) for split in (4, 2, 1, 4)]
     assert cfg(100, 1024, 2048, 132) == w4a16.WgmmaTmaConfig(128, 128, 4, 2)  # 16 steps a split
     assert cfg(100, 1024, 1024, 132) == w4a16.WgmmaTmaConfig(128, 128, 4, 1)
 
