@@ -978,15 +978,22 @@ def check_w4_config(config, M, N, K, group_size, dtype, symmetric, bias, activat
     assert relative_error(out, w4_reference(normed, *args[1:4], group_size, residual)) < BOUND[dtype]
 
 
+needs_hopper = pytest.mark.skipif(not (CUDA and torch.cuda.get_device_capability() == (9, 0)),
+                                  reason="wgmma is Hopper's")
+# what the Hopper kernels' tests draw besides rows and their kernel's shape: N in eighths, K in whole 128-row
+# chunks of groups of 64 to 256, and the epilogue
+HOPPER_PROBLEMS = dict(eighth_n=st.integers(1, 40), chunks=st.integers(1, 12), group_size=st.sampled_from([64, 128, 256]),
+                       dtype=st.sampled_from([torch.float16, torch.bfloat16]), symmetric=st.booleans(),
+                       bias=st.booleans(), activation=st.sampled_from(("none",) + EPILOGUES), split=st.integers(1, 5),
+                       seed=st.integers(0, 2**16))
+
+
 @cuda
 @needs_cuda
-@pytest.mark.skipif(not (CUDA and torch.cuda.get_device_capability() == (9, 0)), reason="wgmma is Hopper's")
+@needs_hopper
 @settings(max_examples=40, deadline=None)
-@given(M=st.integers(1, 140), eighth_n=st.integers(1, 40), chunks=st.integers(1, 12),
-       group_size=st.sampled_from([64, 128, 256]), dtype=st.sampled_from([torch.float16, torch.bfloat16]),
-       symmetric=st.booleans(), bias=st.booleans(), activation=st.sampled_from(("none",) + EPILOGUES),
-       block_m=st.sampled_from([16, 32, 64, 128]), warpgroups=st.sampled_from([1, 2]), split=st.integers(1, 5),
-       scaled=st.booleans(), seed=st.integers(0, 2**16))
+@given(M=st.integers(1, 140), block_m=st.sampled_from([16, 32, 64, 128]), warpgroups=st.sampled_from([1, 2]),
+       scaled=st.booleans(), **HOPPER_PROBLEMS)
 def test_gpu_w4a16_wgmma(M, eighth_n, chunks, group_size, dtype, symmetric, bias, activation, block_m, warpgroups,
                          split, scaled, seed):
     """The Hopper kernel against the float32 reference: N off its 64-column warpgroup tiles, M off its row
@@ -1004,13 +1011,9 @@ WGMMA_TMA_SHAPES = [(128, 128, 8), (256, 128, 8), (128, 256, 8), (128, 32, 8), (
 
 @cuda
 @needs_cuda
-@pytest.mark.skipif(not (CUDA and torch.cuda.get_device_capability() == (9, 0)), reason="wgmma is Hopper's")
+@needs_hopper
 @settings(max_examples=40, deadline=None)
-@given(M=st.integers(1, 300), eighth_n=st.integers(1, 40), chunks=st.integers(1, 12),
-       group_size=st.sampled_from([64, 128, 256]), dtype=st.sampled_from([torch.float16, torch.bfloat16]),
-       symmetric=st.booleans(), bias=st.booleans(), activation=st.sampled_from(("none",) + EPILOGUES),
-       shape=st.sampled_from(WGMMA_TMA_SHAPES), stages=st.integers(2, 4), split=st.integers(1, 5),
-       seed=st.integers(0, 2**16))
+@given(M=st.integers(1, 300), shape=st.sampled_from(WGMMA_TMA_SHAPES), stages=st.integers(2, 4), **HOPPER_PROBLEMS)
 def test_gpu_w4a16_wgmma_tma(M, eighth_n, chunks, group_size, dtype, symmetric, bias, activation, shape, stages,
                              split, seed):
     """The TMA kernel against the float32 reference: M off its row tiles (x's rows past M zero-filled by the
