@@ -868,6 +868,22 @@ def _hopper(device: torch.device) -> bool:
     return _HOPPER[index]
 
 
+def _split_output(x: torch.Tensor, N: int, split_k: int) -> torch.Tensor:
+    """The Gluon kernels' output for x's rows by N: in x's dtype, or, split over K, float32 zeros that the
+    splits' sums are added into (bias and cast then by ``_split_result``)."""
+    if split_k > 1:
+        return torch.zeros((x.shape[0], N), device=x.device, dtype=torch.float32)
+    return torch.empty((x.shape[0], N), device=x.device, dtype=x.dtype)
+
+
+def _split_result(out: torch.Tensor, bias: Optional[torch.Tensor], split_k: int, dtype: torch.dtype) -> torch.Tensor:
+    """A Gluon kernel's result from ``_split_output``'s buffer: as it is, or, split, the float32 sums plus the
+    bias, cast to ``dtype``."""
+    if split_k == 1:
+        return out
+    return (out if bias is None else out + bias).to(dtype)
+
+
 def wgmma_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                  group_size: int, bias: Optional[torch.Tensor], block_m: int, warpgroups: int,
                  split_k: int, scaled: bool = False) -> torch.Tensor:
@@ -877,19 +893,14 @@ def wgmma_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
 
     M, K = x.shape
     N = qweight.shape[1]
-    if split_k > 1:  # the splits' float32 sums are added into it
-        out = torch.zeros((M, N), device=x.device, dtype=torch.float32)
-    else:
-        out = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    out = _split_output(x, N, split_k)
     grid = (triton.cdiv(N, 64 * warpgroups), triton.cdiv(M, block_m), split_k)
     w4a16_wgmma_kernel[grid](
         x, qweight, scales, zeros, bias if bias is not None else scales, out, M, N, K, x.stride(0),
         qweight.stride(0), scales.stride(0), out.stride(0), GROUP_SIZE=group_size, BLOCK_M=block_m,
         WARPGROUPS=warpgroups, SPLIT_K=split_k, HAS_BIAS=bias is not None and split_k == 1,
         BF16=x.dtype == torch.bfloat16, SCALED=scaled, num_warps=4 * warpgroups)
-    if split_k == 1:
-        return out
-    return (out if bias is None else out + bias).to(x.dtype)
+    return _split_result(out, bias, split_k, x.dtype)
 
 
 # shared memory a program may take on Hopper (227 KB)
@@ -927,19 +938,14 @@ def wgmma_tma_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
     N = qweight.shape[1]
     x_tiles = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
     x_desc = TensorDescriptor.from_tensor(x, [block_m, 64], x_tiles)
-    if split_k > 1:  # the splits' float32 sums are added into it
-        out = torch.zeros((M, N), device=x.device, dtype=torch.float32)
-    else:
-        out = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    out = _split_output(x, N, split_k)
     grid = (triton.cdiv(N, block_n), triton.cdiv(M, block_m), split_k)
     w4a16_wgmma_tma_kernel[grid](
         x_desc, qweight, scales, zeros, bias if bias is not None else scales, out, M, N, K, qweight.stride(0),
         scales.stride(0), out.stride(0), GROUP_SIZE=group_size, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages,
         SPLIT_K=split_k, HAS_BIAS=bias is not None and split_k == 1, BF16=x.dtype == torch.bfloat16,
         num_warps=num_warps)
-    if split_k == 1:
-        return out
-    return (out if bias is None else out + bias).to(x.dtype)
+    return _split_result(out, bias, split_k, x.dtype)
 
 
 def _wgmma_split(tiles: int, K: int, slots: int, min_steps: int = 8) -> int:
@@ -1041,10 +1047,10 @@ WARP_MMA_MAX_M = 16
 WGMMA_MAX_M = 64
 WGMMA_EXACT_MAX_M = 32  # up to here the Hopper kernel keeps the weights exact in the MMA (``WgmmaConfig.scaled``)
 WGMMA_TMA_MAX_M = 256  # past it the dequantized weight and cuBLAS (``DequantMmConfig``) are faster on Hopper
-# Off Hopper (there ``WGMMA_TMA_MAX_M``), past one 128-row tile the fused kernel reads and dequantizes the weight once a tile: dequantizing
-# it once and cuBLAS is faster (H200, geometric mean over fp16 cuBLAS of the four Llama shapes: M = 192
-# 0.53 against 0.37 fused, M = 256 0.60 against 0.41; M = 128 0.46 against 0.52, and 0.63 fused with the
-# two-programs-an-SM picks, bench/results/kernels-h200.json).
+# Off Hopper (there ``WGMMA_TMA_MAX_M``), past one 128-row tile the fused kernel reads and dequantizes the
+# weight once a tile: dequantizing it once and cuBLAS is faster (H200, geometric mean over fp16 cuBLAS of
+# the four Llama shapes: M = 192 0.53 against 0.37 fused, M = 256 0.60 against 0.41; M = 128 0.46 against
+# 0.52, and 0.63 fused with the two-programs-an-SM picks, bench/results/kernels-h200.json).
 DEQUANT_MM_MIN_M = 129
 
 

@@ -93,14 +93,20 @@ def _dequantize(word, zero, BF16: gl.constexpr):
 
 
 @gluon.jit
+def _scaled(v, scale):
+    """``_dequantize``'s 8 values times ``scale``, in x's dtype (as a dequantized weight is rounded)."""
+    return (v[0] * scale, v[1] * scale, v[2] * scale, v[3] * scale, v[4] * scale, v[5] * scale, v[6] * scale,
+            v[7] * scale)
+
+
+@gluon.jit
 def _a_operand(words, zero, scale, A_LAYOUT: gl.constexpr, BF16: gl.constexpr, SCALED: gl.constexpr):
     """One step's words ``[BN, 2 (j2), 2 (j1), 2 (j0)]`` -> the MMA's left operand ``[BN, 64]`` in
     the module's order of K, times ``scale`` where ``SCALED``; each thread's registers stay its own
     (the layout change is a renaming)."""
     v = _dequantize(words, zero, BF16)
     if SCALED:
-        v = (v[0] * scale, v[1] * scale, v[2] * scale, v[3] * scale, v[4] * scale, v[5] * scale, v[6] * scale,
-             v[7] * scale)
+        v = _scaled(v, scale)
     low = gl.join(gl.join(v[0], v[4]), gl.join(v[1], v[5]))  # [BN, j2, j1, j0, t2, t0] for t1 = 0
     high = gl.join(gl.join(v[2], v[6]), gl.join(v[3], v[7]))
     r = gl.join(low, high)

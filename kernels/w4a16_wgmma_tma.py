@@ -38,7 +38,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                               warpgroup_mma_wait)
 
-from .w4a16_wgmma import _cta_barrier, _dequantize
+from .w4a16_wgmma import _cta_barrier, _dequantize, _scaled
 
 _STEP = gl.constexpr(64)  # rows of K a loop step
 _WEIGHT_BUFFERS = gl.constexpr(3)  # see the module's docstring
@@ -62,9 +62,7 @@ def _step_loads(w_ptrs, z_ptr, s_ptr, step, last, stride_qk, stride_sg, columns,
 def _weight_tile(words, zero, scale, BF16: gl.constexpr):
     """Words ``[BLOCK_N, 8 word rows]`` -> the weights ``[BLOCK_N, 64]``, scaled, K in its natural order
     (each thread's 8 nibbles of a word become 8 contiguous values)."""
-    v = _dequantize(words, zero, BF16)
-    v = (v[0] * scale, v[1] * scale, v[2] * scale, v[3] * scale, v[4] * scale, v[5] * scale, v[6] * scale,
-         v[7] * scale)
+    v = _scaled(_dequantize(words, zero, BF16), scale)
     low = gl.join(gl.join(v[0], v[1]), gl.join(v[2], v[3]))  # [BLOCK_N, j, t0, t1] for t2 = 0
     high = gl.join(gl.join(v[4], v[5]), gl.join(v[6], v[7]))
     r = gl.permute(gl.join(low, high), (0, 1, 4, 3, 2))  # [BLOCK_N, j, t2, t1, t0]: k = 8 j + t
@@ -87,7 +85,7 @@ def w4a16_wgmma_tma_kernel(x_desc, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K
                                            order=[0, 1])
     MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                   instr_shape=[16, BLOCK_N, 16])
-    SHARED: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+    W_SHARED: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
     X_BYTES: gl.constexpr = BLOCK_M * _STEP * 2
 
     n0 = gl.program_id(0) * BLOCK_N
@@ -103,8 +101,8 @@ def w4a16_wgmma_tma_kernel(x_desc, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K
     w_ptrs = qw_ptr + word_rows[None, :] * stride_qk + columns[:, None]
     spread = gl.zeros([BLOCK_N, 8], DTYPE, WORDS)
 
-    xs = gl.allocate_shared_memory(DTYPE, [STAGES, BLOCK_M, _STEP], SHARED)
-    ws = gl.allocate_shared_memory(DTYPE, [_WEIGHT_BUFFERS, BLOCK_N, _STEP], SHARED)
+    xs = gl.allocate_shared_memory(DTYPE, [STAGES, BLOCK_M, _STEP], x_desc.layout)  # (as the TMA writes it)
+    ws = gl.allocate_shared_memory(DTYPE, [_WEIGHT_BUFFERS, BLOCK_N, _STEP], W_SHARED)
     x_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for s in gl.static_range(STAGES):
         mbarrier.init(x_ready.index(s), count=1)
