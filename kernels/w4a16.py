@@ -20,10 +20,9 @@ Six paths, chosen by M (``pick_config``):
 - ``w4a16_wgmma.w4a16_wgmma_kernel`` (17 to 64 rows, fp16/bf16 on Hopper): warpgroup MMA
   from registers in Gluon, the dequantization writing the MMA's operand registers themselves
   (see that module); the residual and activation after it, as for cuBLAS below.
-- ``w4a16_wgmma_tma.w4a16_wgmma_tma_kernel`` (65 to 128 rows, fp16/bf16 on Hopper): x's tiles copied
+- ``w4a16_wgmma_tma.w4a16_wgmma_tma_kernel`` (65 to 256 rows, fp16/bf16 on Hopper): x's tiles copied
   into shared memory by TMA, the weights dequantized into shared memory beside them, ``wgmma`` from
-  both (see that module); residual and activation after it too. ``w4a16_wgmma_ws_kernel`` (129 to 256
-  rows): the same, warp-specialized (producer warps dequantize, the MMA warps wait for each stage).
+  both (see that module); residual and activation after it too.
 - ``_w4a16_mma_kernel`` (larger M, or inputs the other kernels cannot read): unpacks the
   transposed tile ``[BLOCK_N, BLOCK_K]`` (each word's nibbles joined in the registers that
   loaded it), dequantizes it in the activation dtype and feeds ``tl.dot``. ``SWAP_AB``
@@ -829,17 +828,14 @@ class WgmmaConfig(NamedTuple):
 
 
 class WgmmaTmaConfig(NamedTuple):
-    """The Hopper kernels for 65 to 256 rows (``w4a16_wgmma_tma``): a ``block_m`` x ``block_n`` output tile a
-    program, x's steps in ``stages`` shared buffers filled by TMA, K split over programs by steps of 64.
-    ``specialized``: the warp-specialized kernel, ``num_warps`` MMA warps beside 8 that dequantize, and
-    ``stages`` of x and weights together."""
+    """The Hopper kernel for 65 to 256 rows (``w4a16_wgmma_tma``): a ``block_m`` x ``block_n`` output tile a
+    program, x's steps in ``stages`` shared buffers filled by TMA, K split over programs by steps of 64."""
 
     block_m: int
     block_n: int
     stages: int
     split_k: int
     num_warps: int = 8
-    specialized: bool = False
 
 
 def wgmma_ok(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
@@ -912,36 +908,31 @@ HOPPER_SHARED_BYTES = 232448
 
 
 def check_wgmma_tma_config(cfg: WgmmaTmaConfig):
-    """Raise ValueError where the TMA kernels cannot take ``cfg``'s shape: 4 or 8 warps, whose MMA rows
+    """Raise ValueError where the TMA kernel cannot take ``cfg``'s shape: 4 or 8 warps, whose MMA rows
     (16 a warp) tile ``block_m``, a power of two up to 256; ``block_n`` 32 to 256 columns, a warp's 32
-    lanes a column each; at least 2 stages within Hopper's shared memory: x's stages and three weight tiles,
-    or, specialized, stages of both. The specialized kernel's producers lay out 128 columns, and its MMA
-    warps have 160 registers a thread with 8 of them: an accumulator of 128 at most."""
+    lanes a column each; at least 2 stages, and x's stages and three weight tiles within Hopper's shared
+    memory."""
     rows_a_pass = 16 * cfg.num_warps
     column_warps = cfg.block_n // 32
-    weight_tiles = cfg.stages if cfg.specialized else 3
-    shared = (cfg.stages * cfg.block_m + weight_tiles * cfg.block_n) * 64 * 2
-    accumulator = cfg.block_m * cfg.block_n // (32 * cfg.num_warps)
+    shared = (cfg.stages * cfg.block_m + 3 * cfg.block_n) * 64 * 2
     if (cfg.num_warps not in (4, 8) or cfg.block_m not in (64, 128, 256) or cfg.block_m < rows_a_pass
             or cfg.block_n not in (32, 64, 128, 256) or cfg.num_warps % column_warps or cfg.stages < 2
-            or cfg.split_k < 1 or shared > HOPPER_SHARED_BYTES
-            or cfg.specialized and (cfg.block_n != 128 or accumulator > 128)):
+            or cfg.split_k < 1 or shared > HOPPER_SHARED_BYTES):
         raise ValueError(f"{cfg}: needs num_warps 4 or 8, block_m 64, 128 or 256 and at least 16 * num_warps, "
-                         f"block_n 32, 64, 128 or 256 with block_n / 32 dividing num_warps (specialized: 128 and "
-                         f"block_m * block_n / (32 * num_warps) <= 128, this one {accumulator}), stages >= 2, "
-                         f"split_k >= 1 and (stages * block_m + {weight_tiles} * block_n) * 128 bytes of shared "
-                         f"memory at most {HOPPER_SHARED_BYTES} (this one: {shared})")
+                         f"block_n 32, 64, 128 or 256 with block_n / 32 dividing num_warps, stages >= 2, "
+                         f"split_k >= 1 and (stages * block_m + 3 * block_n) * 128 bytes of shared memory at "
+                         f"most {HOPPER_SHARED_BYTES} (this one: {shared})")
 
 
 def wgmma_tma_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                      group_size: int, bias: Optional[torch.Tensor], block_m: int, block_n: int, stages: int,
-                     split_k: int, num_warps: int = 8, specialized: bool = False) -> torch.Tensor:
+                     split_k: int, num_warps: int = 8) -> torch.Tensor:
     """``WgmmaTmaConfig``'s GEMM, ``x @ w (+ bias [N])`` -> ``[M, N]`` in x.dtype (``w4a16_wgmma_tma``,
     imported here at the first call)."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    from .w4a16_wgmma_tma import w4a16_wgmma_tma_kernel, w4a16_wgmma_ws_kernel
+    from .w4a16_wgmma_tma import w4a16_wgmma_tma_kernel
 
     M, K = x.shape
     N = qweight.shape[1]
@@ -949,8 +940,7 @@ def wgmma_tma_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
     x_desc = TensorDescriptor.from_tensor(x, [block_m, 64], x_tiles)
     out = _split_output(x, N, split_k)
     grid = (triton.cdiv(N, block_n), triton.cdiv(M, block_m), split_k)
-    kernel = w4a16_wgmma_ws_kernel if specialized else w4a16_wgmma_tma_kernel
-    kernel[grid](
+    w4a16_wgmma_tma_kernel[grid](
         x_desc, qweight, scales, zeros, bias if bias is not None else scales, out, M, N, K, qweight.stride(0),
         scales.stride(0), out.stride(0), GROUP_SIZE=group_size, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages,
         SPLIT_K=split_k, HAS_BIAS=bias is not None and split_k == 1, BF16=x.dtype == torch.bfloat16,
@@ -968,16 +958,16 @@ def _wgmma_split(tiles: int, K: int, slots: int, min_steps: int = 8) -> int:
 
 
 def _wgmma_tma_config(M: int, N: int, K: int, sms: int) -> WgmmaTmaConfig:
-    """H200 sweeps (bench/NOTES-kernels.md, twenty-second and twenty-third sessions; fp16 64-256 rows and bf16
-    128 and 192 on the four Llama shapes; tiles of 64 to 256 rows by 128 or 256 columns, K split 1-8): 128
-    columns by 128 rows to 128 rows, K split while the programs fit two an SM; past 128 rows, one tile of 256
-    rows, warp-specialized, K split while they fit one an SM (fp16, us, the unspecialized 256-row tile ->
-    specialized: 4096² at 256 rows 29.5 -> 27.2, 4096x6144 42.4 -> 37.8, 4096x28672 133.9 -> 126.4, 14336x4096
-    75.6 -> 59.5). A split keeps 16 steps."""
+    """H200 sweeps (bench/NOTES-kernels.md, twenty-second session; fp16 64-256 rows and bf16 128 and 192 on
+    the four Llama shapes; tiles of 64 to 256 rows by 128 or 256 columns, K split 1-8): 128 columns by 128
+    rows to 128 rows, K split while the programs fit two an SM; past 128 rows, one tile of 256 rows, K split
+    while they fit one an SM (fp16, us, 128-row tiles with their split -> 256: 4096² at 192 rows 27.9 ->
+    25.9, 4096x28672 149.4 -> 126.5, 14336x4096 69.6 -> 56.6, 4096x6144 43.8 -> 37.2; a 256-row program's
+    split costs more, 4096x6144 split 4 40.8 against 36.2 split 2 at 160 rows). A split keeps 16 steps."""
     if M <= 128:
         return WgmmaTmaConfig(128, 128, 4, _wgmma_split(triton.cdiv(N, 128), K, 2 * sms, min_steps=16))
     tiles = triton.cdiv(M, 256) * triton.cdiv(N, 128)
-    return WgmmaTmaConfig(256, 128, 4, _wgmma_split(tiles, K, sms, min_steps=16), specialized=True)
+    return WgmmaTmaConfig(256, 128, 4, _wgmma_split(tiles, K, sms, min_steps=16))
 
 
 def _wgmma_config(M: int, N: int, K: int, sms: int) -> WgmmaConfig:
@@ -1119,8 +1109,7 @@ def pick_config(M: int, N: int, K: int, group_size: int, device: torch.device, a
     # kernel and than the dequantized weight + cuBLAS (H200, fp16, us, bench/NOTES-kernels.md, twenty-second
     # session): 128 rows 18.9 / 26.0 / 77.7 / 39.1 against 20.8 / 40.5 / 104.1 / 54.8 on 4096², 4096x6144,
     # 4096x28672 and 14336x4096; 192 rows 25.9 / 37.2 / 126.5 / 56.6 against 30.7 / 38.7 / 157.9 / 88.8;
-    # 256 rows 28.4 / 39.9 / 133.3 / 62.1 against 29.0 / 40.1 / 178.6 / 98.8 (past 128 rows now warp-specialized,
-    # faster again: ``_wgmma_tma_config``)
+    # 256 rows 28.4 / 39.9 / 133.3 / 62.1 against 29.0 / 40.1 / 178.6 / 98.8
     if hopper and WGMMA_MAX_M < M <= WGMMA_TMA_MAX_M:
         return _wgmma_tma_config(M, gemm_n, K, sms)
     if M >= DEQUANT_MM_MIN_M:

@@ -27,23 +27,9 @@ The fence waits for every load the thread has in flight (``MEMBAR.ALL.CTA`` in t
 step's word loads are issued after it, not before (H200, fp16, 4096x28672 at 2048 rows: 968 us against
 1042 with the loads before the fence).
 
-**Warp-specialized** (``w4a16_wgmma_ws_kernel``, 129 to 256 rows). Above, every warp waits each step for the
-barrier, the TMA and its MMAs in turn. Here the program's warps split the work:
-
-- two producer partitions of 4 warps take alternate steps. Each waits for its step's stage to be free,
-  issues x's TMA into it, dequantizes the step's words into the stage's weight tile and signals it (one
-  mbarrier a stage for x, one for the weights). A partition loads its next words after the fence, as above,
-  and has two steps' time for them to land;
-- the MMA warps (``num_warps``) wait for both, run the step's ``wgmma`` with one step in flight, and hand
-  the stage of the step before back to the producers (a third mbarrier).
-
-The stages hold x and the weights together: ``stages`` of ``(block_m + block_n) x 64``. Measured against the
-kernel above on the H200, fp16, 160 to 256 rows (bench/NOTES-kernels.md, twenty-third session): 1.0 to 1.27x
-faster; at 65 to 128 rows 0.87 to 1.12x, so the pick keeps the kernel above there.
-
 K may be split over programs (``SPLIT_K``), whose float32 sums are added atomically into a zeroed
-float32 output. Needs Hopper (sm_90: TMA, ``wgmma``) and fp16/bf16 x; the CPU tests compile both kernels
-for sm_90 (``tests/test_kernels.py``). ``w4a16.wgmma_tma_matmul`` launches them and imports this module on
+float32 output. Needs Hopper (sm_90: TMA, ``wgmma``) and fp16/bf16 x; the CPU tests compile it for
+sm_90 (``tests/test_kernels.py``). ``w4a16.wgmma_tma_matmul`` launches it and imports this module on
 its first call.
 """
 
@@ -56,10 +42,6 @@ from .w4a16_wgmma import _cta_barrier, _dequantize, _scaled
 
 _STEP = gl.constexpr(64)  # rows of K a loop step
 _WEIGHT_BUFFERS = gl.constexpr(3)  # see the module's docstring
-_PRODUCERS = gl.constexpr(2)  # the specialized kernel's producer partitions, 4 warps each
-# a producer thread's registers: a step's 8 words and the next step's in flight, without spills (ptxas, sm_90),
-# which leaves 160 a thread of the program's 64K to 8 MMA warps
-_PRODUCER_REGS = gl.constexpr(96)
 # Triton 3.9 calls the TMA load ``async_load``, 3.6 ``async_copy_global_to_shared``
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 
@@ -88,32 +70,6 @@ def _weight_tile(words, zero, scale, BF16: gl.constexpr):
 
 
 @gluon.jit
-def _split_steps(K, SPLIT_K: gl.constexpr):
-    """The K steps of this program's split (program_id 2): ``start`` to ``end`` (none: end <= start), and
-    ``last``, the last step its loads may touch (within K when the split has none)."""
-    steps = K // _STEP
-    per_split = gl.cdiv(steps, SPLIT_K)
-    start = gl.program_id(2) * per_split
-    end = gl.minimum(start + per_split, steps)
-    return start, end, gl.maximum(end - 1, gl.minimum(start, steps - 1))
-
-
-@gluon.jit
-def _store_tile(acc, b_ptr, out_ptr, m0, n0, M, N, stride_om, SPLIT_K: gl.constexpr, HAS_BIAS: gl.constexpr):
-    """The tile's float32 sums ``acc`` into ``out`` at (m0, n0): added atomically where K is split (the bias
-    left to the caller), else plus the bias and cast to out's dtype."""
-    om = m0 + gl.arange(0, acc.shape[0], layout=gl.SliceLayout(1, acc.type.layout))
-    on = n0 + gl.arange(0, acc.shape[1], layout=gl.SliceLayout(0, acc.type.layout))
-    mask = (om[:, None] < M) & (on[None, :] < N)
-    if SPLIT_K > 1:
-        gl.atomic_add(out_ptr + om[:, None] * stride_om + on[None, :], acc, mask=mask, sem="relaxed")
-    else:
-        if HAS_BIAS:
-            acc = acc + gl.load(b_ptr + on, mask=on < N, other=0.0).to(gl.float32)[None, :]
-        gl.store(out_ptr + om[:, None] * stride_om + on[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-@gluon.jit
 def w4a16_wgmma_tma_kernel(x_desc, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, stride_qk, stride_sg, stride_om,
                            GROUP_SIZE: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                            STAGES: gl.constexpr, SPLIT_K: gl.constexpr, HAS_BIAS: gl.constexpr,
@@ -134,7 +90,11 @@ def w4a16_wgmma_tma_kernel(x_desc, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K
 
     n0 = gl.program_id(0) * BLOCK_N
     m0 = gl.program_id(1) * BLOCK_M
-    start, end, last = _split_steps(K, SPLIT_K)
+    steps = K // _STEP
+    per_split = gl.cdiv(steps, SPLIT_K)
+    start = gl.program_id(2) * per_split
+    end = gl.minimum(start + per_split, steps)  # (no steps left: end <= start)
+    last = gl.maximum(end - 1, gl.minimum(start, steps - 1))  # the last step loads may touch
 
     columns = gl.minimum(n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, WORDS)), N - 1)  # past N: never stored
     word_rows = gl.arange(0, 8, layout=gl.SliceLayout(0, WORDS))
@@ -176,91 +136,12 @@ def w4a16_wgmma_tma_kernel(x_desc, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K
     for s in gl.static_range(STAGES):
         mbarrier.invalidate(x_ready.index(s))
 
-    _store_tile(acc, b_ptr, out_ptr, m0, n0, M, N, stride_om, SPLIT_K, HAS_BIAS)
-
-
-@gluon.jit
-def _mma_partition(xs, ws, x_ready, w_ready, free, start, end, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                   STAGES: gl.constexpr, num_warps: gl.constexpr):
-    """The specialized kernel's MMA warps: each step's ``wgmma`` once its x and weights are in, one step in
-    flight; the stage of the step before goes back to the producers when its MMAs are done."""
-    MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                  instr_shape=[16, BLOCK_N, 16])
-    acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, MMA)
-    for step in range(start, end):
-        i = step - start
-        stage = i % STAGES
-        mbarrier.wait(x_ready.index(stage), (i // STAGES) & 1)
-        mbarrier.wait(w_ready.index(stage), (i // STAGES) & 1)
-        acc = warpgroup_mma(xs.index(stage), ws.index(stage).permute((1, 0)), acc, is_async=True)
-        acc = warpgroup_mma_wait(num_outstanding=1, deps=[acc])
-        mbarrier.arrive(free.index((i + STAGES - 1) % STAGES), pred=i > 0)
-    acc = warpgroup_mma_wait(num_outstanding=0, deps=[acc])
-    return (acc, )  # (warp_specialize takes the default partition's results as a tuple)
-
-
-@gluon.jit
-def _dequantize_partition(x_desc, qw_ptr, s_ptr, z_ptr, xs, ws, x_ready, w_ready, free, start, end, last, n0, m0,
-                          N, stride_qk, stride_sg, PRODUCER: gl.constexpr, GROUP_SIZE: gl.constexpr,
-                          BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, BF16: gl.constexpr):
-    """Producer ``PRODUCER`` of the specialized kernel (4 warps): steps ``start + PRODUCER``, every
-    ``_PRODUCERS``-th after it, before ``end``. For each, once its stage is free: x's TMA into the stage, the
-    weights dequantized and scaled into it. Loads go no further than step ``last``."""
-    DTYPE: gl.constexpr = gl.bfloat16 if BF16 else gl.float16
-    # a thread holds a column's 8 word rows of a step, lanes along the columns (coalesced)
-    WORDS: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[32, 1], warps_per_cta=[4, 1],
-                                           order=[0, 1])
-    X_BYTES: gl.constexpr = BLOCK_M * _STEP * 2
-    columns = gl.minimum(n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, WORDS)), N - 1)  # past N: never stored
-    word_rows = gl.arange(0, 8, layout=gl.SliceLayout(0, WORDS))
-    w_ptrs = qw_ptr + word_rows[None, :] * stride_qk + columns[:, None]
-    spread = gl.zeros([BLOCK_N, 8], DTYPE, WORDS)
-    words = _step_loads(w_ptrs, z_ptr, s_ptr, start + PRODUCER, last, stride_qk, stride_sg, columns, spread,
-                        GROUP_SIZE)
-    for step in range(start + PRODUCER, end, _PRODUCERS):
-        i = step - start
-        stage = i % STAGES
-        mbarrier.wait(free.index(stage), ((i // STAGES) & 1) ^ 1, pred=i >= STAGES)  # step i - STAGES's MMAs
-        mbarrier.expect(x_ready.index(stage), X_BYTES)
-        _tma_load(x_desc, [m0, step * _STEP], x_ready.index(stage), xs.index(stage))
-        word, zero, scale = words
-        ws.index(stage).store(_weight_tile(word, zero, scale, BF16))
-        fence_async_shared()
-        mbarrier.arrive(w_ready.index(stage))
-        # (after the fence, which waits for every load in flight)
-        words = _step_loads(w_ptrs, z_ptr, s_ptr, step + _PRODUCERS, last, stride_qk, stride_sg, columns, spread,
-                            GROUP_SIZE)
-
-
-@gluon.jit
-def w4a16_wgmma_ws_kernel(x_desc, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, stride_qk, stride_sg, stride_om,
-                          GROUP_SIZE: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                          STAGES: gl.constexpr, SPLIT_K: gl.constexpr, HAS_BIAS: gl.constexpr, BF16: gl.constexpr,
-                          num_warps: gl.constexpr):
-    """``w4a16_wgmma_tma_kernel``'s product, warp-specialized (the module's docstring): ``num_warps`` MMA
-    warps and two producer partitions of 4 warps; ``STAGES`` stages of x and weights."""
-    DTYPE: gl.constexpr = gl.bfloat16 if BF16 else gl.float16
-    W_SHARED: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
-    n0 = gl.program_id(0) * BLOCK_N
-    m0 = gl.program_id(1) * BLOCK_M
-    start, end, last = _split_steps(K, SPLIT_K)
-
-    xs = gl.allocate_shared_memory(DTYPE, [STAGES, BLOCK_M, _STEP], x_desc.layout)
-    ws = gl.allocate_shared_memory(DTYPE, [STAGES, BLOCK_N, _STEP], W_SHARED)
-    x_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    w_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    free = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for s in gl.static_range(STAGES):
-        mbarrier.init(x_ready.index(s), count=1)
-        mbarrier.init(w_ready.index(s), count=1)
-        mbarrier.init(free.index(s), count=1)
-    fence_async_shared()
-
-    (acc, ) = gl.warp_specialize(
-        [(_mma_partition, (xs, ws, x_ready, w_ready, free, start, end, BLOCK_M, BLOCK_N, STAGES, num_warps)),
-         (_dequantize_partition, (x_desc, qw_ptr, s_ptr, z_ptr, xs, ws, x_ready, w_ready, free, start, end, last, n0,
-                                  m0, N, stride_qk, stride_sg, 0, GROUP_SIZE, BLOCK_M, BLOCK_N, STAGES, BF16)),
-         (_dequantize_partition, (x_desc, qw_ptr, s_ptr, z_ptr, xs, ws, x_ready, w_ready, free, start, end, last, n0,
-                                  m0, N, stride_qk, stride_sg, 1, GROUP_SIZE, BLOCK_M, BLOCK_N, STAGES, BF16))],
-        [4, 4], [_PRODUCER_REGS, _PRODUCER_REGS])
-    _store_tile(acc, b_ptr, out_ptr, m0, n0, M, N, stride_om, SPLIT_K, HAS_BIAS)
+    om = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, MMA))
+    on = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, MMA))
+    mask = (om[:, None] < M) & (on[None, :] < N)
+    if SPLIT_K > 1:
+        gl.atomic_add(out_ptr + om[:, None] * stride_om + on[None, :], acc, mask=mask, sem="relaxed")
+    else:
+        if HAS_BIAS:
+            acc = acc + gl.load(b_ptr + on, mask=on < N, other=0.0).to(gl.float32)[None, :]
+        gl.store(out_ptr + om[:, None] * stride_om + on[None, :], acc.to(DTYPE), mask=mask)

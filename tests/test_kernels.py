@@ -247,14 +247,14 @@ def test_w4a16_wgmma_config_by_shape():
 
 
 def test_w4a16_wgmma_tma_config_by_shape():
-    """The TMA kernels' block shapes (H200 sweeps, bench/NOTES-kernels.md, twenty-second and twenty-third
-    sessions): 128 columns with 8 warps; 128 rows, K split while the programs fit two an SM, to 128 rows; one
-    warp-specialized tile of 256 rows past it, K split while they fit one an SM; 16 steps of 64 a split."""
+    """The TMA kernel's block shapes (H200 sweeps, bench/NOTES-kernels.md, twenty-second session): 128 columns
+    with 8 warps; 128 rows, K split while the programs fit two an SM, to 128 rows; one tile of 256 rows past
+    it, K split while they fit one an SM; 16 steps of 64 a split."""
     cfg = w4a16._wgmma_tma_config
     shapes = [(4096, 4096), (6144, 4096), (28672, 4096), (4096, 14336)]
     assert [cfg(128, N, K, 132) for N, K in shapes] == [w4a16.WgmmaTmaConfig(128, 128, 4, split) for split in (4, 4, 1, 8)]
     assert [cfg(M, N, K, 132) for M in (129, 256) for N, K in shapes] == 2 * [
-        w4a16.WgmmaTmaConfig(256, 128, 4, split, specialized=True) for split in (4, 2, 1, 4)]
+        w4a16.WgmmaTmaConfig(256, 128, 4, split) for split in (4, 2, 1, 4)]
     assert cfg(100, 1024, 2048, 132) == w4a16.WgmmaTmaConfig(128, 128, 4, 2)  # 16 steps a split
     assert cfg(100, 1024, 1024, 132) == w4a16.WgmmaTmaConfig(128, 128, 4, 1)
 
@@ -262,18 +262,12 @@ def test_w4a16_wgmma_tma_config_by_shape():
 def test_w4a16_wgmma_tma_rejects_shapes_it_cannot_run():
     """Each shape the TMA kernel cannot lay out is named with what it needs, before any launch."""
     for cfg in (w4a16.WgmmaTmaConfig(128, 128, 4, 1), w4a16.WgmmaTmaConfig(64, 64, 3, 3, num_warps=4),
-                w4a16.WgmmaTmaConfig(256, 128, 5, 1), w4a16.WgmmaTmaConfig(128, 256, 2, 2),
-                w4a16.WgmmaTmaConfig(256, 128, 4, 1, specialized=True),
-                w4a16.WgmmaTmaConfig(128, 128, 6, 2, 4, specialized=True)):
+                w4a16.WgmmaTmaConfig(256, 128, 5, 1), w4a16.WgmmaTmaConfig(128, 256, 2, 2)):
         w4a16.check_wgmma_tma_config(cfg)
     for cfg, shared in ((w4a16.WgmmaTmaConfig(64, 128, 4, 1), 81920), (w4a16.WgmmaTmaConfig(128, 256, 4, 1, 4), 163840),
                         (w4a16.WgmmaTmaConfig(256, 256, 5, 1), 262144), (w4a16.WgmmaTmaConfig(128, 96, 4, 1), 102400),
                         (w4a16.WgmmaTmaConfig(128, 128, 1, 1), 65536), (w4a16.WgmmaTmaConfig(128, 128, 4, 0), 114688),
-                        (w4a16.WgmmaTmaConfig(192, 64, 2, 1, 4), 73728),  # (TMA blocks are powers of two)
-                        # specialized: stages of both, 128 columns, an accumulator of 128 registers a thread
-                        (w4a16.WgmmaTmaConfig(256, 128, 5, 1, specialized=True), 245760),
-                        (w4a16.WgmmaTmaConfig(128, 256, 3, 1, specialized=True), 147456),
-                        (w4a16.WgmmaTmaConfig(256, 128, 3, 1, 4, specialized=True), 147456)):
+                        (w4a16.WgmmaTmaConfig(192, 64, 2, 1, 4), 73728)):  # (TMA blocks are powers of two)
         with pytest.raises(ValueError, match=rf"{re.escape(repr(cfg))}: needs num_warps 4 or 8.*this one: {shared}"):
             w4a16.check_wgmma_tma_config(cfg)
     x, qweight, scales, zeros, _ = make_w4(80, 64, 128, 32, torch.float16, False, False, 0)
@@ -487,14 +481,12 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon._runtime import GluonASTSource
 from qpass.kernels import w4a16_wgmma_tma
 
+kernel = w4a16_wgmma_tma.w4a16_wgmma_tma_kernel
+names = list(inspect.signature(kernel.fn).parameters)
 x_tiles = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
-for kernel, dtype, block_m, block_n, stages, split, bias, group_size, warps in (
-        (w4a16_wgmma_tma.w4a16_wgmma_tma_kernel, "fp16", 128, 128, 4, 1, True, 128, 8),
-        (w4a16_wgmma_tma.w4a16_wgmma_tma_kernel, "bf16", 64, 64, 3, 3, False, 64, 4),
-        (w4a16_wgmma_tma.w4a16_wgmma_tma_kernel, "fp16", 128, 256, 2, 2, False, 256, 8),
-        (w4a16_wgmma_tma.w4a16_wgmma_ws_kernel, "fp16", 256, 128, 4, 1, True, 128, 8),
-        (w4a16_wgmma_tma.w4a16_wgmma_ws_kernel, "bf16", 128, 128, 6, 4, False, 64, 4)):
-    names = list(inspect.signature(kernel.fn).parameters)
+for dtype, block_m, block_n, stages, split, bias, group_size, warps in (
+        ("fp16", 128, 128, 4, 1, True, 128, 8), ("bf16", 64, 64, 3, 3, False, 64, 4),
+        ("fp16", 128, 256, 2, 2, False, 256, 8)):
     constexprs = dict(GROUP_SIZE=group_size, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, SPLIT_K=split,
                       HAS_BIAS=bias, BF16=dtype == "bf16", num_warps=warps)
     pointers = {p: "*" + dtype for p in ("s_ptr", "z_ptr", "b_ptr")}
@@ -507,27 +499,20 @@ for kernel, dtype, block_m, block_n, stages, split, bias, group_size, warps in (
 """
 
 
-@pytest.fixture(scope="module")
-def wgmma_tma_ttgir():
-    """The TTGIR of the TMA kernels compiled for sm_90 in five configurations (``_TTGIR_OF_WGMMA_TMA_KERNEL``):
-    three of the plain kernel, then two warp-specialized."""
-    env = dict(os.environ, TRITON_INTERPRET="0")
-    run = subprocess.run([sys.executable, "-c", _TTGIR_OF_WGMMA_TMA_KERNEL], capture_output=True, text=True,
-                         env=env, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    modules = run.stdout.split("module attributes")[1:]
-    assert len(modules) == 5
-    return modules
-
-
 @pytest.mark.skipif(not w4a16._GLUON, reason="this Triton has no Gluon")
-def test_w4a16_wgmma_tma_kernel_reads_both_operands_from_shared_memory(wgmma_tma_ttgir):
+def test_w4a16_wgmma_tma_kernel_reads_both_operands_from_shared_memory():
     """The TMA kernel, compiled for sm_90: three shared allocations, x's stages, three weight tiles and x's
     mbarriers; x reaches its stages by TMA only; in the loop the step's weight tile is stored, then fenced
     for the MMAs, and only then are the next words loaded (the fence waits for the loads in flight); the
     wgmma reads both operands from shared memory and one stays in flight (a wait for one pending, then none
     after the loop)."""
-    for ttgir, x_stages, weights, dtype in zip(wgmma_tma_ttgir[:3], ("4x128x64", "3x64x64", "2x128x64"),
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    run = subprocess.run([sys.executable, "-c", _TTGIR_OF_WGMMA_TMA_KERNEL], capture_output=True, text=True,
+                         env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    modules = run.stdout.split("module attributes")[1:]
+    assert len(modules) == 3
+    for ttgir, x_stages, weights, dtype in zip(modules, ("4x128x64", "3x64x64", "2x128x64"),
                                                ("3x128x64", "3x64x64", "3x256x64"), ("f16", "bf16", "f16")):
         allocs = [line for line in ttgir.splitlines() if "ttg.local_alloc" in line]
         assert len(allocs) == 3 and f"{x_stages}x{dtype}" in allocs[0] and f"{weights}x{dtype}" in allocs[1], allocs
@@ -539,36 +524,6 @@ def test_w4a16_wgmma_tma_kernel_reads_both_operands_from_shared_memory(wgmma_tma
         dots = [line for line in ttgir.splitlines() if "ttng.warp_group_dot " in line]
         assert len(dots) == 1 and "dot_op" not in dots[0] and dots[0].count("!ttg.memdesc") == 2, dots
         assert "pendings = 1" in loop and "pendings = 0" in ttgir
-
-
-@pytest.mark.skipif(not w4a16._GLUON, reason="this Triton has no Gluon")
-def test_w4a16_wgmma_ws_kernel_splits_dequantization_from_the_mmas(wgmma_tma_ttgir):
-    """The warp-specialized kernel, compiled for sm_90: shared stages of x and weights alike and three
-    mbarriers a stage; one warp-specialized region of two producer partitions. The default partition (the
-    MMA warps) loads nothing from global memory: it waits for a stage's two barriers, runs its wgmma from
-    shared memory with one in flight and arrives at the stage before's barrier. Each producer copies x by TMA,
-    stores the weight tile, fences it and signals it before it loads its next words."""
-    for ttgir, stages, block_m, dtype in zip(wgmma_tma_ttgir[3:], (4, 6), (256, 128), ("f16", "bf16")):
-        allocs = [line for line in ttgir.splitlines() if "ttg.local_alloc" in line]
-        assert len(allocs) == 5 and f"{stages}x{block_m}x64x{dtype}" in allocs[0], allocs
-        assert f"{stages}x128x64x{dtype}" in allocs[1] and all(f"{stages}x1xi64" in a for a in allocs[2:]), allocs
-        assert ttgir.count("ttg.warp_specialize(") == 1
-        default = ttgir[ttgir.index("ttg.warp_specialize("):ttgir.index("partition0(")]
-        producers = ttgir[ttgir.index("partition0("):ttgir.index("ttg.warp_return", ttgir.index("partition1("))]
-        assert "partition1(" in producers and "partition2(" not in ttgir
-        assert "tt.load" not in default and "async_tma_copy" not in default
-        loop = default[default.index("scf.for"):]
-        order = [loop.index(op) for op in ("ttng.wait_barrier", "ttng.warp_group_dot ", "pendings = 1",
-                                           "ttng.arrive_barrier")]
-        assert order == sorted(order) and loop.count("ttng.wait_barrier") == 2, order
-        dot = next(line for line in loop.splitlines() if "ttng.warp_group_dot " in line)
-        assert "dot_op" not in dot and dot.count("!ttg.memdesc") == 2, dot
-        for partition in producers.split("partition1(")[0], producers.split("partition1(")[1]:
-            loop = partition[partition.index("scf.for"):]
-            order = [loop.index(op) for op in ("ttng.wait_barrier", "ttng.async_tma_copy_global_to_local",
-                                               "ttg.local_store", "ttng.fence_async_shared", "ttng.arrive_barrier",
-                                               "tt.load")]
-            assert order == sorted(order), order
 
 
 @pytest.mark.parametrize("unit", [1.0, w4a16._F16_DOT_UNIT])  # the tile's and the GEMV dot's
@@ -1052,8 +1007,6 @@ def test_gpu_w4a16_wgmma(M, eighth_n, chunks, group_size, dtype, symmetric, bias
 # (block_m, block_n, num_warps) the TMA kernel lays out (``check_wgmma_tma_config``)
 WGMMA_TMA_SHAPES = [(128, 128, 8), (256, 128, 8), (128, 256, 8), (128, 32, 8), (64, 64, 4), (64, 128, 4),
                     (128, 32, 4), (256, 64, 4)]
-# (block_m, num_warps) of the warp-specialized kernel's MMA warps (128 columns)
-WGMMA_WS_SHAPES = [(256, 8), (128, 8), (128, 4), (64, 4)]
 
 
 @cuda
@@ -1069,22 +1022,6 @@ def test_gpu_w4a16_wgmma_tma(M, eighth_n, chunks, group_size, dtype, symmetric, 
     each activation after it, and the RMSNorm before it."""
     block_m, block_n, warps = shape
     config = w4a16.WgmmaTmaConfig(block_m, block_n, stages, split, warps)
-    K = chunks * max(128, group_size)
-    check_w4_config(config, M, 8 * eighth_n, K, group_size, dtype, symmetric, bias, activation, seed)
-
-
-@cuda
-@needs_cuda
-@needs_hopper
-@settings(max_examples=30, deadline=None)
-@given(M=st.integers(1, 300), shape=st.sampled_from(WGMMA_WS_SHAPES), stages=st.integers(2, 4), **HOPPER_PROBLEMS)
-def test_gpu_w4a16_wgmma_ws(M, eighth_n, chunks, group_size, dtype, symmetric, bias, activation, shape, stages,
-                            split, seed):
-    """The warp-specialized kernel against the float32 reference, as the TMA kernel above: steps fewer than
-    the stages or than the producers (one step: the second producer has none), splits without a step, M and
-    N off the tiles."""
-    block_m, warps = shape
-    config = w4a16.WgmmaTmaConfig(block_m, 128, stages, split, warps, specialized=True)
     K = chunks * max(128, group_size)
     check_w4_config(config, M, 8 * eighth_n, K, group_size, dtype, symmetric, bias, activation, seed)
 
@@ -1157,7 +1094,6 @@ def test_opaque_gemm_ops_run_under_torch_compile():
         assert gemm(*fake, 64, None, 4, 16, 32).shape == (7, 48)
         assert torch.ops.qpass.w4a16_wgmma_matmul(*fake, 64, None, 32, 1, 1).shape == (7, 48)
         assert torch.ops.qpass.w4a16_wgmma_tma_matmul(*fake, 64, None, 128, 128, 4, 1).shape == (7, 48)
-        assert torch.ops.qpass.w4a16_wgmma_tma_matmul(*fake, 64, None, 256, 128, 4, 1, 8, True).shape == (7, 48)
 
 
 @cuda
