@@ -55,7 +55,7 @@ import contextlib
 import importlib.util
 import math
 import struct
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import triton
@@ -868,20 +868,33 @@ def _hopper(device: torch.device) -> bool:
     return _HOPPER[index]
 
 
-def _split_output(x: torch.Tensor, N: int, split_k: int) -> torch.Tensor:
-    """The Gluon kernels' output for x's rows by N: in x's dtype, or, split over K, float32 zeros that the
-    splits' sums are added into (bias and cast then by ``_split_result``)."""
-    if split_k > 1:
-        return torch.zeros((x.shape[0], N), device=x.device, dtype=torch.float32)
-    return torch.empty((x.shape[0], N), device=x.device, dtype=x.dtype)
+# the Gluon kernels' split-K workspaces: (device, size) -> float32, zero between launches
+_SPLIT_WORKSPACES = {}
 
 
-def _split_result(out: torch.Tensor, bias: Optional[torch.Tensor], split_k: int, dtype: torch.dtype) -> torch.Tensor:
-    """A Gluon kernel's result from ``_split_output``'s buffer: as it is, or, split, the float32 sums plus the
-    bias, cast to ``dtype``."""
-    if split_k == 1:
+def split_workspace(device: torch.device, size: int) -> torch.Tensor:
+    """float32 zeros, at least ``size``, for the Gluon kernels' split-K sums and counts. Those kernels leave
+    them at zero when they finish (``w4a16_wgmma._take_split_total``), so a workspace is zeroed once, when
+    made, not before every launch (H200: the zeros and the cast after a split took 2.5 to 5.6 us of 10 to 39
+    at 32 to 128 rows; bench/NOTES-kernels.md, twenty-third session). One a device and power-of-two size,
+    kept for the process, as a CUDA graph replays the address it captured: so two launches on one device
+    must not overlap (streams that run concurrently, each with its split GEMMs, would share it). One made
+    during a graph's capture (no call before it) is the graph's own, zeroed in the graph, and not kept."""
+    key = (device, 1 << max(size - 1, 0).bit_length())
+    workspace = _SPLIT_WORKSPACES.get(key)
+    if workspace is None:
+        workspace = torch.zeros(key[1], device=device, dtype=torch.float32)
+        if not torch.cuda.is_current_stream_capturing():
+            _SPLIT_WORKSPACES[key] = workspace
+    return workspace
+
+
+def _sums(out: torch.Tensor, grid: Tuple[int, int, int]) -> torch.Tensor:
+    """A Gluon kernel's split-K workspace for ``out`` and its grid (columns, rows, splits): ``out``'s sums and
+    a count per output tile; ``out`` itself (never read) unsplit."""
+    if grid[2] == 1:
         return out
-    return (out if bias is None else out + bias).to(dtype)
+    return split_workspace(out.device, out.numel() + grid[0] * grid[1])
 
 
 def wgmma_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
@@ -893,14 +906,15 @@ def wgmma_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
 
     M, K = x.shape
     N = qweight.shape[1]
-    out = _split_output(x, N, split_k)
+    out = torch.empty((M, N), device=x.device, dtype=x.dtype)
     grid = (triton.cdiv(N, 64 * warpgroups), triton.cdiv(M, block_m), split_k)
     w4a16_wgmma_kernel[grid](
-        x, qweight, scales, zeros, bias if bias is not None else scales, out, M, N, K, x.stride(0),
-        qweight.stride(0), scales.stride(0), out.stride(0), GROUP_SIZE=group_size, BLOCK_M=block_m,
-        WARPGROUPS=warpgroups, SPLIT_K=split_k, HAS_BIAS=bias is not None and split_k == 1,
-        BF16=x.dtype == torch.bfloat16, SCALED=scaled, num_warps=4 * warpgroups)
-    return _split_result(out, bias, split_k, x.dtype)
+        x, qweight, scales, zeros, bias if bias is not None else scales, out, _sums(out, grid), M, N, K,
+        x.stride(0), qweight.stride(0), scales.stride(0), out.stride(0), GROUP_SIZE=group_size, BLOCK_M=block_m,
+        WARPGROUPS=warpgroups, SPLIT_K=split_k, HAS_BIAS=bias is not None, BF16=x.dtype == torch.bfloat16,
+        SCALED=scaled, num_warps=4 * warpgroups)
+    return out
+
 
 
 # shared memory a program may take on Hopper (227 KB)
@@ -938,14 +952,14 @@ def wgmma_tma_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
     N = qweight.shape[1]
     x_tiles = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
     x_desc = TensorDescriptor.from_tensor(x, [block_m, 64], x_tiles)
-    out = _split_output(x, N, split_k)
+    out = torch.empty((M, N), device=x.device, dtype=x.dtype)
     grid = (triton.cdiv(N, block_n), triton.cdiv(M, block_m), split_k)
     w4a16_wgmma_tma_kernel[grid](
-        x_desc, qweight, scales, zeros, bias if bias is not None else scales, out, M, N, K, qweight.stride(0),
-        scales.stride(0), out.stride(0), GROUP_SIZE=group_size, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages,
-        SPLIT_K=split_k, HAS_BIAS=bias is not None and split_k == 1, BF16=x.dtype == torch.bfloat16,
+        x_desc, qweight, scales, zeros, bias if bias is not None else scales, out, _sums(out, grid), M, N, K,
+        qweight.stride(0), scales.stride(0), out.stride(0), GROUP_SIZE=group_size, BLOCK_M=block_m,
+        BLOCK_N=block_n, STAGES=stages, SPLIT_K=split_k, HAS_BIAS=bias is not None, BF16=x.dtype == torch.bfloat16,
         num_warps=num_warps)
-    return _split_result(out, bias, split_k, x.dtype)
+    return out
 
 
 def _wgmma_split(tiles: int, K: int, slots: int, min_steps: int = 8) -> int:

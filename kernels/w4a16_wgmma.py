@@ -30,8 +30,10 @@ they are in flight under the chunk before's work. Its x goes into shared memory 
 in two stages of a double buffer, so one barrier serves two steps (H200, 14336x4096 at 32 rows: 18.5
 us against 21.2 with x stored and waited for each step). One step's MMAs stay in flight while the next
 step is dequantized (``warpgroup_mma_wait`` holds the previous operand's registers until its MMAs are
-done). K may be split over programs by chunks (``SPLIT_K``), whose float32 sums are added atomically
-into a zeroed float32 output.
+done). K may be split over programs by chunks (``SPLIT_K``): their float32 sums are added atomically into a
+workspace that stays zero between launches, and the tile's last program reads the total back, stores the
+result and zeroes its part again (``_add_split_sums``, ``_take_split_total``): one launch, no memset before
+it and no cast after it.
 
 x's shared memory holds two chunks, three with ``SCALED``. A chunk's x overwrites that of the chunk two
 back (three), whose MMAs every warpgroup has waited for before it reached the barrier of the chunk before.
@@ -53,6 +55,26 @@ from .w4a16 import NIBBLE_PAIRS_OUT, bf16_nibble_pairs, f16_nibble_pairs
 _STEP = gl.constexpr(64)  # rows of K a loop step
 # Triton 3.6 calls the CTA barrier ``thread_barrier``, 3.9 ``barrier``
 _cta_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
+
+
+@gluon.jit
+def _add_split_sums(acc, offsets, mask, sums_ptr, count_ptr):
+    """Add this program's float32 sums over its split of K into the workspace (``sums_ptr + offsets``, zero
+    before the tile's first split) and count its arrival at the tile's count (``count_ptr``); returns how
+    many of the tile's programs had arrived before it."""
+    gl.atomic_add(sums_ptr + offsets, acc, mask=mask, sem="relaxed")
+    _cta_barrier()  # every thread's additions are issued before the arrival is counted
+    return gl.atomic_add(count_ptr, 1.0, sem="acq_rel")
+
+
+@gluon.jit
+def _take_split_total(offsets, mask, sums_ptr, count_ptr):
+    """The tile's totals, for its last program to arrive; its part of the workspace and its count are left at
+    zero for the next launch, so the workspace needs no zeroing of its own (``w4a16.split_workspace``)."""
+    total = gl.load(sums_ptr + offsets, mask=mask, other=0.0, cache_modifier=".cg")
+    gl.store(sums_ptr + offsets, gl.zeros_like(total), mask=mask)
+    gl.store(count_ptr, 0.0)
+    return total
 
 
 # A word's 8 nibbles minus an fp16/bf16 zero (``$9``), exactly: the GEMV's nibble pairs (``w4a16``),
@@ -170,13 +192,29 @@ def _mma_step(words, zero, scale, x_stage, part, a_in_flight, A_LAYOUT: gl.const
 
 
 @gluon.jit
-def w4a16_wgmma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_qk, stride_sg,
-                       stride_om, GROUP_SIZE: gl.constexpr, BLOCK_M: gl.constexpr, WARPGROUPS: gl.constexpr,
-                       SPLIT_K: gl.constexpr, HAS_BIAS: gl.constexpr, BF16: gl.constexpr,
-                       SCALED: gl.constexpr):
+def _store_tile(acc, b_ptr, out_ptr, n0, m0, M, N, stride_om, HAS_BIAS: gl.constexpr, WARPS: gl.constexpr):
+    """The transposed tile's float32 sums ``acc [BN, BLOCK_M]`` plus the bias, cast and stored along N, the
+    output's contiguous dimension."""
+    OUT: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 1], threads_per_warp=[32, 1],
+                                         warps_per_cta=[1, WARPS], order=[0, 1])
+    tile = gl.convert_layout(acc, OUT)
+    on = n0 + gl.arange(0, acc.shape[0], layout=gl.SliceLayout(1, OUT))
+    om = m0 + gl.arange(0, acc.shape[1], layout=gl.SliceLayout(0, OUT))
+    if HAS_BIAS:
+        tile = tile + gl.load(b_ptr + on, mask=on < N, other=0.0).to(gl.float32)[:, None]
+    gl.store(out_ptr + om[None, :] * stride_om + on[:, None], tile.to(out_ptr.dtype.element_ty),
+             mask=(on[:, None] < N) & (om[None, :] < M))
+
+
+@gluon.jit
+def w4a16_wgmma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, sums_ptr, M, N, K, stride_xm, stride_qk,
+                       stride_sg, stride_om, GROUP_SIZE: gl.constexpr, BLOCK_M: gl.constexpr,
+                       WARPGROUPS: gl.constexpr, SPLIT_K: gl.constexpr, HAS_BIAS: gl.constexpr,
+                       BF16: gl.constexpr, SCALED: gl.constexpr):
     """out = x @ W (+ bias [N]) for BLOCK_M rows (program_id 1) by 64 * WARPGROUPS weight columns
-    (program_id 0) over a SPLIT_K-th of K's chunks (program_id 2; split, the float32 sums are added
-    into ``out``, zeroed, and the bias left to the caller)."""
+    (program_id 0) over a SPLIT_K-th of K's chunks (program_id 2). Split, the float32 sums meet in the
+    workspace ``sums_ptr`` (``[M, N]`` sums, then a count per output tile; ``w4a16.split_workspace``), and the
+    tile's last program stores the result."""
     BN: gl.constexpr = 64 * WARPGROUPS
     WARPS: gl.constexpr = 4 * WARPGROUPS
     DTYPE: gl.constexpr = gl.bfloat16 if BF16 else gl.float16
@@ -259,16 +297,11 @@ def w4a16_wgmma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, str
     if SPLIT_K > 1:
         an = n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, MMA))
         am = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, MMA))
-        gl.atomic_add(out_ptr + am[None, :] * stride_om + an[:, None], acc,
-                      mask=(an[:, None] < N) & (am[None, :] < M), sem="relaxed")
+        offsets = am[None, :] * N + an[:, None]
+        in_bounds = (an[:, None] < N) & (am[None, :] < M)
+        count_ptr = sums_ptr + M * N + gl.program_id(1) * gl.num_programs(0) + gl.program_id(0)
+        if _add_split_sums(acc, offsets, in_bounds, sums_ptr, count_ptr) == SPLIT_K - 1:
+            _store_tile(_take_split_total(offsets, in_bounds, sums_ptr, count_ptr), b_ptr, out_ptr, n0, m0, M, N,
+                        stride_om, HAS_BIAS, WARPS)
     else:
-        # stored along N, the output's contiguous dimension
-        OUT: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 1], threads_per_warp=[32, 1],
-                                             warps_per_cta=[1, WARPS], order=[0, 1])
-        tile = gl.convert_layout(acc, OUT)
-        on = n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, OUT))
-        om = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, OUT))
-        if HAS_BIAS:
-            tile = tile + gl.load(b_ptr + on, mask=on < N, other=0.0).to(gl.float32)[:, None]
-        gl.store(out_ptr + om[None, :] * stride_om + on[:, None], tile.to(DTYPE),
-                 mask=(on[:, None] < N) & (om[None, :] < M))
+        _store_tile(acc, b_ptr, out_ptr, n0, m0, M, N, stride_om, HAS_BIAS, WARPS)

@@ -443,12 +443,28 @@ for dtype, split, bias, group_size, scaled in (("fp16", 1, True, 128, False), ("
     constexprs = dict(GROUP_SIZE=group_size, BLOCK_M=128 if scaled else 32, WARPGROUPS=2, SPLIT_K=split,
                       HAS_BIAS=bias, BF16=dtype == "bf16", SCALED=scaled)
     pointers = {p: "*" + dtype for p in ("x_ptr", "s_ptr", "z_ptr", "b_ptr")}
-    pointers |= {"qw_ptr": "*i32", "out_ptr": "*fp32" if split > 1 else "*" + dtype}
+    pointers |= {"qw_ptr": "*i32", "out_ptr": "*" + dtype, "sums_ptr": "*fp32"}
     signature = {n: pointers.get(n, "constexpr" if n in constexprs else "i32") for n in names}
     aligned = {(names.index(n),): [["tt.divisibility", 16]] for n in names if signature[n] != "constexpr"}
     source = GluonASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=aligned)
     print(triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8)).asm["ttgir"])
 """
+
+
+def assert_split_epilogue(ttgir: str, split: bool):
+    """A Gluon kernel's epilogue in TTGIR: unsplit, no atomics; split, the sums added into the workspace
+    (relaxed), then the tile's count (acquire-release), and only in the branch of the last program to arrive
+    the totals read back, the workspace and the count zeroed for the next launch and the result stored."""
+    epilogue = ttgir[ttgir.rindex("ttng.warp_group_dot_wait"):]
+    if not split:
+        assert "tt.atomic_rmw" not in ttgir
+        return
+    order = [epilogue.index(op) for op in ("tt.atomic_rmw fadd, relaxed", "tt.atomic_rmw fadd, acq_rel", "scf.if",
+                                           "tt.load", "tt.store")]
+    assert order == sorted(order), order
+    last = epilogue[epilogue.index("scf.if"):]
+    stores = [line for line in last.splitlines() if "tt.store" in line]
+    assert len(stores) == 3 and "f32>" in stores[0] and "!tt.ptr<f32>" in stores[1] and "f32>" not in stores[2], stores
 
 
 @pytest.mark.skipif(not w4a16._GLUON, reason="this Triton has no Gluon")
@@ -457,15 +473,18 @@ def test_w4a16_wgmma_kernel_feeds_the_mma_from_registers():
     weights exact or scaled): its only shared memory is x's stages (two chunks of two steps, three chunks
     when scaled), so the dequantized weight reaches the wgmma in the registers that computed it; one
     step's wgmma stays in flight while the next is dequantized (a wait for one pending), and the MMAs are
-    all done (none pending) before a group's products are scaled, or, scaled, before the epilogue."""
+    all done (none pending) before a group's products are scaled, or, scaled, before the epilogue. Split,
+    the epilogue meets the other splits in the workspace (``assert_split_epilogue``)."""
     env = dict(os.environ, TRITON_INTERPRET="0")
     run = subprocess.run([sys.executable, "-c", _TTGIR_OF_WGMMA_KERNEL], capture_output=True, text=True, env=env,
                          timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     modules = run.stdout.split("module attributes")[1:]
     assert len(modules) == 4
-    for ttgir, stages in zip(modules, ("4x32x64x", "4x32x64x", "4x32x64x", "6x128x64x")):
+    for ttgir, stages, split in zip(modules, ("4x32x64x", "4x32x64x", "4x32x64x", "6x128x64x"),
+                                    (False, True, True, False)):
         assert ttgir.count("ttg.local_alloc") == 1 and stages in ttgir, ttgir[-3000:]
+        assert_split_epilogue(ttgir, split)
         dots = [line for line in ttgir.splitlines() if "ttng.warp_group_dot " in line]
         assert len(dots) == 2 and all("dot_op<{opIdx = 0" in dot for dot in dots), dots
         assert "pendings = 1" in ttgir and "pendings = 0" in ttgir
@@ -491,7 +510,7 @@ for dtype, block_m, block_n, stages, split, bias, group_size, warps in (
                       HAS_BIAS=bias, BF16=dtype == "bf16", num_warps=warps)
     pointers = {p: "*" + dtype for p in ("s_ptr", "z_ptr", "b_ptr")}
     pointers |= {"x_desc": f"tensordesc<{dtype}[{block_m},64],{x_tiles!r}>", "qw_ptr": "*i32",
-                 "out_ptr": "*fp32" if split > 1 else "*" + dtype}
+                 "out_ptr": "*" + dtype, "sums_ptr": "*fp32"}
     signature = {n: pointers.get(n, "constexpr" if n in constexprs else "i32") for n in names}
     aligned = {(names.index(n),): [["tt.divisibility", 16]] for n in names if signature[n][0] == "*"}
     source = GluonASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=aligned)
@@ -505,15 +524,17 @@ def test_w4a16_wgmma_tma_kernel_reads_both_operands_from_shared_memory():
     mbarriers; x reaches its stages by TMA only; in the loop the step's weight tile is stored, then fenced
     for the MMAs, and only then are the next words loaded (the fence waits for the loads in flight); the
     wgmma reads both operands from shared memory and one stays in flight (a wait for one pending, then none
-    after the loop)."""
+    after the loop); split, the epilogue meets the other splits in the workspace."""
     env = dict(os.environ, TRITON_INTERPRET="0")
     run = subprocess.run([sys.executable, "-c", _TTGIR_OF_WGMMA_TMA_KERNEL], capture_output=True, text=True,
                          env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     modules = run.stdout.split("module attributes")[1:]
     assert len(modules) == 3
-    for ttgir, x_stages, weights, dtype in zip(modules, ("4x128x64", "3x64x64", "2x128x64"),
-                                               ("3x128x64", "3x64x64", "3x256x64"), ("f16", "bf16", "f16")):
+    for ttgir, x_stages, weights, dtype, split in zip(modules, ("4x128x64", "3x64x64", "2x128x64"),
+                                                      ("3x128x64", "3x64x64", "3x256x64"), ("f16", "bf16", "f16"),
+                                                      (False, True, True)):
+        assert_split_epilogue(ttgir, split)
         allocs = [line for line in ttgir.splitlines() if "ttg.local_alloc" in line]
         assert len(allocs) == 3 and f"{x_stages}x{dtype}" in allocs[0] and f"{weights}x{dtype}" in allocs[1], allocs
         assert "ttng.async_tma_copy_global_to_local %x_desc" in ttgir
@@ -1024,6 +1045,35 @@ def test_gpu_w4a16_wgmma_tma(M, eighth_n, chunks, group_size, dtype, symmetric, 
     config = w4a16.WgmmaTmaConfig(block_m, block_n, stages, split, warps)
     K = chunks * max(128, group_size)
     check_w4_config(config, M, 8 * eighth_n, K, group_size, dtype, symmetric, bias, activation, seed)
+
+
+@cuda
+@needs_cuda
+@needs_hopper
+@pytest.mark.parametrize("config", [w4a16.WgmmaConfig(64, 2, 4, scaled=True), w4a16.WgmmaConfig(32, 1, 3),
+                                    w4a16.WgmmaTmaConfig(128, 128, 4, 3), w4a16.WgmmaTmaConfig(64, 64, 3, 5, 4)])
+def test_gpu_split_gemms_leave_their_workspace_zero(config):
+    """The Gluon kernels split over K meet in a workspace that is zeroed only when made: each launch leaves it
+    at zero. So the same split GEMM is right every time, eager and replayed in a CUDA graph (which keeps the
+    workspace's address), between GEMMs of other shapes, and every workspace is zero afterwards."""
+    def gemm(M, N, seed):
+        x, qweight, scales, zeros, b = make_w4(M, N, 1024, 128, torch.float16, False, True, seed)
+        return (lambda: w4a16.w4a16_linear(x, qweight, scales, zeros, 128, b, config=config),
+                w4_reference(x, qweight, scales, zeros, 128, b))
+
+    (first, first_ref), (other, other_ref) = gemm(50, 320, 0), gemm(20, 200, 1)
+    for run, ref in ((first, first_ref), (other, other_ref), (first, first_ref), (first, first_ref)):
+        assert relative_error(run(), ref) < BOUND[torch.float16]
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = first()
+    for _ in range(3):
+        out.zero_()
+        graph.replay()
+        assert relative_error(out, first_ref) < BOUND[torch.float16]
+        assert relative_error(other(), other_ref) < BOUND[torch.float16]
+    torch.cuda.synchronize()
+    assert w4a16._SPLIT_WORKSPACES and not any(w.any() for w in w4a16._SPLIT_WORKSPACES.values())
 
 
 @cuda
