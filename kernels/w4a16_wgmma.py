@@ -192,18 +192,12 @@ def _mma_step(words, zero, scale, x_stage, part, a_in_flight, A_LAYOUT: gl.const
 
 
 @gluon.jit
-def _store_tile(acc, b_ptr, out_ptr, n0, m0, M, N, stride_om, HAS_BIAS: gl.constexpr, WARPS: gl.constexpr):
-    """The transposed tile's float32 sums ``acc [BN, BLOCK_M]`` plus the bias, cast and stored along N, the
-    output's contiguous dimension."""
-    OUT: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 1], threads_per_warp=[32, 1],
-                                         warps_per_cta=[1, WARPS], order=[0, 1])
-    tile = gl.convert_layout(acc, OUT)
-    on = n0 + gl.arange(0, acc.shape[0], layout=gl.SliceLayout(1, OUT))
-    om = m0 + gl.arange(0, acc.shape[1], layout=gl.SliceLayout(0, OUT))
+def _store_tile(tile, rows, cols, mask, N, b_ptr, out_ptr, stride_om, HAS_BIAS: gl.constexpr):
+    """A float32 ``tile`` plus the bias of its columns, cast and stored at ``out[rows, cols]`` (index tensors
+    broadcasting to the tile's shape, ``mask`` its shape)."""
     if HAS_BIAS:
-        tile = tile + gl.load(b_ptr + on, mask=on < N, other=0.0).to(gl.float32)[:, None]
-    gl.store(out_ptr + om[None, :] * stride_om + on[:, None], tile.to(out_ptr.dtype.element_ty),
-             mask=(on[:, None] < N) & (om[None, :] < M))
+        tile = tile + gl.load(b_ptr + cols, mask=cols < N, other=0.0).to(gl.float32)
+    gl.store(out_ptr + rows * stride_om + cols, tile.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @gluon.jit
@@ -294,14 +288,18 @@ def w4a16_wgmma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, sums_ptr, M,
     if SCALED:
         acc = warpgroup_mma_wait(num_outstanding=0, deps=[acc])
 
+    # the output tile along N, its contiguous dimension: stored so, and read back so where K is split
+    OUT: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 1], threads_per_warp=[32, 1],
+                                         warps_per_cta=[1, WARPS], order=[0, 1])
+    cols = n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, OUT))[:, None]
+    rows = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, OUT))[None, :]
+    in_bounds = (cols < N) & (rows < M)
     if SPLIT_K > 1:
-        an = n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, MMA))
-        am = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, MMA))
-        offsets = am[None, :] * N + an[:, None]
-        in_bounds = (an[:, None] < N) & (am[None, :] < M)
+        an = n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, MMA))[:, None]
+        am = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, MMA))[None, :]
         count_ptr = sums_ptr + M * N + gl.program_id(1) * gl.num_programs(0) + gl.program_id(0)
-        if _add_split_sums(acc, offsets, in_bounds, sums_ptr, count_ptr) == SPLIT_K - 1:
-            _store_tile(_take_split_total(offsets, in_bounds, sums_ptr, count_ptr), b_ptr, out_ptr, n0, m0, M, N,
-                        stride_om, HAS_BIAS, WARPS)
+        if _add_split_sums(acc, am * N + an, (an < N) & (am < M), sums_ptr, count_ptr) == SPLIT_K - 1:
+            total = _take_split_total(rows * N + cols, in_bounds, sums_ptr, count_ptr)
+            _store_tile(total, rows, cols, in_bounds, N, b_ptr, out_ptr, stride_om, HAS_BIAS)
     else:
-        _store_tile(acc, b_ptr, out_ptr, n0, m0, M, N, stride_om, HAS_BIAS, WARPS)
+        _store_tile(gl.convert_layout(acc, OUT), rows, cols, in_bounds, N, b_ptr, out_ptr, stride_om, HAS_BIAS)

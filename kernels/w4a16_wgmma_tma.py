@@ -38,7 +38,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                               warpgroup_mma_wait)
 
-from .w4a16_wgmma import _add_split_sums, _cta_barrier, _dequantize, _scaled, _take_split_total
+from .w4a16_wgmma import _add_split_sums, _cta_barrier, _dequantize, _scaled, _store_tile, _take_split_total
 
 _STEP = gl.constexpr(64)  # rows of K a loop step
 _WEIGHT_BUFFERS = gl.constexpr(3)  # see the module's docstring
@@ -67,14 +67,6 @@ def _weight_tile(words, zero, scale, BF16: gl.constexpr):
     high = gl.join(gl.join(v[4], v[5]), gl.join(v[6], v[7]))
     r = gl.permute(gl.join(low, high), (0, 1, 4, 3, 2))  # [BLOCK_N, j, t2, t1, t0]: k = 8 j + t
     return gl.reshape(r, (r.shape[0], _STEP))
-
-
-@gluon.jit
-def _store_tile(acc, b_ptr, out_ptr, om, on, mask, N, stride_om, HAS_BIAS: gl.constexpr):
-    """The tile's float32 sums ``acc`` (rows ``om``, columns ``on`` of N) plus the bias, cast and stored."""
-    if HAS_BIAS:
-        acc = acc + gl.load(b_ptr + on, mask=on < N, other=0.0).to(gl.float32)[None, :]
-    gl.store(out_ptr + om[:, None] * stride_om + on[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @gluon.jit
@@ -145,14 +137,20 @@ def w4a16_wgmma_tma_kernel(x_desc, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, sums_pt
     for s in gl.static_range(STAGES):
         mbarrier.invalidate(x_ready.index(s))
 
-    om = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, MMA))
-    on = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, MMA))
-    mask = (om[:, None] < M) & (on[None, :] < N)
+    om = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, MMA))[:, None]
+    on = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, MMA))[None, :]
+    mask = (om < M) & (on < N)
     if SPLIT_K > 1:
-        offsets = om[:, None] * N + on[None, :]
         count_ptr = sums_ptr + M * N + gl.program_id(1) * gl.num_programs(0) + gl.program_id(0)
-        if _add_split_sums(acc, offsets, mask, sums_ptr, count_ptr) == SPLIT_K - 1:
-            _store_tile(_take_split_total(offsets, mask, sums_ptr, count_ptr), b_ptr, out_ptr, om, on, mask, N,
-                        stride_om, HAS_BIAS)
+        if _add_split_sums(acc, om * N + on, mask, sums_ptr, count_ptr) == SPLIT_K - 1:
+            # the totals read back along N, 16 bytes a thread: in the MMA's layout (8 bytes a thread, rows
+            # apart) a 256 x 128 tile's read-back cost more than the launches it saves
+            SUMS: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 4], threads_per_warp=[1, 32],
+                                                  warps_per_cta=[num_warps, 1], order=[1, 0])
+            rows = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, SUMS))[:, None]
+            cols = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, SUMS))[None, :]
+            in_bounds = (rows < M) & (cols < N)
+            total = _take_split_total(rows * N + cols, in_bounds, sums_ptr, count_ptr)
+            _store_tile(total, rows, cols, in_bounds, N, b_ptr, out_ptr, stride_om, HAS_BIAS)
     else:
-        _store_tile(acc, b_ptr, out_ptr, om, on, mask, N, stride_om, HAS_BIAS)
+        _store_tile(acc, om, on, mask, N, b_ptr, out_ptr, stride_om, HAS_BIAS)
