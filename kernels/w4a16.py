@@ -868,15 +868,16 @@ def _hopper(device: torch.device) -> bool:
     return _HOPPER[index]
 
 
-# the Gluon kernels' split-K workspaces: (device, size) -> float32, zero between launches
+# the wgmma kernel's split-K workspaces: (device, size) -> float32, zero between launches
 _SPLIT_WORKSPACES = {}
 
 
 def split_workspace(device: torch.device, size: int) -> torch.Tensor:
-    """float32 zeros, at least ``size``, for the Gluon kernels' split-K sums and counts. Those kernels leave
-    them at zero when they finish (``w4a16_wgmma._take_split_total``), so a workspace is zeroed once, when
+    """float32 zeros, at least ``size``, for the wgmma kernel's split-K sums and counts. That kernel leaves
+    them at zero when it finishes (``w4a16_wgmma._take_split_total``), so a workspace is zeroed once, when
     made, not before every launch (H200: the zeros and the cast after a split took 2.5 to 5.6 us of 10 to 39
-    at 32 to 128 rows; bench/NOTES-kernels.md, twenty-third session). One a device and power-of-two size,
+    at 32 to 128 rows; without them the kernel's split GEMMs at 24 to 64 rows are 1.02 to 1.24x faster,
+    geometric mean 1.10; bench/NOTES-kernels.md, twenty-third session). One a device and power-of-two size,
     kept for the process, as a CUDA graph replays the address it captured: so two launches on one device
     must not overlap (streams that run concurrently, each with its split GEMMs, would share it). One made
     during a graph's capture (no call before it) is the graph's own, zeroed in the graph, and not kept."""
@@ -890,7 +891,7 @@ def split_workspace(device: torch.device, size: int) -> torch.Tensor:
 
 
 def _sums(out: torch.Tensor, grid: Tuple[int, int, int]) -> torch.Tensor:
-    """A Gluon kernel's split-K workspace for ``out`` and its grid (columns, rows, splits): ``out``'s sums and
+    """The wgmma kernel's split-K workspace for ``out`` and its grid (columns, rows, splits): ``out``'s sums and
     a count per output tile; ``out`` itself (never read) unsplit."""
     if grid[2] == 1:
         return out
@@ -914,7 +915,6 @@ def wgmma_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
         WARPGROUPS=warpgroups, SPLIT_K=split_k, HAS_BIAS=bias is not None, BF16=x.dtype == torch.bfloat16,
         SCALED=scaled, num_warps=4 * warpgroups)
     return out
-
 
 
 # shared memory a program may take on Hopper (227 KB)
@@ -952,14 +952,20 @@ def wgmma_tma_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
     N = qweight.shape[1]
     x_tiles = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
     x_desc = TensorDescriptor.from_tensor(x, [block_m, 64], x_tiles)
-    out = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    # split, the float32 sums are added into zeros and cast after (two launches more). Read back and zeroed by
+    # each tile's last program instead, as in ``wgmma_matmul``, a 256-row tile took 0.96 to 1.24x the time at
+    # 256 rows, 0.91 to 1.02x at 96 and 128 (H200; bench/NOTES-kernels.md, twenty-third session)
+    out = (torch.zeros((M, N), device=x.device, dtype=torch.float32) if split_k > 1
+           else torch.empty((M, N), device=x.device, dtype=x.dtype))
     grid = (triton.cdiv(N, block_n), triton.cdiv(M, block_m), split_k)
     w4a16_wgmma_tma_kernel[grid](
-        x_desc, qweight, scales, zeros, bias if bias is not None else scales, out, _sums(out, grid), M, N, K,
-        qweight.stride(0), scales.stride(0), out.stride(0), GROUP_SIZE=group_size, BLOCK_M=block_m,
-        BLOCK_N=block_n, STAGES=stages, SPLIT_K=split_k, HAS_BIAS=bias is not None, BF16=x.dtype == torch.bfloat16,
+        x_desc, qweight, scales, zeros, bias if bias is not None else scales, out, M, N, K, qweight.stride(0),
+        scales.stride(0), out.stride(0), GROUP_SIZE=group_size, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages,
+        SPLIT_K=split_k, HAS_BIAS=bias is not None and split_k == 1, BF16=x.dtype == torch.bfloat16,
         num_warps=num_warps)
-    return out
+    if split_k == 1:
+        return out
+    return (out if bias is None else out + bias).to(x.dtype)
 
 
 def _wgmma_split(tiles: int, K: int, slots: int, min_steps: int = 8) -> int:

@@ -27,9 +27,9 @@ The fence waits for every load the thread has in flight (``MEMBAR.ALL.CTA`` in t
 step's word loads are issued after it, not before (H200, fp16, 4096x28672 at 2048 rows: 968 us against
 1042 with the loads before the fence).
 
-K may be split over programs (``SPLIT_K``), their sums meeting in a workspace as in ``w4a16_wgmma``.
-Needs Hopper (sm_90: TMA, ``wgmma``) and fp16/bf16 x; the CPU tests compile it for sm_90
-(``tests/test_kernels.py``). ``w4a16.wgmma_tma_matmul`` launches it and imports this module on
+K may be split over programs (``SPLIT_K``), whose float32 sums are added atomically into a zeroed
+float32 output. Needs Hopper (sm_90: TMA, ``wgmma``) and fp16/bf16 x; the CPU tests compile it for
+sm_90 (``tests/test_kernels.py``). ``w4a16.wgmma_tma_matmul`` launches it and imports this module on
 its first call.
 """
 
@@ -38,7 +38,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                               warpgroup_mma_wait)
 
-from .w4a16_wgmma import _add_split_sums, _cta_barrier, _dequantize, _scaled, _store_tile, _take_split_total
+from .w4a16_wgmma import _cta_barrier, _dequantize, _scaled
 
 _STEP = gl.constexpr(64)  # rows of K a loop step
 _WEIGHT_BUFFERS = gl.constexpr(3)  # see the module's docstring
@@ -70,15 +70,14 @@ def _weight_tile(words, zero, scale, BF16: gl.constexpr):
 
 
 @gluon.jit
-def w4a16_wgmma_tma_kernel(x_desc, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, sums_ptr, M, N, K, stride_qk, stride_sg,
-                           stride_om,
+def w4a16_wgmma_tma_kernel(x_desc, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, stride_qk, stride_sg, stride_om,
                            GROUP_SIZE: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                            STAGES: gl.constexpr, SPLIT_K: gl.constexpr, HAS_BIAS: gl.constexpr,
                            BF16: gl.constexpr, num_warps: gl.constexpr):
     """out = x @ W (+ bias [N]) for BLOCK_N weight columns (program_id 0) by BLOCK_M rows of x (program_id
     1, read through ``x_desc``, a TMA descriptor of blocks ``[BLOCK_M, 64]``) over a SPLIT_K-th of K's
-    steps (program_id 2). Split, the float32 sums meet in the workspace ``sums_ptr`` (``[M, N]`` sums, then a
-    count per output tile; ``w4a16.split_workspace``), and the tile's last program stores the result."""
+    steps (program_id 2; split, the float32 sums are added into ``out``, zeroed, and the bias left to the
+    caller)."""
     DTYPE: gl.constexpr = gl.bfloat16 if BF16 else gl.float16
     # a thread holds whole words: lanes along the columns (coalesced), warps over columns and word rows
     WORDS: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 1], threads_per_warp=[32, 1],
@@ -137,20 +136,12 @@ def w4a16_wgmma_tma_kernel(x_desc, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, sums_pt
     for s in gl.static_range(STAGES):
         mbarrier.invalidate(x_ready.index(s))
 
-    om = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, MMA))[:, None]
-    on = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, MMA))[None, :]
-    mask = (om < M) & (on < N)
+    om = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, MMA))
+    on = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, MMA))
+    mask = (om[:, None] < M) & (on[None, :] < N)
     if SPLIT_K > 1:
-        count_ptr = sums_ptr + M * N + gl.program_id(1) * gl.num_programs(0) + gl.program_id(0)
-        if _add_split_sums(acc, om * N + on, mask, sums_ptr, count_ptr) == SPLIT_K - 1:
-            # the totals read back along N, 16 bytes a thread: in the MMA's layout (8 bytes a thread, rows
-            # apart) a 256 x 128 tile's read-back cost more than the launches it saves
-            SUMS: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 4], threads_per_warp=[1, 32],
-                                                  warps_per_cta=[num_warps, 1], order=[1, 0])
-            rows = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, SUMS))[:, None]
-            cols = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, SUMS))[None, :]
-            in_bounds = (rows < M) & (cols < N)
-            total = _take_split_total(rows * N + cols, in_bounds, sums_ptr, count_ptr)
-            _store_tile(total, rows, cols, in_bounds, N, b_ptr, out_ptr, stride_om, HAS_BIAS)
+        gl.atomic_add(out_ptr + om[:, None] * stride_om + on[None, :], acc, mask=mask, sem="relaxed")
     else:
-        _store_tile(acc, om, on, mask, N, b_ptr, out_ptr, stride_om, HAS_BIAS)
+        if HAS_BIAS:
+            acc = acc + gl.load(b_ptr + on, mask=on < N, other=0.0).to(gl.float32)[None, :]
+        gl.store(out_ptr + om[:, None] * stride_om + on[None, :], acc.to(DTYPE), mask=mask)
