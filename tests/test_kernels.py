@@ -1048,8 +1048,7 @@ def test_gpu_w4a16_wgmma_tma(M, eighth_n, chunks, group_size, dtype, symmetric, 
 @cuda
 @needs_cuda
 @needs_hopper
-@pytest.mark.parametrize("config", [w4a16.WgmmaConfig(64, 2, 4, scaled=True), w4a16.WgmmaConfig(32, 1, 3),
-                                    w4a16.WgmmaConfig(64, 1, 5, scaled=True)])
+@pytest.mark.parametrize("config", [w4a16.WgmmaConfig(64, 2, 4, scaled=True), w4a16.WgmmaConfig(32, 1, 3)])
 def test_gpu_split_gemms_leave_their_workspace_zero(config):
     """The wgmma kernel's splits of K meet in a workspace that is zeroed only when made: each launch leaves it
     at zero. So the same split GEMM is right every time, eager and replayed in a CUDA graph (which keeps the
