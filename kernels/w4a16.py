@@ -55,7 +55,7 @@ import contextlib
 import importlib.util
 import math
 import struct
-from typing import NamedTuple, Optional, Tuple
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -890,14 +890,6 @@ def split_workspace(device: torch.device, size: int) -> torch.Tensor:
     return workspace
 
 
-def _sums(out: torch.Tensor, grid: Tuple[int, int, int]) -> torch.Tensor:
-    """The wgmma kernel's split-K workspace for ``out`` and its grid (columns, rows, splits): ``out``'s sums and
-    a count per output tile; ``out`` itself (never read) unsplit."""
-    if grid[2] == 1:
-        return out
-    return split_workspace(out.device, out.numel() + grid[0] * grid[1])
-
-
 def wgmma_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                  group_size: int, bias: Optional[torch.Tensor], block_m: int, warpgroups: int,
                  split_k: int, scaled: bool = False) -> torch.Tensor:
@@ -909,8 +901,10 @@ def wgmma_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
     N = qweight.shape[1]
     out = torch.empty((M, N), device=x.device, dtype=x.dtype)
     grid = (triton.cdiv(N, 64 * warpgroups), triton.cdiv(M, block_m), split_k)
+    # split, the sums and a count per output tile; unsplit never read
+    sums = split_workspace(x.device, M * N + grid[0] * grid[1]) if split_k > 1 else out
     w4a16_wgmma_kernel[grid](
-        x, qweight, scales, zeros, bias if bias is not None else scales, out, _sums(out, grid), M, N, K,
+        x, qweight, scales, zeros, bias if bias is not None else scales, out, sums, M, N, K,
         x.stride(0), qweight.stride(0), scales.stride(0), out.stride(0), GROUP_SIZE=group_size, BLOCK_M=block_m,
         WARPGROUPS=warpgroups, SPLIT_K=split_k, HAS_BIAS=bias is not None, BF16=x.dtype == torch.bfloat16,
         SCALED=scaled, num_warps=4 * warpgroups)
