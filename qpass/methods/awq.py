@@ -24,10 +24,8 @@ from torch.nn import Parameter
 
 from qpass.calib.rtn import quantize_groupwise
 from qpass.kernels.reference import pack_int4_rows, unpack_int4_rows
-from qpass.layers.quantize_base import LinearMethodBase
 from qpass.layers.utils import set_weight_attrs
-from qpass.methods.base import QuantConfig, register_method
-from qpass.ops import FUSED_ACTIVATIONS
+from qpass.methods.base import OpLinearMethod, QuantConfig, register_method
 
 log = logging.getLogger("qpass")
 
@@ -134,13 +132,7 @@ def fitting_group_size(group_size: int, in_features: int) -> Optional[int]:
     return None
 
 
-class AWQLinearMethod(LinearMethodBase):
-    fused_activations = FUSED_ACTIVATIONS  # epilogues the op computes (QuantLinear.activation)
-    residual_bias = True  # apply takes a bias shaped as its output: a residual added in the epilogue
-
-    def __init__(self, quant_config: AWQConfig):
-        self.quant_config = quant_config
-
+class AWQLinearMethod(OpLinearMethod):
     def create_weights(
         self,
         layer: torch.nn.Module,

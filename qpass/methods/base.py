@@ -16,6 +16,7 @@ from torch.nn import Parameter
 
 from qpass.layers.quantize_base import LinearMethodBase
 from qpass.layers.utils import set_weight_attrs
+from qpass.ops import FUSED_ACTIVATIONS
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -66,6 +67,18 @@ class QuantConfig:
         (None when the user gave none), computed on ``device`` if given; methods without
         calibration return None."""
         return None
+
+
+class OpLinearMethod(LinearMethodBase):
+    """Base of the methods whose ``apply`` is one ``torch.ops.qpass`` op: the op computes the
+    epilogues (``QuantLinear.activation``) and takes a bias shaped as its output, the residual
+    that the lowering folds into it."""
+
+    fused_activations = FUSED_ACTIVATIONS
+    residual_bias = True
+
+    def __init__(self, quant_config: QuantConfig):
+        self.quant_config = quant_config
 
 
 def register_method(name: str):

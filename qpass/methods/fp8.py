@@ -11,9 +11,7 @@ from typing import Dict, List, Optional
 import torch
 
 from qpass.kernels.reference import FP8_MAX
-from qpass.layers.quantize_base import LinearMethodBase
-from qpass.methods.base import QuantConfig, register_method, register_per_channel_weights
-from qpass.ops import FUSED_ACTIVATIONS
+from qpass.methods.base import OpLinearMethod, QuantConfig, register_method, register_per_channel_weights
 
 
 @register_method("fp8")
@@ -23,13 +21,7 @@ class FP8Config(QuantConfig):
         return FP8LinearMethod(self)
 
 
-class FP8LinearMethod(LinearMethodBase):
-    fused_activations = FUSED_ACTIVATIONS  # epilogues the op computes (QuantLinear.activation)
-    residual_bias = True  # apply takes a bias shaped as its output: a residual added in the epilogue
-
-    def __init__(self, quant_config: FP8Config):
-        self.quant_config = quant_config
-
+class FP8LinearMethod(OpLinearMethod):
     def create_weights(
         self,
         layer: torch.nn.Module,

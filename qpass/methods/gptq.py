@@ -28,11 +28,9 @@ from torch.nn import Parameter
 
 from qpass.calib.rtn import quantize_groupwise
 from qpass.kernels.reference import pack_int4_rows, unpack_int4_rows
-from qpass.layers.quantize_base import LinearMethodBase
 from qpass.layers.utils import set_weight_attrs
 from qpass.methods.awq import MIN_GROUP_SIZE, PACK_FACTOR, fitting_group_size, warn_uncalibrated_once
-from qpass.methods.base import QuantConfig, register_method
-from qpass.ops import FUSED_ACTIVATIONS
+from qpass.methods.base import OpLinearMethod, QuantConfig, register_method
 
 
 def pack_columns(z: torch.Tensor) -> torch.Tensor:
@@ -124,13 +122,7 @@ class GPTQConfig(QuantConfig):
         return calibrate_gptq(model, plan, calib, self, device)
 
 
-class GPTQLinearMethod(LinearMethodBase):
-    fused_activations = FUSED_ACTIVATIONS  # epilogues the op computes (QuantLinear.activation)
-    residual_bias = True  # apply takes a bias shaped as its output: a residual added in the epilogue
-
-    def __init__(self, quant_config: GPTQConfig):
-        self.quant_config = quant_config
-
+class GPTQLinearMethod(OpLinearMethod):
     def create_weights(
         self,
         layer: torch.nn.Module,

@@ -10,9 +10,7 @@ from typing import Dict, List, Optional
 import torch
 
 from qpass.calib.rtn import quantize_per_channel_int8
-from qpass.layers.quantize_base import LinearMethodBase
-from qpass.methods.base import QuantConfig, register_method, register_per_channel_weights
-from qpass.ops import FUSED_ACTIVATIONS
+from qpass.methods.base import OpLinearMethod, QuantConfig, register_method, register_per_channel_weights
 
 
 @register_method("int8")
@@ -22,13 +20,7 @@ class Int8Config(QuantConfig):
         return Int8LinearMethod(self)
 
 
-class Int8LinearMethod(LinearMethodBase):
-    fused_activations = FUSED_ACTIVATIONS  # epilogues the op computes (QuantLinear.activation)
-    residual_bias = True  # apply takes a bias shaped as its output: a residual added in the epilogue
-
-    def __init__(self, quant_config: Int8Config):
-        self.quant_config = quant_config
-
+class Int8LinearMethod(OpLinearMethod):
     def create_weights(
         self,
         layer: torch.nn.Module,
