@@ -59,6 +59,38 @@ def mma_accumulate(acc, x, w_t, SWAP_AB: tl.constexpr, DOT_PRECISION: tl.constex
     return acc
 
 
+@triton.jit
+def mma_zeros(BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SWAP_AB: tl.constexpr):
+    """A zero float32 accumulator for ``mma_accumulate``: ``[BLOCK_M, BLOCK_N]``, transposed under SWAP_AB."""
+    if SWAP_AB:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    return acc
+
+
+@triton.jit
+def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """The rows ``[BLOCK_M]`` and columns ``[BLOCK_N]`` of output tile ``pid`` of ``[M, N]``."""
+    # Grouped tile order: GROUP_M row tiles share each weight column tile while it is in L2.
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * grid_n
+    first_m = (pid // width) * GROUP_M
+    group_rows = tl.minimum(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % group_rows
+    pid_n = (pid % width) // group_rows
+    return pid_m * BLOCK_M + tl.arange(0, BLOCK_M), pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+
+
+@triton.jit
+def split_k_tiles(pid_k, k_tiles, SPLIT_K: tl.constexpr):
+    """The K tiles ``[start, end)`` of split ``pid_k`` of ``k_tiles`` cut into SPLIT_K."""
+    tiles_per_split = tl.cdiv(k_tiles, SPLIT_K)
+    tile_start = pid_k * tiles_per_split
+    return tile_start, tl.minimum(tile_start + tiles_per_split, k_tiles)
+
+
 def output_columns(activation: str, N: int) -> int:
     """Columns of the result: N, or N // 2 under "silu_mul" (whose N GEMM columns are [gate | up])."""
     if activation not in ACTIVATIONS:

@@ -14,7 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import MmaConfig, bias_rows, output_columns, sm_count, split_for, split_k_workspace, store_output
+from .common import (MmaConfig, bias_rows, grouped_tile, output_columns, sm_count, split_for, split_k_tiles,
+                     split_k_workspace, store_output)
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
@@ -85,26 +86,14 @@ def _fp8_mma_kernel(
     SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    grid_m = tl.cdiv(M, BLOCK_M)
-    grid_n = tl.cdiv(N_OUT, BLOCK_N)
-    width = GROUP_M * grid_n
-    first_m = (pid // width) * GROUP_M
-    group_rows = tl.minimum(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % group_rows
-    pid_n = (pid % width) // group_rows
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m, offs_n = grouped_tile(pid, M, N_OUT, BLOCK_M, BLOCK_N, GROUP_M)
     offs_k = tl.arange(0, BLOCK_K)
     # Out-of-range rows and columns read row 0 again (always valid) and are never stored.
     a_ptrs = a_ptr + (offs_m % M)[:, None] * stride_am + offs_k[None, :]
     b_ptrs = b_ptr + (offs_n % N_OUT)[:, None] * stride_bn + offs_k[None, :]
 
     k_tiles = tl.cdiv(K, BLOCK_K)
-    tiles_per_split = tl.cdiv(k_tiles, SPLIT_K)
-    tile_start = pid_k * tiles_per_split
-    tile_end = tl.minimum(tile_start + tiles_per_split, k_tiles)
+    tile_start, tile_end = split_k_tiles(tl.program_id(1), k_tiles, SPLIT_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = acc
     for t in range(tile_start, tile_end):

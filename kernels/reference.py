@@ -41,6 +41,14 @@ def apply_activation(out: torch.Tensor, activation: str) -> torch.Tensor:
     return out
 
 
+def epilogue(out: torch.Tensor, bias: Optional[torch.Tensor], activation: str, dtype: torch.dtype) -> torch.Tensor:
+    """A linear's float32 result ``out`` finished as the kernels' epilogue does: the bias added in
+    float32, ``activation``, the cast to ``dtype``."""
+    if bias is not None:
+        out = out + bias.float()
+    return apply_activation(out, activation).to(dtype)
+
+
 def activation_after_gemm(out: torch.Tensor, activation: str) -> torch.Tensor:
     """``apply_activation`` in float32 on a GEMM's output, back in its dtype: the epilogue cuBLAS
     has not, as one pointwise pass (Inductor fuses it under torch.compile)."""
@@ -96,9 +104,7 @@ def w4a16_linear(
         x = rms_norm(x, norm_weight.to(x.dtype), norm_eps)
     w = dequantize_w4(qweight, scales.float(), zeros.float(), group_size)
     out = x.float() @ w
-    if bias is not None:
-        out = out + bias.float()
-    return apply_activation(out, activation).to(x.dtype)
+    return epilogue(out, bias, activation, x.dtype)
 
 
 def w8a16_linear(
@@ -109,9 +115,7 @@ def w8a16_linear(
     activation: str = "none",
 ) -> torch.Tensor:
     out = (x.float() @ qweight.float().t()) * scales.float()
-    if bias is not None:
-        out = out + bias.float()
-    return apply_activation(out, activation).to(x.dtype)
+    return epilogue(out, bias, activation, x.dtype)
 
 
 def quantize_fp8_per_token(x: torch.Tensor):
@@ -131,6 +135,4 @@ def fp8_linear(
 ) -> torch.Tensor:
     xq, x_scale = quantize_fp8_per_token(x.reshape(-1, x.shape[-1]))
     out = (xq.float() @ qweight.float().t()) * x_scale * weight_scale.float()
-    if bias is not None:
-        out = out + bias.float()
-    return apply_activation(out, activation).to(x.dtype).reshape(*x.shape[:-1], -1)
+    return epilogue(out, bias, activation, x.dtype).reshape(*x.shape[:-1], -1)

@@ -29,8 +29,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .common import (MmaConfig, asm_constant, bias_rows, mma_accumulate, output_columns, sm_count,
-                     split_for, split_k_workspace, store_output, triton_interpreted, unrolled_steps)
+from .common import (MmaConfig, asm_constant, bias_rows, grouped_tile, mma_accumulate, mma_zeros, output_columns,
+                     sm_count, split_for, split_k_tiles, split_k_workspace, store_output, triton_interpreted,
+                     unrolled_steps)
 from .reference import activation_after_gemm
 
 
@@ -300,17 +301,7 @@ def _w8a16_mma_kernel(
     SWAP_AB: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    grid_m = tl.cdiv(M, BLOCK_M)
-    grid_n = tl.cdiv(N_OUT, BLOCK_N)
-    width = GROUP_M * grid_n
-    first_m = (pid // width) * GROUP_M
-    group_rows = tl.minimum(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % group_rows
-    pid_n = (pid % width) // group_rows
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m, offs_n = grouped_tile(pid, M, N_OUT, BLOCK_M, BLOCK_N, GROUP_M)
     offs_k = tl.arange(0, BLOCK_K)
     # Out-of-range rows and columns read row 0 again (always valid) and are never stored.
     x_ptrs = x_ptr + (offs_m % M)[:, None] * stride_xm + offs_k[None, :] * stride_xk
@@ -318,16 +309,11 @@ def _w8a16_mma_kernel(
     DTYPE: tl.constexpr = x_ptr.dtype.element_ty
 
     k_tiles = tl.cdiv(K, BLOCK_K)
-    tiles_per_split = tl.cdiv(k_tiles, SPLIT_K)
-    tile_start = pid_k * tiles_per_split
-    tile_end = tl.minimum(tile_start + tiles_per_split, k_tiles)
+    tile_start, tile_end = split_k_tiles(tl.program_id(1), k_tiles, SPLIT_K)
     # SWAP_AB: the product transposed, out^T = q x^T, the weight tile the MMA's left operand, which
     # Hopper's wgmma reads from registers: the int8 -> fp16/bf16 conversion feeds it with no trip
     # through shared memory (bench/NOTES-kernels.md).
-    if SWAP_AB:
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = mma_zeros(BLOCK_M, BLOCK_N, SWAP_AB)
     acc_up = acc
     for t in range(tile_start, tile_end):
         k0 = t * BLOCK_K
