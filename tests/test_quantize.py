@@ -84,18 +84,26 @@ def test_skip_and_overrides():
     assert relative_error(q(ids), model(ids)) < 0.1
 
 
-def test_indivisible_in_features_use_the_largest_halved_group(caplog):
+@pytest.mark.parametrize("method, kept_for_out_features", [
+    ("awq", "kept in float: out_features 100 is not a multiple of 8"),
+    ("gptq", "kept in float: in_features 8 and out_features 100 must be multiples of 8"),
+])
+def test_indivisible_in_features_use_the_largest_halved_group(caplog, method, kept_for_out_features):
     assert fitting_group_size(128, 576) == 64
     assert fitting_group_size(128, 1536) == 128
     assert fitting_group_size(128, 100) is None
-    model = nn.Sequential(nn.Linear(576, 192), nn.ReLU(), nn.Linear(192, 100)).eval()
+    model = nn.Sequential(nn.Linear(576, 192), nn.ReLU(), nn.Linear(192, 200), nn.ReLU(), nn.Linear(200, 8),
+                          nn.ReLU(), nn.Linear(8, 100)).eval()
     with caplog.at_level(logging.INFO, logger="qpass"):
-        q = qpass.quantize(model, "awq")
-    first, last = q.get_submodule("0"), q.get_submodule("2")  # a GraphModule: no indexing
+        q = qpass.quantize(model, method)
+    first, second, third = (q.get_submodule(name) for name in "024")  # a GraphModule: no indexing
     assert first.quant_method.quant_config.group_size == 64
-    assert isinstance(last.quant_method, UnquantizedLinearMethod)  # out 100: not a multiple of 8
+    assert second.quant_method.quant_config.group_size == 64
+    assert isinstance(third.quant_method, UnquantizedLinearMethod)  # in 200: no group of 32 or more divides it
     assert "group_size 128 does not divide in_features 576; using 64" in caplog.text
-    assert "kept in float: out_features 100 is not a multiple of 8" in caplog.text
+    assert "group_size 128 does not divide in_features 192; using 64" in caplog.text
+    assert "kept in float: in_features 200 has no group size >= 32 that divides it (halving from 128)" in caplog.text
+    assert kept_for_out_features in caplog.text
 
 
 @pytest.mark.parametrize("merge", [True, False])

@@ -17,7 +17,7 @@ how.
 
 import logging
 from dataclasses import dataclass, replace
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch.nn import Parameter
@@ -86,19 +86,7 @@ class AWQConfig(QuantConfig):
     def for_layer(self, name, in_features, out_features):
         if out_features % PACK_FACTOR:
             return None, f"{name}: kept in float: out_features {out_features} is not a multiple of {PACK_FACTOR}"
-        group_size = fitting_group_size(self.group_size, in_features)
-        if group_size is None:
-            return None, (
-                f"{name}: kept in float: in_features {in_features} has no group size "
-                f">= {MIN_GROUP_SIZE} that divides it (halving from {self.group_size})"
-            )
-        if group_size != self.group_size:
-            return (
-                replace(self, group_size=group_size),
-                f"{name}: group_size {self.group_size} does not divide in_features {in_features}; "
-                f"using {group_size}",
-            )
-        return self, ""
+        return with_fitting_group_size(self, name, in_features)
 
     def get_linear_method(self) -> "AWQLinearMethod":
         return AWQLinearMethod(self)
@@ -130,6 +118,20 @@ def fitting_group_size(group_size: int, in_features: int) -> Optional[int]:
             return group_size
         group_size //= 2
     return None
+
+
+def with_fitting_group_size(config: QuantConfig, name: str, in_features: int) -> Tuple[Optional[QuantConfig], str]:
+    """``for_layer``'s answer for a config with a ``group_size``: itself, a copy with the
+    ``fitting_group_size`` of the layer's ``in_features``, or None (kept in float) where none fits;
+    and the log line that says which."""
+    group_size = fitting_group_size(config.group_size, in_features)
+    if group_size is None:
+        return None, (f"{name}: kept in float: in_features {in_features} has no group size "
+                      f">= {MIN_GROUP_SIZE} that divides it (halving from {config.group_size})")
+    if group_size != config.group_size:
+        return (replace(config, group_size=group_size),
+                f"{name}: group_size {config.group_size} does not divide in_features {in_features}; using {group_size}")
+    return config, ""
 
 
 class AWQLinearMethod(OpLinearMethod):

@@ -20,7 +20,7 @@ N = out_features:
 permutation (``perm``), which ``apply`` applies to the input channels.
 """
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -29,7 +29,7 @@ from torch.nn import Parameter
 from qpass.calib.rtn import quantize_groupwise
 from qpass.kernels.reference import pack_int4_rows, unpack_int4_rows
 from qpass.layers.utils import set_weight_attrs
-from qpass.methods.awq import MIN_GROUP_SIZE, PACK_FACTOR, fitting_group_size, warn_uncalibrated_once
+from qpass.methods.awq import MIN_GROUP_SIZE, PACK_FACTOR, warn_uncalibrated_once, with_fitting_group_size
 from qpass.methods.base import OpLinearMethod, QuantConfig, register_method
 
 
@@ -98,14 +98,7 @@ class GPTQConfig(QuantConfig):
                           f"must be multiples of {PACK_FACTOR}")
         if self.group_size == -1:
             return self, ""
-        group_size = fitting_group_size(self.group_size, in_features)
-        if group_size is None:
-            return None, (f"{name}: kept in float: in_features {in_features} has no group size "
-                          f">= {MIN_GROUP_SIZE} that divides it (halving from {self.group_size})")
-        if group_size != self.group_size:
-            return (replace(self, group_size=group_size),
-                    f"{name}: group_size {self.group_size} does not divide in_features {in_features}; using {group_size}")
-        return self, ""
+        return with_fitting_group_size(self, name, in_features)
 
     def groups_of(self, in_features: int) -> int:
         return in_features if self.group_size == -1 else self.group_size
