@@ -84,11 +84,12 @@ def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_
 
 
 @triton.jit
-def split_k_tiles(pid_k, k_tiles, SPLIT_K: tl.constexpr):
-    """The K tiles ``[start, end)`` of split ``pid_k`` of ``k_tiles`` cut into SPLIT_K."""
-    tiles_per_split = tl.cdiv(k_tiles, SPLIT_K)
-    tile_start = pid_k * tiles_per_split
-    return tile_start, tl.minimum(tile_start + tiles_per_split, k_tiles)
+def split_range(pid_k, total, SPLIT_K: tl.constexpr, STEP: tl.constexpr):
+    """The part ``[start, end)`` of ``[0, total)`` that split ``pid_k`` of SPLIT_K takes: whole STEPs, but
+    for the last part."""
+    per_split = tl.cdiv(total, SPLIT_K * STEP) * STEP
+    start = pid_k * per_split
+    return start, tl.minimum(start + per_split, total)
 
 
 def output_columns(activation: str, N: int) -> int:

@@ -14,8 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (MmaConfig, bias_rows, grouped_tile, output_columns, sm_count, split_for, split_k_tiles,
-                     split_k_workspace, store_output)
+from .common import (MmaConfig, bias_rows, grouped_tile, output_columns, sm_count, split_for,
+                     split_k_workspace, split_range, store_output)
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
@@ -93,7 +93,7 @@ def _fp8_mma_kernel(
     b_ptrs = b_ptr + (offs_n % N_OUT)[:, None] * stride_bn + offs_k[None, :]
 
     k_tiles = tl.cdiv(K, BLOCK_K)
-    tile_start, tile_end = split_k_tiles(tl.program_id(1), k_tiles, SPLIT_K)
+    tile_start, tile_end = split_range(tl.program_id(1), k_tiles, SPLIT_K, 1)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = acc
     for t in range(tile_start, tile_end):

@@ -6,13 +6,8 @@ integers; ``w = (q - zero) * scale``.
 
 Six paths, chosen by M (``pick_config``):
 
-- ``_w4a16_gemv_kernel`` (M = 1, and 2 on small weights): no tensor cores. Each program
-  owns ``BLOCK_N`` columns of one activation row and reads each packed word once; nibble ``j`` of word row
-  ``r`` meets ``x[8 r + j]``. For fp16 x on a GPU the words are dequantized two at a time
-  in half2 registers by inline PTX (``_word_pair_dot_f16x2``: about 13 instructions per 8
-  weights, against about 30 for the float32 path that the interpreter uses); bf16 x the same
-  way in bf16x2 registers (``_word_pair_dot_bf16x2``: 15), through the same loop
-  (``_gemv_partial_x2``, constexprs PACKED_F16 / PACKED_BF16, ``gemv_meta``).
+- ``w4a16_gemv.w4a16_gemv_kernel`` (M = 1, and 2 on small weights): no tensor cores; the words
+  dequantized two weights an instruction by inline PTX (``int4_pairs``; see that module).
 - ``w4a16_warp_mma.w4a16_warp_mma_kernel`` (M up to 16, fp16/bf16 on a GPU): the same
   dequantization feeding warp-level ``mma.sync`` from registers, one lane's loads being its
   MMA fragments (inline PTX; see that module). Reads the weight at the GEMV's rate for any
@@ -36,10 +31,8 @@ Six paths, chosen by M (``pick_config``):
   not overlap with the tensor cores well enough: about 0.5x of cuBLAS). From 1024 rows in chunks
   of columns, each dequantized on a side stream while cuBLAS multiplies the one before.
 
-The GEMV also computes the RMSNorm of x when given its weight (HAS_NORM): each program
-reduces the row itself, from L2, and scales the x values it reads (``_gemv_columns``); the
-other paths run the norm as a pass of its own. A bias may be shaped as the output (a residual,
-``common.bias_rows``).
+The GEMV computes the RMSNorm of x itself when given its weight (``w4a16_gemv``); the other paths
+run the norm as a pass of its own. A bias may be shaped as the output (a residual, ``common.bias_rows``).
 
 The GEMV, the warp-level and the tensor-core kernels may split K over ``SPLIT_K`` programs when
 the (M, N) tiles alone would leave the GPU idle; the programs of a tile add their partial sums
@@ -54,7 +47,6 @@ residual and the activation to one pointwise pass after it (fused by Inductor un
 import contextlib
 import importlib.util
 import math
-import struct
 from typing import NamedTuple, Optional
 
 import torch
@@ -62,214 +54,15 @@ import triton
 import triton.language as tl
 
 from .common import (MAX_UNROLLED_STEPS, asm_constant, bias_rows, grouped_tile, mma_accumulate, mma_zeros,
-                     output_columns, sm_count, split_for, split_k_tiles, split_k_workspace, store_output,
+                     output_columns, sm_count, split_for, split_k_workspace, split_range, store_output,
                      triton_interpreted, unrolled_steps)
+from .int4_pairs import NIBBLE_PAIRS_OUT, bf16_nibble_pairs, f16_nibble_pairs, zero_bf16x2, zero_f16x2
 from .reference import activation_after_gemm, rms_norm
+from .w4a16_gemv import w4a16_gemv_kernel
 from .w4a16_warp_mma import warp_mma_columns, w4a16_warp_mma_kernel
 
-_F32_MAGIC = tl.constexpr(8388608.0)  # 2**23: 0x4B000000 | q is 2**23 + q as float32
 
-
-@triton.jit
-def _load_x_pairs_x2(x_ptrs):
-    """The 8 16-bit values (fp16 or bf16) at each (16-byte aligned) x_ptrs, loaded by inline
-    PTX, as the four pairs (x_j, x_j+4), j < 4, packed in 32 bits, that meet nibbles j and
-    j + 4 of a word (``_word_pair_dot_f16x2``, ``_word_pair_dot_bf16x2``).
-
-    A ``tl.load`` here would get a thread layout of its own from Triton's coalescing pass, and
-    the compiler would then move the whole word tile into that layout through shared memory;
-    an elementwise op takes the layout of the word tile it is broadcast against. The copies
-    that land in one thread (one per column it holds) are merged into one load."""
-    return tl.inline_asm_elementwise(
-        """
-        {
-        .reg .b32 a, b, c, d;
-        ld.global.nc.v4.b32 {a, b, c, d}, [$4];
-        prmt.b32 $0, a, c, 0x5410;
-        prmt.b32 $1, a, c, 0x7632;
-        prmt.b32 $2, b, d, 0x5410;
-        prmt.b32 $3, b, d, 0x7632;
-        }
-        """,
-        "=r,=r,=r,=r,l", [x_ptrs],
-        dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1,
-    )
-
-
-@triton.jit
-def _load_normed_x_pairs_x2(x_ptrs, g_ptrs, r_pair, BF16: tl.constexpr):
-    """``_load_x_pairs_x2`` of an RMSNorm's output: the 8 values at each x_ptrs times those at
-    g_ptrs (the norm weight), each product rounded to the dtype as the unfused norm rounds. fp16:
-    x first times the packed pair ``r_pair`` (1 / rms rounded to fp16, ``_f16_pair``), as
-    unscaled products could overflow fp16; bf16 has float32's range, and 1 / rms goes on the sum
-    (``_gemv_columns``)."""
-    if BF16:  # (bf16x2 multiply is sm_90+; an fma adding -0 is the same product from sm_80)
-        return tl.inline_asm_elementwise(
-            """
-            {
-            .reg .b32 a, b, c, d, e, f, g, h, nz;
-            mov.b32 nz, 0x80008000;
-            ld.global.nc.v4.b32 {a, b, c, d}, [$4];
-            ld.global.nc.v4.b32 {e, f, g, h}, [$5];
-            fma.rn.bf16x2 a, a, e, nz;
-            fma.rn.bf16x2 b, b, f, nz;
-            fma.rn.bf16x2 c, c, g, nz;
-            fma.rn.bf16x2 d, d, h, nz;
-            prmt.b32 $0, a, c, 0x5410;
-            prmt.b32 $1, a, c, 0x7632;
-            prmt.b32 $2, b, d, 0x5410;
-            prmt.b32 $3, b, d, 0x7632;
-            }
-            """,
-            "=r,=r,=r,=r,l,l", [x_ptrs, g_ptrs],
-            dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1,
-        )
-    return tl.inline_asm_elementwise(
-        """
-        {
-        .reg .b32 a, b, c, d, e, f, g, h;
-        ld.global.nc.v4.b32 {a, b, c, d}, [$4];
-        ld.global.nc.v4.b32 {e, f, g, h}, [$5];
-        mul.rn.f16x2 a, a, $6;
-        mul.rn.f16x2 b, b, $6;
-        mul.rn.f16x2 c, c, $6;
-        mul.rn.f16x2 d, d, $6;
-        mul.rn.f16x2 a, a, e;
-        mul.rn.f16x2 b, b, f;
-        mul.rn.f16x2 c, c, g;
-        mul.rn.f16x2 d, d, h;
-        prmt.b32 $0, a, c, 0x5410;
-        prmt.b32 $1, a, c, 0x7632;
-        prmt.b32 $2, b, d, 0x5410;
-        prmt.b32 $3, b, d, 0x7632;
-        }
-        """,
-        "=r,=r,=r,=r,l,l,r", [x_ptrs, g_ptrs, r_pair],
-        dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1,
-    )
-
-
-@triton.jit
-def _f16_pair(value):
-    """float32 ``value`` rounded to fp16, twice, in one 32-bit register."""
-    return tl.inline_asm_elementwise("cvt.rn.f16x2.f32 $0, $1, $1;", "=r,f", [value], dtype=tl.int32, is_pure=True,
-                                     pack=1)
-
-
-@triton.jit
-def _inv_rms(x_row, K, stride_xk, eps, BLOCK: tl.constexpr):
-    """1 / sqrt(mean(x^2) + eps) of the row of K values at x_row, in float32."""
-    squares = tl.zeros((BLOCK,), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK):
-        offs = k0 + tl.arange(0, BLOCK)
-        v = tl.load(x_row + offs * stride_xk, mask=offs < K, other=0).to(tl.float32)
-        squares += v * v
-    # (eps may arrive as a float64 constant: Inductor passes Python floats so)
-    return tl.rsqrt((tl.sum(squares, axis=0) / K + eps).to(tl.float32))
-
-
-def _f16_bits(value: float) -> str:
-    return "0x%04X" % int.from_bytes(struct.pack("<e", value), "little")
-
-
-def f16_nibble_pairs(word: str, unit: float, z_low: str, z_high: str) -> str:
-    """PTX leaving in q0..q3 the half2 ``unit * (q_j - z, q_j+4 - z)``, j = 0..3, of the 8 nibbles of
-    the word in register ``word``, exactly, for a power of two ``unit`` and its zero constants
-    ``z_low``, ``z_high`` (``_zero_f16x2``; scratch: t; ``sixteenth`` holds (1/16, 1/16)). One lop3
-    turns a word into a half2 of two nibbles under the exponent of 1024 unit; with unit 1,
-    ``(w & 0x000F000F) | 0x64006400`` is (1024 + q0, 1024 + q4) and ``(w & 0x00F000F0) | 0x64006400``
-    is (1024 + 16 q1, 1024 + 16 q5); the same after one shift by 8 gives nibbles 2, 6 and 3, 7.
-    Subtracting ``z_low`` ((1024 + z) unit), or scaling by 1/16 and adding ``z_high`` (-(64 + z)
-    unit, one HFMA2), leaves unit (q - z): exact, as zeros are integers and no value needs more than
-    fp16's 11 significant bits."""
-    magic = _f16_bits(1024 * unit) + _f16_bits(1024 * unit)[2:]  # the fp16 twice: 0x64006400 for unit 1
-    return f"""
-        shr.u32 t, {word}, 8;
-        lop3.b32 q0, {word}, 0x000F000F, {magic}, 0xEA;
-        lop3.b32 q1, {word}, 0x00F000F0, {magic}, 0xEA;
-        lop3.b32 q2, t, 0x000F000F, {magic}, 0xEA;
-        lop3.b32 q3, t, 0x00F000F0, {magic}, 0xEA;
-        sub.rn.f16x2 q0, q0, {z_low};
-        fma.rn.f16x2 q1, q1, sixteenth, {z_high};
-        sub.rn.f16x2 q2, q2, {z_low};
-        fma.rn.f16x2 q3, q3, sixteenth, {z_high};"""
-
-
-def bf16_nibble_pairs(word: str, z_128: str) -> str:
-    """PTX leaving in q0..q3 the bf16x2 (q_j - z, q_j+4 - z), j = 0..3, of the word in register
-    ``word`` (scratch: t1..t3; ``one`` holds (1, 1)). bf16 keeps 7 mantissa bits, so nibble j must
-    sit in bits 0-3 of each 16-bit lane: one lop3 makes ``((w >> 4 j) & 0x000F000F) | 0x43004300``
-    the bf16x2 (128 + q_j, 128 + q_j+4) exactly (0x4300 is 128.0), and one fma by 1 with ``z_128``
-    (-128 - z) leaves q - z exactly."""
-    return f"""
-        shr.u32 t1, {word}, 4;
-        shr.u32 t2, {word}, 8;
-        shr.u32 t3, {word}, 12;
-        lop3.b32 q0, {word}, 0x000F000F, 0x43004300, 0xEA;
-        lop3.b32 q1, t1, 0x000F000F, 0x43004300, 0xEA;
-        lop3.b32 q2, t2, 0x000F000F, 0x43004300, 0xEA;
-        lop3.b32 q3, t3, 0x000F000F, 0x43004300, 0xEA;
-        fma.rn.bf16x2 q0, q0, one, {z_128};
-        fma.rn.bf16x2 q1, q1, one, {z_128};
-        fma.rn.bf16x2 q2, q2, one, {z_128};
-        fma.rn.bf16x2 q3, q3, one, {z_128};"""
-
-
-# The packed GEMV's fp16 dot sums unit (q - z) x, a sixteenth so that no product overflows
-# (``_word_pair_dot_f16x2``); the program's sum is scaled back once (``_gemv_partial_x2``).
-_F16_DOT_UNIT = 1 / 16
-_F16_DOT_SCALE = tl.constexpr(1 / _F16_DOT_UNIT)
-
-# The asm of the packed GEMV's dot of a word pair and of the tensor-core tile's weights (composed
-# once here: Triton takes an asm string as a constant).
-_WORD_PAIR_DOT_F16X2 = asm_constant("""
-        {
-        .reg .b32 t, q0, q1, q2, q3, s, sixteenth;
-        .reg .b16 lo, hi;
-        .reg .f32 flo, fhi;
-        mov.b32 sixteenth, 0x2C002C00;""" + f16_nibble_pairs("$1", _F16_DOT_UNIT, "$3", "$4") + """
-        mul.rn.f16x2 s, q0, $5;
-        fma.rn.f16x2 s, q1, $6, s;
-        fma.rn.f16x2 s, q2, $7, s;
-        fma.rn.f16x2 s, q3, $8, s;""" + f16_nibble_pairs("$2", _F16_DOT_UNIT, "$3", "$4") + """
-        fma.rn.f16x2 s, q0, $9, s;
-        fma.rn.f16x2 s, q1, $10, s;
-        fma.rn.f16x2 s, q2, $11, s;
-        fma.rn.f16x2 s, q3, $12, s;
-        mov.b32 {lo, hi}, s;
-        cvt.f32.f16 flo, lo;
-        cvt.f32.f16 fhi, hi;
-        add.rn.f32 $0, flo, fhi;
-        }
-        """)
-_WORD_PAIR_DOT_BF16X2 = asm_constant("""
-        {
-        .reg .b32 t1, t2, t3, q0, q1, q2, q3, s, one, nz;
-        .reg .f32 flo, fhi;
-        mov.b32 one, 0x3F803F80;
-        mov.b32 nz, 0x80008000;""" + bf16_nibble_pairs("$1", "$3") + """
-        fma.rn.bf16x2 s, q0, $4, nz;
-        fma.rn.bf16x2 s, q1, $5, s;
-        fma.rn.bf16x2 s, q2, $6, s;
-        fma.rn.bf16x2 s, q3, $7, s;""" + bf16_nibble_pairs("$2", "$3") + """
-        fma.rn.bf16x2 s, q0, $8, s;
-        fma.rn.bf16x2 s, q1, $9, s;
-        fma.rn.bf16x2 s, q2, $10, s;
-        fma.rn.bf16x2 s, q3, $11, s;
-        shl.b32 t1, s, 16;
-        and.b32 t2, s, 0xFFFF0000;
-        mov.b32 flo, t1;
-        mov.b32 fhi, t2;
-        add.rn.f32 $0, flo, fhi;
-        }
-        """)
-# PTX closing an asm block whose q0..q3 hold nibble pairs (j, j + 4): outputs $0..$7 are nibbles 0..7
-NIBBLE_PAIRS_OUT = """
-        mov.b32 {$0, $4}, q0;
-        mov.b32 {$1, $5}, q1;
-        mov.b32 {$2, $6}, q2;
-        mov.b32 {$3, $7}, q3;
-        }"""
+# The asm of the tensor-core tile's weights (composed once here: Triton takes an asm string as a constant);
 # outputs $0..$7: the weights of nibbles 0..7; q_j holds nibbles j and j + 4
 _WORD_WEIGHTS_F16 = asm_constant("""
         {
@@ -288,311 +81,6 @@ _WORD_WEIGHTS_BF16 = asm_constant("""
         fma.rn.bf16x2 q1, q1, $10, nz;
         fma.rn.bf16x2 q2, q2, $10, nz;
         fma.rn.bf16x2 q3, q3, $10, nz;""" + NIBBLE_PAIRS_OUT)
-
-
-def _f16_zero_constants(unit: float) -> str:
-    """PTX turning an fp16 zero point z into the half2 constants ``(1024 + z) unit`` and
-    ``-(64 + z) unit`` of ``f16_nibble_pairs`` (exact for integer z and a power of two ``unit``;
-    an fma with two constants instead of the mul cost ptxas up to 16 more registers in the GEMV)."""
-    scaled = "mov.b16 z, $2;" if unit == 1 else f"mov.b16 c, {_f16_bits(unit)}; mul.rn.f16 z, $2, c;"
-    return f"""
-        {{
-        .reg .b16 c, t, z;
-        {scaled}
-        mov.b16 c, {_f16_bits(1024 * unit)};
-        add.rn.f16 t, z, c;
-        mov.b32 $0, {{t, t}};
-        mov.b16 c, {_f16_bits(-64 * unit)};
-        sub.rn.f16 t, c, z;
-        mov.b32 $1, {{t, t}};
-        }}"""
-
-
-# The tile's weights take q - z whole; the GEMV's dot takes it in its unit.
-_ZERO_CONSTANTS_TILE = asm_constant(_f16_zero_constants(1.0))
-_ZERO_CONSTANTS_DOT = asm_constant(_f16_zero_constants(_F16_DOT_UNIT))
-
-
-@triton.jit
-def _zero_f16x2(zero, FOR_DOT: tl.constexpr):
-    """fp16 zero points -> the two half2 zero constants of ``f16_nibble_pairs``, for the unit 1
-    (the tile's weights) or, with FOR_DOT, the GEMV dot's ``_F16_DOT_UNIT``."""
-    return tl.inline_asm_elementwise(
-        _ZERO_CONSTANTS_DOT if FOR_DOT else _ZERO_CONSTANTS_TILE,
-        "=r,=r,h", [zero], dtype=(tl.int32, tl.int32), is_pure=True, pack=1,
-    )
-
-
-@triton.jit
-def _word_pair_dot_f16x2(w0, w1, z_low, z_high, a0, a1, a2, a3, b0, b1, b2, b3):
-    """sum_k x[k] * (q[k] - zero) / 16 over the 16 nibbles of two words (8 rows each), as float32;
-    a0..a3 and b0..b3 are their x pairs from ``_load_x_pairs_x2``; (q - z) / 16 by
-    ``f16_nibble_pairs``. The 8 products of each lane sum in fp16 (HFMA2, two weights an
-    instruction) before the float32 widening: that adds rounding of about the fp16 output's own.
-    The sixteenth (one HMUL a zero point, in ``_zero_f16x2``) keeps every single product finite
-    (15/16 of fp16's largest x at most); whole, one x past 4367 against a weight code 15 from its
-    zero gave inf. A lane still overflows past a sum of |x| of 69871 over its 8 rows."""
-    return tl.inline_asm_elementwise(
-        _WORD_PAIR_DOT_F16X2,
-        "=r,r,r,r,r,r,r,r,r,r,r,r,r", [w0, w1, z_low, z_high, a0, a1, a2, a3, b0, b1, b2, b3],
-        dtype=tl.float32, is_pure=True, pack=1,
-    )
-
-
-@triton.jit
-def _zero_bf16x2(zero):
-    """bf16 zero points -> the bf16x2 constant (-128 - z, -128 - z) (exact: z is an integer in [0, 15])."""
-    return tl.inline_asm_elementwise(
-        """
-        {
-        .reg .b16 m, c, t;
-        mov.b16 m, 0xBF80;
-        mov.b16 c, 0xC300;
-        fma.rn.bf16 t, $1, m, c;
-        mov.b32 $0, {t, t};
-        }
-        """,
-        "=r,h", [zero], dtype=tl.int32, is_pure=True, pack=1,
-    )
-
-
-@triton.jit
-def _word_pair_dot_bf16x2(w0, w1, z_128, a0, a1, a2, a3, b0, b1, b2, b3):
-    """``_word_pair_dot_f16x2`` for bf16 x (``z_128`` from ``_zero_bf16x2``; q - z by
-    ``bf16_nibble_pairs``). Per word: 3 shifts, 4 lop3, 4 fma (q - z), 4 fma (x products): 15
-    instructions for 8 weights.
-    Each lane's 8 products sum in bf16 (fma.rn.bf16x2) before the float32 widening (a 16-bit
-    shift / mask): measured and emulated error in bench/NOTES-kernels.md (about 2x the bf16
-    output's own rounding, within the 1e-2 bound). No overflow: bf16 has float32's range."""
-    return tl.inline_asm_elementwise(
-        _WORD_PAIR_DOT_BF16X2,
-        "=r,r,r,r,r,r,r,r,r,r,r,r", [w0, w1, z_128, a0, a1, a2, a3, b0, b1, b2, b3],
-        dtype=tl.float32, is_pure=True, pack=1,
-    )
-
-
-@triton.jit
-def _word_pair_dot_x2(w0, w1, zero, x_ptrs, g_ptrs, r_pair, BF16: tl.constexpr, HAS_NORM: tl.constexpr):
-    """float32 sum_k x[k] * (q[k] - zero) over the 16 rows of the word pair (w0, w1) whose x
-    starts at x_ptrs: x pairs loaded by ``_load_x_pairs_x2`` (under HAS_NORM the RMSNorm's
-    output, ``_load_normed_x_pairs_x2``), the packed dot of the dtype."""
-    if HAS_NORM:
-        a0, a1, a2, a3 = _load_normed_x_pairs_x2(x_ptrs, g_ptrs, r_pair, BF16)
-        b0, b1, b2, b3 = _load_normed_x_pairs_x2(x_ptrs + 8, g_ptrs + 8, r_pair, BF16)
-    else:
-        a0, a1, a2, a3 = _load_x_pairs_x2(x_ptrs)
-        b0, b1, b2, b3 = _load_x_pairs_x2(x_ptrs + 8)
-    if BF16:
-        return _word_pair_dot_bf16x2(w0, w1, _zero_bf16x2(zero), a0, a1, a2, a3, b0, b1, b2, b3)
-    z_low, z_high = _zero_f16x2(zero, True)
-    return _word_pair_dot_f16x2(w0, w1, z_low, z_high, a0, a1, a2, a3, b0, b1, b2, b3)
-
-
-@triton.jit
-def _gemv_step_x2(acc, squares, w0, w1, w_ptrs, r0, x_row, g_ptr, r_pair, s_ptr, z_ptr, first_rows, rows, cols, mask_w,
-                  row_end, stride_qk, stride_sg, stride_sn, GROUP_SIZE: tl.constexpr, STEP: tl.constexpr,
-                  EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, BF16: tl.constexpr, HAS_NORM: tl.constexpr,
-                  SQUARES: tl.constexpr):
-    """One step of ``_gemv_partial_x2`` at word row r0, on the words w0, w1 loaded before it:
-    issues the next step's word loads, then adds this step's products (and squares of x).
-    Returns the sums, the next step's words and their pointers."""
-    if SQUARES:
-        k_step = 8 * r0 + tl.arange(0, 8 * STEP)
-        if EVEN_K:
-            v = tl.load(x_row + k_step).to(tl.float32)
-        else:
-            v = tl.load(x_row + k_step, mask=k_step < 8 * row_end, other=0).to(tl.float32)
-        squares += v * v
-    w_ptrs += STEP * stride_qk
-    mask_next = (r0 + STEP + first_rows < row_end) & mask_w
-    w0_next = tl.load(w_ptrs, mask=mask_next)
-    w1_next = tl.load(w_ptrs + stride_qk, mask=mask_next)
-
-    # [GROUP_ROWS // 2, GROUPS, BLOCK_N] like the words, so no layout change; copies merge
-    sz_offs = ((r0 + rows) * 8 // GROUP_SIZE) * stride_sg + cols * stride_sn
-    if EVEN_K and EVEN_N:
-        scale = tl.load(s_ptr + sz_offs).to(tl.float32)
-        zero = tl.load(z_ptr + sz_offs)
-        k_offs = (r0 + rows) * 8
-    else:
-        mask = (r0 + first_rows < row_end) & mask_w
-        scale = tl.load(s_ptr + sz_offs, mask=mask, other=0).to(tl.float32)  # 0 past the end
-        zero = tl.load(z_ptr + sz_offs, mask=mask)
-        k_offs = tl.minimum(r0 + rows, row_end - 2) * 8  # past the end: the last rows again
-    acc += _word_pair_dot_x2(w0, w1, zero, x_row + k_offs, g_ptr + k_offs, r_pair, BF16, HAS_NORM) * scale
-    return acc, squares, w0_next, w1_next, w_ptrs
-
-
-@triton.jit
-def _gemv_partial_x2(x_row, g_ptr, r_pair, qw_ptr, s_ptr, z_ptr, offs_n, mask_n, row_start, row_end, stride_qk,
-                     stride_qn, stride_sg, stride_sn, GROUP_SIZE: tl.constexpr, GROUP_ROWS: tl.constexpr,
-                     GROUPS: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
-                     BF16: tl.constexpr, HAS_NORM: tl.constexpr, SQUARES: tl.constexpr,
-                     UNROLLED_STEPS: tl.constexpr):
-    """``_gemv_partial`` with dequantization two weights a register (inline PTX; x fp16, or bf16
-    with BF16, contiguous, 16-byte aligned), and under SQUARES the sum of x^2 over the rows (else
-    0), from a load of each step's x slice that L1 mostly serves (the pairs read the same bytes).
-
-    Each step reads a ``[GROUP_ROWS // 2, GROUPS, BLOCK_N]`` tile of even word rows and the one
-    of the odd rows below them (word row ``r0 + g * GROUP_ROWS + 2 i (+1)`` at
-    ``[i, g, :]``), and issues the loads of the next step before its arithmetic: Triton does not
-    software-pipeline a loop without ``tl.dot``, and the GEMV needs bytes in flight. In a loop,
-    ptxas puts those loads after the arithmetic all the same (they take the registers of the
-    words being consumed at the back-edge); UNROLLED_STEPS > 0 (the number of steps, all of
-    [row_start, row_end), each whole) unrolls the loop, and then they stay ahead. EVEN_K: every
-    step lies inside [row_start, row_end). Words, zeros and scales past the end or right of N load
-    as 0 (Triton zero-fills masked loads): those rows add nothing, and those columns are not stored."""
-    STEP: tl.constexpr = GROUPS * GROUP_ROWS
-    first_rows = tl.arange(0, GROUPS)[None, :, None] * GROUP_ROWS  # [1, GROUPS, 1], from the step's start
-    rows = first_rows + 2 * tl.arange(0, GROUP_ROWS // 2)[:, None, None]  # [GROUP_ROWS // 2, GROUPS, 1]
-    cols = offs_n[None, None, :]
-    mask_w = mask_n[None, None, :]  # broadcast against row masks; ignored when EVEN_N
-    w_ptrs = qw_ptr + (row_start + rows) * stride_qk + cols * stride_qn
-    if EVEN_K and EVEN_N:
-        w0 = tl.load(w_ptrs)
-        w1 = tl.load(w_ptrs + stride_qk)
-    else:
-        mask = (row_start + first_rows < row_end) & mask_w
-        w0 = tl.load(w_ptrs, mask=mask)
-        w1 = tl.load(w_ptrs + stride_qk, mask=mask)
-    acc = tl.zeros((GROUP_ROWS // 2, GROUPS, BLOCK_N), dtype=tl.float32)
-    squares = tl.zeros((8 * STEP,), dtype=tl.float32)
-    if UNROLLED_STEPS > 0:
-        for i in tl.static_range(UNROLLED_STEPS):
-            acc, squares, w0, w1, w_ptrs = _gemv_step_x2(
-                acc, squares, w0, w1, w_ptrs, row_start + i * STEP, x_row, g_ptr, r_pair, s_ptr, z_ptr, first_rows,
-                rows, cols, mask_w, row_end, stride_qk, stride_sg, stride_sn, GROUP_SIZE, STEP, EVEN_N, EVEN_K, BF16,
-                HAS_NORM, SQUARES)
-    else:
-        for r0 in range(row_start, row_end, STEP):
-            acc, squares, w0, w1, w_ptrs = _gemv_step_x2(
-                acc, squares, w0, w1, w_ptrs, r0, x_row, g_ptr, r_pair, s_ptr, z_ptr, first_rows, rows, cols, mask_w,
-                row_end, stride_qk, stride_sg, stride_sn, GROUP_SIZE, STEP, EVEN_N, EVEN_K, BF16, HAS_NORM, SQUARES)
-    total = tl.sum(tl.sum(acc, axis=0), axis=0)
-    if not BF16:
-        total *= _F16_DOT_SCALE  # back from the fp16 dot's unit (a power of two: exact in float32)
-    return total, tl.sum(squares, axis=0)
-
-
-@triton.jit
-def _gemv_partial(x_row, g_ptr, inv_rms, qw_ptr, s_ptr, z_ptr, offs_n, mask_n, row_start, row_end, stride_xk,
-                  stride_qk, stride_qn, stride_sg, stride_sn, GROUP_SIZE: tl.constexpr, GROUP_ROWS: tl.constexpr,
-                  GROUPS: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, HAS_NORM: tl.constexpr):
-    """float32 sum over the word rows [row_start, row_end) of x . w for the columns offs_n: [BLOCK_N]
-    (under HAS_NORM x is ``x * inv_rms * g``, in float32).
-
-    Each step reads a ``[GROUP_ROWS, GROUPS, BLOCK_N]`` tile of words, word row
-    ``r0 + g * GROUP_ROWS + i`` at ``[i, g, :]``: the GROUP_ROWS rows of one ``g`` share a
-    row of scales and zeros. Dequantization in float32 through the exponent trick."""
-    offs_i = tl.arange(0, GROUP_ROWS)[:, None, None]
-    offs_g = tl.arange(0, GROUPS)[None, :, None]
-    cols = offs_n[None, None, :]
-    acc = tl.zeros((GROUP_ROWS, GROUPS, BLOCK_N), dtype=tl.float32)
-    for r0 in range(row_start, row_end, GROUPS * GROUP_ROWS):
-        first_rows = r0 + offs_g * GROUP_ROWS  # [1, GROUPS, 1]
-        rows = first_rows + offs_i  # [GROUP_ROWS, GROUPS, 1]
-        mask_g = first_rows < row_end  # row_end is a multiple of GROUP_ROWS
-        if EVEN_N:
-            mask_w = mask_g
-        else:
-            mask_w = mask_g & mask_n[None, None, :]
-        words = tl.load(qw_ptr + rows * stride_qk + cols * stride_qn, mask=mask_w, other=0)
-        sz_offs = (first_rows * 8 // GROUP_SIZE) * stride_sg + cols * stride_sn  # [1, GROUPS, BLOCK_N]
-        scale = tl.load(s_ptr + sz_offs, mask=mask_w, other=0).to(tl.float32)
-        magic_zero = tl.load(z_ptr + sz_offs, mask=mask_w, other=0).to(tl.float32) + _F32_MAGIC
-        dot = tl.zeros((GROUP_ROWS, GROUPS, BLOCK_N), dtype=tl.float32)
-        for j in tl.static_range(8):
-            xj = tl.load(x_row + (rows * 8 + j) * stride_xk, mask=mask_g, other=0).to(tl.float32)
-            if HAS_NORM:
-                xj *= tl.load(g_ptr + rows * 8 + j, mask=mask_g, other=0).to(tl.float32) * inv_rms
-            qj = ((words >> (4 * j)) & 0xF) | 0x4B000000
-            dot += xj * (qj.to(tl.float32, bitcast=True) - magic_zero)
-        acc += dot * scale
-    return tl.sum(tl.sum(acc, axis=0), axis=0)
-
-
-@triton.jit
-def _gemv_columns(x_row, g_ptr, norm_eps, K, qw_ptr, s_ptr, z_ptr, offs_n, mask_n, row_start, row_end, stride_xk,
-                  stride_qk, stride_qn, stride_sg, stride_sn, GROUP_SIZE: tl.constexpr, GROUP_ROWS: tl.constexpr,
-                  GROUPS: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
-                  PACKED_F16: tl.constexpr, PACKED_BF16: tl.constexpr, HAS_NORM: tl.constexpr,
-                  NORM_BLOCK: tl.constexpr, WHOLE_ROW: tl.constexpr, UNROLLED_STEPS: tl.constexpr):
-    """float32 x . w for the columns offs_n over the word rows [row_start, row_end): [BLOCK_N];
-    under HAS_NORM, x is the RMSNorm ``x * inv_rms * g`` of the row of K values at x_row (each
-    program reduces the row itself; g at g_ptr). WHOLE_ROW: [row_start, row_end) is all of K."""
-    if PACKED_F16 and HAS_NORM:
-        # fp16 could overflow unscaled: x scaled in the loop by 1 / rms rounded to fp16, the
-        # rounding's factor put on the sum
-        inv_rms = _inv_rms(x_row, K, stride_xk, norm_eps, NORM_BLOCK)
-        correction = inv_rms / inv_rms.to(tl.float16).to(tl.float32)
-        acc, _ = _gemv_partial_x2(
-            x_row, g_ptr, _f16_pair(inv_rms), qw_ptr, s_ptr, z_ptr, offs_n, mask_n, row_start, row_end,
-            stride_qk, stride_qn, stride_sg, stride_sn, GROUP_SIZE, GROUP_ROWS, GROUPS, BLOCK_N, EVEN_N, EVEN_K,
-            PACKED_BF16, HAS_NORM, False, UNROLLED_STEPS)
-        return correction * acc
-    if PACKED_F16 or PACKED_BF16:
-        # bf16 has float32's range: x * g in the loop and 1 / rms on the sum; the loop sums the
-        # squares of a row it reads whole, so no pass over the row before it (a decode step's
-        # grids are one wave: every program would wait on it at once) or after it
-        squares_in_loop: tl.constexpr = HAS_NORM and WHOLE_ROW
-        acc, squares = _gemv_partial_x2(x_row, g_ptr, 0, qw_ptr, s_ptr, z_ptr, offs_n, mask_n, row_start, row_end,
-                                        stride_qk, stride_qn, stride_sg, stride_sn, GROUP_SIZE, GROUP_ROWS, GROUPS,
-                                        BLOCK_N, EVEN_N, EVEN_K, PACKED_BF16, HAS_NORM, squares_in_loop,
-                                        UNROLLED_STEPS)
-        if squares_in_loop:
-            acc *= tl.rsqrt((squares / K + norm_eps).to(tl.float32))
-        elif HAS_NORM:
-            acc *= _inv_rms(x_row, K, stride_xk, norm_eps, NORM_BLOCK)
-        return acc
-    inv_rms = _inv_rms(x_row, K, stride_xk, norm_eps, NORM_BLOCK) if HAS_NORM else 1.0
-    return _gemv_partial(x_row, g_ptr, inv_rms, qw_ptr, s_ptr, z_ptr, offs_n, mask_n, row_start, row_end, stride_xk,
-                         stride_qk, stride_qn, stride_sg, stride_sn, GROUP_SIZE, GROUP_ROWS, GROUPS, BLOCK_N, EVEN_N,
-                         HAS_NORM)
-
-
-@triton.jit
-def _w4a16_gemv_kernel(
-    x_ptr, g_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr,
-    M, N_OUT, N_UP, K, norm_eps,
-    stride_xm, stride_xk, stride_qk, stride_qn, stride_sg, stride_sn, stride_bm, stride_om, stride_on, stride_wm,
-    GROUP_SIZE: tl.constexpr, GROUP_ROWS: tl.constexpr, GROUPS: tl.constexpr, BLOCK_N: tl.constexpr,
-    SPLIT_K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-    ACTIVATION: tl.constexpr, PACKED_F16: tl.constexpr, PACKED_BF16: tl.constexpr, HAS_NORM: tl.constexpr,
-    NORM_BLOCK: tl.constexpr, UNROLLED_STEPS: tl.constexpr,
-):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    STEP: tl.constexpr = GROUPS * GROUP_ROWS
-    k_rows = K // 8
-    rows_per_split = tl.cdiv(k_rows, SPLIT_K * STEP) * STEP
-    row_start = pid_k * rows_per_split
-    row_end = tl.minimum(row_start + rows_per_split, k_rows)
-
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N_OUT
-    x_row = x_ptr + pid_m * stride_xm
-    if ACTIVATION == "silu_mul":
-        # The gate columns, then the up columns: one pass over K reads both, with twice the
-        # bytes of a step in flight, and x is read once. (Runs of BLOCK_N contiguous columns:
-        # interleaved single columns hid the contiguity from Triton's coalescing, 3-4x slower.)
-        both_n = tl.arange(0, 2 * BLOCK_N)
-        offs_both = pid_n * BLOCK_N + both_n % BLOCK_N
-        both = _gemv_columns(x_row, g_ptr, norm_eps, K, qw_ptr, s_ptr, z_ptr, offs_both + (both_n // BLOCK_N) * N_UP,
-                             offs_both < N_OUT, row_start, row_end, stride_xk, stride_qk, stride_qn, stride_sg,
-                             stride_sn, GROUP_SIZE, GROUP_ROWS, GROUPS, 2 * BLOCK_N, EVEN_N, EVEN_K, PACKED_F16,
-                             PACKED_BF16, HAS_NORM, NORM_BLOCK, SPLIT_K == 1, UNROLLED_STEPS)
-        acc, acc_up = tl.split(tl.permute(tl.reshape(both, (2, BLOCK_N)), (1, 0)))
-    else:
-        acc = _gemv_columns(x_row, g_ptr, norm_eps, K, qw_ptr, s_ptr, z_ptr, offs_n, mask_n, row_start, row_end,
-                            stride_xk, stride_qk, stride_qn, stride_sg, stride_sn, GROUP_SIZE, GROUP_ROWS, GROUPS,
-                            BLOCK_N, EVEN_N, EVEN_K, PACKED_F16, PACKED_BF16, HAS_NORM, NORM_BLOCK, SPLIT_K == 1,
-                            UNROLLED_STEPS)
-        acc_up = acc
-    rows = pid_m + tl.arange(0, 1)
-    store_output(acc[None, :], acc_up[None, :], rows[:, None], offs_n[None, :], (rows < M)[:, None] & mask_n[None, :],
-                 pid_m * tl.num_programs(1) + pid_n, M, N_UP, b_ptr, out_ptr, ws_ptr, stride_bm, stride_om, stride_on,
-                 stride_wm, SPLIT_K, HAS_BIAS, ACTIVATION)
 
 
 @triton.jit
@@ -659,7 +147,7 @@ def _word_weights_f16(words, z_low, z_high, scale_pair):
 
 @triton.jit
 def _word_weights_bf16(words, z_128, scale_pair):
-    """``_word_weights_f16`` for bf16 (``z_128`` from ``_zero_bf16x2``): q - z exact
+    """``_word_weights_f16`` for bf16 (``z_128`` from ``zero_bf16x2``): q - z exact
     (``bf16_nibble_pairs``), then one fma with -0 multiplies by the scale (one rounding, as
     ``_dequantize_tile``'s)."""
     return tl.inline_asm_elementwise(
@@ -683,11 +171,11 @@ def _mma_weight_tile(qw_ptrs, s_ptr, z_ptr, offs_n, mask_n, k0, stride_qk, strid
     scale = tl.load(s_ptr + g * stride_sg + offs_n * stride_sn, mask=mask_n, other=0)[:, None]
     zero = tl.load(z_ptr + g * stride_sg + offs_n * stride_sn, mask=mask_n, other=0)[:, None]
     if PACKED and DTYPE == tl.float16:
-        z_low, z_high = _zero_f16x2(zero, False)
+        z_low, z_high = zero_f16x2(zero, False)
         w0, w1, w2, w3, w4, w5, w6, w7 = _word_weights_f16(words, z_low, z_high, _pair(scale))
         tile = _along_rows(w0, w1, w2, w3, w4, w5, w6, w7)
     elif PACKED:
-        w0, w1, w2, w3, w4, w5, w6, w7 = _word_weights_bf16(words, _zero_bf16x2(zero), _pair(scale))
+        w0, w1, w2, w3, w4, w5, w6, w7 = _word_weights_bf16(words, zero_bf16x2(zero), _pair(scale))
         tile = _along_rows(w0, w1, w2, w3, w4, w5, w6, w7)
     else:
         codes = _along_rows(words & 0xF, (words >> 4) & 0xF, (words >> 8) & 0xF, (words >> 12) & 0xF,
@@ -715,7 +203,7 @@ def _w4a16_mma_kernel(
     DTYPE: tl.constexpr = x_ptr.dtype.element_ty
 
     k_tiles = K // BLOCK_K  # BLOCK_K divides group_size, which divides K
-    tile_start, tile_end = split_k_tiles(tl.program_id(1), k_tiles, SPLIT_K)
+    tile_start, tile_end = split_range(tl.program_id(1), k_tiles, SPLIT_K, 1)
     acc = mma_zeros(BLOCK_M, BLOCK_N, SWAP_AB)
     acc_up = acc
     for t in range(tile_start, tile_end):
@@ -1269,7 +757,7 @@ def w4a16_linear(
         ws = split_k_workspace(M, N, grid[0] * grid[1], cfg.split_k, out)
         meta = gemv_meta(cfg, x, K, group_size)
         g = x if norm_weight is None else _norm_weight_as_x(norm_weight, x)  # x: any pointer; never read
-        torch.library.wrap_triton(_w4a16_gemv_kernel)[grid](
+        torch.library.wrap_triton(w4a16_gemv_kernel)[grid](
             x, g, qweight, scales, zeros, bias_arg, out, ws, M, n_out, N - n_out, K, float(norm_eps), *strides,
             HAS_NORM=norm_weight is not None, NORM_BLOCK=min(triton.next_power_of_2(K), 4096), **common, **meta,
         )

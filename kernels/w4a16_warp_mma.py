@@ -144,7 +144,7 @@ def _scales_f32(pair, BF16: tl.constexpr):
 @triton.jit
 def _dequantize_word(word, zero, BF16: tl.constexpr):
     """The 8 nibbles of ``word`` minus the zero point, exactly, as four half2 (bf16x2) registers,
-    register t holding nibbles (t, t + 4) (the GEMV's lop3 trick, ``w4a16._word_pair_dot_f16x2``);
+    register t holding nibbles (t, t + 4) (the GEMV's lop3 trick, ``int4_pairs.f16_nibble_pairs``);
     ``zero`` from ``_zero_consts``."""
     if BF16:
         halves = tl.inline_asm_elementwise(

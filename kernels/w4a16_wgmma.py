@@ -50,7 +50,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
 from .common import asm_constant
-from .w4a16 import NIBBLE_PAIRS_OUT, bf16_nibble_pairs, f16_nibble_pairs
+from .int4_pairs import NIBBLE_PAIRS_OUT, bf16_nibble_pairs, f16_nibble_pairs
 
 _STEP = gl.constexpr(64)  # rows of K a loop step
 # Triton 3.6 calls the CTA barrier ``thread_barrier``, 3.9 ``barrier``

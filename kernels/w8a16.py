@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from .common import (MmaConfig, asm_constant, bias_rows, grouped_tile, mma_accumulate, mma_zeros, output_columns,
-                     sm_count, split_for, split_k_tiles, split_k_workspace, store_output, triton_interpreted,
+                     sm_count, split_for, split_k_workspace, split_range, store_output, triton_interpreted,
                      unrolled_steps)
 from .reference import activation_after_gemm
 
@@ -236,9 +236,7 @@ def _w8a16_gemv_kernel(
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
-    k_per_split = tl.cdiv(K, SPLIT_K * BLOCK_K) * BLOCK_K
-    k_start = pid_k * k_per_split
-    k_end = tl.minimum(k_start + k_per_split, K)
+    k_start, k_end = split_range(pid_k, K, SPLIT_K, BLOCK_K)
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N_OUT
@@ -309,7 +307,7 @@ def _w8a16_mma_kernel(
     DTYPE: tl.constexpr = x_ptr.dtype.element_ty
 
     k_tiles = tl.cdiv(K, BLOCK_K)
-    tile_start, tile_end = split_k_tiles(tl.program_id(1), k_tiles, SPLIT_K)
+    tile_start, tile_end = split_range(tl.program_id(1), k_tiles, SPLIT_K, 1)
     # SWAP_AB: the product transposed, out^T = q x^T, the weight tile the MMA's left operand, which
     # Hopper's wgmma reads from registers: the int8 -> fp16/bf16 conversion feeds it with no trip
     # through shared memory (bench/NOTES-kernels.md).

@@ -30,7 +30,7 @@ def _arguments(x_dtype=torch.bfloat16, rows=4, BLOCK_N=16):
 
 
 def test_one_analysis_per_specialization():
-    kernel = w4a16._w4a16_gemv_kernel
+    kernel = w4a16.w4a16_gemv_kernel
     analyze, calls = _counting_analysis()
     cached = _cached(analyze, {id(kernel)})
     first = cached(_launch(kernel), _arguments(), {})
@@ -44,7 +44,7 @@ def test_one_analysis_per_specialization():
 
 
 def test_other_kernels_and_tma_go_to_torch():
-    kernel = w4a16._w4a16_gemv_kernel
+    kernel = w4a16.w4a16_gemv_kernel
     analyze, calls = _counting_analysis()
     cached = _cached(analyze, {id(kernel)})
     for _ in range(2):
@@ -55,4 +55,4 @@ def test_other_kernels_and_tma_go_to_torch():
 
 def test_import_wraps_torchs_analysis_of_the_ops_kernels():
     name = next(n for n in ("identify_accessed_tensors", "identify_mutated_tensors") if hasattr(triton_kernel_wrap, n))
-    assert id(w4a16._w4a16_gemv_kernel) in getattr(triton_kernel_wrap, name).qpass_kernel_ids
+    assert id(w4a16.w4a16_gemv_kernel) in getattr(triton_kernel_wrap, name).qpass_kernel_ids

@@ -30,7 +30,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qpass.kernels import fp8, reference, w4a16, w8a16
+from qpass.kernels import fp8, int4_pairs, reference, w4a16, w8a16
 from qpass.kernels.common import ACTIVATIONS, MAX_UNROLLED_STEPS, output_columns, unrolled_steps
 
 CUDA = torch.cuda.is_available()
@@ -545,9 +545,9 @@ def test_w4a16_wgmma_tma_kernel_reads_both_operands_from_shared_memory():
         assert "pendings = 1" in loop and "pendings = 0" in ttgir
 
 
-@pytest.mark.parametrize("unit", [1.0, w4a16._F16_DOT_UNIT])  # the tile's and the GEMV dot's
+@pytest.mark.parametrize("unit", [1.0, int4_pairs.F16_DOT_UNIT])  # the tile's and the GEMV dot's
 def test_f16_nibble_arithmetic_is_exact_for_every_code_and_zero(unit):
-    """The fp16 arithmetic of ``w4a16.f16_nibble_pairs`` and ``_f16_zero_constants``, which the
+    """The fp16 arithmetic of ``int4_pairs.f16_nibble_pairs`` and ``f16_zero_constants``, which the
     interpreter cannot run (inline PTX), emulated in torch with their constants: for every code q
     and zero z, the low nibble under the magic minus ``(1024 + z) unit`` and the high nibble (4 bits
     up) times 1/16 plus ``-(64 + z) unit`` are ``unit (q - z)`` exactly, each operation rounded to
@@ -557,10 +557,10 @@ def test_f16_nibble_arithmetic_is_exact_for_every_code_and_zero(unit):
     def f16(bits):  # the fp16 of 16 bits
         return torch.tensor([bits - (bits >> 15 << 16)], dtype=torch.int16).view(torch.float16)
 
-    ptx = w4a16._f16_zero_constants(unit)
+    ptx = int4_pairs.f16_zero_constants(unit)
     base_low, base_high = (f16(int(re.search(rf"mov\.b16 c, (0x[0-9A-F]{{4}});\s*{op}", ptx).group(1), 16))
                            for op in ("add", "sub"))
-    magic = int(w4a16._f16_bits(1024 * unit), 16)
+    magic = int(int4_pairs.f16_bits(1024 * unit), 16)
     sixteenth = torch.tensor([1 / 16], dtype=torch.float16)
     for z in range(16):
         zu = torch.tensor([z], dtype=torch.float16) * torch.tensor([unit], dtype=torch.float16)
@@ -582,10 +582,10 @@ def test_kernel_sources_and_constants_survive_inductors_copy():
     from triton.language import constexpr
     from triton.runtime.jit import KernelInterface  # (a JITFunction, or the interpreter's function)
 
-    from qpass.kernels import common, w4a16_warp_mma
+    from qpass.kernels import common, w4a16_gemv, w4a16_warp_mma
 
     checked = 0
-    for module in (common, fp8, w4a16, w4a16_warp_mma, w8a16):
+    for module in (common, fp8, int4_pairs, w4a16, w4a16_gemv, w4a16_warp_mma, w8a16):
         for name, value in vars(module).items():
             if isinstance(value, constexpr):
                 text = repr(value.value)
@@ -1113,7 +1113,7 @@ def test_gpu_compiled_op_calls_the_triton_kernel_without_graph_break(M):
     out, codes = run_and_get_code(compiled, x)
     ref = torch.nn.functional.silu(w4_reference(x, qweight, scales, zeros, 128, b))
     assert relative_error(out, ref) < BOUND[torch.float16]
-    kernels = {w4a16.GemvConfig: "_w4a16_gemv_kernel", w4a16.MmaConfig: "_w4a16_mma_kernel",
+    kernels = {w4a16.GemvConfig: "w4a16_gemv_kernel", w4a16.MmaConfig: "_w4a16_mma_kernel",
                w4a16.WarpMmaConfig: "w4a16_warp_mma_kernel", w4a16.DequantMmConfig: "_w4a16_dequantize_kernel",
                w4a16.WgmmaConfig: "w4a16_wgmma_matmul",  # (opaque ops: Inductor cannot copy a Gluon kernel)
                w4a16.WgmmaTmaConfig: "w4a16_wgmma_tma_matmul"}

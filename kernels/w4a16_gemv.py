@@ -1,0 +1,417 @@
+"""W4A16 GEMV (M = 1, and 2 on small weights; ``w4a16.pick_config``): no tensor cores. Each program
+owns ``BLOCK_N`` columns of one activation row and reads each packed word once; nibble ``j`` of word row
+``r`` meets ``x[8 r + j]``. For fp16 x on a GPU the words are dequantized two at a time
+in half2 registers by inline PTX (``_word_pair_dot_f16x2``: about 13 instructions per 8
+weights, against about 30 for the float32 path that the interpreter uses); bf16 x the same
+way in bf16x2 registers (``_word_pair_dot_bf16x2``: 15), through the same loop
+(``_gemv_partial_x2``, constexprs PACKED_F16 / PACKED_BF16, ``w4a16.gemv_meta``).
+
+The GEMV also computes the RMSNorm of x when given its weight (HAS_NORM): each program
+reduces the row itself, from L2, and scales the x values it reads (``_gemv_columns``); the
+other paths run the norm as a pass of its own. A bias may be shaped as the output (a residual,
+``common.bias_rows``).
+"""
+
+import triton
+import triton.language as tl
+
+from .common import asm_constant, split_range, store_output
+from .int4_pairs import F16_DOT_UNIT, bf16_nibble_pairs, f16_nibble_pairs, zero_bf16x2, zero_f16x2
+
+_F32_MAGIC = tl.constexpr(8388608.0)  # 2**23: 0x4B000000 | q is 2**23 + q as float32
+_F16_DOT_SCALE = tl.constexpr(1 / F16_DOT_UNIT)  # the sum back from the dot's unit (a power of two)
+
+
+@triton.jit
+def _load_x_pairs_x2(x_ptrs):
+    """The 8 16-bit values (fp16 or bf16) at each (16-byte aligned) x_ptrs, loaded by inline
+    PTX, as the four pairs (x_j, x_j+4), j < 4, packed in 32 bits, that meet nibbles j and
+    j + 4 of a word (``_word_pair_dot_f16x2``, ``_word_pair_dot_bf16x2``).
+
+    A ``tl.load`` here would get a thread layout of its own from Triton's coalescing pass, and
+    the compiler would then move the whole word tile into that layout through shared memory;
+    an elementwise op takes the layout of the word tile it is broadcast against. The copies
+    that land in one thread (one per column it holds) are merged into one load."""
+    return tl.inline_asm_elementwise(
+        """
+        {
+        .reg .b32 a, b, c, d;
+        ld.global.nc.v4.b32 {a, b, c, d}, [$4];
+        prmt.b32 $0, a, c, 0x5410;
+        prmt.b32 $1, a, c, 0x7632;
+        prmt.b32 $2, b, d, 0x5410;
+        prmt.b32 $3, b, d, 0x7632;
+        }
+        """,
+        "=r,=r,=r,=r,l", [x_ptrs],
+        dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1,
+    )
+
+
+@triton.jit
+def _load_normed_x_pairs_x2(x_ptrs, g_ptrs, r_pair, BF16: tl.constexpr):
+    """``_load_x_pairs_x2`` of an RMSNorm's output: the 8 values at each x_ptrs times those at
+    g_ptrs (the norm weight), each product rounded to the dtype as the unfused norm rounds. fp16:
+    x first times the packed pair ``r_pair`` (1 / rms rounded to fp16, ``_f16_pair``), as
+    unscaled products could overflow fp16; bf16 has float32's range, and 1 / rms goes on the sum
+    (``_gemv_columns``)."""
+    if BF16:  # (bf16x2 multiply is sm_90+; an fma adding -0 is the same product from sm_80)
+        return tl.inline_asm_elementwise(
+            """
+            {
+            .reg .b32 a, b, c, d, e, f, g, h, nz;
+            mov.b32 nz, 0x80008000;
+            ld.global.nc.v4.b32 {a, b, c, d}, [$4];
+            ld.global.nc.v4.b32 {e, f, g, h}, [$5];
+            fma.rn.bf16x2 a, a, e, nz;
+            fma.rn.bf16x2 b, b, f, nz;
+            fma.rn.bf16x2 c, c, g, nz;
+            fma.rn.bf16x2 d, d, h, nz;
+            prmt.b32 $0, a, c, 0x5410;
+            prmt.b32 $1, a, c, 0x7632;
+            prmt.b32 $2, b, d, 0x5410;
+            prmt.b32 $3, b, d, 0x7632;
+            }
+            """,
+            "=r,=r,=r,=r,l,l", [x_ptrs, g_ptrs],
+            dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1,
+        )
+    return tl.inline_asm_elementwise(
+        """
+        {
+        .reg .b32 a, b, c, d, e, f, g, h;
+        ld.global.nc.v4.b32 {a, b, c, d}, [$4];
+        ld.global.nc.v4.b32 {e, f, g, h}, [$5];
+        mul.rn.f16x2 a, a, $6;
+        mul.rn.f16x2 b, b, $6;
+        mul.rn.f16x2 c, c, $6;
+        mul.rn.f16x2 d, d, $6;
+        mul.rn.f16x2 a, a, e;
+        mul.rn.f16x2 b, b, f;
+        mul.rn.f16x2 c, c, g;
+        mul.rn.f16x2 d, d, h;
+        prmt.b32 $0, a, c, 0x5410;
+        prmt.b32 $1, a, c, 0x7632;
+        prmt.b32 $2, b, d, 0x5410;
+        prmt.b32 $3, b, d, 0x7632;
+        }
+        """,
+        "=r,=r,=r,=r,l,l,r", [x_ptrs, g_ptrs, r_pair],
+        dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1,
+    )
+
+
+@triton.jit
+def _f16_pair(value):
+    """float32 ``value`` rounded to fp16, twice, in one 32-bit register."""
+    return tl.inline_asm_elementwise("cvt.rn.f16x2.f32 $0, $1, $1;", "=r,f", [value], dtype=tl.int32, is_pure=True,
+                                     pack=1)
+
+
+@triton.jit
+def _inv_rms(x_row, K, stride_xk, eps, BLOCK: tl.constexpr):
+    """1 / sqrt(mean(x^2) + eps) of the row of K values at x_row, in float32."""
+    squares = tl.zeros((BLOCK,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK):
+        offs = k0 + tl.arange(0, BLOCK)
+        v = tl.load(x_row + offs * stride_xk, mask=offs < K, other=0).to(tl.float32)
+        squares += v * v
+    # (eps may arrive as a float64 constant: Inductor passes Python floats so)
+    return tl.rsqrt((tl.sum(squares, axis=0) / K + eps).to(tl.float32))
+
+
+# The asm of the packed dot of a word pair (composed once here: Triton takes an asm string as a constant).
+_WORD_PAIR_DOT_F16X2 = asm_constant("""
+        {
+        .reg .b32 t, q0, q1, q2, q3, s, sixteenth;
+        .reg .b16 lo, hi;
+        .reg .f32 flo, fhi;
+        mov.b32 sixteenth, 0x2C002C00;""" + f16_nibble_pairs("$1", F16_DOT_UNIT, "$3", "$4") + """
+        mul.rn.f16x2 s, q0, $5;
+        fma.rn.f16x2 s, q1, $6, s;
+        fma.rn.f16x2 s, q2, $7, s;
+        fma.rn.f16x2 s, q3, $8, s;""" + f16_nibble_pairs("$2", F16_DOT_UNIT, "$3", "$4") + """
+        fma.rn.f16x2 s, q0, $9, s;
+        fma.rn.f16x2 s, q1, $10, s;
+        fma.rn.f16x2 s, q2, $11, s;
+        fma.rn.f16x2 s, q3, $12, s;
+        mov.b32 {lo, hi}, s;
+        cvt.f32.f16 flo, lo;
+        cvt.f32.f16 fhi, hi;
+        add.rn.f32 $0, flo, fhi;
+        }
+        """)
+_WORD_PAIR_DOT_BF16X2 = asm_constant("""
+        {
+        .reg .b32 t1, t2, t3, q0, q1, q2, q3, s, one, nz;
+        .reg .f32 flo, fhi;
+        mov.b32 one, 0x3F803F80;
+        mov.b32 nz, 0x80008000;""" + bf16_nibble_pairs("$1", "$3") + """
+        fma.rn.bf16x2 s, q0, $4, nz;
+        fma.rn.bf16x2 s, q1, $5, s;
+        fma.rn.bf16x2 s, q2, $6, s;
+        fma.rn.bf16x2 s, q3, $7, s;""" + bf16_nibble_pairs("$2", "$3") + """
+        fma.rn.bf16x2 s, q0, $8, s;
+        fma.rn.bf16x2 s, q1, $9, s;
+        fma.rn.bf16x2 s, q2, $10, s;
+        fma.rn.bf16x2 s, q3, $11, s;
+        shl.b32 t1, s, 16;
+        and.b32 t2, s, 0xFFFF0000;
+        mov.b32 flo, t1;
+        mov.b32 fhi, t2;
+        add.rn.f32 $0, flo, fhi;
+        }
+        """)
+
+
+@triton.jit
+def _word_pair_dot_f16x2(w0, w1, z_low, z_high, a0, a1, a2, a3, b0, b1, b2, b3):
+    """sum_k x[k] * (q[k] - zero) / 16 over the 16 nibbles of two words (8 rows each), as float32;
+    a0..a3 and b0..b3 are their x pairs from ``_load_x_pairs_x2``; (q - z) / 16 by
+    ``f16_nibble_pairs``. The 8 products of each lane sum in fp16 (HFMA2, two weights an
+    instruction) before the float32 widening: that adds rounding of about the fp16 output's own.
+    The sixteenth (one HMUL a zero point, in ``zero_f16x2``) keeps every single product finite
+    (15/16 of fp16's largest x at most); whole, one x past 4367 against a weight code 15 from its
+    zero gave inf. A lane still overflows past a sum of |x| of 69871 over its 8 rows."""
+    return tl.inline_asm_elementwise(
+        _WORD_PAIR_DOT_F16X2,
+        "=r,r,r,r,r,r,r,r,r,r,r,r,r", [w0, w1, z_low, z_high, a0, a1, a2, a3, b0, b1, b2, b3],
+        dtype=tl.float32, is_pure=True, pack=1,
+    )
+
+
+@triton.jit
+def _word_pair_dot_bf16x2(w0, w1, z_128, a0, a1, a2, a3, b0, b1, b2, b3):
+    """``_word_pair_dot_f16x2`` for bf16 x (``z_128`` from ``zero_bf16x2``; q - z by
+    ``bf16_nibble_pairs``). Per word: 3 shifts, 4 lop3, 4 fma (q - z), 4 fma (x products): 15
+    instructions for 8 weights.
+    Each lane's 8 products sum in bf16 (fma.rn.bf16x2) before the float32 widening (a 16-bit
+    shift / mask): measured and emulated error in bench/NOTES-kernels.md (about 2x the bf16
+    output's own rounding, within the 1e-2 bound). No overflow: bf16 has float32's range."""
+    return tl.inline_asm_elementwise(
+        _WORD_PAIR_DOT_BF16X2,
+        "=r,r,r,r,r,r,r,r,r,r,r,r", [w0, w1, z_128, a0, a1, a2, a3, b0, b1, b2, b3],
+        dtype=tl.float32, is_pure=True, pack=1,
+    )
+
+
+@triton.jit
+def _word_pair_dot_x2(w0, w1, zero, x_ptrs, g_ptrs, r_pair, BF16: tl.constexpr, HAS_NORM: tl.constexpr):
+    """float32 sum_k x[k] * (q[k] - zero) over the 16 rows of the word pair (w0, w1) whose x
+    starts at x_ptrs: x pairs loaded by ``_load_x_pairs_x2`` (under HAS_NORM the RMSNorm's
+    output, ``_load_normed_x_pairs_x2``), the packed dot of the dtype."""
+    if HAS_NORM:
+        a0, a1, a2, a3 = _load_normed_x_pairs_x2(x_ptrs, g_ptrs, r_pair, BF16)
+        b0, b1, b2, b3 = _load_normed_x_pairs_x2(x_ptrs + 8, g_ptrs + 8, r_pair, BF16)
+    else:
+        a0, a1, a2, a3 = _load_x_pairs_x2(x_ptrs)
+        b0, b1, b2, b3 = _load_x_pairs_x2(x_ptrs + 8)
+    if BF16:
+        return _word_pair_dot_bf16x2(w0, w1, zero_bf16x2(zero), a0, a1, a2, a3, b0, b1, b2, b3)
+    z_low, z_high = zero_f16x2(zero, True)
+    return _word_pair_dot_f16x2(w0, w1, z_low, z_high, a0, a1, a2, a3, b0, b1, b2, b3)
+
+
+@triton.jit
+def _gemv_step_x2(acc, squares, w0, w1, w_ptrs, r0, x_row, g_ptr, r_pair, s_ptr, z_ptr, first_rows, rows, cols, mask_w,
+                  row_end, stride_qk, stride_sg, stride_sn, GROUP_SIZE: tl.constexpr, STEP: tl.constexpr,
+                  EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, BF16: tl.constexpr, HAS_NORM: tl.constexpr,
+                  SQUARES: tl.constexpr):
+    """One step of ``_gemv_partial_x2`` at word row r0, on the words w0, w1 loaded before it:
+    issues the next step's word loads, then adds this step's products (and squares of x).
+    Returns the sums, the next step's words and their pointers."""
+    if SQUARES:
+        k_step = 8 * r0 + tl.arange(0, 8 * STEP)
+        if EVEN_K:
+            v = tl.load(x_row + k_step).to(tl.float32)
+        else:
+            v = tl.load(x_row + k_step, mask=k_step < 8 * row_end, other=0).to(tl.float32)
+        squares += v * v
+    w_ptrs += STEP * stride_qk
+    mask_next = (r0 + STEP + first_rows < row_end) & mask_w
+    w0_next = tl.load(w_ptrs, mask=mask_next)
+    w1_next = tl.load(w_ptrs + stride_qk, mask=mask_next)
+
+    # [GROUP_ROWS // 2, GROUPS, BLOCK_N] like the words, so no layout change; copies merge
+    sz_offs = ((r0 + rows) * 8 // GROUP_SIZE) * stride_sg + cols * stride_sn
+    if EVEN_K and EVEN_N:
+        scale = tl.load(s_ptr + sz_offs).to(tl.float32)
+        zero = tl.load(z_ptr + sz_offs)
+        k_offs = (r0 + rows) * 8
+    else:
+        mask = (r0 + first_rows < row_end) & mask_w
+        scale = tl.load(s_ptr + sz_offs, mask=mask, other=0).to(tl.float32)  # 0 past the end
+        zero = tl.load(z_ptr + sz_offs, mask=mask)
+        k_offs = tl.minimum(r0 + rows, row_end - 2) * 8  # past the end: the last rows again
+    acc += _word_pair_dot_x2(w0, w1, zero, x_row + k_offs, g_ptr + k_offs, r_pair, BF16, HAS_NORM) * scale
+    return acc, squares, w0_next, w1_next, w_ptrs
+
+
+@triton.jit
+def _gemv_partial_x2(x_row, g_ptr, r_pair, qw_ptr, s_ptr, z_ptr, offs_n, mask_n, row_start, row_end, stride_qk,
+                     stride_qn, stride_sg, stride_sn, GROUP_SIZE: tl.constexpr, GROUP_ROWS: tl.constexpr,
+                     GROUPS: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
+                     BF16: tl.constexpr, HAS_NORM: tl.constexpr, SQUARES: tl.constexpr,
+                     UNROLLED_STEPS: tl.constexpr):
+    """``_gemv_partial`` with dequantization two weights a register (inline PTX; x fp16, or bf16
+    with BF16, contiguous, 16-byte aligned), and under SQUARES the sum of x^2 over the rows (else
+    0), from a load of each step's x slice that L1 mostly serves (the pairs read the same bytes).
+
+    Each step reads a ``[GROUP_ROWS // 2, GROUPS, BLOCK_N]`` tile of even word rows and the one
+    of the odd rows below them (word row ``r0 + g * GROUP_ROWS + 2 i (+1)`` at
+    ``[i, g, :]``), and issues the loads of the next step before its arithmetic: Triton does not
+    software-pipeline a loop without ``tl.dot``, and the GEMV needs bytes in flight. In a loop,
+    ptxas puts those loads after the arithmetic all the same (they take the registers of the
+    words being consumed at the back-edge); UNROLLED_STEPS > 0 (the number of steps, all of
+    [row_start, row_end), each whole) unrolls the loop, and then they stay ahead. EVEN_K: every
+    step lies inside [row_start, row_end). Words, zeros and scales past the end or right of N load
+    as 0 (Triton zero-fills masked loads): those rows add nothing, and those columns are not stored."""
+    STEP: tl.constexpr = GROUPS * GROUP_ROWS
+    first_rows = tl.arange(0, GROUPS)[None, :, None] * GROUP_ROWS  # [1, GROUPS, 1], from the step's start
+    rows = first_rows + 2 * tl.arange(0, GROUP_ROWS // 2)[:, None, None]  # [GROUP_ROWS // 2, GROUPS, 1]
+    cols = offs_n[None, None, :]
+    mask_w = mask_n[None, None, :]  # broadcast against row masks; ignored when EVEN_N
+    w_ptrs = qw_ptr + (row_start + rows) * stride_qk + cols * stride_qn
+    if EVEN_K and EVEN_N:
+        w0 = tl.load(w_ptrs)
+        w1 = tl.load(w_ptrs + stride_qk)
+    else:
+        mask = (row_start + first_rows < row_end) & mask_w
+        w0 = tl.load(w_ptrs, mask=mask)
+        w1 = tl.load(w_ptrs + stride_qk, mask=mask)
+    acc = tl.zeros((GROUP_ROWS // 2, GROUPS, BLOCK_N), dtype=tl.float32)
+    squares = tl.zeros((8 * STEP,), dtype=tl.float32)
+    if UNROLLED_STEPS > 0:
+        for i in tl.static_range(UNROLLED_STEPS):
+            acc, squares, w0, w1, w_ptrs = _gemv_step_x2(
+                acc, squares, w0, w1, w_ptrs, row_start + i * STEP, x_row, g_ptr, r_pair, s_ptr, z_ptr, first_rows,
+                rows, cols, mask_w, row_end, stride_qk, stride_sg, stride_sn, GROUP_SIZE, STEP, EVEN_N, EVEN_K, BF16,
+                HAS_NORM, SQUARES)
+    else:
+        for r0 in range(row_start, row_end, STEP):
+            acc, squares, w0, w1, w_ptrs = _gemv_step_x2(
+                acc, squares, w0, w1, w_ptrs, r0, x_row, g_ptr, r_pair, s_ptr, z_ptr, first_rows, rows, cols, mask_w,
+                row_end, stride_qk, stride_sg, stride_sn, GROUP_SIZE, STEP, EVEN_N, EVEN_K, BF16, HAS_NORM, SQUARES)
+    total = tl.sum(tl.sum(acc, axis=0), axis=0)
+    if not BF16:
+        total *= _F16_DOT_SCALE  # back from the fp16 dot's unit (a power of two: exact in float32)
+    return total, tl.sum(squares, axis=0)
+
+
+@triton.jit
+def _gemv_partial(x_row, g_ptr, inv_rms, qw_ptr, s_ptr, z_ptr, offs_n, mask_n, row_start, row_end, stride_xk,
+                  stride_qk, stride_qn, stride_sg, stride_sn, GROUP_SIZE: tl.constexpr, GROUP_ROWS: tl.constexpr,
+                  GROUPS: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, HAS_NORM: tl.constexpr):
+    """float32 sum over the word rows [row_start, row_end) of x . w for the columns offs_n: [BLOCK_N]
+    (under HAS_NORM x is ``x * inv_rms * g``, in float32).
+
+    Each step reads a ``[GROUP_ROWS, GROUPS, BLOCK_N]`` tile of words, word row
+    ``r0 + g * GROUP_ROWS + i`` at ``[i, g, :]``: the GROUP_ROWS rows of one ``g`` share a
+    row of scales and zeros. Dequantization in float32 through the exponent trick."""
+    offs_i = tl.arange(0, GROUP_ROWS)[:, None, None]
+    offs_g = tl.arange(0, GROUPS)[None, :, None]
+    cols = offs_n[None, None, :]
+    acc = tl.zeros((GROUP_ROWS, GROUPS, BLOCK_N), dtype=tl.float32)
+    for r0 in range(row_start, row_end, GROUPS * GROUP_ROWS):
+        first_rows = r0 + offs_g * GROUP_ROWS  # [1, GROUPS, 1]
+        rows = first_rows + offs_i  # [GROUP_ROWS, GROUPS, 1]
+        mask_g = first_rows < row_end  # row_end is a multiple of GROUP_ROWS
+        if EVEN_N:
+            mask_w = mask_g
+        else:
+            mask_w = mask_g & mask_n[None, None, :]
+        words = tl.load(qw_ptr + rows * stride_qk + cols * stride_qn, mask=mask_w, other=0)
+        sz_offs = (first_rows * 8 // GROUP_SIZE) * stride_sg + cols * stride_sn  # [1, GROUPS, BLOCK_N]
+        scale = tl.load(s_ptr + sz_offs, mask=mask_w, other=0).to(tl.float32)
+        magic_zero = tl.load(z_ptr + sz_offs, mask=mask_w, other=0).to(tl.float32) + _F32_MAGIC
+        dot = tl.zeros((GROUP_ROWS, GROUPS, BLOCK_N), dtype=tl.float32)
+        for j in tl.static_range(8):
+            xj = tl.load(x_row + (rows * 8 + j) * stride_xk, mask=mask_g, other=0).to(tl.float32)
+            if HAS_NORM:
+                xj *= tl.load(g_ptr + rows * 8 + j, mask=mask_g, other=0).to(tl.float32) * inv_rms
+            qj = ((words >> (4 * j)) & 0xF) | 0x4B000000
+            dot += xj * (qj.to(tl.float32, bitcast=True) - magic_zero)
+        acc += dot * scale
+    return tl.sum(tl.sum(acc, axis=0), axis=0)
+
+
+@triton.jit
+def _gemv_columns(x_row, g_ptr, norm_eps, K, qw_ptr, s_ptr, z_ptr, offs_n, mask_n, row_start, row_end, stride_xk,
+                  stride_qk, stride_qn, stride_sg, stride_sn, GROUP_SIZE: tl.constexpr, GROUP_ROWS: tl.constexpr,
+                  GROUPS: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
+                  PACKED_F16: tl.constexpr, PACKED_BF16: tl.constexpr, HAS_NORM: tl.constexpr,
+                  NORM_BLOCK: tl.constexpr, WHOLE_ROW: tl.constexpr, UNROLLED_STEPS: tl.constexpr):
+    """float32 x . w for the columns offs_n over the word rows [row_start, row_end): [BLOCK_N];
+    under HAS_NORM, x is the RMSNorm ``x * inv_rms * g`` of the row of K values at x_row (each
+    program reduces the row itself; g at g_ptr). WHOLE_ROW: [row_start, row_end) is all of K."""
+    if PACKED_F16 and HAS_NORM:
+        # fp16 could overflow unscaled: x scaled in the loop by 1 / rms rounded to fp16, the
+        # rounding's factor put on the sum
+        inv_rms = _inv_rms(x_row, K, stride_xk, norm_eps, NORM_BLOCK)
+        correction = inv_rms / inv_rms.to(tl.float16).to(tl.float32)
+        acc, _ = _gemv_partial_x2(
+            x_row, g_ptr, _f16_pair(inv_rms), qw_ptr, s_ptr, z_ptr, offs_n, mask_n, row_start, row_end,
+            stride_qk, stride_qn, stride_sg, stride_sn, GROUP_SIZE, GROUP_ROWS, GROUPS, BLOCK_N, EVEN_N, EVEN_K,
+            PACKED_BF16, HAS_NORM, False, UNROLLED_STEPS)
+        return correction * acc
+    if PACKED_F16 or PACKED_BF16:
+        # bf16 has float32's range: x * g in the loop and 1 / rms on the sum; the loop sums the
+        # squares of a row it reads whole, so no pass over the row before it (a decode step's
+        # grids are one wave: every program would wait on it at once) or after it
+        squares_in_loop: tl.constexpr = HAS_NORM and WHOLE_ROW
+        acc, squares = _gemv_partial_x2(x_row, g_ptr, 0, qw_ptr, s_ptr, z_ptr, offs_n, mask_n, row_start, row_end,
+                                        stride_qk, stride_qn, stride_sg, stride_sn, GROUP_SIZE, GROUP_ROWS, GROUPS,
+                                        BLOCK_N, EVEN_N, EVEN_K, PACKED_BF16, HAS_NORM, squares_in_loop,
+                                        UNROLLED_STEPS)
+        if squares_in_loop:
+            acc *= tl.rsqrt((squares / K + norm_eps).to(tl.float32))
+        elif HAS_NORM:
+            acc *= _inv_rms(x_row, K, stride_xk, norm_eps, NORM_BLOCK)
+        return acc
+    inv_rms = _inv_rms(x_row, K, stride_xk, norm_eps, NORM_BLOCK) if HAS_NORM else 1.0
+    return _gemv_partial(x_row, g_ptr, inv_rms, qw_ptr, s_ptr, z_ptr, offs_n, mask_n, row_start, row_end, stride_xk,
+                         stride_qk, stride_qn, stride_sg, stride_sn, GROUP_SIZE, GROUP_ROWS, GROUPS, BLOCK_N, EVEN_N,
+                         HAS_NORM)
+
+
+@triton.jit
+def w4a16_gemv_kernel(
+    x_ptr, g_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr,
+    M, N_OUT, N_UP, K, norm_eps,
+    stride_xm, stride_xk, stride_qk, stride_qn, stride_sg, stride_sn, stride_bm, stride_om, stride_on, stride_wm,
+    GROUP_SIZE: tl.constexpr, GROUP_ROWS: tl.constexpr, GROUPS: tl.constexpr, BLOCK_N: tl.constexpr,
+    SPLIT_K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ACTIVATION: tl.constexpr, PACKED_F16: tl.constexpr, PACKED_BF16: tl.constexpr, HAS_NORM: tl.constexpr,
+    NORM_BLOCK: tl.constexpr, UNROLLED_STEPS: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    STEP: tl.constexpr = GROUPS * GROUP_ROWS
+    k_rows = K // 8
+    row_start, row_end = split_range(pid_k, k_rows, SPLIT_K, STEP)
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N_OUT
+    x_row = x_ptr + pid_m * stride_xm
+    if ACTIVATION == "silu_mul":
+        # The gate columns, then the up columns: one pass over K reads both, with twice the
+        # bytes of a step in flight, and x is read once. (Runs of BLOCK_N contiguous columns:
+        # interleaved single columns hid the contiguity from Triton's coalescing, 3-4x slower.)
+        both_n = tl.arange(0, 2 * BLOCK_N)
+        offs_both = pid_n * BLOCK_N + both_n % BLOCK_N
+        both = _gemv_columns(x_row, g_ptr, norm_eps, K, qw_ptr, s_ptr, z_ptr, offs_both + (both_n // BLOCK_N) * N_UP,
+                             offs_both < N_OUT, row_start, row_end, stride_xk, stride_qk, stride_qn, stride_sg,
+                             stride_sn, GROUP_SIZE, GROUP_ROWS, GROUPS, 2 * BLOCK_N, EVEN_N, EVEN_K, PACKED_F16,
+                             PACKED_BF16, HAS_NORM, NORM_BLOCK, SPLIT_K == 1, UNROLLED_STEPS)
+        acc, acc_up = tl.split(tl.permute(tl.reshape(both, (2, BLOCK_N)), (1, 0)))
+    else:
+        acc = _gemv_columns(x_row, g_ptr, norm_eps, K, qw_ptr, s_ptr, z_ptr, offs_n, mask_n, row_start, row_end,
+                            stride_xk, stride_qk, stride_qn, stride_sg, stride_sn, GROUP_SIZE, GROUP_ROWS, GROUPS,
+                            BLOCK_N, EVEN_N, EVEN_K, PACKED_F16, PACKED_BF16, HAS_NORM, NORM_BLOCK, SPLIT_K == 1,
+                            UNROLLED_STEPS)
+        acc_up = acc
+    rows = pid_m + tl.arange(0, 1)
+    store_output(acc[None, :], acc_up[None, :], rows[:, None], offs_n[None, :], (rows < M)[:, None] & mask_n[None, :],
+                 pid_m * tl.num_programs(1) + pid_n, M, N_UP, b_ptr, out_ptr, ws_ptr, stride_bm, stride_om, stride_on,
+                 stride_wm, SPLIT_K, HAS_BIAS, ACTIVATION)
