@@ -8,10 +8,10 @@ CUDA-graph replays (``triton.testing.do_bench_cudagraph``), as in ANCHORS.md: la
 overhead is out, and a weight that fits in L2 (50 MB on the H100) stays there between
 replays, as it did for the peers' figures there.
 
-    python bench/kernels.py --out bench/results/kernels-h100.json   # on the GPU
+    python bench/kernels.py --out bench/results/kernels-h100.json   # on the GPU; md and png beside it
     python bench/kernels.py --sweep --out /tmp/sweep.json           # time qpass's block shapes
     python bench/kernels.py --sweep --cold --out /tmp/sweep.json    # the same, weights from DRAM
-    python bench/kernels.py --plot bench/results/kernels-h100.json  # png and md beside the json
+    python bench/kernels.py --plot bench/results/kernels-h100.json  # only the png and md, from the json
 
 A peer that fails to import or run is recorded under "errors" and the run goes on. The GPU
 machine has neither torchao nor GemLite: carry them as wheels (torchao's from PyPI; GemLite
@@ -30,6 +30,7 @@ from pathlib import Path
 SHAPES = [(4096, 4096), (4096, 6144), (4096, 28672), (14336, 4096)]  # (K, N)
 MS = [1, 16, 64, 128, 1024, 4096]
 GROUP = 128
+SWEEP_PLAN = "awq:1,awq:16,awq:128,awq:1024,awq:4096,awq:64,fp8:4096,fp8:1024,int8:1,int8:16"
 PEERS = ["fp16_cublas", "tinygemm_int4", "torchao_int4wo", "gemlite_a16w4", "qpass_awq", "qpass_int8", "qpass_fp8"]
 
 
@@ -134,8 +135,13 @@ def run_table(peers, shapes, ms):
     return rows, errors
 
 
-def sweep_candidates(kind, M):
-    """Block shapes worth timing for one kernel family and M (bench/NOTES-kernels.md)."""
+def sweep_plan(text):
+    """``"awq:1,int8:16"`` -> ``[("awq", 1), ("int8", 16)]``: the kernel families and M that ``--sweep`` times."""
+    return [(kind, int(M)) for kind, M in (entry.split(":") for entry in text.split(","))]
+
+
+def sweep_candidates(kind, M, N):
+    """Block shapes worth timing for one kernel family, M and N GEMM columns (bench/NOTES-kernels.md)."""
     from qpass.kernels import fp8, w4a16, w8a16
 
     out = []
@@ -265,7 +271,7 @@ def run_sweep(shapes, plan, deadline, dtype_name="float16", activation="none", c
                 return results
             x = torch.randn(M, K, device="cuda", dtype=dtype)
             base = bench(lambda: [F.linear(x, s["base"]) for s in sets], rep=10) / copies
-            candidates = sweep_candidates(kind, M)
+            candidates = sweep_candidates(kind, M, N)
             n_out = output_columns(activation, N) if kind == "awq" else N  # only W4A16 runs the activation
             if kind == "awq":  # the pick itself, whose split may differ from its block shape's rule
                 candidates.append(w4a16.pick_config(M, n_out, K, GROUP, x.device, activation, dtype=dtype))
@@ -321,7 +327,7 @@ def write_plot(path):
     fig.tight_layout()
     fig.savefig(Path(path).with_suffix(".png"), dpi=110)
 
-    lines = [f"# One quantized linear: speed-up over fp16 cuBLAS", "",
+    lines = ["# One quantized linear: speed-up over fp16 cuBLAS", "",
              f"{data['device']}, torch {data['torch']}, triton {data['triton']}, {data['date']}. "
              "Median of CUDA-graph replays (`triton.testing.do_bench_cudagraph`); group size 128; "
              "fp16 activations (bf16 for tinygemm and torchao). Raw times in the json beside this.", "",
@@ -346,8 +352,7 @@ def main():
     parser.add_argument("--out", default="bench/results/kernels-h100.json")
     parser.add_argument("--peers", default=",".join(PEERS))
     parser.add_argument("--sweep", action="store_true")
-    parser.add_argument("--sweep-plan", default="awq:1,awq:16,awq:128,awq:1024,awq:4096,awq:64,fp8:4096,"
-                                                "fp8:1024,int8:1,int8:16")
+    parser.add_argument("--sweep-plan", default=SWEEP_PLAN, help="kernel family:M pairs, comma-separated")
     parser.add_argument("--budget-s", type=float, default=1e9, help="stop the sweep after this many seconds")
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"], help="the sweep's activations")
     parser.add_argument("--activation", default="none", choices=["none", "silu_mul"],
@@ -363,8 +368,8 @@ def main():
     import triton
 
     if args.sweep:
-        plan = [(p.split(":")[0], int(p.split(":")[1])) for p in args.sweep_plan.split(",")]
-        results = run_sweep(SHAPES, plan, time.time() + args.budget_s, args.dtype, args.activation, args.cold)
+        results = run_sweep(SHAPES, sweep_plan(args.sweep_plan), time.time() + args.budget_s, args.dtype,
+                            args.activation, args.cold)
         Path(args.out).write_text(json.dumps(results, indent=1))
         return
     data = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
@@ -374,6 +379,10 @@ def main():
         data["rows"] += rows
         data["errors"].update(errors)
         Path(args.out).write_text(json.dumps(data, indent=1))
+    try:
+        write_plot(args.out)  # the md and png beside the json
+    except ImportError as e:
+        print(f"no plot ({e}); on a machine with matplotlib: python bench/kernels.py --plot {args.out}")
 
 
 if __name__ == "__main__":
