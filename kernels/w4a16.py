@@ -39,9 +39,10 @@ the (M, N) tiles alone would leave the GPU idle; the programs of a tile add thei
 into a zeroed float32 workspace and the last to arrive finishes the tile (``store_output``): no
 second launch. That same epilogue computes the ``activation``: GELU, or ``"silu_mul"`` (columns
 ``[gate | up]``, result ``silu(gate) * up``), each program computing matching gate and up tiles
-(the GEMV in one pass over K, its gate columns then its up columns as one tile). The wgmma
-kernel adds its split sums into a zeroed float32 output and, like dequantize + cuBLAS, leaves a
-residual and the activation to one pointwise pass after it (fused by Inductor under torch.compile).
+(the GEMV in one pass over K, its gate columns then its up columns as one tile). The Gluon kernels
+split K their own way (the wgmma kernel into a workspace each launch leaves zero, ``split_workspace``;
+the TMA kernel into zeros, cast after) and, like dequantize + cuBLAS, leave a residual and the
+activation to one pointwise pass after them (fused by Inductor under torch.compile).
 """
 
 import contextlib
