@@ -96,10 +96,11 @@ def test_indivisible_in_features_use_the_largest_halved_group(caplog, method, ke
                           nn.ReLU(), nn.Linear(8, 100)).eval()
     with caplog.at_level(logging.INFO, logger="qpass"):
         q = qpass.quantize(model, method)
-    first, second, third = (q.get_submodule(name) for name in "024")  # a GraphModule: no indexing
+    first, second, third, fourth = (q.get_submodule(name) for name in "0246")  # a GraphModule: no indexing
     assert first.quant_method.quant_config.group_size == 64
     assert second.quant_method.quant_config.group_size == 64
     assert isinstance(third.quant_method, UnquantizedLinearMethod)  # in 200: no group of 32 or more divides it
+    assert isinstance(fourth.quant_method, UnquantizedLinearMethod)  # out 100: not a multiple of 8
     assert "group_size 128 does not divide in_features 576; using 64" in caplog.text
     assert "group_size 128 does not divide in_features 192; using 64" in caplog.text
     assert "kept in float: in_features 200 has no group size >= 32 that divides it (halving from 128)" in caplog.text
