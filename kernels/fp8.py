@@ -6,6 +6,11 @@ row divided by its scale, correctly rounded, then rounded to fp8) and ``_fp8_mma
 (fp8 x fp8 on the tensor cores, float32 accumulation, both scales applied to the
 accumulator). Split K as in the other kernels when the tiles alone would leave the GPU idle,
 reduced inside the kernel (``common.store_output``).
+
+Up to ``w8a16.GEMV_MAX_M`` rows the product is a GEMV bound by the weight's bytes, one a weight as
+W8A16's; a tensor-core tile there would be at least 16 rows, 15 of them padding. W8A16's GEMV
+(``w8a16.w8_gemv_kernel``) runs it on the fp8 weights, from the same quantized activations given
+to it in fp16 (every e4m3 value is exact there), the products summed in float32.
 """
 
 from typing import Optional
@@ -14,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import w8a16
 from .common import (MmaConfig, bias_rows, grouped_tile, output_columns, sm_count, split_for,
                      split_k_workspace, split_range, store_output)
 
@@ -51,6 +57,8 @@ def _divide(x, d, d_inverse):
 @triton.jit
 def _quantize_rows_kernel(x_ptr, xq_ptr, scale_ptr, K, stride_xm, stride_xk, stride_qm, BLOCK_K: tl.constexpr,
                           ONE_PASS: tl.constexpr):
+    """Row ``program_id`` of x quantized per token; xq's dtype float8_e4m3fn, or float16 for the
+    same values (exact), as the GEMV reads them."""
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK_K)
     x_row = x_ptr + row * stride_xm
@@ -122,8 +130,12 @@ def _fp8_mma_kernel(
                  bias_ptr, out_ptr, ws_ptr, stride_bm, stride_om, stride_on, stride_wm, SPLIT_K, HAS_BIAS, ACTIVATION)
 
 
-def pick_config(M: int, N: int, K: int, device: torch.device) -> MmaConfig:
-    """Block shapes for a problem; tuned on the H100 (bench/NOTES-kernels.md)."""
+def pick_config(M: int, N: int, K: int, device: torch.device):
+    """The kernel and its block shapes for a problem: W8A16's GEMV up to ``w8a16.GEMV_MAX_M`` rows
+    (its picks: the same bytes a weight), else the tensor-core kernel's, tuned on the H100
+    (bench/NOTES-kernels.md)."""
+    if M <= w8a16.GEMV_MAX_M:
+        return w8a16.pick_config(M, N, K, device, packed=device.type == "cuda")
     sms = sm_count(device)
     if M <= 16:
         cfg = MmaConfig(16, 64, 256, 1, num_warps=4, num_stages=4)
@@ -139,10 +151,11 @@ def pick_config(M: int, N: int, K: int, device: torch.device) -> MmaConfig:
     return cfg._replace(split_k=split_for(tiles, triton.cdiv(K, cfg.block_k), sms))
 
 
-def quantize_rows(x: torch.Tensor):
-    """float ``[M, K]`` -> (float8_e4m3fn ``[M, K]``, float32 scale ``[M]``), per token."""
+def quantize_rows(x: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn):
+    """float ``[M, K]`` -> (float8_e4m3fn ``[M, K]``, float32 scale ``[M]``), per token; ``dtype``
+    float16: the same values in fp16, as the GEMV reads them."""
     M, K = x.shape
-    xq = torch.empty((M, K), device=x.device, dtype=torch.float8_e4m3fn)
+    xq = torch.empty((M, K), device=x.device, dtype=dtype)
     scale = torch.empty((M,), device=x.device, dtype=torch.float32)
     block_k = min(triton.next_power_of_2(K), 16384)
     torch.library.wrap_triton(_quantize_rows_kernel)[(M,)](
@@ -158,13 +171,13 @@ def fp8_linear(
     weight_scale: torch.Tensor,
     bias: Optional[torch.Tensor] = None,
     activation: str = "none",
-    config: Optional[MmaConfig] = None,
+    config=None,
 ) -> torch.Tensor:
     """``fp8(x [M, K]) @ qweight.T`` scaled per token and per channel (+ bias) -> ``[M, N]``
     in x.dtype. ``activation`` (``common.ACTIVATIONS``), computed in float32 before the cast:
     "silu_mul" reads the N columns as ``[gate | up]`` and gives ``silu(gate) * up``
     ``[M, N // 2]``; "gelu" / "gelu_tanh" apply GELU.
-    ``config`` overrides the tuned choice; for sweeps."""
+    ``config`` (an ``MmaConfig`` or a ``w8a16.GemvConfig``) overrides the tuned choice; for sweeps."""
     M, K = x.shape
     N = qweight.shape[0]
     n_out = output_columns(activation, N)
@@ -172,6 +185,9 @@ def fp8_linear(
     if M == 0:
         return x.new_empty((0, n_out))
     cfg = config or pick_config(M, n_out, K, x.device)
+    if isinstance(cfg, w8a16.GemvConfig):
+        xq, x_scale = quantize_rows(x, torch.float16)
+        return w8a16.w8_gemv(xq, qweight, weight_scale, bias, activation, cfg, x_scale, out_dtype=x.dtype)
     xq, x_scale = quantize_rows(x)
     out = torch.empty((M, n_out), device=x.device, dtype=x.dtype)
     bias, stride_bm = bias_rows(bias, M, N)

@@ -1,16 +1,17 @@
 """W8A16: int8 weights ``[N, K]`` (nn.Linear's orientation) with one scale per output
 channel, fp16/bf16 (or fp32) activations. ``out = (x @ q.T) * scales``.
 
-- ``_w8a16_gemv_kernel`` (M of a few rows): each program owns ``BLOCK_N`` weight rows of one
+- ``w8_gemv_kernel`` (M of a few rows): each program owns ``BLOCK_N`` weight rows of one
   activation row and streams them along K with 16-byte loads; the per-channel scale is
-  applied once at the end. Bound by the bytes of ``qweight``. For fp16 and bf16 x on a GPU
-  (constexprs PACKED_F16 / PACKED_BF16, chosen by ``gemv_meta``) weights and x are loaded 16 a
-  thread by inline PTX and each weight costs one ``prmt`` (into the float32 32768 + q + 128)
-  and one FFMA (``_chunk_dot_f32``): the loop compiled for sm_90 is 3.2 SASS instructions a
-  weight at 4 rows x 2048 (4.1 at 8 x 512), against 5.8 for the float32 path (which also moves
-  x through shared memory) that Triton's interpreter and fp32 x take. Where a config asks and
-  every split is whole steps, the loop over K is unrolled (``UNROLLED_STEPS``) so that each
-  step's next loads stay ahead of its arithmetic.
+  applied once at the end. Bound by the bytes of ``qweight``. FP8 W8A8 (``fp8.py``) runs the same
+  kernel on float8_e4m3fn weights (``_chunk_dot_e4m3``) and x quantized per token, given in fp16
+  with its scales (``X_SCALED``). For fp16 and bf16 x on a GPU (constexprs PACKED_F16 / PACKED_BF16, chosen by
+  ``gemv_meta``) weights and x are loaded 16 a thread by inline PTX and each int8 weight costs
+  one ``prmt`` (into the float32 32768 + q + 128) and one FFMA (``_chunk_dot_f32``): the loop
+  compiled for sm_90 is 3.2 SASS instructions a weight at 4 rows x 2048 (4.1 at 8 x 512),
+  against 5.8 for the float32 path (which also moves x through shared memory) that Triton's
+  interpreter and fp32 x take. Where a config asks and every split is whole steps, the loop over
+  K is unrolled (``UNROLLED_STEPS``) so that each step's next loads stay ahead of its arithmetic.
 - ``_w8a16_mma_kernel`` (larger M): int8 tiles converted to the activation dtype (exact:
   |q| <= 128; by inline PTX for fp16, ``_int8_to_f16``) and fed to ``tl.dot``, as its left
   operand (the transposed product, which the Hopper MMA reads from registers) where the config
@@ -38,7 +39,8 @@ from .reference import activation_after_gemm
 @triton.jit
 def _gemv_partial(x_row, qw_ptr, offs_n, mask_n, k_start, k_end, stride_xk, stride_qn, stride_qk,
                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr):
-    """float32 sum over k in [k_start, k_end) of x[k] * q[n, k] for the rows offs_n of qweight: [BLOCK_N]."""
+    """float32 sum over k in [k_start, k_end) of x[k] * q[n, k] for the rows offs_n of qweight (int8 or
+    float8_e4m3fn): [BLOCK_N]."""
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
@@ -48,10 +50,14 @@ def _gemv_partial(x_row, qw_ptr, offs_n, mask_n, k_start, k_end, stride_xk, stri
             mask_w = mask_k[None, :]
         else:
             mask_w = mask_n[:, None] & mask_k[None, :]
-        q = tl.load(qw_ptr + offs_n[:, None] * stride_qn + ks[None, :] * stride_qk, mask=mask_w, other=0)
+        q_ptrs = qw_ptr + offs_n[:, None] * stride_qn + ks[None, :] * stride_qk
         x = tl.load(x_row + ks * stride_xk, mask=mask_k, other=0).to(tl.float32)
-        # 0x4B000080 + q is the float32 2**23 + 128 + q for -128 <= q < 128.
-        w = (q.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
+        if qw_ptr.dtype.element_ty == tl.int8:
+            # 0x4B000080 + q is the float32 2**23 + 128 + q for -128 <= q < 128.
+            q = tl.load(q_ptrs, mask=mask_w, other=0)
+            w = (q.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
+        else:  # float8_e4m3fn, exact in float32 (no `other`: Triton's interpreter cannot cast 0 to fp8)
+            w = tl.where(mask_w, tl.load(q_ptrs, mask=mask_w).to(tl.float32), 0.0)
         acc += x[None, :] * w
     return tl.sum(acc, axis=1)
 
@@ -153,6 +159,40 @@ def _chunk_dot_f32(w0, w1, w2, w3, x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, 
     )
 
 
+def _chunk_dot_e4m3_asm() -> str:
+    """The PTX of ``_chunk_dot_e4m3``: per pair of weights one ``cvt`` of both to fp16 (exact), then
+    per weight one ``cvt`` to float32 and one FFMA with its x ($5..$20), chained into $0."""
+    lines = ["{", ".reg .b16 lo, hi, p0, p1;", ".reg .b32 pair;", ".reg .f32 w, t;"]
+    for k in range(16):
+        if k % 4 == 0:
+            lines.append(f"mov.b32 {{lo, hi}}, ${k // 4 + 1};")
+        if k % 2 == 0:
+            lines += [f"cvt.rn.f16x2.e4m3x2 pair, {'lo' if k % 4 == 0 else 'hi'};", "mov.b32 {p0, p1}, pair;"]
+        lines.append(f"cvt.f32.f16 w, p{k % 2};")
+        if k == 0:
+            lines.append("mul.rn.f32 t, w, $5;")
+        else:
+            lines.append(f"fma.rn.f32 {'$0' if k == 15 else 't'}, w, ${k + 5}, t;")
+    return "\n".join(lines + ["}"])
+
+
+_CHUNK_DOT_E4M3_ASM = asm_constant(_chunk_dot_e4m3_asm())
+
+
+@triton.jit
+def _chunk_dot_e4m3(w0, w1, w2, w3, x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15):
+    """float32 sum_k x[k] * q[k] over the 16 float8_e4m3fn weights of one chunk (words w0..w3,
+    weight 4j + i in byte i of wj; x0..x15 from ``_load_x16``). Each weight is exact in fp16 and
+    float32 and each product exact inside its FMA: the float32 sums are the only rounding.
+    ``cvt ... e4m3x2`` needs sm_89 or later (``_packed_ok``)."""
+    return tl.inline_asm_elementwise(
+        _CHUNK_DOT_E4M3_ASM,
+        "=r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r",
+        [w0, w1, w2, w3, x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15],
+        dtype=tl.float32, is_pure=True, pack=1,
+    )
+
+
 @triton.jit
 def _gemv_step_x2(acc, w0, w1, w2, w3, w_rows, x_row, k0, k_end, offs_c, BLOCK_K: tl.constexpr,
                   EVEN_K: tl.constexpr, BF16: tl.constexpr):
@@ -166,8 +206,11 @@ def _gemv_step_x2(acc, w0, w1, w2, w3, w_rows, x_row, k0, k_end, offs_c, BLOCK_K
     else:
         x_ptrs = x_row + tl.minimum(ks, k_end - 16)  # (16 divides k_end)
     x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15 = _load_x16(x_ptrs, BF16)
-    cx = _chunk_offset(x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15)
-    d = _chunk_dot_f32(w0, w1, w2, w3, x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15, cx)
+    if w_rows.dtype.element_ty == tl.int8:
+        cx = _chunk_offset(x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15)
+        d = _chunk_dot_f32(w0, w1, w2, w3, x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15, cx)
+    else:
+        d = _chunk_dot_e4m3(w0, w1, w2, w3, x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15)
     if EVEN_K:
         acc += d
     else:
@@ -213,6 +256,16 @@ def _gemv_partial_x2(x_row, qw_ptr, offs_n, mask_n, k_start, k_end, stride_qn,
 
 
 @triton.jit
+def _column_scales(s_ptr, xs_ptr, pid_m, offs_n, mask_n, X_SCALED: tl.constexpr):
+    """What the sums of columns offs_n are multiplied by: the weights' scales [BLOCK_N], times the
+    row's x scale under X_SCALED (the FP8 tensor-core kernel's order: the scales' product first)."""
+    scale = tl.load(s_ptr + offs_n, mask=mask_n, other=0).to(tl.float32)
+    if X_SCALED:
+        scale = tl.load(xs_ptr + pid_m) * scale
+    return scale
+
+
+@triton.jit
 def _gemv_columns(x_row, qw_ptr, offs_n, mask_n, k_start, k_end, stride_xk, stride_qn, stride_qk,
                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
                   PACKED_F16: tl.constexpr, PACKED_BF16: tl.constexpr, UNROLLED_STEPS: tl.constexpr):
@@ -225,14 +278,17 @@ def _gemv_columns(x_row, qw_ptr, offs_n, mask_n, k_start, k_end, stride_xk, stri
 
 
 @triton.jit
-def _w8a16_gemv_kernel(
-    x_ptr, qw_ptr, s_ptr, b_ptr, out_ptr, ws_ptr,
+def w8_gemv_kernel(
+    x_ptr, xs_ptr, qw_ptr, s_ptr, b_ptr, out_ptr, ws_ptr,
     M, N_OUT, N_UP, K,
     stride_xm, stride_xk, stride_qn, stride_qk, stride_bm, stride_om, stride_on, stride_wm,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
-    PACKED_F16: tl.constexpr, PACKED_BF16: tl.constexpr, UNROLLED_STEPS: tl.constexpr,
+    PACKED_F16: tl.constexpr, PACKED_BF16: tl.constexpr, UNROLLED_STEPS: tl.constexpr, X_SCALED: tl.constexpr,
 ):
+    """``(x @ q.T) * s``, q int8 (W8A16) or float8_e4m3fn (FP8 W8A8, ``fp8.py``) [N, K]. X_SCALED: x
+    holds each row's quantized values (e4m3 values, exact in fp16) and xs_ptr [M] their scales;
+    else x is the activation itself (xs_ptr unread)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -243,13 +299,13 @@ def _w8a16_gemv_kernel(
     x_row = x_ptr + pid_m * stride_xm
     acc = _gemv_columns(x_row, qw_ptr, offs_n, mask_n, k_start, k_end, stride_xk, stride_qn, stride_qk,
                         BLOCK_N, BLOCK_K, EVEN_N, EVEN_K, PACKED_F16, PACKED_BF16, UNROLLED_STEPS)
-    acc *= tl.load(s_ptr + offs_n, mask=mask_n, other=0).to(tl.float32)
+    acc *= _column_scales(s_ptr, xs_ptr, pid_m, offs_n, mask_n, X_SCALED)
     acc_up = acc
     if ACTIVATION == "silu_mul":
         acc_up = _gemv_columns(x_row, qw_ptr + N_UP * stride_qn, offs_n, mask_n, k_start, k_end, stride_xk,
                                stride_qn, stride_qk, BLOCK_N, BLOCK_K, EVEN_N, EVEN_K, PACKED_F16, PACKED_BF16,
                                UNROLLED_STEPS)
-        acc_up *= tl.load(s_ptr + N_UP + offs_n, mask=mask_n, other=0).to(tl.float32)
+        acc_up *= _column_scales(s_ptr + N_UP, xs_ptr, pid_m, offs_n, mask_n, X_SCALED)
     rows = pid_m + tl.arange(0, 1)
     store_output(acc[None, :], acc_up[None, :], rows[:, None], offs_n[None, :], (rows < M)[:, None] & mask_n[None, :],
                  pid_m * tl.num_programs(1) + pid_n, M, N_UP, b_ptr, out_ptr, ws_ptr, stride_bm, stride_om, stride_on,
@@ -355,12 +411,14 @@ class GemvConfig(NamedTuple):
 
 def _packed_ok(x: torch.Tensor, qweight: torch.Tensor) -> bool:
     """The packed paths read 16 weights and 16 x values at a time: fp16 or bf16 x on a GPU, x
-    rows and weight rows contiguous and 16-byte aligned (K a multiple of 16)."""
+    rows and weight rows contiguous and 16-byte aligned (K a multiple of 16); float8 weights from
+    sm_89 (``_chunk_dot_e4m3``)."""
     # (storage_offset, not data_ptr: under torch.compile the tensors are fake; allocations are aligned)
     K = x.shape[1]
     return (x.dtype in (torch.float16, torch.bfloat16) and x.is_cuda and not triton_interpreted()
             and K > 0 and K % 16 == 0 and x.stride(1) == 1 and x.stride(0) % 8 == 0 and x.storage_offset() % 8 == 0
-            and qweight.stride(1) == 1 and qweight.stride(0) % 16 == 0 and qweight.storage_offset() % 16 == 0)
+            and qweight.stride(1) == 1 and qweight.stride(0) % 16 == 0 and qweight.storage_offset() % 16 == 0
+            and (qweight.dtype == torch.int8 or torch.cuda.get_device_capability(x.device) >= (8, 9)))
 
 
 def _cvt_asm_ok(x: torch.Tensor) -> bool:
@@ -455,23 +513,43 @@ def w8a16_linear(
     cfg = config if config is not None else pick_config(M, n_out, K, x.device, packed=_packed_ok(x, qweight))
     if isinstance(cfg, DequantMmConfig):
         return activation_after_gemm(F.linear(x, (qweight * scales[:, None]).to(x.dtype), bias), activation)
+    if isinstance(cfg, GemvConfig):
+        return w8_gemv(x, qweight, scales, bias, activation, cfg)
     out = torch.empty((M, n_out), device=x.device, dtype=x.dtype)
     bias, stride_bm = bias_rows(bias, M, N)
     has_bias = bias is not None
-    if isinstance(cfg, GemvConfig):
-        grid = (M, triton.cdiv(n_out, cfg.block_n), cfg.split_k)
-        kernel, meta = _w8a16_gemv_kernel, dict(EVEN_N=n_out % cfg.block_n == 0, **gemv_meta(cfg, x, qweight))
-    else:
-        grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(n_out, cfg.block_n), cfg.split_k)
-        kernel = _w8a16_mma_kernel
-        meta = dict(BLOCK_M=cfg.block_m, GROUP_M=cfg.group_m, EVEN_K=K % cfg.block_k == 0,
-                    DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", CVT_ASM=_cvt_asm_ok(x),
-                    SWAP_AB=cfg.swap_ab)
-    ws = split_k_workspace(M, N, grid[0] * (grid[1] if len(grid) == 3 else 1), cfg.split_k, out)
-    torch.library.wrap_triton(kernel)[grid](
+    grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(n_out, cfg.block_n), cfg.split_k)
+    ws = split_k_workspace(M, N, grid[0], cfg.split_k, out)
+    torch.library.wrap_triton(_w8a16_mma_kernel)[grid](
         x, qweight, scales, bias if has_bias else scales, out, ws, M, n_out, N - n_out, K,
         x.stride(0), x.stride(1), qweight.stride(0), qweight.stride(1), stride_bm, out.stride(0), out.stride(1), N,
-        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k, HAS_BIAS=has_bias,
-        ACTIVATION=activation, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **meta,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, SPLIT_K=cfg.split_k,
+        EVEN_K=K % cfg.block_k == 0, HAS_BIAS=has_bias, ACTIVATION=activation,
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", CVT_ASM=_cvt_asm_ok(x), SWAP_AB=cfg.swap_ab,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out
+
+
+def w8_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor],
+            activation: str, cfg: GemvConfig, x_scale: Optional[torch.Tensor] = None,
+            out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """``w8_gemv_kernel`` on x ``[M, K]`` and qweight ``[N, K]`` (int8 or float8_e4m3fn) ->
+    ``[M, N]`` (``[M, N // 2]`` under "silu_mul") in ``out_dtype`` (x's by default). With
+    ``x_scale`` [M] (FP8 W8A8), x holds each row's quantized values and the sums are scaled by it too."""
+    M, K = x.shape
+    N = qweight.shape[0]
+    n_out = output_columns(activation, N)
+    out = torch.empty((M, n_out), device=x.device, dtype=out_dtype or x.dtype)
+    bias, stride_bm = bias_rows(bias, M, N)
+    has_bias = bias is not None
+    grid = (M, triton.cdiv(n_out, cfg.block_n), cfg.split_k)
+    ws = split_k_workspace(M, N, grid[0] * grid[1], cfg.split_k, out)
+    torch.library.wrap_triton(w8_gemv_kernel)[grid](
+        x, scales if x_scale is None else x_scale, qweight, scales, bias if has_bias else scales, out, ws,
+        M, n_out, N - n_out, K, x.stride(0), x.stride(1), qweight.stride(0), qweight.stride(1), stride_bm,
+        out.stride(0), out.stride(1), N, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k,
+        EVEN_N=n_out % cfg.block_n == 0, HAS_BIAS=has_bias, ACTIVATION=activation, X_SCALED=x_scale is not None,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **gemv_meta(cfg, x, qweight),
     )
     return out
