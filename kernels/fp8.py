@@ -158,9 +158,13 @@ def quantize_rows(x: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn):
     xq = torch.empty((M, K), device=x.device, dtype=dtype)
     scale = torch.empty((M,), device=x.device, dtype=torch.float32)
     block_k = min(triton.next_power_of_2(K), 16384)
+    # H200: M = 4096, 4 warps 50 us at K = 14336 (16 warps 62), 16.2 at 4096 (8 warps 16.0); 1 to 128 rows of
+    # K = 14336, 16 warps 3.3-3.8 us against 3.8-4.8 (bench/results/ab-fp8-gemv-h200.json). The row bound is one
+    # pick_config has already, so torch.compile's guards on M add no recompile.
+    num_warps = 16 if K > 8192 and M <= 64 else 4
     torch.library.wrap_triton(_quantize_rows_kernel)[(M,)](
         x, xq, scale, K, x.stride(0), x.stride(1), xq.stride(0), BLOCK_K=block_k, ONE_PASS=block_k >= K,
-        num_warps=4,  # H200, M = 4096: 4 warps 50 us at K = 14336 (16 warps 62), 16.2 at 4096 (8 warps 16.0)
+        num_warps=num_warps,
     )
     return xq, scale
 

@@ -5,13 +5,14 @@ channel, fp16/bf16 (or fp32) activations. ``out = (x @ q.T) * scales``.
   activation row and streams them along K with 16-byte loads; the per-channel scale is
   applied once at the end. Bound by the bytes of ``qweight``. FP8 W8A8 (``fp8.py``) runs the same
   kernel on float8_e4m3fn weights (``_chunk_dot_e4m3``) and x quantized per token, given in fp16
-  with its scales (``X_SCALED``). For fp16 and bf16 x on a GPU (constexprs PACKED_F16 / PACKED_BF16, chosen by
-  ``gemv_meta``) weights and x are loaded 16 a thread by inline PTX and each int8 weight costs
-  one ``prmt`` (into the float32 32768 + q + 128) and one FFMA (``_chunk_dot_f32``): the loop
-  compiled for sm_90 is 3.2 SASS instructions a weight at 4 rows x 2048 (4.1 at 8 x 512),
-  against 5.8 for the float32 path (which also moves x through shared memory) that Triton's
-  interpreter and fp32 x take. Where a config asks and every split is whole steps, the loop over
-  K is unrolled (``UNROLLED_STEPS``) so that each step's next loads stay ahead of its arithmetic.
+  with its scales (``X_SCALED``). For fp16 and bf16 x on a GPU (constexprs PACKED_F16 /
+  PACKED_BF16, chosen by ``gemv_meta``) weights and x are loaded 16 a thread by inline PTX and
+  each int8 weight costs one ``prmt`` (into the float32 32768 + q + 128) and one FFMA
+  (``_chunk_dot_f32``): the loop compiled for sm_90 is 3.2 SASS instructions a weight at 4 rows x
+  2048 (4.1 at 8 x 512), against 5.8 for the float32 path (which also moves x through shared
+  memory) that Triton's interpreter and fp32 x take. Where a config asks and every split is whole
+  steps, the loop over K is unrolled (``UNROLLED_STEPS``) so that each step's next loads stay
+  ahead of its arithmetic.
 - ``_w8a16_mma_kernel`` (larger M): int8 tiles converted to the activation dtype (exact:
   |q| <= 128; by inline PTX for fp16, ``_int8_to_f16``) and fed to ``tl.dot``, as its left
   operand (the transposed product, which the Hopper MMA reads from registers) where the config
