@@ -669,6 +669,21 @@ def test_fp8_quantization_divides_exactly_on_many_values(dtype, decades):
     assert_quantized_like_reference(x.to(dtype).to(DEVICE))
 
 
+@pytest.mark.parametrize("K", [300, 16384 + 40])  # one pass, two passes
+def test_fp8_quantization_in_fp16_is_the_fp8_values(K):
+    """What the GEMV reads at one or two rows (``fp8_linear``): the same e4m3 values written in fp16,
+    exact there (subnormals, -0.0 and 448 included), with the same scales."""
+    g = torch.Generator().manual_seed(K)
+    x = torch.randn(2, K, generator=g) * 10 ** torch.empty(2, K).uniform_(-3, 3, generator=g)
+    x[0, 3] = -0.0
+    x = x.to(torch.float16).to(DEVICE)
+    xq, scale = fp8.quantize_rows(x)
+    xq16, scale16 = fp8.quantize_rows(x, torch.float16)
+    assert xq16.dtype == torch.float16 and torch.equal(scale16, scale)
+    assert torch.equal(xq16.view(torch.int16), xq.to(torch.float16).view(torch.int16))  # -0.0 too
+    assert xq16.abs().max() == 448 and bool((xq16[xq16 != 0].abs() < 2 ** -6).any())  # the range's both ends
+
+
 def test_fp8_rows_longer_than_one_block_quantize_in_two_passes():
     g = torch.Generator().manual_seed(0)
     assert_quantized_like_reference(torch.randn(2, 16384 + 40, generator=g).to(torch.float16).to(DEVICE))
