@@ -90,7 +90,8 @@ def gptq_quantize(
         zeros = torch.zeros(groups, n, dtype=torch.int32, device=w.device)
         group_of = torch.arange(k, device=w.device) // group_size
     else:
-        scales, zeros = grid[0].double().t().contiguous().to(w.device), grid[1].t().contiguous().to(w.device, torch.int32)
+        scales = grid[0].double().t().contiguous().to(w.device)
+        zeros = grid[1].t().contiguous().to(w.device, torch.int32)
         group_of = perm // group_size
     group_list = group_of.tolist()  # read once per column: no device sync in the loop
     dequantized = torch.zeros_like(wt)
@@ -119,6 +120,7 @@ def gptq_quantize(
     g_idx = group_of[inverse]
     return (q.t()[:, inverse], scales.t().float(), zeros.t(), g_idx.to(torch.int32),
             dequantized.t()[:, inverse].float())
+
 
 def _group_grid(w: torch.Tensor, sym: bool):
     """Scale and zero point [N] of a group of columns (asymmetric zeros kept in 1..15, the
