@@ -198,18 +198,19 @@ def sweep_candidates(kind, M, N):
             out.append(w4a16.DequantMmConfig())
             out.append(w4a16.DequantMmConfig(32, 64))
             out.extend(w4a16.DequantMmConfig(chunk_n=c) for c in (8192, 4096, 2048, 1024) if c < N)
-    elif kind in ("int8", "fp8") and M <= 2:  # W8A16's GEMV, on int8 or fp8 weights
+    elif kind in ("int8", "fp8") and M <= w8a16.GEMV_MAX_M:  # W8A16's GEMV, on int8 or fp8 weights
+        block_m = M  # both rows in one program
         if kind == "int8":
             for bn, bk in [(4, 1024), (8, 512), (16, 256)]:  # the float32 path's tuned shapes (H100, 2026-11-24)
-                out.append(w8a16.GemvConfig(bn, bk, 0, 4, 2, packed_f16=False))
+                out.append(w8a16.GemvConfig(bn, bk, 0, 4, 2, packed_f16=False, block_m=block_m))
         # packed path: a thread holds BLOCK_N / (warps along N) rows of a 16-weight chunk, and widens
         # the chunk's x once for all of them
         for bn, bk, warps in [(4, 1024, 4), (8, 512, 4), (8, 1024, 8), (4, 512, 1), (8, 512, 1), (4, 1024, 2),
                               (8, 1024, 2), (4, 2048, 2), (4, 2048, 4), (8, 2048, 4), (16, 2048, 8),
                               (4, 4096, 4), (8, 4096, 8), (16, 512, 2), (16, 1024, 4), (32, 512, 4),
-                              (32, 1024, 8)]:
+                              (32, 1024, 8), (4, 512, 4), (8, 256, 4), (16, 256, 8)]:
             for unrolled in (False, True):
-                out.append(w8a16.GemvConfig(bn, bk, 0, warps, 2, unrolled=unrolled))
+                out.append(w8a16.GemvConfig(bn, bk, 0, warps, 2, unrolled=unrolled, block_m=block_m))
     elif kind == "int8":
         for bm, bn, bk, warps, stages in [(16, 64, 128, 4, 4), (16, 128, 128, 4, 4), (16, 32, 128, 4, 5),
                                           (64, 128, 64, 4, 4), (64, 128, 128, 4, 3), (64, 64, 128, 4, 4),

@@ -25,3 +25,12 @@ def test_every_sweep_of_the_default_plan_has_candidates():
             families = {type(c).__module__.rsplit(".", 1)[-1] for c in candidates}
             assert families <= {"awq": {"w4a16", "common"}, "int8": {"w8a16", "common"},
                                 "fp8": {"fp8", "w8a16", "common"}}[kind], (kind, M, families)  # (fp8's GEMV is W8A16's)
+
+
+def test_the_8bit_gemv_sweep_takes_every_row_in_one_program():
+    """At one or two rows the 8-bit GEMV's sweep times the shapes the pick can give: both rows in one program."""
+    kernels = load_script("kernels")
+    for kind in ("int8", "fp8"):
+        for M in (1, 2):
+            gemvs = [c for c in kernels.sweep_candidates(kind, M, 4096) if type(c).__name__ == "GemvConfig"]
+            assert gemvs and {c.block_m for c in gemvs} == {M}, (kind, M)

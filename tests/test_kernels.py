@@ -338,8 +338,9 @@ def test_w8a16_tuned_choice_matches_reference(M, N, K, dtype, bias, seed):
 
 W8_CONFIGS = [
     w8a16.GemvConfig(block_n=8, block_k=64, split_k=3, num_warps=4, num_stages=2),
+    w8a16.GemvConfig(block_n=8, block_k=64, split_k=2, num_warps=4, num_stages=2, block_m=2),  # 2 rows a program
     w8a16.GemvConfig(block_n=16, block_k=128, split_k=2, num_warps=4, num_stages=2, packed_f16=False,
-                     packed_bf16=False),  # float32 path on GPU too
+                     packed_bf16=False, block_m=2),  # float32 path on GPU too
     w8a16.MmaConfig(16, 32, 32, split_k=2, num_warps=4, num_stages=2),
     w8a16.DequantMmConfig(),
 ]
@@ -352,7 +353,7 @@ W8_CONFIGS = [
 def test_w8a16_each_kernel_variant(config, M, N, K, bias, seed, data):
     dtype = data.draw(st.sampled_from(cpu_dtypes(gemv=isinstance(config, w8a16.GemvConfig))))
     if isinstance(config, w8a16.GemvConfig) and not CUDA:
-        M = M % 3 + 1  # the interpreter runs one program per row: keep the GEMV's rows few
+        M = M % (2 * config.block_m + 1) + 1  # the interpreter runs one program per block of rows: keep them few
     x, qweight, scales, b = make_w8(M, N, K, dtype, bias, seed)
     out = w8a16.w8a16_linear(x, qweight, scales, b, config=config)
     ref = reference.w8a16_linear(x.float(), qweight, scales.float(), None if b is None else b.float())
@@ -603,10 +604,15 @@ def test_kernel_sources_and_constants_survive_inductors_copy():
 
 
 def test_w8a16_kernel_choice_by_rows():
-    """The GEMV for a row or two, the tensor-core kernel up to M = 4095, then the weight converted
-    once and cuBLAS."""
+    """The GEMV for a row or two (both rows in one program, which reads each weight once), the
+    tensor-core kernel up to M = 4095, then the weight converted once and cuBLAS."""
     cpu = torch.device("cpu")
-    assert isinstance(w8a16.pick_config(1, 4096, 4096, cpu), w8a16.GemvConfig)
+    for M in (1, 2):
+        for K, N in [(4096, 4096), (4096, 28672), (14336, 4096)]:
+            for packed in (True, False):
+                cfg = w8a16.pick_config(M, N, K, cpu, packed=packed)
+                assert isinstance(cfg, w8a16.GemvConfig) and cfg.block_m == M, (M, K, N, packed, cfg)
+    assert isinstance(w8a16.pick_config(3, 4096, 4096, cpu), w8a16.MmaConfig)
     assert w8a16.pick_config(64, 4096, 4096, cpu)[:3] == (64, 128, 128)
     assert w8a16.pick_config(4095, 4096, 4096, cpu)[:3] == (128, 64, 128)
     assert w8a16.pick_config(4096, 4096, 4096, cpu) == w8a16.DequantMmConfig()
@@ -692,7 +698,8 @@ def test_fp8_rows_longer_than_one_block_quantize_in_two_passes():
 FP8_CONFIGS = [
     fp8.MmaConfig(16, 32, 64, 3, 4, 2),
     w8a16.GemvConfig(8, 64, 3, 4, 2),  # W8A16's GEMV on the fp8 weights (packed on a GPU)
-    w8a16.GemvConfig(16, 128, 1, 4, 2, packed_f16=False, packed_bf16=False),  # its float32 path on GPU too
+    w8a16.GemvConfig(8, 64, 2, 4, 2, block_m=2),  # two rows a program
+    w8a16.GemvConfig(16, 128, 1, 4, 2, packed_f16=False, packed_bf16=False, block_m=2),  # float32 path on GPU too
 ]
 
 
@@ -704,7 +711,7 @@ def test_fp8_each_kernel_variant(config, M, N, K, seed, data):
     gemv = isinstance(config, w8a16.GemvConfig)
     dtype = data.draw(st.sampled_from(cpu_dtypes(gemv=gemv)))
     if gemv and not CUDA:
-        M = M % 3 + 1  # the interpreter runs one program per row: keep the GEMV's rows few
+        M = M % (2 * config.block_m + 1) + 1  # the interpreter runs one program per block of rows: keep them few
     x, qweight, weight_scale, b = make_fp8(M, N, K, dtype, True, seed)
     out = fp8.fp8_linear(x, qweight, weight_scale, b, config=config)
     assert out.dtype == dtype and out.shape == (M, N)
@@ -929,12 +936,15 @@ def test_gpu_epilogues_at_tuned_sizes(activation, M, N, K, dtype):
     (w8a16.GemvConfig(8, 512, 1, 4, 2, unrolled=True), 4096 + 16, 0),  # a partial step: the loop
     (w8a16.GemvConfig(8, 64, 1, 4, 2, unrolled=True), 4096, 0),  # 64 steps: the loop
 ])
-@pytest.mark.parametrize("M,N", [(1, 4096), (2, 1000), (1, 50)])
+@pytest.mark.parametrize("M,N,block_m", [(1, 4096, 1), (2, 1000, 1), (1, 50, 1), (2, 4096, 2), (3, 1000, 2),
+                                         (5, 50, 2)])
 @pytest.mark.parametrize("kind", ["int8", "fp8"])
-def test_gpu_w8_gemv_unrolled(kind, M, N, K, config, steps, dtype):
+def test_gpu_w8_gemv_unrolled(kind, M, N, block_m, K, config, steps, dtype):
     """The packed 8-bit GEMV, on int8 weights (W8A16) and fp8 ones (FP8 W8A8), with its loop over K
-    unrolled where each split is whole steps (and the loop kept where not), against the float32
-    reference: plain, with a residual and with each epilogue."""
+    unrolled where each split is whole steps (and the loop kept where not), one or two rows a
+    program (the last program's second row past M where M is odd), against the float32 reference:
+    plain, with a residual and with each epilogue."""
+    config = config._replace(block_m=block_m)
     if kind == "int8":
         x, qweight, scales, b = make_w8(M, N, K, dtype, True, N + K)
         linear, error, bound = w8a16.w8a16_linear, w8_epilogue_error, BOUND
