@@ -132,8 +132,11 @@ def _chunk_dot_asm(rows: int, e4m3: bool) -> str:
     once, then one FFMA a row adds it into that row's chain."""
     words, xs = rows, rows + 4
     starts = xs + 16 * rows
-    lines = ["{", ".reg .b32 f, u, c47, pair;", ".reg .b16 lo, hi, p0, p1;", ".reg .f32 w;",
-             ".reg .f32 " + ", ".join(f"t{r}" for r in range(rows)) + ";", "mov.b32 c47, 0x47000000;"]
+    lines = ["{", ".reg .f32 w, " + ", ".join(f"t{r}" for r in range(rows)) + ";"]
+    if e4m3:
+        lines += [".reg .b32 pair;", ".reg .b16 lo, hi, p0, p1;"]
+    else:
+        lines += [".reg .b32 u, c47;", "mov.b32 c47, 0x47000000;"]
     for k in range(16):
         j, i = divmod(k, 4)
         if e4m3:
@@ -145,8 +148,7 @@ def _chunk_dot_asm(rows: int, e4m3: bool) -> str:
         else:
             if i == 0:
                 lines.append(f"xor.b32 u, ${words + j}, 0x80808080;")
-            lines.append(f"prmt.b32 f, u, c47, 0x74{i}4;")
-            lines.append("mov.b32 w, f;")
+            lines.append(f"prmt.b32 w, u, c47, 0x74{i}4;")
         for r in range(rows):
             out = f"${r}" if k == 15 else f"t{r}"
             lines.append(f"fma.rn.f32 {out}, w, ${xs + 16 * r + k}, {f'${starts + r}' if k == 0 else f't{r}'};")
