@@ -20,6 +20,7 @@ float32 path covered there; the warp-level MMA kernel (inline PTX throughout) by
 ``test_gpu_w4a16_warp_mma`` and every GPU test whose tuned choice for 2 to 16 rows it is.
 """
 
+import json
 import os
 import re
 import subprocess
@@ -617,6 +618,57 @@ def test_w8a16_kernel_choice_by_rows():
     assert w8a16.pick_config(4095, 4096, 4096, cpu)[:3] == (128, 64, 128)
     assert w8a16.pick_config(4096, 4096, 4096, cpu) == w8a16.DequantMmConfig()
 
+
+
+# The 8-bit GEMV compiled for sm_90 in a process of its own, as above; its PTX counted.
+_PTX_OF_W8_GEMV = r"""
+import inspect
+import json
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from qpass.kernels import w8a16
+
+def ptx(kernel, pointers, constexprs, num_warps):
+    names = list(inspect.signature(kernel.fn).parameters)
+    signature = {n: pointers.get(n, "constexpr" if n in constexprs else "i32") for n in names}
+    aligned = {(names.index(n),): [["tt.divisibility", 16]] for n in names if signature[n] != "constexpr"}
+    source = ASTSource(fn=kernel, signature=signature, constexprs={n: constexprs[n] for n in names if n in constexprs},
+                       attrs=aligned)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps)).asm["ptx"]
+
+counts = {}
+for weights in ("*i8", "*fp8e4nv"):
+    for rows in (1, 2):
+        constexprs = dict(BLOCK_M=rows, BLOCK_N=8, BLOCK_K=512, SPLIT_K=1, EVEN_N=True, EVEN_K=True, HAS_BIAS=False,
+                          ACTIVATION="none", PACKED_F16=True, PACKED_BF16=False, UNROLLED_STEPS=8,
+                          X_SCALED=weights != "*i8", stride_xk=1, stride_qk=1, stride_on=1)
+        pointers = {"x_ptr": "*fp16", "xs_ptr": "*fp32", "qw_ptr": weights, "s_ptr": "*fp32", "b_ptr": "*fp16",
+                    "out_ptr": "*fp16", "ws_ptr": "*fp32"}
+        text = ptx(w8a16.w8_gemv_kernel, pointers, constexprs, 4)
+        counts[f"{weights[1:]}-{rows}"] = {key: text.count(key) for key in (
+            "ld.global.nc.L1::no_allocate.v4.b32", "ld.global.nc.v4.b32", "prmt.b32", "cvt.rn.f16x2.e4m3x2", "fma.rn.f32")}
+print(json.dumps(counts))
+"""
+
+
+def test_w8_gemv_reads_and_converts_each_weight_once_for_two_rows():
+    """With ``block_m`` 2 the 8-bit GEMV loads and converts each weight once for both rows of x: in
+    its PTX for sm_90 (int8 and fp8 weights, fp16 x) two rows have the one-row kernel's weight loads
+    and conversions (``prmt`` for int8, ``cvt ... e4m3x2`` for fp8), twice its x loads and twice its
+    FFMAs."""
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    run = subprocess.run([sys.executable, "-c", _PTX_OF_W8_GEMV], capture_output=True, text=True, env=env,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    counts = json.loads(run.stdout.strip().splitlines()[-1])
+    for weights, conversion in (("i8", "prmt.b32"), ("fp8e4nv", "cvt.rn.f16x2.e4m3x2")):
+        one, two = counts[f"{weights}-1"], counts[f"{weights}-2"]
+        weight_loads = "ld.global.nc.L1::no_allocate.v4.b32"
+        assert two[weight_loads] == one[weight_loads] > 0, (weights, one, two)
+        assert two[conversion] == one[conversion] > 0, (weights, one, two)
+        assert two["ld.global.nc.v4.b32"] == 2 * one["ld.global.nc.v4.b32"] > 0, (weights, one, two)
+        assert two["fma.rn.f32"] == 2 * one["fma.rn.f32"] > 0, (weights, one, two)
 
 # --- FP8 W8A8 ------------------------------------------------------------------------------
 
