@@ -30,7 +30,7 @@ from pathlib import Path
 SHAPES = [(4096, 4096), (4096, 6144), (4096, 28672), (14336, 4096)]  # (K, N)
 MS = [1, 16, 64, 128, 1024, 4096]
 GROUP = 128
-SWEEP_PLAN = "awq:1,awq:16,awq:128,awq:1024,awq:4096,awq:64,fp8:4096,fp8:1024,int8:1,int8:16"
+SWEEP_PLAN = "awq:1,awq:16,awq:128,awq:1024,awq:4096,awq:64,fp8:4096,fp8:1024,int8:1,int8:2,fp8:2,int8:16"
 PEERS = ["fp16_cublas", "tinygemm_int4", "torchao_int4wo", "gemlite_a16w4", "qpass_awq", "qpass_int8", "qpass_fp8"]
 
 
