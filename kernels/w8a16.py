@@ -11,9 +11,8 @@ channel, fp16/bf16 (or fp32) activations. ``out = (x @ q.T) * scales``.
   sm_90 is 3.2 SASS instructions a weight at 4 rows x 2048 (4.1 at 8 x 512), against 5.8 for the
   float32 path (which also moves x through shared memory) that Triton's interpreter and fp32 x
   take. With ``GemvConfig.block_m`` 2 a program takes two rows of x and converts each weight once
-  for both (``_chunk_dot2``). Where a config asks and every split is whole
-  steps, the loop over K is unrolled (``UNROLLED_STEPS``) so that each step's next loads stay
-  ahead of its arithmetic.
+  for both (``_chunk_dot2``). Where a config asks and every split is whole steps, the loop over K
+  is unrolled (``UNROLLED_STEPS``) so that each step's next loads stay ahead of its arithmetic.
 - ``_w8a16_mma_kernel`` (larger M): int8 tiles converted to the activation dtype (exact:
   |q| <= 128; by inline PTX for fp16, ``_int8_to_f16``) and fed to ``tl.dot``, as its left
   operand (the transposed product, which the Hopper MMA reads from registers) where the config
@@ -120,7 +119,7 @@ def _chunk_offset(x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x1
     """Where ``_chunk_dot`` starts a row's sum: int8 weights enter it as 32768 + q + 128, so at
     ``-32896 * sum(x)`` over the chunk's 16 x; float8 weights are their values, so at 0."""
     if E4M3:
-        return x0 * 0.0
+        return x0 * 0.0  # (tl.zeros_like here compiles to other SASS, not timed on the GPU)
     s0 = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
     s1 = ((x8 + x9) + (x10 + x11)) + ((x12 + x13) + (x14 + x15))
     return (s0 + s1) * -32896.0
@@ -205,6 +204,7 @@ def _chunk_dot2(w0, w1, w2, w3, a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11
 
 @triton.jit
 def _add_chunk(acc, d, ks, k_end, EVEN_K: tl.constexpr):
+    """acc plus a step's chunk sums d, those of chunks past k_end left out unless every chunk is inside."""
     if EVEN_K:
         return acc + d
     return acc + tl.where(ks < k_end, d, 0.0)  # (unset words past k_end: whatever d is there)
