@@ -151,8 +151,9 @@ def sweep_candidates(kind, M, N):
                                   (16, 2048, 16), (16, 4096, 16), (32, 512, 4), (32, 512, 8), (32, 1024, 8),
                                   (32, 1024, 16), (32, 2048, 16), (64, 512, 8), (64, 1024, 16), (16, 512, 4),
                                   (16, 256, 2), (8, 512, 2)]:
-                for unrolled in (False, True):
-                    out.append(w4a16.GemvConfig(bn, bk, 1, warps, unrolled=unrolled))
+                for unrolled in (False, True):  # each with the picks' register budget (on 132 SMs)
+                    cfg = w4a16.GemvConfig(bn, bk, 1, warps, unrolled=unrolled)
+                    out.append(cfg._replace(maxnreg=w4a16.gemv_registers(cfg, M, N, 132)))
             for bn, bk, split, warps in [(16, 1024, 2, 8), (16, 2048, 2, 8), (16, 1024, 4, 8), (8, 1024, 2, 4),
                                          (16, 512, 2, 4), (16, 512, 4, 4), (32, 512, 2, 4)]:
                 out.append(w4a16.GemvConfig(bn, bk, split, warps))

@@ -190,6 +190,14 @@ def unrolled_steps(asked: bool, length: int, split: int, step: int) -> int:
     return steps if asked and length % (split * step) == 0 and 0 < steps <= MAX_UNROLLED_STEPS else 0
 
 
+def register_budget(maxnreg: int) -> dict:
+    """Launch options that give ptxas ``maxnreg`` registers a thread; none for 0 (its own choice).
+    Left to itself ptxas keeps the GEMVs in few registers by issuing each of a step's loads just
+    before the arithmetic that reads it, so a step waits for memory two or more times in turn; with
+    the registers that the programs resident on an SM leave free anyway, it issues them all first."""
+    return {"maxnreg": maxnreg} if maxnreg else {}
+
+
 _SM_COUNT = {}
 
 

@@ -55,7 +55,7 @@ import triton
 import triton.language as tl
 
 from .common import (MAX_UNROLLED_STEPS, asm_constant, bias_rows, grouped_tile, mma_accumulate, mma_zeros,
-                     output_columns, sm_count, split_for, split_k_workspace, split_range, store_output,
+                     output_columns, register_budget, sm_count, split_for, split_k_workspace, split_range, store_output,
                      triton_interpreted, unrolled_steps)
 from .int4_pairs import NIBBLE_PAIRS_OUT, bf16_nibble_pairs, f16_nibble_pairs, zero_bf16x2, zero_f16x2
 from .reference import activation_after_gemm, rms_norm
@@ -234,6 +234,7 @@ class GemvConfig(NamedTuple):
     packed_bf16: bool = True  # bf16x2 dequantization (inline PTX) where x is bf16 on a GPU
     unrolled: bool = False  # the packed paths' loop over K unrolled where every split is whole steps
     # (``common.unrolled_steps``)
+    maxnreg: int = 0  # registers a thread for ptxas (0: its own choice; ``common.register_budget``)
 
 
 def _packed_ok(x: torch.Tensor) -> bool:
@@ -256,7 +257,7 @@ def gemv_meta(cfg: GemvConfig, x: torch.Tensor, K: int, group_size: int) -> dict
     return dict(GROUP_ROWS=group_rows, GROUPS=word_rows // group_rows,
                 EVEN_K=(K // 8) % (cfg.split_k * word_rows) == 0, PACKED_F16=packed_f16, PACKED_BF16=packed_bf16,
                 UNROLLED_STEPS=unrolled_steps(cfg.unrolled and (packed_f16 or packed_bf16), K // 8, cfg.split_k,
-                                              word_rows))
+                                              word_rows), **register_budget(cfg.maxnreg))
 
 
 class MmaConfig(NamedTuple):
@@ -561,6 +562,25 @@ def dequantize_chunk_columns(M: int, N: int) -> int:
     return columns if columns < N else 0
 
 
+def gemv_registers(cfg: GemvConfig, M: int, N: int, sms: int) -> int:
+    """``GemvConfig.maxnreg`` for the GEMV's block shape ``cfg`` on M rows and N output columns: 72 registers a
+    thread for the unrolled 4-warp tile, 64 for the others, where every program of the grid stays resident at
+    once with them; else, and past ``GEMV_MAX_M`` rows, 0 (ptxas's own choice, 40 to 62 registers). With its
+    own choice ptxas issues each of a step's loads just before the arithmetic that reads it
+    (``common.register_budget``). H200, us, ptxas's choice -> the budget (bench/NOTES-kernels.md,
+    twenty-seventh session), one weight replayed, M = 1, fp16 / bf16: 4096^2 4.18 / 4.17 -> 4.01 / 4.09,
+    4096x6144 5.44 / 5.35 -> 5.01 / 5.13, 4096x28672 19.80 / 19.42 -> 18.02 / 18.35, 14336x4096 9.54 / 9.03
+    -> 9.52 / 8.98; from DRAM, the decode step's bf16 ops: qkv 7.42 -> 6.90, o 5.61 -> 5.45, gate_up 22.21 ->
+    21.86, down 11.76 -> 11.54. Fewer registers, to keep a larger grid in one wave, lost: 14336x8192 22.8 ->
+    28.5 us at 32."""
+    if M > GEMV_MAX_M:
+        return 0
+    budget = 72 if cfg.unrolled and cfg.num_warps == 4 else 64
+    programs = (1 if M == 1 else 2) * triton.cdiv(N, cfg.block_n)  # (comparisons only: M may be a SymInt)
+    resident = 65536 // (32 * cfg.num_warps * budget) * sms  # programs the SMs hold at once with the budget
+    return budget if programs <= resident else 0
+
+
 def pick_config(M: int, N: int, K: int, group_size: int, device: torch.device, activation: str = "none",
                 warp_mma: bool = True, dtype: torch.dtype = torch.float16, wgmma: bool = True):
     """The kernel and its block shapes for a problem of N output columns and activations of
@@ -587,10 +607,12 @@ def pick_config(M: int, N: int, K: int, group_size: int, device: torch.device, a
         # rolled for fp16 past K = 4096 (14336x4096: 12.60 against 13.41 unrolled).
         reads = 2 if activation == "silu_mul" else 1  # weight columns a program reads per output column
         if triton.cdiv(N * reads, 32) >= 4 * sms:
-            return GemvConfig(32 // reads, 512, 1, num_warps=4, unrolled=reads == 1)
-        if K <= 4096 and triton.cdiv(N * reads, 16) > 2 * sms:
-            return GemvConfig(16, 2048, 1, num_warps=8, unrolled=True)
-        return GemvConfig(16, 2048, 1, num_warps=16, unrolled=K <= 4096 or dtype != torch.float16)
+            cfg = GemvConfig(32 // reads, 512, 1, num_warps=4, unrolled=reads == 1)
+        elif K <= 4096 and triton.cdiv(N * reads, 16) > 2 * sms:
+            cfg = GemvConfig(16, 2048, 1, num_warps=8, unrolled=True)
+        else:
+            cfg = GemvConfig(16, 2048, 1, num_warps=16, unrolled=K <= 4096 or dtype != torch.float16)
+        return cfg._replace(maxnreg=gemv_registers(cfg, M, N, sms))
     gemm_n = 2 * N if activation == "silu_mul" else N  # (gate and up both, the activation after the GEMM)
     hopper = wgmma and wgmma_chunks(K, group_size) and dtype != torch.float32 and _hopper(device)
     # 65 to 256 rows on Hopper: x by TMA, the weights through shared memory, faster than the tensor-core

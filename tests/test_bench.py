@@ -27,6 +27,18 @@ def test_every_sweep_of_the_default_plan_has_candidates():
                                 "fp8": {"fp8", "w8a16", "common"}}[kind], (kind, M, families)  # (fp8's GEMV is W8A16's)
 
 
+def test_the_w4a16_gemv_sweep_gives_each_block_shape_the_picks_register_budget():
+    """The GEMV's sweep times each block shape as the pick would run it: with ``gemv_registers``' budget."""
+    kernels = load_script("kernels")
+    from qpass.kernels import w4a16
+
+    for M, N in [(1, 4096), (1, 28672), (2, 4096)]:
+        gemvs = [c for c in kernels.sweep_candidates("awq", M, N) if type(c).__name__ == "GemvConfig"]
+        budgeted = [c for c in gemvs if c.split_k == 1 and c.packed_f16]
+        assert budgeted and all(c.maxnreg == w4a16.gemv_registers(c, M, N, 132) for c in budgeted), (M, N)
+        assert any(c.maxnreg for c in budgeted) or M == 2, (M, N)
+
+
 def test_the_8bit_gemv_sweep_takes_every_row_in_one_program():
     """At one or two rows the 8-bit GEMV's sweep times the shapes the pick can give: both rows in one program."""
     kernels = load_script("kernels")

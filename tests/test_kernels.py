@@ -117,7 +117,7 @@ def test_w4a16_tuned_choice_matches_reference(M, N, groups, group_size, dtype, s
 
 
 W4_CONFIGS = [
-    w4a16.GemvConfig(block_n=16, block_k=64, split_k=1, num_warps=4),
+    w4a16.GemvConfig(block_n=16, block_k=64, split_k=1, num_warps=4, maxnreg=64),  # ptxas given 64 registers
     w4a16.GemvConfig(block_n=16, block_k=256, split_k=3, num_warps=4),  # a step spans groups; split K
     w4a16.GemvConfig(block_n=16, block_k=32, split_k=2, num_warps=4, unrolled=True),  # unrolled where steps are whole
     w4a16.GemvConfig(block_n=32, block_k=128, split_k=2, num_warps=4, packed_f16=False,
@@ -162,14 +162,19 @@ def test_w4a16_kernel_choice_by_rows():
     # M = 1 block shapes for 132 SMs (what sm_count gives a CPU device): wide weights 32 columns x
     # 512 rows with 4 warps, unrolled but for gate_up with silu_mul; narrow ones (16-column programs
     # at most two an SM) and K > 4096 16 x 2048 with 16 warps, rolled for fp16 past K = 4096;
-    # 4096x6144 16 x 2048 with 8, unrolled
+    # 4096x6144 16 x 2048 with 8, unrolled. Each asks ptxas for 72 registers a thread (the unrolled 4-warp
+    # tile) or 64 where its whole grid stays resident with them.
     cpu = torch.device("cpu")
-    assert pick(1, 28672, 4096, 128, cpu) == w4a16.GemvConfig(32, 512, 1, 4, unrolled=True)
-    assert pick(1, 14336, 4096, 128, cpu, activation="silu_mul") == w4a16.GemvConfig(16, 512, 1, 4)
-    assert pick(1, 4096, 4096, 128, cpu) == w4a16.GemvConfig(16, 2048, 1, 16, unrolled=True)
-    assert pick(1, 4096, 14336, 128, cpu, dtype=torch.bfloat16) == w4a16.GemvConfig(16, 2048, 1, 16, unrolled=True)
-    assert pick(1, 4096, 14336, 128, cpu, dtype=torch.float16) == w4a16.GemvConfig(16, 2048, 1, 16)
-    assert pick(1, 6144, 4096, 128, cpu) == w4a16.GemvConfig(16, 2048, 1, 8, unrolled=True)
+    assert pick(1, 28672, 4096, 128, cpu) == w4a16.GemvConfig(32, 512, 1, 4, unrolled=True, maxnreg=72)
+    assert pick(1, 14336, 4096, 128, cpu, activation="silu_mul") == w4a16.GemvConfig(16, 512, 1, 4, maxnreg=64)
+    assert pick(1, 4096, 4096, 128, cpu) == w4a16.GemvConfig(16, 2048, 1, 16, unrolled=True, maxnreg=64)
+    assert pick(1, 4096, 14336, 128, cpu, dtype=torch.bfloat16) == w4a16.GemvConfig(16, 2048, 1, 16, unrolled=True,
+                                                                                    maxnreg=64)
+    assert pick(1, 4096, 14336, 128, cpu, dtype=torch.float16) == w4a16.GemvConfig(16, 2048, 1, 16, maxnreg=64)
+    assert pick(1, 6144, 4096, 128, cpu) == w4a16.GemvConfig(16, 2048, 1, 8, unrolled=True, maxnreg=64)
+    # 512 programs of 16 warps (two rows, or twice the columns) are not all resident with 64 registers
+    assert pick(2, 4096, 4096, 128, cpu).maxnreg == pick(1, 8192, 14336, 128, cpu).maxnreg == 0
+    assert w4a16.gemv_registers(w4a16.GemvConfig(16, 2048, 1, 16), 3, 4096, 132) == 0  # past GEMV_MAX_M rows
     assert isinstance(pick(2, 6144, 4096, 128, device), w4a16.WarpMmaConfig)
     assert [pick(M, 28672, 4096, 128, device).row_tiles for M in (3, 8, 9, 16)] == [1, 1, 2, 2]
     # past 8 rows on a wide weight, two warps side by side on columns share x through L1
@@ -383,22 +388,39 @@ def test_w4a16_mma_split_is_what_the_pick_runs():
             assert cfg.split_k == w4a16.mma_split_k(cfg, M, N, K, 132), (M, N, K, cfg)
 
 
-# Compiled for sm_90 in a process of its own (this one interprets the kernels); no GPU needed.
-_TTGIR_OF_SWAPPED_TILES = r"""
+# Kernels compiled for sm_90 in a process of its own (this one interprets them); no GPU needed. The
+# scripts below start with this one's ``compiled``.
+_COMPILE_FOR_SM90 = r"""
 import inspect
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from qpass.kernels import w4a16, w8a16
 
-def ttgir(kernel, pointers, constexprs, num_warps, num_stages=3):
+def compiled(kernel, pointers, constexprs, **options):
     names = list(inspect.signature(kernel.fn).parameters)
     signature = {n: pointers.get(n, "constexpr" if n in constexprs else "i32") for n in names}
-    # aligned pointers, sizes and strides, as at run time: the loop is then pipelined
+    # aligned pointers, sizes and strides, as at run time (loops are then pipelined, loads vectorized)
     aligned = {(names.index(n),): [["tt.divisibility", 16]] for n in names if signature[n] != "constexpr"}
     source = ASTSource(fn=kernel, signature=signature, constexprs={n: constexprs[n] for n in names if n in constexprs},
                        attrs=aligned)
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages)).asm["ttgir"]
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+"""
+
+
+def compiled_for_sm90(script: str) -> str:
+    """The standard output of ``script`` run after ``_COMPILE_FOR_SM90`` in a Python of its own."""
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    run = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90 + script], capture_output=True, text=True, env=env,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run.stdout
+
+
+_TTGIR_OF_SWAPPED_TILES = r"""
+from qpass.kernels import w4a16, w8a16
+
+def ttgir(kernel, pointers, constexprs, num_warps, num_stages=3):
+    return compiled(kernel, pointers, constexprs, num_warps=num_warps, num_stages=num_stages).asm["ttgir"]
 
 common = dict(GROUP_M=8, SPLIT_K=1, SWAP_AB=True, HAS_BIAS=False, ACTIVATION="none", DOT_PRECISION="tf32")
 # unit strides as constants, as Triton's launcher specializes them: qweight [K / 8, N] (W4A16), [N, K] (W8A16)
@@ -419,23 +441,17 @@ def test_register_operand_wgmmas_are_waited_for_each_step():
     """With the weight tile as the left operand, which Hopper's wgmma reads from registers, every
     wgmma of a loop step completes (a wait for none pending) before the next step's dequantization
     can rewrite those registers (``common.mma_accumulate``): checked in Triton's own TTGIR for sm_90."""
-    env = dict(os.environ, TRITON_INTERPRET="0")
-    run = subprocess.run([sys.executable, "-c", _TTGIR_OF_SWAPPED_TILES], capture_output=True, text=True, env=env,
-                         timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    mma_ops = [line for line in run.stdout.splitlines() if "ttng.warp_group_dot" in line]
+    out = compiled_for_sm90(_TTGIR_OF_SWAPPED_TILES)
+    mma_ops = [line for line in out.splitlines() if "ttng.warp_group_dot" in line]
     register_dots = [i for i, line in enumerate(mma_ops)
                      if "warp_group_dot_wait" not in line and "dot_op<{opIdx = 0" in line]
-    assert len(register_dots) >= 5, run.stdout[-3000:]  # a tile in each kernel
+    assert len(register_dots) >= 5, out[-3000:]  # a tile in each kernel
     for i in register_dots:
         assert "warp_group_dot_wait" in mma_ops[i + 1] and "pendings = 0" in mma_ops[i + 1], mma_ops[i:i + 2]
 
 
-# The Hopper kernel compiled for sm_90 in a process of its own, as above (Gluon: no interpreter).
+# The Hopper kernel compiled for sm_90 (``compiled_for_sm90``; Gluon: no interpreter).
 _TTGIR_OF_WGMMA_KERNEL = r"""
-import inspect
-import triton
-from triton.backends.compiler import GPUTarget
 from triton.experimental.gluon._runtime import GluonASTSource
 from qpass.kernels import w4a16_wgmma
 
@@ -478,11 +494,7 @@ def test_w4a16_wgmma_kernel_feeds_the_mma_from_registers():
     step's wgmma stays in flight while the next is dequantized (a wait for one pending), and the MMAs are
     all done (none pending) before a group's products are scaled, or, scaled, before the epilogue. Split,
     the epilogue meets the other splits in the workspace (``assert_split_epilogue``)."""
-    env = dict(os.environ, TRITON_INTERPRET="0")
-    run = subprocess.run([sys.executable, "-c", _TTGIR_OF_WGMMA_KERNEL], capture_output=True, text=True, env=env,
-                         timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    modules = run.stdout.split("module attributes")[1:]
+    modules = compiled_for_sm90(_TTGIR_OF_WGMMA_KERNEL).split("module attributes")[1:]
     assert len(modules) == 4
     for ttgir, stages, split in zip(modules, ("4x32x64x", "4x32x64x", "4x32x64x", "6x128x64x"),
                                     (False, True, True, False)):
@@ -493,12 +505,9 @@ def test_w4a16_wgmma_kernel_feeds_the_mma_from_registers():
         assert "pendings = 1" in ttgir and "pendings = 0" in ttgir
 
 
-# The TMA kernel compiled for sm_90 in a process of its own, as above: fp16 and bf16, 8 and 4 warps, split or
-# not, groups of 128, 64 and 256, 4 to 2 stages
+# The TMA kernel compiled for sm_90 (``compiled_for_sm90``): fp16 and bf16, 8 and 4 warps, split or not, groups
+# of 128, 64 and 256, 4 to 2 stages
 _TTGIR_OF_WGMMA_TMA_KERNEL = r"""
-import inspect
-import triton
-from triton.backends.compiler import GPUTarget
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon._runtime import GluonASTSource
 from qpass.kernels import w4a16_wgmma_tma
@@ -528,11 +537,7 @@ def test_w4a16_wgmma_tma_kernel_reads_both_operands_from_shared_memory():
     for the MMAs, and only then are the next words loaded (the fence waits for the loads in flight); the
     wgmma reads both operands from shared memory and one stays in flight (a wait for one pending, then none
     after the loop)."""
-    env = dict(os.environ, TRITON_INTERPRET="0")
-    run = subprocess.run([sys.executable, "-c", _TTGIR_OF_WGMMA_TMA_KERNEL], capture_output=True, text=True,
-                         env=env, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    modules = run.stdout.split("module attributes")[1:]
+    modules = compiled_for_sm90(_TTGIR_OF_WGMMA_TMA_KERNEL).split("module attributes")[1:]
     assert len(modules) == 3
     for ttgir, x_stages, weights, dtype in zip(modules, ("4x128x64", "3x64x64", "2x128x64"),
                                                ("3x128x64", "3x64x64", "3x256x64"), ("f16", "bf16", "f16")):
@@ -620,22 +625,10 @@ def test_w8a16_kernel_choice_by_rows():
 
 
 
-# The 8-bit GEMV compiled for sm_90 in a process of its own, as above; its PTX counted.
+# The 8-bit GEMV compiled for sm_90 (``compiled_for_sm90``); its PTX counted.
 _PTX_OF_W8_GEMV = r"""
-import inspect
 import json
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 from qpass.kernels import w8a16
-
-def ptx(kernel, pointers, constexprs, num_warps):
-    names = list(inspect.signature(kernel.fn).parameters)
-    signature = {n: pointers.get(n, "constexpr" if n in constexprs else "i32") for n in names}
-    aligned = {(names.index(n),): [["tt.divisibility", 16]] for n in names if signature[n] != "constexpr"}
-    source = ASTSource(fn=kernel, signature=signature, constexprs={n: constexprs[n] for n in names if n in constexprs},
-                       attrs=aligned)
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps)).asm["ptx"]
 
 counts = {}
 for weights in ("*i8", "*fp8e4nv"):
@@ -645,7 +638,7 @@ for weights in ("*i8", "*fp8e4nv"):
                           X_SCALED=weights != "*i8", stride_xk=1, stride_qk=1, stride_on=1)
         pointers = {"x_ptr": "*fp16", "xs_ptr": "*fp32", "qw_ptr": weights, "s_ptr": "*fp32", "b_ptr": "*fp16",
                     "out_ptr": "*fp16", "ws_ptr": "*fp32"}
-        text = ptx(w8a16.w8_gemv_kernel, pointers, constexprs, 4)
+        text = compiled(w8a16.w8_gemv_kernel, pointers, constexprs, num_warps=4).asm["ptx"]
         counts[f"{weights[1:]}-{rows}"] = {key: text.count(key) for key in (
             "ld.global.nc.L1::no_allocate.v4.b32", "ld.global.nc.v4.b32", "prmt.b32", "cvt.rn.f16x2.e4m3x2", "fma.rn.f32")}
 print(json.dumps(counts))
@@ -657,11 +650,7 @@ def test_w8_gemv_reads_and_converts_each_weight_once_for_two_rows():
     its PTX for sm_90 (int8 and fp8 weights, fp16 x) two rows have the one-row kernel's weight loads
     and conversions (``prmt`` for int8, ``cvt ... e4m3x2`` for fp8), twice its x loads and twice its
     FFMAs."""
-    env = dict(os.environ, TRITON_INTERPRET="0")
-    run = subprocess.run([sys.executable, "-c", _PTX_OF_W8_GEMV], capture_output=True, text=True, env=env,
-                         timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    counts = json.loads(run.stdout.strip().splitlines()[-1])
+    counts = json.loads(compiled_for_sm90(_PTX_OF_W8_GEMV).strip().splitlines()[-1])
     for weights, conversion in (("i8", "prmt.b32"), ("fp8e4nv", "cvt.rn.f16x2.e4m3x2")):
         one, two = counts[f"{weights}-1"], counts[f"{weights}-2"]
         weight_loads = "ld.global.nc.L1::no_allocate.v4.b32"
@@ -669,6 +658,57 @@ def test_w8_gemv_reads_and_converts_each_weight_once_for_two_rows():
         assert two[conversion] == one[conversion] > 0, (weights, one, two)
         assert two["ld.global.nc.v4.b32"] == 2 * one["ld.global.nc.v4.b32"] > 0, (weights, one, two)
         assert two["fma.rn.f32"] == 2 * one["fma.rn.f32"] > 0, (weights, one, two)
+
+
+# The W4A16 GEMV compiled for sm_90 at its picks (``compiled_for_sm90``), disassembled by the cuobjdump that
+# Triton ships: the line numbers of its global loads and of its first nibble mask (the arithmetic's start).
+_SASS_OF_W4A16_GEMV = r"""
+import json, os, subprocess, tempfile
+import torch
+from qpass.kernels import w4a16
+from qpass.kernels.common import register_budget, unrolled_steps
+
+bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+lines = {}
+for dtype in ("fp16", "bf16"):
+    for N, K in [(4096, 4096), (2048, 4096)]:
+        torch_dtype = torch.float16 if dtype == "fp16" else torch.bfloat16
+        cfg = w4a16.pick_config(1, N, K, 128, torch.device("cpu"), dtype=torch_dtype)
+        word_rows = cfg.block_k // 8
+        constexprs = dict(GROUP_SIZE=128, GROUP_ROWS=16, GROUPS=word_rows // 16, BLOCK_N=cfg.block_n, SPLIT_K=1,
+                          EVEN_N=True, EVEN_K=True, HAS_BIAS=False, ACTIVATION="none", PACKED_F16=dtype == "fp16",
+                          PACKED_BF16=dtype == "bf16", HAS_NORM=False, NORM_BLOCK=4096,
+                          UNROLLED_STEPS=unrolled_steps(cfg.unrolled, K // 8, 1, word_rows), stride_xk=1,
+                          stride_qn=1, stride_sn=1, stride_on=1)
+        pointers = {p: "*" + dtype for p in ("x_ptr", "g_ptr", "s_ptr", "z_ptr", "b_ptr", "out_ptr")}
+        pointers |= {"qw_ptr": "*i32", "ws_ptr": "*fp32", "norm_eps": "fp32"}
+        for budget in (cfg.maxnreg, 0):
+            kernel = compiled(w4a16.w4a16_gemv_kernel, pointers, constexprs, num_warps=cfg.num_warps,
+                              **register_budget(budget))
+            with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+                cubin.write(kernel.asm["cubin"])
+                cubin.flush()
+                sass = subprocess.run([os.path.join(bin_dir, "cuobjdump"), "-sass", cubin.name], capture_output=True,
+                                      text=True, check=True).stdout.splitlines()
+            code = [line for line in sass if "/*" in line and ";" in line]
+            lines[f"{dtype} {K}x{N} {budget}"] = dict(
+                loads=[i for i, line in enumerate(code) if "LDG" in line],
+                first_mask=min(i for i, line in enumerate(code) if "0xf000f," in line))
+print(json.dumps(lines))
+"""
+
+
+def test_w4a16_gemv_issues_its_loads_before_its_arithmetic():
+    """At the 16-warp picks of 4096x4096 and 4096x2048 (two steps of K a program), with the picks' register
+    budget (``w4a16.gemv_registers``) the GEMV's SASS for sm_90 issues every global load (both steps' words, x,
+    scales and zeros) before its first dequantization, fp16 and bf16, so a program waits for memory once.
+    With ptxas's own register choice some loads follow the arithmetic (the waits the budget removes)."""
+    out = json.loads(compiled_for_sm90(_SASS_OF_W4A16_GEMV).strip().splitlines()[-1])
+    budgeted = [key for key in out if not key.endswith(" 0")]
+    assert len(budgeted) == 4, out
+    for key in budgeted:
+        assert len(out[key]["loads"]) >= 8 and max(out[key]["loads"]) < out[key]["first_mask"], (key, out[key])
+    assert any(max(v["loads"]) > v["first_mask"] for key, v in out.items() if key.endswith(" 0")), out
 
 # --- FP8 W8A8 ------------------------------------------------------------------------------
 
