@@ -572,7 +572,8 @@ def gemv_registers(cfg: GemvConfig, M: int, N: int, sms: int) -> int:
     4096x6144 5.44 / 5.35 -> 5.01 / 5.13, 4096x28672 19.80 / 19.42 -> 18.02 / 18.35, 14336x4096 9.54 / 9.03
     -> 9.52 / 8.98; from DRAM, the decode step's bf16 ops: qkv 7.42 -> 6.90, o 5.61 -> 5.45, gate_up 22.21 ->
     21.86, down 11.76 -> 11.54. Fewer registers, to keep a larger grid in one wave, lost: 14336x8192 22.8 ->
-    28.5 us at 32."""
+    28.5 us at 32. (Inductor keeps a user kernel's num_warps but not its maxnreg: compiled models run the GEMV
+    with ptxas's choice.)"""
     if M > GEMV_MAX_M:
         return 0
     budget = 72 if cfg.unrolled and cfg.num_warps == 4 else 64
