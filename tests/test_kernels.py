@@ -624,7 +624,6 @@ def test_w8a16_kernel_choice_by_rows():
     assert w8a16.pick_config(4096, 4096, 4096, cpu) == w8a16.DequantMmConfig()
 
 
-
 # The 8-bit GEMV compiled for sm_90 (``compiled_for_sm90``); its PTX counted.
 _PTX_OF_W8_GEMV = r"""
 import json
@@ -709,6 +708,7 @@ def test_w4a16_gemv_issues_its_loads_before_its_arithmetic():
     for key in budgeted:
         assert len(out[key]["loads"]) >= 8 and max(out[key]["loads"]) < out[key]["first_mask"], (key, out[key])
     assert any(max(v["loads"]) > v["first_mask"] for key, v in out.items() if key.endswith(" 0")), out
+
 
 # --- FP8 W8A8 ------------------------------------------------------------------------------
 
