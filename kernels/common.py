@@ -2,6 +2,7 @@
 and the epilogue that finishes an output tile, tensor-core block shapes and which operand the
 weight tile is, and how K is split."""
 
+import functools
 import os
 from typing import NamedTuple, Optional, Tuple
 
@@ -14,6 +15,7 @@ import triton.language as tl
 ACTIVATIONS = ("none", "silu_mul", "gelu", "gelu_tanh")
 
 
+@functools.cache  # (Triton too reads it once, as its kernels are defined)
 def triton_interpreted() -> bool:
     """Triton's interpreter (TRITON_INTERPRET=1) runs no inline PTX."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"

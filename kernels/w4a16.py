@@ -719,11 +719,14 @@ def w4a16_linear(
     assert norm_weight is None or norm_weight.shape == (K,)
     if M == 0:
         return x.new_empty((0, n_out))
-    warp_ok = warp_mma_ok(x, qweight, scales, zeros, group_size, n_out)
-    wgmma_fits = wgmma_ok(x, qweight, scales, zeros, group_size)
-    cfg = config or pick_config(M, n_out, K, group_size, x.device, activation, warp_mma=warp_ok, dtype=x.dtype,
-                                wgmma=wgmma_fits)
-    if isinstance(cfg, (WgmmaConfig, WgmmaTmaConfig)) and not wgmma_fits:
+    # each kernel's input check only where pick_config could choose it (an eager call's host time: one token)
+    cfg = config or pick_config(M, n_out, K, group_size, x.device, activation, dtype=x.dtype,
+                                warp_mma=2 <= M <= WARP_MMA_MAX_M and warp_mma_ok(x, qweight, scales, zeros,
+                                                                                  group_size, n_out),
+                                wgmma=M > GEMV_MAX_M and wgmma_ok(x, qweight, scales, zeros, group_size))
+    # (the picks check their inputs above; a config given must be checked here)
+    given = config is not None
+    if isinstance(cfg, (WgmmaConfig, WgmmaTmaConfig)) and given and not wgmma_ok(x, qweight, scales, zeros, group_size):
         raise ValueError(f"{cfg} needs fp16/bf16 x on an sm_90 GPU (with Gluon in Triton), rows of x 16-byte "
                          f"aligned, rows of x, qweight and scales contiguous, K a multiple of 128 and group_size 64 "
                          f"or a multiple of 128; got x {tuple(x.shape)} {x.dtype} strides {x.stride()} offset "
@@ -756,7 +759,7 @@ def w4a16_linear(
     if isinstance(cfg, WarpMmaConfig):
         if cfg.column_warps < 1 or cfg.num_warps % cfg.column_warps:
             raise ValueError(f"{cfg}: column_warps ({cfg.column_warps}) must divide num_warps ({cfg.num_warps})")
-        if not warp_ok or cfg.row_tiles not in (1, 2):
+        if cfg.row_tiles not in (1, 2) or given and not warp_mma_ok(x, qweight, scales, zeros, group_size, n_out):
             raise ValueError(f"{cfg} needs row_tiles 1 or 2, fp16/bf16 x on a GPU with at most {WARP_MMA_MAX_M} "
                              f"rows, 16-byte aligned, group_size a multiple of 64 and N a multiple of 4; got x "
                              f"{tuple(x.shape)} {x.dtype} strides {x.stride()} on {x.device}, group_size "

@@ -15,6 +15,10 @@ Each takes ``activation`` (``qpass.kernels.common.ACTIVATIONS``: "none", "silu_m
 gate/up linear, or the GELU after an MLP's first linear, costs no launch of its own
 (``qpass.passes.lower`` folds it in). With "silu_mul" the N output columns are
 ``[gate | up]`` and the op returns ``[..., N / 2]``.
+
+The methods call them through this module's functions of the same names (``w4a16_linear``, ...),
+which in plain eager use run the op's body without torch's dispatcher (``_eager_fast_path``);
+``torch.ops.qpass.*`` is the same computation, a call of it from ported code included.
 """
 
 import functools
@@ -22,6 +26,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch._library.triton import set_wrap_triton_enabled
 from torch.library import triton_op
 from triton.runtime import KernelInterface
 
@@ -85,8 +90,7 @@ _w4a16_kernels = functools.partial(w4a16_kernels.w4a16_linear, chunked_dequantiz
                                    wgmma_matmul_op=w4a16_wgmma_matmul, wgmma_tma_matmul_op=w4a16_wgmma_tma_matmul)
 
 
-@triton_op("qpass::w4a16_linear", mutates_args=())
-def w4a16_linear(
+def _w4a16_linear(
     x: torch.Tensor,
     qweight: torch.Tensor,
     scales: torch.Tensor,
@@ -101,13 +105,15 @@ def w4a16_linear(
                 activation=activation, norm_weight=norm_weight, norm_eps=norm_eps)
 
 
-@w4a16_linear.register_fake
+w4a16_linear_op = triton_op("qpass::w4a16_linear", _w4a16_linear, mutates_args=())
+
+
+@w4a16_linear_op.register_fake
 def _(x, qweight, scales, zeros, group_size, bias=None, activation="none", norm_weight=None, norm_eps=0.0):
     return x.new_empty(_out_shape(x, qweight.shape[1], activation))
 
 
-@triton_op("qpass::w8a16_linear", mutates_args=())
-def w8a16_linear(
+def _w8a16_linear(
     x: torch.Tensor,
     qweight: torch.Tensor,
     scales: torch.Tensor,
@@ -118,13 +124,15 @@ def w8a16_linear(
                 qweight, scales, bias=bias, activation=activation)
 
 
-@w8a16_linear.register_fake
+w8a16_linear_op = triton_op("qpass::w8a16_linear", _w8a16_linear, mutates_args=())
+
+
+@w8a16_linear_op.register_fake
 def _(x, qweight, scales, bias=None, activation="none"):
     return x.new_empty(_out_shape(x, qweight.shape[0], activation))
 
 
-@triton_op("qpass::fp8_linear", mutates_args=())
-def fp8_linear(
+def _fp8_linear(
     x: torch.Tensor,
     qweight: torch.Tensor,
     weight_scale: torch.Tensor,
@@ -135,7 +143,10 @@ def fp8_linear(
                 qweight, weight_scale, bias=bias, activation=activation)
 
 
-@fp8_linear.register_fake
+fp8_linear_op = triton_op("qpass::fp8_linear", _fp8_linear, mutates_args=())
+
+
+@fp8_linear_op.register_fake
 def _(x, qweight, weight_scale, bias=None, activation="none"):
     return x.new_empty(_out_shape(x, qweight.shape[0], activation))
 
@@ -215,6 +226,43 @@ def _fp8_backward(ctx, grad):
     return grad @ w.to(grad.dtype), None, None, _bias_grad(grad, bias), None
 
 
-w4a16_linear.register_autograd(_w4a16_backward, setup_context=_w4a16_setup_context)
-w8a16_linear.register_autograd(_w8a16_backward, setup_context=_setup_context)
-fp8_linear.register_autograd(_fp8_backward, setup_context=_setup_context)
+w4a16_linear_op.register_autograd(_w4a16_backward, setup_context=_w4a16_setup_context)
+w8a16_linear_op.register_autograd(_w8a16_backward, setup_context=_setup_context)
+fp8_linear_op.register_autograd(_fp8_backward, setup_context=_setup_context)
+
+
+def _plain_eager(tensors) -> bool:
+    """Whether nothing would see an op call on ``tensors`` but the op's body: no torch.compile, tracer,
+    profiler, torch.func transform or Python mode (fake tensors, FlopCounterMode, ``with torch.device``), no
+    tensor subclass but ``Parameter``, no meta tensor (the ops' fake implementation), and no gradient to record."""
+    if torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None:
+        return False
+    if torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled():
+        return False
+    if torch._C._functorch.peek_interpreter_stack() is not None or torch.autograd._profiler_enabled():
+        return False
+    record_grad = torch.is_grad_enabled()
+    return all(type(t) in (torch.Tensor, torch.nn.Parameter) and not t.is_meta and not (record_grad and t.requires_grad)
+               for t in tensors)
+
+
+def _eager_fast_path(op, body):
+    """``op`` (``torch.ops.qpass.<name>``) as a function that, where ``_plain_eager``, calls ``body``, the op's
+    implementation, itself, as the op's CUDA backend does (Triton kernels launched directly, not through
+    ``wrap_triton``'s higher-order op). Models run without torch.compile (Hugging Face's ``generate``) pay the
+    dispatcher at every linear: on an H200's host, one token, us a call through it -> past it, 4096 x 4096 W4A16
+    202 -> 161, W8A16 167 -> 129, FP8 254 -> 210 (``bench/eager.py``, bench/NOTES-e2e.md)."""
+
+    @functools.wraps(body)
+    def call(*args, **kwargs):
+        if _plain_eager([a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]):
+            with set_wrap_triton_enabled(False):
+                return body(*args, **kwargs)
+        return op(*args, **kwargs)
+
+    return call
+
+
+w4a16_linear = _eager_fast_path(torch.ops.qpass.w4a16_linear, _w4a16_linear)
+w8a16_linear = _eager_fast_path(torch.ops.qpass.w8a16_linear, _w8a16_linear)
+fp8_linear = _eager_fast_path(torch.ops.qpass.fp8_linear, _fp8_linear)

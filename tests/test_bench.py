@@ -46,3 +46,15 @@ def test_the_8bit_gemv_sweep_takes_every_row_in_one_program():
         for M in (1, 2):
             gemvs = [c for c in kernels.sweep_candidates(kind, M, 4096) if type(c).__name__ == "GemvConfig"]
             assert gemvs and {c.block_m for c in gemvs} == {M}, (kind, M)
+
+
+def test_the_eager_bench_times_every_method_each_way():
+    """``bench/eager.py`` gives a row for each way of calling each method's linear, after checking that the op
+    through the dispatcher and through ``qpass.ops`` give the same output."""
+    import torch
+
+    eager = load_script("eager")
+    rows = eager.measure(eager.TINY_SHAPES, torch.device("cpu"), calls=2)
+    assert {(r["case"], r["method"]) for r in rows} == {("fp16_linear", "")} | {
+        (case, method) for case in ("op", "direct", "stub") for method in eager.METHODS}
+    assert all(r["us"] > 0 for r in rows)

@@ -1249,6 +1249,40 @@ def test_gpu_ops_dispatch_to_the_kernels_for_3d_activations():
 
 @cuda
 @needs_cuda
+@pytest.mark.parametrize("M", [1, 12])
+def test_gpu_eager_calls_launch_the_kernels_without_the_dispatcher(M, monkeypatch):
+    """``qpass.ops``' functions, in plain eager use, launch the Triton kernels from the ops' bodies themselves
+    (``wrap_triton`` switched off for the call, as the ops' CUDA backends do) and give their results."""
+    import contextlib
+
+    from qpass import ops
+
+    switched = []
+
+    @contextlib.contextmanager
+    def counted_switch(enabled):
+        switched.append(enabled)
+        with set_wrap_triton_enabled(enabled):
+            yield
+
+    set_wrap_triton_enabled = ops.set_wrap_triton_enabled
+    monkeypatch.setattr(ops, "set_wrap_triton_enabled", counted_switch)
+    x, qweight, scales, zeros, b = make_w4(M, 96, 256, 64, torch.float16, False, True, 0)
+    out = ops.w4a16_linear(x, qweight, scales, zeros, 64, b)
+    assert relative_error(out, w4_reference(x, qweight, scales, zeros, 64, b)) < BOUND[torch.float16]
+    x, qweight, scales, b = make_w8(M, 96, 256, torch.float16, True, 0)
+    out = ops.w8a16_linear(x, qweight, scales, b)
+    assert relative_error(out, reference.w8a16_linear(x.float(), qweight, scales.float(), b.float())) < \
+        BOUND[torch.float16]
+    x, qweight, weight_scale, b = make_fp8(M, 96, 256, torch.float16, True, 0)
+    out = ops.fp8_linear(x, qweight, weight_scale, b)
+    assert relative_error(out, reference.fp8_linear(x.float(), qweight, weight_scale, b.float())) < \
+        FP8_BOUND[torch.float16]
+    assert switched == [False] * 3
+
+
+@cuda
+@needs_cuda
 @pytest.mark.parametrize("M", [1, 8, 64, 128, 1024])
 def test_gpu_compiled_op_calls_the_triton_kernel_without_graph_break(M):
     import torch._dynamo

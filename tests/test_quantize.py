@@ -165,6 +165,67 @@ def test_gradients_reach_the_activations():
         assert relative_error(grad_q, grad_f) < 0.1
 
 
+def test_eager_calls_skip_the_dispatcher_only_where_nothing_else_sees_them():
+    """``qpass.ops``' functions run an op's body themselves in plain eager use, and go through torch's dispatcher
+    wherever something would see the op: torch.compile, modes (fake tensors, ``with torch.device``), the profiler,
+    torch.func transforms, tensor subclasses, meta tensors, and a gradient to record."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from qpass import ops
+
+    x, frozen = torch.randn(2, 8), nn.Parameter(torch.ones(8), requires_grad=False)
+    trainable = torch.randn(2, 8, requires_grad=True)
+    assert ops._plain_eager([x, frozen])
+    assert not ops._plain_eager([x, trainable])
+    with torch.no_grad():
+        assert ops._plain_eager([x, trainable])
+    with torch.device("cpu"):
+        assert not ops._plain_eager([x])
+    with FakeTensorMode():
+        assert not ops._plain_eager([torch.empty(2, 8)])
+    with torch.profiler.profile():
+        assert not ops._plain_eager([x])
+    seen = []
+    torch.vmap(lambda row: seen.append(ops._plain_eager([row])) or row)(x)
+    torch.func.grad(lambda t: seen.append(ops._plain_eager([t])) or t.sum())(x)
+    assert seen == [False, False]
+    assert not ops._plain_eager([x.as_subclass(type("Subclass", (torch.Tensor,), {}))])
+    assert not ops._plain_eager([x, torch.empty(2, 8, device="meta")])
+    compiled = torch.compile(lambda t: t + ops._plain_eager([t]), fullgraph=True, backend="eager")
+    assert torch.equal(compiled(x), x)  # False, as Dynamo traced it
+
+
+def test_eager_calls_give_the_dispatchers_result_and_traces_keep_the_op(monkeypatch):
+    """A quantized model's eager forward runs its ops' bodies directly (one switch of ``wrap_triton`` a call)
+    with the result of the ops through the dispatcher, and a trace of it still records the ops themselves."""
+    import contextlib
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from qpass import ops
+
+    direct_calls = []
+
+    @contextlib.contextmanager
+    def counted_switch(enabled):
+        direct_calls.append(enabled)
+        yield
+
+    model = seeded(Block)
+    q = qpass.quantize(model, "awq", merge=False)
+    x = torch.randn(1, 3, 256)
+    with torch.no_grad():
+        monkeypatch.setattr(ops, "set_wrap_triton_enabled", counted_switch)
+        out = q(x)
+        monkeypatch.undo()
+        assert direct_calls == [False] * len(stubs(q))
+        layer = q.mlp.down_proj
+        h = torch.randn(1, 3, layer.qweight.shape[0] * 8)
+        direct = ops.w4a16_linear(h, layer.qweight, layer.scales, layer.zeros, 128)
+        assert torch.equal(direct, torch.ops.qpass.w4a16_linear(h, layer.qweight, layer.scales, layer.zeros, 128))
+    graph = make_fx(q)(x).graph
+    calls = [n for n in graph.nodes if n.op == "call_function" and "qpass.w4a16_linear" in str(n.target)]
+    assert len(calls) == len(stubs(q))
+    torch.testing.assert_close(out, q(x), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("activation", ["silu_mul", "gelu", "gelu_tanh"])
 def test_fused_activation_gradients_match_torch(activation):
     """The backward of an op with an epilogue: the epilogue's own derivative, as torch's."""

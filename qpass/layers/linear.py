@@ -182,9 +182,9 @@ class QuantLinear(nn.Module):
                 "qpass.passes.finalise.finalise(model)"
             )
         bias = self.bias if self.parallel != "row" or self.tp_rank == 0 else None
-        out_shape = (*x.shape[:-1], output_columns(self.activation, sum(self.output_partition_sizes)))
-        fold_residual = (residual is not None and residual.shape == out_shape and residual.dtype == x.dtype
-                         and self.residual_problem() is None)
+        fold_residual = (residual is not None and residual.dtype == x.dtype and self.residual_problem() is None
+                         and residual.shape == (*x.shape[:-1], output_columns(self.activation,
+                                                                              sum(self.output_partition_sizes))))
         if fold_residual:  # the op adds it in its epilogue, as a bias shaped as the output
             bias = residual
         if norm_weight is not None and norm_weight.dtype == x.dtype and self.input_norm_problem() is None:

@@ -22,6 +22,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch.nn import Parameter
 
+from qpass import ops
 from qpass.calib.rtn import quantize_groupwise
 from qpass.kernels.reference import pack_int4_rows, unpack_int4_rows
 from qpass.layers.utils import set_weight_attrs
@@ -190,14 +191,14 @@ class AWQLinearMethod(OpLinearMethod):
         }
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return torch.ops.qpass.w4a16_linear(
+        return ops.w4a16_linear(
             x, layer.qweight, layer.scales, layer.zeros, self.quant_config.group_size, bias, layer.activation
         )
 
     def apply_after_rms_norm(self, layer: torch.nn.Module, x: torch.Tensor, norm_weight: torch.Tensor, eps: float,
                              bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``apply`` to the RMSNorm of x, computed by the op (``QuantLinear.forward``)."""
-        return torch.ops.qpass.w4a16_linear(
+        return ops.w4a16_linear(
             x, layer.qweight, layer.scales, layer.zeros, self.quant_config.group_size, bias, layer.activation,
             norm_weight, eps
         )

@@ -10,6 +10,7 @@ from typing import Dict, List, Optional
 
 import torch
 
+from qpass import ops
 from qpass.kernels.reference import FP8_MAX
 from qpass.methods.base import OpLinearMethod, QuantConfig, register_method, register_per_channel_weights
 
@@ -42,4 +43,4 @@ class FP8LinearMethod(OpLinearMethod):
         return {"qweight": q, "weight_scale": scale}
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return torch.ops.qpass.fp8_linear(x, layer.qweight, layer.weight_scale, bias, layer.activation)
+        return ops.fp8_linear(x, layer.qweight, layer.weight_scale, bias, layer.activation)

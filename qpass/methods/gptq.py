@@ -26,6 +26,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch.nn import Parameter
 
+from qpass import ops
 from qpass.calib.rtn import quantize_groupwise
 from qpass.kernels.reference import pack_int4_rows, unpack_int4_rows
 from qpass.layers.utils import set_weight_attrs
@@ -207,5 +208,5 @@ class GPTQLinearMethod(OpLinearMethod):
             x = x.index_select(-1, layer.perm)
             norm_weight = None if norm_weight is None else norm_weight.index_select(-1, layer.perm)
         group_size = self.quant_config.groups_of(layer.g_idx.shape[0])
-        return torch.ops.qpass.w4a16_linear(x, layer.qweight, layer.scales, layer.zeros, group_size, bias,
-                                            layer.activation, norm_weight, eps)
+        return ops.w4a16_linear(x, layer.qweight, layer.scales, layer.zeros, group_size, bias, layer.activation,
+                                norm_weight, eps)

@@ -9,6 +9,7 @@ from typing import Dict, List, Optional
 
 import torch
 
+from qpass import ops
 from qpass.calib.rtn import quantize_per_channel_int8
 from qpass.methods.base import OpLinearMethod, QuantConfig, register_method, register_per_channel_weights
 
@@ -39,4 +40,4 @@ class Int8LinearMethod(OpLinearMethod):
         return {"qweight": q, "scales": scales.to(weight.dtype)}
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return torch.ops.qpass.w8a16_linear(x, layer.qweight, layer.scales, bias, layer.activation)
+        return ops.w8a16_linear(x, layer.qweight, layer.scales, bias, layer.activation)
