@@ -21,6 +21,20 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) on the host. ``triton.cdiv`` is a constexpr function, whose every host call unwraps its
+    arguments: microseconds each, a fifth of ``w4a16.pick_config``'s time (an eager call's host time)."""
+    return (a + b - 1) // b  # (M may be a SymInt under torch.compile: no divmod)
+
+
+def next_power_of_2(n: int) -> int:
+    """The least power of two >= n, on the host (``triton.next_power_of_2``, a constexpr function, is slow there)."""
+    power = 1
+    while power < n:  # (comparisons only: n may be a SymInt)
+        power *= 2
+    return power
+
+
 def asm_constant(ptx: str) -> tl.constexpr:
     """PTX composed in Python as a module-level constant of the kernels, on one line. Inductor
     copies a user kernel's source and these constants (as their repr) into a triple-quoted string

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from . import w8a16
-from .common import (MmaConfig, bias_rows, grouped_tile, output_columns, sm_count, split_for,
+from .common import (MmaConfig, bias_rows, cdiv, grouped_tile, next_power_of_2, output_columns, sm_count, split_for,
                      split_k_workspace, split_range, store_output)
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
@@ -143,12 +143,12 @@ def pick_config(M: int, N: int, K: int, device: torch.device):
         cfg = MmaConfig(64, 64, 128, 1, num_warps=4, num_stages=4)
     elif M <= 256:
         cfg = MmaConfig(64, 128, 128, 1, num_warps=4, num_stages=4)
-    elif triton.cdiv(M, 128) * triton.cdiv(N, 256) >= sms:
+    elif cdiv(M, 128) * cdiv(N, 256) >= sms:
         return MmaConfig(128, 256, 128, 1, num_warps=8, num_stages=3)
     else:  # large M, few 128x256 tiles: smaller tiles rather than float32 partial sums
         return MmaConfig(64, 128, 128, 1, num_warps=4, num_stages=4)
-    tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
-    return cfg._replace(split_k=split_for(tiles, triton.cdiv(K, cfg.block_k), sms))
+    tiles = cdiv(M, cfg.block_m) * cdiv(N, cfg.block_n)
+    return cfg._replace(split_k=split_for(tiles, cdiv(K, cfg.block_k), sms))
 
 
 def quantize_rows(x: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn):
@@ -157,7 +157,7 @@ def quantize_rows(x: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn):
     M, K = x.shape
     xq = torch.empty((M, K), device=x.device, dtype=dtype)
     scale = torch.empty((M,), device=x.device, dtype=torch.float32)
-    block_k = min(triton.next_power_of_2(K), 16384)
+    block_k = min(next_power_of_2(K), 16384)
     # H200: M = 4096, 4 warps 50 us at K = 14336 (16 warps 62), 16.2 at 4096 (8 warps 16.0); 1 to 128 rows of
     # K = 14336, 16 warps 3.3-3.8 us against 3.8-4.8 (bench/results/ab-fp8-gemv-h200.json). The row bound is one
     # pick_config has already, so torch.compile's guards on M add no recompile.
@@ -196,7 +196,7 @@ def fp8_linear(
     out = torch.empty((M, n_out), device=x.device, dtype=x.dtype)
     bias, stride_bm = bias_rows(bias, M, N)
     has_bias = bias is not None
-    grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(n_out, cfg.block_n), cfg.split_k)
+    grid = (cdiv(M, cfg.block_m) * cdiv(n_out, cfg.block_n), cfg.split_k)
     ws = split_k_workspace(M, N, grid[0], cfg.split_k, out)
     torch.library.wrap_triton(_fp8_mma_kernel)[grid](
         xq, qweight, x_scale, weight_scale, bias if has_bias else weight_scale, out, ws, M, n_out, N - n_out, K,

@@ -54,9 +54,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (MAX_UNROLLED_STEPS, asm_constant, bias_rows, grouped_tile, mma_accumulate, mma_zeros,
-                     output_columns, register_budget, sm_count, split_for, split_k_workspace, split_range, store_output,
-                     triton_interpreted, unrolled_steps)
+from .common import (MAX_UNROLLED_STEPS, asm_constant, bias_rows, cdiv, grouped_tile, mma_accumulate, mma_zeros,
+                     next_power_of_2, output_columns, register_budget, sm_count, split_for, split_k_workspace,
+                     split_range, store_output, triton_interpreted, unrolled_steps)
 from .int4_pairs import NIBBLE_PAIRS_OUT, bf16_nibble_pairs, f16_nibble_pairs, zero_bf16x2, zero_f16x2
 from .reference import activation_after_gemm, rms_norm
 from .w4a16_gemv import w4a16_gemv_kernel
@@ -375,7 +375,7 @@ def wgmma_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
     M, K = x.shape
     N = qweight.shape[1]
     out = torch.empty((M, N), device=x.device, dtype=x.dtype)
-    grid = (triton.cdiv(N, 64 * warpgroups), triton.cdiv(M, block_m), split_k)
+    grid = (cdiv(N, 64 * warpgroups), cdiv(M, block_m), split_k)
     # split, the sums and a count per output tile; unsplit never read
     sums = split_workspace(x.device, M * N + grid[0] * grid[1]) if split_k > 1 else out
     w4a16_wgmma_kernel[grid](
@@ -426,7 +426,7 @@ def wgmma_tma_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
     # 256 rows, 0.91 to 1.02x at 96 and 128 (H200; bench/NOTES-kernels.md, twenty-third session)
     out = (torch.zeros((M, N), device=x.device, dtype=torch.float32) if split_k > 1
            else torch.empty((M, N), device=x.device, dtype=x.dtype))
-    grid = (triton.cdiv(N, block_n), triton.cdiv(M, block_m), split_k)
+    grid = (cdiv(N, block_n), cdiv(M, block_m), split_k)
     w4a16_wgmma_tma_kernel[grid](
         x_desc, qweight, scales, zeros, bias if bias is not None else scales, out, M, N, K, qweight.stride(0),
         scales.stride(0), out.stride(0), GROUP_SIZE=group_size, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages,
@@ -454,8 +454,8 @@ def _wgmma_tma_config(M: int, N: int, K: int, sms: int) -> WgmmaTmaConfig:
     25.9, 4096x28672 149.4 -> 126.5, 14336x4096 69.6 -> 56.6, 4096x6144 43.8 -> 37.2; a 256-row program's
     split costs more, 4096x6144 split 4 40.8 against 36.2 split 2 at 160 rows). A split keeps 16 steps."""
     if M <= 128:
-        return WgmmaTmaConfig(128, 128, 4, _wgmma_split(triton.cdiv(N, 128), K, 2 * sms, min_steps=16))
-    tiles = triton.cdiv(M, 256) * triton.cdiv(N, 128)
+        return WgmmaTmaConfig(128, 128, 4, _wgmma_split(cdiv(N, 128), K, 2 * sms, min_steps=16))
+    tiles = cdiv(M, 256) * cdiv(N, 128)
     return WgmmaTmaConfig(256, 128, 4, _wgmma_split(tiles, K, sms, min_steps=16))
 
 
@@ -469,9 +469,9 @@ def _wgmma_config(M: int, N: int, K: int, sms: int) -> WgmmaConfig:
     8 timed configurations in 26 of 34 cases (40-64 rows, weights from L2 and from DRAM), within 4-11% of it
     in the rest (4096x6144)."""
     if M > WGMMA_EXACT_MAX_M:
-        return WgmmaConfig(64, 2, _wgmma_split(triton.cdiv(N, 128), K, 2 * sms), scaled=True)
+        return WgmmaConfig(64, 2, _wgmma_split(cdiv(N, 128), K, 2 * sms), scaled=True)
     for warpgroups in (2, 1):
-        tiles = triton.cdiv(N, 64 * warpgroups)  # (one 32-row tile)
+        tiles = cdiv(N, 64 * warpgroups)  # (one 32-row tile)
         split = _wgmma_split(tiles, K, (2 if warpgroups == 2 else 3) * sms)
         if warpgroups == 1 or tiles * split > 200:
             return WgmmaConfig(32, warpgroups, split)
@@ -492,7 +492,7 @@ def warp_mma_unrolled_iterations(cfg: WarpMmaConfig, groups: int) -> int:
     over its groups where ``cfg`` asks to unroll them, every split has the same number of groups and
     there are at most ``MAX_UNROLLED_STEPS`` (0: a loop)."""
     k_warps = cfg.num_warps // cfg.column_warps
-    iterations = triton.cdiv(groups // cfg.split_k, k_warps)
+    iterations = cdiv(groups // cfg.split_k, k_warps)
     return iterations if cfg.unrolled and groups % cfg.split_k == 0 and iterations <= MAX_UNROLLED_STEPS else 0
 
 
@@ -518,7 +518,7 @@ def _warp_mma_config(M: int, tiles: int, groups: int, sms: int) -> WarpMmaConfig
     iterations a warp; bf16 from DRAM, us: 4096x6144 at M = 4, 8, 16 10.3 / 10.4 / 12.8 -> 9.5 /
     9.6 / 12.3, 4096x4096 at M = 16 10.4 -> 9.5); the 4-warp ones, with 7 to 16 iterations, lose
     unrolled (4096x28672 silu_mul at M = 16 32.2 -> 40.8, 14336x4096 20.0 -> 22.7)."""
-    row_tiles = triton.cdiv(M, 8)
+    row_tiles = cdiv(M, 8)
     if M > 8 and 2 * tiles < sms and groups <= 32:
         return WarpMmaConfig(num_warps=8, split_k=1, row_tiles=1, unrolled=True)
     if tiles >= 2 * sms:
@@ -577,7 +577,7 @@ def gemv_registers(cfg: GemvConfig, M: int, N: int, sms: int) -> int:
     if M > GEMV_MAX_M:
         return 0
     budget = 72 if cfg.unrolled and cfg.num_warps == 4 else 64
-    programs = (1 if M == 1 else 2) * triton.cdiv(N, cfg.block_n)  # (comparisons only: M may be a SymInt)
+    programs = (1 if M == 1 else 2) * cdiv(N, cfg.block_n)  # (comparisons only: M may be a SymInt)
     resident = 65536 // (32 * cfg.num_warps * budget) * sms  # programs the SMs hold at once with the budget
     return budget if programs <= resident else 0
 
@@ -592,7 +592,7 @@ def pick_config(M: int, N: int, K: int, group_size: int, device: torch.device, a
     # warp-level MMA reads it at about the same rate for any M up to 8 (H200, 4096x28672:
     # 20.3 us at M = 1, 20.9 at 8, 29.4 at 16; the tensor-core kernel before it 54 us from M = 4).
     if warp_mma and 2 <= M <= WARP_MMA_MAX_M and not (M == 2 and N * K <= 4096 * 4096):
-        return _warp_mma_config(M, triton.cdiv(N, warp_mma_columns(activation)), K // group_size, sms)
+        return _warp_mma_config(M, cdiv(N, warp_mma_columns(activation)), K // group_size, sms)
     mma_block_k = [b for b in (128, 64, 32, 16) if group_size % b == 0]
     if M <= GEMV_MAX_M or not mma_block_k:
         # No split: a program's warps cover K in steps of 64 to 512 word rows, so even N = 4096
@@ -607,9 +607,9 @@ def pick_config(M: int, N: int, K: int, group_size: int, device: torch.device, a
         # 5.53 against 5.71, fp16 5.99 against 5.86-6.25; 14336x4096 bf16 11.71 against 13.06),
         # rolled for fp16 past K = 4096 (14336x4096: 12.60 against 13.41 unrolled).
         reads = 2 if activation == "silu_mul" else 1  # weight columns a program reads per output column
-        if triton.cdiv(N * reads, 32) >= 4 * sms:
+        if cdiv(N * reads, 32) >= 4 * sms:
             cfg = GemvConfig(32 // reads, 512, 1, num_warps=4, unrolled=reads == 1)
-        elif K <= 4096 and triton.cdiv(N * reads, 16) > 2 * sms:
+        elif K <= 4096 and cdiv(N * reads, 16) > 2 * sms:
             cfg = GemvConfig(16, 2048, 1, num_warps=8, unrolled=True)
         else:
             cfg = GemvConfig(16, 2048, 1, num_warps=16, unrolled=K <= 4096 or dtype != torch.float16)
@@ -648,7 +648,7 @@ def pick_config(M: int, N: int, K: int, group_size: int, device: torch.device, a
     # filling a wave K 64 stays faster (gate_up with silu_mul 97.3 against 104.3).
     if M <= 16:
         cfg = MmaConfig(16, 128, block_k, 1, True, num_warps=4, num_stages=3)
-    elif 32 < M <= 64 and block_k == 128 and activation == "silu_mul" and triton.cdiv(N, 64) >= sms:
+    elif 32 < M <= 64 and block_k == 128 and activation == "silu_mul" and cdiv(N, 64) >= sms:
         # gate and up tiles a program, enough of them to fill the SMs: unsplit with 3 stages
         # (4096 -> 2 x 14336, M = 64: 80.1 us against 101.5 split in 2 stages and 107.6 for the
         # K-64 pick; M = 48 79.9 against 105.5; the best of 17 block shapes in sweeps at M = 48 fp16
@@ -658,7 +658,7 @@ def pick_config(M: int, N: int, K: int, group_size: int, device: torch.device, a
         # K 64 or less (group sizes that 128 does not divide) in 5 stages at 32 rows, 4 at 64
         stages = 2 if block_k == 128 else 5 if M <= 32 else 4
         cfg = MmaConfig(32 if M <= 32 else 64, 64, block_k, 1, True, num_warps=4, num_stages=stages)
-    elif triton.cdiv(M, 128) * triton.cdiv(N, 128) >= sms:
+    elif cdiv(M, 128) * cdiv(N, 128) >= sms:
         cfg = MmaConfig(128, 128, min(block_k, 64), 1, True, num_warps=8, num_stages=4)
     else:
         cfg = MmaConfig(128, 64, min(block_k, 64), 1, True, num_warps=4, num_stages=4)
@@ -670,7 +670,7 @@ def pick_config(M: int, N: int, K: int, group_size: int, device: torch.device, a
 def mma_split_k(cfg: MmaConfig, M: int, N: int, K: int, sms: int) -> int:
     """K splits of the tensor-core kernel's block shape ``cfg`` for M x N outputs over K (what
     ``pick_config`` gives it, but for gate_up's unsplit tile at 33-64 rows, and the sweeps)."""
-    tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
+    tiles = cdiv(M, cfg.block_m) * cdiv(N, cfg.block_n)
     if M <= 64:
         return split_for(tiles, K // cfg.block_k, sms)
     # Each split adds M x N float32 atomics: past M = 64 split only within one wave (H100,
@@ -764,7 +764,7 @@ def w4a16_linear(
                              f"rows, 16-byte aligned, group_size a multiple of 64 and N a multiple of 4; got x "
                              f"{tuple(x.shape)} {x.dtype} strides {x.stride()} on {x.device}, group_size "
                              f"{group_size}, N {N}")
-        grid = (triton.cdiv(M, 8 * cfg.row_tiles), triton.cdiv(n_out, warp_mma_columns(activation) * cfg.column_warps),
+        grid = (cdiv(M, 8 * cfg.row_tiles), cdiv(n_out, warp_mma_columns(activation) * cfg.column_warps),
                 cfg.split_k)
         ws = split_k_workspace(M, N, grid[0] * grid[1], cfg.split_k, out)
         torch.library.wrap_triton(w4a16_warp_mma_kernel)[grid](
@@ -780,17 +780,17 @@ def w4a16_linear(
     strides = (x.stride(0), x.stride(1), qweight.stride(0), qweight.stride(1), scales.stride(0), scales.stride(1),
                stride_bm, out.stride(0), out.stride(1), N)
     if isinstance(cfg, GemvConfig):
-        grid = (M, triton.cdiv(n_out, cfg.block_n), cfg.split_k)
+        grid = (M, cdiv(n_out, cfg.block_n), cfg.split_k)
         ws = split_k_workspace(M, N, grid[0] * grid[1], cfg.split_k, out)
         meta = gemv_meta(cfg, x, K, group_size)
         g = x if norm_weight is None else _norm_weight_as_x(norm_weight, x)  # x: any pointer; never read
         torch.library.wrap_triton(w4a16_gemv_kernel)[grid](
             x, g, qweight, scales, zeros, bias_arg, out, ws, M, n_out, N - n_out, K, float(norm_eps), *strides,
-            HAS_NORM=norm_weight is not None, NORM_BLOCK=min(triton.next_power_of_2(K), 4096), **common, **meta,
+            HAS_NORM=norm_weight is not None, NORM_BLOCK=min(next_power_of_2(K), 4096), **common, **meta,
         )
         return out
     assert group_size % cfg.block_k == 0
-    grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(n_out, cfg.block_n), cfg.split_k)
+    grid = (cdiv(M, cfg.block_m) * cdiv(n_out, cfg.block_n), cfg.split_k)
     ws = split_k_workspace(M, N, grid[0], cfg.split_k, out)
     torch.library.wrap_triton(_w4a16_mma_kernel)[grid](
         x, qweight, scales, zeros, bias_arg, out, ws, M, n_out, N - n_out, K, *strides,
@@ -805,7 +805,7 @@ def _dequantize_into(w: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
                      group_size: int, block_r: int, block_n: int):
     """The weight of ``qweight`` (``[K / 8, n]``, any strides) written into ``w`` ``[K, n]``."""
     K, N = w.shape
-    grid = (triton.cdiv(K // 8, block_r), triton.cdiv(N, block_n))
+    grid = (cdiv(K // 8, block_r), cdiv(N, block_n))
     torch.library.wrap_triton(_w4a16_dequantize_kernel)[grid](
         qweight, scales, zeros, w, K, N, qweight.stride(0), qweight.stride(1), scales.stride(0), scales.stride(1),
         w.stride(0), w.stride(1), GROUP_SIZE=group_size, BLOCK_R=block_r, BLOCK_N=block_n,

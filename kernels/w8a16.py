@@ -31,7 +31,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .common import (MmaConfig, asm_constant, bias_rows, grouped_tile, mma_accumulate, mma_zeros, output_columns,
+from .common import (MmaConfig, asm_constant, bias_rows, cdiv, grouped_tile, mma_accumulate, mma_zeros, output_columns,
                      sm_count, split_for, split_k_workspace, split_range, store_output, triton_interpreted,
                      unrolled_steps)
 from .reference import activation_after_gemm
@@ -547,8 +547,8 @@ def pick_config(M: int, N: int, K: int, device: torch.device, packed: bool = Tru
         cfg = MmaConfig(64, 128, 128, 1, num_warps=4, num_stages=3, swap_ab=True)
     else:
         cfg = MmaConfig(128, 64, 128, 1, num_warps=4, num_stages=3, swap_ab=True)
-    tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
-    return cfg._replace(split_k=split_for(tiles, triton.cdiv(K, cfg.block_k), sms))
+    tiles = cdiv(M, cfg.block_m) * cdiv(N, cfg.block_n)
+    return cfg._replace(split_k=split_for(tiles, cdiv(K, cfg.block_k), sms))
 
 
 def w8a16_linear(
@@ -580,7 +580,7 @@ def w8a16_linear(
     out = torch.empty((M, n_out), device=x.device, dtype=x.dtype)
     bias, stride_bm = bias_rows(bias, M, N)
     has_bias = bias is not None
-    grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(n_out, cfg.block_n), cfg.split_k)
+    grid = (cdiv(M, cfg.block_m) * cdiv(n_out, cfg.block_n), cfg.split_k)
     ws = split_k_workspace(M, N, grid[0], cfg.split_k, out)
     torch.library.wrap_triton(_w8a16_mma_kernel)[grid](
         x, qweight, scales, bias if has_bias else scales, out, ws, M, n_out, N - n_out, K,
@@ -607,7 +607,7 @@ def w8_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: 
     has_bias = bias is not None
     if cfg.block_m not in (1, 2):
         raise ValueError(f"GemvConfig.block_m is {cfg.block_m}; the GEMV takes 1 or 2 rows a program")
-    grid = (triton.cdiv(M, cfg.block_m), triton.cdiv(n_out, cfg.block_n), cfg.split_k)
+    grid = (cdiv(M, cfg.block_m), cdiv(n_out, cfg.block_n), cfg.split_k)
     ws = split_k_workspace(M, N, grid[0] * grid[1], cfg.split_k, out)
     torch.library.wrap_triton(w8_gemv_kernel)[grid](
         x, scales if x_scale is None else x_scale, qweight, scales, bias if has_bias else scales, out, ws,

@@ -579,6 +579,17 @@ def test_f16_nibble_arithmetic_is_exact_for_every_code_and_zero(unit):
             assert low.item() == high.item() == unit * (q - z), (q, z, low.item(), high.item())
 
 
+def test_host_ceiling_division_and_powers_of_two_are_tritons():
+    """The host's ``cdiv`` and ``next_power_of_2`` (plain functions: Triton's are constexpr functions, slow to call
+    from the host) give Triton's values."""
+    import triton
+
+    from qpass.kernels.common import cdiv, next_power_of_2
+
+    assert all(cdiv(a, b) == triton.cdiv(a, b) for a in range(300) for b in (1, 2, 3, 7, 8, 64, 128))
+    assert all(next_power_of_2(n) == triton.next_power_of_2(n) for n in range(1, 20000))
+
+
 def test_kernel_sources_and_constants_survive_inductors_copy():
     """Under torch.compile Inductor copies each user kernel's source, with the module constants it
     reads (as their repr), into a triple-quoted string of its generated module, which torch 2.11
