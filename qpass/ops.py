@@ -251,7 +251,8 @@ def _eager_fast_path(op, body):
     implementation, itself, as the op's CUDA backend does (Triton kernels launched directly, not through
     ``wrap_triton``'s higher-order op). Models run without torch.compile (Hugging Face's ``generate``) pay the
     dispatcher at every linear: on an H200's host, one token, us a call through it -> past it, 4096 x 4096 W4A16
-    202 -> 161, W8A16 167 -> 129, FP8 254 -> 210 (``bench/eager.py``, bench/NOTES-e2e.md)."""
+    120 -> 95, W8A16 97 -> 78, FP8 147 -> 127, against 19 for ``F.linear`` (``bench/eager.py``,
+    bench/NOTES-e2e.md)."""
 
     @functools.wraps(body)
     def call(*args, **kwargs):
