@@ -726,7 +726,8 @@ def w4a16_linear(
                                 wgmma=M > GEMV_MAX_M and wgmma_ok(x, qweight, scales, zeros, group_size))
     # (the picks check their inputs above; a config given must be checked here)
     given = config is not None
-    if isinstance(cfg, (WgmmaConfig, WgmmaTmaConfig)) and given and not wgmma_ok(x, qweight, scales, zeros, group_size):
+    if (isinstance(cfg, (WgmmaConfig, WgmmaTmaConfig)) and given
+            and not wgmma_ok(x, qweight, scales, zeros, group_size)):
         raise ValueError(f"{cfg} needs fp16/bf16 x on an sm_90 GPU (with Gluon in Triton), rows of x 16-byte "
                          f"aligned, rows of x, qweight and scales contiguous, K a multiple of 128 and group_size 64 "
                          f"or a multiple of 128; got x {tuple(x.shape)} {x.dtype} strides {x.stride()} offset "
