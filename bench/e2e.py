@@ -56,7 +56,7 @@ SHAPES = {  # dim, qkv, hidden, layers
     "llama3-8b": (4096, 6144, 14336, 16),
     "tiny": (256, 384, 512, 2),
 }
-PEERS = ["bf16_eager", "bf16_compile", "bf16_compile_cg", "torchao_int4wo_compile_cg",
+PEERS = ["bf16_eager", "qpass_awq_eager", "bf16_compile", "bf16_compile_cg", "torchao_int4wo_compile_cg",
          "qpass_awq_compile_cg", "qpass_backend_awq_cg", "qpass_backend_awq_cg_keepfloat"]
 ONE_CASE_PEERS = ("qpass_backend_awq_cg_keepfloat",)  # measured for memory: batch 1 only
 BASELINE = "bf16_compile_cg"
@@ -114,6 +114,9 @@ def prepare(peer, shape, device):
     start = time.perf_counter()
     if peer == "bf16_eager":
         fn = model
+    elif peer == "qpass_awq_eager":  # a model run without torch.compile (Hugging Face's generate)
+        fn = qpass.quantize(model, "awq")
+        del model
     elif peer == "bf16_compile":
         fn = torch.compile(model)
     elif peer == "bf16_compile_cg":

@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .replay import new_zeros
+
 # Epilogues on the float32 result: "silu_mul" reads the N columns as [gate | up] and gives
 # silu(gate) * up (N / 2 columns); "gelu" is erf's GELU, "gelu_tanh" its tanh approximation.
 ACTIVATIONS = ("none", "silu_mul", "gelu", "gelu_tanh")
@@ -125,7 +127,7 @@ def split_k_workspace(M: int, N: int, tiles: int, split_k: int, like: torch.Tens
     ``like`` (never read) when K is not split."""
     if split_k == 1:
         return like
-    return torch.zeros(M * N + tiles, device=like.device, dtype=torch.float32)
+    return new_zeros((M * N + tiles,), torch.float32, like.device)
 
 
 def bias_rows(bias: Optional[torch.Tensor], M: int, N: int) -> Tuple[Optional[torch.Tensor], int]:

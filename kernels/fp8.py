@@ -22,6 +22,7 @@ import triton.language as tl
 from . import w8a16
 from .common import (MmaConfig, bias_rows, cdiv, grouped_tile, next_power_of_2, output_columns, sm_count, split_for,
                      split_k_workspace, split_range, store_output)
+from .replay import launch, new_empty
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
@@ -155,14 +156,15 @@ def quantize_rows(x: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn):
     """float ``[M, K]`` -> (float8_e4m3fn ``[M, K]``, float32 scale ``[M]``), per token; ``dtype``
     float16: the same values in fp16, as the GEMV reads them."""
     M, K = x.shape
-    xq = torch.empty((M, K), device=x.device, dtype=dtype)
-    scale = torch.empty((M,), device=x.device, dtype=torch.float32)
+    xq = new_empty((M, K), dtype, x.device)
+    scale = new_empty((M,), torch.float32, x.device)
     block_k = min(next_power_of_2(K), 16384)
     # H200: M = 4096, 4 warps 50 us at K = 14336 (16 warps 62), 16.2 at 4096 (8 warps 16.0); 1 to 128 rows of
     # K = 14336, 16 warps 3.3-3.8 us against 3.8-4.8 (bench/results/ab-fp8-gemv-h200.json). The row bound is one
     # pick_config has already, so torch.compile's guards on M add no recompile.
     num_warps = 16 if K > 8192 and M <= 64 else 4
-    torch.library.wrap_triton(_quantize_rows_kernel)[(M,)](
+    launch(
+        _quantize_rows_kernel, (M,),
         x, xq, scale, K, x.stride(0), x.stride(1), xq.stride(0), BLOCK_K=block_k, ONE_PASS=block_k >= K,
         num_warps=num_warps,
     )
@@ -193,12 +195,13 @@ def fp8_linear(
         xq, x_scale = quantize_rows(x, torch.float16)
         return w8a16.w8_gemv(xq, qweight, weight_scale, bias, activation, cfg, x_scale, out_dtype=x.dtype)
     xq, x_scale = quantize_rows(x)
-    out = torch.empty((M, n_out), device=x.device, dtype=x.dtype)
+    out = new_empty((M, n_out), x.dtype, x.device)
     bias, stride_bm = bias_rows(bias, M, N)
     has_bias = bias is not None
     grid = (cdiv(M, cfg.block_m) * cdiv(n_out, cfg.block_n), cfg.split_k)
     ws = split_k_workspace(M, N, grid[0], cfg.split_k, out)
-    torch.library.wrap_triton(_fp8_mma_kernel)[grid](
+    launch(
+        _fp8_mma_kernel, grid,
         xq, qweight, x_scale, weight_scale, bias if has_bias else weight_scale, out, ws, M, n_out, N - n_out, K,
         xq.stride(0), qweight.stride(0), stride_bm, out.stride(0), out.stride(1), N,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,

@@ -59,6 +59,7 @@ from .common import (MAX_UNROLLED_STEPS, asm_constant, bias_rows, cdiv, grouped_
                      split_range, store_output, triton_interpreted, unrolled_steps)
 from .int4_pairs import NIBBLE_PAIRS_OUT, bf16_nibble_pairs, f16_nibble_pairs, zero_bf16x2, zero_f16x2
 from .reference import activation_after_gemm, rms_norm
+from .replay import launch, new_empty
 from .w4a16_gemv import w4a16_gemv_kernel
 from .w4a16_warp_mma import warp_mma_columns, w4a16_warp_mma_kernel
 
@@ -753,7 +754,7 @@ def w4a16_linear(
         # a residual and the activation outside: under torch.compile one pointwise pass, which
         # Inductor fuses with what follows, though ``run`` is an opaque op
         return activation_after_gemm(out if vector_bias is bias else out + bias, activation)
-    out = torch.empty((M, n_out), device=x.device, dtype=x.dtype)
+    out = new_empty((M, n_out), x.dtype, x.device)
     bias, stride_bm = bias_rows(bias, M, N)
     has_bias = bias is not None
     bias_arg = bias if has_bias else scales  # any pointer; never read
@@ -768,7 +769,8 @@ def w4a16_linear(
         grid = (cdiv(M, 8 * cfg.row_tiles), cdiv(n_out, warp_mma_columns(activation) * cfg.column_warps),
                 cfg.split_k)
         ws = split_k_workspace(M, N, grid[0] * grid[1], cfg.split_k, out)
-        torch.library.wrap_triton(w4a16_warp_mma_kernel)[grid](
+        launch(
+            w4a16_warp_mma_kernel, grid,
             x, qweight, scales, zeros, bias_arg, out, ws, M, n_out, N - n_out, K,
             x.stride(0), qweight.stride(0), scales.stride(0), stride_bm, out.stride(0), out.stride(1), N,
             GROUP_SIZE=group_size, M_TILES=cfg.row_tiles, WARPS=cfg.num_warps, COLUMN_WARPS=cfg.column_warps,
@@ -785,7 +787,8 @@ def w4a16_linear(
         ws = split_k_workspace(M, N, grid[0] * grid[1], cfg.split_k, out)
         meta = gemv_meta(cfg, x, K, group_size)
         g = x if norm_weight is None else _norm_weight_as_x(norm_weight, x)  # x: any pointer; never read
-        torch.library.wrap_triton(w4a16_gemv_kernel)[grid](
+        launch(
+            w4a16_gemv_kernel, grid,
             x, g, qweight, scales, zeros, bias_arg, out, ws, M, n_out, N - n_out, K, float(norm_eps), *strides,
             HAS_NORM=norm_weight is not None, NORM_BLOCK=min(next_power_of_2(K), 4096), **common, **meta,
         )
@@ -793,7 +796,8 @@ def w4a16_linear(
     assert group_size % cfg.block_k == 0
     grid = (cdiv(M, cfg.block_m) * cdiv(n_out, cfg.block_n), cfg.split_k)
     ws = split_k_workspace(M, N, grid[0], cfg.split_k, out)
-    torch.library.wrap_triton(_w4a16_mma_kernel)[grid](
+    launch(
+        _w4a16_mma_kernel, grid,
         x, qweight, scales, zeros, bias_arg, out, ws, M, n_out, N - n_out, K, *strides,
         BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, SWAP_AB=cfg.swap_ab,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
@@ -807,7 +811,8 @@ def _dequantize_into(w: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
     """The weight of ``qweight`` (``[K / 8, n]``, any strides) written into ``w`` ``[K, n]``."""
     K, N = w.shape
     grid = (cdiv(K // 8, block_r), cdiv(N, block_n))
-    torch.library.wrap_triton(_w4a16_dequantize_kernel)[grid](
+    launch(
+        _w4a16_dequantize_kernel, grid,
         qweight, scales, zeros, w, K, N, qweight.stride(0), qweight.stride(1), scales.stride(0), scales.stride(1),
         w.stride(0), w.stride(1), GROUP_SIZE=group_size, BLOCK_R=block_r, BLOCK_N=block_n,
     )

@@ -35,6 +35,7 @@ from .common import (MmaConfig, asm_constant, bias_rows, cdiv, grouped_tile, mma
                      sm_count, split_for, split_k_workspace, split_range, store_output, triton_interpreted,
                      unrolled_steps)
 from .reference import activation_after_gemm
+from .replay import launch, new_empty
 
 
 @triton.jit
@@ -577,12 +578,13 @@ def w8a16_linear(
         return activation_after_gemm(F.linear(x, (qweight * scales[:, None]).to(x.dtype), bias), activation)
     if isinstance(cfg, GemvConfig):
         return w8_gemv(x, qweight, scales, bias, activation, cfg)
-    out = torch.empty((M, n_out), device=x.device, dtype=x.dtype)
+    out = new_empty((M, n_out), x.dtype, x.device)
     bias, stride_bm = bias_rows(bias, M, N)
     has_bias = bias is not None
     grid = (cdiv(M, cfg.block_m) * cdiv(n_out, cfg.block_n), cfg.split_k)
     ws = split_k_workspace(M, N, grid[0], cfg.split_k, out)
-    torch.library.wrap_triton(_w8a16_mma_kernel)[grid](
+    launch(
+        _w8a16_mma_kernel, grid,
         x, qweight, scales, bias if has_bias else scales, out, ws, M, n_out, N - n_out, K,
         x.stride(0), x.stride(1), qweight.stride(0), qweight.stride(1), stride_bm, out.stride(0), out.stride(1), N,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, SPLIT_K=cfg.split_k,
@@ -602,14 +604,15 @@ def w8_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: 
     M, K = x.shape
     N = qweight.shape[0]
     n_out = output_columns(activation, N)
-    out = torch.empty((M, n_out), device=x.device, dtype=out_dtype or x.dtype)
+    out = new_empty((M, n_out), out_dtype or x.dtype, x.device)
     bias, stride_bm = bias_rows(bias, M, N)
     has_bias = bias is not None
     if cfg.block_m not in (1, 2):
         raise ValueError(f"GemvConfig.block_m is {cfg.block_m}; the GEMV takes 1 or 2 rows a program")
     grid = (cdiv(M, cfg.block_m), cdiv(n_out, cfg.block_n), cfg.split_k)
     ws = split_k_workspace(M, N, grid[0] * grid[1], cfg.split_k, out)
-    torch.library.wrap_triton(w8_gemv_kernel)[grid](
+    launch(
+        w8_gemv_kernel, grid,
         x, scales if x_scale is None else x_scale, qweight, scales, bias if has_bias else scales, out, ws,
         M, n_out, N - n_out, K, x.stride(0), x.stride(1), qweight.stride(0), qweight.stride(1), stride_bm,
         out.stride(0), out.stride(1), N, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k,

@@ -36,6 +36,7 @@ from qpass.kernels import reference
 from qpass.kernels.common import ACTIVATIONS, output_columns
 from qpass.kernels import w4a16 as w4a16_kernels
 from qpass.kernels import w8a16 as w8a16_kernels
+from qpass.kernels.replay import Replayed
 
 # The epilogues every op computes: what the methods built on these ops list as fused_activations.
 FUSED_ACTIVATIONS = tuple(a for a in ACTIVATIONS if a != "none")
@@ -46,7 +47,7 @@ cache_kernel_analysis(kernel for module in (fp8_kernels, w4a16_kernels, w8a16_ke
 
 
 def _flatten(x: torch.Tensor) -> torch.Tensor:
-    return x.reshape(-1, x.shape[-1])
+    return x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # (a view costs an eager call 1-2 us)
 
 
 def _out_shape(x: torch.Tensor, n: int, activation: str):
@@ -67,7 +68,7 @@ def _run(cuda_kernel, cpu_reference, x: torch.Tensor, n: int, *args, bias: Optio
     to ``[M, K]``; the result shaped as ``x`` with ``n`` (or ``n / 2``) outputs."""
     implementation = cuda_kernel if x.is_cuda else cpu_reference
     out = implementation(_flatten(x), *args, _flat_bias(bias, x, n), activation=activation, **kwargs)
-    return out.reshape(_out_shape(x, n, activation))
+    return out if x.dim() == 2 else out.reshape(_out_shape(x, n, activation))
 
 
 def _opaque_gemm(name: str, gemm):
@@ -85,9 +86,13 @@ w4a16_wgmma_matmul = _opaque_gemm("w4a16_wgmma_matmul", w4a16_kernels.wgmma_matm
 w4a16_wgmma_tma_matmul = _opaque_gemm("w4a16_wgmma_tma_matmul", w4a16_kernels.wgmma_tma_matmul)
 
 
-# the kernels' entry point, its untraceable GEMMs through the opaque ops (bound once, not at every call)
-_w4a16_kernels = functools.partial(w4a16_kernels.w4a16_linear, chunked_dequantize_matmul=w4a16_dequantize_matmul,
-                                   wgmma_matmul_op=w4a16_wgmma_matmul, wgmma_tma_matmul_op=w4a16_wgmma_tma_matmul)
+# The kernels' entry points, replaying each input signature's launches where they run for real (an eager call's
+# host time); W4A16's untraceable GEMMs through the opaque ops (bound once, not at every call).
+_w4a16_kernels = Replayed(functools.partial(
+    w4a16_kernels.w4a16_linear, chunked_dequantize_matmul=w4a16_dequantize_matmul,
+    wgmma_matmul_op=w4a16_wgmma_matmul, wgmma_tma_matmul_op=w4a16_wgmma_tma_matmul))
+_w8a16_kernels = Replayed(w8a16_kernels.w8a16_linear)
+_fp8_kernels = Replayed(fp8_kernels.fp8_linear)
 
 
 def _w4a16_linear(
@@ -120,7 +125,7 @@ def _w8a16_linear(
     bias: Optional[torch.Tensor] = None,
     activation: str = "none",
 ) -> torch.Tensor:
-    return _run(w8a16_kernels.w8a16_linear, reference.w8a16_linear, x, qweight.shape[0],
+    return _run(_w8a16_kernels, reference.w8a16_linear, x, qweight.shape[0],
                 qweight, scales, bias=bias, activation=activation)
 
 
@@ -139,7 +144,7 @@ def _fp8_linear(
     bias: Optional[torch.Tensor] = None,
     activation: str = "none",
 ) -> torch.Tensor:
-    return _run(fp8_kernels.fp8_linear, reference.fp8_linear, x, qweight.shape[0],
+    return _run(_fp8_kernels, reference.fp8_linear, x, qweight.shape[0],
                 qweight, weight_scale, bias=bias, activation=activation)
 
 

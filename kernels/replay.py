@@ -1,0 +1,246 @@
+"""Eager calls replay their kernel launches.
+
+An eager call of an entry point (``w4a16.w4a16_linear``, ...) spends most of its host time deciding what to launch:
+the pick of a kernel and its block shapes, the launch's arguments, and Triton's binding and specialisation of them.
+At one token that host time is the whole cost of a linear. It depends only on the call's *signature*: the inputs'
+dtypes, shapes, strides, devices and alignments, and the other arguments' values.
+
+``Replayed(entry)`` runs ``entry`` once for each signature while recording what it does: the buffers it allocates
+(``new_empty``, ``new_zeros``) and the kernels it launches (``launch``), with their grids, arguments and compiled
+kernels. Later calls of that signature replay the record: fresh buffers, then each compiled kernel launched directly.
+
+A record is kept only where replaying it is the call itself:
+
+- every tensor a kernel gets is an input of the call or one of its recorded buffers, and the result is such a buffer;
+- no torch op ran but those allocations (a dispatch mode watches): nothing computed a tensor that a replay would skip.
+
+Any other signature (the dequantized weight + cuBLAS for large M, the Gluon kernels) runs ``entry`` at every call.
+Calls replay only where the kernels would run for real (``wrap_triton`` switched off, as the ops' CUDA backend and
+qpass's eager path do); under torch.compile or another tracer ``entry`` runs, and ``launch`` goes through
+``torch.library.wrap_triton`` so that the tracer sees each kernel.
+"""
+
+import inspect
+import threading
+from typing import Callable, List, NamedTuple, Optional, Tuple
+
+import torch
+from torch._library.triton import is_wrap_triton_enabled
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+from triton import knobs
+
+_ALLOCATIONS = (torch.ops.aten.empty.memory_format, torch.ops.aten.zeros.default)
+_SCALARS = (int, float, bool, str, type(None))
+MAX_SIGNATURES = 1024  # per entry point; past it the records start again (each prefill length is a signature)
+
+_state = threading.local()  # .recording: the _Recording of the call being recorded on this thread, if any
+
+
+def _active_hook(hook):
+    """A launch hook of Triton's knobs, None where it would do nothing: Triton's launcher then skips it, and the launch
+    builds no metadata for it (newer Triton keeps its hooks in a chain, empty unless a profiler adds to it)."""
+    return hook if getattr(hook, "calls", hook) else None
+
+
+class _Buffer(NamedTuple):
+    shape: Tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+    zeroed: bool
+
+    def allocate(self) -> torch.Tensor:
+        if self.zeroed:
+            return torch.zeros(self.shape, dtype=self.dtype, device=self.device)
+        return torch.empty(self.shape, dtype=self.dtype, device=self.device)
+
+
+class _Launch(NamedTuple):
+    """One recorded launch: ``values`` are the kernel's arguments in its signature's order, constexprs included (as
+    Triton's compiled launcher takes them), with None where ``tensors`` puts a tensor: (position, from the inputs,
+    index)."""
+
+    kernel: Callable
+    grid: Tuple[int, int, int]
+    values: list
+    tensors: List[Tuple[int, bool, int]]
+    options: dict  # num_warps, num_stages, ...: for the interpreter's launch, which compiles nothing
+    compiled: object  # Triton's CompiledKernel; None under the interpreter
+    device_index: int
+
+    def run(self, inputs: list, buffers: list):
+        values = self.values.copy()
+        for position, from_inputs, index in self.tensors:
+            values[position] = inputs[index] if from_inputs else buffers[index]
+        compiled = self.compiled
+        if compiled is None:
+            self.kernel[self.grid](*values, **self.options)
+            return
+        # what Triton's JITFunction.run does once it has found the compiled kernel
+        stream = torch._C._cuda_getCurrentRawStream(self.device_index)
+        enter, exit = _active_hook(knobs.runtime.launch_enter_hook), _active_hook(knobs.runtime.launch_exit_hook)
+        metadata = compiled.launch_metadata(self.grid, stream, *values) if enter is not None else None
+        compiled.run(*self.grid, stream, compiled.function, compiled.packed_metadata, metadata, enter, exit, *values)
+
+
+class _Record(NamedTuple):
+    buffers: List[_Buffer]
+    launches: List[_Launch]
+    result: int  # the buffer returned
+
+    def replay(self, inputs: list) -> torch.Tensor:
+        buffers = [buffer.allocate() for buffer in self.buffers]
+        for launch in self.launches:
+            launch.run(inputs, buffers)
+        return buffers[self.result]
+
+
+class _Recording(TorchDispatchMode):
+    """What one call does, as it does it. ``replayable`` turns False at the first thing a replay would not repeat."""
+
+    def __init__(self, inputs: list):
+        super().__init__()
+        self.slots = {id(t): (True, i) for i, t in enumerate(inputs)}
+        self.buffers: List[_Buffer] = []
+        self.alive: List[torch.Tensor] = []  # the buffers, so that their ids stay theirs while recording
+        self.launches: List[_Launch] = []
+        self.replayable = True
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func not in _ALLOCATIONS:
+            self.replayable = False
+        return func(*args, **(kwargs or {}))
+
+    def buffer(self, t: torch.Tensor, zeroed: bool):
+        self.slots[id(t)] = (False, len(self.buffers))
+        self.buffers.append(_Buffer(tuple(t.shape), t.dtype, t.device, zeroed))
+        self.alive.append(t)
+
+    def launch(self, kernel, grid, args: tuple, kwargs: dict, compiled):
+        signature = inspect.signature(getattr(kernel, "fn", kernel))  # (the interpreter's kernels have no params)
+        parameters = signature.parameters
+        bound = signature.bind(*args, **{k: v for k, v in kwargs.items() if k in parameters})
+        bound.apply_defaults()
+        values = list(bound.arguments.values())
+        tensors = []
+        for position, value in enumerate(values):
+            if isinstance(value, torch.Tensor):
+                slot = self.slots.get(id(value))
+                if slot is None:  # computed by the entry point: a replay would not compute it
+                    self.replayable = False
+                    return
+                tensors.append((position, *slot))
+                values[position] = None
+            elif not isinstance(value, _SCALARS):
+                self.replayable = False
+                return
+        grid = tuple(grid) + (1,) * (3 - len(grid))
+        if not all(isinstance(g, int) for g in grid):
+            self.replayable = False
+            return
+        if compiled is not None and not hasattr(compiled, "packed_metadata"):
+            compiled = None  # (not a CompiledKernel: replay through the kernel's own launch)
+        options = {k: v for k, v in kwargs.items() if k not in parameters}
+        device_index = torch.cuda.current_device() if compiled is not None else -1
+        self.launches.append(_Launch(kernel, grid, values, tensors, options, compiled, device_index))
+
+    def record(self, result) -> Optional[_Record]:
+        slot = self.slots.get(id(result)) if isinstance(result, torch.Tensor) else None
+        if not self.replayable or slot is None or slot[0]:
+            return None
+        return _Record(self.buffers, self.launches, slot[1])
+
+
+def _recording() -> Optional[_Recording]:
+    return getattr(_state, "recording", None)
+
+
+def new_empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``torch.empty``, recorded as a buffer that a replay allocates again."""
+    t = torch.empty(shape, dtype=dtype, device=device)
+    recording = _recording()
+    if recording is not None:
+        recording.buffer(t, zeroed=False)
+    return t
+
+
+def new_zeros(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``torch.zeros``, recorded as a buffer that a replay allocates zeroed again."""
+    t = torch.zeros(shape, dtype=dtype, device=device)
+    recording = _recording()
+    if recording is not None:
+        recording.buffer(t, zeroed=True)
+    return t
+
+
+def launch(kernel, grid, *args, **kwargs):
+    """``kernel[grid](*args, **kwargs)`` through ``torch.library.wrap_triton`` (a tracer sees the kernel), recorded
+    where a ``Replayed`` entry point is recording."""
+    recording = _recording()
+    if recording is None:
+        torch.library.wrap_triton(kernel)[grid](*args, **kwargs)
+        return
+    with _disable_current_modes():  # (the interpreter copies tensors by torch ops: the launch's own)
+        compiled = kernel[grid](*args, **kwargs)
+    recording.launch(kernel, grid, args, kwargs, compiled)
+
+
+def _current_device() -> int:
+    """The CUDA device that Triton would launch on (its current one); -1 where CUDA has not started."""
+    return torch.cuda.current_device() if torch.cuda.is_initialized() else -1
+
+
+def _signature(args: tuple, kwargs: dict) -> Tuple[tuple, list]:
+    """The call's signature (everything a launch decision may depend on) and its tensors, in order."""
+    key, inputs = [_current_device()], []
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            inputs.append(value)
+            value = (value.dtype, value.shape, value.stride(), value.device, value.data_ptr() & 15,
+                     value.storage_offset() & 15)
+        key.append(value)
+    key.extend(kwargs)
+    return tuple(key), inputs
+
+
+_NOT_REPLAYABLE = object()
+
+
+class Replayed:
+    """``entry`` (tensors and scalars -> one tensor), its launches recorded per signature and replayed
+    (module docstring)."""
+
+    def __init__(self, entry: Callable[..., torch.Tensor]):
+        self.entry = entry
+        self.records = {}
+
+    def __call__(self, *args, **kwargs) -> torch.Tensor:
+        if is_wrap_triton_enabled() or _recording() is not None:
+            return self.entry(*args, **kwargs)
+        key, inputs = _signature(args, kwargs)
+        try:
+            record = self.records.get(key)
+        except TypeError:  # an unhashable argument
+            return self.entry(*args, **kwargs)
+        if record is None:
+            return self._record(key, inputs, args, kwargs)
+        if record is _NOT_REPLAYABLE:
+            return self.entry(*args, **kwargs)
+        return record.replay(inputs)
+
+    def _record(self, key, inputs: list, args: tuple, kwargs: dict) -> torch.Tensor:
+        if len({id(t) for t in inputs}) < len(inputs):
+            # one tensor in two places: the record could not tell which of them a launch takes (a replay of a
+            # record of distinct tensors is right for such a call: it passes each where the entry point would)
+            return self.entry(*args, **kwargs)
+        recording = _Recording(inputs)
+        _state.recording = recording
+        try:
+            with recording:
+                result = self.entry(*args, **kwargs)
+        finally:
+            _state.recording = None
+        if len(self.records) >= MAX_SIGNATURES:
+            self.records.clear()
+        record = recording.record(result)
+        self.records[key] = _NOT_REPLAYABLE if record is None else record
+        return result

@@ -1,0 +1,191 @@
+"""Replayed launches (``kernels/replay.py``): the first call of each input signature runs the entry point and records
+its buffers and launches; the calls after it replay the record, and give the entry point's result on their own inputs.
+
+On the CPU the kernels run in Triton's interpreter, where a replay launches each kernel through the interpreter again;
+on the GPU (``-m cuda``) it launches the compiled kernels directly.
+"""
+
+import pytest
+import torch
+from torch._library.triton import set_wrap_triton_enabled
+
+from qpass.kernels import fp8, reference, replay, w4a16, w8a16
+from test_kernels import (BOUND, CUDA, DEVICE, FP8_BOUND, make_fp8, make_w4, make_w8, needs_cuda, norm_and_residual,
+                          relative_error, w4_reference)
+
+cuda = pytest.mark.cuda
+
+
+class Counted:
+    """An entry point that counts its calls."""
+
+    def __init__(self, entry):
+        self.entry, self.calls = entry, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.entry(*args, **kwargs)
+
+
+def replayed(entry):
+    counted = Counted(entry)
+    return replay.Replayed(counted), counted
+
+
+def kernel_names(record) -> list:
+    return [getattr(launch.kernel, "fn", launch.kernel).__name__ for launch in record.launches]
+
+
+def assert_replays(entry, make_inputs, kernels, **kwargs):
+    """``entry`` replayed: the first call records ``kernels``, the second (new values, the same signature) replays them
+    with the entry point's result on its own inputs, which the record did not keep."""
+    run, counted = replayed(entry)
+    first, second = make_inputs(0), make_inputs(1)
+    with set_wrap_triton_enabled(False):
+        run(*first, **kwargs)
+        out = run(*second, **kwargs)
+        expected = entry(*second, **kwargs)
+    assert counted.calls == 1
+    (record,) = run.records.values()
+    assert kernel_names(record) == kernels
+    # (on the GPU a K split adds its partial sums in whatever order they arrive)
+    assert torch.equal(out, expected) if not CUDA else relative_error(out, expected) < BOUND[out.dtype]
+    return out
+
+
+@pytest.mark.parametrize("case", ["bias", "residual", "norm", "silu_mul", "split_k", "mma"])
+def test_w4a16_calls_replay_their_launches(case):
+    M = 20 if case == "mma" else 1
+    N = 96
+
+    def inputs(seed):
+        x, qweight, scales, zeros, b = make_w4(M, N, 256, 64, torch.float32, False, case == "bias", seed)
+        if case == "residual":
+            b = norm_and_residual(M, N, 256, torch.float32, seed)[1]
+        return x, qweight, scales, zeros, 64, b
+
+    kwargs = {}
+    if case == "norm":
+        kwargs = dict(norm_weight=norm_and_residual(M, N, 256, torch.float32, 0)[0], norm_eps=1e-5)
+    elif case == "silu_mul":
+        kwargs = dict(activation="silu_mul")
+    elif case == "split_k":
+        kwargs = dict(config=w4a16.GemvConfig(16, 32, 4, num_warps=4))
+    kernel = "_w4a16_mma_kernel" if case == "mma" else "w4a16_gemv_kernel"
+    out = assert_replays(w4a16.w4a16_linear, inputs, [kernel], **kwargs)
+    x, qweight, scales, zeros, _, b = inputs(1)
+    if case not in ("norm", "silu_mul"):  # (those epilogues: the kernels' own tests)
+        assert relative_error(out, w4_reference(x, qweight, scales, zeros, 64, b)) < BOUND[torch.float32]
+
+
+def test_w8a16_and_fp8_calls_replay_their_launches():
+    out = assert_replays(w8a16.w8a16_linear, lambda seed: make_w8(1, 96, 256, torch.float32, True, seed),
+                         ["w8_gemv_kernel"])
+    x, qweight, scales, b = make_w8(1, 96, 256, torch.float32, True, 1)
+    assert relative_error(out, reference.w8a16_linear(x, qweight, scales, b)) < BOUND[torch.float32]
+    # two launches: the rows quantized into a buffer, then the GEMM that reads it
+    out = assert_replays(fp8.fp8_linear, lambda seed: make_fp8(24, 96, 256, torch.float16, True, seed),
+                         ["_quantize_rows_kernel", "_fp8_mma_kernel"])
+    x, qweight, weight_scale, b = make_fp8(24, 96, 256, torch.float16, True, 1)
+    ref = reference.fp8_linear(x.float(), qweight, weight_scale, b.float())
+    assert relative_error(out, ref) < FP8_BOUND[torch.float16]
+
+
+def test_calls_a_replay_would_not_repeat_run_the_entry_point():
+    """A signature whose call computes a tensor, returns one it did not allocate, or takes one tensor in two places
+    runs the entry point at every call, and each call still gives its result."""
+    x, qweight, scales, zeros, _ = make_w4(3, 96, 256, 64, torch.float32, False, False, 0)
+    residual = norm_and_residual(96, 3, 256, torch.float32, 0)[1].t()  # [3, 96], not contiguous: copied first
+    large = make_w4(w4a16.DEQUANT_MM_MIN_M, 96, 256, 64, torch.float32, False, False, 0)[0]  # dequantize, then mm
+    cases = [(x, qweight, scales, zeros, 64, residual), (large, qweight, scales, zeros, 64), (x[:0], qweight, scales,
+                                                                                               zeros, 64)]
+    run, counted = replayed(w4a16.w4a16_linear)
+    with set_wrap_triton_enabled(False):
+        for args in cases:
+            for _ in range(2):
+                assert torch.equal(run(*args), w4a16.w4a16_linear(*args))
+        assert counted.calls == 2 * len(cases)
+        assert all(record is replay._NOT_REPLAYABLE for record in run.records.values())
+        # one tensor as two arguments: a record could not tell which one a slot is
+        x8, qweight8, scales8, _ = make_w8(1, 96, 256, torch.float32, False, 0)
+        run8, counted8 = replayed(w8a16.w8a16_linear)
+        for _ in range(2):
+            assert torch.equal(run8(x8, qweight8, scales8, scales8), w8a16.w8a16_linear(x8, qweight8, scales8, scales8))
+        assert counted8.calls == 2 and not run8.records
+
+
+def test_signatures_tell_apart_what_changes_a_launch():
+    """Alignment, strides and dtypes each make a signature of their own; calls that agree on them share a record."""
+    x, qweight, scales, zeros, _ = make_w4(1, 96, 264, 8, torch.float32, False, False, 0)
+    run, counted = replayed(w4a16.w4a16_linear)
+    wide = torch.randn(2, 272)
+    # x and its copy share a record, as do two slices 4 bytes past a 16-byte boundary; fp16 x has its own
+    calls = [x, x.clone(), wide[:1, 1:265], wide[1:, 1:265], x.half()]
+    with set_wrap_triton_enabled(False):
+        for inputs in calls:
+            assert torch.equal(run(inputs, qweight, scales, zeros, 8), w4a16.w4a16_linear(inputs, qweight, scales,
+                                                                                           zeros, 8))
+    keys = list(run.records)
+    assert counted.calls == len(keys) == 3
+    assert {key[1][0] for key in keys} == {torch.float32, torch.float16}
+
+
+def test_replays_only_where_the_kernels_run_for_real():
+    """With ``wrap_triton`` on (a tracer could be watching) a replayed entry point runs the entry point and records
+    nothing."""
+    run, counted = replayed(w8a16.w8a16_linear)
+    args = make_w8(1, 96, 256, torch.float32, False, 0)[:3]
+    for _ in range(2):
+        run(*args)
+    assert counted.calls == 2 and not run.records
+
+
+def test_a_failed_recording_keeps_nothing_and_records_are_bounded(monkeypatch):
+    run, counted = replayed(w8a16.w8a16_linear)
+    x, qweight, scales, _ = make_w8(1, 96, 256, torch.float32, False, 0)
+    with set_wrap_triton_enabled(False):
+        with pytest.raises(AssertionError):
+            run(x[:, :128], qweight, scales)  # K of x against the weight's
+        assert not run.records and replay._recording() is None
+        monkeypatch.setattr(replay, "MAX_SIGNATURES", 2)
+        for M in (1, 2, 3):
+            run(make_w8(M, 96, 256, torch.float32, False, 0)[0], qweight, scales)
+    assert len(run.records) == 1  # cleared at the third
+
+
+@cuda
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_replayed_launches_give_the_entry_points_results(dtype):
+    """On the GPU a replay launches the compiled kernels themselves: each decode-sized path of the three ops (the
+    W4A16 GEMV with its norm and silu_mul, with a residual, the warp-level MMA kernel, W8A16's GEMV, FP8's two
+    launches), then replays inside a CUDA graph."""
+    K, N = 512, 256
+    norm_weight, _ = norm_and_residual(1, N, K, dtype, 0)
+    cases = [
+        (w4a16.w4a16_linear, lambda s: make_w4(1, N, K, 128, dtype, False, False, s)[:4] + [128],
+         dict(norm_weight=norm_weight, norm_eps=1e-5, activation="silu_mul"), ["w4a16_gemv_kernel"]),
+        (w4a16.w4a16_linear, lambda s: make_w4(1, N, K, 128, dtype, False, False, s)[:4] + [
+            128, norm_and_residual(1, N, K, dtype, s)[1]], {}, ["w4a16_gemv_kernel"]),
+        (w4a16.w4a16_linear, lambda s: make_w4(12, N, K, 128, dtype, False, False, s)[:4] + [128], {},
+         ["w4a16_warp_mma_kernel"]),
+        (w8a16.w8a16_linear, lambda s: make_w8(1, N, K, dtype, True, s), {}, ["w8_gemv_kernel"]),
+        (fp8.fp8_linear, lambda s: make_fp8(64, N, K, dtype, True, s), {}, ["_quantize_rows_kernel", "_fp8_mma_kernel"]),
+    ]
+    for entry, inputs, kwargs, kernels in cases:
+        assert_replays(entry, inputs, kernels, **kwargs)
+    # replays captured in a CUDA graph, then the graph replayed on new values copied into its inputs
+    entry, inputs, kwargs, _ = cases[2]
+    run, _ = replayed(entry)
+    static = inputs(0)
+    with set_wrap_triton_enabled(False):
+        run(*static, **kwargs)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = run(*static, **kwargs)
+        fresh = inputs(1)
+        for t, new in zip(static, fresh):
+            if isinstance(t, torch.Tensor):
+                t.copy_(new)
+        graph.replay()
+        assert relative_error(out, entry(*fresh, **kwargs)) < BOUND[dtype]
