@@ -58,9 +58,9 @@ from .common import (MAX_UNROLLED_STEPS, asm_constant, bias_rows, cdiv, grouped_
                      next_power_of_2, output_columns, register_budget, sm_count, split_for, split_k_workspace,
                      split_range, store_output, triton_interpreted, unrolled_steps)
 from .int4_pairs import NIBBLE_PAIRS_OUT, bf16_nibble_pairs, f16_nibble_pairs, zero_bf16x2, zero_f16x2
-from .reference import activation_after_gemm, rms_norm
+from .reference import activation_after_gemm
 from .replay import launch, new_empty
-from .w4a16_gemv import w4a16_gemv_kernel
+from .w4a16_gemv import row_inv_rms, w4a16_gemv_kernel
 from .w4a16_warp_mma import warp_mma_columns, w4a16_warp_mma_kernel
 
 
@@ -114,6 +114,22 @@ def _w4a16_dequantize_kernel(
     for j in tl.static_range(8):
         w = _dequantize_tile((words >> (4 * j)) & 0xF, scale, zero, w_ptr.dtype.element_ty)
         tl.store(w_ptr + (rows * 8 + j)[:, None] * stride_wk + offs_n[None, :] * stride_wn, w, mask=mask)
+
+
+@triton.jit
+def _rms_norm_kernel(x_ptr, g_ptr, out_ptr, K, stride_xm, stride_xk, stride_om, eps, BLOCK_K: tl.constexpr):
+    """Row ``program_id`` of ``reference.rms_norm``: x times 1 / rms in float32, rounded to x's dtype, times g (in
+    x's dtype), rounded once."""
+    row = tl.program_id(0)
+    x_row = x_ptr + row * stride_xm
+    scale = row_inv_rms(x_row, K, stride_xk, eps, BLOCK_K)
+    dtype = out_ptr.dtype.element_ty
+    for k0 in range(0, K, BLOCK_K):  # (the row again, from L1 / L2)
+        offs = k0 + tl.arange(0, BLOCK_K)
+        mask = offs < K
+        x = tl.load(x_row + offs * stride_xk, mask=mask, other=0).to(tl.float32)
+        g = tl.load(g_ptr + offs, mask=mask, other=0).to(tl.float32)
+        tl.store(out_ptr + row * stride_om + offs, ((x * scale).to(dtype).to(tl.float32) * g).to(dtype), mask=mask)
 
 
 @triton.jit
@@ -734,7 +750,7 @@ def w4a16_linear(
                          f"or a multiple of 128; got x {tuple(x.shape)} {x.dtype} strides {x.stride()} offset "
                          f"{x.storage_offset()} on {x.device}, group_size {group_size}")
     if norm_weight is not None and not isinstance(cfg, GemvConfig):
-        x = rms_norm(x, norm_weight.to(x.dtype), norm_eps)  # (under torch.compile Inductor fuses it with its producer)
+        x = _rms_norm(x, norm_weight, norm_eps)
         norm_weight = None
     if isinstance(cfg, (DequantMmConfig, WgmmaConfig, WgmmaTmaConfig)):
         vector_bias = bias if bias is None or bias.dim() == 1 else None
@@ -803,6 +819,17 @@ def w4a16_linear(
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         PACKED=_mma_packed(cfg, x), num_stages=cfg.num_stages, **common,
     )
+    return out
+
+
+def _rms_norm(x: torch.Tensor, norm_weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``reference.rms_norm(x, norm_weight in x's dtype, eps)`` by ``_rms_norm_kernel``: the pass of the paths that do
+    not compute the norm as they read x. (A launch of its own under torch.compile as well, where Inductor would
+    otherwise generate one; in eager use a launch that ``replay`` can record, where torch's norm is five.)"""
+    M, K = x.shape
+    out = new_empty((M, K), x.dtype, x.device)
+    launch(_rms_norm_kernel, (M,), x, _norm_weight_as_x(norm_weight, x), out, K, x.stride(0), x.stride(1), out.stride(0),
+           float(eps), BLOCK_K=min(next_power_of_2(K), 4096), num_warps=4)
     return out
 
 

@@ -109,7 +109,7 @@ def _f16_pair(value):
 
 
 @triton.jit
-def _inv_rms(x_row, K, stride_xk, eps, BLOCK: tl.constexpr):
+def row_inv_rms(x_row, K, stride_xk, eps, BLOCK: tl.constexpr):
     """1 / sqrt(mean(x^2) + eps) of the row of K values at x_row, in float32."""
     squares = tl.zeros((BLOCK,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK):
@@ -347,7 +347,7 @@ def _gemv_columns(x_row, g_ptr, norm_eps, K, qw_ptr, s_ptr, z_ptr, offs_n, mask_
     if PACKED_F16 and HAS_NORM:
         # fp16 could overflow unscaled: x scaled in the loop by 1 / rms rounded to fp16, the
         # rounding's factor put on the sum
-        inv_rms = _inv_rms(x_row, K, stride_xk, norm_eps, NORM_BLOCK)
+        inv_rms = row_inv_rms(x_row, K, stride_xk, norm_eps, NORM_BLOCK)
         correction = inv_rms / inv_rms.to(tl.float16).to(tl.float32)
         acc, _ = _gemv_partial_x2(
             x_row, g_ptr, _f16_pair(inv_rms), qw_ptr, s_ptr, z_ptr, offs_n, mask_n, row_start, row_end,
@@ -366,9 +366,9 @@ def _gemv_columns(x_row, g_ptr, norm_eps, K, qw_ptr, s_ptr, z_ptr, offs_n, mask_
         if squares_in_loop:
             acc *= tl.rsqrt((squares / K + norm_eps).to(tl.float32))
         elif HAS_NORM:
-            acc *= _inv_rms(x_row, K, stride_xk, norm_eps, NORM_BLOCK)
+            acc *= row_inv_rms(x_row, K, stride_xk, norm_eps, NORM_BLOCK)
         return acc
-    inv_rms = _inv_rms(x_row, K, stride_xk, norm_eps, NORM_BLOCK) if HAS_NORM else 1.0
+    inv_rms = row_inv_rms(x_row, K, stride_xk, norm_eps, NORM_BLOCK) if HAS_NORM else 1.0
     return _gemv_partial(x_row, g_ptr, inv_rms, qw_ptr, s_ptr, z_ptr, offs_n, mask_n, row_start, row_end, stride_xk,
                          stride_qk, stride_qn, stride_sg, stride_sn, GROUP_SIZE, GROUP_ROWS, GROUPS, BLOCK_N, EVEN_N,
                          HAS_NORM)

@@ -53,9 +53,9 @@ def assert_replays(entry, make_inputs, kernels, **kwargs):
     return out
 
 
-@pytest.mark.parametrize("case", ["bias", "residual", "norm", "silu_mul", "split_k", "mma"])
+@pytest.mark.parametrize("case", ["bias", "residual", "norm", "silu_mul", "split_k", "mma", "mma_norm"])
 def test_w4a16_calls_replay_their_launches(case):
-    M = 20 if case == "mma" else 1
+    M = 20 if case.startswith("mma") else 1
     N = 96
 
     def inputs(seed):
@@ -65,16 +65,16 @@ def test_w4a16_calls_replay_their_launches(case):
         return x, qweight, scales, zeros, 64, b
 
     kwargs = {}
-    if case == "norm":
+    if case.endswith("norm"):
         kwargs = dict(norm_weight=norm_and_residual(M, N, 256, torch.float32, 0)[0], norm_eps=1e-5)
     elif case == "silu_mul":
         kwargs = dict(activation="silu_mul")
     elif case == "split_k":
         kwargs = dict(config=w4a16.GemvConfig(16, 32, 4, num_warps=4))
-    kernel = "_w4a16_mma_kernel" if case == "mma" else "w4a16_gemv_kernel"
-    out = assert_replays(w4a16.w4a16_linear, inputs, [kernel], **kwargs)
+    kernels = {"mma": ["_w4a16_mma_kernel"], "mma_norm": ["_rms_norm_kernel", "_w4a16_mma_kernel"]}
+    out = assert_replays(w4a16.w4a16_linear, inputs, kernels.get(case, ["w4a16_gemv_kernel"]), **kwargs)
     x, qweight, scales, zeros, _, b = inputs(1)
-    if case not in ("norm", "silu_mul"):  # (those epilogues: the kernels' own tests)
+    if case in ("bias", "residual", "split_k", "mma"):  # (the norm and silu_mul: the kernels' own tests)
         assert relative_error(out, w4_reference(x, qweight, scales, zeros, 64, b)) < BOUND[torch.float32]
 
 
