@@ -117,19 +117,34 @@ def _w4a16_dequantize_kernel(
 
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, g_ptr, out_ptr, K, stride_xm, stride_xk, stride_om, eps, BLOCK_K: tl.constexpr):
+def _normed(x, scale, g_ptr, offs, mask, DTYPE: tl.constexpr):
+    """float32 x times 1 / rms ``scale``, rounded to DTYPE, times the norm weight at offs, rounded once."""
+    g = tl.load(g_ptr + offs, mask=mask, other=0).to(tl.float32)
+    return ((x * scale).to(DTYPE).to(tl.float32) * g).to(DTYPE)
+
+
+@triton.jit
+def _rms_norm_kernel(x_ptr, g_ptr, out_ptr, K, stride_xm, stride_xk, stride_om, eps, BLOCK_K: tl.constexpr,
+                     ONE_PASS: tl.constexpr):
     """Row ``program_id`` of ``reference.rms_norm``: x times 1 / rms in float32, rounded to x's dtype, times g (in
-    x's dtype), rounded once."""
+    x's dtype), rounded once. ONE_PASS: the row fits one block, read once."""
     row = tl.program_id(0)
     x_row = x_ptr + row * stride_xm
-    scale = row_inv_rms(x_row, K, stride_xk, eps, BLOCK_K)
+    out_row = out_ptr + row * stride_om
     dtype = out_ptr.dtype.element_ty
-    for k0 in range(0, K, BLOCK_K):  # (the row again, from L1 / L2)
-        offs = k0 + tl.arange(0, BLOCK_K)
+    if ONE_PASS:
+        offs = tl.arange(0, BLOCK_K)
         mask = offs < K
         x = tl.load(x_row + offs * stride_xk, mask=mask, other=0).to(tl.float32)
-        g = tl.load(g_ptr + offs, mask=mask, other=0).to(tl.float32)
-        tl.store(out_ptr + row * stride_om + offs, ((x * scale).to(dtype).to(tl.float32) * g).to(dtype), mask=mask)
+        scale = tl.rsqrt((tl.sum(x * x, axis=0) / K + eps).to(tl.float32))
+        tl.store(out_row + offs, _normed(x, scale, g_ptr, offs, mask, dtype), mask=mask)
+    else:
+        scale = row_inv_rms(x_row, K, stride_xk, eps, BLOCK_K)
+        for k0 in range(0, K, BLOCK_K):  # (the row again, from L1 / L2)
+            offs = k0 + tl.arange(0, BLOCK_K)
+            mask = offs < K
+            x = tl.load(x_row + offs * stride_xk, mask=mask, other=0).to(tl.float32)
+            tl.store(out_row + offs, _normed(x, scale, g_ptr, offs, mask, dtype), mask=mask)
 
 
 @triton.jit
@@ -825,11 +840,12 @@ def w4a16_linear(
 def _rms_norm(x: torch.Tensor, norm_weight: torch.Tensor, eps: float) -> torch.Tensor:
     """``reference.rms_norm(x, norm_weight in x's dtype, eps)`` by ``_rms_norm_kernel``: the pass of the paths that do
     not compute the norm as they read x. (A launch of its own under torch.compile as well, where Inductor would
-    otherwise generate one; in eager use a launch that ``replay`` can record, where torch's norm is five.)"""
+    otherwise generate one; in eager use one launch that ``replay`` can record, against torch's eight.)"""
     M, K = x.shape
     out = new_empty((M, K), x.dtype, x.device)
+    block_k = min(next_power_of_2(K), 8192)
     launch(_rms_norm_kernel, (M,), x, _norm_weight_as_x(norm_weight, x), out, K, x.stride(0), x.stride(1), out.stride(0),
-           float(eps), BLOCK_K=min(next_power_of_2(K), 4096), num_warps=4)
+           float(eps), BLOCK_K=block_k, ONE_PASS=block_k >= K, num_warps=8 if block_k > 2048 else 4)
     return out
 
 

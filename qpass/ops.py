@@ -254,10 +254,11 @@ def _plain_eager(tensors) -> bool:
 def _eager_fast_path(op, body):
     """``op`` (``torch.ops.qpass.<name>``) as a function that, where ``_plain_eager``, calls ``body``, the op's
     implementation, itself, as the op's CUDA backend does (Triton kernels launched directly, not through
-    ``wrap_triton``'s higher-order op). Models run without torch.compile (Hugging Face's ``generate``) pay the
-    dispatcher at every linear: on an H200's host, one token, us a call through it -> past it, 4096 x 4096 W4A16
-    120 -> 95, W8A16 97 -> 78, FP8 147 -> 127, against 19 for ``F.linear`` (``bench/eager.py``,
-    bench/NOTES-e2e.md)."""
+    ``wrap_triton``'s higher-order op), and there the kernels' entry points replay each input signature's launches
+    (``qpass.kernels.replay``). Models run without torch.compile (Hugging Face's ``generate``) pay the host's time at
+    every linear: on an H200's host, one token, 4096 x 4096, us a call through the dispatcher -> past it, with
+    neither 120 -> 95 (W4A16), 97 -> 78 (W8A16), 147 -> 127 (FP8), against 19 for ``F.linear``; with the replay
+    56 -> 40, 51 -> 36, 73 -> 56, against 18 (``bench/eager.py``, bench/NOTES-e2e.md)."""
 
     @functools.wraps(body)
     def call(*args, **kwargs):

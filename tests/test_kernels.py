@@ -158,18 +158,20 @@ def test_rms_norm_pass_rounds_as_the_reference(dtype):
     units in the last place a value, and as close as torch's to the norm computed in float64, give or take a float32
     ulp of 1 / rms (four in float32 output: its sums of squares, added in another order, round apart, and so does
     1 / rms). Triton's interpreter casts float32 to bf16 by truncation (a GPU rounds): one more ulp there, and no
-    float64 comparison. K = 5000 takes two blocks; the norm weight in float32 goes to x's dtype first, as the op does."""
+    float64 comparison. K = 5000 fits one block, 9000 takes two; the norm weight in float32 goes to x's dtype first,
+    as the op does."""
     g = torch.Generator().manual_seed(0)
-    x = (torch.randn(5, 5000, generator=g) * 30).to(dtype).to(DEVICE)
-    weight = (torch.rand(5000, generator=g) + 0.5).to(DEVICE)
-    out = w4a16._rms_norm(x[1:], weight, 1e-6)
-    ref = reference.rms_norm(x[1:], weight.to(dtype), 1e-6)
     truncated = dtype == torch.bfloat16 and not CUDA
     ulps = {torch.float16: 2 * 2**-10, torch.bfloat16: (3 if truncated else 2) * 2**-7, torch.float32: 4 * 2**-23}
-    torch.testing.assert_close(out, ref, rtol=ulps[dtype], atol=0)
-    if not truncated:
-        exact = reference.rms_norm(x[1:].double(), weight.to(dtype).double(), 1e-6)
-        assert relative_error(out, exact) <= 1.5 * relative_error(ref, exact) + 2**-22
+    for K in (5000, 9000):
+        x = (torch.randn(5, K, generator=g) * 30).to(dtype).to(DEVICE)
+        weight = (torch.rand(K, generator=g) + 0.5).to(DEVICE)
+        out = w4a16._rms_norm(x[1:], weight, 1e-6)
+        ref = reference.rms_norm(x[1:], weight.to(dtype), 1e-6)
+        torch.testing.assert_close(out, ref, rtol=ulps[dtype], atol=0)
+        if not truncated:
+            exact = reference.rms_norm(x[1:].double(), weight.to(dtype).double(), 1e-6)
+            assert relative_error(out, exact) <= 1.5 * relative_error(ref, exact) + 2**-22
 
 
 def test_w4a16_kernel_choice_by_rows():
