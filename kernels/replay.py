@@ -1,7 +1,7 @@
 """Eager calls replay their kernel launches.
 
 An eager call of an entry point (``w4a16.w4a16_linear``, ...) spends most of its host time deciding what to launch:
-the pick of a kernel and its block shapes, the launch's arguments, and Triton's binding and specialisation of them.
+the pick of a kernel and its block shapes, the launch's arguments, and Triton's binding and specialization of them.
 At one token that host time is the whole cost of a linear. It depends only on the call's *signature*: the inputs'
 dtypes, shapes, strides, devices and alignments, and the other arguments' values.
 
@@ -77,9 +77,9 @@ class _Launch(NamedTuple):
             return
         # what Triton's JITFunction.run does once it has found the compiled kernel
         stream = torch._C._cuda_getCurrentRawStream(self.device_index)
-        enter, exit = _active_hook(knobs.runtime.launch_enter_hook), _active_hook(knobs.runtime.launch_exit_hook)
+        enter, leave = _active_hook(knobs.runtime.launch_enter_hook), _active_hook(knobs.runtime.launch_exit_hook)
         metadata = compiled.launch_metadata(self.grid, stream, *values) if enter is not None else None
-        compiled.run(*self.grid, stream, compiled.function, compiled.packed_metadata, metadata, enter, exit, *values)
+        compiled.run(*self.grid, stream, compiled.function, compiled.packed_metadata, metadata, enter, leave, *values)
 
 
 class _Record(NamedTuple):
@@ -110,9 +110,9 @@ class _Recording(TorchDispatchMode):
             self.replayable = False
         return func(*args, **(kwargs or {}))
 
-    def buffer(self, t: torch.Tensor, zeroed: bool):
+    def buffer(self, t: torch.Tensor, buffer: _Buffer):
         self.slots[id(t)] = (False, len(self.buffers))
-        self.buffers.append(_Buffer(tuple(t.shape), t.dtype, t.device, zeroed))
+        self.buffers.append(buffer)
         self.alive.append(t)
 
     def launch(self, kernel, grid, args: tuple, kwargs: dict, compiled):
@@ -154,22 +154,22 @@ def _recording() -> Optional[_Recording]:
     return getattr(_state, "recording", None)
 
 
-def new_empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """``torch.empty``, recorded as a buffer that a replay allocates again."""
-    t = torch.empty(shape, dtype=dtype, device=device)
+def _allocate(buffer: _Buffer) -> torch.Tensor:
+    t = buffer.allocate()
     recording = _recording()
     if recording is not None:
-        recording.buffer(t, zeroed=False)
+        recording.buffer(t, buffer)
     return t
+
+
+def new_empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``torch.empty``, recorded as a buffer that a replay allocates again."""
+    return _allocate(_Buffer(tuple(shape), dtype, device, zeroed=False))
 
 
 def new_zeros(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """``torch.zeros``, recorded as a buffer that a replay allocates zeroed again."""
-    t = torch.zeros(shape, dtype=dtype, device=device)
-    recording = _recording()
-    if recording is not None:
-        recording.buffer(t, zeroed=True)
-    return t
+    return _allocate(_Buffer(tuple(shape), dtype, device, zeroed=True))
 
 
 def launch(kernel, grid, *args, **kwargs):

@@ -844,8 +844,8 @@ def _rms_norm(x: torch.Tensor, norm_weight: torch.Tensor, eps: float) -> torch.T
     M, K = x.shape
     out = new_empty((M, K), x.dtype, x.device)
     block_k = min(next_power_of_2(K), 8192)
-    launch(_rms_norm_kernel, (M,), x, _norm_weight_as_x(norm_weight, x), out, K, x.stride(0), x.stride(1), out.stride(0),
-           float(eps), BLOCK_K=block_k, ONE_PASS=block_k >= K, num_warps=8 if block_k > 2048 else 4)
+    launch(_rms_norm_kernel, (M,), x, _norm_weight_as_x(norm_weight, x), out, K, x.stride(0), x.stride(1),
+           out.stride(0), float(eps), BLOCK_K=block_k, ONE_PASS=block_k >= K, num_warps=8 if block_k > 2048 else 4)
     return out
 
 

@@ -170,7 +170,8 @@ def test_gpu_replayed_launches_give_the_entry_points_results(dtype):
         (w4a16.w4a16_linear, lambda s: make_w4(12, N, K, 128, dtype, False, False, s)[:4] + [128], {},
          ["w4a16_warp_mma_kernel"]),
         (w8a16.w8a16_linear, lambda s: make_w8(1, N, K, dtype, True, s), {}, ["w8_gemv_kernel"]),
-        (fp8.fp8_linear, lambda s: make_fp8(64, N, K, dtype, True, s), {}, ["_quantize_rows_kernel", "_fp8_mma_kernel"]),
+        (fp8.fp8_linear, lambda s: make_fp8(64, N, K, dtype, True, s), {},
+         ["_quantize_rows_kernel", "_fp8_mma_kernel"]),
     ]
     for entry, inputs, kwargs, kernels in cases:
         assert_replays(entry, inputs, kernels, **kwargs)
