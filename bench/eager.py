@@ -6,6 +6,7 @@ shape and method, us a call (wall clock over ``--calls`` calls, one synchronisat
 - ``fp16_linear``: ``F.linear`` on the float weight, the baseline;
 - ``op``: the method's ``torch.ops.qpass`` op, through torch's dispatcher (what ported code calling it pays);
 - ``direct``: the same op through ``qpass.ops`` (the methods' way), which skips the dispatcher in plain eager use;
+  both routes replay the launches recorded at their first call of the shape (``kernels/replay.py``);
 - ``stub``: the quantized layer itself (``QuantLinear.forward``, the method's ``apply``), as a model calls it.
 
     python bench/eager.py --out bench/results/eager-h200.json
