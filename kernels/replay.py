@@ -195,9 +195,10 @@ def _signature(args: tuple, kwargs: dict) -> Tuple[tuple, list]:
     for value in (*args, *kwargs.values()):
         if isinstance(value, torch.Tensor):
             inputs.append(value)
-            value = (value.dtype, value.shape, value.stride(), value.device, value.data_ptr() & 15,
-                     value.storage_offset() & 15)
-        key.append(value)
+            key.append((value.dtype, value.shape, value.stride(), value.device, value.data_ptr() & 15,
+                        value.storage_offset() & 15))
+        else:
+            key.append((type(value), value))  # (1, 1.0 and True are equal keys, not equal arguments)
     key.extend(kwargs)
     return tuple(key), inputs
 

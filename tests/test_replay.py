@@ -128,6 +128,10 @@ def test_signatures_tell_apart_what_changes_a_launch():
     keys = list(run.records)
     assert counted.calls == len(keys) == 3
     assert {key[1][0] for key in keys} == {torch.float32, torch.float16}
+    with set_wrap_triton_enabled(False):  # equal scalars of two types: two signatures
+        for eps in (0, 0.0, 0.0):
+            run(x, qweight, scales, zeros, 8, norm_eps=eps)
+    assert counted.calls == len(run.records) == 5
 
 
 def test_replays_only_where_the_kernels_run_for_real():
