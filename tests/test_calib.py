@@ -389,3 +389,32 @@ def test_bad_calibration_data(method, inplace):
         with pytest.raises(ValueError, match=message):
             qpass.quantize(model, method, calib=calib, group_size=32, inplace=inplace)
         assert_untouched(model, before)
+
+
+@pytest.mark.parametrize("group_size", [32, 64])
+def test_awq_clipping_search_picks_the_clip_with_the_least_output_error(group_size):
+    """Each group's clip is the candidate whose rounding least changes that group's partial
+    outputs, counted on the outputs themselves (the search counts it through a Gram matrix)."""
+    torch.manual_seed(0)
+    n, k = 70, 4 * group_size
+    x = torch.randn(96, k) * torch.rand(k) * 3
+    weight = torch.randn(n, k) * 0.05
+    weight[:, ::7] *= 6  # outliers, so that clipping pays somewhere
+    config = awq_method.AWQConfig(group_size=group_size)
+    clipped = awq_calib.search_clipping(weight, x, config)
+    groups = k // group_size
+    wg, cg = weight.view(n, groups, group_size), clipped.view(n, groups, group_size)
+    xg = x.view(-1, groups, group_size)
+    amax = wg.abs().amax(dim=-1)
+    shrinks = torch.tensor([1 - step / awq_calib.CLIP_GRID
+                            for step in range(int(awq_calib.CLIP_MAX_SHRINK * awq_calib.CLIP_GRID))])
+    errors = []
+    for shrink in shrinks:
+        limit = (amax * shrink).unsqueeze(-1)
+        candidate = awq_calib.fake_quantize(torch.maximum(torch.minimum(wg, limit), -limit).reshape(n, k), config)
+        change = (candidate.view(n, groups, group_size) - wg)
+        errors.append(torch.einsum("tgc,ngc->tng", xg, change).pow(2).sum(dim=0))  # [rows, groups]
+    best = shrinks[torch.stack(errors).argmin(dim=0)]  # [rows, groups]
+    chosen = cg.abs().amax(dim=-1) / amax
+    assert (best < 1).any()  # the test reaches a clip below the max
+    torch.testing.assert_close(chosen, best, rtol=1e-5, atol=0)
