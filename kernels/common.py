@@ -208,6 +208,24 @@ def unrolled_steps(asked: bool, length: int, split: int, step: int) -> int:
     return steps if asked and length % (split * step) == 0 and 0 < steps <= MAX_UNROLLED_STEPS else 0
 
 
+@triton.jit
+def wait_for_prior_grids():
+    """0, once the grid before this one on the stream has finished and its writes are visible (programmatic
+    dependent launch, ``dependent_launch``). Add it to the pointers of what that grid may have written: Triton
+    may move a load by inline asm marked pure above the wait otherwise. Such loads must also be coherent (no
+    ``.nc``), which ptxas would move above it."""
+    return tl.inline_asm_elementwise("griddepcontrol.wait; mov.b32 $0, 0;", "=r", [], dtype=tl.int32, is_pure=False,
+                                     pack=1)
+
+
+@triton.jit
+def launch_dependent_grids():
+    """Let the next grid on the stream, where it is launched with programmatic dependent launch, start its
+    programs as this one's free the SMs (they run up to their ``wait_for_prior_grids``)."""
+    tl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=tl.int32, is_pure=False,
+                              pack=1)
+
+
 def register_budget(maxnreg: int) -> dict:
     """Launch options that give ptxas ``maxnreg`` registers a thread; none for 0 (its own choice).
     Left to itself ptxas keeps the GEMVs in few registers by issuing each of a step's loads just
@@ -217,6 +235,23 @@ def register_budget(maxnreg: int) -> dict:
 
 
 _SM_COUNT = {}
+_DEPENDENT_LAUNCH = {}
+
+
+def dependent_launch(x: torch.Tensor) -> dict:
+    """The launch arguments of a kernel with a ``PDL`` constexpr that reads ``x``: PDL, and Triton's launch_pdl,
+    eagerly on Hopper and later GPUs. Launched so, the kernel starts while the one before it on the stream
+    finishes, and may read before its ``wait_for_prior_grids`` only what no kernel writes (weights).
+    Traced (torch.compile, x a tensor subclass) it runs without: torch.compile drops a user kernel's launch
+    options, and without the launch the kernel's wait and coherent loads only cost (H200: the decode step's
+    64 GEMVs 0.751 -> 0.799 ms compiled; bench/NOTES-kernels.md, thirty-first session)."""
+    if type(x) is not torch.Tensor or torch.compiler.is_compiling() or x.device.type != "cuda" or \
+            triton_interpreted():
+        return {"PDL": False}
+    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    if index not in _DEPENDENT_LAUNCH:
+        _DEPENDENT_LAUNCH[index] = torch.cuda.get_device_capability(index)[0] >= 9
+    return {"PDL": True, "launch_pdl": True} if _DEPENDENT_LAUNCH[index] else {"PDL": False}
 
 
 def sm_count(device: torch.device) -> int:

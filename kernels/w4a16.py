@@ -54,9 +54,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (MAX_UNROLLED_STEPS, asm_constant, bias_rows, cdiv, grouped_tile, mma_accumulate, mma_zeros,
-                     next_power_of_2, output_columns, register_budget, sm_count, split_for, split_k_workspace,
-                     split_range, store_output, triton_interpreted, unrolled_steps)
+from .common import (MAX_UNROLLED_STEPS, asm_constant, bias_rows, cdiv, dependent_launch, grouped_tile, mma_accumulate,
+                     mma_zeros, next_power_of_2, output_columns, register_budget, sm_count, split_for,
+                     split_k_workspace, split_range, store_output, triton_interpreted, unrolled_steps)
 from .int4_pairs import NIBBLE_PAIRS_OUT, bf16_nibble_pairs, f16_nibble_pairs, zero_bf16x2, zero_f16x2
 from .reference import activation_after_gemm
 from .replay import launch, new_empty
@@ -822,6 +822,7 @@ def w4a16_linear(
             w4a16_gemv_kernel, grid,
             x, g, qweight, scales, zeros, bias_arg, out, ws, M, n_out, N - n_out, K, float(norm_eps), *strides,
             HAS_NORM=norm_weight is not None, NORM_BLOCK=min(next_power_of_2(K), 4096), **common, **meta,
+            **dependent_launch(x),
         )
         return out
     assert group_size % cfg.block_k == 0

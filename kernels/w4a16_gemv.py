@@ -10,58 +10,44 @@ The GEMV also computes the RMSNorm of x when given its weight (HAS_NORM): each p
 reduces the row itself, from L2, and scales the x values it reads (``_gemv_columns``); the
 other paths run the norm as a pass of its own. A bias may be shaped as the output (a residual,
 ``common.bias_rows``).
+
+With PDL (programmatic dependent launch, ``common.dependent_launch``; Hopper and later) the kernel lets the next
+one start at once and, launched the same way, starts while the kernel before it finishes: the packed paths load
+their first step's words, then wait (``common.wait_for_prior_grids``) before they read x or write anything, and
+read x coherently. A decode step of 16 Llama-3-8B layers (64 GEMVs, bf16, H200): 736 -> 702 us as an eager
+CUDA-graph chain, 0.751 -> 0.729 ms compiled (bench/NOTES-kernels.md, thirty-first session).
 """
 
 import triton
 import triton.language as tl
 
-from .common import asm_constant, split_range, store_output
+from .common import asm_constant, launch_dependent_grids, split_range, store_output, wait_for_prior_grids
 from .int4_pairs import F16_DOT_UNIT, bf16_nibble_pairs, f16_nibble_pairs, zero_bf16x2, zero_f16x2
 
 _F32_MAGIC = tl.constexpr(8388608.0)  # 2**23: 0x4B000000 | q is 2**23 + q as float32
 _F16_DOT_SCALE = tl.constexpr(1 / F16_DOT_UNIT)  # the sum back from the dot's unit (a power of two)
 
 
-@triton.jit
-def _load_x_pairs_x2(x_ptrs):
-    """The 8 16-bit values (fp16 or bf16) at each (16-byte aligned) x_ptrs, loaded by inline
-    PTX, as the four pairs (x_j, x_j+4), j < 4, packed in 32 bits, that meet nibbles j and
-    j + 4 of a word (``_word_pair_dot_f16x2``, ``_word_pair_dot_bf16x2``).
-
-    A ``tl.load`` here would get a thread layout of its own from Triton's coalescing pass, and
-    the compiler would then move the whole word tile into that layout through shared memory;
-    an elementwise op takes the layout of the word tile it is broadcast against. The copies
-    that land in one thread (one per column it holds) are merged into one load."""
-    return tl.inline_asm_elementwise(
-        """
+def _x_pairs_asm(load: str) -> tl.constexpr:
+    return asm_constant("""
         {
         .reg .b32 a, b, c, d;
-        ld.global.nc.v4.b32 {a, b, c, d}, [$4];
+        """ + load + """.v4.b32 {a, b, c, d}, [$4];
         prmt.b32 $0, a, c, 0x5410;
         prmt.b32 $1, a, c, 0x7632;
         prmt.b32 $2, b, d, 0x5410;
         prmt.b32 $3, b, d, 0x7632;
         }
-        """,
-        "=r,=r,=r,=r,l", [x_ptrs],
-        dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1,
-    )
+        """)
 
 
-@triton.jit
-def _load_normed_x_pairs_x2(x_ptrs, g_ptrs, r_pair, BF16: tl.constexpr):
-    """``_load_x_pairs_x2`` of an RMSNorm's output: the 8 values at each x_ptrs times those at
-    g_ptrs (the norm weight), each product rounded to the dtype as the unfused norm rounds. fp16:
-    x first times the packed pair ``r_pair`` (1 / rms rounded to fp16, ``_f16_pair``), as
-    unscaled products could overflow fp16; bf16 has float32's range, and 1 / rms goes on the sum
-    (``_gemv_columns``)."""
-    if BF16:  # (bf16x2 multiply is sm_90+; an fma adding -0 is the same product from sm_80)
-        return tl.inline_asm_elementwise(
-            """
+def _normed_x_pairs_asm(load: str, bf16: bool) -> tl.constexpr:
+    if bf16:  # (bf16x2 multiply is sm_90+; an fma adding -0 is the same product from sm_80)
+        return asm_constant("""
             {
             .reg .b32 a, b, c, d, e, f, g, h, nz;
             mov.b32 nz, 0x80008000;
-            ld.global.nc.v4.b32 {a, b, c, d}, [$4];
+            """ + load + """.v4.b32 {a, b, c, d}, [$4];
             ld.global.nc.v4.b32 {e, f, g, h}, [$5];
             fma.rn.bf16x2 a, a, e, nz;
             fma.rn.bf16x2 b, b, f, nz;
@@ -72,15 +58,11 @@ def _load_normed_x_pairs_x2(x_ptrs, g_ptrs, r_pair, BF16: tl.constexpr):
             prmt.b32 $2, b, d, 0x5410;
             prmt.b32 $3, b, d, 0x7632;
             }
-            """,
-            "=r,=r,=r,=r,l,l", [x_ptrs, g_ptrs],
-            dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1,
-        )
-    return tl.inline_asm_elementwise(
-        """
+            """)
+    return asm_constant("""
         {
         .reg .b32 a, b, c, d, e, f, g, h;
-        ld.global.nc.v4.b32 {a, b, c, d}, [$4];
+        """ + load + """.v4.b32 {a, b, c, d}, [$4];
         ld.global.nc.v4.b32 {e, f, g, h}, [$5];
         mul.rn.f16x2 a, a, $6;
         mul.rn.f16x2 b, b, $6;
@@ -95,10 +77,60 @@ def _load_normed_x_pairs_x2(x_ptrs, g_ptrs, r_pair, BF16: tl.constexpr):
         prmt.b32 $2, b, d, 0x5410;
         prmt.b32 $3, b, d, 0x7632;
         }
-        """,
-        "=r,=r,=r,=r,l,l,r", [x_ptrs, g_ptrs, r_pair],
-        dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1,
-    )
+        """)
+
+
+# x through the read-only path (.nc); coherent loads where x may still be being written when the kernel starts
+# (programmatic dependent launch): ptxas moves .nc loads above griddepcontrol.wait
+_X_PAIRS_NC, _X_PAIRS = _x_pairs_asm("ld.global.nc"), _x_pairs_asm("ld.global")
+_NORMED_BF16_NC, _NORMED_BF16 = _normed_x_pairs_asm("ld.global.nc", True), _normed_x_pairs_asm("ld.global", True)
+_NORMED_F16_NC, _NORMED_F16 = _normed_x_pairs_asm("ld.global.nc", False), _normed_x_pairs_asm("ld.global", False)
+
+
+@triton.jit
+def _load_x_pairs_x2(x_ptrs, COHERENT: tl.constexpr):
+    """The 8 16-bit values (fp16 or bf16) at each (16-byte aligned) x_ptrs, loaded by inline
+    PTX, as the four pairs (x_j, x_j+4), j < 4, packed in 32 bits, that meet nibbles j and
+    j + 4 of a word (``_word_pair_dot_f16x2``, ``_word_pair_dot_bf16x2``).
+
+    A ``tl.load`` here would get a thread layout of its own from Triton's coalescing pass, and
+    the compiler would then move the whole word tile into that layout through shared memory;
+    an elementwise op takes the layout of the word tile it is broadcast against. The copies
+    that land in one thread (one per column it holds) are merged into one load."""
+    if COHERENT:
+        return _x_pairs(x_ptrs, _X_PAIRS)
+    return _x_pairs(x_ptrs, _X_PAIRS_NC)
+
+
+@triton.jit
+def _x_pairs(x_ptrs, ASM: tl.constexpr):
+    return tl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,l", [x_ptrs], dtype=(tl.int32, tl.int32, tl.int32, tl.int32),
+                                     is_pure=True, pack=1)
+
+
+@triton.jit
+def _load_normed_x_pairs_x2(x_ptrs, g_ptrs, r_pair, BF16: tl.constexpr, COHERENT: tl.constexpr):
+    """``_load_x_pairs_x2`` of an RMSNorm's output: the 8 values at each x_ptrs times those at
+    g_ptrs (the norm weight), each product rounded to the dtype as the unfused norm rounds. fp16:
+    x first times the packed pair ``r_pair`` (1 / rms rounded to fp16, ``_f16_pair``), as
+    unscaled products could overflow fp16; bf16 has float32's range, and 1 / rms goes on the sum
+    (``_gemv_columns``)."""
+    if BF16:
+        if COHERENT:
+            return _normed_x_pairs(x_ptrs, g_ptrs, 0, _NORMED_BF16, True)
+        return _normed_x_pairs(x_ptrs, g_ptrs, 0, _NORMED_BF16_NC, True)
+    if COHERENT:
+        return _normed_x_pairs(x_ptrs, g_ptrs, r_pair, _NORMED_F16, False)
+    return _normed_x_pairs(x_ptrs, g_ptrs, r_pair, _NORMED_F16_NC, False)
+
+
+@triton.jit
+def _normed_x_pairs(x_ptrs, g_ptrs, r_pair, ASM: tl.constexpr, BF16: tl.constexpr):
+    if BF16:
+        return tl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,l,l", [x_ptrs, g_ptrs],
+                                         dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
+    return tl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,l,l,r", [x_ptrs, g_ptrs, r_pair],
+                                     dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
 
 
 @triton.jit
@@ -196,16 +228,17 @@ def _word_pair_dot_bf16x2(w0, w1, z_128, a0, a1, a2, a3, b0, b1, b2, b3):
 
 
 @triton.jit
-def _word_pair_dot_x2(w0, w1, zero, x_ptrs, g_ptrs, r_pair, BF16: tl.constexpr, HAS_NORM: tl.constexpr):
+def _word_pair_dot_x2(w0, w1, zero, x_ptrs, g_ptrs, r_pair, BF16: tl.constexpr, HAS_NORM: tl.constexpr,
+                      COHERENT: tl.constexpr):
     """float32 sum_k x[k] * (q[k] - zero) over the 16 rows of the word pair (w0, w1) whose x
     starts at x_ptrs: x pairs loaded by ``_load_x_pairs_x2`` (under HAS_NORM the RMSNorm's
     output, ``_load_normed_x_pairs_x2``), the packed dot of the dtype."""
     if HAS_NORM:
-        a0, a1, a2, a3 = _load_normed_x_pairs_x2(x_ptrs, g_ptrs, r_pair, BF16)
-        b0, b1, b2, b3 = _load_normed_x_pairs_x2(x_ptrs + 8, g_ptrs + 8, r_pair, BF16)
+        a0, a1, a2, a3 = _load_normed_x_pairs_x2(x_ptrs, g_ptrs, r_pair, BF16, COHERENT)
+        b0, b1, b2, b3 = _load_normed_x_pairs_x2(x_ptrs + 8, g_ptrs + 8, r_pair, BF16, COHERENT)
     else:
-        a0, a1, a2, a3 = _load_x_pairs_x2(x_ptrs)
-        b0, b1, b2, b3 = _load_x_pairs_x2(x_ptrs + 8)
+        a0, a1, a2, a3 = _load_x_pairs_x2(x_ptrs, COHERENT)
+        b0, b1, b2, b3 = _load_x_pairs_x2(x_ptrs + 8, COHERENT)
     if BF16:
         return _word_pair_dot_bf16x2(w0, w1, zero_bf16x2(zero), a0, a1, a2, a3, b0, b1, b2, b3)
     z_low, z_high = zero_f16x2(zero, True)
@@ -216,7 +249,7 @@ def _word_pair_dot_x2(w0, w1, zero, x_ptrs, g_ptrs, r_pair, BF16: tl.constexpr, 
 def _gemv_step_x2(acc, squares, w0, w1, w_ptrs, r0, x_row, g_ptr, r_pair, s_ptr, z_ptr, first_rows, rows, cols, mask_w,
                   row_end, stride_qk, stride_sg, stride_sn, GROUP_SIZE: tl.constexpr, STEP: tl.constexpr,
                   EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, BF16: tl.constexpr, HAS_NORM: tl.constexpr,
-                  SQUARES: tl.constexpr):
+                  SQUARES: tl.constexpr, COHERENT: tl.constexpr):
     """One step of ``_gemv_partial_x2`` at word row r0, on the words w0, w1 loaded before it:
     issues the next step's word loads, then adds this step's products (and squares of x).
     Returns the sums, the next step's words and their pointers."""
@@ -243,7 +276,7 @@ def _gemv_step_x2(acc, squares, w0, w1, w_ptrs, r0, x_row, g_ptr, r_pair, s_ptr,
         scale = tl.load(s_ptr + sz_offs, mask=mask, other=0).to(tl.float32)  # 0 past the end
         zero = tl.load(z_ptr + sz_offs, mask=mask)
         k_offs = tl.minimum(r0 + rows, row_end - 2) * 8  # past the end: the last rows again
-    acc += _word_pair_dot_x2(w0, w1, zero, x_row + k_offs, g_ptr + k_offs, r_pair, BF16, HAS_NORM) * scale
+    acc += _word_pair_dot_x2(w0, w1, zero, x_row + k_offs, g_ptr + k_offs, r_pair, BF16, HAS_NORM, COHERENT) * scale
     return acc, squares, w0_next, w1_next, w_ptrs
 
 
@@ -252,7 +285,7 @@ def _gemv_partial_x2(x_row, g_ptr, r_pair, qw_ptr, s_ptr, z_ptr, offs_n, mask_n,
                      stride_qn, stride_sg, stride_sn, GROUP_SIZE: tl.constexpr, GROUP_ROWS: tl.constexpr,
                      GROUPS: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
                      BF16: tl.constexpr, HAS_NORM: tl.constexpr, SQUARES: tl.constexpr,
-                     UNROLLED_STEPS: tl.constexpr):
+                     UNROLLED_STEPS: tl.constexpr, COHERENT: tl.constexpr, WAIT: tl.constexpr):
     """``_gemv_partial`` with dequantization two weights a register (inline PTX; x fp16, or bf16
     with BF16, contiguous, 16-byte aligned), and under SQUARES the sum of x^2 over the rows (else
     0), from a load of each step's x slice that L1 mostly serves (the pairs read the same bytes).
@@ -279,6 +312,8 @@ def _gemv_partial_x2(x_row, g_ptr, r_pair, qw_ptr, s_ptr, z_ptr, offs_n, mask_n,
         mask = (row_start + first_rows < row_end) & mask_w
         w0 = tl.load(w_ptrs, mask=mask)
         w1 = tl.load(w_ptrs + stride_qk, mask=mask)
+    if WAIT:  # the first step's words are in flight while the kernel before finishes
+        x_row += wait_for_prior_grids()
     acc = tl.zeros((GROUP_ROWS // 2, GROUPS, BLOCK_N), dtype=tl.float32)
     squares = tl.zeros((8 * STEP,), dtype=tl.float32)
     if UNROLLED_STEPS > 0:
@@ -286,12 +321,13 @@ def _gemv_partial_x2(x_row, g_ptr, r_pair, qw_ptr, s_ptr, z_ptr, offs_n, mask_n,
             acc, squares, w0, w1, w_ptrs = _gemv_step_x2(
                 acc, squares, w0, w1, w_ptrs, row_start + i * STEP, x_row, g_ptr, r_pair, s_ptr, z_ptr, first_rows,
                 rows, cols, mask_w, row_end, stride_qk, stride_sg, stride_sn, GROUP_SIZE, STEP, EVEN_N, EVEN_K, BF16,
-                HAS_NORM, SQUARES)
+                HAS_NORM, SQUARES, COHERENT)
     else:
         for r0 in range(row_start, row_end, STEP):
             acc, squares, w0, w1, w_ptrs = _gemv_step_x2(
                 acc, squares, w0, w1, w_ptrs, r0, x_row, g_ptr, r_pair, s_ptr, z_ptr, first_rows, rows, cols, mask_w,
-                row_end, stride_qk, stride_sg, stride_sn, GROUP_SIZE, STEP, EVEN_N, EVEN_K, BF16, HAS_NORM, SQUARES)
+                row_end, stride_qk, stride_sg, stride_sn, GROUP_SIZE, STEP, EVEN_N, EVEN_K, BF16, HAS_NORM, SQUARES,
+                COHERENT)
     total = tl.sum(tl.sum(acc, axis=0), axis=0)
     if not BF16:
         total *= _F16_DOT_SCALE  # back from the fp16 dot's unit (a power of two: exact in float32)
@@ -340,10 +376,15 @@ def _gemv_columns(x_row, g_ptr, norm_eps, K, qw_ptr, s_ptr, z_ptr, offs_n, mask_
                   stride_qk, stride_qn, stride_sg, stride_sn, GROUP_SIZE: tl.constexpr, GROUP_ROWS: tl.constexpr,
                   GROUPS: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
                   PACKED_F16: tl.constexpr, PACKED_BF16: tl.constexpr, HAS_NORM: tl.constexpr,
-                  NORM_BLOCK: tl.constexpr, WHOLE_ROW: tl.constexpr, UNROLLED_STEPS: tl.constexpr):
+                  NORM_BLOCK: tl.constexpr, WHOLE_ROW: tl.constexpr, UNROLLED_STEPS: tl.constexpr,
+                  PDL: tl.constexpr):
     """float32 x . w for the columns offs_n over the word rows [row_start, row_end): [BLOCK_N];
     under HAS_NORM, x is the RMSNorm ``x * inv_rms * g`` of the row of K values at x_row (each
     program reduces the row itself; g at g_ptr). WHOLE_ROW: [row_start, row_end) is all of K."""
+    # Under PDL the packed paths wait after their first word loads; the others before they read x
+    wait_in_loop: tl.constexpr = PDL and (PACKED_F16 or PACKED_BF16) and not (PACKED_F16 and HAS_NORM)
+    if PDL and not wait_in_loop:
+        x_row += wait_for_prior_grids()
     if PACKED_F16 and HAS_NORM:
         # fp16 could overflow unscaled: x scaled in the loop by 1 / rms rounded to fp16, the
         # rounding's factor put on the sum
@@ -352,7 +393,7 @@ def _gemv_columns(x_row, g_ptr, norm_eps, K, qw_ptr, s_ptr, z_ptr, offs_n, mask_
         acc, _ = _gemv_partial_x2(
             x_row, g_ptr, _f16_pair(inv_rms), qw_ptr, s_ptr, z_ptr, offs_n, mask_n, row_start, row_end,
             stride_qk, stride_qn, stride_sg, stride_sn, GROUP_SIZE, GROUP_ROWS, GROUPS, BLOCK_N, EVEN_N, EVEN_K,
-            PACKED_BF16, HAS_NORM, False, UNROLLED_STEPS)
+            PACKED_BF16, HAS_NORM, False, UNROLLED_STEPS, PDL, False)
         return correction * acc
     if PACKED_F16 or PACKED_BF16:
         # bf16 has float32's range: x * g in the loop and 1 / rms on the sum; the loop sums the
@@ -362,7 +403,7 @@ def _gemv_columns(x_row, g_ptr, norm_eps, K, qw_ptr, s_ptr, z_ptr, offs_n, mask_
         acc, squares = _gemv_partial_x2(x_row, g_ptr, 0, qw_ptr, s_ptr, z_ptr, offs_n, mask_n, row_start, row_end,
                                         stride_qk, stride_qn, stride_sg, stride_sn, GROUP_SIZE, GROUP_ROWS, GROUPS,
                                         BLOCK_N, EVEN_N, EVEN_K, PACKED_BF16, HAS_NORM, squares_in_loop,
-                                        UNROLLED_STEPS)
+                                        UNROLLED_STEPS, PDL, wait_in_loop)
         if squares_in_loop:
             acc *= tl.rsqrt((squares / K + norm_eps).to(tl.float32))
         elif HAS_NORM:
@@ -382,8 +423,10 @@ def w4a16_gemv_kernel(
     GROUP_SIZE: tl.constexpr, GROUP_ROWS: tl.constexpr, GROUPS: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT_K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr,
     ACTIVATION: tl.constexpr, PACKED_F16: tl.constexpr, PACKED_BF16: tl.constexpr, HAS_NORM: tl.constexpr,
-    NORM_BLOCK: tl.constexpr, UNROLLED_STEPS: tl.constexpr,
+    NORM_BLOCK: tl.constexpr, UNROLLED_STEPS: tl.constexpr, PDL: tl.constexpr,
 ):
+    if PDL:  # the next kernel's programs may start as SMs free up, and read their first weights
+        launch_dependent_grids()
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -403,13 +446,13 @@ def w4a16_gemv_kernel(
         both = _gemv_columns(x_row, g_ptr, norm_eps, K, qw_ptr, s_ptr, z_ptr, offs_both + (both_n // BLOCK_N) * N_UP,
                              offs_both < N_OUT, row_start, row_end, stride_xk, stride_qk, stride_qn, stride_sg,
                              stride_sn, GROUP_SIZE, GROUP_ROWS, GROUPS, 2 * BLOCK_N, EVEN_N, EVEN_K, PACKED_F16,
-                             PACKED_BF16, HAS_NORM, NORM_BLOCK, SPLIT_K == 1, UNROLLED_STEPS)
+                             PACKED_BF16, HAS_NORM, NORM_BLOCK, SPLIT_K == 1, UNROLLED_STEPS, PDL)
         acc, acc_up = tl.split(tl.permute(tl.reshape(both, (2, BLOCK_N)), (1, 0)))
     else:
         acc = _gemv_columns(x_row, g_ptr, norm_eps, K, qw_ptr, s_ptr, z_ptr, offs_n, mask_n, row_start, row_end,
                             stride_xk, stride_qk, stride_qn, stride_sg, stride_sn, GROUP_SIZE, GROUP_ROWS, GROUPS,
                             BLOCK_N, EVEN_N, EVEN_K, PACKED_F16, PACKED_BF16, HAS_NORM, NORM_BLOCK, SPLIT_K == 1,
-                            UNROLLED_STEPS)
+                            UNROLLED_STEPS, PDL)
         acc_up = acc
     rows = pid_m + tl.arange(0, 1)
     store_output(acc[None, :], acc_up[None, :], rows[:, None], offs_n[None, :], (rows < M)[:, None] & mask_n[None, :],

@@ -711,7 +711,7 @@ for dtype in ("fp16", "bf16"):
                           EVEN_N=True, EVEN_K=True, HAS_BIAS=False, ACTIVATION="none", PACKED_F16=dtype == "fp16",
                           PACKED_BF16=dtype == "bf16", HAS_NORM=False, NORM_BLOCK=4096,
                           UNROLLED_STEPS=unrolled_steps(cfg.unrolled, K // 8, 1, word_rows), stride_xk=1,
-                          stride_qn=1, stride_sn=1, stride_on=1)
+                          stride_qn=1, stride_sn=1, stride_on=1, PDL=False)
         pointers = {p: "*" + dtype for p in ("x_ptr", "g_ptr", "s_ptr", "z_ptr", "b_ptr", "out_ptr")}
         pointers |= {"qw_ptr": "*i32", "ws_ptr": "*fp32", "norm_eps": "fp32"}
         for budget in (cfg.maxnreg, 0):
