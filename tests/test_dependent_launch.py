@@ -13,36 +13,16 @@ from test_kernels import compiled_for_sm90, cuda, make_w4, needs_cuda, norm_and_
 
 # The GEMV's PTX and SASS for sm_90 with PDL, at the decode step's picks: where its loads are against the wait.
 _LOADS_AROUND_THE_WAIT = r"""
-import json, os, subprocess, tempfile
-import torch
-from qpass.kernels import w4a16
-from qpass.kernels.common import register_budget, unrolled_steps
+import json
 
-bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 out = {}
 for dtype in ("fp16", "bf16"):
     for N, K, activation, norm in [(6144, 4096, "none", True), (28672, 4096, "silu_mul", True),
                                    (4096, 14336, "none", False)]:
-        torch_dtype = torch.float16 if dtype == "fp16" else torch.bfloat16
-        cfg = w4a16.pick_config(1, N, K, 128, torch.device("cpu"), activation=activation, dtype=torch_dtype)
-        word_rows = cfg.block_k // 8
-        constexprs = dict(GROUP_SIZE=128, GROUP_ROWS=16, GROUPS=word_rows // 16, BLOCK_N=cfg.block_n, SPLIT_K=1,
-                          EVEN_N=True, EVEN_K=True, HAS_BIAS=not norm, ACTIVATION=activation,
-                          PACKED_F16=dtype == "fp16", PACKED_BF16=dtype == "bf16", HAS_NORM=norm, NORM_BLOCK=4096,
-                          UNROLLED_STEPS=unrolled_steps(cfg.unrolled, K // 8, 1, word_rows), stride_xk=1,
-                          stride_qn=1, stride_sn=1, stride_on=1, PDL=True)
-        pointers = {p: "*" + dtype for p in ("x_ptr", "g_ptr", "s_ptr", "z_ptr", "b_ptr", "out_ptr")}
-        pointers |= {"qw_ptr": "*i32", "ws_ptr": "*fp32", "norm_eps": "fp32"}
-        kernel = compiled(w4a16.w4a16_gemv_kernel, pointers, constexprs, num_warps=cfg.num_warps,
-                          **register_budget(cfg.maxnreg))
-        with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
-            cubin.write(kernel.asm["cubin"])
-            cubin.flush()
-            sass = subprocess.run([os.path.join(bin_dir, "cuobjdump"), "-sass", cubin.name], capture_output=True,
-                                  text=True, check=True).stdout.splitlines()
+        kernel = w4a16_gemv_sm90(dtype, N, K, activation, norm, bias=not norm, pdl=True)
         out[f"{dtype} {K}x{N} {activation} norm={norm}"] = dict(
             ptx=[line.strip() for line in kernel.asm["ptx"].splitlines()],
-            sass=[line.split("*/")[1].split(";")[0].strip() for line in sass if "/*" in line and ";" in line])
+            sass=[line.split("*/")[1].split(";")[0].strip() for line in sass(kernel)])
 print(json.dumps(out))
 """
 
