@@ -14,8 +14,9 @@ other paths run the norm as a pass of its own. A bias may be shaped as the outpu
 With PDL (programmatic dependent launch, ``common.dependent_launch``; Hopper and later) the kernel lets the next
 one start at once and, launched the same way, starts while the kernel before it finishes: the packed paths load
 their first step's words, then wait (``common.wait_for_prior_grids``) before they read x or write anything, and
-read x coherently. A decode step of 16 Llama-3-8B layers (64 GEMVs, bf16, H200): 736 -> 702 us as an eager
-CUDA-graph chain, 0.751 -> 0.729 ms compiled (bench/NOTES-kernels.md, thirty-first session).
+read x coherently. A decode step of 16 Llama-3-8B layers (64 GEMVs, bf16, H200) as an eager CUDA-graph chain:
+743.8 -> 705.4 us (bench/NOTES-kernels.md, thirty-first session). Traced by torch.compile the kernel runs without
+PDL (``common.dependent_launch``).
 """
 
 import triton
@@ -298,7 +299,9 @@ def _gemv_partial_x2(x_row, g_ptr, r_pair, qw_ptr, s_ptr, z_ptr, offs_n, mask_n,
     words being consumed at the back-edge); UNROLLED_STEPS > 0 (the number of steps, all of
     [row_start, row_end), each whole) unrolls the loop, and then they stay ahead. EVEN_K: every
     step lies inside [row_start, row_end). Words, zeros and scales past the end or right of N load
-    as 0 (Triton zero-fills masked loads): those rows add nothing, and those columns are not stored."""
+    as 0 (Triton zero-fills masked loads): those rows add nothing, and those columns are not stored.
+    COHERENT: x loaded without ``.nc`` (programmatic dependent launch); WAIT: the wait for the kernel before comes
+    after the first step's word loads (``common.wait_for_prior_grids``)."""
     STEP: tl.constexpr = GROUPS * GROUP_ROWS
     first_rows = tl.arange(0, GROUPS)[None, :, None] * GROUP_ROWS  # [1, GROUPS, 1], from the step's start
     rows = first_rows + 2 * tl.arange(0, GROUP_ROWS // 2)[:, None, None]  # [GROUP_ROWS // 2, GROUPS, 1]
