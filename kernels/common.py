@@ -234,8 +234,20 @@ def register_budget(maxnreg: int) -> dict:
     return {"maxnreg": maxnreg} if maxnreg else {}
 
 
-_SM_COUNT = {}
-_DEPENDENT_LAUNCH = {}
+@functools.cache
+def _cuda_properties(index: int):
+    return torch.cuda.get_device_properties(index)
+
+
+def _properties(device: torch.device):
+    """The CUDA device's properties, read once a device."""
+    return _cuda_properties(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def capability(device: torch.device) -> Tuple[int, int]:
+    """The CUDA device's compute capability (major, minor)."""
+    properties = _properties(device)
+    return properties.major, properties.minor
 
 
 def dependent_launch(x: torch.Tensor) -> dict:
@@ -246,21 +258,13 @@ def dependent_launch(x: torch.Tensor) -> dict:
     options, and without the launch the kernel's wait and coherent loads only cost (H200: the decode step's
     64 GEMVs 0.751 -> 0.799 ms compiled; bench/NOTES-kernels.md, thirty-first session)."""
     if type(x) is not torch.Tensor or torch.compiler.is_compiling() or x.device.type != "cuda" or \
-            triton_interpreted():
+            triton_interpreted() or capability(x.device) < (9, 0):
         return {"PDL": False}
-    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    if index not in _DEPENDENT_LAUNCH:
-        _DEPENDENT_LAUNCH[index] = torch.cuda.get_device_capability(index)[0] >= 9
-    return {"PDL": True, "launch_pdl": True} if _DEPENDENT_LAUNCH[index] else {"PDL": False}
+    return {"PDL": True, "launch_pdl": True}
 
 
 def sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 132
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SM_COUNT:
-        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _SM_COUNT[index]
+    return _properties(device).multi_processor_count if device.type == "cuda" else 132
 
 
 def split_for(tiles: int, k_steps: int, sms: int) -> int:

@@ -54,8 +54,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (MAX_UNROLLED_STEPS, asm_constant, bias_rows, cdiv, dependent_launch, grouped_tile, mma_accumulate,
-                     mma_zeros, next_power_of_2, output_columns, register_budget, sm_count, split_for,
+from .common import (MAX_UNROLLED_STEPS, asm_constant, bias_rows, capability, cdiv, dependent_launch, grouped_tile,
+                     mma_accumulate, mma_zeros, next_power_of_2, output_columns, register_budget, sm_count, split_for,
                      split_k_workspace, split_range, store_output, triton_interpreted, unrolled_steps)
 from .int4_pairs import NIBBLE_PAIRS_OUT, bf16_nibble_pairs, f16_nibble_pairs, zero_bf16x2, zero_f16x2
 from .reference import activation_after_gemm
@@ -362,17 +362,11 @@ def wgmma_chunks(K: int, group_size: int) -> bool:
 
 # Gluon, which the Hopper kernel is written in (Triton 3.6 and 3.9 have it), looked up without importing it
 _GLUON = importlib.util.find_spec("triton.experimental.gluon") is not None
-_HOPPER = {}
 
 
 def _hopper(device: torch.device) -> bool:
     """Whether ``device`` runs the Hopper kernel: an sm_90 GPU, and Gluon in this Triton."""
-    if device.type != "cuda" or not _GLUON:
-        return False
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _HOPPER:
-        _HOPPER[index] = torch.cuda.get_device_capability(index) == (9, 0)
-    return _HOPPER[index]
+    return device.type == "cuda" and _GLUON and capability(device) == (9, 0)
 
 
 # the wgmma kernel's split-K workspaces: (device, size) -> float32, zero between launches

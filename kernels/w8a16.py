@@ -31,9 +31,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .common import (MmaConfig, asm_constant, bias_rows, cdiv, grouped_tile, mma_accumulate, mma_zeros, output_columns,
-                     sm_count, split_for, split_k_workspace, split_range, store_output, triton_interpreted,
-                     unrolled_steps)
+from .common import (MmaConfig, asm_constant, bias_rows, capability, cdiv, grouped_tile, mma_accumulate, mma_zeros,
+                     output_columns, sm_count, split_for, split_k_workspace, split_range, store_output,
+                     triton_interpreted, unrolled_steps)
 from .reference import activation_after_gemm
 from .replay import launch, new_empty
 
@@ -472,7 +472,7 @@ def _packed_ok(x: torch.Tensor, qweight: torch.Tensor) -> bool:
     return (x.dtype in (torch.float16, torch.bfloat16) and x.is_cuda and not triton_interpreted()
             and K > 0 and K % 16 == 0 and x.stride(1) == 1 and x.stride(0) % 8 == 0 and x.storage_offset() % 8 == 0
             and qweight.stride(1) == 1 and qweight.stride(0) % 16 == 0 and qweight.storage_offset() % 16 == 0
-            and (qweight.dtype == torch.int8 or torch.cuda.get_device_capability(x.device) >= (8, 9)))
+            and (qweight.dtype == torch.int8 or capability(x.device) >= (8, 9)))
 
 
 def _cvt_asm_ok(x: torch.Tensor) -> bool:

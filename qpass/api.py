@@ -13,7 +13,7 @@ from qpass.calib.base import Calibration
 from qpass.layers.linear import QuantLinear
 from qpass.methods.base import get_config
 from qpass.passes.capture import exported_graph, symbolic_graph
-from qpass.passes.finalise import finalise
+from qpass.passes.finalise import wait_for_weights
 from qpass.passes.load import install_state_dict_hooks, load_float_shard, load_shard
 from qpass.passes.lower import lower
 from qpass.passes.plan import LinearGroup, Plan, make_plan, resolve_overrides
@@ -57,8 +57,9 @@ def quantize(
     for group in stub_groups(plan):
         stub = build_stub(group)
         _load_group(stub, group, calibration)
-        finalise(stub)
+        stub.finalise()
         stubs.append((group, stub))
+    wait_for_weights(stub for _, stub in stubs)
     calibration.apply_folds(target)
     result = lower_graph(_attach(target, plan, stubs))
     quantized = sum(len(g.sites) for g, _ in stubs if g.config is not None)

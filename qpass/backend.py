@@ -50,7 +50,7 @@ from qpass.api import _load_group
 from qpass.calib.base import Calibration
 from qpass.layers.linear import QuantLinear
 from qpass.methods.base import get_config
-from qpass.passes.finalise import finalise
+from qpass.passes.finalise import wait_for_weights
 from qpass.passes.lower import lower, quantized_linear
 from qpass.passes.plan import LinearGroup, check_site, find_sites, make_plan, resolve_overrides
 from qpass.passes.swap import attach, build_stub, stub_groups
@@ -126,7 +126,9 @@ def quantize_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], method: st
         if not is_freed(site.weight):  # a freed weight was checked when it was quantized
             check_site(site)
     groups = stub_groups(plan)
-    attach(gm, plan, [(group, _cached_stub(group)) for group in groups])
+    stubs = [(group, _cached_stub(group)) for group in groups]
+    wait_for_weights(stub for _, stub in stubs)
+    attach(gm, plan, stubs)
     lower(gm)
     if free_float_weights:
         free_replaced_weights(gm, groups)
@@ -168,7 +170,7 @@ def _cached_stub(group: LinearGroup) -> QuantLinear:
         )
     stub = build_stub(group)
     _load_group(stub, group, Calibration())
-    finalise(stub)
+    stub.finalise()
     _STUB_CACHE[group.sites[0].weight] = (key, stub)
     return stub
 

@@ -1,5 +1,7 @@
 """Finalise: ``process_weights_after_loading`` once per load on every stub, then lint and
-recompile the graph where the model is a GraphModule."""
+recompile the graph where the model is a GraphModule, and wait for the weights' writes."""
+
+from typing import Iterable
 
 import torch
 from torch import fx, nn
@@ -11,17 +13,18 @@ def finalise(model: nn.Module) -> nn.Module:
     for module in model.modules():
         if isinstance(module, QuantLinear):
             module.finalise()
-    _wait_for_weights(model)
+    wait_for_weights([model])
     if isinstance(model, fx.GraphModule):
         model.graph.lint()
         model.recompile()
     return model
 
 
-def _wait_for_weights(model: nn.Module) -> None:
+def wait_for_weights(modules: Iterable[nn.Module]) -> None:
     """Let the kernels that wrote the weights finish. A kernel launched with programmatic dependent launch
     (``kernels.common.dependent_launch``) reads its first weights while the kernel before it on the stream may
-    still run: that one must not be writing them."""
-    tensors = [*model.parameters(), *model.buffers()]
+    still run: that one must not be writing them. (Once a model: callers that finalise stubs one by one call
+    ``QuantLinear.finalise`` and then this.)"""
+    tensors = [t for module in modules for t in (*module.parameters(), *module.buffers())]
     for device in {t.device for t in tensors if t.is_cuda}:
         torch.cuda.synchronize(device)
