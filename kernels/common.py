@@ -252,13 +252,13 @@ def capability(device: torch.device) -> Tuple[int, int]:
 
 def dependent_launch(x: torch.Tensor) -> dict:
     """The launch arguments of a kernel with a ``PDL`` constexpr that reads ``x``: PDL, and Triton's launch_pdl,
-    eagerly on Hopper and later GPUs. Launched so, the kernel starts while the one before it on the stream
-    finishes, and may read before its ``wait_for_prior_grids`` only what no kernel writes (weights).
-    Traced (torch.compile, x a tensor subclass) it runs without: torch.compile drops a user kernel's launch
-    options, and without the launch the kernel's wait and coherent loads only cost (H200: the decode step's
-    64 GEMVs 0.751 -> 0.799 ms compiled; bench/NOTES-kernels.md, thirty-first session)."""
-    if type(x) is not torch.Tensor or torch.compiler.is_compiling() or x.device.type != "cuda" or \
-            triton_interpreted() or capability(x.device) < (9, 0):
+    on Hopper and later GPUs. Launched so, the kernel starts while the one before it on the stream finishes, and
+    may read before its ``wait_for_prior_grids`` only what no kernel writes (weights).
+    Traced (torch.compile) the same: Inductor drops a user kernel's launch_pdl, which ``qpass.inductor_launch``
+    gives back to kernels traced with ``PDL``. (A PDL kernel launched without it is right, only slower: its
+    wait and coherent loads cost and nothing overlaps; H200, the decode step's 64 GEMVs compiled, 0.751 ms
+    without PDL, 0.799 so, 0.729 with the launch; bench/NOTES-kernels.md, thirty-first session.)"""
+    if x.device.type != "cuda" or triton_interpreted() or torch.version.hip or capability(x.device) < (9, 0):
         return {"PDL": False}
     return {"PDL": True, "launch_pdl": True}
 

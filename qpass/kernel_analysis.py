@@ -15,6 +15,11 @@ of the tensor arguments (generated from stand-ins of those dtypes) and the value
 others (symbolic sizes become a fixed number there), which is the cache key. torch hands each
 launch's kernel over in a fresh ``Autotuner`` of one config (to carry ``num_warps``), so the
 kernel is known by its JIT function and that config's constexprs.
+
+The analysis cannot read inline asm with side effects and then takes every tensor argument for
+written (functionalization copies them all; CUDA graphs are skipped). The GEMV's programmatic
+dependent launch (``PDL``) adds such asm, its wait and trigger, which touch no memory: the
+analysis sees the kernel without them.
 """
 
 import copy
@@ -29,6 +34,8 @@ from triton.runtime.autotuner import Autotuner
 # The analysis' name across torch versions; Inductor looks it up on the module at each use.
 _ANALYSIS_NAMES = ("identify_accessed_tensors", "identify_mutated_tensors")
 _SYMBOLIC = (torch.SymInt, torch.SymFloat, torch.SymBool, sympy.Expr)
+# Constexprs that only order launches (griddepcontrol), and their values without that order.
+_LAUNCH_ORDER_OFF = {"PDL": False}
 
 
 def _argument_key(value: Any) -> Optional[Hashable]:
@@ -81,7 +88,10 @@ def _cached(analyze: Callable, kernel_ids: set) -> Callable:
 
     @functools.wraps(analyze)
     def cached_analysis(kernel, kwargs, *rest):
-        key = _analysis_key(kernel, kwargs, rest) if id(_jit_function(kernel)) in kernel_ids else None
+        if id(_jit_function(kernel)) not in kernel_ids:
+            return analyze(kernel, kwargs, *rest)
+        kwargs = {**kwargs, **{k: v for k, v in _LAUNCH_ORDER_OFF.items() if k in kwargs}}
+        key = _analysis_key(kernel, kwargs, rest)
         if key is None:
             return analyze(kernel, kwargs, *rest)
         if key not in answers:

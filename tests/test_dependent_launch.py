@@ -1,14 +1,18 @@
 """Programmatic dependent launch of the W4A16 GEMV (``kernels.common.dependent_launch``): launched eagerly on
 Hopper, the GEMV starts while the kernel before it finishes, loads its first weights, and waits for that kernel
-before it reads anything the kernel may have written. Traced (torch.compile) it runs without."""
+before it reads anything the kernel may have written. Traced (torch.compile) the same: Inductor's code launches
+it so (``qpass.inductor_launch``), and torch's analysis of what it writes sees past its wait."""
 
+import inspect
 import json
 
 import pytest
 import torch
+from torch._inductor.codegen.wrapper import PythonWrapperCodegen
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from qpass.kernels import w4a16
+from qpass import inductor_launch
+from qpass.kernels import common, w4a16
 from test_kernels import compiled_for_sm90, cuda, make_w4, needs_cuda, norm_and_residual, relative_error
 
 # The GEMV's PTX and SASS for sm_90 with PDL, at the decode step's picks: where its loads are against the wait.
@@ -52,13 +56,110 @@ def test_gemv_reads_only_weights_before_it_waits_for_the_kernel_before_it():
         assert not any("CONSTANT" in line for line in early_sass), case  # the words: Triton's coherent loads
 
 
-def test_no_dependent_launch_where_traced_or_off_a_gpu():
-    """torch.compile drops a user kernel's launch options (Triton's launch_pdl), so a traced launch (x a fake
-    tensor, on "cuda" too) asks for no PDL; nor does one on the CPU."""
+def test_dependent_launch_on_hopper_traced_or_not_and_nowhere_else(monkeypatch):
+    """Eager and traced launches (x a fake tensor) on sm_90 and later ask for PDL; older GPUs, the CPU and the
+    interpreter do not."""
+    monkeypatch.setattr(common, "triton_interpreted", lambda: False)
     with FakeTensorMode():
         traced = torch.empty(2, 8, device="cuda")
-    assert w4a16.dependent_launch(traced) == {"PDL": False}
+    for capability, pdl in [((9, 0), True), ((10, 0), True), ((8, 9), False)]:
+        monkeypatch.setattr(common, "capability", lambda device: capability)
+        assert w4a16.dependent_launch(traced) == ({"PDL": True, "launch_pdl": True} if pdl else {"PDL": False})
     assert w4a16.dependent_launch(torch.empty(2, 8)) == {"PDL": False}
+    monkeypatch.setattr(common, "triton_interpreted", lambda: True)
+    assert w4a16.dependent_launch(traced) == {"PDL": False}
+
+
+# torch's analysis of the GEMV traced with PDL (bf16, the norm and a residual), compiled for sm_90: what it writes
+_WRITES_OF_A_PDL_GEMV = r"""
+import json, types
+import torch
+from torch._higher_order_ops import triton_kernel_wrap
+from triton.runtime import driver
+from qpass.kernels import w4a16
+
+driver.set_active(types.SimpleNamespace(get_current_target=lambda: GPUTarget("cuda", 90, 32)))
+tensor = lambda dtype=torch.bfloat16: torch.empty(2, dtype=dtype)
+arguments = dict({p: tensor() for p in ("x_ptr", "g_ptr", "s_ptr", "z_ptr", "b_ptr", "out_ptr")},
+                 qw_ptr=tensor(torch.int32), ws_ptr=tensor(torch.float32), M=1, N_OUT=4096, N_UP=0, K=4096,
+                 norm_eps=1e-5, stride_xm=4096, stride_xk=1, stride_qk=4096, stride_qn=1, stride_sg=4096,
+                 stride_sn=1, stride_bm=4096, stride_om=4096, stride_on=1, stride_wm=4096, GROUP_SIZE=128,
+                 GROUP_ROWS=16, GROUPS=2, BLOCK_N=64, SPLIT_K=1, EVEN_N=True, EVEN_K=True, HAS_BIAS=True,
+                 ACTIVATION="none", PACKED_F16=False, PACKED_BF16=True, HAS_NORM=True, NORM_BLOCK=4096,
+                 UNROLLED_STEPS=4, PDL=True)
+name = next(n for n in ("identify_accessed_tensors", "identify_mutated_tensors") if hasattr(triton_kernel_wrap, n))
+launch = triton.autotune(configs=[triton.Config({}, num_warps=4)], key=[])(w4a16.w4a16_gemv_kernel)
+analysis = getattr(triton_kernel_wrap, name)(launch, arguments, {})
+print(json.dumps(analysis if isinstance(analysis, list) else [dep.name for dep in analysis.read_writes.writes]))
+"""
+
+
+def test_torch_analysis_of_a_traced_pdl_gemv_finds_only_its_output_written():
+    """torch's analysis of which tensors a kernel writes (on its Triton IR) takes every tensor argument for
+    written where it meets inline asm with side effects, as the PDL wait and trigger are; through qpass it sees
+    the GEMV without them, and the GEMV traced with PDL writes its output only."""
+    assert json.loads(compiled_for_sm90(_WRITES_OF_A_PDL_GEMV).strip().splitlines()[-1]) == ["out_ptr"]
+
+
+class _Wrapper:
+    """Inductor's wrapper code generation as the hook sees it: ``define_kernel`` takes a kernel's module text."""
+
+    def __init__(self):
+        self.modules = []
+
+    def define_kernel(self, name, kernel_module, metadata=None):
+        self.modules.append(kernel_module)
+
+
+# The user kernel's compile call as Inductor's wrapper writes it (a part)
+_USER_KERNEL_MODULE = """async_compile.triton('w4a16_gemv_kernel_0', '''
+@triton_heuristics.user_autotune(
+    configs=[{'num_warps': 4, 'num_stages': 3}],
+    inductor_meta={'kernel_name': 'w4a16_gemv_kernel_0'},
+    triton_meta={'signature': {'x_ptr': '*bf16'}, 'constants': {'PDL': True}},
+    filename=__file__,
+    custom_kernel=True,
+)
+@triton.jit
+''', device_str='cuda')"""
+
+
+def _define_user_kernel(self, kernel, configs, kwargs, restore_value_args, reset_to_zero_args, grids,
+                        epilogue_fusion):
+    """A stand-in of Inductor's ``define_user_defined_triton_kernel``: the same parameters, one module written."""
+    self.define_kernel("w4a16_gemv_kernel_0", _USER_KERNEL_MODULE, "# Original path: w4a16_gemv.py")
+    if kwargs.get("fail"):
+        raise RuntimeError("codegen failed")
+    return "w4a16_gemv_kernel_0"
+
+
+def test_inductor_code_launches_the_gemv_with_pdl_where_traced_with_it():
+    """The GEMV traced with a true PDL gets ``'launch_pdl': True`` in the triton_meta of Inductor's code, and
+    only it; the wrapper's own ``define_kernel`` is back afterwards, after an error too."""
+    define = inductor_launch._launching_with_pdl(_define_user_kernel, {id(w4a16.w4a16_gemv_kernel)})
+    wrapper = _Wrapper()
+    gemv, other = w4a16.w4a16_gemv_kernel, w4a16._w4a16_mma_kernel
+    for kernel, kwargs in [(gemv, {"PDL": True}), (gemv, {"PDL": 1}), (gemv, {"PDL": False}), (gemv, {}),
+                           (other, {"PDL": True})]:
+        assert define(wrapper, kernel, [], kwargs, [], [], [[1, 1, 1]], None) == "w4a16_gemv_kernel_0"
+    launched = [module.replace("triton_meta={'launch_pdl': True, ", "triton_meta={") for module in wrapper.modules]
+    assert launched == [_USER_KERNEL_MODULE] * 5
+    assert [module != _USER_KERNEL_MODULE for module in wrapper.modules] == [True, True, False, False, False]
+    with pytest.raises(RuntimeError, match="codegen failed"):
+        define(wrapper, gemv, [], {"PDL": True, "fail": True}, [], [], [[1, 1, 1]], None)
+    assert "define_kernel" not in vars(wrapper)
+    with pytest.warns(UserWarning, match="without programmatic dependent launch"):
+        assert inductor_launch.with_launch_pdl("no meta", "k") == "no meta"
+
+
+def test_import_hooks_inductor_where_its_code_writes_a_user_kernels_triton_meta():
+    """qpass's import wraps Inductor's code generation of user kernels for the GEMV, and this torch's version
+    of it writes the triton_meta that the hook adds to, once, with the parameters the hook reads."""
+    define = PythonWrapperCodegen.define_user_defined_triton_kernel
+    assert id(w4a16.w4a16_gemv_kernel) in define.qpass_kernel_ids
+    source = inspect.getsource(define.__wrapped__)
+    assert source.count("triton_meta={triton_meta!r}") == 1
+    assert {"kernel", "kwargs"} <= set(inspect.signature(define.__wrapped__).parameters)
 
 
 def _decode_layers(dtype, layers=3, hidden=1024, qkv=1536, intermediate=2048):
@@ -75,19 +176,19 @@ def _decode_layers(dtype, layers=3, hidden=1024, qkv=1536, intermediate=2048):
     return made
 
 
-def _decode_step(layers, x, synchronize=False):
+def _decode_step(layers, x, synchronize=False, linear=w4a16.w4a16_linear):
     """Each op reads the output of the one before it: the chain programmatic dependent launch overlaps
-    (``synchronize``: not, each op waited for)."""
+    (``synchronize``: not, each op waited for). ``linear``: the kernels' entry point, or the op."""
     done = torch.cuda.synchronize if synchronize else (lambda: None)
     h = x
     for L in layers:
-        qkv = w4a16.w4a16_linear(h, *L["qkv"], 128, norm_weight=L["norm1"], norm_eps=1e-5)
+        qkv = linear(h, *L["qkv"], 128, norm_weight=L["norm1"], norm_eps=1e-5)
         done()
-        o = w4a16.w4a16_linear(qkv[:, :h.shape[1]], *L["o"], 128, bias=h)
+        o = linear(qkv[:, :h.shape[1]], *L["o"], 128, bias=h)
         done()
-        m = w4a16.w4a16_linear(o, *L["gate_up"], 128, activation="silu_mul", norm_weight=L["norm2"], norm_eps=1e-5)
+        m = linear(o, *L["gate_up"], 128, activation="silu_mul", norm_weight=L["norm2"], norm_eps=1e-5)
         done()
-        h = w4a16.w4a16_linear(m, *L["down"], 128, bias=o)
+        h = linear(m, *L["down"], 128, bias=o)
         done()
     return h
 
@@ -124,3 +225,31 @@ def test_gpu_gemv_chain_with_dependent_launch_reads_what_the_kernel_before_wrote
     monkeypatch.setattr(w4a16, "dependent_launch", lambda x: {"PDL": False})
     for x, want in zip(inputs, one_at_a_time):
         assert relative_error(want, _decode_step(layers, x)) < 1e-2
+
+
+@cuda
+@needs_cuda
+def test_gpu_compiled_gemv_chain_is_launched_with_dependent_launch():
+    """torch.compile of the decode step's chain of ops (CUDA graphs, "reduce-overhead"): Inductor's code
+    compiles each GEMV with launch_pdl, nothing is copied for want of knowing what the GEMV writes (no CUDA
+    graph is skipped), and the replays give bitwise what the kernels give eagerly, one at a time."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs sm_90")
+    from torch._dynamo.utils import counters
+    from torch._inductor.utils import run_and_get_code
+
+    layers = _decode_layers(torch.bfloat16)
+    inputs = [torch.randn(1, 1024, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
+    eager = [_decode_step(layers, x, synchronize=True) for x in inputs]
+    torch._dynamo.reset()
+    counters.clear()
+    step = torch.compile(lambda x: _decode_step(layers, x, linear=torch.ops.qpass.w4a16_linear),
+                         mode="reduce-overhead", fullgraph=True)
+    first, code = run_and_get_code(step, inputs[0])
+    assert torch.equal(first, eager[0])
+    gemvs = [block for block in "".join(code).split("async_compile.triton(")[1:] if "w4a16_gemv_kernel" in block]
+    assert gemvs and all("triton_meta={'launch_pdl': True, " in block for block in gemvs)
+    for _ in range(2):
+        for x, want in zip(inputs, eager):
+            assert torch.equal(step(x).clone(), want)
+    assert not counters["inductor"]["cudagraph_skips"]
