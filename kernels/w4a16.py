@@ -588,7 +588,8 @@ def dequantize_chunk_columns(M: int, N: int) -> int:
     return columns if columns < N else 0
 
 
-def gemv_registers(cfg: GemvConfig, M: int, N: int, sms: int) -> int:
+def gemv_registers(cfg: GemvConfig, M: int, N: int, sms: int, activation: str = "none",
+                   dtype: torch.dtype = torch.float16) -> int:
     """``GemvConfig.maxnreg`` for the GEMV's block shape ``cfg`` on M rows and N output columns: 72 registers a
     thread for the unrolled 4-warp tile, 64 for the others, where every program of the grid stays resident at
     once with them; else, and past ``GEMV_MAX_M`` rows, 0 (ptxas's own choice, 40 to 62 registers). With its
@@ -599,8 +600,10 @@ def gemv_registers(cfg: GemvConfig, M: int, N: int, sms: int) -> int:
     -> 9.52 / 8.98; from DRAM, the decode step's bf16 ops: qkv 7.42 -> 6.90, o 5.61 -> 5.45, gate_up 22.21 ->
     21.86, down 11.76 -> 11.54. Fewer registers, to keep a larger grid in one wave, lost: 14336x8192 22.8 ->
     28.5 us at 32. (Inductor keeps a user kernel's num_warps but not its maxnreg: compiled models run the GEMV
-    with ptxas's choice.)"""
-    if M > GEMV_MAX_M:
+    with ptxas's choice.) In bf16, silu_mul's unrolled 4-warp tile (two runs of 16 columns, gate and up) keeps
+    ptxas's choice: the decode step's 64 ops chained with PDL, its gate_up so, H200, us a step, bf16 72 registers
+    684.8, ptxas's choice 675.4; fp16 709.3 against 818.4 (bench/NOTES-kernels.md, thirty-second session)."""
+    if M > GEMV_MAX_M or (activation == "silu_mul" and dtype == torch.bfloat16 and cfg.unrolled and cfg.num_warps == 4):
         return 0
     budget = 72 if cfg.unrolled and cfg.num_warps == 4 else 64
     programs = (1 if M == 1 else 2) * cdiv(N, cfg.block_n)  # (comparisons only: M may be a SymInt)
@@ -625,21 +628,22 @@ def pick_config(M: int, N: int, K: int, group_size: int, device: torch.device, a
         # gives 256 programs, and split K would add a memset and atomics. H200 sweeps of 20 block
         # shapes, rolled and unrolled, weights from DRAM as in a decode step (bench/NOTES-kernels.md,
         # ninth session; us, pick against the best rolled shape): 32 weight columns a program by
-        # 512 rows with 4 warps where they alone fill the SMs four times over (4096x28672 fp16
-        # 19.97 unrolled against 20.92), but gate_up with silu_mul keeps its loop (16 output
-        # columns = 32 weight columns: 22.35 against 24.4 unrolled); 16 x 2048 with 8 warps where
-        # K <= 4096 and 16-column programs are over two an SM (4096x6144: bf16 with its norm 7.46
+        # 512 rows with 4 warps, unrolled, where they alone fill the SMs four times over (4096x28672
+        # fp16 19.97 unrolled against 20.92; gate_up with silu_mul, 16 output columns = 32 weight
+        # columns, unrolled since the GEMV waits for the kernel before it (PDL): the 64-op chain
+        # bf16 675 us against 699 rolled, fp16 709 against 773, thirty-second session); 16 x 2048
+        # with 8 warps where K <= 4096 and 16-column programs are over two an SM (4096x6144: bf16 with its norm 7.46
         # against 8.06, fp16 7.41 against 7.19-7.76); else 16 x 2048 with 16 warps (4096x4096: bf16
         # 5.53 against 5.71, fp16 5.99 against 5.86-6.25; 14336x4096 bf16 11.71 against 13.06),
         # rolled for fp16 past K = 4096 (14336x4096: 12.60 against 13.41 unrolled).
         reads = 2 if activation == "silu_mul" else 1  # weight columns a program reads per output column
         if cdiv(N * reads, 32) >= 4 * sms:
-            cfg = GemvConfig(32 // reads, 512, 1, num_warps=4, unrolled=reads == 1)
+            cfg = GemvConfig(32 // reads, 512, 1, num_warps=4, unrolled=True)
         elif K <= 4096 and cdiv(N * reads, 16) > 2 * sms:
             cfg = GemvConfig(16, 2048, 1, num_warps=8, unrolled=True)
         else:
             cfg = GemvConfig(16, 2048, 1, num_warps=16, unrolled=K <= 4096 or dtype != torch.float16)
-        return cfg._replace(maxnreg=gemv_registers(cfg, M, N, sms))
+        return cfg._replace(maxnreg=gemv_registers(cfg, M, N, sms, activation, dtype))
     gemm_n = 2 * N if activation == "silu_mul" else N  # (gate and up both, the activation after the GEMM)
     hopper = wgmma and wgmma_chunks(K, group_size) and dtype != torch.float32 and _hopper(device)
     # 65 to 256 rows on Hopper: x by TMA, the weights through shared memory, faster than the tensor-core

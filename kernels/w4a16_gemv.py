@@ -15,8 +15,8 @@ With PDL (programmatic dependent launch, ``common.dependent_launch``; Hopper and
 one start at once and, launched the same way, starts while the kernel before it finishes: the packed paths load
 their first step's words, then wait (``common.wait_for_prior_grids``) before they read x or write anything, and
 read x coherently. A decode step of 16 Llama-3-8B layers (64 GEMVs, bf16, H200) as an eager CUDA-graph chain:
-743.8 -> 705.4 us (bench/NOTES-kernels.md, thirty-first session). Traced by torch.compile the kernel runs without
-PDL (``common.dependent_launch``).
+743.8 -> 705.4 us (bench/NOTES-kernels.md, thirty-first session). Traced by torch.compile the same, where
+``qpass.inductor_launch`` has Inductor launch it so.
 """
 
 import triton

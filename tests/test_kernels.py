@@ -181,14 +181,16 @@ def test_w4a16_kernel_choice_by_rows():
     pick = w4a16.pick_config
     assert isinstance(pick(1, 28672, 4096, 128, device), w4a16.GemvConfig)
     assert isinstance(pick(2, 4096, 4096, 128, device), w4a16.GemvConfig)
-    # M = 1 block shapes for 132 SMs (what sm_count gives a CPU device): wide weights 32 columns x
-    # 512 rows with 4 warps, unrolled but for gate_up with silu_mul; narrow ones (16-column programs
-    # at most two an SM) and K > 4096 16 x 2048 with 16 warps, rolled for fp16 past K = 4096;
-    # 4096x6144 16 x 2048 with 8, unrolled. Each asks ptxas for 72 registers a thread (the unrolled 4-warp
-    # tile) or 64 where its whole grid stays resident with them.
+    # M = 1 block shapes for 132 SMs (what sm_count gives a CPU device): wide weights 32 weight columns
+    # x 512 rows with 4 warps, unrolled (gate_up with silu_mul: 16 output columns, gate and up); narrow ones
+    # (16-column programs at most two an SM) and K > 4096 16 x 2048 with 16 warps, rolled for fp16 past
+    # K = 4096; 4096x6144 16 x 2048 with 8, unrolled. Each asks ptxas for 72 registers a thread (the unrolled
+    # 4-warp tile; in bf16 silu_mul's keeps ptxas's choice) or 64 where its whole grid stays resident with them.
     cpu = torch.device("cpu")
     assert pick(1, 28672, 4096, 128, cpu) == w4a16.GemvConfig(32, 512, 1, 4, unrolled=True, maxnreg=72)
-    assert pick(1, 14336, 4096, 128, cpu, activation="silu_mul") == w4a16.GemvConfig(16, 512, 1, 4, maxnreg=64)
+    for dtype, budget in [(torch.float16, 72), (torch.bfloat16, 0)]:
+        assert pick(1, 14336, 4096, 128, cpu, activation="silu_mul", dtype=dtype) == w4a16.GemvConfig(
+            16, 512, 1, 4, unrolled=True, maxnreg=budget)
     assert pick(1, 4096, 4096, 128, cpu) == w4a16.GemvConfig(16, 2048, 1, 16, unrolled=True, maxnreg=64)
     assert pick(1, 4096, 14336, 128, cpu, dtype=torch.bfloat16) == w4a16.GemvConfig(16, 2048, 1, 16, unrolled=True,
                                                                                     maxnreg=64)
@@ -648,9 +650,8 @@ def test_kernel_sources_and_constants_survive_inductors_copy():
     reads (as their repr), into a triple-quoted string of its generated module, which torch 2.11
     does not escape: a backslash there (a newline in a PTX constant's repr) breaks the module
     (seen on the GPU: "unterminated string literal"). So neither may contain one; and every inline
-    asm is pure, which that analysis needs, but for programmatic dependent launch's wait and trigger, which a
-    traced launch never asks for (``common.dependent_launch``): the analysis reads the kernel's IR for its
-    launch's constexprs, where ``PDL=False`` leaves them out."""
+    asm is pure, which that analysis needs, but for programmatic dependent launch's wait and trigger: qpass
+    has the analysis read the kernel's IR with ``PDL=False``, which leaves them out (``qpass.kernel_analysis``)."""
     import inspect
 
     from triton.language import constexpr
