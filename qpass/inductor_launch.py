@@ -20,6 +20,7 @@ from torch._inductor.codegen.wrapper import PythonWrapperCodegen
 
 _TRITON_META = "triton_meta={"
 
+
 def with_launch_pdl(kernel_module: str, kernel_name: str) -> str:
     """``kernel_module``, Inductor's code that compiles one user kernel, with ``launch_pdl`` in its
     ``triton_meta``."""
