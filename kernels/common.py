@@ -257,7 +257,8 @@ def dependent_launch(x: torch.Tensor) -> dict:
     Traced (torch.compile) the same: Inductor drops a user kernel's launch_pdl, which ``qpass.inductor_launch``
     gives back to kernels traced with ``PDL``. (A PDL kernel launched without it is right, only slower: its
     wait and coherent loads cost and nothing overlaps; H200, the decode step's 64 GEMVs compiled, 0.751 ms
-    without PDL, 0.799 so, 0.729 with the launch; bench/NOTES-kernels.md, thirty-first session.)"""
+    without PDL, 0.799 so, 0.730 with the launch; bench/NOTES-kernels.md, thirty-first and thirty-second
+    sessions.)"""
     if x.device.type != "cuda" or triton_interpreted() or torch.version.hip or capability(x.device) < (9, 0):
         return {"PDL": False}
     return {"PDL": True, "launch_pdl": True}
