@@ -632,8 +632,8 @@ def pick_config(M: int, N: int, K: int, group_size: int, device: torch.device, a
         # fp16 19.97 unrolled against 20.92; gate_up with silu_mul, 16 output columns = 32 weight
         # columns, unrolled since the GEMV waits for the kernel before it (PDL): the 64-op chain
         # bf16 675 us against 699 rolled, fp16 709 against 773, thirty-second session); 16 x 2048
-        # with 8 warps where K <= 4096 and 16-column programs are over two an SM (4096x6144: bf16 with its norm 7.46
-        # against 8.06, fp16 7.41 against 7.19-7.76); else 16 x 2048 with 16 warps (4096x4096: bf16
+        # with 8 warps where K <= 4096 and 16-column programs are over two an SM (4096x6144: bf16
+        # with its norm 7.46 against 8.06, fp16 7.41 against 7.19-7.76); else 16 x 2048 with 16 warps (4096x4096: bf16
         # 5.53 against 5.71, fp16 5.99 against 5.86-6.25; 14336x4096 bf16 11.71 against 13.06),
         # rolled for fp16 past K = 4096 (14336x4096: 12.60 against 13.41 unrolled).
         reads = 2 if activation == "silu_mul" else 1  # weight columns a program reads per output column

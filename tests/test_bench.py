@@ -37,7 +37,8 @@ def test_the_w4a16_gemv_sweep_gives_each_block_shape_the_picks_register_budget()
     cases = [(1, 4096, "none", torch.float16), (1, 28672, "none", torch.float16), (2, 4096, "none", torch.float16),
              (1, 14336, "silu_mul", torch.float16), (1, 14336, "silu_mul", torch.bfloat16)]
     for M, N, activation, dtype in cases:
-        gemvs = [c for c in kernels.sweep_candidates("awq", M, N, activation, dtype) if type(c).__name__ == "GemvConfig"]
+        candidates = kernels.sweep_candidates("awq", M, N, activation, dtype)
+        gemvs = [c for c in candidates if type(c).__name__ == "GemvConfig"]
         budgeted = [c for c in gemvs if c.split_k == 1 and c.packed_f16]
         assert budgeted and all(c.maxnreg == w4a16.gemv_registers(c, M, N, 132, activation, dtype)
                                 for c in budgeted), (M, N)
