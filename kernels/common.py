@@ -227,11 +227,13 @@ def launch_dependent_grids():
 
 
 def register_budget(maxnreg: int) -> dict:
-    """Launch options that give ptxas ``maxnreg`` registers a thread; none for 0 (its own choice).
-    Left to itself ptxas keeps the GEMVs in few registers by issuing each of a step's loads just
-    before the arithmetic that reads it, so a step waits for memory two or more times in turn; with
-    the registers that the programs resident on an SM leave free anyway, it issues them all first."""
-    return {"maxnreg": maxnreg} if maxnreg else {}
+    """Launch arguments that give ptxas ``maxnreg`` registers a thread, 0 its own choice, for a kernel with a
+    ``MAXNREG`` constexpr. Left to itself ptxas keeps the GEMVs in few registers by issuing each of a step's
+    loads just before the arithmetic that reads it, so a step waits for memory two or more times in turn;
+    with the registers that the programs resident on an SM leave free anyway, it issues them all first.
+    The kernel does not read MAXNREG: as a constexpr it keys Inductor's compiled code (which knows a user
+    kernel's constexprs, not its launch options) and tells ``qpass.inductor_launch`` the budget."""
+    return {"MAXNREG": maxnreg, "maxnreg": maxnreg} if maxnreg else {"MAXNREG": 0}
 
 
 @functools.cache

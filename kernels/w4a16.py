@@ -590,25 +590,24 @@ def dequantize_chunk_columns(M: int, N: int) -> int:
 
 def gemv_registers(cfg: GemvConfig, M: int, N: int, sms: int, activation: str = "none",
                    dtype: torch.dtype = torch.float16) -> int:
-    """``GemvConfig.maxnreg`` for the GEMV's block shape ``cfg`` on M rows and N output columns: 72 registers a
-    thread for the unrolled 4-warp tile, 64 for the others, where every program of the grid stays resident at
-    once with them; else, and past ``GEMV_MAX_M`` rows, 0 (ptxas's own choice, 40 to 62 registers). With its
-    own choice ptxas issues each of a step's loads just before the arithmetic that reads it
-    (``common.register_budget``). H200, us, ptxas's choice -> the budget (bench/NOTES-kernels.md,
-    twenty-seventh session), one weight replayed, M = 1, fp16 / bf16: 4096^2 4.18 / 4.17 -> 4.01 / 4.09,
-    4096x6144 5.44 / 5.35 -> 5.01 / 5.13, 4096x28672 19.80 / 19.42 -> 18.02 / 18.35, 14336x4096 9.54 / 9.03
-    -> 9.52 / 8.98; from DRAM, the decode step's bf16 ops: qkv 7.42 -> 6.90, o 5.61 -> 5.45, gate_up 22.21 ->
-    21.86, down 11.76 -> 11.54. Fewer registers, to keep a larger grid in one wave, lost: 14336x8192 22.8 ->
-    28.5 us at 32. (Inductor keeps a user kernel's num_warps but not its maxnreg: compiled models run the GEMV
-    with ptxas's choice.) In bf16, silu_mul's unrolled 4-warp tile (two runs of 16 columns, gate and up) keeps
-    ptxas's choice: the decode step's 64 ops chained with PDL, its gate_up so, H200, us a step, bf16 72 registers
-    684.8, ptxas's choice 675.4; fp16 709.3 against 818.4 (bench/NOTES-kernels.md, thirty-second session)."""
+    """``GemvConfig.maxnreg`` for the GEMV's block shape ``cfg`` on M rows and N output columns: the most
+    registers a thread (ptxas allots them 8 at a time) with which every program of the grid stays resident at
+    once, at most 72 for 4-warp tiles and 80 for larger ones; 0 (ptxas's own choice, 40 to 62 registers) where
+    that is under 64, and past ``GEMV_MAX_M`` rows. With its own choice ptxas issues each of a step's loads just
+    before the arithmetic that reads it (``common.register_budget``). H200, us, ptxas's choice -> 64 or 72
+    (bench/NOTES-kernels.md, twenty-seventh session), one weight replayed, M = 1, fp16 / bf16: 4096^2 4.18 / 4.17
+    -> 4.01 / 4.09, 4096x6144 5.44 / 5.35 -> 5.01 / 5.13, 4096x28672 19.80 / 19.42 -> 18.02 / 18.35, 14336x4096
+    9.54 / 9.03 -> 9.52 / 8.98. Fewer registers, to keep a larger grid in one wave, lost: 14336x8192 22.8 ->
+    28.5 us at 32. The decode step's 64 ops chained with PDL (thirty-third session; us a step, bf16 / fp16):
+    qkv's 8-warp tile (3 programs an SM) at 64 668.5 / 701.4, 72 660.5 / 692.2, 80 658.0 / 692.9, ptxas's
+    choice 672.3 / 717.7. In bf16, silu_mul's unrolled 4-warp tile (two runs of 16 columns, gate and up) keeps
+    ptxas's choice: bf16 72 registers 682.6, ptxas's choice 668.6, 80 to 112 worse; fp16 72 702.2, ptxas's
+    choice 813.3. (Inductor drops a user kernel's maxnreg; ``qpass.inductor_launch`` gives it back.)"""
     if M > GEMV_MAX_M or (activation == "silu_mul" and dtype == torch.bfloat16 and cfg.unrolled and cfg.num_warps == 4):
         return 0
-    budget = 72 if cfg.unrolled and cfg.num_warps == 4 else 64
     programs = (1 if M == 1 else 2) * cdiv(N, cfg.block_n)  # (comparisons only: M may be a SymInt)
-    resident = 65536 // (32 * cfg.num_warps * budget) * sms  # programs the SMs hold at once with the budget
-    return budget if programs <= resident else 0
+    budget = 65536 // (32 * cfg.num_warps * cdiv(programs, sms)) // 8 * 8
+    return min(budget, 72 if cfg.num_warps == 4 else 80) if budget >= 64 else 0
 
 
 def pick_config(M: int, N: int, K: int, group_size: int, device: torch.device, activation: str = "none",

@@ -426,8 +426,9 @@ def w4a16_gemv_kernel(
     GROUP_SIZE: tl.constexpr, GROUP_ROWS: tl.constexpr, GROUPS: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT_K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr,
     ACTIVATION: tl.constexpr, PACKED_F16: tl.constexpr, PACKED_BF16: tl.constexpr, HAS_NORM: tl.constexpr,
-    NORM_BLOCK: tl.constexpr, UNROLLED_STEPS: tl.constexpr, PDL: tl.constexpr,
+    NORM_BLOCK: tl.constexpr, UNROLLED_STEPS: tl.constexpr, PDL: tl.constexpr, MAXNREG: tl.constexpr,
 ):
+    # MAXNREG: the launch's register budget (``common.register_budget``); the code does not read it
     if PDL:  # the next kernel's programs may start as SMs free up, and read their first weights
         launch_dependent_grids()
     pid_m = tl.program_id(0)

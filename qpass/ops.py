@@ -30,7 +30,7 @@ from torch._library.triton import set_wrap_triton_enabled
 from torch.library import triton_op
 from triton.runtime import KernelInterface
 
-from qpass.inductor_launch import launch_with_pdl_when_compiled
+from qpass.inductor_launch import compile_with_launch_options
 from qpass.kernel_analysis import cache_kernel_analysis
 from qpass.kernels import fp8 as fp8_kernels
 from qpass.kernels import reference
@@ -45,8 +45,8 @@ FUSED_ACTIVATIONS = tuple(a for a in ACTIVATIONS if a != "none")
 # torch.compile analyses each launch site of a kernel; one analysis per specialization will do
 cache_kernel_analysis(kernel for module in (fp8_kernels, w4a16_kernels, w8a16_kernels)
                       for kernel in vars(module).values() if isinstance(kernel, KernelInterface))
-# and drops the launch option of the kernels launched with programmatic dependent launch
-launch_with_pdl_when_compiled([w4a16_kernels.w4a16_gemv_kernel])
+# and drops the launch options of the GEMV: programmatic dependent launch and its register budget
+compile_with_launch_options([w4a16_kernels.w4a16_gemv_kernel])
 
 
 def _flatten(x: torch.Tensor) -> torch.Tensor:

@@ -184,8 +184,8 @@ def test_w4a16_kernel_choice_by_rows():
     # M = 1 block shapes for 132 SMs (what sm_count gives a CPU device): wide weights 32 weight columns
     # x 512 rows with 4 warps, unrolled (gate_up with silu_mul: 16 output columns, gate and up); narrow ones
     # (16-column programs at most two an SM) and K > 4096 16 x 2048 with 16 warps, rolled for fp16 past
-    # K = 4096; 4096x6144 16 x 2048 with 8, unrolled. Each asks ptxas for 72 registers a thread (the unrolled
-    # 4-warp tile; in bf16 silu_mul's keeps ptxas's choice) or 64 where its whole grid stays resident with them.
+    # K = 4096; 4096x6144 16 x 2048 with 8, unrolled. Each asks ptxas for the most registers a thread with which
+    # its whole grid stays resident, 64 to 72 (4 warps) or 80 (more); in bf16 silu_mul's 4-warp tile ptxas's choice.
     cpu = torch.device("cpu")
     assert pick(1, 28672, 4096, 128, cpu) == w4a16.GemvConfig(32, 512, 1, 4, unrolled=True, maxnreg=72)
     for dtype, budget in [(torch.float16, 72), (torch.bfloat16, 0)]:
@@ -195,7 +195,8 @@ def test_w4a16_kernel_choice_by_rows():
     assert pick(1, 4096, 14336, 128, cpu, dtype=torch.bfloat16) == w4a16.GemvConfig(16, 2048, 1, 16, unrolled=True,
                                                                                     maxnreg=64)
     assert pick(1, 4096, 14336, 128, cpu, dtype=torch.float16) == w4a16.GemvConfig(16, 2048, 1, 16, maxnreg=64)
-    assert pick(1, 6144, 4096, 128, cpu) == w4a16.GemvConfig(16, 2048, 1, 8, unrolled=True, maxnreg=64)
+    assert pick(1, 6144, 4096, 128, cpu) == w4a16.GemvConfig(16, 2048, 1, 8, unrolled=True, maxnreg=80)
+    assert pick(1, 1536, 1024, 128, cpu) == w4a16.GemvConfig(16, 2048, 1, 16, unrolled=True, maxnreg=80)  # 1 an SM
     # 512 programs of 16 warps (two rows, or twice the columns) are not all resident with 64 registers
     assert pick(2, 4096, 4096, 128, cpu).maxnreg == pick(1, 8192, 14336, 128, cpu).maxnreg == 0
     assert w4a16.gemv_registers(w4a16.GemvConfig(16, 2048, 1, 16), 3, 4096, 132) == 0  # past GEMV_MAX_M rows
@@ -444,10 +445,11 @@ def w4a16_gemv_sm90(dtype, N, K, activation="none", norm=False, bias=False, pdl=
                       PACKED_BF16=dtype == "bf16", HAS_NORM=norm, NORM_BLOCK=4096,
                       UNROLLED_STEPS=unrolled_steps(cfg.unrolled, K // 8, 1, word_rows), stride_xk=1,
                       stride_qn=1, stride_sn=1, stride_on=1, PDL=pdl)
+    launch = register_budget(cfg.maxnreg if budget is None else budget)  # MAXNREG, and maxnreg where given
+    constexprs["MAXNREG"] = launch.pop("MAXNREG")
     pointers = {p: "*" + dtype for p in ("x_ptr", "g_ptr", "s_ptr", "z_ptr", "b_ptr", "out_ptr")}
     pointers |= {"qw_ptr": "*i32", "ws_ptr": "*fp32", "norm_eps": "fp32"}
-    return compiled(w4a16.w4a16_gemv_kernel, pointers, constexprs, num_warps=cfg.num_warps,
-                    **register_budget(cfg.maxnreg if budget is None else budget))
+    return compiled(w4a16.w4a16_gemv_kernel, pointers, constexprs, num_warps=cfg.num_warps, **launch)
 
 def sass(kernel):
     # The kernel's SASS, its instruction lines.
