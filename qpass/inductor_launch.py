@@ -10,8 +10,8 @@ writes into its generated module, and drops both launch options. For the kernels
   Inductor passes on to Triton (its own static launcher declines kernels with launch attributes and leaves
   them to Triton's, which launches them with PDL);
 - traced with a ``MAXNREG`` constexpr above 0, ``triton_meta`` gets ``'maxnreg'``, which Inductor does not
-  pass on: ``compile_with_register_budgets`` has its compile options take it, and the module imports qpass,
-  so that Inductor's compile workers, which run the module's text, do the same.
+  pass on: qpass's import has Inductor's compile options take it (``compile_with_launch_options``), and the
+  module imports qpass, so that Inductor's compile workers, which run the module's text, do the same.
 """
 
 import functools

@@ -186,6 +186,18 @@ def test_inductor_compiles_with_the_maxnreg_of_a_kernels_triton_meta_on_cuda():
     assert "maxnreg" not in create(on["hip"], None, {**meta, "maxnreg": 72})
 
 
+def test_import_hooks_inductor_where_its_code_writes_a_user_kernels_triton_meta():
+    """qpass's import wraps Inductor's code generation of user kernels for the GEMV, and this torch's version
+    of it writes the triton_meta that the hook adds to and the decorator it puts the import before, once each,
+    with the parameters the hook reads."""
+    define = PythonWrapperCodegen.define_user_defined_triton_kernel
+    assert id(w4a16.w4a16_gemv_kernel) in define.qpass_kernel_ids
+    source = inspect.getsource(define.__wrapped__)
+    assert source.count("triton_meta={triton_meta!r}") == 1
+    assert source.count("@triton_heuristics.user_autotune(") == 1
+    assert {"kernel", "kwargs"} <= set(inspect.signature(define.__wrapped__).parameters)
+
+
 def _decode_layers(dtype, layers=3, hidden=1024, qkv=1536, intermediate=2048):
     """Int4 weights of a few Llama-style layers (group 128) and their norms, for the ops as the lowering calls
     them."""
