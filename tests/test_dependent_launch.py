@@ -1,10 +1,13 @@
 """Programmatic dependent launch of the W4A16 GEMV (``kernels.common.dependent_launch``): launched eagerly on
 Hopper, the GEMV starts while the kernel before it finishes, loads its first weights, and waits for that kernel
 before it reads anything the kernel may have written. Traced (torch.compile) the same: Inductor's code launches
-it so (``qpass.inductor_launch``), and torch's analysis of what it writes sees past its wait."""
+it so, and compiles it with its register budget as eager launches do (``qpass.inductor_launch``), and torch's
+analysis of what it writes sees past its wait."""
 
 import inspect
 import json
+import subprocess
+import sys
 import types
 
 import pytest
@@ -196,6 +199,16 @@ def test_import_hooks_inductor_where_its_code_writes_a_user_kernels_triton_meta(
     assert source.count("triton_meta={triton_meta!r}") == 1
     assert source.count("@triton_heuristics.user_autotune(") == 1
     assert {"kernel", "kwargs"} <= set(inspect.signature(define.__wrapped__).parameters)
+
+
+def test_a_process_that_runs_inductors_code_for_the_gemv_compiles_with_maxnreg():
+    """Inductor's compile workers run a kernel's module text in processes of their own: the ``import qpass``
+    the hook puts there is enough to have their compile options take ``maxnreg``."""
+    script = ("import torch._inductor.runtime.triton_heuristics as heuristics\n"
+              "assert not hasattr(heuristics.CachingAutotuner._create_compile_options, 'qpass_takes_maxnreg')\n"
+              "import qpass\n"
+              "assert heuristics.CachingAutotuner._create_compile_options.qpass_takes_maxnreg\n")
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=300)
 
 
 def _decode_layers(dtype, layers=3, hidden=1024, qkv=1536, intermediate=2048):
