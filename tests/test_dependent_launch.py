@@ -168,7 +168,8 @@ def test_inductor_code_launches_the_gemv_with_its_options_where_traced_with_them
     with pytest.warns(UserWarning) as warned:
         assert inductor_launch.with_launch_options("no meta", "k", {"launch_pdl": True, "maxnreg": 64}) == "no meta"
     assert [str(w.message).split("; ")[1] for w in warned] == [
-        "the kernel runs without launch_pdl and maxnreg (slower)", "the kernel runs without its register budget (slower)"]
+        "the kernel runs without launch_pdl and maxnreg (slower)",
+        "the kernel runs without its register budget (slower)"]
 
 
 def test_inductor_compiles_with_the_maxnreg_of_a_kernels_triton_meta_on_cuda():
