@@ -34,8 +34,9 @@ from triton.runtime.autotuner import Autotuner
 # The analysis' name across torch versions; Inductor looks it up on the module at each use.
 _ANALYSIS_NAMES = ("identify_accessed_tensors", "identify_mutated_tensors")
 _SYMBOLIC = (torch.SymInt, torch.SymFloat, torch.SymBool, sympy.Expr)
-# Constexprs that only order launches (griddepcontrol), and their values without that order.
-_LAUNCH_ORDER_OFF = {"PDL": False}
+# Constexprs that only change how a kernel is launched or compiled, not what it reads or writes, and the values
+# the analysis reads it with: PDL orders launches (griddepcontrol), MAXNREG is ptxas's register budget.
+_LAUNCH_ONLY = {"PDL": False, "MAXNREG": 0}
 
 
 def _argument_key(value: Any) -> Optional[Hashable]:
@@ -90,7 +91,7 @@ def _cached(analyze: Callable, kernel_ids: set) -> Callable:
     def cached_analysis(kernel, kwargs, *rest):
         if id(_jit_function(kernel)) not in kernel_ids:
             return analyze(kernel, kwargs, *rest)
-        kwargs = {**kwargs, **{k: v for k, v in _LAUNCH_ORDER_OFF.items() if k in kwargs}}
+        kwargs = {**kwargs, **{k: v for k, v in _LAUNCH_ONLY.items() if k in kwargs}}
         key = _analysis_key(kernel, kwargs, rest)
         if key is None:
             return analyze(kernel, kwargs, *rest)

@@ -33,9 +33,10 @@ def test_one_analysis_per_specialization():
     kernel = w4a16.w4a16_gemv_kernel
     analyze, calls = _counting_analysis()
     cached = _cached(analyze, {id(kernel)})
-    first = cached(_launch(kernel), _arguments(), {})
-    again = cached(_launch(kernel, num_warps=8), _arguments(), {})  # another launch site, same specialization
-    assert len(calls) == 1 and first == again == ["out_ptr"] and first is not again
+    first = cached(_launch(kernel), {**_arguments(), "MAXNREG": 0}, {})
+    again = cached(_launch(kernel, num_warps=8), {**_arguments(), "MAXNREG": 0}, {})  # another launch site
+    budgeted = cached(_launch(kernel), {**_arguments(), "MAXNREG": 80}, {})  # a register budget: the same code
+    assert len(calls) == 1 and first == again == budgeted == ["out_ptr"] and first is not again
     cached(_launch(kernel), _arguments(BLOCK_N=32), {})  # a constexpr
     cached(_launch(kernel), _arguments(x_dtype=torch.float16), {})  # a tensor's dtype
     cached(_launch(kernel), _arguments(rows=1), {})  # an integer's value
