@@ -153,6 +153,17 @@ def test_quantized_model_compiles_without_graph_break():
     torch.testing.assert_close(compiled(x), q(x), rtol=1e-4, atol=1e-4)
 
 
+def test_compiles_with_module_guards_skipped():
+    """The README's option for a host-bound decode loop: torch.compile without guards on the model's modules
+    (``torch.compiler.skip_guard_on_all_nn_modules_unsafe``) runs the quantized model in one graph, as without it."""
+    q = qpass.quantize(seeded(Block), "awq")
+    compiled = torch.compile(q, fullgraph=True,
+                             options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
+    for batch in (1, 3):
+        x = torch.randn(batch, 3, 256)
+        torch.testing.assert_close(compiled(x), q(x), rtol=1e-4, atol=1e-4)
+
+
 def test_gradients_reach_the_activations():
     model = seeded(Block)
     x = torch.randn(1, 3, 256, requires_grad=True)
