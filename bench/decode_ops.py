@@ -20,6 +20,7 @@ import argparse
 import datetime
 import importlib
 import importlib.util
+import inspect
 import json
 import os
 import sys
@@ -59,24 +60,39 @@ def make_layers(shape, device):
             for _ in range(shape["layers"])]
 
 
+def gate_up_layout(w4a16, layers):
+    """gate_up's arguments for each layer as the W4A16 methods give them to ``w4a16``: the columns in runs of
+    ``W4A16LinearMethod.gate_up_run`` and ``up_run`` (kernels from before ``up_run``: ``[gate | up]``)."""
+    from qpass.kernels.reference import gate_up_runs  # (after measuring_device: qpass imports triton)
+    from qpass.methods.base import W4A16LinearMethod
+
+    if "up_run" not in inspect.signature(w4a16.w4a16_linear).parameters:
+        return [(L["gate_up"], {}) for L in layers]
+    run = W4A16LinearMethod.gate_up_run
+    return [(tuple(gate_up_runs(t, run) for t in L["gate_up"]), {"up_run": run}) for L in layers]
+
+
 def ops(w4a16, layers, x, x_down):
     """Each op over every layer's weights, as the lowering calls it."""
     linear = w4a16.w4a16_linear
+    gate_up = gate_up_layout(w4a16, layers)
     return {
         "qkv": lambda: [linear(x, *L["qkv"], GROUP, norm_weight=L["norm1"], norm_eps=1e-5) for L in layers],
         "o": lambda: [linear(x, *L["o"], GROUP, bias=x) for L in layers],
-        "gate_up": lambda: [linear(x, *L["gate_up"], GROUP, activation="silu_mul", norm_weight=L["norm2"],
-                                   norm_eps=1e-5) for L in layers],
+        "gate_up": lambda: [linear(x, *weights, GROUP, activation="silu_mul", norm_weight=L["norm2"], norm_eps=1e-5,
+                                   **layout) for L, (weights, layout) in zip(layers, gate_up)],
         "down": lambda: [linear(x_down, *L["down"], GROUP, bias=x) for L in layers],
     }
 
 
-def decode_step(w4a16, layers, x, hidden):
+def decode_step(w4a16, layers, x, hidden, gate_up=None):
+    """One decode step of the 64 ops (``gate_up``: ``gate_up_layout``'s, made once where the step repeats)."""
     h = x
-    for L in layers:
+    for L, (weights, layout) in zip(layers, gate_up or gate_up_layout(w4a16, layers)):
         qkv = w4a16.w4a16_linear(h, *L["qkv"], GROUP, norm_weight=L["norm1"], norm_eps=1e-5)
         o = w4a16.w4a16_linear(qkv[:, :hidden], *L["o"], GROUP, bias=h)
-        m = w4a16.w4a16_linear(o, *L["gate_up"], GROUP, activation="silu_mul", norm_weight=L["norm2"], norm_eps=1e-5)
+        m = w4a16.w4a16_linear(o, *weights, GROUP, activation="silu_mul", norm_weight=L["norm2"], norm_eps=1e-5,
+                               **layout)
         h = w4a16.w4a16_linear(m, *L["down"], GROUP, bias=o)
     return h
 
@@ -125,10 +141,12 @@ def measure(kernels, shape, batch, device):
             rows.append(dict(kernels=name, op=op, us=round(time_us(fn, device) / len(layers), 2),
                              rel_diff=relative_difference(reference[op], out)))
             print(rows[-1], flush=True)
-        out = decode_step(w4a16, layers, x, shape["hidden"])
+        gate_up = gate_up_layout(w4a16, layers)
+        out = decode_step(w4a16, layers, x, shape["hidden"], gate_up)
         reference.setdefault("step", out)
         rows.append(dict(kernels=name, op="step", us=round(time_us(lambda: decode_step(w4a16, layers, x,
-                                                                                      shape["hidden"]), device), 1),
+                                                                                      shape["hidden"], gate_up),
+                                                                  device), 1),
                          rel_diff=relative_difference(reference["step"], out)))
         print(rows[-1], flush=True)
     return rows

@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 
 # beside this script
-from decode_ops import GROUP, LLAMA3_8B, TINY, decode_step, int4_weights, make_layers, measuring_device, time_us
+from decode_ops import (GROUP, LLAMA3_8B, TINY, decode_step, gate_up_layout, int4_weights, make_layers, measuring_device,
+                        time_us)
 
 SHAPES = [(4096, 4096), (4096, 6144), (4096, 28672), (14336, 4096)]  # (K, N), as bench/kernels.py
 TINY_SHAPES = [(256, 128)]
@@ -165,8 +166,9 @@ def decode_rows(readers, shape, device):
     del weights
 
     int4_layers = make_layers(shape, device)
+    gate_up = gate_up_layout(w4a16, int4_layers)
     add(dict(kind="qpass_awq", op="step", us=round(time_us(
-        lambda: decode_step(w4a16, int4_layers, x, h), device), 1)))
+        lambda: decode_step(w4a16, int4_layers, x, h, gate_up), device), 1)))
     return rows
 
 

@@ -16,7 +16,9 @@ linear may take the RMSNorm before it (``norm_weight``, in x's dtype, and ``norm
 Every linear takes ``activation``, an epilogue on the float32 result (after the bias,
 before the cast): ``"none"``; ``"silu_mul"``, which reads the N output columns as
 ``[gate | up]`` and returns ``silu(gate) * up``, ``[M, N / 2]``; ``"gelu"`` (erf) or
-``"gelu_tanh"`` (the tanh approximation).
+``"gelu_tanh"`` (the tanh approximation). The W4A16 linear also takes its columns under "silu_mul" as gate
+and up in alternating runs of ``up_run`` columns (``gate_up_runs``; 0, the default, is ``[gate | up]``): a
+program of the GEMV then reads its gate and up columns as one contiguous run a row.
 """
 
 from typing import Optional
@@ -29,10 +31,39 @@ from .common import output_columns
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
 
-def apply_activation(out: torch.Tensor, activation: str) -> torch.Tensor:
-    """The epilogue ``activation`` on a linear's output ``[..., N]``."""
+def check_up_run(up_run: int, activation: str, N: int) -> None:
+    """``up_run`` (0, or the columns of each run of gate and of up under "silu_mul") must be 0 or a multiple of
+    4 (the kernels read 16-byte vectors of 4 columns) that divides N / 2, and only under "silu_mul"."""
+    if up_run and (activation != "silu_mul" or up_run < 0 or up_run % 4 or N % (2 * up_run)):
+        raise ValueError(f"up_run {up_run} needs activation 'silu_mul' (got {activation!r}) and a positive multiple "
+                         f"of 4 that divides N / 2 = {N / 2}")
+
+
+def gate_up_runs(t: torch.Tensor, up_run: int) -> torch.Tensor:
+    """A tensor whose last dim is ``[gate | up]`` with the two halves in alternating runs of ``up_run`` columns
+    (gate 0..r-1, up 0..r-1, gate r..2r-1, ...); ``up_run`` 0 leaves it as it is."""
+    if not up_run:
+        return t
+    *lead, n = t.shape
+    halves = t.reshape(*lead, 2, n // (2 * up_run), up_run)
+    return halves.transpose(-3, -2).reshape(*lead, n).contiguous()
+
+
+def gate_up_halves(t: torch.Tensor, up_run: int) -> torch.Tensor:
+    """The inverse of ``gate_up_runs``: ``[gate | up]`` again."""
+    if not up_run:
+        return t
+    *lead, n = t.shape
+    runs = t.reshape(*lead, n // (2 * up_run), 2, up_run)
+    return runs.transpose(-3, -2).reshape(*lead, n).contiguous()
+
+
+def apply_activation(out: torch.Tensor, activation: str, up_run: int = 0) -> torch.Tensor:
+    """The epilogue ``activation`` on a linear's output ``[..., N]`` (under "silu_mul" gate and up in runs of
+    ``up_run`` columns, or halves for 0)."""
     width = output_columns(activation, out.shape[-1])
     if activation == "silu_mul":
+        out = gate_up_halves(out, up_run)
         return F.silu(out[..., :width]) * out[..., width:]
     if activation == "gelu":
         return F.gelu(out)
@@ -41,20 +72,21 @@ def apply_activation(out: torch.Tensor, activation: str) -> torch.Tensor:
     return out
 
 
-def epilogue(out: torch.Tensor, bias: Optional[torch.Tensor], activation: str, dtype: torch.dtype) -> torch.Tensor:
+def epilogue(out: torch.Tensor, bias: Optional[torch.Tensor], activation: str, dtype: torch.dtype,
+             up_run: int = 0) -> torch.Tensor:
     """A linear's float32 result ``out`` finished as the kernels' epilogue does: the bias added in
     float32, ``activation``, the cast to ``dtype``."""
     if bias is not None:
         out = out + bias.float()
-    return apply_activation(out, activation).to(dtype)
+    return apply_activation(out, activation, up_run).to(dtype)
 
 
-def activation_after_gemm(out: torch.Tensor, activation: str) -> torch.Tensor:
+def activation_after_gemm(out: torch.Tensor, activation: str, up_run: int = 0) -> torch.Tensor:
     """``apply_activation`` in float32 on a GEMM's output, back in its dtype: the epilogue cuBLAS
     has not, as one pointwise pass (Inductor fuses it under torch.compile)."""
     if activation == "none":
         return out
-    return apply_activation(out.float(), activation).to(out.dtype)
+    return apply_activation(out.float(), activation, up_run).to(out.dtype)
 
 
 def unpack_int4_rows(qweight: torch.Tensor) -> torch.Tensor:
@@ -99,12 +131,14 @@ def w4a16_linear(
     activation: str = "none",
     norm_weight: Optional[torch.Tensor] = None,
     norm_eps: float = 0.0,
+    up_run: int = 0,
 ) -> torch.Tensor:
+    check_up_run(up_run, activation, qweight.shape[1])
     if norm_weight is not None:
         x = rms_norm(x, norm_weight.to(x.dtype), norm_eps)
     w = dequantize_w4(qweight, scales.float(), zeros.float(), group_size)
     out = x.float() @ w
-    return epilogue(out, bias, activation, x.dtype)
+    return epilogue(out, bias, activation, x.dtype, up_run)
 
 
 def w8a16_linear(

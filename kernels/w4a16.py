@@ -58,7 +58,7 @@ from .common import (MAX_UNROLLED_STEPS, asm_constant, bias_rows, capability, cd
                      mma_accumulate, mma_zeros, next_power_of_2, output_columns, register_budget, sm_count, split_for,
                      split_k_workspace, split_range, store_output, triton_interpreted, unrolled_steps)
 from .int4_pairs import NIBBLE_PAIRS_OUT, bf16_nibble_pairs, f16_nibble_pairs, zero_bf16x2, zero_f16x2
-from .reference import activation_after_gemm
+from .reference import activation_after_gemm, check_up_run, gate_up_halves
 from .replay import launch, new_empty
 from .w4a16_gemv import row_inv_rms, w4a16_gemv_kernel
 from .w4a16_warp_mma import warp_mma_columns, w4a16_warp_mma_kernel
@@ -720,6 +720,7 @@ def w4a16_linear(
     activation: str = "none",
     norm_weight: Optional[torch.Tensor] = None,
     norm_eps: float = 0.0,
+    up_run: int = 0,
     config=None,
     chunked_dequantize_matmul=None,
     wgmma_matmul_op=None,
@@ -731,6 +732,10 @@ def w4a16_linear(
     ``activation`` (``common.ACTIVATIONS``), computed in float32 before the cast: "silu_mul"
     reads the N columns as ``[gate | up]`` and gives ``silu(gate) * up`` ``[M, N // 2]``;
     "gelu" / "gelu_tanh" apply GELU.
+    ``up_run``: under "silu_mul", the columns are gate and up in alternating runs of ``up_run`` columns
+    (``reference.gate_up_runs``; 0: ``[gate | up]``). Run as the GEMV's tile (16), a GEMV program reads its gate
+    and up columns as one 128-byte run a word row instead of two 64-byte ones: the decode step's gate_up op
+    22.1 -> 19.2 us on an H200 (bench/NOTES-kernels.md, thirty-fifth session).
     ``norm_weight`` ``[K]``: x goes through the RMSNorm ``rms_norm(x, norm_weight, norm_eps)`` (in x's dtype)
     first (``reference.rms_norm``); the GEMV computes it as it reads x, the other paths in a pass of their own.
     ``config`` (a ``GemvConfig``, ``WarpMmaConfig``, ``WgmmaConfig``, ``WgmmaTmaConfig``, ``MmaConfig`` or
@@ -743,6 +748,7 @@ def w4a16_linear(
     M, K = x.shape
     N = qweight.shape[1]
     n_out = output_columns(activation, N)
+    check_up_run(up_run, activation, N)
     assert qweight.shape[0] * 8 == K and K % group_size == 0 and group_size % 8 == 0
     assert scales.shape == zeros.shape == (K // group_size, N) and scales.stride() == zeros.stride()
     assert norm_weight is None or norm_weight.shape == (K,)
@@ -781,7 +787,13 @@ def w4a16_linear(
             out = run(x, qweight, scales, zeros, group_size, vector_bias, cfg.block_r, cfg.block_n, cfg.chunk_n)
         # a residual and the activation outside: under torch.compile one pointwise pass, which
         # Inductor fuses with what follows, though ``run`` is an opaque op
-        return activation_after_gemm(out if vector_bias is bias else out + bias, activation)
+        return activation_after_gemm(out if vector_bias is bias else out + bias, activation, up_run)
+    if up_run and (isinstance(cfg, MmaConfig) or isinstance(cfg, GemvConfig) and up_run != cfg.block_n):
+        # (the tensor-core kernel's epilogue reads [gate | up]; the GEMV reads runs of its BLOCK_N)
+        out = w4a16_linear(x, qweight, scales, zeros, group_size, bias, norm_weight=norm_weight, norm_eps=norm_eps)
+        return activation_after_gemm(out, activation, up_run)
+    if up_run and bias is not None:  # the epilogue reads the bias of gate column c at c, of up column c at N / 2 + c
+        bias = gate_up_halves(bias, up_run)
     out = new_empty((M, n_out), x.dtype, x.device)
     bias, stride_bm = bias_rows(bias, M, N)
     has_bias = bias is not None
@@ -803,7 +815,7 @@ def w4a16_linear(
             x.stride(0), qweight.stride(0), scales.stride(0), stride_bm, out.stride(0), out.stride(1), N,
             GROUP_SIZE=group_size, M_TILES=cfg.row_tiles, WARPS=cfg.num_warps, COLUMN_WARPS=cfg.column_warps,
             SPLIT_K=cfg.split_k, HAS_BIAS=has_bias, ACTIVATION=activation, BF16=x.dtype == torch.bfloat16,
-            UNROLLED_ITERS=warp_mma_unrolled_iterations(cfg, K // group_size), num_warps=cfg.num_warps,
+            UNROLLED_ITERS=warp_mma_unrolled_iterations(cfg, K // group_size), UP_RUN=up_run, num_warps=cfg.num_warps,
         )
         return out
     common = dict(GROUP_SIZE=group_size, BLOCK_N=cfg.block_n, SPLIT_K=cfg.split_k, EVEN_N=n_out % cfg.block_n == 0,
@@ -818,8 +830,8 @@ def w4a16_linear(
         launch(
             w4a16_gemv_kernel, grid,
             x, g, qweight, scales, zeros, bias_arg, out, ws, M, n_out, N - n_out, K, float(norm_eps), *strides,
-            HAS_NORM=norm_weight is not None, NORM_BLOCK=min(next_power_of_2(K), 4096), **common, **meta,
-            **dependent_launch(x),
+            HAS_NORM=norm_weight is not None, NORM_BLOCK=min(next_power_of_2(K), 4096), UP_RUN=up_run, **common,
+            **meta, **dependent_launch(x),
         )
         return out
     assert group_size % cfg.block_k == 0

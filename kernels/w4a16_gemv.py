@@ -427,6 +427,7 @@ def w4a16_gemv_kernel(
     SPLIT_K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr,
     ACTIVATION: tl.constexpr, PACKED_F16: tl.constexpr, PACKED_BF16: tl.constexpr, HAS_NORM: tl.constexpr,
     NORM_BLOCK: tl.constexpr, UNROLLED_STEPS: tl.constexpr, PDL: tl.constexpr, MAXNREG: tl.constexpr,
+    UP_RUN: tl.constexpr = 0,
 ):
     # MAXNREG: the launch's register budget (``common.register_budget``); the code does not read it
     if PDL:  # the next kernel's programs may start as SMs free up, and read their first weights
@@ -444,10 +445,17 @@ def w4a16_gemv_kernel(
     if ACTIVATION == "silu_mul":
         # The gate columns, then the up columns: one pass over K reads both, with twice the
         # bytes of a step in flight, and x is read once. (Runs of BLOCK_N contiguous columns:
-        # interleaved single columns hid the contiguity from Triton's coalescing, 3-4x slower.)
+        # interleaved single columns hid the contiguity from Triton's coalescing, 3-4x slower.
+        # With UP_RUN = BLOCK_N the two runs are one in memory: 128 bytes a word row, not two
+        # 64-byte halves of two lines.)
         both_n = tl.arange(0, 2 * BLOCK_N)
         offs_both = pid_n * BLOCK_N + both_n % BLOCK_N
-        both = _gemv_columns(x_row, g_ptr, norm_eps, K, qw_ptr, s_ptr, z_ptr, offs_both + (both_n // BLOCK_N) * N_UP,
+        if UP_RUN > 0:  # gate and up in alternating runs of UP_RUN = BLOCK_N columns: one run of 2 BLOCK_N
+            # (written so: Triton 3.6 lost the contiguity of a run's place computed from pid_n, 2.2x slower)
+            columns = pid_n * 2 * BLOCK_N + both_n
+        else:
+            columns = offs_both + (both_n // BLOCK_N) * N_UP
+        both = _gemv_columns(x_row, g_ptr, norm_eps, K, qw_ptr, s_ptr, z_ptr, columns,
                              offs_both < N_OUT, row_start, row_end, stride_xk, stride_qk, stride_qn, stride_sg,
                              stride_sn, GROUP_SIZE, GROUP_ROWS, GROUPS, 2 * BLOCK_N, EVEN_N, EVEN_K, PACKED_F16,
                              PACKED_BF16, HAS_NORM, NORM_BLOCK, SPLIT_K == 1, UNROLLED_STEPS, PDL)

@@ -377,7 +377,7 @@ def w4a16_warp_mma_kernel(
     stride_xm, stride_qk, stride_sg, stride_bm, stride_om, stride_on, stride_wm,
     GROUP_SIZE: tl.constexpr, M_TILES: tl.constexpr, WARPS: tl.constexpr, COLUMN_WARPS: tl.constexpr,
     SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, BF16: tl.constexpr,
-    UNROLLED_ITERS: tl.constexpr = 0,
+    UNROLLED_ITERS: tl.constexpr = 0, UP_RUN: tl.constexpr = 0,
 ):
     """out = x @ W for 8 * M_TILES rows a program (program_id 0 picks them) and 64 weight columns
     a warp (32 gate and 32 up columns under "silu_mul"): a program's WARPS warps cover
@@ -401,7 +401,11 @@ def w4a16_warp_mma_kernel(
     # Lane g's columns: a = base_a + b and b = base_b + b for the four blocks b (16-byte loads);
     # columns past N are read at N - 4 (never stored).
     first_column = (pid_n * COLUMN_WARPS + warp_n) * WARP_COLUMNS + 4 * lane_g
-    if ACTIVATION == "silu_mul":
+    if ACTIVATION == "silu_mul" and UP_RUN > 0:  # gate and up in alternating runs of UP_RUN columns
+        gate_column = tl.minimum(first_column, N_UP - 4)
+        base_a = (gate_column // UP_RUN) * (2 * UP_RUN) + gate_column % UP_RUN
+        base_b = base_a + UP_RUN
+    elif ACTIVATION == "silu_mul":
         base_a = tl.minimum(first_column, N_UP - 4)
         base_b = base_a + N_UP
     else:

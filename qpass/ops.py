@@ -108,16 +108,17 @@ def _w4a16_linear(
     activation: str = "none",
     norm_weight: Optional[torch.Tensor] = None,
     norm_eps: float = 0.0,
+    up_run: int = 0,
 ) -> torch.Tensor:
     return _run(_w4a16_kernels, reference.w4a16_linear, x, qweight.shape[1], qweight, scales, zeros, group_size, bias=bias,
-                activation=activation, norm_weight=norm_weight, norm_eps=norm_eps)
+                activation=activation, norm_weight=norm_weight, norm_eps=norm_eps, up_run=up_run)
 
 
 w4a16_linear_op = triton_op("qpass::w4a16_linear", _w4a16_linear, mutates_args=())
 
 
 @w4a16_linear_op.register_fake
-def _(x, qweight, scales, zeros, group_size, bias=None, activation="none", norm_weight=None, norm_eps=0.0):
+def _(x, qweight, scales, zeros, group_size, bias=None, activation="none", norm_weight=None, norm_eps=0.0, up_run=0):
     return x.new_empty(_out_shape(x, qweight.shape[1], activation))
 
 
@@ -176,9 +177,9 @@ def _w4a16_setup_context(ctx, inputs, output):
     ctx.rest = rest
 
 
-def _pre_activation_grad(grad: torch.Tensor, activation: str, linear_out) -> torch.Tensor:
+def _pre_activation_grad(grad: torch.Tensor, activation: str, linear_out, up_run: int = 0) -> torch.Tensor:
     """The gradient at the linear's output ``[..., N]`` from the gradient after the epilogue;
-    ``linear_out()`` recomputes that output."""
+    ``linear_out()`` recomputes that output (under "silu_mul" gate and up in runs of ``up_run``)."""
     if activation == "none":
         return grad
     grad_out, out = grad.float(), linear_out().float()
@@ -189,10 +190,10 @@ def _pre_activation_grad(grad: torch.Tensor, activation: str, linear_out) -> tor
         sigmoid = torch.sigmoid(1.5957691216057308 * (out + 0.044715 * out**3))
         du = 1.5957691216057308 * (1 + 3 * 0.044715 * out * out)
         return (grad_out * (sigmoid + out * sigmoid * (1 - sigmoid) * du)).to(grad.dtype)
-    gate, up = out.chunk(2, dim=-1)
+    gate, up = reference.gate_up_halves(out, up_run).chunk(2, dim=-1)
     sigmoid = torch.sigmoid(gate)
     grad_gate = grad_out * up * sigmoid * (1 + gate * (1 - sigmoid))
-    return torch.cat([grad_gate, grad_out * F.silu(gate)], dim=-1).to(grad.dtype)
+    return reference.gate_up_runs(torch.cat([grad_gate, grad_out * F.silu(gate)], dim=-1), up_run).to(grad.dtype)
 
 
 def _bias_grad(grad: torch.Tensor, bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -211,14 +212,14 @@ def _rms_norm_backward(x: torch.Tensor, weight: torch.Tensor, eps: float, grad: 
 
 
 def _w4a16_backward(ctx, grad):
-    qweight, scales, zeros, group_size, bias, activation, norm_weight, norm_eps = ctx.rest
+    qweight, scales, zeros, group_size, bias, activation, norm_weight, norm_eps, up_run = ctx.rest
     grad = _pre_activation_grad(grad, activation, lambda: torch.ops.qpass.w4a16_linear(
-        ctx.x, qweight, scales, zeros, group_size, bias, "none", norm_weight, norm_eps))
+        ctx.x, qweight, scales, zeros, group_size, bias, "none", norm_weight, norm_eps), up_run)
     w = reference.dequantize_w4(qweight, scales, zeros, group_size)
     grad_x, grad_norm_weight = grad @ w.t().to(grad.dtype), None
     if norm_weight is not None:
         grad_x, grad_norm_weight = _rms_norm_backward(ctx.x, norm_weight, norm_eps, grad_x)
-    return grad_x, None, None, None, None, _bias_grad(grad, bias), None, grad_norm_weight, None
+    return grad_x, None, None, None, None, _bias_grad(grad, bias), None, grad_norm_weight, None, None
 
 
 def _w8a16_backward(ctx, grad):

@@ -155,12 +155,12 @@ v9 = self.gate_up_proj_zeros
 v10 = self.down_proj_qweight
 v11 = self.down_proj_scales
 v12 = self.down_proj_zeros
-v13 = w4a16_linear(v0, v2, v3, v4, 128, None, none, v1, 1e-06)
+v13 = w4a16_linear(v0, v2, v3, v4, 128, None, none, v1, 1e-06, 0)
 v14 = getitem(v13, (Ellipsis, slice(None, 256, None)))
 v15 = linear(v14, v5, None)
 v16 = add(v0, v15)
-v17 = w4a16_linear(v16, v7, v8, v9, 128, None, silu_mul, v6, 1e-06)
-v18 = w4a16_linear(v17, v10, v11, v12, 128, v16, none, None, 0.0)
+v17 = w4a16_linear(v16, v7, v8, v9, 128, None, silu_mul, v6, 1e-06, 0)
+v18 = w4a16_linear(v17, v10, v11, v12, 128, v16, none, None, 0.0, 0)
 return (v18,)""")
 
     def test_quantized_module_tree_ops_of_each_method_take_their_gelu(self):
@@ -188,7 +188,7 @@ v1 = self.offset
 v2 = self.fc_qweight
 v3 = self.fc_scales
 v4 = self.fc_zeros
-v5 = w4a16_linear(v0, v2, v3, v4, 128, None, none)
+v5 = w4a16_linear(v0, v2, v3, v4, 128, None, none, up_run=0)
 v6 = add(v1, v5)
 return (v6,)""")
 

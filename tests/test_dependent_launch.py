@@ -95,7 +95,7 @@ arguments = dict({p: tensor() for p in ("x_ptr", "g_ptr", "s_ptr", "z_ptr", "b_p
                  stride_sn=1, stride_bm=4096, stride_om=4096, stride_on=1, stride_wm=4096, GROUP_SIZE=128,
                  GROUP_ROWS=16, GROUPS=2, BLOCK_N=64, SPLIT_K=1, EVEN_N=True, EVEN_K=True, HAS_BIAS=True,
                  ACTIVATION="none", PACKED_F16=False, PACKED_BF16=True, HAS_NORM=True, NORM_BLOCK=4096,
-                 UNROLLED_STEPS=4, PDL=True, MAXNREG=64)
+                 UNROLLED_STEPS=4, PDL=True, MAXNREG=64, UP_RUN=0)
 name = next(n for n in ("identify_accessed_tensors", "identify_mutated_tensors") if hasattr(triton_kernel_wrap, n))
 launch = triton.autotune(configs=[triton.Config({}, num_warps=4)], key=[])(w4a16.w4a16_gemv_kernel)
 analysis = getattr(triton_kernel_wrap, name)(launch, arguments, {})

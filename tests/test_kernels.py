@@ -947,6 +947,62 @@ def test_unknown_activation_or_odd_columns_raise():
         w8a16.w8a16_linear(x8, qweight8[:23], scales8[:23], activation="silu_mul")
 
 
+# --- silu_mul with gate and up in alternating runs of up_run columns (the W4A16 methods' layout) ---
+
+W4_GATE_UP_CONFIGS = [None, w4a16.GemvConfig(16, 64, 3, 4), w4a16.MmaConfig(16, 16, 32, 2, True, 4, 2),
+                      w4a16.DequantMmConfig(4, 16)]
+
+
+def w4_gate_up_runs_error(config, M, N, K, group_size, dtype, bias, seed, up_run, norm=False):
+    """The relative difference between silu_mul on weights whose columns are in runs of ``up_run`` (a vector bias
+    too) and silu_mul on the same weights as ``[gate | up]``, through ``config`` (the pick for None); with
+    ``norm`` the RMSNorm before it. (How close the halves come to the reference, the other tests say.)"""
+    x, qweight, scales, zeros, b = make_w4(M, N, K, group_size, dtype, False, bias, seed)
+    laid = [None if t is None else reference.gate_up_runs(t, up_run) for t in (qweight, scales, zeros, b)]
+    norm_weight = norm_and_residual(M, N, K, dtype, seed)[0] if norm else None
+    extra = dict(activation="silu_mul", norm_weight=norm_weight, norm_eps=1e-6, config=config)
+    out = w4a16.w4a16_linear(x, *laid[:3], group_size, laid[3], up_run=up_run, **extra)
+    assert out.shape == (M, N // 2)
+    return relative_error(out, w4a16.w4a16_linear(x, qweight, scales, zeros, group_size, b, **extra))
+
+
+@pytest.mark.parametrize("config", W4_GATE_UP_CONFIGS, ids=lambda c: type(c).__name__)
+@settings(max_examples=2 if not CUDA else 6, deadline=None)
+@given(M=st.integers(1, 20), runs=st.integers(1, 3), up_run=st.sampled_from([4, 8, 16]), bias=st.booleans(),
+       norm=st.booleans(), seed=st.integers(0, 2**16), data=st.data())
+def test_gate_up_in_runs_match_halves(config, M, runs, up_run, bias, norm, seed, data):
+    """silu_mul with ``up_run``: every path (the GEMV, the tensor-core kernel, dequantize + GEMM, the tuned
+    pick) gives on the columns in runs what it gives on the halves ``[gate | up]``."""
+    dtype = data.draw(st.sampled_from(cpu_dtypes(gemv=not isinstance(config, w4a16.MmaConfig))))
+    if not CUDA and not isinstance(config, w4a16.MmaConfig):
+        M = M % w4a16.GEMV_MAX_M + 1  # the tuned choice kept to the GEMV, and few GEMV programs to interpret
+    error = w4_gate_up_runs_error(config, M, 2 * up_run * runs, 128, 64, dtype, bias, seed, up_run, norm)
+    assert error < BOUND[dtype]
+
+
+@pytest.mark.parametrize("config", W4_GATE_UP_CONFIGS + [w4a16.GemvConfig(32, 64, 1, 4)], ids=lambda c: repr(c)[:40])
+@pytest.mark.parametrize("up_run", [16, 32])
+def test_gate_up_runs_with_a_bias_and_the_norm(config, up_run):
+    """A vector bias in runs too (the GEMV's epilogue reads it as halves), and the norm; a GEMV whose programs'
+    columns are not one run (32 columns, runs of 16 or 32) takes the GEMM then the activation."""
+    dtype = torch.float16 if isinstance(config, w4a16.MmaConfig) else torch.bfloat16
+    assert w4_gate_up_runs_error(config, 2, 4 * up_run, 128, 64, dtype, True, 7, up_run, norm=True) < BOUND[dtype]
+
+
+def test_gate_up_runs_are_checked():
+    x, qweight, scales, zeros, _ = make_w4(2, 48, 64, 32, torch.float32, False, False, 0)
+    with pytest.raises(ValueError, match="up_run 8 needs activation 'silu_mul'"):
+        w4a16.w4a16_linear(x, qweight, scales, zeros, 32, up_run=8)
+    with pytest.raises(ValueError, match="up_run 16 .* divides N / 2 = 24"):
+        w4a16.w4a16_linear(x, qweight, scales, zeros, 32, activation="silu_mul", up_run=16)
+    with pytest.raises(ValueError, match="up_run 6"):
+        reference.w4a16_linear(x, qweight, scales, zeros, 32, activation="silu_mul", up_run=6)
+    t = torch.arange(2 * 48).reshape(2, 48)
+    runs = reference.gate_up_runs(t, 8)
+    assert runs[0, :16].tolist() == list(range(8)) + list(range(24, 32))  # gate 0..7, then up 0..7
+    assert torch.equal(reference.gate_up_halves(runs, 8), t)
+
+
 # --- On the GPU: the sizes the tuned configs choose, and the ops under torch.compile -------
 
 GPU_SHAPES = [(1, 4096, 4096), (2, 1000, 768), (16, 4100, 1024), (64, 768, 2048), (200, 1536, 512),
@@ -962,6 +1018,8 @@ def test_gpu_every_kernel_at_tuned_sizes(M, N, K, dtype):
     x, qweight, scales, zeros, b = args
     out = w4a16.w4a16_linear(x, qweight, scales, zeros, 128, b)
     assert relative_error(out, w4_reference(*args[:4], 128, b)) < BOUND[dtype]
+    if N % 32 == 0:  # gate and up in runs of 16, as the W4A16 methods lay them out, with the norm (the GEMV's)
+        assert w4_gate_up_runs_error(None, M, N, K, 128, dtype, True, M, 16, norm=True) < BOUND[dtype]
 
     x, qweight, scales, b = make_w8(M, N, K, dtype, True, M)
     out = w8a16.w8a16_linear(x, qweight, scales, b)
@@ -1176,15 +1234,20 @@ def test_gpu_w4a16_fp16_activations_across_fp16s_range(M, config):
        group_size=st.sampled_from([64, 128]), dtype=st.sampled_from([torch.float16, torch.bfloat16]),
        symmetric=st.booleans(), bias=st.booleans(), activation=st.sampled_from(("none",) + EPILOGUES),
        warps=st.sampled_from([4, 8]), column_warps=st.sampled_from([1, 2, 4]), split=st.integers(1, 4),
-       row_tiles=st.sampled_from([1, 2]), unrolled=st.booleans(), seed=st.integers(0, 2**16))
+       row_tiles=st.sampled_from([1, 2]), unrolled=st.booleans(), up_run=st.sampled_from([4, 8, 16]),
+       seed=st.integers(0, 2**16))
 def test_gpu_w4a16_warp_mma(M, eighth_n, groups, group_size, dtype, symmetric, bias, activation, warps, column_warps,
-                            split, row_tiles, unrolled, seed):
+                            split, row_tiles, unrolled, up_run, seed):
     """The warp-level MMA kernel against the float32 reference: N off its 64-column tiles (a
     multiple of 8, so "silu_mul" halves stay whole), splits that leave warps without a group,
     one or two 8-row tiles a program (past 8 rows with one: two programs of rows), warps side
-    by side on columns, each epilogue, the loop over groups unrolled or not."""
+    by side on columns, each epilogue, the loop over groups unrolled or not; silu_mul on gate and up
+    in runs of ``up_run`` too, where it divides N / 2."""
     config = w4a16.WarpMmaConfig(warps, split, row_tiles, column_warps, unrolled)
-    check_w4_config(config, M, 8 * eighth_n, groups * group_size, group_size, dtype, symmetric, bias, activation, seed)
+    N, K = 8 * eighth_n, groups * group_size
+    check_w4_config(config, M, N, K, group_size, dtype, symmetric, bias, activation, seed)
+    if activation == "silu_mul" and (N // 2) % up_run == 0:
+        assert w4_gate_up_runs_error(config, M, N, K, group_size, dtype, bias, seed, up_run) < BOUND[dtype]
 
 
 def check_w4_config(config, M, N, K, group_size, dtype, symmetric, bias, activation, seed):

@@ -243,11 +243,14 @@ class QuantLinear(nn.Module):
 
     def set_activation(self, activation: str) -> None:
         """Have ``apply`` compute ``activation`` in the op's epilogue ("none" or one of the
-        method's ``fused_activations``)."""
+        method's ``fused_activations``); a finalised layer's method may lay its tensors out for it
+        (its ``process_activation``, where it has one)."""
         problem = self.activation_problem(activation)
         if problem is not None:
             raise ValueError(problem)
         self.activation = activation
+        if self.finalised and hasattr(self.quant_method, "process_activation"):
+            self.quant_method.process_activation(self)
 
     def set_input_scale(self, scale: torch.Tensor) -> None:
         """Multiply inputs by ``scale`` (per input channel) before ``apply``: AWQ's scales

@@ -26,7 +26,7 @@ from qpass import ops
 from qpass.calib.rtn import quantize_groupwise
 from qpass.kernels.reference import pack_int4_rows, unpack_int4_rows
 from qpass.layers.utils import set_weight_attrs
-from qpass.methods.base import OpLinearMethod, QuantConfig, register_method
+from qpass.methods.base import QuantConfig, W4A16LinearMethod, register_method
 
 log = logging.getLogger("qpass")
 
@@ -135,7 +135,7 @@ def with_fitting_group_size(config: QuantConfig, name: str, in_features: int) ->
     return config, ""
 
 
-class AWQLinearMethod(OpLinearMethod):
+class AWQLinearMethod(W4A16LinearMethod):
     def create_weights(
         self,
         layer: torch.nn.Module,
@@ -181,18 +181,20 @@ class AWQLinearMethod(OpLinearMethod):
         del layer.qweight, layer.qzeros
         layer.register_parameter("qweight", Parameter(pack_int4_rows(q), requires_grad=False))
         layer.register_parameter("zeros", Parameter(zeros, requires_grad=False))
+        self.process_activation(layer, current_run=0)
 
     def checkpoint_tensors(self, layer: torch.nn.Module) -> Dict[str, torch.Tensor]:
         """The checkpoint layout of a finalised layer (inverse of the repack above)."""
         return {
-            "qweight": pack_awq(unpack_int4_rows(layer.qweight.data)),
-            "qzeros": pack_awq(layer.zeros.data.to(torch.int32)),
-            "scales": layer.scales.data,
+            "qweight": pack_awq(unpack_int4_rows(self.columns_as_halves(layer, layer.qweight.data))),
+            "qzeros": pack_awq(self.columns_as_halves(layer, layer.zeros.data).to(torch.int32)),
+            "scales": self.columns_as_halves(layer, layer.scales.data),
         }
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         return ops.w4a16_linear(
-            x, layer.qweight, layer.scales, layer.zeros, self.quant_config.group_size, bias, layer.activation
+            x, layer.qweight, layer.scales, layer.zeros, self.quant_config.group_size, bias, layer.activation,
+            up_run=layer.up_run
         )
 
     def apply_after_rms_norm(self, layer: torch.nn.Module, x: torch.Tensor, norm_weight: torch.Tensor, eps: float,
@@ -200,5 +202,5 @@ class AWQLinearMethod(OpLinearMethod):
         """``apply`` to the RMSNorm of x, computed by the op (``QuantLinear.forward``)."""
         return ops.w4a16_linear(
             x, layer.qweight, layer.scales, layer.zeros, self.quant_config.group_size, bias, layer.activation,
-            norm_weight, eps
+            norm_weight, eps, layer.up_run
         )

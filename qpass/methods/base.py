@@ -14,6 +14,7 @@ from typing import Any, ClassVar, Dict, Mapping, Optional, Tuple, Type
 import torch
 from torch.nn import Parameter
 
+from qpass.kernels.reference import gate_up_halves, gate_up_runs
 from qpass.layers.quantize_base import LinearMethodBase
 from qpass.layers.utils import set_weight_attrs
 from qpass.ops import FUSED_ACTIVATIONS
@@ -79,6 +80,36 @@ class OpLinearMethod(LinearMethodBase):
 
     def __init__(self, quant_config: QuantConfig):
         self.quant_config = quant_config
+
+
+class W4A16LinearMethod(OpLinearMethod):
+    """Base of the methods whose runtime tensors are the W4A16 op's (``qweight`` ``[K / 8, N]``, ``scales`` and
+    ``zeros`` ``[K / group_size, N]``). Under "silu_mul" their columns go in alternating runs of
+    ``gate_up_run`` gate and up columns (``layer.up_run``, which ``apply`` passes to the op): the batch-1 GEMV
+    then reads a program's gate and up columns as one 128-byte run a word row, not two 64-byte halves of two
+    (the decode step's gate_up op 22.1 -> 19.2 us, H200, bench/NOTES-kernels.md, thirty-fifth session).
+    ``checkpoint_tensors`` gives them back as ``[gate | up]`` (``columns_as_halves``)."""
+
+    gate_up_run = 16  # the GEMV's tile under "silu_mul": 16 output columns, 16 gate and 16 up weight columns
+    runtime_columns = ("qweight", "scales", "zeros")
+
+    def process_activation(self, layer: torch.nn.Module, current_run: Optional[int] = None) -> None:
+        """Lay the runtime tensors out for ``layer.activation``: ``QuantLinear.set_activation`` calls this on a
+        finalised layer, ``process_weights_after_loading`` at its end on tensors just repacked (``current_run``
+        0: ``[gate | up]``). A layer with a bias keeps its halves (the bias is the layer's, loaded as they are)."""
+        n = layer.qweight.shape[1]
+        fits = n % (2 * self.gate_up_run) == 0 and getattr(layer, "bias", None) is None
+        run = self.gate_up_run if layer.activation == "silu_mul" and fits else 0
+        current = getattr(layer, "up_run", 0) if current_run is None else current_run
+        if run != current:
+            for name in self.runtime_columns:
+                param = getattr(layer, name)
+                param.data = gate_up_runs(gate_up_halves(param.data, current), run)
+        layer.up_run = run
+
+    def columns_as_halves(self, layer: torch.nn.Module, runtime: torch.Tensor) -> torch.Tensor:
+        """A runtime tensor of ``layer`` with its columns as ``[gate | up]``, as the checkpoint has them."""
+        return gate_up_halves(runtime, getattr(layer, "up_run", 0))
 
 
 def register_method(name: str):

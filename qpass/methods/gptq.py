@@ -31,7 +31,7 @@ from qpass.calib.rtn import quantize_groupwise
 from qpass.kernels.reference import pack_int4_rows, unpack_int4_rows
 from qpass.layers.utils import set_weight_attrs
 from qpass.methods.awq import MIN_GROUP_SIZE, PACK_FACTOR, warn_uncalibrated_once, with_fitting_group_size
-from qpass.methods.base import OpLinearMethod, QuantConfig, register_method
+from qpass.methods.base import QuantConfig, W4A16LinearMethod, register_method
 
 
 def pack_columns(z: torch.Tensor) -> torch.Tensor:
@@ -116,7 +116,7 @@ class GPTQConfig(QuantConfig):
         return calibrate_gptq(model, plan, calib, self, device)
 
 
-class GPTQLinearMethod(OpLinearMethod):
+class GPTQLinearMethod(W4A16LinearMethod):
     def create_weights(
         self,
         layer: torch.nn.Module,
@@ -180,18 +180,19 @@ class GPTQLinearMethod(OpLinearMethod):
         layer.register_parameter("qweight", Parameter(pack_int4_rows(q), requires_grad=False))
         layer.register_parameter("zeros", Parameter(zeros, requires_grad=False))
         layer.register_parameter("perm", None if perm is None else Parameter(perm, requires_grad=False))
+        self.process_activation(layer, current_run=0)
 
     def checkpoint_tensors(self, layer: torch.nn.Module) -> Dict[str, torch.Tensor]:
         """The checkpoint layout of a finalised layer (inverse of the repack above)."""
-        q = unpack_int4_rows(layer.qweight.data)
+        q = unpack_int4_rows(self.columns_as_halves(layer, layer.qweight.data))
         if layer.perm is not None:
             unsorted = torch.empty_like(q)
             unsorted[layer.perm.data] = q
             q = unsorted
         return {
             "qweight": pack_int4_rows(q),
-            "qzeros": pack_columns(layer.zeros.data.to(torch.int32) - 1),
-            "scales": layer.scales.data,
+            "qzeros": pack_columns(self.columns_as_halves(layer, layer.zeros.data).to(torch.int32) - 1),
+            "scales": self.columns_as_halves(layer, layer.scales.data),
             "g_idx": layer.g_idx.data,
         }
 
@@ -209,4 +210,4 @@ class GPTQLinearMethod(OpLinearMethod):
             norm_weight = None if norm_weight is None else norm_weight.index_select(-1, layer.perm)
         group_size = self.quant_config.groups_of(layer.g_idx.shape[0])
         return ops.w4a16_linear(x, layer.qweight, layer.scales, layer.zeros, group_size, bias, layer.activation,
-                                norm_weight, eps)
+                                norm_weight, eps, layer.up_run)

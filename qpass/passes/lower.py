@@ -48,11 +48,12 @@ from qpass.passes.patterns import (META_KEYS, asks_shape, attribute, gelu_after,
 
 # The ops and their argument names, in their schemas' order (qpass.ops).
 OP_ARGUMENTS = {
-    "w4a16_linear": ("x", "qweight", "scales", "zeros", "group_size", "bias", "activation", "norm_weight", "norm_eps"),
+    "w4a16_linear": ("x", "qweight", "scales", "zeros", "group_size", "bias", "activation", "norm_weight", "norm_eps",
+                     "up_run"),
     "w8a16_linear": ("x", "qweight", "scales", "bias", "activation"),
     "fp8_linear": ("x", "qweight", "weight_scale", "bias", "activation"),
 }
-OP_DEFAULTS = {"bias": None, "activation": "none", "norm_weight": None, "norm_eps": 0.0}
+OP_DEFAULTS = {"bias": None, "activation": "none", "norm_weight": None, "norm_eps": 0.0, "up_run": 0}
 
 
 def lower(gm: fx.GraphModule) -> fx.GraphModule:
