@@ -735,7 +735,7 @@ def w4a16_linear(
     ``up_run``: under "silu_mul", the columns are gate and up in alternating runs of ``up_run`` columns
     (``reference.gate_up_runs``; 0: ``[gate | up]``). Run as the GEMV's tile (16), a GEMV program reads its gate
     and up columns as one 128-byte run a word row instead of two 64-byte ones: the decode step's gate_up op
-    22.1 -> 19.2 us on an H200 (bench/NOTES-kernels.md, thirty-fifth session).
+    22.3 -> 19.2 us on an H200 (bench/NOTES-kernels.md, thirty-fifth session).
     ``norm_weight`` ``[K]``: x goes through the RMSNorm ``rms_norm(x, norm_weight, norm_eps)`` (in x's dtype)
     first (``reference.rms_norm``); the GEMV computes it as it reads x, the other paths in a pass of their own.
     ``config`` (a ``GemvConfig``, ``WarpMmaConfig``, ``WgmmaConfig``, ``WgmmaTmaConfig``, ``MmaConfig`` or

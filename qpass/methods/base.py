@@ -87,7 +87,7 @@ class W4A16LinearMethod(OpLinearMethod):
     ``zeros`` ``[K / group_size, N]``). Under "silu_mul" their columns go in alternating runs of
     ``gate_up_run`` gate and up columns (``layer.up_run``, which ``apply`` passes to the op): the batch-1 GEMV
     then reads a program's gate and up columns as one 128-byte run a word row, not two 64-byte halves of two
-    (the decode step's gate_up op 22.1 -> 19.2 us, H200, bench/NOTES-kernels.md, thirty-fifth session).
+    (the decode step's gate_up op 22.3 -> 19.2 us, H200, bench/NOTES-kernels.md, thirty-fifth session).
     ``checkpoint_tensors`` gives them back as ``[gate | up]`` (``columns_as_halves``)."""
 
     gate_up_run = 16  # the GEMV's tile under "silu_mul": 16 output columns, 16 gate and 16 up weight columns
