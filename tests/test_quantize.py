@@ -276,5 +276,22 @@ def test_fused_activation_gradients_match_torch(activation):
     torch.testing.assert_close(grad_fused, grad_plain, rtol=1e-5, atol=1e-5)
 
 
+def test_fused_silu_mul_gradients_with_gate_up_in_runs():
+    """The backward of silu_mul on columns in runs of 16 (the W4A16 methods' layout): the gradient of the same
+    op on ``[gate | up]``."""
+    g = torch.Generator().manual_seed(0)
+    qweight = torch.randint(-2**31, 2**31 - 1, (256 // 8, 64), dtype=torch.int32, generator=g)
+    scales, zeros = torch.rand(2, 64, generator=g) / 16, torch.randint(0, 16, (2, 64), generator=g).float()
+    x = torch.randn(3, 256, generator=g, requires_grad=True)
+    grad_out = torch.randn(3, 32, generator=g)
+    runs = [reference.gate_up_runs(t, 16) for t in (qweight, scales, zeros)]
+    fused = torch.ops.qpass.w4a16_linear(x, *runs, 128, activation="silu_mul", up_run=16)
+    (grad_runs,) = torch.autograd.grad(fused, x, grad_out)
+    halves = torch.ops.qpass.w4a16_linear(x, qweight, scales, zeros, 128, activation="silu_mul")
+    (grad_halves,) = torch.autograd.grad(halves, x, grad_out)
+    torch.testing.assert_close(fused, halves)
+    torch.testing.assert_close(grad_runs, grad_halves, rtol=1e-5, atol=1e-5)
+
+
 def test_method_registry_lists_builtin_methods():
     assert {"awq", "int8", "fp8"} <= set(qpass.method_names())

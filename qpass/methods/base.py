@@ -98,9 +98,9 @@ class W4A16LinearMethod(OpLinearMethod):
         finalised layer, ``process_weights_after_loading`` at its end on tensors just repacked (``current_run``
         0: ``[gate | up]``). A layer with a bias keeps its halves (the bias is the layer's, loaded as they are)."""
         n = layer.qweight.shape[1]
-        fits = n % (2 * self.gate_up_run) == 0 and getattr(layer, "bias", None) is None
+        fits = n % (2 * self.gate_up_run) == 0 and layer.bias is None
         run = self.gate_up_run if layer.activation == "silu_mul" and fits else 0
-        current = getattr(layer, "up_run", 0) if current_run is None else current_run
+        current = layer.up_run if current_run is None else current_run
         if run != current:
             for name in self.runtime_columns:
                 param = getattr(layer, name)
@@ -109,7 +109,7 @@ class W4A16LinearMethod(OpLinearMethod):
 
     def columns_as_halves(self, layer: torch.nn.Module, runtime: torch.Tensor) -> torch.Tensor:
         """A runtime tensor of ``layer`` with its columns as ``[gate | up]``, as the checkpoint has them."""
-        return gate_up_halves(runtime, getattr(layer, "up_run", 0))
+        return gate_up_halves(runtime, layer.up_run)
 
 
 def register_method(name: str):
