@@ -163,12 +163,14 @@ def sweep_candidates(kind, M, N, activation="none", dtype=None):
                 out.append(w4a16.GemvConfig(bn, bk, split, warps))
             out.append(w4a16.GemvConfig(16, 2048, 1, 8, packed_f16=False))
         if 2 <= M <= 16:  # the warp-level MMA kernel, its warps on one column block or side by side on two,
-            # one program for all rows or (past 8) a program an 8-row tile
+            # one program for all rows or (past 8) a program an 8-row tile; each with the picks' register budget
+            tiles = -(-N // w4a16.warp_mma_columns(activation))
             for row_tiles in sorted({1, (M + 7) // 8}):
                 for warps in (4, 8):
                     for column_warps in (1, 2):
                         for split in (1, 2, 4, 8):
-                            out.append(w4a16.WarpMmaConfig(warps, split, row_tiles, column_warps))
+                            cfg = w4a16.WarpMmaConfig(warps, split, row_tiles, column_warps)
+                            out.append(cfg._replace(maxnreg=w4a16.warp_mma_registers(cfg, M, tiles, 132)))
         if 16 < M <= 64:  # the Hopper kernel, its weights exact or scaled in the MMA (other GPUs: reported as
             # failed, the sweep goes on)
             for warpgroups in (1, 2):

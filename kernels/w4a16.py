@@ -311,6 +311,7 @@ class WarpMmaConfig(NamedTuple):
     row_tiles: int  # 8-row tiles of x a program covers (1 or 2); more rows take more programs
     column_warps: int = 1  # warps side by side on 64-column blocks; each block's warps take turns over K
     unrolled: bool = False  # each warp's loop over its groups unrolled (``warp_mma_unrolled_iterations``)
+    maxnreg: int = 0  # registers a thread for ptxas (0: its own choice; ``warp_mma_registers``)
 
 
 def warp_mma_ok(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
@@ -606,8 +607,30 @@ def gemv_registers(cfg: GemvConfig, M: int, N: int, sms: int, activation: str = 
     if M > GEMV_MAX_M or (activation == "silu_mul" and dtype == torch.bfloat16 and cfg.unrolled and cfg.num_warps == 4):
         return 0
     programs = (1 if M == 1 else 2) * cdiv(N, cfg.block_n)  # (comparisons only: M may be a SymInt)
-    budget = 65536 // (32 * cfg.num_warps * cdiv(programs, sms)) // 8 * 8
+    budget = resident_registers(cfg.num_warps, programs, sms)
     return min(budget, 72 if cfg.num_warps == 4 else 80) if budget >= 64 else 0
+
+
+def resident_registers(num_warps: int, programs: int, sms: int) -> int:
+    """The most registers a thread (ptxas allots them 8 at a time) with which all ``programs`` of
+    ``num_warps`` warps are resident on ``sms`` SMs at once (64K registers an SM)."""
+    return 65536 // (32 * num_warps * cdiv(programs, sms)) // 8 * 8
+
+
+def warp_mma_registers(cfg: WarpMmaConfig, M: int, tiles: int, sms: int) -> int:
+    """``WarpMmaConfig.maxnreg`` for ``cfg`` on M rows and ``tiles`` blocks of a warp's columns: 168
+    registers a thread for programs of one 8-row tile, 200 for two, or fewer where the grid then still
+    stays resident at once; 0 (ptxas's own choice, 102 to 190) where that would be under 168. As in the
+    GEMV (``gemv_registers``), ptxas left to itself issues loads late to save registers. H200, bf16,
+    weights from DRAM (bench/NOTES-kernels.md, thirty-sixth session), us, ptxas's choice -> the budget:
+    M = 16 4096x6144 12.34 -> 11.79, 4096^2 9.28 -> 8.20, 4096x28672 silu_mul 30.99 -> 28.44, 14336x4096
+    19.61 -> 18.96; M = 8 4096x6144 9.52 -> 8.04, 4096^2 9.30 -> 9.08, 14336x4096 16.51 -> 15.24; M = 2
+    4096x6144 9.43 -> 7.97. 4096x28672 silu_mul at M = 8 (448 programs of 4 warps) stays with ptxas: 22.46,
+    22.35 at 128, 26.06 at 168."""
+    row_programs = 1 if M <= 8 * cfg.row_tiles else 2  # (comparisons only: M may be a SymInt)
+    programs = row_programs * cdiv(tiles, cfg.column_warps) * cfg.split_k
+    budget = min(resident_registers(cfg.num_warps, programs, sms), 168 if cfg.row_tiles == 1 else 200)
+    return budget if budget >= 168 else 0
 
 
 def pick_config(M: int, N: int, K: int, group_size: int, device: torch.device, activation: str = "none",
@@ -620,7 +643,9 @@ def pick_config(M: int, N: int, K: int, group_size: int, device: torch.device, a
     # warp-level MMA reads it at about the same rate for any M up to 8 (H200, 4096x28672:
     # 20.3 us at M = 1, 20.9 at 8, 29.4 at 16; the tensor-core kernel before it 54 us from M = 4).
     if warp_mma and 2 <= M <= WARP_MMA_MAX_M and not (M == 2 and N * K <= 4096 * 4096):
-        return _warp_mma_config(M, cdiv(N, warp_mma_columns(activation)), K // group_size, sms)
+        tiles = cdiv(N, warp_mma_columns(activation))
+        cfg = _warp_mma_config(M, tiles, K // group_size, sms)
+        return cfg._replace(maxnreg=warp_mma_registers(cfg, M, tiles, sms))
     mma_block_k = [b for b in (128, 64, 32, 16) if group_size % b == 0]
     if M <= GEMV_MAX_M or not mma_block_k:
         # No split: a program's warps cover K in steps of 64 to 512 word rows, so even N = 4096
@@ -816,6 +841,7 @@ def w4a16_linear(
             GROUP_SIZE=group_size, M_TILES=cfg.row_tiles, WARPS=cfg.num_warps, COLUMN_WARPS=cfg.column_warps,
             SPLIT_K=cfg.split_k, HAS_BIAS=has_bias, ACTIVATION=activation, BF16=x.dtype == torch.bfloat16,
             UNROLLED_ITERS=warp_mma_unrolled_iterations(cfg, K // group_size), UP_RUN=up_run, num_warps=cfg.num_warps,
+            **register_budget(cfg.maxnreg),
         )
         return out
     common = dict(GROUP_SIZE=group_size, BLOCK_N=cfg.block_n, SPLIT_K=cfg.split_k, EVEN_N=n_out % cfg.block_n == 0,

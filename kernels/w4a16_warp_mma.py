@@ -377,12 +377,13 @@ def w4a16_warp_mma_kernel(
     stride_xm, stride_qk, stride_sg, stride_bm, stride_om, stride_on, stride_wm,
     GROUP_SIZE: tl.constexpr, M_TILES: tl.constexpr, WARPS: tl.constexpr, COLUMN_WARPS: tl.constexpr,
     SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, BF16: tl.constexpr,
-    UNROLLED_ITERS: tl.constexpr = 0, UP_RUN: tl.constexpr = 0,
+    UNROLLED_ITERS: tl.constexpr = 0, UP_RUN: tl.constexpr = 0, MAXNREG: tl.constexpr = 0,
 ):
     """out = x @ W for 8 * M_TILES rows a program (program_id 0 picks them) and 64 weight columns
     a warp (32 gate and 32 up columns under "silu_mul"): a program's WARPS warps cover
     COLUMN_WARPS such blocks of columns, the K_WARPS = WARPS / COLUMN_WARPS warps of each block
-    taking turns over its groups of K."""
+    taking turns over its groups of K. MAXNREG: the launch's register budget (``common.register_budget``);
+    the code does not read it."""
     T: tl.constexpr = 32 * WARPS
     K_WARPS: tl.constexpr = WARPS // COLUMN_WARPS
     WARP_COLUMNS: tl.constexpr = 32 if ACTIVATION == "silu_mul" else 64

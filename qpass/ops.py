@@ -45,8 +45,9 @@ FUSED_ACTIVATIONS = tuple(a for a in ACTIVATIONS if a != "none")
 # torch.compile analyses each launch site of a kernel; one analysis per specialization will do
 cache_kernel_analysis(kernel for module in (fp8_kernels, w4a16_kernels, w8a16_kernels)
                       for kernel in vars(module).values() if isinstance(kernel, KernelInterface))
-# and drops the launch options of the GEMV: programmatic dependent launch and its register budget
-compile_with_launch_options([w4a16_kernels.w4a16_gemv_kernel])
+# and drops the launch options of the GEMV (programmatic dependent launch, its register budget) and the
+# warp-level MMA kernel (its register budget)
+compile_with_launch_options([w4a16_kernels.w4a16_gemv_kernel, w4a16_kernels.w4a16_warp_mma_kernel])
 
 
 def _flatten(x: torch.Tensor) -> torch.Tensor:

@@ -30,7 +30,8 @@ def test_every_sweep_of_the_default_plan_has_candidates():
 
 
 def test_the_w4a16_gemv_sweep_gives_each_block_shape_the_picks_register_budget():
-    """The GEMV's sweep times each block shape as the pick would run it: with ``gemv_registers``' budget."""
+    """The GEMV's and the warp-level MMA kernel's sweeps time each block shape as the pick would run it: with
+    ``gemv_registers``' and ``warp_mma_registers``' budget."""
     kernels = load_script("kernels")
     from qpass.kernels import w4a16
 
@@ -45,6 +46,11 @@ def test_the_w4a16_gemv_sweep_gives_each_block_shape_the_picks_register_budget()
         assert any(c.maxnreg for c in budgeted) or M == 2, (M, N)
         if dtype == torch.bfloat16:  # silu_mul's unrolled 4-warp tiles keep ptxas's choice in bf16
             assert all(not c.maxnreg for c in budgeted if c.unrolled and c.num_warps == 4)
+    for M, N, activation in [(8, 4096, "none"), (16, 14336, "silu_mul")]:
+        tiles = -(-N // w4a16.warp_mma_columns(activation))
+        mmas = [c for c in kernels.sweep_candidates("awq", M, N, activation) if type(c).__name__ == "WarpMmaConfig"]
+        assert mmas and all(c.maxnreg == w4a16.warp_mma_registers(c, M, tiles, 132) for c in mmas), (M, N)
+        assert any(c.maxnreg for c in mmas) and not all(c.maxnreg for c in mmas), (M, N)
 
 
 def test_the_8bit_gemv_sweep_takes_every_row_in_one_program():

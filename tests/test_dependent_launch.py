@@ -195,7 +195,7 @@ def test_import_hooks_inductor_where_its_code_writes_a_user_kernels_triton_meta(
     of it writes the triton_meta that the hook adds to and the decorator it puts the import before, once each,
     with the parameters the hook reads."""
     define = PythonWrapperCodegen.define_user_defined_triton_kernel
-    assert id(w4a16.w4a16_gemv_kernel) in define.qpass_kernel_ids
+    assert {id(w4a16.w4a16_gemv_kernel), id(w4a16.w4a16_warp_mma_kernel)} <= define.qpass_kernel_ids
     source = inspect.getsource(define.__wrapped__)
     assert source.count("triton_meta={triton_meta!r}") == 1
     assert source.count("@triton_heuristics.user_autotune(") == 1
@@ -331,3 +331,23 @@ def test_gpu_compiled_gemv_chain_is_launched_with_dependent_launch_and_its_regis
         for x, want in zip(inputs, eager):
             assert torch.equal(step(x).clone(), want)
     assert not counters["inductor"]["cudagraph_skips"]
+
+
+@cuda
+@needs_cuda
+def test_gpu_compiled_warp_mma_kernel_takes_its_register_budget():
+    """Under torch.compile the warp-level MMA kernel (2 to 16 rows) is compiled with the pick's register budget
+    (``w4a16.warp_mma_registers``) and gives bitwise what it gives eagerly."""
+    from torch._inductor.utils import run_and_get_code
+
+    x, qweight, scales, zeros, _ = make_w4(16, 6144, 4096, 128, torch.bfloat16, False, False, 0)
+    budget = w4a16.pick_config(16, 6144, 4096, 128, x.device, dtype=torch.bfloat16).maxnreg
+    assert budget > 0
+    eager = w4a16.w4a16_linear(x, qweight, scales, zeros, 128)
+    torch._dynamo.reset()
+    linear = torch.compile(lambda x: torch.ops.qpass.w4a16_linear(x, qweight, scales, zeros, 128), fullgraph=True)
+    with torch._inductor.config.patch({"force_disable_caches": True, "triton.store_cubin": True}):
+        out, code = run_and_get_code(linear, x)
+    assert torch.equal(out, eager)
+    mmas = [block for block in "".join(code).split("async_compile.triton(")[1:] if "w4a16_warp_mma_kernel" in block]
+    assert mmas and all(f"'maxnreg': {budget}" in block for block in mmas)

@@ -205,13 +205,19 @@ def test_w4a16_kernel_choice_by_rows():
     # past 8 rows on a wide weight, two warps side by side on columns share x through L1
     assert [pick(M, 28672, 4096, 128, device).column_warps for M in (8, 16)] == [1, 2]
     # past 8 rows on a narrow weight with short K, a program an 8-row tile; longer K stays split
-    assert pick(16, 4096, 4096, 128, device) == w4a16.WarpMmaConfig(8, 1, 1, unrolled=True)
+    assert pick(16, 4096, 4096, 128, cpu) == w4a16.WarpMmaConfig(8, 1, 1, unrolled=True, maxnreg=168)
     assert pick(16, 4096, 14336, 128, device).row_tiles == 2
     # the 8-warp kernels unroll their loop over groups up to K = 32 groups; the 4-warp ones do not
     assert [pick(M, 6144, 4096, 128, device).unrolled for M in (4, 16)] == [True, True]
     assert [pick(M, 6144, 8192, 128, device).unrolled for M in (4, 16)] == [False, False]
     assert not pick(16, 28672, 4096, 128, device).unrolled and not pick(16, 4096, 14336, 128, device).unrolled
     assert isinstance(pick(8, 14336, 4096, 128, device, activation="silu_mul"), w4a16.WarpMmaConfig)
+    # ptxas is given 168 registers a thread for one 8-row tile a program, 200 for two, where the grid still
+    # stays resident: the decode step's ops at 8 and 16 rows, on 132 SMs (qkv, o, gate_up, down)
+    decode_ops = [(6144, 4096, "none"), (4096, 4096, "none"), (14336, 4096, "silu_mul"), (4096, 14336, "none")]
+    assert [pick(M, N, K, 128, cpu, activation=a).maxnreg for M in (8, 16) for N, K, a in decode_ops] == [
+        168, 168, 0, 168, 200, 168, 200, 200]  # (gate_up at 8 rows: 448 programs of 4 warps, ptxas's choice)
+    assert w4a16.warp_mma_registers(w4a16.WarpMmaConfig(4, 1, 1), 8, 528, 132) == 0  # 4 an SM: 128 registers
     assert isinstance(pick(8, 28672, 4096, 128, device, warp_mma=False), w4a16.MmaConfig)
     # 17 to 64 rows: the wgmma kernel on Hopper (never on the CPU), else the tensor-core kernel; the
     # weights exact in its MMA up to 32 rows, scaled before it past 32
@@ -1235,15 +1241,15 @@ def test_gpu_w4a16_fp16_activations_across_fp16s_range(M, config):
        symmetric=st.booleans(), bias=st.booleans(), activation=st.sampled_from(("none",) + EPILOGUES),
        warps=st.sampled_from([4, 8]), column_warps=st.sampled_from([1, 2, 4]), split=st.integers(1, 4),
        row_tiles=st.sampled_from([1, 2]), unrolled=st.booleans(), up_run=st.sampled_from([4, 8, 16]),
-       seed=st.integers(0, 2**16))
+       maxnreg=st.sampled_from([0, 168, 200]), seed=st.integers(0, 2**16))
 def test_gpu_w4a16_warp_mma(M, eighth_n, groups, group_size, dtype, symmetric, bias, activation, warps, column_warps,
-                            split, row_tiles, unrolled, up_run, seed):
+                            split, row_tiles, unrolled, up_run, maxnreg, seed):
     """The warp-level MMA kernel against the float32 reference: N off its 64-column tiles (a
     multiple of 8, so "silu_mul" halves stay whole), splits that leave warps without a group,
     one or two 8-row tiles a program (past 8 rows with one: two programs of rows), warps side
-    by side on columns, each epilogue, the loop over groups unrolled or not; silu_mul on gate and up
-    in runs of ``up_run`` too, where it divides N / 2."""
-    config = w4a16.WarpMmaConfig(warps, split, row_tiles, column_warps, unrolled)
+    by side on columns, each epilogue, the loop over groups unrolled or not, ptxas's registers or a budget;
+    silu_mul on gate and up in runs of ``up_run`` too, where it divides N / 2."""
+    config = w4a16.WarpMmaConfig(warps, split, row_tiles, column_warps, unrolled, maxnreg)
     N, K = 8 * eighth_n, groups * group_size
     check_w4_config(config, M, N, K, group_size, dtype, symmetric, bias, activation, seed)
     if activation == "silu_mul" and (N // 2) % up_run == 0:
