@@ -11,6 +11,8 @@ replays, as it did for the peers' figures there.
     python bench/kernels.py --out bench/results/kernels-h100.json   # on the GPU; md and png beside it
     python bench/kernels.py --sweep --out /tmp/sweep.json           # time qpass's block shapes
     python bench/kernels.py --sweep --cold --out /tmp/sweep.json    # the same, weights from DRAM
+    python bench/kernels.py --sweep --cold --dtype bfloat16 --sweep-plan awq:16 --registers 0,168,200,255 \
+        --out /tmp/registers.json                                   # the warp-level MMA kernel's register budgets
     python bench/kernels.py --plot bench/results/kernels-h100.json  # only the png and md, from the json
 
 A peer that fails to import or run is recorded under "errors" and the run goes on. The GPU
@@ -140,9 +142,11 @@ def sweep_plan(text):
     return [(kind, int(M)) for kind, M in (entry.split(":") for entry in text.split(","))]
 
 
-def sweep_candidates(kind, M, N, activation="none", dtype=None):
+def sweep_candidates(kind, M, N, activation="none", dtype=None, registers=None):
     """Block shapes worth timing for one kernel family, M rows and N output columns (W4A16's ``activation``
-    may make them half the weight's), activations of ``dtype`` (fp16 if None; bench/NOTES-kernels.md)."""
+    may make them half the weight's), activations of ``dtype`` (fp16 if None; bench/NOTES-kernels.md);
+    ``registers``: the warp-level MMA kernel's shapes with each of these budgets (0: ptxas's choice), not
+    the picks'."""
     import torch
     from qpass.kernels import fp8, w4a16, w8a16
 
@@ -170,7 +174,8 @@ def sweep_candidates(kind, M, N, activation="none", dtype=None):
                     for column_warps in (1, 2):
                         for split in (1, 2, 4, 8):
                             cfg = w4a16.WarpMmaConfig(warps, split, row_tiles, column_warps)
-                            out.append(cfg._replace(maxnreg=w4a16.warp_mma_registers(cfg, M, tiles, 132)))
+                            budgets = registers or [w4a16.warp_mma_registers(cfg, M, tiles, 132)]
+                            out.extend(cfg._replace(maxnreg=budget) for budget in budgets)
         if 16 < M <= 64:  # the Hopper kernel, its weights exact or scaled in the MMA (other GPUs: reported as
             # failed, the sweep goes on)
             for warpgroups in (1, 2):
@@ -237,7 +242,7 @@ def sweep_candidates(kind, M, N, activation="none", dtype=None):
     return out
 
 
-def run_sweep(shapes, plan, deadline, dtype_name="float16", activation="none", cold=False):
+def run_sweep(shapes, plan, deadline, dtype_name="float16", activation="none", cold=False, registers=None):
     """Time each candidate block shape; split_k 0 in a candidate means the launcher's rule.
     ``cold``: each timed call runs over enough copies of the weights to overflow L2 several
     times, so every byte comes from DRAM as in a model's decode step (a weight under L2's
@@ -280,7 +285,7 @@ def run_sweep(shapes, plan, deadline, dtype_name="float16", activation="none", c
             x = torch.randn(M, K, device="cuda", dtype=dtype)
             base = bench(lambda: [F.linear(x, s["base"]) for s in sets], rep=10) / copies
             n_out = output_columns(activation, N) if kind == "awq" else N  # only W4A16 runs the activation
-            candidates = sweep_candidates(kind, M, n_out, activation if kind == "awq" else "none", dtype)
+            candidates = sweep_candidates(kind, M, n_out, activation if kind == "awq" else "none", dtype, registers)
             if kind == "awq":  # the pick itself, whose split may differ from its block shape's rule
                 candidates.append(w4a16.pick_config(M, n_out, K, GROUP, x.device, activation, dtype=dtype))
             for cfg in candidates:
@@ -366,6 +371,9 @@ def main():
     parser.add_argument("--activation", default="none", choices=["none", "silu_mul"],
                         help="the W4A16 sweep's epilogue (silu_mul: N columns of [gate | up], N / 2 out)")
     parser.add_argument("--cold", action="store_true", help="the sweep reads its weights from DRAM (see run_sweep)")
+    parser.add_argument("--registers", type=lambda text: [int(r) for r in text.split(",")],
+                        help="the warp-level MMA sweep's register budgets, comma-separated, 0 for ptxas's choice "
+                             "(default: each block shape with the picks' budget)")
     parser.add_argument("--plot", metavar="JSON")
     args = parser.parse_args()
     if args.plot:
@@ -377,7 +385,7 @@ def main():
 
     if args.sweep:
         results = run_sweep(SHAPES, sweep_plan(args.sweep_plan), time.time() + args.budget_s, args.dtype,
-                            args.activation, args.cold)
+                            args.activation, args.cold, args.registers)
         Path(args.out).write_text(json.dumps(results, indent=1))
         return
     data = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,

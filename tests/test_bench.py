@@ -51,6 +51,9 @@ def test_the_w4a16_gemv_sweep_gives_each_block_shape_the_picks_register_budget()
         mmas = [c for c in kernels.sweep_candidates("awq", M, N, activation) if type(c).__name__ == "WarpMmaConfig"]
         assert mmas and all(c.maxnreg == w4a16.warp_mma_registers(c, M, tiles, 132) for c in mmas), (M, N)
         assert any(c.maxnreg for c in mmas) and not all(c.maxnreg for c in mmas), (M, N)
+        asked = [c for c in kernels.sweep_candidates("awq", M, N, activation, registers=[0, 232])
+                 if type(c).__name__ == "WarpMmaConfig"]  # budgets asked for: each shape with each
+        assert asked == [c._replace(maxnreg=r) for c in mmas for r in (0, 232)], (M, N)
 
 
 def test_the_8bit_gemv_sweep_takes_every_row_in_one_program():
