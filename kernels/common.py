@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .replay import new_zeros
+from .replay import launch, new_empty
 
 # Epilogues on the float32 result: "silu_mul" reads the N columns as [gate | up] and gives
 # silu(gate) * up (N / 2 columns); "gelu" is erf's GELU, "gelu_tanh" its tanh approximation.
@@ -123,11 +123,33 @@ def output_columns(activation: str, N: int) -> int:
 
 def split_k_workspace(M: int, N: int, tiles: int, split_k: int, like: torch.Tensor) -> torch.Tensor:
     """Zeroed float32 partial sums ``[M, N]`` followed by one arrival count per output tile
-    (float32 too: one allocation, one memset, no dtype view for Inductor to trip on);
-    ``like`` (never read) when K is not split."""
+    (float32 too: one allocation, no dtype view for Inductor to trip on); ``like`` (never read)
+    when K is not split. Zeroed by ``zero_kernel``, launched as ``like``'s kernels are
+    (``dependent_launch``): torch's fill would wait for the kernel before it to finish, and the
+    split kernel after it could not start early."""
     if split_k == 1:
         return like
-    return new_zeros((M * N + tiles,), torch.float32, like.device)
+    size = M * N + tiles
+    ws = new_empty((size,), torch.float32, like.device)
+    launch(zero_kernel, (cdiv(size, ZERO_BLOCK),), ws, size, BLOCK=ZERO_BLOCK, **dependent_launch(like))
+    return ws
+
+
+ZERO_BLOCK = 1024
+
+
+@triton.jit
+def zero_kernel(ptr, size, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    """Zeros into ``ptr[:size]``, BLOCK values a program. Under PDL (``dependent_launch``) the
+    next kernel may start at once, and this one writes only once the kernel before it has
+    finished (which may still be using the memory when the allocator hands it out)."""
+    if PDL:
+        launch_dependent_grids()
+    block = tl.program_id(0)
+    if PDL:  # (on the block, not the pointer, whose alignment Triton would then no longer know)
+        block += wait_for_prior_grids()
+    offs = block * BLOCK + tl.arange(0, BLOCK)
+    tl.store(ptr + offs, tl.zeros((BLOCK,), tl.float32), mask=offs < size)
 
 
 def bias_rows(bias: Optional[torch.Tensor], M: int, N: int) -> Tuple[Optional[torch.Tensor], int]:

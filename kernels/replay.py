@@ -6,7 +6,7 @@ At one token that host time is the whole cost of a linear. It depends only on th
 dtypes, shapes, strides, devices and alignments, and the other arguments' values.
 
 ``Replayed(entry)`` runs ``entry`` once for each signature while recording what it does: the buffers it allocates
-(``new_empty``, ``new_zeros``) and the kernels it launches (``launch``), with their grids, arguments and compiled
+(``new_empty``) and the kernels it launches (``launch``), with their grids, arguments and compiled
 kernels. Later calls of that signature replay the record: fresh buffers, then each compiled kernel launched directly.
 
 A record is kept only where replaying it is the call itself:
@@ -29,7 +29,7 @@ from torch._library.triton import is_wrap_triton_enabled
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from triton import knobs
 
-_ALLOCATIONS = (torch.ops.aten.empty.memory_format, torch.ops.aten.zeros.default)
+_ALLOCATIONS = (torch.ops.aten.empty.memory_format,)
 _SCALARS = (int, float, bool, str, type(None))
 MAX_SIGNATURES = 1024  # per entry point; past it the records start again (each prefill length is a signature)
 
@@ -46,11 +46,8 @@ class _Buffer(NamedTuple):
     shape: Tuple[int, ...]
     dtype: torch.dtype
     device: torch.device
-    zeroed: bool
 
     def allocate(self) -> torch.Tensor:
-        if self.zeroed:
-            return torch.zeros(self.shape, dtype=self.dtype, device=self.device)
         return torch.empty(self.shape, dtype=self.dtype, device=self.device)
 
 
@@ -164,12 +161,7 @@ def _allocate(buffer: _Buffer) -> torch.Tensor:
 
 def new_empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """``torch.empty``, recorded as a buffer that a replay allocates again."""
-    return _allocate(_Buffer(tuple(shape), dtype, device, zeroed=False))
-
-
-def new_zeros(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """``torch.zeros``, recorded as a buffer that a replay allocates zeroed again."""
-    return _allocate(_Buffer(tuple(shape), dtype, device, zeroed=True))
+    return _allocate(_Buffer(tuple(shape), dtype, device))
 
 
 def launch(kernel, grid, *args, **kwargs):

@@ -55,6 +55,7 @@ import triton
 import triton.language as tl
 
 from .common import (MAX_UNROLLED_STEPS, asm_constant, bias_rows, capability, cdiv, dependent_launch, grouped_tile,
+                     launch_dependent_grids, wait_for_prior_grids,
                      mma_accumulate, mma_zeros, next_power_of_2, output_columns, register_budget, sm_count, split_for,
                      split_k_workspace, split_range, store_output, triton_interpreted, unrolled_steps)
 from .int4_pairs import NIBBLE_PAIRS_OUT, bf16_nibble_pairs, f16_nibble_pairs, zero_bf16x2, zero_f16x2
@@ -124,11 +125,17 @@ def _normed(x, scale, g_ptr, offs, mask, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, g_ptr, out_ptr, K, stride_xm, stride_xk, stride_om, eps, BLOCK_K: tl.constexpr,
-                     ONE_PASS: tl.constexpr):
+def rms_norm_kernel(x_ptr, g_ptr, out_ptr, K, stride_xm, stride_xk, stride_om, eps, BLOCK_K: tl.constexpr,
+                    ONE_PASS: tl.constexpr, PDL: tl.constexpr = False):
     """Row ``program_id`` of ``reference.rms_norm``: x times 1 / rms in float32, rounded to x's dtype, times g (in
-    x's dtype), rounded once. ONE_PASS: the row fits one block, read once."""
+    x's dtype), rounded once. ONE_PASS: the row fits one block, read once. PDL: launched with programmatic
+    dependent launch (``common.dependent_launch``), so that the kernel after it (the linear it feeds) starts its
+    weights' loads while it runs."""
+    if PDL:
+        launch_dependent_grids()
     row = tl.program_id(0)
+    if PDL:  # (added to the row, not to the pointer, whose alignment Triton would then no longer know)
+        row += wait_for_prior_grids()
     x_row = x_ptr + row * stride_xm
     out_row = out_ptr + row * stride_om
     dtype = out_ptr.dtype.element_ty
@@ -841,7 +848,7 @@ def w4a16_linear(
             GROUP_SIZE=group_size, M_TILES=cfg.row_tiles, WARPS=cfg.num_warps, COLUMN_WARPS=cfg.column_warps,
             SPLIT_K=cfg.split_k, HAS_BIAS=has_bias, ACTIVATION=activation, BF16=x.dtype == torch.bfloat16,
             UNROLLED_ITERS=warp_mma_unrolled_iterations(cfg, K // group_size), UP_RUN=up_run, num_warps=cfg.num_warps,
-            **register_budget(cfg.maxnreg),
+            **register_budget(cfg.maxnreg), **dependent_launch(x),
         )
         return out
     common = dict(GROUP_SIZE=group_size, BLOCK_N=cfg.block_n, SPLIT_K=cfg.split_k, EVEN_N=n_out % cfg.block_n == 0,
@@ -874,14 +881,15 @@ def w4a16_linear(
 
 
 def _rms_norm(x: torch.Tensor, norm_weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """``reference.rms_norm(x, norm_weight in x's dtype, eps)`` by ``_rms_norm_kernel``: the pass of the paths that do
+    """``reference.rms_norm(x, norm_weight in x's dtype, eps)`` by ``rms_norm_kernel``: the pass of the paths that do
     not compute the norm as they read x. (A launch of its own under torch.compile as well, where Inductor would
     otherwise generate one; in eager use one launch that ``replay`` can record, against torch's eight.)"""
     M, K = x.shape
     out = new_empty((M, K), x.dtype, x.device)
     block_k = min(next_power_of_2(K), 8192)
-    launch(_rms_norm_kernel, (M,), x, _norm_weight_as_x(norm_weight, x), out, K, x.stride(0), x.stride(1),
-           out.stride(0), float(eps), BLOCK_K=block_k, ONE_PASS=block_k >= K, num_warps=8 if block_k > 2048 else 4)
+    launch(rms_norm_kernel, (M,), x, _norm_weight_as_x(norm_weight, x), out, K, x.stride(0), x.stride(1),
+           out.stride(0), float(eps), BLOCK_K=block_k, ONE_PASS=block_k >= K, num_warps=8 if block_k > 2048 else 4,
+           **dependent_launch(x))
     return out
 
 

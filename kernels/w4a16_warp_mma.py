@@ -43,31 +43,49 @@ Needs a GPU (inline PTX: Triton's interpreter does not run it) with ``mma.sync``
 import triton
 import triton.language as tl
 
-from .common import store_output
+from .common import asm_constant, launch_dependent_grids, store_output, wait_for_prior_grids
+
+
+# The loads, by inline PTX (a ``tl.load`` could get another thread layout, and the MMA needs each lane's own
+# registers). Under programmatic dependent launch the kernel starts while the grid before it may still be writing
+# x: its loads of x must be coherent (no ``.nc``), which ptxas keeps after ``griddepcontrol.wait``, and so must
+# the first group's loads of the weights, which are issued before the wait and which ptxas would otherwise sink
+# below it (nothing orders a read-only load against the wait). The weights, read once, are not kept in L1
+# (H200: 4-8% faster on 4096x28672).
+_V4, _V2 = "{$0, $1, $2, $3}, [$4];", "{$0, $1}, [$2];"
+_X_NC, _X = asm_constant("ld.global.nc.v4.b32 " + _V4), asm_constant("ld.global.v4.b32 " + _V4)
+_WORDS_NC = asm_constant("ld.global.nc.L1::no_allocate.v4.b32 " + _V4)
+_WORDS = asm_constant("ld.global.L1::no_allocate.v4.b32 " + _V4)
+_PARAMS_NC, _PARAMS = asm_constant("ld.global.nc.v2.b32 " + _V2), asm_constant("ld.global.v2.b32 " + _V2)
 
 
 @triton.jit
-def _load_v4(ptrs):
-    """Four 32-bit words at each (16-byte aligned) pointer, by inline PTX (a ``tl.load`` could get
-    another thread layout, and the MMA needs each lane's own registers)."""
-    return tl.inline_asm_elementwise(
-        "ld.global.nc.v4.b32 {$0, $1, $2, $3}, [$4];", "=r,=r,=r,=r,l", [ptrs],
-        dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
+def _load_v4(ptrs, ASM: tl.constexpr):
+    """Four 32-bit words at each (16-byte aligned) pointer, by the load ``ASM``."""
+    return tl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,l", [ptrs], dtype=(tl.int32, tl.int32, tl.int32, tl.int32),
+                                     is_pure=True, pack=1)
 
 
 @triton.jit
-def _load_words(ptrs):
-    """``_load_v4`` for weights, read once: not kept in L1 (H200: 4-8% faster on 4096x28672)."""
-    return tl.inline_asm_elementwise(
-        "ld.global.nc.L1::no_allocate.v4.b32 {$0, $1, $2, $3}, [$4];", "=r,=r,=r,=r,l", [ptrs],
-        dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
+def _load_x(ptrs, COHERENT: tl.constexpr):
+    if COHERENT:
+        return _load_v4(ptrs, _X)
+    return _load_v4(ptrs, _X_NC)
 
 
 @triton.jit
-def _load_v2(ptrs):
-    """Two 32-bit words (four 16-bit values) at each (8-byte aligned) pointer."""
-    return tl.inline_asm_elementwise(
-        "ld.global.nc.v2.b32 {$0, $1}, [$2];", "=r,=r,l", [ptrs], dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
+def _load_words(ptrs, COHERENT: tl.constexpr):
+    if COHERENT:
+        return _load_v4(ptrs, _WORDS)
+    return _load_v4(ptrs, _WORDS_NC)
+
+
+@triton.jit
+def _load_params(ptrs, COHERENT: tl.constexpr):
+    """Two 32-bit words (four 16-bit scales or zeros) at each (8-byte aligned) pointer."""
+    if COHERENT:
+        return tl.inline_asm_elementwise(_PARAMS, "=r,=r,l", [ptrs], dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
+    return tl.inline_asm_elementwise(_PARAMS_NC, "=r,=r,l", [ptrs], dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
 
 
 @triton.jit
@@ -278,34 +296,46 @@ def _column_values(blocks, COLUMN: tl.constexpr, M_TILES: tl.constexpr):
 
 
 @triton.jit
-def _load_step(qw_ptr, x_row0, x_row1, row, base_a, base_b, stride_qk, M_TILES: tl.constexpr):
-    """One 64-row step's words of this lane (word rows ``row`` and ``row + 1``, columns a0..a3
-    then b0..b3 of each) and its x, as loaded."""
-    words = (_load_words(qw_ptr + row * stride_qk + base_a) + _load_words(qw_ptr + row * stride_qk + base_b)
-             + _load_words(qw_ptr + (row + 1) * stride_qk + base_a)
-             + _load_words(qw_ptr + (row + 1) * stride_qk + base_b))
-    xs = _load_v4(x_row0 + 8 * row) + _load_v4(x_row0 + 8 * row + 8)
-    if M_TILES == 2:
-        xs = xs + _load_v4(x_row1 + 8 * row) + _load_v4(x_row1 + 8 * row + 8)
-    return words, xs
+def _load_group_weights(qw_ptr, s_ptr, z_ptr, group, lane_c, base_a, base_b, stride_qk, stride_sg,
+                        GROUP_SIZE: tl.constexpr, COHERENT: tl.constexpr):
+    """This lane's weights of one group: the words of each 64-row step (word rows ``r + 2 c`` and
+    ``r + 2 c + 1``, columns a0..a3 then b0..b3 of each), and the packed zeros and scales of its columns."""
+    sz = group * stride_sg
+    params = (_load_params(z_ptr + sz + base_a, COHERENT) + _load_params(z_ptr + sz + base_b, COHERENT)
+              + _load_params(s_ptr + sz + base_a, COHERENT) + _load_params(s_ptr + sz + base_b, COHERENT))
+    first_row = group * (GROUP_SIZE // 8) + 2 * lane_c
+    words = ()
+    for step in tl.static_range(GROUP_SIZE // 64):
+        row = first_row + 8 * step
+        words = words + (_load_words(qw_ptr + row * stride_qk + base_a, COHERENT)
+                         + _load_words(qw_ptr + row * stride_qk + base_b, COHERENT)
+                         + _load_words(qw_ptr + (row + 1) * stride_qk + base_a, COHERENT)
+                         + _load_words(qw_ptr + (row + 1) * stride_qk + base_b, COHERENT))
+    return words, params
+
+
+@triton.jit
+def _load_group_x(x_row0, x_row1, group, lane_c, GROUP_SIZE: tl.constexpr, M_TILES: tl.constexpr,
+                  COHERENT: tl.constexpr):
+    """This lane's x of one group: 16 values of its row of each 8-row tile a 64-row step, at rows
+    ``8 (r + 2 c)`` on, as loaded (``_x_pairs`` pairs them)."""
+    first_row = group * (GROUP_SIZE // 8) + 2 * lane_c
+    xs = ()
+    for step in tl.static_range(GROUP_SIZE // 64):
+        row = first_row + 8 * step
+        xs = xs + _load_x(x_row0 + 8 * row, COHERENT) + _load_x(x_row0 + 8 * row + 8, COHERENT)
+        if M_TILES == 2:
+            xs = xs + _load_x(x_row1 + 8 * row, COHERENT) + _load_x(x_row1 + 8 * row + 8, COHERENT)
+    return xs
 
 
 @triton.jit
 def _load_group(qw_ptr, s_ptr, z_ptr, x_row0, x_row1, group, lane_c, base_a, base_b, stride_qk, stride_sg,
-                GROUP_SIZE: tl.constexpr, M_TILES: tl.constexpr):
-    """This lane's loads for one group: the words and x of each 64-row step (``_load_step``), and
-    the packed zeros and scales of its columns."""
-    sz = group * stride_sg
-    params = (_load_v2(z_ptr + sz + base_a) + _load_v2(z_ptr + sz + base_b) + _load_v2(s_ptr + sz + base_a)
-              + _load_v2(s_ptr + sz + base_b))
-    first_row = group * (GROUP_SIZE // 8) + 2 * lane_c
-    words, xs = _load_step(qw_ptr, x_row0, x_row1, first_row, base_a, base_b, stride_qk, M_TILES)
-    for step in tl.static_range(1, GROUP_SIZE // 64):
-        step_words, step_xs = _load_step(qw_ptr, x_row0, x_row1, first_row + 8 * step, base_a, base_b, stride_qk,
-                                         M_TILES)
-        words = words + step_words
-        xs = xs + step_xs
-    return words, xs, params
+                GROUP_SIZE: tl.constexpr, M_TILES: tl.constexpr, COHERENT: tl.constexpr):
+    """This lane's loads for one group: its words, x and packed zeros and scales."""
+    words, params = _load_group_weights(qw_ptr, s_ptr, z_ptr, group, lane_c, base_a, base_b, stride_qk, stride_sg,
+                                        GROUP_SIZE, False)
+    return words, _load_group_x(x_row0, x_row1, group, lane_c, GROUP_SIZE, M_TILES, COHERENT), params
 
 
 @triton.jit
@@ -359,13 +389,13 @@ def _group_product(loads, live, acc0, acc1, acc2, acc3, z, GROUP_SIZE: tl.conste
 @triton.jit
 def _iteration(accs, loads, it, group_start, group_end, warp_k, qw_ptr, s_ptr, z_ptr, x_row0, x_row1, lane_c, base_a,
                base_b, stride_qk, stride_sg, z, GROUP_SIZE: tl.constexpr, M_TILES: tl.constexpr,
-               K_WARPS: tl.constexpr, BF16: tl.constexpr):
+               K_WARPS: tl.constexpr, BF16: tl.constexpr, COHERENT: tl.constexpr):
     """Iteration ``it`` of a warp's walk over its groups: issues the next group's loads, then adds
     this group's product (``loads``) to the accumulators. Returns the sums and the next loads."""
     live = (group_start + it * K_WARPS + warp_k < group_end).to(tl.float32)
     group = tl.minimum(group_start + (it + 1) * K_WARPS + warp_k, group_end - 1)
     next_loads = _load_group(qw_ptr, s_ptr, z_ptr, x_row0, x_row1, group, lane_c, base_a, base_b, stride_qk,
-                             stride_sg, GROUP_SIZE, M_TILES)
+                             stride_sg, GROUP_SIZE, M_TILES, COHERENT)
     acc0, acc1, acc2, acc3 = accs
     return _group_product(loads, live, acc0, acc1, acc2, acc3, z, GROUP_SIZE, M_TILES, BF16), next_loads
 
@@ -377,13 +407,15 @@ def w4a16_warp_mma_kernel(
     stride_xm, stride_qk, stride_sg, stride_bm, stride_om, stride_on, stride_wm,
     GROUP_SIZE: tl.constexpr, M_TILES: tl.constexpr, WARPS: tl.constexpr, COLUMN_WARPS: tl.constexpr,
     SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, BF16: tl.constexpr,
-    UNROLLED_ITERS: tl.constexpr = 0, UP_RUN: tl.constexpr = 0, MAXNREG: tl.constexpr = 0,
+    UNROLLED_ITERS: tl.constexpr = 0, UP_RUN: tl.constexpr = 0, MAXNREG: tl.constexpr = 0, PDL: tl.constexpr = False,
 ):
     """out = x @ W for 8 * M_TILES rows a program (program_id 0 picks them) and 64 weight columns
     a warp (32 gate and 32 up columns under "silu_mul"): a program's WARPS warps cover
     COLUMN_WARPS such blocks of columns, the K_WARPS = WARPS / COLUMN_WARPS warps of each block
     taking turns over its groups of K. MAXNREG: the launch's register budget (``common.register_budget``);
-    the code does not read it."""
+    the code does not read it. PDL: launched with programmatic dependent launch (``common.dependent_launch``)."""
+    if PDL:  # the next kernel's programs may start as SMs free up, and read their first weights
+        launch_dependent_grids()
     T: tl.constexpr = 32 * WARPS
     K_WARPS: tl.constexpr = WARPS // COLUMN_WARPS
     WARP_COLUMNS: tl.constexpr = 32 if ACTIVATION == "silu_mul" else 64
@@ -428,19 +460,24 @@ def w4a16_warp_mma_kernel(
     # arithmetic. Past the end a warp re-reads the range's last group (already fetched by the
     # program) and scales it by 0.
     group = tl.minimum(group_start + warp_k, group_end - 1)
-    loads = _load_group(qw_ptr, s_ptr, z_ptr, x_row0, x_row1, group, lane_c, base_a, base_b, stride_qk,
-                        stride_sg, GROUP_SIZE, M_TILES)
+    words, params = _load_group_weights(qw_ptr, s_ptr, z_ptr, group, lane_c, base_a, base_b, stride_qk, stride_sg,
+                                        GROUP_SIZE, PDL)
+    if PDL:  # the first weights are on their way as the grid before finishes writing x
+        ready = wait_for_prior_grids()
+        x_row0 += ready
+        x_row1 += ready
+    loads = (words, _load_group_x(x_row0, x_row1, group, lane_c, GROUP_SIZE, M_TILES, PDL), params)
     accs = (acc0, acc1, acc2, acc3)
     if UNROLLED_ITERS > 0:
         for it in tl.static_range(UNROLLED_ITERS):
             accs, loads = _iteration(accs, loads, it, group_start, group_end, warp_k, qw_ptr, s_ptr, z_ptr, x_row0,
                                      x_row1, lane_c, base_a, base_b, stride_qk, stride_sg, z, GROUP_SIZE, M_TILES,
-                                     K_WARPS, BF16)
+                                     K_WARPS, BF16, PDL)
     else:
         for it in range(0, tl.cdiv(group_end - group_start, K_WARPS)):
             accs, loads = _iteration(accs, loads, it, group_start, group_end, warp_k, qw_ptr, s_ptr, z_ptr, x_row0,
                                      x_row1, lane_c, base_a, base_b, stride_qk, stride_sg, z, GROUP_SIZE, M_TILES,
-                                     K_WARPS, BF16)
+                                     K_WARPS, BF16, PDL)
     acc0, acc1, acc2, acc3 = accs
 
     # Sum the warps' partial tiles; each value's row and column follow from the same stacking

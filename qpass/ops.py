@@ -32,6 +32,7 @@ from triton.runtime import KernelInterface
 
 from qpass.inductor_launch import compile_with_launch_options
 from qpass.kernel_analysis import cache_kernel_analysis
+from qpass.kernels import common as common_kernels
 from qpass.kernels import fp8 as fp8_kernels
 from qpass.kernels import reference
 from qpass.kernels.common import ACTIVATIONS, output_columns
@@ -43,11 +44,11 @@ from qpass.kernels.replay import Replayed
 FUSED_ACTIVATIONS = tuple(a for a in ACTIVATIONS if a != "none")
 
 # torch.compile analyses each launch site of a kernel; one analysis per specialization will do
-cache_kernel_analysis(kernel for module in (fp8_kernels, w4a16_kernels, w8a16_kernels)
+cache_kernel_analysis(kernel for module in (common_kernels, fp8_kernels, w4a16_kernels, w8a16_kernels)
                       for kernel in vars(module).values() if isinstance(kernel, KernelInterface))
-# and drops the launch options of the GEMV (programmatic dependent launch, its register budget) and the
-# warp-level MMA kernel (its register budget)
-compile_with_launch_options([w4a16_kernels.w4a16_gemv_kernel, w4a16_kernels.w4a16_warp_mma_kernel])
+# and drops the launch options (programmatic dependent launch, register budgets) of the kernels that take them
+compile_with_launch_options([w4a16_kernels.w4a16_gemv_kernel, w4a16_kernels.w4a16_warp_mma_kernel,
+                             w4a16_kernels.rms_norm_kernel, common_kernels.zero_kernel])
 
 
 def _flatten(x: torch.Tensor) -> torch.Tensor:

@@ -457,6 +457,27 @@ def w4a16_gemv_sm90(dtype, N, K, activation="none", norm=False, bias=False, pdl=
     pointers |= {"qw_ptr": "*i32", "ws_ptr": "*fp32", "norm_eps": "fp32"}
     return compiled(w4a16.w4a16_gemv_kernel, pointers, constexprs, num_warps=cfg.num_warps, **launch)
 
+def w4a16_warp_mma_sm90(dtype, M, N, K, activation="none", bias=False, pdl=False):
+    # The warp-level MMA kernel at its pick for M rows and K x N (group 128; N the GEMM's columns, gate and up
+    # in runs of 16 under silu_mul), compiled for sm_90 with the pick's register budget.
+    import torch
+    from qpass.kernels import w4a16
+    from qpass.kernels.common import output_columns, register_budget
+
+    torch_dtype = torch.float16 if dtype == "fp16" else torch.bfloat16
+    cfg = w4a16.pick_config(M, output_columns(activation, N), K, 128, torch.device("cpu"), activation=activation,
+                            dtype=torch_dtype)
+    assert isinstance(cfg, w4a16.WarpMmaConfig), cfg
+    constexprs = dict(GROUP_SIZE=128, M_TILES=cfg.row_tiles, WARPS=cfg.num_warps, COLUMN_WARPS=cfg.column_warps,
+                      SPLIT_K=cfg.split_k, HAS_BIAS=bias, ACTIVATION=activation, BF16=dtype == "bf16",
+                      UNROLLED_ITERS=w4a16.warp_mma_unrolled_iterations(cfg, K // 128),
+                      UP_RUN=16 if activation == "silu_mul" else 0, PDL=pdl, stride_on=1)
+    launch = register_budget(cfg.maxnreg)
+    constexprs["MAXNREG"] = launch.pop("MAXNREG")
+    pointers = {p: "*" + dtype for p in ("x_ptr", "s_ptr", "z_ptr", "b_ptr", "out_ptr")}
+    pointers |= {"qw_ptr": "*i32", "ws_ptr": "*fp32"}
+    return compiled(w4a16.w4a16_warp_mma_kernel, pointers, constexprs, num_warps=cfg.num_warps, **launch)
+
 def sass(kernel):
     # The kernel's SASS, its instruction lines.
     import os, subprocess, tempfile

@@ -71,7 +71,10 @@ def test_w4a16_calls_replay_their_launches(case):
         kwargs = dict(activation="silu_mul")
     elif case == "split_k":
         kwargs = dict(config=w4a16.GemvConfig(16, 32, 4, num_warps=4))
-    kernels = {"mma": ["_w4a16_mma_kernel"], "mma_norm": ["_rms_norm_kernel", "_w4a16_mma_kernel"]}
+    # (split K: its workspace zeroed first)
+    kernels = {"mma": ["zero_kernel", "_w4a16_mma_kernel"],
+               "mma_norm": ["rms_norm_kernel", "zero_kernel", "_w4a16_mma_kernel"],
+               "split_k": ["zero_kernel", "w4a16_gemv_kernel"]}
     out = assert_replays(w4a16.w4a16_linear, inputs, kernels.get(case, ["w4a16_gemv_kernel"]), **kwargs)
     x, qweight, scales, zeros, _, b = inputs(1)
     if case in ("bias", "residual", "split_k", "mma"):  # (the norm and silu_mul: the kernels' own tests)
@@ -83,9 +86,9 @@ def test_w8a16_and_fp8_calls_replay_their_launches():
                          ["w8_gemv_kernel"])
     x, qweight, scales, b = make_w8(1, 96, 256, torch.float32, True, 1)
     assert relative_error(out, reference.w8a16_linear(x, qweight, scales, b)) < BOUND[torch.float32]
-    # two launches: the rows quantized into a buffer, then the GEMM that reads it
+    # three launches: the rows quantized into a buffer, the split-K workspace zeroed, then the GEMM
     out = assert_replays(fp8.fp8_linear, lambda seed: make_fp8(24, 96, 256, torch.float16, True, seed),
-                         ["_quantize_rows_kernel", "_fp8_mma_kernel"])
+                         ["_quantize_rows_kernel", "zero_kernel", "_fp8_mma_kernel"])
     x, qweight, weight_scale, b = make_fp8(24, 96, 256, torch.float16, True, 1)
     ref = reference.fp8_linear(x.float(), qweight, weight_scale, b.float())
     assert relative_error(out, ref) < FP8_BOUND[torch.float16]
