@@ -374,14 +374,17 @@ def test_gpu_decode_chain_with_dependent_launch_reads_what_the_kernel_before_wro
 @cuda
 @needs_cuda
 @pytest.mark.parametrize("rows, pdl_kernels", [(1, ("w4a16_gemv_kernel",)),
+                                               (8, ("w4a16_warp_mma_kernel", "rms_norm_kernel", "zero_kernel")),
                                                (16, ("w4a16_warp_mma_kernel", "rms_norm_kernel"))])
 def test_gpu_compiled_decode_chain_is_launched_with_dependent_launch_and_register_budgets(rows, pdl_kernels,
                                                                                           monkeypatch):
     """torch.compile of the decode step's chain of ops (CUDA graphs, "reduce-overhead"), compiled in Inductor's
     worker processes: Inductor's code compiles each of the chain's kernels (the GEMV at one row; the RMSNorm and
-    warp-level MMA kernels at 16) with launch_pdl, and each linear with the pick's register budget (Triton
-    compiled it with that maxnreg), nothing is copied for want of knowing what a kernel writes (no CUDA graph
-    is skipped), and the replays give bitwise what the kernels give eagerly, one at a time."""
+    warp-level MMA kernels at 8 and 16, and at 8 the zero kernel of a split's workspace) with launch_pdl, and
+    each linear with the pick's register budget (Triton compiled it with that maxnreg), nothing is copied for
+    want of knowing what a kernel writes (no CUDA graph is skipped), and the replays give bitwise what the
+    kernels give eagerly, one at a time (within rounding where K is split more than twice: the partial sums
+    are added in the order the programs arrive)."""
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("programmatic dependent launch needs sm_90")
     from torch._dynamo.utils import counters
@@ -391,8 +394,10 @@ def test_gpu_compiled_decode_chain_is_launched_with_dependent_launch_and_registe
 
     layers = _decode_layers(torch.bfloat16)
     inputs = [torch.randn(rows, 1024, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
-    budgets = {cfg.maxnreg for cfg in _step_picks(layers, rows, torch.bfloat16)}
+    picks = _step_picks(layers, rows, torch.bfloat16)
+    budgets = {cfg.maxnreg for cfg in picks}
     assert 0 not in budgets
+    same = torch.equal if all(cfg.split_k <= 2 for cfg in picks) else (lambda a, b: relative_error(a, b) < 1e-2)
     eager = [_decode_step(layers, x, synchronize=True) for x in inputs]
     torch._dynamo.reset()
     counters.clear()
@@ -411,9 +416,10 @@ def test_gpu_compiled_decode_chain_is_launched_with_dependent_launch_and_registe
         AsyncCompile.wait_pool_ready()
         assert AsyncCompile.use_process_pool(), "Inductor's compile workers are not running"
         first, code = run_and_get_code(step, inputs[0])
-    assert torch.equal(first, eager[0])
-    blocks = {name: [block for block in "".join(code).split("async_compile.triton(")[1:] if name in block]
-              for name in pdl_kernels}
+    assert same(first, eager[0])
+    # (Inductor's code compiles each kernel in a block that starts with its name)
+    blocks = {name: [block for block in "".join(code).split("async_compile.triton(")[1:]
+                     if block.startswith(f"'{name}")] for name in pdl_kernels}
     assert all(blocks.values()), {name: len(found) for name, found in blocks.items()}
     assert all("triton_meta={'launch_pdl': True, " in block for found in blocks.values() for block in found)
     unbudgeted = [block[:2000] for block in blocks[pdl_kernels[0]]  # (the linear's)
@@ -426,7 +432,7 @@ def test_gpu_compiled_decode_chain_is_launched_with_dependent_launch_and_registe
             assert launcher.bin.metadata.maxnreg == kernel.triton_meta["maxnreg"] >= launcher.n_regs
     for _ in range(2):
         for x, want in zip(inputs, eager):
-            assert torch.equal(step(x).clone(), want)
+            assert same(step(x).clone(), want)
     assert not counters["inductor"]["cudagraph_skips"]
 
 
@@ -446,5 +452,6 @@ def test_gpu_compiled_warp_mma_kernel_takes_its_register_budget():
     with torch._inductor.config.patch({"force_disable_caches": True}):
         out, code = run_and_get_code(linear, x)
     assert torch.equal(out, eager)
-    mmas = [block for block in "".join(code).split("async_compile.triton(")[1:] if "w4a16_warp_mma_kernel" in block]
+    mmas = [block for block in "".join(code).split("async_compile.triton(")[1:]
+            if block.startswith("'w4a16_warp_mma_kernel")]
     assert mmas and all(f"'maxnreg': {budget}" in block for block in mmas)

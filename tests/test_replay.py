@@ -169,16 +169,20 @@ def test_gpu_replayed_launches_give_the_entry_points_results(dtype):
     launches), then replays inside a CUDA graph."""
     K, N = 512, 256
     norm_weight, _ = norm_and_residual(1, N, K, dtype, 0)
+    cuda_device = torch.device("cuda")
+    # (split K: its workspace zeroed first)
+    warp_mma_split = w4a16.pick_config(12, N, K, 128, cuda_device, dtype=dtype).split_k > 1
+    fp8_split = fp8.pick_config(64, N, K, cuda_device).split_k > 1
     cases = [
         (w4a16.w4a16_linear, lambda s: make_w4(1, N, K, 128, dtype, False, False, s)[:4] + [128],
          dict(norm_weight=norm_weight, norm_eps=1e-5, activation="silu_mul"), ["w4a16_gemv_kernel"]),
         (w4a16.w4a16_linear, lambda s: make_w4(1, N, K, 128, dtype, False, False, s)[:4] + [
             128, norm_and_residual(1, N, K, dtype, s)[1]], {}, ["w4a16_gemv_kernel"]),
         (w4a16.w4a16_linear, lambda s: make_w4(12, N, K, 128, dtype, False, False, s)[:4] + [128], {},
-         ["w4a16_warp_mma_kernel"]),
+         ["zero_kernel"] * warp_mma_split + ["w4a16_warp_mma_kernel"]),
         (w8a16.w8a16_linear, lambda s: make_w8(1, N, K, dtype, True, s), {}, ["w8_gemv_kernel"]),
         (fp8.fp8_linear, lambda s: make_fp8(64, N, K, dtype, True, s), {},
-         ["_quantize_rows_kernel", "_fp8_mma_kernel"]),
+         ["_quantize_rows_kernel"] + ["zero_kernel"] * fp8_split + ["_fp8_mma_kernel"]),
     ]
     for entry, inputs, kwargs, kernels in cases:
         assert_replays(entry, inputs, kernels, **kwargs)
