@@ -36,6 +36,12 @@ end of the body (they take the registers of the group being consumed at the back
 each group waits a memory latency; with UNROLLED_ITERS (the loop unrolled) they stay among the
 MMAs, for more registers: a win only where few iterations keep the count down (``w4a16.pick_config``).
 
+With PDL (programmatic dependent launch, ``common.dependent_launch``; Hopper and later) the kernel lets the
+next one start at once, issues its first group's weight loads, and only then waits for the kernel before it
+to finish and loads x (coherently: see the loads below). H200, the decode step's 64 ops at 16 rows, bf16:
+1168.7 -> 1104.0 us a step with the RMSNorm kernel and the split-K workspace's zeroing launched so too
+(bench/NOTES-kernels.md, thirty-seventh session).
+
 Needs a GPU (inline PTX: Triton's interpreter does not run it) with ``mma.sync`` for bf16
 (sm_80+); ``w4a16.warp_mma_ok`` states the alignment it reads with.
 """
