@@ -55,9 +55,9 @@ import triton
 import triton.language as tl
 
 from .common import (MAX_UNROLLED_STEPS, asm_constant, bias_rows, capability, cdiv, dependent_launch, grouped_tile,
-                     launch_dependent_grids, wait_for_prior_grids,
-                     mma_accumulate, mma_zeros, next_power_of_2, output_columns, register_budget, sm_count, split_for,
-                     split_k_workspace, split_range, store_output, triton_interpreted, unrolled_steps)
+                     launch_dependent_grids, mma_accumulate, mma_zeros, next_power_of_2, output_columns,
+                     register_budget, sm_count, split_for, split_k_workspace, split_range, store_output,
+                     triton_interpreted, unrolled_steps, wait_for_prior_grids)
 from .int4_pairs import NIBBLE_PAIRS_OUT, bf16_nibble_pairs, f16_nibble_pairs, zero_bf16x2, zero_f16x2
 from .reference import activation_after_gemm, check_up_run, gate_up_halves
 from .replay import launch, new_empty

@@ -73,6 +73,12 @@ def _load_v4(ptrs, ASM: tl.constexpr):
 
 
 @triton.jit
+def _load_v2(ptrs, ASM: tl.constexpr):
+    """Two 32-bit words (four 16-bit values) at each (8-byte aligned) pointer, by the load ``ASM``."""
+    return tl.inline_asm_elementwise(ASM, "=r,=r,l", [ptrs], dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
+
+
+@triton.jit
 def _load_x(ptrs, COHERENT: tl.constexpr):
     if COHERENT:
         return _load_v4(ptrs, _X)
@@ -88,10 +94,9 @@ def _load_words(ptrs, COHERENT: tl.constexpr):
 
 @triton.jit
 def _load_params(ptrs, COHERENT: tl.constexpr):
-    """Two 32-bit words (four 16-bit scales or zeros) at each (8-byte aligned) pointer."""
     if COHERENT:
-        return tl.inline_asm_elementwise(_PARAMS, "=r,=r,l", [ptrs], dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
-    return tl.inline_asm_elementwise(_PARAMS_NC, "=r,=r,l", [ptrs], dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
+        return _load_v2(ptrs, _PARAMS)
+    return _load_v2(ptrs, _PARAMS_NC)
 
 
 @triton.jit

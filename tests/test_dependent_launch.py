@@ -102,7 +102,8 @@ def test_warp_mma_norm_and_zero_kernels_read_only_weights_before_they_wait_for_t
         ptx = [line for line in code["ptx"] if line and not line.startswith(("//", "."))]
         trigger = [i for i, line in enumerate(ptx) if "griddepcontrol.launch_dependents" in line]
         wait = [i for i, line in enumerate(ptx) if "griddepcontrol.wait" in line]
-        memory = [i for i, line in enumerate(ptx) if line.lstrip("@%p0123456789! ").startswith(("ld.global", "st.global"))]
+        memory = [i for i, line in enumerate(ptx)
+                  if line.lstrip("@%p0123456789! ").startswith(("ld.global", "st.global"))]  # (past a predicate)
         assert len(trigger) == 1 and len(wait) == 1 and trigger[0] < memory[0], case
         sass = code["sass"]
         preexit, acqbulk = sass.index("PREEXIT"), sass.index("ACQBULK")
