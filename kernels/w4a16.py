@@ -630,10 +630,15 @@ def warp_mma_registers(cfg: WarpMmaConfig, M: int, tiles: int, sms: int) -> int:
     stays resident at once; 0 (ptxas's own choice, 102 to 190) where that would be under 168. As in the
     GEMV (``gemv_registers``), ptxas left to itself issues loads late to save registers. H200, bf16,
     weights from DRAM (bench/NOTES-kernels.md, thirty-sixth session), us, ptxas's choice -> the budget:
-    M = 16 4096x6144 12.34 -> 11.79, 4096^2 9.28 -> 8.20, 4096x28672 silu_mul 30.99 -> 28.44, 14336x4096
-    19.61 -> 18.96; M = 8 4096x6144 9.52 -> 8.04, 4096^2 9.30 -> 9.08, 14336x4096 16.51 -> 15.24; M = 2
-    4096x6144 9.43 -> 7.97. 4096x28672 silu_mul at M = 8 (448 programs of 4 warps) stays with ptxas: 22.46,
-    22.35 at 128, 26.06 at 168."""
+    M = 16 4096x6144 12.34 -> 11.79, 4096^2 9.28 -> 8.20, 14336x4096 19.61 -> 18.96; M = 8 4096x6144 9.52
+    -> 8.04, 4096^2 9.30 -> 9.08, 14336x4096 16.51 -> 15.24; M = 2 4096x6144 9.43 -> 7.97. 4096x28672
+    silu_mul at M = 8 (448 programs of 4 warps) stays with ptxas: 22.46, 22.35 at 128, 26.06 at 168.
+    Programs of two tiles and 4 warps, the fewest warps to hide the loads' latency, get 232 even where
+    the grid then takes more than one wave (gate_up at 16 rows: 448 programs, 2 an SM): in the decode
+    step's chain of 64 ops at batch 16, launched with PDL (thirty-eighth session), 1107 -> 1075 us for
+    gate_up's (0 before) and down's (200, split 4) together; 216 and 248 within 8 us of 232, 200 slower."""
+    if cfg.num_warps == 4 and cfg.row_tiles == 2:
+        return 232
     row_programs = 1 if M <= 8 * cfg.row_tiles else 2  # (comparisons only: M may be a SymInt)
     programs = row_programs * cdiv(tiles, cfg.column_warps) * cfg.split_k
     budget = min(resident_registers(cfg.num_warps, programs, sms), 168 if cfg.row_tiles == 1 else 200)
