@@ -118,9 +118,8 @@ def _w4a16_dequantize_kernel(
 
 
 @triton.jit
-def _normed(x, scale, g_ptr, offs, mask, DTYPE: tl.constexpr):
-    """float32 x times 1 / rms ``scale``, rounded to DTYPE, times the norm weight at offs, rounded once."""
-    g = tl.load(g_ptr + offs, mask=mask, other=0).to(tl.float32)
+def _normed(x, scale, g, DTYPE: tl.constexpr):
+    """float32 x times 1 / rms ``scale``, rounded to DTYPE, times the norm weight g (float32), rounded once."""
     return ((x * scale).to(DTYPE).to(tl.float32) * g).to(DTYPE)
 
 
@@ -130,28 +129,31 @@ def rms_norm_kernel(x_ptr, g_ptr, out_ptr, K, stride_xm, stride_xk, stride_om, e
     """Row ``program_id`` of ``reference.rms_norm``: x times 1 / rms in float32, rounded to x's dtype, times g (in
     x's dtype), rounded once. ONE_PASS: the row fits one block, read once. PDL: launched with programmatic
     dependent launch (``common.dependent_launch``), so that the kernel after it (the linear it feeds) starts its
-    weights' loads while it runs."""
+    weights' loads while it runs; g, which no kernel writes, is read before the wait, off the chain's path."""
     if PDL:
         launch_dependent_grids()
     row = tl.program_id(0)
+    dtype = out_ptr.dtype.element_ty
+    offs = tl.arange(0, BLOCK_K)
+    if ONE_PASS:
+        g = tl.load(g_ptr + offs, mask=offs < K, other=0).to(tl.float32)
     if PDL:  # (added to the row, not to the pointer, whose alignment Triton would then no longer know)
         row += wait_for_prior_grids()
     x_row = x_ptr + row * stride_xm
     out_row = out_ptr + row * stride_om
-    dtype = out_ptr.dtype.element_ty
     if ONE_PASS:
-        offs = tl.arange(0, BLOCK_K)
         mask = offs < K
         x = tl.load(x_row + offs * stride_xk, mask=mask, other=0).to(tl.float32)
         scale = tl.rsqrt((tl.sum(x * x, axis=0) / K + eps).to(tl.float32))
-        tl.store(out_row + offs, _normed(x, scale, g_ptr, offs, mask, dtype), mask=mask)
+        tl.store(out_row + offs, _normed(x, scale, g, dtype), mask=mask)
     else:
         scale = row_inv_rms(x_row, K, stride_xk, eps, BLOCK_K)
         for k0 in range(0, K, BLOCK_K):  # (the row again, from L1 / L2)
-            offs = k0 + tl.arange(0, BLOCK_K)
-            mask = offs < K
-            x = tl.load(x_row + offs * stride_xk, mask=mask, other=0).to(tl.float32)
-            tl.store(out_row + offs, _normed(x, scale, g_ptr, offs, mask, dtype), mask=mask)
+            cols = k0 + offs
+            mask = cols < K
+            x = tl.load(x_row + cols * stride_xk, mask=mask, other=0).to(tl.float32)
+            g = tl.load(g_ptr + cols, mask=mask, other=0).to(tl.float32)
+            tl.store(out_row + cols, _normed(x, scale, g, dtype), mask=mask)
 
 
 @triton.jit

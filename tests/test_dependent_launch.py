@@ -94,7 +94,8 @@ def test_warp_mma_norm_and_zero_kernels_read_only_weights_before_they_wait_for_t
     """Compiled for sm_90 with PDL: the warp-level MMA kernel lets the next kernel start before any load, loads
     its first group's words, zeros and scales (coherent: ptxas would sink read-only loads below the wait), waits
     once, and only then loads x (coherent); ptxas keeps exactly those 12 loads above the wait. The RMSNorm kernel
-    waits before any load, and its loads of x stay vectorized (the wait's 0 goes on the row, not the pointer).
+    loads its weight before the wait and x after it, both vectorized (the wait's 0 goes on the row, not the
+    pointer); ptxas keeps the weight's loads above the wait.
     The split-K workspace's zero kernel writes only after the wait."""
     cases = json.loads(compiled_for_sm90(_WARP_MMA_AND_NORM_AROUND_THE_WAIT).strip().splitlines()[-1])
     assert len(cases) == 13
@@ -113,9 +114,11 @@ def test_warp_mma_norm_and_zero_kernels_read_only_weights_before_they_wait_for_t
         if case == "zero":
             assert not loads and not early_sass and memory[0] > wait[0], case
             continue
-        if case.startswith("norm"):
-            assert not early_sass and loads[0] > wait[0], case
-            assert all(".v4.b32" in ptx[i] for i in loads), case
+        if case.startswith("norm"):  # g's loads, then the wait, then x's
+            early = [i for i in loads if i < wait[0]]
+            assert early and len(loads) == 2 * len(early), case
+            assert all(ptx[i].lstrip("@%p0123456789! ").startswith("ld.global.v4.b32") for i in loads), case
+            assert len(early_sass) == len(early) and all("LDG.E.128" in line for line in early_sass), case
             continue
         early = [ptx[i] for i in loads if i < wait[0]]
         x_loads = [i for i, line in enumerate(ptx) if line.startswith("ld.global.v4.b32")]
