@@ -136,13 +136,13 @@ def rms_norm_kernel(x_ptr, g_ptr, out_ptr, K, stride_xm, stride_xk, stride_om, e
     dtype = out_ptr.dtype.element_ty
     offs = tl.arange(0, BLOCK_K)
     if ONE_PASS:
-        g = tl.load(g_ptr + offs, mask=offs < K, other=0).to(tl.float32)
+        mask = offs < K
+        g = tl.load(g_ptr + offs, mask=mask, other=0).to(tl.float32)
     if PDL:  # (added to the row, not to the pointer, whose alignment Triton would then no longer know)
         row += wait_for_prior_grids()
     x_row = x_ptr + row * stride_xm
     out_row = out_ptr + row * stride_om
     if ONE_PASS:
-        mask = offs < K
         x = tl.load(x_row + offs * stride_xk, mask=mask, other=0).to(tl.float32)
         scale = tl.rsqrt((tl.sum(x * x, axis=0) / K + eps).to(tl.float32))
         tl.store(out_row + offs, _normed(x, scale, g, dtype), mask=mask)

@@ -5,7 +5,8 @@ Eagerly the decode step's kernels (the W4A16 GEMV, the warp-level MMA kernel, th
 split-K workspace's zeroing) are launched with Triton's ``launch_pdl`` (``kernels.common.dependent_launch``):
 each starts while the kernel before it finishes; and the linears with ``maxnreg``
 (``kernels.common.register_budget``): ptxas issues a step's loads together. Inductor compiles a user kernel
-with the options of the ``triton_meta`` it writes into its generated module, and drops both launch options. For the kernels given here they come back:
+with the options of the ``triton_meta`` it writes into its generated module, and drops both launch options.
+For the kernels given here they come back:
 
 - traced with a true ``PDL`` constexpr, the module's ``triton_meta`` gets ``'launch_pdl': True``, an option
   Inductor passes on to Triton (its own static launcher declines kernels with launch attributes and leaves
