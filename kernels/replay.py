@@ -11,7 +11,8 @@ kernels. Later calls of that signature replay the record: fresh buffers, then ea
 
 A record is kept only where replaying it is the call itself:
 
-- every tensor a kernel gets is an input of the call or one of its recorded buffers, and the result is such a buffer;
+- every tensor a kernel gets is an input of the call, one of its recorded buffers or a buffer kept between calls
+  (``kept_zeros``: passed as it is), and the result is a recorded buffer;
 - no torch op ran but those allocations (a dispatch mode watches): nothing computed a tensor that a replay would skip.
 
 Any other signature (the dequantized weight + cuBLAS for large M, the Gluon kernels) runs ``entry`` at every call.
@@ -34,6 +35,10 @@ _SCALARS = (int, float, bool, str, type(None))
 MAX_SIGNATURES = 1024  # per entry point; past it the records start again (each prefill length is a signature)
 
 _state = threading.local()  # .recording: the _Recording of the call being recorded on this thread, if any
+
+# kept_zeros's buffers: (device, size) -> tensor; and their ids, which a record passes to its launches as they are
+_KEPT = {}
+_KEPT_IDS = set()
 
 
 def _active_hook(hook):
@@ -121,6 +126,8 @@ class _Recording(TorchDispatchMode):
         tensors = []
         for position, value in enumerate(values):
             if isinstance(value, torch.Tensor):
+                if id(value) in _KEPT_IDS:
+                    continue
                 slot = self.slots.get(id(value))
                 if slot is None:  # computed by the entry point: a replay would not compute it
                     self.replayable = False
@@ -162,6 +169,48 @@ def _allocate(buffer: _Buffer) -> torch.Tensor:
 def new_empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """``torch.empty``, recorded as a buffer that a replay allocates again."""
     return _allocate(_Buffer(tuple(shape), dtype, device))
+
+
+def kept_zeros(size: int, device: torch.device) -> torch.Tensor:
+    """float32 zeros, at least ``size``, kept for the process: one a device and power-of-two size, made (zeroed) at
+    its first call, which a replay passes to its launches as it is. For the kernels that leave it at zero when they
+    finish (the split-K workspace, ``common.split_k_workspace``): a CUDA graph replays the address it captured, so
+    two launches on one device that use it must not overlap (streams that run concurrently would share it). One
+    made during a CUDA graph's capture (no call before it) is the graph's own, zeroed in the graph, and not kept."""
+    key = (device, 1 << max(size - 1, 0).bit_length())
+    kept = _KEPT.get(key)
+    if kept is not None:
+        return kept
+    with _disable_current_modes():  # (made outside a recording's watch: a later replay need not make it)
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return torch.zeros(key[1], device=device, dtype=torch.float32)
+        kept = _zeros_outside_graph_pools(key[1], device)
+    _KEPT[key] = kept
+    _KEPT_IDS.add(id(kept))
+    return kept
+
+
+def _zeros_outside_graph_pools(size: int, device: torch.device) -> torch.Tensor:
+    """float32 zeros made on a thread of their own where ``device`` is a GPU: while torch.compile's CUDA graphs warm
+    a graph up they send this thread's allocations to the graph's memory pool, where a tensor that outlives the call
+    is one they do not track (and refuse to record)."""
+    if device.type != "cuda":
+        return torch.zeros(size, device=device, dtype=torch.float32)
+    made = []
+
+    def make():
+        try:
+            made.append(torch.zeros(size, device=device, dtype=torch.float32))
+        except BaseException as error:  # (raised on this thread below)
+            made.append(error)
+
+    thread = threading.Thread(target=make)
+    thread.start()
+    thread.join()
+    if isinstance(made[0], BaseException):
+        raise made[0]
+    torch.cuda.synchronize(device)  # (zeroed on the other thread's stream)
+    return made[0]
 
 
 def launch(kernel, grid, *args, **kwargs):

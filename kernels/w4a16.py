@@ -36,11 +36,12 @@ run the norm as a pass of its own. A bias may be shaped as the output (a residua
 
 The GEMV, the warp-level and the tensor-core kernels may split K over ``SPLIT_K`` programs when
 the (M, N) tiles alone would leave the GPU idle; the programs of a tile add their partial sums
-into a zeroed float32 workspace and the last to arrive finishes the tile (``store_output``): no
-second launch. That same epilogue computes the ``activation``: GELU, or ``"silu_mul"`` (columns
-``[gate | up]``, result ``silu(gate) * up``), each program computing matching gate and up tiles
+into a float32 workspace kept between calls and the last to arrive finishes the tile and leaves
+the workspace at zero again (``store_output``): no launch before it and none after. That same
+epilogue computes the ``activation``: GELU, or ``"silu_mul"`` (columns ``[gate | up]``, result
+``silu(gate) * up``), each program computing matching gate and up tiles
 (the GEMV in one pass over K, its gate columns then its up columns as one tile). The Gluon kernels
-split K their own way (the wgmma kernel into a workspace each launch leaves zero, ``split_workspace``;
+split K their own way (the wgmma kernel into a kept workspace each launch leaves zero, ``replay.kept_zeros``;
 the TMA kernel into zeros, cast after) and, like dequantize + cuBLAS, leave a residual and the
 activation to one pointwise pass after them (fused by Inductor under torch.compile).
 """
@@ -53,6 +54,7 @@ from typing import NamedTuple, Optional
 import torch
 import triton
 import triton.language as tl
+from torch._subclasses.fake_tensor import is_fake
 
 from .common import (MAX_UNROLLED_STEPS, asm_constant, bias_rows, capability, cdiv, dependent_launch, grouped_tile,
                      launch_dependent_grids, mma_accumulate, mma_zeros, next_power_of_2, output_columns,
@@ -60,7 +62,7 @@ from .common import (MAX_UNROLLED_STEPS, asm_constant, bias_rows, capability, cd
                      triton_interpreted, unrolled_steps, wait_for_prior_grids)
 from .int4_pairs import NIBBLE_PAIRS_OUT, bf16_nibble_pairs, f16_nibble_pairs, zero_bf16x2, zero_f16x2
 from .reference import activation_after_gemm, check_up_run, gate_up_halves
-from .replay import launch, new_empty
+from .replay import kept_zeros, launch, new_empty
 from .w4a16_gemv import row_inv_rms, w4a16_gemv_kernel
 from .w4a16_warp_mma import warp_mma_columns, w4a16_warp_mma_kernel
 
@@ -379,28 +381,6 @@ def _hopper(device: torch.device) -> bool:
     return device.type == "cuda" and _GLUON and capability(device) == (9, 0)
 
 
-# the wgmma kernel's split-K workspaces: (device, size) -> float32, zero between launches
-_SPLIT_WORKSPACES = {}
-
-
-def split_workspace(device: torch.device, size: int) -> torch.Tensor:
-    """float32 zeros, at least ``size``, for the wgmma kernel's split-K sums and counts. That kernel leaves
-    them at zero when it finishes (``w4a16_wgmma._take_split_total``), so a workspace is zeroed once, when
-    made, not before every launch (H200: the zeros and the cast after a split took 2.5 to 5.6 us of 10 to 39
-    at 32 to 128 rows; without them the kernel's split GEMMs at 24 to 64 rows are 1.02 to 1.24x faster,
-    geometric mean 1.10; bench/NOTES-kernels.md, twenty-third session). One a device and power-of-two size,
-    kept for the process, as a CUDA graph replays the address it captured: so two launches on one device
-    must not overlap (streams that run concurrently, each with its split GEMMs, would share it). One made
-    during a graph's capture (no call before it) is the graph's own, zeroed in the graph, and not kept."""
-    key = (device, 1 << max(size - 1, 0).bit_length())
-    workspace = _SPLIT_WORKSPACES.get(key)
-    if workspace is None:
-        workspace = torch.zeros(key[1], device=device, dtype=torch.float32)
-        if not torch.cuda.is_current_stream_capturing():
-            _SPLIT_WORKSPACES[key] = workspace
-    return workspace
-
-
 def wgmma_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                  group_size: int, bias: Optional[torch.Tensor], block_m: int, warpgroups: int,
                  split_k: int, scaled: bool = False) -> torch.Tensor:
@@ -413,7 +393,7 @@ def wgmma_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
     out = torch.empty((M, N), device=x.device, dtype=x.dtype)
     grid = (cdiv(N, 64 * warpgroups), cdiv(M, block_m), split_k)
     # split, the sums and a count per output tile; unsplit never read
-    sums = split_workspace(x.device, M * N + grid[0] * grid[1]) if split_k > 1 else out
+    sums = kept_zeros(M * N + grid[0] * grid[1], x.device) if split_k > 1 else out
     w4a16_wgmma_kernel[grid](
         x, qweight, scales, zeros, bias if bias is not None else scales, out, sums, M, N, K,
         x.stride(0), qweight.stride(0), scales.stride(0), out.stride(0), GROUP_SIZE=group_size, BLOCK_M=block_m,
@@ -764,6 +744,7 @@ def w4a16_linear(
     chunked_dequantize_matmul=None,
     wgmma_matmul_op=None,
     wgmma_tma_matmul_op=None,
+    split_k_linear_op=None,
 ) -> torch.Tensor:
     """``x [M, K] @ dequantize(qweight, scales, zeros) (+ bias)`` -> ``[M, N]`` in x.dtype.
 
@@ -783,6 +764,10 @@ def w4a16_linear(
     ``dequantize_matmul`` where the weight goes in chunks, ``wgmma_matmul`` and ``wgmma_tma_matmul`` (the
     same arguments; by default those functions). torch.compile can trace none of them (streams; Gluon
     kernels), so ``qpass.ops`` passes each wrapped in an op that torch.compile keeps opaque.
+    ``split_k_linear_op``: what runs this call (its arguments but ``config`` and the ops) where it is traced (fake
+    tensors) and the kernel picked splits K: the kernel's programs meet in a workspace kept between calls
+    (``common.split_k_workspace``), which a traced graph cannot keep; ``qpass.ops`` passes an opaque op that runs
+    this function for real. Without it a traced split zeroes a fresh workspace, one launch more.
     """
     M, K = x.shape
     N = qweight.shape[1]
@@ -806,6 +791,9 @@ def w4a16_linear(
                          f"aligned, rows of x, qweight and scales contiguous, K a multiple of 128 and group_size 64 "
                          f"or a multiple of 128; got x {tuple(x.shape)} {x.dtype} strides {x.stride()} offset "
                          f"{x.storage_offset()} on {x.device}, group_size {group_size}")
+    if (split_k_linear_op is not None and not given and isinstance(cfg, (GemvConfig, WarpMmaConfig, MmaConfig))
+            and cfg.split_k > 1 and is_fake(x)):
+        return split_k_linear_op(x, qweight, scales, zeros, group_size, bias, activation, norm_weight, norm_eps, up_run)
     if norm_weight is not None and not isinstance(cfg, GemvConfig):
         x = _rms_norm(x, norm_weight, norm_eps)
         norm_weight = None
@@ -829,7 +817,8 @@ def w4a16_linear(
         return activation_after_gemm(out if vector_bias is bias else out + bias, activation, up_run)
     if up_run and (isinstance(cfg, MmaConfig) or isinstance(cfg, GemvConfig) and up_run != cfg.block_n):
         # (the tensor-core kernel's epilogue reads [gate | up]; the GEMV reads runs of its BLOCK_N)
-        out = w4a16_linear(x, qweight, scales, zeros, group_size, bias, norm_weight=norm_weight, norm_eps=norm_eps)
+        out = w4a16_linear(x, qweight, scales, zeros, group_size, bias, norm_weight=norm_weight, norm_eps=norm_eps,
+                           split_k_linear_op=split_k_linear_op)
         return activation_after_gemm(out, activation, up_run)
     if up_run and bias is not None:  # the epilogue reads the bias of gate column c at c, of up column c at N / 2 + c
         bias = gate_up_halves(bias, up_run)

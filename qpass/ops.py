@@ -2,9 +2,10 @@
 
 Each is a ``torch.library.triton_op``: a schema, a fake implementation for tracing, and a
 body that torch.compile can see into. On CPU the body is the plain-torch reference of
-``qpass.kernels.reference``; on CUDA it launches the Triton kernels of ``qpass.kernels``. One
-part of a body runs two CUDA streams, which torch.compile cannot trace: the W4A16 GEMM for large
-M with the weight in chunks, an opaque ``torch.library.custom_op`` of its own that the body calls.
+``qpass.kernels.reference``; on CUDA it launches the Triton kernels of ``qpass.kernels``. Some
+W4A16 GEMMs the body calls as opaque ``torch.library.custom_op``s of their own, which torch.compile
+runs as they are: the weight in chunks for large M (two CUDA streams), the Gluon kernels (source
+Inductor cannot copy), and the kernels that split K (a workspace kept between calls).
 
 A ``bias`` is ``[N]``, or shaped as the output: a residual added in the epilogue, so that
 ``x + linear(h)`` costs no launch of its own either. The W4A16 op may also take the RMSNorm
@@ -91,11 +92,29 @@ w4a16_wgmma_matmul = _opaque_gemm("w4a16_wgmma_matmul", w4a16_kernels.wgmma_matm
 w4a16_wgmma_tma_matmul = _opaque_gemm("w4a16_wgmma_tma_matmul", w4a16_kernels.wgmma_tma_matmul)
 
 
+@torch.library.custom_op("qpass::w4a16_split_k_linear", mutates_args=())
+def w4a16_split_k_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                         group_size: int, bias: Optional[torch.Tensor], activation: str,
+                         norm_weight: Optional[torch.Tensor], norm_eps: float, up_run: int) -> torch.Tensor:
+    """The W4A16 op's body for ``x [M, K]`` where its kernel splits K, which torch.compile calls as it is instead of
+    tracing into it: the split's programs meet in a workspace kept between calls (``kernels.common.split_k_workspace``),
+    which a compiled graph cannot keep (it would zero a fresh one at every run: a launch more)."""
+    with set_wrap_triton_enabled(False):
+        return _w4a16_kernels(x, qweight, scales, zeros, group_size, bias, activation=activation,
+                              norm_weight=norm_weight, norm_eps=norm_eps, up_run=up_run)
+
+
+@w4a16_split_k_linear.register_fake
+def _(x, qweight, scales, zeros, group_size, bias, activation, norm_weight, norm_eps, up_run):
+    return x.new_empty((x.shape[0], output_columns(activation, qweight.shape[1])))
+
+
 # The kernels' entry points, replaying each input signature's launches where they run for real (an eager call's
-# host time); W4A16's untraceable GEMMs through the opaque ops (bound once, not at every call).
+# host time); W4A16's untraceable GEMMs and its split-K ones through the opaque ops (bound once, not at every call).
 _w4a16_kernels = Replayed(functools.partial(
     w4a16_kernels.w4a16_linear, chunked_dequantize_matmul=w4a16_dequantize_matmul,
-    wgmma_matmul_op=w4a16_wgmma_matmul, wgmma_tma_matmul_op=w4a16_wgmma_tma_matmul))
+    wgmma_matmul_op=w4a16_wgmma_matmul, wgmma_tma_matmul_op=w4a16_wgmma_tma_matmul,
+    split_k_linear_op=w4a16_split_k_linear))
 _w8a16_kernels = Replayed(w8a16_kernels.w8a16_linear)
 _fp8_kernels = Replayed(fp8_kernels.fp8_linear)
 

@@ -339,7 +339,7 @@ def _step_picks(layers, rows, dtype):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_gpu_decode_chain_with_dependent_launch_reads_what_the_kernel_before_wrote(dtype, rows, monkeypatch):
     """A decode step's chain of ops (norm, residual, silu_mul) with PDL: GEMVs at one row; at 8 and 16 the
-    RMSNorm kernel and the warp-level MMA kernel (K split at 8 rows, its workspace zeroed by a kernel between). Its
+    RMSNorm kernel and the warp-level MMA kernel (K split at 8 rows, into the workspace kept between calls). Its
     kernels overlapping (queued behind a long kernel, and replayed from a CUDA graph with new inputs), it gives
     bitwise what the same kernels give one at a time (a synchronization after each); and the chain without PDL
     within rounding (the two compilations may round differently: a kernel reading stale inputs would be off by
@@ -377,18 +377,18 @@ def test_gpu_decode_chain_with_dependent_launch_reads_what_the_kernel_before_wro
 
 @cuda
 @needs_cuda
-@pytest.mark.parametrize("rows, pdl_kernels", [(1, ("w4a16_gemv_kernel",)),
-                                               (8, ("w4a16_warp_mma_kernel", "rms_norm_kernel", "zero_kernel")),
+@pytest.mark.parametrize("rows, pdl_kernels", [(1, ("w4a16_gemv_kernel",)), (8, ()),
                                                (16, ("w4a16_warp_mma_kernel", "rms_norm_kernel"))])
 def test_gpu_compiled_decode_chain_is_launched_with_dependent_launch_and_register_budgets(rows, pdl_kernels,
                                                                                           monkeypatch):
     """torch.compile of the decode step's chain of ops (CUDA graphs, "reduce-overhead"), compiled in Inductor's
     worker processes: Inductor's code compiles each of the chain's kernels (the GEMV at one row; the RMSNorm and
-    warp-level MMA kernels at 8 and 16, and at 8 the zero kernel of a split's workspace) with launch_pdl, and
-    each linear with the pick's register budget (Triton compiled it with that maxnreg), nothing is copied for
-    want of knowing what a kernel writes (no CUDA graph is skipped), and the replays give bitwise what the
-    kernels give eagerly, one at a time (within rounding where K is split more than twice: the partial sums
-    are added in the order the programs arrive)."""
+    warp-level MMA kernels at 16) with launch_pdl, and each linear with the pick's register budget (Triton
+    compiled it with that maxnreg); a linear whose kernel splits K (all of them at 8 rows) is a call of
+    ``qpass::w4a16_split_k_linear``, which launches its kernels as eager calls do, into the workspace kept between
+    calls, with no zero kernel. Nothing is copied for want of knowing what a kernel writes (no CUDA graph is
+    skipped), and the replays give bitwise what the kernels give eagerly, one at a time (within rounding where K
+    is split more than twice: the partial sums are added in the order the programs arrive)."""
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("programmatic dependent launch needs sm_90")
     from torch._dynamo.utils import counters
@@ -399,8 +399,10 @@ def test_gpu_compiled_decode_chain_is_launched_with_dependent_launch_and_registe
     layers = _decode_layers(torch.bfloat16)
     inputs = [torch.randn(rows, 1024, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
     picks = _step_picks(layers, rows, torch.bfloat16)
-    budgets = {cfg.maxnreg for cfg in picks}
-    assert 0 not in budgets
+    assert 0 not in {cfg.maxnreg for cfg in picks}
+    split = [cfg for cfg in picks if cfg.split_k > 1]
+    assert (len(split) == len(picks)) if rows == 8 else not split, picks
+    budgets = {cfg.maxnreg for cfg in picks if cfg.split_k == 1}  # (the split ones: the op's, not Inductor's)
     same = torch.equal if all(cfg.split_k <= 2 for cfg in picks) else (lambda a, b: relative_error(a, b) < 1e-2)
     eager = [_decode_step(layers, x, synchronize=True) for x in inputs]
     torch._dynamo.reset()
@@ -426,9 +428,12 @@ def test_gpu_compiled_decode_chain_is_launched_with_dependent_launch_and_registe
                      if block.startswith(f"'{name}")] for name in pdl_kernels}
     assert all(blocks.values()), {name: len(found) for name, found in blocks.items()}
     assert all("triton_meta={'launch_pdl': True, " in block for found in blocks.values() for block in found)
-    unbudgeted = [block[:2000] for block in blocks[pdl_kernels[0]]  # (the linear's)
+    unbudgeted = [block[:2000] for block in (blocks[pdl_kernels[0]] if pdl_kernels else [])  # (the linear's)
                   if "'maxnreg': " not in block or "import qpass\n@triton_heuristics.user_autotune(" not in block]
     assert not unbudgeted, unbudgeted
+    code = "".join(code)
+    assert code.count("torch.ops.qpass.w4a16_split_k_linear.default(") == (4 * len(layers) if split else 0)
+    assert "zero_kernel" not in code and (not split or "w4a16_warp_mma_kernel" not in code)
     compiled = [kernel for kernel in ran.values() if kernel.triton_meta.get("maxnreg")]
     assert {kernel.triton_meta["maxnreg"] for kernel in compiled} == budgets, (len(ran), budgets)
     for kernel in compiled:

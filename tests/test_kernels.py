@@ -31,7 +31,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qpass.kernels import fp8, int4_pairs, reference, w4a16, w8a16
+from qpass.kernels import fp8, int4_pairs, reference, replay, w4a16, w8a16
 from qpass.kernels.common import ACTIVATIONS, MAX_UNROLLED_STEPS, output_columns, unrolled_steps
 
 CUDA = torch.cuda.is_available()
@@ -1344,30 +1344,66 @@ def test_gpu_w4a16_wgmma_tma(M, eighth_n, chunks, group_size, dtype, symmetric, 
 
 @cuda
 @needs_cuda
-@needs_hopper
-@pytest.mark.parametrize("config", [w4a16.WgmmaConfig(64, 2, 4, scaled=True), w4a16.WgmmaConfig(32, 1, 3)])
-def test_gpu_split_gemms_leave_their_workspace_zero(config):
-    """The wgmma kernel's splits of K meet in a workspace that is zeroed only when made: each launch leaves it
-    at zero. So the same split GEMM is right every time, eager and replayed in a CUDA graph (which keeps the
-    workspace's address), between GEMMs of other shapes, and every workspace is zero afterwards."""
+@pytest.mark.parametrize("config, rows", [
+    pytest.param(w4a16.WgmmaConfig(64, 2, 4, scaled=True), (50, 20), marks=needs_hopper),
+    pytest.param(w4a16.WgmmaConfig(32, 1, 3), (50, 20), marks=needs_hopper),
+    (w4a16.WarpMmaConfig(4, 4, 2, maxnreg=232), (16, 9)), (w4a16.WarpMmaConfig(8, 2, 1), (5, 8)),
+    (w4a16.GemvConfig(64, 64, 4, num_warps=4), (1, 3)), (w4a16.MmaConfig(32, 32, 64, 3, False, 4, 2), (40, 20))])
+def test_gpu_split_gemms_leave_their_workspace_zero(config, rows):
+    """The splits of K of each kernel meet in a workspace kept between calls, zeroed only when made
+    (``replay.kept_zeros``): each launch leaves it at zero. So the same split GEMM is right every time, eager,
+    replayed from its record and replayed in a CUDA graph (which keeps the workspace's address), between GEMMs of
+    other shapes, and every workspace is zero afterwards."""
+    from torch._library.triton import set_wrap_triton_enabled
+
+    replayed = replay.Replayed(w4a16.w4a16_linear)
+
     def gemm(M, N, seed):
-        x, qweight, scales, zeros, b = make_w4(M, N, 1024, 128, torch.float16, False, True, seed)
-        return (lambda: w4a16.w4a16_linear(x, qweight, scales, zeros, 128, b, config=config),
+        x, qweight, scales, zeros, b = make_w4(M, N, 2048, 128, torch.bfloat16, False, True, seed)
+        return (lambda: replayed(x, qweight, scales, zeros, 128, b, config=config),
                 w4_reference(x, qweight, scales, zeros, 128, b))
 
-    (first, first_ref), (other, other_ref) = gemm(50, 320, 0), gemm(20, 200, 1)
-    for run, ref in ((first, first_ref), (other, other_ref), (first, first_ref), (first, first_ref)):
-        assert relative_error(run(), ref) < BOUND[torch.float16]
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = first()
-    for _ in range(3):
-        out.zero_()
-        graph.replay()
-        assert relative_error(out, first_ref) < BOUND[torch.float16]
-        assert relative_error(other(), other_ref) < BOUND[torch.float16]
+    (first, first_ref), (other, other_ref) = gemm(rows[0], 320, 0), gemm(rows[1], 200, 1)
+    with set_wrap_triton_enabled(False):  # (as the ops' CUDA backend runs it: the second call of each replays)
+        for run, ref in ((first, first_ref), (other, other_ref), (first, first_ref), (first, first_ref)):
+            assert relative_error(run(), ref) < BOUND[torch.bfloat16]
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = first()
+        for _ in range(3):
+            out.zero_()
+            graph.replay()
+            assert relative_error(out, first_ref) < BOUND[torch.bfloat16]
+            assert relative_error(other(), other_ref) < BOUND[torch.bfloat16]
     torch.cuda.synchronize()
-    assert w4a16._SPLIT_WORKSPACES and not any(w.any() for w in w4a16._SPLIT_WORKSPACES.values())
+    if not isinstance(config, w4a16.WgmmaConfig):  # (Gluon's launches are not recorded)
+        assert all(isinstance(record, replay._Record) for record in replayed.records.values())
+    assert replay._KEPT and not any(w.any() for w in replay._KEPT.values())
+
+
+@cuda
+@needs_cuda
+def test_gpu_split_k_workspace_first_made_in_a_compiled_cuda_graphs_warm_up(monkeypatch):
+    """A split-K workspace first needed while torch.compile's CUDA graphs warm a graph up is made outside the
+    graph's memory pool (there it would be a live allocation the graph does not track, which it refuses to record):
+    the graph records and replays, right each time, and the workspace is left at zero."""
+    import torch._dynamo
+
+    import qpass  # noqa: F401
+
+    monkeypatch.setattr(replay, "_KEPT", {})
+    monkeypatch.setattr(replay, "_KEPT_IDS", set())
+    x, qweight, scales, zeros, b = make_w4(8, 512, 1024, 128, torch.float16, False, True, 0)
+    assert w4a16.pick_config(8, 512, 1024, 128, x.device).split_k > 1
+    ref = w4_reference(x, qweight, scales, zeros, 128, b)
+    torch._dynamo.reset()
+    step = torch.compile(lambda x: torch.ops.qpass.w4a16_linear(x, qweight, scales, zeros, 128, b),
+                         mode="reduce-overhead", fullgraph=True)
+    for _ in range(4):
+        torch.compiler.cudagraph_mark_step_begin()
+        assert relative_error(step(x), ref) < BOUND[torch.float16]
+    torch.cuda.synchronize()
+    assert replay._KEPT and not any(kept.any() for kept in replay._KEPT.values())
 
 
 @cuda
@@ -1448,8 +1484,11 @@ def test_gpu_compiled_op_calls_the_triton_kernel_without_graph_break(M):
                w4a16.WarpMmaConfig: "w4a16_warp_mma_kernel", w4a16.DequantMmConfig: "_w4a16_dequantize_kernel",
                w4a16.WgmmaConfig: "w4a16_wgmma_matmul",  # (opaque ops: Inductor cannot copy a Gluon kernel)
                w4a16.WgmmaTmaConfig: "w4a16_wgmma_tma_matmul"}
-    kernel = kernels[type(w4a16.pick_config(M, 512, 1024, 128, x.device))]
-    assert any(kernel in code for code in codes), "Inductor's code does not launch the Triton kernel"
+    cfg = w4a16.pick_config(M, 512, 1024, 128, x.device)
+    kernel = kernels[type(cfg)]
+    if kernel in ("w4a16_gemv_kernel", "_w4a16_mma_kernel", "w4a16_warp_mma_kernel") and cfg.split_k > 1:
+        kernel = "torch.ops.qpass.w4a16_split_k_linear.default("  # (the op keeps the split's workspace)
+    assert any(kernel in code for code in codes), f"Inductor's code does not launch {kernel}"
 
 
 def test_opaque_gemm_ops_run_under_torch_compile():
@@ -1472,6 +1511,59 @@ def test_opaque_gemm_ops_run_under_torch_compile():
         assert gemm(*fake, 64, None, 4, 16, 32).shape == (7, 48)
         assert torch.ops.qpass.w4a16_wgmma_matmul(*fake, 64, None, 32, 1, 1).shape == (7, 48)
         assert torch.ops.qpass.w4a16_wgmma_tma_matmul(*fake, 64, None, 128, 128, 4, 1).shape == (7, 48)
+
+
+def test_a_traced_call_whose_kernel_splits_k_goes_to_the_split_k_op(monkeypatch):
+    """Traced (fake tensors), a W4A16 call whose kernel splits K hands itself, all its arguments (norm, residual,
+    activation and all), to ``split_k_linear_op``, which ``qpass.ops`` makes an op that torch.compile runs as it
+    is (the split's workspace is kept between calls: a compiled graph could not keep it). With real tensors the
+    kernels run; so they do with a config given."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    calls = []
+
+    def split_k_linear_op(*args):
+        calls.append(args)
+        return "the op's result"
+
+    monkeypatch.setattr(w4a16, "pick_config", lambda *args, **kwargs: w4a16.GemvConfig(16, 32, 4, num_warps=4))
+    x, qweight, scales, zeros, _ = make_w4(2, 96, 256, 64, torch.float32, False, False, 0)
+    norm_weight, residual = norm_and_residual(2, 96, 256, torch.float32, 0)
+    call = (64, residual, "silu_mul", norm_weight, 1e-5, 16)
+    with FakeTensorMode() as mode:
+        fake = [mode.from_tensor(t) for t in (x, qweight, scales, zeros)]
+        assert w4a16.w4a16_linear(*fake, *call, split_k_linear_op=split_k_linear_op) == "the op's result"
+    assert len(calls) == 1 and calls[0][:4] == tuple(fake) and calls[0][4:] == call
+    for config in (None, w4a16.GemvConfig(16, 32, 4, num_warps=4)):
+        out = w4a16.w4a16_linear(x, qweight, scales, zeros, *call, config=config, split_k_linear_op=split_k_linear_op)
+        assert len(calls) == 1 and out.shape == (2, 48)
+
+
+def test_split_k_op_runs_under_torch_compile_and_leaves_its_workspace_zero(monkeypatch):
+    """``qpass::w4a16_split_k_linear`` (the W4A16 op's body where its kernel splits K): on the CPU (Triton's
+    interpreter) it gives inside a compiled graph what the kernels give eagerly, with the norm, a residual and
+    silu_mul, its kept workspace left at zero; its fake implementation gives the output's shape."""
+    import torch._dynamo
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    import qpass  # noqa: F401
+
+    config = w4a16.GemvConfig(16, 32, 4, num_warps=4)
+    monkeypatch.setattr(w4a16, "pick_config", lambda *args, **kwargs: config)
+    x, qweight, scales, zeros, _ = make_w4(3, 96, 256, 64, torch.float32, False, False, 0)
+    norm_weight, residual = norm_and_residual(3, 96, 256, torch.float32, 0)
+    call = (64, residual, "silu_mul", norm_weight, 1e-5, 16)
+    split_k_linear = torch.ops.qpass.w4a16_split_k_linear
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x: torch.relu(split_k_linear(x, qweight, scales, zeros, *call)), fullgraph=True)
+    eager = torch.relu(w4a16.w4a16_linear(x, qweight, scales, zeros, *call, config=config))
+    for _ in range(2):
+        assert torch.equal(compiled(x), eager)
+    assert not any(kept.any() for kept in replay._KEPT.values())
+    with FakeTensorMode():
+        fake = (torch.empty(7, 256), torch.empty(32, 96, dtype=torch.int32), torch.empty(4, 96), torch.empty(4, 96))
+        assert split_k_linear(*fake, 64, None, "silu_mul", None, 0.0, 0).shape == (7, 48)
+        assert split_k_linear(*fake, 64, None, "none", None, 0.0, 0).shape == (7, 96)
 
 
 @cuda

@@ -48,6 +48,7 @@ def assert_replays(entry, make_inputs, kernels, **kwargs):
     assert counted.calls == 1
     (record,) = run.records.values()
     assert kernel_names(record) == kernels
+    assert not any(kept.any() for kept in replay._KEPT.values())  # a split-K workspace is left at zero
     # (on the GPU a K split adds its partial sums in whatever order they arrive)
     assert torch.equal(out, expected) if not CUDA else relative_error(out, expected) < BOUND[out.dtype]
     return out
@@ -71,10 +72,8 @@ def test_w4a16_calls_replay_their_launches(case):
         kwargs = dict(activation="silu_mul")
     elif case == "split_k":
         kwargs = dict(config=w4a16.GemvConfig(16, 32, 4, num_warps=4))
-    # (split K: its workspace zeroed first)
-    kernels = {"mma": ["zero_kernel", "_w4a16_mma_kernel"],
-               "mma_norm": ["rms_norm_kernel", "zero_kernel", "_w4a16_mma_kernel"],
-               "split_k": ["zero_kernel", "w4a16_gemv_kernel"]}
+    # (split K: the workspace kept between calls, passed to the replayed launch as it is; no zeroing before it)
+    kernels = {"mma": ["_w4a16_mma_kernel"], "mma_norm": ["rms_norm_kernel", "_w4a16_mma_kernel"]}
     out = assert_replays(w4a16.w4a16_linear, inputs, kernels.get(case, ["w4a16_gemv_kernel"]), **kwargs)
     x, qweight, scales, zeros, _, b = inputs(1)
     if case in ("bias", "residual", "split_k", "mma"):  # (the norm and silu_mul: the kernels' own tests)
@@ -86,9 +85,9 @@ def test_w8a16_and_fp8_calls_replay_their_launches():
                          ["w8_gemv_kernel"])
     x, qweight, scales, b = make_w8(1, 96, 256, torch.float32, True, 1)
     assert relative_error(out, reference.w8a16_linear(x, qweight, scales, b)) < BOUND[torch.float32]
-    # three launches: the rows quantized into a buffer, the split-K workspace zeroed, then the GEMM
+    # two launches: the rows quantized into a buffer, then the GEMM (K split: its workspace kept between calls)
     out = assert_replays(fp8.fp8_linear, lambda seed: make_fp8(24, 96, 256, torch.float16, True, seed),
-                         ["_quantize_rows_kernel", "zero_kernel", "_fp8_mma_kernel"])
+                         ["_quantize_rows_kernel", "_fp8_mma_kernel"])
     x, qweight, weight_scale, b = make_fp8(24, 96, 256, torch.float16, True, 1)
     ref = reference.fp8_linear(x.float(), qweight, weight_scale, b.float())
     assert relative_error(out, ref) < FP8_BOUND[torch.float16]
@@ -169,20 +168,17 @@ def test_gpu_replayed_launches_give_the_entry_points_results(dtype):
     launches), then replays inside a CUDA graph."""
     K, N = 512, 256
     norm_weight, _ = norm_and_residual(1, N, K, dtype, 0)
-    cuda_device = torch.device("cuda")
-    # (split K: its workspace zeroed first)
-    warp_mma_split = w4a16.pick_config(12, N, K, 128, cuda_device, dtype=dtype).split_k > 1
-    fp8_split = fp8.pick_config(64, N, K, cuda_device).split_k > 1
+    # (split K or not: the same launches, a split's workspace kept between calls)
     cases = [
         (w4a16.w4a16_linear, lambda s: make_w4(1, N, K, 128, dtype, False, False, s)[:4] + [128],
          dict(norm_weight=norm_weight, norm_eps=1e-5, activation="silu_mul"), ["w4a16_gemv_kernel"]),
         (w4a16.w4a16_linear, lambda s: make_w4(1, N, K, 128, dtype, False, False, s)[:4] + [
             128, norm_and_residual(1, N, K, dtype, s)[1]], {}, ["w4a16_gemv_kernel"]),
         (w4a16.w4a16_linear, lambda s: make_w4(12, N, K, 128, dtype, False, False, s)[:4] + [128], {},
-         ["zero_kernel"] * warp_mma_split + ["w4a16_warp_mma_kernel"]),
+         ["w4a16_warp_mma_kernel"]),
         (w8a16.w8a16_linear, lambda s: make_w8(1, N, K, dtype, True, s), {}, ["w8_gemv_kernel"]),
         (fp8.fp8_linear, lambda s: make_fp8(64, N, K, dtype, True, s), {},
-         ["_quantize_rows_kernel"] + ["zero_kernel"] * fp8_split + ["_fp8_mma_kernel"]),
+         ["_quantize_rows_kernel", "_fp8_mma_kernel"]),
     ]
     for entry, inputs, kwargs, kernels in cases:
         assert_replays(entry, inputs, kernels, **kwargs)
