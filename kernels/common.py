@@ -123,24 +123,42 @@ def output_columns(activation: str, N: int) -> int:
     return N // 2
 
 
+# Partial sums past this many floats (16 MB) are not kept between calls: the memory would stay held for the process,
+# and where M x N is that large the GEMM's own time dwarfs the launch that zeroes a fresh workspace
+KEPT_WORKSPACE_MAX = 1 << 22
+
+
+def keeps_workspace(M: int, N: int) -> bool:
+    """Whether a split of K of an ``[M, N]`` GEMM that runs for real meets in the workspace kept between calls."""
+    return M * N <= KEPT_WORKSPACE_MAX
+
+
 def split_k_workspace(M: int, N: int, tiles: int, split_k: int, like: torch.Tensor) -> torch.Tensor:
     """Zeroed float32 partial sums ``[M, N]`` followed by one arrival count per output tile
     (float32 too: one allocation, no dtype view for Inductor to trip on); ``like`` (never read)
     when K is not split. Where the kernels run for real, the workspace kept between calls
-    (``replay.kept_zeros``), which ``store_output`` leaves at zero: no launch before the kernel's
-    (H200, bf16, 16 rows: down_proj's op 18.1 -> 17.3 us, the decode step's 64 ops 1061-1075 ->
-    1048-1057 us). Traced (fake tensors: torch.compile), a graph cannot keep a buffer between its
-    runs (``w4a16.w4a16_linear`` hands such a call to an opaque op): a fresh one, zeroed by
-    ``zero_kernel``, launched as ``like``'s kernels are (``dependent_launch``): torch's fill would
-    wait for the kernel before it to finish, and the split kernel after it could not start early."""
+    (``replay.kept_zeros``; ``keeps_workspace``), which ``store_output`` leaves at zero: no launch
+    before the kernel's (H200, bf16, 16 rows: down_proj's op 18.1 -> 17.3 us, the decode step's 64
+    ops 1061-1075 -> 1048-1057 us). Traced (fake tensors: torch.compile), a graph cannot keep a
+    buffer between its runs (``traced_split``: the entry points hand such a call to an opaque op),
+    and past ``KEPT_WORKSPACE_MAX``: a fresh one, zeroed by ``zero_kernel``, launched as ``like``'s
+    kernels are (``dependent_launch``): torch's fill would wait for the kernel before it to finish,
+    and the split kernel after it could not start early."""
     if split_k == 1:
         return like
     size = M * N + tiles
-    if not is_fake(like):
+    if keeps_workspace(M, N) and not is_fake(like):
         return kept_zeros(size, like.device)
     ws = new_empty((size,), torch.float32, like.device)
     launch(zero_kernel, (cdiv(size, ZERO_BLOCK),), ws, size, BLOCK=ZERO_BLOCK, **dependent_launch(like))
     return ws
+
+
+def traced_split(cfg, x: torch.Tensor, N: int) -> bool:
+    """Whether a call on x ``[M, K]`` is traced (a fake tensor: torch.compile) and its kernel's config ``cfg`` splits
+    K into the workspace kept between calls (``keeps_workspace`` for ``[M, N]``): a call that an entry point hands to
+    its ``split_k_linear_op`` where it has one, as a traced graph cannot keep that workspace."""
+    return getattr(cfg, "split_k", 1) > 1 and keeps_workspace(x.shape[0], N) and is_fake(x)
 
 
 ZERO_BLOCK = 1024

@@ -21,7 +21,7 @@ import triton.language as tl
 
 from . import w8a16
 from .common import (MmaConfig, bias_rows, cdiv, grouped_tile, next_power_of_2, output_columns, sm_count, split_for,
-                     split_k_workspace, split_range, store_output)
+                     split_k_workspace, split_range, store_output, traced_split)
 from .replay import launch, new_empty
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
@@ -178,12 +178,15 @@ def fp8_linear(
     bias: Optional[torch.Tensor] = None,
     activation: str = "none",
     config=None,
+    split_k_linear_op=None,
 ) -> torch.Tensor:
     """``fp8(x [M, K]) @ qweight.T`` scaled per token and per channel (+ bias) -> ``[M, N]``
     in x.dtype. ``activation`` (``common.ACTIVATIONS``), computed in float32 before the cast:
     "silu_mul" reads the N columns as ``[gate | up]`` and gives ``silu(gate) * up``
     ``[M, N // 2]``; "gelu" / "gelu_tanh" apply GELU.
-    ``config`` (an ``MmaConfig`` or a ``w8a16.GemvConfig``) overrides the tuned choice; for sweeps."""
+    ``config`` (an ``MmaConfig`` or a ``w8a16.GemvConfig``) overrides the tuned choice; for sweeps.
+    ``split_k_linear_op``: what runs a traced call whose kernel splits K, on ``(x, qweight, weight_scale, bias,
+    activation)`` (``common.traced_split``; ``w4a16.w4a16_linear`` says why)."""
     M, K = x.shape
     N = qweight.shape[0]
     n_out = output_columns(activation, N)
@@ -191,6 +194,8 @@ def fp8_linear(
     if M == 0:
         return x.new_empty((0, n_out))
     cfg = config or pick_config(M, n_out, K, x.device)
+    if split_k_linear_op is not None and config is None and traced_split(cfg, x, N):
+        return split_k_linear_op(x, qweight, weight_scale, bias, activation)
     if isinstance(cfg, w8a16.GemvConfig):
         xq, x_scale = quantize_rows(x, torch.float16)
         return w8a16.w8_gemv(xq, qweight, weight_scale, bias, activation, cfg, x_scale, out_dtype=x.dtype)

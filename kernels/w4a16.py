@@ -36,12 +36,12 @@ run the norm as a pass of its own. A bias may be shaped as the output (a residua
 
 The GEMV, the warp-level and the tensor-core kernels may split K over ``SPLIT_K`` programs when
 the (M, N) tiles alone would leave the GPU idle; the programs of a tile add their partial sums
-into a float32 workspace kept between calls and the last to arrive finishes the tile and leaves
-the workspace at zero again (``store_output``): no launch before it and none after. That same
+into a float32 workspace kept between calls (``split_k_workspace``) and the last to arrive finishes
+the tile and leaves the workspace at zero again (``store_output``): no launch before it, none after. That same
 epilogue computes the ``activation``: GELU, or ``"silu_mul"`` (columns ``[gate | up]``, result
 ``silu(gate) * up``), each program computing matching gate and up tiles
 (the GEMV in one pass over K, its gate columns then its up columns as one tile). The Gluon kernels
-split K their own way (the wgmma kernel into a kept workspace each launch leaves zero, ``replay.kept_zeros``;
+split K their own way (the wgmma kernel into a workspace each launch leaves zero, ``split_k_workspace``;
 the TMA kernel into zeros, cast after) and, like dequantize + cuBLAS, leave a residual and the
 activation to one pointwise pass after them (fused by Inductor under torch.compile).
 """
@@ -54,15 +54,14 @@ from typing import NamedTuple, Optional
 import torch
 import triton
 import triton.language as tl
-from torch._subclasses.fake_tensor import is_fake
 
 from .common import (MAX_UNROLLED_STEPS, asm_constant, bias_rows, capability, cdiv, dependent_launch, grouped_tile,
                      launch_dependent_grids, mma_accumulate, mma_zeros, next_power_of_2, output_columns,
-                     register_budget, sm_count, split_for, split_k_workspace, split_range, store_output,
+                     register_budget, sm_count, split_for, split_k_workspace, split_range, store_output, traced_split,
                      triton_interpreted, unrolled_steps, wait_for_prior_grids)
 from .int4_pairs import NIBBLE_PAIRS_OUT, bf16_nibble_pairs, f16_nibble_pairs, zero_bf16x2, zero_f16x2
 from .reference import activation_after_gemm, check_up_run, gate_up_halves
-from .replay import kept_zeros, launch, new_empty
+from .replay import launch, new_empty
 from .w4a16_gemv import row_inv_rms, w4a16_gemv_kernel
 from .w4a16_warp_mma import warp_mma_columns, w4a16_warp_mma_kernel
 
@@ -393,7 +392,7 @@ def wgmma_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
     out = torch.empty((M, N), device=x.device, dtype=x.dtype)
     grid = (cdiv(N, 64 * warpgroups), cdiv(M, block_m), split_k)
     # split, the sums and a count per output tile; unsplit never read
-    sums = kept_zeros(M * N + grid[0] * grid[1], x.device) if split_k > 1 else out
+    sums = split_k_workspace(M, N, grid[0] * grid[1], split_k, out)
     w4a16_wgmma_kernel[grid](
         x, qweight, scales, zeros, bias if bias is not None else scales, out, sums, M, N, K,
         x.stride(0), qweight.stride(0), scales.stride(0), out.stride(0), GROUP_SIZE=group_size, BLOCK_M=block_m,
@@ -764,8 +763,9 @@ def w4a16_linear(
     ``dequantize_matmul`` where the weight goes in chunks, ``wgmma_matmul`` and ``wgmma_tma_matmul`` (the
     same arguments; by default those functions). torch.compile can trace none of them (streams; Gluon
     kernels), so ``qpass.ops`` passes each wrapped in an op that torch.compile keeps opaque.
-    ``split_k_linear_op``: what runs this call (its arguments but ``config`` and the ops) where it is traced (fake
-    tensors) and the kernel picked splits K: the kernel's programs meet in a workspace kept between calls
+    ``split_k_linear_op``: what runs this call, on ``(x, qweight, scales, zeros, group_size, bias, activation,
+    norm_weight, norm_eps, up_run)``, where it is traced (fake tensors) and the kernel picked splits K
+    (``common.traced_split``): the kernel's programs meet in a workspace kept between calls
     (``common.split_k_workspace``), which a traced graph cannot keep; ``qpass.ops`` passes an opaque op that runs
     this function for real. Without it a traced split zeroes a fresh workspace, one launch more.
     """
@@ -792,7 +792,7 @@ def w4a16_linear(
                          f"or a multiple of 128; got x {tuple(x.shape)} {x.dtype} strides {x.stride()} offset "
                          f"{x.storage_offset()} on {x.device}, group_size {group_size}")
     if (split_k_linear_op is not None and not given and isinstance(cfg, (GemvConfig, WarpMmaConfig, MmaConfig))
-            and cfg.split_k > 1 and is_fake(x)):
+            and traced_split(cfg, x, N)):
         return split_k_linear_op(x, qweight, scales, zeros, group_size, bias, activation, norm_weight, norm_eps, up_run)
     if norm_weight is not None and not isinstance(cfg, GemvConfig):
         x = _rms_norm(x, norm_weight, norm_eps)

@@ -70,7 +70,7 @@ def _add_split_sums(acc, offsets, mask, sums_ptr, count_ptr):
 @gluon.jit
 def _take_split_total(offsets, mask, sums_ptr, count_ptr):
     """The tile's totals, for its last program to arrive; its part of the workspace and its count are left at
-    zero for the next launch, so the workspace needs no zeroing of its own (``replay.kept_zeros``)."""
+    zero for the next launch, so the workspace needs no zeroing of its own (``common.split_k_workspace``)."""
     total = gl.load(sums_ptr + offsets, mask=mask, other=0.0, cache_modifier=".cg")
     gl.store(sums_ptr + offsets, gl.zeros_like(total), mask=mask)
     gl.store(count_ptr, 0.0)
@@ -207,7 +207,7 @@ def w4a16_wgmma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, sums_ptr, M,
                        BF16: gl.constexpr, SCALED: gl.constexpr):
     """out = x @ W (+ bias [N]) for BLOCK_M rows (program_id 1) by 64 * WARPGROUPS weight columns
     (program_id 0) over a SPLIT_K-th of K's chunks (program_id 2). Split, the float32 sums meet in the
-    workspace ``sums_ptr`` (``[M, N]`` sums, then a count per output tile; ``replay.kept_zeros``), and the
+    workspace ``sums_ptr`` (``[M, N]`` sums, then a count per output tile; ``common.split_k_workspace``), and the
     tile's last program stores the result."""
     BN: gl.constexpr = 64 * WARPGROUPS
     WARPS: gl.constexpr = 4 * WARPGROUPS

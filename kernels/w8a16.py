@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from .common import (MmaConfig, asm_constant, bias_rows, capability, cdiv, grouped_tile, mma_accumulate, mma_zeros,
-                     output_columns, sm_count, split_for, split_k_workspace, split_range, store_output,
+                     output_columns, sm_count, split_for, split_k_workspace, split_range, store_output, traced_split,
                      triton_interpreted, unrolled_steps)
 from .reference import activation_after_gemm
 from .replay import launch, new_empty
@@ -559,6 +559,7 @@ def w8a16_linear(
     bias: Optional[torch.Tensor] = None,
     activation: str = "none",
     config=None,
+    split_k_linear_op=None,
 ) -> torch.Tensor:
     """``(x [M, K] @ qweight.T) * scales (+ bias)`` -> ``[M, N]`` in x.dtype.
 
@@ -566,6 +567,8 @@ def w8a16_linear(
     reads the N columns as ``[gate | up]`` and gives ``silu(gate) * up`` ``[M, N // 2]``;
     "gelu" / "gelu_tanh" apply GELU.
     ``config`` (a ``GemvConfig``, ``MmaConfig`` or ``DequantMmConfig``) overrides the tuned choice; for sweeps.
+    ``split_k_linear_op``: what runs a traced call whose kernel splits K, on ``(x, qweight, scales, bias,
+    activation)`` (``common.traced_split``; ``w4a16.w4a16_linear`` says why).
     """
     M, K = x.shape
     N = qweight.shape[0]
@@ -574,6 +577,8 @@ def w8a16_linear(
     if M == 0:
         return x.new_empty((0, n_out))
     cfg = config if config is not None else pick_config(M, n_out, K, x.device, packed=_packed_ok(x, qweight))
+    if split_k_linear_op is not None and config is None and traced_split(cfg, x, N):
+        return split_k_linear_op(x, qweight, scales, bias, activation)
     if isinstance(cfg, DequantMmConfig):
         return activation_after_gemm(F.linear(x, (qweight * scales[:, None]).to(x.dtype), bias), activation)
     if isinstance(cfg, GemvConfig):

@@ -2,8 +2,8 @@
 register budget.
 
 Eagerly the decode step's kernels (the W4A16 GEMV, the warp-level MMA kernel, the RMSNorm kernel and, where a
-traced split of K zeroes its workspace, the zero kernel) are launched with Triton's ``launch_pdl`` (``kernels.common.dependent_launch``):
-each starts while the kernel before it finishes; and the linears with ``maxnreg``
+traced split of K zeroes its workspace, the zero kernel) are launched with Triton's ``launch_pdl``
+(``kernels.common.dependent_launch``): each starts while the kernel before it finishes; and the linears with ``maxnreg``
 (``kernels.common.register_budget``): ptxas issues a step's loads together. Inductor compiles a user kernel
 with the options of the ``triton_meta`` it writes into its generated module, and drops both launch options.
 For the kernels given here they come back:

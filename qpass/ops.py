@@ -3,9 +3,10 @@
 Each is a ``torch.library.triton_op``: a schema, a fake implementation for tracing, and a
 body that torch.compile can see into. On CPU the body is the plain-torch reference of
 ``qpass.kernels.reference``; on CUDA it launches the Triton kernels of ``qpass.kernels``. Some
-W4A16 GEMMs the body calls as opaque ``torch.library.custom_op``s of their own, which torch.compile
-runs as they are: the weight in chunks for large M (two CUDA streams), the Gluon kernels (source
-Inductor cannot copy), and the kernels that split K (a workspace kept between calls).
+GEMMs the bodies call as opaque ``torch.library.custom_op``s, which torch.compile runs as they are:
+W4A16's weight in chunks for large M (two CUDA streams) and its Gluon kernels (source Inductor
+cannot copy), and each op's calls whose kernel splits K (``<op>_split_k``: a workspace kept
+between calls, which a compiled graph could not keep).
 
 A ``bias`` is ``[N]``, or shaped as the output: a residual added in the epilogue, so that
 ``x + linear(h)`` costs no launch of its own either. The W4A16 op may also take the RMSNorm
@@ -92,33 +93,6 @@ w4a16_wgmma_matmul = _opaque_gemm("w4a16_wgmma_matmul", w4a16_kernels.wgmma_matm
 w4a16_wgmma_tma_matmul = _opaque_gemm("w4a16_wgmma_tma_matmul", w4a16_kernels.wgmma_tma_matmul)
 
 
-@torch.library.custom_op("qpass::w4a16_split_k_linear", mutates_args=())
-def w4a16_split_k_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                         group_size: int, bias: Optional[torch.Tensor], activation: str,
-                         norm_weight: Optional[torch.Tensor], norm_eps: float, up_run: int) -> torch.Tensor:
-    """The W4A16 op's body for ``x [M, K]`` where its kernel splits K, which torch.compile calls as it is instead of
-    tracing into it: the split's programs meet in a workspace kept between calls (``kernels.common.split_k_workspace``),
-    which a compiled graph cannot keep (it would zero a fresh one at every run: a launch more)."""
-    with set_wrap_triton_enabled(False):
-        return _w4a16_kernels(x, qweight, scales, zeros, group_size, bias, activation=activation,
-                              norm_weight=norm_weight, norm_eps=norm_eps, up_run=up_run)
-
-
-@w4a16_split_k_linear.register_fake
-def _(x, qweight, scales, zeros, group_size, bias, activation, norm_weight, norm_eps, up_run):
-    return x.new_empty((x.shape[0], output_columns(activation, qweight.shape[1])))
-
-
-# The kernels' entry points, replaying each input signature's launches where they run for real (an eager call's
-# host time); W4A16's untraceable GEMMs and its split-K ones through the opaque ops (bound once, not at every call).
-_w4a16_kernels = Replayed(functools.partial(
-    w4a16_kernels.w4a16_linear, chunked_dequantize_matmul=w4a16_dequantize_matmul,
-    wgmma_matmul_op=w4a16_wgmma_matmul, wgmma_tma_matmul_op=w4a16_wgmma_tma_matmul,
-    split_k_linear_op=w4a16_split_k_linear))
-_w8a16_kernels = Replayed(w8a16_kernels.w8a16_linear)
-_fp8_kernels = Replayed(fp8_kernels.fp8_linear)
-
-
 def _w4a16_linear(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -138,9 +112,12 @@ def _w4a16_linear(
 w4a16_linear_op = triton_op("qpass::w4a16_linear", _w4a16_linear, mutates_args=())
 
 
-@w4a16_linear_op.register_fake
-def _(x, qweight, scales, zeros, group_size, bias=None, activation="none", norm_weight=None, norm_eps=0.0, up_run=0):
+def _w4a16_fake(x, qweight, scales, zeros, group_size, bias=None, activation="none", norm_weight=None, norm_eps=0.0,
+                up_run=0):
     return x.new_empty(_out_shape(x, qweight.shape[1], activation))
+
+
+w4a16_linear_op.register_fake(_w4a16_fake)
 
 
 def _w8a16_linear(
@@ -157,9 +134,12 @@ def _w8a16_linear(
 w8a16_linear_op = triton_op("qpass::w8a16_linear", _w8a16_linear, mutates_args=())
 
 
-@w8a16_linear_op.register_fake
-def _(x, qweight, scales, bias=None, activation="none"):
+def _w8_fake(x, qweight, scale, bias=None, activation="none"):
+    """W8A16's and FP8's (qweight ``[N, K]``)."""
     return x.new_empty(_out_shape(x, qweight.shape[0], activation))
+
+
+w8a16_linear_op.register_fake(_w8_fake)
 
 
 def _fp8_linear(
@@ -176,9 +156,40 @@ def _fp8_linear(
 fp8_linear_op = triton_op("qpass::fp8_linear", _fp8_linear, mutates_args=())
 
 
-@fp8_linear_op.register_fake
-def _(x, qweight, weight_scale, bias=None, activation="none"):
-    return x.new_empty(_out_shape(x, qweight.shape[0], activation))
+fp8_linear_op.register_fake(_w8_fake)
+
+
+def _split_k_twin(op, body, fake):
+    """``op`` (``torch.ops.qpass.<name>``) again as ``qpass::<name>_split_k``, which torch.compile calls as it is
+    instead of tracing into it: ``body``, the op's implementation, run for real. The op's kernels hand it a traced
+    call whose kernel splits K (their ``split_k_linear_op``): the split's programs meet in a workspace kept between
+    calls (``kernels.common.split_k_workspace``), which a compiled graph cannot keep (it would zero a fresh one at
+    every run: a launch more)."""
+    schema = op.default._schema
+
+    def run(*args, **kwargs):
+        with set_wrap_triton_enabled(False):
+            return body(*args, **kwargs)
+
+    arguments = str(schema)[str(schema).index("("):]
+    twin = torch.library.custom_op(f"{schema.name}_split_k", run, mutates_args=(), schema=arguments)
+    twin.register_fake(fake)
+    return twin
+
+
+w4a16_linear_split_k = _split_k_twin(torch.ops.qpass.w4a16_linear, _w4a16_linear, _w4a16_fake)
+w8a16_linear_split_k = _split_k_twin(torch.ops.qpass.w8a16_linear, _w8a16_linear, _w8_fake)
+fp8_linear_split_k = _split_k_twin(torch.ops.qpass.fp8_linear, _fp8_linear, _w8_fake)
+
+# The kernels' entry points, replaying each input signature's launches where they run for real (an eager call's
+# host time); W4A16's untraceable GEMMs and the traced calls that split K through the opaque ops (bound once, not at
+# every call).
+_w4a16_kernels = Replayed(functools.partial(
+    w4a16_kernels.w4a16_linear, chunked_dequantize_matmul=w4a16_dequantize_matmul,
+    wgmma_matmul_op=w4a16_wgmma_matmul, wgmma_tma_matmul_op=w4a16_wgmma_tma_matmul,
+    split_k_linear_op=w4a16_linear_split_k))
+_w8a16_kernels = Replayed(functools.partial(w8a16_kernels.w8a16_linear, split_k_linear_op=w8a16_linear_split_k))
+_fp8_kernels = Replayed(functools.partial(fp8_kernels.fp8_linear, split_k_linear_op=fp8_linear_split_k))
 
 
 # Gradients flow to the activations (weights are frozen), so quantized models can sit

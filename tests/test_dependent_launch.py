@@ -385,7 +385,7 @@ def test_gpu_compiled_decode_chain_is_launched_with_dependent_launch_and_registe
     worker processes: Inductor's code compiles each of the chain's kernels (the GEMV at one row; the RMSNorm and
     warp-level MMA kernels at 16) with launch_pdl, and each linear with the pick's register budget (Triton
     compiled it with that maxnreg); a linear whose kernel splits K (all of them at 8 rows) is a call of
-    ``qpass::w4a16_split_k_linear``, which launches its kernels as eager calls do, into the workspace kept between
+    ``qpass::w4a16_linear_split_k``, which launches its kernels as eager calls do, into the workspace kept between
     calls, with no zero kernel. Nothing is copied for want of knowing what a kernel writes (no CUDA graph is
     skipped), and the replays give bitwise what the kernels give eagerly, one at a time (within rounding where K
     is split more than twice: the partial sums are added in the order the programs arrive)."""
@@ -432,7 +432,7 @@ def test_gpu_compiled_decode_chain_is_launched_with_dependent_launch_and_registe
                   if "'maxnreg': " not in block or "import qpass\n@triton_heuristics.user_autotune(" not in block]
     assert not unbudgeted, unbudgeted
     code = "".join(code)
-    assert code.count("torch.ops.qpass.w4a16_split_k_linear.default(") == (4 * len(layers) if split else 0)
+    assert code.count("torch.ops.qpass.w4a16_linear_split_k.default(") == (4 * len(layers) if split else 0)
     assert "zero_kernel" not in code and (not split or "w4a16_warp_mma_kernel" not in code)
     compiled = [kernel for kernel in ran.values() if kernel.triton_meta.get("maxnreg")]
     assert {kernel.triton_meta["maxnreg"] for kernel in compiled} == budgets, (len(ran), budgets)

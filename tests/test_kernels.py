@@ -31,7 +31,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qpass.kernels import fp8, int4_pairs, reference, replay, w4a16, w8a16
+from qpass.kernels import common, fp8, int4_pairs, reference, replay, w4a16, w8a16
 from qpass.kernels.common import ACTIVATIONS, MAX_UNROLLED_STEPS, output_columns, unrolled_steps
 
 CUDA = torch.cuda.is_available()
@@ -1487,7 +1487,7 @@ def test_gpu_compiled_op_calls_the_triton_kernel_without_graph_break(M):
     cfg = w4a16.pick_config(M, 512, 1024, 128, x.device)
     kernel = kernels[type(cfg)]
     if kernel in ("w4a16_gemv_kernel", "_w4a16_mma_kernel", "w4a16_warp_mma_kernel") and cfg.split_k > 1:
-        kernel = "torch.ops.qpass.w4a16_split_k_linear.default("  # (the op keeps the split's workspace)
+        kernel = "torch.ops.qpass.w4a16_linear_split_k.default("  # (the op keeps the split's workspace)
     assert any(kernel in code for code in codes), f"Inductor's code does not launch {kernel}"
 
 
@@ -1513,8 +1513,27 @@ def test_opaque_gemm_ops_run_under_torch_compile():
         assert torch.ops.qpass.w4a16_wgmma_tma_matmul(*fake, 64, None, 128, 128, 4, 1).shape == (7, 48)
 
 
-def test_a_traced_call_whose_kernel_splits_k_goes_to_the_split_k_op(monkeypatch):
-    """Traced (fake tensors), a W4A16 call whose kernel splits K hands itself, all its arguments (norm, residual,
+def _split_k_case(kind: str, M: int):
+    """For ``kind`` (w4a16, w8a16, fp8): its kernels' module, a config of theirs that splits K, and a call of
+    ``M`` rows with silu_mul (and for W4A16 the norm, a residual and gate/up runs): (entry point's arguments,
+    output columns)."""
+    if kind == "w4a16":
+        x, qweight, scales, zeros, _ = make_w4(M, 96, 256, 64, torch.float32, False, False, 0)
+        norm_weight, residual = norm_and_residual(M, 96, 256, torch.float32, 0)
+        return w4a16, w4a16.GemvConfig(16, 32, 4, num_warps=4), (x, qweight, scales, zeros, 64, residual, "silu_mul",
+                                                                  norm_weight, 1e-5, 16)
+    module, make = (w8a16, make_w8) if kind == "w8a16" else (fp8, make_fp8)
+    return module, w8a16.GemvConfig(8, 64, 3, num_warps=4, num_stages=2), (*make(M, 96, 256, torch.float32, True, 0),
+                                                                           "silu_mul")
+
+
+def _entry(module):
+    return {w4a16: w4a16.w4a16_linear, w8a16: w8a16.w8a16_linear, fp8: fp8.fp8_linear}[module]
+
+
+@pytest.mark.parametrize("kind", ["w4a16", "w8a16", "fp8"])
+def test_a_traced_call_whose_kernel_splits_k_goes_to_the_split_k_op(kind, monkeypatch):
+    """Traced (fake tensors), a call whose kernel splits K hands itself, all its arguments (norm, residual,
     activation and all), to ``split_k_linear_op``, which ``qpass.ops`` makes an op that torch.compile runs as it
     is (the split's workspace is kept between calls: a compiled graph could not keep it). With real tensors the
     kernels run; so they do with a config given."""
@@ -1526,44 +1545,46 @@ def test_a_traced_call_whose_kernel_splits_k_goes_to_the_split_k_op(monkeypatch)
         calls.append(args)
         return "the op's result"
 
-    monkeypatch.setattr(w4a16, "pick_config", lambda *args, **kwargs: w4a16.GemvConfig(16, 32, 4, num_warps=4))
-    x, qweight, scales, zeros, _ = make_w4(2, 96, 256, 64, torch.float32, False, False, 0)
-    norm_weight, residual = norm_and_residual(2, 96, 256, torch.float32, 0)
-    call = (64, residual, "silu_mul", norm_weight, 1e-5, 16)
+    module, config, call = _split_k_case(kind, 2)
+    monkeypatch.setattr(module, "pick_config", lambda *args, **kwargs: config)
+    entry = _entry(module)
     with FakeTensorMode() as mode:
-        fake = [mode.from_tensor(t) for t in (x, qweight, scales, zeros)]
-        assert w4a16.w4a16_linear(*fake, *call, split_k_linear_op=split_k_linear_op) == "the op's result"
-    assert len(calls) == 1 and calls[0][:4] == tuple(fake) and calls[0][4:] == call
-    for config in (None, w4a16.GemvConfig(16, 32, 4, num_warps=4)):
-        out = w4a16.w4a16_linear(x, qweight, scales, zeros, *call, config=config, split_k_linear_op=split_k_linear_op)
+        fake = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in call]
+        assert entry(*fake, split_k_linear_op=split_k_linear_op) == "the op's result"
+    assert len(calls) == 1 and all(got is want for got, want in zip(calls[0], fake)) and len(calls[0]) == len(call)
+    for given in (None, config):
+        out = entry(*call, config=given, split_k_linear_op=split_k_linear_op)
         assert len(calls) == 1 and out.shape == (2, 48)
+    # a split past the kept workspace's size zeroes a fresh one: traced as it is
+    monkeypatch.setattr(common, "KEPT_WORKSPACE_MAX", 2 * 96 - 1)
+    assert not common.traced_split(config, fake[0], 96) and common.traced_split(config, fake[0], 95)
 
 
-def test_split_k_op_runs_under_torch_compile_and_leaves_its_workspace_zero(monkeypatch):
-    """``qpass::w4a16_split_k_linear`` (the W4A16 op's body where its kernel splits K): on the CPU (Triton's
-    interpreter) it gives inside a compiled graph what the kernels give eagerly, with the norm, a residual and
-    silu_mul, its kept workspace left at zero; its fake implementation gives the output's shape."""
+@pytest.mark.parametrize("kind", ["w4a16", "w8a16", "fp8"])
+def test_split_k_ops_are_their_ops_run_as_they_are_under_torch_compile(kind):
+    """``qpass::<op>_split_k``, what a traced call of ``qpass::<op>`` whose kernel splits K becomes: the op's schema,
+    and its body, which torch.compile runs as it is (on the CPU the plain-torch reference): inside a compiled graph
+    it gives what the op gives eagerly, with silu_mul (and W4A16's norm, residual and gate/up runs); its fake
+    implementation gives the output's shape."""
     import torch._dynamo
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     import qpass  # noqa: F401
 
-    config = w4a16.GemvConfig(16, 32, 4, num_warps=4)
-    monkeypatch.setattr(w4a16, "pick_config", lambda *args, **kwargs: config)
-    x, qweight, scales, zeros, _ = make_w4(3, 96, 256, 64, torch.float32, False, False, 0)
-    norm_weight, residual = norm_and_residual(3, 96, 256, torch.float32, 0)
-    call = (64, residual, "silu_mul", norm_weight, 1e-5, 16)
-    split_k_linear = torch.ops.qpass.w4a16_split_k_linear
+    _, _, call = _split_k_case(kind, 3)
+    op = getattr(torch.ops.qpass, f"{kind}_linear")
+    split_k_linear = getattr(torch.ops.qpass, f"{kind}_linear_split_k")
+    assert str(split_k_linear.default._schema) == str(op.default._schema).replace("_linear(", "_linear_split_k(")
     torch._dynamo.reset()
-    compiled = torch.compile(lambda x: torch.relu(split_k_linear(x, qweight, scales, zeros, *call)), fullgraph=True)
-    eager = torch.relu(w4a16.w4a16_linear(x, qweight, scales, zeros, *call, config=config))
+    compiled = torch.compile(lambda x: torch.relu(split_k_linear(x, *call[1:])), fullgraph=True)
     for _ in range(2):
-        assert torch.equal(compiled(x), eager)
-    assert not any(kept.any() for kept in replay._KEPT.values())
-    with FakeTensorMode():
-        fake = (torch.empty(7, 256), torch.empty(32, 96, dtype=torch.int32), torch.empty(4, 96), torch.empty(4, 96))
-        assert split_k_linear(*fake, 64, None, "silu_mul", None, 0.0, 0).shape == (7, 48)
-        assert split_k_linear(*fake, 64, None, "none", None, 0.0, 0).shape == (7, 96)
+        assert torch.equal(compiled(call[0]), torch.relu(op(*call)))
+    with FakeTensorMode() as mode:
+        fake = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in call]
+        fake[0] = torch.empty(7, 256)
+        assert split_k_linear(*fake).shape == (7, 48)
+        fake[-1 if kind != "w4a16" else 6] = "none"
+        assert split_k_linear(*fake).shape == (7, 96)
 
 
 @cuda
@@ -1597,10 +1618,12 @@ def test_gpu_compiled_op_runs_the_chunked_path_as_an_opaque_op():
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("kind,M,kernel", [("int8", 1, "w8_gemv_kernel"), ("int8", 64, "_w8a16_mma_kernel"),
-                                           ("fp8", 1, "w8_gemv_kernel"), ("fp8", 16, "_fp8_mma_kernel")])
+                                           ("fp8", 1, "w8_gemv_kernel"), ("fp8", 16, "_fp8_mma_kernel"),
+                                           ("fp8", 512, "_fp8_mma_kernel")])
 def test_gpu_compiled_w8_ops_call_their_triton_kernels(kind, M, kernel, dtype):
     """The W8A16 and FP8 ops under torch.compile, as the W4A16 one above: Inductor's generated module
-    holds each kernel's source and the PTX constants it reads (``common.asm_constant``)."""
+    holds each kernel's source and the PTX constants it reads (``common.asm_constant``), or, where the kernel
+    splits K, calls the op that keeps the split's workspace."""
     import torch._dynamo
     from torch._inductor.utils import run_and_get_code
 
@@ -1611,11 +1634,15 @@ def test_gpu_compiled_w8_ops_call_their_triton_kernels(kind, M, kernel, dtype):
         op, args = torch.ops.qpass.w8a16_linear, (qweight, scales, b)
         ref = reference.w8a16_linear(x.float(), qweight, scales.float(), b.float())
         bound = BOUND[dtype]
+        cfg = w8a16.pick_config(M, 512, 1024, x.device, packed=w8a16._packed_ok(x, qweight))
     else:
         x, qweight, weight_scale, b = make_fp8(M, 512, 1024, dtype, True, 0)
         op, args = torch.ops.qpass.fp8_linear, (qweight, weight_scale, b)
         ref = reference.fp8_linear(x.float(), qweight, weight_scale, b.float())
         bound = FP8_BOUND[dtype]
+        cfg = fp8.pick_config(M, 512, 1024, x.device)
+    if cfg.split_k > 1:  # (the op that keeps the split's workspace: it launches the kernel itself)
+        kernel = f"torch.ops.qpass.{'w8a16' if kind == 'int8' else 'fp8'}_linear_split_k.default("
 
     torch._dynamo.reset()
     compiled = torch.compile(lambda x: torch.nn.functional.silu(op(x, *args)), fullgraph=True)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch._library.triton import set_wrap_triton_enabled
 
-from qpass.kernels import fp8, reference, replay, w4a16, w8a16
+from qpass.kernels import common, fp8, reference, replay, w4a16, w8a16
 from test_kernels import (BOUND, CUDA, DEVICE, FP8_BOUND, make_fp8, make_w4, make_w8, needs_cuda, norm_and_residual,
                           relative_error, w4_reference)
 
@@ -54,8 +54,9 @@ def assert_replays(entry, make_inputs, kernels, **kwargs):
     return out
 
 
-@pytest.mark.parametrize("case", ["bias", "residual", "norm", "silu_mul", "split_k", "mma", "mma_norm"])
-def test_w4a16_calls_replay_their_launches(case):
+@pytest.mark.parametrize("case", ["bias", "residual", "norm", "silu_mul", "split_k", "split_k_large", "mma",
+                                  "mma_norm"])
+def test_w4a16_calls_replay_their_launches(case, monkeypatch):
     M = 20 if case.startswith("mma") else 1
     N = 96
 
@@ -70,13 +71,16 @@ def test_w4a16_calls_replay_their_launches(case):
         kwargs = dict(norm_weight=norm_and_residual(M, N, 256, torch.float32, 0)[0], norm_eps=1e-5)
     elif case == "silu_mul":
         kwargs = dict(activation="silu_mul")
-    elif case == "split_k":
+    elif case.startswith("split_k"):
         kwargs = dict(config=w4a16.GemvConfig(16, 32, 4, num_warps=4))
+    if case == "split_k_large":  # (past the kept workspace's size: a fresh one, zeroed first)
+        monkeypatch.setattr(common, "KEPT_WORKSPACE_MAX", M * N - 1)
     # (split K: the workspace kept between calls, passed to the replayed launch as it is; no zeroing before it)
-    kernels = {"mma": ["_w4a16_mma_kernel"], "mma_norm": ["rms_norm_kernel", "_w4a16_mma_kernel"]}
+    kernels = {"mma": ["_w4a16_mma_kernel"], "mma_norm": ["rms_norm_kernel", "_w4a16_mma_kernel"],
+               "split_k_large": ["zero_kernel", "w4a16_gemv_kernel"]}
     out = assert_replays(w4a16.w4a16_linear, inputs, kernels.get(case, ["w4a16_gemv_kernel"]), **kwargs)
     x, qweight, scales, zeros, _, b = inputs(1)
-    if case in ("bias", "residual", "split_k", "mma"):  # (the norm and silu_mul: the kernels' own tests)
+    if case in ("bias", "residual", "split_k", "split_k_large", "mma"):  # (the norm and silu_mul: the kernels' own tests)
         assert relative_error(out, w4_reference(x, qweight, scales, zeros, 64, b)) < BOUND[torch.float32]
 
 
