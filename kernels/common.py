@@ -123,8 +123,9 @@ def output_columns(activation: str, N: int) -> int:
     return N // 2
 
 
-# Partial sums past this many floats (16 MB) are not kept between calls: the memory would stay held for the process,
-# and where M x N is that large the GEMM's own time dwarfs the launch that zeroes a fresh workspace
+# Partial sums past this many floats (16 MB) are not kept between calls: the memory would stay held for the process
+# (the kept ones, one a power-of-two size, hold 64 MB a device at most), and where M x N is that large the
+# GEMM's own time dwarfs the launch that zeroes a fresh workspace
 KEPT_WORKSPACE_MAX = 1 << 22
 
 
