@@ -36,9 +36,8 @@ MAX_SIGNATURES = 1024  # per entry point; past it the records start again (each 
 
 _state = threading.local()  # .recording: the _Recording of the call being recorded on this thread, if any
 
-# kept_zeros's buffers: (device, size) -> tensor; and their ids, which a record passes to its launches as they are
+# kept_zeros's buffers: (device, size) -> tensor, which a record passes to its launches as they are
 _KEPT = {}
-_KEPT_IDS = set()
 
 
 def _active_hook(hook):
@@ -126,7 +125,7 @@ class _Recording(TorchDispatchMode):
         tensors = []
         for position, value in enumerate(values):
             if isinstance(value, torch.Tensor):
-                if id(value) in _KEPT_IDS:
+                if any(value is kept for kept in _KEPT.values()):
                     continue
                 slot = self.slots.get(id(value))
                 if slot is None:  # computed by the entry point: a replay would not compute it
@@ -186,7 +185,6 @@ def kept_zeros(size: int, device: torch.device) -> torch.Tensor:
             return torch.zeros(key[1], device=device, dtype=torch.float32)
         kept = _zeros_outside_graph_pools(key[1], device)
     _KEPT[key] = kept
-    _KEPT_IDS.add(id(kept))
     return kept
 
 

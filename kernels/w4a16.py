@@ -37,13 +37,13 @@ run the norm as a pass of its own. A bias may be shaped as the output (a residua
 The GEMV, the warp-level and the tensor-core kernels may split K over ``SPLIT_K`` programs when
 the (M, N) tiles alone would leave the GPU idle; the programs of a tile add their partial sums
 into a float32 workspace kept between calls (``split_k_workspace``) and the last to arrive finishes
-the tile and leaves the workspace at zero again (``store_output``): no launch before it, none after. That same
-epilogue computes the ``activation``: GELU, or ``"silu_mul"`` (columns ``[gate | up]``, result
-``silu(gate) * up``), each program computing matching gate and up tiles
-(the GEMV in one pass over K, its gate columns then its up columns as one tile). The Gluon kernels
-split K their own way (the wgmma kernel into a workspace each launch leaves zero, ``split_k_workspace``;
-the TMA kernel into zeros, cast after) and, like dequantize + cuBLAS, leave a residual and the
-activation to one pointwise pass after them (fused by Inductor under torch.compile).
+the tile and leaves the workspace at zero again (``store_output``): no launch before it, none after.
+That same epilogue computes the ``activation``: GELU, or ``"silu_mul"`` (columns ``[gate | up]``,
+result ``silu(gate) * up``), each program computing matching gate and up tiles (the GEMV in one
+pass over K, its gate columns then its up columns as one tile). The Gluon kernels split K their own
+way (the wgmma kernel into a workspace each launch leaves zero, ``split_k_workspace``; the TMA
+kernel into zeros, cast after) and, like dequantize + cuBLAS, leave a residual and the activation
+to one pointwise pass after them (fused by Inductor under torch.compile).
 """
 
 import contextlib

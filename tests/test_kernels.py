@@ -1392,7 +1392,6 @@ def test_gpu_split_k_workspace_first_made_in_a_compiled_cuda_graphs_warm_up(monk
     import qpass  # noqa: F401
 
     monkeypatch.setattr(replay, "_KEPT", {})
-    monkeypatch.setattr(replay, "_KEPT_IDS", set())
     x, qweight, scales, zeros, b = make_w4(8, 512, 1024, 128, torch.float16, False, True, 0)
     assert w4a16.pick_config(8, 512, 1024, 128, x.device).split_k > 1
     ref = w4_reference(x, qweight, scales, zeros, 128, b)
