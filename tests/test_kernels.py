@@ -1513,9 +1513,9 @@ def test_opaque_gemm_ops_run_under_torch_compile():
 
 
 def _split_k_case(kind: str, M: int):
-    """For ``kind`` (w4a16, w8a16, fp8): its kernels' module, a config of theirs that splits K, and a call of
-    ``M`` rows with silu_mul (and for W4A16 the norm, a residual and gate/up runs): (entry point's arguments,
-    output columns)."""
+    """For ``kind`` (w4a16, w8a16, fp8): its kernels' module, a config of theirs that splits K, and the entry
+    point's arguments for a call of ``M`` rows with silu_mul (and for W4A16 the norm, a residual and gate/up runs),
+    96 GEMM columns: 48 out."""
     if kind == "w4a16":
         x, qweight, scales, zeros, _ = make_w4(M, 96, 256, 64, torch.float32, False, False, 0)
         norm_weight, residual = norm_and_residual(M, 96, 256, torch.float32, 0)
