@@ -60,39 +60,46 @@ def make_layers(shape, device):
             for _ in range(shape["layers"])]
 
 
-def gate_up_layout(w4a16, layers):
-    """gate_up's arguments for each layer as the W4A16 methods give them to ``w4a16``: the columns in runs of
-    ``W4A16LinearMethod.gate_up_run`` and ``up_run`` (kernels from before ``up_run``: ``[gate | up]``)."""
-    from qpass.kernels.reference import gate_up_runs  # (after measuring_device: qpass imports triton)
+def method_layout(w4a16, layers):
+    """Each layer's weights as the W4A16 methods give them to ``w4a16``: gate_up's columns in runs of
+    ``W4A16LinearMethod.gate_up_run`` (``gate_up_options``: its ``up_run``) and the words in column tiles, where
+    these kernels read them (kernels from before: ``[gate | up]``, words in rows)."""
+    # (after measuring_device: qpass imports triton)
+    from qpass.kernels.reference import gate_up_runs, tile_word_columns
     from qpass.methods.base import W4A16LinearMethod
 
-    if "up_run" not in inspect.signature(w4a16.w4a16_linear).parameters:
-        return [(L["gate_up"], {}) for L in layers]
-    run = W4A16LinearMethod.gate_up_run
-    return [(tuple(gate_up_runs(t, run) for t in L["gate_up"]), {"up_run": run}) for L in layers]
+    run = W4A16LinearMethod.gate_up_run if "up_run" in inspect.signature(w4a16.w4a16_linear).parameters else 0
+    tiles = hasattr(w4a16, "word_strides")
+    laid = []
+    for L in layers:
+        L = dict(L, gate_up=tuple(gate_up_runs(t, run) for t in L["gate_up"]),
+                 gate_up_options={"up_run": run} if run else {})
+        for op in ("qkv", "o", "gate_up", "down") if tiles else ():
+            L[op] = (tile_word_columns(L[op][0]),) + L[op][1:]
+        laid.append(L)
+    return laid
 
 
 def ops(w4a16, layers, x, x_down):
-    """Each op over every layer's weights, as the lowering calls it."""
+    """Each op over every layer's weights (``method_layout``'s), as the lowering calls it."""
     linear = w4a16.w4a16_linear
-    gate_up = gate_up_layout(w4a16, layers)
     return {
         "qkv": lambda: [linear(x, *L["qkv"], GROUP, norm_weight=L["norm1"], norm_eps=1e-5) for L in layers],
         "o": lambda: [linear(x, *L["o"], GROUP, bias=x) for L in layers],
-        "gate_up": lambda: [linear(x, *weights, GROUP, activation="silu_mul", norm_weight=L["norm2"], norm_eps=1e-5,
-                                   **layout) for L, (weights, layout) in zip(layers, gate_up)],
+        "gate_up": lambda: [linear(x, *L["gate_up"], GROUP, activation="silu_mul", norm_weight=L["norm2"],
+                                   norm_eps=1e-5, **L["gate_up_options"]) for L in layers],
         "down": lambda: [linear(x_down, *L["down"], GROUP, bias=x) for L in layers],
     }
 
 
-def decode_step(w4a16, layers, x, hidden, gate_up=None):
-    """One decode step of the 64 ops (``gate_up``: ``gate_up_layout``'s, made once where the step repeats)."""
+def decode_step(w4a16, layers, x, hidden):
+    """One decode step of the 64 ops over ``method_layout``'s layers."""
     h = x
-    for L, (weights, layout) in zip(layers, gate_up or gate_up_layout(w4a16, layers)):
+    for L in layers:
         qkv = w4a16.w4a16_linear(h, *L["qkv"], GROUP, norm_weight=L["norm1"], norm_eps=1e-5)
         o = w4a16.w4a16_linear(qkv[:, :hidden], *L["o"], GROUP, bias=h)
-        m = w4a16.w4a16_linear(o, *weights, GROUP, activation="silu_mul", norm_weight=L["norm2"], norm_eps=1e-5,
-                               **layout)
+        m = w4a16.w4a16_linear(o, *L["gate_up"], GROUP, activation="silu_mul", norm_weight=L["norm2"], norm_eps=1e-5,
+                               **L["gate_up_options"])
         h = w4a16.w4a16_linear(m, *L["down"], GROUP, bias=o)
     return h
 
@@ -135,17 +142,16 @@ def measure(kernels, shape, batch, device):
     rows = []
     reference = {}
     for name, w4a16 in kernels.items():
-        for op, fn in ops(w4a16, layers, x, x_down).items():
+        laid = method_layout(w4a16, layers)
+        for op, fn in ops(w4a16, laid, x, x_down).items():
             out = fn()[0]
             reference.setdefault(op, out)
             rows.append(dict(kernels=name, op=op, us=round(time_us(fn, device) / len(layers), 2),
                              rel_diff=relative_difference(reference[op], out)))
             print(rows[-1], flush=True)
-        gate_up = gate_up_layout(w4a16, layers)
-        out = decode_step(w4a16, layers, x, shape["hidden"], gate_up)
+        out = decode_step(w4a16, laid, x, shape["hidden"])
         reference.setdefault("step", out)
-        rows.append(dict(kernels=name, op="step", us=round(time_us(lambda: decode_step(w4a16, layers, x,
-                                                                                      shape["hidden"], gate_up),
+        rows.append(dict(kernels=name, op="step", us=round(time_us(lambda: decode_step(w4a16, laid, x, shape["hidden"]),
                                                                   device), 1),
                          rel_diff=relative_difference(reference["step"], out)))
         print(rows[-1], flush=True)

@@ -88,7 +88,7 @@ def make_peer(name, w):
         from qpass.kernels import reference
         from qpass.kernels.w4a16 import w4a16_linear
 
-        qweight = reference.pack_int4_rows(w.q.t().contiguous())
+        qweight = reference.tile_word_columns(reference.pack_int4_rows(w.q.t().contiguous()))
         scales = w.scales.t().contiguous().half()
         zeros = w.zeros.t().contiguous().half()
         return (lambda x: w4a16_linear(x, qweight, scales, zeros, GROUP)), torch.float16
@@ -257,7 +257,7 @@ def run_sweep(shapes, plan, deadline, dtype_name="float16", activation="none", c
 
     def weight_set(K, N):
         w = Weights(K, N)
-        return dict(qweight4=reference.pack_int4_rows(w.q.t().contiguous()),
+        return dict(qweight4=reference.tile_word_columns(reference.pack_int4_rows(w.q.t().contiguous())),
                     scales4=w.scales.t().contiguous().to(dtype), zeros4=w.zeros.t().contiguous().to(dtype),
                     base=w.w16.to(dtype), qweight8=(w.q.to(torch.int16) * 16 - 128).to(torch.int8),
                     scales8=w.scales[:, 0].half().contiguous(),

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 # beside this script
-from decode_ops import (GROUP, LLAMA3_8B, TINY, decode_step, gate_up_layout, int4_weights, make_layers, measuring_device,
+from decode_ops import (GROUP, LLAMA3_8B, TINY, decode_step, int4_weights, make_layers, measuring_device, method_layout,
                         time_us)
 
 SHAPES = [(4096, 4096), (4096, 6144), (4096, 28672), (14336, 4096)]  # (K, N), as bench/kernels.py
@@ -165,10 +165,8 @@ def decode_rows(readers, shape, device):
         lambda: [F.linear(x_down if op == "down" else x, w[op]) for w in weights for op in ops], device), 1)))
     del weights
 
-    int4_layers = make_layers(shape, device)
-    gate_up = gate_up_layout(w4a16, int4_layers)
-    add(dict(kind="qpass_awq", op="step", us=round(time_us(
-        lambda: decode_step(w4a16, int4_layers, x, h, gate_up), device), 1)))
+    int4_layers = method_layout(w4a16, make_layers(shape, device))
+    add(dict(kind="qpass_awq", op="step", us=round(time_us(lambda: decode_step(w4a16, int4_layers, x, h), device), 1)))
     return rows
 
 

@@ -123,6 +123,38 @@ def output_columns(activation: str, N: int) -> int:
     return N // 2
 
 
+# W4A16's words: int32 [K / 8, N] row by row, or in column tiles of WORD_TILE: [K / 8, N / WORD_TILE, WORD_TILE]
+# whose memory is ordered [N / WORD_TILE, K / 8, WORD_TILE] (reference.tile_word_columns), so that a tile's words,
+# all K of its columns, are one run. A warp of the warp-level MMA kernel reads one tile: a group's words are then
+# one 4 KB run, which one bulk prefetch pulls into L2 a group ahead (per word row, 16 of 256 bytes, it loses).
+WORD_TILE = 64
+
+
+def word_columns(qweight: torch.Tensor) -> int:
+    """N of a W4A16 ``qweight``, ``[K / 8, N]`` or in column tiles ``[K / 8, N / T, T]``."""
+    return qweight.shape[1] if qweight.dim() == 2 else qweight.shape[1] * qweight.shape[2]
+
+
+def word_strides(qweight: torch.Tensor) -> Tuple[int, int, int]:
+    """``(stride_qn, stride_qt, TILE)`` of ``word_offsets`` for a W4A16 ``qweight``: its column stride for rows of
+    words (TILE 0), or the tile stride and width of column tiles."""
+    if qweight.dim() == 2:
+        return qweight.stride(1), 0, 0
+    tile = qweight.shape[2]
+    if qweight.dim() != 3 or qweight.stride(2) != 1 or tile < 4 or tile & (tile - 1):
+        raise ValueError(f"a W4A16 qweight in column tiles is [K / 8, N / T, T] with T a power of two >= 4 and "
+                         f"its last dim contiguous; got shape {tuple(qweight.shape)}, strides {qweight.stride()}")
+    return 1, qweight.stride(1), tile
+
+
+@triton.jit
+def word_offsets(cols, stride_qn, stride_qt, TILE: tl.constexpr):
+    """Where columns ``cols`` of a W4A16 word row lie in it (``word_strides``' layout)."""
+    if TILE == 0:
+        return cols * stride_qn
+    return (cols // TILE) * stride_qt + cols % TILE
+
+
 # Partial sums past this many floats (16 MB) are not kept between calls: the memory would stay held for the process
 # (the kept ones, one a power-of-two size, hold 64 MB a device at most), and where M x N is that large the
 # GEMM's own time dwarfs the launch that zeroes a fresh workspace
@@ -282,6 +314,15 @@ def launch_dependent_grids():
     programs as this one's free the SMs (they run up to their ``wait_for_prior_grids``)."""
     tl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=tl.int32, is_pure=False,
                               pack=1)
+
+
+@triton.jit
+def prefetch_to_l2(ptrs, nbytes, issue):
+    """Pull ``nbytes`` (a multiple of 16) at ``ptrs`` into L2 by one bulk prefetch (sm_90) from each thread whose
+    ``issue`` is nonzero; nothing waits for it."""
+    tl.inline_asm_elementwise(
+        "{ .reg .pred p; setp.ne.b32 p, $1, 0; @p cp.async.bulk.prefetch.L2.global [$2], $3; } // $0",
+        "=r,r,l,r", [issue, ptrs, nbytes], dtype=tl.int32, is_pure=False, pack=1)
 
 
 def register_budget(maxnreg: int) -> dict:

@@ -3,7 +3,8 @@
 Runtime layouts (what ``process_weights_after_loading`` produces and the ops take):
 
 - W4A16: ``qweight`` int32 ``[K // 8, N]``, the int4 value of row ``k`` and column ``n`` in
-  bits ``4 * (k % 8)`` to ``4 * (k % 8) + 3`` of ``qweight[k // 8, n]``; ``scales`` and
+  bits ``4 * (k % 8)`` to ``4 * (k % 8) + 3`` of ``qweight[k // 8, n]``, or the same words in column tiles
+  (``tile_word_columns``: ``[K // 8, N // T, T]``, each tile's words one run in memory); ``scales`` and
   ``zeros`` ``[K // group_size, N]`` in the activation dtype, ``zeros`` holding the integer
   zero point (8 for symmetric). ``w[k, n] = (q[k, n] - zeros[g, n]) * scales[g, n]``.
 - W8A16: ``qweight`` int8 ``[N, K]`` (nn.Linear's orientation), ``scales`` ``[N]``.
@@ -26,7 +27,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .common import output_columns
+from .common import WORD_TILE, output_columns
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
@@ -89,6 +90,20 @@ def activation_after_gemm(out: torch.Tensor, activation: str, up_run: int = 0) -
     return apply_activation(out.float(), activation, up_run).to(out.dtype)
 
 
+def tile_word_columns(qweight: torch.Tensor, tile: int = WORD_TILE) -> torch.Tensor:
+    """W4A16 words ``[K // 8, N]`` in column tiles: ``[K // 8, N // tile, tile]``, laid out in memory as
+    ``[N // tile, K // 8, tile]``; words whose N is not a multiple of ``tile`` stay as they are."""
+    k8, n = qweight.shape
+    if n % tile:
+        return qweight
+    return qweight.reshape(k8, n // tile, tile).transpose(0, 1).contiguous().transpose(0, 1)
+
+
+def word_rows(qweight: torch.Tensor) -> torch.Tensor:
+    """W4A16 words (or any ``[rows, N]`` tensor) as ``[K // 8, N]``, from column tiles too."""
+    return qweight.reshape(qweight.shape[0], -1)
+
+
 def unpack_int4_rows(qweight: torch.Tensor) -> torch.Tensor:
     """int32 ``[K // 8, N]`` -> uint8 ``[K, N]`` of values 0..15 (row k in nibble k % 8)."""
     shifts = torch.arange(0, 32, 4, device=qweight.device, dtype=torch.int32)
@@ -108,7 +123,7 @@ def dequantize_w4(
     qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int
 ) -> torch.Tensor:
     """The float weight ``[K, N]`` (in ``scales.dtype``) of the W4A16 runtime layout."""
-    q = unpack_int4_rows(qweight).to(scales.dtype)
+    q = unpack_int4_rows(word_rows(qweight)).to(scales.dtype)
     s = scales.repeat_interleave(group_size, dim=0)
     z = zeros.repeat_interleave(group_size, dim=0)
     return (q - z) * s
@@ -133,7 +148,7 @@ def w4a16_linear(
     norm_eps: float = 0.0,
     up_run: int = 0,
 ) -> torch.Tensor:
-    check_up_run(up_run, activation, qweight.shape[1])
+    check_up_run(up_run, activation, scales.shape[1])
     if norm_weight is not None:
         x = rms_norm(x, norm_weight.to(x.dtype), norm_eps)
     w = dequantize_w4(qweight, scales.float(), zeros.float(), group_size)

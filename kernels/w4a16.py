@@ -1,8 +1,8 @@
 """W4A16: group-wise int4 weights, fp16/bf16 (or fp32) activations.
 
 Layout (see ``reference.py``): ``qweight`` int32 ``[K // 8, N]`` with row ``k`` in nibble
-``k % 8``; ``scales``/``zeros`` ``[K // group_size, N]`` in the activation dtype, the zeros
-integers; ``w = (q - zero) * scale``.
+``k % 8``, or those words in column tiles (``common.WORD_TILE``); ``scales``/``zeros``
+``[K // group_size, N]`` in the activation dtype, the zeros integers; ``w = (q - zero) * scale``.
 
 Six paths, chosen by M (``pick_config``):
 
@@ -58,7 +58,8 @@ import triton.language as tl
 from .common import (MAX_UNROLLED_STEPS, asm_constant, bias_rows, capability, cdiv, dependent_launch, grouped_tile,
                      launch_dependent_grids, mma_accumulate, mma_zeros, next_power_of_2, output_columns,
                      register_budget, sm_count, split_for, split_k_workspace, split_range, store_output, traced_split,
-                     triton_interpreted, unrolled_steps, wait_for_prior_grids)
+                     triton_interpreted, unrolled_steps, wait_for_prior_grids, WORD_TILE, word_columns,
+                     word_offsets, word_strides)
 from .int4_pairs import NIBBLE_PAIRS_OUT, bf16_nibble_pairs, f16_nibble_pairs, zero_bf16x2, zero_f16x2
 from .reference import activation_after_gemm, check_up_run, gate_up_halves
 from .replay import launch, new_empty
@@ -101,16 +102,19 @@ def _dequantize_tile(q, scale, zero, DTYPE: tl.constexpr):
 
 @triton.jit
 def _w4a16_dequantize_kernel(
-    qw_ptr, s_ptr, z_ptr, w_ptr, K, N,
-    stride_qk, stride_qn, stride_sg, stride_sn, stride_wk, stride_wn,
-    GROUP_SIZE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+    qw_ptr, s_ptr, z_ptr, w_ptr, K, N, first_column,
+    stride_qk, stride_qn, stride_qt, stride_sg, stride_sn, stride_wk, stride_wn,
+    GROUP_SIZE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, TILE: tl.constexpr,
 ):
-    """The whole weight ``[K, N]`` in the activation dtype, for cuBLAS at large M."""
+    """The weight's columns ``first_column`` to ``first_column + N`` ``[K, N]`` in the activation dtype, for cuBLAS
+    at large M."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (rows < K // 8)[:, None] & (offs_n < N)[None, :]
-    words = tl.load(qw_ptr + rows[:, None] * stride_qk + offs_n[None, :] * stride_qn, mask=mask, other=0)
-    sz_offs = ((rows * 8) // GROUP_SIZE)[:, None] * stride_sg + offs_n[None, :] * stride_sn
+    columns = first_column + offs_n
+    words = tl.load(qw_ptr + rows[:, None] * stride_qk + word_offsets(columns, stride_qn, stride_qt, TILE)[None, :],
+                    mask=mask, other=0)
+    sz_offs = ((rows * 8) // GROUP_SIZE)[:, None] * stride_sg + columns[None, :] * stride_sn
     scale = tl.load(s_ptr + sz_offs, mask=mask, other=0)
     zero = tl.load(z_ptr + sz_offs, mask=mask, other=0)
     for j in tl.static_range(8):
@@ -231,7 +235,8 @@ def _mma_weight_tile(qw_ptrs, s_ptr, z_ptr, offs_n, mask_n, k0, stride_qk, strid
 def _w4a16_mma_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr,
     M, N_OUT, N_UP, K,
-    stride_xm, stride_xk, stride_qk, stride_qn, stride_sg, stride_sn, stride_bm, stride_om, stride_on, stride_wm,
+    stride_xm, stride_xk, stride_qk, stride_qn, stride_qt, stride_sg, stride_sn, stride_bm, stride_om, stride_on,
+    stride_wm, TILE: tl.constexpr,
     GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, SWAP_AB: tl.constexpr,
     EVEN_N: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -242,7 +247,9 @@ def _w4a16_mma_kernel(
     mask_n = offs_n < N_OUT
     offs_k = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + (offs_m % M)[:, None] * stride_xm + offs_k[None, :] * stride_xk
-    qw_ptrs = qw_ptr + offs_n[:, None] * stride_qn + tl.arange(0, BLOCK_K // 8)[None, :] * stride_qk
+    word_rows = tl.arange(0, BLOCK_K // 8)[None, :] * stride_qk
+    qw_ptrs = qw_ptr + word_offsets(offs_n, stride_qn, stride_qt, TILE)[:, None] + word_rows
+    qw_up_ptrs = qw_ptr + word_offsets(offs_n + N_UP, stride_qn, stride_qt, TILE)[:, None] + word_rows
     DTYPE: tl.constexpr = x_ptr.dtype.element_ty
 
     k_tiles = K // BLOCK_K  # BLOCK_K divides group_size, which divides K
@@ -256,7 +263,7 @@ def _w4a16_mma_kernel(
                                GROUP_SIZE, EVEN_N, DTYPE, PACKED)
         acc = mma_accumulate(acc, x, w_t, SWAP_AB, DOT_PRECISION)
         if ACTIVATION == "silu_mul":
-            w_up_t = _mma_weight_tile(qw_ptrs + N_UP * stride_qn, s_ptr, z_ptr, offs_n + N_UP, mask_n, k0, stride_qk,
+            w_up_t = _mma_weight_tile(qw_up_ptrs, s_ptr, z_ptr, offs_n + N_UP, mask_n, k0, stride_qk,
                                       stride_sg, stride_sn, GROUP_SIZE, EVEN_N, DTYPE, PACKED)
             acc_up = mma_accumulate(acc_up, x, w_up_t, SWAP_AB, DOT_PRECISION)
     if SWAP_AB:
@@ -322,15 +329,18 @@ class WarpMmaConfig(NamedTuple):
     column_warps: int = 1  # warps side by side on 64-column blocks; each block's warps take turns over K
     unrolled: bool = False  # each warp's loop over its groups unrolled (``warp_mma_unrolled_iterations``)
     maxnreg: int = 0  # registers a thread for ptxas (0: its own choice; ``warp_mma_registers``)
+    prefetch_groups: int = 0  # each warp's words pulled into L2 this many groups ahead (``warp_mma_prefetch``)
 
 
 def warp_mma_ok(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                 group_size: int, n_out: int) -> bool:
     """What the warp-level MMA kernel reads as 16- and 8-byte vectors must be aligned so: x as
-    for the packed GEMV, weight rows and columns in fours, groups of whole 64-row steps."""
-    N = qweight.shape[1]
+    for the packed GEMV, weight rows, columns and tiles in fours, groups of whole 64-row steps."""
+    N = word_columns(qweight)
+    stride_qn, stride_qt, _ = word_strides(qweight)
     return (_packed_ok(x) and x.shape[0] <= WARP_MMA_MAX_M and group_size % 64 == 0 and N % 4 == 0 and n_out % 4 == 0
-            and qweight.stride(1) == 1 and qweight.stride(0) % 4 == 0 and qweight.storage_offset() % 4 == 0
+            and stride_qn == 1 and qweight.stride(0) % 4 == 0 and stride_qt % 4 == 0
+            and qweight.storage_offset() % 4 == 0
             and scales.stride(1) == 1 and scales.stride(0) % 4 == 0 and scales.storage_offset() % 4 == 0
             and zeros.storage_offset() % 4 == 0 and scales.dtype == zeros.dtype == x.dtype)
 
@@ -362,7 +372,7 @@ def wgmma_ok(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros
     Gluon, contiguous rows of x, the weight and its scales and zeros, K in whole chunks (``wgmma_chunks``),
     and x as the TMA reads it (``_packed_ok``: rows of whole 16 bytes, 16-byte aligned)."""
     return (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and _hopper(x.device)
-            and wgmma_chunks(x.shape[1], group_size) and _packed_ok(x) and qweight.stride(1) == 1
+            and wgmma_chunks(x.shape[1], group_size) and _packed_ok(x) and word_strides(qweight)[0] == 1
             and scales.stride(1) == 1 and scales.dtype == zeros.dtype == x.dtype)
 
 
@@ -388,14 +398,16 @@ def wgmma_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
     from .w4a16_wgmma import w4a16_wgmma_kernel
 
     M, K = x.shape
-    N = qweight.shape[1]
+    N = word_columns(qweight)
+    _, stride_qt, tile = word_strides(qweight)
     out = torch.empty((M, N), device=x.device, dtype=x.dtype)
     grid = (cdiv(N, 64 * warpgroups), cdiv(M, block_m), split_k)
     # split, the sums and a count per output tile; unsplit never read
     sums = split_k_workspace(M, N, grid[0] * grid[1], split_k, out)
     w4a16_wgmma_kernel[grid](
         x, qweight, scales, zeros, bias if bias is not None else scales, out, sums, M, N, K,
-        x.stride(0), qweight.stride(0), scales.stride(0), out.stride(0), GROUP_SIZE=group_size, BLOCK_M=block_m,
+        x.stride(0), qweight.stride(0), stride_qt, scales.stride(0), out.stride(0), TILE=tile, GROUP_SIZE=group_size,
+        BLOCK_M=block_m,
         WARPGROUPS=warpgroups, SPLIT_K=split_k, HAS_BIAS=bias is not None, BF16=x.dtype == torch.bfloat16,
         SCALED=scaled, num_warps=4 * warpgroups)
     return out
@@ -433,7 +445,8 @@ def wgmma_tma_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
     from .w4a16_wgmma_tma import w4a16_wgmma_tma_kernel
 
     M, K = x.shape
-    N = qweight.shape[1]
+    N = word_columns(qweight)
+    _, stride_qt, tile = word_strides(qweight)
     x_tiles = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
     x_desc = TensorDescriptor.from_tensor(x, [block_m, 64], x_tiles)
     # split, the float32 sums are added into zeros and cast after (two launches more). Read back and zeroed by
@@ -444,7 +457,8 @@ def wgmma_tma_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
     grid = (cdiv(N, block_n), cdiv(M, block_m), split_k)
     w4a16_wgmma_tma_kernel[grid](
         x_desc, qweight, scales, zeros, bias if bias is not None else scales, out, M, N, K, qweight.stride(0),
-        scales.stride(0), out.stride(0), GROUP_SIZE=group_size, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages,
+        stride_qt, scales.stride(0), out.stride(0), TILE=tile, GROUP_SIZE=group_size, BLOCK_M=block_m,
+        BLOCK_N=block_n, STAGES=stages,
         SPLIT_K=split_k, HAS_BIAS=bias is not None and split_k == 1, BF16=x.dtype == torch.bfloat16,
         num_warps=num_warps)
     if split_k == 1:
@@ -509,6 +523,14 @@ def warp_mma_unrolled_iterations(cfg: WarpMmaConfig, groups: int) -> int:
     k_warps = cfg.num_warps // cfg.column_warps
     iterations = cdiv(groups // cfg.split_k, k_warps)
     return iterations if cfg.unrolled and groups % cfg.split_k == 0 and iterations <= MAX_UNROLLED_STEPS else 0
+
+
+def warp_mma_prefetch(cfg: WarpMmaConfig, tile: int, activation: str, up_run: int, device: torch.device) -> int:
+    """The warp-level MMA kernel's PREFETCH_GROUPS: ``cfg.prefetch_groups`` where each warp's words of a group
+    are one run, to pull with one bulk prefetch (sm_90 on): words in column tiles of ``WORD_TILE``, and under
+    "silu_mul" gate and up in runs that divide 32 (a warp's 32 gate and 32 up columns then one tile); else 0."""
+    one_run = tile == WORD_TILE and (activation != "silu_mul" or up_run > 0 and 32 % up_run == 0)
+    return cfg.prefetch_groups if one_run and capability(device) >= (9, 0) else 0
 
 
 def _split_within_one_wave(tiles: int, k_steps: int, slots: int) -> int:
@@ -638,7 +660,10 @@ def pick_config(M: int, N: int, K: int, group_size: int, device: torch.device, a
     if warp_mma and 2 <= M <= WARP_MMA_MAX_M and not (M == 2 and N * K <= 4096 * 4096):
         tiles = cdiv(N, warp_mma_columns(activation))
         cfg = _warp_mma_config(M, tiles, K // group_size, sms)
-        return cfg._replace(maxnreg=warp_mma_registers(cfg, M, tiles, sms))
+        # Past 8 rows each warp pulls its words into L2 a group ahead (with the words in column tiles); H200, the
+        # decode step's 64 ops at 16 rows, bf16, us: 1060.8 -> 1017.7; at 8 rows it loses (870.8 -> 979.1)
+        # (bench/NOTES-kernels.md, forty-third session)
+        return cfg._replace(maxnreg=warp_mma_registers(cfg, M, tiles, sms), prefetch_groups=int(M > 8))
     mma_block_k = [b for b in (128, 64, 32, 16) if group_size % b == 0]
     if M <= GEMV_MAX_M or not mma_block_k:
         # No split: a program's warps cover K in steps of 64 to 512 word rows, so even N = 4096
@@ -770,7 +795,8 @@ def w4a16_linear(
     this function for real. Without it a traced split zeroes a fresh workspace, one launch more.
     """
     M, K = x.shape
-    N = qweight.shape[1]
+    N = word_columns(qweight)
+    stride_qn, stride_qt, tile = word_strides(qweight)
     n_out = output_columns(activation, N)
     check_up_run(up_run, activation, N)
     assert qweight.shape[0] * 8 == K and K % group_size == 0 and group_size % 8 == 0
@@ -840,7 +866,8 @@ def w4a16_linear(
         launch(
             w4a16_warp_mma_kernel, grid,
             x, qweight, scales, zeros, bias_arg, out, ws, M, n_out, N - n_out, K,
-            x.stride(0), qweight.stride(0), scales.stride(0), stride_bm, out.stride(0), out.stride(1), N,
+            x.stride(0), qweight.stride(0), stride_qt, scales.stride(0), stride_bm, out.stride(0), out.stride(1), N,
+            TILE=tile, PREFETCH_GROUPS=warp_mma_prefetch(cfg, tile, activation, up_run, x.device),
             GROUP_SIZE=group_size, M_TILES=cfg.row_tiles, WARPS=cfg.num_warps, COLUMN_WARPS=cfg.column_warps,
             SPLIT_K=cfg.split_k, HAS_BIAS=has_bias, ACTIVATION=activation, BF16=x.dtype == torch.bfloat16,
             UNROLLED_ITERS=warp_mma_unrolled_iterations(cfg, K // group_size), UP_RUN=up_run, num_warps=cfg.num_warps,
@@ -849,8 +876,8 @@ def w4a16_linear(
         return out
     common = dict(GROUP_SIZE=group_size, BLOCK_N=cfg.block_n, SPLIT_K=cfg.split_k, EVEN_N=n_out % cfg.block_n == 0,
                   HAS_BIAS=has_bias, ACTIVATION=activation, num_warps=cfg.num_warps)
-    strides = (x.stride(0), x.stride(1), qweight.stride(0), qweight.stride(1), scales.stride(0), scales.stride(1),
-               stride_bm, out.stride(0), out.stride(1), N)
+    strides = (x.stride(0), x.stride(1), qweight.stride(0), stride_qn, stride_qt, scales.stride(0), scales.stride(1),
+               stride_bm, out.stride(0), out.stride(1), N, tile)
     if isinstance(cfg, GemvConfig):
         grid = (M, cdiv(n_out, cfg.block_n), cfg.split_k)
         ws = split_k_workspace(M, N, grid[0] * grid[1], cfg.split_k, out)
@@ -890,14 +917,16 @@ def _rms_norm(x: torch.Tensor, norm_weight: torch.Tensor, eps: float) -> torch.T
 
 
 def _dequantize_into(w: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                     group_size: int, block_r: int, block_n: int):
-    """The weight of ``qweight`` (``[K / 8, n]``, any strides) written into ``w`` ``[K, n]``."""
+                     group_size: int, block_r: int, block_n: int, first_column: int = 0):
+    """The weight's columns ``first_column`` on (``qweight`` in either layout, any strides) written into
+    ``w`` ``[K, n]``."""
     K, N = w.shape
     grid = (cdiv(K // 8, block_r), cdiv(N, block_n))
     launch(
         _w4a16_dequantize_kernel, grid,
-        qweight, scales, zeros, w, K, N, qweight.stride(0), qweight.stride(1), scales.stride(0), scales.stride(1),
-        w.stride(0), w.stride(1), GROUP_SIZE=group_size, BLOCK_R=block_r, BLOCK_N=block_n,
+        qweight, scales, zeros, w, K, N, first_column, qweight.stride(0), *word_strides(qweight)[:2],
+        scales.stride(0), scales.stride(1), w.stride(0), w.stride(1), GROUP_SIZE=group_size, BLOCK_R=block_r,
+        BLOCK_N=block_n, TILE=word_strides(qweight)[2],
     )
 
 
@@ -910,7 +939,7 @@ def dequantize_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
     while cuBLAS multiplies chunk i into its column slice of the output, and the GEMMs' reads of
     the scratch come from L2."""
     M, K = x.shape
-    N = qweight.shape[1]
+    N = word_columns(qweight)
     if not 0 < chunk_n < N:
         w = torch.empty((K, N), device=x.device, dtype=x.dtype)
         _dequantize_into(w, qweight, scales, zeros, group_size, block_r, block_n)
@@ -928,7 +957,7 @@ def dequantize_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
         with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
             if side is not None and i >= 2:
                 side.wait_event(multiplied[i - 2])  # the GEMM two chunks back has read this buffer
-            _dequantize_into(w, qweight[:, n0:n1], scales[:, n0:n1], zeros[:, n0:n1], group_size, block_r, block_n)
+            _dequantize_into(w, qweight, scales, zeros, group_size, block_r, block_n, n0)
         if side is not None:
             main.wait_stream(side)
         if bias is None:

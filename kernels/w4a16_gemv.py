@@ -22,7 +22,8 @@ read x coherently. A decode step of 16 Llama-3-8B layers (64 GEMVs, bf16, H200) 
 import triton
 import triton.language as tl
 
-from .common import asm_constant, launch_dependent_grids, split_range, store_output, wait_for_prior_grids
+from .common import (asm_constant, launch_dependent_grids, split_range, store_output, wait_for_prior_grids,
+                     word_offsets)
 from .int4_pairs import F16_DOT_UNIT, bf16_nibble_pairs, f16_nibble_pairs, zero_bf16x2, zero_f16x2
 
 _F32_MAGIC = tl.constexpr(8388608.0)  # 2**23: 0x4B000000 | q is 2**23 + q as float32
@@ -283,7 +284,7 @@ def _gemv_step_x2(acc, squares, w0, w1, w_ptrs, r0, x_row, g_ptr, r_pair, s_ptr,
 
 @triton.jit
 def _gemv_partial_x2(x_row, g_ptr, r_pair, qw_ptr, s_ptr, z_ptr, offs_n, mask_n, row_start, row_end, stride_qk,
-                     stride_qn, stride_sg, stride_sn, GROUP_SIZE: tl.constexpr, GROUP_ROWS: tl.constexpr,
+                     word_cols, stride_sg, stride_sn, GROUP_SIZE: tl.constexpr, GROUP_ROWS: tl.constexpr,
                      GROUPS: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
                      BF16: tl.constexpr, HAS_NORM: tl.constexpr, SQUARES: tl.constexpr,
                      UNROLLED_STEPS: tl.constexpr, COHERENT: tl.constexpr, WAIT: tl.constexpr):
@@ -307,7 +308,7 @@ def _gemv_partial_x2(x_row, g_ptr, r_pair, qw_ptr, s_ptr, z_ptr, offs_n, mask_n,
     rows = first_rows + 2 * tl.arange(0, GROUP_ROWS // 2)[:, None, None]  # [GROUP_ROWS // 2, GROUPS, 1]
     cols = offs_n[None, None, :]
     mask_w = mask_n[None, None, :]  # broadcast against row masks; ignored when EVEN_N
-    w_ptrs = qw_ptr + (row_start + rows) * stride_qk + cols * stride_qn
+    w_ptrs = qw_ptr + (row_start + rows) * stride_qk + word_cols[None, None, :]
     if EVEN_K and EVEN_N:
         w0 = tl.load(w_ptrs)
         w1 = tl.load(w_ptrs + stride_qk)
@@ -339,7 +340,7 @@ def _gemv_partial_x2(x_row, g_ptr, r_pair, qw_ptr, s_ptr, z_ptr, offs_n, mask_n,
 
 @triton.jit
 def _gemv_partial(x_row, g_ptr, inv_rms, qw_ptr, s_ptr, z_ptr, offs_n, mask_n, row_start, row_end, stride_xk,
-                  stride_qk, stride_qn, stride_sg, stride_sn, GROUP_SIZE: tl.constexpr, GROUP_ROWS: tl.constexpr,
+                  stride_qk, word_cols, stride_sg, stride_sn, GROUP_SIZE: tl.constexpr, GROUP_ROWS: tl.constexpr,
                   GROUPS: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, HAS_NORM: tl.constexpr):
     """float32 sum over the word rows [row_start, row_end) of x . w for the columns offs_n: [BLOCK_N]
     (under HAS_NORM x is ``x * inv_rms * g``, in float32).
@@ -359,7 +360,7 @@ def _gemv_partial(x_row, g_ptr, inv_rms, qw_ptr, s_ptr, z_ptr, offs_n, mask_n, r
             mask_w = mask_g
         else:
             mask_w = mask_g & mask_n[None, None, :]
-        words = tl.load(qw_ptr + rows * stride_qk + cols * stride_qn, mask=mask_w, other=0)
+        words = tl.load(qw_ptr + rows * stride_qk + word_cols[None, None, :], mask=mask_w, other=0)
         sz_offs = (first_rows * 8 // GROUP_SIZE) * stride_sg + cols * stride_sn  # [1, GROUPS, BLOCK_N]
         scale = tl.load(s_ptr + sz_offs, mask=mask_w, other=0).to(tl.float32)
         magic_zero = tl.load(z_ptr + sz_offs, mask=mask_w, other=0).to(tl.float32) + _F32_MAGIC
@@ -376,14 +377,15 @@ def _gemv_partial(x_row, g_ptr, inv_rms, qw_ptr, s_ptr, z_ptr, offs_n, mask_n, r
 
 @triton.jit
 def _gemv_columns(x_row, g_ptr, norm_eps, K, qw_ptr, s_ptr, z_ptr, offs_n, mask_n, row_start, row_end, stride_xk,
-                  stride_qk, stride_qn, stride_sg, stride_sn, GROUP_SIZE: tl.constexpr, GROUP_ROWS: tl.constexpr,
+                  stride_qk, word_cols, stride_sg, stride_sn, GROUP_SIZE: tl.constexpr, GROUP_ROWS: tl.constexpr,
                   GROUPS: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
                   PACKED_F16: tl.constexpr, PACKED_BF16: tl.constexpr, HAS_NORM: tl.constexpr,
                   NORM_BLOCK: tl.constexpr, WHOLE_ROW: tl.constexpr, UNROLLED_STEPS: tl.constexpr,
                   PDL: tl.constexpr):
     """float32 x . w for the columns offs_n over the word rows [row_start, row_end): [BLOCK_N];
     under HAS_NORM, x is the RMSNorm ``x * inv_rms * g`` of the row of K values at x_row (each
-    program reduces the row itself; g at g_ptr). WHOLE_ROW: [row_start, row_end) is all of K."""
+    program reduces the row itself; g at g_ptr). WHOLE_ROW: [row_start, row_end) is all of K.
+    word_cols: where the columns lie in a word row (``common.word_offsets``: rows of words or column tiles)."""
     # Under PDL the packed paths wait after their first word loads; the others before they read x
     wait_in_loop: tl.constexpr = PDL and (PACKED_F16 or PACKED_BF16) and not (PACKED_F16 and HAS_NORM)
     if PDL and not wait_in_loop:
@@ -395,7 +397,7 @@ def _gemv_columns(x_row, g_ptr, norm_eps, K, qw_ptr, s_ptr, z_ptr, offs_n, mask_
         correction = inv_rms / inv_rms.to(tl.float16).to(tl.float32)
         acc, _ = _gemv_partial_x2(
             x_row, g_ptr, _f16_pair(inv_rms), qw_ptr, s_ptr, z_ptr, offs_n, mask_n, row_start, row_end,
-            stride_qk, stride_qn, stride_sg, stride_sn, GROUP_SIZE, GROUP_ROWS, GROUPS, BLOCK_N, EVEN_N, EVEN_K,
+            stride_qk, word_cols, stride_sg, stride_sn, GROUP_SIZE, GROUP_ROWS, GROUPS, BLOCK_N, EVEN_N, EVEN_K,
             PACKED_BF16, HAS_NORM, False, UNROLLED_STEPS, PDL, False)
         return correction * acc
     if PACKED_F16 or PACKED_BF16:
@@ -404,7 +406,7 @@ def _gemv_columns(x_row, g_ptr, norm_eps, K, qw_ptr, s_ptr, z_ptr, offs_n, mask_
         # grids are one wave: every program would wait on it at once) or after it
         squares_in_loop: tl.constexpr = HAS_NORM and WHOLE_ROW
         acc, squares = _gemv_partial_x2(x_row, g_ptr, 0, qw_ptr, s_ptr, z_ptr, offs_n, mask_n, row_start, row_end,
-                                        stride_qk, stride_qn, stride_sg, stride_sn, GROUP_SIZE, GROUP_ROWS, GROUPS,
+                                        stride_qk, word_cols, stride_sg, stride_sn, GROUP_SIZE, GROUP_ROWS, GROUPS,
                                         BLOCK_N, EVEN_N, EVEN_K, PACKED_BF16, HAS_NORM, squares_in_loop,
                                         UNROLLED_STEPS, PDL, wait_in_loop)
         if squares_in_loop:
@@ -414,7 +416,7 @@ def _gemv_columns(x_row, g_ptr, norm_eps, K, qw_ptr, s_ptr, z_ptr, offs_n, mask_
         return acc
     inv_rms = row_inv_rms(x_row, K, stride_xk, norm_eps, NORM_BLOCK) if HAS_NORM else 1.0
     return _gemv_partial(x_row, g_ptr, inv_rms, qw_ptr, s_ptr, z_ptr, offs_n, mask_n, row_start, row_end, stride_xk,
-                         stride_qk, stride_qn, stride_sg, stride_sn, GROUP_SIZE, GROUP_ROWS, GROUPS, BLOCK_N, EVEN_N,
+                         stride_qk, word_cols, stride_sg, stride_sn, GROUP_SIZE, GROUP_ROWS, GROUPS, BLOCK_N, EVEN_N,
                          HAS_NORM)
 
 
@@ -422,8 +424,9 @@ def _gemv_columns(x_row, g_ptr, norm_eps, K, qw_ptr, s_ptr, z_ptr, offs_n, mask_
 def w4a16_gemv_kernel(
     x_ptr, g_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr,
     M, N_OUT, N_UP, K, norm_eps,
-    stride_xm, stride_xk, stride_qk, stride_qn, stride_sg, stride_sn, stride_bm, stride_om, stride_on, stride_wm,
-    GROUP_SIZE: tl.constexpr, GROUP_ROWS: tl.constexpr, GROUPS: tl.constexpr, BLOCK_N: tl.constexpr,
+    stride_xm, stride_xk, stride_qk, stride_qn, stride_qt, stride_sg, stride_sn, stride_bm, stride_om, stride_on,
+    stride_wm, TILE: tl.constexpr, GROUP_SIZE: tl.constexpr, GROUP_ROWS: tl.constexpr, GROUPS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     SPLIT_K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr,
     ACTIVATION: tl.constexpr, PACKED_F16: tl.constexpr, PACKED_BF16: tl.constexpr, HAS_NORM: tl.constexpr,
     NORM_BLOCK: tl.constexpr, UNROLLED_STEPS: tl.constexpr, PDL: tl.constexpr, MAXNREG: tl.constexpr,
@@ -456,13 +459,15 @@ def w4a16_gemv_kernel(
         else:
             columns = offs_both + (both_n // BLOCK_N) * N_UP
         both = _gemv_columns(x_row, g_ptr, norm_eps, K, qw_ptr, s_ptr, z_ptr, columns,
-                             offs_both < N_OUT, row_start, row_end, stride_xk, stride_qk, stride_qn, stride_sg,
+                             offs_both < N_OUT, row_start, row_end, stride_xk, stride_qk,
+                             word_offsets(columns, stride_qn, stride_qt, TILE), stride_sg,
                              stride_sn, GROUP_SIZE, GROUP_ROWS, GROUPS, 2 * BLOCK_N, EVEN_N, EVEN_K, PACKED_F16,
                              PACKED_BF16, HAS_NORM, NORM_BLOCK, SPLIT_K == 1, UNROLLED_STEPS, PDL)
         acc, acc_up = tl.split(tl.permute(tl.reshape(both, (2, BLOCK_N)), (1, 0)))
     else:
         acc = _gemv_columns(x_row, g_ptr, norm_eps, K, qw_ptr, s_ptr, z_ptr, offs_n, mask_n, row_start, row_end,
-                            stride_xk, stride_qk, stride_qn, stride_sg, stride_sn, GROUP_SIZE, GROUP_ROWS, GROUPS,
+                            stride_xk, stride_qk, word_offsets(offs_n, stride_qn, stride_qt, TILE), stride_sg,
+                            stride_sn, GROUP_SIZE, GROUP_ROWS, GROUPS,
                             BLOCK_N, EVEN_N, EVEN_K, PACKED_F16, PACKED_BF16, HAS_NORM, NORM_BLOCK, SPLIT_K == 1,
                             UNROLLED_STEPS, PDL)
         acc_up = acc

@@ -1,6 +1,6 @@
 """W4A16 for 2 to 16 rows of activations on tensor cores: warp-level ``mma.sync`` in inline PTX.
 
-The layout is ``w4a16.py``'s (``qweight`` int32 ``[K // 8, N]``, row k in nibble k % 8;
+The layout is ``w4a16.py``'s (``qweight`` int32 ``[K // 8, N]``, row k in nibble k % 8, or in column tiles;
 ``scales``/``zeros`` ``[K // group_size, N]``), read as it is. The product is computed
 transposed, ``out^T = W^T x^T``, so the weight fills the 16-row side of
 ``mma.m16n8k16`` and the few rows of x its 8-column side (one or two 8-row tiles).
@@ -49,7 +49,8 @@ Needs a GPU (inline PTX: Triton's interpreter does not run it) with ``mma.sync``
 import triton
 import triton.language as tl
 
-from .common import asm_constant, launch_dependent_grids, store_output, wait_for_prior_grids
+from .common import (asm_constant, launch_dependent_grids, prefetch_to_l2, store_output, wait_for_prior_grids,
+                     word_offsets)
 
 
 # The loads, by inline PTX (a ``tl.load`` could get another thread layout, and the MMA needs each lane's own
@@ -307,10 +308,11 @@ def _column_values(blocks, COLUMN: tl.constexpr, M_TILES: tl.constexpr):
 
 
 @triton.jit
-def _load_group_weights(qw_ptr, s_ptr, z_ptr, group, lane_c, base_a, base_b, stride_qk, stride_sg,
+def _load_group_weights(qw_ptr, s_ptr, z_ptr, group, lane_c, base_a, base_b, word_a, word_b, stride_qk, stride_sg,
                         GROUP_SIZE: tl.constexpr, COHERENT: tl.constexpr):
     """This lane's weights of one group: the words of each 64-row step (word rows ``r + 2 c`` and
-    ``r + 2 c + 1``, columns a0..a3 then b0..b3 of each), and the packed zeros and scales of its columns."""
+    ``r + 2 c + 1``, columns a0..a3 then b0..b3 of each, at word_a and word_b of a word row), and the packed
+    zeros and scales of its columns."""
     sz = group * stride_sg
     params = (_load_params(z_ptr + sz + base_a, COHERENT) + _load_params(z_ptr + sz + base_b, COHERENT)
               + _load_params(s_ptr + sz + base_a, COHERENT) + _load_params(s_ptr + sz + base_b, COHERENT))
@@ -318,10 +320,10 @@ def _load_group_weights(qw_ptr, s_ptr, z_ptr, group, lane_c, base_a, base_b, str
     words = ()
     for step in tl.static_range(GROUP_SIZE // 64):
         row = first_row + 8 * step
-        words = words + (_load_words(qw_ptr + row * stride_qk + base_a, COHERENT)
-                         + _load_words(qw_ptr + row * stride_qk + base_b, COHERENT)
-                         + _load_words(qw_ptr + (row + 1) * stride_qk + base_a, COHERENT)
-                         + _load_words(qw_ptr + (row + 1) * stride_qk + base_b, COHERENT))
+        words = words + (_load_words(qw_ptr + row * stride_qk + word_a, COHERENT)
+                         + _load_words(qw_ptr + row * stride_qk + word_b, COHERENT)
+                         + _load_words(qw_ptr + (row + 1) * stride_qk + word_a, COHERENT)
+                         + _load_words(qw_ptr + (row + 1) * stride_qk + word_b, COHERENT))
     return words, params
 
 
@@ -341,11 +343,11 @@ def _load_group_x(x_row0, x_row1, group, lane_c, GROUP_SIZE: tl.constexpr, M_TIL
 
 
 @triton.jit
-def _load_group(qw_ptr, s_ptr, z_ptr, x_row0, x_row1, group, lane_c, base_a, base_b, stride_qk, stride_sg,
-                GROUP_SIZE: tl.constexpr, M_TILES: tl.constexpr, COHERENT: tl.constexpr):
+def _load_group(qw_ptr, s_ptr, z_ptr, x_row0, x_row1, group, lane_c, base_a, base_b, word_a, word_b, stride_qk,
+                stride_sg, GROUP_SIZE: tl.constexpr, M_TILES: tl.constexpr, COHERENT: tl.constexpr):
     """This lane's loads for one group: its words, x and packed zeros and scales."""
-    words, params = _load_group_weights(qw_ptr, s_ptr, z_ptr, group, lane_c, base_a, base_b, stride_qk, stride_sg,
-                                        GROUP_SIZE, False)
+    words, params = _load_group_weights(qw_ptr, s_ptr, z_ptr, group, lane_c, base_a, base_b, word_a, word_b,
+                                        stride_qk, stride_sg, GROUP_SIZE, False)
     return words, _load_group_x(x_row0, x_row1, group, lane_c, GROUP_SIZE, M_TILES, COHERENT), params
 
 
@@ -398,15 +400,28 @@ def _group_product(loads, live, acc0, acc1, acc2, acc3, z, GROUP_SIZE: tl.conste
 
 
 @triton.jit
+def _prefetch_group(tile_words, group, group_end, lane, GROUP_SIZE: tl.constexpr, TILE: tl.constexpr):
+    """Lane 0 of the warp pulls its column tile's words of ``group`` (one run of GROUP_SIZE / 8 word rows) into L2
+    with one bulk prefetch; nothing waits for it."""
+    issue = ((lane == 0) & (group < group_end)).to(tl.int32)
+    prefetch_to_l2(tile_words + group * (GROUP_SIZE // 8) * TILE, (GROUP_SIZE // 8) * TILE * 4 + lane * 0, issue)
+
+
+@triton.jit
 def _iteration(accs, loads, it, group_start, group_end, warp_k, qw_ptr, s_ptr, z_ptr, x_row0, x_row1, lane_c, base_a,
-               base_b, stride_qk, stride_sg, z, GROUP_SIZE: tl.constexpr, M_TILES: tl.constexpr,
-               K_WARPS: tl.constexpr, BF16: tl.constexpr, COHERENT: tl.constexpr):
-    """Iteration ``it`` of a warp's walk over its groups: issues the next group's loads, then adds
-    this group's product (``loads``) to the accumulators. Returns the sums and the next loads."""
+               base_b, word_a, word_b, stride_qk, stride_sg, z, tile_words, lane, GROUP_SIZE: tl.constexpr,
+               M_TILES: tl.constexpr, K_WARPS: tl.constexpr, BF16: tl.constexpr, COHERENT: tl.constexpr,
+               TILE: tl.constexpr, PREFETCH_GROUPS: tl.constexpr):
+    """Iteration ``it`` of a warp's walk over its groups: pulls the words of its group ``it + PREFETCH_GROUPS``
+    into L2 (where PREFETCH_GROUPS > 0), issues the next group's loads, then adds this group's product
+    (``loads``) to the accumulators. Returns the sums and the next loads."""
     live = (group_start + it * K_WARPS + warp_k < group_end).to(tl.float32)
     group = tl.minimum(group_start + (it + 1) * K_WARPS + warp_k, group_end - 1)
-    next_loads = _load_group(qw_ptr, s_ptr, z_ptr, x_row0, x_row1, group, lane_c, base_a, base_b, stride_qk,
-                             stride_sg, GROUP_SIZE, M_TILES, COHERENT)
+    if PREFETCH_GROUPS > 0:
+        _prefetch_group(tile_words, group_start + (it + PREFETCH_GROUPS) * K_WARPS + warp_k, group_end, lane,
+                        GROUP_SIZE, TILE)
+    next_loads = _load_group(qw_ptr, s_ptr, z_ptr, x_row0, x_row1, group, lane_c, base_a, base_b, word_a, word_b,
+                             stride_qk, stride_sg, GROUP_SIZE, M_TILES, COHERENT)
     acc0, acc1, acc2, acc3 = accs
     return _group_product(loads, live, acc0, acc1, acc2, acc3, z, GROUP_SIZE, M_TILES, BF16), next_loads
 
@@ -415,16 +430,20 @@ def _iteration(accs, loads, it, group_start, group_end, warp_k, qw_ptr, s_ptr, z
 def w4a16_warp_mma_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr,
     M, N_OUT, N_UP, K,
-    stride_xm, stride_qk, stride_sg, stride_bm, stride_om, stride_on, stride_wm,
-    GROUP_SIZE: tl.constexpr, M_TILES: tl.constexpr, WARPS: tl.constexpr, COLUMN_WARPS: tl.constexpr,
-    SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, BF16: tl.constexpr,
-    UNROLLED_ITERS: tl.constexpr = 0, UP_RUN: tl.constexpr = 0, MAXNREG: tl.constexpr = 0, PDL: tl.constexpr = False,
+    stride_xm, stride_qk, stride_qt, stride_sg, stride_bm, stride_om, stride_on, stride_wm,
+    TILE: tl.constexpr, GROUP_SIZE: tl.constexpr, M_TILES: tl.constexpr, WARPS: tl.constexpr,
+    COLUMN_WARPS: tl.constexpr, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
+    BF16: tl.constexpr, UNROLLED_ITERS: tl.constexpr = 0, UP_RUN: tl.constexpr = 0, MAXNREG: tl.constexpr = 0,
+    PDL: tl.constexpr = False, PREFETCH_GROUPS: tl.constexpr = 0,
 ):
     """out = x @ W for 8 * M_TILES rows a program (program_id 0 picks them) and 64 weight columns
     a warp (32 gate and 32 up columns under "silu_mul"): a program's WARPS warps cover
     COLUMN_WARPS such blocks of columns, the K_WARPS = WARPS / COLUMN_WARPS warps of each block
     taking turns over its groups of K. MAXNREG: the launch's register budget (``common.register_budget``);
-    the code does not read it. PDL: launched with programmatic dependent launch (``common.dependent_launch``)."""
+    the code does not read it. PDL: launched with programmatic dependent launch (``common.dependent_launch``).
+    The words are in rows (TILE 0) or column tiles (``common.word_offsets``); PREFETCH_GROUPS > 0 (words in tiles
+    of 64, each warp's columns one tile): each warp pulls its tile's words of a group into L2 that many iterations
+    before its loads of it would start, by one bulk prefetch (1: as the loads of the group before start)."""
     if PDL:  # the next kernel's programs may start as SMs free up, and read their first weights
         launch_dependent_grids()
     T: tl.constexpr = 32 * WARPS
@@ -455,6 +474,8 @@ def w4a16_warp_mma_kernel(
     else:
         base_a = tl.minimum(first_column, N_OUT - 4)
         base_b = tl.minimum(first_column + 32, N_OUT - 4)
+    word_a = word_offsets(base_a, 1, stride_qt, TILE)  # (a lane's four columns lie in one tile)
+    word_b = word_offsets(base_b, 1, stride_qt, TILE)
     x_row0 = x_ptr + tl.minimum(first_row + lane_g, M - 1) * stride_xm
     x_row1 = x_ptr + tl.minimum(first_row + 8 + lane_g, M - 1) * stride_xm
 
@@ -462,6 +483,12 @@ def w4a16_warp_mma_kernel(
     per_split = tl.cdiv(groups, SPLIT_K)
     group_start = pid_k * per_split
     group_end = tl.minimum(group_start + per_split, groups)
+    lane = tid % 32
+    tile_words = qw_ptr + base_a * 0  # the warp's column tile, whose words it pulls into L2 ahead
+    if PREFETCH_GROUPS > 0:
+        tile_words += (base_a // TILE) * stride_qt
+    for ahead in tl.static_range(PREFETCH_GROUPS):  # the groups before the loop's first pull
+        _prefetch_group(tile_words, group_start + ahead * K_WARPS + warp_k, group_end, lane, GROUP_SIZE, TILE)
     z = tl.zeros((T,), tl.float32)
     acc0 = _zeros_like_acc(z, M_TILES)
     acc1 = _zeros_like_acc(z, M_TILES)
@@ -471,8 +498,8 @@ def w4a16_warp_mma_kernel(
     # arithmetic. Past the end a warp re-reads the range's last group (already fetched by the
     # program) and scales it by 0.
     group = tl.minimum(group_start + warp_k, group_end - 1)
-    words, params = _load_group_weights(qw_ptr, s_ptr, z_ptr, group, lane_c, base_a, base_b, stride_qk, stride_sg,
-                                        GROUP_SIZE, PDL)
+    words, params = _load_group_weights(qw_ptr, s_ptr, z_ptr, group, lane_c, base_a, base_b, word_a, word_b,
+                                        stride_qk, stride_sg, GROUP_SIZE, PDL)
     if PDL:  # the first weights are on their way as the grid before finishes writing x
         ready = wait_for_prior_grids()
         x_row0 += ready
@@ -482,13 +509,15 @@ def w4a16_warp_mma_kernel(
     if UNROLLED_ITERS > 0:
         for it in tl.static_range(UNROLLED_ITERS):
             accs, loads = _iteration(accs, loads, it, group_start, group_end, warp_k, qw_ptr, s_ptr, z_ptr, x_row0,
-                                     x_row1, lane_c, base_a, base_b, stride_qk, stride_sg, z, GROUP_SIZE, M_TILES,
-                                     K_WARPS, BF16, PDL)
+                                     x_row1, lane_c, base_a, base_b, word_a, word_b, stride_qk, stride_sg, z,
+                                     tile_words, lane, GROUP_SIZE, M_TILES, K_WARPS, BF16, PDL, TILE,
+                                     PREFETCH_GROUPS)
     else:
         for it in range(0, tl.cdiv(group_end - group_start, K_WARPS)):
             accs, loads = _iteration(accs, loads, it, group_start, group_end, warp_k, qw_ptr, s_ptr, z_ptr, x_row0,
-                                     x_row1, lane_c, base_a, base_b, stride_qk, stride_sg, z, GROUP_SIZE, M_TILES,
-                                     K_WARPS, BF16, PDL)
+                                     x_row1, lane_c, base_a, base_b, word_a, word_b, stride_qk, stride_sg, z,
+                                     tile_words, lane, GROUP_SIZE, M_TILES, K_WARPS, BF16, PDL, TILE,
+                                     PREFETCH_GROUPS)
     acc0, acc1, acc2, acc3 = accs
 
     # Sum the warps' partial tiles; each value's row and column follow from the same stacking

@@ -1,6 +1,6 @@
 """W4A16 for 17 to 64 rows on Hopper: warpgroup MMA (``wgmma``) fed from registers, in Gluon.
 
-The layout is ``w4a16.py``'s (``qweight`` int32 ``[K // 8, N]``, row k in nibble k % 8;
+The layout is ``w4a16.py``'s (``qweight`` int32 ``[K // 8, N]``, row k in nibble k % 8, or in column tiles;
 ``scales``/``zeros`` ``[K // group_size, N]``), read as it is. The product is computed
 transposed, ``out^T = W^T x^T``: each warpgroup's 64 weight columns are the MMA's M side, the
 left operand, which ``wgmma`` reads from registers; x's rows are its N side, from shared memory.
@@ -201,8 +201,17 @@ def _store_tile(tile, rows, cols, mask, N, b_ptr, out_ptr, stride_om, HAS_BIAS: 
 
 
 @gluon.jit
+def _word_columns(columns, stride_qt, TILE: gl.constexpr):
+    """Where ``columns`` lie in a word row: ``common.word_offsets`` with unit column stride, for Gluon."""
+    if TILE == 0:
+        return columns
+    return (columns // TILE) * stride_qt + columns % TILE
+
+
+@gluon.jit
 def w4a16_wgmma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, sums_ptr, M, N, K, stride_xm, stride_qk,
-                       stride_sg, stride_om, GROUP_SIZE: gl.constexpr, BLOCK_M: gl.constexpr,
+                       stride_qt, stride_sg, stride_om, TILE: gl.constexpr, GROUP_SIZE: gl.constexpr,
+                       BLOCK_M: gl.constexpr,
                        WARPGROUPS: gl.constexpr, SPLIT_K: gl.constexpr, HAS_BIAS: gl.constexpr,
                        BF16: gl.constexpr, SCALED: gl.constexpr):
     """out = x @ W (+ bias [N]) for BLOCK_M rows (program_id 1) by 64 * WARPGROUPS weight columns
@@ -243,7 +252,7 @@ def w4a16_wgmma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, sums_ptr, M,
     j0 = gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, WORDS))))
     columns = gl.minimum(n0 + rows, N - 1)  # past N: read column N - 1, never stored
     word_rows = 4 * j2[None, :, None, None] + 2 * j1[None, None, :, None] + j0[None, None, None, :]
-    w_ptrs = qw_ptr + word_rows * stride_qk + columns[:, None, None, None]
+    w_ptrs = qw_ptr + word_rows * stride_qk + _word_columns(columns, stride_qt, TILE)[:, None, None, None]
     spread = gl.zeros([BN, 2, 2, 2], DTYPE, WORDS)
     acc_columns = gl.minimum(n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, MMA)), N - 1)
     x_rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, X_LOAD))

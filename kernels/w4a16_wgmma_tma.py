@@ -1,7 +1,7 @@
 """W4A16 for 65 to 256 rows on Hopper: x by TMA, the weights dequantized into shared memory, ``wgmma``
 from shared memory on both sides, in Gluon.
 
-The layout is ``w4a16.py``'s (``qweight`` int32 ``[K // 8, N]``, row k in nibble k % 8;
+The layout is ``w4a16.py``'s (``qweight`` int32 ``[K // 8, N]``, row k in nibble k % 8, or in column tiles;
 ``scales``/``zeros`` ``[K // group_size, N]``), read as it is. A program computes a
 ``[BLOCK_M, BLOCK_N]`` tile of the output, the product in its natural orientation: x's rows are the
 MMA's M side, the left operand, the weight columns its N side.
@@ -38,7 +38,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                               warpgroup_mma_wait)
 
-from .w4a16_wgmma import _cta_barrier, _dequantize, _scaled
+from .w4a16_wgmma import _cta_barrier, _dequantize, _scaled, _word_columns
 
 _STEP = gl.constexpr(64)  # rows of K a loop step
 _WEIGHT_BUFFERS = gl.constexpr(3)  # see the module's docstring
@@ -70,8 +70,9 @@ def _weight_tile(words, zero, scale, BF16: gl.constexpr):
 
 
 @gluon.jit
-def w4a16_wgmma_tma_kernel(x_desc, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, stride_qk, stride_sg, stride_om,
-                           GROUP_SIZE: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+def w4a16_wgmma_tma_kernel(x_desc, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, stride_qk, stride_qt, stride_sg,
+                           stride_om, TILE: gl.constexpr, GROUP_SIZE: gl.constexpr, BLOCK_M: gl.constexpr,
+                           BLOCK_N: gl.constexpr,
                            STAGES: gl.constexpr, SPLIT_K: gl.constexpr, HAS_BIAS: gl.constexpr,
                            BF16: gl.constexpr, num_warps: gl.constexpr):
     """out = x @ W (+ bias [N]) for BLOCK_N weight columns (program_id 0) by BLOCK_M rows of x (program_id
@@ -98,7 +99,7 @@ def w4a16_wgmma_tma_kernel(x_desc, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K
 
     columns = gl.minimum(n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, WORDS)), N - 1)  # past N: never stored
     word_rows = gl.arange(0, 8, layout=gl.SliceLayout(0, WORDS))
-    w_ptrs = qw_ptr + word_rows[None, :] * stride_qk + columns[:, None]
+    w_ptrs = qw_ptr + word_rows[None, :] * stride_qk + _word_columns(columns, stride_qt, TILE)[:, None]
     spread = gl.zeros([BLOCK_N, 8], DTYPE, WORDS)
 
     xs = gl.allocate_shared_memory(DTYPE, [STAGES, BLOCK_M, _STEP], x_desc.layout)  # (as the TMA writes it)

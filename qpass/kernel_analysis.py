@@ -18,8 +18,9 @@ kernel is known by its JIT function and that config's constexprs.
 
 The analysis cannot read inline asm with side effects and then takes every tensor argument for
 written (functionalization copies them all; CUDA graphs are skipped). The GEMV's programmatic
-dependent launch (``PDL``) adds such asm, its wait and trigger, which touch no memory: the
-analysis sees the kernel without them.
+dependent launch (``PDL``) adds such asm, its wait and trigger, which touch no memory, and the
+warp-level MMA kernel's pulls of its words into L2 (``PREFETCH_GROUPS``) another, which writes none: the
+analysis sees the kernels without them.
 """
 
 import copy
@@ -35,8 +36,9 @@ from triton.runtime.autotuner import Autotuner
 _ANALYSIS_NAMES = ("identify_accessed_tensors", "identify_mutated_tensors")
 _SYMBOLIC = (torch.SymInt, torch.SymFloat, torch.SymBool, sympy.Expr)
 # Constexprs that only change how a kernel is launched or compiled, not what it reads or writes, and the values
-# the analysis reads it with: PDL orders launches (griddepcontrol), MAXNREG is ptxas's register budget.
-_LAUNCH_ONLY = {"PDL": False, "MAXNREG": 0}
+# the analysis reads it with: PDL orders launches (griddepcontrol), MAXNREG is ptxas's register budget,
+# PREFETCH_GROUPS pulls words into L2 ahead of their loads.
+_LAUNCH_ONLY = {"PDL": False, "MAXNREG": 0, "PREFETCH_GROUPS": 0}
 
 
 def _argument_key(value: Any) -> Optional[Hashable]:

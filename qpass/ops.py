@@ -79,10 +79,10 @@ def _run(cuda_kernel, cpu_reference, x: torch.Tensor, n: int, *args, bias: Optio
 
 
 def _opaque_gemm(name: str, gemm):
-    """``gemm`` (``x [M, K], qweight [K / 8, N], ...`` -> ``[M, N]``) as the op ``qpass::<name>``, which
-    torch.compile calls as it is instead of tracing into it."""
+    """``gemm`` (``x [M, K], qweight, scales [K / group_size, N], ...`` -> ``[M, N]``) as the op ``qpass::<name>``,
+    which torch.compile calls as it is instead of tracing into it."""
     op = torch.library.custom_op(f"qpass::{name}", gemm, mutates_args=())
-    op.register_fake(lambda x, qweight, *args: x.new_empty((x.shape[0], qweight.shape[1])))
+    op.register_fake(lambda x, qweight, scales, *args: x.new_empty((x.shape[0], scales.shape[1])))
     return op
 
 
@@ -105,8 +105,8 @@ def _w4a16_linear(
     norm_eps: float = 0.0,
     up_run: int = 0,
 ) -> torch.Tensor:
-    return _run(_w4a16_kernels, reference.w4a16_linear, x, qweight.shape[1], qweight, scales, zeros, group_size, bias=bias,
-                activation=activation, norm_weight=norm_weight, norm_eps=norm_eps, up_run=up_run)
+    return _run(_w4a16_kernels, reference.w4a16_linear, x, scales.shape[1], qweight, scales, zeros, group_size,
+                bias=bias, activation=activation, norm_weight=norm_weight, norm_eps=norm_eps, up_run=up_run)
 
 
 w4a16_linear_op = triton_op("qpass::w4a16_linear", _w4a16_linear, mutates_args=())
@@ -114,7 +114,7 @@ w4a16_linear_op = triton_op("qpass::w4a16_linear", _w4a16_linear, mutates_args=(
 
 def _w4a16_fake(x, qweight, scales, zeros, group_size, bias=None, activation="none", norm_weight=None, norm_eps=0.0,
                 up_run=0):
-    return x.new_empty(_out_shape(x, qweight.shape[1], activation))
+    return x.new_empty(_out_shape(x, scales.shape[1], activation))
 
 
 w4a16_linear_op.register_fake(_w4a16_fake)

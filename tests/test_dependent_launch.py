@@ -156,16 +156,16 @@ driver.set_active(types.SimpleNamespace(get_current_target=lambda: GPUTarget("cu
 tensor = lambda dtype=torch.bfloat16: torch.empty(2, dtype=dtype)
 gemv = dict({p: tensor() for p in ("x_ptr", "g_ptr", "s_ptr", "z_ptr", "b_ptr", "out_ptr")},
             qw_ptr=tensor(torch.int32), ws_ptr=tensor(torch.float32), M=1, N_OUT=4096, N_UP=0, K=4096,
-            norm_eps=1e-5, stride_xm=4096, stride_xk=1, stride_qk=4096, stride_qn=1, stride_sg=4096,
-            stride_sn=1, stride_bm=4096, stride_om=4096, stride_on=1, stride_wm=4096, GROUP_SIZE=128,
+            norm_eps=1e-5, stride_xm=4096, stride_xk=1, stride_qk=64, stride_qn=1, stride_qt=512 * 64, stride_sg=4096,
+            stride_sn=1, stride_bm=4096, stride_om=4096, stride_on=1, stride_wm=4096, TILE=64, GROUP_SIZE=128,
             GROUP_ROWS=16, GROUPS=2, BLOCK_N=64, SPLIT_K=1, EVEN_N=True, EVEN_K=True, HAS_BIAS=True,
             ACTIVATION="none", PACKED_F16=False, PACKED_BF16=True, HAS_NORM=True, NORM_BLOCK=4096,
             UNROLLED_STEPS=4, PDL=True, MAXNREG=64, UP_RUN=0)
 mma = dict({p: tensor() for p in ("x_ptr", "s_ptr", "z_ptr", "b_ptr", "out_ptr")}, qw_ptr=tensor(torch.int32),
-           ws_ptr=tensor(torch.float32), M=16, N_OUT=4096, N_UP=0, K=14336, stride_xm=14336, stride_qk=4096,
-           stride_sg=4096, stride_bm=4096, stride_om=4096, stride_on=1, stride_wm=4096, GROUP_SIZE=128, M_TILES=2,
-           WARPS=4, COLUMN_WARPS=1, SPLIT_K=4, HAS_BIAS=True, ACTIVATION="none", BF16=True, UNROLLED_ITERS=0,
-           UP_RUN=0, MAXNREG=200, PDL=True)
+           ws_ptr=tensor(torch.float32), M=16, N_OUT=4096, N_UP=0, K=14336, stride_xm=14336, stride_qk=64,
+           stride_qt=1792 * 64, stride_sg=4096, stride_bm=4096, stride_om=4096, stride_on=1, stride_wm=4096, TILE=64,
+           GROUP_SIZE=128, M_TILES=2, WARPS=4, COLUMN_WARPS=1, SPLIT_K=4, HAS_BIAS=True, ACTIVATION="none", BF16=True,
+           UNROLLED_ITERS=0, UP_RUN=0, MAXNREG=200, PDL=True, PREFETCH_GROUPS=1)
 norm = dict(x_ptr=tensor(), g_ptr=tensor(), out_ptr=tensor(), K=4096, stride_xm=4096, stride_xk=1, stride_om=4096,
             eps=1e-5, BLOCK_K=4096, ONE_PASS=True, PDL=True)
 name = next(n for n in ("identify_accessed_tensors", "identify_mutated_tensors") if hasattr(triton_kernel_wrap, n))
@@ -182,8 +182,9 @@ print(json.dumps(written))
 
 def test_torch_analysis_of_traced_pdl_kernels_finds_only_their_outputs_written():
     """torch's analysis of which tensors a kernel writes (on its Triton IR) takes every tensor argument for
-    written where it meets inline asm with side effects, as the PDL wait and trigger are; through qpass it sees
-    the kernels without them: traced with PDL, each writes its output only (and its split-K workspace)."""
+    written where it meets inline asm with side effects, as the PDL wait and trigger and the bulk prefetch into L2
+    are; through qpass it sees the kernels without them: traced with PDL (the words in column tiles, pulled into L2
+    ahead), each writes its output only (and its split-K workspace)."""
     assert json.loads(compiled_for_sm90(_WRITES_OF_PDL_KERNELS).strip().splitlines()[-1]) == {
         "w4a16_gemv_kernel": ["out_ptr"], "w4a16_warp_mma_kernel": ["out_ptr", "ws_ptr"],
         "rms_norm_kernel": ["out_ptr"]}

@@ -51,10 +51,13 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
-def make_w4(M, N, K, group_size, dtype, symmetric, bias, seed):
+def make_w4(M, N, K, group_size, dtype, symmetric, bias, seed, tile=0):
+    """x, qweight, scales, zeros and a bias (or None); with ``tile``, the words in column tiles of that many
+    (where it divides N)."""
     g = torch.Generator().manual_seed(seed)
     q = torch.randint(0, 16, (K, N), generator=g)
     qweight = reference.pack_int4_rows(q)
+    qweight = reference.tile_word_columns(qweight, tile) if tile else qweight
     scales = (torch.rand(K // group_size, N, generator=g) * 0.02 + 0.005).to(dtype)
     if symmetric:
         zeros = torch.full((K // group_size, N), 8.0).to(dtype)
@@ -106,14 +109,37 @@ def cpu_dtypes(gemv: bool):
 @examples
 @given(M=st.integers(1, 40), N=st.integers(16, 72), groups=st.integers(1, 3),
        group_size=st.sampled_from([32, 64, 128]), dtype=st.sampled_from(cpu_dtypes(gemv=False)),
-       symmetric=st.booleans(), bias=st.booleans(), seed=st.integers(0, 2**16))
-def test_w4a16_tuned_choice_matches_reference(M, N, groups, group_size, dtype, symmetric, bias, seed):
+       symmetric=st.booleans(), bias=st.booleans(), tile=st.sampled_from([0, 4, 8, 16]), seed=st.integers(0, 2**16))
+def test_w4a16_tuned_choice_matches_reference(M, N, groups, group_size, dtype, symmetric, bias, tile, seed):
     K = groups * group_size
-    args = make_w4(M, N, K, group_size, dtype, symmetric, bias, seed)
+    args = make_w4(M, N, K, group_size, dtype, symmetric, bias, seed, tile)
     x, qweight, scales, zeros, b = args
     out = w4a16.w4a16_linear(x, qweight, scales, zeros, group_size, b)
     assert out.dtype == dtype and out.shape == (M, N)
     assert relative_error(out, w4_reference(*args[:4], group_size, b)) < BOUND[dtype]
+
+
+def test_words_in_column_tiles():
+    """``tile_word_columns`` keeps each tile's words one run in memory and ``word_rows`` gives them back; the
+    kernels' strides of both layouts; what is not a layout of theirs is refused."""
+    qweight = torch.arange(4 * 256, dtype=torch.int32).reshape(4, 256)
+    tiles = reference.tile_word_columns(qweight)
+    assert tiles.shape == (4, 4, 64) and tiles.transpose(0, 1).is_contiguous()
+    assert tiles.transpose(0, 1).reshape(-1)[:128].tolist() == qweight[:2, :64].reshape(-1).tolist()
+    assert torch.equal(reference.word_rows(tiles), qweight)
+    assert reference.word_rows(qweight).data_ptr() == qweight.data_ptr()  # rows as they are: a view
+    assert reference.tile_word_columns(qweight[:, :96]).shape == (4, 96)  # 96 columns: no whole tiles, as they are
+    assert common.word_columns(tiles) == common.word_columns(qweight) == 256
+    assert common.word_strides(qweight) == (1, 0, 0) and common.word_strides(tiles) == (1, 4 * 64, 64)
+    transposed_tiles = tiles.transpose(0, 2).contiguous().transpose(0, 2)  # its last dim not contiguous
+    with pytest.raises(ValueError, match=r"\[K / 8, N / T, T\].*shape \(4, 4, 64\), strides \(1, 4, 16\)"):
+        common.word_strides(transposed_tiles)
+    with pytest.raises(ValueError, match=r"a power of two >= 4 .*; got shape \(4, 32, 6\)"):
+        common.word_strides(torch.zeros(4, 32, 6, dtype=torch.int32))
+    x = torch.randn(3, 32)
+    scales, zeros = torch.rand(1, 256), torch.full((1, 256), 8.0)
+    assert torch.equal(reference.w4a16_linear(x, tiles, scales, zeros, 32), reference.w4a16_linear(x, qweight, scales,
+                                                                                                    zeros, 32))
 
 
 W4_CONFIGS = [
@@ -140,7 +166,7 @@ def test_w4a16_each_kernel_variant(config, M, N, groups, group_size, symmetric, 
     if isinstance(config, w4a16.GemvConfig) and not CUDA:
         M = M % 3 + 1  # the interpreter runs one program per row: keep the GEMV's rows few
     K = groups * group_size
-    args = make_w4(M, N, K, group_size, dtype, symmetric, bias, seed)
+    args = make_w4(M, N, K, group_size, dtype, symmetric, bias, seed, data.draw(st.sampled_from([0, 4, 8])))
     x, qweight, scales, zeros, b = args
     out = w4a16.w4a16_linear(x, qweight, scales, zeros, group_size, b, config=config)
     assert relative_error(out, w4_reference(*args[:4], group_size, b)) < BOUND[dtype]
@@ -205,7 +231,11 @@ def test_w4a16_kernel_choice_by_rows():
     # past 8 rows on a wide weight, two warps side by side on columns share x through L1
     assert [pick(M, 28672, 4096, 128, device).column_warps for M in (8, 16)] == [1, 2]
     # past 8 rows on a narrow weight with short K, a program an 8-row tile; longer K stays split
-    assert pick(16, 4096, 4096, 128, cpu) == w4a16.WarpMmaConfig(8, 1, 1, unrolled=True, maxnreg=168)
+    assert pick(16, 4096, 4096, 128, cpu) == w4a16.WarpMmaConfig(8, 1, 1, unrolled=True, maxnreg=168,
+                                                                  prefetch_groups=1)
+    # past 8 rows each warp pulls its words into L2 a group ahead; up to 8 it does not
+    assert [pick(M, N, K, 128, cpu).prefetch_groups for M in (8, 9, 16) for N, K in ((6144, 4096), (4096, 14336))] == [
+        0, 0, 1, 1, 1, 1]
     assert pick(16, 4096, 14336, 128, device).row_tiles == 2
     # the 8-warp kernels unroll their loop over groups up to K = 32 groups; the 4-warp ones do not
     assert [pick(M, 6144, 4096, 128, device).unrolled for M in (4, 16)] == [True, True]
@@ -442,7 +472,7 @@ def w4a16_gemv_sm90(dtype, N, K, activation="none", norm=False, bias=False, pdl=
     # thread (None: the pick's).
     import torch
     from qpass.kernels import w4a16
-    from qpass.kernels.common import register_budget, unrolled_steps
+    from qpass.kernels.common import WORD_TILE, register_budget, unrolled_steps
 
     torch_dtype = torch.float16 if dtype == "fp16" else torch.bfloat16
     cfg = w4a16.pick_config(1, N, K, 128, torch.device("cpu"), activation=activation, dtype=torch_dtype)
@@ -451,7 +481,7 @@ def w4a16_gemv_sm90(dtype, N, K, activation="none", norm=False, bias=False, pdl=
                       EVEN_N=True, EVEN_K=True, HAS_BIAS=bias, ACTIVATION=activation, PACKED_F16=dtype == "fp16",
                       PACKED_BF16=dtype == "bf16", HAS_NORM=norm, NORM_BLOCK=4096,
                       UNROLLED_STEPS=unrolled_steps(cfg.unrolled, K // 8, 1, word_rows), stride_xk=1,
-                      stride_qn=1, stride_sn=1, stride_on=1, PDL=pdl)
+                      stride_qn=1, stride_sn=1, stride_on=1, PDL=pdl, TILE=WORD_TILE)
     launch = register_budget(cfg.maxnreg if budget is None else budget)  # MAXNREG, and maxnreg where given
     constexprs["MAXNREG"] = launch.pop("MAXNREG")
     pointers = {p: "*" + dtype for p in ("x_ptr", "g_ptr", "s_ptr", "z_ptr", "b_ptr", "out_ptr")}
@@ -463,7 +493,7 @@ def w4a16_warp_mma_sm90(dtype, M, N, K, activation="none", bias=False, pdl=False
     # in runs of 16 under silu_mul), compiled for sm_90 with the pick's register budget.
     import torch
     from qpass.kernels import w4a16
-    from qpass.kernels.common import output_columns, register_budget
+    from qpass.kernels.common import WORD_TILE, output_columns, register_budget
 
     torch_dtype = torch.float16 if dtype == "fp16" else torch.bfloat16
     cfg = w4a16.pick_config(M, output_columns(activation, N), K, 128, torch.device("cpu"), activation=activation,
@@ -472,7 +502,8 @@ def w4a16_warp_mma_sm90(dtype, M, N, K, activation="none", bias=False, pdl=False
     constexprs = dict(GROUP_SIZE=128, M_TILES=cfg.row_tiles, WARPS=cfg.num_warps, COLUMN_WARPS=cfg.column_warps,
                       SPLIT_K=cfg.split_k, HAS_BIAS=bias, ACTIVATION=activation, BF16=dtype == "bf16",
                       UNROLLED_ITERS=w4a16.warp_mma_unrolled_iterations(cfg, K // 128),
-                      UP_RUN=16 if activation == "silu_mul" else 0, PDL=pdl, stride_on=1)
+                      UP_RUN=16 if activation == "silu_mul" else 0, PDL=pdl, stride_on=1, TILE=WORD_TILE,
+                      PREFETCH_GROUPS=cfg.prefetch_groups)
     launch = register_budget(cfg.maxnreg)
     constexprs["MAXNREG"] = launch.pop("MAXNREG")
     pointers = {p: "*" + dtype for p in ("x_ptr", "s_ptr", "z_ptr", "b_ptr", "out_ptr")}
@@ -680,8 +711,9 @@ def test_kernel_sources_and_constants_survive_inductors_copy():
     reads (as their repr), into a triple-quoted string of its generated module, which torch 2.11
     does not escape: a backslash there (a newline in a PTX constant's repr) breaks the module
     (seen on the GPU: "unterminated string literal"). So neither may contain one; and every inline
-    asm is pure, which that analysis needs, but for programmatic dependent launch's wait and trigger: qpass
-    has the analysis read the kernel's IR with ``PDL=False``, which leaves them out (``qpass.kernel_analysis``)."""
+    asm is pure, which that analysis needs, but for programmatic dependent launch's wait and trigger and the
+    bulk prefetch into L2: qpass has the analysis read the kernel's IR with ``PDL=False`` and
+    ``PREFETCH_GROUPS=0``, which leave them out (``qpass.kernel_analysis``)."""
     import inspect
 
     from triton.language import constexpr
@@ -701,7 +733,7 @@ def test_kernel_sources_and_constants_survive_inductors_copy():
             assert "\\" not in text, f"{module.__name__}.{name} holds a backslash: {text[:200]}"
             # Inductor's mutation analysis gives up on inline asm with side effects and then takes
             # every pointer argument as written (seen on the GPU with the swap-AB tile's wait)
-            if name not in ("wait_for_prior_grids", "launch_dependent_grids"):
+            if name not in ("wait_for_prior_grids", "launch_dependent_grids", "prefetch_to_l2"):
                 assert "is_pure=False" not in text, f"{module.__name__}.{name}: inline asm not pure"
             checked += 1
     assert checked > 40
@@ -981,12 +1013,15 @@ W4_GATE_UP_CONFIGS = [None, w4a16.GemvConfig(16, 64, 3, 4), w4a16.MmaConfig(16, 
                       w4a16.DequantMmConfig(4, 16)]
 
 
-def w4_gate_up_runs_error(config, M, N, K, group_size, dtype, bias, seed, up_run, norm=False):
+def w4_gate_up_runs_error(config, M, N, K, group_size, dtype, bias, seed, up_run, norm=False, tile=0):
     """The relative difference between silu_mul on weights whose columns are in runs of ``up_run`` (a vector bias
     too) and silu_mul on the same weights as ``[gate | up]``, through ``config`` (the pick for None); with
-    ``norm`` the RMSNorm before it. (How close the halves come to the reference, the other tests say.)"""
+    ``norm`` the RMSNorm before it; with ``tile`` both words in column tiles of that many. (How close the halves
+    come to the reference, the other tests say.)"""
     x, qweight, scales, zeros, b = make_w4(M, N, K, group_size, dtype, False, bias, seed)
     laid = [None if t is None else reference.gate_up_runs(t, up_run) for t in (qweight, scales, zeros, b)]
+    if tile:
+        qweight, laid[0] = (reference.tile_word_columns(q, tile) for q in (qweight, laid[0]))
     norm_weight = norm_and_residual(M, N, K, dtype, seed)[0] if norm else None
     extra = dict(activation="silu_mul", norm_weight=norm_weight, norm_eps=1e-6, config=config)
     out = w4a16.w4a16_linear(x, *laid[:3], group_size, laid[3], up_run=up_run, **extra)
@@ -997,14 +1032,14 @@ def w4_gate_up_runs_error(config, M, N, K, group_size, dtype, bias, seed, up_run
 @pytest.mark.parametrize("config", W4_GATE_UP_CONFIGS, ids=lambda c: type(c).__name__)
 @settings(max_examples=2 if not CUDA else 6, deadline=None)
 @given(M=st.integers(1, 20), runs=st.integers(1, 3), up_run=st.sampled_from([4, 8, 16]), bias=st.booleans(),
-       norm=st.booleans(), seed=st.integers(0, 2**16), data=st.data())
-def test_gate_up_in_runs_match_halves(config, M, runs, up_run, bias, norm, seed, data):
+       norm=st.booleans(), tile=st.sampled_from([0, 8, 32]), seed=st.integers(0, 2**16), data=st.data())
+def test_gate_up_in_runs_match_halves(config, M, runs, up_run, bias, norm, tile, seed, data):
     """silu_mul with ``up_run``: every path (the GEMV, the tensor-core kernel, dequantize + GEMM, the tuned
-    pick) gives on the columns in runs what it gives on the halves ``[gate | up]``."""
+    pick) gives on the columns in runs what it gives on the halves ``[gate | up]``, words in tiles or not."""
     dtype = data.draw(st.sampled_from(cpu_dtypes(gemv=not isinstance(config, w4a16.MmaConfig))))
     if not CUDA and not isinstance(config, w4a16.MmaConfig):
         M = M % w4a16.GEMV_MAX_M + 1  # the tuned choice kept to the GEMV, and few GEMV programs to interpret
-    error = w4_gate_up_runs_error(config, M, 2 * up_run * runs, 128, 64, dtype, bias, seed, up_run, norm)
+    error = w4_gate_up_runs_error(config, M, 2 * up_run * runs, 128, 64, dtype, bias, seed, up_run, norm, tile)
     assert error < BOUND[dtype]
 
 
@@ -1042,12 +1077,13 @@ GPU_SHAPES = [(1, 4096, 4096), (2, 1000, 768), (16, 4100, 1024), (64, 768, 2048)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("M,N,K", GPU_SHAPES)
 def test_gpu_every_kernel_at_tuned_sizes(M, N, K, dtype):
-    args = make_w4(M, N, K, 128, dtype, False, True, M)
-    x, qweight, scales, zeros, b = args
-    out = w4a16.w4a16_linear(x, qweight, scales, zeros, 128, b)
-    assert relative_error(out, w4_reference(*args[:4], 128, b)) < BOUND[dtype]
-    if N % 32 == 0:  # gate and up in runs of 16, as the W4A16 methods lay them out, with the norm (the GEMV's)
-        assert w4_gate_up_runs_error(None, M, N, K, 128, dtype, True, M, 16, norm=True) < BOUND[dtype]
+    for tile in (0, common.WORD_TILE):  # the words in rows, and in the W4A16 methods' column tiles
+        args = make_w4(M, N, K, 128, dtype, False, True, M, tile)
+        x, qweight, scales, zeros, b = args
+        out = w4a16.w4a16_linear(x, qweight, scales, zeros, 128, b)
+        assert relative_error(out, w4_reference(*args[:4], 128, b)) < BOUND[dtype]
+        if N % 32 == 0:  # gate and up in runs of 16, as the W4A16 methods lay them out, with the norm (the GEMV's)
+            assert w4_gate_up_runs_error(None, M, N, K, 128, dtype, True, M, 16, norm=True, tile=tile) < BOUND[dtype]
 
     x, qweight, scales, b = make_w8(M, N, K, dtype, True, M)
     out = w8a16.w8a16_linear(x, qweight, scales, b)
@@ -1263,25 +1299,46 @@ def test_gpu_w4a16_fp16_activations_across_fp16s_range(M, config):
        symmetric=st.booleans(), bias=st.booleans(), activation=st.sampled_from(("none",) + EPILOGUES),
        warps=st.sampled_from([4, 8]), column_warps=st.sampled_from([1, 2, 4]), split=st.integers(1, 4),
        row_tiles=st.sampled_from([1, 2]), unrolled=st.booleans(), up_run=st.sampled_from([4, 8, 16]),
-       maxnreg=st.sampled_from([0, 168, 200, 232]), seed=st.integers(0, 2**16))
+       maxnreg=st.sampled_from([0, 168, 200, 232]), tile=st.sampled_from([0, 8, 64]), prefetch=st.integers(0, 3),
+       seed=st.integers(0, 2**16))
 def test_gpu_w4a16_warp_mma(M, eighth_n, groups, group_size, dtype, symmetric, bias, activation, warps, column_warps,
-                            split, row_tiles, unrolled, up_run, maxnreg, seed):
+                            split, row_tiles, unrolled, up_run, maxnreg, tile, prefetch, seed):
     """The warp-level MMA kernel against the float32 reference: N off its 64-column tiles (a
     multiple of 8, so "silu_mul" halves stay whole), splits that leave warps without a group,
     one or two 8-row tiles a program (past 8 rows with one: two programs of rows), warps side
-    by side on columns, each epilogue, the loop over groups unrolled or not, ptxas's registers or a budget;
+    by side on columns, each epilogue, the loop over groups unrolled or not, ptxas's registers or a budget,
+    the words in column tiles or not, pulled into L2 ahead or not (where they are in tiles of 64);
     silu_mul on gate and up in runs of ``up_run`` too, where it divides N / 2."""
-    config = w4a16.WarpMmaConfig(warps, split, row_tiles, column_warps, unrolled, maxnreg)
+    config = w4a16.WarpMmaConfig(warps, split, row_tiles, column_warps, unrolled, maxnreg, prefetch)
     N, K = 8 * eighth_n, groups * group_size
-    check_w4_config(config, M, N, K, group_size, dtype, symmetric, bias, activation, seed)
+    check_w4_config(config, M, N, K, group_size, dtype, symmetric, bias, activation, seed, tile)
     if activation == "silu_mul" and (N // 2) % up_run == 0:
-        assert w4_gate_up_runs_error(config, M, N, K, group_size, dtype, bias, seed, up_run) < BOUND[dtype]
+        assert w4_gate_up_runs_error(config, M, N, K, group_size, dtype, bias, seed, up_run, tile=tile) < BOUND[dtype]
 
 
-def check_w4_config(config, M, N, K, group_size, dtype, symmetric, bias, activation, seed):
+@cuda
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("M", [9, 16])
+@pytest.mark.parametrize("N,K,activation", [(6144, 4096, "none"), (4096, 14336, "none"), (28672, 4096, "silu_mul")])
+def test_gpu_w4a16_warp_mma_pulls_tiles_into_l2(N, K, activation, M, dtype):
+    """The decode step's shapes past 8 rows, as the W4A16 methods lay them out (words in tiles of 64, gate and up
+    in runs of 16): the pick pulls each warp's words into L2 a group ahead, and gives the reference's result."""
+    x, qweight, scales, zeros, b = make_w4(M, N, K, 128, dtype, False, False, M, common.WORD_TILE)
+    up_run = 16 if activation == "silu_mul" else 0
+    cfg = w4a16.pick_config(M, output_columns(activation, N), K, 128, x.device, activation, dtype=dtype)
+    assert cfg.prefetch_groups == 1 and w4a16.warp_mma_prefetch(cfg, qweight.shape[2], activation, up_run, x.device)
+    laid = [reference.gate_up_runs(t, up_run) for t in (reference.word_rows(qweight), scales, zeros)]
+    out = w4a16.w4a16_linear(x, reference.tile_word_columns(laid[0]), *laid[1:], 128, activation=activation,
+                             up_run=up_run)
+    ref = reference.apply_activation(w4_reference(x, qweight, scales, zeros, 128, None), activation)
+    assert relative_error(out, ref) < BOUND[dtype]
+
+
+def check_w4_config(config, M, N, K, group_size, dtype, symmetric, bias, activation, seed, tile=0):
     """``config``'s kernel against the float32 reference: with the bias (or none) and ``activation``,
-    then with the RMSNorm before it and a residual after it."""
-    args = make_w4(M, N, K, group_size, dtype, symmetric, bias, seed)
+    then with the RMSNorm before it and a residual after it; with ``tile``, the words in column tiles."""
+    args = make_w4(M, N, K, group_size, dtype, symmetric, bias, seed, tile)
     x, qweight, scales, zeros, b = args
     out = w4a16.w4a16_linear(x, qweight, scales, zeros, group_size, b, activation=activation, config=config)
     ref = reference.apply_activation(w4_reference(*args[:4], group_size, b), activation)

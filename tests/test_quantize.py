@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import qpass
-from qpass.kernels.common import output_columns
+from qpass.kernels.common import WORD_TILE, output_columns
 from qpass.kernels import reference
 from qpass.kernels.reference import apply_activation
 from qpass.layers.linear import QuantLinear
@@ -134,17 +134,18 @@ def test_state_dict_is_checkpoint_layout_and_round_trips():
 def test_gate_up_stub_lays_its_columns_in_runs_and_saves_halves(method):
     """The W4A16 methods lay a stub's columns out for its folded silu_mul as gate and up in runs of 16 (what the
     batch-1 GEMV reads fastest), and back to ``[gate | up]`` when it is unfolded; its output, its state dict and
-    its checkpoint tensors are those of the halves."""
+    its checkpoint tensors are those of the halves. Either way the words are in column tiles."""
     q = qpass.quantize(seeded(Block), method)
     (name, stub), = [(n, m) for n, m in stubs(q).items() if m.activation == "silu_mul"]
     assert stub.up_run == stub.quant_method.gate_up_run == 16
     x = torch.randn(2, 3, 256)
     fused, fused_state = stub(x), {k: v.clone() for k, v in stub.state_dict().items()}
-    runs = {t: getattr(stub, t).detach().clone() for t in ("qweight", "scales", "zeros")}
+    runs = {t: reference.word_rows(getattr(stub, t).detach()) for t in ("qweight", "scales", "zeros")}
     stub.set_activation("none")
     assert stub.up_run == 0
+    assert stub.qweight.shape == (256 // 8, stub.scales.shape[1] // WORD_TILE, WORD_TILE)
     for t, laid in runs.items():
-        assert torch.equal(reference.gate_up_runs(getattr(stub, t).detach(), 16), laid)
+        assert torch.equal(reference.gate_up_runs(reference.word_rows(getattr(stub, t).detach()), 16), laid)
     assert fused_state.keys() == stub.state_dict().keys()
     assert all(torch.equal(v, stub.state_dict()[k]) for k, v in fused_state.items())
     torch.testing.assert_close(fused, apply_activation(stub(x).float(), "silu_mul").to(x.dtype))

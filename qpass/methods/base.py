@@ -14,7 +14,7 @@ from typing import Any, ClassVar, Dict, Mapping, Optional, Tuple, Type
 import torch
 from torch.nn import Parameter
 
-from qpass.kernels.reference import gate_up_halves, gate_up_runs
+from qpass.kernels.reference import gate_up_halves, gate_up_runs, tile_word_columns, word_rows
 from qpass.layers.quantize_base import LinearMethodBase
 from qpass.layers.utils import set_weight_attrs
 from qpass.ops import FUSED_ACTIVATIONS
@@ -88,28 +88,33 @@ class W4A16LinearMethod(OpLinearMethod):
     ``gate_up_run`` gate and up columns (``layer.up_run``, which ``apply`` passes to the op): the batch-1 GEMV
     then reads a program's gate and up columns as one 128-byte run a word row, not two 64-byte halves of two
     (the decode step's gate_up op 22.3 -> 19.2 us, H200, bench/NOTES-kernels.md, thirty-fifth session).
-    ``checkpoint_tensors`` gives them back as ``[gate | up]`` (``columns_as_halves``)."""
+    ``qweight``'s words then go in column tiles (``reference.tile_word_columns``), each tile's words one run:
+    the warp-level MMA kernel pulls a warp's next words into L2 with one bulk prefetch (the decode step at
+    16 rows 1060.8 -> 1017.7 us, H200, forty-third session).
+    ``checkpoint_tensors`` gives them back as ``[K / 8, N]`` and ``[gate | up]`` (``columns_as_halves``)."""
 
     gate_up_run = 16  # the GEMV's tile under "silu_mul": 16 output columns, 16 gate and 16 up weight columns
     runtime_columns = ("qweight", "scales", "zeros")
 
     def process_activation(self, layer: torch.nn.Module, current_run: Optional[int] = None) -> None:
-        """Lay the runtime tensors out for ``layer.activation``: ``QuantLinear.set_activation`` calls this on a
-        finalised layer, ``process_weights_after_loading`` at its end on tensors just repacked (``current_run``
-        0: ``[gate | up]``). A layer with a bias keeps its halves (the bias is the layer's, loaded as they are)."""
-        n = layer.qweight.shape[1]
+        """Lay the runtime tensors out for ``layer.activation``, ``qweight``'s words in column tiles:
+        ``QuantLinear.set_activation`` calls this on a finalised layer, ``process_weights_after_loading`` at its
+        end on tensors just repacked (``[K / 8, N]``, ``current_run`` 0: ``[gate | up]``). A layer with a bias
+        keeps its halves (the bias is the layer's, loaded as they are)."""
+        n = layer.scales.shape[1]
         fits = n % (2 * self.gate_up_run) == 0 and layer.bias is None
         run = self.gate_up_run if layer.activation == "silu_mul" and fits else 0
         current = layer.up_run if current_run is None else current_run
-        if run != current:
-            for name in self.runtime_columns:
-                param = getattr(layer, name)
-                param.data = gate_up_runs(gate_up_halves(param.data, current), run)
+        for name in self.runtime_columns:
+            param = getattr(layer, name)
+            columns = gate_up_runs(gate_up_halves(word_rows(param.data), current), run)
+            param.data = tile_word_columns(columns) if name == "qweight" else columns
         layer.up_run = run
 
     def columns_as_halves(self, layer: torch.nn.Module, runtime: torch.Tensor) -> torch.Tensor:
-        """A runtime tensor of ``layer`` with its columns as ``[gate | up]``, as the checkpoint has them."""
-        return gate_up_halves(runtime, layer.up_run)
+        """A runtime tensor of ``layer`` as ``[rows, N]`` with its columns as ``[gate | up]``, as the checkpoint
+        has them."""
+        return gate_up_halves(word_rows(runtime), layer.up_run)
 
 
 def register_method(name: str):
