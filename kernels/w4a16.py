@@ -921,12 +921,13 @@ def _dequantize_into(w: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
     """The weight's columns ``first_column`` on (``qweight`` in either layout, any strides) written into
     ``w`` ``[K, n]``."""
     K, N = w.shape
+    stride_qn, stride_qt, tile = word_strides(qweight)
     grid = (cdiv(K // 8, block_r), cdiv(N, block_n))
     launch(
         _w4a16_dequantize_kernel, grid,
-        qweight, scales, zeros, w, K, N, first_column, qweight.stride(0), *word_strides(qweight)[:2],
-        scales.stride(0), scales.stride(1), w.stride(0), w.stride(1), GROUP_SIZE=group_size, BLOCK_R=block_r,
-        BLOCK_N=block_n, TILE=word_strides(qweight)[2],
+        qweight, scales, zeros, w, K, N, first_column, qweight.stride(0), stride_qn, stride_qt, scales.stride(0),
+        scales.stride(1), w.stride(0), w.stride(1), GROUP_SIZE=group_size, BLOCK_R=block_r, BLOCK_N=block_n,
+        TILE=tile,
     )
 
 
