@@ -92,10 +92,11 @@ def activation_after_gemm(out: torch.Tensor, activation: str, up_run: int = 0) -
 
 def tile_word_columns(qweight: torch.Tensor, tile: int = WORD_TILE) -> torch.Tensor:
     """W4A16 words ``[K // 8, N]`` in column tiles: ``[K // 8, N // tile, tile]``, laid out in memory as
-    ``[N // tile, K // 8, tile]``; words whose N is not a multiple of ``tile`` stay as they are."""
-    k8, n = qweight.shape
-    if n % tile:
+    ``[N // tile, K // 8, tile]``; words already in tiles, or whose N is not a multiple of ``tile``, stay as they
+    are."""
+    if qweight.dim() == 3 or qweight.shape[1] % tile:
         return qweight
+    k8, n = qweight.shape
     return qweight.reshape(k8, n // tile, tile).transpose(0, 1).contiguous().transpose(0, 1)
 
 

@@ -107,8 +107,10 @@ class W4A16LinearMethod(OpLinearMethod):
         current = layer.up_run if current_run is None else current_run
         for name in self.runtime_columns:
             param = getattr(layer, name)
-            columns = gate_up_runs(gate_up_halves(word_rows(param.data), current), run)
-            param.data = tile_word_columns(columns) if name == "qweight" else columns
+            if run != current:
+                param.data = gate_up_runs(gate_up_halves(word_rows(param.data), current), run)
+            if name == "qweight":
+                param.data = tile_word_columns(param.data)
         layer.up_run = run
 
     def columns_as_halves(self, layer: torch.nn.Module, runtime: torch.Tensor) -> torch.Tensor:
