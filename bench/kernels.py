@@ -196,6 +196,9 @@ def sweep_candidates(kind, M, N, activation="none", dtype=None, registers=None):
             for bm, bn, stages, warps in [(128, 128, 4, 8), (64, 128, 4, 4), (128, 256, 4, 8), (256, 128, 4, 8)]:
                 for split in (1, 2, 4, 8):
                     out.append(w4a16.WgmmaTmaConfig(bm, bn, stages, split, warps))
+            for bm, bn, stages, warps, dequant_warps in [(128, 128, 5, 8, 4), (128, 128, 5, 8, 8), (256, 128, 4, 8, 4)]:
+                for split in (1, 2, 4, 8):  # warp-specialized
+                    out.append(w4a16.WgmmaTmaConfig(bm, bn, stages, split, warps, dequant_warps))
             for bm, bn, bk, warps, stages in [(128, 128, 128, 8, 3), (128, 128, 128, 8, 4), (128, 128, 64, 8, 3),
                                               (128, 128, 64, 8, 4), (128, 64, 64, 4, 3), (128, 64, 64, 4, 4),
                                               (128, 64, 128, 4, 2), (128, 64, 128, 4, 3),

@@ -15,9 +15,11 @@ Six paths, chosen by M (``pick_config``):
 - ``w4a16_wgmma.w4a16_wgmma_kernel`` (17 to 64 rows, fp16/bf16 on Hopper): warpgroup MMA
   from registers in Gluon, the dequantization writing the MMA's operand registers themselves
   (see that module); the residual and activation after it, as for cuBLAS below.
-- ``w4a16_wgmma_tma.w4a16_wgmma_tma_kernel`` (65 to 256 rows, fp16/bf16 on Hopper): x's tiles copied
+- ``w4a16_wgmma_tma.w4a16_wgmma_tma_kernel`` (65 to 128 rows, fp16/bf16 on Hopper): x's tiles copied
   into shared memory by TMA, the weights dequantized into shared memory beside them, ``wgmma`` from
-  both (see that module); residual and activation after it too.
+  both (see that module); residual and activation after it too. From 129 to 256 rows its warp-specialized
+  form (``w4a16_wgmma_tma_ws_kernel``): one warp copies x, the words, scales and zeros by TMA, four warps
+  dequantize, the kernel's warps run the MMAs.
 - ``_w4a16_mma_kernel`` (larger M, or inputs the other kernels cannot read): unpacks the
   transposed tile ``[BLOCK_N, BLOCK_K]`` (each word's nibbles joined in the registers that
   loaded it), dequantizes it in the activation dtype and feeds ``tl.dot``. ``SWAP_AB``
@@ -357,13 +359,16 @@ class WgmmaConfig(NamedTuple):
 
 class WgmmaTmaConfig(NamedTuple):
     """The Hopper kernel for 65 to 256 rows (``w4a16_wgmma_tma``): a ``block_m`` x ``block_n`` output tile a
-    program, x's steps in ``stages`` shared buffers filled by TMA, K split over programs by steps of 64."""
+    program, x's steps in ``stages`` shared buffers filled by TMA, K split over programs by steps of 64.
+    ``dequant_warps`` > 0: the warp-specialized kernel, that many warps dequantizing beside the ``num_warps``
+    of the MMAs, every operand by TMA (words, scales and zeros as ``wgmma_tma_words_ok`` allows)."""
 
     block_m: int
     block_n: int
     stages: int
     split_k: int
     num_warps: int = 8
+    dequant_warps: int = 0
 
 
 def wgmma_ok(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
@@ -421,28 +426,51 @@ def check_wgmma_tma_config(cfg: WgmmaTmaConfig):
     """Raise ValueError where the TMA kernel cannot take ``cfg``'s shape: 4 or 8 warps, whose MMA rows
     (16 a warp) tile ``block_m``, a power of two up to 256; ``block_n`` 32 to 256 columns, a warp's 32
     lanes a column each; at least 2 stages, and x's stages and three weight tiles within Hopper's shared
-    memory."""
+    memory. Warp-specialized (``dequant_warps`` 4 or 8): ``block_n`` 64 or 128 (whole runs of 64 words), at
+    most 64 float32 sums a thread of the MMAs' warps with 8 dequantizing warps, 128 with 4 (the registers
+    the partitions share), and a stage of x, words, scales, zeros and the weight tile each."""
     rows_a_pass = 16 * cfg.num_warps
     column_warps = cfg.block_n // 32
-    shared = (cfg.stages * cfg.block_m + 3 * cfg.block_n) * 64 * 2
+    if cfg.dequant_warps:
+        sums = cfg.block_m * cfg.block_n // (32 * cfg.num_warps)
+        shared = cfg.stages * (cfg.block_m * 64 * 2 + cfg.block_n * (64 * 2 + 8 * 4 + 2 * 2))
+        fits = (cfg.dequant_warps in (4, 8) and cfg.block_n in (64, 128)
+                and sums <= (64 if cfg.dequant_warps == 8 else 128))
+        needs = ("dequant_warps 4 or 8 with block_n 64 or 128 and block_m * block_n / (32 * num_warps) at most "
+                 "64 (8) or 128 (4), stages * (block_m * 128 + block_n * 164) bytes of shared memory")
+    else:
+        shared = (cfg.stages * cfg.block_m + 3 * cfg.block_n) * 64 * 2
+        fits = cfg.dequant_warps == 0
+        needs = "(stages * block_m + 3 * block_n) * 128 bytes of shared memory"
     if (cfg.num_warps not in (4, 8) or cfg.block_m not in (64, 128, 256) or cfg.block_m < rows_a_pass
             or cfg.block_n not in (32, 64, 128, 256) or cfg.num_warps % column_warps or cfg.stages < 2
-            or cfg.split_k < 1 or shared > HOPPER_SHARED_BYTES):
+            or cfg.split_k < 1 or shared > HOPPER_SHARED_BYTES or not fits):
         raise ValueError(f"{cfg}: needs num_warps 4 or 8, block_m 64, 128 or 256 and at least 16 * num_warps, "
                          f"block_n 32, 64, 128 or 256 with block_n / 32 dividing num_warps, stages >= 2, "
-                         f"split_k >= 1 and (stages * block_m + 3 * block_n) * 128 bytes of shared memory at "
-                         f"most {HOPPER_SHARED_BYTES} (this one: {shared})")
+                         f"split_k >= 1 and {needs} at most {HOPPER_SHARED_BYTES} (this one: {shared})")
+
+
+def wgmma_tma_words_ok(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> bool:
+    """Whether the warp-specialized kernel's TMA reads these: words in column tiles of ``WORD_TILE`` whose runs
+    are contiguous (``[N / 64, K / 8, 64]`` in memory) or in contiguous rows of whole 16 bytes, scales and zeros in contiguous
+    rows of whole 16 bytes, each 16-byte aligned (by storage offset: allocations are)."""
+    if qweight.dim() == 3:
+        words = qweight.shape[2] == WORD_TILE and qweight.stride() == (WORD_TILE, qweight.shape[0] * WORD_TILE, 1)
+    else:
+        words = qweight.stride(1) == 1 and qweight.stride(0) % 4 == 0
+    return (words and qweight.storage_offset() % 4 == 0
+            and all(t.stride(1) == 1 and t.stride(0) % 8 == 0 and t.storage_offset() % 8 == 0 for t in (scales, zeros)))
 
 
 def wgmma_tma_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                      group_size: int, bias: Optional[torch.Tensor], block_m: int, block_n: int, stages: int,
-                     split_k: int, num_warps: int = 8) -> torch.Tensor:
+                     split_k: int, num_warps: int = 8, dequant_warps: int = 0) -> torch.Tensor:
     """``WgmmaTmaConfig``'s GEMM, ``x @ w (+ bias [N])`` -> ``[M, N]`` in x.dtype (``w4a16_wgmma_tma``,
     imported here at the first call)."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    from .w4a16_wgmma_tma import w4a16_wgmma_tma_kernel
+    from .w4a16_wgmma_tma import w4a16_wgmma_tma_kernel, w4a16_wgmma_tma_ws_kernel
 
     M, K = x.shape
     N = word_columns(qweight)
@@ -455,12 +483,28 @@ def wgmma_tma_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
     out = (torch.zeros((M, N), device=x.device, dtype=torch.float32) if split_k > 1
            else torch.empty((M, N), device=x.device, dtype=x.dtype))
     grid = (cdiv(N, block_n), cdiv(M, block_m), split_k)
-    w4a16_wgmma_tma_kernel[grid](
-        x_desc, qweight, scales, zeros, bias if bias is not None else scales, out, M, N, K, qweight.stride(0),
-        stride_qt, scales.stride(0), out.stride(0), TILE=tile, GROUP_SIZE=group_size, BLOCK_M=block_m,
-        BLOCK_N=block_n, STAGES=stages,
-        SPLIT_K=split_k, HAS_BIAS=bias is not None and split_k == 1, BF16=x.dtype == torch.bfloat16,
-        num_warps=num_warps)
+    if dequant_warps:
+        # the words as runs: a column tile's K / 8 x 64 words each, or one of K / 8 x N in rows
+        if qweight.dim() == 3:
+            runs, block = qweight.permute(1, 0, 2), [block_n // WORD_TILE, 8, WORD_TILE]
+        else:
+            runs, block = qweight.unsqueeze(0), [1, 8, block_n]
+        w_desc = TensorDescriptor.from_tensor(
+            runs, block, gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=3))
+        rows = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=16, rank=2)
+        s_desc, z_desc = (TensorDescriptor.from_tensor(t, [1, block_n], rows) for t in (scales, zeros))
+        w4a16_wgmma_tma_ws_kernel[grid](
+            x_desc, w_desc, s_desc, z_desc, bias if bias is not None else scales, out, M, N, K, runs.shape[2],
+            out.stride(0), GROUP_SIZE=group_size, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages,
+            SPLIT_K=split_k, HAS_BIAS=bias is not None and split_k == 1, DEQUANT_WARPS=dequant_warps,
+            num_warps=num_warps)
+    else:
+        w4a16_wgmma_tma_kernel[grid](
+            x_desc, qweight, scales, zeros, bias if bias is not None else scales, out, M, N, K, qweight.stride(0),
+            stride_qt, scales.stride(0), out.stride(0), TILE=tile, GROUP_SIZE=group_size, BLOCK_M=block_m,
+            BLOCK_N=block_n, STAGES=stages,
+            SPLIT_K=split_k, HAS_BIAS=bias is not None and split_k == 1, BF16=x.dtype == torch.bfloat16,
+            num_warps=num_warps)
     if split_k == 1:
         return out
     return (out if bias is None else out + bias).to(x.dtype)
@@ -481,11 +525,14 @@ def _wgmma_tma_config(M: int, N: int, K: int, sms: int) -> WgmmaTmaConfig:
     rows to 128 rows, K split while the programs fit two an SM; past 128 rows, one tile of 256 rows, K split
     while they fit one an SM (fp16, us, 128-row tiles with their split -> 256: 4096² at 192 rows 27.9 ->
     25.9, 4096x28672 149.4 -> 126.5, 14336x4096 69.6 -> 56.6, 4096x6144 43.8 -> 37.2; a 256-row program's
-    split costs more, 4096x6144 split 4 40.8 against 36.2 split 2 at 160 rows). A split keeps 16 steps."""
+    split costs more, 4096x6144 split 4 40.8 against 36.2 split 2 at 160 rows). A split keeps 16 steps.
+    The 256-row tile warp-specialized, 4 warps dequantizing (forty-fourth session, fp16 at 256 rows, us: 28.4 /
+    40.5 / 129.3 / 67.1 -> 27.6 / 37.6 / 115.3 / 58.5 on 4096², 4096x6144, 4096x28672, 14336x4096); at 128 rows
+    it loses (19.7 / 29.3 / 74.7 / 39.3 -> 19.4 / 31.3 / 77.5 / 45.0 at best)."""
     if M <= 128:
         return WgmmaTmaConfig(128, 128, 4, _wgmma_split(cdiv(N, 128), K, 2 * sms, min_steps=16))
     tiles = cdiv(M, 256) * cdiv(N, 128)
-    return WgmmaTmaConfig(256, 128, 4, _wgmma_split(tiles, K, sms, min_steps=16))
+    return WgmmaTmaConfig(256, 128, 4, _wgmma_split(tiles, K, sms, min_steps=16), dequant_warps=4)
 
 
 def _wgmma_config(M: int, N: int, K: int, sms: int) -> WgmmaConfig:
@@ -817,6 +864,16 @@ def w4a16_linear(
                          f"aligned, rows of x, qweight and scales contiguous, K a multiple of 128 and group_size 64 "
                          f"or a multiple of 128; got x {tuple(x.shape)} {x.dtype} strides {x.stride()} offset "
                          f"{x.storage_offset()} on {x.device}, group_size {group_size}")
+    if isinstance(cfg, WgmmaTmaConfig) and cfg.dequant_warps and not wgmma_tma_words_ok(qweight, scales, zeros):
+        if given:
+            raise ValueError(f"{cfg} reads qweight, scales and zeros by TMA: needs words in column tiles of "
+                             f"{WORD_TILE} laid out as [N / {WORD_TILE}, K / 8, {WORD_TILE}] or in contiguous rows of "
+                             f"whole 16 bytes, scales and zeros in contiguous rows of whole 16 bytes, all 16-byte "
+                             f"aligned; got qweight {tuple(qweight.shape)} strides {qweight.stride()} offset "
+                             f"{qweight.storage_offset()}, scales strides {scales.stride()} offset "
+                             f"{scales.storage_offset()}, zeros strides {zeros.stride()} offset "
+                             f"{zeros.storage_offset()}")
+        cfg = cfg._replace(dequant_warps=0)
     if (split_k_linear_op is not None and not given and isinstance(cfg, (GemvConfig, WarpMmaConfig, MmaConfig))
             and traced_split(cfg, x, N)):
         return split_k_linear_op(x, qweight, scales, zeros, group_size, bias, activation, norm_weight, norm_eps, up_run)

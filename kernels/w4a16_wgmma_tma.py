@@ -27,6 +27,18 @@ The fence waits for every load the thread has in flight (``MEMBAR.ALL.CTA`` in t
 step's word loads are issued after it, not before (H200, fp16, 4096x28672 at 2048 rows: 968 us against
 1042 with the loads before the fence).
 
+**Warp-specialized** (``w4a16_wgmma_tma_ws_kernel``, 129 to 256 rows): the same product with each job in
+warps of its own, ``STAGES`` steps deep. A loader warp copies each step's x, words, scales and zeros into
+the step's stage by TMA once the stage's MMAs are done (``_loader``); ``DEQUANT_WARPS`` warps turn the
+stage's words into its weight tile (``_dequantizer``); the kernel's ``num_warps`` run the MMAs, one in
+flight, and release a stage when its MMAs are done (``_mma_consumer``). Every global read is a TMA copy:
+the fence after the weight tile's stores waits for the thread's loads in flight, so words loaded into
+registers ahead of their step would be waited for at every step (H200, fp16, 4096x28672 at 128 rows: 90.1
+us with three steps' words in registers, 77.5 by TMA). One CTA an SM (its partitions share the registers):
+past 128 rows it beats the kernel above (27.6 / 37.6 / 115.3 / 58.5 us against 28.4 / 40.5 / 129.3 / 67.1
+at 256 rows on 4096², 4096x6144, 4096x28672, 14336x4096); at 128 rows, with two of those an SM, it does
+not (bench/NOTES-kernels.md, forty-fourth session).
+
 K may be split over programs (``SPLIT_K``), whose float32 sums are added atomically into a zeroed
 float32 output. Needs Hopper (sm_90: TMA, ``wgmma``) and fp16/bf16 x; the CPU tests compile it for
 sm_90 (``tests/test_kernels.py``). ``w4a16.wgmma_tma_matmul`` launches it and imports this module on
@@ -42,6 +54,9 @@ from .w4a16_wgmma import _cta_barrier, _dequantize, _scaled, _word_columns
 
 _STEP = gl.constexpr(64)  # rows of K a loop step
 _WEIGHT_BUFFERS = gl.constexpr(3)  # see the module's docstring
+# a dequantizing thread's registers in the warp-specialized kernel: its words, zeros, scales and 8 values a word
+# without spilling; the MMAs' warps take what the CTA has left
+_DEQUANT_REGISTERS = gl.constexpr(128)
 # Triton 3.9 calls the TMA load ``async_load``, 3.6 ``async_copy_global_to_shared``
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 
@@ -67,6 +82,22 @@ def _weight_tile(words, zero, scale, BF16: gl.constexpr):
     high = gl.join(gl.join(v[4], v[5]), gl.join(v[6], v[7]))
     r = gl.permute(gl.join(low, high), (0, 1, 4, 3, 2))  # [BLOCK_N, j, t2, t1, t0]: k = 8 j + t
     return gl.reshape(r, (r.shape[0], _STEP))
+
+
+@gluon.jit
+def _store_tile(acc, out_ptr, b_ptr, m0, n0, M, N, stride_om, SPLIT_K: gl.constexpr, HAS_BIAS: gl.constexpr,
+                DTYPE: gl.constexpr):
+    """The program's sums ``acc`` at rows ``m0``, columns ``n0``: added into the float32 output where K is split,
+    else with the bias and in x's dtype."""
+    om = m0 + gl.arange(0, acc.shape[0], layout=gl.SliceLayout(1, acc.type.layout))
+    on = n0 + gl.arange(0, acc.shape[1], layout=gl.SliceLayout(0, acc.type.layout))
+    mask = (om[:, None] < M) & (on[None, :] < N)
+    if SPLIT_K > 1:
+        gl.atomic_add(out_ptr + om[:, None] * stride_om + on[None, :], acc, mask=mask, sem="relaxed")
+    else:
+        if HAS_BIAS:
+            acc = acc + gl.load(b_ptr + on, mask=on < N, other=0.0).to(gl.float32)[None, :]
+        gl.store(out_ptr + om[:, None] * stride_om + on[None, :], acc.to(DTYPE), mask=mask)
 
 
 @gluon.jit
@@ -137,12 +168,131 @@ def w4a16_wgmma_tma_kernel(x_desc, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K
     for s in gl.static_range(STAGES):
         mbarrier.invalidate(x_ready.index(s))
 
-    om = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, MMA))
-    on = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, MMA))
-    mask = (om[:, None] < M) & (on[None, :] < N)
-    if SPLIT_K > 1:
-        gl.atomic_add(out_ptr + om[:, None] * stride_om + on[None, :], acc, mask=mask, sem="relaxed")
-    else:
-        if HAS_BIAS:
-            acc = acc + gl.load(b_ptr + on, mask=on < N, other=0.0).to(gl.float32)[None, :]
-        gl.store(out_ptr + om[:, None] * stride_om + on[None, :], acc.to(DTYPE), mask=mask)
+    _store_tile(acc, out_ptr, b_ptr, m0, n0, M, N, stride_om, SPLIT_K, HAS_BIAS, DTYPE)
+
+
+@gluon.jit
+def _loader(x_desc, w_desc, s_desc, z_desc, xs, wq, ss, zs, ws, loaded, w_ready, empty, n0, m0, start, end,
+            word_run, GROUP_SIZE: gl.constexpr):
+    """One warp: a step's x, words, scales and zeros into its stage by TMA once the stage's MMAs are done."""
+    stages: gl.constexpr = xs.type.shape[0]
+    BLOCK_N: gl.constexpr = ws.type.shape[1]
+    BYTES: gl.constexpr = xs.type.shape[1] * _STEP * 2 + BLOCK_N * 8 * 4 + 2 * BLOCK_N * 2
+    run, first_column = n0 // word_run, n0 % word_run
+    for step in range(start, end):
+        i = step - start
+        s = i % stages
+        bar = loaded.index(s)
+        mbarrier.wait(empty.index(s), ((i // stages) & 1) ^ 1)
+        mbarrier.expect(bar, BYTES)
+        _tma_load(x_desc, [m0, step * _STEP], bar, xs.index(s))
+        _tma_load(w_desc, [run, step * 8, first_column], bar, wq.index(s))
+        group = step * _STEP // GROUP_SIZE
+        _tma_load(s_desc, [group, n0], bar, ss.index(s))
+        _tma_load(z_desc, [group, n0], bar, zs.index(s))
+
+
+@gluon.jit
+def _dequantizer(x_desc, w_desc, s_desc, z_desc, xs, wq, ss, zs, ws, loaded, w_ready, empty, n0, m0, start, end,
+                 word_run, GROUP_SIZE: gl.constexpr):
+    """The weights' partition: each step's words, scales and zeros from their stage into the step's weight
+    tile, dequantized and scaled."""
+    DTYPE: gl.constexpr = ws.dtype
+    WARPS: gl.constexpr = gl.num_warps()
+    BLOCK_N: gl.constexpr = ws.type.shape[1]
+    RUNS: gl.constexpr = wq.type.shape[1]
+    COLUMN_WARPS: gl.constexpr = WARPS if WARPS < BLOCK_N // 32 else BLOCK_N // 32
+    WORDS: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 1], threads_per_warp=[32, 1],
+                                           warps_per_cta=[COLUMN_WARPS, WARPS // COLUMN_WARPS], order=[0, 1])
+    # the words' stage [runs, 8 word rows, columns a run]: lanes along the columns, as WORDS has them
+    RUN_WORDS: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 1, 1], threads_per_warp=[1, 1, 32],
+                                               warps_per_cta=[RUNS, WARPS // COLUMN_WARPS, COLUMN_WARPS // RUNS],
+                                               order=[2, 0, 1])
+    ROW: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 1], threads_per_warp=[1, 32], warps_per_cta=[1, WARPS],
+                                         order=[1, 0])
+    stages: gl.constexpr = ws.type.shape[0]
+    spread = gl.zeros([BLOCK_N, 8], DTYPE, WORDS)
+    for step in range(start, end):
+        i = step - start
+        s = i % stages
+        mbarrier.wait(loaded.index(s), (i // stages) & 1)
+        words = gl.reshape(gl.permute(wq.index(s).load(RUN_WORDS), (0, 2, 1)), (BLOCK_N, 8))
+        words = gl.convert_layout(words, WORDS)
+        zero = gl.convert_layout(gl.reshape(zs.index(s).load(ROW), (BLOCK_N,)), gl.SliceLayout(1, WORDS))
+        scale = gl.convert_layout(gl.reshape(ss.index(s).load(ROW), (BLOCK_N,)), gl.SliceLayout(1, WORDS))
+        tile = _weight_tile(words, zero[:, None] + spread, scale[:, None] + spread, DTYPE == gl.bfloat16)
+        ws.index(s).store(tile)
+        fence_async_shared()
+        mbarrier.arrive(w_ready.index(s), count=1)
+
+
+@gluon.jit
+def _mma_consumer(xs, ws, loaded, w_ready, empty, start, end):
+    """The MMA warpgroups: a step's wgmma once its x and weights are in, one in flight; the stage of the step
+    before is released when its MMAs are done."""
+    BLOCK_M: gl.constexpr = xs.type.shape[1]
+    BLOCK_N: gl.constexpr = ws.type.shape[1]
+    MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[gl.num_warps(), 1],
+                                                  instr_shape=[16, BLOCK_N, 16])
+    stages: gl.constexpr = xs.type.shape[0]
+    acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, MMA)
+    for step in range(start, end):
+        i = step - start
+        s = i % stages
+        phase = (i // stages) & 1
+        mbarrier.wait(loaded.index(s), phase)
+        mbarrier.wait(w_ready.index(s), phase)
+        acc = warpgroup_mma(xs.index(s), ws.index(s).permute((1, 0)), acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=1, deps=[acc])
+        # (the arrival waits for the partition's warps: every warpgroup's MMAs of the step before are done)
+        mbarrier.arrive(empty.index((i + stages - 1) % stages), count=1, pred=i > 0)
+    # (a tuple: Triton 3.6 flattens the default partition's results as one)
+    return (warpgroup_mma_wait(num_outstanding=0, deps=[acc]),)
+
+
+@gluon.jit
+def w4a16_wgmma_tma_ws_kernel(x_desc, w_desc, s_desc, z_desc, b_ptr, out_ptr, M, N, K, word_run, stride_om,
+                              GROUP_SIZE: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                              STAGES: gl.constexpr, SPLIT_K: gl.constexpr, HAS_BIAS: gl.constexpr,
+                              DEQUANT_WARPS: gl.constexpr, num_warps: gl.constexpr):
+    """The same product, warp-specialized: a TMA warp fills the stages with x, the words (``w_desc``: in
+    column tiles, blocks ``[BLOCK_N / 64, 8, 64]`` of ``[N / 64, K / 8, 64]`` and ``word_run`` 64; in rows,
+    ``[1, 8, BLOCK_N]`` of ``[1, K / 8, N]`` and ``word_run`` N), the scales and the zeros (blocks
+    ``[1, BLOCK_N]``); DEQUANT_WARPS warps dequantize each stage's weight tile, and the kernel's num_warps
+    run the MMAs, STAGES steps deep."""
+    DTYPE: gl.constexpr = x_desc.dtype
+    W_SHARED: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+    n0 = gl.program_id(0) * BLOCK_N
+    m0 = gl.program_id(1) * BLOCK_M
+    steps = K // _STEP
+    per_split = gl.cdiv(steps, SPLIT_K)
+    start = gl.program_id(2) * per_split
+    end = gl.minimum(start + per_split, steps)
+
+    xs = gl.allocate_shared_memory(DTYPE, [STAGES, BLOCK_M, _STEP], x_desc.layout)
+    wq = gl.allocate_shared_memory(gl.int32, [STAGES] + w_desc.block_type.shape, w_desc.layout)
+    ss = gl.allocate_shared_memory(DTYPE, [STAGES, 1, BLOCK_N], s_desc.layout)
+    zs = gl.allocate_shared_memory(DTYPE, [STAGES, 1, BLOCK_N], z_desc.layout)
+    ws = gl.allocate_shared_memory(DTYPE, [STAGES, BLOCK_N, _STEP], W_SHARED)
+    loaded = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    w_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for s in gl.static_range(STAGES):
+        mbarrier.init(loaded.index(s), count=1)
+        mbarrier.init(w_ready.index(s), count=1)
+        mbarrier.init(empty.index(s), count=1)
+    fence_async_shared()
+
+    acc = gl.warp_specialize(
+        [(_mma_consumer, (xs, ws, loaded, w_ready, empty, start, end)),
+         (_dequantizer, (x_desc, w_desc, s_desc, z_desc, xs, wq, ss, zs, ws, loaded, w_ready, empty, n0, m0, start,
+                         end, word_run, GROUP_SIZE)),
+         (_loader, (x_desc, w_desc, s_desc, z_desc, xs, wq, ss, zs, ws, loaded, w_ready, empty, n0, m0, start, end,
+                    word_run, GROUP_SIZE))],
+        [DEQUANT_WARPS, 1], [_DEQUANT_REGISTERS, 24])[0]
+    for s in gl.static_range(STAGES):
+        mbarrier.invalidate(loaded.index(s))
+        mbarrier.invalidate(w_ready.index(s))
+        mbarrier.invalidate(empty.index(s))
+
+    _store_tile(acc, out_ptr, b_ptr, m0, n0, M, N, stride_om, SPLIT_K, HAS_BIAS, DTYPE)

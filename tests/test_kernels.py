@@ -318,12 +318,13 @@ def test_w4a16_wgmma_config_by_shape():
 def test_w4a16_wgmma_tma_config_by_shape():
     """The TMA kernel's block shapes (H200 sweeps, bench/NOTES-kernels.md, twenty-second session): 128 columns
     with 8 warps; 128 rows, K split while the programs fit two an SM, to 128 rows; one tile of 256 rows past
-    it, K split while they fit one an SM; 16 steps of 64 a split."""
+    it, K split while they fit one an SM, warp-specialized with 4 warps dequantizing (forty-fourth session);
+    16 steps of 64 a split."""
     cfg = w4a16._wgmma_tma_config
     shapes = [(4096, 4096), (6144, 4096), (28672, 4096), (4096, 14336)]
     assert [cfg(128, N, K, 132) for N, K in shapes] == [w4a16.WgmmaTmaConfig(128, 128, 4, split) for split in (4, 4, 1, 8)]
     assert [cfg(M, N, K, 132) for M in (129, 256) for N, K in shapes] == 2 * [
-        w4a16.WgmmaTmaConfig(256, 128, 4, split) for split in (4, 2, 1, 4)]
+        w4a16.WgmmaTmaConfig(256, 128, 4, split, dequant_warps=4) for split in (4, 2, 1, 4)]
     assert cfg(100, 1024, 2048, 132) == w4a16.WgmmaTmaConfig(128, 128, 4, 2)  # 16 steps a split
     assert cfg(100, 1024, 1024, 132) == w4a16.WgmmaTmaConfig(128, 128, 4, 1)
 
@@ -331,8 +332,16 @@ def test_w4a16_wgmma_tma_config_by_shape():
 def test_w4a16_wgmma_tma_rejects_shapes_it_cannot_run():
     """Each shape the TMA kernel cannot lay out is named with what it needs, before any launch."""
     for cfg in (w4a16.WgmmaTmaConfig(128, 128, 4, 1), w4a16.WgmmaTmaConfig(64, 64, 3, 3, num_warps=4),
-                w4a16.WgmmaTmaConfig(256, 128, 5, 1), w4a16.WgmmaTmaConfig(128, 256, 2, 2)):
+                w4a16.WgmmaTmaConfig(256, 128, 5, 1), w4a16.WgmmaTmaConfig(128, 256, 2, 2),
+                w4a16.WgmmaTmaConfig(256, 128, 4, 1, 8, 4), w4a16.WgmmaTmaConfig(128, 64, 4, 1, 8, 8)):
         w4a16.check_wgmma_tma_config(cfg)
+    for cfg, shared in ((w4a16.WgmmaTmaConfig(256, 128, 4, 1, 8, 8), 215040),  # 128 sums a thread, 8 dequantizing
+                        (w4a16.WgmmaTmaConfig(128, 256, 2, 1, 8, 4), 116736),  # 256 columns
+                        (w4a16.WgmmaTmaConfig(128, 128, 4, 1, 8, 2), 149504),  # 2 warps dequantizing
+                        (w4a16.WgmmaTmaConfig(256, 128, 5, 1, 8, 4), 268800)):  # 5 stages of 256 rows
+        with pytest.raises(ValueError, match=rf"{re.escape(repr(cfg))}: needs .*dequant_warps 4 or 8.*"
+                                             rf"this one: {shared}"):
+            w4a16.check_wgmma_tma_config(cfg)
     for cfg, shared in ((w4a16.WgmmaTmaConfig(64, 128, 4, 1), 81920), (w4a16.WgmmaTmaConfig(128, 256, 4, 1, 4), 163840),
                         (w4a16.WgmmaTmaConfig(256, 256, 5, 1), 262144), (w4a16.WgmmaTmaConfig(128, 96, 4, 1), 102400),
                         (w4a16.WgmmaTmaConfig(128, 128, 1, 1), 65536), (w4a16.WgmmaTmaConfig(128, 128, 4, 0), 114688),
@@ -342,6 +351,22 @@ def test_w4a16_wgmma_tma_rejects_shapes_it_cannot_run():
     x, qweight, scales, zeros, _ = make_w4(80, 64, 128, 32, torch.float16, False, False, 0)
     with pytest.raises(ValueError, match=r"WgmmaTmaConfig.*sm_90 GPU.*; got x \(80, 128\).*group_size 32"):
         w4a16.w4a16_linear(x, qweight, scales, zeros, 32, config=w4a16.WgmmaTmaConfig(128, 128, 4, 1))
+
+def test_w4a16_warp_specialized_kernel_reads_words_tma_can_copy():
+    """The warp-specialized kernel's TMA copies read words in tiles of 64 whose runs are contiguous, or in rows of
+    whole 16 bytes, and scales and zeros in rows of whole 16 bytes, all 16-byte aligned (by storage offset);
+    anything else goes to the kernel without them."""
+    _, rows, scales, zeros, _ = make_w4(1, 128, 256, 128, torch.float16, False, False, 0)
+    _, rows_of_6, scales_of_6, zeros_of_6, _ = make_w4(1, 6, 256, 128, torch.float16, False, False, 0)
+    offset_scales = torch.empty(scales.numel() + 4, dtype=scales.dtype)[4:].view_as(scales)
+    for words, s, z, readable in ((rows, scales, zeros, True),
+                                  (reference.tile_word_columns(rows), scales, zeros, True),
+                                  (rows[:, :64], scales[:, :64], zeros[:, :64], True),  # columns of wider rows
+                                  (reference.tile_word_columns(rows, 32), scales, zeros, False),  # tiles of 32
+                                  (rows_of_6, scales_of_6, zeros_of_6, False),  # rows of 24 and 12 bytes
+                                  (rows, offset_scales, zeros, False)):  # scales 8 bytes into their allocation
+        assert w4a16.wgmma_tma_words_ok(words, s, z) == readable, (words.shape, words.stride(), s.stride())
+
 
 
 def test_w4a16_warp_mma_unrolls_only_whole_splits_of_few_iterations():
@@ -667,6 +692,52 @@ def test_w4a16_wgmma_tma_kernel_reads_both_operands_from_shared_memory():
         dots = [line for line in ttgir.splitlines() if "ttng.warp_group_dot " in line]
         assert len(dots) == 1 and "dot_op" not in dots[0] and dots[0].count("!ttg.memdesc") == 2, dots
         assert "pendings = 1" in loop and "pendings = 0" in ttgir
+
+
+# The warp-specialized TMA kernel compiled for sm_90: fp16 256 x 128 with 4 warps dequantizing words in tiles, bf16
+# 128 x 64 with 4 MMA warps and 8 dequantizing words in rows, with a bias
+_TTGIR_OF_WARP_SPECIALIZED_KERNEL = r"""
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon._runtime import GluonASTSource
+from qpass.kernels import w4a16_wgmma_tma
+
+kernel = w4a16_wgmma_tma.w4a16_wgmma_tma_ws_kernel
+names = list(inspect.signature(kernel.fn).parameters)
+x_tiles = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+runs = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=3)
+rows = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=16, rank=2)
+for dtype, block_m, block_n, words, split, bias, warps, dequant_warps in (
+        ("fp16", 256, 128, "2,8,64", 2, False, 8, 4), ("bf16", 128, 64, "1,8,64", 1, True, 4, 8)):
+    constexprs = dict(GROUP_SIZE=128, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=4, SPLIT_K=split, HAS_BIAS=bias,
+                      DEQUANT_WARPS=dequant_warps, num_warps=warps)
+    pointers = {"b_ptr": "*" + dtype, "out_ptr": "*fp32" if split > 1 else "*" + dtype,
+                "x_desc": f"tensordesc<{dtype}[{block_m},64],{x_tiles!r}>", "w_desc": f"tensordesc<i32[{words}],{runs!r}>",
+                "s_desc": f"tensordesc<{dtype}[1,{block_n}],{rows!r}>", "z_desc": f"tensordesc<{dtype}[1,{block_n}],{rows!r}>"}
+    signature = {n: pointers.get(n, "constexpr" if n in constexprs else "i32") for n in names}
+    aligned = {(names.index(n),): [["tt.divisibility", 16]] for n in names if signature[n][0] == "*"}
+    source = GluonASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=aligned)
+    print(triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps)).asm["ttgir"])
+"""
+
+
+@pytest.mark.skipif(not w4a16._GLUON, reason="this Triton has no Gluon")
+def test_w4a16_warp_specialized_kernel_reads_every_operand_by_tma():
+    """The warp-specialized kernel, compiled for sm_90: a region of a default partition (the MMAs) and two
+    workers, the dequantizing warps and one loader warp; x, the words, scales and zeros reach shared memory by TMA
+    only (the only global load left is the bias of the epilogue); the wgmma reads both operands from shared memory,
+    one in flight."""
+    modules = compiled_for_sm90(_TTGIR_OF_WARP_SPECIALIZED_KERNEL).split("module attributes")[1:]
+    assert len(modules) == 2
+    for ttgir, (x_block, words, scales, dequant_warps, bias) in zip(modules, (
+            ("256x64xf16", "2x8x64xsi32", "1x128xf16", 4, False), ("128x64xbf16", "1x8x64xsi32", "1x64xbf16", 8, True))):
+        assert "ttg.warp_specialize" in ttgir and f"num_warps({dequant_warps})" in ttgir and "num_warps(1)" in ttgir
+        copies = [line for line in ttgir.splitlines() if "ttng.async_tma_copy_global_to_local" in line]
+        assert sorted(line.split("!tt.tensordesc<")[1].split(",")[0] for line in copies) == sorted(
+            [x_block, words, scales, scales]), copies
+        assert ttgir.count("tt.load ") == int(bias)
+        dots = [line for line in ttgir.splitlines() if "ttng.warp_group_dot " in line]
+        assert len(dots) == 1 and "dot_op" not in dots[0] and dots[0].count("!ttg.memdesc") == 2, dots
+        assert "pendings = 1" in ttgir
 
 
 @pytest.mark.parametrize("unit", [1.0, int4_pairs.F16_DOT_UNIT])  # the tile's and the GEMV dot's
@@ -1397,6 +1468,43 @@ def test_gpu_w4a16_wgmma_tma(M, eighth_n, chunks, group_size, dtype, symmetric, 
     config = w4a16.WgmmaTmaConfig(block_m, block_n, stages, split, warps)
     K = chunks * max(128, group_size)
     check_w4_config(config, M, 8 * eighth_n, K, group_size, dtype, symmetric, bias, activation, seed)
+
+
+# (block_m, block_n, num_warps, dequant_warps) the warp-specialized TMA kernel lays out
+WARP_SPECIALIZED_SHAPES = [(256, 128, 8, 4), (128, 128, 8, 8), (128, 64, 4, 8), (64, 128, 4, 4), (128, 64, 8, 4)]
+
+
+@cuda
+@needs_cuda
+@needs_hopper
+@settings(max_examples=40, deadline=None)
+@given(M=st.integers(1, 300), shape=st.sampled_from(WARP_SPECIALIZED_SHAPES), stages=st.integers(2, 4),
+       tile=st.sampled_from([0, 64]), **HOPPER_PROBLEMS)
+def test_gpu_w4a16_wgmma_tma_warp_specialized(M, eighth_n, chunks, group_size, dtype, symmetric, bias, activation,
+                                              shape, stages, tile, split, seed):
+    """The warp-specialized TMA kernel against the float32 reference, its words in rows or in column tiles: M off
+    its row tiles, N off its column tiles and runs (the TMA copies zero-fill past N), K of 2 to 48 steps in groups
+    of one step, two or four, splits that leave programs without a step, a vector bias in its epilogue, a residual
+    and each activation after it, and the RMSNorm before it."""
+    block_m, block_n, warps, dequant_warps = shape
+    config = w4a16.WgmmaTmaConfig(block_m, block_n, stages, split, warps, dequant_warps)
+    K = chunks * max(128, group_size)
+    check_w4_config(config, M, 8 * eighth_n, K, group_size, dtype, symmetric, bias, activation, seed, tile=tile)
+
+
+@cuda
+@needs_cuda
+@needs_hopper
+def test_gpu_w4a16_warp_specialized_pick_leaves_words_tma_cannot_read():
+    """Past 128 rows the pick is the warp-specialized kernel; words it cannot copy (tiles of 32) run the kernel
+    without it, right, and that config given for them is refused with the strides it saw."""
+    x, qweight, scales, zeros, _ = make_w4(200, 256, 1024, 128, torch.float16, False, False, 0, tile=32)
+    config = w4a16.pick_config(200, 256, 1024, 128, x.device)
+    assert isinstance(config, w4a16.WgmmaTmaConfig) and config.dequant_warps == 4
+    out = w4a16.w4a16_linear(x, qweight, scales, zeros, 128)
+    assert relative_error(out, w4_reference(x, qweight, scales, zeros, 128, None)) < BOUND[torch.float16]
+    with pytest.raises(ValueError, match=r"reads qweight, scales and zeros by TMA.*got qweight \(128, 8, 32\)"):
+        w4a16.w4a16_linear(x, qweight, scales, zeros, 128, config=config)
 
 
 @cuda
