@@ -483,14 +483,22 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-def compiled(kernel, pointers, constexprs, **options):
+def compiled(kernel, pointers, constexprs, source_type=ASTSource, **options):
+    # ``pointers`` the types of the pointers and TMA descriptors, the other arguments i32; Gluon kernels with
+    # ``source_type`` GluonASTSource
     names = list(inspect.signature(kernel.fn).parameters)
     signature = {n: pointers.get(n, "constexpr" if n in constexprs else "i32") for n in names}
     # aligned pointers, sizes and strides, as at run time (loops are then pipelined, loads vectorized)
-    aligned = {(names.index(n),): [["tt.divisibility", 16]] for n in names if signature[n] != "constexpr"}
-    source = ASTSource(fn=kernel, signature=signature, constexprs={n: constexprs[n] for n in names if n in constexprs},
-                       attrs=aligned)
+    aligned = {(names.index(n),): [["tt.divisibility", 16]] for n in names
+               if signature[n] != "constexpr" and not signature[n].startswith("tensordesc")}
+    source = source_type(fn=kernel, signature=signature, constexprs={n: constexprs[n] for n in names if n in constexprs},
+                         attrs=aligned)
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+
+def gluon_ttgir(kernel, pointers, constexprs, num_warps):
+    # A Gluon kernel's TTGIR for sm_90
+    from triton.experimental.gluon._runtime import GluonASTSource
+    return compiled(kernel, pointers, constexprs, GluonASTSource, num_warps=num_warps).asm["ttgir"]
 
 def w4a16_gemv_sm90(dtype, N, K, activation="none", norm=False, bias=False, pdl=False, budget=None):
     # The W4A16 GEMV at its M = 1 pick for K x N (group 128), compiled for sm_90 with ``budget`` registers a
@@ -593,21 +601,15 @@ def test_register_operand_wgmmas_are_waited_for_each_step():
 
 # The Hopper kernel compiled for sm_90 (``compiled_for_sm90``; Gluon: no interpreter).
 _TTGIR_OF_WGMMA_KERNEL = r"""
-from triton.experimental.gluon._runtime import GluonASTSource
 from qpass.kernels import w4a16_wgmma
 
-kernel = w4a16_wgmma.w4a16_wgmma_kernel
-names = list(inspect.signature(kernel.fn).parameters)
 for dtype, split, bias, group_size, scaled in (("fp16", 1, True, 128, False), ("bf16", 4, False, 128, False),
                                               ("fp16", 3, False, 64, False), ("bf16", 1, True, 64, True)):
     constexprs = dict(GROUP_SIZE=group_size, BLOCK_M=128 if scaled else 32, WARPGROUPS=2, SPLIT_K=split,
                       HAS_BIAS=bias, BF16=dtype == "bf16", SCALED=scaled)
     pointers = {p: "*" + dtype for p in ("x_ptr", "s_ptr", "z_ptr", "b_ptr")}
     pointers |= {"qw_ptr": "*i32", "out_ptr": "*" + dtype, "sums_ptr": "*fp32"}
-    signature = {n: pointers.get(n, "constexpr" if n in constexprs else "i32") for n in names}
-    aligned = {(names.index(n),): [["tt.divisibility", 16]] for n in names if signature[n] != "constexpr"}
-    source = GluonASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=aligned)
-    print(triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8)).asm["ttgir"])
+    print(gluon_ttgir(w4a16_wgmma.w4a16_wgmma_kernel, pointers, constexprs, 8))
 """
 
 
@@ -650,11 +652,8 @@ def test_w4a16_wgmma_kernel_feeds_the_mma_from_registers():
 # of 128, 64 and 256, 4 to 2 stages
 _TTGIR_OF_WGMMA_TMA_KERNEL = r"""
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon._runtime import GluonASTSource
 from qpass.kernels import w4a16_wgmma_tma
 
-kernel = w4a16_wgmma_tma.w4a16_wgmma_tma_kernel
-names = list(inspect.signature(kernel.fn).parameters)
 x_tiles = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
 for dtype, block_m, block_n, stages, split, bias, group_size, warps in (
         ("fp16", 128, 128, 4, 1, True, 128, 8), ("bf16", 64, 64, 3, 3, False, 64, 4),
@@ -664,10 +663,7 @@ for dtype, block_m, block_n, stages, split, bias, group_size, warps in (
     pointers = {p: "*" + dtype for p in ("s_ptr", "z_ptr", "b_ptr")}
     pointers |= {"x_desc": f"tensordesc<{dtype}[{block_m},64],{x_tiles!r}>", "qw_ptr": "*i32",
                  "out_ptr": "*fp32" if split > 1 else "*" + dtype}
-    signature = {n: pointers.get(n, "constexpr" if n in constexprs else "i32") for n in names}
-    aligned = {(names.index(n),): [["tt.divisibility", 16]] for n in names if signature[n][0] == "*"}
-    source = GluonASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=aligned)
-    print(triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps)).asm["ttgir"])
+    print(gluon_ttgir(w4a16_wgmma_tma.w4a16_wgmma_tma_kernel, pointers, constexprs, warps))
 """
 
 
@@ -698,11 +694,8 @@ def test_w4a16_wgmma_tma_kernel_reads_both_operands_from_shared_memory():
 # 128 x 64 with 4 MMA warps and 8 dequantizing words in rows, with a bias
 _TTGIR_OF_WARP_SPECIALIZED_KERNEL = r"""
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon._runtime import GluonASTSource
 from qpass.kernels import w4a16_wgmma_tma
 
-kernel = w4a16_wgmma_tma.w4a16_wgmma_tma_ws_kernel
-names = list(inspect.signature(kernel.fn).parameters)
 x_tiles = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
 runs = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=3)
 rows = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=16, rank=2)
@@ -713,10 +706,7 @@ for dtype, block_m, block_n, words, split, bias, warps, dequant_warps in (
     pointers = {"b_ptr": "*" + dtype, "out_ptr": "*fp32" if split > 1 else "*" + dtype,
                 "x_desc": f"tensordesc<{dtype}[{block_m},64],{x_tiles!r}>", "w_desc": f"tensordesc<i32[{words}],{runs!r}>",
                 "s_desc": f"tensordesc<{dtype}[1,{block_n}],{rows!r}>", "z_desc": f"tensordesc<{dtype}[1,{block_n}],{rows!r}>"}
-    signature = {n: pointers.get(n, "constexpr" if n in constexprs else "i32") for n in names}
-    aligned = {(names.index(n),): [["tt.divisibility", 16]] for n in names if signature[n][0] == "*"}
-    source = GluonASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=aligned)
-    print(triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps)).asm["ttgir"])
+    print(gluon_ttgir(w4a16_wgmma_tma.w4a16_wgmma_tma_ws_kernel, pointers, constexprs, warps))
 """
 
 
