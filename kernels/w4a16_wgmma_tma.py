@@ -171,6 +171,7 @@ def w4a16_wgmma_tma_kernel(x_desc, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K
     _store_tile(acc, out_ptr, b_ptr, m0, n0, M, N, stride_om, SPLIT_K, HAS_BIAS, DTYPE)
 
 
+# The two worker partitions below take the same arguments, as Gluon requires of workers; each reads its own.
 @gluon.jit
 def _loader(x_desc, w_desc, s_desc, z_desc, xs, wq, ss, zs, ws, loaded, w_ready, empty, n0, m0, start, end,
             word_run, GROUP_SIZE: gl.constexpr):
