@@ -452,8 +452,8 @@ def check_wgmma_tma_config(cfg: WgmmaTmaConfig):
 
 def wgmma_tma_words_ok(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> bool:
     """Whether the warp-specialized kernel's TMA reads these: words in column tiles of ``WORD_TILE`` whose runs
-    are contiguous (``[N / 64, K / 8, 64]`` in memory) or in contiguous rows of whole 16 bytes, scales and zeros in contiguous
-    rows of whole 16 bytes, each 16-byte aligned (by storage offset: allocations are)."""
+    are contiguous (``[N / 64, K / 8, 64]`` in memory) or in contiguous rows of whole 16 bytes, scales and zeros
+    in contiguous rows of whole 16 bytes, each 16-byte aligned (by storage offset: allocations are)."""
     if qweight.dim() == 3:
         words = qweight.shape[2] == WORD_TILE and qweight.stride() == (WORD_TILE, qweight.shape[0] * WORD_TILE, 1)
     else:

@@ -491,8 +491,8 @@ def compiled(kernel, pointers, constexprs, source_type=ASTSource, **options):
     # aligned pointers, sizes and strides, as at run time (loops are then pipelined, loads vectorized)
     aligned = {(names.index(n),): [["tt.divisibility", 16]] for n in names
                if signature[n] != "constexpr" and not signature[n].startswith("tensordesc")}
-    source = source_type(fn=kernel, signature=signature, constexprs={n: constexprs[n] for n in names if n in constexprs},
-                         attrs=aligned)
+    given = {n: constexprs[n] for n in names if n in constexprs}
+    source = source_type(fn=kernel, signature=signature, constexprs=given, attrs=aligned)
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
 
 def gluon_ttgir(kernel, pointers, constexprs, num_warps):
@@ -704,8 +704,9 @@ for dtype, block_m, block_n, words, split, bias, warps, dequant_warps in (
     constexprs = dict(GROUP_SIZE=128, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=4, SPLIT_K=split, HAS_BIAS=bias,
                       DEQUANT_WARPS=dequant_warps, num_warps=warps)
     pointers = {"b_ptr": "*" + dtype, "out_ptr": "*fp32" if split > 1 else "*" + dtype,
-                "x_desc": f"tensordesc<{dtype}[{block_m},64],{x_tiles!r}>", "w_desc": f"tensordesc<i32[{words}],{runs!r}>",
-                "s_desc": f"tensordesc<{dtype}[1,{block_n}],{rows!r}>", "z_desc": f"tensordesc<{dtype}[1,{block_n}],{rows!r}>"}
+                "x_desc": f"tensordesc<{dtype}[{block_m},64],{x_tiles!r}>",
+                "w_desc": f"tensordesc<i32[{words}],{runs!r}>"}
+    pointers |= {p: f"tensordesc<{dtype}[1,{block_n}],{rows!r}>" for p in ("s_desc", "z_desc")}
     print(gluon_ttgir(w4a16_wgmma_tma.w4a16_wgmma_tma_ws_kernel, pointers, constexprs, warps))
 """
 
@@ -719,7 +720,8 @@ def test_w4a16_warp_specialized_kernel_reads_every_operand_by_tma():
     modules = compiled_for_sm90(_TTGIR_OF_WARP_SPECIALIZED_KERNEL).split("module attributes")[1:]
     assert len(modules) == 2
     for ttgir, (x_block, words, scales, dequant_warps, bias) in zip(modules, (
-            ("256x64xf16", "2x8x64xsi32", "1x128xf16", 4, False), ("128x64xbf16", "1x8x64xsi32", "1x64xbf16", 8, True))):
+            ("256x64xf16", "2x8x64xsi32", "1x128xf16", 4, False),
+            ("128x64xbf16", "1x8x64xsi32", "1x64xbf16", 8, True))):
         assert "ttg.warp_specialize" in ttgir and f"num_warps({dequant_warps})" in ttgir and "num_warps(1)" in ttgir
         copies = [line for line in ttgir.splitlines() if "ttng.async_tma_copy_global_to_local" in line]
         assert sorted(line.split("!tt.tensordesc<")[1].split(",")[0] for line in copies) == sorted(
