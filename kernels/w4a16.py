@@ -440,7 +440,7 @@ def check_wgmma_tma_config(cfg: WgmmaTmaConfig):
                  "64 (8) or 128 (4), stages * (block_m * 128 + block_n * 164) bytes of shared memory")
     else:
         shared = (cfg.stages * cfg.block_m + 3 * cfg.block_n) * 64 * 2
-        fits = cfg.dequant_warps == 0
+        fits = True
         needs = "(stages * block_m + 3 * block_n) * 128 bytes of shared memory"
     if (cfg.num_warps not in (4, 8) or cfg.block_m not in (64, 128, 256) or cfg.block_m < rows_a_pass
             or cfg.block_n not in (32, 64, 128, 256) or cfg.num_warps % column_warps or cfg.stages < 2
