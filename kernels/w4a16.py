@@ -714,7 +714,7 @@ def pick_config(M: int, N: int, K: int, group_size: int, device: torch.device, a
     mma_block_k = [b for b in (128, 64, 32, 16) if group_size % b == 0]
     if M <= GEMV_MAX_M or not mma_block_k:
         # No split: a program's warps cover K in steps of 64 to 512 word rows, so even N = 4096
-        # gives 256 programs, and split K would add a memset and atomics. H200 sweeps of 20 block
+        # gives 256 programs, and split K would add atomics and a read-back. H200 sweeps of 20 block
         # shapes, rolled and unrolled, weights from DRAM as in a decode step (bench/NOTES-kernels.md,
         # ninth session; us, pick against the best rolled shape): 32 weight columns a program by
         # 512 rows with 4 warps, unrolled, where they alone fill the SMs four times over (4096x28672
@@ -723,15 +723,15 @@ def pick_config(M: int, N: int, K: int, group_size: int, device: torch.device, a
         # bf16 675 us against 699 rolled, fp16 709 against 773, thirty-second session); 16 x 2048
         # with 8 warps where K <= 4096 and 16-column programs are over two an SM (4096x6144: bf16
         # with its norm 7.46 against 8.06, fp16 7.41 against 7.19-7.76); else 16 x 2048 with 16 warps (4096x4096: bf16
-        # 5.53 against 5.71, fp16 5.99 against 5.86-6.25; 14336x4096 bf16 11.71 against 13.06),
-        # rolled for fp16 past K = 4096 (14336x4096: 12.60 against 13.41 unrolled).
+        # 5.53 against 5.71, fp16 5.99 against 5.86-6.25; 14336x4096 bf16 11.71 against 13.06; fp16
+        # from DRAM 9.65 against 11.12 rolled, forty-fifth session), all unrolled.
         reads = 2 if activation == "silu_mul" else 1  # weight columns a program reads per output column
         if cdiv(N * reads, 32) >= 4 * sms:
             cfg = GemvConfig(32 // reads, 512, 1, num_warps=4, unrolled=True)
         elif K <= 4096 and cdiv(N * reads, 16) > 2 * sms:
             cfg = GemvConfig(16, 2048, 1, num_warps=8, unrolled=True)
         else:
-            cfg = GemvConfig(16, 2048, 1, num_warps=16, unrolled=K <= 4096 or dtype != torch.float16)
+            cfg = GemvConfig(16, 2048, 1, num_warps=16, unrolled=True)
         return cfg._replace(maxnreg=gemv_registers(cfg, M, N, sms, activation, dtype))
     gemm_n = 2 * N if activation == "silu_mul" else N  # (gate and up both, the activation after the GEMM)
     hopper = wgmma and wgmma_chunks(K, group_size) and dtype != torch.float32 and _hopper(device)
