@@ -1,12 +1,23 @@
 """qpass.quantize on real pretrained models and real text (../shared/ASSETS.md): the
 accuracy bars of the core issue, round-to-nearest (calibration has its own tests)."""
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 
 import qpass
 from qpass.layers.linear import QuantLinear
 
 pytestmark = pytest.mark.slow
+
+
+def test_the_kernels_that_transformers_imports_are_not_the_repository_folder():
+    """transformers (5.25 on) imports the ``kernels`` distribution when it is installed; run from the repository's
+    root, the tests must not find qpass's kernels/ folder under that name (tests/conftest.py)."""
+    spec = importlib.util.find_spec("kernels")
+    folder = Path(__file__).resolve().parent.parent / "kernels"
+    assert spec is None or Path(spec.origin).resolve().parent != folder, spec.origin
 
 
 @pytest.mark.parametrize("method, bar", [("awq", 0.94), ("int8", 0.999)])
