@@ -48,7 +48,6 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import qpass  # noqa: E402
 from qpass.backend import cached_stubs  # noqa: E402
 

@@ -382,7 +382,6 @@ def main():
     if args.plot:
         write_plot(args.plot)
         return
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     import torch
     import triton
 
