@@ -10,14 +10,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# ``python -m pytest`` puts the working directory first on sys.path. From the repository's root that would make its
-# kernels/ folder (shipped as qpass.kernels) a top-level ``kernels``, in place of the ``kernels`` distribution that
-# transformers imports (5.25 on).
-_ROOT = Path(__file__).resolve().parent.parent
-sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _ROOT]
-
 # examples/assets.py loads the real models and texts for the tests and the examples.
-sys.path.insert(0, str(_ROOT / "examples"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 
 import qpass  # noqa: E402  (after TRITON_INTERPRET is chosen)
 
