@@ -24,7 +24,6 @@ its wheel; it needs numpy, tqdm and triton >= 3.6) and ``pip install --no-deps``
 import argparse
 import datetime
 import json
-import sys
 import time
 import traceback
 from pathlib import Path
