@@ -696,10 +696,11 @@ def warp_mma_registers(cfg: WarpMmaConfig, M: int, tiles: int, sms: int) -> int:
 
 
 def pick_config(M: int, N: int, K: int, group_size: int, device: torch.device, activation: str = "none",
-                warp_mma: bool = True, dtype: torch.dtype = torch.float16, wgmma: bool = True):
+                warp_mma: bool = True, dtype: torch.dtype = torch.float16, wgmma: bool = True, norm: bool = False):
     """The kernel and its block shapes for a problem of N output columns and activations of
     ``dtype``; from the sweeps in bench/NOTES-kernels.md. ``warp_mma``, ``wgmma``: whether the inputs
-    suit the warp-level MMA kernel (``warp_mma_ok``) and the Hopper kernel (``wgmma_ok``)."""
+    suit the warp-level MMA kernel (``warp_mma_ok``) and the Hopper kernel (``wgmma_ok``); ``norm``: whether
+    the RMSNorm of x comes with it (the GEMV computes it as it reads x)."""
     sms = sm_count(device)
     # M = 1 (and 2 on weights up to 4096 x 4096) read the weight fastest with the GEMV; the
     # warp-level MMA reads it at about the same rate for any M up to 8 (H200, 4096x28672:
@@ -720,16 +721,20 @@ def pick_config(M: int, N: int, K: int, group_size: int, device: torch.device, a
         # 512 rows with 4 warps, unrolled, where they alone fill the SMs four times over (4096x28672
         # fp16 19.97 unrolled against 20.92; gate_up with silu_mul, 16 output columns = 32 weight
         # columns, unrolled since the GEMV waits for the kernel before it (PDL): the 64-op chain
-        # bf16 675 us against 699 rolled, fp16 709 against 773, thirty-second session); 16 x 2048
+        # bf16 675 us against 699 rolled, fp16 709 against 773, thirty-second session); 16 columns
         # with 8 warps where K <= 4096 and 16-column programs are over two an SM (4096x6144: bf16
-        # with its norm 7.46 against 8.06, fp16 7.41 against 7.19-7.76); else 16 x 2048 with 16 warps (4096x4096: bf16
-        # 5.53 against 5.71, fp16 5.99 against 5.86-6.25; 14336x4096 bf16 11.71 against 13.06; fp16
-        # from DRAM 9.65 against 11.12 rolled, forty-fifth session), all unrolled.
+        # with its norm 7.46 against 8.06, fp16 7.41 against 7.19-7.76), by 2048 rows with the norm
+        # and 1024 without (forty-seventh session, 4096x6144, us, 2048 -> 1024 rows: fp16 4.53 -> 4.03
+        # replayed, 5.30 -> 5.01 from DRAM, bf16 4.51 -> 4.17 and 5.30 -> 5.09; with the norm, bf16
+        # from DRAM as in the decode step's qkv, 5.69 -> 6.10); else 16 x 2048 with 16 warps
+        # (4096x4096: bf16 5.53 against 5.71, fp16 5.99 against 5.86-6.25; 14336x4096 bf16 11.71
+        # against 13.06; fp16 from DRAM 9.65 against 11.12 rolled, forty-fifth session), all unrolled.
         reads = 2 if activation == "silu_mul" else 1  # weight columns a program reads per output column
         if cdiv(N * reads, 32) >= 4 * sms:
             cfg = GemvConfig(32 // reads, 512, 1, num_warps=4, unrolled=True)
         elif K <= 4096 and cdiv(N * reads, 16) > 2 * sms:
-            cfg = GemvConfig(16, 2048, 1, num_warps=8, unrolled=True)
+            # (activations other than none were not timed with 1024 rows)
+            cfg = GemvConfig(16, 1024 if activation == "none" and not norm else 2048, 1, num_warps=8, unrolled=True)
         else:
             cfg = GemvConfig(16, 2048, 1, num_warps=16, unrolled=True)
         return cfg._replace(maxnreg=gemv_registers(cfg, M, N, sms, activation, dtype))
@@ -855,7 +860,8 @@ def w4a16_linear(
     cfg = config or pick_config(M, n_out, K, group_size, x.device, activation, dtype=x.dtype,
                                 warp_mma=2 <= M <= WARP_MMA_MAX_M and warp_mma_ok(x, qweight, scales, zeros,
                                                                                   group_size, n_out),
-                                wgmma=M > GEMV_MAX_M and wgmma_ok(x, qweight, scales, zeros, group_size))
+                                wgmma=M > GEMV_MAX_M and wgmma_ok(x, qweight, scales, zeros, group_size),
+                                norm=norm_weight is not None)
     # (the picks check their inputs above; a config given must be checked here)
     given = config is not None
     if (isinstance(cfg, (WgmmaConfig, WgmmaTmaConfig)) and given

@@ -330,7 +330,8 @@ def _step_picks(layers, rows, dtype):
     for op in ("qkv", "o", "gate_up", "down"):
         K, N = layers[0][op][0].shape[0] * 8, layers[0][op][0].shape[1]
         picks.append(w4a16.pick_config(rows, N // 2 if op == "gate_up" else N, K, 128, torch.device("cuda"),
-                                       activation="silu_mul" if op == "gate_up" else "none", dtype=dtype))
+                                       activation="silu_mul" if op == "gate_up" else "none", dtype=dtype,
+                                       norm=op in ("qkv", "gate_up")))
     return picks
 
 
