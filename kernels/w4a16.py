@@ -723,18 +723,19 @@ def pick_config(M: int, N: int, K: int, group_size: int, device: torch.device, a
         # columns, unrolled since the GEMV waits for the kernel before it (PDL): the 64-op chain
         # bf16 675 us against 699 rolled, fp16 709 against 773, thirty-second session); 16 columns
         # with 8 warps where K <= 4096 and 16-column programs are over two an SM (4096x6144: bf16
-        # with its norm 7.46 against 8.06, fp16 7.41 against 7.19-7.76), by 2048 rows with the norm
-        # and 1024 without (forty-seventh session, 4096x6144, us, 2048 -> 1024 rows: fp16 4.53 -> 4.03
-        # replayed, 5.30 -> 5.01 from DRAM, bf16 4.51 -> 4.17 and 5.30 -> 5.09; with the norm, bf16
-        # from DRAM as in the decode step's qkv, 5.69 -> 6.10); else 16 x 2048 with 16 warps
+        # with its norm 7.46 against 8.06, fp16 7.41 against 7.19-7.76), by 1024 rows but where a norm
+        # comes with one weight column an output (forty-seventh session, us, 2048 -> 1024 rows, replayed /
+        # from DRAM: 4096x6144 fp16 4.53 -> 4.03 / 5.30 -> 5.01, bf16 4.51 -> 4.17 / 5.30 -> 5.09; with the
+        # norm, bf16 as in the decode step's qkv, 5.28 -> 5.21 / 5.69 -> 6.10; gate and up, K = 2048 by 8192,
+        # under silu_mul, bf16 7.36 -> 5.49 / 9.22 -> 6.01, with the norm 8.18 -> 6.32 / 10.09 -> 7.16,
+        # and 1024 rows faster in all 16 silu_mul cases timed); else 16 x 2048 with 16 warps
         # (4096x4096: bf16 5.53 against 5.71, fp16 5.99 against 5.86-6.25; 14336x4096 bf16 11.71
         # against 13.06; fp16 from DRAM 9.65 against 11.12 rolled, forty-fifth session), all unrolled.
         reads = 2 if activation == "silu_mul" else 1  # weight columns a program reads per output column
         if cdiv(N * reads, 32) >= 4 * sms:
             cfg = GemvConfig(32 // reads, 512, 1, num_warps=4, unrolled=True)
         elif K <= 4096 and cdiv(N * reads, 16) > 2 * sms:
-            # (activations other than none were not timed with 1024 rows)
-            cfg = GemvConfig(16, 1024 if activation == "none" and not norm else 2048, 1, num_warps=8, unrolled=True)
+            cfg = GemvConfig(16, 2048 if norm and reads == 1 else 1024, 1, num_warps=8, unrolled=True)
         else:
             cfg = GemvConfig(16, 2048, 1, num_warps=16, unrolled=True)
         return cfg._replace(maxnreg=gemv_registers(cfg, M, N, sms, activation, dtype))
