@@ -302,6 +302,25 @@ def test_w4a16_kernel_choice_by_rows():
         assert cfg.split_k * cfg.num_warps // cfg.column_warps <= K // 128  # every warp has a group of K
 
 
+def test_w4a16_linear_picks_its_block_shape_knowing_the_norm_it_folds(monkeypatch):
+    """``w4a16_linear`` tells ``pick_config`` whether it folds an RMSNorm in (the GEMV's steps depend on it), and
+    the result is the norm's output times the weight either way."""
+    asked = []
+    pick = w4a16.pick_config
+
+    def recording_pick(*args, **kwargs):
+        asked.append(kwargs.get("norm"))
+        return pick(*args, **kwargs)
+
+    monkeypatch.setattr(w4a16, "pick_config", recording_pick)
+    x, qweight, scales, zeros, _ = make_w4(1, 64, 256, 128, torch.float32, False, False, 3)
+    norm_weight, _ = norm_and_residual(1, 64, 256, torch.float32, 3)
+    folded = w4a16.w4a16_linear(x, qweight, scales, zeros, 128, norm_weight=norm_weight, norm_eps=1e-5)
+    plain = w4a16.w4a16_linear(reference.rms_norm(x, norm_weight, 1e-5), qweight, scales, zeros, 128)
+    assert asked == [True, False]
+    assert relative_error(plain, folded) < 1e-5
+
+
 def test_w4a16_wgmma_config_by_shape():
     """The Hopper kernel's block shapes (H200 sweeps, bench/NOTES-kernels.md): up to 32 rows, 32 rows a
     program, two warpgroups with K split while the programs fit two an SM, one warpgroup where two leave
