@@ -231,46 +231,73 @@ def store_output(acc, acc_up, rows, cols, mask, tile, M, N_UP,
     columns ``cols`` (index tensors that broadcast to ``[R, C]``: ``[R, 1]`` and ``[1, C]`` for a
     rectangle; ``mask`` the same) and, under "silu_mul", ``acc_up`` of the up columns
     ``cols + N_UP``; bias (row ``r`` at ``b_ptr + r * stride_bm``: ``bias_rows``), ACTIVATION
-    (one of ``ACTIVATIONS``), cast, store.
+    (one of ``ACTIVATIONS``), cast, store. ``store_outputs`` for a tile held as several tensors."""
+    store_outputs((acc,), (acc_up,), (rows,), (cols,), (mask,), tile, M, N_UP, b_ptr, out_ptr, ws_ptr, stride_bm,
+                  stride_om, stride_on, stride_wm, SPLIT_K, HAS_BIAS, ACTIVATION)
+
+
+@triton.jit
+def store_outputs(accs, acc_ups, rows, cols, masks, tile, M, N_UP,
+                  b_ptr, out_ptr, ws_ptr, stride_bm, stride_om, stride_on, stride_wm,
+                  SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr):
+    """``store_output`` for one output tile held as a tuple of parts: ``accs[i]`` the sums at
+    ``rows[i]``, ``cols[i]`` (``masks[i]``; ``acc_ups[i]`` under "silu_mul"), each part laid out as
+    the code that computed it left it (no change of layout through shared memory).
 
     With SPLIT_K > 1 the sums are partial: each program adds them into the workspace, zero before
     (``split_k_workspace``: ``[M, stride_wm]`` sums, then a count per tile), and the last of the
     tile's SPLIT_K programs to arrive reads the totals back, leaves its sums and count at zero
     again for the next launch, and runs the epilogue: the reduction costs no second launch."""
     if SPLIT_K > 1:
-        ws = ws_ptr + rows * stride_wm + cols
-        tl.atomic_add(ws, acc, mask=mask, sem="relaxed")
-        if ACTIVATION == "silu_mul":
-            tl.atomic_add(ws + N_UP, acc_up, mask=mask, sem="relaxed")
+        for i in tl.static_range(len(accs)):
+            ws = ws_ptr + rows[i] * stride_wm + cols[i]
+            tl.atomic_add(ws, accs[i], mask=masks[i], sem="relaxed")
+            if ACTIVATION == "silu_mul":
+                tl.atomic_add(ws + N_UP, acc_ups[i], mask=masks[i], sem="relaxed")
         tl.debug_barrier()  # all threads' additions are issued before the arrival is counted
         count = ws_ptr + M * stride_wm + tile
         arrived = tl.atomic_add(count, 1.0, sem="acq_rel")
-        last = arrived == SPLIT_K - 1
-        # (broadcast before comparing: Triton's interpreter rejects a mask made from a 0-d one)
-        mask = mask & ((rows * 0 + arrived) == SPLIT_K - 1)
-        acc = tl.load(ws, mask=mask, other=0, cache_modifier=".cg")
-        if ACTIVATION == "silu_mul":
-            acc_up = tl.load(ws + N_UP, mask=mask, other=0, cache_modifier=".cg")
+        totals = ()
+        up_totals = ()
+        last_masks = ()
+        for i in tl.static_range(len(accs)):
+            ws = ws_ptr + rows[i] * stride_wm + cols[i]
+            # (broadcast before comparing: Triton's interpreter rejects a mask made from a 0-d one)
+            mask = masks[i] & ((rows[i] * 0 + arrived) == SPLIT_K - 1)
+            last_masks = last_masks + (mask,)
+            totals = totals + (tl.load(ws, mask=mask, other=0, cache_modifier=".cg"),)
+            if ACTIVATION == "silu_mul":
+                up_totals = up_totals + (tl.load(ws + N_UP, mask=mask, other=0, cache_modifier=".cg"),)
+            else:
+                up_totals = totals
         # every thread has read its totals before any zeroes them: the threads that store a value need not be the
         # ones that loaded it (H200: without it, tl.dot's kernels lost partial sums)
         tl.debug_barrier()
-        tl.store(ws, tl.zeros_like(acc), mask=mask)
+        for i in tl.static_range(len(accs)):
+            ws = ws_ptr + rows[i] * stride_wm + cols[i]
+            tl.store(ws, tl.zeros_like(totals[i]), mask=last_masks[i])
+            if ACTIVATION == "silu_mul":
+                tl.store(ws + N_UP, tl.zeros_like(up_totals[i]), mask=last_masks[i])
+        tl.store(count, 0.0, mask=arrived == SPLIT_K - 1)
+        accs = totals
+        acc_ups = up_totals
+        masks = last_masks
+    for i in tl.static_range(len(accs)):
+        acc = accs[i]
+        acc_up = acc_ups[i]
+        if HAS_BIAS:
+            b_ptrs = b_ptr + rows[i] * stride_bm + cols[i]
+            acc += tl.load(b_ptrs, mask=masks[i], other=0).to(tl.float32)
+            if ACTIVATION == "silu_mul":
+                acc_up += tl.load(b_ptrs + N_UP, mask=masks[i], other=0).to(tl.float32)
         if ACTIVATION == "silu_mul":
-            tl.store(ws + N_UP, tl.zeros_like(acc_up), mask=mask)
-        tl.store(count, 0.0, mask=last)
-    if HAS_BIAS:
-        b_ptrs = b_ptr + rows * stride_bm + cols
-        acc += tl.load(b_ptrs, mask=mask, other=0).to(tl.float32)
-        if ACTIVATION == "silu_mul":
-            acc_up += tl.load(b_ptrs + N_UP, mask=mask, other=0).to(tl.float32)
-    if ACTIVATION == "silu_mul":
-        acc = acc * tl.sigmoid(acc) * acc_up
-    elif ACTIVATION == "gelu":
-        acc = 0.5 * acc * (1 + tl.erf(acc * 0.7071067811865476))  # x * Phi(x)
-    elif ACTIVATION == "gelu_tanh":  # 0.5 * (1 + tanh(u)) is sigmoid(2 u)
-        acc = acc * tl.sigmoid(1.5957691216057308 * (acc + 0.044715 * acc * acc * acc))
-    out_ptrs = out_ptr + rows * stride_om + cols * stride_on
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+            acc = acc * tl.sigmoid(acc) * acc_up
+        elif ACTIVATION == "gelu":
+            acc = 0.5 * acc * (1 + tl.erf(acc * 0.7071067811865476))  # x * Phi(x)
+        elif ACTIVATION == "gelu_tanh":  # 0.5 * (1 + tanh(u)) is sigmoid(2 u)
+            acc = acc * tl.sigmoid(1.5957691216057308 * (acc + 0.044715 * acc * acc * acc))
+        out_ptrs = out_ptr + rows[i] * stride_om + cols[i] * stride_on
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=masks[i])
 
 
 class MmaConfig(NamedTuple):

@@ -97,7 +97,11 @@ def tile_word_columns(qweight: torch.Tensor, tile: int = WORD_TILE) -> torch.Ten
     if qweight.dim() == 3 or qweight.shape[1] % tile:
         return qweight
     k8, n = qweight.shape
-    return qweight.reshape(k8, n // tile, tile).transpose(0, 1).contiguous().transpose(0, 1)
+    # (a copy into new memory, not .contiguous(): with one tile that would keep the stride of 1 tile the reshape
+    # gave, which the TMA kernels' checks rightly refuse as K // 8 * tile)
+    tiles = qweight.new_empty((n // tile, k8, tile))
+    tiles.copy_(qweight.reshape(k8, n // tile, tile).transpose(0, 1))
+    return tiles.transpose(0, 1)
 
 
 def word_rows(qweight: torch.Tensor) -> torch.Tensor:

@@ -30,8 +30,9 @@ A group's products accumulate unscaled in float32 (the MMA's C), and are scaled 
 once a group (``group_size`` a multiple of 64). A program's warps cover ``COLUMN_WARPS``
 blocks of 64 columns (sharing x through L1), the warps of a block taking turns over its
 groups of K, each issuing the next group's loads before this one's arithmetic; at the end
-their sums are added across warps and the tile goes through ``common.store_output`` (split
-K, bias, activation) like every other kernel's. In a loop, ptxas moves those loads to the
+their sums are added across warps (as one tile, or one by one where a block has at most two
+warps) and go through ``common.store_outputs`` (split K, bias, activation) like every other
+kernel's. In a loop, ptxas moves those loads to the
 end of the body (they take the registers of the group being consumed at the back-edge), so
 each group waits a memory latency; with UNROLLED_ITERS (the loop unrolled) they stay among the
 MMAs, for more registers: a win only where few iterations keep the count down (``w4a16.pick_config``).
@@ -49,7 +50,7 @@ Needs a GPU (inline PTX: Triton's interpreter does not run it) with ``mma.sync``
 import triton
 import triton.language as tl
 
-from .common import (asm_constant, launch_dependent_grids, prefetch_to_l2, store_output, wait_for_prior_grids,
+from .common import (asm_constant, launch_dependent_grids, prefetch_to_l2, store_outputs, wait_for_prior_grids,
                      word_offsets)
 
 
@@ -308,6 +309,93 @@ def _column_values(blocks, COLUMN: tl.constexpr, M_TILES: tl.constexpr):
 
 
 @triton.jit
+def _add16(a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15,
+           b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11, b12, b13, b14, b15):
+    """``tl.reduce``'s combine for 16 tensors reduced at once: their pairwise sums."""
+    return (a0 + b0, a1 + b1, a2 + b2, a3 + b3, a4 + b4, a5 + b5, a6 + b6, a7 + b7,
+            a8 + b8, a9 + b9, a10 + b10, a11 + b11, a12 + b12, a13 + b13, a14 + b14, a15 + b15)
+
+
+@triton.jit
+def _sums_as_tile(accs, M_TILES: tl.constexpr, K_WARPS: tl.constexpr, COLUMN_WARPS: tl.constexpr,
+                  ACTIVATION: tl.constexpr):
+    """The program's sums (``accs``: the four blocks' partial sums, a warp's) added across the K_WARPS warps of
+    each column block, for ``common.store_outputs`` as one part: ``[32 COLUMN_WARPS, 8 M_TILES]`` of column a
+    and as much of column b, beside it (``[.., 16 M_TILES]``), or as the up part under "silu_mul"."""
+    V: tl.constexpr = 8 * M_TILES
+    acc_a = tl.sum(tl.reshape(_column_values(accs, 0, M_TILES), (K_WARPS, 32 * COLUMN_WARPS, V)), axis=0)
+    acc_b = tl.sum(tl.reshape(_column_values(accs, 1, M_TILES), (K_WARPS, 32 * COLUMN_WARPS, V)), axis=0)
+    if ACTIVATION == "silu_mul":
+        acc = acc_a
+        acc_up = acc_b
+    else:
+        acc = _cat(acc_a, acc_b)
+        acc_up = acc
+    return (acc,), (acc_up,)
+
+
+@triton.jit
+def _tile_places(lanes, first_row, first_columns, M_TILES: tl.constexpr, ACTIVATION: tl.constexpr):
+    """The rows and columns of ``_sums_as_tile``'s part: the same stacking applied to index tensors of one
+    warp's lanes. (Apart from the sums, so that torch's analysis of the kernel, which follows what a store's
+    pointers are computed from, does not reach the loads.)"""
+    c = lanes % 4
+    m_tile = (2 * c, 2 * c + 1, 2 * c, 2 * c + 1, 8 + 2 * c, 9 + 2 * c, 8 + 2 * c, 9 + 2 * c)
+    zero = lanes * 0
+    col_blocks = (_repeat8(zero), _repeat8(zero + 1), _repeat8(zero + 2), _repeat8(zero + 3))
+    rows = _column_values((m_tile, m_tile, m_tile, m_tile), 0, M_TILES) + first_row
+    cols = _column_values(col_blocks, 0, M_TILES) + first_columns[:, None]
+    if ACTIVATION != "silu_mul":
+        rows = _cat(rows, rows)
+        cols = _cat(cols, cols + 32)
+    return (rows,), (cols,)
+
+
+@triton.jit
+def _sums_one_by_one(accs, M_TILES: tl.constexpr, K_WARPS: tl.constexpr, COLUMN_WARPS: tl.constexpr,
+                     ACTIVATION: tl.constexpr):
+    """``_sums_as_tile``'s sums as parts of ``[32 COLUMN_WARPS]``, a value of a lane each: per 8-row tile, one
+    reduction of its 16 values (4 a block) over the K_WARPS warps, each sum left where it lands. Block b's values:
+    column a at rows 2 c and 2 c + 1 of the tile, then column b's (the up part under "silu_mul")."""
+    values = ()
+    up_values = ()
+    for t in tl.static_range(M_TILES):
+        views = ()
+        for b in tl.static_range(4):
+            for v in tl.static_range(4):
+                views = views + (tl.reshape(accs[b][4 * t + v], (K_WARPS, 32 * COLUMN_WARPS)),)
+        sums = tl.reduce(views, 0, _add16)
+        for b in tl.static_range(4):
+            for v in tl.static_range(2):
+                if ACTIVATION == "silu_mul":
+                    values = values + (sums[4 * b + v],)
+                    up_values = up_values + (sums[4 * b + v + 2],)
+                else:
+                    values = values + (sums[4 * b + v], sums[4 * b + v + 2])
+    if ACTIVATION != "silu_mul":
+        up_values = values
+    return values, up_values
+
+
+@triton.jit
+def _places_one_by_one(lanes, first_row, first_columns, M_TILES: tl.constexpr, ACTIVATION: tl.constexpr):
+    """The rows and columns of ``_sums_one_by_one``'s parts, in their order."""
+    rows = ()
+    cols = ()
+    for t in tl.static_range(M_TILES):
+        for b in tl.static_range(4):
+            for v in tl.static_range(2):
+                row = first_row + 8 * t + 2 * (lanes % 4) + v
+                if ACTIVATION == "silu_mul":
+                    rows = rows + (row,)
+                    cols = cols + (first_columns + b,)
+                else:
+                    rows = rows + (row, row)
+                    cols = cols + (first_columns + b, first_columns + b + 32)
+    return rows, cols
+
+
+@triton.jit
 def _load_group_weights(qw_ptr, s_ptr, z_ptr, group, lane_c, base_a, base_b, word_a, word_b, stride_qk, stride_sg,
                         GROUP_SIZE: tl.constexpr, COHERENT: tl.constexpr):
     """This lane's weights of one group: the words of each 64-row step (word rows ``r + 2 c`` and
@@ -518,32 +606,24 @@ def w4a16_warp_mma_kernel(
                                      x_row1, lane_c, base_a, base_b, word_a, word_b, stride_qk, stride_sg, z,
                                      tile_words, lane, GROUP_SIZE, M_TILES, K_WARPS, BF16, PDL, TILE,
                                      PREFETCH_GROUPS)
-    acc0, acc1, acc2, acc3 = accs
-
-    # Sum the warps' partial tiles; each value's row and column follow from the same stacking
-    # applied to index tensors of one warp's lanes.
-    blocks = (acc0, acc1, acc2, acc3)
-    V: tl.constexpr = 8 * M_TILES
+    # Sum the warps' partial tiles. Stacking a lane's values into one tile takes a change of layout through
+    # shared memory at each tl.join (53 CTA barriers at M = 16 on 4096^2); one reduction of all of them, 2, but
+    # every warp then takes part in all of it (log2(K_WARPS) shuffles a value) and one warp stores. H200, us, the
+    # tile -> one by one (bench/NOTES-kernels.md, forty-eighth session): two warps a block, 4096x28672 at M = 16
+    # 24.37 -> 22.72; four or eight, 4 to 8% slower (4096^2 at M = 8 7.28 -> 7.85, at M = 16 6.31 -> 6.79).
     lanes = tl.arange(0, 32 * COLUMN_WARPS)  # a warp of each column block
-    g = (lanes % 32) // 4
-    c = lanes % 4
-    m_tile = (2 * c, 2 * c + 1, 2 * c, 2 * c + 1, 8 + 2 * c, 9 + 2 * c, 8 + 2 * c, 9 + 2 * c)
-    row_blocks = (m_tile, m_tile, m_tile, m_tile)
-    col_blocks = (_repeat8(4 * g), _repeat8(4 * g + 1), _repeat8(4 * g + 2), _repeat8(4 * g + 3))
-    rows = _column_values(row_blocks, 0, M_TILES) + first_row
-    cols = _column_values(col_blocks, 0, M_TILES) + ((pid_n * COLUMN_WARPS + lanes // 32) * WARP_COLUMNS)[:, None]
-    acc_a = tl.sum(tl.reshape(_column_values(blocks, 0, M_TILES), (K_WARPS, 32 * COLUMN_WARPS, V)), axis=0)
-    acc_b = tl.sum(tl.reshape(_column_values(blocks, 1, M_TILES), (K_WARPS, 32 * COLUMN_WARPS, V)), axis=0)
-    if ACTIVATION == "silu_mul":
-        acc = acc_a
-        acc_up = acc_b
+    first_columns = (pid_n * COLUMN_WARPS + lanes // 32) * WARP_COLUMNS + 4 * ((lanes % 32) // 4)
+    if K_WARPS <= 2:
+        values, up_values = _sums_one_by_one(accs, M_TILES, K_WARPS, COLUMN_WARPS, ACTIVATION)
+        rows, cols = _places_one_by_one(lanes, first_row, first_columns, M_TILES, ACTIVATION)
     else:
-        rows = _cat(rows, rows)
-        cols = _cat(cols, cols + 32)
-        acc = _cat(acc_a, acc_b)
-        acc_up = acc
-    store_output(acc, acc_up, rows, cols, (rows < M) & (cols < N_OUT), pid_m * tl.num_programs(1) + pid_n, M, N_UP,
-                 b_ptr, out_ptr, ws_ptr, stride_bm, stride_om, stride_on, stride_wm, SPLIT_K, HAS_BIAS, ACTIVATION)
+        values, up_values = _sums_as_tile(accs, M_TILES, K_WARPS, COLUMN_WARPS, ACTIVATION)
+        rows, cols = _tile_places(lanes, first_row, first_columns, M_TILES, ACTIVATION)
+    masks = ()
+    for i in tl.static_range(len(values)):
+        masks = masks + ((rows[i] < M) & (cols[i] < N_OUT),)
+    store_outputs(values, up_values, rows, cols, masks, pid_m * tl.num_programs(1) + pid_n, M, N_UP, b_ptr, out_ptr,
+                  ws_ptr, stride_bm, stride_om, stride_on, stride_wm, SPLIT_K, HAS_BIAS, ACTIVATION)
 
 
 def warp_mma_columns(activation: str) -> int:

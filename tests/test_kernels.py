@@ -385,6 +385,9 @@ def test_w4a16_warp_specialized_kernel_reads_words_tma_can_copy():
     offset_scales = torch.empty(scales.numel() + 4, dtype=scales.dtype)[4:].view_as(scales)
     for words, s, z, readable in ((rows, scales, zeros, True),
                                   (reference.tile_word_columns(rows), scales, zeros, True),
+                                  # one tile (N = 64): laid out as any other, not with the stride its view had
+                                  (reference.tile_word_columns(rows[:, :64].contiguous()), scales[:, :64],
+                                   zeros[:, :64], True),
                                   (rows[:, :64], scales[:, :64], zeros[:, :64], True),  # columns of wider rows
                                   (reference.tile_word_columns(rows, 32), scales, zeros, False),  # tiles of 32
                                   (rows_of_6, scales_of_6, zeros_of_6, False),  # rows of 24 and 12 bytes
