@@ -335,16 +335,16 @@ def _sums_as_tile(accs, M_TILES: tl.constexpr, K_WARPS: tl.constexpr, COLUMN_WAR
 
 
 @triton.jit
-def _tile_places(lanes, first_row, first_columns, M_TILES: tl.constexpr, ACTIVATION: tl.constexpr):
+def _tile_places(lanes, first_row, block_columns, M_TILES: tl.constexpr, ACTIVATION: tl.constexpr):
     """The rows and columns of ``_sums_as_tile``'s part: the same stacking applied to index tensors of one
     warp's lanes. (Apart from the sums, so that torch's analysis of the kernel, which follows what a store's
     pointers are computed from, does not reach the loads.)"""
+    g = (lanes % 32) // 4
     c = lanes % 4
     m_tile = (2 * c, 2 * c + 1, 2 * c, 2 * c + 1, 8 + 2 * c, 9 + 2 * c, 8 + 2 * c, 9 + 2 * c)
-    zero = lanes * 0
-    col_blocks = (_repeat8(zero), _repeat8(zero + 1), _repeat8(zero + 2), _repeat8(zero + 3))
+    col_blocks = (_repeat8(4 * g), _repeat8(4 * g + 1), _repeat8(4 * g + 2), _repeat8(4 * g + 3))
     rows = _column_values((m_tile, m_tile, m_tile, m_tile), 0, M_TILES) + first_row
-    cols = _column_values(col_blocks, 0, M_TILES) + first_columns[:, None]
+    cols = _column_values(col_blocks, 0, M_TILES) + block_columns[:, None]
     if ACTIVATION != "silu_mul":
         rows = _cat(rows, rows)
         cols = _cat(cols, cols + 32)
@@ -378,8 +378,9 @@ def _sums_one_by_one(accs, M_TILES: tl.constexpr, K_WARPS: tl.constexpr, COLUMN_
 
 
 @triton.jit
-def _places_one_by_one(lanes, first_row, first_columns, M_TILES: tl.constexpr, ACTIVATION: tl.constexpr):
+def _places_one_by_one(lanes, first_row, block_columns, M_TILES: tl.constexpr, ACTIVATION: tl.constexpr):
     """The rows and columns of ``_sums_one_by_one``'s parts, in their order."""
+    first_columns = block_columns + 4 * ((lanes % 32) // 4)
     rows = ()
     cols = ()
     for t in tl.static_range(M_TILES):
@@ -612,13 +613,13 @@ def w4a16_warp_mma_kernel(
     # tile -> one by one (bench/NOTES-kernels.md, forty-eighth session): two warps a block, 4096x28672 at M = 16
     # 24.37 -> 22.72; four or eight, 4 to 8% slower (4096^2 at M = 8 7.28 -> 7.85, at M = 16 6.31 -> 6.79).
     lanes = tl.arange(0, 32 * COLUMN_WARPS)  # a warp of each column block
-    first_columns = (pid_n * COLUMN_WARPS + lanes // 32) * WARP_COLUMNS + 4 * ((lanes % 32) // 4)
+    block_columns = (pid_n * COLUMN_WARPS + lanes // 32) * WARP_COLUMNS  # each lane's block's first column
     if K_WARPS <= 2:
+        rows, cols = _places_one_by_one(lanes, first_row, block_columns, M_TILES, ACTIVATION)
         values, up_values = _sums_one_by_one(accs, M_TILES, K_WARPS, COLUMN_WARPS, ACTIVATION)
-        rows, cols = _places_one_by_one(lanes, first_row, first_columns, M_TILES, ACTIVATION)
     else:
+        rows, cols = _tile_places(lanes, first_row, block_columns, M_TILES, ACTIVATION)
         values, up_values = _sums_as_tile(accs, M_TILES, K_WARPS, COLUMN_WARPS, ACTIVATION)
-        rows, cols = _tile_places(lanes, first_row, first_columns, M_TILES, ACTIVATION)
     masks = ()
     for i in tl.static_range(len(values)):
         masks = masks + ((rows[i] < M) & (cols[i] < N_OUT),)
