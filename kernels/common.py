@@ -268,8 +268,6 @@ def store_outputs(accs, acc_ups, rows, cols, masks, tile, M, N_UP,
             totals = totals + (tl.load(ws, mask=mask, other=0, cache_modifier=".cg"),)
             if ACTIVATION == "silu_mul":
                 up_totals = up_totals + (tl.load(ws + N_UP, mask=mask, other=0, cache_modifier=".cg"),)
-            else:
-                up_totals = totals
         # every thread has read its totals before any zeroes them: the threads that store a value need not be the
         # ones that loaded it (H200: without it, tl.dot's kernels lost partial sums)
         tl.debug_barrier()
@@ -280,7 +278,9 @@ def store_outputs(accs, acc_ups, rows, cols, masks, tile, M, N_UP,
                 tl.store(ws + N_UP, tl.zeros_like(up_totals[i]), mask=last_masks[i])
         tl.store(count, 0.0, mask=arrived == SPLIT_K - 1)
         accs = totals
-        acc_ups = up_totals
+        acc_ups = totals  # (read under silu_mul only)
+        if ACTIVATION == "silu_mul":
+            acc_ups = up_totals
         masks = last_masks
     for i in tl.static_range(len(accs)):
         acc = accs[i]
