@@ -917,8 +917,9 @@ def w4a16_linear(
     has_bias = bias is not None
     bias_arg = bias if has_bias else scales  # any pointer; never read
     if isinstance(cfg, WarpMmaConfig):
-        if cfg.column_warps < 1 or cfg.num_warps % cfg.column_warps:
-            raise ValueError(f"{cfg}: column_warps ({cfg.column_warps}) must divide num_warps ({cfg.num_warps})")
+        if cfg.column_warps < 1 or cfg.num_warps % cfg.column_warps or cfg.num_warps > 8 * cfg.column_warps:
+            raise ValueError(f"{cfg}: column_warps ({cfg.column_warps}) must divide num_warps ({cfg.num_warps}), "
+                             f"leaving at most 8 warps a column block")
         if cfg.row_tiles not in (1, 2) or given and not warp_mma_ok(x, qweight, scales, zeros, group_size, n_out):
             raise ValueError(f"{cfg} needs row_tiles 1 or 2, fp16/bf16 x on a GPU with at most {WARP_MMA_MAX_M} "
                              f"rows, 16-byte aligned, group_size a multiple of 64 and N a multiple of 4; got x "

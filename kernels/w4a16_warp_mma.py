@@ -30,8 +30,8 @@ A group's products accumulate unscaled in float32 (the MMA's C), and are scaled 
 once a group (``group_size`` a multiple of 64). A program's warps cover ``COLUMN_WARPS``
 blocks of 64 columns (sharing x through L1), the warps of a block taking turns over its
 groups of K, each issuing the next group's loads before this one's arithmetic; at the end
-their sums are added across warps (as one tile, or one by one where a block has at most two
-warps) and go through ``common.store_outputs`` (split K, bias, activation) like every other
+their sums are added across warps through shared memory (``_shared_sums``, inline PTX: one
+barrier) and go through ``common.store_outputs`` (split K, bias, activation) like every other
 kernel's. In a loop, ptxas moves those loads to the
 end of the body (they take the registers of the group being consumed at the back-edge), so
 each group waits a memory latency; with UNROLLED_ITERS (the loop unrolled) they stay among the
@@ -279,120 +279,113 @@ def _scaled_add(acc, part, scale_a, scale_b, M_TILES: tl.constexpr):
     return first
 
 
-@triton.jit
-def _repeat8(v):
-    return (v, v, v, v, v, v, v, v)
+# The warps' partial sums meet in shared memory, which Triton does not address: inline PTX declares a buffer (of
+# one of these sizes, in bytes), writes and reads it. Each asm is pure, ordered by what it is given: the barrier
+# takes every store's token, each read the barrier's, so torch's analysis of the kernel sees no side effects.
+def _shared_buffer(nbytes: int) -> tl.constexpr:
+    return asm_constant("{ .shared .align 16 .b8 sums[%d]; mov.u32 $0, sums; }" % nbytes)
+
+
+_SHARED_4K, _SHARED_8K, _SHARED_16K, _SHARED_32K = (_shared_buffer(n) for n in (4096, 8192, 16384, 32768))
 
 
 @triton.jit
-def _cat(a, b):
-    """[T] or [T, n] tensors a and b -> [T, 2 n], interleaved."""
-    both = tl.join(a, b)
-    return tl.reshape(both, (both.shape[0], both.numel // both.shape[0]))
-
-
-@triton.jit
-def _column_values(blocks, COLUMN: tl.constexpr, M_TILES: tl.constexpr):
-    """The values of column COLUMN (0: a, 1: b) of the four blocks, [T, 8 * M_TILES], in a fixed
-    order (apply it to index tensors to learn the order)."""
-    i: tl.constexpr = 2 * COLUMN
-    per_block0 = _cat(blocks[0][i], blocks[0][i + 1])
-    per_block1 = _cat(blocks[1][i], blocks[1][i + 1])
-    per_block2 = _cat(blocks[2][i], blocks[2][i + 1])
-    per_block3 = _cat(blocks[3][i], blocks[3][i + 1])
-    if M_TILES == 2:
-        per_block0 = _cat(per_block0, _cat(blocks[0][4 + i], blocks[0][5 + i]))
-        per_block1 = _cat(per_block1, _cat(blocks[1][4 + i], blocks[1][5 + i]))
-        per_block2 = _cat(per_block2, _cat(blocks[2][4 + i], blocks[2][5 + i]))
-        per_block3 = _cat(per_block3, _cat(blocks[3][4 + i], blocks[3][5 + i]))
-    return _cat(_cat(per_block0, per_block1), _cat(per_block2, per_block3))
-
-
-@triton.jit
-def _add16(a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15,
-           b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11, b12, b13, b14, b15):
-    """``tl.reduce``'s combine for 16 tensors reduced at once: their pairwise sums."""
-    return (a0 + b0, a1 + b1, a2 + b2, a3 + b3, a4 + b4, a5 + b5, a6 + b6, a7 + b7,
-            a8 + b8, a9 + b9, a10 + b10, a11 + b11, a12 + b12, a13 + b13, a14 + b14, a15 + b15)
-
-
-@triton.jit
-def _sums_as_tile(accs, M_TILES: tl.constexpr, K_WARPS: tl.constexpr, COLUMN_WARPS: tl.constexpr,
-                  ACTIVATION: tl.constexpr):
-    """The program's sums (``accs``: the four blocks' partial sums, a warp's) added across the K_WARPS warps of
-    each column block, for ``common.store_outputs`` as one part: ``[32 COLUMN_WARPS, 8 M_TILES]`` of column a
-    and as much of column b, beside it (``[.., 16 M_TILES]``), or as the up part under "silu_mul"."""
-    V: tl.constexpr = 8 * M_TILES
-    acc_a = tl.sum(tl.reshape(_column_values(accs, 0, M_TILES), (K_WARPS, 32 * COLUMN_WARPS, V)), axis=0)
-    acc_b = tl.sum(tl.reshape(_column_values(accs, 1, M_TILES), (K_WARPS, 32 * COLUMN_WARPS, V)), axis=0)
-    if ACTIVATION == "silu_mul":
-        acc = acc_a
-        acc_up = acc_b
+def _shared_sums_address(NBYTES: tl.constexpr):
+    """The shared address of a buffer of at least NBYTES (at most 32 KB) for the warps' sums."""
+    tl.static_assert(NBYTES <= 32768, "the warps' sums take at most 32 KB of shared memory")
+    if NBYTES <= 4096:
+        return tl.inline_asm_elementwise(_SHARED_4K, "=r", [], dtype=tl.int32, is_pure=True, pack=1)
+    elif NBYTES <= 8192:
+        return tl.inline_asm_elementwise(_SHARED_8K, "=r", [], dtype=tl.int32, is_pure=True, pack=1)
+    elif NBYTES <= 16384:
+        return tl.inline_asm_elementwise(_SHARED_16K, "=r", [], dtype=tl.int32, is_pure=True, pack=1)
     else:
-        acc = _cat(acc_a, acc_b)
-        acc_up = acc
-    return (acc,), (acc_up,)
+        return tl.inline_asm_elementwise(_SHARED_32K, "=r", [], dtype=tl.int32, is_pure=True, pack=1)
 
 
 @triton.jit
-def _tile_places(lanes, first_row, block_columns, M_TILES: tl.constexpr, ACTIVATION: tl.constexpr):
-    """The rows and columns of ``_sums_as_tile``'s part: the same stacking applied to index tensors of one
-    warp's lanes. (Apart from the sums, so that torch's analysis of the kernel, which follows what a store's
-    pointers are computed from, does not reach the loads.)"""
-    g = (lanes % 32) // 4
-    c = lanes % 4
-    m_tile = (2 * c, 2 * c + 1, 2 * c, 2 * c + 1, 8 + 2 * c, 9 + 2 * c, 8 + 2 * c, 9 + 2 * c)
-    col_blocks = (_repeat8(4 * g), _repeat8(4 * g + 1), _repeat8(4 * g + 2), _repeat8(4 * g + 3))
-    rows = _column_values((m_tile, m_tile, m_tile, m_tile), 0, M_TILES) + first_row
-    cols = _column_values(col_blocks, 0, M_TILES) + block_columns[:, None]
-    if ACTIVATION != "silu_mul":
-        rows = _cat(rows, rows)
-        cols = _cat(cols, cols + 32)
-    return (rows,), (cols,)
+def _store_shared(address, value):
+    """Stores ``value`` (float32) at the shared ``address``; returns a token (0) for the barrier."""
+    return tl.inline_asm_elementwise("st.shared.f32 [$1], $2; mov.b32 $0, 0;", "=r,r,f", [address, value],
+                                     dtype=tl.int32, is_pure=True, pack=1)
 
 
 @triton.jit
-def _sums_one_by_one(accs, M_TILES: tl.constexpr, K_WARPS: tl.constexpr, COLUMN_WARPS: tl.constexpr,
-                     ACTIVATION: tl.constexpr):
-    """``_sums_as_tile``'s sums as parts of ``[32 COLUMN_WARPS]``, a value of a lane each: per 8-row tile, one
-    reduction of its 16 values (4 a block) over the K_WARPS warps, each sum left where it lands. Block b's values:
-    column a at rows 2 c and 2 c + 1 of the tile, then column b's (the up part under "silu_mul")."""
-    values = ()
-    up_values = ()
-    for t in tl.static_range(M_TILES):
-        views = ()
-        for b in tl.static_range(4):
-            for v in tl.static_range(4):
-                views = views + (tl.reshape(accs[b][4 * t + v], (K_WARPS, 32 * COLUMN_WARPS)),)
-        sums = tl.reduce(views, 0, _add16)
-        for b in tl.static_range(4):
-            for v in tl.static_range(2):
-                if ACTIVATION == "silu_mul":
-                    values = values + (sums[4 * b + v],)
-                    up_values = up_values + (sums[4 * b + v + 2],)
-                else:
-                    values = values + (sums[4 * b + v], sums[4 * b + v + 2])
-    if ACTIVATION != "silu_mul":
-        up_values = values
+def _barrier_after(tokens):
+    """Waits for every thread of the program (``bar.sync``) once ``tokens`` are in; returns a token (0)."""
+    return tl.inline_asm_elementwise("bar.sync 0; mov.b32 $0, 0; // $1", "=r,r", [tokens], dtype=tl.int32,
+                                     is_pure=True, pack=1)
+
+
+@triton.jit
+def _load_shared(address):
+    return tl.inline_asm_elementwise("ld.shared.f32 $0, [$1];", "=f,r", [address], dtype=tl.float32, is_pure=True,
+                                     pack=1)
+
+
+@triton.jit
+def _value_index(i, M_TILES: tl.constexpr):
+    """A lane's value ``i`` of ``_shared_sums``' order -> (its 8-row tile, its 16-column block, its row in the lane's
+    pair (0, 1), and whether it is of column b (the up column under "silu_mul") rather than a)."""
+    half = 8 * M_TILES
+    rest = i % half
+    return rest // 8, (rest // 2) % 4, rest % 2, i // half
+
+
+@triton.jit
+def _shared_sums(accs, tid, M_TILES: tl.constexpr, K_WARPS: tl.constexpr, COLUMN_WARPS: tl.constexpr,
+                 ACTIVATION: tl.constexpr):
+    """The program's sums (``accs``: the four blocks' partial sums, a warp's) added across the K_WARPS warps of each
+    column block, for ``common.store_outputs``: every lane stores its 16 M_TILES values (column a's first, then
+    column b's: ``_value_index``) in shared memory, value-major, and after one barrier each thread adds up
+    16 M_TILES / K_WARPS of the sums, those of its warp's lane position in value rows ``warp_k + r K_WARPS``.
+    A column a and its column b lie 8 M_TILES / K_WARPS parts apart: under "silu_mul" the gate and up parts."""
+    T: tl.constexpr = tid.shape[0]
+    V: tl.constexpr = 16 * M_TILES
+    PARTS: tl.constexpr = V // K_WARPS
+    tl.static_assert(V % (2 * K_WARPS) == 0, "at most 8 warps a column block for each 8-row tile")
+    base = _shared_sums_address(4 * V * T)
+    tokens = tid * 0
+    for column_b in tl.static_range(2):  # (the order that ``_value_index`` undoes)
+        for tile in tl.static_range(M_TILES):
+            for block in tl.static_range(4):
+                for row in tl.static_range(2):
+                    i = 8 * M_TILES * column_b + 8 * tile + 2 * block + row
+                    tokens += _store_shared(base + 4 * (i * T + tid), accs[block][4 * tile + 2 * column_b + row])
+    ready = _barrier_after(tokens)
+    position = tid % (32 * COLUMN_WARPS)  # the lane's and its column block's
+    warp_k = tid // (32 * COLUMN_WARPS)
+    sums = ()
+    for r in tl.static_range(PARTS):
+        row_start = base + ready + 4 * ((warp_k + r * K_WARPS) * T + position)
+        total = _load_shared(row_start)
+        for k in tl.static_range(1, K_WARPS):
+            total += _load_shared(row_start + 4 * 32 * COLUMN_WARPS * k)
+        sums = sums + (total,)
+    values = sums
+    up_values = sums
+    if ACTIVATION == "silu_mul":
+        values = sums[:PARTS // 2]
+        up_values = sums[PARTS // 2:]
     return values, up_values
 
 
 @triton.jit
-def _places_one_by_one(lanes, first_row, block_columns, M_TILES: tl.constexpr, ACTIVATION: tl.constexpr):
-    """The rows and columns of ``_sums_one_by_one``'s parts, in their order."""
-    first_columns = block_columns + 4 * ((lanes % 32) // 4)
+def _shared_sums_places(tid, first_row, first_block_column, M_TILES: tl.constexpr, K_WARPS: tl.constexpr,
+                        COLUMN_WARPS: tl.constexpr, WARP_COLUMNS: tl.constexpr, ACTIVATION: tl.constexpr):
+    """The rows and columns of ``_shared_sums``' parts (from the thread's index alone: torch's analysis of the
+    kernel follows what a store's pointers are computed from, and must not reach the loads)."""
+    position = tid % (32 * COLUMN_WARPS)
+    lane = position % 32
+    first_columns = first_block_column + (position // 32) * WARP_COLUMNS + 4 * (lane // 4)
+    PARTS: tl.constexpr = 16 * M_TILES // K_WARPS
+    COUNT: tl.constexpr = PARTS // 2 if ACTIVATION == "silu_mul" else PARTS
     rows = ()
     cols = ()
-    for t in tl.static_range(M_TILES):
-        for b in tl.static_range(4):
-            for v in tl.static_range(2):
-                row = first_row + 8 * t + 2 * (lanes % 4) + v
-                if ACTIVATION == "silu_mul":
-                    rows = rows + (row,)
-                    cols = cols + (first_columns + b,)
-                else:
-                    rows = rows + (row, row)
-                    cols = cols + (first_columns + b, first_columns + b + 32)
+    for r in tl.static_range(COUNT):
+        tile, block, row, column_b = _value_index(tid // (32 * COLUMN_WARPS) + r * K_WARPS, M_TILES)
+        rows = rows + (first_row + 8 * tile + 2 * (lane % 4) + row,)
+        cols = cols + (first_columns + block + 32 * column_b,)
     return rows, cols
 
 
@@ -607,19 +600,13 @@ def w4a16_warp_mma_kernel(
                                      x_row1, lane_c, base_a, base_b, word_a, word_b, stride_qk, stride_sg, z,
                                      tile_words, lane, GROUP_SIZE, M_TILES, K_WARPS, BF16, PDL, TILE,
                                      PREFETCH_GROUPS)
-    # Sum the warps' partial tiles. Stacking a lane's values into one tile takes a change of layout through
-    # shared memory at each tl.join (53 CTA barriers at M = 16 on 4096^2); one reduction of all of them, 2, but
-    # every warp then takes part in all of it (log2(K_WARPS) shuffles a value) and one warp stores. H200, us, the
-    # tile -> one by one (bench/NOTES-kernels.md, forty-eighth session): two warps a block, 4096x28672 at M = 16
-    # 24.37 -> 22.72; four or eight, 4 to 8% slower (4096^2 at M = 8 7.28 -> 7.85, at M = 16 6.31 -> 6.79).
-    lanes = tl.arange(0, 32 * COLUMN_WARPS)  # a warp of each column block
-    block_columns = (pid_n * COLUMN_WARPS + lanes // 32) * WARP_COLUMNS  # each lane's block's first column
-    if K_WARPS <= 2:
-        rows, cols = _places_one_by_one(lanes, first_row, block_columns, M_TILES, ACTIVATION)
-        values, up_values = _sums_one_by_one(accs, M_TILES, K_WARPS, COLUMN_WARPS, ACTIVATION)
-    else:
-        rows, cols = _tile_places(lanes, first_row, block_columns, M_TILES, ACTIVATION)
-        values, up_values = _sums_as_tile(accs, M_TILES, K_WARPS, COLUMN_WARPS, ACTIVATION)
+    # The warps' sums meet in shared memory by inline PTX, behind one barrier. Through Triton's layouts they took 53
+    # CTA barriers at M = 16 on 4096^2 (a change of layout at each tl.join of a tile), or 2 in one tl.reduce whose
+    # every warp took part in all of it; H200, fp16, one weight replayed, us (bench/NOTES-kernels.md, forty-ninth
+    # session): 4096^2 at M = 16 6.31 -> 5.63, 4096x6144 8.49 -> 6.74, 14336x4096 14.44 -> 13.08.
+    rows, cols = _shared_sums_places(tid, first_row, pid_n * COLUMN_WARPS * WARP_COLUMNS, M_TILES, K_WARPS,
+                                     COLUMN_WARPS, WARP_COLUMNS, ACTIVATION)
+    values, up_values = _shared_sums(accs, tid, M_TILES, K_WARPS, COLUMN_WARPS, ACTIVATION)
     masks = ()
     for i in tl.static_range(len(values)):
         masks = masks + ((rows[i] < M) & (cols[i] < N_OUT),)

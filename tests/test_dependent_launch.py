@@ -169,7 +169,7 @@ mma = dict({p: tensor() for p in ("x_ptr", "s_ptr", "z_ptr", "b_ptr", "out_ptr")
 norm = dict(x_ptr=tensor(), g_ptr=tensor(), out_ptr=tensor(), K=4096, stride_xm=4096, stride_xk=1, stride_om=4096,
             eps=1e-5, BLOCK_K=4096, ONE_PASS=True, PDL=True)
 name = next(n for n in ("identify_accessed_tensors", "identify_mutated_tensors") if hasattr(triton_kernel_wrap, n))
-# gate_up's warp-level MMA at 16 rows: two warps a column block, whose epilogue stores each sum on its own
+# gate_up's warp-level MMA at 16 rows: two warps a column block, unsplit, its sums through shared memory
 mma_pairs = dict(mma, N_OUT=14336, N_UP=14336, K=4096, stride_xm=4096, stride_qk=64, stride_qt=512 * 64,
                  stride_sg=28672, COLUMN_WARPS=2, SPLIT_K=1, ACTIVATION="silu_mul", UP_RUN=16, MAXNREG=232)
 written = {}
@@ -190,8 +190,8 @@ def test_torch_analysis_of_traced_pdl_kernels_finds_only_their_outputs_written()
     """torch's analysis of which tensors a kernel writes (on its Triton IR) takes every tensor argument for
     written where it meets inline asm with side effects, as the PDL wait and trigger and the bulk prefetch into L2
     are; through qpass it sees the kernels without them: traced with PDL (the words in column tiles, pulled into L2
-    ahead), each writes its output only (and its split-K workspace), whichever way the warp-level MMA kernel's
-    epilogue adds its warps' sums."""
+    ahead), each writes its output only (and its split-K workspace); the warp-level MMA kernel's warps add their
+    sums through shared memory by pure inline asm, which the analysis passes over."""
     assert json.loads(compiled_for_sm90(_WRITES_OF_PDL_KERNELS).strip().splitlines()[-1]) == {
         "w4a16_gemv_kernel": ["out_ptr"], "w4a16_warp_mma_kernel": ["out_ptr", "ws_ptr"],
         "w4a16_warp_mma_kernel, two warps a block": ["out_ptr"], "rms_norm_kernel": ["out_ptr"]}

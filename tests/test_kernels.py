@@ -426,6 +426,8 @@ def test_w4a16_warp_mma_rejects_what_it_cannot_read():
         w4a16.w4a16_linear(x, qweight, scales, zeros, 64, config=w4a16.WarpMmaConfig(4, 1, 3))
     with pytest.raises(ValueError, match=r"column_warps \(3\) must divide num_warps \(4\)"):
         w4a16.w4a16_linear(x, qweight, scales, zeros, 64, config=w4a16.WarpMmaConfig(4, 1, 2, 3))
+    with pytest.raises(ValueError, match=r"num_warps \(16\), leaving at most 8 warps a column block"):
+        w4a16.w4a16_linear(x, qweight, scales, zeros, 64, config=w4a16.WarpMmaConfig(16, 1, 2, 1))
     x, qweight, scales, zeros, _ = make_w4(24, 64, 128, 32, torch.float16, False, False, 0)
     with pytest.raises(ValueError, match=r"sm_90 GPU.*K a multiple of 128.*; got x \(24, 128\).*group_size 32"):
         w4a16.w4a16_linear(x, qweight, scales, zeros, 32, config=w4a16.WgmmaConfig(32, 1, 1))
@@ -911,6 +913,31 @@ def test_w4a16_gemv_issues_its_loads_before_its_arithmetic():
     for key in budgeted:
         assert len(out[key]["loads"]) >= 8 and max(out[key]["loads"]) < out[key]["first_mask"], (key, out[key])
     assert any(max(v["loads"]) > v["first_mask"] for key, v in out.items() if key.endswith(" 0")), out
+
+
+# The warp-level MMA kernel compiled for sm_90 at its picks for 16 rows, unsplit (``compiled_for_sm90``): its CTA
+# barriers and its shared-memory stores and loads.
+_SASS_OF_WARP_MMA_EPILOGUE = r"""
+import json
+
+counts = {}
+for dtype, N, K, activation in [("fp16", 4096, 4096, "none"), ("bf16", 6144, 4096, "none"),
+                                ("bf16", 28672, 4096, "silu_mul")]:
+    code = sass(w4a16_warp_mma_sm90(dtype, 16, N, K, activation, bias=True))
+    counts[f"{dtype} {K}x{N} {activation}"] = {op: sum(op in line for line in code) for op in ("BAR", "STS", "LDS")}
+print(json.dumps(counts))
+"""
+
+
+def test_w4a16_warp_mma_adds_its_warps_sums_behind_one_barrier():
+    """The warps of a column block add their partial sums through shared memory behind one CTA barrier: each lane
+    stores its 16 values an 8-row tile and loads as many partial sums back (8 warps a block on 4096², one 8-row
+    tile a program; 8 warps of two tiles on 4096x6144; gate_up's 4 warps, two a block, of two tiles under
+    silu_mul), where Triton's layouts took 53 barriers on 4096²."""
+    out = json.loads(compiled_for_sm90(_SASS_OF_WARP_MMA_EPILOGUE).strip().splitlines()[-1])
+    assert out == {"fp16 4096x4096 none": {"BAR": 1, "STS": 16, "LDS": 16},
+                   "bf16 4096x6144 none": {"BAR": 1, "STS": 32, "LDS": 32},
+                   "bf16 4096x28672 silu_mul": {"BAR": 1, "STS": 32, "LDS": 32}}, out
 
 
 # --- FP8 W8A8 ------------------------------------------------------------------------------
