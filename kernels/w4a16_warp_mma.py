@@ -319,6 +319,7 @@ def _barrier_after(tokens):
 
 @triton.jit
 def _load_shared(address):
+    """The float32 at the shared ``address``."""
     return tl.inline_asm_elementwise("ld.shared.f32 $0, [$1];", "=f,r", [address], dtype=tl.float32, is_pure=True,
                                      pack=1)
 
