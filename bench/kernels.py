@@ -166,15 +166,18 @@ def sweep_candidates(kind, M, N, activation="none", dtype=None, registers=None):
                 out.append(w4a16.GemvConfig(bn, bk, split, warps))
             out.append(w4a16.GemvConfig(16, 2048, 1, 8, packed_f16=False))
         if 2 <= M <= 16:  # the warp-level MMA kernel, its warps on one column block or side by side on two,
-            # one program for all rows or (past 8) a program an 8-row tile; each with the picks' register budget
+            # one program for all rows or (past 8) a program an 8-row tile, its loop rolled or unrolled (where
+            # ``warp_mma_unrolled_iterations`` allows); each with the picks' register budget and L2 prefetch
             tiles = -(-N // w4a16.warp_mma_columns(activation))
             for row_tiles in sorted({1, (M + 7) // 8}):
                 for warps in (4, 8):
                     for column_warps in (1, 2):
                         for split in (1, 2, 4, 8):
-                            cfg = w4a16.WarpMmaConfig(warps, split, row_tiles, column_warps)
-                            budgets = registers or [w4a16.warp_mma_registers(cfg, M, tiles, 132)]
-                            out.extend(cfg._replace(maxnreg=budget) for budget in budgets)
+                            for unrolled in (False, True):
+                                cfg = w4a16.WarpMmaConfig(warps, split, row_tiles, column_warps, unrolled,
+                                                          prefetch_groups=int(M > 8))
+                                budgets = registers or [w4a16.warp_mma_registers(cfg, M, tiles, 132)]
+                                out.extend(cfg._replace(maxnreg=budget) for budget in budgets)
         if 16 < M <= 64:  # the Hopper kernel, its weights exact or scaled in the MMA (other GPUs: reported as
             # failed, the sweep goes on)
             for warpgroups in (1, 2):
@@ -359,6 +362,8 @@ def write_plot(path):
             lines.append(f"| {K}, {N} | {M} | {base[(M, K, N)]:.1f} | " + " | ".join(cells) + " |")
     if data.get("errors"):
         lines += ["", "Errors:", ""] + [f"- {k}: {v}" for k, v in data["errors"].items()]
+    if data.get("notes"):  # what a reader must know of a row (one kept out, one from another run)
+        lines += ["", "Notes:", ""] + [f"- {note}" for note in data["notes"]]
     Path(path).with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 

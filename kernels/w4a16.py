@@ -600,8 +600,11 @@ def _warp_mma_config(M: int, tiles: int, groups: int, sms: int) -> WarpMmaConfig
     (4096x4096 at M = 16 from DRAM, bf16: 10.0 against 12.3 us; 14336x4096 stays split, 19.5
     against 21.9). The 8-warp kernels unroll their loop over groups up to K = 32 groups (4
     iterations a warp; bf16 from DRAM, us: 4096x6144 at M = 4, 8, 16 10.3 / 10.4 / 12.8 -> 9.5 /
-    9.6 / 12.3, 4096x4096 at M = 16 10.4 -> 9.5); the 4-warp ones, with 7 to 16 iterations, lose
-    unrolled (4096x28672 silu_mul at M = 16 32.2 -> 40.8, 14336x4096 20.0 -> 22.7)."""
+    9.6 / 12.3, 4096x4096 at M = 16 10.4 -> 9.5); so do the split 4-warp ones (2 iterations a warp; 4096x4096
+    at M = 8, fp16 / bf16, one weight replayed: 6.56 / 5.97 -> 5.31 / 5.46; the decode step's chain at batch 8
+    829.6 -> 814.8). With 7 or 8 iterations a warp the 4-warp ones lose unrolled: 4096x28672 at M = 8 18.6 -> 27.9
+    (fp16, replayed); at M = 16, alone faster (14336x4096 12.9 -> 11.3), the decode step's chain at batch 16
+    slower (928.0 -> 980.3, with PDL; bench/NOTES-kernels.md, fiftieth session)."""
     row_tiles = cdiv(M, 8)
     if M > 8 and 2 * tiles < sms and groups <= 32:
         return WarpMmaConfig(num_warps=8, split_k=1, row_tiles=1, unrolled=True)
@@ -612,7 +615,7 @@ def _warp_mma_config(M: int, tiles: int, groups: int, sms: int) -> WarpMmaConfig
     split = 1
     while tiles * split * 2 <= 2 * sms and split * 2 * 4 <= groups:
         split *= 2
-    return WarpMmaConfig(num_warps=4, split_k=split, row_tiles=row_tiles)
+    return WarpMmaConfig(num_warps=4, split_k=split, row_tiles=row_tiles, unrolled=groups <= 32)
 
 
 GEMV_MAX_M = 2

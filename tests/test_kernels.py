@@ -242,10 +242,13 @@ def test_w4a16_kernel_choice_by_rows():
     assert [pick(M, N, K, 128, cpu).prefetch_groups for M in (8, 9, 16) for N, K in ((6144, 4096), (4096, 14336))] == [
         0, 0, 1, 1, 1, 1]
     assert pick(16, 4096, 14336, 128, device).row_tiles == 2
-    # the 8-warp kernels unroll their loop over groups up to K = 32 groups; the 4-warp ones do not
+    # the 8-warp kernels and the split 4-warp ones unroll their loop over groups up to K = 32 groups; the 4-warp
+    # ones on wide weights do not, nor any past it
     assert [pick(M, 6144, 4096, 128, device).unrolled for M in (4, 16)] == [True, True]
     assert [pick(M, 6144, 8192, 128, device).unrolled for M in (4, 16)] == [False, False]
-    assert not pick(16, 28672, 4096, 128, device).unrolled and not pick(16, 4096, 14336, 128, device).unrolled
+    assert [pick(M, 4096, 4096, 128, device).split_k > 1 and pick(M, 4096, 4096, 128, device).unrolled
+            for M in (4, 8)] == [True, True]
+    assert not any(pick(M, N, K, 128, device).unrolled for M in (8, 16) for N, K in ((28672, 4096), (4096, 14336)))
     assert isinstance(pick(8, 14336, 4096, 128, device, activation="silu_mul"), w4a16.WarpMmaConfig)
     # ptxas is given 168 registers a thread for one 8-row tile a program, 200 for two, where the grid still
     # stays resident, and 232 for two tiles on 4 warps whether or not it does: the decode step's ops at 8 and
