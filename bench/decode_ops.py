@@ -1,13 +1,13 @@
 """The decode step's W4A16 ops without torch.compile: where a change to their kernels shows first.
 
 16 layers of Llama-3-8B's linears at batch 1 (``--batch``: more tokens; bf16; random int4 codes,
-scales and zeros), each op called as qpass's lowering calls it: qkv with the RMSNorm folded in, o with the residual as its
-bias, gate_up with the RMSNorm and silu_mul, down with the residual. Times, us: each op alone,
-cycled over the 16 layers' weights (so its bytes come from DRAM, as in a decode step), and the
-64 ops as one eager CUDA-graph chain (the decode step of ``bench/e2e.py`` but for the graph's
-input copy; past the GEMV's rows, the ops run the RMSNorm as a pass of their own). ``--baseline DIR``: another copy of ``kernels/`` (say an older commit's, below),
-timed the same way in the same process, each with its own block-shape picks, its outputs
-compared with the current ones.
+scales and zeros), each op called as qpass's lowering calls it: qkv with the RMSNorm folded in, o with
+the residual as its bias, gate_up with the RMSNorm and silu_mul, down with the residual. Times, us: each
+op alone, cycled over the 16 layers' weights (so its bytes come from DRAM, as in a decode step), and the
+64 ops as one eager CUDA-graph chain (the decode step of ``bench/e2e.py`` but for the graph's input copy;
+past the GEMV's rows, the ops run the RMSNorm as a pass of their own). ``--baseline DIR``: another copy
+of ``kernels/`` (say an older commit's, below), timed the same way in the same process (the two decode
+steps in turns), each with its own block-shape picks, its outputs compared with the current ones.
 
     python bench/decode_ops.py --out /tmp/ops.json
     mkdir -p /tmp/base && git archive HEAD~1 kernels | tar -x -C /tmp/base
@@ -18,11 +18,13 @@ compared with the current ones.
 
 import argparse
 import datetime
+import functools
 import importlib
 import importlib.util
 import inspect
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -32,6 +34,7 @@ import torch
 LLAMA3_8B = dict(hidden=4096, qkv=6144, intermediate=14336, layers=16)
 TINY = dict(hidden=256, qkv=384, intermediate=512, layers=2)
 GROUP = 128
+STEP_TURNS = 4  # the decode step's timings of each kernel set (``time_steps``)
 
 
 def load_kernels(path: str):
@@ -141,6 +144,7 @@ def measure(kernels, shape, batch, device):
     x_down = torch.randn(batch, shape["intermediate"], device=device).bfloat16()
     rows = []
     reference = {}
+    steps = {}
     for name, w4a16 in kernels.items():
         laid = method_layout(w4a16, layers)
         for op, fn in ops(w4a16, laid, x, x_down).items():
@@ -149,11 +153,26 @@ def measure(kernels, shape, batch, device):
             rows.append(dict(kernels=name, op=op, us=round(time_us(fn, device) / len(layers), 2),
                              rel_diff=relative_difference(reference[op], out)))
             print(rows[-1], flush=True)
-        out = decode_step(w4a16, laid, x, shape["hidden"])
-        reference.setdefault("step", out)
-        rows.append(dict(kernels=name, op="step", us=round(time_us(lambda: decode_step(w4a16, laid, x, shape["hidden"]),
-                                                                  device), 1),
-                         rel_diff=relative_difference(reference["step"], out)))
+        step = functools.partial(decode_step, w4a16, laid, x, shape["hidden"])
+        reference.setdefault("step", step())
+        steps[name] = step
+    rows += time_steps(steps, reference["step"], device)
+    return rows
+
+
+def time_steps(steps, reference, device):
+    """Each kernel set's decode step, timed in turns (A B B A A B B A): the set timed second came out about
+    10 us a step faster than the same kernels timed first (H200, batch 8 and 16; bench/NOTES-kernels.md,
+    fifty-first session), a drift that turns share out evenly. The median of each set's turns."""
+    times = {name: [] for name in steps}
+    order = list(steps)
+    for turn in range(STEP_TURNS):
+        for name in order if turn % 2 == 0 else order[::-1]:
+            times[name].append(time_us(steps[name], device))
+    rows = []
+    for name, step in steps.items():
+        rows.append(dict(kernels=name, op="step", us=round(statistics.median(times[name]), 1),
+                         turns=[round(t, 1) for t in times[name]], rel_diff=relative_difference(reference, step())))
         print(rows[-1], flush=True)
     return rows
 

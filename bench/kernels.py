@@ -166,16 +166,17 @@ def sweep_candidates(kind, M, N, activation="none", dtype=None, registers=None):
                 out.append(w4a16.GemvConfig(bn, bk, split, warps))
             out.append(w4a16.GemvConfig(16, 2048, 1, 8, packed_f16=False))
         if 2 <= M <= 16:  # the warp-level MMA kernel, its warps on one column block or side by side on two,
-            # one program for all rows or (past 8) a program an 8-row tile, its loop rolled or unrolled (where
-            # ``warp_mma_unrolled_iterations`` allows); each with the picks' register budget and L2 prefetch
+            # one program for all rows or (past 8) a program an 8-row tile, its loop rolled (its body once or
+            # twice an iteration) or unrolled (where ``warp_mma_unrolled_iterations`` allows); each with the
+            # picks' register budget and L2 prefetch
             tiles = -(-N // w4a16.warp_mma_columns(activation))
             for row_tiles in sorted({1, (M + 7) // 8}):
                 for warps in (4, 8):
                     for column_warps in (1, 2):
                         for split in (1, 2, 4, 8):
-                            for unrolled in (False, True):
+                            for unrolled, loop_unroll in ((False, 1), (False, 2), (True, 1)):
                                 cfg = w4a16.WarpMmaConfig(warps, split, row_tiles, column_warps, unrolled,
-                                                          prefetch_groups=int(M > 8))
+                                                          prefetch_groups=int(M > 8), loop_unroll=loop_unroll)
                                 budgets = registers or [w4a16.warp_mma_registers(cfg, M, tiles, 132)]
                                 out.extend(cfg._replace(maxnreg=budget) for budget in budgets)
         if 16 < M <= 64:  # the Hopper kernel, its weights exact or scaled in the MMA (other GPUs: reported as

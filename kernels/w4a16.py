@@ -332,6 +332,7 @@ class WarpMmaConfig(NamedTuple):
     unrolled: bool = False  # each warp's loop over its groups unrolled (``warp_mma_unrolled_iterations``)
     maxnreg: int = 0  # registers a thread for ptxas (0: its own choice; ``warp_mma_registers``)
     prefetch_groups: int = 0  # each warp's words pulled into L2 this many groups ahead (``warp_mma_prefetch``)
+    loop_unroll: int = 1  # where not ``unrolled``: the loop's body repeated this many times an iteration
 
 
 def warp_mma_ok(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
@@ -604,7 +605,10 @@ def _warp_mma_config(M: int, tiles: int, groups: int, sms: int) -> WarpMmaConfig
     at M = 8, fp16 / bf16, one weight replayed: 6.56 / 5.97 -> 5.31 / 5.46; the decode step's chain at batch 8
     829.6 -> 814.8). With 7 or 8 iterations a warp the 4-warp ones lose unrolled: 4096x28672 at M = 8 18.6 -> 27.9
     (fp16, replayed); at M = 16, alone faster (14336x4096 12.9 -> 11.3), the decode step's chain at batch 16
-    slower (928.0 -> 980.3, with PDL; bench/NOTES-kernels.md, fiftieth session)."""
+    slower (928.0 -> 980.3, with PDL; bench/NOTES-kernels.md, fiftieth session). There, past 32 groups, their
+    loop's body twice an iteration (``loop_unroll``) is faster alone and no slower in the chain: 14336x4096 at
+    M = 16, us, replayed / from DRAM, fp16 13.04 / 14.30 -> 12.21 / 14.14, bf16 12.84 / 14.61 -> 12.27 / 13.78 (3
+    and 4 times: 14.40 / 18.21 in fp16); at 2 to 8 rows it is not (M = 8 bf16 14.12 -> 14.28; fifty-first)."""
     row_tiles = cdiv(M, 8)
     if M > 8 and 2 * tiles < sms and groups <= 32:
         return WarpMmaConfig(num_warps=8, split_k=1, row_tiles=1, unrolled=True)
@@ -615,7 +619,8 @@ def _warp_mma_config(M: int, tiles: int, groups: int, sms: int) -> WarpMmaConfig
     split = 1
     while tiles * split * 2 <= 2 * sms and split * 2 * 4 <= groups:
         split *= 2
-    return WarpMmaConfig(num_warps=4, split_k=split, row_tiles=row_tiles, unrolled=groups <= 32)
+    return WarpMmaConfig(num_warps=4, split_k=split, row_tiles=row_tiles, unrolled=groups <= 32,
+                         loop_unroll=2 if M > 8 and groups > 32 else 1)
 
 
 GEMV_MAX_M = 2
@@ -938,7 +943,8 @@ def w4a16_linear(
             TILE=tile, PREFETCH_GROUPS=warp_mma_prefetch(cfg, tile, activation, up_run, x.device),
             GROUP_SIZE=group_size, M_TILES=cfg.row_tiles, WARPS=cfg.num_warps, COLUMN_WARPS=cfg.column_warps,
             SPLIT_K=cfg.split_k, HAS_BIAS=has_bias, ACTIVATION=activation, BF16=x.dtype == torch.bfloat16,
-            UNROLLED_ITERS=warp_mma_unrolled_iterations(cfg, K // group_size), UP_RUN=up_run, num_warps=cfg.num_warps,
+            UNROLLED_ITERS=warp_mma_unrolled_iterations(cfg, K // group_size), LOOP_UNROLL=cfg.loop_unroll,
+            UP_RUN=up_run, num_warps=cfg.num_warps,
             **register_budget(cfg.maxnreg), **dependent_launch(x),
         )
         return out

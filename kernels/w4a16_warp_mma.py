@@ -517,7 +517,7 @@ def w4a16_warp_mma_kernel(
     TILE: tl.constexpr, GROUP_SIZE: tl.constexpr, M_TILES: tl.constexpr, WARPS: tl.constexpr,
     COLUMN_WARPS: tl.constexpr, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
     BF16: tl.constexpr, UNROLLED_ITERS: tl.constexpr = 0, UP_RUN: tl.constexpr = 0, MAXNREG: tl.constexpr = 0,
-    PDL: tl.constexpr = False, PREFETCH_GROUPS: tl.constexpr = 0,
+    PDL: tl.constexpr = False, PREFETCH_GROUPS: tl.constexpr = 0, LOOP_UNROLL: tl.constexpr = 1,
 ):
     """out = x @ W for 8 * M_TILES rows a program (program_id 0 picks them) and 64 weight columns
     a warp (32 gate and 32 up columns under "silu_mul"): a program's WARPS warps cover
@@ -596,7 +596,7 @@ def w4a16_warp_mma_kernel(
                                      tile_words, lane, GROUP_SIZE, M_TILES, K_WARPS, BF16, PDL, TILE,
                                      PREFETCH_GROUPS)
     else:
-        for it in range(0, tl.cdiv(group_end - group_start, K_WARPS)):
+        for it in tl.range(0, tl.cdiv(group_end - group_start, K_WARPS), loop_unroll_factor=LOOP_UNROLL):
             accs, loads = _iteration(accs, loads, it, group_start, group_end, warp_k, qw_ptr, s_ptr, z_ptr, x_row0,
                                      x_row1, lane_c, base_a, base_b, word_a, word_b, stride_qk, stride_sg, z,
                                      tile_words, lane, GROUP_SIZE, M_TILES, K_WARPS, BF16, PDL, TILE,

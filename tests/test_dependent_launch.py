@@ -161,17 +161,19 @@ gemv = dict({p: tensor() for p in ("x_ptr", "g_ptr", "s_ptr", "z_ptr", "b_ptr", 
             GROUP_ROWS=16, GROUPS=2, BLOCK_N=64, SPLIT_K=1, EVEN_N=True, EVEN_K=True, HAS_BIAS=True,
             ACTIVATION="none", PACKED_F16=False, PACKED_BF16=True, HAS_NORM=True, NORM_BLOCK=4096,
             UNROLLED_STEPS=4, PDL=True, MAXNREG=64, UP_RUN=0)
+# down's warp-level MMA at 16 rows: split 4, its loop's body twice an iteration
 mma = dict({p: tensor() for p in ("x_ptr", "s_ptr", "z_ptr", "b_ptr", "out_ptr")}, qw_ptr=tensor(torch.int32),
            ws_ptr=tensor(torch.float32), M=16, N_OUT=4096, N_UP=0, K=14336, stride_xm=14336, stride_qk=64,
            stride_qt=1792 * 64, stride_sg=4096, stride_bm=4096, stride_om=4096, stride_on=1, stride_wm=4096, TILE=64,
            GROUP_SIZE=128, M_TILES=2, WARPS=4, COLUMN_WARPS=1, SPLIT_K=4, HAS_BIAS=True, ACTIVATION="none", BF16=True,
-           UNROLLED_ITERS=0, UP_RUN=0, MAXNREG=200, PDL=True, PREFETCH_GROUPS=1)
+           UNROLLED_ITERS=0, UP_RUN=0, MAXNREG=232, PDL=True, PREFETCH_GROUPS=1, LOOP_UNROLL=2)
 norm = dict(x_ptr=tensor(), g_ptr=tensor(), out_ptr=tensor(), K=4096, stride_xm=4096, stride_xk=1, stride_om=4096,
             eps=1e-5, BLOCK_K=4096, ONE_PASS=True, PDL=True)
 name = next(n for n in ("identify_accessed_tensors", "identify_mutated_tensors") if hasattr(triton_kernel_wrap, n))
 # gate_up's warp-level MMA at 16 rows: two warps a column block, unsplit, its sums through shared memory
 mma_pairs = dict(mma, N_OUT=14336, N_UP=14336, K=4096, stride_xm=4096, stride_qk=64, stride_qt=512 * 64,
-                 stride_sg=28672, COLUMN_WARPS=2, SPLIT_K=1, ACTIVATION="silu_mul", UP_RUN=16, MAXNREG=232)
+                 stride_sg=28672, COLUMN_WARPS=2, SPLIT_K=1, ACTIVATION="silu_mul", UP_RUN=16, MAXNREG=232,
+                 LOOP_UNROLL=1)
 written = {}
 for label, kernel, arguments, warps in [
         ("w4a16_gemv_kernel", w4a16.w4a16_gemv_kernel, gemv, 4),

@@ -248,6 +248,10 @@ def test_w4a16_kernel_choice_by_rows():
     assert [pick(M, 6144, 8192, 128, device).unrolled for M in (4, 16)] == [False, False]
     assert all(cfg.split_k > 1 and cfg.unrolled for cfg in (pick(M, 4096, 4096, 128, device) for M in (4, 8)))
     assert not any(pick(M, N, K, 128, device).unrolled for M in (8, 16) for N, K in ((28672, 4096), (4096, 14336)))
+    # past 8 rows the split 4-warp ones past it repeat the loop's body twice an iteration; no other kernel does
+    assert [pick(M, 4096, 14336, 128, device).loop_unroll for M in (2, 8, 9, 16)] == [1, 1, 2, 2]
+    assert [pick(M, N, K, 128, device).loop_unroll for M in (8, 16) for N, K in ((28672, 4096), (6144, 8192))] == [
+        1, 1, 1, 1]
     assert isinstance(pick(8, 14336, 4096, 128, device, activation="silu_mul"), w4a16.WarpMmaConfig)
     # ptxas is given 168 registers a thread for one 8-row tile a program, 200 for two, where the grid still
     # stays resident, and 232 for two tiles on 4 warps whether or not it does: the decode step's ops at 8 and
@@ -567,7 +571,7 @@ def w4a16_warp_mma_sm90(dtype, M, N, K, activation="none", bias=False, pdl=False
                       SPLIT_K=cfg.split_k, HAS_BIAS=bias, ACTIVATION=activation, BF16=dtype == "bf16",
                       UNROLLED_ITERS=w4a16.warp_mma_unrolled_iterations(cfg, K // 128),
                       UP_RUN=16 if activation == "silu_mul" else 0, PDL=pdl, stride_on=1, TILE=WORD_TILE,
-                      PREFETCH_GROUPS=cfg.prefetch_groups)
+                      PREFETCH_GROUPS=cfg.prefetch_groups, LOOP_UNROLL=cfg.loop_unroll)
     launch = register_budget(cfg.maxnreg)
     constexprs["MAXNREG"] = launch.pop("MAXNREG")
     pointers = {p: "*" + dtype for p in ("x_ptr", "s_ptr", "z_ptr", "b_ptr", "out_ptr")}
@@ -1417,18 +1421,20 @@ def test_gpu_w4a16_fp16_activations_across_fp16s_range(M, config):
        group_size=st.sampled_from([64, 128]), dtype=st.sampled_from([torch.float16, torch.bfloat16]),
        symmetric=st.booleans(), bias=st.booleans(), activation=st.sampled_from(("none",) + EPILOGUES),
        warps=st.sampled_from([4, 8]), column_warps=st.sampled_from([1, 2, 4]), split=st.integers(1, 4),
-       row_tiles=st.sampled_from([1, 2]), unrolled=st.booleans(), up_run=st.sampled_from([4, 8, 16]),
-       maxnreg=st.sampled_from([0, 168, 200, 232]), tile=st.sampled_from([0, 8, 64]), prefetch=st.integers(0, 3),
+       row_tiles=st.sampled_from([1, 2]), unrolled=st.booleans(), loop_unroll=st.sampled_from([1, 2, 3]),
+       up_run=st.sampled_from([4, 8, 16]), maxnreg=st.sampled_from([0, 168, 200, 232]),
+       tile=st.sampled_from([0, 8, 64]), prefetch=st.integers(0, 3),
        seed=st.integers(0, 2**16))
 def test_gpu_w4a16_warp_mma(M, eighth_n, groups, group_size, dtype, symmetric, bias, activation, warps, column_warps,
-                            split, row_tiles, unrolled, up_run, maxnreg, tile, prefetch, seed):
+                            split, row_tiles, unrolled, loop_unroll, up_run, maxnreg, tile, prefetch, seed):
     """The warp-level MMA kernel against the float32 reference: N off its 64-column tiles (a
     multiple of 8, so "silu_mul" halves stay whole), splits that leave warps without a group,
     one or two 8-row tiles a program (past 8 rows with one: two programs of rows), warps side
-    by side on columns, each epilogue, the loop over groups unrolled or not, ptxas's registers or a budget,
-    the words in column tiles or not, pulled into L2 ahead or not (where they are in tiles of 64);
+    by side on columns, each epilogue, the loop over groups unrolled, rolled, or its body 2 or 3 times an
+    iteration (with a remainder where the groups leave one), ptxas's registers or a budget, the words in
+    column tiles or not, pulled into L2 ahead or not (where they are in tiles of 64);
     silu_mul on gate and up in runs of ``up_run`` too, where it divides N / 2."""
-    config = w4a16.WarpMmaConfig(warps, split, row_tiles, column_warps, unrolled, maxnreg, prefetch)
+    config = w4a16.WarpMmaConfig(warps, split, row_tiles, column_warps, unrolled, maxnreg, prefetch, loop_unroll)
     N, K = 8 * eighth_n, groups * group_size
     check_w4_config(config, M, N, K, group_size, dtype, symmetric, bias, activation, seed, tile)
     if activation == "silu_mul" and (N // 2) % up_run == 0:
