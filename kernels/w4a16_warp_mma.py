@@ -524,6 +524,7 @@ def w4a16_warp_mma_kernel(
     COLUMN_WARPS such blocks of columns, the K_WARPS = WARPS / COLUMN_WARPS warps of each block
     taking turns over its groups of K. MAXNREG: the launch's register budget (``common.register_budget``);
     the code does not read it. PDL: launched with programmatic dependent launch (``common.dependent_launch``).
+    LOOP_UNROLL: where the loop is not unrolled (UNROLLED_ITERS 0), its body this many times an iteration.
     The words are in rows (TILE 0) or column tiles (``common.word_offsets``); PREFETCH_GROUPS > 0 (words in tiles
     of 64, each warp's columns one tile): each warp pulls its tile's words of a group into L2 that many iterations
     before its loads of it would start, by one bulk prefetch (1: as the loads of the group before start)."""
