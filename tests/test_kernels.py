@@ -946,6 +946,30 @@ def test_w4a16_warp_mma_adds_its_warps_sums_behind_one_barrier():
                    "bf16 4096x28672 silu_mul": {"BAR": 1, "STS": 32, "LDS": 32}}, out
 
 
+# The decode step's down at 16 rows (4 warps, split 4, 112 groups) compiled for sm_90 with its loop's body once and as
+# picked (``compiled_for_sm90``): the MMA instructions of each.
+_SASS_OF_WARP_MMA_LOOP_BODIES = r"""
+import json
+from unittest import mock
+import torch
+from qpass.kernels import w4a16
+
+pick = w4a16.pick_config(16, 4096, 14336, 128, torch.device("cpu"))
+counts = {}
+for loop_unroll in (1, pick.loop_unroll):
+    with mock.patch.object(w4a16, "pick_config", lambda *args, **kwargs: pick._replace(loop_unroll=loop_unroll)):
+        counts[loop_unroll] = sum("HMMA" in line for line in sass(w4a16_warp_mma_sm90("bf16", 16, 4096, 14336)))
+print(json.dumps(counts))
+"""
+
+
+def test_w4a16_warp_mma_loop_body_twice_as_picked():
+    """Past 8 rows and 32 groups the split 4-warp pick repeats its loop's body twice an iteration: its code has the
+    64 MMAs of a group (two 8-row tiles, 64 columns, 8 steps of 16 along K) three times, twice in the loop and once
+    for an odd count of groups, where the plain loop has them once."""
+    assert json.loads(compiled_for_sm90(_SASS_OF_WARP_MMA_LOOP_BODIES).strip().splitlines()[-1]) == {"1": 64, "2": 192}
+
+
 # --- FP8 W8A8 ------------------------------------------------------------------------------
 
 def fp8_reference(x, qweight, weight_scale, bias, activation="none"):
