@@ -145,6 +145,7 @@ def measure(kernels, shape, batch, device):
     rows = []
     reference = {}
     steps = {}
+    step_diffs = {}
     for name, w4a16 in kernels.items():
         laid = method_layout(w4a16, layers)
         for op, fn in ops(w4a16, laid, x, x_down).items():
@@ -153,28 +154,27 @@ def measure(kernels, shape, batch, device):
             rows.append(dict(kernels=name, op=op, us=round(time_us(fn, device) / len(layers), 2),
                              rel_diff=relative_difference(reference[op], out)))
             print(rows[-1], flush=True)
-        step = functools.partial(decode_step, w4a16, laid, x, shape["hidden"])
-        reference.setdefault("step", step())
-        steps[name] = step
-    rows += time_steps(steps, reference["step"], device)
+        steps[name] = functools.partial(decode_step, w4a16, laid, x, shape["hidden"])
+        out = steps[name]()
+        reference.setdefault("step", out)
+        step_diffs[name] = relative_difference(reference["step"], out)
+    for name, turns in time_steps(steps, device).items():
+        rows.append(dict(kernels=name, op="step", us=round(statistics.median(turns), 1),
+                         turns=[round(t, 1) for t in turns], rel_diff=step_diffs[name]))
+        print(rows[-1], flush=True)
     return rows
 
 
-def time_steps(steps, reference, device):
-    """Each kernel set's decode step, timed in turns (A B B A A B B A): the set timed second came out about
-    10 us a step faster than the same kernels timed first (H200, batch 8 and 16; bench/NOTES-kernels.md,
-    fifty-first session), a drift that turns share out evenly. The median of each set's turns."""
+def time_steps(steps, device):
+    """Each kernel set's decode step timed ``STEP_TURNS`` times, in turns (A B B A A B B A): the set timed second
+    came out about 10 us a step faster than the same kernels timed first (H200, batch 8 and 16;
+    bench/NOTES-kernels.md, fifty-first session), a drift that turns share out evenly. Us, by set."""
     times = {name: [] for name in steps}
     order = list(steps)
     for turn in range(STEP_TURNS):
         for name in order if turn % 2 == 0 else order[::-1]:
             times[name].append(time_us(steps[name], device))
-    rows = []
-    for name, step in steps.items():
-        rows.append(dict(kernels=name, op="step", us=round(statistics.median(times[name]), 1),
-                         turns=[round(t, 1) for t in times[name]], rel_diff=relative_difference(reference, step())))
-        print(rows[-1], flush=True)
-    return rows
+    return times
 
 
 def main():
