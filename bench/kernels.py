@@ -4,9 +4,9 @@ Peers: fp16 cuBLAS (``F.linear``, the baseline), torch's tinygemm int4
 (``aten._weight_int4pack_mm``, bf16), torchao 0.17 ``Int4WeightOnlyConfig`` (tile_packed_to_4d,
 bf16), GemLite 0.6 ``GemLiteLinear`` (A16W4, fp16), and qpass's W4A16 (awq layout), W8A16 and
 FP8 W8A8 kernels (fp16). Group size 128, no bias, random data. Every time is the median of
-CUDA-graph replays (``triton.testing.do_bench_cudagraph``), as in ANCHORS.md: launch
-overhead is out, and a weight that fits in L2 (50 MB on the H100) stays there between
-replays, as it did for the peers' figures there.
+CUDA-graph replays (``triton.testing.do_bench_cudagraph``), as in ANCHORS.md, over three rounds
+that time each peer once in turns (``run_table``): launch overhead is out, and a weight that fits
+in L2 (50 MB on the H100) stays there between replays, as it did for the peers' figures there.
 
     python bench/kernels.py --out bench/results/kernels-h100.json   # on the GPU; md and png beside it
     python bench/kernels.py --sweep --out /tmp/sweep.json           # time qpass's block shapes
@@ -24,6 +24,7 @@ its wheel; it needs numpy, tqdm and triton >= 3.6) and ``pip install --no-deps``
 import argparse
 import datetime
 import json
+import statistics
 import time
 import traceback
 from pathlib import Path
@@ -32,6 +33,7 @@ SHAPES = [(4096, 4096), (4096, 6144), (4096, 28672), (14336, 4096)]  # (K, N)
 MS = [1, 16, 64, 128, 1024, 4096]
 GROUP = 128
 SWEEP_PLAN = "awq:1,awq:16,awq:128,awq:1024,awq:4096,awq:64,fp8:4096,fp8:1024,int8:1,int8:2,fp8:2,int8:16"
+TABLE_TURNS = 3  # rounds of the table, each peer once a round (``run_table``)
 PEERS = ["fp16_cublas", "tinygemm_int4", "torchao_int4wo", "gemlite_a16w4", "qpass_awq", "qpass_int8", "qpass_fp8"]
 
 
@@ -106,32 +108,39 @@ def make_peer(name, w):
     raise ValueError(name)
 
 
-def run_table(peers, shapes, ms):
+def run_table(peers, shapes, ms, turns=TABLE_TURNS, device="cuda"):
+    """Each peer at each shape and M: the median over ``turns`` rounds in which every peer is timed once, in
+    turns (forward, backward, ...), so that no peer is always timed first or last, as clocks drift."""
     import torch
 
     rows, errors = [], {}
     for K, N in shapes:
         w = Weights(K, N)
+        made = {}
         for peer in peers:
             try:
-                fn, dtype = make_peer(peer, w)
+                made[peer] = make_peer(peer, w)
             except Exception as e:  # a peer that does not import or pack is recorded, not fatal
                 errors.setdefault(peer, f"{type(e).__name__}: {e}")
                 print(f"{peer} K={K} N={N}: {errors[peer]}", flush=True)
-                continue
-            for M in ms:
-                x = torch.randn(M, K, device="cuda", dtype=dtype)
-                try:
-                    with torch.no_grad():
-                        us = bench(lambda: fn(x))
-                except Exception as e:
-                    errors[f"{peer} M={M} K={K} N={N}"] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
-                    print(f"{peer} M={M} K={K} N={N} failed: {errors[f'{peer} M={M} K={K} N={N}']}", flush=True)
-                    continue
-                rows.append({"peer": peer, "M": M, "K": K, "N": N, "us": round(us, 3)})
-                print(f"{peer:15s} M={M:5d} K={K:5d} N={N:5d} {us:9.2f} us", flush=True)
-            del fn
-        del w
+        for M in ms:
+            xs = {dtype: torch.randn(M, K, device=device, dtype=dtype) for dtype in {d for _, d in made.values()}}
+            times = {peer: [] for peer in made}
+            for turn in range(turns):
+                for peer in (list(times) if turn % 2 == 0 else list(times)[::-1]):
+                    fn, dtype = made[peer]
+                    try:
+                        with torch.no_grad():
+                            times[peer].append(bench(lambda: fn(xs[dtype])))
+                    except Exception as e:
+                        errors[f"{peer} M={M} K={K} N={N}"] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+                        print(f"{peer} M={M} K={K} N={N} failed: {errors[f'{peer} M={M} K={K} N={N}']}", flush=True)
+                        del times[peer]
+            for peer, us in times.items():
+                rows.append({"peer": peer, "M": M, "K": K, "N": N, "us": round(statistics.median(us), 3),
+                             "turns": [round(t, 3) for t in us]})
+                print(f"{peer:15s} M={M:5d} K={K:5d} N={N:5d} {statistics.median(us):9.2f} us", flush=True)
+        del made, w
         torch.cuda.empty_cache()
     return rows, errors
 
@@ -348,7 +357,8 @@ def write_plot(path):
 
     lines = ["# One quantized linear: speed-up over fp16 cuBLAS", "",
              f"{data['device']}, torch {data['torch']}, triton {data['triton']}, {data['date']}. "
-             "Median of CUDA-graph replays (`triton.testing.do_bench_cudagraph`); group size 128; "
+             "Median of CUDA-graph replays (`triton.testing.do_bench_cudagraph`) over rounds that time each peer "
+             "once in turns; group size 128; "
              "fp16 activations (bf16 for tinygemm and torchao). Raw times in the json beside this.", "",
              "| K, N | M | fp16 us | " + " | ".join(PEERS[1:]) + " |",
              "|---|---|---|" + "---|" * (len(PEERS) - 1)]

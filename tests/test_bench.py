@@ -75,3 +75,39 @@ def test_the_eager_bench_times_every_method_each_way():
     assert {(r["case"], r["method"]) for r in rows} == {("fp16_linear", "")} | {
         (case, method) for case in ("op", "direct", "stub") for method in eager.METHODS}
     assert all(r["us"] > 0 for r in rows)
+
+
+def test_the_table_times_every_peer_once_a_round_in_turns(monkeypatch):
+    """``bench/kernels.py``'s table times each peer once a round, forward then backward, and keeps the median of
+    the rounds; a peer that fails to pack or to run at some M is recorded under errors and left out there."""
+    kernels = load_script("kernels")
+    times = iter(range(1, 1000))
+
+    def make_peer(name, w):
+        if name == "broken":
+            raise RuntimeError("no such kernel")
+
+        def fn(x):
+            if name == "small_only" and x.shape[0] > 1:
+                raise ValueError("too many rows")
+            return x
+
+        return fn, torch.float32
+
+    def bench(fn):
+        fn()
+        return float(next(times))
+
+    monkeypatch.setattr(kernels, "Weights", lambda K, N: None)
+    monkeypatch.setattr(kernels, "make_peer", make_peer)
+    monkeypatch.setattr(kernels, "bench", bench)
+    rows, errors = kernels.run_table(["a", "broken", "small_only", "b"], [(8, 4)], [1, 2], turns=3, device="cpu")
+    assert set(errors) == {"broken", "small_only M=2 K=8 N=4"}
+    by_peer = {(r["peer"], r["M"]): r for r in rows}
+    assert set(by_peer) == {("a", 1), ("small_only", 1), ("b", 1), ("a", 2), ("b", 2)}
+    # M = 1: rounds a, small_only, b | b, small_only, a | a, small_only, b, timed 1..9
+    assert by_peer["a", 1]["turns"] == [1, 6, 7] and by_peer["a", 1]["us"] == 6
+    assert by_peer["b", 1]["turns"] == [3, 4, 9] and by_peer["b", 1]["us"] == 4
+    assert by_peer["small_only", 1]["turns"] == [2, 5, 8]
+    # M = 2: small_only fails in the first round and is not timed again
+    assert by_peer["a", 2]["turns"][0] == 10 and len(by_peer["b", 2]["turns"]) == 3
