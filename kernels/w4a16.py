@@ -536,6 +536,28 @@ def _wgmma_tma_config(M: int, N: int, K: int, sms: int) -> WgmmaTmaConfig:
     return WgmmaTmaConfig(256, 128, 4, _wgmma_split(tiles, K, sms, min_steps=16), dequant_warps=4)
 
 
+def _wgmma_tma_waves(M: int, N: int, K: int, sms: int) -> Optional[WgmmaTmaConfig]:
+    """257 to 1024 rows on Hopper: the warp-specialized kernel's 256 x 128 tiles where M fills 60% of their rows
+    and their programs 90% of their waves, one an SM: unsplit in one or two waves, or K split in two in one wave
+    where a program keeps 64 steps of K; else None (the dequantized weight + cuBLAS, whose dequantization, 2.5
+    bytes a weight, this kernel does not expose). H200, K x N, us, dequantized + cuBLAS -> this, fp16
+    (bench/NOTES-kernels.md, fifty-third session): 14336x4096 at 448 rows 126.6 -> 105.1 (split 2), 1024 rows 215.5
+    -> 198.4; 28672x8192 at 896 rows 846.0 -> 789.2; 13824x5120 at 700 rows 197.3 -> 181.8; 4096² at 1024 rows
+    60.3 -> 59.7 (bf16 at 896 rows 57.5 -> 54.9). It loses where the programs leave part of a wave empty
+    (14336x4096 at 1152 rows, 160 tiles: 250.7 -> 292.3), in three waves of a split (8192² at 640 rows: 172.4 ->
+    194.2), on tiles half empty (14336x4096 at 257 rows: 92.6 -> 93.8) and in splits of 32 steps (4096² at 512
+    rows, split 2: 37.2 -> 40.2)."""
+    tiles = cdiv(M, 256) * cdiv(N, 128)
+    if 5 * M < 3 * 256 * cdiv(M, 256):
+        return None
+    for split, max_waves in ((1, 2), (2, 1)):
+        programs = tiles * split
+        waves = cdiv(programs, sms)
+        if waves <= max_waves and 10 * programs >= 9 * waves * sms and K // 64 >= 64 * split:
+            return WgmmaTmaConfig(256, 128, 4, split, dequant_warps=4)
+    return None
+
+
 def _wgmma_config(M: int, N: int, K: int, sms: int) -> WgmmaConfig:
     """H200 sweeps (bench/NOTES-kernels.md, nineteenth to twenty-first sessions; fp16 and bf16 on the four
     Llama shapes). 17 to 32 rows: 32 rows a program with the weights exact in the MMA, two warpgroups with
@@ -627,7 +649,8 @@ GEMV_MAX_M = 2
 WARP_MMA_MAX_M = 16
 WGMMA_MAX_M = 64
 WGMMA_EXACT_MAX_M = 32  # up to here the Hopper kernel keeps the weights exact in the MMA (``WgmmaConfig.scaled``)
-WGMMA_TMA_MAX_M = 256  # past it the dequantized weight and cuBLAS (``DequantMmConfig``) are faster on Hopper
+WGMMA_TMA_MAX_M = 256  # past it the dequantized weight and cuBLAS (``DequantMmConfig``) are faster on Hopper,
+WGMMA_TMA_WAVES_MAX_M = 1024  # but up to here where the TMA kernel's tiles fill whole waves (``_wgmma_tma_waves``)
 # Off Hopper (there ``WGMMA_TMA_MAX_M``), past one 128-row tile the fused kernel reads and dequantizes the
 # weight once a tile: dequantizing it once and cuBLAS is faster (H200, geometric mean over fp16 cuBLAS of
 # the four Llama shapes: M = 192 0.53 against 0.37 fused, M = 256 0.60 against 0.41; M = 128 0.46 against
@@ -756,6 +779,9 @@ def pick_config(M: int, N: int, K: int, group_size: int, device: torch.device, a
     # 256 rows 28.4 / 39.9 / 133.3 / 62.1 against 29.0 / 40.1 / 178.6 / 98.8
     if hopper and WGMMA_MAX_M < M <= WGMMA_TMA_MAX_M:
         return _wgmma_tma_config(M, gemm_n, K, sms)
+    whole_waves = hopper and M <= WGMMA_TMA_WAVES_MAX_M and _wgmma_tma_waves(M, gemm_n, K, sms)
+    if whole_waves:
+        return whole_waves
     if M >= DEQUANT_MM_MIN_M:
         return DequantMmConfig(chunk_n=dequantize_chunk_columns(M, gemm_n))
     # 17 to 64 rows on Hopper: the wgmma kernel, faster than the tensor-core kernel below on the four
@@ -888,7 +914,9 @@ def w4a16_linear(
                              f"{qweight.storage_offset()}, scales strides {scales.stride()} offset "
                              f"{scales.storage_offset()}, zeros strides {zeros.stride()} offset "
                              f"{zeros.storage_offset()}")
-        cfg = cfg._replace(dequant_warps=0)
+        # to 256 rows the kernel without warp specialization; past them it loses to the dequantized weight + cuBLAS
+        cfg = (cfg._replace(dequant_warps=0) if M <= WGMMA_TMA_MAX_M else
+               pick_config(M, n_out, K, group_size, x.device, activation, dtype=x.dtype, wgmma=False))
     if (split_k_linear_op is not None and not given and isinstance(cfg, (GemvConfig, WarpMmaConfig, MmaConfig))
             and traced_split(cfg, x, N)):
         return split_k_linear_op(x, qweight, scales, zeros, group_size, bias, activation, norm_weight, norm_eps, up_run)

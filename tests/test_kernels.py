@@ -359,6 +359,26 @@ def test_w4a16_wgmma_tma_config_by_shape():
     assert cfg(100, 1024, 1024, 132) == w4a16.WgmmaTmaConfig(128, 128, 4, 1)
 
 
+def test_w4a16_wgmma_tma_past_256_rows_only_in_whole_waves():
+    """257 to 1024 rows (fifty-third session): the warp-specialized kernel's 256 x 128 tiles where M fills 60% of
+    their rows and their programs 90% of their waves: unsplit in up to two waves, split in two in one where that
+    keeps 64 steps of K; else None (the dequantized weight + cuBLAS). Shapes as K x N."""
+    waves = w4a16._wgmma_tma_waves
+    ws = [None] + [w4a16.WgmmaTmaConfig(256, 128, 4, split, dequant_warps=4) for split in (1, 2)]
+    # 14336x4096: 64 tiles to 512 rows, split in two from 308 rows (60% of 512); 96 at 640 and 768 fill 73% of a
+    # wave (and a split would take two); 128 from 769 rows, unsplit
+    assert [waves(M, 4096, 14336, 132) for M in (257, 307, 308, 512, 640, 768, 896, 1024)] == [None] * 2 + [
+        ws[2]] * 2 + [None] * 2 + [ws[1]] * 2
+    assert waves(1024, 8192, 28672, 132) == ws[1]  # 256 tiles: two waves at 97%
+    assert waves(768, 8192, 8192, 132) is None  # 192 tiles: 73% of two waves; split, three waves
+    assert waves(768, 5120, 13824, 132) == ws[1]  # 120 tiles: 91% of one wave
+    assert waves(1024, 5120, 13824, 132) is None  # 160 tiles: 61% of two waves
+    assert waves(512, 4096, 4096, 132) is None  # a split in two would keep 32 steps of K
+    assert waves(1024, 4096, 4096, 132) == ws[1]
+    assert waves(1024, 28672, 4096, 132) is None  # 896 tiles: seven waves
+    assert waves(1024, 4096, 4096, 120) is None  # 128 tiles on 120 SMs: 53% of two waves
+
+
 def test_w4a16_wgmma_tma_rejects_shapes_it_cannot_run():
     """Each shape the TMA kernel cannot lay out is named with what it needs, before any launch."""
     for cfg in (w4a16.WgmmaTmaConfig(128, 128, 4, 1), w4a16.WgmmaTmaConfig(64, 64, 3, 3, num_warps=4),
@@ -1583,6 +1603,24 @@ def test_gpu_w4a16_warp_specialized_pick_leaves_words_tma_cannot_read():
     assert relative_error(out, w4_reference(x, qweight, scales, zeros, 128, None)) < BOUND[torch.float16]
     with pytest.raises(ValueError, match=r"reads qweight, scales and zeros by TMA.*got qweight \(128, 8, 32\)"):
         w4a16.w4a16_linear(x, qweight, scales, zeros, 128, config=config)
+
+
+@cuda
+@needs_cuda
+@needs_hopper
+@pytest.mark.parametrize("M, K, split, tile", [(1024, 4096, 1, 64), (500, 8192, 2, 0), (1000, 4096, 1, 32)])
+def test_gpu_w4a16_pick_past_256_rows_in_whole_waves(M, K, split, tile, monkeypatch):
+    """Past 256 rows the pick is the warp-specialized kernel where its tiles fill whole waves, unsplit or split in
+    two (``_wgmma_tma_waves``): right with a bias, its words in tiles or rows. Words TMA cannot read (tiles of 32)
+    take the dequantized weight + cuBLAS instead (the TMA kernel is never called), right as well."""
+    N = 128 * (common.sm_count(torch.device(DEVICE)) // 4)  # 256-row tiles: M / 256 x sms / 4 of them
+    x, qweight, scales, zeros, b = make_w4(M, N, K, 128, torch.float16, False, True, 0, tile=tile)
+    assert w4a16.pick_config(M, N, K, 128, x.device) == w4a16.WgmmaTmaConfig(256, 128, 4, split, dequant_warps=4)
+    if tile == 32:
+        monkeypatch.setattr(w4a16, "wgmma_tma_matmul", lambda *args: pytest.fail("the TMA kernel took tiles of 32"))
+    out = w4a16.w4a16_linear(x, qweight, scales, zeros, 128, b)
+    assert out.shape == (M, N) and out.dtype == x.dtype
+    assert relative_error(out, w4_reference(x, qweight, scales, zeros, 128, b)) < BOUND[torch.float16]
 
 
 @cuda
