@@ -87,7 +87,8 @@ def _opaque_gemm(name: str, gemm):
 
 
 # The W4A16 op's GEMMs that torch.compile cannot trace: the weight in chunks for large M (two CUDA
-# streams), and 17 to 256 rows on Hopper (Gluon kernels, whose source Inductor cannot copy).
+# streams), and 17 to 256 rows on Hopper, to 1024 where the TMA kernel's tiles fill whole waves (Gluon
+# kernels, whose source Inductor cannot copy).
 w4a16_dequantize_matmul = _opaque_gemm("w4a16_dequantize_matmul", w4a16_kernels.dequantize_matmul)
 w4a16_wgmma_matmul = _opaque_gemm("w4a16_wgmma_matmul", w4a16_kernels.wgmma_matmul)
 w4a16_wgmma_tma_matmul = _opaque_gemm("w4a16_wgmma_tma_matmul", w4a16_kernels.wgmma_tma_matmul)
