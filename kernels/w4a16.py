@@ -19,7 +19,7 @@ Six paths, chosen by M (``pick_config``):
   into shared memory by TMA, the weights dequantized into shared memory beside them, ``wgmma`` from
   both (see that module); residual and activation after it too. From 129 to 256 rows its warp-specialized
   form (``w4a16_wgmma_tma_ws_kernel``): one warp copies x, the words, scales and zeros by TMA, four warps
-  dequantize, the kernel's warps run the MMAs.
+  dequantize, the kernel's warps run the MMAs; to 1024 rows where its tiles fill whole waves (``_wgmma_tma_waves``).
 - ``_w4a16_mma_kernel`` (larger M, or inputs the other kernels cannot read): unpacks the
   transposed tile ``[BLOCK_N, BLOCK_K]`` (each word's nibbles joined in the registers that
   loaded it), dequantizes it in the activation dtype and feeds ``tl.dot``. ``SWAP_AB``
@@ -27,11 +27,11 @@ Six paths, chosen by M (``pick_config``):
   reads from registers: no trip through shared memory between dequantization and MMA (each
   step's wgmmas finish before the next step's dequantization: ``common.mma_accumulate``); there,
   for fp16 and bf16 on a GPU, inline PTX dequantizes two weights an instruction (PACKED).
-- ``_w4a16_dequantize_kernel`` + cuBLAS (M > 128, past 256 on Hopper; ``dequantize_matmul``): writes the fp16/bf16
-  weight once, then ``torch.mm``. Where the GEMM is compute-bound, one extra pass over 2 bytes per
-  weight costs less than the dequantization inside the fused kernel's main loop (which Triton does
-  not overlap with the tensor cores well enough: about 0.5x of cuBLAS). From 1024 rows in chunks
-  of columns, each dequantized on a side stream while cuBLAS multiplies the one before.
+- ``_w4a16_dequantize_kernel`` + cuBLAS (M > 128; on Hopper past 256, where the kernel above does not run;
+  ``dequantize_matmul``): writes the fp16/bf16 weight once, then ``torch.mm``. Where the GEMM is compute-bound, one
+  extra pass over 2 bytes per weight costs less than the dequantization inside the fused kernel's main loop (which
+  Triton does not overlap with the tensor cores well enough: about 0.5x of cuBLAS). From 1024 rows in chunks of
+  columns, each dequantized on a side stream while cuBLAS multiplies the one before.
 
 The GEMV computes the RMSNorm of x itself when given its weight (``w4a16_gemv``); the other paths
 run the norm as a pass of its own. A bias may be shaped as the output (a residual, ``common.bias_rows``).
@@ -359,8 +359,9 @@ class WgmmaConfig(NamedTuple):
 
 
 class WgmmaTmaConfig(NamedTuple):
-    """The Hopper kernel for 65 to 256 rows (``w4a16_wgmma_tma``): a ``block_m`` x ``block_n`` output tile a
-    program, x's steps in ``stages`` shared buffers filled by TMA, K split over programs by steps of 64.
+    """The Hopper kernel for 65 to 256 rows, and to 1024 where its tiles fill whole waves (``w4a16_wgmma_tma``,
+    ``_wgmma_tma_waves``): a ``block_m`` x ``block_n`` output tile a program, x's steps in ``stages`` shared buffers
+    filled by TMA, K split over programs by steps of 64.
     ``dequant_warps`` > 0: the warp-specialized kernel, that many warps dequantizing beside the ``num_warps``
     of the MMAs, every operand by TMA (words, scales and zeros as ``wgmma_tma_words_ok`` allows)."""
 
