@@ -4,7 +4,7 @@ Layout (see ``reference.py``): ``qweight`` int32 ``[K // 8, N]`` with row ``k`` 
 ``k % 8``, or those words in column tiles (``common.WORD_TILE``); ``scales``/``zeros``
 ``[K // group_size, N]`` in the activation dtype, the zeros integers; ``w = (q - zero) * scale``.
 
-Six paths, chosen by M (``pick_config``):
+Seven paths, chosen by M (``pick_config``):
 
 - ``w4a16_gemv.w4a16_gemv_kernel`` (M = 1, and 2 on small weights): no tensor cores; the words
   dequantized two weights an instruction by inline PTX (``int4_pairs``; see that module).
@@ -12,11 +12,13 @@ Six paths, chosen by M (``pick_config``):
   dequantization feeding warp-level ``mma.sync`` from registers, one lane's loads being its
   MMA fragments (inline PTX; see that module). Reads the weight at the GEMV's rate for any
   M up to 8.
-- ``w4a16_wgmma.w4a16_wgmma_kernel`` (17 to 64 rows, fp16/bf16 on Hopper): warpgroup MMA
-  from registers in Gluon, the dequantization writing the MMA's operand registers themselves
-  (see that module); the residual and activation after it, as for cuBLAS below.
-- ``w4a16_wgmma_tma.w4a16_wgmma_tma_kernel`` (65 to 128 rows, fp16/bf16 on Hopper): x's tiles copied
-  into shared memory by TMA, the weights dequantized into shared memory beside them, ``wgmma`` from
+- ``w4a16_wgmma.w4a16_wgmma_kernel`` (17 to 32 rows, fp16/bf16 on Hopper; to 64 where the TMA cannot
+  read the words): warpgroup MMA from registers in Gluon, the dequantization writing the MMA's operand
+  registers themselves (see that module); the residual and activation after it, as for cuBLAS below.
+- ``w4a16_wgmma_tma.w4a16_wgmma_tma_rs_kernel`` (33 to 128 rows, fp16/bf16 on Hopper, words the TMA reads:
+  ``wgmma_tma_words_ok``): the same register operand, with x, the words, scales and zeros copied in by TMA.
+- ``w4a16_wgmma_tma.w4a16_wgmma_tma_kernel`` (65 to 128 rows where the TMA cannot read the words): x's tiles
+  copied into shared memory by TMA, the weights dequantized into shared memory beside them, ``wgmma`` from
   both (see that module); residual and activation after it too. From 129 to 256 rows its warp-specialized
   form (``w4a16_wgmma_tma_ws_kernel``): one warp copies x, the words, scales and zeros by TMA, four warps
   dequantize, the kernel's warps run the MMAs; to 1024 rows where its tiles fill whole waves (``_wgmma_tma_waves``).
@@ -349,8 +351,8 @@ def warp_mma_ok(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
 
 
 class WgmmaConfig(NamedTuple):
-    """The Hopper kernel (``w4a16_wgmma``) for 17 to 64 rows: x's rows a program, 64 weight columns a
-    warpgroup, K split over programs by chunks of 128 rows."""
+    """The Hopper kernel (``w4a16_wgmma``) for 17 to 32 rows (64 where the TMA cannot read the words): x's rows a
+    program, 64 weight columns a warpgroup, K split over programs by chunks of 128 rows."""
 
     block_m: int
     warpgroups: int
@@ -359,11 +361,12 @@ class WgmmaConfig(NamedTuple):
 
 
 class WgmmaTmaConfig(NamedTuple):
-    """The Hopper kernel for 65 to 256 rows, and to 1024 where its tiles fill whole waves (``w4a16_wgmma_tma``,
-    ``_wgmma_tma_waves``): a ``block_m`` x ``block_n`` output tile a program, x's steps in ``stages`` shared buffers
-    filled by TMA, K split over programs by steps of 64.
-    ``dequant_warps`` > 0: the warp-specialized kernel, that many warps dequantizing beside the ``num_warps``
-    of the MMAs, every operand by TMA (words, scales and zeros as ``wgmma_tma_words_ok`` allows)."""
+    """The Hopper kernels with x by TMA (``w4a16_wgmma_tma``): a ``block_m`` x ``block_n`` output tile a program,
+    x's steps in ``stages`` shared buffers filled by TMA, K split over programs by steps of 64. The weights
+    through shared memory for 129 to 256 rows, and to 1024 where its tiles fill whole waves (``_wgmma_tma_waves``):
+    with ``dequant_warps`` > 0 warp-specialized, that many warps dequantizing beside the ``num_warps`` of the MMAs,
+    every operand by TMA (words, scales and zeros as ``wgmma_tma_words_ok`` allows). With ``registers``, for 33 to
+    128 rows, the weights as the MMA's register operand (one warpgroup, ``block_n`` 64; every operand by TMA too)."""
 
     block_m: int
     block_n: int
@@ -371,6 +374,7 @@ class WgmmaTmaConfig(NamedTuple):
     split_k: int
     num_warps: int = 8
     dequant_warps: int = 0
+    registers: bool = False
 
 
 def wgmma_ok(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
@@ -430,10 +434,16 @@ def check_wgmma_tma_config(cfg: WgmmaTmaConfig):
     lanes a column each; at least 2 stages, and x's stages and three weight tiles within Hopper's shared
     memory. Warp-specialized (``dequant_warps`` 4 or 8): ``block_n`` 64 or 128 (whole runs of 64 words), at
     most 64 float32 sums a thread of the MMAs' warps with 8 dequantizing warps, 128 with 4 (the registers
-    the partitions share), and a stage of x, words, scales, zeros and the weight tile each."""
+    the partitions share), and a stage of x, words, scales, zeros and the weight tile each. With ``registers``:
+    one warpgroup on 64 columns, a stage of x, words, scales and zeros each."""
     rows_a_pass = 16 * cfg.num_warps
     column_warps = cfg.block_n // 32
-    if cfg.dequant_warps:
+    if cfg.registers:
+        shared = cfg.stages * (cfg.block_m * 64 * 2 + 64 * (8 * 4 + 2 * 2))
+        fits = cfg.block_n == 64 and cfg.num_warps == 4 and not cfg.dequant_warps
+        needs = "registers with block_n 64, num_warps 4 and no dequant_warps, stages * (block_m * 128 + 2304) bytes"
+        rows_a_pass = 16  # (block_m is the MMA's N side)
+    elif cfg.dequant_warps:
         sums = cfg.block_m * cfg.block_n // (32 * cfg.num_warps)
         shared = cfg.stages * (cfg.block_m * 64 * 2 + cfg.block_n * (64 * 2 + 8 * 4 + 2 * 2))
         fits = (cfg.dequant_warps in (4, 8) and cfg.block_n in (64, 128)
@@ -466,13 +476,13 @@ def wgmma_tma_words_ok(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch
 
 def wgmma_tma_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                      group_size: int, bias: Optional[torch.Tensor], block_m: int, block_n: int, stages: int,
-                     split_k: int, num_warps: int = 8, dequant_warps: int = 0) -> torch.Tensor:
+                     split_k: int, num_warps: int = 8, dequant_warps: int = 0, registers: bool = False) -> torch.Tensor:
     """``WgmmaTmaConfig``'s GEMM, ``x @ w (+ bias [N])`` -> ``[M, N]`` in x.dtype (``w4a16_wgmma_tma``,
     imported here at the first call)."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    from .w4a16_wgmma_tma import w4a16_wgmma_tma_kernel, w4a16_wgmma_tma_ws_kernel
+    from .w4a16_wgmma_tma import w4a16_wgmma_tma_kernel, w4a16_wgmma_tma_rs_kernel, w4a16_wgmma_tma_ws_kernel
 
     M, K = x.shape
     N = word_columns(qweight)
@@ -485,7 +495,7 @@ def wgmma_tma_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
     out = (torch.zeros((M, N), device=x.device, dtype=torch.float32) if split_k > 1
            else torch.empty((M, N), device=x.device, dtype=x.dtype))
     grid = (cdiv(N, block_n), cdiv(M, block_m), split_k)
-    if dequant_warps:
+    if dequant_warps or registers:
         # the words as runs: a column tile's K / 8 x 64 words each, or one of K / 8 x N in rows
         if qweight.dim() == 3:
             runs, block = qweight.permute(1, 0, 2), [block_n // WORD_TILE, 8, WORD_TILE]
@@ -495,11 +505,15 @@ def wgmma_tma_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
             runs, block, gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=3))
         rows = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=16, rank=2)
         s_desc, z_desc = (TensorDescriptor.from_tensor(t, [1, block_n], rows) for t in (scales, zeros))
-        w4a16_wgmma_tma_ws_kernel[grid](
-            x_desc, w_desc, s_desc, z_desc, bias if bias is not None else scales, out, M, N, K, runs.shape[2],
-            out.stride(0), GROUP_SIZE=group_size, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages,
-            SPLIT_K=split_k, HAS_BIAS=bias is not None and split_k == 1, DEQUANT_WARPS=dequant_warps,
-            num_warps=num_warps)
+        descriptors = (x_desc, w_desc, s_desc, z_desc, bias if bias is not None else scales, out, M, N, K,
+                       runs.shape[2], out.stride(0))
+        if registers:
+            w4a16_wgmma_tma_rs_kernel[grid](*descriptors, GROUP_SIZE=group_size, BLOCK_M=block_m, STAGES=stages,
+                                            SPLIT_K=split_k, HAS_BIAS=bias is not None and split_k == 1, num_warps=4)
+        else:
+            w4a16_wgmma_tma_ws_kernel[grid](*descriptors, GROUP_SIZE=group_size, BLOCK_M=block_m, BLOCK_N=block_n,
+                                            STAGES=stages, SPLIT_K=split_k, HAS_BIAS=bias is not None and split_k == 1,
+                                            DEQUANT_WARPS=dequant_warps, num_warps=num_warps)
     else:
         w4a16_wgmma_tma_kernel[grid](
             x_desc, qweight, scales, zeros, bias if bias is not None else scales, out, M, N, K, qweight.stride(0),
@@ -535,6 +549,21 @@ def _wgmma_tma_config(M: int, N: int, K: int, sms: int) -> WgmmaTmaConfig:
         return WgmmaTmaConfig(128, 128, 4, _wgmma_split(cdiv(N, 128), K, 2 * sms, min_steps=16))
     tiles = cdiv(M, 256) * cdiv(N, 128)
     return WgmmaTmaConfig(256, 128, 4, _wgmma_split(tiles, K, sms, min_steps=16), dequant_warps=4)
+
+
+def _wgmma_registers_config(M: int, N: int, K: int, sms: int) -> WgmmaTmaConfig:
+    """33 to 128 rows on Hopper: the TMA kernel with the weights as the MMA's register operand, 64 rows a program to
+    64, else 128, 3 stages, K split by powers of two to 8 while the programs fit 4 an SM (64 rows) or 3 (128) and a
+    split keeps 8 steps. H200 sweeps (bench/NOTES-kernels.md, fifty-fourth session; splits 1-8, 3-6 stages), fp16,
+    us, the pick before -> this on 4096², 4096x6144, 4096x28672, 14336x4096: 64 rows 12.90 / 18.18 / 54.42 / 28.11
+    -> 12.15 / 15.41 / 48.27 / 26.09; 96 rows 17.82 / 24.66 / 73.47 / 36.61 -> 15.70 / 19.37 / 76.01 / 35.56; 128
+    rows 19.24 / 25.96 / 73.25 / 41.63 -> 16.93 / 20.51 / 70.14 / 35.78."""
+    block_m = 64 if M <= 64 else 128
+    programs = cdiv(N, 64) * cdiv(M, block_m)
+    split = 1
+    while split < 8 and programs * split * 2 <= (4 if block_m == 64 else 3) * sms and K // 64 >= 8 * split * 2:
+        split *= 2
+    return WgmmaTmaConfig(block_m, 64, 3, split, num_warps=4, registers=True)
 
 
 def _wgmma_tma_waves(M: int, N: int, K: int, sms: int) -> Optional[WgmmaTmaConfig]:
@@ -650,6 +679,7 @@ GEMV_MAX_M = 2
 WARP_MMA_MAX_M = 16
 WGMMA_MAX_M = 64
 WGMMA_EXACT_MAX_M = 32  # up to here the Hopper kernel keeps the weights exact in the MMA (``WgmmaConfig.scaled``)
+WGMMA_REGISTERS_MAX_M = 128  # from 33 rows to here the TMA kernel with the weights in registers (``registers``)
 WGMMA_TMA_MAX_M = 256  # past it the dequantized weight and cuBLAS (``DequantMmConfig``) are faster on Hopper,
 WGMMA_TMA_WAVES_MAX_M = 1024  # but up to here where the TMA kernel's tiles fill whole waves (``_wgmma_tma_waves``)
 # Off Hopper (there ``WGMMA_TMA_MAX_M``), past one 128-row tile the fused kernel reads and dequantizes the
@@ -728,10 +758,12 @@ def warp_mma_registers(cfg: WarpMmaConfig, M: int, tiles: int, sms: int) -> int:
 
 
 def pick_config(M: int, N: int, K: int, group_size: int, device: torch.device, activation: str = "none",
-                warp_mma: bool = True, dtype: torch.dtype = torch.float16, wgmma: bool = True, norm: bool = False):
+                warp_mma: bool = True, dtype: torch.dtype = torch.float16, wgmma: bool = True, norm: bool = False,
+                tma_words: bool = True):
     """The kernel and its block shapes for a problem of N output columns and activations of
     ``dtype``; from the sweeps in bench/NOTES-kernels.md. ``warp_mma``, ``wgmma``: whether the inputs
-    suit the warp-level MMA kernel (``warp_mma_ok``) and the Hopper kernel (``wgmma_ok``); ``norm``: whether
+    suit the warp-level MMA kernel (``warp_mma_ok``) and the Hopper kernels (``wgmma_ok``); ``tma_words``:
+    whether the TMA reads the words, scales and zeros too (``wgmma_tma_words_ok``); ``norm``: whether
     the RMSNorm of x comes with it (the GEMV computes it as it reads x)."""
     sms = sm_count(device)
     # M = 1 (and 2 on weights up to 4096 x 4096) read the weight fastest with the GEMV; the
@@ -773,14 +805,19 @@ def pick_config(M: int, N: int, K: int, group_size: int, device: torch.device, a
         return cfg._replace(maxnreg=gemv_registers(cfg, M, N, sms, activation, dtype))
     gemm_n = 2 * N if activation == "silu_mul" else N  # (gate and up both, the activation after the GEMM)
     hopper = wgmma and wgmma_chunks(K, group_size) and dtype != torch.float32 and _hopper(device)
+    # 33 to 128 rows on Hopper: every operand by TMA, the weights the MMA's register operand
+    # (``_wgmma_registers_config``)
+    if hopper and tma_words and WGMMA_EXACT_MAX_M < M <= WGMMA_REGISTERS_MAX_M:
+        return _wgmma_registers_config(M, gemm_n, K, sms)
     # 65 to 256 rows on Hopper: x by TMA, the weights through shared memory, faster than the tensor-core
     # kernel and than the dequantized weight + cuBLAS (H200, fp16, us, bench/NOTES-kernels.md, twenty-second
     # session): 128 rows 18.9 / 26.0 / 77.7 / 39.1 against 20.8 / 40.5 / 104.1 / 54.8 on 4096², 4096x6144,
     # 4096x28672 and 14336x4096; 192 rows 25.9 / 37.2 / 126.5 / 56.6 against 30.7 / 38.7 / 157.9 / 88.8;
     # 256 rows 28.4 / 39.9 / 133.3 / 62.1 against 29.0 / 40.1 / 178.6 / 98.8
     if hopper and WGMMA_MAX_M < M <= WGMMA_TMA_MAX_M:
-        return _wgmma_tma_config(M, gemm_n, K, sms)
-    whole_waves = hopper and M <= WGMMA_TMA_WAVES_MAX_M and _wgmma_tma_waves(M, gemm_n, K, sms)
+        cfg = _wgmma_tma_config(M, gemm_n, K, sms)
+        return cfg if tma_words else cfg._replace(dequant_warps=0)
+    whole_waves = hopper and tma_words and M <= WGMMA_TMA_WAVES_MAX_M and _wgmma_tma_waves(M, gemm_n, K, sms)
     if whole_waves:
         return whole_waves
     if M >= DEQUANT_MM_MIN_M:
@@ -906,7 +943,8 @@ def w4a16_linear(
                          f"aligned, rows of x, qweight and scales contiguous, K a multiple of 128 and group_size 64 "
                          f"or a multiple of 128; got x {tuple(x.shape)} {x.dtype} strides {x.stride()} offset "
                          f"{x.storage_offset()} on {x.device}, group_size {group_size}")
-    if isinstance(cfg, WgmmaTmaConfig) and cfg.dequant_warps and not wgmma_tma_words_ok(qweight, scales, zeros):
+    if (isinstance(cfg, WgmmaTmaConfig) and (cfg.dequant_warps or cfg.registers)
+            and not wgmma_tma_words_ok(qweight, scales, zeros)):
         if given:
             raise ValueError(f"{cfg} reads qweight, scales and zeros by TMA: needs words in column tiles of "
                              f"{WORD_TILE} laid out as [N / {WORD_TILE}, K / 8, {WORD_TILE}] or in contiguous rows of "
@@ -915,9 +953,8 @@ def w4a16_linear(
                              f"{qweight.storage_offset()}, scales strides {scales.stride()} offset "
                              f"{scales.storage_offset()}, zeros strides {zeros.stride()} offset "
                              f"{zeros.storage_offset()}")
-        # to 256 rows the kernel without warp specialization; past them it loses to the dequantized weight + cuBLAS
-        cfg = (cfg._replace(dequant_warps=0) if M <= WGMMA_TMA_MAX_M else
-               pick_config(M, n_out, K, group_size, x.device, activation, dtype=x.dtype, wgmma=False))
+        # the Hopper kernels that load the words themselves, or past 256 rows the dequantized weight + cuBLAS
+        cfg = pick_config(M, n_out, K, group_size, x.device, activation, dtype=x.dtype, tma_words=False)
     if (split_k_linear_op is not None and not given and isinstance(cfg, (GemvConfig, WarpMmaConfig, MmaConfig))
             and traced_split(cfg, x, N)):
         return split_k_linear_op(x, qweight, scales, zeros, group_size, bias, activation, norm_weight, norm_eps, up_run)

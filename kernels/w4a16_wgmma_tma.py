@@ -1,5 +1,5 @@
-"""W4A16 for 65 to 256 rows on Hopper: x by TMA, the weights dequantized into shared memory, ``wgmma``
-from shared memory on both sides, in Gluon.
+"""W4A16 for 33 to 256 rows on Hopper: x by TMA, the weights dequantized into shared memory, ``wgmma``
+from shared memory on both sides, in Gluon; to 128 rows the weights in registers instead (below).
 
 The layout is ``w4a16.py``'s (``qweight`` int32 ``[K // 8, N]``, row k in nibble k % 8, or in column tiles;
 ``scales``/``zeros`` ``[K // group_size, N]``), read as it is. A program computes a
@@ -39,6 +39,16 @@ past 128 rows it beats the kernel above (27.6 / 37.6 / 115.3 / 58.5 us against 2
 at 256 rows on 4096², 4096x6144, 4096x28672, 14336x4096); at 128 rows, with two of those an SM, it does
 not (bench/NOTES-kernels.md, forty-fourth session).
 
+**The weights in registers** (``w4a16_wgmma_tma_rs_kernel``, 33 to 128 rows): the product transposed, as the
+register-fed kernel (``w4a16_wgmma``) computes it, the weights wgmma's left operand in registers, one warpgroup on
+64 weight columns and x's rows the MMA's N side, but with every operand copied by TMA, ``STAGES`` steps ahead, and
+no shared store, fence or barrier between the dequantization and the MMA. That kernel permutes K so that a thread
+dequantizes whole words, and so must move x through registers into shared memory in that order; here x stays in
+K's natural order, as the TMA copies it, and each lane of a quad takes one byte (two nibbles) of each of its 16
+words a step, its A fragment's K positions exactly. H200, fp16, us at 128 rows, the single-partition kernel -> this:
+19.24 / 25.96 / 73.25 / 41.63 -> 16.93 / 20.51 / 70.14 / 35.78 on 4096², 4096x6144, 4096x28672, 14336x4096
+(bench/NOTES-kernels.md, fifty-fourth session).
+
 K may be split over programs (``SPLIT_K``), whose float32 sums are added atomically into a zeroed
 float32 output. Needs Hopper (sm_90: TMA, ``wgmma``) and fp16/bf16 x; the CPU tests compile it for
 sm_90 (``tests/test_kernels.py``). ``w4a16.wgmma_tma_matmul`` launches it and imports this module on
@@ -50,6 +60,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                               warpgroup_mma_wait)
 
+from .common import asm_constant
 from .w4a16_wgmma import _cta_barrier, _dequantize, _scaled, _word_columns
 
 _STEP = gl.constexpr(64)  # rows of K a loop step
@@ -297,3 +308,158 @@ def w4a16_wgmma_tma_ws_kernel(x_desc, w_desc, s_desc, z_desc, b_ptr, out_ptr, M,
         mbarrier.invalidate(empty.index(s))
 
     _store_tile(acc, out_ptr, b_ptr, m0, n0, M, N, stride_om, SPLIT_K, HAS_BIAS, DTYPE)
+
+
+# Byte c ($3) of a word ($2), nibbles 2c and 2c + 1, minus the zero ($4) and times the scale ($5) -> two values of
+# x's dtype, exact before the scale. fp16: prmt puts the byte in bytes 0 and 2, one lop3 makes the half2 (1024 + lo,
+# 1024 + 16 hi) (``int4_pairs.f16_nibble_pairs``' magic), one fma by (1, 1/16) with (-(1024 + z), -(64 + z)) leaves
+# (lo - z, hi - z). bf16 keeps 7 mantissa bits, so the high nibble comes from the word shifted by 4: (128 + lo,
+# 128 + hi), then one fma by 1 with -128 - z.
+_BYTE_PAIR_F16 = asm_constant("""
+        {
+        .reg .b32 v, sel, unit, zz, ss;
+        .reg .b16 lo, hi;
+        mad.lo.u32 sel, $3, 0x101, 0x4040;
+        prmt.b32 v, $2, 0, sel;
+        lop3.b32 v, v, 0x00F0000F, 0x64006400, 0xEA;
+        mov.b16 lo, 0x6400;
+        add.rn.f16 lo, $4, lo;
+        neg.f16 lo, lo;
+        mov.b16 hi, 0x5400;
+        add.rn.f16 hi, $4, hi;
+        neg.f16 hi, hi;
+        mov.b32 zz, {lo, hi};
+        mov.b32 unit, 0x2C003C00;
+        fma.rn.f16x2 v, v, unit, zz;
+        mov.b32 ss, {$5, $5};
+        mul.rn.f16x2 v, v, ss;
+        mov.b32 {$0, $1}, v;
+        }""")
+_BYTE_PAIR_BF16 = asm_constant("""
+        {
+        .reg .b32 v, w4, sel, one, zz, ss;
+        .reg .b16 z, m;
+        mad.lo.u32 sel, $3, 0x101, 0x0400;
+        shr.u32 w4, $2, 4;
+        prmt.b32 v, $2, w4, sel;
+        lop3.b32 v, v, 0x000F000F, 0x43004300, 0xEA;
+        mov.b16 m, 0xBF80;
+        mov.b16 z, 0xC300;
+        fma.rn.bf16 z, $4, m, z;
+        mov.b32 zz, {z, z};
+        mov.b32 one, 0x3F803F80;
+        fma.rn.bf16x2 v, v, one, zz;
+        mov.b32 ss, {$5, $5};
+        mul.rn.bf16x2 v, v, ss;
+        mov.b32 {$0, $1}, v;
+        }""")
+
+
+@gluon.jit
+def _stage_copies(x_desc, w_desc, s_desc, z_desc, xs, wq, ss, zs, ready, stage, step, m0, n0, run, first_column, pred,
+                  GROUP_SIZE: gl.constexpr):
+    """Step ``step``'s x, words, scales and zeros into ``stage`` by TMA, all on the stage's barrier, where ``pred``."""
+    BYTES: gl.constexpr = xs.type.shape[1] * _STEP * 2 + wq.type.shape[2] * wq.type.shape[3] * 4 + 4 * ss.type.shape[2]
+    bar = ready.index(stage)
+    mbarrier.expect(bar, BYTES, pred=pred)
+    _tma_load(x_desc, [m0, step * _STEP], bar, xs.index(stage), pred=pred)
+    _tma_load(w_desc, [run, step * 8, first_column], bar, wq.index(stage), pred=pred)
+    group = step * _STEP // GROUP_SIZE
+    _tma_load(s_desc, [group, n0], bar, ss.index(stage), pred=pred)
+    _tma_load(z_desc, [group, n0], bar, zs.index(stage), pred=pred)
+
+
+@gluon.jit
+def _register_operand(wq, zs, ss, stage, byte, WORDS: gl.constexpr, STAGE_WORDS: gl.constexpr,
+                      STAGE_COLUMNS: gl.constexpr, A_LAYOUT: gl.constexpr, BF16: gl.constexpr):
+    """A stage's words, scales and zeros -> the wgmma's left operand ``[64 columns, 64]``, K in its natural order:
+    thread (g, c) reads all 8 word rows of its two columns (``WORDS``, the same words for every c) and keeps byte c
+    of each, rows 8 j + 2 c and 8 j + 2 c + 1: exactly its fragment's K positions, so the layout changes below are
+    renamings."""
+    BN: gl.constexpr = 64
+    COLUMNS: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, WORDS))
+    words = wq.index(stage).load(STAGE_WORDS)  # [1 run, 8 word rows, BN]
+    words = gl.convert_layout(gl.permute(gl.reshape(words, (8, BN)), (1, 0)), gl.SliceLayout(2, WORDS))
+    zero = gl.convert_layout(gl.reshape(zs.index(stage).load(STAGE_COLUMNS), (BN,)), COLUMNS)
+    scale = gl.convert_layout(gl.reshape(ss.index(stage).load(STAGE_COLUMNS), (BN,)), COLUMNS)
+    spread = gl.zeros([BN, 8, 4], zero.dtype, WORDS)
+    args = [words[:, :, None] + gl.zeros([BN, 8, 4], gl.int32, WORDS), byte, zero[:, None, None] + spread,
+            scale[:, None, None] + spread]
+    if BF16:
+        low, high = gl.inline_asm_elementwise(_BYTE_PAIR_BF16, "=h,=h,r,r,h,h", args, dtype=(gl.bfloat16, gl.bfloat16),
+                                              is_pure=True, pack=1)
+    else:
+        low, high = gl.inline_asm_elementwise(_BYTE_PAIR_F16, "=h,=h,r,r,h,h", args, dtype=(gl.float16, gl.float16),
+                                              is_pure=True, pack=1)
+    pairs = gl.join(low, high)  # [BN, 8 (j), 4 (c), 2]: k = 8 j + 2 c + t
+    return gl.convert_layout(gl.reshape(pairs, (BN, _STEP)), A_LAYOUT)
+
+
+@gluon.jit
+def w4a16_wgmma_tma_rs_kernel(x_desc, w_desc, s_desc, z_desc, b_ptr, out_ptr, M, N, K, word_run, stride_om,
+                              GROUP_SIZE: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
+                              SPLIT_K: gl.constexpr, HAS_BIAS: gl.constexpr):
+    """The same product transposed, ``out^T = W^T x^T``, with the weights as wgmma's left operand in registers
+    (one warpgroup, 64 weight columns a program, BLOCK_M rows of x its N side): each step's x, words (``w_desc`` as
+    the warp-specialized kernel's, blocks of one run), scales and zeros are copied by TMA into one of ``STAGES``
+    stages, STAGES steps ahead, and the threads dequantize the stage's words straight into the MMA's operand."""
+    BN: gl.constexpr = 64
+    DTYPE: gl.constexpr = x_desc.dtype
+    # thread (warp w, lane 4 g + c): columns 16 w + g and 16 w + g + 8, all 8 word rows, byte c
+    WORDS: gl.constexpr = gl.DistributedLinearLayout(
+        reg_bases=[[0, 1, 0], [0, 2, 0], [0, 4, 0], [8, 0, 0]],
+        lane_bases=[[0, 0, 1], [0, 0, 2], [1, 0, 0], [2, 0, 0], [4, 0, 0]],
+        warp_bases=[[16, 0, 0], [32, 0, 0]], block_bases=[], shape=[BN, 8, 4])
+    # the same threads' words and columns as the stage holds them ([1, 8, BN] and [1, BN])
+    STAGE_WORDS: gl.constexpr = gl.DistributedLinearLayout(
+        reg_bases=[[0, 1, 0], [0, 2, 0], [0, 4, 0], [0, 0, 8]],
+        lane_bases=[[0, 0, 0], [0, 0, 0], [0, 0, 1], [0, 0, 2], [0, 0, 4]],
+        warp_bases=[[0, 0, 16], [0, 0, 32]], block_bases=[], shape=[1, 8, BN])
+    STAGE_COLUMNS: gl.constexpr = gl.DistributedLinearLayout(
+        reg_bases=[[0, 8]], lane_bases=[[0, 0], [0, 0], [0, 1], [0, 2], [0, 4]],
+        warp_bases=[[0, 16], [0, 32]], block_bases=[], shape=[1, BN])
+    MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_M, 16])
+    A_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
+
+    n0 = gl.program_id(0) * BN
+    m0 = gl.program_id(1) * BLOCK_M
+    steps = K // _STEP
+    per_split = gl.cdiv(steps, SPLIT_K)
+    start = gl.program_id(2) * per_split
+    end = gl.minimum(start + per_split, steps)  # (no steps left: end <= start)
+    run, first_column = n0 // word_run, n0 % word_run
+    byte = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, WORDS)))[None, None, :] + \
+        gl.zeros([BN, 8, 4], gl.int32, WORDS)
+
+    xs = gl.allocate_shared_memory(DTYPE, [STAGES, BLOCK_M, _STEP], x_desc.layout)
+    wq = gl.allocate_shared_memory(gl.int32, [STAGES] + w_desc.block_type.shape, w_desc.layout)
+    ss = gl.allocate_shared_memory(DTYPE, [STAGES, 1, BN], s_desc.layout)
+    zs = gl.allocate_shared_memory(DTYPE, [STAGES, 1, BN], z_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for s in gl.static_range(STAGES):
+        mbarrier.init(ready.index(s), count=1)
+    fence_async_shared()
+    for s in gl.static_range(STAGES):
+        _stage_copies(x_desc, w_desc, s_desc, z_desc, xs, wq, ss, zs, ready, s, start + s, m0, n0, run, first_column,
+                      start + s < end, GROUP_SIZE)
+
+    acc = gl.zeros([BN, BLOCK_M], gl.float32, MMA)
+    for step in range(start, end):
+        i = step - start
+        stage = i % STAGES
+        mbarrier.wait(ready.index(stage), (i // STAGES) & 1)
+        a = _register_operand(wq, zs, ss, stage, byte, WORDS, STAGE_WORDS, STAGE_COLUMNS, A_LAYOUT,
+                              DTYPE == gl.bfloat16)
+        acc = warpgroup_mma(a, xs.index(stage).permute((1, 0)), acc, is_async=True)
+        # waited for at once: an operand still in flight at the loop's back edge may have its registers reused by
+        # ptxas (Triton 3.6), and a wait for one pending gained nothing where it was safe (two steps an iteration)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=[acc])
+        # every thread's reads of the stage are done (the fence orders them before the TMA's writes): refill it
+        fence_async_shared()
+        _cta_barrier()
+        _stage_copies(x_desc, w_desc, s_desc, z_desc, xs, wq, ss, zs, ready, stage, step + STAGES, m0, n0, run,
+                      first_column, step + STAGES < end, GROUP_SIZE)
+    for s in gl.static_range(STAGES):
+        mbarrier.invalidate(ready.index(s))
+
+    _store_tile(gl.permute(acc, (1, 0)), out_ptr, b_ptr, m0, n0, M, N, stride_om, SPLIT_K, HAS_BIAS, DTYPE)

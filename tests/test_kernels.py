@@ -262,18 +262,24 @@ def test_w4a16_kernel_choice_by_rows():
     assert w4a16.warp_mma_registers(w4a16.WarpMmaConfig(4, 1, 1), 8, 528, 132) == 0  # 4 an SM: 128 registers
     assert isinstance(pick(8, 28672, 4096, 128, device, warp_mma=False), w4a16.MmaConfig)
     # 17 to 64 rows: the wgmma kernel on Hopper (never on the CPU), else the tensor-core kernel; the
-    # weights exact in its MMA up to 32 rows, scaled before it past 32
+    # weights exact in its MMA up to 32 rows; past 32 the TMA kernel with the weights in registers, or, where the
+    # TMA cannot read the words, the wgmma kernel with them scaled before the MMA
     hopper = CUDA and torch.cuda.get_device_capability() == (9, 0)
     for M in (17, 32, 33, 64):
         cfg = pick(M, 28672, 4096, 128, device)
+        assert isinstance(cfg, (w4a16.WgmmaTmaConfig if M > 32 else w4a16.WgmmaConfig) if hopper else w4a16.MmaConfig)
+        assert not hopper or M <= 32 or cfg.registers
+        cfg = pick(M, 28672, 4096, 128, device, tma_words=False)
         assert isinstance(cfg, w4a16.WgmmaConfig if hopper else w4a16.MmaConfig)
         assert not hopper or cfg.scaled == (M > 32)
         assert isinstance(pick(M, 28672, 4096, 128, device, wgmma=False), w4a16.MmaConfig)
-    # 65 to 256 rows: the TMA kernel on Hopper, else the tensor-core kernel to 128 rows, then the weight
-    # dequantized once and cuBLAS
+    # 65 to 256 rows: the TMA kernel on Hopper (the weights in registers to 128 rows where the TMA reads the
+    # words), else the tensor-core kernel to 128 rows, then the weight dequantized once and cuBLAS
     for M in (65, 128, 256):
         assert isinstance(pick(M, 28672, 4096, 128, device), w4a16.WgmmaTmaConfig if hopper else
                           w4a16.MmaConfig if M <= 128 else w4a16.DequantMmConfig)
+        assert not hopper or pick(M, 28672, 4096, 128, device).registers == (M <= 128)
+        assert not hopper or not pick(M, 28672, 4096, 128, device, tma_words=False).registers
         assert not isinstance(pick(M, 28672, 4096, 128, device, wgmma=False), w4a16.WgmmaTmaConfig)
     assert isinstance(pick(257, 28672, 4096, 128, device), w4a16.DequantMmConfig)
     assert isinstance(pick(24, 4096, 4160, 64, device), w4a16.MmaConfig)  # K not in 128-row chunks
@@ -359,6 +365,23 @@ def test_w4a16_wgmma_tma_config_by_shape():
     assert cfg(100, 1024, 1024, 132) == w4a16.WgmmaTmaConfig(128, 128, 4, 1)
 
 
+def test_w4a16_wgmma_registers_config_by_shape():
+    """33 to 128 rows (fifty-fourth session): the TMA kernel with the weights in registers, 64 columns a program by
+    64 rows to 64, by 128 past; 3 stages; K split by powers of two to 8 while the programs fit 4 an SM (64 rows)
+    or 3 (128 rows) and a split keeps 8 steps of 64. Shapes as N, K."""
+    cfg = w4a16._wgmma_registers_config
+    shapes = [(4096, 4096), (6144, 4096), (28672, 4096), (4096, 14336)]
+    registers = [w4a16.WgmmaTmaConfig(64, 64, 3, split, num_warps=4, registers=True) for split in (8, 4, 1, 8)]
+    assert [cfg(M, N, K, 132) for M in (33, 64) for N, K in shapes] == 2 * registers
+    assert [cfg(M, N, K, 132) for M in (65, 128) for N, K in shapes] == 2 * [
+        w4a16.WgmmaTmaConfig(128, 64, 3, split, num_warps=4, registers=True) for split in (4, 4, 1, 4)]
+    assert cfg(100, 1024, 1024, 132) == w4a16.WgmmaTmaConfig(128, 64, 3, 2, num_warps=4, registers=True)  # 8 steps
+    assert cfg(100, 1024, 512, 132).split_k == 1
+    assert cfg(128, 8192, 4096, 132).split_k == 2  # 128 programs: 256 fit 3 an SM, 512 do not
+    for c in registers:
+        w4a16.check_wgmma_tma_config(c)
+
+
 def test_w4a16_wgmma_tma_past_256_rows_only_in_whole_waves():
     """257 to 1024 rows (fifty-third session): the warp-specialized kernel's 256 x 128 tiles where M fills 60% of
     their rows and their programs 90% of their waves: unsplit in up to two waves, split in two in one where that
@@ -390,6 +413,16 @@ def test_w4a16_wgmma_tma_rejects_shapes_it_cannot_run():
                         (w4a16.WgmmaTmaConfig(128, 128, 4, 1, 8, 2), 149504),  # 2 warps dequantizing
                         (w4a16.WgmmaTmaConfig(256, 128, 5, 1, 8, 4), 268800)):  # 5 stages of 256 rows
         with pytest.raises(ValueError, match=rf"{re.escape(repr(cfg))}: needs .*dequant_warps 4 or 8.*"
+                                             rf"this one: {shared}"):
+            w4a16.check_wgmma_tma_config(cfg)
+    for cfg in (w4a16.WgmmaTmaConfig(128, 64, 3, 4, 4, registers=True),
+                w4a16.WgmmaTmaConfig(256, 64, 4, 1, 4, 0, True)):
+        w4a16.check_wgmma_tma_config(cfg)
+    for cfg, shared in ((w4a16.WgmmaTmaConfig(128, 128, 3, 1, 4, registers=True), 56064),  # one warpgroup: 64 columns
+                        (w4a16.WgmmaTmaConfig(128, 64, 3, 1, 8, registers=True), 56064),
+                        (w4a16.WgmmaTmaConfig(128, 64, 3, 1, 4, 4, True), 56064),  # not warp-specialized too
+                        (w4a16.WgmmaTmaConfig(256, 64, 8, 1, 4, registers=True), 280576)):
+        with pytest.raises(ValueError, match=rf"{re.escape(repr(cfg))}: needs .*registers with block_n 64.*"
                                              rf"this one: {shared}"):
             w4a16.check_wgmma_tma_config(cfg)
     for cfg, shared in ((w4a16.WgmmaTmaConfig(64, 128, 4, 1), 81920), (w4a16.WgmmaTmaConfig(128, 256, 4, 1, 4), 163840),
@@ -785,6 +818,84 @@ def test_w4a16_warp_specialized_kernel_reads_every_operand_by_tma():
         dots = [line for line in ttgir.splitlines() if "ttng.warp_group_dot " in line]
         assert len(dots) == 1 and "dot_op" not in dots[0] and dots[0].count("!ttg.memdesc") == 2, dots
         assert "pendings = 1" in ttgir
+
+
+# The TMA kernel with the weights in registers compiled for sm_90: fp16 128 rows, words in tiles, a bias; bf16 64
+# rows, words in rows, split in two. Its TTGIR, then its SASS as lines after "SASS".
+_REGISTER_OPERAND_TMA_KERNEL = r"""
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon._runtime import GluonASTSource
+from qpass.kernels import w4a16_wgmma_tma
+
+x_tiles = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+runs = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=3)
+rows = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=16, rank=2)
+for dtype, block_m, split, bias in (("fp16", 128, 1, True), ("bf16", 64, 2, False)):
+    constexprs = dict(GROUP_SIZE=128, BLOCK_M=block_m, STAGES=3, SPLIT_K=split, HAS_BIAS=bias)
+    pointers = {"b_ptr": "*" + dtype, "out_ptr": "*fp32" if split > 1 else "*" + dtype,
+                "x_desc": f"tensordesc<{dtype}[{block_m},64],{x_tiles!r}>",
+                "w_desc": f"tensordesc<i32[1,8,64],{runs!r}>"}
+    pointers |= {p: f"tensordesc<{dtype}[1,64],{rows!r}>" for p in ("s_desc", "z_desc")}
+    kernel = compiled(w4a16_wgmma_tma.w4a16_wgmma_tma_rs_kernel, pointers, constexprs, GluonASTSource, num_warps=4)
+    print(kernel.asm["ttgir"])
+    print("SASS")
+    # "address instruction" a line
+    print("\n".join(line.split("/*")[1].split("*/")[0] + " " + line.split("*/")[1].split(";")[0].strip()
+                    for line in sass(kernel)))
+"""
+
+
+def wgmma_operand_registers_rewritten_in_flight(sass_lines):
+    """The instructions of ``sass_lines`` ("address instruction" a line) that write a register-operand ``HGMMA``'s
+    A registers while it may still read them: before the ``WARPGROUP.DEPBAR`` that retires its group. Each loop
+    (a branch back) is read twice over, so that its next iteration meets what its last one left in flight."""
+    code = [(int(line.split()[0], 16), line.split(None, 1)[1]) for line in sass_lines
+            if re.match(r"[0-9a-f]{4,} \S", line)]
+    addresses = [address for address, _ in code]
+    loops = [code[addresses.index(int(target, 16)):i + 1] for i, (address, text) in enumerate(code)
+             for target in re.findall(r"BRA \S*?(0x[0-9a-f]+)", text) if int(target, 16) < address]
+    found = []
+    for body in [code] + [loop + loop for loop in loops]:
+        groups, group = [], set()
+        for _, text in body:
+            op = re.sub(r"^@!?U?P\w+\s+", "", text).split()
+            hgmma = re.match(r"HGMMA\S* R\d+, R(\d+),", " ".join(op))
+            if hgmma:
+                group |= set(range(int(hgmma.group(1)), int(hgmma.group(1)) + 4))
+                if "gsb0" in text:
+                    groups, group = groups + [group], set()
+            elif op and op[0] == "WARPGROUP.DEPBAR.LE":
+                pending = int(op[-1], 16)
+                groups = groups[len(groups) - pending:] if pending else []
+            elif len(op) > 1 and not op[0].startswith(("ST", "RED", "ATOM", "BRA", "BAR", "SYNCS", "UTMA")):
+                written = re.match(r"R(\d+)", op[1])
+                if written and any(int(written.group(1)) in g for g in groups + [group]):
+                    found.append(text)
+    return found
+
+
+@pytest.mark.skipif(not w4a16._GLUON, reason="this Triton has no Gluon")
+def test_w4a16_register_operand_tma_kernel_dequantizes_into_the_mma_operand():
+    """The TMA kernel with the weights in registers, compiled for sm_90: x, the words, scales and zeros reach
+    shared memory by TMA only (for 3 stages, then a step each; the only global load left is the bias), the wgmma's left
+    operand is in registers and its right one in shared memory, and each step's MMAs are waited for before the
+    loop goes on; in the SASS no instruction rewrites an operand register of an HGMMA in flight (Triton 3.6's
+    ptxas did, with one step in flight across the loop's back edge)."""
+    modules = compiled_for_sm90(_REGISTER_OPERAND_TMA_KERNEL).split("module attributes")[1:]
+    assert len(modules) == 2
+    for module, (x_block, scales, bias) in zip(modules, (("128x64xf16", "1x64xf16", True),
+                                                         ("64x64xbf16", "1x64xbf16", False))):
+        ttgir, code = module.split("\nSASS\n")
+        copies = [line for line in ttgir.splitlines() if "ttng.async_tma_copy_global_to_local" in line]
+        blocks = sorted(line.split("!tt.tensordesc<")[1].split(",")[0] for line in copies)
+        assert blocks == sorted(4 * [x_block, "1x8x64xsi32", scales, scales]), blocks  # 3 stages, then the loop's
+        assert ttgir.count("tt.load ") == int(bias)
+        dots = [line for line in ttgir.splitlines() if "ttng.warp_group_dot " in line]
+        assert len(dots) == 1 and "dot_op<{opIdx = 0" in dots[0] and dots[0].count("!ttg.memdesc") == 1, dots
+        assert "pendings = 1" not in ttgir and "pendings = 0" in ttgir
+        lines = code.splitlines()
+        assert sum(" HGMMA" in line for line in lines) == 4
+        assert not wgmma_operand_registers_rewritten_in_flight(lines)
 
 
 @pytest.mark.parametrize("unit", [1.0, int4_pairs.F16_DOT_UNIT])  # the tile's and the GEMV dot's
@@ -1593,12 +1704,32 @@ def test_gpu_w4a16_wgmma_tma_warp_specialized(M, eighth_n, chunks, group_size, d
 @cuda
 @needs_cuda
 @needs_hopper
-def test_gpu_w4a16_warp_specialized_pick_leaves_words_tma_cannot_read():
-    """Past 128 rows the pick is the warp-specialized kernel; words it cannot copy (tiles of 32) run the kernel
-    without it, right, and that config given for them is refused with the strides it saw."""
-    x, qweight, scales, zeros, _ = make_w4(200, 256, 1024, 128, torch.float16, False, False, 0, tile=32)
-    config = w4a16.pick_config(200, 256, 1024, 128, x.device)
-    assert isinstance(config, w4a16.WgmmaTmaConfig) and config.dequant_warps == 4
+@settings(max_examples=40, deadline=None)
+@given(M=st.integers(1, 300), block_m=st.sampled_from([64, 128, 256]), stages=st.integers(2, 4),
+       tile=st.sampled_from([0, 64]), **HOPPER_PROBLEMS)
+def test_gpu_w4a16_wgmma_tma_register_operand(M, eighth_n, chunks, group_size, dtype, symmetric, bias, activation,
+                                              block_m, stages, tile, split, seed):
+    """The TMA kernel with the weights in registers against the float32 reference, its words in rows or in column
+    tiles: M off its row tiles (x's rows past M zero-filled by the TMA), N off its 64 columns (the copies zero-fill
+    past N), K of 2 to 48 steps in groups of one step, two or four, splits that leave programs without a step, a
+    vector bias in its epilogue, a residual and each activation after it, and the RMSNorm before it."""
+    config = w4a16.WgmmaTmaConfig(block_m, 64, stages, split, 4, registers=True)
+    K = chunks * max(128, group_size)
+    check_w4_config(config, M, 8 * eighth_n, K, group_size, dtype, symmetric, bias, activation, seed, tile=tile)
+
+
+@cuda
+@needs_cuda
+@needs_hopper
+@pytest.mark.parametrize("M, kernel", [(200, "dequant_warps"), (100, "registers"), (48, "registers")])
+def test_gpu_w4a16_pick_leaves_words_tma_cannot_read(M, kernel):
+    """Past 128 rows the pick is the warp-specialized kernel, from 33 to 128 the one with the weights in registers;
+    words they cannot copy (tiles of 32) run the kernels that load them (the TMA kernel without warp
+    specialization, or to 64 rows the wgmma kernel), right, and the config given for them is refused with the
+    strides it saw."""
+    x, qweight, scales, zeros, _ = make_w4(M, 256, 1024, 128, torch.float16, False, False, 0, tile=32)
+    config = w4a16.pick_config(M, 256, 1024, 128, x.device)
+    assert isinstance(config, w4a16.WgmmaTmaConfig) and getattr(config, kernel)
     out = w4a16.w4a16_linear(x, qweight, scales, zeros, 128)
     assert relative_error(out, w4_reference(x, qweight, scales, zeros, 128, None)) < BOUND[torch.float16]
     with pytest.raises(ValueError, match=r"reads qweight, scales and zeros by TMA.*got qweight \(128, 8, 32\)"):
