@@ -73,6 +73,16 @@ _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 
 
 @gluon.jit
+def _split_steps(K, SPLIT_K: gl.constexpr):
+    """The steps of 64 rows of K of this program's split (program_id 2), ``[start, end)``: ``end <= start`` where
+    none is left."""
+    steps = K // _STEP
+    per_split = gl.cdiv(steps, SPLIT_K)
+    start = gl.program_id(2) * per_split
+    return start, gl.minimum(start + per_split, steps)
+
+
+@gluon.jit
 def _step_loads(w_ptrs, z_ptr, s_ptr, step, last, stride_qk, stride_sg, columns, spread, GROUP_SIZE: gl.constexpr):
     """What step ``min(step, last)`` reads: its 8 word rows and its group's zeros and scales, spread over
     the word tile."""
@@ -133,11 +143,8 @@ def w4a16_wgmma_tma_kernel(x_desc, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K
 
     n0 = gl.program_id(0) * BLOCK_N
     m0 = gl.program_id(1) * BLOCK_M
-    steps = K // _STEP
-    per_split = gl.cdiv(steps, SPLIT_K)
-    start = gl.program_id(2) * per_split
-    end = gl.minimum(start + per_split, steps)  # (no steps left: end <= start)
-    last = gl.maximum(end - 1, gl.minimum(start, steps - 1))  # the last step loads may touch
+    start, end = _split_steps(K, SPLIT_K)
+    last = gl.maximum(end - 1, gl.minimum(start, K // _STEP - 1))  # the last step loads may touch
 
     columns = gl.minimum(n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, WORDS)), N - 1)  # past N: never stored
     word_rows = gl.arange(0, 8, layout=gl.SliceLayout(0, WORDS))
@@ -276,10 +283,7 @@ def w4a16_wgmma_tma_ws_kernel(x_desc, w_desc, s_desc, z_desc, b_ptr, out_ptr, M,
     W_SHARED: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
     n0 = gl.program_id(0) * BLOCK_N
     m0 = gl.program_id(1) * BLOCK_M
-    steps = K // _STEP
-    per_split = gl.cdiv(steps, SPLIT_K)
-    start = gl.program_id(2) * per_split
-    end = gl.minimum(start + per_split, steps)
+    start, end = _split_steps(K, SPLIT_K)
 
     xs = gl.allocate_shared_memory(DTYPE, [STAGES, BLOCK_M, _STEP], x_desc.layout)
     wq = gl.allocate_shared_memory(gl.int32, [STAGES] + w_desc.block_type.shape, w_desc.layout)
@@ -310,15 +314,26 @@ def w4a16_wgmma_tma_ws_kernel(x_desc, w_desc, s_desc, z_desc, b_ptr, out_ptr, M,
     _store_tile(acc, out_ptr, b_ptr, m0, n0, M, N, stride_om, SPLIT_K, HAS_BIAS, DTYPE)
 
 
-# Byte c ($3) of a word ($2), nibbles 2c and 2c + 1, minus the zero ($4) and times the scale ($5) -> two values of
-# x's dtype, exact before the scale. fp16: prmt puts the byte in bytes 0 and 2, one lop3 makes the half2 (1024 + lo,
-# 1024 + 16 hi) (``int4_pairs.f16_nibble_pairs``' magic), one fma by (1, 1/16) with (-(1024 + z), -(64 + z)) leaves
-# (lo - z, hi - z). bf16 keeps 7 mantissa bits, so the high nibble comes from the word shifted by 4: (128 + lo,
-# 128 + hi), then one fma by 1 with -128 - z.
-_BYTE_PAIR_F16 = asm_constant("""
-        {
-        .reg .b32 v, sel, unit, zz, ss;
-        .reg .b16 lo, hi;
+def _byte_pair_ptx(bf16: bool) -> str:
+    """PTX for byte c ($3) of a word ($2), nibbles 2c and 2c + 1, minus the zero ($4) and times the scale ($5) -> two
+    values of x's dtype ($0, $1), exact before the scale. fp16: prmt puts the byte in bytes 0 and 2, one lop3 makes
+    the half2 (1024 + lo, 1024 + 16 hi) (``int4_pairs.f16_nibble_pairs``' magic), one fma by (1, 1/16) with
+    (-(1024 + z), -(64 + z)) leaves (lo - z, hi - z). bf16 keeps 7 mantissa bits, so the high nibble comes from the
+    word shifted by 4: (128 + lo, 128 + hi), then one fma by 1 with -128 - z."""
+    if bf16:
+        pair = """
+        mad.lo.u32 sel, $3, 0x101, 0x0400;
+        shr.u32 w4, $2, 4;
+        prmt.b32 v, $2, w4, sel;
+        lop3.b32 v, v, 0x000F000F, 0x43004300, 0xEA;
+        mov.b16 m, 0xBF80;
+        mov.b16 lo, 0xC300;
+        fma.rn.bf16 lo, $4, m, lo;
+        mov.b32 zz, {lo, lo};
+        mov.b32 unit, 0x3F803F80;
+        fma.rn.bf16x2 v, v, unit, zz;"""
+    else:
+        pair = """
         mad.lo.u32 sel, $3, 0x101, 0x4040;
         prmt.b32 v, $2, 0, sel;
         lop3.b32 v, v, 0x00F0000F, 0x64006400, 0xEA;
@@ -330,29 +345,13 @@ _BYTE_PAIR_F16 = asm_constant("""
         neg.f16 hi, hi;
         mov.b32 zz, {lo, hi};
         mov.b32 unit, 0x2C003C00;
-        fma.rn.f16x2 v, v, unit, zz;
-        mov.b32 ss, {$5, $5};
-        mul.rn.f16x2 v, v, ss;
-        mov.b32 {$0, $1}, v;
-        }""")
-_BYTE_PAIR_BF16 = asm_constant("""
-        {
-        .reg .b32 v, w4, sel, one, zz, ss;
-        .reg .b16 z, m;
-        mad.lo.u32 sel, $3, 0x101, 0x0400;
-        shr.u32 w4, $2, 4;
-        prmt.b32 v, $2, w4, sel;
-        lop3.b32 v, v, 0x000F000F, 0x43004300, 0xEA;
-        mov.b16 m, 0xBF80;
-        mov.b16 z, 0xC300;
-        fma.rn.bf16 z, $4, m, z;
-        mov.b32 zz, {z, z};
-        mov.b32 one, 0x3F803F80;
-        fma.rn.bf16x2 v, v, one, zz;
-        mov.b32 ss, {$5, $5};
-        mul.rn.bf16x2 v, v, ss;
-        mov.b32 {$0, $1}, v;
-        }""")
+        fma.rn.f16x2 v, v, unit, zz;"""
+    return ("{ .reg .b32 v, w4, sel, unit, zz, ss; .reg .b16 lo, hi, m;" + pair +
+            f" mov.b32 ss, {{$5, $5}}; mul.rn.{'bf16' if bf16 else 'f16'}x2 v, v, ss; mov.b32 {{$0, $1}}, v; }}")
+
+
+_BYTE_PAIR_F16 = asm_constant(_byte_pair_ptx(False))
+_BYTE_PAIR_BF16 = asm_constant(_byte_pair_ptx(True))
 
 
 @gluon.jit
@@ -423,10 +422,7 @@ def w4a16_wgmma_tma_rs_kernel(x_desc, w_desc, s_desc, z_desc, b_ptr, out_ptr, M,
 
     n0 = gl.program_id(0) * BN
     m0 = gl.program_id(1) * BLOCK_M
-    steps = K // _STEP
-    per_split = gl.cdiv(steps, SPLIT_K)
-    start = gl.program_id(2) * per_split
-    end = gl.minimum(start + per_split, steps)  # (no steps left: end <= start)
+    start, end = _split_steps(K, SPLIT_K)
     run, first_column = n0 // word_run, n0 % word_run
     byte = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, WORDS)))[None, None, :] + \
         gl.zeros([BN, 8, 4], gl.int32, WORDS)

@@ -898,6 +898,38 @@ def test_w4a16_register_operand_tma_kernel_dequantizes_into_the_mma_operand():
         assert not wgmma_operand_registers_rewritten_in_flight(lines)
 
 
+# The register-fed wgmma kernel's SASS for sm_90 ("address instruction" a line), exact and scaled, one and two
+# warpgroups, split or not
+_SASS_OF_WGMMA_KERNEL = r"""
+from triton.experimental.gluon._runtime import GluonASTSource
+from qpass.kernels import w4a16_wgmma
+
+for dtype, block_m, warpgroups, split, scaled in (("fp16", 32, 2, 1, False), ("bf16", 32, 1, 4, False),
+                                                  ("fp16", 64, 2, 4, True)):
+    constexprs = dict(TILE=64, GROUP_SIZE=128, BLOCK_M=block_m, WARPGROUPS=warpgroups, SPLIT_K=split, HAS_BIAS=False,
+                      BF16=dtype == "bf16", SCALED=scaled)
+    pointers = {p: "*" + dtype for p in ("x_ptr", "s_ptr", "z_ptr", "b_ptr", "out_ptr")}
+    pointers |= {"qw_ptr": "*i32", "sums_ptr": "*fp32"}
+    kernel = compiled(w4a16_wgmma.w4a16_wgmma_kernel, pointers, constexprs, GluonASTSource, num_warps=4 * warpgroups)
+    print("KERNEL")
+    print("\n".join(line.split("/*")[1].split("*/")[0] + " " + line.split("*/")[1].split(";")[0].strip()
+                    for line in sass(kernel)))
+"""
+
+
+@pytest.mark.skipif(not w4a16._GLUON, reason="this Triton has no Gluon")
+def test_w4a16_wgmma_kernel_never_rewrites_an_operand_in_flight():
+    """The register-fed wgmma kernel keeps one step's MMAs in flight while it dequantizes the next: in its sm_90 SASS
+    no instruction writes the registers of an operand whose MMAs have not been waited for (two steps an iteration
+    give each its own registers; with one, Triton 3.6's ptxas reused them)."""
+    kernels = compiled_for_sm90(_SASS_OF_WGMMA_KERNEL).split("KERNEL\n")[1:]
+    assert len(kernels) == 3
+    for code in kernels:
+        lines = code.splitlines()
+        assert any(" HGMMA" in line for line in lines) and any("DEPBAR.LE gsb0, 0x1" in line for line in lines)
+        assert not wgmma_operand_registers_rewritten_in_flight(lines)
+
+
 @pytest.mark.parametrize("unit", [1.0, int4_pairs.F16_DOT_UNIT])  # the tile's and the GEMV dot's
 def test_f16_nibble_arithmetic_is_exact_for_every_code_and_zero(unit):
     """The fp16 arithmetic of ``int4_pairs.f16_nibble_pairs`` and ``f16_zero_constants``, which the
