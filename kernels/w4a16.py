@@ -526,11 +526,11 @@ def wgmma_tma_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
     return (out if bias is None else out + bias).to(x.dtype)
 
 
-def _wgmma_split(tiles: int, K: int, slots: int, min_steps: int = 8) -> int:
-    """The Hopper kernels' K split for ``tiles`` programs: powers of two while twice the programs fit in
-    ``slots`` and a split keeps ``min_steps`` steps of 64."""
+def _wgmma_split(tiles: int, K: int, slots: int, min_steps: int = 8, most: int = 16) -> int:
+    """The Hopper kernels' K split for ``tiles`` programs: powers of two up to ``most`` while twice the programs
+    fit in ``slots`` and a split keeps ``min_steps`` steps of 64."""
     split = 1
-    while split < 16 and tiles * split * 2 <= slots and K // 64 >= min_steps * split * 2:
+    while split < most and tiles * split * 2 <= slots and K // 64 >= min_steps * split * 2:
         split *= 2
     return split
 
@@ -559,10 +559,7 @@ def _wgmma_registers_config(M: int, N: int, K: int, sms: int) -> WgmmaTmaConfig:
     -> 12.15 / 15.41 / 48.27 / 26.09; 96 rows 17.82 / 24.66 / 73.47 / 36.61 -> 15.70 / 19.37 / 76.01 / 35.56; 128
     rows 19.24 / 25.96 / 73.25 / 41.63 -> 16.93 / 20.51 / 70.14 / 35.78."""
     block_m = 64 if M <= 64 else 128
-    programs = cdiv(N, 64) * cdiv(M, block_m)
-    split = 1
-    while split < 8 and programs * split * 2 <= (4 if block_m == 64 else 3) * sms and K // 64 >= 8 * split * 2:
-        split *= 2
+    split = _wgmma_split(cdiv(N, 64) * cdiv(M, block_m), K, (4 if block_m == 64 else 3) * sms, most=8)
     return WgmmaTmaConfig(block_m, 64, 3, split, num_warps=4, registers=True)
 
 
