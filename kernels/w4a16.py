@@ -424,6 +424,24 @@ def wgmma_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
     return out
 
 
+def x_in_halves(M: int, block_m: int, warp_specialized: bool) -> bool:
+    """Whether the TMA kernels copy x in two boxes of half a tile's rows, each moved back to end within x
+    (``w4a16_wgmma_tma._x_halves``): where the last tile reaches 24 rows or more past x's end, or, warp-specialized,
+    all its second half but a sixteenth. A box copied that far past its tensor's end takes the TMA long enough to
+    stall the kernels' steps; the warp-specialized kernel, its copies in a warp of their own four steps ahead, hides
+    all but the farthest. H200, fp16, us, one box -> halves on 4096², 4096x6144, 4096x28672, 14336x4096
+    (bench/NOTES-kernels.md, fifty-fifth session): 33 rows (64-row tile) 13.0 / 16.7 / 64.5 / 25.4 -> 12.0 / 15.1 /
+    50.2 / 26.4; 40 rows 12.8 / 15.4 / 52.7 / 25.1 -> 12.1 / 15.1 / 50.2 / 26.4; 65 rows (128) 19.7 / 26.1 / 91.3 /
+    34.4 -> 15.1 / 20.6 / 64.1 / 34.4; 96 rows 16.4 / 22.4 / 80.5 / 35.7 -> 16.5 / 21.1 / 66.6 / 36.2; 104 rows 16.8
+    / 21.8 / 74.2 / 36.0 -> 16.7 / 22.0 / 69.2 / 36.0; warp-specialized, 256-row tile, 129 rows 22.5 / 32.2 /
+    132.6 / 49.8 -> 21.8 / 32.2 / 104.7 / 51.3, 160 rows 22.7 / 33.3 / 108.7 / 49.8 -> 22.9 / 33.4 / 112.4 / 52.3.
+    Halves cost a second copy a step: where the tile reaches less far past x, or not at all, one box. Not for the
+    single-partition kernel, whose copies of x run two steps ahead: 65 rows on 4096x28672 76.2 -> 71.1, but 1-5%
+    slower from 80 to 200 rows and on 4096², 14336x4096."""
+    past_end = cdiv(M, block_m) * block_m - M
+    return past_end >= (block_m // 2 - block_m // 32 if warp_specialized else 24)
+
+
 # shared memory a program may take on Hopper (227 KB)
 HOPPER_SHARED_BYTES = 232448
 
@@ -505,15 +523,19 @@ def wgmma_tma_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
             runs, block, gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=3))
         rows = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=16, rank=2)
         s_desc, z_desc = (TensorDescriptor.from_tensor(t, [1, block_n], rows) for t in (scales, zeros))
-        descriptors = (x_desc, w_desc, s_desc, z_desc, bias if bias is not None else scales, out, M, N, K,
+        # and x by half tiles, where its last tile reaches far past x's end (``x_in_halves``)
+        x_halves = x_in_halves(M, block_m, dequant_warps > 0)
+        x_half_desc = TensorDescriptor.from_tensor(x, [block_m // 2, 64], x_tiles)
+        descriptors = (x_desc, x_half_desc, w_desc, s_desc, z_desc, bias if bias is not None else scales, out, M, N, K,
                        runs.shape[2], out.stride(0))
         if registers:
             w4a16_wgmma_tma_rs_kernel[grid](*descriptors, GROUP_SIZE=group_size, BLOCK_M=block_m, STAGES=stages,
-                                            SPLIT_K=split_k, HAS_BIAS=bias is not None and split_k == 1, num_warps=4)
+                                            SPLIT_K=split_k, HAS_BIAS=bias is not None and split_k == 1,
+                                            X_HALVES=x_halves, num_warps=4)
         else:
             w4a16_wgmma_tma_ws_kernel[grid](*descriptors, GROUP_SIZE=group_size, BLOCK_M=block_m, BLOCK_N=block_n,
                                             STAGES=stages, SPLIT_K=split_k, HAS_BIAS=bias is not None and split_k == 1,
-                                            DEQUANT_WARPS=dequant_warps, num_warps=num_warps)
+                                            DEQUANT_WARPS=dequant_warps, X_HALVES=x_halves, num_warps=num_warps)
     else:
         w4a16_wgmma_tma_kernel[grid](
             x_desc, qweight, scales, zeros, bias if bias is not None else scales, out, M, N, K, qweight.stride(0),

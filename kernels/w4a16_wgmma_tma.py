@@ -49,6 +49,13 @@ words a step, its A fragment's K positions exactly. H200, fp16, us at 128 rows, 
 19.24 / 25.96 / 73.25 / 41.63 -> 16.93 / 20.51 / 70.14 / 35.78 on 4096², 4096x6144, 4096x28672, 14336x4096
 (bench/NOTES-kernels.md, fifty-fourth session).
 
+**x past its last row.** Where a tile of the two kernels below reaches far past x's last row (``w4a16.x_in_halves``:
+24 rows or more with the weights in registers, all its second half but a sixteenth warp-specialized), the TMA,
+which zero-fills a box's rows past its tensor, copies it slowly enough to stall the steps (H200, fp16, 4096x28672
+at 65 rows: 91.3 us against 49.5 at 64). With ``X_HALVES`` x is copied in two boxes of half the tile's rows instead,
+each moved back to end within x (``_x_halves``): 64.1 us. Their rows before the tile's, or the first half's again,
+are not stored.
+
 K may be split over programs (``SPLIT_K``), whose float32 sums are added atomically into a zeroed
 float32 output. Needs Hopper (sm_90: TMA, ``wgmma``) and fp16/bf16 x; the CPU tests compile it for
 sm_90 (``tests/test_kernels.py``). ``w4a16.wgmma_tma_matmul`` launches it and imports this module on
@@ -106,13 +113,42 @@ def _weight_tile(words, zero, scale, BF16: gl.constexpr):
 
 
 @gluon.jit
+def _x_halves(m0, M, BLOCK_M: gl.constexpr):
+    """The first rows of x in the two halves of the tile at row ``m0`` where x is copied in half tiles
+    (``X_HALVES``): ``m0`` and ``m0 + BLOCK_M / 2``, each moved back to end within x (its rows before ``m0``, or the
+    first half's again, are not stored: ``_store_tile``)."""
+    inside = gl.maximum(M - BLOCK_M // 2, 0)  # the last row a half's box may start at
+    return gl.minimum(m0, inside), gl.minimum(m0 + BLOCK_M // 2, inside)
+
+
+@gluon.jit
+def _copy_x(x_desc, x_half_desc, bar, dst, m0, lo, hi, k, pred, X_HALVES: gl.constexpr):
+    """x's rows of the tile at ``m0`` from column ``k`` into ``dst`` by TMA, where ``pred``: one box, or with
+    ``X_HALVES`` two of half its rows, from ``lo`` and ``hi`` (``_x_halves``)."""
+    if X_HALVES:
+        HALF: gl.constexpr = dst.type.shape[0] // 2
+        _tma_load(x_half_desc, [lo, k], bar, dst.slice(0, HALF), pred=pred)
+        _tma_load(x_half_desc, [hi, k], bar, dst.slice(HALF, HALF), pred=pred)
+    else:
+        _tma_load(x_desc, [m0, k], bar, dst, pred=pred)
+
+
+@gluon.jit
 def _store_tile(acc, out_ptr, b_ptr, m0, n0, M, N, stride_om, SPLIT_K: gl.constexpr, HAS_BIAS: gl.constexpr,
-                DTYPE: gl.constexpr):
-    """The program's sums ``acc`` at rows ``m0``, columns ``n0``: added into the float32 output where K is split,
-    else with the bias and in x's dtype."""
-    om = m0 + gl.arange(0, acc.shape[0], layout=gl.SliceLayout(1, acc.type.layout))
+                DTYPE: gl.constexpr, X_HALVES: gl.constexpr = False, lo=0, hi=0):
+    """The program's sums ``acc`` for the tile of x's rows at ``m0`` (with ``X_HALVES``, its halves' rows from
+    ``lo`` and ``hi``, ``_x_halves``: only those of the tile, each once), columns ``n0``: added into the float32
+    output where K is split, else with the bias and in x's dtype."""
+    r = gl.arange(0, acc.shape[0], layout=gl.SliceLayout(1, acc.type.layout))
     on = n0 + gl.arange(0, acc.shape[1], layout=gl.SliceLayout(0, acc.type.layout))
-    mask = (om[:, None] < M) & (on[None, :] < N)
+    if X_HALVES:
+        HALF: gl.constexpr = acc.shape[0] // 2
+        om = gl.where(r < HALF, lo + r, hi + r - HALF)
+        rows = (om >= m0) & (om < M) & ((r < HALF) | (om >= lo + HALF))
+    else:
+        om = m0 + r
+        rows = om < M
+    mask = rows[:, None] & (on[None, :] < N)
     if SPLIT_K > 1:
         gl.atomic_add(out_ptr + om[:, None] * stride_om + on[None, :], acc, mask=mask, sem="relaxed")
     else:
@@ -191,8 +227,8 @@ def w4a16_wgmma_tma_kernel(x_desc, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K
 
 # The two worker partitions below take the same arguments, as Gluon requires of workers; each reads its own.
 @gluon.jit
-def _loader(x_desc, w_desc, s_desc, z_desc, xs, wq, ss, zs, ws, loaded, w_ready, empty, n0, m0, start, end,
-            word_run, GROUP_SIZE: gl.constexpr):
+def _loader(x_desc, x_half_desc, w_desc, s_desc, z_desc, xs, wq, ss, zs, ws, loaded, w_ready, empty, n0, m0, lo, hi,
+            start, end, word_run, GROUP_SIZE: gl.constexpr, X_HALVES: gl.constexpr):
     """One warp: a step's x, words, scales and zeros into its stage by TMA once the stage's MMAs are done."""
     stages: gl.constexpr = xs.type.shape[0]
     BLOCK_N: gl.constexpr = ws.type.shape[1]
@@ -204,7 +240,7 @@ def _loader(x_desc, w_desc, s_desc, z_desc, xs, wq, ss, zs, ws, loaded, w_ready,
         bar = loaded.index(s)
         mbarrier.wait(empty.index(s), ((i // stages) & 1) ^ 1)
         mbarrier.expect(bar, BYTES)
-        _tma_load(x_desc, [m0, step * _STEP], bar, xs.index(s))
+        _copy_x(x_desc, x_half_desc, bar, xs.index(s), m0, lo, hi, step * _STEP, True, X_HALVES)
         _tma_load(w_desc, [run, step * 8, first_column], bar, wq.index(s))
         group = step * _STEP // GROUP_SIZE
         _tma_load(s_desc, [group, n0], bar, ss.index(s))
@@ -212,8 +248,8 @@ def _loader(x_desc, w_desc, s_desc, z_desc, xs, wq, ss, zs, ws, loaded, w_ready,
 
 
 @gluon.jit
-def _dequantizer(x_desc, w_desc, s_desc, z_desc, xs, wq, ss, zs, ws, loaded, w_ready, empty, n0, m0, start, end,
-                 word_run, GROUP_SIZE: gl.constexpr):
+def _dequantizer(x_desc, x_half_desc, w_desc, s_desc, z_desc, xs, wq, ss, zs, ws, loaded, w_ready, empty, n0, m0,
+                 lo, hi, start, end, word_run, GROUP_SIZE: gl.constexpr, X_HALVES: gl.constexpr):
     """The weights' partition: each step's words, scales and zeros from their stage into the step's weight
     tile, dequantized and scaled."""
     DTYPE: gl.constexpr = ws.dtype
@@ -270,10 +306,10 @@ def _mma_consumer(xs, ws, loaded, w_ready, empty, start, end):
 
 
 @gluon.jit
-def w4a16_wgmma_tma_ws_kernel(x_desc, w_desc, s_desc, z_desc, b_ptr, out_ptr, M, N, K, word_run, stride_om,
+def w4a16_wgmma_tma_ws_kernel(x_desc, x_half_desc, w_desc, s_desc, z_desc, b_ptr, out_ptr, M, N, K, word_run, stride_om,
                               GROUP_SIZE: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                               STAGES: gl.constexpr, SPLIT_K: gl.constexpr, HAS_BIAS: gl.constexpr,
-                              DEQUANT_WARPS: gl.constexpr, num_warps: gl.constexpr):
+                              DEQUANT_WARPS: gl.constexpr, X_HALVES: gl.constexpr, num_warps: gl.constexpr):
     """The same product, warp-specialized: a TMA warp fills the stages with x, the words (``w_desc``: in
     column tiles, blocks ``[BLOCK_N / 64, 8, 64]`` of ``[N / 64, K / 8, 64]`` and ``word_run`` 64; in rows,
     ``[1, 8, BLOCK_N]`` of ``[1, K / 8, N]`` and ``word_run`` N), the scales and the zeros (blocks
@@ -283,6 +319,7 @@ def w4a16_wgmma_tma_ws_kernel(x_desc, w_desc, s_desc, z_desc, b_ptr, out_ptr, M,
     W_SHARED: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
     n0 = gl.program_id(0) * BLOCK_N
     m0 = gl.program_id(1) * BLOCK_M
+    lo, hi = _x_halves(m0, M, BLOCK_M)
     start, end = _split_steps(K, SPLIT_K)
 
     xs = gl.allocate_shared_memory(DTYPE, [STAGES, BLOCK_M, _STEP], x_desc.layout)
@@ -301,17 +338,17 @@ def w4a16_wgmma_tma_ws_kernel(x_desc, w_desc, s_desc, z_desc, b_ptr, out_ptr, M,
 
     acc = gl.warp_specialize(
         [(_mma_consumer, (xs, ws, loaded, w_ready, empty, start, end)),
-         (_dequantizer, (x_desc, w_desc, s_desc, z_desc, xs, wq, ss, zs, ws, loaded, w_ready, empty, n0, m0, start,
-                         end, word_run, GROUP_SIZE)),
-         (_loader, (x_desc, w_desc, s_desc, z_desc, xs, wq, ss, zs, ws, loaded, w_ready, empty, n0, m0, start, end,
-                    word_run, GROUP_SIZE))],
+         (_dequantizer, (x_desc, x_half_desc, w_desc, s_desc, z_desc, xs, wq, ss, zs, ws, loaded, w_ready, empty,
+                         n0, m0, lo, hi, start, end, word_run, GROUP_SIZE, X_HALVES)),
+         (_loader, (x_desc, x_half_desc, w_desc, s_desc, z_desc, xs, wq, ss, zs, ws, loaded, w_ready, empty, n0, m0,
+                    lo, hi, start, end, word_run, GROUP_SIZE, X_HALVES))],
         [DEQUANT_WARPS, 1], [_DEQUANT_REGISTERS, 24])[0]
     for s in gl.static_range(STAGES):
         mbarrier.invalidate(loaded.index(s))
         mbarrier.invalidate(w_ready.index(s))
         mbarrier.invalidate(empty.index(s))
 
-    _store_tile(acc, out_ptr, b_ptr, m0, n0, M, N, stride_om, SPLIT_K, HAS_BIAS, DTYPE)
+    _store_tile(acc, out_ptr, b_ptr, m0, n0, M, N, stride_om, SPLIT_K, HAS_BIAS, DTYPE, X_HALVES, lo, hi)
 
 
 def _byte_pair_ptx(bf16: bool) -> str:
@@ -355,13 +392,13 @@ _BYTE_PAIR_BF16 = asm_constant(_byte_pair_ptx(True))
 
 
 @gluon.jit
-def _stage_copies(x_desc, w_desc, s_desc, z_desc, xs, wq, ss, zs, ready, stage, step, m0, n0, run, first_column, pred,
-                  GROUP_SIZE: gl.constexpr):
+def _stage_copies(x_desc, x_half_desc, w_desc, s_desc, z_desc, xs, wq, ss, zs, ready, stage, step, m0, lo, hi, n0,
+                  run, first_column, pred, GROUP_SIZE: gl.constexpr, X_HALVES: gl.constexpr):
     """Step ``step``'s x, words, scales and zeros into ``stage`` by TMA, all on the stage's barrier, where ``pred``."""
     BYTES: gl.constexpr = xs.type.shape[1] * _STEP * 2 + wq.type.shape[2] * wq.type.shape[3] * 4 + 4 * ss.type.shape[2]
     bar = ready.index(stage)
     mbarrier.expect(bar, BYTES, pred=pred)
-    _tma_load(x_desc, [m0, step * _STEP], bar, xs.index(stage), pred=pred)
+    _copy_x(x_desc, x_half_desc, bar, xs.index(stage), m0, lo, hi, step * _STEP, pred, X_HALVES)
     _tma_load(w_desc, [run, step * 8, first_column], bar, wq.index(stage), pred=pred)
     group = step * _STEP // GROUP_SIZE
     _tma_load(s_desc, [group, n0], bar, ss.index(stage), pred=pred)
@@ -395,9 +432,9 @@ def _register_operand(wq, zs, ss, stage, byte, WORDS: gl.constexpr, STAGE_WORDS:
 
 
 @gluon.jit
-def w4a16_wgmma_tma_rs_kernel(x_desc, w_desc, s_desc, z_desc, b_ptr, out_ptr, M, N, K, word_run, stride_om,
+def w4a16_wgmma_tma_rs_kernel(x_desc, x_half_desc, w_desc, s_desc, z_desc, b_ptr, out_ptr, M, N, K, word_run, stride_om,
                               GROUP_SIZE: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
-                              SPLIT_K: gl.constexpr, HAS_BIAS: gl.constexpr):
+                              SPLIT_K: gl.constexpr, HAS_BIAS: gl.constexpr, X_HALVES: gl.constexpr):
     """The same product transposed, ``out^T = W^T x^T``, with the weights as wgmma's left operand in registers
     (one warpgroup, 64 weight columns a program, BLOCK_M rows of x its N side): each step's x, words (``w_desc`` as
     the warp-specialized kernel's, blocks of one run), scales and zeros are copied by TMA into one of ``STAGES``
@@ -422,6 +459,7 @@ def w4a16_wgmma_tma_rs_kernel(x_desc, w_desc, s_desc, z_desc, b_ptr, out_ptr, M,
 
     n0 = gl.program_id(0) * BN
     m0 = gl.program_id(1) * BLOCK_M
+    lo, hi = _x_halves(m0, M, BLOCK_M)
     start, end = _split_steps(K, SPLIT_K)
     run, first_column = n0 // word_run, n0 % word_run
     byte = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, WORDS)))[None, None, :] + \
@@ -436,8 +474,8 @@ def w4a16_wgmma_tma_rs_kernel(x_desc, w_desc, s_desc, z_desc, b_ptr, out_ptr, M,
         mbarrier.init(ready.index(s), count=1)
     fence_async_shared()
     for s in gl.static_range(STAGES):
-        _stage_copies(x_desc, w_desc, s_desc, z_desc, xs, wq, ss, zs, ready, s, start + s, m0, n0, run, first_column,
-                      start + s < end, GROUP_SIZE)
+        _stage_copies(x_desc, x_half_desc, w_desc, s_desc, z_desc, xs, wq, ss, zs, ready, s, start + s, m0, lo, hi,
+                      n0, run, first_column, start + s < end, GROUP_SIZE, X_HALVES)
 
     acc = gl.zeros([BN, BLOCK_M], gl.float32, MMA)
     for step in range(start, end):
@@ -453,9 +491,10 @@ def w4a16_wgmma_tma_rs_kernel(x_desc, w_desc, s_desc, z_desc, b_ptr, out_ptr, M,
         # every thread's reads of the stage are done (the fence orders them before the TMA's writes): refill it
         fence_async_shared()
         _cta_barrier()
-        _stage_copies(x_desc, w_desc, s_desc, z_desc, xs, wq, ss, zs, ready, stage, step + STAGES, m0, n0, run,
-                      first_column, step + STAGES < end, GROUP_SIZE)
+        _stage_copies(x_desc, x_half_desc, w_desc, s_desc, z_desc, xs, wq, ss, zs, ready, stage, step + STAGES, m0,
+                      lo, hi, n0, run, first_column, step + STAGES < end, GROUP_SIZE, X_HALVES)
     for s in gl.static_range(STAGES):
         mbarrier.invalidate(ready.index(s))
 
-    _store_tile(gl.permute(acc, (1, 0)), out_ptr, b_ptr, m0, n0, M, N, stride_om, SPLIT_K, HAS_BIAS, DTYPE)
+    _store_tile(gl.permute(acc, (1, 0)), out_ptr, b_ptr, m0, n0, M, N, stride_om, SPLIT_K, HAS_BIAS, DTYPE,
+                X_HALVES, lo, hi)

@@ -778,8 +778,13 @@ def test_w4a16_wgmma_tma_kernel_reads_both_operands_from_shared_memory():
         assert "pendings = 1" in loop and "pendings = 0" in ttgir
 
 
-# The warp-specialized TMA kernel compiled for sm_90: fp16 256 x 128 with 4 warps dequantizing words in tiles, bf16
-# 128 x 64 with 4 MMA warps and 8 dequantizing words in rows, with a bias
+def copied_block(line):
+    """The block a TTGIR TMA copy reads ("128x64xf16"), as Triton 3.9 and 3.6 (``tensor<...>``) print it."""
+    return line.split("!tt.tensordesc<")[1].split(",")[0].removeprefix("tensor<")
+
+
+# The warp-specialized TMA kernel compiled for sm_90: fp16 256 x 128 (x in half tiles) with 4 warps dequantizing words
+# in tiles, bf16 128 x 64 with 4 MMA warps and 8 dequantizing words in rows, with a bias
 _TTGIR_OF_WARP_SPECIALIZED_KERNEL = r"""
 from triton.experimental.gluon import language as gl
 from qpass.kernels import w4a16_wgmma_tma
@@ -787,12 +792,13 @@ from qpass.kernels import w4a16_wgmma_tma
 x_tiles = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
 runs = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=3)
 rows = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=16, rank=2)
-for dtype, block_m, block_n, words, split, bias, warps, dequant_warps in (
-        ("fp16", 256, 128, "2,8,64", 2, False, 8, 4), ("bf16", 128, 64, "1,8,64", 1, True, 4, 8)):
+for dtype, block_m, block_n, words, split, bias, warps, dequant_warps, halves in (
+        ("fp16", 256, 128, "2,8,64", 2, False, 8, 4, True), ("bf16", 128, 64, "1,8,64", 1, True, 4, 8, False)):
     constexprs = dict(GROUP_SIZE=128, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=4, SPLIT_K=split, HAS_BIAS=bias,
-                      DEQUANT_WARPS=dequant_warps, num_warps=warps)
+                      DEQUANT_WARPS=dequant_warps, X_HALVES=halves, num_warps=warps)
     pointers = {"b_ptr": "*" + dtype, "out_ptr": "*fp32" if split > 1 else "*" + dtype,
                 "x_desc": f"tensordesc<{dtype}[{block_m},64],{x_tiles!r}>",
+                "x_half_desc": f"tensordesc<{dtype}[{block_m // 2},64],{x_tiles!r}>",
                 "w_desc": f"tensordesc<i32[{words}],{runs!r}>"}
     pointers |= {p: f"tensordesc<{dtype}[1,{block_n}],{rows!r}>" for p in ("s_desc", "z_desc")}
     print(gluon_ttgir(w4a16_wgmma_tma.w4a16_wgmma_tma_ws_kernel, pointers, constexprs, warps))
@@ -807,13 +813,12 @@ def test_w4a16_warp_specialized_kernel_reads_every_operand_by_tma():
     one in flight."""
     modules = compiled_for_sm90(_TTGIR_OF_WARP_SPECIALIZED_KERNEL).split("module attributes")[1:]
     assert len(modules) == 2
-    for ttgir, (x_block, words, scales, dequant_warps, bias) in zip(modules, (
-            ("256x64xf16", "2x8x64xsi32", "1x128xf16", 4, False),
-            ("128x64xbf16", "1x8x64xsi32", "1x64xbf16", 8, True))):
+    for ttgir, (x_blocks, words, scales, dequant_warps, bias) in zip(modules, (
+            (["128x64xf16"] * 2, "2x8x64xsi32", "1x128xf16", 4, False),  # x in two halves (X_HALVES)
+            (["128x64xbf16"], "1x8x64xsi32", "1x64xbf16", 8, True))):
         assert "ttg.warp_specialize" in ttgir and f"num_warps({dequant_warps})" in ttgir and "num_warps(1)" in ttgir
         copies = [line for line in ttgir.splitlines() if "ttng.async_tma_copy_global_to_local" in line]
-        assert sorted(line.split("!tt.tensordesc<")[1].split(",")[0] for line in copies) == sorted(
-            [x_block, words, scales, scales]), copies
+        assert sorted(copied_block(line) for line in copies) == sorted([*x_blocks, words, scales, scales]), copies
         assert ttgir.count("tt.load ") == int(bias)
         dots = [line for line in ttgir.splitlines() if "ttng.warp_group_dot " in line]
         assert len(dots) == 1 and "dot_op" not in dots[0] and dots[0].count("!ttg.memdesc") == 2, dots
@@ -821,7 +826,7 @@ def test_w4a16_warp_specialized_kernel_reads_every_operand_by_tma():
 
 
 # The TMA kernel with the weights in registers compiled for sm_90: fp16 128 rows, words in tiles, a bias; bf16 64
-# rows, words in rows, split in two. Its TTGIR, then its SASS as lines after "SASS".
+# rows, words in rows, split in two, x in half tiles. Its TTGIR, then its SASS as lines after "SASS".
 _REGISTER_OPERAND_TMA_KERNEL = r"""
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon._runtime import GluonASTSource
@@ -830,10 +835,11 @@ from qpass.kernels import w4a16_wgmma_tma
 x_tiles = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
 runs = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=3)
 rows = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=16, rank=2)
-for dtype, block_m, split, bias in (("fp16", 128, 1, True), ("bf16", 64, 2, False)):
-    constexprs = dict(GROUP_SIZE=128, BLOCK_M=block_m, STAGES=3, SPLIT_K=split, HAS_BIAS=bias)
+for dtype, block_m, split, bias, halves in (("fp16", 128, 1, True, False), ("bf16", 64, 2, False, True)):
+    constexprs = dict(GROUP_SIZE=128, BLOCK_M=block_m, STAGES=3, SPLIT_K=split, HAS_BIAS=bias, X_HALVES=halves)
     pointers = {"b_ptr": "*" + dtype, "out_ptr": "*fp32" if split > 1 else "*" + dtype,
                 "x_desc": f"tensordesc<{dtype}[{block_m},64],{x_tiles!r}>",
+                "x_half_desc": f"tensordesc<{dtype}[{block_m // 2},64],{x_tiles!r}>",
                 "w_desc": f"tensordesc<i32[1,8,64],{runs!r}>"}
     pointers |= {p: f"tensordesc<{dtype}[1,64],{rows!r}>" for p in ("s_desc", "z_desc")}
     kernel = compiled(w4a16_wgmma_tma.w4a16_wgmma_tma_rs_kernel, pointers, constexprs, GluonASTSource, num_warps=4)
@@ -876,19 +882,19 @@ def wgmma_operand_registers_rewritten_in_flight(sass_lines):
 
 @pytest.mark.skipif(not w4a16._GLUON, reason="this Triton has no Gluon")
 def test_w4a16_register_operand_tma_kernel_dequantizes_into_the_mma_operand():
-    """The TMA kernel with the weights in registers, compiled for sm_90: x, the words, scales and zeros reach
-    shared memory by TMA only (for 3 stages, then a step each; the only global load left is the bias), the wgmma's left
-    operand is in registers and its right one in shared memory, and each step's MMAs are waited for before the
-    loop goes on; in the SASS no instruction rewrites an operand register of an HGMMA in flight (Triton 3.6's
-    ptxas did, with one step in flight across the loop's back edge)."""
+    """The TMA kernel with the weights in registers, compiled for sm_90: x (in whole tiles, or in halves), the words,
+    scales and zeros reach shared memory by TMA only (for 3 stages, then a step each; the only global load left is
+    the bias), the wgmma's left operand is in registers and its right one in shared memory, and each step's MMAs are
+    waited for before the loop goes on; in the SASS no instruction rewrites an operand register of an HGMMA in flight
+    (Triton 3.6's ptxas did, with one step in flight across the loop's back edge)."""
     modules = compiled_for_sm90(_REGISTER_OPERAND_TMA_KERNEL).split("module attributes")[1:]
     assert len(modules) == 2
-    for module, (x_block, scales, bias) in zip(modules, (("128x64xf16", "1x64xf16", True),
-                                                         ("64x64xbf16", "1x64xbf16", False))):
+    for module, (x_blocks, scales, bias) in zip(modules, ((["128x64xf16"], "1x64xf16", True),
+                                                          (["32x64xbf16"] * 2, "1x64xbf16", False))):
         ttgir, code = module.split("\nSASS\n")
         copies = [line for line in ttgir.splitlines() if "ttng.async_tma_copy_global_to_local" in line]
-        blocks = sorted(line.split("!tt.tensordesc<")[1].split(",")[0] for line in copies)
-        assert blocks == sorted(4 * [x_block, "1x8x64xsi32", scales, scales]), blocks  # 3 stages, then the loop's
+        blocks = sorted(copied_block(line) for line in copies)
+        assert blocks == sorted(4 * [*x_blocks, "1x8x64xsi32", scales, scales]), blocks  # 3 stages, then the loop's
         assert ttgir.count("tt.load ") == int(bias)
         dots = [line for line in ttgir.splitlines() if "ttng.warp_group_dot " in line]
         assert len(dots) == 1 and "dot_op<{opIdx = 0" in dots[0] and dots[0].count("!ttg.memdesc") == 1, dots
@@ -1748,6 +1754,41 @@ def test_gpu_w4a16_wgmma_tma_register_operand(M, eighth_n, chunks, group_size, d
     config = w4a16.WgmmaTmaConfig(block_m, 64, stages, split, 4, registers=True)
     K = chunks * max(128, group_size)
     check_w4_config(config, M, 8 * eighth_n, K, group_size, dtype, symmetric, bias, activation, seed, tile=tile)
+
+
+# (config, rows, whether x is copied in half tiles): the last tile just far enough past x's end for half tiles, and
+# just short of it, for the TMA kernels with the weights in registers and warp-specialized, K split or not, one tile
+# or more; and the single-partition kernel, x always in whole tiles
+REGISTERS_128, REGISTERS_64 = (w4a16.WgmmaTmaConfig(rows, 64, 3, 3, 4, registers=True) for rows in (128, 64))
+HALVES_CASES = [(REGISTERS_128._replace(split_k=1), 65, True), (REGISTERS_128, 20, True), (REGISTERS_128, 104, True),
+                (REGISTERS_128, 105, False), (REGISTERS_128, 200, True), (REGISTERS_64, 40, True),
+                (REGISTERS_64, 41, False)]
+HALVES_CASES += [(w4a16.WgmmaTmaConfig(256, 128, 4, 2, dequant_warps=4), M, halves)
+                 for M, halves in ((44, True), (136, True), (137, False), (300, True))]
+HALVES_CASES += [(w4a16.WgmmaTmaConfig(128, 128, 3, 2, 8), 65, False)]  # (the single-partition kernel: never)
+
+
+def test_w4a16_x_in_halves_where_the_last_tile_reaches_far_past_x():
+    """x in half tiles where the last tile reaches 24 rows or more past x's end, or for the warp-specialized kernel
+    all its second half but a sixteenth (for 256-row tiles, 120 rows); else in whole tiles."""
+    for config, M, halves in HALVES_CASES:
+        if config.registers or config.dequant_warps:
+            assert w4a16.x_in_halves(M, config.block_m, config.dequant_warps > 0) == halves, (config, M)
+    assert not any(w4a16.x_in_halves(M, rows, ws) for M, rows in ((128, 128), (256, 128), (64, 64)) for ws in (0, 1))
+
+
+@cuda
+@needs_cuda
+@needs_hopper
+@pytest.mark.parametrize("config, M", [(config, M) for config, M, _ in HALVES_CASES])
+def test_gpu_w4a16_tma_kernels_copy_x_within_its_rows(config, M):
+    """Each TMA kernel where its last tile reaches far enough past x's end for x in half tiles (moved back within x,
+    some of their rows another tile's or copied twice) and where it does not (one box, the TMA zero-filling past
+    the end): every row right, with a bias, K split or not (each row's sums added once)."""
+    x, qweight, scales, zeros, b = make_w4(M, 192, 1024, 128, torch.float16, False, True, 0, tile=64)
+    out = w4a16.w4a16_linear(x, qweight, scales, zeros, 128, b, config=config)
+    assert out.shape == (M, 192)
+    assert relative_error(out, w4_reference(x, qweight, scales, zeros, 128, b)) < BOUND[torch.float16]
 
 
 @cuda
