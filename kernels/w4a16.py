@@ -434,7 +434,7 @@ def x_in_halves(M: int, block_m: int, warp_specialized: bool) -> bool:
     50.2 / 26.4; 40 rows 12.8 / 15.4 / 52.7 / 25.1 -> 12.1 / 15.1 / 50.2 / 26.4; 65 rows (128) 19.7 / 26.1 / 91.3 /
     34.4 -> 15.1 / 20.6 / 64.1 / 34.4; 96 rows 16.4 / 22.4 / 80.5 / 35.7 -> 16.5 / 21.1 / 66.6 / 36.2; 104 rows 16.8
     / 21.8 / 74.2 / 36.0 -> 16.7 / 22.0 / 69.2 / 36.0; warp-specialized, 256-row tile, 129 rows 22.5 / 32.2 /
-    132.6 / 49.8 -> 21.8 / 32.2 / 104.7 / 51.3, 160 rows 22.7 / 33.3 / 108.7 / 49.8 -> 22.9 / 33.4 / 112.4 / 52.3.
+    132.6 / 49.9 -> 21.8 / 32.2 / 104.7 / 51.3, 160 rows 22.7 / 33.3 / 108.7 / 49.8 -> 22.9 / 33.4 / 112.4 / 52.3.
     Halves cost a second copy a step: where the tile reaches less far past x, or not at all, one box. Not for the
     single-partition kernel, whose copies of x run two steps ahead: 65 rows on 4096x28672 76.2 -> 71.1, but 1-5%
     slower from 80 to 200 rows and on 4096², 14336x4096."""
