@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 import triton
 
+# beside this script
+from decode_ops import time_us
 from qpass.kernels import reference, w4a16
 
 GROUP = 128
@@ -26,18 +28,11 @@ BF16_SHAPES, BF16_ROWS = [(4096, 28672), (14336, 4096)], [40, 65, 96, 129, 160, 
 
 
 def weight(K, N, dtype):
-    """Random codes, scales and zeros in the awq method's layout (words in column tiles), and the float32 weight
-    [K, N] they stand for."""
+    """Random codes, scales and zeros in the awq method's layout (words in column tiles)."""
     q = torch.randint(0, 16, (N, K), dtype=torch.uint8, device="cuda")
-    scales = (torch.rand(N, K // GROUP, device="cuda") * 0.01 + 0.001).to(dtype)
-    zeros = torch.randint(0, 16, (N, K // GROUP), device="cuda").to(dtype)
-    qweight = reference.tile_word_columns(reference.pack_int4_rows(q.t().contiguous()))
-    w = (q.float() - zeros.float().repeat_interleave(GROUP, 1)) * scales.float().repeat_interleave(GROUP, 1)
-    return qweight, scales.t().contiguous(), zeros.t().contiguous(), w.t()
-
-
-def time_us(fn):
-    return triton.testing.do_bench_cudagraph(fn, rep=20, return_mode="median") * 1000.0
+    scales = (torch.rand(K // GROUP, N, device="cuda") * 0.01 + 0.001).to(dtype)
+    zeros = torch.randint(0, 16, (K // GROUP, N), device="cuda").to(dtype)
+    return reference.tile_word_columns(reference.pack_int4_rows(q.t().contiguous())), scales, zeros
 
 
 def main():
@@ -48,7 +43,7 @@ def main():
     rows = []
     for dtype, shapes, counts in ((torch.float16, SHAPES, ROWS), (torch.bfloat16, BF16_SHAPES, BF16_ROWS)):
         for K, N in shapes:
-            qweight, scales, zeros, w = weight(K, N, dtype)
+            qweight, scales, zeros = weight(K, N, dtype)
             for M in counts:
                 x = torch.randn(M, K, device="cuda", dtype=dtype)
                 cfg = w4a16.pick_config(M, N, K, GROUP, x.device, dtype=dtype)
@@ -59,8 +54,8 @@ def main():
                 times = {False: [], True: []}
                 for halves in (False, True, False, True):
                     w4a16.x_in_halves = lambda *_, halves=halves: halves
-                    times[halves].append(time_us(lambda: w4a16.wgmma_tma_matmul(*call)))
-                ref = x.float() @ w
+                    times[halves].append(time_us(lambda: w4a16.wgmma_tma_matmul(*call), x.device))
+                ref = reference.w4a16_linear(x.float(), qweight, scales.float(), zeros.float(), GROUP, None)
                 error = ((w4a16.wgmma_tma_matmul(*call).float() - ref).norm() / ref.norm()).item()
                 w4a16.x_in_halves = chosen
                 rows.append(dict(dtype=str(dtype).split(".")[1], K=K, N=N, M=M, config=repr(cfg),

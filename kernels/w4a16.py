@@ -523,9 +523,9 @@ def wgmma_tma_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
             runs, block, gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=3))
         rows = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=16, rank=2)
         s_desc, z_desc = (TensorDescriptor.from_tensor(t, [1, block_n], rows) for t in (scales, zeros))
-        # and x by half tiles, where its last tile reaches far past x's end (``x_in_halves``)
+        # and x by half tiles, where its last tile reaches far past x's end (``x_in_halves``; else never read)
         x_halves = x_in_halves(M, block_m, dequant_warps > 0)
-        x_half_desc = TensorDescriptor.from_tensor(x, [block_m // 2, 64], x_tiles)
+        x_half_desc = TensorDescriptor.from_tensor(x, [block_m // 2, 64], x_tiles) if x_halves else x_desc
         descriptors = (x_desc, x_half_desc, w_desc, s_desc, z_desc, bias if bias is not None else scales, out, M, N, K,
                        runs.shape[2], out.stride(0))
         if registers:
