@@ -211,6 +211,33 @@ def zero_kernel(ptr, size, BLOCK: tl.constexpr, PDL: tl.constexpr):
     tl.store(ptr + offs, tl.zeros((BLOCK,), tl.float32), mask=offs < size)
 
 
+SPLIT_TOTAL_BLOCK = 1024
+
+
+@triton.jit
+def split_total_kernel(ws_ptr, b_ptr, out_ptr, size, N, BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       PDL: tl.constexpr):
+    """The result of a GEMM whose K splits added their float32 sums into ``ws_ptr[:size]`` (``[M, N]``, rows
+    contiguous): plus the bias ``[N]``, cast into ``out_ptr`` (the same shape), BLOCK values a program; the sums are
+    left at zero for the next split (``split_k_workspace``). Under PDL (``dependent_launch``) the next kernel may
+    start at once, and this one reads the sums once the GEMM before it has finished."""
+    if PDL:
+        launch_dependent_grids()
+    block = tl.program_id(0)
+    if PDL:
+        block += wait_for_prior_grids()
+    offs = block * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < size
+    total = tl.load(ws_ptr + offs, mask=mask, other=0)
+    # every thread has read its sums before any zeroes them: the zeros' layout need not be the sums' (H200: without
+    # it, some totals came out short)
+    tl.debug_barrier()
+    tl.store(ws_ptr + offs, tl.zeros((BLOCK,), tl.float32), mask=mask)
+    if HAS_BIAS:
+        total += tl.load(b_ptr + offs % N, mask=mask, other=0).to(tl.float32)
+    tl.store(out_ptr + offs, total.to(out_ptr.dtype.element_ty), mask=mask)
+
+
 def bias_rows(bias: Optional[torch.Tensor], M: int, N: int) -> Tuple[Optional[torch.Tensor], int]:
     """The bias as the epilogue reads it, and its row stride: ``[N]`` is every row's (stride 0);
     ``[M, N]``, shaped as the GEMM's output (a residual added in the epilogue), row by row."""

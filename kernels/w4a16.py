@@ -46,7 +46,8 @@ That same epilogue computes the ``activation``: GELU, or ``"silu_mul"`` (columns
 result ``silu(gate) * up``), each program computing matching gate and up tiles (the GEMV in one
 pass over K, its gate columns then its up columns as one tile). The Gluon kernels split K their own
 way (the wgmma kernel into a workspace each launch leaves zero, ``split_k_workspace``; the TMA
-kernel into zeros, cast after) and, like dequantize + cuBLAS, leave a residual and the activation
+kernels into that workspace too, finished by one launch after, ``common.split_total_kernel``) and, like
+dequantize + cuBLAS, leave a residual and the activation
 to one pointwise pass after them (fused by Inductor under torch.compile).
 """
 
@@ -61,9 +62,9 @@ import triton.language as tl
 
 from .common import (MAX_UNROLLED_STEPS, asm_constant, bias_rows, capability, cdiv, dependent_launch, grouped_tile,
                      launch_dependent_grids, mma_accumulate, mma_zeros, next_power_of_2, output_columns,
-                     register_budget, sm_count, split_for, split_k_workspace, split_range, store_output, traced_split,
-                     triton_interpreted, unrolled_steps, wait_for_prior_grids, WORD_TILE, word_columns,
-                     word_offsets, word_strides)
+                     register_budget, sm_count, split_for, split_k_workspace, split_range, split_total_kernel,
+                     SPLIT_TOTAL_BLOCK, store_output, traced_split, triton_interpreted, unrolled_steps,
+                     wait_for_prior_grids, WORD_TILE, word_columns, word_offsets, word_strides)
 from .int4_pairs import NIBBLE_PAIRS_OUT, bf16_nibble_pairs, f16_nibble_pairs, zero_bf16x2, zero_f16x2
 from .reference import activation_after_gemm, check_up_run, gate_up_halves
 from .replay import launch, new_empty
@@ -496,23 +497,48 @@ def wgmma_tma_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
                      group_size: int, bias: Optional[torch.Tensor], block_m: int, block_n: int, stages: int,
                      split_k: int, num_warps: int = 8, dequant_warps: int = 0, registers: bool = False) -> torch.Tensor:
     """``WgmmaTmaConfig``'s GEMM, ``x @ w (+ bias [N])`` -> ``[M, N]`` in x.dtype (``w4a16_wgmma_tma``,
-    imported here at the first call)."""
+    imported here at the first call).
+
+    Split, the programs add their float32 sums into the workspace kept between calls (``split_k_workspace``) and
+    one launch after (``split_total_kernel``) adds the bias, casts and leaves the workspace zero. H200, fp16, us,
+    fresh zeros, the kernel, then the bias added and the cast (three launches, two without a bias) -> this
+    (bench/NOTES-kernels.md, fifty-sixth session): 4096² at 64 rows 13.7 -> 12.8, 128 rows 17.8 -> 16.9, with a
+    bias 21.5 -> 17.3; 4096x6144 at 256 rows 37.5 -> 36.7. Read back and finished by each tile's last program
+    instead (as ``wgmma_matmul``), the register-fed kernel takes 222-244 registers (145 without), too many for
+    three programs an SM: 0.91 to 1.53x the time of the zeros and the cast."""
+    M = x.shape[0]
+    N = word_columns(qweight)
+    out = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    if split_k == 1:
+        wgmma_tma_launch(x, qweight, scales, zeros, group_size, bias, out, block_m, block_n, stages, split_k,
+                         num_warps, dequant_warps, registers)
+        return out
+    sums = split_k_workspace(M, N, 0, split_k, out)[:M * N].view(M, N)
+    wgmma_tma_launch(x, qweight, scales, zeros, group_size, None, sums, block_m, block_n, stages, split_k, num_warps,
+                     dequant_warps, registers)
+    launch(split_total_kernel, (cdiv(M * N, SPLIT_TOTAL_BLOCK),), sums, bias if bias is not None else out, out,
+           M * N, N, BLOCK=SPLIT_TOTAL_BLOCK, HAS_BIAS=bias is not None, **dependent_launch(x))
+    return out
+
+
+def wgmma_tma_launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                     group_size: int, bias: Optional[torch.Tensor], out: torch.Tensor, block_m: int, block_n: int,
+                     stages: int, split_k: int, num_warps: int, dequant_warps: int, registers: bool):
+    """Launch ``WgmmaTmaConfig``'s kernel into ``out`` ``[M, N]`` (rows contiguous): ``x @ w (+ bias)`` in out's
+    dtype, or, with K split, the programs' float32 sums added into it (its values before kept; bias None)."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     from .w4a16_wgmma_tma import w4a16_wgmma_tma_kernel, w4a16_wgmma_tma_rs_kernel, w4a16_wgmma_tma_ws_kernel
 
+    assert split_k == 1 or (bias is None and out.dtype == torch.float32)
     M, K = x.shape
     N = word_columns(qweight)
     _, stride_qt, tile = word_strides(qweight)
     x_tiles = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
     x_desc = TensorDescriptor.from_tensor(x, [block_m, 64], x_tiles)
-    # split, the float32 sums are added into zeros and cast after (two launches more). Read back and zeroed by
-    # each tile's last program instead, as in ``wgmma_matmul``, a 256-row tile took 0.96 to 1.24x the time at
-    # 256 rows, 0.91 to 1.02x at 96 and 128 (H200; bench/NOTES-kernels.md, twenty-third session)
-    out = (torch.zeros((M, N), device=x.device, dtype=torch.float32) if split_k > 1
-           else torch.empty((M, N), device=x.device, dtype=x.dtype))
     grid = (cdiv(N, block_n), cdiv(M, block_m), split_k)
+    b = bias if bias is not None else scales
     if dequant_warps or registers:
         # the words as runs: a column tile's K / 8 x 64 words each, or one of K / 8 x N in rows
         if qweight.dim() == 3:
@@ -526,26 +552,20 @@ def wgmma_tma_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
         # and x by half tiles, where its last tile reaches far past x's end (``x_in_halves``; else never read)
         x_halves = x_in_halves(M, block_m, dequant_warps > 0)
         x_half_desc = TensorDescriptor.from_tensor(x, [block_m // 2, 64], x_tiles) if x_halves else x_desc
-        descriptors = (x_desc, x_half_desc, w_desc, s_desc, z_desc, bias if bias is not None else scales, out, M, N, K,
-                       runs.shape[2], out.stride(0))
+        descriptors = (x_desc, x_half_desc, w_desc, s_desc, z_desc, b, out, M, N, K, runs.shape[2], out.stride(0))
         if registers:
             w4a16_wgmma_tma_rs_kernel[grid](*descriptors, GROUP_SIZE=group_size, BLOCK_M=block_m, STAGES=stages,
-                                            SPLIT_K=split_k, HAS_BIAS=bias is not None and split_k == 1,
-                                            X_HALVES=x_halves, num_warps=4)
+                                            SPLIT_K=split_k, HAS_BIAS=bias is not None, X_HALVES=x_halves,
+                                            num_warps=4)
         else:
             w4a16_wgmma_tma_ws_kernel[grid](*descriptors, GROUP_SIZE=group_size, BLOCK_M=block_m, BLOCK_N=block_n,
-                                            STAGES=stages, SPLIT_K=split_k, HAS_BIAS=bias is not None and split_k == 1,
+                                            STAGES=stages, SPLIT_K=split_k, HAS_BIAS=bias is not None,
                                             DEQUANT_WARPS=dequant_warps, X_HALVES=x_halves, num_warps=num_warps)
     else:
         w4a16_wgmma_tma_kernel[grid](
-            x_desc, qweight, scales, zeros, bias if bias is not None else scales, out, M, N, K, qweight.stride(0),
-            stride_qt, scales.stride(0), out.stride(0), TILE=tile, GROUP_SIZE=group_size, BLOCK_M=block_m,
-            BLOCK_N=block_n, STAGES=stages,
-            SPLIT_K=split_k, HAS_BIAS=bias is not None and split_k == 1, BF16=x.dtype == torch.bfloat16,
-            num_warps=num_warps)
-    if split_k == 1:
-        return out
-    return (out if bias is None else out + bias).to(x.dtype)
+            x_desc, qweight, scales, zeros, b, out, M, N, K, qweight.stride(0), stride_qt, scales.stride(0),
+            out.stride(0), TILE=tile, GROUP_SIZE=group_size, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages,
+            SPLIT_K=split_k, HAS_BIAS=bias is not None, BF16=x.dtype == torch.bfloat16, num_warps=num_warps)
 
 
 def _wgmma_split(tiles: int, K: int, slots: int, min_steps: int = 8, most: int = 16) -> int:

@@ -56,8 +56,8 @@ at 65 rows: 91.3 us against 49.5 at 64). With ``X_HALVES`` x is copied in two bo
 each moved back to end within x (``_x_halves``): 64.1 us. Their rows before the tile's, or the first half's again,
 are not stored.
 
-K may be split over programs (``SPLIT_K``), whose float32 sums are added atomically into a zeroed
-float32 output. Needs Hopper (sm_90: TMA, ``wgmma``) and fp16/bf16 x; the CPU tests compile it for
+K may be split over programs (``SPLIT_K``), whose float32 sums are added atomically into a float32
+output that is zero before (the caller's to finish). Needs Hopper (sm_90: TMA, ``wgmma``) and fp16/bf16 x; the CPU tests compile it for
 sm_90 (``tests/test_kernels.py``). ``w4a16.wgmma_tma_matmul`` launches it and imports this module on
 its first call.
 """
@@ -165,8 +165,8 @@ def w4a16_wgmma_tma_kernel(x_desc, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K
                            BF16: gl.constexpr, num_warps: gl.constexpr):
     """out = x @ W (+ bias [N]) for BLOCK_N weight columns (program_id 0) by BLOCK_M rows of x (program_id
     1, read through ``x_desc``, a TMA descriptor of blocks ``[BLOCK_M, 64]``) over a SPLIT_K-th of K's
-    steps (program_id 2; split, the float32 sums are added into ``out``, zeroed, and the bias left to the
-    caller)."""
+    steps (program_id 2; split, the float32 sums are added into ``out``, zero before, and the bias left to
+    the caller)."""
     DTYPE: gl.constexpr = gl.bfloat16 if BF16 else gl.float16
     # a thread holds whole words: lanes along the columns (coalesced), warps over columns and word rows
     WORDS: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 1], threads_per_warp=[32, 1],

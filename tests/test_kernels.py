@@ -1768,6 +1768,22 @@ HALVES_CASES += [(w4a16.WgmmaTmaConfig(256, 128, 4, 2, dequant_warps=4), M, halv
 HALVES_CASES += [(w4a16.WgmmaTmaConfig(128, 128, 3, 2, 8), 65, False)]  # (the single-partition kernel: never)
 
 
+@pytest.mark.parametrize("M, N, dtype, bias", [(5, 37, torch.float16, True), (3, 1000, torch.bfloat16, False)])
+def test_split_total_kernel_finishes_the_sums_and_leaves_them_zero(M, N, dtype, bias):
+    """What finishes a split of the TMA kernels (``w4a16.wgmma_tma_matmul``): the float32 sums ``[M, N]`` plus the
+    bias ``[N]``, cast to the output's dtype, over sizes off its block; the sums left at zero for the next split."""
+    g = torch.Generator().manual_seed(M)
+    sums = torch.randn(M * N, generator=g).to(DEVICE)
+    b = torch.randn(N, generator=g).to(dtype).to(DEVICE) if bias else None
+    expected = sums.view(M, N) + (b.float() if bias else 0)
+    out = torch.empty(M, N, dtype=dtype, device=DEVICE)
+    replay.launch(common.split_total_kernel, (common.cdiv(M * N, 256),), sums, b if bias else out, out, M * N, N,
+                  BLOCK=256, HAS_BIAS=bias, PDL=False)
+    # exact, but within a step of bf16 where Triton's interpreter rounds float32 to bf16 toward zero
+    torch.testing.assert_close(out, expected.to(dtype), rtol=2 ** -7 if dtype == torch.bfloat16 else 0, atol=0)
+    assert not sums.any()
+
+
 def test_w4a16_x_in_halves_where_the_last_tile_reaches_far_past_x():
     """x in half tiles where the last tile reaches 24 rows or more past x's end, or for the warp-specialized kernel
     all its second half but a sixteenth (for 256-row tiles, 120 rows); else in whole tiles."""
@@ -1833,7 +1849,10 @@ def test_gpu_w4a16_pick_past_256_rows_in_whole_waves(M, K, split, tile, monkeypa
     pytest.param(w4a16.WgmmaConfig(64, 2, 4, scaled=True), (50, 20), marks=needs_hopper),
     pytest.param(w4a16.WgmmaConfig(32, 1, 3), (50, 20), marks=needs_hopper),
     (w4a16.WarpMmaConfig(4, 4, 2, maxnreg=232), (16, 9)), (w4a16.WarpMmaConfig(8, 2, 1), (5, 8)),
-    (w4a16.GemvConfig(64, 64, 4, num_warps=4), (1, 3)), (w4a16.MmaConfig(32, 32, 64, 3, False, 4, 2), (40, 20))])
+    (w4a16.GemvConfig(64, 64, 4, num_warps=4), (1, 3)), (w4a16.MmaConfig(32, 32, 64, 3, False, 4, 2), (40, 20)),
+    pytest.param(w4a16.WgmmaTmaConfig(64, 64, 3, 4, 4, registers=True), (50, 20), marks=needs_hopper),
+    pytest.param(w4a16.WgmmaTmaConfig(128, 64, 3, 2, 4, 8), (150, 60), marks=needs_hopper),
+    pytest.param(w4a16.WgmmaTmaConfig(64, 64, 3, 3, 4), (50, 20), marks=needs_hopper)])
 def test_gpu_split_gemms_leave_their_workspace_zero(config, rows):
     """The splits of K of each kernel meet in a workspace kept between calls, zeroed only when made
     (``replay.kept_zeros``): each launch leaves it at zero. So the same split GEMM is right every time, eager,
@@ -1861,7 +1880,7 @@ def test_gpu_split_gemms_leave_their_workspace_zero(config, rows):
             assert relative_error(out, first_ref) < BOUND[torch.bfloat16]
             assert relative_error(other(), other_ref) < BOUND[torch.bfloat16]
     torch.cuda.synchronize()
-    if not isinstance(config, w4a16.WgmmaConfig):  # (Gluon's launches are not recorded)
+    if not isinstance(config, (w4a16.WgmmaConfig, w4a16.WgmmaTmaConfig)):  # (Gluon's launches are not recorded)
         assert all(isinstance(record, replay._Record) for record in replayed.records.values())
     assert replay._KEPT and not any(w.any() for w in replay._KEPT.values())
 
