@@ -500,12 +500,12 @@ def wgmma_tma_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
     imported here at the first call).
 
     Split, the programs add their float32 sums into the workspace kept between calls (``split_k_workspace``) and
-    one launch after (``split_total_kernel``) adds the bias, casts and leaves the workspace zero. H200, fp16, us,
-    fresh zeros, the kernel, then the bias added and the cast (three launches, two without a bias) -> this
-    (bench/NOTES-kernels.md, fifty-sixth session): 4096² at 64 rows 13.7 -> 12.8, 128 rows 17.8 -> 16.9, with a
-    bias 21.5 -> 17.3; 4096x6144 at 256 rows 37.5 -> 36.7. Read back and finished by each tile's last program
-    instead (as ``wgmma_matmul``), the register-fed kernel takes 222-244 registers (145 without), too many for
-    three programs an SM: 0.91 to 1.53x the time of the zeros and the cast."""
+    one launch after (``split_total_kernel``) adds the bias, casts and leaves the workspace zero. H200, us, fresh
+    zeros, the kernel, then the bias added and the cast (three launches, two without a bias) -> this, at the picks'
+    splits from 33 to 256 rows (bench/NOTES-kernels.md, fifty-sixth session): 0.97x the time over 36 cases (0.93 to
+    1.00), 0.83x with a bias (0.73 to 0.92); fp16 4096² at 64 rows 13.7 -> 12.8, 128 rows 17.8 -> 16.9, with a
+    bias 21.5 -> 17.3. Read back and finished by each tile's last program instead (as ``wgmma_matmul``), the
+    register-fed kernel takes 222-244 registers (145 without), too many for three programs an SM: 0.91 to 1.53x."""
     M = x.shape[0]
     N = word_columns(qweight)
     out = torch.empty((M, N), device=x.device, dtype=x.dtype)

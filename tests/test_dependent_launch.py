@@ -86,7 +86,8 @@ for dtype in ("fp16", "bf16"):
     out[f"norm {dtype}"] = lines(compiled(w4a16.rms_norm_kernel, pointers,
                                           dict(BLOCK_K=4096, ONE_PASS=True, PDL=True, stride_xk=1), num_warps=8))
 out["zero"] = lines(compiled(common.zero_kernel, {"ptr": "*fp32"}, dict(BLOCK=1024, PDL=True), num_warps=4))
-out["split total"] = lines(compiled(common.split_total_kernel, {"ws_ptr": "*fp32", "b_ptr": "*bf16", "out_ptr": "*bf16"},
+out["split total"] = lines(compiled(common.split_total_kernel, {"ws_ptr": "*fp32", "b_ptr": "*bf16",
+                                                                "out_ptr": "*bf16"},
                                     dict(BLOCK=1024, HAS_BIAS=True, PDL=True), num_warps=4))
 print(json.dumps(out))
 """
