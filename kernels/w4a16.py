@@ -46,9 +46,9 @@ That same epilogue computes the ``activation``: GELU, or ``"silu_mul"`` (columns
 result ``silu(gate) * up``), each program computing matching gate and up tiles (the GEMV in one
 pass over K, its gate columns then its up columns as one tile). The Gluon kernels split K their own
 way (the wgmma kernel into a workspace each launch leaves zero, ``split_k_workspace``; the TMA
-kernels into that workspace too, finished by one launch after, ``common.split_total_kernel``) and, like
-dequantize + cuBLAS, leave a residual and the activation
-to one pointwise pass after them (fused by Inductor under torch.compile).
+kernels into that workspace too, finished by one launch after, ``common.split_total_kernel``) and,
+like dequantize + cuBLAS, leave a residual and the activation to one pointwise pass after them
+(fused by Inductor under torch.compile).
 """
 
 import contextlib

@@ -56,10 +56,10 @@ at 65 rows: 91.3 us against 49.5 at 64). With ``X_HALVES`` x is copied in two bo
 each moved back to end within x (``_x_halves``): 64.1 us. Their rows before the tile's, or the first half's again,
 are not stored.
 
-K may be split over programs (``SPLIT_K``), whose float32 sums are added atomically into a float32
-output that is zero before (the caller's to finish). Needs Hopper (sm_90: TMA, ``wgmma``) and fp16/bf16 x; the CPU tests compile it for
-sm_90 (``tests/test_kernels.py``). ``w4a16.wgmma_tma_matmul`` launches it and imports this module on
-its first call.
+K may be split over programs (``SPLIT_K``), whose float32 sums are added atomically into a float32 output that is
+zero before (the caller's to finish). Needs Hopper (sm_90: TMA, ``wgmma``) and fp16/bf16 x; the CPU tests compile it
+for sm_90 (``tests/test_kernels.py``). ``w4a16.wgmma_tma_launch`` launches it and imports this module on its first
+call.
 """
 
 from triton.experimental import gluon
