@@ -49,8 +49,7 @@ def main():
                 cfg = w4a16.pick_config(M, N, K, GROUP, x.device, dtype=dtype)
                 if not isinstance(cfg, w4a16.WgmmaTmaConfig):
                     continue
-                call = (x, qweight, scales, zeros, GROUP, None, cfg.block_m, cfg.block_n, cfg.stages, cfg.split_k,
-                        cfg.num_warps, cfg.dequant_warps, cfg.registers)
+                call = (x, qweight, scales, zeros, GROUP, None, *cfg)
                 times = {False: [], True: []}
                 for halves in (False, True, False, True):
                     w4a16.x_in_halves = lambda *_, halves=halves: halves

@@ -509,15 +509,13 @@ def wgmma_tma_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
     M = x.shape[0]
     N = word_columns(qweight)
     out = torch.empty((M, N), device=x.device, dtype=x.dtype)
-    if split_k == 1:
-        wgmma_tma_launch(x, qweight, scales, zeros, group_size, bias, out, block_m, block_n, stages, split_k,
-                         num_warps, dequant_warps, registers)
-        return out
-    sums = split_k_workspace(M, N, 0, split_k, out)[:M * N].view(M, N)
-    wgmma_tma_launch(x, qweight, scales, zeros, group_size, None, sums, block_m, block_n, stages, split_k, num_warps,
-                     dequant_warps, registers)
-    launch(split_total_kernel, (cdiv(M * N, SPLIT_TOTAL_BLOCK),), sums, bias if bias is not None else out, out,
-           M * N, N, BLOCK=SPLIT_TOTAL_BLOCK, HAS_BIAS=bias is not None, **dependent_launch(x))
+    split = split_k > 1
+    sums = split_k_workspace(M, N, 0, split_k, out)[:M * N].view(M, N) if split else out
+    wgmma_tma_launch(x, qweight, scales, zeros, group_size, None if split else bias, sums, block_m, block_n, stages,
+                     split_k, num_warps, dequant_warps, registers)
+    if split:
+        launch(split_total_kernel, (cdiv(M * N, SPLIT_TOTAL_BLOCK),), sums, bias if bias is not None else out, out,
+               M * N, N, BLOCK=SPLIT_TOTAL_BLOCK, HAS_BIAS=bias is not None, **dependent_launch(x))
     return out
 
 
