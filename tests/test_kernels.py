@@ -2056,8 +2056,8 @@ def test_a_traced_call_whose_kernel_splits_k_goes_to_the_split_k_op(kind, monkey
         fake = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in call]
         assert entry(*fake, split_k_linear_op=split_k_linear_op) == "the op's result"
     assert len(calls) == 1 and all(got is want for got, want in zip(calls[0], fake)) and len(calls[0]) == len(call)
-    for given in (None, config):
-        out = entry(*call, config=given, split_k_linear_op=split_k_linear_op)
+    for passed in (None, config):
+        out = entry(*call, config=passed, split_k_linear_op=split_k_linear_op)
         assert len(calls) == 1 and out.shape == (2, 48)
     # a split past the kept workspace's size zeroes a fresh one: traced as it is
     monkeypatch.setattr(common, "KEPT_WORKSPACE_MAX", 2 * 96 - 1)

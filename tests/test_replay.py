@@ -10,7 +10,7 @@ import torch
 from torch._library.triton import set_wrap_triton_enabled
 
 from qpass.kernels import common, fp8, reference, replay, w4a16, w8a16
-from test_kernels import (BOUND, CUDA, DEVICE, FP8_BOUND, make_fp8, make_w4, make_w8, needs_cuda, norm_and_residual,
+from test_kernels import (BOUND, CUDA, FP8_BOUND, make_fp8, make_w4, make_w8, needs_cuda, norm_and_residual,
                           relative_error, w4_reference)
 
 cuda = pytest.mark.cuda

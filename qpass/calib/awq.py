@@ -52,7 +52,6 @@ _ADDS = (operator.add, torch.add, torch.ops.aten.add.Tensor, "add")
 _PASS_THROUGH = (torch.ops.aten._to_copy.default, torch.ops.aten.clone.default, torch.ops.aten.contiguous.default,
                  torch.ops.aten.alias.default, torch.ops.aten.detach.default, torch.ops.aten.dropout.default,
                  F.dropout, "to", "contiguous", "float", "clone")
-_LINEARS = (F.linear, torch.ops.aten.linear.default)
 
 
 @dataclass
