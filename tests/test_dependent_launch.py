@@ -100,7 +100,7 @@ def test_warp_mma_norm_and_zero_kernels_read_only_weights_before_they_wait_for_t
     loads its weight before the wait and x after it, both vectorized (the wait's 0 goes on the row, not the
     pointer); ptxas keeps the weight's loads above the wait.
     The split-K workspace's zero kernel writes only after the wait, and the kernel that finishes a split into it
-    reads and writes only after it."""
+    reads and writes only after it, its zeros after a CTA barrier that follows its reads of the sums."""
     cases = json.loads(compiled_for_sm90(_WARP_MMA_AND_NORM_AROUND_THE_WAIT).strip().splitlines()[-1])
     assert len(cases) == 14
     for case, code in cases.items():
@@ -117,6 +117,10 @@ def test_warp_mma_norm_and_zero_kernels_read_only_weights_before_they_wait_for_t
         loads = [i for i in memory if "ld.global" in ptx[i]]
         if case in ("zero", "split total"):
             assert bool(loads) == (case == "split total") and not early_sass and memory[0] > wait[0], case
+            if case == "split total":  # the sums are all read before any thread writes zeros over them
+                barrier = [i for i, line in enumerate(ptx) if line.startswith("bar.sync")]
+                stores = [i for i in memory if "st.global" in ptx[i]]
+                assert len(barrier) == 1 and loads[0] < barrier[0] < stores[0], case
             continue
         if case.startswith("norm"):  # g's loads, then the wait, then x's
             early = [i for i in loads if i < wait[0]]
