@@ -367,7 +367,9 @@ class WgmmaTmaConfig(NamedTuple):
     through shared memory for 129 to 256 rows, and to 1024 where its tiles fill whole waves (``_wgmma_tma_waves``):
     with ``dequant_warps`` > 0 warp-specialized, that many warps dequantizing beside the ``num_warps`` of the MMAs,
     every operand by TMA (words, scales and zeros as ``wgmma_tma_words_ok`` allows). With ``registers``, for 33 to
-    128 rows, the weights as the MMA's register operand (one warpgroup, ``block_n`` 64; every operand by TMA too)."""
+    128 rows, the weights as the MMA's register operand (one warpgroup, ``block_n`` 64; every operand by TMA too),
+    and with ``loader_warp`` too, warp-specialized: a warp of its own issues the copies (``_wgmma_registers_config``).
+    """
 
     block_m: int
     block_n: int
@@ -376,6 +378,7 @@ class WgmmaTmaConfig(NamedTuple):
     num_warps: int = 8
     dequant_warps: int = 0
     registers: bool = False
+    loader_warp: bool = False
 
 
 def wgmma_ok(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
@@ -454,7 +457,11 @@ def check_wgmma_tma_config(cfg: WgmmaTmaConfig):
     memory. Warp-specialized (``dequant_warps`` 4 or 8): ``block_n`` 64 or 128 (whole runs of 64 words), at
     most 64 float32 sums a thread of the MMAs' warps with 8 dequantizing warps, 128 with 4 (the registers
     the partitions share), and a stage of x, words, scales, zeros and the weight tile each. With ``registers``:
-    one warpgroup on 64 columns, a stage of x, words, scales and zeros each."""
+    one warpgroup on 64 columns, a stage of x, words, scales and zeros each; ``loader_warp`` only with ``registers``
+    and ``block_m`` 64 or 128 (ptxas fails on a 256-row accumulator within ``RS_WS_REGISTERS``)."""
+    if cfg.loader_warp and not (cfg.registers and cfg.block_m <= 128):
+        raise ValueError(f"{cfg}: loader_warp is the warp-specialized form of the kernel with the weights in "
+                         f"registers: needs registers=True and block_m 64 or 128")
     rows_a_pass = 16 * cfg.num_warps
     column_warps = cfg.block_n // 32
     if cfg.registers:
@@ -495,7 +502,8 @@ def wgmma_tma_words_ok(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch
 
 def wgmma_tma_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                      group_size: int, bias: Optional[torch.Tensor], block_m: int, block_n: int, stages: int,
-                     split_k: int, num_warps: int = 8, dequant_warps: int = 0, registers: bool = False) -> torch.Tensor:
+                     split_k: int, num_warps: int = 8, dequant_warps: int = 0, registers: bool = False,
+                     loader_warp: bool = False) -> torch.Tensor:
     """``WgmmaTmaConfig``'s GEMM, ``x @ w (+ bias [N])`` -> ``[M, N]`` in x.dtype (``w4a16_wgmma_tma``,
     imported here at the first call).
 
@@ -512,7 +520,7 @@ def wgmma_tma_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
     split = split_k > 1
     sums = split_k_workspace(M, N, 0, split_k, out)[:M * N].view(M, N) if split else out
     wgmma_tma_launch(x, qweight, scales, zeros, group_size, None if split else bias, sums, block_m, block_n, stages,
-                     split_k, num_warps, dequant_warps, registers)
+                     split_k, num_warps, dequant_warps, registers, loader_warp)
     if split:
         launch(split_total_kernel, (cdiv(M * N, SPLIT_TOTAL_BLOCK),), sums, bias if bias is not None else out, out,
                M * N, N, BLOCK=SPLIT_TOTAL_BLOCK, HAS_BIAS=bias is not None, **dependent_launch(x))
@@ -521,13 +529,15 @@ def wgmma_tma_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
 
 def wgmma_tma_launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                      group_size: int, bias: Optional[torch.Tensor], out: torch.Tensor, block_m: int, block_n: int,
-                     stages: int, split_k: int, num_warps: int, dequant_warps: int, registers: bool):
+                     stages: int, split_k: int, num_warps: int, dequant_warps: int, registers: bool,
+                     loader_warp: bool = False):
     """Launch ``WgmmaTmaConfig``'s kernel into ``out`` ``[M, N]`` (rows contiguous): ``x @ w (+ bias)`` in out's
     dtype, or, with K split, the programs' float32 sums added into it (its values before kept; bias None)."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    from .w4a16_wgmma_tma import w4a16_wgmma_tma_kernel, w4a16_wgmma_tma_rs_kernel, w4a16_wgmma_tma_ws_kernel
+    from .w4a16_wgmma_tma import (w4a16_wgmma_tma_kernel, w4a16_wgmma_tma_rs_kernel, w4a16_wgmma_tma_rs_ws_kernel,
+                                  w4a16_wgmma_tma_ws_kernel)
 
     assert split_k == 1 or (bias is None and out.dtype == torch.float32)
     M, K = x.shape
@@ -552,9 +562,10 @@ def wgmma_tma_launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
         x_half_desc = TensorDescriptor.from_tensor(x, [block_m // 2, 64], x_tiles) if x_halves else x_desc
         descriptors = (x_desc, x_half_desc, w_desc, s_desc, z_desc, b, out, M, N, K, runs.shape[2], out.stride(0))
         if registers:
-            w4a16_wgmma_tma_rs_kernel[grid](*descriptors, GROUP_SIZE=group_size, BLOCK_M=block_m, STAGES=stages,
-                                            SPLIT_K=split_k, HAS_BIAS=bias is not None, X_HALVES=x_halves,
-                                            num_warps=4)
+            kernel = w4a16_wgmma_tma_rs_ws_kernel if loader_warp else w4a16_wgmma_tma_rs_kernel
+            budget = {"maxnreg": RS_WS_REGISTERS} if loader_warp else {}
+            kernel[grid](*descriptors, GROUP_SIZE=group_size, BLOCK_M=block_m, STAGES=stages, SPLIT_K=split_k,
+                         HAS_BIAS=bias is not None, X_HALVES=x_halves, num_warps=4, **budget)
         else:
             w4a16_wgmma_tma_ws_kernel[grid](*descriptors, GROUP_SIZE=group_size, BLOCK_M=block_m, BLOCK_N=block_n,
                                             STAGES=stages, SPLIT_K=split_k, HAS_BIAS=bias is not None,
@@ -591,15 +602,32 @@ def _wgmma_tma_config(M: int, N: int, K: int, sms: int) -> WgmmaTmaConfig:
     return WgmmaTmaConfig(256, 128, 4, _wgmma_split(tiles, K, sms, min_steps=16), dequant_warps=4)
 
 
+# registers a thread of the warp-specialized register-fed kernel: its loader's partition is padded to a warpgroup, so
+# 8 warps at 128 registers fit two programs an SM (ptxas's own choice, 255, fits one); the loader lowers its own to
+# 24 and the consumer raises its own to what that frees (``setmaxnreg``)
+RS_WS_REGISTERS = 128
+
+
 def _wgmma_registers_config(M: int, N: int, K: int, sms: int) -> WgmmaTmaConfig:
     """33 to 128 rows on Hopper: the TMA kernel with the weights as the MMA's register operand, 64 rows a program to
     64, else 128, 3 stages, K split by powers of two to 8 while the programs fit 4 an SM (64 rows) or 3 (128) and a
     split keeps 8 steps. H200 sweeps (bench/NOTES-kernels.md, fifty-fourth session; splits 1-8, 3-6 stages), fp16,
     us, the pick before -> this on 4096², 4096x6144, 4096x28672, 14336x4096: 64 rows 12.90 / 18.18 / 54.42 / 28.11
     -> 12.15 / 15.41 / 48.27 / 26.09; 96 rows 17.82 / 24.66 / 73.47 / 36.61 -> 15.70 / 19.37 / 76.01 / 35.56; 128
-    rows 19.24 / 25.96 / 73.25 / 41.63 -> 16.93 / 20.51 / 70.14 / 35.78."""
+    rows 19.24 / 25.96 / 73.25 / 41.63 -> 16.93 / 20.51 / 70.14 / 35.78.
+
+    Warp-specialized (``loader_warp``) where a split keeps its programs within 90-100% of one wave at two an SM (its
+    residency, ``RS_WS_REGISTERS``). H200, fp16, us, the kernel alone, the rule above -> warp-specialized
+    (bench/NOTES-kernels.md, sixty-second session): 4096² (split 8 -> 4) at 64 rows 11.01 -> 9.68, 96 rows 13.56 ->
+    12.67, 128 rows 14.60 -> 13.49; 14336x4096 (split 4) 23.22 -> 23.21, 33.69 -> 31.61, 34.18 -> 33.72. Where its
+    programs fill 73% of that wave or need more than one, it loses: 4096x6144 at 64 rows 12.92 -> 14.02 (split 2;
+    16.56 at 4), 4096x28672 at 128 rows 67.87 -> 70.62."""
     block_m = 64 if M <= 64 else 128
-    split = _wgmma_split(cdiv(N, 64) * cdiv(M, block_m), K, (4 if block_m == 64 else 3) * sms, most=8)
+    tiles = cdiv(N, 64) * cdiv(M, block_m)
+    split = _wgmma_split(tiles, K, 2 * sms, most=8)
+    if 9 * 2 * sms <= 10 * tiles * split <= 10 * 2 * sms:
+        return WgmmaTmaConfig(block_m, 64, 3, split, num_warps=4, registers=True, loader_warp=True)
+    split = _wgmma_split(tiles, K, (4 if block_m == 64 else 3) * sms, most=8)
     return WgmmaTmaConfig(block_m, 64, 3, split, num_warps=4, registers=True)
 
 

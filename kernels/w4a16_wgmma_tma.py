@@ -49,6 +49,13 @@ words a step, its A fragment's K positions exactly. H200, fp16, us at 128 rows, 
 19.24 / 25.96 / 73.25 / 41.63 -> 16.93 / 20.51 / 70.14 / 35.78 on 4096², 4096x6144, 4096x28672, 14336x4096
 (bench/NOTES-kernels.md, fifty-fourth session).
 
+**Warp-specialized, the weights in registers** (``w4a16_wgmma_tma_rs_ws_kernel``): the same, with a loader warp of
+its own issuing the copies as the warpgroup frees each stage (an mbarrier arrival), so the warpgroup's step has no
+fence + CTA barrier + copies before the next. Its partitions take 8 warps (the loader's padded to a warpgroup), two
+programs an SM at ``w4a16.RS_WS_REGISTERS``; ``w4a16._wgmma_registers_config`` picks it where a split keeps its
+programs within one such wave. H200, fp16, us, the op, the kernel above -> this: 4096² at 64 / 128 rows 12.48 / 16.65
+-> 11.32 / 15.88, 14336x4096 24.57 / 36.00 -> 23.18 / 33.16 (bench/NOTES-kernels.md, sixty-second session).
+
 **x past its last row.** Where a tile of the two kernels below reaches far past x's last row (``w4a16.x_in_halves``:
 24 rows or more with the weights in registers, all its second half but a sixteenth warp-specialized), the TMA,
 which zero-fills a box's rows past its tensor, copies it slowly enough to stall the steps (H200, fp16, 4096x28672
@@ -405,21 +412,42 @@ def _stage_copies(x_desc, x_half_desc, w_desc, s_desc, z_desc, xs, wq, ss, zs, r
     _tma_load(z_desc, [group, n0], bar, zs.index(stage), pred=pred)
 
 
+# The register-fed kernels' thread (warp w, lane 4 g + c): columns 16 w + g and 16 w + g + 8, all 8 word rows, byte c
+_OPERAND_WORDS = gl.constexpr(gl.DistributedLinearLayout(
+    reg_bases=[[0, 1, 0], [0, 2, 0], [0, 4, 0], [8, 0, 0]],
+    lane_bases=[[0, 0, 1], [0, 0, 2], [1, 0, 0], [2, 0, 0], [4, 0, 0]],
+    warp_bases=[[16, 0, 0], [32, 0, 0]], block_bases=[], shape=[64, 8, 4]))
+# the same threads' words and columns as a stage holds them ([1, 8, 64] and [1, 64])
+_STAGE_WORDS = gl.constexpr(gl.DistributedLinearLayout(
+    reg_bases=[[0, 1, 0], [0, 2, 0], [0, 4, 0], [0, 0, 8]],
+    lane_bases=[[0, 0, 0], [0, 0, 0], [0, 0, 1], [0, 0, 2], [0, 0, 4]],
+    warp_bases=[[0, 0, 16], [0, 0, 32]], block_bases=[], shape=[1, 8, 64]))
+_STAGE_COLUMNS = gl.constexpr(gl.DistributedLinearLayout(
+    reg_bases=[[0, 8]], lane_bases=[[0, 0], [0, 0], [0, 1], [0, 2], [0, 4]],
+    warp_bases=[[0, 16], [0, 32]], block_bases=[], shape=[1, 64]))
+
+
 @gluon.jit
-def _register_operand(wq, zs, ss, stage, byte, WORDS: gl.constexpr, STAGE_WORDS: gl.constexpr,
-                      STAGE_COLUMNS: gl.constexpr, A_LAYOUT: gl.constexpr, BF16: gl.constexpr):
+def _operand_bytes():
+    """Each thread's byte c of its words, spread over ``_OPERAND_WORDS``."""
+    return gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, _OPERAND_WORDS)))[None, None, :] + \
+        gl.zeros([64, 8, 4], gl.int32, _OPERAND_WORDS)
+
+
+@gluon.jit
+def _register_operand(wq, zs, ss, stage, byte, A_LAYOUT: gl.constexpr, BF16: gl.constexpr):
     """A stage's words, scales and zeros -> the wgmma's left operand ``[64 columns, 64]``, K in its natural order:
-    thread (g, c) reads all 8 word rows of its two columns (``WORDS``, the same words for every c) and keeps byte c
-    of each, rows 8 j + 2 c and 8 j + 2 c + 1: exactly its fragment's K positions, so the layout changes below are
-    renamings."""
+    thread (g, c) reads all 8 word rows of its two columns (``_OPERAND_WORDS``, the same words for every c) and keeps
+    byte c of each, rows 8 j + 2 c and 8 j + 2 c + 1: exactly its fragment's K positions, so the layout changes below
+    are renamings."""
     BN: gl.constexpr = 64
-    COLUMNS: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, WORDS))
-    words = wq.index(stage).load(STAGE_WORDS)  # [1 run, 8 word rows, BN]
-    words = gl.convert_layout(gl.permute(gl.reshape(words, (8, BN)), (1, 0)), gl.SliceLayout(2, WORDS))
-    zero = gl.convert_layout(gl.reshape(zs.index(stage).load(STAGE_COLUMNS), (BN,)), COLUMNS)
-    scale = gl.convert_layout(gl.reshape(ss.index(stage).load(STAGE_COLUMNS), (BN,)), COLUMNS)
-    spread = gl.zeros([BN, 8, 4], zero.dtype, WORDS)
-    args = [words[:, :, None] + gl.zeros([BN, 8, 4], gl.int32, WORDS), byte, zero[:, None, None] + spread,
+    COLUMNS: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, _OPERAND_WORDS))
+    words = wq.index(stage).load(_STAGE_WORDS)  # [1 run, 8 word rows, BN]
+    words = gl.convert_layout(gl.permute(gl.reshape(words, (8, BN)), (1, 0)), gl.SliceLayout(2, _OPERAND_WORDS))
+    zero = gl.convert_layout(gl.reshape(zs.index(stage).load(_STAGE_COLUMNS), (BN,)), COLUMNS)
+    scale = gl.convert_layout(gl.reshape(ss.index(stage).load(_STAGE_COLUMNS), (BN,)), COLUMNS)
+    spread = gl.zeros([BN, 8, 4], zero.dtype, _OPERAND_WORDS)
+    args = [words[:, :, None] + gl.zeros([BN, 8, 4], gl.int32, _OPERAND_WORDS), byte, zero[:, None, None] + spread,
             scale[:, None, None] + spread]
     if BF16:
         low, high = gl.inline_asm_elementwise(_BYTE_PAIR_BF16, "=h,=h,r,r,h,h", args, dtype=(gl.bfloat16, gl.bfloat16),
@@ -432,6 +460,18 @@ def _register_operand(wq, zs, ss, stage, byte, WORDS: gl.constexpr, STAGE_WORDS:
 
 
 @gluon.jit
+def _register_step(xs, wq, ss, zs, stage, byte, acc):
+    """One step of the register-fed kernels: the stage's weights dequantized into the wgmma's left operand, times
+    x's stage (``[BLOCK_M, 64]``, the right operand K-major), added into ``acc`` ``[64, BLOCK_M]``."""
+    A_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc.type.layout, k_width=2)
+    a = _register_operand(wq, zs, ss, stage, byte, A_LAYOUT, xs.dtype == gl.bfloat16)
+    acc = warpgroup_mma(a, xs.index(stage).permute((1, 0)), acc, is_async=True)
+    # waited for at once: an operand still in flight at the loop's back edge may have its registers reused by
+    # ptxas (Triton 3.6), and a wait for one pending gained nothing where it was safe (two steps an iteration)
+    return warpgroup_mma_wait(num_outstanding=0, deps=[acc])
+
+
+@gluon.jit
 def w4a16_wgmma_tma_rs_kernel(x_desc, x_half_desc, w_desc, s_desc, z_desc, b_ptr, out_ptr, M, N, K, word_run, stride_om,
                               GROUP_SIZE: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
                               SPLIT_K: gl.constexpr, HAS_BIAS: gl.constexpr, X_HALVES: gl.constexpr):
@@ -441,29 +481,14 @@ def w4a16_wgmma_tma_rs_kernel(x_desc, x_half_desc, w_desc, s_desc, z_desc, b_ptr
     stages, STAGES steps ahead, and the threads dequantize the stage's words straight into the MMA's operand."""
     BN: gl.constexpr = 64
     DTYPE: gl.constexpr = x_desc.dtype
-    # thread (warp w, lane 4 g + c): columns 16 w + g and 16 w + g + 8, all 8 word rows, byte c
-    WORDS: gl.constexpr = gl.DistributedLinearLayout(
-        reg_bases=[[0, 1, 0], [0, 2, 0], [0, 4, 0], [8, 0, 0]],
-        lane_bases=[[0, 0, 1], [0, 0, 2], [1, 0, 0], [2, 0, 0], [4, 0, 0]],
-        warp_bases=[[16, 0, 0], [32, 0, 0]], block_bases=[], shape=[BN, 8, 4])
-    # the same threads' words and columns as the stage holds them ([1, 8, BN] and [1, BN])
-    STAGE_WORDS: gl.constexpr = gl.DistributedLinearLayout(
-        reg_bases=[[0, 1, 0], [0, 2, 0], [0, 4, 0], [0, 0, 8]],
-        lane_bases=[[0, 0, 0], [0, 0, 0], [0, 0, 1], [0, 0, 2], [0, 0, 4]],
-        warp_bases=[[0, 0, 16], [0, 0, 32]], block_bases=[], shape=[1, 8, BN])
-    STAGE_COLUMNS: gl.constexpr = gl.DistributedLinearLayout(
-        reg_bases=[[0, 8]], lane_bases=[[0, 0], [0, 0], [0, 1], [0, 2], [0, 4]],
-        warp_bases=[[0, 16], [0, 32]], block_bases=[], shape=[1, BN])
     MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_M, 16])
-    A_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
 
     n0 = gl.program_id(0) * BN
     m0 = gl.program_id(1) * BLOCK_M
     lo, hi = _x_halves(m0, M, BLOCK_M)
     start, end = _split_steps(K, SPLIT_K)
     run, first_column = n0 // word_run, n0 % word_run
-    byte = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, WORDS)))[None, None, :] + \
-        gl.zeros([BN, 8, 4], gl.int32, WORDS)
+    byte = _operand_bytes()
 
     xs = gl.allocate_shared_memory(DTYPE, [STAGES, BLOCK_M, _STEP], x_desc.layout)
     wq = gl.allocate_shared_memory(gl.int32, [STAGES] + w_desc.block_type.shape, w_desc.layout)
@@ -482,12 +507,7 @@ def w4a16_wgmma_tma_rs_kernel(x_desc, x_half_desc, w_desc, s_desc, z_desc, b_ptr
         i = step - start
         stage = i % STAGES
         mbarrier.wait(ready.index(stage), (i // STAGES) & 1)
-        a = _register_operand(wq, zs, ss, stage, byte, WORDS, STAGE_WORDS, STAGE_COLUMNS, A_LAYOUT,
-                              DTYPE == gl.bfloat16)
-        acc = warpgroup_mma(a, xs.index(stage).permute((1, 0)), acc, is_async=True)
-        # waited for at once: an operand still in flight at the loop's back edge may have its registers reused by
-        # ptxas (Triton 3.6), and a wait for one pending gained nothing where it was safe (two steps an iteration)
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=[acc])
+        acc = _register_step(xs, wq, ss, zs, stage, byte, acc)
         # every thread's reads of the stage are done (the fence orders them before the TMA's writes): refill it
         fence_async_shared()
         _cta_barrier()
@@ -495,6 +515,83 @@ def w4a16_wgmma_tma_rs_kernel(x_desc, x_half_desc, w_desc, s_desc, z_desc, b_ptr
                       lo, hi, n0, run, first_column, step + STAGES < end, GROUP_SIZE, X_HALVES)
     for s in gl.static_range(STAGES):
         mbarrier.invalidate(ready.index(s))
+
+    _store_tile(gl.permute(acc, (1, 0)), out_ptr, b_ptr, m0, n0, M, N, stride_om, SPLIT_K, HAS_BIAS, DTYPE,
+                X_HALVES, lo, hi)
+
+
+# The loader's registers in the warp-specialized register-fed kernel (it holds a few indices); its consumer raises
+# its own to what the launch's budget leaves (``w4a16.RS_WS_REGISTERS``)
+_RS_LOADER_REGISTERS = gl.constexpr(24)
+
+
+# The two partitions below take the same arguments (Gluon's rule for workers; the default partition follows it
+# here too, so that one tuple serves both); each reads its own.
+@gluon.jit
+def _rs_loader(x_desc, x_half_desc, w_desc, s_desc, z_desc, xs, wq, ss, zs, ready, empty, m0, lo, hi, n0, start, end,
+               word_run, GROUP_SIZE: gl.constexpr, X_HALVES: gl.constexpr):
+    """One warp: each step's x, words, scales and zeros into its stage by TMA once the consumer has freed it."""
+    stages: gl.constexpr = xs.type.shape[0]
+    run, first_column = n0 // word_run, n0 % word_run
+    for step in range(start, end):
+        i = step - start
+        stage = i % stages
+        mbarrier.wait(empty.index(stage), ((i // stages) & 1) ^ 1)
+        _stage_copies(x_desc, x_half_desc, w_desc, s_desc, z_desc, xs, wq, ss, zs, ready, stage, step, m0, lo, hi,
+                      n0, run, first_column, True, GROUP_SIZE, X_HALVES)
+
+
+@gluon.jit
+def _rs_consumer(x_desc, x_half_desc, w_desc, s_desc, z_desc, xs, wq, ss, zs, ready, empty, m0, lo, hi, n0, start,
+                 end, word_run, GROUP_SIZE: gl.constexpr, X_HALVES: gl.constexpr):
+    """The warpgroup: each step once its stage is in, as the kernel above, then the stage freed by an mbarrier
+    arrival (no CTA barrier, no copies to issue)."""
+    BLOCK_M: gl.constexpr = xs.type.shape[1]
+    stages: gl.constexpr = xs.type.shape[0]
+    MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_M, 16])
+    byte = _operand_bytes()
+    acc = gl.zeros([64, BLOCK_M], gl.float32, MMA)
+    for step in range(start, end):
+        i = step - start
+        stage = i % stages
+        mbarrier.wait(ready.index(stage), (i // stages) & 1)
+        acc = _register_step(xs, wq, ss, zs, stage, byte, acc)
+        fence_async_shared()  # (the stage's reads before the TMA's writes, as above)
+        mbarrier.arrive(empty.index(stage), count=1)
+    return (acc,)  # (a tuple: Triton 3.6 flattens the default partition's results as one)
+
+
+@gluon.jit
+def w4a16_wgmma_tma_rs_ws_kernel(x_desc, x_half_desc, w_desc, s_desc, z_desc, b_ptr, out_ptr, M, N, K, word_run,
+                                 stride_om, GROUP_SIZE: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
+                                 SPLIT_K: gl.constexpr, HAS_BIAS: gl.constexpr, X_HALVES: gl.constexpr):
+    """The register-fed kernel above, warp-specialized: a loader warp issues each stage's TMA copies once the
+    warpgroup has freed it (``empty``), and the warpgroup only waits, dequantizes, multiplies and frees. Same
+    arguments, layouts and result."""
+    BN: gl.constexpr = 64
+    DTYPE: gl.constexpr = x_desc.dtype
+    n0 = gl.program_id(0) * BN
+    m0 = gl.program_id(1) * BLOCK_M
+    lo, hi = _x_halves(m0, M, BLOCK_M)
+    start, end = _split_steps(K, SPLIT_K)
+
+    xs = gl.allocate_shared_memory(DTYPE, [STAGES, BLOCK_M, _STEP], x_desc.layout)
+    wq = gl.allocate_shared_memory(gl.int32, [STAGES] + w_desc.block_type.shape, w_desc.layout)
+    ss = gl.allocate_shared_memory(DTYPE, [STAGES, 1, BN], s_desc.layout)
+    zs = gl.allocate_shared_memory(DTYPE, [STAGES, 1, BN], z_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for s in gl.static_range(STAGES):
+        mbarrier.init(ready.index(s), count=1)
+        mbarrier.init(empty.index(s), count=1)
+    fence_async_shared()
+
+    args = (x_desc, x_half_desc, w_desc, s_desc, z_desc, xs, wq, ss, zs, ready, empty, m0, lo, hi, n0, start, end,
+            word_run, GROUP_SIZE, X_HALVES)
+    acc = gl.warp_specialize([(_rs_consumer, args), (_rs_loader, args)], [1], [_RS_LOADER_REGISTERS])[0]
+    for s in gl.static_range(STAGES):
+        mbarrier.invalidate(ready.index(s))
+        mbarrier.invalidate(empty.index(s))
 
     _store_tile(gl.permute(acc, (1, 0)), out_ptr, b_ptr, m0, n0, M, N, stride_om, SPLIT_K, HAS_BIAS, DTYPE,
                 X_HALVES, lo, hi)

@@ -368,17 +368,26 @@ def test_w4a16_wgmma_tma_config_by_shape():
 def test_w4a16_wgmma_registers_config_by_shape():
     """33 to 128 rows (fifty-fourth session): the TMA kernel with the weights in registers, 64 columns a program by
     64 rows to 64, by 128 past; 3 stages; K split by powers of two to 8 while the programs fit 4 an SM (64 rows)
-    or 3 (128 rows) and a split keeps 8 steps of 64. Shapes as N, K."""
+    or 3 (128 rows) and a split keeps 8 steps of 64. Warp-specialized (sixty-second session) where a split keeps
+    the programs within 90-100% of one wave at two an SM. Shapes as N, K."""
     cfg = w4a16._wgmma_registers_config
     shapes = [(4096, 4096), (6144, 4096), (28672, 4096), (4096, 14336)]
-    registers = [w4a16.WgmmaTmaConfig(64, 64, 3, split, num_warps=4, registers=True) for split in (8, 4, 1, 8)]
-    assert [cfg(M, N, K, 132) for M in (33, 64) for N, K in shapes] == 2 * registers
-    assert [cfg(M, N, K, 132) for M in (65, 128) for N, K in shapes] == 2 * [
-        w4a16.WgmmaTmaConfig(128, 64, 3, split, num_warps=4, registers=True) for split in (4, 4, 1, 4)]
-    assert cfg(100, 1024, 1024, 132) == w4a16.WgmmaTmaConfig(128, 64, 3, 2, num_warps=4, registers=True)  # 8 steps
+
+    def registers(block_m, splits, loader_warps):
+        return [w4a16.WgmmaTmaConfig(block_m, 64, 3, split, num_warps=4, registers=True, loader_warp=loader_warp)
+                for split, loader_warp in zip(splits, loader_warps)]
+
+    # N = 4096: 64 programs a split, 256 of 264 slots at split 4; 6144: 192 at split 2 (73%); 28672: 448 unsplit
+    loader_warps = (True, False, False, True)
+    assert [cfg(M, N, K, 132) for M in (33, 64) for N, K in shapes] == 2 * registers(64, (4, 4, 1, 4), loader_warps)
+    assert [cfg(M, N, K, 132) for M in (65, 128) for N, K in shapes] == 2 * registers(128, (4, 4, 1, 4), loader_warps)
+    assert cfg(128, 8192, 4096, 132) == registers(128, [2], [True])[0]  # 128 programs: 256 slots at split 2
+    assert cfg(128, 8192, 4096, 143) == registers(128, [2], [False])[0]  # 256 of 286 slots: 90% is 257.4
+    assert cfg(64, 2048, 4096, 132) == registers(64, [8], [True])[0]
+    assert cfg(100, 1024, 1024, 132) == registers(128, [2], [False])[0]  # 16 programs; a split keeps 8 steps
     assert cfg(100, 1024, 512, 132).split_k == 1
-    assert cfg(128, 8192, 4096, 132).split_k == 2  # 128 programs: 256 fit 3 an SM, 512 do not
-    for c in registers:
+    assert cfg(128, 5120, 4096, 132) == registers(128, [4], [False])[0]  # 80 programs: 160 (61%), 320 over a wave
+    for c in registers(64, (8, 4, 1), (False, True, False)):
         w4a16.check_wgmma_tma_config(c)
 
 
@@ -416,8 +425,14 @@ def test_w4a16_wgmma_tma_rejects_shapes_it_cannot_run():
                                              rf"this one: {shared}"):
             w4a16.check_wgmma_tma_config(cfg)
     for cfg in (w4a16.WgmmaTmaConfig(128, 64, 3, 4, 4, registers=True),
-                w4a16.WgmmaTmaConfig(256, 64, 4, 1, 4, 0, True)):
+                w4a16.WgmmaTmaConfig(256, 64, 4, 1, 4, 0, True), w4a16.WgmmaTmaConfig(64, 64, 3, 4, 4, 0, True, True)):
         w4a16.check_wgmma_tma_config(cfg)
+    for cfg in (w4a16.WgmmaTmaConfig(128, 64, 3, 4, 4, loader_warp=True),
+                w4a16.WgmmaTmaConfig(256, 128, 4, 1, 8, 4, loader_warp=True),
+                w4a16.WgmmaTmaConfig(256, 64, 3, 1, 4, registers=True, loader_warp=True)):
+        with pytest.raises(ValueError, match=rf"{re.escape(repr(cfg))}: loader_warp .* needs registers=True and "
+                                             rf"block_m 64 or 128"):
+            w4a16.check_wgmma_tma_config(cfg)
     for cfg, shared in ((w4a16.WgmmaTmaConfig(128, 128, 3, 1, 4, registers=True), 56064),  # one warpgroup: 64 columns
                         (w4a16.WgmmaTmaConfig(128, 64, 3, 1, 8, registers=True), 56064),
                         (w4a16.WgmmaTmaConfig(128, 64, 3, 1, 4, 4, True), 56064),  # not warp-specialized too
@@ -825,12 +840,13 @@ def test_w4a16_warp_specialized_kernel_reads_every_operand_by_tma():
         assert "pendings = 1" in ttgir
 
 
-# The TMA kernel with the weights in registers compiled for sm_90: fp16 128 rows, words in tiles, a bias; bf16 64
-# rows, words in rows, split in two, x in half tiles. Its TTGIR, then its SASS as lines after "SASS".
+# The TMA kernel with the weights in registers compiled for sm_90, single-partition and warp-specialized (at its
+# register budget): fp16 128 rows, words in tiles, a bias; bf16 64 rows, words in rows, split in two, x in half tiles.
+# Each one's TTGIR, then its SASS as lines after "SASS".
 _REGISTER_OPERAND_TMA_KERNEL = r"""
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon._runtime import GluonASTSource
-from qpass.kernels import w4a16_wgmma_tma
+from qpass.kernels import w4a16, w4a16_wgmma_tma
 
 x_tiles = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
 runs = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=3)
@@ -842,12 +858,14 @@ for dtype, block_m, split, bias, halves in (("fp16", 128, 1, True, False), ("bf1
                 "x_half_desc": f"tensordesc<{dtype}[{block_m // 2},64],{x_tiles!r}>",
                 "w_desc": f"tensordesc<i32[1,8,64],{runs!r}>"}
     pointers |= {p: f"tensordesc<{dtype}[1,64],{rows!r}>" for p in ("s_desc", "z_desc")}
-    kernel = compiled(w4a16_wgmma_tma.w4a16_wgmma_tma_rs_kernel, pointers, constexprs, GluonASTSource, num_warps=4)
-    print(kernel.asm["ttgir"])
-    print("SASS")
-    # "address instruction" a line
-    print("\n".join(line.split("/*")[1].split("*/")[0] + " " + line.split("*/")[1].split(";")[0].strip()
-                    for line in sass(kernel)))
+    for kernel, budget in ((w4a16_wgmma_tma.w4a16_wgmma_tma_rs_kernel, {}),
+                           (w4a16_wgmma_tma.w4a16_wgmma_tma_rs_ws_kernel, {"maxnreg": w4a16.RS_WS_REGISTERS})):
+        kernel = compiled(kernel, pointers, constexprs, GluonASTSource, num_warps=4, **budget)
+        print(kernel.asm["ttgir"])
+        print("SASS")
+        # "address instruction" a line
+        print("\n".join(line.split("/*")[1].split("*/")[0] + " " + line.split("*/")[1].split(";")[0].strip()
+                        for line in sass(kernel)))
 """
 
 
@@ -883,24 +901,30 @@ def wgmma_operand_registers_rewritten_in_flight(sass_lines):
 @pytest.mark.skipif(not w4a16._GLUON, reason="this Triton has no Gluon")
 def test_w4a16_register_operand_tma_kernel_dequantizes_into_the_mma_operand():
     """The TMA kernel with the weights in registers, compiled for sm_90: x (in whole tiles, or in halves), the words,
-    scales and zeros reach shared memory by TMA only (for 3 stages, then a step each; the only global load left is
-    the bias), the wgmma's left operand is in registers and its right one in shared memory, and each step's MMAs are
-    waited for before the loop goes on; in the SASS no instruction rewrites an operand register of an HGMMA in flight
-    (Triton 3.6's ptxas did, with one step in flight across the loop's back edge)."""
+    scales and zeros reach shared memory by TMA only (for 3 stages, then a step each; warp-specialized, by the loader
+    partition; the only global load left is the bias), the wgmma's left operand is in registers and its right one in
+    shared memory, and each step's MMAs are waited for before the loop goes on; in the SASS nothing spills and no
+    instruction rewrites an operand register of an HGMMA in flight (Triton 3.6's ptxas did, with one step in flight
+    across the loop's back edge)."""
     modules = compiled_for_sm90(_REGISTER_OPERAND_TMA_KERNEL).split("module attributes")[1:]
-    assert len(modules) == 2
-    for module, (x_blocks, scales, bias) in zip(modules, ((["128x64xf16"], "1x64xf16", True),
-                                                          (["32x64xbf16"] * 2, "1x64xbf16", False))):
+    assert len(modules) == 4
+    cases = [(x_blocks, scales, bias, loader_warp) for x_blocks, scales, bias in (
+        (["128x64xf16"], "1x64xf16", True), (["32x64xbf16"] * 2, "1x64xbf16", False)) for loader_warp in (False, True)]
+    for module, (x_blocks, scales, bias, loader_warp) in zip(modules, cases):
         ttgir, code = module.split("\nSASS\n")
         copies = [line for line in ttgir.splitlines() if "ttng.async_tma_copy_global_to_local" in line]
         blocks = sorted(copied_block(line) for line in copies)
-        assert blocks == sorted(4 * [*x_blocks, "1x8x64xsi32", scales, scales]), blocks  # 3 stages, then the loop's
+        if loader_warp:  # (Triton 3.6 prints some copies twice)
+            assert "ttg.warp_specialize" in ttgir and set(blocks) == {*x_blocks, "1x8x64xsi32", scales}, blocks
+        else:
+            assert blocks == sorted(4 * [*x_blocks, "1x8x64xsi32", scales, scales]), blocks  # 3 stages, the loop's
         assert ttgir.count("tt.load ") == int(bias)
         dots = [line for line in ttgir.splitlines() if "ttng.warp_group_dot " in line]
         assert len(dots) == 1 and "dot_op<{opIdx = 0" in dots[0] and dots[0].count("!ttg.memdesc") == 1, dots
         assert "pendings = 1" not in ttgir and "pendings = 0" in ttgir
         lines = code.splitlines()
         assert sum(" HGMMA" in line for line in lines) == 4
+        assert not any(re.search(r" (LDL|STL)\b", line) for line in lines)
         assert not wgmma_operand_registers_rewritten_in_flight(lines)
 
 
@@ -1743,15 +1767,17 @@ def test_gpu_w4a16_wgmma_tma_warp_specialized(M, eighth_n, chunks, group_size, d
 @needs_cuda
 @needs_hopper
 @settings(max_examples=40, deadline=None)
-@given(M=st.integers(1, 300), block_m=st.sampled_from([64, 128, 256]), stages=st.integers(2, 4),
-       tile=st.sampled_from([0, 64]), **HOPPER_PROBLEMS)
+@given(M=st.integers(1, 300), form=st.sampled_from([(64, False), (128, False), (256, False), (64, True), (128, True)]),
+       stages=st.integers(2, 4), tile=st.sampled_from([0, 64]), **HOPPER_PROBLEMS)
 def test_gpu_w4a16_wgmma_tma_register_operand(M, eighth_n, chunks, group_size, dtype, symmetric, bias, activation,
-                                              block_m, stages, tile, split, seed):
-    """The TMA kernel with the weights in registers against the float32 reference, its words in rows or in column
-    tiles: M off its row tiles (x's rows past M zero-filled by the TMA), N off its 64 columns (the copies zero-fill
-    past N), K of 2 to 48 steps in groups of one step, two or four, splits that leave programs without a step, a
-    vector bias in its epilogue, a residual and each activation after it, and the RMSNorm before it."""
-    config = w4a16.WgmmaTmaConfig(block_m, 64, stages, split, 4, registers=True)
+                                              form, stages, tile, split, seed):
+    """The TMA kernel with the weights in registers, single-partition or warp-specialized, against the float32
+    reference, its words in rows or in column tiles: M off its row tiles (x's rows past M zero-filled by the TMA), N
+    off its 64 columns (the copies zero-fill past N), K of 2 to 48 steps in groups of one step, two or four, more
+    stages than steps, splits that leave programs without a step, a vector bias in its epilogue, a residual and each
+    activation after it, and the RMSNorm before it. Tiles of 64, 128 or 256 rows (warp-specialized: 64 or 128)."""
+    block_m, loader_warp = form
+    config = w4a16.WgmmaTmaConfig(block_m, 64, stages, split, 4, registers=True, loader_warp=loader_warp)
     K = chunks * max(128, group_size)
     check_w4_config(config, M, 8 * eighth_n, K, group_size, dtype, symmetric, bias, activation, seed, tile=tile)
 
@@ -1762,7 +1788,8 @@ def test_gpu_w4a16_wgmma_tma_register_operand(M, eighth_n, chunks, group_size, d
 REGISTERS_128, REGISTERS_64 = (w4a16.WgmmaTmaConfig(rows, 64, 3, 3, 4, registers=True) for rows in (128, 64))
 HALVES_CASES = [(REGISTERS_128._replace(split_k=1), 65, True), (REGISTERS_128, 20, True), (REGISTERS_128, 104, True),
                 (REGISTERS_128, 105, False), (REGISTERS_128, 200, True), (REGISTERS_64, 40, True),
-                (REGISTERS_64, 41, False)]
+                (REGISTERS_64, 41, False), (REGISTERS_64._replace(loader_warp=True), 40, True),
+                (REGISTERS_128._replace(loader_warp=True), 105, False)]
 HALVES_CASES += [(w4a16.WgmmaTmaConfig(256, 128, 4, 2, dequant_warps=4), M, halves)
                  for M, halves in ((44, True), (136, True), (137, False), (300, True))]
 HALVES_CASES += [(w4a16.WgmmaTmaConfig(128, 128, 3, 2, 8), 65, False)]  # (the single-partition kernel: never)
