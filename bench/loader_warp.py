@@ -20,7 +20,7 @@ import triton
 
 # beside this script
 from decode_ops import time_us
-from x_halves import GROUP, weight
+from x_halves import GROUP, problems
 from qpass.kernels import common, reference, w4a16
 
 SHAPES = [(4096, 4096), (4096, 6144), (4096, 28672), (14336, 4096), (4096, 8192), (4096, 2048)]  # (K, N)
@@ -45,26 +45,23 @@ def main():
     args = parser.parse_args()
     sms = common.sm_count(torch.device("cuda"))
     rows = []
-    for dtype, shapes, counts in ((torch.float16, SHAPES, ROWS), (torch.bfloat16, BF16_SHAPES, BF16_ROWS)):
-        for K, N in shapes:
-            qweight, scales, zeros = weight(K, N, dtype)
-            for M in counts:
-                x = torch.randn(M, K, device="cuda", dtype=dtype)
-                configs = forms(M, N, K, sms)
-                ref = reference.w4a16_linear(x.float(), qweight, scales.float(), zeros.float(), GROUP, None)
-                times = {form: [] for form in configs}
-                for form in [*configs, *configs]:
-                    run = lambda cfg=configs[form]: w4a16.w4a16_linear(x, qweight, scales, zeros, GROUP, config=cfg)
-                    times[form].append(time_us(run, x.device))
-                errors = {form: ((w4a16.w4a16_linear(x, qweight, scales, zeros, GROUP, config=cfg).float() - ref).norm()
-                                 / ref.norm()).item() for form, cfg in configs.items()}
-                pick = w4a16.pick_config(M, N, K, GROUP, x.device, dtype=dtype)
-                rows.append(dict(dtype=str(dtype).split(".")[1], K=K, N=N, M=M,
-                                 configs={form: repr(cfg) for form, cfg in configs.items()}, us=times, error=errors,
-                                 picked="loader_warp" if pick.loader_warp else "single"))
-                print(f"{rows[-1]['dtype']} {K}x{N} M={M}: " + ", ".join(
-                    f"{form} (split {configs[form].split_k}) {min(times[form]):.2f} us" for form in configs)
-                    + f"; picked {rows[-1]['picked']}, error {max(errors.values()):.1e}", flush=True)
+    plan = ((torch.float16, SHAPES, ROWS), (torch.bfloat16, BF16_SHAPES, BF16_ROWS))
+    for dtype, K, N, M, x, qweight, scales, zeros in problems(plan):
+        configs = forms(M, N, K, sms)
+        ref = reference.w4a16_linear(x.float(), qweight, scales.float(), zeros.float(), GROUP, None)
+        times = {form: [] for form in configs}
+        for form in [*configs, *configs]:
+            run = lambda cfg=configs[form]: w4a16.w4a16_linear(x, qweight, scales, zeros, GROUP, config=cfg)
+            times[form].append(time_us(run, x.device))
+        errors = {form: ((w4a16.w4a16_linear(x, qweight, scales, zeros, GROUP, config=cfg).float() - ref).norm()
+                         / ref.norm()).item() for form, cfg in configs.items()}
+        pick = w4a16.pick_config(M, N, K, GROUP, x.device, dtype=dtype)
+        rows.append(dict(dtype=str(dtype).split(".")[1], K=K, N=N, M=M,
+                         configs={form: repr(cfg) for form, cfg in configs.items()}, us=times, error=errors,
+                         picked="loader_warp" if pick.loader_warp else "single"))
+        print(f"{rows[-1]['dtype']} {K}x{N} M={M}: " + ", ".join(
+            f"{form} (split {configs[form].split_k}) {min(times[form]):.2f} us" for form in configs)
+            + f"; picked {rows[-1]['picked']}, error {max(errors.values()):.1e}", flush=True)
     args.out.write_text(json.dumps(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
                                         triton=triton.__version__, date=datetime.date.today().isoformat(),
                                         sms=sms, rows=rows), indent=1))

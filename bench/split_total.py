@@ -21,7 +21,7 @@ import triton
 
 # beside this script
 from decode_ops import time_us
-from x_halves import GROUP, SHAPES, weight
+from x_halves import GROUP, SHAPES, problems
 from qpass.kernels import reference, w4a16
 from qpass.kernels.common import word_columns
 
@@ -41,31 +41,28 @@ def main():
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     rows = []
-    for dtype, shapes, counts in ((torch.float16, SHAPES, ROWS), (torch.bfloat16, BF16_SHAPES, BF16_ROWS)):
-        for K, N in shapes:
-            qweight, scales, zeros = weight(K, N, dtype)
-            bias = torch.randn(N, device="cuda", dtype=dtype)
-            for M in counts:
-                x = torch.randn(M, K, device="cuda", dtype=dtype)
-                cfg = w4a16.pick_config(M, N, K, GROUP, x.device, dtype=dtype)
-                if not isinstance(cfg, w4a16.WgmmaTmaConfig) or cfg.split_k == 1:
-                    continue
-                ref = reference.w4a16_linear(x.float(), qweight, scales.float(), zeros.float(), GROUP, bias.float())
-                row = dict(dtype=str(dtype).split(".")[1], K=K, N=N, M=M, config=repr(cfg))
-                for name, b in (("plain", None), ("bias", bias)):
-                    paths = {"zeros_then_cast": lambda: zeros_then_cast(x, qweight, scales, zeros, b, cfg),
-                             "split_total": lambda: w4a16.wgmma_tma_matmul(x, qweight, scales, zeros, GROUP, b, *cfg)}
-                    times = {path: [] for path in paths}
-                    for path in [*paths, *paths]:
-                        times[path].append(time_us(paths[path], x.device))
-                    row[name] = times
-                    if b is not None:
-                        row["error"] = {path: ((run().float() - ref).norm() / ref.norm()).item()
-                                        for path, run in paths.items()}
-                rows.append(row)
-                print(f"{row['dtype']} {K}x{N} M={M}: " + "; ".join(
-                    f"{name} {min(row[name]['zeros_then_cast']):.2f} -> {min(row[name]['split_total']):.2f} us"
-                    for name in ("plain", "bias")) + f", error {max(row['error'].values()):.1e}", flush=True)
+    plan = ((torch.float16, SHAPES, ROWS), (torch.bfloat16, BF16_SHAPES, BF16_ROWS))
+    for dtype, K, N, M, x, qweight, scales, zeros in problems(plan):
+        cfg = w4a16.pick_config(M, N, K, GROUP, x.device, dtype=dtype)
+        if not isinstance(cfg, w4a16.WgmmaTmaConfig) or cfg.split_k == 1:
+            continue
+        bias = torch.randn(N, device="cuda", dtype=dtype)
+        ref = reference.w4a16_linear(x.float(), qweight, scales.float(), zeros.float(), GROUP, bias.float())
+        row = dict(dtype=str(dtype).split(".")[1], K=K, N=N, M=M, config=repr(cfg))
+        for name, b in (("plain", None), ("bias", bias)):
+            paths = {"zeros_then_cast": lambda: zeros_then_cast(x, qweight, scales, zeros, b, cfg),
+                     "split_total": lambda: w4a16.wgmma_tma_matmul(x, qweight, scales, zeros, GROUP, b, *cfg)}
+            times = {path: [] for path in paths}
+            for path in [*paths, *paths]:
+                times[path].append(time_us(paths[path], x.device))
+            row[name] = times
+            if b is not None:
+                row["error"] = {path: ((run().float() - ref).norm() / ref.norm()).item()
+                                for path, run in paths.items()}
+        rows.append(row)
+        print(f"{row['dtype']} {K}x{N} M={M}: " + "; ".join(
+            f"{name} {min(row[name]['zeros_then_cast']):.2f} -> {min(row[name]['split_total']):.2f} us"
+            for name in ("plain", "bias")) + f", error {max(row['error'].values()):.1e}", flush=True)
     args.out.write_text(json.dumps(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
                                         triton=triton.__version__, date=datetime.date.today().isoformat(),
                                         rows=rows), indent=1))

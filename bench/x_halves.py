@@ -35,33 +35,40 @@ def weight(K, N, dtype):
     return reference.tile_word_columns(reference.pack_int4_rows(q.t().contiguous())), scales, zeros
 
 
+def problems(plan):
+    """``(dtype, K, N, M, x, qweight, scales, zeros)`` for each dtype's shapes and row counts in ``plan``
+    (``[(dtype, [(K, N), ...], [M, ...]), ...]``): random x, one random weight a shape."""
+    for dtype, shapes, counts in plan:
+        for K, N in shapes:
+            qweight, scales, zeros = weight(K, N, dtype)
+            for M in counts:
+                yield dtype, K, N, M, torch.randn(M, K, device="cuda", dtype=dtype), qweight, scales, zeros
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     chosen = w4a16.x_in_halves
     rows = []
-    for dtype, shapes, counts in ((torch.float16, SHAPES, ROWS), (torch.bfloat16, BF16_SHAPES, BF16_ROWS)):
-        for K, N in shapes:
-            qweight, scales, zeros = weight(K, N, dtype)
-            for M in counts:
-                x = torch.randn(M, K, device="cuda", dtype=dtype)
-                cfg = w4a16.pick_config(M, N, K, GROUP, x.device, dtype=dtype)
-                if not isinstance(cfg, w4a16.WgmmaTmaConfig):
-                    continue
-                call = (x, qweight, scales, zeros, GROUP, None, *cfg)
-                times = {False: [], True: []}
-                for halves in (False, True, False, True):
-                    w4a16.x_in_halves = lambda *_, halves=halves: halves
-                    times[halves].append(time_us(lambda: w4a16.wgmma_tma_matmul(*call), x.device))
-                ref = reference.w4a16_linear(x.float(), qweight, scales.float(), zeros.float(), GROUP, None)
-                error = ((w4a16.wgmma_tma_matmul(*call).float() - ref).norm() / ref.norm()).item()
-                w4a16.x_in_halves = chosen
-                rows.append(dict(dtype=str(dtype).split(".")[1], K=K, N=N, M=M, config=repr(cfg),
-                                 rows_past_end=-M % cfg.block_m, one_box_us=times[False], halves_us=times[True],
-                                 halves_error=error, picked=chosen(M, cfg.block_m, cfg.dequant_warps > 0)))
-                print(f"{rows[-1]['dtype']} {K}x{N} M={M}: one box {min(times[False]):.2f} us, halves "
-                      f"{min(times[True]):.2f} us, picked {'halves' if rows[-1]['picked'] else 'one box'}", flush=True)
+    plan = ((torch.float16, SHAPES, ROWS), (torch.bfloat16, BF16_SHAPES, BF16_ROWS))
+    for dtype, K, N, M, x, qweight, scales, zeros in problems(plan):
+        cfg = w4a16.pick_config(M, N, K, GROUP, x.device, dtype=dtype)
+        if not isinstance(cfg, w4a16.WgmmaTmaConfig):
+            continue
+        call = (x, qweight, scales, zeros, GROUP, None, *cfg)
+        times = {False: [], True: []}
+        for halves in (False, True, False, True):
+            w4a16.x_in_halves = lambda *_, halves=halves: halves
+            times[halves].append(time_us(lambda: w4a16.wgmma_tma_matmul(*call), x.device))
+        ref = reference.w4a16_linear(x.float(), qweight, scales.float(), zeros.float(), GROUP, None)
+        error = ((w4a16.wgmma_tma_matmul(*call).float() - ref).norm() / ref.norm()).item()
+        w4a16.x_in_halves = chosen
+        rows.append(dict(dtype=str(dtype).split(".")[1], K=K, N=N, M=M, config=repr(cfg),
+                         rows_past_end=-M % cfg.block_m, one_box_us=times[False], halves_us=times[True],
+                         halves_error=error, picked=chosen(M, cfg.block_m, cfg.dequant_warps > 0)))
+        print(f"{rows[-1]['dtype']} {K}x{N} M={M}: one box {min(times[False]):.2f} us, halves "
+              f"{min(times[True]):.2f} us, picked {'halves' if rows[-1]['picked'] else 'one box'}", flush=True)
     args.out.write_text(json.dumps(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
                                         triton=triton.__version__, date=datetime.date.today().isoformat(),
                                         rows=rows), indent=1))

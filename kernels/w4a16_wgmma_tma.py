@@ -165,6 +165,18 @@ def _store_tile(acc, out_ptr, b_ptr, m0, n0, M, N, stride_om, SPLIT_K: gl.conste
 
 
 @gluon.jit
+def _stage_buffers(x_desc, w_desc, s_desc, z_desc, STAGES: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
+    """Shared memory for ``STAGES`` steps of what the TMA copies: x ``[BLOCK_M, 64]``, the words (a ``w_desc``
+    block), the scales and the zeros ``[1, BLOCK_N]``."""
+    DTYPE: gl.constexpr = x_desc.dtype
+    xs = gl.allocate_shared_memory(DTYPE, [STAGES, BLOCK_M, _STEP], x_desc.layout)
+    wq = gl.allocate_shared_memory(gl.int32, [STAGES] + w_desc.block_type.shape, w_desc.layout)
+    ss = gl.allocate_shared_memory(DTYPE, [STAGES, 1, BLOCK_N], s_desc.layout)
+    zs = gl.allocate_shared_memory(DTYPE, [STAGES, 1, BLOCK_N], z_desc.layout)
+    return xs, wq, ss, zs
+
+
+@gluon.jit
 def w4a16_wgmma_tma_kernel(x_desc, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, stride_qk, stride_qt, stride_sg,
                            stride_om, TILE: gl.constexpr, GROUP_SIZE: gl.constexpr, BLOCK_M: gl.constexpr,
                            BLOCK_N: gl.constexpr,
@@ -329,10 +341,7 @@ def w4a16_wgmma_tma_ws_kernel(x_desc, x_half_desc, w_desc, s_desc, z_desc, b_ptr
     lo, hi = _x_halves(m0, M, BLOCK_M)
     start, end = _split_steps(K, SPLIT_K)
 
-    xs = gl.allocate_shared_memory(DTYPE, [STAGES, BLOCK_M, _STEP], x_desc.layout)
-    wq = gl.allocate_shared_memory(gl.int32, [STAGES] + w_desc.block_type.shape, w_desc.layout)
-    ss = gl.allocate_shared_memory(DTYPE, [STAGES, 1, BLOCK_N], s_desc.layout)
-    zs = gl.allocate_shared_memory(DTYPE, [STAGES, 1, BLOCK_N], z_desc.layout)
+    xs, wq, ss, zs = _stage_buffers(x_desc, w_desc, s_desc, z_desc, STAGES, BLOCK_M, BLOCK_N)
     ws = gl.allocate_shared_memory(DTYPE, [STAGES, BLOCK_N, _STEP], W_SHARED)
     loaded = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     w_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -490,10 +499,7 @@ def w4a16_wgmma_tma_rs_kernel(x_desc, x_half_desc, w_desc, s_desc, z_desc, b_ptr
     run, first_column = n0 // word_run, n0 % word_run
     byte = _operand_bytes()
 
-    xs = gl.allocate_shared_memory(DTYPE, [STAGES, BLOCK_M, _STEP], x_desc.layout)
-    wq = gl.allocate_shared_memory(gl.int32, [STAGES] + w_desc.block_type.shape, w_desc.layout)
-    ss = gl.allocate_shared_memory(DTYPE, [STAGES, 1, BN], s_desc.layout)
-    zs = gl.allocate_shared_memory(DTYPE, [STAGES, 1, BN], z_desc.layout)
+    xs, wq, ss, zs = _stage_buffers(x_desc, w_desc, s_desc, z_desc, STAGES, BLOCK_M, BN)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for s in gl.static_range(STAGES):
         mbarrier.init(ready.index(s), count=1)
@@ -575,10 +581,7 @@ def w4a16_wgmma_tma_rs_ws_kernel(x_desc, x_half_desc, w_desc, s_desc, z_desc, b_
     lo, hi = _x_halves(m0, M, BLOCK_M)
     start, end = _split_steps(K, SPLIT_K)
 
-    xs = gl.allocate_shared_memory(DTYPE, [STAGES, BLOCK_M, _STEP], x_desc.layout)
-    wq = gl.allocate_shared_memory(gl.int32, [STAGES] + w_desc.block_type.shape, w_desc.layout)
-    ss = gl.allocate_shared_memory(DTYPE, [STAGES, 1, BN], s_desc.layout)
-    zs = gl.allocate_shared_memory(DTYPE, [STAGES, 1, BN], z_desc.layout)
+    xs, wq, ss, zs = _stage_buffers(x_desc, w_desc, s_desc, z_desc, STAGES, BLOCK_M, BN)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for s in gl.static_range(STAGES):
