@@ -469,6 +469,14 @@ def _register_operand(wq, zs, ss, stage, byte, A_LAYOUT: gl.constexpr, BF16: gl.
 
 
 @gluon.jit
+def _register_accumulator(BLOCK_M: gl.constexpr):
+    """The register-fed kernels' float32 sums ``[64 weight columns, BLOCK_M rows of x]``, zero, in the wgmma's layout
+    (one warpgroup)."""
+    MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_M, 16])
+    return gl.zeros([64, BLOCK_M], gl.float32, MMA)
+
+
+@gluon.jit
 def _register_step(xs, wq, ss, zs, stage, byte, acc):
     """One step of the register-fed kernels: the stage's weights dequantized into the wgmma's left operand, times
     x's stage (``[BLOCK_M, 64]``, the right operand K-major), added into ``acc`` ``[64, BLOCK_M]``."""
@@ -490,7 +498,6 @@ def w4a16_wgmma_tma_rs_kernel(x_desc, x_half_desc, w_desc, s_desc, z_desc, b_ptr
     stages, STAGES steps ahead, and the threads dequantize the stage's words straight into the MMA's operand."""
     BN: gl.constexpr = 64
     DTYPE: gl.constexpr = x_desc.dtype
-    MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_M, 16])
 
     n0 = gl.program_id(0) * BN
     m0 = gl.program_id(1) * BLOCK_M
@@ -508,7 +515,7 @@ def w4a16_wgmma_tma_rs_kernel(x_desc, x_half_desc, w_desc, s_desc, z_desc, b_ptr
         _stage_copies(x_desc, x_half_desc, w_desc, s_desc, z_desc, xs, wq, ss, zs, ready, s, start + s, m0, lo, hi,
                       n0, run, first_column, start + s < end, GROUP_SIZE, X_HALVES)
 
-    acc = gl.zeros([BN, BLOCK_M], gl.float32, MMA)
+    acc = _register_accumulator(BLOCK_M)
     for step in range(start, end):
         i = step - start
         stage = i % STAGES
@@ -554,9 +561,8 @@ def _rs_consumer(x_desc, x_half_desc, w_desc, s_desc, z_desc, xs, wq, ss, zs, re
     arrival (no CTA barrier, no copies to issue)."""
     BLOCK_M: gl.constexpr = xs.type.shape[1]
     stages: gl.constexpr = xs.type.shape[0]
-    MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_M, 16])
     byte = _operand_bytes()
-    acc = gl.zeros([64, BLOCK_M], gl.float32, MMA)
+    acc = _register_accumulator(BLOCK_M)
     for step in range(start, end):
         i = step - start
         stage = i % stages
