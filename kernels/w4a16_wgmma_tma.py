@@ -129,6 +129,17 @@ def _x_halves(m0, M, BLOCK_M: gl.constexpr):
 
 
 @gluon.jit
+def _program_tile(M, K, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, SPLIT_K: gl.constexpr):
+    """The TMA kernels' program: its tile's first column and row, the rows its x halves start at (``_x_halves``)
+    and its steps of K."""
+    n0 = gl.program_id(0) * BLOCK_N
+    m0 = gl.program_id(1) * BLOCK_M
+    lo, hi = _x_halves(m0, M, BLOCK_M)
+    start, end = _split_steps(K, SPLIT_K)
+    return n0, m0, lo, hi, start, end
+
+
+@gluon.jit
 def _copy_x(x_desc, x_half_desc, bar, dst, m0, lo, hi, k, pred, X_HALVES: gl.constexpr):
     """x's rows of the tile at ``m0`` from column ``k`` into ``dst`` by TMA, where ``pred``: one box, or with
     ``X_HALVES`` two of half its rows, from ``lo`` and ``hi`` (``_x_halves``)."""
@@ -336,10 +347,7 @@ def w4a16_wgmma_tma_ws_kernel(x_desc, x_half_desc, w_desc, s_desc, z_desc, b_ptr
     run the MMAs, STAGES steps deep."""
     DTYPE: gl.constexpr = x_desc.dtype
     W_SHARED: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
-    n0 = gl.program_id(0) * BLOCK_N
-    m0 = gl.program_id(1) * BLOCK_M
-    lo, hi = _x_halves(m0, M, BLOCK_M)
-    start, end = _split_steps(K, SPLIT_K)
+    n0, m0, lo, hi, start, end = _program_tile(M, K, BLOCK_M, BLOCK_N, SPLIT_K)
 
     xs, wq, ss, zs = _stage_buffers(x_desc, w_desc, s_desc, z_desc, STAGES, BLOCK_M, BLOCK_N)
     ws = gl.allocate_shared_memory(DTYPE, [STAGES, BLOCK_N, _STEP], W_SHARED)
@@ -489,6 +497,16 @@ def _register_step(xs, wq, ss, zs, stage, byte, acc):
 
 
 @gluon.jit
+def _ready_step(xs, wq, ss, zs, ready, i, byte, acc):
+    """The register-fed kernels' ``i``-th step of a program: once its stage's copies are in (``ready``),
+    ``_register_step`` on it. Returns the stage and the sums."""
+    stages: gl.constexpr = xs.type.shape[0]
+    stage = i % stages
+    mbarrier.wait(ready.index(stage), (i // stages) & 1)
+    return stage, _register_step(xs, wq, ss, zs, stage, byte, acc)
+
+
+@gluon.jit
 def w4a16_wgmma_tma_rs_kernel(x_desc, x_half_desc, w_desc, s_desc, z_desc, b_ptr, out_ptr, M, N, K, word_run, stride_om,
                               GROUP_SIZE: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
                               SPLIT_K: gl.constexpr, HAS_BIAS: gl.constexpr, X_HALVES: gl.constexpr):
@@ -499,10 +517,7 @@ def w4a16_wgmma_tma_rs_kernel(x_desc, x_half_desc, w_desc, s_desc, z_desc, b_ptr
     BN: gl.constexpr = 64
     DTYPE: gl.constexpr = x_desc.dtype
 
-    n0 = gl.program_id(0) * BN
-    m0 = gl.program_id(1) * BLOCK_M
-    lo, hi = _x_halves(m0, M, BLOCK_M)
-    start, end = _split_steps(K, SPLIT_K)
+    n0, m0, lo, hi, start, end = _program_tile(M, K, BLOCK_M, BN, SPLIT_K)
     run, first_column = n0 // word_run, n0 % word_run
     byte = _operand_bytes()
 
@@ -517,10 +532,7 @@ def w4a16_wgmma_tma_rs_kernel(x_desc, x_half_desc, w_desc, s_desc, z_desc, b_ptr
 
     acc = _register_accumulator(BLOCK_M)
     for step in range(start, end):
-        i = step - start
-        stage = i % STAGES
-        mbarrier.wait(ready.index(stage), (i // STAGES) & 1)
-        acc = _register_step(xs, wq, ss, zs, stage, byte, acc)
+        stage, acc = _ready_step(xs, wq, ss, zs, ready, step - start, byte, acc)
         # every thread's reads of the stage are done (the fence orders them before the TMA's writes): refill it
         fence_async_shared()
         _cta_barrier()
@@ -560,14 +572,10 @@ def _rs_consumer(x_desc, x_half_desc, w_desc, s_desc, z_desc, xs, wq, ss, zs, re
     """The warpgroup: each step once its stage is in, as the kernel above, then the stage freed by an mbarrier
     arrival (no CTA barrier, no copies to issue)."""
     BLOCK_M: gl.constexpr = xs.type.shape[1]
-    stages: gl.constexpr = xs.type.shape[0]
     byte = _operand_bytes()
     acc = _register_accumulator(BLOCK_M)
     for step in range(start, end):
-        i = step - start
-        stage = i % stages
-        mbarrier.wait(ready.index(stage), (i // stages) & 1)
-        acc = _register_step(xs, wq, ss, zs, stage, byte, acc)
+        stage, acc = _ready_step(xs, wq, ss, zs, ready, step - start, byte, acc)
         fence_async_shared()  # (the stage's reads before the TMA's writes, as above)
         mbarrier.arrive(empty.index(stage), count=1)
     return (acc,)  # (a tuple: Triton 3.6 flattens the default partition's results as one)
@@ -582,10 +590,7 @@ def w4a16_wgmma_tma_rs_ws_kernel(x_desc, x_half_desc, w_desc, s_desc, z_desc, b_
     arguments, layouts and result."""
     BN: gl.constexpr = 64
     DTYPE: gl.constexpr = x_desc.dtype
-    n0 = gl.program_id(0) * BN
-    m0 = gl.program_id(1) * BLOCK_M
-    lo, hi = _x_halves(m0, M, BLOCK_M)
-    start, end = _split_steps(K, SPLIT_K)
+    n0, m0, lo, hi, start, end = _program_tile(M, K, BLOCK_M, BN, SPLIT_K)
 
     xs, wq, ss, zs = _stage_buffers(x_desc, w_desc, s_desc, z_desc, STAGES, BLOCK_M, BN)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
