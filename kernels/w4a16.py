@@ -557,7 +557,8 @@ def wgmma_tma_launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
             runs, block, gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=3))
         rows = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=16, rank=2)
         s_desc, z_desc = (TensorDescriptor.from_tensor(t, [1, block_n], rows) for t in (scales, zeros))
-        # and x by half tiles, where its last tile reaches far past x's end (``x_in_halves``; else never read)
+        # and x by half tiles, where its last tile reaches far past x's end (``x_in_halves``; else x's whole tiles,
+        # which tell the kernel to copy x in one box)
         x_halves = x_in_halves(M, block_m, dequant_warps > 0)
         x_half_desc = TensorDescriptor.from_tensor(x, [block_m // 2, 64], x_tiles) if x_halves else x_desc
         descriptors = (x_desc, x_half_desc, w_desc, s_desc, z_desc, b, out, M, N, K, runs.shape[2], out.stride(0))
@@ -565,11 +566,11 @@ def wgmma_tma_launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
             kernel = w4a16_wgmma_tma_rs_ws_kernel if loader_warp else w4a16_wgmma_tma_rs_kernel
             budget = {"maxnreg": RS_WS_REGISTERS} if loader_warp else {}
             kernel[grid](*descriptors, GROUP_SIZE=group_size, BLOCK_M=block_m, STAGES=stages, SPLIT_K=split_k,
-                         HAS_BIAS=bias is not None, X_HALVES=x_halves, num_warps=4, **budget)
+                         HAS_BIAS=bias is not None, num_warps=4, **budget)
         else:
             w4a16_wgmma_tma_ws_kernel[grid](*descriptors, GROUP_SIZE=group_size, BLOCK_M=block_m, BLOCK_N=block_n,
                                             STAGES=stages, SPLIT_K=split_k, HAS_BIAS=bias is not None,
-                                            DEQUANT_WARPS=dequant_warps, X_HALVES=x_halves, num_warps=num_warps)
+                                            DEQUANT_WARPS=dequant_warps, num_warps=num_warps)
     else:
         w4a16_wgmma_tma_kernel[grid](
             x_desc, qweight, scales, zeros, b, out, M, N, K, qweight.stride(0), stride_qt, scales.stride(0),

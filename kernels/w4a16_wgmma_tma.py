@@ -59,9 +59,9 @@ programs within one such wave. H200, fp16, us, the op, the kernel above -> this:
 **x past its last row.** Where a tile of the two kernels below reaches far past x's last row (``w4a16.x_in_halves``:
 24 rows or more with the weights in registers, all its second half but a sixteenth warp-specialized), the TMA,
 which zero-fills a box's rows past its tensor, copies it slowly enough to stall the steps (H200, fp16, 4096x28672
-at 65 rows: 91.3 us against 49.5 at 64). With ``X_HALVES`` x is copied in two boxes of half the tile's rows instead,
-each moved back to end within x (``_x_halves``): 64.1 us. Their rows before the tile's, or the first half's again,
-are not stored.
+at 65 rows: 91.3 us against 49.5 at 64). There x is copied in two boxes of half the tile's rows instead
+(``X_HALVES``: the launch gives ``x_half_desc`` such boxes, else it is ``x_desc``), each moved back to end within x
+(``_x_halves``): 64.1 us. Their rows before the tile's, or the first half's again, are not stored.
 
 K may be split over programs (``SPLIT_K``), whose float32 sums are added atomically into a float32 output that is
 zero before (the caller's to finish). Needs Hopper (sm_90: TMA, ``wgmma``) and fp16/bf16 x; the CPU tests compile it
@@ -140,11 +140,13 @@ def _program_tile(M, K, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, SPLIT_K: g
 
 
 @gluon.jit
-def _copy_x(x_desc, x_half_desc, bar, dst, m0, lo, hi, k, pred, X_HALVES: gl.constexpr):
-    """x's rows of the tile at ``m0`` from column ``k`` into ``dst`` by TMA, where ``pred``: one box, or with
-    ``X_HALVES`` two of half its rows, from ``lo`` and ``hi`` (``_x_halves``)."""
-    if X_HALVES:
-        HALF: gl.constexpr = dst.type.shape[0] // 2
+def _copy_x(x_desc, x_half_desc, bar, dst, m0, lo, hi, k, pred):
+    """x's rows of the tile at ``m0`` from column ``k`` into ``dst`` by TMA, where ``pred``: one box, or where x is
+    copied in halves (``X_HALVES``) two, from ``lo`` and ``hi`` (``_x_halves``). (Told by the descriptors' types,
+    as constants: Triton 3.6 passes a worker partition's constexpr arguments as values, and so issued both forms
+    behind a branch.)"""
+    HALF: gl.constexpr = x_half_desc.block_type.shape[0]
+    if HALF < dst.type.shape[0]:
         _tma_load(x_half_desc, [lo, k], bar, dst.slice(0, HALF), pred=pred)
         _tma_load(x_half_desc, [hi, k], bar, dst.slice(HALF, HALF), pred=pred)
     else:
@@ -258,7 +260,7 @@ def w4a16_wgmma_tma_kernel(x_desc, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K
 # The two worker partitions below take the same arguments, as Gluon requires of workers; each reads its own.
 @gluon.jit
 def _loader(x_desc, x_half_desc, w_desc, s_desc, z_desc, xs, wq, ss, zs, ws, loaded, w_ready, empty, n0, m0, lo, hi,
-            start, end, word_run, GROUP_SIZE: gl.constexpr, X_HALVES: gl.constexpr):
+            start, end, word_run, GROUP_SIZE: gl.constexpr):
     """One warp: a step's x, words, scales and zeros into its stage by TMA once the stage's MMAs are done."""
     stages: gl.constexpr = xs.type.shape[0]
     BLOCK_N: gl.constexpr = ws.type.shape[1]
@@ -270,7 +272,7 @@ def _loader(x_desc, x_half_desc, w_desc, s_desc, z_desc, xs, wq, ss, zs, ws, loa
         bar = loaded.index(s)
         mbarrier.wait(empty.index(s), ((i // stages) & 1) ^ 1)
         mbarrier.expect(bar, BYTES)
-        _copy_x(x_desc, x_half_desc, bar, xs.index(s), m0, lo, hi, step * _STEP, True, X_HALVES)
+        _copy_x(x_desc, x_half_desc, bar, xs.index(s), m0, lo, hi, step * _STEP, True)
         _tma_load(w_desc, [run, step * 8, first_column], bar, wq.index(s))
         group = step * _STEP // GROUP_SIZE
         _tma_load(s_desc, [group, n0], bar, ss.index(s))
@@ -279,7 +281,7 @@ def _loader(x_desc, x_half_desc, w_desc, s_desc, z_desc, xs, wq, ss, zs, ws, loa
 
 @gluon.jit
 def _dequantizer(x_desc, x_half_desc, w_desc, s_desc, z_desc, xs, wq, ss, zs, ws, loaded, w_ready, empty, n0, m0,
-                 lo, hi, start, end, word_run, GROUP_SIZE: gl.constexpr, X_HALVES: gl.constexpr):
+                 lo, hi, start, end, word_run, GROUP_SIZE: gl.constexpr):
     """The weights' partition: each step's words, scales and zeros from their stage into the step's weight
     tile, dequantized and scaled."""
     DTYPE: gl.constexpr = ws.dtype
@@ -339,13 +341,14 @@ def _mma_consumer(xs, ws, loaded, w_ready, empty, start, end):
 def w4a16_wgmma_tma_ws_kernel(x_desc, x_half_desc, w_desc, s_desc, z_desc, b_ptr, out_ptr, M, N, K, word_run, stride_om,
                               GROUP_SIZE: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                               STAGES: gl.constexpr, SPLIT_K: gl.constexpr, HAS_BIAS: gl.constexpr,
-                              DEQUANT_WARPS: gl.constexpr, X_HALVES: gl.constexpr, num_warps: gl.constexpr):
+                              DEQUANT_WARPS: gl.constexpr, num_warps: gl.constexpr):
     """The same product, warp-specialized: a TMA warp fills the stages with x, the words (``w_desc``: in
     column tiles, blocks ``[BLOCK_N / 64, 8, 64]`` of ``[N / 64, K / 8, 64]`` and ``word_run`` 64; in rows,
     ``[1, 8, BLOCK_N]`` of ``[1, K / 8, N]`` and ``word_run`` N), the scales and the zeros (blocks
     ``[1, BLOCK_N]``); DEQUANT_WARPS warps dequantize each stage's weight tile, and the kernel's num_warps
     run the MMAs, STAGES steps deep."""
     DTYPE: gl.constexpr = x_desc.dtype
+    X_HALVES: gl.constexpr = x_half_desc.block_type.shape[0] < BLOCK_M  # (``w4a16.wgmma_tma_launch``)
     W_SHARED: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
     n0, m0, lo, hi, start, end = _program_tile(M, K, BLOCK_M, BLOCK_N, SPLIT_K)
 
@@ -363,9 +366,9 @@ def w4a16_wgmma_tma_ws_kernel(x_desc, x_half_desc, w_desc, s_desc, z_desc, b_ptr
     acc = gl.warp_specialize(
         [(_mma_consumer, (xs, ws, loaded, w_ready, empty, start, end)),
          (_dequantizer, (x_desc, x_half_desc, w_desc, s_desc, z_desc, xs, wq, ss, zs, ws, loaded, w_ready, empty,
-                         n0, m0, lo, hi, start, end, word_run, GROUP_SIZE, X_HALVES)),
+                         n0, m0, lo, hi, start, end, word_run, GROUP_SIZE)),
          (_loader, (x_desc, x_half_desc, w_desc, s_desc, z_desc, xs, wq, ss, zs, ws, loaded, w_ready, empty, n0, m0,
-                    lo, hi, start, end, word_run, GROUP_SIZE, X_HALVES))],
+                    lo, hi, start, end, word_run, GROUP_SIZE))],
         [DEQUANT_WARPS, 1], [_DEQUANT_REGISTERS, 24])[0]
     for s in gl.static_range(STAGES):
         mbarrier.invalidate(loaded.index(s))
@@ -417,12 +420,12 @@ _BYTE_PAIR_BF16 = asm_constant(_byte_pair_ptx(True))
 
 @gluon.jit
 def _stage_copies(x_desc, x_half_desc, w_desc, s_desc, z_desc, xs, wq, ss, zs, ready, stage, step, m0, lo, hi, n0,
-                  run, first_column, pred, GROUP_SIZE: gl.constexpr, X_HALVES: gl.constexpr):
+                  run, first_column, pred, GROUP_SIZE: gl.constexpr):
     """Step ``step``'s x, words, scales and zeros into ``stage`` by TMA, all on the stage's barrier, where ``pred``."""
     BYTES: gl.constexpr = xs.type.shape[1] * _STEP * 2 + wq.type.shape[2] * wq.type.shape[3] * 4 + 4 * ss.type.shape[2]
     bar = ready.index(stage)
     mbarrier.expect(bar, BYTES, pred=pred)
-    _copy_x(x_desc, x_half_desc, bar, xs.index(stage), m0, lo, hi, step * _STEP, pred, X_HALVES)
+    _copy_x(x_desc, x_half_desc, bar, xs.index(stage), m0, lo, hi, step * _STEP, pred)
     _tma_load(w_desc, [run, step * 8, first_column], bar, wq.index(stage), pred=pred)
     group = step * _STEP // GROUP_SIZE
     _tma_load(s_desc, [group, n0], bar, ss.index(stage), pred=pred)
@@ -509,13 +512,14 @@ def _ready_step(xs, wq, ss, zs, ready, i, byte, acc):
 @gluon.jit
 def w4a16_wgmma_tma_rs_kernel(x_desc, x_half_desc, w_desc, s_desc, z_desc, b_ptr, out_ptr, M, N, K, word_run, stride_om,
                               GROUP_SIZE: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
-                              SPLIT_K: gl.constexpr, HAS_BIAS: gl.constexpr, X_HALVES: gl.constexpr):
+                              SPLIT_K: gl.constexpr, HAS_BIAS: gl.constexpr):
     """The same product transposed, ``out^T = W^T x^T``, with the weights as wgmma's left operand in registers
     (one warpgroup, 64 weight columns a program, BLOCK_M rows of x its N side): each step's x, words (``w_desc`` as
     the warp-specialized kernel's, blocks of one run), scales and zeros are copied by TMA into one of ``STAGES``
     stages, STAGES steps ahead, and the threads dequantize the stage's words straight into the MMA's operand."""
     BN: gl.constexpr = 64
     DTYPE: gl.constexpr = x_desc.dtype
+    X_HALVES: gl.constexpr = x_half_desc.block_type.shape[0] < BLOCK_M  # (``w4a16.wgmma_tma_launch``)
 
     n0, m0, lo, hi, start, end = _program_tile(M, K, BLOCK_M, BN, SPLIT_K)
     run, first_column = n0 // word_run, n0 % word_run
@@ -528,7 +532,7 @@ def w4a16_wgmma_tma_rs_kernel(x_desc, x_half_desc, w_desc, s_desc, z_desc, b_ptr
     fence_async_shared()
     for s in gl.static_range(STAGES):
         _stage_copies(x_desc, x_half_desc, w_desc, s_desc, z_desc, xs, wq, ss, zs, ready, s, start + s, m0, lo, hi,
-                      n0, run, first_column, start + s < end, GROUP_SIZE, X_HALVES)
+                      n0, run, first_column, start + s < end, GROUP_SIZE)
 
     acc = _register_accumulator(BLOCK_M)
     for step in range(start, end):
@@ -537,7 +541,7 @@ def w4a16_wgmma_tma_rs_kernel(x_desc, x_half_desc, w_desc, s_desc, z_desc, b_ptr
         fence_async_shared()
         _cta_barrier()
         _stage_copies(x_desc, x_half_desc, w_desc, s_desc, z_desc, xs, wq, ss, zs, ready, stage, step + STAGES, m0,
-                      lo, hi, n0, run, first_column, step + STAGES < end, GROUP_SIZE, X_HALVES)
+                      lo, hi, n0, run, first_column, step + STAGES < end, GROUP_SIZE)
     for s in gl.static_range(STAGES):
         mbarrier.invalidate(ready.index(s))
 
@@ -554,7 +558,7 @@ _RS_LOADER_REGISTERS = gl.constexpr(24)
 # here too, so that one tuple serves both); each reads its own.
 @gluon.jit
 def _rs_loader(x_desc, x_half_desc, w_desc, s_desc, z_desc, xs, wq, ss, zs, ready, empty, m0, lo, hi, n0, start, end,
-               word_run, GROUP_SIZE: gl.constexpr, X_HALVES: gl.constexpr):
+               word_run, GROUP_SIZE: gl.constexpr):
     """One warp: each step's x, words, scales and zeros into its stage by TMA once the consumer has freed it."""
     stages: gl.constexpr = xs.type.shape[0]
     run, first_column = n0 // word_run, n0 % word_run
@@ -563,12 +567,12 @@ def _rs_loader(x_desc, x_half_desc, w_desc, s_desc, z_desc, xs, wq, ss, zs, read
         stage = i % stages
         mbarrier.wait(empty.index(stage), ((i // stages) & 1) ^ 1)
         _stage_copies(x_desc, x_half_desc, w_desc, s_desc, z_desc, xs, wq, ss, zs, ready, stage, step, m0, lo, hi,
-                      n0, run, first_column, True, GROUP_SIZE, X_HALVES)
+                      n0, run, first_column, True, GROUP_SIZE)
 
 
 @gluon.jit
 def _rs_consumer(x_desc, x_half_desc, w_desc, s_desc, z_desc, xs, wq, ss, zs, ready, empty, m0, lo, hi, n0, start,
-                 end, word_run, GROUP_SIZE: gl.constexpr, X_HALVES: gl.constexpr):
+                 end, word_run, GROUP_SIZE: gl.constexpr):
     """The warpgroup: each step once its stage is in, as the kernel above, then the stage freed by an mbarrier
     arrival (no CTA barrier, no copies to issue)."""
     BLOCK_M: gl.constexpr = xs.type.shape[1]
@@ -584,12 +588,13 @@ def _rs_consumer(x_desc, x_half_desc, w_desc, s_desc, z_desc, xs, wq, ss, zs, re
 @gluon.jit
 def w4a16_wgmma_tma_rs_ws_kernel(x_desc, x_half_desc, w_desc, s_desc, z_desc, b_ptr, out_ptr, M, N, K, word_run,
                                  stride_om, GROUP_SIZE: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
-                                 SPLIT_K: gl.constexpr, HAS_BIAS: gl.constexpr, X_HALVES: gl.constexpr):
+                                 SPLIT_K: gl.constexpr, HAS_BIAS: gl.constexpr):
     """The register-fed kernel above, warp-specialized: a loader warp issues each stage's TMA copies once the
     warpgroup has freed it (``empty``), and the warpgroup only waits, dequantizes, multiplies and frees. Same
     arguments, layouts and result."""
     BN: gl.constexpr = 64
     DTYPE: gl.constexpr = x_desc.dtype
+    X_HALVES: gl.constexpr = x_half_desc.block_type.shape[0] < BLOCK_M  # (``w4a16.wgmma_tma_launch``)
     n0, m0, lo, hi, start, end = _program_tile(M, K, BLOCK_M, BN, SPLIT_K)
 
     xs, wq, ss, zs = _stage_buffers(x_desc, w_desc, s_desc, z_desc, STAGES, BLOCK_M, BN)
@@ -601,7 +606,7 @@ def w4a16_wgmma_tma_rs_ws_kernel(x_desc, x_half_desc, w_desc, s_desc, z_desc, b_
     fence_async_shared()
 
     args = (x_desc, x_half_desc, w_desc, s_desc, z_desc, xs, wq, ss, zs, ready, empty, m0, lo, hi, n0, start, end,
-            word_run, GROUP_SIZE, X_HALVES)
+            word_run, GROUP_SIZE)
     acc = gl.warp_specialize([(_rs_consumer, args), (_rs_loader, args)], [1], [_RS_LOADER_REGISTERS])[0]
     for s in gl.static_range(STAGES):
         mbarrier.invalidate(ready.index(s))

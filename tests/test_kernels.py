@@ -810,10 +810,10 @@ rows = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=16, rank=2)
 for dtype, block_m, block_n, words, split, bias, warps, dequant_warps, halves in (
         ("fp16", 256, 128, "2,8,64", 2, False, 8, 4, True), ("bf16", 128, 64, "1,8,64", 1, True, 4, 8, False)):
     constexprs = dict(GROUP_SIZE=128, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=4, SPLIT_K=split, HAS_BIAS=bias,
-                      DEQUANT_WARPS=dequant_warps, X_HALVES=halves, num_warps=warps)
+                      DEQUANT_WARPS=dequant_warps, num_warps=warps)
     pointers = {"b_ptr": "*" + dtype, "out_ptr": "*fp32" if split > 1 else "*" + dtype,
                 "x_desc": f"tensordesc<{dtype}[{block_m},64],{x_tiles!r}>",
-                "x_half_desc": f"tensordesc<{dtype}[{block_m // 2},64],{x_tiles!r}>",
+                "x_half_desc": f"tensordesc<{dtype}[{block_m // 2 if halves else block_m},64],{x_tiles!r}>",
                 "w_desc": f"tensordesc<i32[{words}],{runs!r}>"}
     pointers |= {p: f"tensordesc<{dtype}[1,{block_n}],{rows!r}>" for p in ("s_desc", "z_desc")}
     print(gluon_ttgir(w4a16_wgmma_tma.w4a16_wgmma_tma_ws_kernel, pointers, constexprs, warps))
@@ -852,10 +852,10 @@ x_tiles = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank
 runs = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=3)
 rows = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=16, rank=2)
 for dtype, block_m, split, bias, halves in (("fp16", 128, 1, True, False), ("bf16", 64, 2, False, True)):
-    constexprs = dict(GROUP_SIZE=128, BLOCK_M=block_m, STAGES=3, SPLIT_K=split, HAS_BIAS=bias, X_HALVES=halves)
+    constexprs = dict(GROUP_SIZE=128, BLOCK_M=block_m, STAGES=3, SPLIT_K=split, HAS_BIAS=bias)
     pointers = {"b_ptr": "*" + dtype, "out_ptr": "*fp32" if split > 1 else "*" + dtype,
                 "x_desc": f"tensordesc<{dtype}[{block_m},64],{x_tiles!r}>",
-                "x_half_desc": f"tensordesc<{dtype}[{block_m // 2},64],{x_tiles!r}>",
+                "x_half_desc": f"tensordesc<{dtype}[{block_m // 2 if halves else block_m},64],{x_tiles!r}>",
                 "w_desc": f"tensordesc<i32[1,8,64],{runs!r}>"}
     pointers |= {p: f"tensordesc<{dtype}[1,64],{rows!r}>" for p in ("s_desc", "z_desc")}
     for kernel, budget in ((w4a16_wgmma_tma.w4a16_wgmma_tma_rs_kernel, {}),
