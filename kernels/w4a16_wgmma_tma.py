@@ -143,8 +143,8 @@ def _program_tile(M, K, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, SPLIT_K: g
 def _copy_x(x_desc, x_half_desc, bar, dst, m0, lo, hi, k, pred):
     """x's rows of the tile at ``m0`` from column ``k`` into ``dst`` by TMA, where ``pred``: one box, or where x is
     copied in halves (``X_HALVES``) two, from ``lo`` and ``hi`` (``_x_halves``). (Told by the descriptors' types,
-    as constants: Triton 3.6 passes a worker partition's constexpr arguments as values, and so issued both forms
-    behind a branch.)"""
+    as constants: Gluon builds a partition from an argument tuple's constexprs as values, so a flag built both forms,
+    and Triton 3.9 refuses the half boxes of ``x_desc`` that the form not taken would copy.)"""
     HALF: gl.constexpr = x_half_desc.block_type.shape[0]
     if HALF < dst.type.shape[0]:
         _tma_load(x_half_desc, [lo, k], bar, dst.slice(0, HALF), pred=pred)
