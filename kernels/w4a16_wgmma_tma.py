@@ -257,7 +257,7 @@ def w4a16_wgmma_tma_kernel(x_desc, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K
     _store_tile(acc, out_ptr, b_ptr, m0, n0, M, N, stride_om, SPLIT_K, HAS_BIAS, DTYPE)
 
 
-# The two worker partitions below take the same arguments, as Gluon requires of workers; each reads its own.
+# The two worker partitions below take the same arguments (Gluon would take different ones); each reads its own.
 @gluon.jit
 def _loader(x_desc, x_half_desc, w_desc, s_desc, z_desc, xs, wq, ss, zs, ws, loaded, w_ready, empty, n0, m0, lo, hi,
             start, end, word_run, GROUP_SIZE: gl.constexpr):
@@ -554,8 +554,8 @@ def w4a16_wgmma_tma_rs_kernel(x_desc, x_half_desc, w_desc, s_desc, z_desc, b_ptr
 _RS_LOADER_REGISTERS = gl.constexpr(24)
 
 
-# The two partitions below take the same arguments (Gluon's rule for workers; the default partition follows it
-# here too, so that one tuple serves both); each reads its own.
+# The two partitions below take the same arguments, so that one tuple serves both (Gluon would take a tuple each);
+# each reads its own.
 @gluon.jit
 def _rs_loader(x_desc, x_half_desc, w_desc, s_desc, z_desc, xs, wq, ss, zs, ready, empty, m0, lo, hi, n0, start, end,
                word_run, GROUP_SIZE: gl.constexpr):
