@@ -63,14 +63,20 @@ at 65 rows: 91.3 us against 49.5 at 64). There x is copied in two boxes of half 
 (``X_HALVES``: the launch gives ``x_half_desc`` such boxes, else it is ``x_desc``), each moved back to end within x
 (``_x_halves``): 64.1 us. Their rows before the tile's, or the first half's again, are not stored.
 
-K may be split over programs (``SPLIT_K``), whose float32 sums are added atomically into a float32 output that is
-zero before (the caller's to finish). Needs Hopper (sm_90: TMA, ``wgmma``) and fp16/bf16 x; the CPU tests compile it
-for sm_90 (``tests/test_kernels.py``). ``w4a16.wgmma_tma_launch`` launches it and imports this module on its first
-call.
+K may be split over programs (``SPLIT_K``), whose float32 sums are added into a float32 output that is zero before
+(the caller's to finish): atomically by the threads, or, in the register-fed kernels, by the TMA unit from shared
+memory (``_add_tile``), one bulk reduction a block of the tile, where the threads' 64 atomic instructions each held
+the warpgroup's epilogue at about 40% of its warps' stall samples (ncu, 4096² at 128 rows, split 4). H100, fp16, the
+op at 128 rows split 4, us: 4096² 16.28 -> 15.20, 4096x6144 22.73 -> 20.07, 14336x4096 34.88 -> 33.47 (within
+4% either way at 48-96 rows; bench/NOTES-kernels.md, sixty-sixth session). Needs Hopper
+(sm_90: TMA, ``wgmma``) and fp16/bf16 x; the CPU tests compile it for sm_90 (``tests/test_kernels.py``).
+``w4a16.wgmma_tma_launch`` launches it and imports this module on its first call.
 """
 
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
+from triton._C.libtriton import ir
+from triton.experimental.gluon.language._core import builtin
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                               warpgroup_mma_wait)
 
@@ -154,20 +160,25 @@ def _copy_x(x_desc, x_half_desc, bar, dst, m0, lo, hi, k, pred):
 
 
 @gluon.jit
+def _tile_rows(r, m0, M, BLOCK_M: gl.constexpr, X_HALVES: gl.constexpr, lo, hi):
+    """Rows ``r`` of the tile at ``m0`` (with ``X_HALVES``, its halves' rows from ``lo`` and ``hi``, ``_x_halves``):
+    their rows of x, and whether each is the tile's and stored (once)."""
+    if X_HALVES:
+        HALF: gl.constexpr = BLOCK_M // 2
+        om = gl.where(r < HALF, lo + r, hi + r - HALF)
+        return om, (om >= m0) & (om < M) & ((r < HALF) | (om >= lo + HALF))
+    om = m0 + r
+    return om, om < M
+
+
+@gluon.jit
 def _store_tile(acc, out_ptr, b_ptr, m0, n0, M, N, stride_om, SPLIT_K: gl.constexpr, HAS_BIAS: gl.constexpr,
                 DTYPE: gl.constexpr, X_HALVES: gl.constexpr = False, lo=0, hi=0):
-    """The program's sums ``acc`` for the tile of x's rows at ``m0`` (with ``X_HALVES``, its halves' rows from
-    ``lo`` and ``hi``, ``_x_halves``: only those of the tile, each once), columns ``n0``: added into the float32
-    output where K is split, else with the bias and in x's dtype."""
+    """The program's sums ``acc`` for the tile of x's rows at ``m0`` (``_tile_rows``), columns ``n0``: added into
+    the float32 output where K is split, else with the bias and in x's dtype."""
     r = gl.arange(0, acc.shape[0], layout=gl.SliceLayout(1, acc.type.layout))
     on = n0 + gl.arange(0, acc.shape[1], layout=gl.SliceLayout(0, acc.type.layout))
-    if X_HALVES:
-        HALF: gl.constexpr = acc.shape[0] // 2
-        om = gl.where(r < HALF, lo + r, hi + r - HALF)
-        rows = (om >= m0) & (om < M) & ((r < HALF) | (om >= lo + HALF))
-    else:
-        om = m0 + r
-        rows = om < M
+    om, rows = _tile_rows(r, m0, M, acc.shape[0], X_HALVES, lo, hi)
     mask = rows[:, None] & (on[None, :] < N)
     if SPLIT_K > 1:
         gl.atomic_add(out_ptr + om[:, None] * stride_om + on[None, :], acc, mask=mask, sem="relaxed")
@@ -175,6 +186,40 @@ def _store_tile(acc, out_ptr, b_ptr, m0, n0, M, N, stride_om, SPLIT_K: gl.conste
         if HAS_BIAS:
             acc = acc + gl.load(b_ptr + on, mask=on < N, other=0.0).to(gl.float32)[None, :]
         gl.store(out_ptr + om[:, None] * stride_om + on[None, :], acc.to(DTYPE), mask=mask)
+
+
+if hasattr(tma, "async_atomic_add"):
+    _tma_add = tma.async_atomic_add
+else:  # Triton 3.6's Gluon has the op in its builder only
+    @builtin
+    def _tma_add(tensor_desc, coord, src, _semantic=None):
+        coord = _semantic._convert_to_ir_values(coord, require_i64=False)
+        _semantic.builder.create_async_tma_reduce(ir.DESCRIPTOR_REDUCE_KIND.ADD, tensor_desc.handle, coord,
+                                                  src.handle)
+
+
+@gluon.jit
+def _add_tile(acc, sums_desc, m0, n0, M, X_HALVES: gl.constexpr, lo, hi):
+    """``_store_tile``'s split case by TMA: the program's sums ``acc`` (the tile at ``m0``, columns ``n0``) through
+    shared memory, rows not the tile's zeroed, added into the float32 sums by the TMA unit (``sums_desc``: blocks of
+    the tile's rows, or of half of them with ``X_HALVES``, by 32 columns) in one bulk reduction a block instead of
+    an atomic instruction an element; rows and columns past the sums are not written."""
+    BLOCK_M: gl.constexpr = acc.shape[0]
+    BOX_M: gl.constexpr = sums_desc.block_type.shape[0]
+    BOX_N: gl.constexpr = sums_desc.block_type.shape[1]
+    _, rows = _tile_rows(gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, acc.type.layout)), m0, M, BLOCK_M,
+                         X_HALVES, lo, hi)
+    tile = gl.allocate_shared_memory(gl.float32, acc.shape, sums_desc.layout)
+    tile.store(gl.where(rows[:, None], acc, 0.0))
+    fence_async_shared()
+    for i in gl.static_range(BLOCK_M // BOX_M):
+        row = m0
+        if X_HALVES:
+            row = lo if i == 0 else hi
+        for j in gl.static_range(acc.shape[1] // BOX_N):
+            _tma_add(sums_desc, [row, n0 + j * BOX_N], tile.slice(i * BOX_M, BOX_M, dim=0).slice(j * BOX_N, BOX_N,
+                                                                                                   dim=1))
+    tma.store_wait(0)
 
 
 @gluon.jit
@@ -510,9 +555,21 @@ def _ready_step(xs, wq, ss, zs, ready, i, byte, acc):
 
 
 @gluon.jit
-def w4a16_wgmma_tma_rs_kernel(x_desc, x_half_desc, w_desc, s_desc, z_desc, b_ptr, out_ptr, M, N, K, word_run, stride_om,
-                              GROUP_SIZE: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
-                              SPLIT_K: gl.constexpr, HAS_BIAS: gl.constexpr):
+def _finish_register_tile(acc, out_ptr, sums_desc, b_ptr, m0, n0, M, N, stride_om, SPLIT_K: gl.constexpr,
+                          HAS_BIAS: gl.constexpr, DTYPE: gl.constexpr, X_HALVES: gl.constexpr, lo, hi):
+    """The register-fed kernels' sums ``acc`` ``[64 columns, BLOCK_M rows]`` into the output: by the TMA unit into
+    the float32 sums where K is split (``_add_tile``), else stored by the threads (``_store_tile``)."""
+    if SPLIT_K > 1:
+        _add_tile(gl.permute(acc, (1, 0)), sums_desc, m0, n0, M, X_HALVES, lo, hi)
+    else:
+        _store_tile(gl.permute(acc, (1, 0)), out_ptr, b_ptr, m0, n0, M, N, stride_om, SPLIT_K, HAS_BIAS, DTYPE,
+                    X_HALVES, lo, hi)
+
+
+@gluon.jit
+def w4a16_wgmma_tma_rs_kernel(x_desc, x_half_desc, w_desc, s_desc, z_desc, b_ptr, out_ptr, sums_desc, M, N, K,
+                              word_run, stride_om, GROUP_SIZE: gl.constexpr, BLOCK_M: gl.constexpr,
+                              STAGES: gl.constexpr, SPLIT_K: gl.constexpr, HAS_BIAS: gl.constexpr):
     """The same product transposed, ``out^T = W^T x^T``, with the weights as wgmma's left operand in registers
     (one warpgroup, 64 weight columns a program, BLOCK_M rows of x its N side): each step's x, words (``w_desc`` as
     the warp-specialized kernel's, blocks of one run), scales and zeros are copied by TMA into one of ``STAGES``
@@ -545,8 +602,8 @@ def w4a16_wgmma_tma_rs_kernel(x_desc, x_half_desc, w_desc, s_desc, z_desc, b_ptr
     for s in gl.static_range(STAGES):
         mbarrier.invalidate(ready.index(s))
 
-    _store_tile(gl.permute(acc, (1, 0)), out_ptr, b_ptr, m0, n0, M, N, stride_om, SPLIT_K, HAS_BIAS, DTYPE,
-                X_HALVES, lo, hi)
+    _finish_register_tile(acc, out_ptr, sums_desc, b_ptr, m0, n0, M, N, stride_om, SPLIT_K, HAS_BIAS, DTYPE,
+                          X_HALVES, lo, hi)
 
 
 # The loader's registers in the warp-specialized register-fed kernel (it holds a few indices); its consumer raises
@@ -586,9 +643,9 @@ def _rs_consumer(x_desc, x_half_desc, w_desc, s_desc, z_desc, xs, wq, ss, zs, re
 
 
 @gluon.jit
-def w4a16_wgmma_tma_rs_ws_kernel(x_desc, x_half_desc, w_desc, s_desc, z_desc, b_ptr, out_ptr, M, N, K, word_run,
-                                 stride_om, GROUP_SIZE: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
-                                 SPLIT_K: gl.constexpr, HAS_BIAS: gl.constexpr):
+def w4a16_wgmma_tma_rs_ws_kernel(x_desc, x_half_desc, w_desc, s_desc, z_desc, b_ptr, out_ptr, sums_desc, M, N,
+                                 K, word_run, stride_om, GROUP_SIZE: gl.constexpr, BLOCK_M: gl.constexpr,
+                                 STAGES: gl.constexpr, SPLIT_K: gl.constexpr, HAS_BIAS: gl.constexpr):
     """The register-fed kernel above, warp-specialized: a loader warp issues each stage's TMA copies once the
     warpgroup has freed it (``empty``), and the warpgroup only waits, dequantizes, multiplies and frees. Same
     arguments, layouts and result."""
@@ -612,5 +669,5 @@ def w4a16_wgmma_tma_rs_ws_kernel(x_desc, x_half_desc, w_desc, s_desc, z_desc, b_
         mbarrier.invalidate(ready.index(s))
         mbarrier.invalidate(empty.index(s))
 
-    _store_tile(gl.permute(acc, (1, 0)), out_ptr, b_ptr, m0, n0, M, N, stride_om, SPLIT_K, HAS_BIAS, DTYPE,
-                X_HALVES, lo, hi)
+    _finish_register_tile(acc, out_ptr, sums_desc, b_ptr, m0, n0, M, N, stride_om, SPLIT_K, HAS_BIAS, DTYPE,
+                          X_HALVES, lo, hi)

@@ -851,6 +851,7 @@ from qpass.kernels import w4a16, w4a16_wgmma_tma
 x_tiles = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
 runs = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=3)
 rows = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=16, rank=2)
+sums = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=2)
 for dtype, block_m, split, bias, halves in (("fp16", 128, 1, True, False), ("bf16", 64, 2, False, True)):
     constexprs = dict(GROUP_SIZE=128, BLOCK_M=block_m, STAGES=3, SPLIT_K=split, HAS_BIAS=bias)
     pointers = {"b_ptr": "*" + dtype, "out_ptr": "*fp32" if split > 1 else "*" + dtype,
@@ -858,6 +859,8 @@ for dtype, block_m, split, bias, halves in (("fp16", 128, 1, True, False), ("bf1
                 "x_half_desc": f"tensordesc<{dtype}[{block_m // 2 if halves else block_m},64],{x_tiles!r}>",
                 "w_desc": f"tensordesc<i32[1,8,64],{runs!r}>"}
     pointers |= {p: f"tensordesc<{dtype}[1,64],{rows!r}>" for p in ("s_desc", "z_desc")}
+    # the split sums' blocks (w4a16.split_sums_descriptor), or x's (never read) unsplit
+    pointers["sums_desc"] = f"tensordesc<fp32[{block_m // 2},32],{sums!r}>" if split > 1 else pointers["x_desc"]
     for kernel, budget in ((w4a16_wgmma_tma.w4a16_wgmma_tma_rs_kernel, {}),
                            (w4a16_wgmma_tma.w4a16_wgmma_tma_rs_ws_kernel, {"maxnreg": w4a16.RS_WS_REGISTERS})):
         kernel = compiled(kernel, pointers, constexprs, GluonASTSource, num_warps=4, **budget)
@@ -926,6 +929,12 @@ def test_w4a16_register_operand_tma_kernel_dequantizes_into_the_mma_operand():
         assert sum(" HGMMA" in line for line in lines) == 4
         assert not any(re.search(r" (LDL|STL)\b", line) for line in lines)
         assert not wgmma_operand_registers_rewritten_in_flight(lines)
+        # split: the tile added into the sums by the TMA unit, one bulk reduction a block of 32 columns (two of half
+        # the rows: x in halves), no atomic instruction an element
+        reductions = [line for line in ttgir.splitlines() if "ttng.async_tma_reduce" in line]
+        assert len(reductions) == (4 if x_blocks[0].startswith("32x") else 0), reductions
+        assert sum(" UTMAREDG" in line for line in lines) == len(reductions)
+        assert not any(re.search(r" (RED|ATOM)G?\b", line) for line in lines)
 
 
 # The register-fed wgmma kernel's SASS for sm_90 ("address instruction" a line), exact and scaled, one and two
