@@ -565,9 +565,11 @@ def wgmma_tma_launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
         if registers:
             kernel = w4a16_wgmma_tma_rs_ws_kernel if loader_warp else w4a16_wgmma_tma_rs_kernel
             budget = {"maxnreg": RS_WS_REGISTERS} if loader_warp else {}
+            # warp-specialized, programmatic dependent launch: its weights' first copies overlap the end of the grid
+            # before (w4a16_wgmma_tma's docstring: the single-partition kernel lost with it)
             kernel[grid](*descriptors[:7], split_sums_descriptor(out, block_m, x_halves, split_k, x_desc),
                          *descriptors[7:], GROUP_SIZE=group_size, BLOCK_M=block_m, STAGES=stages, SPLIT_K=split_k,
-                         HAS_BIAS=bias is not None, num_warps=4, **budget)
+                         HAS_BIAS=bias is not None, num_warps=4, launch_pdl=loader_warp, **budget)
         else:
             w4a16_wgmma_tma_ws_kernel[grid](*descriptors, GROUP_SIZE=group_size, BLOCK_M=block_m, BLOCK_N=block_n,
                                             STAGES=stages, SPLIT_K=split_k, HAS_BIAS=bias is not None,

@@ -63,6 +63,15 @@ at 65 rows: 91.3 us against 49.5 at 64). There x is copied in two boxes of half 
 (``X_HALVES``: the launch gives ``x_half_desc`` such boxes, else it is ``x_desc``), each moved back to end within x
 (``_x_halves``): 64.1 us. Their rows before the tile's, or the first half's again, are not stored.
 
+**Launched with programmatic dependent launch** (the warp-specialized register-fed kernel, ``_first_copies``), as
+the GEMV and the warp-level MMA kernel are: a program may start while the grid before it on the stream finishes,
+issues its first stages' copies of the words, scales and zeros (which no kernel writes), and only then waits for that
+grid (``griddepcontrol.wait``, after which its writes are visible to the whole grid) and copies x. The loader warp
+alone waits: the warpgroup reads nothing a kernel writes before x's copies have landed, and writes nothing before then
+either. H100, fp16, the op, us: 4096² at 64 / 128 rows 10.68 / 15.20 -> 10.11 / 14.07, 14336x4096 23.78 / 33.47 ->
+23.32 / 32.27. The single-partition kernel lost with it where it runs (4096x6144 at 64 rows 14.62 -> 19.84 us,
+4096x28672 48.79 -> 65.69; bench/NOTES-kernels.md, sixty-sixth session), and keeps its plain launch.
+
 K may be split over programs (``SPLIT_K``), whose float32 sums are added into a float32 output that is zero before
 (the caller's to finish): atomically by the threads, or, in the register-fed kernels, by the TMA unit from shared
 memory (``_add_tile``), one bulk reduction a block of the tile, where the threads' 64 atomic instructions each held
@@ -464,17 +473,42 @@ _BYTE_PAIR_BF16 = asm_constant(_byte_pair_ptx(True))
 
 
 @gluon.jit
-def _stage_copies(x_desc, x_half_desc, w_desc, s_desc, z_desc, xs, wq, ss, zs, ready, stage, step, m0, lo, hi, n0,
-                  run, first_column, pred, GROUP_SIZE: gl.constexpr):
-    """Step ``step``'s x, words, scales and zeros into ``stage`` by TMA, all on the stage's barrier, where ``pred``."""
+def _weight_copies(w_desc, s_desc, z_desc, xs, wq, ss, zs, ready, stage, step, n0, run, first_column, pred,
+                   GROUP_SIZE: gl.constexpr):
+    """Step ``step``'s words, scales and zeros into ``stage`` by TMA where ``pred``, on the stage's barrier, told to
+    expect x's tile too (``_copy_x``, issued after: under PDL only once the grid before has written x)."""
     BYTES: gl.constexpr = xs.type.shape[1] * _STEP * 2 + wq.type.shape[2] * wq.type.shape[3] * 4 + 4 * ss.type.shape[2]
     bar = ready.index(stage)
     mbarrier.expect(bar, BYTES, pred=pred)
-    _copy_x(x_desc, x_half_desc, bar, xs.index(stage), m0, lo, hi, step * _STEP, pred)
     _tma_load(w_desc, [run, step * 8, first_column], bar, wq.index(stage), pred=pred)
     group = step * _STEP // GROUP_SIZE
     _tma_load(s_desc, [group, n0], bar, ss.index(stage), pred=pred)
     _tma_load(z_desc, [group, n0], bar, zs.index(stage), pred=pred)
+
+
+@gluon.jit
+def _stage_copies(x_desc, x_half_desc, w_desc, s_desc, z_desc, xs, wq, ss, zs, ready, stage, step, m0, lo, hi, n0,
+                  run, first_column, pred, GROUP_SIZE: gl.constexpr):
+    """Step ``step``'s x, words, scales and zeros into ``stage`` by TMA, all on the stage's barrier, where ``pred``."""
+    _weight_copies(w_desc, s_desc, z_desc, xs, wq, ss, zs, ready, stage, step, n0, run, first_column, pred,
+                   GROUP_SIZE)
+    _copy_x(x_desc, x_half_desc, ready.index(stage), xs.index(stage), m0, lo, hi, step * _STEP, pred)
+
+
+@gluon.jit
+def _first_copies(x_desc, x_half_desc, w_desc, s_desc, z_desc, xs, wq, ss, zs, ready, m0, lo, hi, n0, start, end,
+                  run, first_column, GROUP_SIZE: gl.constexpr):
+    """The warp-specialized register-fed kernel's first stages, launched with programmatic dependent launch
+    (``w4a16.wgmma_tma_launch``): the weights' copies, which no kernel writes, issued while the grid before finishes;
+    x's once it has (its writes are then visible to the whole grid)."""
+    stages: gl.constexpr = xs.type.shape[0]
+    for s in gl.static_range(stages):
+        _weight_copies(w_desc, s_desc, z_desc, xs, wq, ss, zs, ready, s, start + s, n0, run, first_column,
+                       start + s < end, GROUP_SIZE)
+    gl.inline_asm_elementwise("griddepcontrol.launch_dependents; griddepcontrol.wait; // $0", "=r", [],
+                              dtype=gl.int32, is_pure=False, pack=1)
+    for s in gl.static_range(stages):
+        _copy_x(x_desc, x_half_desc, ready.index(s), xs.index(s), m0, lo, hi, (start + s) * _STEP, start + s < end)
 
 
 # The register-fed kernels' thread (warp w, lane 4 g + c): columns 16 w + g and 16 w + g + 8, all 8 word rows, byte c
@@ -616,10 +650,13 @@ _RS_LOADER_REGISTERS = gl.constexpr(24)
 @gluon.jit
 def _rs_loader(x_desc, x_half_desc, w_desc, s_desc, z_desc, xs, wq, ss, zs, ready, empty, m0, lo, hi, n0, start, end,
                word_run, GROUP_SIZE: gl.constexpr):
-    """One warp: each step's x, words, scales and zeros into its stage by TMA once the consumer has freed it."""
+    """One warp: the first stages' copies (``_first_copies``), then each step's x, words, scales and zeros into its
+    stage by TMA once the consumer has freed it."""
     stages: gl.constexpr = xs.type.shape[0]
     run, first_column = n0 // word_run, n0 % word_run
-    for step in range(start, end):
+    _first_copies(x_desc, x_half_desc, w_desc, s_desc, z_desc, xs, wq, ss, zs, ready, m0, lo, hi, n0, start, end, run,
+                  first_column, GROUP_SIZE)
+    for step in range(start + stages, end):
         i = step - start
         stage = i % stages
         mbarrier.wait(empty.index(stage), ((i // stages) & 1) ^ 1)

@@ -905,10 +905,10 @@ def wgmma_operand_registers_rewritten_in_flight(sass_lines):
 def test_w4a16_register_operand_tma_kernel_dequantizes_into_the_mma_operand():
     """The TMA kernel with the weights in registers, compiled for sm_90: x (in whole tiles, or in halves), the words,
     scales and zeros reach shared memory by TMA only (for 3 stages, then a step each; warp-specialized, by the loader
-    partition; the only global load left is the bias), the wgmma's left operand is in registers and its right one in
-    shared memory, and each step's MMAs are waited for before the loop goes on; in the SASS nothing spills and no
-    instruction rewrites an operand register of an HGMMA in flight (Triton 3.6's ptxas did, with one step in flight
-    across the loop's back edge)."""
+    partition; the only global load left is the bias), warp-specialized the first stages' weights before the wait for
+    the grid before and x after it; the wgmma's left operand is in registers and its right one in shared memory, and each step's MMAs
+    are waited for before the loop goes on; in the SASS nothing spills and no instruction rewrites an operand register
+    of an HGMMA in flight (Triton 3.6's ptxas did, with one step in flight across the loop's back edge)."""
     modules = compiled_for_sm90(_REGISTER_OPERAND_TMA_KERNEL).split("module attributes")[1:]
     assert len(modules) == 4
     cases = [(x_blocks, scales, bias, loader_warp) for x_blocks, scales, bias in (
@@ -935,6 +935,21 @@ def test_w4a16_register_operand_tma_kernel_dequantizes_into_the_mma_operand():
         assert len(reductions) == (4 if x_blocks[0].startswith("32x") else 0), reductions
         assert sum(" UTMAREDG" in line for line in lines) == len(reductions)
         assert not any(re.search(r" (RED|ATOM)G?\b", line) for line in lines)
+        # programmatic dependent launch (warp-specialized only): the first 3 stages' words, scales and zeros copied
+        # before the wait for the grid before (which may write x), x's after it, in the TTGIR and in the SASS
+        # (ACQBULK the wait)
+        ir_lines = ttgir.splitlines()
+        if not loader_warp:
+            assert "griddepcontrol" not in ttgir and not any(" ACQBULK" in line for line in lines)
+            continue
+        waits = [i for i, line in enumerate(ir_lines) if "griddepcontrol.wait" in line]
+        assert len(waits) == 1 and "griddepcontrol.launch_dependents" in ir_lines[waits[0]]
+        early = sorted(copied_block(line) for line in ir_lines[:waits[0]] if "ttng.async_tma_copy_global_to_local" in line)
+        assert early == sorted(3 * ["1x8x64xsi32", scales, scales]), early
+        wait = [i for i, line in enumerate(lines) if " ACQBULK" in line]
+        assert len(wait) == 1 and sum(" PREEXIT" in line for line in lines[:wait[0]]) == 1
+        early = [line for line in lines[:wait[0]] if " UTMALDG" in line]
+        assert len(early) == 9 and sum(" UTMALDG.3D" in line for line in early) == 3, early
 
 
 # The register-fed wgmma kernel's SASS for sm_90 ("address instruction" a line), exact and scaled, one and two
@@ -1802,6 +1817,43 @@ HALVES_CASES = [(REGISTERS_128._replace(split_k=1), 65, True), (REGISTERS_128, 2
 HALVES_CASES += [(w4a16.WgmmaTmaConfig(256, 128, 4, 2, dequant_warps=4), M, halves)
                  for M, halves in ((44, True), (136, True), (137, False), (300, True))]
 HALVES_CASES += [(w4a16.WgmmaTmaConfig(128, 128, 3, 2, 8), 65, False)]  # (the single-partition kernel: never)
+
+
+@cuda
+@needs_cuda
+@needs_hopper
+@pytest.mark.parametrize("config", [REGISTERS_64._replace(split_k=1), REGISTERS_128._replace(split_k=4),
+                                    REGISTERS_64._replace(split_k=2, loader_warp=True),
+                                    REGISTERS_128._replace(split_k=1, loader_warp=True)])
+def test_gpu_register_operand_tma_kernels_read_x_after_the_grid_before(config):
+    """The warp-specialized register-fed TMA kernel launches with programmatic dependent launch: it starts while the
+    kernel before finishes and copies its first weights then, but x only once that kernel has written it (the
+    single-partition kernel, launched plainly, is chained the same way). A chain of such GEMMs,
+    each one's x the output of the one before (96 rows, K = N = 1024, launched back to back), is right at every link,
+    eagerly and replayed in a CUDA graph three times, each on a new x."""
+    layers = [make_w4(96, 1024, 1024, 128, torch.float16, False, seed % 2 == 0, seed, tile=64)[1:]
+              for seed in range(4)]
+    x0 = make_w4(96, 1024, 1024, 128, torch.float16, False, False, 9)[0]
+
+    def chain(x):
+        outs = [x]
+        for qweight, scales, zeros, b in layers:
+            outs.append(w4a16.w4a16_linear(outs[-1], qweight, scales, zeros, 128, b, config=config))
+        return outs
+
+    def check(outs):
+        for x, out, (qweight, scales, zeros, b) in zip(outs, outs[1:], layers):
+            assert relative_error(out, w4_reference(x, qweight, scales, zeros, 128, b)) < BOUND[torch.float16]
+
+    check(chain(x0))
+    x = x0.clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = chain(x)
+    for seed in range(3):
+        x.copy_(make_w4(96, 1024, 1024, 128, torch.float16, False, False, 10 + seed)[0])
+        graph.replay()
+        check(outs)
 
 
 @pytest.mark.parametrize("M, N, dtype, bias", [(5, 37, torch.float16, True), (3, 1000, torch.bfloat16, False)])
