@@ -477,7 +477,8 @@ def _weight_copies(w_desc, s_desc, z_desc, xs, wq, ss, zs, ready, stage, step, n
                    GROUP_SIZE: gl.constexpr):
     """Step ``step``'s words, scales and zeros into ``stage`` by TMA where ``pred``, on the stage's barrier, told to
     expect x's tile too (``_copy_x``, issued after: under PDL only once the grid before has written x)."""
-    BYTES: gl.constexpr = xs.type.shape[1] * _STEP * 2 + wq.type.shape[2] * wq.type.shape[3] * 4 + 4 * ss.type.shape[2]
+    WORD_BYTES: gl.constexpr = wq.type.shape[1] * wq.type.shape[2] * wq.type.shape[3] * 4  # (every run of the block)
+    BYTES: gl.constexpr = xs.type.shape[1] * _STEP * 2 + WORD_BYTES + 4 * ss.type.shape[2]
     bar = ready.index(stage)
     mbarrier.expect(bar, BYTES, pred=pred)
     _tma_load(w_desc, [run, step * 8, first_column], bar, wq.index(stage), pred=pred)

@@ -906,9 +906,10 @@ def test_w4a16_register_operand_tma_kernel_dequantizes_into_the_mma_operand():
     """The TMA kernel with the weights in registers, compiled for sm_90: x (in whole tiles, or in halves), the words,
     scales and zeros reach shared memory by TMA only (for 3 stages, then a step each; warp-specialized, by the loader
     partition; the only global load left is the bias), warp-specialized the first stages' weights before the wait for
-    the grid before and x after it; the wgmma's left operand is in registers and its right one in shared memory, and each step's MMAs
-    are waited for before the loop goes on; in the SASS nothing spills and no instruction rewrites an operand register
-    of an HGMMA in flight (Triton 3.6's ptxas did, with one step in flight across the loop's back edge)."""
+    the grid before and x after it; the wgmma's left operand is in registers and its right one in shared memory, and
+    each step's MMAs are waited for before the loop goes on; in the SASS nothing spills and no instruction rewrites an
+    operand register of an HGMMA in flight (Triton 3.6's ptxas did, with one step in flight across the loop's back
+    edge)."""
     modules = compiled_for_sm90(_REGISTER_OPERAND_TMA_KERNEL).split("module attributes")[1:]
     assert len(modules) == 4
     cases = [(x_blocks, scales, bias, loader_warp) for x_blocks, scales, bias in (
@@ -944,7 +945,8 @@ def test_w4a16_register_operand_tma_kernel_dequantizes_into_the_mma_operand():
             continue
         waits = [i for i, line in enumerate(ir_lines) if "griddepcontrol.wait" in line]
         assert len(waits) == 1 and "griddepcontrol.launch_dependents" in ir_lines[waits[0]]
-        early = sorted(copied_block(line) for line in ir_lines[:waits[0]] if "ttng.async_tma_copy_global_to_local" in line)
+        early = sorted(copied_block(line) for line in ir_lines[:waits[0]]
+                       if "ttng.async_tma_copy_global_to_local" in line)
         assert early == sorted(3 * ["1x8x64xsi32", scales, scales]), early
         wait = [i for i, line in enumerate(lines) if " ACQBULK" in line]
         assert len(wait) == 1 and sum(" PREEXIT" in line for line in lines[:wait[0]]) == 1
@@ -1828,9 +1830,9 @@ HALVES_CASES += [(w4a16.WgmmaTmaConfig(128, 128, 3, 2, 8), 65, False)]  # (the s
 def test_gpu_register_operand_tma_kernels_read_x_after_the_grid_before(config):
     """The warp-specialized register-fed TMA kernel launches with programmatic dependent launch: it starts while the
     kernel before finishes and copies its first weights then, but x only once that kernel has written it (the
-    single-partition kernel, launched plainly, is chained the same way). A chain of such GEMMs,
-    each one's x the output of the one before (96 rows, K = N = 1024, launched back to back), is right at every link,
-    eagerly and replayed in a CUDA graph three times, each on a new x."""
+    single-partition kernel, launched plainly, is chained the same way). A chain of such GEMMs, each one's x the
+    output of the one before (96 rows, K = N = 1024, launched back to back), is right at every link, eagerly and
+    replayed in a CUDA graph three times, each on a new x."""
     layers = [make_w4(96, 1024, 1024, 128, torch.float16, False, seed % 2 == 0, seed, tile=64)[1:]
               for seed in range(4)]
     x0 = make_w4(96, 1024, 1024, 128, torch.float16, False, False, 9)[0]
