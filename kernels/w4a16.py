@@ -561,17 +561,22 @@ def wgmma_tma_launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
         # which tell the kernel to copy x in one box)
         x_halves = x_in_halves(M, block_m, dequant_warps > 0)
         x_half_desc = TensorDescriptor.from_tensor(x, [block_m // 2, 64], x_tiles) if x_halves else x_desc
-        descriptors = (x_desc, x_half_desc, w_desc, s_desc, z_desc, b, out, M, N, K, runs.shape[2], out.stride(0))
+        operands = (x_desc, x_half_desc, w_desc, s_desc, z_desc, b, out)
+        sizes = (M, N, K, runs.shape[2], out.stride(0))
         if registers:
+            # split, the float32 sums as the TMA unit adds a program's tile into them (``_add_tile``): blocks of x's
+            # box rows by 32 columns (128 bytes, swizzled as the tile in shared memory); unsplit, x's (never read)
+            sums_desc = x_desc if split_k == 1 else TensorDescriptor.from_tensor(
+                out, [block_m // 2 if x_halves else block_m, 32],
+                gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=2))
             kernel = w4a16_wgmma_tma_rs_ws_kernel if loader_warp else w4a16_wgmma_tma_rs_kernel
             budget = {"maxnreg": RS_WS_REGISTERS} if loader_warp else {}
             # warp-specialized, programmatic dependent launch: its weights' first copies overlap the end of the grid
             # before (w4a16_wgmma_tma's docstring: the single-partition kernel lost with it)
-            kernel[grid](*descriptors[:7], split_sums_descriptor(out, block_m, x_halves, split_k, x_desc),
-                         *descriptors[7:], GROUP_SIZE=group_size, BLOCK_M=block_m, STAGES=stages, SPLIT_K=split_k,
-                         HAS_BIAS=bias is not None, num_warps=4, launch_pdl=loader_warp, **budget)
+            kernel[grid](*operands, sums_desc, *sizes, GROUP_SIZE=group_size, BLOCK_M=block_m, STAGES=stages,
+                         SPLIT_K=split_k, HAS_BIAS=bias is not None, num_warps=4, launch_pdl=loader_warp, **budget)
         else:
-            w4a16_wgmma_tma_ws_kernel[grid](*descriptors, GROUP_SIZE=group_size, BLOCK_M=block_m, BLOCK_N=block_n,
+            w4a16_wgmma_tma_ws_kernel[grid](*operands, *sizes, GROUP_SIZE=group_size, BLOCK_M=block_m, BLOCK_N=block_n,
                                             STAGES=stages, SPLIT_K=split_k, HAS_BIAS=bias is not None,
                                             DEQUANT_WARPS=dequant_warps, num_warps=num_warps)
     else:
@@ -579,19 +584,6 @@ def wgmma_tma_launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
             x_desc, qweight, scales, zeros, b, out, M, N, K, qweight.stride(0), stride_qt, scales.stride(0),
             out.stride(0), TILE=tile, GROUP_SIZE=group_size, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages,
             SPLIT_K=split_k, HAS_BIAS=bias is not None, BF16=x.dtype == torch.bfloat16, num_warps=num_warps)
-
-
-def split_sums_descriptor(sums: torch.Tensor, block_m: int, x_halves: bool, split_k: int, unsplit):
-    """The register-fed TMA kernels' float32 sums ``[M, N]`` as the TMA unit adds a program's tile into them
-    (``w4a16_wgmma_tma._add_tile``): blocks of ``block_m`` rows, or half that where x is copied in halves, by 32
-    columns (128 bytes, swizzled as the tile in shared memory); ``unsplit`` (never read) where K is not split."""
-    if split_k == 1:
-        return unsplit
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-
-    tiles = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=2)
-    return TensorDescriptor.from_tensor(sums, [block_m // 2 if x_halves else block_m, 32], tiles)
 
 
 def _wgmma_split(tiles: int, K: int, slots: int, min_steps: int = 8, most: int = 16) -> int:

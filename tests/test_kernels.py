@@ -859,7 +859,7 @@ for dtype, block_m, split, bias, halves in (("fp16", 128, 1, True, False), ("bf1
                 "x_half_desc": f"tensordesc<{dtype}[{block_m // 2 if halves else block_m},64],{x_tiles!r}>",
                 "w_desc": f"tensordesc<i32[1,8,64],{runs!r}>"}
     pointers |= {p: f"tensordesc<{dtype}[1,64],{rows!r}>" for p in ("s_desc", "z_desc")}
-    # the split sums' blocks (w4a16.split_sums_descriptor), or x's (never read) unsplit
+    # the split sums' blocks (w4a16.wgmma_tma_launch), or x's (never read) unsplit
     pointers["sums_desc"] = f"tensordesc<fp32[{block_m // 2},32],{sums!r}>" if split > 1 else pointers["x_desc"]
     for kernel, budget in ((w4a16_wgmma_tma.w4a16_wgmma_tma_rs_kernel, {}),
                            (w4a16_wgmma_tma.w4a16_wgmma_tma_rs_ws_kernel, {"maxnreg": w4a16.RS_WS_REGISTERS})):
