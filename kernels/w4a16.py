@@ -561,19 +561,23 @@ def wgmma_tma_launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
         # which tell the kernel to copy x in one box)
         x_halves = x_in_halves(M, block_m, dequant_warps > 0)
         x_half_desc = TensorDescriptor.from_tensor(x, [block_m // 2, 64], x_tiles) if x_halves else x_desc
-        operands = (x_desc, x_half_desc, w_desc, s_desc, z_desc, b, out)
-        sizes = (M, N, K, runs.shape[2], out.stride(0))
-        if registers:
-            # split, the float32 sums as the TMA unit adds a program's tile into them (``_add_tile``): blocks of x's
-            # box rows by 32 columns (128 bytes, swizzled as the tile in shared memory); unsplit, x's (never read)
-            sums_desc = x_desc if split_k == 1 else TensorDescriptor.from_tensor(
+        # the tile written by the TMA unit (``_tile_by_tma``): split, blocks of x's box rows by 32 columns (128
+        # bytes, swizzled as the tile in shared memory) added into the float32 sums; unsplit, the tile's rows by 64
+        # columns stored, or x's descriptor (never read) where x is copied in halves and the threads store the tile
+        if split_k > 1:
+            tile_desc = TensorDescriptor.from_tensor(
                 out, [block_m // 2 if x_halves else block_m, 32],
                 gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=2))
+        else:
+            tile_desc = x_desc if x_halves else TensorDescriptor.from_tensor(out, [block_m, 64], x_tiles)
+        operands = (x_desc, x_half_desc, w_desc, s_desc, z_desc, b, out, tile_desc)
+        sizes = (M, N, K, runs.shape[2], out.stride(0))
+        if registers:
             kernel = w4a16_wgmma_tma_rs_ws_kernel if loader_warp else w4a16_wgmma_tma_rs_kernel
             budget = {"maxnreg": RS_WS_REGISTERS} if loader_warp else {}
             # warp-specialized, programmatic dependent launch: its weights' first copies overlap the end of the grid
             # before (w4a16_wgmma_tma's docstring: the single-partition kernel lost with it)
-            kernel[grid](*operands, sums_desc, *sizes, GROUP_SIZE=group_size, BLOCK_M=block_m, STAGES=stages,
+            kernel[grid](*operands, *sizes, GROUP_SIZE=group_size, BLOCK_M=block_m, STAGES=stages,
                          SPLIT_K=split_k, HAS_BIAS=bias is not None, num_warps=4, launch_pdl=loader_warp, **budget)
         else:
             w4a16_wgmma_tma_ws_kernel[grid](*operands, *sizes, GROUP_SIZE=group_size, BLOCK_M=block_m, BLOCK_N=block_n,
@@ -1152,7 +1156,9 @@ def dequantize_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
     ``_w4a16_dequantize_kernel``, then cuBLAS. With ``0 < chunk_n < N``, ``chunk_n`` columns at a
     time through two reused scratch buffers: on a GPU chunk i + 1 is dequantized on a side stream
     while cuBLAS multiplies chunk i into its column slice of the output, and the GEMMs' reads of
-    the scratch come from L2."""
+    the scratch come from L2. Where ``chunk_n`` does not divide N the narrower chunk goes first, as
+    its dequantization is the one no GEMM hides (H100, fp16, 4096x6144 at 1024 rows: 2048 columns,
+    then 4096, 91.94 -> 90.52 us; bench/NOTES-kernels.md, sixty-ninth session)."""
     M, K = x.shape
     N = word_columns(qweight)
     if not 0 < chunk_n < N:
@@ -1166,8 +1172,8 @@ def dequantize_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
     if side is not None:
         side.wait_stream(main)  # the inputs are written on the main stream
     multiplied = []  # per chunk: the main stream has read its scratch
-    for i, n0 in enumerate(range(0, N, chunk_n)):
-        n1 = min(n0 + chunk_n, N)
+    bounds = [0, *range(N % chunk_n or chunk_n, N + 1, chunk_n)]
+    for i, (n0, n1) in enumerate(zip(bounds, bounds[1:])):
         w = scratch[i % 2][:, : n1 - n0]
         with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
             if side is not None and i >= 2:

@@ -72,12 +72,19 @@ either. H100, fp16, the op, us: 4096² at 64 / 128 rows 10.68 / 15.20 -> 10.11 /
 23.32 / 32.27. The single-partition kernel lost with it where it runs (4096x6144 at 64 rows 14.62 -> 19.84 us,
 4096x28672 48.79 -> 65.69; bench/NOTES-kernels.md, sixty-sixth session), and keeps its plain launch.
 
-K may be split over programs (``SPLIT_K``), whose float32 sums are added into a float32 output that is zero before
-(the caller's to finish): atomically by the threads, or, in the register-fed kernels, by the TMA unit from shared
-memory (``_add_tile``), one bulk reduction a block of the tile, where the threads' 64 atomic instructions each held
-the warpgroup's epilogue at about 40% of its warps' stall samples (ncu, 4096² at 128 rows, split 4). H100, fp16, the
-op at 128 rows split 4, us: 4096² 16.28 -> 15.20, 4096x6144 22.73 -> 20.07, 14336x4096 34.88 -> 33.47 (within
-4% either way at 48-96 rows; bench/NOTES-kernels.md, sixty-sixth session). Needs Hopper
+**The tile written by the TMA unit** (``_finish_tile``, all but the first kernel): the program's tile goes through
+shared memory (the stages' space, free by then) and leaves in bulk copies, whole 128-byte rows, where the threads'
+stores in the MMA's layout each wrote 4 bytes of a row (64 such stores a thread at 256 x 128), with nothing after
+them to hide under where the programs fill one wave. H100, fp16, the op, us (bench/NOTES-kernels.md, sixty-ninth
+session): 4096² at 1024 rows 58.22 -> 51.95 (cuBLAS 51.94), 4096x28672 at 256 rows 110.83 -> 104.61, at 128 rows
+62.89 -> 62.02. K may be split over programs (``SPLIT_K``), whose float32 sums are added into a float32 output that is
+zero before (the caller's to finish), so by the TMA unit too, one bulk reduction a block of the tile, where the
+threads' 64 atomic instructions each held the warpgroup's epilogue at about 40% of its warps' stall samples (ncu,
+4096² at 128 rows, split 4). H100, fp16, the op, us: the register-fed kernels at 128 rows split 4, 4096² 16.28 ->
+15.20, 4096x6144 22.73 -> 20.07, 14336x4096 34.88 -> 33.47 (within 4% either way at 48-96 rows; sixty-sixth
+session); the warp-specialized one at 256 rows, split 4, 4096² 27.05 -> 25.01, 14336x4096 57.96 -> 55.79 (sixty-ninth).
+Where x is copied in halves and K is not split, the threads store the tile (``_store_tile``): a half's rows before
+the tile's are another program's. Needs Hopper
 (sm_90: TMA, ``wgmma``) and fp16/bf16 x; the CPU tests compile it for sm_90 (``tests/test_kernels.py``).
 ``w4a16.wgmma_tma_launch`` launches it and imports this module on its first call.
 """
@@ -97,8 +104,10 @@ _WEIGHT_BUFFERS = gl.constexpr(3)  # see the module's docstring
 # a dequantizing thread's registers in the warp-specialized kernel: its words, zeros, scales and 8 values a word
 # without spilling; the MMAs' warps take what the CTA has left
 _DEQUANT_REGISTERS = gl.constexpr(128)
-# Triton 3.9 calls the TMA load ``async_load``, 3.6 ``async_copy_global_to_shared``
+# Triton 3.9 calls the TMA copies ``async_load`` and ``async_store``, 3.6 ``async_copy_global_to_shared`` and
+# ``async_copy_shared_to_global``
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+_tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
 
 
 @gluon.jit
@@ -181,10 +190,17 @@ def _tile_rows(r, m0, M, BLOCK_M: gl.constexpr, X_HALVES: gl.constexpr, lo, hi):
 
 
 @gluon.jit
+def _with_bias(acc, b_ptr, n0, N):
+    """The sums ``acc`` of the tile at columns ``n0`` plus the bias ``[N]``."""
+    on = n0 + gl.arange(0, acc.shape[1], layout=gl.SliceLayout(0, acc.type.layout))
+    return acc + gl.load(b_ptr + on, mask=on < N, other=0.0).to(gl.float32)[None, :]
+
+
+@gluon.jit
 def _store_tile(acc, out_ptr, b_ptr, m0, n0, M, N, stride_om, SPLIT_K: gl.constexpr, HAS_BIAS: gl.constexpr,
                 DTYPE: gl.constexpr, X_HALVES: gl.constexpr = False, lo=0, hi=0):
-    """The program's sums ``acc`` for the tile of x's rows at ``m0`` (``_tile_rows``), columns ``n0``: added into
-    the float32 output where K is split, else with the bias and in x's dtype."""
+    """The program's sums ``acc`` for the tile of x's rows at ``m0`` (``_tile_rows``), columns ``n0``, by the threads:
+    added into the float32 output where K is split, else with the bias and in x's dtype."""
     r = gl.arange(0, acc.shape[0], layout=gl.SliceLayout(1, acc.type.layout))
     on = n0 + gl.arange(0, acc.shape[1], layout=gl.SliceLayout(0, acc.type.layout))
     om, rows = _tile_rows(r, m0, M, acc.shape[0], X_HALVES, lo, hi)
@@ -193,7 +209,7 @@ def _store_tile(acc, out_ptr, b_ptr, m0, n0, M, N, stride_om, SPLIT_K: gl.conste
         gl.atomic_add(out_ptr + om[:, None] * stride_om + on[None, :], acc, mask=mask, sem="relaxed")
     else:
         if HAS_BIAS:
-            acc = acc + gl.load(b_ptr + on, mask=on < N, other=0.0).to(gl.float32)[None, :]
+            acc = _with_bias(acc, b_ptr, n0, N)
         gl.store(out_ptr + om[:, None] * stride_om + on[None, :], acc.to(DTYPE), mask=mask)
 
 
@@ -208,27 +224,50 @@ else:  # Triton 3.6's Gluon has the op in its builder only
 
 
 @gluon.jit
-def _add_tile(acc, sums_desc, m0, n0, M, X_HALVES: gl.constexpr, lo, hi):
-    """``_store_tile``'s split case by TMA: the program's sums ``acc`` (the tile at ``m0``, columns ``n0``) through
-    shared memory, rows not the tile's zeroed, added into the float32 sums by the TMA unit (``sums_desc``: blocks of
-    the tile's rows, or of half of them with ``X_HALVES``, by 32 columns) in one bulk reduction a block instead of
-    an atomic instruction an element; rows and columns past the sums are not written."""
-    BLOCK_M: gl.constexpr = acc.shape[0]
-    BOX_M: gl.constexpr = sums_desc.block_type.shape[0]
-    BOX_N: gl.constexpr = sums_desc.block_type.shape[1]
-    _, rows = _tile_rows(gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, acc.type.layout)), m0, M, BLOCK_M,
-                         X_HALVES, lo, hi)
-    tile = gl.allocate_shared_memory(gl.float32, acc.shape, sums_desc.layout)
-    tile.store(gl.where(rows[:, None], acc, 0.0))
+def _tile_by_tma(tile, desc, m0, n0, M, ADD: gl.constexpr, X_HALVES: gl.constexpr, lo, hi):
+    """The program's ``tile`` (at ``m0``, columns ``n0``) through shared memory, written by the TMA unit in blocks of
+    ``desc`` (the tile's rows, or half of them with ``X_HALVES``, by 128 bytes of columns); rows and columns past the
+    tensor are not written. ``ADD``: float32 sums added into the split sums, rows not the tile's zeroed, one bulk
+    reduction a block instead of an atomic instruction an element; else stored, in whole rows of 128 bytes where the
+    threads' stores would write 4 bytes a row each (not with ``X_HALVES``: its rows not the tile's would be
+    overwritten)."""
+    BLOCK_M: gl.constexpr = tile.shape[0]
+    BOX_M: gl.constexpr = desc.block_type.shape[0]
+    BOX_N: gl.constexpr = desc.block_type.shape[1]
+    if ADD:
+        _, rows = _tile_rows(gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, tile.type.layout)), m0, M, BLOCK_M,
+                             X_HALVES, lo, hi)
+        tile = gl.where(rows[:, None], tile, 0.0)
+    staged = gl.allocate_shared_memory(desc.dtype, tile.shape, desc.layout)
+    staged.store(tile)
     fence_async_shared()
     for i in gl.static_range(BLOCK_M // BOX_M):
         row = m0
         if X_HALVES:
             row = lo if i == 0 else hi
-        for j in gl.static_range(acc.shape[1] // BOX_N):
-            _tma_add(sums_desc, [row, n0 + j * BOX_N], tile.slice(i * BOX_M, BOX_M, dim=0).slice(j * BOX_N, BOX_N,
-                                                                                                   dim=1))
+        for j in gl.static_range(tile.shape[1] // BOX_N):
+            block = staged.slice(i * BOX_M, BOX_M, dim=0).slice(j * BOX_N, BOX_N, dim=1)
+            if ADD:
+                _tma_add(desc, [row, n0 + j * BOX_N], block)
+            else:
+                _tma_store(desc, [row, n0 + j * BOX_N], block)
     tma.store_wait(0)
+
+
+@gluon.jit
+def _finish_tile(acc, out_ptr, tile_desc, b_ptr, m0, n0, M, N, stride_om, SPLIT_K: gl.constexpr,
+                 HAS_BIAS: gl.constexpr, DTYPE: gl.constexpr, X_HALVES: gl.constexpr, lo, hi):
+    """The TMA kernels' sums ``acc`` ``[BLOCK_M, BLOCK_N]`` into the output by the TMA unit (``_tile_by_tma``,
+    ``tile_desc``: ``w4a16.wgmma_tma_launch``): added into the float32 sums where K is split, else with the bias
+    and in x's dtype; stored by the threads (``_store_tile``) where x is copied in halves and K is not split."""
+    if SPLIT_K > 1:
+        _tile_by_tma(acc, tile_desc, m0, n0, M, True, X_HALVES, lo, hi)
+    elif X_HALVES:
+        _store_tile(acc, out_ptr, b_ptr, m0, n0, M, N, stride_om, SPLIT_K, HAS_BIAS, DTYPE, X_HALVES, lo, hi)
+    else:
+        if HAS_BIAS:
+            acc = _with_bias(acc, b_ptr, n0, N)
+        _tile_by_tma(acc.to(DTYPE), tile_desc, m0, n0, M, False, X_HALVES, lo, hi)
 
 
 @gluon.jit
@@ -392,7 +431,8 @@ def _mma_consumer(xs, ws, loaded, w_ready, empty, start, end):
 
 
 @gluon.jit
-def w4a16_wgmma_tma_ws_kernel(x_desc, x_half_desc, w_desc, s_desc, z_desc, b_ptr, out_ptr, M, N, K, word_run, stride_om,
+def w4a16_wgmma_tma_ws_kernel(x_desc, x_half_desc, w_desc, s_desc, z_desc, b_ptr, out_ptr, tile_desc, M, N, K,
+                              word_run, stride_om,
                               GROUP_SIZE: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                               STAGES: gl.constexpr, SPLIT_K: gl.constexpr, HAS_BIAS: gl.constexpr,
                               DEQUANT_WARPS: gl.constexpr, num_warps: gl.constexpr):
@@ -429,7 +469,7 @@ def w4a16_wgmma_tma_ws_kernel(x_desc, x_half_desc, w_desc, s_desc, z_desc, b_ptr
         mbarrier.invalidate(w_ready.index(s))
         mbarrier.invalidate(empty.index(s))
 
-    _store_tile(acc, out_ptr, b_ptr, m0, n0, M, N, stride_om, SPLIT_K, HAS_BIAS, DTYPE, X_HALVES, lo, hi)
+    _finish_tile(acc, out_ptr, tile_desc, b_ptr, m0, n0, M, N, stride_om, SPLIT_K, HAS_BIAS, DTYPE, X_HALVES, lo, hi)
 
 
 def _byte_pair_ptx(bf16: bool) -> str:
@@ -590,19 +630,7 @@ def _ready_step(xs, wq, ss, zs, ready, i, byte, acc):
 
 
 @gluon.jit
-def _finish_register_tile(acc, out_ptr, sums_desc, b_ptr, m0, n0, M, N, stride_om, SPLIT_K: gl.constexpr,
-                          HAS_BIAS: gl.constexpr, DTYPE: gl.constexpr, X_HALVES: gl.constexpr, lo, hi):
-    """The register-fed kernels' sums ``acc`` ``[64 columns, BLOCK_M rows]`` into the output: by the TMA unit into
-    the float32 sums where K is split (``_add_tile``), else stored by the threads (``_store_tile``)."""
-    if SPLIT_K > 1:
-        _add_tile(gl.permute(acc, (1, 0)), sums_desc, m0, n0, M, X_HALVES, lo, hi)
-    else:
-        _store_tile(gl.permute(acc, (1, 0)), out_ptr, b_ptr, m0, n0, M, N, stride_om, SPLIT_K, HAS_BIAS, DTYPE,
-                    X_HALVES, lo, hi)
-
-
-@gluon.jit
-def w4a16_wgmma_tma_rs_kernel(x_desc, x_half_desc, w_desc, s_desc, z_desc, b_ptr, out_ptr, sums_desc, M, N, K,
+def w4a16_wgmma_tma_rs_kernel(x_desc, x_half_desc, w_desc, s_desc, z_desc, b_ptr, out_ptr, tile_desc, M, N, K,
                               word_run, stride_om, GROUP_SIZE: gl.constexpr, BLOCK_M: gl.constexpr,
                               STAGES: gl.constexpr, SPLIT_K: gl.constexpr, HAS_BIAS: gl.constexpr):
     """The same product transposed, ``out^T = W^T x^T``, with the weights as wgmma's left operand in registers
@@ -637,8 +665,8 @@ def w4a16_wgmma_tma_rs_kernel(x_desc, x_half_desc, w_desc, s_desc, z_desc, b_ptr
     for s in gl.static_range(STAGES):
         mbarrier.invalidate(ready.index(s))
 
-    _finish_register_tile(acc, out_ptr, sums_desc, b_ptr, m0, n0, M, N, stride_om, SPLIT_K, HAS_BIAS, DTYPE,
-                          X_HALVES, lo, hi)
+    _finish_tile(gl.permute(acc, (1, 0)), out_ptr, tile_desc, b_ptr, m0, n0, M, N, stride_om, SPLIT_K, HAS_BIAS,
+                 DTYPE, X_HALVES, lo, hi)
 
 
 # The loader's registers in the warp-specialized register-fed kernel (it holds a few indices); its consumer raises
@@ -681,7 +709,7 @@ def _rs_consumer(x_desc, x_half_desc, w_desc, s_desc, z_desc, xs, wq, ss, zs, re
 
 
 @gluon.jit
-def w4a16_wgmma_tma_rs_ws_kernel(x_desc, x_half_desc, w_desc, s_desc, z_desc, b_ptr, out_ptr, sums_desc, M, N,
+def w4a16_wgmma_tma_rs_ws_kernel(x_desc, x_half_desc, w_desc, s_desc, z_desc, b_ptr, out_ptr, tile_desc, M, N,
                                  K, word_run, stride_om, GROUP_SIZE: gl.constexpr, BLOCK_M: gl.constexpr,
                                  STAGES: gl.constexpr, SPLIT_K: gl.constexpr, HAS_BIAS: gl.constexpr):
     """The register-fed kernel above, warp-specialized: a loader warp issues each stage's TMA copies once the
@@ -707,5 +735,5 @@ def w4a16_wgmma_tma_rs_ws_kernel(x_desc, x_half_desc, w_desc, s_desc, z_desc, b_
         mbarrier.invalidate(ready.index(s))
         mbarrier.invalidate(empty.index(s))
 
-    _finish_register_tile(acc, out_ptr, sums_desc, b_ptr, m0, n0, M, N, stride_om, SPLIT_K, HAS_BIAS, DTYPE,
-                          X_HALVES, lo, hi)
+    _finish_tile(gl.permute(acc, (1, 0)), out_ptr, tile_desc, b_ptr, m0, n0, M, N, stride_om, SPLIT_K, HAS_BIAS,
+                 DTYPE, X_HALVES, lo, hi)

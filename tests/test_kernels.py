@@ -807,6 +807,7 @@ from qpass.kernels import w4a16_wgmma_tma
 x_tiles = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
 runs = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=3)
 rows = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=16, rank=2)
+sums = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=2)
 for dtype, block_m, block_n, words, split, bias, warps, dequant_warps, halves in (
         ("fp16", 256, 128, "2,8,64", 2, False, 8, 4, True), ("bf16", 128, 64, "1,8,64", 1, True, 4, 8, False)):
     constexprs = dict(GROUP_SIZE=128, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=4, SPLIT_K=split, HAS_BIAS=bias,
@@ -816,6 +817,9 @@ for dtype, block_m, block_n, words, split, bias, warps, dequant_warps, halves in
                 "x_half_desc": f"tensordesc<{dtype}[{block_m // 2 if halves else block_m},64],{x_tiles!r}>",
                 "w_desc": f"tensordesc<i32[{words}],{runs!r}>"}
     pointers |= {p: f"tensordesc<{dtype}[1,{block_n}],{rows!r}>" for p in ("s_desc", "z_desc")}
+    # the tile's blocks as the TMA unit writes them (w4a16.wgmma_tma_launch)
+    pointers["tile_desc"] = (f"tensordesc<fp32[{block_m // 2 if halves else block_m},32],{sums!r}>" if split > 1
+                             else f"tensordesc<{dtype}[{block_m},64],{x_tiles!r}>")
     print(gluon_ttgir(w4a16_wgmma_tma.w4a16_wgmma_tma_ws_kernel, pointers, constexprs, warps))
 """
 
@@ -825,12 +829,13 @@ def test_w4a16_warp_specialized_kernel_reads_every_operand_by_tma():
     """The warp-specialized kernel, compiled for sm_90: a region of a default partition (the MMAs) and two
     workers, the dequantizing warps and one loader warp; x, the words, scales and zeros reach shared memory by TMA
     only (the only global load left is the bias of the epilogue); the wgmma reads both operands from shared memory,
-    one in flight."""
+    one in flight; the tile leaves by the TMA unit, added into the split sums in blocks of 32 columns (four a half
+    of x's rows) or stored in blocks of 64, and no thread stores or adds an element of it."""
     modules = compiled_for_sm90(_TTGIR_OF_WARP_SPECIALIZED_KERNEL).split("module attributes")[1:]
     assert len(modules) == 2
-    for ttgir, (x_blocks, words, scales, dequant_warps, bias) in zip(modules, (
-            (["128x64xf16"] * 2, "2x8x64xsi32", "1x128xf16", 4, False),  # x in two halves (X_HALVES)
-            (["128x64xbf16"], "1x8x64xsi32", "1x64xbf16", 8, True))):
+    for ttgir, (x_blocks, words, scales, dequant_warps, bias, tile_writes) in zip(modules, (
+            (["128x64xf16"] * 2, "2x8x64xsi32", "1x128xf16", 4, False, 8 * ["ttng.async_tma_reduce add"]),  # halves
+            (["128x64xbf16"], "1x8x64xsi32", "1x64xbf16", 8, True, ["ttng.async_tma_copy_local_to_global"]))):
         assert "ttg.warp_specialize" in ttgir and f"num_warps({dequant_warps})" in ttgir and "num_warps(1)" in ttgir
         copies = [line for line in ttgir.splitlines() if "ttng.async_tma_copy_global_to_local" in line]
         assert sorted(copied_block(line) for line in copies) == sorted([*x_blocks, words, scales, scales]), copies
@@ -838,6 +843,9 @@ def test_w4a16_warp_specialized_kernel_reads_every_operand_by_tma():
         dots = [line for line in ttgir.splitlines() if "ttng.warp_group_dot " in line]
         assert len(dots) == 1 and "dot_op" not in dots[0] and dots[0].count("!ttg.memdesc") == 2, dots
         assert "pendings = 1" in ttgir
+        writes = [line.split("%tile_desc")[0].strip(" ,") for line in ttgir.splitlines() if "%tile_desc[" in line]
+        assert writes == tile_writes, writes
+        assert "tt.atomic_rmw" not in ttgir and "tt.store " not in ttgir
 
 
 # The TMA kernel with the weights in registers compiled for sm_90, single-partition and warp-specialized (at its
@@ -859,8 +867,10 @@ for dtype, block_m, split, bias, halves in (("fp16", 128, 1, True, False), ("bf1
                 "x_half_desc": f"tensordesc<{dtype}[{block_m // 2 if halves else block_m},64],{x_tiles!r}>",
                 "w_desc": f"tensordesc<i32[1,8,64],{runs!r}>"}
     pointers |= {p: f"tensordesc<{dtype}[1,64],{rows!r}>" for p in ("s_desc", "z_desc")}
-    # the split sums' blocks (w4a16.wgmma_tma_launch), or x's (never read) unsplit
-    pointers["sums_desc"] = f"tensordesc<fp32[{block_m // 2},32],{sums!r}>" if split > 1 else pointers["x_desc"]
+    # the tile's blocks as the TMA unit writes them (w4a16.wgmma_tma_launch): split, the float32 sums' (x in halves);
+    # unsplit, the output's
+    pointers["tile_desc"] = (f"tensordesc<fp32[{block_m // 2},32],{sums!r}>" if split > 1
+                             else f"tensordesc<{dtype}[{block_m},64],{x_tiles!r}>")
     for kernel, budget in ((w4a16_wgmma_tma.w4a16_wgmma_tma_rs_kernel, {}),
                            (w4a16_wgmma_tma.w4a16_wgmma_tma_rs_ws_kernel, {"maxnreg": w4a16.RS_WS_REGISTERS})):
         kernel = compiled(kernel, pointers, constexprs, GluonASTSource, num_warps=4, **budget)
@@ -907,7 +917,8 @@ def test_w4a16_register_operand_tma_kernel_dequantizes_into_the_mma_operand():
     scales and zeros reach shared memory by TMA only (for 3 stages, then a step each; warp-specialized, by the loader
     partition; the only global load left is the bias), warp-specialized the first stages' weights before the wait for
     the grid before and x after it; the wgmma's left operand is in registers and its right one in shared memory, and
-    each step's MMAs are waited for before the loop goes on; in the SASS nothing spills and no instruction rewrites an
+    each step's MMAs are waited for before the loop goes on; the tile leaves by the TMA unit (split, added into the
+    sums; unsplit, stored); in the SASS nothing spills and no instruction rewrites an
     operand register of an HGMMA in flight (Triton 3.6's ptxas did, with one step in flight across the loop's back
     edge)."""
     modules = compiled_for_sm90(_REGISTER_OPERAND_TMA_KERNEL).split("module attributes")[1:]
@@ -936,6 +947,11 @@ def test_w4a16_register_operand_tma_kernel_dequantizes_into_the_mma_operand():
         assert len(reductions) == (4 if x_blocks[0].startswith("32x") else 0), reductions
         assert sum(" UTMAREDG" in line for line in lines) == len(reductions)
         assert not any(re.search(r" (RED|ATOM)G?\b", line) for line in lines)
+        # unsplit, the tile stored by the TMA unit too, in one block of 64 columns, no thread storing an element
+        stores = [line for line in ttgir.splitlines() if "ttng.async_tma_copy_local_to_global" in line]
+        assert len(stores) == 1 - len(reductions) // 4, stores
+        assert sum(" UTMASTG" in line for line in lines) == len(stores)
+        assert not any(re.search(r" STG\b", line) for line in lines)
         # programmatic dependent launch (warp-specialized only): the first 3 stages' words, scales and zeros copied
         # before the wait for the grid before (which may write x), x's after it, in the TTGIR and in the SASS
         # (ACQBULK the wait)
