@@ -215,12 +215,13 @@ SPLIT_TOTAL_BLOCK = 1024
 
 
 @triton.jit
-def split_total_kernel(ws_ptr, b_ptr, out_ptr, size, N, BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr,
+def split_total_kernel(ws_ptr, b_ptr, out_ptr, size, N, stride_om, BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr,
                        PDL: tl.constexpr):
     """The result of a GEMM whose K splits added their float32 sums into ``ws_ptr[:size]`` (``[M, N]``, rows
-    contiguous): plus the bias ``[N]``, cast into ``out_ptr`` (the same shape), BLOCK values a program; the sums are
-    left at zero for the next split (``split_k_workspace``). Under PDL (``dependent_launch``) the next kernel may
-    start at once, and this one reads the sums once the GEMM before it has finished."""
+    contiguous): plus the bias ``[N]``, cast into ``out_ptr`` (the same shape, rows ``stride_om`` apart: the
+    columns of a wider output), BLOCK values a program; the sums are left at zero for the next split
+    (``split_k_workspace``). Under PDL (``dependent_launch``) the next kernel may start at once, and this one reads
+    the sums once the GEMM before it has finished."""
     if PDL:
         launch_dependent_grids()
     block = tl.program_id(0)
@@ -235,7 +236,7 @@ def split_total_kernel(ws_ptr, b_ptr, out_ptr, size, N, BLOCK: tl.constexpr, HAS
     tl.store(ws_ptr + offs, tl.zeros((BLOCK,), tl.float32), mask=mask)
     if HAS_BIAS:
         total += tl.load(b_ptr + offs % N, mask=mask, other=0).to(tl.float32)
-    tl.store(out_ptr + offs, total.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + offs // N * stride_om + offs % N, total.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def bias_rows(bias: Optional[torch.Tensor], M: int, N: int) -> Tuple[Optional[torch.Tensor], int]:

@@ -21,7 +21,8 @@ Seven paths, chosen by M (``pick_config``):
   copied into shared memory by TMA, the weights dequantized into shared memory beside them, ``wgmma`` from
   both (see that module); residual and activation after it too. From 129 to 256 rows its warp-specialized
   form (``w4a16_wgmma_tma_ws_kernel``): one warp copies x, the words, scales and zeros by TMA, four warps
-  dequantize, the kernel's warps run the MMAs; to 1024 rows where its tiles fill whole waves (``_wgmma_tma_waves``).
+  dequantize, the kernel's warps run the MMAs; to 1024 rows where its tiles fill whole waves, or fill one and leave
+  a tail, split in K over the second or left to the dequantized weight + cuBLAS (``_wgmma_tma_tail``).
 - ``_w4a16_mma_kernel`` (larger M, or inputs the other kernels cannot read): unpacks the
   transposed tile ``[BLOCK_N, BLOCK_K]`` (each word's nibbles joined in the registers that
   loaded it), dequantizes it in the activation dtype and feeds ``tl.dot``. ``SWAP_AB``
@@ -369,6 +370,9 @@ class WgmmaTmaConfig(NamedTuple):
     every operand by TMA (words, scales and zeros as ``wgmma_tma_words_ok`` allows). With ``registers``, for 33 to
     128 rows, the weights as the MMA's register operand (one warpgroup, ``block_n`` 64; every operand by TMA too),
     and with ``loader_warp`` too, warp-specialized: a warp of its own issues the copies (``_wgmma_registers_config``).
+    Warp-specialized, ``split_from_column`` > 0 splits K only in the tiles from that column on, which run after the
+    whole tiles before it; ``dequantized_from_column`` > 0 leaves the columns from there to the dequantized weight and
+    cuBLAS instead (tails of a wave, ``_wgmma_tma_waves``).
     """
 
     block_m: int
@@ -379,6 +383,8 @@ class WgmmaTmaConfig(NamedTuple):
     dequant_warps: int = 0
     registers: bool = False
     loader_warp: bool = False
+    split_from_column: int = 0
+    dequantized_from_column: int = 0
 
 
 def wgmma_ok(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
@@ -459,6 +465,14 @@ def check_wgmma_tma_config(cfg: WgmmaTmaConfig):
     the partitions share), and a stage of x, words, scales, zeros and the weight tile each. With ``registers``:
     one warpgroup on 64 columns, a stage of x, words, scales and zeros each; ``loader_warp`` only with ``registers``
     and ``block_m`` 64 or 128 (ptxas fails on a 256-row accumulator within ``RS_WS_REGISTERS``)."""
+    if cfg.split_from_column and not (cfg.dequant_warps and cfg.split_k > 1 and cfg.split_from_column > 0
+                                      and cfg.split_from_column % cfg.block_n == 0):
+        raise ValueError(f"{cfg}: split_from_column splits the warp-specialized kernel's tiles from that column on: "
+                         f"needs dequant_warps, split_k > 1 and a positive multiple of block_n")
+    if cfg.dequantized_from_column and not (cfg.dequant_warps and cfg.split_k == 1 and cfg.dequantized_from_column > 0
+                                            and cfg.dequantized_from_column % cfg.block_n == 0):
+        raise ValueError(f"{cfg}: dequantized_from_column leaves the columns from there to the dequantized weight and "
+                         f"cuBLAS: needs dequant_warps, split_k 1 and a positive multiple of block_n")
     if cfg.loader_warp and not (cfg.registers and cfg.block_m <= 128):
         raise ValueError(f"{cfg}: loader_warp is the warp-specialized form of the kernel with the weights in "
                          f"registers: needs registers=True and block_m 64 or 128")
@@ -503,7 +517,8 @@ def wgmma_tma_words_ok(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch
 def wgmma_tma_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                      group_size: int, bias: Optional[torch.Tensor], block_m: int, block_n: int, stages: int,
                      split_k: int, num_warps: int = 8, dequant_warps: int = 0, registers: bool = False,
-                     loader_warp: bool = False) -> torch.Tensor:
+                     loader_warp: bool = False, split_from_column: int = 0,
+                     dequantized_from_column: int = 0) -> torch.Tensor:
     """``WgmmaTmaConfig``'s GEMM, ``x @ w (+ bias [N])`` -> ``[M, N]`` in x.dtype (``w4a16_wgmma_tma``,
     imported here at the first call).
 
@@ -516,36 +531,83 @@ def wgmma_tma_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
     register-fed kernel takes 222-244 registers (145 without), too many for three programs an SM: 0.91 to 1.53x."""
     M = x.shape[0]
     N = word_columns(qweight)
+    for name, first in (("split_from_column", split_from_column), ("dequantized_from_column", dequantized_from_column)):
+        if first >= N:
+            raise ValueError(f"{name} {first}: the tail's first column must be within the weight's {N} columns")
+    if dequantized_from_column:
+        return _fused_then_dequantized(x, qweight, scales, zeros, group_size, bias, dequantized_from_column, block_m,
+                                       block_n, stages, num_warps, dequant_warps)
     out = torch.empty((M, N), device=x.device, dtype=x.dtype)
-    split = split_k > 1
-    sums = split_k_workspace(M, N, 0, split_k, out)[:M * N].view(M, N) if split else out
-    wgmma_tma_launch(x, qweight, scales, zeros, group_size, None if split else bias, sums, block_m, block_n, stages,
-                     split_k, num_warps, dequant_warps, registers, loader_warp)
-    if split:
-        launch(split_total_kernel, (cdiv(M * N, SPLIT_TOTAL_BLOCK),), sums, bias if bias is not None else out, out,
-               M * N, N, BLOCK=SPLIT_TOTAL_BLOCK, HAS_BIAS=bias is not None, **dependent_launch(x))
+    if split_k == 1:
+        wgmma_tma_launch(x, qweight, scales, zeros, group_size, bias, out, None, block_m, block_n, stages, split_k,
+                         num_warps, dequant_warps, registers, loader_warp)
+        return out
+    # the split columns' float32 sums (all of them, or the tail's)
+    width = N - split_from_column
+    sums = split_k_workspace(M, width, 0, split_k, out)[:M * width].view(M, width)
+    wgmma_tma_launch(x, qweight, scales, zeros, group_size, bias, out, sums, block_m, block_n, stages, split_k,
+                     num_warps, dequant_warps, registers, loader_warp, split_from_column)
+    tail_bias = bias[split_from_column:] if bias is not None else out
+    launch(split_total_kernel, (cdiv(M * width, SPLIT_TOTAL_BLOCK),), sums, tail_bias, out[:, split_from_column:],
+           M * width, width, N, BLOCK=SPLIT_TOTAL_BLOCK, HAS_BIAS=bias is not None, **dependent_launch(x))
+    return out
+
+
+def _fused_then_dequantized(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                            group_size: int, bias: Optional[torch.Tensor], first: int, block_m: int, block_n: int,
+                            stages: int, num_warps: int, dequant_warps: int) -> torch.Tensor:
+    """``x @ w (+ bias)`` with the warp-specialized kernel on the weight's columns before ``first`` (unsplit) and the
+    dequantized weight + cuBLAS on the rest, whose dequantization runs on the side stream beside the kernel (one CTA
+    an SM leaves room for its programs) and only its GEMM after. H100, fp16, us, the dequantized weight in chunks of
+    columns -> this (bench/NOTES-kernels.md, seventieth session): 4096x6144 at 1024 rows 91.0 -> 83.2 (cuBLAS 81.4),
+    5120² 94.1 -> 85.7; the tail's dequantization before the kernel instead: 88.5, 88.8."""
+    M, K = x.shape
+    N = word_columns(qweight)
+    out = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    rest = torch.empty((K, N - first), device=x.device, dtype=x.dtype)
+    main, side = torch.cuda.current_stream(x.device), _side_stream(x.device)
+    side.wait_stream(main)  # the inputs are written on the main stream
+    with torch.cuda.stream(side):
+        dequantize = DequantMmConfig()
+        _dequantize_into(rest, qweight, scales, zeros, group_size, dequantize.block_r, dequantize.block_n, first)
+    head = qweight[:, : first // qweight.shape[2]] if qweight.dim() == 3 else qweight[:, :first]
+    wgmma_tma_launch(x, head, scales[:, :first], zeros[:, :first], group_size,
+                     None if bias is None else bias[:first], out[:, :first], None, block_m, block_n, stages, 1,
+                     num_warps, dequant_warps, False)
+    main.wait_stream(side)
+    if bias is None:
+        torch.mm(x, rest, out=out[:, first:])
+    else:
+        torch.addmm(bias[first:], x, rest, out=out[:, first:])
     return out
 
 
 def wgmma_tma_launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                     group_size: int, bias: Optional[torch.Tensor], out: torch.Tensor, block_m: int, block_n: int,
-                     stages: int, split_k: int, num_warps: int, dequant_warps: int, registers: bool,
-                     loader_warp: bool = False):
-    """Launch ``WgmmaTmaConfig``'s kernel into ``out`` ``[M, N]`` (rows contiguous): ``x @ w (+ bias)`` in out's
-    dtype, or, with K split, the programs' float32 sums added into it (its values before kept; bias None)."""
+                     group_size: int, bias: Optional[torch.Tensor], out: torch.Tensor, sums: Optional[torch.Tensor],
+                     block_m: int, block_n: int, stages: int, split_k: int, num_warps: int, dequant_warps: int,
+                     registers: bool, loader_warp: bool = False, split_from_column: int = 0):
+    """Launch ``WgmmaTmaConfig``'s kernel: ``x @ w (+ bias)`` into ``out`` ``[M, N]`` (rows contiguous, x's
+    dtype), or, with K split, the programs' float32 sums added into ``sums`` (its values before kept; the bias left
+    to the caller). With ``split_from_column`` (warp-specialized), only the tiles from that column on are split, into
+    ``sums`` ``[M, N - split_from_column]``, and the tiles before it go whole into ``out`` with the bias."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     from .w4a16_wgmma_tma import (w4a16_wgmma_tma_kernel, w4a16_wgmma_tma_rs_kernel, w4a16_wgmma_tma_rs_ws_kernel,
                                   w4a16_wgmma_tma_ws_kernel)
 
-    assert split_k == 1 or (bias is None and out.dtype == torch.float32)
+    tail = split_k > 1 and split_from_column > 0
+    assert (split_k == 1) == (sums is None) and (dequant_warps or not tail)
     M, K = x.shape
     N = word_columns(qweight)
     _, stride_qt, tile = word_strides(qweight)
     x_tiles = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
     x_desc = TensorDescriptor.from_tensor(x, [block_m, 64], x_tiles)
     grid = (cdiv(N, block_n), cdiv(M, block_m), split_k)
+    if tail:  # the whole tiles, then the tail's splits (``w4a16_wgmma_tma._tail_program_tile``)
+        grid = (cdiv(M, block_m) * (split_from_column // block_n + split_k * cdiv(N - split_from_column, block_n)),)
+    if split_k > 1 and not tail:  # the bias and out left to the caller
+        bias, out = None, sums
     b = bias if bias is not None else scales
     if dequant_warps or registers:
         # the words as runs: a column tile's K / 8 x 64 words each, or one of K / 8 x N in rows
@@ -564,10 +626,11 @@ def wgmma_tma_launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
         # the tile written by the TMA unit (``_tile_by_tma``): split, blocks of x's box rows by 32 columns (128
         # bytes, swizzled as the tile in shared memory) added into the float32 sums; unsplit, the tile's rows by 64
         # columns stored, or x's descriptor (never read) where x is copied in halves and the threads store the tile
-        if split_k > 1:
-            tile_desc = TensorDescriptor.from_tensor(
-                out, [block_m // 2 if x_halves else block_m, 32],
-                gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=2))
+        sums_desc = None if sums is None else TensorDescriptor.from_tensor(
+            sums, [block_m // 2 if x_halves else block_m, 32],
+            gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=2))
+        if split_k > 1 and not tail:
+            tile_desc = sums_desc
         else:
             tile_desc = x_desc if x_halves else TensorDescriptor.from_tensor(out, [block_m, 64], x_tiles)
         operands = (x_desc, x_half_desc, w_desc, s_desc, z_desc, b, out, tile_desc)
@@ -580,8 +643,10 @@ def wgmma_tma_launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
             kernel[grid](*operands, *sizes, GROUP_SIZE=group_size, BLOCK_M=block_m, STAGES=stages,
                          SPLIT_K=split_k, HAS_BIAS=bias is not None, num_warps=4, launch_pdl=loader_warp, **budget)
         else:
-            w4a16_wgmma_tma_ws_kernel[grid](*operands, *sizes, GROUP_SIZE=group_size, BLOCK_M=block_m, BLOCK_N=block_n,
-                                            STAGES=stages, SPLIT_K=split_k, HAS_BIAS=bias is not None,
+            # (tail_desc: the sums' blocks with a tail, else the tile's again, never read)
+            w4a16_wgmma_tma_ws_kernel[grid](*operands, sums_desc if tail else tile_desc, *sizes, split_from_column,
+                                            GROUP_SIZE=group_size, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages,
+                                            SPLIT_K=split_k, TAIL=tail, HAS_BIAS=bias is not None,
                                             DEQUANT_WARPS=dequant_warps, num_warps=num_warps)
     else:
         w4a16_wgmma_tma_kernel[grid](
@@ -654,7 +719,7 @@ def _wgmma_tma_waves(M: int, N: int, K: int, sms: int) -> Optional[WgmmaTmaConfi
     60.3 -> 59.7 (bf16 at 896 rows 57.5 -> 54.9). It loses where the programs leave part of a wave empty
     (14336x4096 at 1152 rows, 160 tiles: 250.7 -> 292.3), in three waves of a split (8192² at 640 rows: 172.4 ->
     194.2), on tiles half empty (14336x4096 at 257 rows: 92.6 -> 93.8) and in splits of 32 steps (4096² at 512
-    rows, split 2: 37.2 -> 40.2)."""
+    rows, split 2: 37.2 -> 40.2). Where none of these fits, a tail split (``_wgmma_tma_tail``)."""
     tiles = cdiv(M, 256) * cdiv(N, 128)
     if 5 * M < 3 * 256 * cdiv(M, 256):
         return None
@@ -663,6 +728,36 @@ def _wgmma_tma_waves(M: int, N: int, K: int, sms: int) -> Optional[WgmmaTmaConfi
         waves = cdiv(programs, sms)
         if waves <= max_waves and 10 * programs >= 9 * waves * sms and K // 64 >= 64 * split:
             return WgmmaTmaConfig(256, 128, 4, split, dequant_warps=4)
+    return _wgmma_tma_tail(M, N, K, sms)
+
+
+def _wgmma_tma_tail(M: int, N: int, K: int, sms: int) -> Optional[WgmmaTmaConfig]:
+    """Two waves of the warp-specialized kernel's 256 x 128 tiles, the second part empty: a first wave of whole columns
+    of whole tiles, the columns after them either split in K to fill the second (``split_from_column``: long weights,
+    K >= 8192, where they are at most half a wave; up to 8 splits of 8 steps or more) or left to the dequantized
+    weight + cuBLAS (``dequantized_from_column``: M in whole tiles of rows); else None. H100, fp16, us, the dequantized
+    weight (in chunks of columns at 1024 rows) -> this (bench/NOTES-kernels.md, seventieth session):
+
+    - split: 8192² at 640 / 768 rows 179.6 / 209.7 -> 173.9 / 171.2; 8192x10240 at 384 / 512 rows 170.4 / 194.9 ->
+      141.8 / 139.4; 28672x8192 at 640 / 768 rows 636.0 / 729.9 -> 592.6 / 584.8; 13824x5120 at 896 / 1024 rows 261.1 /
+      255.0 -> 234.4 / 231.3 (the columns dequantized: 222.7 at 1024); shorter weights lose, 4096x6144 at 640 / 896 /
+      1024 rows 67.7 / 89.5 / 90.2 -> 72.3 / 98.3 / 93.5;
+    - dequantized: 4096x6144 at 1024 rows 91.0 -> 83.2 (cuBLAS 81.4), bf16 87.6 -> 80.7, at 768 rows 69.1 (split) ->
+      64.9; 5120² at 1024 rows 94.1 -> 85.7, 3584x4608 66.2 -> 56.4; 8192² at 768 rows 164.6 (split) -> 163.6. Not on
+      tiles part empty: 4096x6144 at 640 rows 68.2 -> 71.6, 14336x4096 at 1152 rows 232.8 -> 241.3."""
+    row_tiles = cdiv(M, 256)
+    whole = sms // row_tiles  # columns of tiles in the first wave
+    tail = row_tiles * (cdiv(N, 128) - whole)
+    if not 0 < tail <= sms:
+        return None
+    if K >= 8192 and tail <= sms // 2:
+        split = min(sms // tail, 8)
+        while split > 1 and K // 64 < 8 * split:
+            split -= 1
+        if split > 1:
+            return WgmmaTmaConfig(256, 128, 4, split, dequant_warps=4, split_from_column=128 * whole)
+    if M % 256 == 0:
+        return WgmmaTmaConfig(256, 128, 4, 1, dequant_warps=4, dequantized_from_column=128 * whole)
     return None
 
 

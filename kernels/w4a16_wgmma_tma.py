@@ -39,6 +39,13 @@ past 128 rows it beats the kernel above (27.6 / 37.6 / 115.3 / 58.5 us against 2
 at 256 rows on 4096², 4096x6144, 4096x28672, 14336x4096); at 128 rows, with two of those an SM, it does
 not (bench/NOTES-kernels.md, forty-fourth session).
 
+**A tail split** (``TAIL``, ``_tail_program_tile``): where the tiles make a whole wave and part of a second, the
+warp-specialized kernel runs the first as whole columns of whole tiles (a grid of one dimension, rows first) and splits
+K in the tiles of the columns after them, so that the part wave becomes a whole one of shorter programs; their sums are
+added into float32 sums of those columns only, which one launch after finishes (``w4a16.wgmma_tma_matmul``). H100,
+fp16, us, unsplit in two waves -> tail split: 4096x6144 at 1024 rows 98.7 -> 94.4, 14336x4096 at 1152 rows 336.9 ->
+244.0, 8192² at 768 rows 203.6 -> 171.4 (bench/NOTES-kernels.md, seventieth session; ``w4a16._wgmma_tma_tail``).
+
 **The weights in registers** (``w4a16_wgmma_tma_rs_kernel``, 33 to 128 rows): the product transposed, as the
 register-fed kernel (``w4a16_wgmma``) computes it, the weights wgmma's left operand in registers, one warpgroup on
 64 weight columns and x's rows the MMA's N side, but with every operand copied by TMA, ``STAGES`` steps ahead, and
@@ -111,12 +118,12 @@ _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_globa
 
 
 @gluon.jit
-def _split_steps(K, SPLIT_K: gl.constexpr):
-    """The steps of 64 rows of K of this program's split (program_id 2), ``[start, end)``: ``end <= start`` where
-    none is left."""
+def _split_steps(K, parts, part):
+    """The steps of 64 rows of K of split ``part`` of ``parts``, ``[start, end)``: ``end <= start`` where none is
+    left."""
     steps = K // _STEP
-    per_split = gl.cdiv(steps, SPLIT_K)
-    start = gl.program_id(2) * per_split
+    per_split = gl.cdiv(steps, parts)
+    start = part * per_split
     return start, gl.minimum(start + per_split, steps)
 
 
@@ -159,8 +166,29 @@ def _program_tile(M, K, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, SPLIT_K: g
     n0 = gl.program_id(0) * BLOCK_N
     m0 = gl.program_id(1) * BLOCK_M
     lo, hi = _x_halves(m0, M, BLOCK_M)
-    start, end = _split_steps(K, SPLIT_K)
+    start, end = _split_steps(K, SPLIT_K, gl.program_id(2))
     return n0, m0, lo, hi, start, end
+
+
+@gluon.jit
+def _tail_program_tile(M, K, tail_n, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, SPLIT_K: gl.constexpr):
+    """``_program_tile`` where K is split only in the tail, the tiles from column ``tail_n`` on (a grid of one
+    dimension): first the tiles before it, whole, by rows within each column of tiles, so that the first wave is
+    whole columns of whole tiles; then each tail tile as SPLIT_K programs, a split of its steps each. Also whether
+    the program's tile is the tail's."""
+    row_tiles = gl.cdiv(M, BLOCK_M)
+    whole = row_tiles * (tail_n // BLOCK_N)
+    program = gl.program_id(0)
+    tail = program >= whole
+    if tail:
+        tile = whole + (program - whole) // SPLIT_K
+        start, end = _split_steps(K, SPLIT_K, (program - whole) % SPLIT_K)
+    else:
+        tile = program
+        start, end = _split_steps(K, 1, 0)
+    m0 = tile % row_tiles * BLOCK_M
+    lo, hi = _x_halves(m0, M, BLOCK_M)
+    return tile // row_tiles * BLOCK_N, m0, lo, hi, start, end, tail
 
 
 @gluon.jit
@@ -304,7 +332,7 @@ def w4a16_wgmma_tma_kernel(x_desc, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K
 
     n0 = gl.program_id(0) * BLOCK_N
     m0 = gl.program_id(1) * BLOCK_M
-    start, end = _split_steps(K, SPLIT_K)
+    start, end = _split_steps(K, SPLIT_K, gl.program_id(2))
     last = gl.maximum(end - 1, gl.minimum(start, K // _STEP - 1))  # the last step loads may touch
 
     columns = gl.minimum(n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, WORDS)), N - 1)  # past N: never stored
@@ -431,20 +459,25 @@ def _mma_consumer(xs, ws, loaded, w_ready, empty, start, end):
 
 
 @gluon.jit
-def w4a16_wgmma_tma_ws_kernel(x_desc, x_half_desc, w_desc, s_desc, z_desc, b_ptr, out_ptr, tile_desc, M, N, K,
-                              word_run, stride_om,
+def w4a16_wgmma_tma_ws_kernel(x_desc, x_half_desc, w_desc, s_desc, z_desc, b_ptr, out_ptr, tile_desc, tail_desc, M,
+                              N, K, word_run, stride_om, tail_n,
                               GROUP_SIZE: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                              STAGES: gl.constexpr, SPLIT_K: gl.constexpr, HAS_BIAS: gl.constexpr,
+                              STAGES: gl.constexpr, SPLIT_K: gl.constexpr, TAIL: gl.constexpr, HAS_BIAS: gl.constexpr,
                               DEQUANT_WARPS: gl.constexpr, num_warps: gl.constexpr):
     """The same product, warp-specialized: a TMA warp fills the stages with x, the words (``w_desc``: in
     column tiles, blocks ``[BLOCK_N / 64, 8, 64]`` of ``[N / 64, K / 8, 64]`` and ``word_run`` 64; in rows,
     ``[1, 8, BLOCK_N]`` of ``[1, K / 8, N]`` and ``word_run`` N), the scales and the zeros (blocks
     ``[1, BLOCK_N]``); DEQUANT_WARPS warps dequantize each stage's weight tile, and the kernel's num_warps
-    run the MMAs, STAGES steps deep."""
+    run the MMAs, STAGES steps deep. With ``TAIL`` K is split only in the tiles from column ``tail_n`` on
+    (``_tail_program_tile``), whose sums are added through ``tail_desc`` into float32 sums of those columns, zero
+    before (the caller's to finish); the tiles before are whole and stored into ``out_ptr``."""
     DTYPE: gl.constexpr = x_desc.dtype
     X_HALVES: gl.constexpr = x_half_desc.block_type.shape[0] < BLOCK_M  # (``w4a16.wgmma_tma_launch``)
     W_SHARED: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
-    n0, m0, lo, hi, start, end = _program_tile(M, K, BLOCK_M, BLOCK_N, SPLIT_K)
+    if TAIL:
+        n0, m0, lo, hi, start, end, tail = _tail_program_tile(M, K, tail_n, BLOCK_M, BLOCK_N, SPLIT_K)
+    else:
+        n0, m0, lo, hi, start, end = _program_tile(M, K, BLOCK_M, BLOCK_N, SPLIT_K)
 
     xs, wq, ss, zs = _stage_buffers(x_desc, w_desc, s_desc, z_desc, STAGES, BLOCK_M, BLOCK_N)
     ws = gl.allocate_shared_memory(DTYPE, [STAGES, BLOCK_N, _STEP], W_SHARED)
@@ -469,7 +502,13 @@ def w4a16_wgmma_tma_ws_kernel(x_desc, x_half_desc, w_desc, s_desc, z_desc, b_ptr
         mbarrier.invalidate(w_ready.index(s))
         mbarrier.invalidate(empty.index(s))
 
-    _finish_tile(acc, out_ptr, tile_desc, b_ptr, m0, n0, M, N, stride_om, SPLIT_K, HAS_BIAS, DTYPE, X_HALVES, lo, hi)
+    if not TAIL:
+        _finish_tile(acc, out_ptr, tile_desc, b_ptr, m0, n0, M, N, stride_om, SPLIT_K, HAS_BIAS, DTYPE, X_HALVES, lo,
+                     hi)
+    elif tail:
+        _tile_by_tma(acc, tail_desc, m0, n0 - tail_n, M, True, X_HALVES, lo, hi)
+    else:
+        _finish_tile(acc, out_ptr, tile_desc, b_ptr, m0, n0, M, N, stride_om, 1, HAS_BIAS, DTYPE, X_HALVES, lo, hi)
 
 
 def _byte_pair_ptx(bf16: bool) -> str:

@@ -402,13 +402,44 @@ def test_w4a16_wgmma_tma_past_256_rows_only_in_whole_waves():
     assert [waves(M, 4096, 14336, 132) for M in (257, 307, 308, 512, 640, 768, 896, 1024)] == [None] * 2 + [
         ws[2]] * 2 + [None] * 2 + [ws[1]] * 2
     assert waves(1024, 8192, 28672, 132) == ws[1]  # 256 tiles: two waves at 97%
-    assert waves(768, 8192, 8192, 132) is None  # 192 tiles: 73% of two waves; split, three waves
     assert waves(768, 5120, 13824, 132) == ws[1]  # 120 tiles: 91% of one wave
-    assert waves(1024, 5120, 13824, 132) is None  # 160 tiles: 61% of two waves
     assert waves(512, 4096, 4096, 132) is None  # a split in two would keep 32 steps of K
     assert waves(1024, 4096, 4096, 132) == ws[1]
     assert waves(1024, 28672, 4096, 132) is None  # 896 tiles: seven waves
-    assert waves(1024, 4096, 4096, 120) is None  # 128 tiles on 120 SMs: 53% of two waves
+    # 128 tiles on 120 SMs: 53% of two waves (the first 30 columns of tiles, then the rest dequantized: below)
+    assert waves(1024, 4096, 4096, 120) == w4a16.WgmmaTmaConfig(256, 128, 4, 1, dequant_warps=4,
+                                                                dequantized_from_column=3840)
+
+
+def test_w4a16_wgmma_tma_tails_where_two_waves_leave_one_part_empty():
+    """Where the tiles make two waves, the second part empty (``_wgmma_tma_tail``): a first wave of whole columns of
+    whole tiles, then for long weights (K >= 8192) the other columns' tiles split in K to fill the second, at most half
+    a wave of them, up to 8 splits of 8 steps or more; else, M in whole 256-row tiles, the other columns left to the
+    dequantized weight + cuBLAS. Shapes as K x N."""
+    waves = w4a16._wgmma_tma_waves
+
+    def split(parts, whole_columns):
+        return w4a16.WgmmaTmaConfig(256, 128, 4, parts, dequant_warps=4, split_from_column=128 * whole_columns)
+
+    def dequantized(whole_columns):
+        return w4a16.WgmmaTmaConfig(256, 128, 4, 1, dequant_warps=4, dequantized_from_column=128 * whole_columns)
+
+    # 8192²: at 640 and 768 rows 3 tiles a column, 44 columns in the first wave, 20 x 3 tiles split in two; at 1024
+    # rows two waves at 97%, unsplit
+    assert [waves(M, 8192, 8192, 132) for M in (640, 768, 1024)] == [split(2, 44)] * 2 + [
+        w4a16.WgmmaTmaConfig(256, 128, 4, 1, dequant_warps=4)]
+    assert waves(1024, 5120, 13824, 132) == split(4, 33)  # 160 tiles: 28 split in 4 (112 programs)
+    assert waves(512, 10240, 8192, 132) == split(4, 66)  # 2 x 80 tiles: 28 split in 4
+    assert waves(768, 8192, 8192, 150) == split(3, 50)  # 150 SMs: 50 columns first, 14 x 3 tiles split in 3
+    assert waves(768, 6144, 8192, 132) == split(8, 44)  # 12 x 3 tiles split in 8, 16 steps each
+    assert waves(768, 6144, 28672, 132) == split(8, 44)
+    # shorter weights, and tails of more than half a wave: the rest dequantized, where M fills its tiles of rows
+    assert [waves(M, 6144, 4096, 132) for M in (640, 768, 896, 1024)] == [None, dequantized(44), None, dequantized(33)]
+    assert waves(1024, 5120, 5120, 132) == dequantized(33)
+    assert waves(768, 8192, 8192, 120) == dequantized(40)  # 120 SMs: 40 columns first, 24 x 3 tiles after
+    assert waves(512, 10240, 7168, 132) == dequantized(66)  # K = 7168 < 8192
+    assert waves(640, 12288, 8192, 132) is None  # 3 x 96 tiles: 52 x 3 past the first wave, more than a wave
+    assert waves(640, 128 * 74, 8192, 132) is None  # 3 x 74 tiles: 30 x 3 past the first, M not in whole tiles
 
 
 def test_w4a16_wgmma_tma_rejects_shapes_it_cannot_run():
@@ -432,6 +463,21 @@ def test_w4a16_wgmma_tma_rejects_shapes_it_cannot_run():
                 w4a16.WgmmaTmaConfig(256, 64, 3, 1, 4, registers=True, loader_warp=True)):
         with pytest.raises(ValueError, match=rf"{re.escape(repr(cfg))}: loader_warp .* needs registers=True and "
                                              rf"block_m 64 or 128"):
+            w4a16.check_wgmma_tma_config(cfg)
+    w4a16.check_wgmma_tma_config(w4a16.WgmmaTmaConfig(256, 128, 4, 2, 8, 4, split_from_column=4224))
+    w4a16.check_wgmma_tma_config(w4a16.WgmmaTmaConfig(256, 128, 4, 1, 8, 4, dequantized_from_column=4224))
+    for cfg in (w4a16.WgmmaTmaConfig(256, 128, 4, 2, 8, 4, dequantized_from_column=128),  # K split
+                w4a16.WgmmaTmaConfig(256, 128, 4, 1, 8, dequantized_from_column=128),  # not warp-specialized
+                w4a16.WgmmaTmaConfig(256, 128, 4, 1, 8, 4, dequantized_from_column=64)):  # within a tile
+        with pytest.raises(ValueError, match=rf"{re.escape(repr(cfg))}: dequantized_from_column .* needs "
+                                             rf"dequant_warps, split_k 1 and a positive multiple of block_n"):
+            w4a16.check_wgmma_tma_config(cfg)
+    for cfg in (w4a16.WgmmaTmaConfig(256, 128, 4, 1, 8, 4, split_from_column=128),  # K not split
+                w4a16.WgmmaTmaConfig(256, 128, 4, 2, 8, split_from_column=128),  # not warp-specialized
+                w4a16.WgmmaTmaConfig(256, 128, 4, 2, 8, 4, split_from_column=192),  # within a tile
+                w4a16.WgmmaTmaConfig(256, 128, 4, 2, 8, 4, split_from_column=-128)):
+        with pytest.raises(ValueError, match=rf"{re.escape(repr(cfg))}: split_from_column .* needs dequant_warps, "
+                                             rf"split_k > 1 and a positive multiple of block_n"):
             w4a16.check_wgmma_tma_config(cfg)
     for cfg, shared in ((w4a16.WgmmaTmaConfig(128, 128, 3, 1, 4, registers=True), 56064),  # one warpgroup: 64 columns
                         (w4a16.WgmmaTmaConfig(128, 64, 3, 1, 8, registers=True), 56064),
@@ -808,18 +854,22 @@ x_tiles = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank
 runs = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=3)
 rows = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=16, rank=2)
 sums = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=2)
-for dtype, block_m, block_n, words, split, bias, warps, dequant_warps, halves in (
-        ("fp16", 256, 128, "2,8,64", 2, False, 8, 4, True), ("bf16", 128, 64, "1,8,64", 1, True, 4, 8, False)):
-    constexprs = dict(GROUP_SIZE=128, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=4, SPLIT_K=split, HAS_BIAS=bias,
-                      DEQUANT_WARPS=dequant_warps, num_warps=warps)
-    pointers = {"b_ptr": "*" + dtype, "out_ptr": "*fp32" if split > 1 else "*" + dtype,
+for dtype, block_m, block_n, words, split, tail, bias, warps, dequant_warps, halves in (
+        ("fp16", 256, 128, "2,8,64", 2, False, False, 8, 4, True),
+        ("bf16", 128, 64, "1,8,64", 1, False, True, 4, 8, False),
+        ("fp16", 256, 128, "2,8,64", 2, True, True, 8, 4, False)):
+    constexprs = dict(GROUP_SIZE=128, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=4, SPLIT_K=split, TAIL=tail,
+                      HAS_BIAS=bias, DEQUANT_WARPS=dequant_warps, num_warps=warps)
+    pointers = {"b_ptr": "*" + dtype, "out_ptr": "*fp32" if split > 1 and not tail else "*" + dtype,
                 "x_desc": f"tensordesc<{dtype}[{block_m},64],{x_tiles!r}>",
                 "x_half_desc": f"tensordesc<{dtype}[{block_m // 2 if halves else block_m},64],{x_tiles!r}>",
                 "w_desc": f"tensordesc<i32[{words}],{runs!r}>"}
     pointers |= {p: f"tensordesc<{dtype}[1,{block_n}],{rows!r}>" for p in ("s_desc", "z_desc")}
     # the tile's blocks as the TMA unit writes them (w4a16.wgmma_tma_launch)
-    pointers["tile_desc"] = (f"tensordesc<fp32[{block_m // 2 if halves else block_m},32],{sums!r}>" if split > 1
-                             else f"tensordesc<{dtype}[{block_m},64],{x_tiles!r}>")
+    sums_blocks = f"tensordesc<fp32[{block_m // 2 if halves else block_m},32],{sums!r}>"
+    out_blocks = f"tensordesc<{dtype}[{block_m},64],{x_tiles!r}>"
+    pointers["tile_desc"] = sums_blocks if split > 1 and not tail else out_blocks
+    pointers["tail_desc"] = sums_blocks if tail else pointers["tile_desc"]
     print(gluon_ttgir(w4a16_wgmma_tma.w4a16_wgmma_tma_ws_kernel, pointers, constexprs, warps))
 """
 
@@ -830,12 +880,15 @@ def test_w4a16_warp_specialized_kernel_reads_every_operand_by_tma():
     workers, the dequantizing warps and one loader warp; x, the words, scales and zeros reach shared memory by TMA
     only (the only global load left is the bias of the epilogue); the wgmma reads both operands from shared memory,
     one in flight; the tile leaves by the TMA unit, added into the split sums in blocks of 32 columns (four a half
-    of x's rows) or stored in blocks of 64, and no thread stores or adds an element of it."""
+    of x's rows) or stored in blocks of 64, and no thread stores or adds an element of it. With a tail split (and
+    only there), a tile is stored or added, as it is whole or the tail's."""
     modules = compiled_for_sm90(_TTGIR_OF_WARP_SPECIALIZED_KERNEL).split("module attributes")[1:]
-    assert len(modules) == 2
-    for ttgir, (x_blocks, words, scales, dequant_warps, bias, tile_writes) in zip(modules, (
-            (["128x64xf16"] * 2, "2x8x64xsi32", "1x128xf16", 4, False, 8 * ["ttng.async_tma_reduce add"]),  # halves
-            (["128x64xbf16"], "1x8x64xsi32", "1x64xbf16", 8, True, ["ttng.async_tma_copy_local_to_global"]))):
+    assert len(modules) == 3
+    stored, added = "ttng.async_tma_copy_local_to_global", "ttng.async_tma_reduce add"
+    for ttgir, (x_blocks, words, scales, dequant_warps, bias, tile_writes, tail_writes) in zip(modules, (
+            (["128x64xf16"] * 2, "2x8x64xsi32", "1x128xf16", 4, False, 8 * [added], []),  # x in halves
+            (["128x64xbf16"], "1x8x64xsi32", "1x64xbf16", 8, True, [stored], []),
+            (["256x64xf16"], "2x8x64xsi32", "1x128xf16", 4, True, 2 * [stored], 4 * [added]))):
         assert "ttg.warp_specialize" in ttgir and f"num_warps({dequant_warps})" in ttgir and "num_warps(1)" in ttgir
         copies = [line for line in ttgir.splitlines() if "ttng.async_tma_copy_global_to_local" in line]
         assert sorted(copied_block(line) for line in copies) == sorted([*x_blocks, words, scales, scales]), copies
@@ -843,8 +896,9 @@ def test_w4a16_warp_specialized_kernel_reads_every_operand_by_tma():
         dots = [line for line in ttgir.splitlines() if "ttng.warp_group_dot " in line]
         assert len(dots) == 1 and "dot_op" not in dots[0] and dots[0].count("!ttg.memdesc") == 2, dots
         assert "pendings = 1" in ttgir
-        writes = [line.split("%tile_desc")[0].strip(" ,") for line in ttgir.splitlines() if "%tile_desc[" in line]
-        assert writes == tile_writes, writes
+        for desc, expected in (("%tile_desc", tile_writes), ("%tail_desc", tail_writes)):
+            writes = [line.split(desc)[0].strip(" ,") for line in ttgir.splitlines() if f"{desc}[" in line]
+            assert writes == expected, (desc, writes)
         assert "tt.atomic_rmw" not in ttgir and "tt.store " not in ttgir
 
 
@@ -1792,17 +1846,32 @@ WARP_SPECIALIZED_SHAPES = [(256, 128, 8, 4), (128, 128, 8, 8), (128, 64, 4, 8), 
 @needs_hopper
 @settings(max_examples=40, deadline=None)
 @given(M=st.integers(1, 300), shape=st.sampled_from(WARP_SPECIALIZED_SHAPES), stages=st.integers(2, 4),
-       tile=st.sampled_from([0, 64]), **HOPPER_PROBLEMS)
+       tile=st.sampled_from([0, 64]), whole_tiles=st.integers(0, 3), **HOPPER_PROBLEMS)
 def test_gpu_w4a16_wgmma_tma_warp_specialized(M, eighth_n, chunks, group_size, dtype, symmetric, bias, activation,
-                                              shape, stages, tile, split, seed):
+                                              shape, stages, tile, whole_tiles, split, seed):
     """The warp-specialized TMA kernel against the float32 reference, its words in rows or in column tiles: M off
     its row tiles, N off its column tiles and runs (the TMA copies zero-fill past N), K of 2 to 48 steps in groups
-    of one step, two or four, splits that leave programs without a step, a vector bias in its epilogue, a residual
-    and each activation after it, and the RMSNorm before it."""
+    of one step, two or four, splits that leave programs without a step, split in all tiles or only in those past
+    ``whole_tiles`` columns of tiles (a tail; unsplit, those columns dequantized and multiplied by cuBLAS), a vector
+    bias in its epilogue, a residual and each activation after it, and the RMSNorm before it."""
     block_m, block_n, warps, dequant_warps = shape
+    N = 8 * eighth_n
+    first = whole_tiles * block_n if whole_tiles * block_n < N else 0  # (the GEMM's N columns)
     config = w4a16.WgmmaTmaConfig(block_m, block_n, stages, split, warps, dequant_warps)
+    config = config._replace(**{"split_from_column" if split > 1 else "dequantized_from_column": first})
     K = chunks * max(128, group_size)
-    check_w4_config(config, M, 8 * eighth_n, K, group_size, dtype, symmetric, bias, activation, seed, tile=tile)
+    check_w4_config(config, M, N, K, group_size, dtype, symmetric, bias, activation, seed, tile=tile)
+
+
+@cuda
+@needs_cuda
+@needs_hopper
+def test_gpu_w4a16_tail_split_within_the_weight():
+    """A tail split from the weight's last column or past it is refused before any launch, naming both."""
+    x, qweight, scales, zeros, _ = make_w4(300, 256, 1024, 128, torch.float16, False, False, 0, tile=64)
+    config = w4a16.WgmmaTmaConfig(256, 128, 4, 2, 8, 4, split_from_column=256)
+    with pytest.raises(ValueError, match=r"split_from_column 256: .* within the weight's 256 columns"):
+        w4a16.w4a16_linear(x, qweight, scales, zeros, 128, config=config)
 
 
 @cuda
@@ -1874,21 +1943,25 @@ def test_gpu_register_operand_tma_kernels_read_x_after_the_grid_before(config):
         check(outs)
 
 
-@pytest.mark.parametrize("M, N, dtype, bias", [(5, 37, torch.float16, True), (3, 1000, torch.bfloat16, False)])
-def test_split_total_kernel_finishes_the_sums_and_leaves_them_zero(M, N, dtype, bias):
-    """What finishes a split of the TMA kernels (``w4a16.wgmma_tma_matmul``): the float32 sums ``[M, N]`` plus the
-    bias ``[N]``, cast to the output's dtype, over sizes off its block; the sums left at zero for the next split."""
+@pytest.mark.parametrize("M, N, dtype, bias, first", [(5, 37, torch.float16, True, 0),
+                                                       (3, 1000, torch.bfloat16, False, 0),
+                                                       (7, 300, torch.float16, True, 212)])
+def test_split_total_kernel_finishes_the_sums_and_leaves_them_zero(M, N, dtype, bias, first):
+    """What finishes a split of the TMA kernels (``w4a16.wgmma_tma_matmul``): the float32 sums ``[M, N - first]``
+    plus the bias's columns from ``first`` on, cast into the output's columns from ``first`` on (all of them, or the
+    tail whose K alone was split), over sizes off its block; the other columns untouched, the sums left at zero for
+    the next split."""
     g = torch.Generator().manual_seed(M)
     # bf16 sums as bf16 holds them: Triton's interpreter rounds float32 to bf16 toward zero, the GPU to nearest
-    sums = torch.randn(M * N, generator=g)
+    sums = torch.randn(M * (N - first), generator=g)
     sums = (sums.to(dtype).float() if dtype == torch.bfloat16 else sums).to(DEVICE)
     b = torch.randn(N, generator=g).to(dtype).to(DEVICE) if bias else None
-    expected = sums.view(M, N) + (b.float() if bias else 0)
-    out = torch.empty(M, N, dtype=dtype, device=DEVICE)
-    replay.launch(common.split_total_kernel, (common.cdiv(M * N, 256),), sums, b if bias else out, out, M * N, N,
-                  BLOCK=256, HAS_BIAS=bias, PDL=False)
-    torch.testing.assert_close(out, expected.to(dtype), rtol=0, atol=0)
-    assert not sums.any()
+    expected = sums.view(M, N - first) + (b[first:].float() if bias else 0)
+    out = torch.full((M, N), 7.0, dtype=dtype, device=DEVICE)
+    replay.launch(common.split_total_kernel, (common.cdiv(sums.numel(), 256),), sums, b[first:] if bias else out,
+                  out[:, first:], sums.numel(), N - first, N, BLOCK=256, HAS_BIAS=bias, PDL=False)
+    torch.testing.assert_close(out[:, first:], expected.to(dtype), rtol=0, atol=0)
+    assert (out[:, :first] == 7).all() and not sums.any()
 
 
 def test_w4a16_x_in_halves_where_the_last_tile_reaches_far_past_x():
@@ -1935,14 +2008,27 @@ def test_gpu_w4a16_pick_leaves_words_tma_cannot_read(M, kernel):
 @cuda
 @needs_cuda
 @needs_hopper
-@pytest.mark.parametrize("M, K, split, tile", [(1024, 4096, 1, 64), (500, 8192, 2, 0), (1000, 4096, 1, 32)])
-def test_gpu_w4a16_pick_past_256_rows_in_whole_waves(M, K, split, tile, monkeypatch):
+@pytest.mark.parametrize("M, K, split, tile, tail", [(1024, 4096, 1, 64, 0), (500, 8192, 2, 0, 0),
+                                                     (1000, 4096, 1, 32, 0), (512, 8192, None, 64, 10),
+                                                     (700, 8192, None, 0, 10), (768, 4096, None, 64, 10),
+                                                     (1024, 4096, None, 0, 3)])
+def test_gpu_w4a16_pick_past_256_rows_in_whole_waves(M, K, split, tile, tail, monkeypatch):
     """Past 256 rows the pick is the warp-specialized kernel where its tiles fill whole waves, unsplit or split in
-    two (``_wgmma_tma_waves``): right with a bias, its words in tiles or rows. Words TMA cannot read (tiles of 32)
-    take the dequantized weight + cuBLAS instead (the TMA kernel is never called), right as well."""
-    N = 128 * (common.sm_count(torch.device(DEVICE)) // 4)  # 256-row tiles: M / 256 x sms / 4 of them
+    two, or where a first wave of whole columns leaves ``tail`` columns of tiles, those split to fill a second (K >=
+    8192) or dequantized, then multiplied by cuBLAS (``_wgmma_tma_waves``): right with a bias, its words in tiles or
+    rows. Words TMA cannot read (tiles of 32) take the dequantized weight + cuBLAS instead (the TMA kernel is never
+    called), right as well."""
+    sms = common.sm_count(torch.device(DEVICE))
+    whole = sms // common.cdiv(M, 256)  # columns of 256-row tiles in a wave
+    N = 128 * (whole + tail if tail else sms // 4)  # (without a tail: M / 256 x sms / 4 tiles)
+    expected = w4a16.WgmmaTmaConfig(256, 128, 4, split or 1, dequant_warps=4)
+    if tail and K >= 8192:  # its tiles split as often as a wave holds them (6 and 4 on 132 SMs)
+        split = min(sms // (common.cdiv(M, 256) * tail), 8)
+        expected = expected._replace(split_k=split, split_from_column=128 * whole)
+    elif tail:
+        expected = expected._replace(dequantized_from_column=128 * whole)
     x, qweight, scales, zeros, b = make_w4(M, N, K, 128, torch.float16, False, True, 0, tile=tile)
-    assert w4a16.pick_config(M, N, K, 128, x.device) == w4a16.WgmmaTmaConfig(256, 128, 4, split, dequant_warps=4)
+    assert w4a16.pick_config(M, N, K, 128, x.device) == expected
     if tile == 32:
         monkeypatch.setattr(w4a16, "wgmma_tma_matmul", lambda *args: pytest.fail("the TMA kernel took tiles of 32"))
     out = w4a16.w4a16_linear(x, qweight, scales, zeros, 128, b)
