@@ -528,7 +528,9 @@ def wgmma_tma_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
     splits from 33 to 256 rows (bench/NOTES-kernels.md, fifty-sixth session): 0.97x the time over 36 cases (0.93 to
     1.00), 0.83x with a bias (0.73 to 0.92); fp16 4096² at 64 rows 13.7 -> 12.8, 128 rows 17.8 -> 16.9, with a
     bias 21.5 -> 17.3. Read back and finished by each tile's last program instead (as ``wgmma_matmul``), the
-    register-fed kernel takes 222-244 registers (145 without), too many for three programs an SM: 0.91 to 1.53x."""
+    register-fed kernel takes 222-244 registers (145 without), too many for three programs an SM: 0.91 to 1.53x.
+    With ``split_from_column`` only the tail's columns are split, their sums in a workspace of those columns and the
+    finishing launch writing only theirs; with ``dequantized_from_column``, ``_fused_then_dequantized``."""
     M = x.shape[0]
     N = word_columns(qweight)
     for name, first in (("split_from_column", split_from_column), ("dequantized_from_column", dequantized_from_column)):
@@ -719,7 +721,7 @@ def _wgmma_tma_waves(M: int, N: int, K: int, sms: int) -> Optional[WgmmaTmaConfi
     60.3 -> 59.7 (bf16 at 896 rows 57.5 -> 54.9). It loses where the programs leave part of a wave empty
     (14336x4096 at 1152 rows, 160 tiles: 250.7 -> 292.3), in three waves of a split (8192² at 640 rows: 172.4 ->
     194.2), on tiles half empty (14336x4096 at 257 rows: 92.6 -> 93.8) and in splits of 32 steps (4096² at 512
-    rows, split 2: 37.2 -> 40.2). Where none of these fits, a tail split (``_wgmma_tma_tail``)."""
+    rows, split 2: 37.2 -> 40.2). Where none of these fits, a tail (``_wgmma_tma_tail``)."""
     tiles = cdiv(M, 256) * cdiv(N, 128)
     if 5 * M < 3 * 256 * cdiv(M, 256):
         return None

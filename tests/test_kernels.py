@@ -1866,6 +1866,25 @@ def test_gpu_w4a16_wgmma_tma_warp_specialized(M, eighth_n, chunks, group_size, d
 @cuda
 @needs_cuda
 @needs_hopper
+def test_gpu_w4a16_dequantized_tail_replays_in_a_cuda_graph():
+    """The warp-specialized kernel with the columns past its first wave dequantized on the side stream and multiplied
+    by cuBLAS (``dequantized_from_column``) is right eagerly and in a CUDA graph replayed on new x."""
+    config = w4a16.WgmmaTmaConfig(256, 128, 4, 1, 8, 4, dequantized_from_column=256)
+    x, qweight, scales, zeros, b = make_w4(512, 640, 2048, 128, torch.float16, False, True, 0, tile=64)
+    out = w4a16.w4a16_linear(x, qweight, scales, zeros, 128, b, config=config)
+    assert relative_error(out, w4_reference(x, qweight, scales, zeros, 128, b)) < BOUND[torch.float16]
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = w4a16.w4a16_linear(x, qweight, scales, zeros, 128, b, config=config)
+    for seed in (1, 2):
+        x.copy_(make_w4(512, 640, 2048, 128, torch.float16, False, True, seed)[0])
+        graph.replay()
+        assert relative_error(out, w4_reference(x, qweight, scales, zeros, 128, b)) < BOUND[torch.float16]
+
+
+@cuda
+@needs_cuda
+@needs_hopper
 def test_gpu_w4a16_tail_split_within_the_weight():
     """A tail split from the weight's last column or past it is refused before any launch, naming both."""
     x, qweight, scales, zeros, _ = make_w4(300, 256, 1024, 128, torch.float16, False, False, 0, tile=64)
@@ -2045,6 +2064,7 @@ def test_gpu_w4a16_pick_past_256_rows_in_whole_waves(M, K, split, tile, tail, mo
     (w4a16.GemvConfig(64, 64, 4, num_warps=4), (1, 3)), (w4a16.MmaConfig(32, 32, 64, 3, False, 4, 2), (40, 20)),
     pytest.param(w4a16.WgmmaTmaConfig(64, 64, 3, 4, 4, registers=True), (50, 20), marks=needs_hopper),
     pytest.param(w4a16.WgmmaTmaConfig(128, 64, 3, 2, 4, 8), (150, 60), marks=needs_hopper),
+    pytest.param(w4a16.WgmmaTmaConfig(128, 64, 3, 2, 4, 8, split_from_column=128), (150, 60), marks=needs_hopper),
     pytest.param(w4a16.WgmmaTmaConfig(64, 64, 3, 3, 4), (50, 20), marks=needs_hopper)])
 def test_gpu_split_gemms_leave_their_workspace_zero(config, rows):
     """The splits of K of each kernel meet in a workspace kept between calls, zeroed only when made
