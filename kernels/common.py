@@ -424,6 +424,12 @@ def sm_count(device: torch.device) -> int:
     return _properties(device).multi_processor_count if device.type == "cuda" else 132
 
 
+def shared_memory(device: torch.device) -> int:
+    """The most shared memory a CUDA program may take on ``device`` (opted in); elsewhere an H100's, so that the
+    picks made on the CPU are the H100's."""
+    return _properties(device).shared_memory_per_block_optin if device.type == "cuda" else 232448
+
+
 def split_for(tiles: int, k_steps: int, sms: int) -> int:
     """Fewest K splits (a power of two) that give every SM about two programs."""
     split = 1

@@ -20,11 +20,11 @@ import triton
 import triton.language as tl
 
 from . import w8a16
-from .common import (MmaConfig, bias_rows, cdiv, grouped_tile, next_power_of_2, output_columns, sm_count, split_for,
-                     split_k_workspace, split_range, store_output, traced_split)
+from .common import (MmaConfig, bias_rows, cdiv, grouped_tile, next_power_of_2, output_columns, shared_memory, sm_count,
+                     split_for, split_k_workspace, split_range, store_output, traced_split)
 from .replay import launch, new_empty
 
-FP8_MAX = 448.0  # largest finite float8_e4m3fn
+FP8_MAX = tl.constexpr(448.0)  # largest finite float8_e4m3fn
 
 
 @triton.jit
@@ -56,10 +56,21 @@ def _divide(x, d, d_inverse):
 
 
 @triton.jit
+def _rounded(v, ROUND_BY_CAST: tl.constexpr):
+    """v within the fp8 range, rounded to float8_e4m3fn values unless the cast after rounds."""
+    if not ROUND_BY_CAST:
+        v = _round_to_e4m3(v)
+    return tl.clamp(v, -FP8_MAX, FP8_MAX)
+
+
+@triton.jit
 def _quantize_rows_kernel(x_ptr, xq_ptr, scale_ptr, K, stride_xm, stride_xk, stride_qm, BLOCK_K: tl.constexpr,
-                          ONE_PASS: tl.constexpr):
+                          ONE_PASS: tl.constexpr, ROUND_BY_CAST: tl.constexpr):
     """Row ``program_id`` of x quantized per token; xq's dtype float8_e4m3fn, or float16 for the
-    same values (exact), as the GEMV reads them."""
+    same values (exact), as the GEMV reads them. ROUND_BY_CAST: the cast to float8_e4m3fn rounds (on a GPU,
+    ``cvt.rn.satfinite``: to nearest even, as ``_round_to_e4m3`` does in some 15 instructions a value, which kept
+    the kernel at 2.5 TB/s). The same bytes either way; H100, us (bench/results/ab-fp8-quantize-cast-h100.json):
+    4096 x 14336 65.3 -> 60.2, 4096 x 4096 20.1 -> 17.1."""
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK_K)
     x_row = x_ptr + row * stride_xm
@@ -76,13 +87,13 @@ def _quantize_rows_kernel(x_ptr, xq_ptr, scale_ptr, K, stride_xm, stride_xk, str
     scale_inverse = tl.math.div_rn(1.0, scale)
     tl.store(scale_ptr + row, scale)
     if ONE_PASS:
-        xq = tl.clamp(_round_to_e4m3(_divide(x.to(tl.float32), scale, scale_inverse)), -448.0, 448.0)
+        xq = _rounded(_divide(x.to(tl.float32), scale, scale_inverse), ROUND_BY_CAST)
         tl.store(xq_ptr + row * stride_qm + offs, xq.to(xq_ptr.dtype.element_ty), mask=offs < K)
     else:
         for k0 in range(0, K, BLOCK_K):
             mask = k0 + offs < K
             xk = tl.load(x_row + (k0 + offs) * stride_xk, mask=mask, other=0).to(tl.float32)
-            xq = tl.clamp(_round_to_e4m3(_divide(xk, scale, scale_inverse)), -448.0, 448.0)
+            xq = _rounded(_divide(xk, scale, scale_inverse), ROUND_BY_CAST)
             tl.store(xq_ptr + row * stride_qm + k0 + offs, xq.to(xq_ptr.dtype.element_ty), mask=mask)
 
 
@@ -131,13 +142,30 @@ def _fp8_mma_kernel(
                  bias_ptr, out_ptr, ws_ptr, stride_bm, stride_om, stride_on, stride_wm, SPLIT_K, HAS_BIAS, ACTIVATION)
 
 
-def pick_config(M: int, N: int, K: int, device: torch.device):
-    """The kernel and its block shapes for a problem: W8A16's GEMV up to ``w8a16.GEMV_MAX_M`` rows
-    (its picks: the same bytes a weight), else the tensor-core kernel's, tuned on the H100
-    (bench/NOTES-kernels.md)."""
+def shared_bytes(cfg: MmaConfig, activation: str = "none") -> int:
+    """The shared memory of ``_fp8_mma_kernel``'s pipeline at ``cfg``: each of its stages holds an fp8 tile of x and
+    one of the weight, two under "silu_mul" (gate and up), as Triton 3.6 allots them for sm_90."""
+    weight_tiles = 2 if activation == "silu_mul" else 1
+    return cfg.num_stages * (cfg.block_m + weight_tiles * cfg.block_n) * cfg.block_k
+
+
+def _within_shared_memory(cfg: MmaConfig, activation: str, limit: int) -> MmaConfig:
+    """``cfg`` with fewer stages (two at least), then fewer columns, until its pipeline fits ``limit`` bytes."""
+    while shared_bytes(cfg, activation) > limit and cfg.block_n > 16:
+        if cfg.num_stages > 2:
+            cfg = cfg._replace(num_stages=cfg.num_stages - 1)
+        else:
+            cfg = cfg._replace(block_n=cfg.block_n // 2)
+    return cfg
+
+
+def pick_config(M: int, N: int, K: int, device: torch.device, activation: str = "none"):
+    """The kernel and its block shapes for a problem of N output columns: W8A16's GEMV up to ``w8a16.GEMV_MAX_M``
+    rows (its picks: the same bytes a weight), else the tensor-core kernel's, tuned on the H100
+    (bench/NOTES-kernels.md), cut to the device's shared memory (``_within_shared_memory``)."""
     if M <= w8a16.GEMV_MAX_M:
         return w8a16.pick_config(M, N, K, device, packed=device.type == "cuda")
-    sms = sm_count(device)
+    sms, limit = sm_count(device), shared_memory(device)
     if M <= 16:
         cfg = MmaConfig(16, 64, 256, 1, num_warps=4, num_stages=4)
     elif M <= 64:
@@ -145,9 +173,15 @@ def pick_config(M: int, N: int, K: int, device: torch.device):
     elif M <= 256:
         cfg = MmaConfig(64, 128, 128, 1, num_warps=4, num_stages=4)
     elif cdiv(M, 128) * cdiv(N, 256) >= sms:
-        return MmaConfig(128, 256, 128, 1, num_warps=8, num_stages=3)
+        # H100, M = 4096, the GEMM alone, us, 3 stages and groups of 8 row tiles -> 4 and 16 (bench/results/
+        # ab-fp8-quantize-cast-h100.json): 4096² 113.2 -> 112.1, 4096x6144 169.4 -> 169.5, 4096x28672 831.6 -> 790.0,
+        # 14336x4096 362.0 -> 362.3. Under silu_mul 128 output columns, whose gate and up tiles make the same
+        # 128 x 256 of MMAs a step (four stages of 256 columns would need 320 KB).
+        cfg = MmaConfig(128, 128 if activation == "silu_mul" else 256, 128, 1, num_warps=8, num_stages=4, group_m=16)
+        return _within_shared_memory(cfg, activation, limit)
     else:  # large M, few 128x256 tiles: smaller tiles rather than float32 partial sums
-        return MmaConfig(64, 128, 128, 1, num_warps=4, num_stages=4)
+        return _within_shared_memory(MmaConfig(64, 128, 128, 1, num_warps=4, num_stages=4), activation, limit)
+    cfg = _within_shared_memory(cfg, activation, limit)
     tiles = cdiv(M, cfg.block_m) * cdiv(N, cfg.block_n)
     return cfg._replace(split_k=split_for(tiles, cdiv(K, cfg.block_k), sms))
 
@@ -166,7 +200,7 @@ def quantize_rows(x: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn):
     launch(
         _quantize_rows_kernel, (M,),
         x, xq, scale, K, x.stride(0), x.stride(1), xq.stride(0), BLOCK_K=block_k, ONE_PASS=block_k >= K,
-        num_warps=num_warps,
+        ROUND_BY_CAST=x.is_cuda and dtype == torch.float8_e4m3fn, num_warps=num_warps,
     )
     return xq, scale
 
@@ -193,9 +227,12 @@ def fp8_linear(
     assert qweight.shape[1] == K and qweight.stride(1) == 1 and weight_scale.shape == (N,)
     if M == 0:
         return x.new_empty((0, n_out))
-    cfg = config or pick_config(M, n_out, K, x.device)
+    cfg = config or pick_config(M, n_out, K, x.device, activation)
     if split_k_linear_op is not None and config is None and traced_split(cfg, x, N):
         return split_k_linear_op(x, qweight, weight_scale, bias, activation)
+    if isinstance(cfg, MmaConfig) and x.is_cuda and shared_bytes(cfg, activation) > shared_memory(x.device):
+        raise ValueError(f"{cfg} under activation {activation!r} needs {shared_bytes(cfg, activation)} bytes of shared "
+                         f"memory a program; {x.device} has {shared_memory(x.device)}: fewer stages or smaller blocks")
     if isinstance(cfg, w8a16.GemvConfig):
         xq, x_scale = quantize_rows(x, torch.float16)
         return w8a16.w8_gemv(xq, qweight, weight_scale, bias, activation, cfg, x_scale, out_dtype=x.dtype)

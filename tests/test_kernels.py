@@ -1370,6 +1370,47 @@ def test_fp8_kernel_choice_by_rows():
     assert isinstance(fp8.pick_config(3, 4096, 4096, cpu), fp8.MmaConfig)
 
 
+def test_fp8_picks_fit_the_shared_memory():
+    """Every tensor-core pick's pipeline fits an H100's shared memory (the picks on the CPU are the H100's), and one
+    cut to a smaller device's (an sm_89 GPU's 99 KB) keeps two stages at least. Under silu_mul, where the GPU fills
+    with 128 x 256 tiles, the gate and up tiles take 128 output columns instead of 256: four stages of 256 would need
+    320 KB, three 240 KB."""
+    cpu = torch.device("cpu")
+    for M in (3, 16, 64, 200, 300, 1000, 4096, 16384):
+        for n_out in (512, 4096, 28672):
+            for activation in ("none", "silu_mul"):
+                cfg = fp8.pick_config(M, n_out, 4096, cpu, activation)
+                if isinstance(cfg, fp8.MmaConfig):
+                    assert fp8.shared_bytes(cfg, activation) <= common.shared_memory(cpu) == 232448, (M, n_out, cfg)
+                    small = fp8._within_shared_memory(cfg, activation, 101376)
+                    assert fp8.shared_bytes(small, activation) <= 101376 and small.num_stages >= 2, small
+    assert fp8.pick_config(4096, 4096, 14336, cpu) == fp8.MmaConfig(128, 256, 128, 1, 8, 4, 16)
+    assert fp8.pick_config(4096, 4096, 14336, cpu, "silu_mul") == fp8.MmaConfig(128, 128, 128, 1, 8, 4, 16)
+    assert fp8.shared_bytes(fp8.MmaConfig(128, 256, 128, 1, 8, 3), "silu_mul") == 245760
+
+
+_SHARED_OF_FP8_MMA_KERNEL = r"""
+from qpass.kernels import fp8
+
+pointers = {"a_ptr": "*fp8e4nv", "b_ptr": "*fp8e4nv", "a_scale_ptr": "*fp32", "b_scale_ptr": "*fp32",
+            "bias_ptr": "*fp16", "out_ptr": "*fp16", "ws_ptr": "*fp32"}
+for activation in ("none", "silu_mul"):
+    cfg = fp8.pick_config(4096, 4096, 14336, fp8.torch.device("cpu"), activation)
+    kernel = compiled(fp8._fp8_mma_kernel, pointers, dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                      BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, SPLIT_K=1, EVEN_K=True, HAS_BIAS=False,
+                      ACTIVATION=activation, stride_on=1), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    print(kernel.metadata.shared, fp8.shared_bytes(cfg, activation))
+"""
+
+
+def test_fp8_shared_bytes_are_what_triton_allots_for_sm90():
+    """``fp8.shared_bytes``, which the picks are cut by, against the shared memory of the kernel compiled for sm_90 at
+    the large-M picks (without and with silu_mul)."""
+    for line in compiled_for_sm90(_SHARED_OF_FP8_MMA_KERNEL).strip().splitlines()[-2:]:
+        allotted, counted = map(int, line.split())
+        assert allotted == counted, line
+
+
 # --- epilogues: silu_mul ([gate | up] columns, silu(gate) * up), gelu, gelu_tanh ------------
 
 EPILOGUES = ("silu_mul", "gelu", "gelu_tanh")
@@ -1548,6 +1589,28 @@ def test_gpu_w4a16_mma_unsplit_at_each_tuned_tile(M, n_out, K, group_size, activ
     cfg = w4a16.pick_config(M, n_out, K, group_size, torch.device("cuda"), activation, wgmma=False)
     assert isinstance(cfg, w4a16.MmaConfig) and cfg.split_k == 1, cfg
     assert w4_epilogue_error(activation, M, N, K, dtype, True, M, group_size=group_size) < BOUND[dtype]
+
+
+@cuda
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("activation", ("none",) + EPILOGUES)
+@pytest.mark.parametrize("M,n_out,K", [(300, 7000, 512), (1000, 4200, 512), (4096, 4200, 256)])
+def test_gpu_fp8_mma_at_each_tuned_tile(M, n_out, K, activation, dtype):
+    """The FP8 tensor-core kernel at each block shape ``pick_config`` gives it past 256 rows: 64 x 128, and 128 x 256
+    (128 output columns under silu_mul) where those tiles fill the GPU, within the device's shared memory; a config
+    given that does not fit is refused, naming what it needs."""
+    N = 2 * n_out if activation == "silu_mul" else n_out
+    cfg = fp8.pick_config(M, n_out, K, torch.device("cuda"), activation)
+    assert isinstance(cfg, fp8.MmaConfig) and cfg.split_k == 1, cfg
+    assert fp8.shared_bytes(cfg, activation) <= common.shared_memory(torch.device("cuda"))
+    x, qweight, weight_scale, b = make_fp8(M, N, K, dtype, True, M)
+    out = fp8.fp8_linear(x, qweight, weight_scale, b, activation)
+    assert relative_error(out, fp8_reference(x, qweight, weight_scale, b, activation)) < FP8_BOUND[dtype]
+    too_large = fp8.MmaConfig(128, 256, 128, 1, 8, 3)
+    if fp8.shared_bytes(too_large, activation) > common.shared_memory(x.device):
+        with pytest.raises(ValueError, match=f"needs {fp8.shared_bytes(too_large, activation)} bytes"):
+            fp8.fp8_linear(x, qweight, weight_scale, b, activation, config=too_large)
 
 
 # Register-operand tiles that gave wrong results on the H200 (Triton 3.6) before each step's wgmmas
