@@ -734,32 +734,38 @@ def _wgmma_tma_waves(M: int, N: int, K: int, sms: int) -> Optional[WgmmaTmaConfi
 
 
 def _wgmma_tma_tail(M: int, N: int, K: int, sms: int) -> Optional[WgmmaTmaConfig]:
-    """Two waves of the warp-specialized kernel's 256 x 128 tiles, the second part empty: a first wave of whole columns
-    of whole tiles, the columns after them either split in K to fill the second (``split_from_column``: long weights,
-    K >= 8192, where they are at most half a wave; up to 8 splits of 8 steps or more) or left to the dequantized
-    weight + cuBLAS (``dequantized_from_column``: M in whole tiles of rows); else None. H100, fp16, us, the dequantized
-    weight (in chunks of columns at 1024 rows) -> this (bench/NOTES-kernels.md, seventieth session):
+    """Whole waves of the warp-specialized kernel's 256 x 128 tiles and part of one more: the whole waves as whole
+    columns of whole tiles, the columns after them either split in K to fill a second wave (``split_from_column``: one
+    wave before them, long weights, K >= 8192, where they are at most half a wave; up to 8 splits of 8 steps or more)
+    or left to the dequantized weight + cuBLAS (``dequantized_from_column``: M in whole tiles of rows); else None. H100,
+    fp16, us, the dequantized weight (in chunks of columns at 1024 rows) -> this (bench/NOTES-kernels.md, seventieth
+    and seventy-first sessions):
 
     - split: 8192² at 640 / 768 rows 179.6 / 209.7 -> 173.9 / 171.2; 8192x10240 at 384 / 512 rows 170.4 / 194.9 ->
       141.8 / 139.4; 28672x8192 at 640 / 768 rows 636.0 / 729.9 -> 592.6 / 584.8; 13824x5120 at 896 / 1024 rows 261.1 /
       255.0 -> 234.4 / 231.3 (the columns dequantized: 222.7 at 1024); shorter weights lose, 4096x6144 at 640 / 896 /
       1024 rows 67.7 / 89.5 / 90.2 -> 72.3 / 98.3 / 93.5;
-    - dequantized: 4096x6144 at 1024 rows 91.0 -> 83.2 (cuBLAS 81.4), bf16 87.6 -> 80.7, at 768 rows 69.1 (split) ->
-      64.9; 5120² at 1024 rows 94.1 -> 85.7, 3584x4608 66.2 -> 56.4; 8192² at 768 rows 164.6 (split) -> 163.6. Not on
-      tiles part empty: 4096x6144 at 640 rows 68.2 -> 71.6, 14336x4096 at 1152 rows 232.8 -> 241.3."""
+    - dequantized, after one wave: 4096x6144 at 1024 rows 91.0 -> 83.2 (cuBLAS 81.4), bf16 87.6 -> 80.7, at 768 rows
+      69.1 (split) -> 64.9; 5120² at 1024 rows 94.1 -> 85.7, 3584x4608 66.2 -> 56.4; 8192² at 768 rows 164.6 (split)
+      -> 163.6. Not on tiles part empty: 4096x6144 at 640 rows 68.2 -> 71.6, 14336x4096 at 1152 rows 232.8 -> 241.3;
+    - dequantized, after two waves or more (ab-w4a16-tail-after-waves-h100.json): 4096x14336 at 768 / 1024 rows 193.4
+      / 206.8 -> 144.2 / 187.4 (cuBLAS 134.8 / 174.5); 4096x28672 at 512 / 768 rows 259.3 / 346.4 -> 192.8 / 301.3;
+      8192x28672 at 768 rows 714.7 -> 571.5; 5120x27648 at 1024 rows 472.7 -> 445.0; faster in 14 of 15 cases, bf16
+      and silu_mul too, but 4096x28672 at 1024 rows (six waves, then 79% of one): 406.3 -> 412.3."""
     row_tiles = cdiv(M, 256)
-    whole = sms // row_tiles  # columns of tiles in the first wave
-    tail = row_tiles * (cdiv(N, 128) - whole)
-    if not 0 < tail <= sms:
+    wave = sms // row_tiles  # columns of tiles in a wave
+    waves = cdiv(N, 128) // wave
+    tail = row_tiles * (cdiv(N, 128) - waves * wave)
+    if waves == 0 or tail == 0:
         return None
-    if K >= 8192 and tail <= sms // 2:
+    if waves == 1 and K >= 8192 and tail <= sms // 2:
         split = min(sms // tail, 8)
         while split > 1 and K // 64 < 8 * split:
             split -= 1
         if split > 1:
-            return WgmmaTmaConfig(256, 128, 4, split, dequant_warps=4, split_from_column=128 * whole)
+            return WgmmaTmaConfig(256, 128, 4, split, dequant_warps=4, split_from_column=128 * wave)
     if M % 256 == 0:
-        return WgmmaTmaConfig(256, 128, 4, 1, dequant_warps=4, dequantized_from_column=128 * whole)
+        return WgmmaTmaConfig(256, 128, 4, 1, dequant_warps=4, dequantized_from_column=128 * waves * wave)
     return None
 
 

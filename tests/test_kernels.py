@@ -405,17 +405,18 @@ def test_w4a16_wgmma_tma_past_256_rows_only_in_whole_waves():
     assert waves(768, 5120, 13824, 132) == ws[1]  # 120 tiles: 91% of one wave
     assert waves(512, 4096, 4096, 132) is None  # a split in two would keep 32 steps of K
     assert waves(1024, 4096, 4096, 132) == ws[1]
-    assert waves(1024, 28672, 4096, 132) is None  # 896 tiles: seven waves
+    assert waves(1024, 28672, 4096, 132) == w4a16.WgmmaTmaConfig(  # 896 tiles: six waves, the rest dequantized
+        256, 128, 4, 1, dequant_warps=4, dequantized_from_column=128 * 6 * 33)
     # 128 tiles on 120 SMs: 53% of two waves (the first 30 columns of tiles, then the rest dequantized: below)
     assert waves(1024, 4096, 4096, 120) == w4a16.WgmmaTmaConfig(256, 128, 4, 1, dequant_warps=4,
                                                                 dequantized_from_column=3840)
 
 
-def test_w4a16_wgmma_tma_tails_where_two_waves_leave_one_part_empty():
-    """Where the tiles make two waves, the second part empty (``_wgmma_tma_tail``): a first wave of whole columns of
-    whole tiles, then for long weights (K >= 8192) the other columns' tiles split in K to fill the second, at most half
-    a wave of them, up to 8 splits of 8 steps or more; else, M in whole 256-row tiles, the other columns left to the
-    dequantized weight + cuBLAS. Shapes as K x N."""
+def test_w4a16_wgmma_tma_tails_after_whole_waves():
+    """Where the tiles make whole waves and part of one more (``_wgmma_tma_tail``): the whole waves as whole columns of
+    whole tiles, then after one wave, for long weights (K >= 8192), the other columns' tiles split in K to fill the
+    second, at most half a wave of them, up to 8 splits of 8 steps or more; else, M in whole 256-row tiles, the other
+    columns left to the dequantized weight + cuBLAS. Shapes as K x N."""
     waves = w4a16._wgmma_tma_waves
 
     def split(parts, whole_columns):
@@ -438,8 +439,12 @@ def test_w4a16_wgmma_tma_tails_where_two_waves_leave_one_part_empty():
     assert waves(1024, 5120, 5120, 132) == dequantized(33)
     assert waves(768, 8192, 8192, 120) == dequantized(40)  # 120 SMs: 40 columns first, 24 x 3 tiles after
     assert waves(512, 10240, 7168, 132) == dequantized(66)  # K = 7168 < 8192
-    assert waves(640, 12288, 8192, 132) is None  # 3 x 96 tiles: 52 x 3 past the first wave, more than a wave
     assert waves(640, 128 * 74, 8192, 132) is None  # 3 x 74 tiles: 30 x 3 past the first, M not in whole tiles
+    # after two waves or more, the rest dequantized, where M fills its tiles of rows (else None), whatever K
+    assert [waves(M, 14336, 4096, 132) for M in (640, 768, 1024)] == [None, dequantized(2 * 44), dequantized(3 * 33)]
+    assert waves(768, 12288, 8192, 132) == dequantized(2 * 44)  # 3 x 96 tiles: 8 x 3 after two waves
+    assert waves(512, 28672, 8192, 132) == dequantized(3 * 66)  # 2 x 224 tiles: 26 x 2 after three waves
+    assert waves(1024, 128 * 99, 4096, 132) is None  # 4 x 99 tiles: three whole waves, nothing after them
 
 
 def test_w4a16_wgmma_tma_rejects_shapes_it_cannot_run():
@@ -2090,25 +2095,26 @@ def test_gpu_w4a16_pick_leaves_words_tma_cannot_read(M, kernel):
 @cuda
 @needs_cuda
 @needs_hopper
-@pytest.mark.parametrize("M, K, split, tile, tail", [(1024, 4096, 1, 64, 0), (500, 8192, 2, 0, 0),
-                                                     (1000, 4096, 1, 32, 0), (512, 8192, None, 64, 10),
-                                                     (700, 8192, None, 0, 10), (768, 4096, None, 64, 10),
-                                                     (1024, 4096, None, 0, 3)])
-def test_gpu_w4a16_pick_past_256_rows_in_whole_waves(M, K, split, tile, tail, monkeypatch):
+@pytest.mark.parametrize("M, K, split, tile, tail, waves", [(1024, 4096, 1, 64, 0, 1), (500, 8192, 2, 0, 0, 1),
+                                                            (1000, 4096, 1, 32, 0, 1), (512, 8192, None, 64, 10, 1),
+                                                            (700, 8192, None, 0, 10, 1), (768, 4096, None, 64, 10, 1),
+                                                            (1024, 4096, None, 0, 3, 1), (1024, 1024, None, 64, 10, 3),
+                                                            (768, 2048, None, 0, 7, 2)])
+def test_gpu_w4a16_pick_past_256_rows_in_whole_waves(M, K, split, tile, tail, waves, monkeypatch):
     """Past 256 rows the pick is the warp-specialized kernel where its tiles fill whole waves, unsplit or split in
-    two, or where a first wave of whole columns leaves ``tail`` columns of tiles, those split to fill a second (K >=
-    8192) or dequantized, then multiplied by cuBLAS (``_wgmma_tma_waves``): right with a bias, its words in tiles or
-    rows. Words TMA cannot read (tiles of 32) take the dequantized weight + cuBLAS instead (the TMA kernel is never
-    called), right as well."""
+    two, or where ``waves`` waves of whole columns leave ``tail`` columns of tiles, those split to fill a second (K >=
+    8192, after one wave) or dequantized, then multiplied by cuBLAS (``_wgmma_tma_waves``): right with a bias, its
+    words in tiles or rows. Words TMA cannot read (tiles of 32) take the dequantized weight + cuBLAS instead (the TMA
+    kernel is never called), right as well."""
     sms = common.sm_count(torch.device(DEVICE))
     whole = sms // common.cdiv(M, 256)  # columns of 256-row tiles in a wave
-    N = 128 * (whole + tail if tail else sms // 4)  # (without a tail: M / 256 x sms / 4 tiles)
+    N = 128 * (waves * whole + tail if tail else sms // 4)  # (without a tail: M / 256 x sms / 4 tiles)
     expected = w4a16.WgmmaTmaConfig(256, 128, 4, split or 1, dequant_warps=4)
     if tail and K >= 8192:  # its tiles split as often as a wave holds them (6 and 4 on 132 SMs)
         split = min(sms // (common.cdiv(M, 256) * tail), 8)
         expected = expected._replace(split_k=split, split_from_column=128 * whole)
     elif tail:
-        expected = expected._replace(dequantized_from_column=128 * whole)
+        expected = expected._replace(dequantized_from_column=128 * waves * whole)
     x, qweight, scales, zeros, b = make_w4(M, N, K, 128, torch.float16, False, True, 0, tile=tile)
     assert w4a16.pick_config(M, N, K, 128, x.device) == expected
     if tile == 32:
