@@ -165,7 +165,7 @@ def pick_config(M: int, N: int, K: int, device: torch.device, activation: str = 
     (bench/NOTES-kernels.md), cut to the device's shared memory (``_within_shared_memory``)."""
     if M <= w8a16.GEMV_MAX_M:
         return w8a16.pick_config(M, N, K, device, packed=device.type == "cuda")
-    sms, limit = sm_count(device), shared_memory(device)
+    sms = sm_count(device)
     if M <= 16:
         cfg = MmaConfig(16, 64, 256, 1, num_warps=4, num_stages=4)
     elif M <= 64:
@@ -178,10 +178,11 @@ def pick_config(M: int, N: int, K: int, device: torch.device, activation: str = 
         # 14336x4096 362.0 -> 362.3. Under silu_mul 128 output columns, whose gate and up tiles make the same
         # 128 x 256 of MMAs a step (four stages of 256 columns would need 320 KB).
         cfg = MmaConfig(128, 128 if activation == "silu_mul" else 256, 128, 1, num_warps=8, num_stages=4, group_m=16)
-        return _within_shared_memory(cfg, activation, limit)
     else:  # large M, few 128x256 tiles: smaller tiles rather than float32 partial sums
-        return _within_shared_memory(MmaConfig(64, 128, 128, 1, num_warps=4, num_stages=4), activation, limit)
-    cfg = _within_shared_memory(cfg, activation, limit)
+        cfg = MmaConfig(64, 128, 128, 1, num_warps=4, num_stages=4)
+    cfg = _within_shared_memory(cfg, activation, shared_memory(device))
+    if M > 256:  # (K unsplit)
+        return cfg
     tiles = cdiv(M, cfg.block_m) * cdiv(N, cfg.block_n)
     return cfg._replace(split_k=split_for(tiles, cdiv(K, cfg.block_k), sms))
 
@@ -230,7 +231,9 @@ def fp8_linear(
     cfg = config or pick_config(M, n_out, K, x.device, activation)
     if split_k_linear_op is not None and config is None and traced_split(cfg, x, N):
         return split_k_linear_op(x, qweight, weight_scale, bias, activation)
-    if isinstance(cfg, MmaConfig) and x.is_cuda and shared_bytes(cfg, activation) > shared_memory(x.device):
+    # (the picks fit already; a config given must be checked here)
+    if (config is not None and isinstance(cfg, MmaConfig) and x.is_cuda
+            and shared_bytes(cfg, activation) > shared_memory(x.device)):
         raise ValueError(f"{cfg} under activation {activation!r} needs {shared_bytes(cfg, activation)} bytes of shared "
                          f"memory a program; {x.device} has {shared_memory(x.device)}: fewer stages or smaller blocks")
     if isinstance(cfg, w8a16.GemvConfig):
