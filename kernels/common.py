@@ -239,6 +239,32 @@ def split_total_kernel(ws_ptr, b_ptr, out_ptr, size, N, stride_om, BLOCK: tl.con
     tl.store(out_ptr + offs // N * stride_om + offs % N, total.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+# The RMSNorm before a linear, as ``reference.rms_norm`` computes it, for the kernels that take it in (the W4A16 GEMV,
+# FP8's quantization of x) and W4A16's pass of its own.
+@triton.jit
+def row_inv_rms(x_row, K, stride_xk, eps, BLOCK: tl.constexpr):
+    """1 / sqrt(mean(x^2) + eps) of the row of K values at x_row, in float32."""
+    squares = tl.zeros((BLOCK,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK):
+        offs = k0 + tl.arange(0, BLOCK)
+        v = tl.load(x_row + offs * stride_xk, mask=offs < K, other=0).to(tl.float32)
+        squares += v * v
+    # (eps may arrive as a float64 constant: Inductor passes Python floats so)
+    return tl.rsqrt((tl.sum(squares, axis=0) / K + eps).to(tl.float32))
+
+
+@triton.jit
+def normed(x, inv_rms, g, DTYPE: tl.constexpr):
+    """float32 x times ``inv_rms``, rounded to DTYPE, times the norm weight g (float32), rounded once."""
+    return ((x * inv_rms).to(DTYPE).to(tl.float32) * g).to(DTYPE)
+
+
+def norm_weight_as_x(norm_weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The norm weight in x's dtype, contiguous and 16-byte aligned as the packed GEMV reads x."""
+    g = norm_weight.to(x.dtype).contiguous()
+    return g if g.storage_offset() % 8 == 0 else g.clone()
+
+
 def bias_rows(bias: Optional[torch.Tensor], M: int, N: int) -> Tuple[Optional[torch.Tensor], int]:
     """The bias as the epilogue reads it, and its row stride: ``[N]`` is every row's (stride 0);
     ``[M, N]``, shaped as the GEMM's output (a residual added in the epilogue), row by row."""

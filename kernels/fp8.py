@@ -20,8 +20,9 @@ import triton
 import triton.language as tl
 
 from . import w8a16
-from .common import (MmaConfig, bias_rows, cdiv, grouped_tile, next_power_of_2, output_columns, shared_memory, sm_count,
-                     split_for, split_k_workspace, split_range, store_output, traced_split)
+from .common import (MmaConfig, bias_rows, cdiv, grouped_tile, next_power_of_2, normed, norm_weight_as_x,
+                     output_columns, row_inv_rms, shared_memory, sm_count, split_for, split_k_workspace, split_range,
+                     store_output, traced_split)
 from .replay import launch, new_empty
 
 FP8_MAX = tl.constexpr(448.0)  # largest finite float8_e4m3fn
@@ -64,23 +65,40 @@ def _rounded(v, ROUND_BY_CAST: tl.constexpr):
 
 
 @triton.jit
-def _quantize_rows_kernel(x_ptr, xq_ptr, scale_ptr, K, stride_xm, stride_xk, stride_qm, BLOCK_K: tl.constexpr,
-                          ONE_PASS: tl.constexpr, ROUND_BY_CAST: tl.constexpr):
+def _row_block(x_row, g_ptr, cols, mask, stride_xk, inv_rms, HAS_NORM: tl.constexpr):
+    """x's values at ``cols`` of a row, in float32; with HAS_NORM its RMSNorm's (``common.normed``)."""
+    x = tl.load(x_row + cols * stride_xk, mask=mask, other=0)
+    if HAS_NORM:
+        g = tl.load(g_ptr + cols, mask=mask, other=0).to(tl.float32)
+        x = normed(x.to(tl.float32), inv_rms, g, x.dtype)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _quantize_rows_kernel(x_ptr, g_ptr, xq_ptr, scale_ptr, K, stride_xm, stride_xk, stride_qm, eps,
+                          BLOCK_K: tl.constexpr, ONE_PASS: tl.constexpr, ROUND_BY_CAST: tl.constexpr,
+                          HAS_NORM: tl.constexpr):
     """Row ``program_id`` of x quantized per token; xq's dtype float8_e4m3fn, or float16 for the
     same values (exact), as the GEMV reads them. ROUND_BY_CAST: the cast to float8_e4m3fn rounds (on a GPU,
     ``cvt.rn.satfinite``: to nearest even, as ``_round_to_e4m3`` does in some 15 instructions a value, which kept
     the kernel at 2.5 TB/s). The same bytes either way; H100, us (bench/results/ab-fp8-quantize-cast-h100.json):
-    4096 x 14336 65.3 -> 60.2, 4096 x 4096 20.1 -> 17.1."""
+    4096 x 14336 65.3 -> 60.2, 4096 x 4096 20.1 -> 17.1. HAS_NORM: the row's RMSNorm (norm weight ``g_ptr``, ``eps``)
+    is what is quantized, as ``reference.rms_norm`` rounds it, so that the normed x is never written."""
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK_K)
     x_row = x_ptr + row * stride_xm
-    if ONE_PASS:  # the row fits in registers: read it once, kept in its own dtype (|x| and max are exact)
+    if ONE_PASS:  # the row fits in registers: read it once (|x| and max are exact in its own dtype)
         x = tl.load(x_row + offs * stride_xk, mask=offs < K, other=0)
+        if HAS_NORM:
+            xf = x.to(tl.float32)
+            inv_rms = tl.rsqrt((tl.sum(xf * xf, axis=0) / K + eps).to(tl.float32))
+            x = normed(xf, inv_rms, tl.load(g_ptr + offs, mask=offs < K, other=0).to(tl.float32), x.dtype)
         amax = tl.max(tl.abs(x), axis=0).to(tl.float32)
-    else:
+    else:  # the row again for each pass, from L1 / L2
+        inv_rms = row_inv_rms(x_row, K, stride_xk, eps, BLOCK_K) if HAS_NORM else 1.0
         amax_k = tl.zeros((BLOCK_K,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            xk = tl.load(x_row + (k0 + offs) * stride_xk, mask=k0 + offs < K, other=0).to(tl.float32)
+            xk = _row_block(x_row, g_ptr, k0 + offs, k0 + offs < K, stride_xk, inv_rms, HAS_NORM)
             amax_k = tl.maximum(amax_k, tl.abs(xk))
         amax = tl.max(amax_k, axis=0)
     scale = tl.math.div_rn(tl.maximum(amax, 1e-12), 448.0)
@@ -92,7 +110,7 @@ def _quantize_rows_kernel(x_ptr, xq_ptr, scale_ptr, K, stride_xm, stride_xk, str
     else:
         for k0 in range(0, K, BLOCK_K):
             mask = k0 + offs < K
-            xk = tl.load(x_row + (k0 + offs) * stride_xk, mask=mask, other=0).to(tl.float32)
+            xk = _row_block(x_row, g_ptr, k0 + offs, mask, stride_xk, inv_rms, HAS_NORM)
             xq = _rounded(_divide(xk, scale, scale_inverse), ROUND_BY_CAST)
             tl.store(xq_ptr + row * stride_qm + k0 + offs, xq.to(xq_ptr.dtype.element_ty), mask=mask)
 
@@ -187,10 +205,15 @@ def pick_config(M: int, N: int, K: int, device: torch.device, activation: str = 
     return cfg._replace(split_k=split_for(tiles, cdiv(K, cfg.block_k), sms))
 
 
-def quantize_rows(x: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn):
+def quantize_rows(x: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn,
+                  norm_weight: Optional[torch.Tensor] = None, norm_eps: float = 0.0):
     """float ``[M, K]`` -> (float8_e4m3fn ``[M, K]``, float32 scale ``[M]``), per token; ``dtype``
-    float16: the same values in fp16, as the GEMV reads them."""
+    float16: the same values in fp16, as the GEMV reads them. With ``norm_weight`` ``[K]``, of
+    ``reference.rms_norm(x, norm_weight in x's dtype, norm_eps)``, computed as the rows are read."""
     M, K = x.shape
+    if norm_weight is not None and norm_weight.shape != (K,):
+        raise ValueError(f"fp8 quantization of x {tuple(x.shape)} after an RMSNorm: norm_weight has shape "
+                         f"{tuple(norm_weight.shape)}, expected ({K},)")
     xq = new_empty((M, K), dtype, x.device)
     scale = new_empty((M,), torch.float32, x.device)
     block_k = min(next_power_of_2(K), 16384)
@@ -198,10 +221,12 @@ def quantize_rows(x: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn):
     # K = 14336, 16 warps 3.3-3.8 us against 3.8-4.8 (bench/results/ab-fp8-gemv-h200.json). The row bound is one
     # pick_config has already, so torch.compile's guards on M add no recompile.
     num_warps = 16 if K > 8192 and M <= 64 else 4
+    g = x if norm_weight is None else norm_weight_as_x(norm_weight, x)  # x: any pointer; never read
     launch(
         _quantize_rows_kernel, (M,),
-        x, xq, scale, K, x.stride(0), x.stride(1), xq.stride(0), BLOCK_K=block_k, ONE_PASS=block_k >= K,
-        ROUND_BY_CAST=x.is_cuda and dtype == torch.float8_e4m3fn, num_warps=num_warps,
+        x, g, xq, scale, K, x.stride(0), x.stride(1), xq.stride(0), float(norm_eps), BLOCK_K=block_k,
+        ONE_PASS=block_k >= K, ROUND_BY_CAST=x.is_cuda and dtype == torch.float8_e4m3fn,
+        HAS_NORM=norm_weight is not None, num_warps=num_warps,
     )
     return xq, scale
 
@@ -212,16 +237,19 @@ def fp8_linear(
     weight_scale: torch.Tensor,
     bias: Optional[torch.Tensor] = None,
     activation: str = "none",
+    norm_weight: Optional[torch.Tensor] = None,
+    norm_eps: float = 0.0,
     config=None,
     split_k_linear_op=None,
 ) -> torch.Tensor:
     """``fp8(x [M, K]) @ qweight.T`` scaled per token and per channel (+ bias) -> ``[M, N]``
     in x.dtype. ``activation`` (``common.ACTIVATIONS``), computed in float32 before the cast:
     "silu_mul" reads the N columns as ``[gate | up]`` and gives ``silu(gate) * up``
-    ``[M, N // 2]``; "gelu" / "gelu_tanh" apply GELU.
+    ``[M, N // 2]``; "gelu" / "gelu_tanh" apply GELU. With ``norm_weight``, of the RMSNorm of x
+    (``reference.rms_norm``), which the quantization of x computes as it reads it (``quantize_rows``).
     ``config`` (an ``MmaConfig`` or a ``w8a16.GemvConfig``) overrides the tuned choice; for sweeps.
     ``split_k_linear_op``: what runs a traced call whose kernel splits K, on ``(x, qweight, weight_scale, bias,
-    activation)`` (``common.traced_split``; ``w4a16.w4a16_linear`` says why)."""
+    activation, norm_weight, norm_eps)`` (``common.traced_split``; ``w4a16.w4a16_linear`` says why)."""
     M, K = x.shape
     N = qweight.shape[0]
     n_out = output_columns(activation, N)
@@ -230,16 +258,16 @@ def fp8_linear(
         return x.new_empty((0, n_out))
     cfg = config or pick_config(M, n_out, K, x.device, activation)
     if split_k_linear_op is not None and config is None and traced_split(cfg, x, N):
-        return split_k_linear_op(x, qweight, weight_scale, bias, activation)
+        return split_k_linear_op(x, qweight, weight_scale, bias, activation, norm_weight, norm_eps)
     # (the picks fit already; a config given must be checked here)
     if (config is not None and isinstance(cfg, MmaConfig) and x.is_cuda
             and shared_bytes(cfg, activation) > shared_memory(x.device)):
         raise ValueError(f"{cfg} under activation {activation!r} needs {shared_bytes(cfg, activation)} bytes of shared "
                          f"memory a program; {x.device} has {shared_memory(x.device)}: fewer stages or smaller blocks")
     if isinstance(cfg, w8a16.GemvConfig):
-        xq, x_scale = quantize_rows(x, torch.float16)
+        xq, x_scale = quantize_rows(x, torch.float16, norm_weight, norm_eps)
         return w8a16.w8_gemv(xq, qweight, weight_scale, bias, activation, cfg, x_scale, out_dtype=x.dtype)
-    xq, x_scale = quantize_rows(x)
+    xq, x_scale = quantize_rows(x, torch.float8_e4m3fn, norm_weight, norm_eps)
     out = new_empty((M, n_out), x.dtype, x.device)
     bias, stride_bm = bias_rows(bias, M, N)
     has_bias = bias is not None

@@ -12,7 +12,7 @@ Runtime layouts (what ``process_weights_after_loading`` produces and the ops tak
   activations are quantized per token to float8_e4m3fn with scale ``amax / 448``.
 
 A ``bias`` is ``[N]``, or shaped as the output (a residual added in the epilogue). The W4A16
-linear may take the RMSNorm before it (``norm_weight``, in x's dtype, and ``norm_eps``: ``rms_norm``).
+and FP8 linears may take the RMSNorm before them (``norm_weight``, in x's dtype, and ``norm_eps``: ``rms_norm``).
 
 Every linear takes ``activation``, an epilogue on the float32 result (after the bias,
 before the cast): ``"none"``; ``"silu_mul"``, which reads the N output columns as
@@ -186,7 +186,11 @@ def fp8_linear(
     weight_scale: torch.Tensor,
     bias: Optional[torch.Tensor] = None,
     activation: str = "none",
+    norm_weight: Optional[torch.Tensor] = None,
+    norm_eps: float = 0.0,
 ) -> torch.Tensor:
+    if norm_weight is not None:
+        x = rms_norm(x, norm_weight.to(x.dtype), norm_eps)
     xq, x_scale = quantize_fp8_per_token(x.reshape(-1, x.shape[-1]))
     out = (xq.float() @ qweight.float().t()) * x_scale * weight_scale.float()
     return epilogue(out, bias, activation, x.dtype).reshape(*x.shape[:-1], -1)

@@ -62,14 +62,15 @@ import triton
 import triton.language as tl
 
 from .common import (MAX_UNROLLED_STEPS, asm_constant, bias_rows, capability, cdiv, dependent_launch, grouped_tile,
-                     launch_dependent_grids, mma_accumulate, mma_zeros, next_power_of_2, output_columns,
-                     register_budget, sm_count, split_for, split_k_workspace, split_range, split_total_kernel,
-                     SPLIT_TOTAL_BLOCK, store_output, traced_split, triton_interpreted, unrolled_steps,
-                     wait_for_prior_grids, WORD_TILE, word_columns, word_offsets, word_strides)
+                     launch_dependent_grids, mma_accumulate, mma_zeros, next_power_of_2, normed, norm_weight_as_x,
+                     output_columns, register_budget, row_inv_rms, sm_count, split_for, split_k_workspace,
+                     split_range, split_total_kernel, SPLIT_TOTAL_BLOCK, store_output, traced_split,
+                     triton_interpreted, unrolled_steps, wait_for_prior_grids, WORD_TILE, word_columns, word_offsets,
+                     word_strides)
 from .int4_pairs import NIBBLE_PAIRS_OUT, bf16_nibble_pairs, f16_nibble_pairs, zero_bf16x2, zero_f16x2
 from .reference import activation_after_gemm, check_up_run, gate_up_halves
 from .replay import launch, new_empty
-from .w4a16_gemv import row_inv_rms, w4a16_gemv_kernel
+from .w4a16_gemv import w4a16_gemv_kernel
 from .w4a16_warp_mma import warp_mma_columns, w4a16_warp_mma_kernel
 
 
@@ -129,12 +130,6 @@ def _w4a16_dequantize_kernel(
 
 
 @triton.jit
-def _normed(x, scale, g, DTYPE: tl.constexpr):
-    """float32 x times 1 / rms ``scale``, rounded to DTYPE, times the norm weight g (float32), rounded once."""
-    return ((x * scale).to(DTYPE).to(tl.float32) * g).to(DTYPE)
-
-
-@triton.jit
 def rms_norm_kernel(x_ptr, g_ptr, out_ptr, K, stride_xm, stride_xk, stride_om, eps, BLOCK_K: tl.constexpr,
                     ONE_PASS: tl.constexpr, PDL: tl.constexpr = False):
     """Row ``program_id`` of ``reference.rms_norm``: x times 1 / rms in float32, rounded to x's dtype, times g (in
@@ -156,7 +151,7 @@ def rms_norm_kernel(x_ptr, g_ptr, out_ptr, K, stride_xm, stride_xk, stride_om, e
     if ONE_PASS:
         x = tl.load(x_row + offs * stride_xk, mask=mask, other=0).to(tl.float32)
         scale = tl.rsqrt((tl.sum(x * x, axis=0) / K + eps).to(tl.float32))
-        tl.store(out_row + offs, _normed(x, scale, g, dtype), mask=mask)
+        tl.store(out_row + offs, normed(x, scale, g, dtype), mask=mask)
     else:
         scale = row_inv_rms(x_row, K, stride_xk, eps, BLOCK_K)
         for k0 in range(0, K, BLOCK_K):  # (the row again, from L1 / L2)
@@ -164,7 +159,7 @@ def rms_norm_kernel(x_ptr, g_ptr, out_ptr, K, stride_xm, stride_xk, stride_om, e
             mask = cols < K
             x = tl.load(x_row + cols * stride_xk, mask=mask, other=0).to(tl.float32)
             g = tl.load(g_ptr + cols, mask=mask, other=0).to(tl.float32)
-            tl.store(out_row + cols, _normed(x, scale, g, dtype), mask=mask)
+            tl.store(out_row + cols, normed(x, scale, g, dtype), mask=mask)
 
 
 @triton.jit
@@ -1203,7 +1198,7 @@ def w4a16_linear(
         grid = (M, cdiv(n_out, cfg.block_n), cfg.split_k)
         ws = split_k_workspace(M, N, grid[0] * grid[1], cfg.split_k, out)
         meta = gemv_meta(cfg, x, K, group_size)
-        g = x if norm_weight is None else _norm_weight_as_x(norm_weight, x)  # x: any pointer; never read
+        g = x if norm_weight is None else norm_weight_as_x(norm_weight, x)  # x: any pointer; never read
         launch(
             w4a16_gemv_kernel, grid,
             x, g, qweight, scales, zeros, bias_arg, out, ws, M, n_out, N - n_out, K, float(norm_eps), *strides,
@@ -1231,7 +1226,7 @@ def _rms_norm(x: torch.Tensor, norm_weight: torch.Tensor, eps: float) -> torch.T
     M, K = x.shape
     out = new_empty((M, K), x.dtype, x.device)
     block_k = min(next_power_of_2(K), 8192)
-    launch(rms_norm_kernel, (M,), x, _norm_weight_as_x(norm_weight, x), out, K, x.stride(0), x.stride(1),
+    launch(rms_norm_kernel, (M,), x, norm_weight_as_x(norm_weight, x), out, K, x.stride(0), x.stride(1),
            out.stride(0), float(eps), BLOCK_K=block_k, ONE_PASS=block_k >= K, num_warps=8 if block_k > 2048 else 4,
            **dependent_launch(x))
     return out
@@ -1310,7 +1305,3 @@ def _mma_packed(cfg: MmaConfig, x: torch.Tensor) -> bool:
     return cfg.swap_ab and x.dtype in (torch.float16, torch.bfloat16) and not triton_interpreted()
 
 
-def _norm_weight_as_x(norm_weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """The norm weight in x's dtype, contiguous and 16-byte aligned as the packed GEMV reads x."""
-    g = norm_weight.to(x.dtype).contiguous()
-    return g if g.storage_offset() % 8 == 0 else g.clone()

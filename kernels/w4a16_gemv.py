@@ -22,8 +22,8 @@ read x coherently. A decode step of 16 Llama-3-8B layers (64 GEMVs, bf16, H200) 
 import triton
 import triton.language as tl
 
-from .common import (asm_constant, launch_dependent_grids, split_range, store_output, wait_for_prior_grids,
-                     word_offsets)
+from .common import (asm_constant, launch_dependent_grids, row_inv_rms, split_range, store_output,
+                     wait_for_prior_grids, word_offsets)
 from .int4_pairs import F16_DOT_UNIT, bf16_nibble_pairs, f16_nibble_pairs, zero_bf16x2, zero_f16x2
 
 _F32_MAGIC = tl.constexpr(8388608.0)  # 2**23: 0x4B000000 | q is 2**23 + q as float32
@@ -140,18 +140,6 @@ def _f16_pair(value):
     """float32 ``value`` rounded to fp16, twice, in one 32-bit register."""
     return tl.inline_asm_elementwise("cvt.rn.f16x2.f32 $0, $1, $1;", "=r,f", [value], dtype=tl.int32, is_pure=True,
                                      pack=1)
-
-
-@triton.jit
-def row_inv_rms(x_row, K, stride_xk, eps, BLOCK: tl.constexpr):
-    """1 / sqrt(mean(x^2) + eps) of the row of K values at x_row, in float32."""
-    squares = tl.zeros((BLOCK,), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK):
-        offs = k0 + tl.arange(0, BLOCK)
-        v = tl.load(x_row + offs * stride_xk, mask=offs < K, other=0).to(tl.float32)
-        squares += v * v
-    # (eps may arrive as a float64 constant: Inductor passes Python floats so)
-    return tl.rsqrt((tl.sum(squares, axis=0) / K + eps).to(tl.float32))
 
 
 # The asm of the packed dot of a word pair (composed once here: Triton takes an asm string as a constant).

@@ -9,8 +9,9 @@ cannot copy), and each op's calls whose kernel splits K (``<op>_split_k``: a wor
 between calls, which a compiled graph could not keep).
 
 A ``bias`` is ``[N]``, or shaped as the output: a residual added in the epilogue, so that
-``x + linear(h)`` costs no launch of its own either. The W4A16 op may also take the RMSNorm
-before it (``norm_weight``, ``norm_eps``), which its GEMV computes as it reads x.
+``x + linear(h)`` costs no launch of its own either. The W4A16 and FP8 ops may also take the
+RMSNorm before them (``norm_weight``, ``norm_eps``), which W4A16's GEMV and FP8's quantization of x
+compute as they read x.
 
 Each takes ``activation`` (``qpass.kernels.common.ACTIVATIONS``: "none", "silu_mul", "gelu",
 "gelu_tanh"): an epilogue computed inside the op, so that ``silu(gate) * up`` after a merged
@@ -149,15 +150,21 @@ def _fp8_linear(
     weight_scale: torch.Tensor,
     bias: Optional[torch.Tensor] = None,
     activation: str = "none",
+    norm_weight: Optional[torch.Tensor] = None,
+    norm_eps: float = 0.0,
 ) -> torch.Tensor:
     return _run(_fp8_kernels, reference.fp8_linear, x, qweight.shape[0],
-                qweight, weight_scale, bias=bias, activation=activation)
+                qweight, weight_scale, bias=bias, activation=activation, norm_weight=norm_weight, norm_eps=norm_eps)
 
 
 fp8_linear_op = triton_op("qpass::fp8_linear", _fp8_linear, mutates_args=())
 
 
-fp8_linear_op.register_fake(_w8_fake)
+def _fp8_fake(x, qweight, weight_scale, bias=None, activation="none", norm_weight=None, norm_eps=0.0):
+    return _w8_fake(x, qweight, weight_scale, bias, activation)
+
+
+fp8_linear_op.register_fake(_fp8_fake)
 
 
 def _split_k_twin(op, body, fake):
@@ -180,7 +187,7 @@ def _split_k_twin(op, body, fake):
 
 w4a16_linear_split_k = _split_k_twin(torch.ops.qpass.w4a16_linear, _w4a16_linear, _w4a16_fake)
 w8a16_linear_split_k = _split_k_twin(torch.ops.qpass.w8a16_linear, _w8a16_linear, _w8_fake)
-fp8_linear_split_k = _split_k_twin(torch.ops.qpass.fp8_linear, _fp8_linear, _w8_fake)
+fp8_linear_split_k = _split_k_twin(torch.ops.qpass.fp8_linear, _fp8_linear, _fp8_fake)
 
 # The kernels' entry points, replaying each input signature's launches where they run for real (an eager call's
 # host time); W4A16's untraceable GEMMs and the traced calls that split K through the opaque ops (bound once, not at
@@ -203,9 +210,11 @@ def _setup_context(ctx, inputs, output):
     ctx.rest = rest
 
 
-def _w4a16_setup_context(ctx, inputs, output):
+def _normed_setup_context(activation_at: int, ctx, inputs, output):
+    """``_setup_context`` for the ops that take the norm before them, ``activation`` at ``inputs[activation_at]``
+    and ``norm_weight`` after it."""
     x, *rest = inputs
-    activation, norm_weight = rest[5], rest[6]
+    activation, norm_weight = inputs[activation_at], inputs[activation_at + 1]
     ctx.x = x if activation != "none" or norm_weight is not None else None  # and for a fused norm's gradient
     ctx.rest = rest
 
@@ -262,15 +271,19 @@ def _w8a16_backward(ctx, grad):
 
 
 def _fp8_backward(ctx, grad):
-    qweight, weight_scale, bias, activation = ctx.rest
-    grad = _pre_activation_grad(grad, activation, lambda: torch.ops.qpass.fp8_linear(ctx.x, qweight, weight_scale, bias))
+    qweight, weight_scale, bias, activation, norm_weight, norm_eps = ctx.rest
+    grad = _pre_activation_grad(grad, activation, lambda: torch.ops.qpass.fp8_linear(
+        ctx.x, qweight, weight_scale, bias, "none", norm_weight, norm_eps))
     w = qweight.float() * weight_scale.float().unsqueeze(1)  # straight through the activation rounding
-    return grad @ w.to(grad.dtype), None, None, _bias_grad(grad, bias), None
+    grad_x, grad_norm_weight = grad @ w.to(grad.dtype), None
+    if norm_weight is not None:
+        grad_x, grad_norm_weight = _rms_norm_backward(ctx.x, norm_weight, norm_eps, grad_x)
+    return grad_x, None, None, _bias_grad(grad, bias), None, grad_norm_weight, None
 
 
-w4a16_linear_op.register_autograd(_w4a16_backward, setup_context=_w4a16_setup_context)
+w4a16_linear_op.register_autograd(_w4a16_backward, setup_context=functools.partial(_normed_setup_context, 6))
 w8a16_linear_op.register_autograd(_w8a16_backward, setup_context=_setup_context)
-fp8_linear_op.register_autograd(_fp8_backward, setup_context=_setup_context)
+fp8_linear_op.register_autograd(_fp8_backward, setup_context=functools.partial(_normed_setup_context, 4))
 
 
 def _plain_eager(tensors) -> bool:

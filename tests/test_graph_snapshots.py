@@ -350,7 +350,7 @@ def test_stub_call_computes_what_was_folded_whatever_it_is_given():
 
 
 @pytest.mark.parametrize("norm", list(NORMS))
-@pytest.mark.parametrize("method", ["awq", "gptq"])
+@pytest.mark.parametrize("method", ["awq", "gptq", "fp8"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_folded_norms_and_residuals_match_unlowered(norm, method, dtype):
     """Norms and residual adds folded into the ops against the module tree (no lowering)."""
@@ -364,13 +364,14 @@ def test_folded_norms_and_residuals_match_unlowered(norm, method, dtype):
     assert error < (1e-5 if dtype == torch.float32 else 1e-2), error
 
 
-def test_folded_norm_and_residual_gradients_match_unlowered():
+@pytest.mark.parametrize("method", ["awq", "fp8"])
+def test_folded_norm_and_residual_gradients_match_unlowered(method):
     """Gradients reach the input and the norm weights through the folded ops as through the
     unfused ones."""
     model = seeded(NormedMLPs, "llama").requires_grad_(False)
     x = torch.randn(2, 5, 256)
     grads = []
-    for q in (qpass.quantize(model, "awq"), qpass.quantize(model, "awq", merge=False)):
+    for q in (qpass.quantize(model, method), qpass.quantize(model, method, merge=False)):
         inputs = (x.clone().requires_grad_(True), q.norm1.weight.requires_grad_(True),
                   q.norm2.weight.requires_grad_(True))
         q(inputs[0]).square().sum().backward()

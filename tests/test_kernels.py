@@ -304,11 +304,13 @@ def test_w4a16_kernel_choice_by_rows():
     # past one 128-row tile of the tensor-core kernel: the weight dequantized once, then cuBLAS
     assert pick(129, 28672, 4096, 128, cpu) == w4a16.DequantMmConfig()
     # from 1024 rows in chunks of columns whose GEMM writes at most 2^22 outputs, where that is not all
-    # of N; from 384 rows chunks of 8192 columns where N takes three
-    assert [pick(M, 28672, 4096, 128, device).chunk_n for M in (300, 384, 768, 1024, 1500, 2048, 4096, 8192)] == [
-        0, 8192, 8192, 4096, 2048, 2048, 1024, 1024]
-    assert [pick(M, 4096, 14336, 128, device).chunk_n for M in (512, 1024, 2048)] == [0, 0, 2048]
-    assert [pick(M, 6144, 4096, 128, device).chunk_n for M in (768, 1024)] == [0, 4096]
+    # of N; from 384 rows chunks of 8192 columns where N takes three (where the Hopper kernels do not take the rows:
+    # test_w4a16_wgmma_tma_tails_after_whole_waves)
+    chunks = [pick(M, 28672, 4096, 128, device, wgmma=False).chunk_n for M in (300, 384, 768, 1024, 1500, 2048, 4096,
+                                                                             8192)]
+    assert chunks == [0, 8192, 8192, 4096, 2048, 2048, 1024, 1024]
+    assert [pick(M, 4096, 14336, 128, device, wgmma=False).chunk_n for M in (512, 1024, 2048)] == [0, 0, 2048]
+    assert [pick(M, 6144, 4096, 128, device, wgmma=False).chunk_n for M in (768, 1024)] == [0, 4096]
     for M, N, K in [(16, 4096, 4096), (4, 6144, 4096), (16, 28672, 4096), (2, 4096, 14336), (5, 256, 512)]:
         cfg = pick(M, N, K, 128, device)
         assert cfg.split_k * cfg.num_warps // cfg.column_warps <= K // 128  # every warp has a group of K
@@ -1362,9 +1364,39 @@ def test_fp8_each_kernel_variant(config, M, N, K, seed, data):
     out = fp8.fp8_linear(x, qweight, weight_scale, b, config=config)
     assert out.dtype == dtype and out.shape == (M, N)
     assert relative_error(out, fp8_reference(x, qweight, weight_scale, b)) < FP8_BOUND[dtype]
-    _, residual = norm_and_residual(M, N, K, dtype, seed)
+    norm_weight, residual = norm_and_residual(M, N, K, dtype, seed)
     out = fp8.fp8_linear(x, qweight, weight_scale, residual, config=config)
     assert relative_error(out, fp8_reference(x, qweight, weight_scale, residual)) < FP8_BOUND[dtype]
+    # the RMSNorm before the linear, computed by the quantization of x (as the pass that writes it rounds it:
+    # ``test_fp8_quantization_of_the_rms_norm``; and the pass as torch: ``test_rms_norm_pass_rounds_as_the_reference``)
+    out = fp8.fp8_linear(3 * x, qweight, weight_scale, residual, norm_weight=norm_weight, norm_eps=1e-5, config=config)
+    normed = w4a16._rms_norm(3 * x, norm_weight, 1e-5)
+    assert relative_error(out, fp8_reference(normed, qweight, weight_scale, residual)) < FP8_BOUND[dtype]
+
+
+@pytest.mark.parametrize("dtype", cpu_dtypes(gemv=True))
+@pytest.mark.parametrize("K", [300, 5000, 16384 + 40])  # one pass, one pass of 8192 values, two passes
+def test_fp8_quantization_of_the_rms_norm(dtype, K):
+    """x's quantization with the RMSNorm before it (``quantize_rows`` given ``norm_weight``) quantizes what the
+    RMSNorm pass writes (``w4a16._rms_norm``, rounded as ``reference.rms_norm``): bit for bit in the interpreter, for
+    both outputs of the quantization. Compiled, each kernel adds a row's squares in the order of its own warps, and
+    in two passes (past 16384 values) the two add them in blocks of other lengths: there 1 / rms, and with it the
+    scale and a value on a rounding boundary, may be an ulp apart."""
+    g = torch.Generator().manual_seed(K)
+    x = (torch.randn(3, K, generator=g) * 10 ** torch.empty(3, 1).uniform_(-2, 2, generator=g)).to(dtype).to(DEVICE)
+    norm_weight = (torch.rand(K, generator=g) + 0.5).to(DEVICE)  # float32: taken in x's dtype, as the op does
+    for out_dtype in (torch.float8_e4m3fn, torch.float16):
+        xq, scale = fp8.quantize_rows(x, out_dtype, norm_weight, 1e-5)
+        expected, expected_scale = fp8.quantize_rows(w4a16._rms_norm(x, norm_weight, 1e-5), out_dtype)
+        if CUDA or K > 16384:
+            torch.testing.assert_close(scale, expected_scale, rtol=2.5e-7, atol=0)
+            assert (xq.float() != expected.float()).float().mean() < 1e-3
+        else:
+            assert torch.equal(scale, expected_scale)
+            assert torch.equal(xq.view(torch.uint8), expected.view(torch.uint8))
+    with pytest.raises(ValueError, match=rf"x \(3, {K}\) after an RMSNorm: norm_weight has shape \({K - 1},\), "
+                                         rf"expected \({K},\)"):
+        fp8.quantize_rows(x, norm_weight=norm_weight[1:])
 
 
 def test_fp8_kernel_choice_by_rows():
@@ -1499,7 +1531,8 @@ def w4_gate_up_runs_error(config, M, N, K, group_size, dtype, bias, seed, up_run
     """The relative difference between silu_mul on weights whose columns are in runs of ``up_run`` (a vector bias
     too) and silu_mul on the same weights as ``[gate | up]``, through ``config`` (the pick for None); with
     ``norm`` the RMSNorm before it; with ``tile`` both words in column tiles of that many. (How close the halves
-    come to the reference, the other tests say.)"""
+    come to the reference, the other tests say.) Each side is within ``BOUND`` of the reference, so their difference
+    is within twice that (seen on the H100: 1.09e-3 in fp16, split K, with the norm and a bias)."""
     x, qweight, scales, zeros, b = make_w4(M, N, K, group_size, dtype, False, bias, seed)
     laid = [None if t is None else reference.gate_up_runs(t, up_run) for t in (qweight, scales, zeros, b)]
     if tile:
@@ -1522,7 +1555,7 @@ def test_gate_up_in_runs_match_halves(config, M, runs, up_run, bias, norm, tile,
     if not CUDA and not isinstance(config, w4a16.MmaConfig):
         M = M % w4a16.GEMV_MAX_M + 1  # the tuned choice kept to the GEMV, and few GEMV programs to interpret
     error = w4_gate_up_runs_error(config, M, 2 * up_run * runs, 128, 64, dtype, bias, seed, up_run, norm, tile)
-    assert error < BOUND[dtype]
+    assert error < 2 * BOUND[dtype]
 
 
 @pytest.mark.parametrize("config", W4_GATE_UP_CONFIGS + [w4a16.GemvConfig(32, 64, 1, 4)], ids=lambda c: repr(c)[:40])
@@ -1531,7 +1564,7 @@ def test_gate_up_runs_with_a_bias_and_the_norm(config, up_run):
     """A vector bias in runs too (the GEMV's epilogue reads it as halves), and the norm; a GEMV whose programs'
     columns are not one run (32 columns, runs of 16 or 32) takes the GEMM then the activation."""
     dtype = torch.float16 if isinstance(config, w4a16.MmaConfig) else torch.bfloat16
-    assert w4_gate_up_runs_error(config, 2, 4 * up_run, 128, 64, dtype, True, 7, up_run, norm=True) < BOUND[dtype]
+    assert w4_gate_up_runs_error(config, 2, 4 * up_run, 128, 64, dtype, True, 7, up_run, norm=True) < 2 * BOUND[dtype]
 
 
 def test_gate_up_runs_are_checked():
@@ -1565,7 +1598,8 @@ def test_gpu_every_kernel_at_tuned_sizes(M, N, K, dtype):
         out = w4a16.w4a16_linear(x, qweight, scales, zeros, 128, b)
         assert relative_error(out, w4_reference(*args[:4], 128, b)) < BOUND[dtype]
         if N % 32 == 0:  # gate and up in runs of 16, as the W4A16 methods lay them out, with the norm (the GEMV's)
-            assert w4_gate_up_runs_error(None, M, N, K, 128, dtype, True, M, 16, norm=True, tile=tile) < BOUND[dtype]
+            error = w4_gate_up_runs_error(None, M, N, K, 128, dtype, True, M, 16, norm=True, tile=tile)
+            assert error < 2 * BOUND[dtype]
 
     x, qweight, scales, b = make_w8(M, N, K, dtype, True, M)
     out = w8a16.w8a16_linear(x, qweight, scales, b)
@@ -1658,7 +1692,8 @@ def test_gpu_w8a16_mma_unsplit_at_each_tuned_tile(M, n_out, K, activation, dtype
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("activation", ("none",) + EPILOGUES)
 @pytest.mark.parametrize("residual", [False, True])
-@pytest.mark.parametrize("M,N,K,chunk_n", [(1024, 9000, 512, 4096), (2048, 4096, 1024, 2048), (4200, 3000, 256, 1024),
+# (1024 rows of 4200 columns: one wave of the Hopper kernel's 256 x 128 tiles, too short a K for it, and no tail)
+@pytest.mark.parametrize("M,N,K,chunk_n", [(1024, 4200, 512, 4096), (2048, 4096, 1024, 2048), (4200, 3000, 256, 1024),
                                             (500, 26000, 256, 8192)])
 def test_gpu_w4a16_dequantize_matmul_in_chunks(M, N, K, chunk_n, residual, activation, dtype):
     """The weight in chunks on two streams: right eagerly, inside a captured CUDA graph (a side
@@ -1819,7 +1854,8 @@ def test_gpu_w4a16_warp_mma(M, eighth_n, groups, group_size, dtype, symmetric, b
     N, K = 8 * eighth_n, groups * group_size
     check_w4_config(config, M, N, K, group_size, dtype, symmetric, bias, activation, seed, tile)
     if activation == "silu_mul" and (N // 2) % up_run == 0:
-        assert w4_gate_up_runs_error(config, M, N, K, group_size, dtype, bias, seed, up_run, tile=tile) < BOUND[dtype]
+        error = w4_gate_up_runs_error(config, M, N, K, group_size, dtype, bias, seed, up_run, tile=tile)
+        assert error < 2 * BOUND[dtype]
 
 
 @cuda
@@ -2300,16 +2336,18 @@ def test_opaque_gemm_ops_run_under_torch_compile():
 
 def _split_k_case(kind: str, M: int):
     """For ``kind`` (w4a16, w8a16, fp8): its kernels' module, a config of theirs that splits K, and the entry
-    point's arguments for a call of ``M`` rows with silu_mul (and for W4A16 the norm, a residual and gate/up runs),
-    96 GEMM columns: 48 out."""
+    point's arguments for a call of ``M`` rows with silu_mul (and for W4A16 and FP8 the norm; for W4A16 a residual
+    and gate/up runs too), 96 GEMM columns: 48 out."""
     if kind == "w4a16":
         x, qweight, scales, zeros, _ = make_w4(M, 96, 256, 64, torch.float32, False, False, 0)
         norm_weight, residual = norm_and_residual(M, 96, 256, torch.float32, 0)
         return w4a16, w4a16.GemvConfig(16, 32, 4, num_warps=4), (x, qweight, scales, zeros, 64, residual, "silu_mul",
                                                                   norm_weight, 1e-5, 16)
-    module, make = (w8a16, make_w8) if kind == "w8a16" else (fp8, make_fp8)
-    return module, w8a16.GemvConfig(8, 64, 3, num_warps=4, num_stages=2), (*make(M, 96, 256, torch.float32, True, 0),
-                                                                           "silu_mul")
+    config = w8a16.GemvConfig(8, 64, 3, num_warps=4, num_stages=2)
+    if kind == "w8a16":
+        return w8a16, config, (*make_w8(M, 96, 256, torch.float32, True, 0), "silu_mul")
+    norm_weight, _ = norm_and_residual(M, 96, 256, torch.float32, 0)
+    return fp8, config, (*make_fp8(M, 96, 256, torch.float32, True, 0), "silu_mul", norm_weight, 1e-5)
 
 
 def _entry(module):
@@ -2349,7 +2387,7 @@ def test_a_traced_call_whose_kernel_splits_k_goes_to_the_split_k_op(kind, monkey
 def test_split_k_ops_are_their_ops_run_as_they_are_under_torch_compile(kind):
     """``qpass::<op>_split_k``, what a traced call of ``qpass::<op>`` whose kernel splits K becomes: the op's schema,
     and its body, which torch.compile runs as it is (on the CPU the plain-torch reference): inside a compiled graph
-    it gives what the op gives eagerly, with silu_mul (and W4A16's norm, residual and gate/up runs); its fake
+    it gives what the op gives eagerly, with silu_mul (and the norm; W4A16's residual and gate/up runs); its fake
     implementation gives the output's shape."""
     import torch._dynamo
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -2362,13 +2400,14 @@ def test_split_k_ops_are_their_ops_run_as_they_are_under_torch_compile(kind):
     assert str(split_k_linear.default._schema) == str(op.default._schema).replace("_linear(", "_linear_split_k(")
     torch._dynamo.reset()
     compiled = torch.compile(lambda x: torch.relu(split_k_linear(x, *call[1:])), fullgraph=True)
-    for _ in range(2):
-        assert torch.equal(compiled(call[0]), torch.relu(op(*call)))
+    for _ in range(2):  # (on a GPU the split's float32 sums meet in the order its programs finish)
+        out, eager = compiled(call[0]), torch.relu(op(*call))
+        assert relative_error(out, eager) < 1e-6 if CUDA else torch.equal(out, eager)
     with FakeTensorMode() as mode:
         fake = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in call]
         fake[0] = torch.empty(7, 256)
         assert split_k_linear(*fake).shape == (7, 48)
-        fake[-1 if kind != "w4a16" else 6] = "none"
+        fake[{"w4a16": 6, "w8a16": 4, "fp8": 4}[kind]] = "none"  # the activation
         assert split_k_linear(*fake).shape == (7, 96)
 
 

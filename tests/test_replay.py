@@ -124,7 +124,7 @@ def test_signatures_tell_apart_what_changes_a_launch():
     """Alignment, strides and dtypes each make a signature of their own; calls that agree on them share a record."""
     x, qweight, scales, zeros, _ = make_w4(1, 96, 264, 8, torch.float32, False, False, 0)
     run, counted = replayed(w4a16.w4a16_linear)
-    wide = torch.randn(2, 272)
+    wide = torch.randn(2, 272, device=x.device)
     # x and its copy share a record, as do two slices 4 bytes past a 16-byte boundary; fp16 x has its own
     calls = [x, x.clone(), wide[:1, 1:265], wide[1:, 1:265], x.half()]
     with set_wrap_triton_enabled(False):

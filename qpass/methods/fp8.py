@@ -44,3 +44,8 @@ class FP8LinearMethod(OpLinearMethod):
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         return ops.fp8_linear(x, layer.qweight, layer.weight_scale, bias, layer.activation)
+
+    def apply_after_rms_norm(self, layer: torch.nn.Module, x: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                             bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``apply`` to the RMSNorm of x, which the op computes as it quantizes x (``QuantLinear.forward``)."""
+        return ops.fp8_linear(x, layer.qweight, layer.weight_scale, bias, layer.activation, norm_weight, eps)
