@@ -5,7 +5,8 @@ Two launches: ``_quantize_rows_kernel`` (one program per token: the row's amax, 
 row divided by its scale, correctly rounded, then rounded to fp8) and ``_fp8_mma_kernel``
 (fp8 x fp8 on the tensor cores, float32 accumulation, both scales applied to the
 accumulator). Split K as in the other kernels when the tiles alone would leave the GPU idle,
-reduced inside the kernel (``common.store_output``).
+reduced inside the kernel (``common.store_output``). Where an RMSNorm comes before the linear,
+the quantization computes it as it reads the row, so its output is never written.
 
 Up to ``w8a16.GEMV_MAX_M`` rows the product is a GEMV bound by the weight's bytes, one a weight as
 W8A16's; a tensor-core tile there would be at least 16 rows, 15 of them padding. W8A16's GEMV
