@@ -249,6 +249,12 @@ def row_inv_rms(x_row, K, stride_xk, eps, BLOCK: tl.constexpr):
         offs = k0 + tl.arange(0, BLOCK)
         v = tl.load(x_row + offs * stride_xk, mask=offs < K, other=0).to(tl.float32)
         squares += v * v
+    return inv_rms_of_squares(squares, K, eps)
+
+
+@triton.jit
+def inv_rms_of_squares(squares, K, eps):
+    """1 / sqrt(mean(x^2) + eps) from a row's squares in float32 (summed here), K values."""
     # (eps may arrive as a float64 constant: Inductor passes Python floats so)
     return tl.rsqrt((tl.sum(squares, axis=0) / K + eps).to(tl.float32))
 

@@ -21,9 +21,9 @@ import triton
 import triton.language as tl
 
 from . import w8a16
-from .common import (MmaConfig, bias_rows, cdiv, grouped_tile, next_power_of_2, normed, norm_weight_as_x,
-                     output_columns, row_inv_rms, shared_memory, sm_count, split_for, split_k_workspace, split_range,
-                     store_output, traced_split)
+from .common import (MmaConfig, bias_rows, cdiv, grouped_tile, inv_rms_of_squares, next_power_of_2, normed,
+                     norm_weight_as_x, output_columns, row_inv_rms, shared_memory, sm_count, split_for,
+                     split_k_workspace, split_range, store_output, traced_split)
 from .replay import launch, new_empty
 
 FP8_MAX = tl.constexpr(448.0)  # largest finite float8_e4m3fn
@@ -92,7 +92,7 @@ def _quantize_rows_kernel(x_ptr, g_ptr, xq_ptr, scale_ptr, K, stride_xm, stride_
         x = tl.load(x_row + offs * stride_xk, mask=offs < K, other=0)
         if HAS_NORM:
             xf = x.to(tl.float32)
-            inv_rms = tl.rsqrt((tl.sum(xf * xf, axis=0) / K + eps).to(tl.float32))
+            inv_rms = inv_rms_of_squares(xf * xf, K, eps)
             x = normed(xf, inv_rms, tl.load(g_ptr + offs, mask=offs < K, other=0).to(tl.float32), x.dtype)
         amax = tl.max(tl.abs(x), axis=0).to(tl.float32)
     else:  # the row again for each pass, from L1 / L2

@@ -62,9 +62,9 @@ import triton
 import triton.language as tl
 
 from .common import (MAX_UNROLLED_STEPS, asm_constant, bias_rows, capability, cdiv, dependent_launch, grouped_tile,
-                     launch_dependent_grids, mma_accumulate, mma_zeros, next_power_of_2, normed, norm_weight_as_x,
-                     output_columns, register_budget, row_inv_rms, sm_count, split_for, split_k_workspace,
-                     split_range, split_total_kernel, SPLIT_TOTAL_BLOCK, store_output, traced_split,
+                     inv_rms_of_squares, launch_dependent_grids, mma_accumulate, mma_zeros, next_power_of_2, normed,
+                     norm_weight_as_x, output_columns, register_budget, row_inv_rms, sm_count, split_for,
+                     split_k_workspace, split_range, split_total_kernel, SPLIT_TOTAL_BLOCK, store_output, traced_split,
                      triton_interpreted, unrolled_steps, wait_for_prior_grids, WORD_TILE, word_columns, word_offsets,
                      word_strides)
 from .int4_pairs import NIBBLE_PAIRS_OUT, bf16_nibble_pairs, f16_nibble_pairs, zero_bf16x2, zero_f16x2
@@ -150,7 +150,7 @@ def rms_norm_kernel(x_ptr, g_ptr, out_ptr, K, stride_xm, stride_xk, stride_om, e
     out_row = out_ptr + row * stride_om
     if ONE_PASS:
         x = tl.load(x_row + offs * stride_xk, mask=mask, other=0).to(tl.float32)
-        scale = tl.rsqrt((tl.sum(x * x, axis=0) / K + eps).to(tl.float32))
+        scale = inv_rms_of_squares(x * x, K, eps)
         tl.store(out_row + offs, normed(x, scale, g, dtype), mask=mask)
     else:
         scale = row_inv_rms(x_row, K, stride_xk, eps, BLOCK_K)
