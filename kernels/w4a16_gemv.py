@@ -320,7 +320,7 @@ def _gemv_partial_x2(x_row, g_ptr, r_pair, qw_ptr, s_ptr, z_ptr, offs_n, mask_n,
                 acc, squares, w0, w1, w_ptrs, r0, x_row, g_ptr, r_pair, s_ptr, z_ptr, first_rows, rows, cols, mask_w,
                 row_end, stride_qk, stride_sg, stride_sn, GROUP_SIZE, STEP, EVEN_N, EVEN_K, BF16, HAS_NORM, SQUARES,
                 COHERENT)
-    total = tl.sum(tl.sum(acc, axis=0), axis=0)
+    total = tl.sum(tl.sum(acc, axis=0, keep_dims=True), axis=1, keep_dims=True)
     if not BF16:
         total *= _F16_DOT_SCALE  # back from the fp16 dot's unit (a power of two: exact in float32)
     return total, tl.sum(squares, axis=0)
@@ -330,7 +330,7 @@ def _gemv_partial_x2(x_row, g_ptr, r_pair, qw_ptr, s_ptr, z_ptr, offs_n, mask_n,
 def _gemv_partial(x_row, g_ptr, inv_rms, qw_ptr, s_ptr, z_ptr, offs_n, mask_n, row_start, row_end, stride_xk,
                   stride_qk, word_cols, stride_sg, stride_sn, GROUP_SIZE: tl.constexpr, GROUP_ROWS: tl.constexpr,
                   GROUPS: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, HAS_NORM: tl.constexpr):
-    """float32 sum over the word rows [row_start, row_end) of x . w for the columns offs_n: [BLOCK_N]
+    """float32 sum over the word rows [row_start, row_end) of x . w for the columns offs_n: [1, 1, BLOCK_N]
     (under HAS_NORM x is ``x * inv_rms * g``, in float32).
 
     Each step reads a ``[GROUP_ROWS, GROUPS, BLOCK_N]`` tile of words, word row
@@ -360,7 +360,7 @@ def _gemv_partial(x_row, g_ptr, inv_rms, qw_ptr, s_ptr, z_ptr, offs_n, mask_n, r
             qj = ((words >> (4 * j)) & 0xF) | 0x4B000000
             dot += xj * (qj.to(tl.float32, bitcast=True) - magic_zero)
         acc += dot * scale
-    return tl.sum(tl.sum(acc, axis=0), axis=0)
+    return tl.sum(tl.sum(acc, axis=0, keep_dims=True), axis=1, keep_dims=True)
 
 
 @triton.jit
@@ -370,7 +370,7 @@ def _gemv_columns(x_row, g_ptr, norm_eps, K, qw_ptr, s_ptr, z_ptr, offs_n, mask_
                   PACKED_F16: tl.constexpr, PACKED_BF16: tl.constexpr, HAS_NORM: tl.constexpr,
                   NORM_BLOCK: tl.constexpr, WHOLE_ROW: tl.constexpr, UNROLLED_STEPS: tl.constexpr,
                   PDL: tl.constexpr):
-    """float32 x . w for the columns offs_n over the word rows [row_start, row_end): [BLOCK_N];
+    """float32 x . w for the columns offs_n over the word rows [row_start, row_end): [1, 1, BLOCK_N];
     under HAS_NORM, x is the RMSNorm ``x * inv_rms * g`` of the row of K values at x_row (each
     program reduces the row itself; g at g_ptr). WHOLE_ROW: [row_start, row_end) is all of K.
     word_cols: where the columns lie in a word row (``common.word_offsets``: rows of words or column tiles)."""
@@ -406,6 +406,16 @@ def _gemv_columns(x_row, g_ptr, norm_eps, K, qw_ptr, s_ptr, z_ptr, offs_n, mask_
     return _gemv_partial(x_row, g_ptr, inv_rms, qw_ptr, s_ptr, z_ptr, offs_n, mask_n, row_start, row_end, stride_xk,
                          stride_qk, word_cols, stride_sg, stride_sn, GROUP_SIZE, GROUP_ROWS, GROUPS, BLOCK_N, EVEN_N,
                          HAS_NORM)
+
+
+@triton.jit
+def _as_tile(sums, ROWS: tl.constexpr, GROUPS: tl.constexpr):
+    """The column sums ``[1, 1, BLOCK_N]`` (``_gemv_columns``) broadcast back over the ``[ROWS, GROUPS, BLOCK_N]``
+    tile they were taken from, and the mask of its first row and group: stored so, the sums keep the tile's layout,
+    where a store of the BLOCK_N sums alone takes a layout of its own (one value a thread), reached through shared
+    memory with two CTA barriers more (the kernel had four; sm_90 SASS, bench/NOTES-kernels.md)."""
+    first = (tl.arange(0, ROWS)[:, None, None] == 0) & (tl.arange(0, GROUPS)[None, :, None] == 0)
+    return tl.broadcast_to(sums, (ROWS, GROUPS, sums.shape[2])), first
 
 
 @triton.jit
@@ -452,14 +462,20 @@ def w4a16_gemv_kernel(
                              stride_sn, GROUP_SIZE, GROUP_ROWS, GROUPS, 2 * BLOCK_N, EVEN_N, EVEN_K, PACKED_F16,
                              PACKED_BF16, HAS_NORM, NORM_BLOCK, SPLIT_K == 1, UNROLLED_STEPS, PDL)
         acc, acc_up = tl.split(tl.permute(tl.reshape(both, (2, BLOCK_N)), (1, 0)))
+        acc, acc_up, cols = acc[None, None, :], acc_up[None, None, :], offs_n[None, None, :]
+        first = tl.full((1, 1, 1), True, tl.int1)
     else:
         acc = _gemv_columns(x_row, g_ptr, norm_eps, K, qw_ptr, s_ptr, z_ptr, offs_n, mask_n, row_start, row_end,
                             stride_xk, stride_qk, word_offsets(offs_n, stride_qn, stride_qt, TILE), stride_sg,
                             stride_sn, GROUP_SIZE, GROUP_ROWS, GROUPS,
                             BLOCK_N, EVEN_N, EVEN_K, PACKED_F16, PACKED_BF16, HAS_NORM, NORM_BLOCK, SPLIT_K == 1,
                             UNROLLED_STEPS, PDL)
+        acc, first = _as_tile(acc, GROUP_ROWS // 2 if PACKED_F16 or PACKED_BF16 else GROUP_ROWS, GROUPS)
+        # (the store's columns from none of a call's results: torch's analysis of what a kernel writes takes each
+        # result of a call for made from all its arguments, the sums' loads among them)
+        cols = tl.broadcast_to(offs_n[None, None, :], acc.shape)
         acc_up = acc
-    rows = pid_m + tl.arange(0, 1)
-    store_output(acc[None, :], acc_up[None, :], rows[:, None], offs_n[None, :], (rows < M)[:, None] & mask_n[None, :],
+    rows = pid_m + tl.arange(0, 1)[:, None, None]
+    store_output(acc, acc_up, rows, cols, first & (rows < M) & (cols < N_OUT),
                  pid_m * tl.num_programs(1) + pid_n, M, N_UP, b_ptr, out_ptr, ws_ptr, stride_bm, stride_om, stride_on,
                  stride_wm, SPLIT_K, HAS_BIAS, ACTIVATION)

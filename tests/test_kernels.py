@@ -1217,6 +1217,80 @@ def test_w4a16_gemv_issues_its_loads_before_its_arithmetic():
     assert any(max(v["loads"]) > v["first_mask"] for key, v in out.items() if key.endswith(" 0")), out
 
 
+# The W4A16 GEMV compiled for sm_90 at one-row picks (``compiled_for_sm90``): its changes of layout.
+_LAYOUTS_OF_W4A16_GEMV = r"""
+import json
+
+out = {}
+for dtype, N, K, norm, bias in [("fp16", 4096, 4096, False, False), ("bf16", 6144, 4096, False, True),
+                                ("fp16", 4096, 14336, False, True), ("bf16", 4096, 4096, True, False)]:
+    kernel = w4a16_gemv_sm90(dtype, N, K, norm=norm, bias=bias, pdl=True)
+    out[f"{dtype} {K}x{N}{' norm' if norm else ''}{' bias' if bias else ''}"] = kernel.asm["ttgir"].count(
+        "ttg.convert_layout")
+print(json.dumps(out))
+"""
+
+
+def test_w4a16_gemv_stores_its_sums_in_the_layout_it_summed_them_in():
+    """The W4A16 GEMV stores its column sums from the tile they were summed over (``w4a16_gemv._as_tile``), at
+    one-row picks (four shapes, fp16 and bf16, a bias, the RMSNorm folded in): no change of layout anywhere in the
+    kernel. A store of the sums alone takes a layout of its own, reached through shared memory: two CTA barriers
+    more (sm_90 SASS at 4096², 4 against 2 with Triton 3.6; 7 against 5 with 3.9), and 3.9-4.0% slower at one row
+    of 4096² on the H100 (bench/NOTES-kernels.md, seventy-fourth session). The 8-bit GEMV keeps its store of the
+    sums alone: the same change made it up to 34% slower at two rows."""
+    out = json.loads(compiled_for_sm90(_LAYOUTS_OF_W4A16_GEMV).strip().splitlines()[-1])
+    assert out == {"fp16 4096x4096": 0, "bf16 4096x6144 bias": 0, "fp16 14336x4096 bias": 0,
+                   "bf16 4096x4096 norm": 0}, out
+
+
+# What torch's analysis finds the GEMVs write (on their Triton IR for sm_90), as torch.compile runs it on a traced
+# launch.
+_WRITES_OF_GEMVS = r"""
+import json, types
+import torch
+from torch._higher_order_ops import triton_kernel_wrap
+from triton.runtime import driver
+from qpass.kernels import w4a16, w8a16
+
+driver.set_active(types.SimpleNamespace(get_current_target=lambda: GPUTarget("cuda", 90, 32)))
+tensor = lambda dtype=torch.float16: torch.empty(2, dtype=dtype)
+name = next(n for n in ("identify_accessed_tensors", "identify_mutated_tensors") if hasattr(triton_kernel_wrap, n))
+w4 = dict({p: tensor() for p in ("x_ptr", "g_ptr", "s_ptr", "z_ptr", "b_ptr", "out_ptr")}, qw_ptr=tensor(torch.int32),
+          ws_ptr=tensor(torch.float32), M=1, N_OUT=4096, N_UP=4096, K=4096, norm_eps=1e-5, stride_xm=4096, stride_xk=1,
+          stride_qk=64, stride_qn=1, stride_qt=512 * 64, stride_sg=8192, stride_sn=1, stride_bm=0, stride_om=4096,
+          stride_on=1, stride_wm=4096, TILE=64, GROUP_SIZE=128, GROUP_ROWS=16, GROUPS=16, BLOCK_N=16, SPLIT_K=1,
+          EVEN_N=True, EVEN_K=True, HAS_BIAS=True, ACTIVATION="none", PACKED_F16=True, PACKED_BF16=False,
+          HAS_NORM=False, NORM_BLOCK=4096, UNROLLED_STEPS=2, PDL=False, MAXNREG=64, UP_RUN=0)
+w8 = dict(x_ptr=tensor(), xs_ptr=tensor(torch.float32), qw_ptr=tensor(torch.int8), s_ptr=tensor(torch.float32),
+          b_ptr=tensor(), out_ptr=tensor(), ws_ptr=tensor(torch.float32), M=1, N_OUT=4096, N_UP=4096, K=4096,
+          stride_xm=4096, stride_xk=1, stride_qn=4096, stride_qk=1, stride_bm=0, stride_om=4096, stride_on=1,
+          stride_wm=4096, BLOCK_M=1, BLOCK_N=4, BLOCK_K=1024, SPLIT_K=1, EVEN_N=True, EVEN_K=True, HAS_BIAS=True,
+          ACTIVATION="none", PACKED_F16=True, PACKED_BF16=False, UNROLLED_STEPS=4, X_SCALED=True)
+written = {}
+for label, kernel, arguments in [
+        ("w4a16", w4a16.w4a16_gemv_kernel, w4), ("w4a16 silu_mul", w4a16.w4a16_gemv_kernel,
+                                                  dict(w4, ACTIVATION="silu_mul", UP_RUN=16)),
+        ("w8 one row", w8a16.w8_gemv_kernel, w8), ("w8 two rows silu_mul", w8a16.w8_gemv_kernel,
+                                                    dict(w8, M=2, BLOCK_M=2, ACTIVATION="silu_mul"))]:
+    launch = triton.autotune(configs=[triton.Config({}, num_warps=4)], key=[])(kernel)
+    analysis = getattr(triton_kernel_wrap, name)(launch, arguments, {})
+    written[label] = sorted(analysis if isinstance(analysis, list)
+                            else [dep.name for dep in analysis.read_writes.writes])
+print(json.dumps(written))
+"""
+
+
+def test_torch_analysis_finds_the_gemvs_write_their_outputs_only():
+    """torch's analysis of a traced launch (which tensors a kernel writes, followed back from its stores' pointers
+    through its Triton IR, before Triton inlines its calls) takes each result of a call for made from all of the
+    call's arguments: a store's pointers computed from a call that also gets the sums would make every tensor that
+    the sums are loaded from look written. The GEMVs' columns come from no such call (``w4a16_gemv._as_tile`` builds
+    them in the kernel): each GEMV writes its output only, one row or two, with a bias and under silu_mul."""
+    out = json.loads(compiled_for_sm90(_WRITES_OF_GEMVS).strip().splitlines()[-1])
+    assert out == {"w4a16": ["out_ptr"], "w4a16 silu_mul": ["out_ptr"], "w8 one row": ["out_ptr"],
+                   "w8 two rows silu_mul": ["out_ptr"]}, out
+
+
 # The warp-level MMA kernel compiled for sm_90 at its picks for 16 rows, unsplit (``compiled_for_sm90``): its CTA
 # barriers and its shared-memory stores and loads.
 _SASS_OF_WARP_MMA_EPILOGUE = r"""
