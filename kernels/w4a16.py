@@ -695,12 +695,14 @@ def _wgmma_registers_config(M: int, N: int, K: int, sms: int) -> WgmmaTmaConfig:
     residency, ``RS_WS_REGISTERS``). H200, fp16, us, the kernel alone, the rule above -> warp-specialized
     (bench/NOTES-kernels.md, sixty-second session): 4096² (split 8 -> 4) at 64 rows 11.01 -> 9.68, 96 rows 13.56 ->
     12.67, 128 rows 14.60 -> 13.49; 14336x4096 (split 4) 23.22 -> 23.21, 33.69 -> 31.61, 34.18 -> 33.72. Where its
-    programs fill 73% of that wave or need more than one, it loses: 4096x6144 at 64 rows 12.92 -> 14.02 (split 2;
-    16.56 at 4), 4096x28672 at 128 rows 67.87 -> 70.62."""
+    programs fill 73% of that wave, it loses: 4096x6144 at 64 rows 12.92 -> 14.02 (split 2;
+    16.56 at 4). Warp-specialized too where its programs, unsplit, need more than one wave at two an SM: H100, fp16,
+    us, 4096x28672 at 64 / 96 / 128 rows 49.7 / 72.7 / 69.5 -> 47.7 / 68.4 / 66.1 (seventy-fourth session; the
+    H200 in the sixty-second, with the kernels then, had 128 rows 67.87 -> 70.62)."""
     block_m = 64 if M <= 64 else 128
     tiles = cdiv(N, 64) * cdiv(M, block_m)
     split = _wgmma_split(tiles, K, 2 * sms, most=8)
-    if 9 * 2 * sms <= 10 * tiles * split <= 10 * 2 * sms:
+    if 9 * 2 * sms <= 10 * tiles * split <= 10 * 2 * sms or tiles > 2 * sms:
         return WgmmaTmaConfig(block_m, 64, 3, split, num_warps=4, registers=True, loader_warp=True)
     split = _wgmma_split(tiles, K, (4 if block_m == 64 else 3) * sms, most=8)
     return WgmmaTmaConfig(block_m, 64, 3, split, num_warps=4, registers=True)
@@ -716,7 +718,11 @@ def _wgmma_tma_waves(M: int, N: int, K: int, sms: int) -> Optional[WgmmaTmaConfi
     60.3 -> 59.7 (bf16 at 896 rows 57.5 -> 54.9). It loses where the programs leave part of a wave empty
     (14336x4096 at 1152 rows, 160 tiles: 250.7 -> 292.3), in three waves of a split (8192² at 640 rows: 172.4 ->
     194.2), on tiles half empty (14336x4096 at 257 rows: 92.6 -> 93.8) and in splits of 32 steps (4096² at 512
-    rows, split 2: 37.2 -> 40.2). Where none of these fits, a tail (``_wgmma_tma_tail``)."""
+    rows, split 2: 37.2 -> 40.2). Where none of these fits, a tail (``_wgmma_tma_tail``); where no tail fits either
+    (M not whole tiles, or whole waves only), unsplit over all its waves when they are 90% full. H100, fp16, us, the dequantized weight
+    + cuBLAS -> this (seventy-fourth session): 4096x28672 at 1000 rows 444.5 -> 410.1, 4096x12288 at 1000 rows
+    201.1 -> 173.8. Over all waves where a tail fits, it is not faster: 4096x28672 at 1024 rows 417.3 -> 417.4,
+    5120x27648 492.3 -> 516.8, silu_mul 4096x57344 at 768 rows 938.0 -> 961.2."""
     tiles = cdiv(M, 256) * cdiv(N, 128)
     if 5 * M < 3 * 256 * cdiv(M, 256):
         return None
@@ -725,7 +731,10 @@ def _wgmma_tma_waves(M: int, N: int, K: int, sms: int) -> Optional[WgmmaTmaConfi
         waves = cdiv(programs, sms)
         if waves <= max_waves and 10 * programs >= 9 * waves * sms and K // 64 >= 64 * split:
             return WgmmaTmaConfig(256, 128, 4, split, dequant_warps=4)
-    return _wgmma_tma_tail(M, N, K, sms)
+    tail = _wgmma_tma_tail(M, N, K, sms)
+    if tail is None and 10 * tiles >= 9 * cdiv(tiles, sms) * sms and K // 64 >= 64:
+        return WgmmaTmaConfig(256, 128, 4, 1, dequant_warps=4)
+    return tail
 
 
 def _wgmma_tma_tail(M: int, N: int, K: int, sms: int) -> Optional[WgmmaTmaConfig]:

@@ -371,7 +371,8 @@ def test_w4a16_wgmma_registers_config_by_shape():
     """33 to 128 rows (fifty-fourth session): the TMA kernel with the weights in registers, 64 columns a program by
     64 rows to 64, by 128 past; 3 stages; K split by powers of two to 8 while the programs fit 4 an SM (64 rows)
     or 3 (128 rows) and a split keeps 8 steps of 64. Warp-specialized (sixty-second session) where a split keeps
-    the programs within 90-100% of one wave at two an SM. Shapes as N, K."""
+    the programs within 90-100% of one wave at two an SM, and (seventy-fourth session) where they need more than one
+    wave at two an SM unsplit. Shapes as N, K."""
     cfg = w4a16._wgmma_registers_config
     shapes = [(4096, 4096), (6144, 4096), (28672, 4096), (4096, 14336)]
 
@@ -379,8 +380,9 @@ def test_w4a16_wgmma_registers_config_by_shape():
         return [w4a16.WgmmaTmaConfig(block_m, 64, 3, split, num_warps=4, registers=True, loader_warp=loader_warp)
                 for split, loader_warp in zip(splits, loader_warps)]
 
-    # N = 4096: 64 programs a split, 256 of 264 slots at split 4; 6144: 192 at split 2 (73%); 28672: 448 unsplit
-    loader_warps = (True, False, False, True)
+    # N = 4096: 64 programs a split, 256 of 264 slots at split 4; 6144: 192 at split 2 (73%); 28672: 448 unsplit,
+    # over one wave of 264
+    loader_warps = (True, False, True, True)
     assert [cfg(M, N, K, 132) for M in (33, 64) for N, K in shapes] == 2 * registers(64, (4, 4, 1, 4), loader_warps)
     assert [cfg(M, N, K, 132) for M in (65, 128) for N, K in shapes] == 2 * registers(128, (4, 4, 1, 4), loader_warps)
     assert cfg(128, 8192, 4096, 132) == registers(128, [2], [True])[0]  # 128 programs: 256 slots at split 2
@@ -446,7 +448,15 @@ def test_w4a16_wgmma_tma_tails_after_whole_waves():
     assert [waves(M, 14336, 4096, 132) for M in (640, 768, 1024)] == [None, dequantized(2 * 44), dequantized(3 * 33)]
     assert waves(768, 12288, 8192, 132) == dequantized(2 * 44)  # 3 x 96 tiles: 8 x 3 after two waves
     assert waves(512, 28672, 8192, 132) == dequantized(3 * 66)  # 2 x 224 tiles: 26 x 2 after three waves
-    assert waves(1024, 128 * 99, 4096, 132) is None  # 4 x 99 tiles: three whole waves, nothing after them
+    # no tail fits (M not whole tiles, or whole waves only): unsplit over all the waves where they are 90% full and K
+    # keeps 64 steps
+    unsplit = w4a16.WgmmaTmaConfig(256, 128, 4, 1, dequant_warps=4)
+    assert waves(1000, 28672, 4096, 132) == unsplit  # 896 tiles: seven waves at 97%
+    assert waves(1000, 12288, 4096, 132) == unsplit  # 384 tiles: three waves at 97%
+    assert waves(1000, 28672, 2048, 132) is None  # 32 steps of K
+    assert waves(1000, 28672, 4096, 120) == unsplit  # on 120 SMs: eight waves at 93%
+    assert waves(1000, 17920, 4096, 132) is None  # 560 tiles: five waves at 85%
+    assert waves(1024, 128 * 99, 4096, 132) == unsplit  # 4 x 99 tiles: three whole waves, nothing after them
 
 
 def test_w4a16_wgmma_tma_rejects_shapes_it_cannot_run():
