@@ -696,13 +696,16 @@ def _wgmma_registers_config(M: int, N: int, K: int, sms: int) -> WgmmaTmaConfig:
     (bench/NOTES-kernels.md, sixty-second session): 4096² (split 8 -> 4) at 64 rows 11.01 -> 9.68, 96 rows 13.56 ->
     12.67, 128 rows 14.60 -> 13.49; 14336x4096 (split 4) 23.22 -> 23.21, 33.69 -> 31.61, 34.18 -> 33.72. Where its
     programs fill 73% of that wave, it loses: 4096x6144 at 64 rows 12.92 -> 14.02 (split 2;
-    16.56 at 4). Warp-specialized too where its programs, unsplit, need more than one wave at two an SM: H100, fp16,
-    us, 4096x28672 at 64 / 96 / 128 rows 49.7 / 72.7 / 69.5 -> 47.7 / 68.4 / 66.1 (seventy-fourth session; the
-    H200 in the sixty-second, with the kernels then, had 128 rows 67.87 -> 70.62)."""
+    16.56 at 4). Warp-specialized too where its programs, unsplit, need more than one wave at two an SM but at most
+    two (seventy-fourth session; H100, us): fp16 4096x28672 at 64 / 96 / 128 rows 49.7 / 72.7 / 69.5 -> 47.7 / 68.4 /
+    66.1 (and 50.2 -> 48.3 at 64 rows again; bf16 at 128 rows 68.1 -> 68.5; the H200 in the sixty-second session, with
+    the kernels then, had fp16 at 128 rows 67.87 -> 70.62), 8192x28672 at 96 rows 146.9 -> 138.7. Over more waves it
+    gains nothing or loses: 4096x128256 at 64 rows (2004 programs) 208.5 -> 207.5, gate_up 4096 -> 2 x 28672 in bf16
+    at 128 rows (896) 176.4 -> 189.1."""
     block_m = 64 if M <= 64 else 128
     tiles = cdiv(N, 64) * cdiv(M, block_m)
     split = _wgmma_split(tiles, K, 2 * sms, most=8)
-    if 9 * 2 * sms <= 10 * tiles * split <= 10 * 2 * sms or tiles > 2 * sms:
+    if 9 * 2 * sms <= 10 * tiles * split <= 10 * 2 * sms or 2 * sms < tiles <= 4 * sms:
         return WgmmaTmaConfig(block_m, 64, 3, split, num_warps=4, registers=True, loader_warp=True)
     split = _wgmma_split(tiles, K, (4 if block_m == 64 else 3) * sms, most=8)
     return WgmmaTmaConfig(block_m, 64, 3, split, num_warps=4, registers=True)
@@ -719,10 +722,12 @@ def _wgmma_tma_waves(M: int, N: int, K: int, sms: int) -> Optional[WgmmaTmaConfi
     (14336x4096 at 1152 rows, 160 tiles: 250.7 -> 292.3), in three waves of a split (8192² at 640 rows: 172.4 ->
     194.2), on tiles half empty (14336x4096 at 257 rows: 92.6 -> 93.8) and in splits of 32 steps (4096² at 512
     rows, split 2: 37.2 -> 40.2). Where none of these fits, a tail (``_wgmma_tma_tail``); where no tail fits either
-    (M not whole tiles, or whole waves only), unsplit over all its waves when they are 90% full. H100, fp16, us, the dequantized weight
-    + cuBLAS -> this (seventy-fourth session): 4096x28672 at 1000 rows 444.5 -> 410.1, 4096x12288 at 1000 rows
-    201.1 -> 173.8. Over all waves where a tail fits, it is not faster: 4096x28672 at 1024 rows 417.3 -> 417.4,
-    5120x27648 492.3 -> 516.8, silu_mul 4096x57344 at 768 rows 938.0 -> 961.2."""
+    (M not whole tiles, or whole waves only), unsplit over all its waves where they and M's tiles of rows are 90%
+    full. H100, us, the dequantized weight + cuBLAS -> this (seventy-fourth session): 4096x28672 at 1000 rows fp16
+    444.5 -> 410.1, bf16 432.9 -> 389.9; gate_up 4096 -> 2 x 28672 at 1000 rows 1314.4 -> 1235.6; 4096x12288 at
+    1000 rows 201.1 -> 173.8; 4096x12672 at 1024 rows (three whole waves) 191.9 -> 179.4. On tiles 78% full it
+    loses: 4096x12288 at 800 rows 175.9 -> 182.5. Over all waves where a tail fits, it is not faster: 4096x28672 at
+    1024 rows 417.3 -> 417.4, 5120x27648 492.3 -> 516.8, silu_mul 4096x57344 at 768 rows 938.0 -> 961.2."""
     tiles = cdiv(M, 256) * cdiv(N, 128)
     if 5 * M < 3 * 256 * cdiv(M, 256):
         return None
@@ -732,7 +737,8 @@ def _wgmma_tma_waves(M: int, N: int, K: int, sms: int) -> Optional[WgmmaTmaConfi
         if waves <= max_waves and 10 * programs >= 9 * waves * sms and K // 64 >= 64 * split:
             return WgmmaTmaConfig(256, 128, 4, split, dequant_warps=4)
     tail = _wgmma_tma_tail(M, N, K, sms)
-    if tail is None and 10 * tiles >= 9 * cdiv(tiles, sms) * sms and K // 64 >= 64:
+    whole = 10 * tiles >= 9 * cdiv(tiles, sms) * sms and 10 * M >= 9 * 256 * cdiv(M, 256)
+    if tail is None and whole and K // 64 >= 64:
         return WgmmaTmaConfig(256, 128, 4, 1, dequant_warps=4)
     return tail
 

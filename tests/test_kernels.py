@@ -371,8 +371,8 @@ def test_w4a16_wgmma_registers_config_by_shape():
     """33 to 128 rows (fifty-fourth session): the TMA kernel with the weights in registers, 64 columns a program by
     64 rows to 64, by 128 past; 3 stages; K split by powers of two to 8 while the programs fit 4 an SM (64 rows)
     or 3 (128 rows) and a split keeps 8 steps of 64. Warp-specialized (sixty-second session) where a split keeps
-    the programs within 90-100% of one wave at two an SM, and (seventy-fourth session) where they need more than one
-    wave at two an SM unsplit. Shapes as N, K."""
+    the programs within 90-100% of one wave at two an SM, and (seventy-fourth session) where unsplit they need more
+    than one wave at two an SM but at most two. Shapes as N, K."""
     cfg = w4a16._wgmma_registers_config
     shapes = [(4096, 4096), (6144, 4096), (28672, 4096), (4096, 14336)]
 
@@ -391,6 +391,9 @@ def test_w4a16_wgmma_registers_config_by_shape():
     assert cfg(100, 1024, 1024, 132) == registers(128, [2], [False])[0]  # 16 programs; a split keeps 8 steps
     assert cfg(100, 1024, 512, 132).split_k == 1
     assert cfg(128, 5120, 4096, 132) == registers(128, [4], [False])[0]  # 80 programs: 160 (61%), 320 over a wave
+    assert cfg(64, 128 * 264, 4096, 132) == registers(64, [1], [True])[0]  # 528 programs: two waves
+    assert cfg(64, 128 * 264 + 64, 4096, 132) == registers(64, [1], [False])[0]  # 529
+    assert cfg(128, 128256, 4096, 132) == registers(128, [1], [False])[0]  # 2004 programs
     for c in registers(64, (8, 4, 1), (False, True, False)):
         w4a16.check_wgmma_tma_config(c)
 
@@ -448,14 +451,16 @@ def test_w4a16_wgmma_tma_tails_after_whole_waves():
     assert [waves(M, 14336, 4096, 132) for M in (640, 768, 1024)] == [None, dequantized(2 * 44), dequantized(3 * 33)]
     assert waves(768, 12288, 8192, 132) == dequantized(2 * 44)  # 3 x 96 tiles: 8 x 3 after two waves
     assert waves(512, 28672, 8192, 132) == dequantized(3 * 66)  # 2 x 224 tiles: 26 x 2 after three waves
-    # no tail fits (M not whole tiles, or whole waves only): unsplit over all the waves where they are 90% full and K
-    # keeps 64 steps
+    # no tail fits (M not whole tiles, or whole waves only): unsplit over all the waves where they and M's tiles of
+    # rows are 90% full and K keeps 64 steps
     unsplit = w4a16.WgmmaTmaConfig(256, 128, 4, 1, dequant_warps=4)
     assert waves(1000, 28672, 4096, 132) == unsplit  # 896 tiles: seven waves at 97%
     assert waves(1000, 12288, 4096, 132) == unsplit  # 384 tiles: three waves at 97%
     assert waves(1000, 28672, 2048, 132) is None  # 32 steps of K
     assert waves(1000, 28672, 4096, 120) == unsplit  # on 120 SMs: eight waves at 93%
     assert waves(1000, 17920, 4096, 132) is None  # 560 tiles: five waves at 85%
+    assert waves(800, 12288, 4096, 132) is None  # 800 of 1024 rows: 78%
+    assert waves(922, 12288, 4096, 132) == unsplit  # 922 of 1024 rows: 90%
     assert waves(1024, 128 * 99, 4096, 132) == unsplit  # 4 x 99 tiles: three whole waves, nothing after them
 
 
