@@ -298,7 +298,10 @@ def _packed_ok(x: torch.Tensor) -> bool:
 def gemv_meta(cfg: GemvConfig, x: torch.Tensor, K: int, group_size: int) -> dict:
     """The GEMV kernel's tile constexprs for x ``[M, K]``, which dequantization it runs:
     PACKED_F16 / PACKED_BF16 (inline PTX, two weights a register) or neither (float32), and
-    UNROLLED_STEPS (``common.unrolled_steps``; the packed paths only)."""
+    UNROLLED_STEPS (``common.unrolled_steps``; the packed paths only); and ``cfg.maxnreg``'s launch
+    arguments (``register_budget``) for the packed paths only, which the budgets were measured on: the float32
+    path needs more registers a thread (sm_90, Triton 3.6, the 4096x28672 one-row pick: 230 of ptxas's own
+    choice, and 223 spill stores at its budget of 72; bench/NOTES-kernels.md, seventy-fifth session)."""
     word_rows = cfg.block_k // 8
     group_rows = math.gcd(group_size // 8 & -(group_size // 8), word_rows)  # a power of two
     packed = group_rows >= 2 and _packed_ok(x)
@@ -307,7 +310,8 @@ def gemv_meta(cfg: GemvConfig, x: torch.Tensor, K: int, group_size: int) -> dict
     return dict(GROUP_ROWS=group_rows, GROUPS=word_rows // group_rows,
                 EVEN_K=(K // 8) % (cfg.split_k * word_rows) == 0, PACKED_F16=packed_f16, PACKED_BF16=packed_bf16,
                 UNROLLED_STEPS=unrolled_steps(cfg.unrolled and (packed_f16 or packed_bf16), K // 8, cfg.split_k,
-                                              word_rows), **register_budget(cfg.maxnreg))
+                                              word_rows),
+                **register_budget(cfg.maxnreg if packed_f16 or packed_bf16 else 0))
 
 
 class MmaConfig(NamedTuple):

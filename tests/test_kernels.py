@@ -335,6 +335,32 @@ def test_w4a16_linear_picks_its_block_shape_knowing_the_norm_it_folds(monkeypatc
     assert relative_error(plain, folded) < 1e-5
 
 
+class _CudaLooking(torch.Tensor):
+    """A CPU tensor that says it is on a GPU (``is_cuda``), for the checks that read no memory."""
+
+    @property
+    def is_cuda(self):
+        return True
+
+
+def test_w4a16_gemv_register_budget_only_on_the_packed_paths(monkeypatch):
+    """The GEMV launches with its pick's register budget where it runs a packed path (fp16 or bf16 x, rows aligned),
+    which the budgets were measured on, and with ptxas's own choice on the float32 path (float32 x, or rows the
+    packed loads cannot read), which spills at those budgets (bench/NOTES-kernels.md, seventy-fifth session)."""
+    monkeypatch.setattr(w4a16, "triton_interpreted", lambda: False)
+    cfg = w4a16.GemvConfig(32, 512, 1, 4, unrolled=True, maxnreg=72)
+
+    def budget(x):
+        meta = w4a16.gemv_meta(cfg, x.as_subclass(_CudaLooking), 4096, 128)
+        packed = meta["PACKED_F16"] or meta["PACKED_BF16"]
+        return packed, meta["MAXNREG"], meta.get("maxnreg")
+
+    for dtype in (torch.float16, torch.bfloat16):
+        assert budget(torch.zeros(1, 4096, dtype=dtype)) == (True, 72, 72)
+        assert budget(torch.zeros(1, 4100, dtype=dtype)[:, 1:4097]) == (False, 0, None)  # rows not 16-byte aligned
+    assert budget(torch.zeros(1, 4096)) == (False, 0, None)
+
+
 def test_w4a16_wgmma_config_by_shape():
     """The Hopper kernel's block shapes (H200 sweeps, bench/NOTES-kernels.md): up to 32 rows, 32 rows a
     program, two warpgroups with K split while the programs fit two an SM, one warpgroup where two leave
