@@ -301,7 +301,8 @@ def gemv_meta(cfg: GemvConfig, x: torch.Tensor, K: int, group_size: int) -> dict
     UNROLLED_STEPS (``common.unrolled_steps``; the packed paths only); and ``cfg.maxnreg``'s launch
     arguments (``register_budget``) for the packed paths only, which the budgets were measured on: the float32
     path needs more registers a thread (sm_90, Triton 3.6, the 4096x28672 one-row pick: 230 of ptxas's own
-    choice, and 223 spill stores at its budget of 72; bench/NOTES-kernels.md, seventy-fifth session)."""
+    choice; at its budget of 72, 223 spill stores and 417 us against 73 on the H100; bench/NOTES-kernels.md,
+    seventy-fifth session)."""
     word_rows = cfg.block_k // 8
     group_rows = math.gcd(group_size // 8 & -(group_size // 8), word_rows)  # a power of two
     packed = group_rows >= 2 and _packed_ok(x)
@@ -903,6 +904,10 @@ def dequantize_chunk_columns(M: int, N: int) -> int:
     return columns if columns < N else 0
 
 
+# Triton's (major, minor) version: the GEMV's register budgets were tuned on the code of 3.6 (``gemv_registers``)
+TRITON_VERSION = tuple(int(part) for part in triton.__version__.split(".")[:2])
+
+
 def gemv_registers(cfg: GemvConfig, M: int, N: int, sms: int, activation: str = "none",
                    dtype: torch.dtype = torch.float16) -> int:
     """``GemvConfig.maxnreg`` for the GEMV's block shape ``cfg`` on M rows and N output columns: the most
@@ -917,8 +922,14 @@ def gemv_registers(cfg: GemvConfig, M: int, N: int, sms: int, activation: str = 
     qkv's 8-warp tile (3 programs an SM) at 64 668.5 / 701.4, 72 660.5 / 692.2, 80 658.0 / 692.9, ptxas's
     choice 672.3 / 717.7. In bf16, silu_mul's unrolled 4-warp tile (two runs of 16 columns, gate and up) keeps
     ptxas's choice: bf16 72 registers 682.6, ptxas's choice 668.6, 80 to 112 worse; fp16 72 702.2, ptxas's
-    choice 813.3. (Inductor drops a user kernel's maxnreg; ``qpass.inductor_launch`` gives it back.)"""
+    choice 813.3. (Inductor drops a user kernel's maxnreg; ``qpass.inductor_launch`` gives it back.)
+    After Triton 3.6 the 4-warp tiles keep ptxas's choice: Triton 3.9's code for them takes 127-132 registers, and
+    at 72 spills 111-176 stores. H100, one row, us, 3.9's kernels at 72 -> ptxas's choice (bench/NOTES-kernels.md,
+    seventy-fifth session): 4096x28672 fp16 54.13 -> 27.21, bf16 51.74 -> 24.92, fp16 silu_mul on [gate | up]
+    84.69 -> 44.83; its 8- and 16-warp tiles gain from their budgets (14336x4096 fp16 13.44 -> 11.56)."""
     if M > GEMV_MAX_M or (activation == "silu_mul" and dtype == torch.bfloat16 and cfg.unrolled and cfg.num_warps == 4):
+        return 0
+    if cfg.num_warps == 4 and TRITON_VERSION > (3, 6):
         return 0
     programs = (1 if M == 1 else 2) * cdiv(N, cfg.block_n)  # (comparisons only: M may be a SymInt)
     budget = resident_registers(cfg.num_warps, programs, sms)
