@@ -308,11 +308,11 @@ def gemv_meta(cfg: GemvConfig, x: torch.Tensor, K: int, group_size: int) -> dict
     packed = group_rows >= 2 and _packed_ok(x)
     packed_f16 = packed and cfg.packed_f16 and x.dtype == torch.float16
     packed_bf16 = packed and cfg.packed_bf16 and x.dtype == torch.bfloat16
+    packed_path = packed_f16 or packed_bf16
     return dict(GROUP_ROWS=group_rows, GROUPS=word_rows // group_rows,
                 EVEN_K=(K // 8) % (cfg.split_k * word_rows) == 0, PACKED_F16=packed_f16, PACKED_BF16=packed_bf16,
-                UNROLLED_STEPS=unrolled_steps(cfg.unrolled and (packed_f16 or packed_bf16), K // 8, cfg.split_k,
-                                              word_rows),
-                **register_budget(cfg.maxnreg if packed_f16 or packed_bf16 else 0))
+                UNROLLED_STEPS=unrolled_steps(cfg.unrolled and packed_path, K // 8, cfg.split_k, word_rows),
+                **register_budget(cfg.maxnreg if packed_path else 0))
 
 
 class MmaConfig(NamedTuple):
