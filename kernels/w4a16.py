@@ -295,14 +295,17 @@ def _packed_ok(x: torch.Tensor) -> bool:
             and x.stride(1) == 1 and x.stride(0) % 8 == 0 and x.storage_offset() % 8 == 0)
 
 
-def gemv_meta(cfg: GemvConfig, x: torch.Tensor, K: int, group_size: int) -> dict:
+def gemv_meta(cfg: GemvConfig, x: torch.Tensor, K: int, group_size: int, two_runs: bool = False) -> dict:
     """The GEMV kernel's tile constexprs for x ``[M, K]``, which dequantization it runs:
     PACKED_F16 / PACKED_BF16 (inline PTX, two weights a register) or neither (float32), and
     UNROLLED_STEPS (``common.unrolled_steps``; the packed paths only); and ``cfg.maxnreg``'s launch
     arguments (``register_budget``) for the packed paths only, which the budgets were measured on: the float32
     path needs more registers a thread (sm_90, Triton 3.6, the 4096x28672 one-row pick: 230 of ptxas's own
     choice; at its budget of 72, 223 spill stores and 417 us against 73 on the H100; bench/NOTES-kernels.md,
-    seventy-fifth session)."""
+    seventy-fifth session). Nor where a program's columns lie in ``two_runs`` (gate and up of ``[gate | up]``
+    under silu_mul), whose addresses take more registers: at 72 the 4096 -> 2 x 14336 pick spills (408 bytes a
+    thread under Triton 3.6), and on the H100 with Triton 3.9 takes 52.68 us against 45.55 with ptxas's choice
+    (3.6: 81.14 against 82.11; seventy-sixth session)."""
     word_rows = cfg.block_k // 8
     group_rows = math.gcd(group_size // 8 & -(group_size // 8), word_rows)  # a power of two
     packed = group_rows >= 2 and _packed_ok(x)
@@ -312,7 +315,7 @@ def gemv_meta(cfg: GemvConfig, x: torch.Tensor, K: int, group_size: int) -> dict
     return dict(GROUP_ROWS=group_rows, GROUPS=word_rows // group_rows,
                 EVEN_K=(K // 8) % (cfg.split_k * word_rows) == 0, PACKED_F16=packed_f16, PACKED_BF16=packed_bf16,
                 UNROLLED_STEPS=unrolled_steps(cfg.unrolled and packed_path, K // 8, cfg.split_k, word_rows),
-                **register_budget(cfg.maxnreg if packed_path else 0))
+                **register_budget(cfg.maxnreg if packed_path and not two_runs else 0))
 
 
 class MmaConfig(NamedTuple):
@@ -904,10 +907,6 @@ def dequantize_chunk_columns(M: int, N: int) -> int:
     return columns if columns < N else 0
 
 
-# Triton's (major, minor) version: the GEMV's register budgets were tuned on the code of 3.6 (``gemv_registers``)
-TRITON_VERSION = tuple(int(part) for part in triton.__version__.split(".")[:2])
-
-
 def gemv_registers(cfg: GemvConfig, M: int, N: int, sms: int, activation: str = "none",
                    dtype: torch.dtype = torch.float16) -> int:
     """``GemvConfig.maxnreg`` for the GEMV's block shape ``cfg`` on M rows and N output columns: the most
@@ -923,13 +922,10 @@ def gemv_registers(cfg: GemvConfig, M: int, N: int, sms: int, activation: str = 
     choice 672.3 / 717.7. In bf16, silu_mul's unrolled 4-warp tile (two runs of 16 columns, gate and up) keeps
     ptxas's choice: bf16 72 registers 682.6, ptxas's choice 668.6, 80 to 112 worse; fp16 72 702.2, ptxas's
     choice 813.3. (Inductor drops a user kernel's maxnreg; ``qpass.inductor_launch`` gives it back.)
-    After Triton 3.6 the 4-warp tiles keep ptxas's choice: Triton 3.9's code for them takes 127-132 registers, and
-    at 72 spills 111-176 stores. H100, one row, us, 3.9's kernels at 72 -> ptxas's choice (bench/NOTES-kernels.md,
-    seventy-fifth session): 4096x28672 fp16 54.13 -> 27.21, bf16 51.74 -> 24.92, fp16 silu_mul on [gate | up]
-    84.69 -> 44.83; its 8- and 16-warp tiles gain from their budgets (14336x4096 fp16 13.44 -> 11.56)."""
+    The same budgets under Triton 3.9, H100, one row, us, ptxas's choice -> the budget (bench/NOTES-kernels.md,
+    seventy-sixth session): 4096x28672 fp16 28.40 -> 25.28, bf16 24.37 -> 26.10, fp16 silu_mul in runs of 16
+    24.77 -> 24.19, 14336x4096 fp16 10.07 -> 10.57, bf16 10.17 -> 10.35."""
     if M > GEMV_MAX_M or (activation == "silu_mul" and dtype == torch.bfloat16 and cfg.unrolled and cfg.num_warps == 4):
-        return 0
-    if cfg.num_warps == 4 and TRITON_VERSION > (3, 6):
         return 0
     programs = (1 if M == 1 else 2) * cdiv(N, cfg.block_n)  # (comparisons only: M may be a SymInt)
     budget = resident_registers(cfg.num_warps, programs, sms)
@@ -1227,7 +1223,7 @@ def w4a16_linear(
     if isinstance(cfg, GemvConfig):
         grid = (M, cdiv(n_out, cfg.block_n), cfg.split_k)
         ws = split_k_workspace(M, N, grid[0] * grid[1], cfg.split_k, out)
-        meta = gemv_meta(cfg, x, K, group_size)
+        meta = gemv_meta(cfg, x, K, group_size, two_runs=activation == "silu_mul" and not up_run)
         g = x if norm_weight is None else norm_weight_as_x(norm_weight, x)  # x: any pointer; never read
         launch(
             w4a16_gemv_kernel, grid,

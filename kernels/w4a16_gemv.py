@@ -160,7 +160,8 @@ _WORD_PAIR_DOT_F16X2 = asm_constant("""
         mov.b32 {lo, hi}, s;
         cvt.f32.f16 flo, lo;
         cvt.f32.f16 fhi, hi;
-        add.rn.f32 $0, flo, fhi;
+        add.rn.f32 flo, flo, fhi;
+        fma.rn.f32 $0, flo, $13, $14;
         }
         """)
 _WORD_PAIR_DOT_BF16X2 = asm_constant("""
@@ -181,29 +182,33 @@ _WORD_PAIR_DOT_BF16X2 = asm_constant("""
         and.b32 t2, s, 0xFFFF0000;
         mov.b32 flo, t1;
         mov.b32 fhi, t2;
-        add.rn.f32 $0, flo, fhi;
+        add.rn.f32 flo, flo, fhi;
+        fma.rn.f32 $0, flo, $12, $13;
         }
         """)
 
 
 @triton.jit
-def _word_pair_dot_f16x2(w0, w1, z_low, z_high, a0, a1, a2, a3, b0, b1, b2, b3):
-    """sum_k x[k] * (q[k] - zero) / 16 over the 16 nibbles of two words (8 rows each), as float32;
-    a0..a3 and b0..b3 are their x pairs from ``_load_x_pairs_x2``; (q - z) / 16 by
+def _word_pair_dot_f16x2(w0, w1, z_low, z_high, a0, a1, a2, a3, b0, b1, b2, b3, scale, acc):
+    """acc + scale * sum_k x[k] * (q[k] - zero) / 16 over the 16 nibbles of two words (8 rows each),
+    as float32; a0..a3 and b0..b3 are their x pairs from ``_load_x_pairs_x2``; (q - z) / 16 by
     ``f16_nibble_pairs``. The 8 products of each lane sum in fp16 (HFMA2, two weights an
     instruction) before the float32 widening: that adds rounding of about the fp16 output's own.
     The sixteenth (one HMUL a zero point, in ``zero_f16x2``) keeps every single product finite
     (15/16 of fp16's largest x at most); whole, one x past 4367 against a weight code 15 from its
-    zero gave inf. A lane still overflows past a sum of |x| of 69871 over its 8 rows."""
+    zero gave inf. A lane still overflows past a sum of |x| of 69871 over its 8 rows.
+    The scaled sum is added to acc in the asm: Triton 3.9's LLVM vectorized those float32 adds of a
+    loop unrolled whole and moved them all to its end, keeping every step's sums and scales live
+    (bench/NOTES-kernels.md, seventy-sixth session)."""
     return tl.inline_asm_elementwise(
         _WORD_PAIR_DOT_F16X2,
-        "=r,r,r,r,r,r,r,r,r,r,r,r,r", [w0, w1, z_low, z_high, a0, a1, a2, a3, b0, b1, b2, b3],
+        "=r,r,r,r,r,r,r,r,r,r,r,r,r,r,r", [w0, w1, z_low, z_high, a0, a1, a2, a3, b0, b1, b2, b3, scale, acc],
         dtype=tl.float32, is_pure=True, pack=1,
     )
 
 
 @triton.jit
-def _word_pair_dot_bf16x2(w0, w1, z_128, a0, a1, a2, a3, b0, b1, b2, b3):
+def _word_pair_dot_bf16x2(w0, w1, z_128, a0, a1, a2, a3, b0, b1, b2, b3, scale, acc):
     """``_word_pair_dot_f16x2`` for bf16 x (``z_128`` from ``zero_bf16x2``; q - z by
     ``bf16_nibble_pairs``). Per word: 3 shifts, 4 lop3, 4 fma (q - z), 4 fma (x products): 15
     instructions for 8 weights.
@@ -212,16 +217,16 @@ def _word_pair_dot_bf16x2(w0, w1, z_128, a0, a1, a2, a3, b0, b1, b2, b3):
     output's own rounding, within the 1e-2 bound). No overflow: bf16 has float32's range."""
     return tl.inline_asm_elementwise(
         _WORD_PAIR_DOT_BF16X2,
-        "=r,r,r,r,r,r,r,r,r,r,r,r", [w0, w1, z_128, a0, a1, a2, a3, b0, b1, b2, b3],
+        "=r,r,r,r,r,r,r,r,r,r,r,r,r,r", [w0, w1, z_128, a0, a1, a2, a3, b0, b1, b2, b3, scale, acc],
         dtype=tl.float32, is_pure=True, pack=1,
     )
 
 
 @triton.jit
-def _word_pair_dot_x2(w0, w1, zero, x_ptrs, g_ptrs, r_pair, BF16: tl.constexpr, HAS_NORM: tl.constexpr,
-                      COHERENT: tl.constexpr):
-    """float32 sum_k x[k] * (q[k] - zero) over the 16 rows of the word pair (w0, w1) whose x
-    starts at x_ptrs: x pairs loaded by ``_load_x_pairs_x2`` (under HAS_NORM the RMSNorm's
+def _word_pair_dot_x2(w0, w1, zero, scale, acc, x_ptrs, g_ptrs, r_pair, BF16: tl.constexpr,
+                      HAS_NORM: tl.constexpr, COHERENT: tl.constexpr):
+    """float32 acc + scale * sum_k x[k] * (q[k] - zero) over the 16 rows of the word pair (w0, w1)
+    whose x starts at x_ptrs: x pairs loaded by ``_load_x_pairs_x2`` (under HAS_NORM the RMSNorm's
     output, ``_load_normed_x_pairs_x2``), the packed dot of the dtype."""
     if HAS_NORM:
         a0, a1, a2, a3 = _load_normed_x_pairs_x2(x_ptrs, g_ptrs, r_pair, BF16, COHERENT)
@@ -230,9 +235,9 @@ def _word_pair_dot_x2(w0, w1, zero, x_ptrs, g_ptrs, r_pair, BF16: tl.constexpr, 
         a0, a1, a2, a3 = _load_x_pairs_x2(x_ptrs, COHERENT)
         b0, b1, b2, b3 = _load_x_pairs_x2(x_ptrs + 8, COHERENT)
     if BF16:
-        return _word_pair_dot_bf16x2(w0, w1, zero_bf16x2(zero), a0, a1, a2, a3, b0, b1, b2, b3)
+        return _word_pair_dot_bf16x2(w0, w1, zero_bf16x2(zero), a0, a1, a2, a3, b0, b1, b2, b3, scale, acc)
     z_low, z_high = zero_f16x2(zero, True)
-    return _word_pair_dot_f16x2(w0, w1, z_low, z_high, a0, a1, a2, a3, b0, b1, b2, b3)
+    return _word_pair_dot_f16x2(w0, w1, z_low, z_high, a0, a1, a2, a3, b0, b1, b2, b3, scale, acc)
 
 
 @triton.jit
@@ -266,7 +271,8 @@ def _gemv_step_x2(acc, squares, w0, w1, w_ptrs, r0, x_row, g_ptr, r_pair, s_ptr,
         scale = tl.load(s_ptr + sz_offs, mask=mask, other=0).to(tl.float32)  # 0 past the end
         zero = tl.load(z_ptr + sz_offs, mask=mask)
         k_offs = tl.minimum(r0 + rows, row_end - 2) * 8  # past the end: the last rows again
-    acc += _word_pair_dot_x2(w0, w1, zero, x_row + k_offs, g_ptr + k_offs, r_pair, BF16, HAS_NORM, COHERENT) * scale
+    acc = _word_pair_dot_x2(w0, w1, zero, scale, acc, x_row + k_offs, g_ptr + k_offs, r_pair, BF16, HAS_NORM,
+                            COHERENT)
     return acc, squares, w0_next, w1_next, w_ptrs
 
 
