@@ -200,7 +200,7 @@ def test_rms_norm_pass_rounds_as_the_reference(dtype):
             assert relative_error(out, exact) <= 1.5 * relative_error(ref, exact) + 2**-22
 
 
-def test_w4a16_kernel_choice_by_rows(monkeypatch):
+def test_w4a16_kernel_choice_by_rows():
     """M = 1 takes the GEMV; 2 to 16 rows the warp-level MMA (M = 2 on a small weight the GEMV),
     with one 8-row tile up to M = 8; inputs it cannot read, and larger M, the other kernels."""
     device = torch.device(DEVICE)
