@@ -150,15 +150,12 @@ def sweep_plan(text):
     return [(kind, int(M)) for kind, M in (entry.split(":") for entry in text.split(","))]
 
 
-def sweep_candidates(kind, M, N, activation="none", dtype=None, registers=None):
+def sweep_candidates(kind, M, N, activation="none", registers=None):
     """Block shapes worth timing for one kernel family, M rows and N output columns (W4A16's ``activation``
-    may make them half the weight's), activations of ``dtype`` (fp16 if None; bench/NOTES-kernels.md);
-    ``registers``: the warp-level MMA kernel's shapes with each of these budgets (0: ptxas's choice), not
-    the picks'."""
+    may make them half the weight's; bench/NOTES-kernels.md); ``registers``: the warp-level MMA kernel's shapes
+    with each of these budgets (0: ptxas's choice), not the picks'."""
     import torch
     from qpass.kernels import fp8, w4a16, w8a16
-
-    dtype = dtype or torch.float16
 
     out = []
     if kind == "awq":
@@ -169,7 +166,7 @@ def sweep_candidates(kind, M, N, activation="none", dtype=None, registers=None):
                                   (16, 256, 2), (8, 512, 2)]:
                 for unrolled in (False, True):  # each with the picks' register budget (on 132 SMs)
                     cfg = w4a16.GemvConfig(bn, bk, 1, warps, unrolled=unrolled)
-                    out.append(cfg._replace(maxnreg=w4a16.gemv_registers(cfg, M, N, 132, activation, dtype)))
+                    out.append(cfg._replace(maxnreg=w4a16.gemv_registers(cfg, M, N, 132)))
             for bn, bk, split, warps in [(16, 1024, 2, 8), (16, 2048, 2, 8), (16, 1024, 4, 8), (8, 1024, 2, 4),
                                          (16, 512, 2, 4), (16, 512, 4, 4), (32, 512, 2, 4)]:
                 out.append(w4a16.GemvConfig(bn, bk, split, warps))
@@ -300,7 +297,7 @@ def run_sweep(shapes, plan, deadline, dtype_name="float16", activation="none", c
             x = torch.randn(M, K, device="cuda", dtype=dtype)
             base = bench(lambda: [F.linear(x, s["base"]) for s in sets], rep=10) / copies
             n_out = output_columns(activation, N) if kind == "awq" else N  # only W4A16 runs the activation
-            candidates = sweep_candidates(kind, M, n_out, activation if kind == "awq" else "none", dtype, registers)
+            candidates = sweep_candidates(kind, M, n_out, activation if kind == "awq" else "none", registers)
             if kind == "awq":  # the pick itself, whose split may differ from its block shape's rule
                 candidates.append(w4a16.pick_config(M, n_out, K, GROUP, x.device, activation, dtype=dtype))
             for cfg in candidates:

@@ -907,8 +907,7 @@ def dequantize_chunk_columns(M: int, N: int) -> int:
     return columns if columns < N else 0
 
 
-def gemv_registers(cfg: GemvConfig, M: int, N: int, sms: int, activation: str = "none",
-                   dtype: torch.dtype = torch.float16) -> int:
+def gemv_registers(cfg: GemvConfig, M: int, N: int, sms: int) -> int:
     """``GemvConfig.maxnreg`` for the GEMV's block shape ``cfg`` on M rows and N output columns: the most
     registers a thread (ptxas allots them 8 at a time) with which every program of the grid stays resident at
     once, at most 72 for 4-warp tiles and 80 for larger ones; 0 (ptxas's own choice, 40 to 62 registers) where
@@ -919,13 +918,16 @@ def gemv_registers(cfg: GemvConfig, M: int, N: int, sms: int, activation: str = 
     9.54 / 9.03 -> 9.52 / 8.98. Fewer registers, to keep a larger grid in one wave, lost: 14336x8192 22.8 ->
     28.5 us at 32. The decode step's 64 ops chained with PDL (thirty-third session; us a step, bf16 / fp16):
     qkv's 8-warp tile (3 programs an SM) at 64 668.5 / 701.4, 72 660.5 / 692.2, 80 658.0 / 692.9, ptxas's
-    choice 672.3 / 717.7. In bf16, silu_mul's unrolled 4-warp tile (two runs of 16 columns, gate and up) keeps
-    ptxas's choice: bf16 72 registers 682.6, ptxas's choice 668.6, 80 to 112 worse; fp16 72 702.2, ptxas's
-    choice 813.3. (Inductor drops a user kernel's maxnreg; ``qpass.inductor_launch`` gives it back.)
+    choice 672.3 / 717.7. silu_mul's unrolled 4-warp tile (two runs of 16 columns, gate and up) takes the budget
+    in bf16 too since the dots add their scaled sums in their asm (seventy-sixth session): H100, Triton 3.6, the
+    decode step's ops at one row (bf16, ``bench/decode_ops.py``), ptxas's choice -> 72, gate_up with the RMSNorm
+    30.40 -> 24.06 us, the step 851.0 -> 751.2 (80: 24.28, 751.1; seventy-seventh session). (With the dots before
+    that change ptxas's choice had been the faster in bf16: the step 668.6 against 682.6 at 72, H200.) (Inductor
+    drops a user kernel's maxnreg; ``qpass.inductor_launch`` gives it back.)
     The same budgets under Triton 3.9, H100, one row, us, ptxas's choice -> the budget (bench/NOTES-kernels.md,
     seventy-sixth session): 4096x28672 fp16 28.40 -> 25.28, bf16 24.37 -> 26.10, fp16 silu_mul in runs of 16
     24.77 -> 24.19, 14336x4096 fp16 10.07 -> 10.57, bf16 10.17 -> 10.35."""
-    if M > GEMV_MAX_M or (activation == "silu_mul" and dtype == torch.bfloat16 and cfg.unrolled and cfg.num_warps == 4):
+    if M > GEMV_MAX_M:
         return 0
     programs = (1 if M == 1 else 2) * cdiv(N, cfg.block_n)  # (comparisons only: M may be a SymInt)
     budget = resident_registers(cfg.num_warps, programs, sms)
@@ -1004,7 +1006,7 @@ def pick_config(M: int, N: int, K: int, group_size: int, device: torch.device, a
             cfg = GemvConfig(16, 2048 if norm and reads == 1 else 1024, 1, num_warps=8, unrolled=True)
         else:
             cfg = GemvConfig(16, 2048, 1, num_warps=16, unrolled=True)
-        return cfg._replace(maxnreg=gemv_registers(cfg, M, N, sms, activation, dtype))
+        return cfg._replace(maxnreg=gemv_registers(cfg, M, N, sms))
     gemm_n = 2 * N if activation == "silu_mul" else N  # (gate and up both, the activation after the GEMM)
     hopper = wgmma and wgmma_chunks(K, group_size) and dtype != torch.float32 and _hopper(device)
     # 33 to 128 rows on Hopper: every operand by TMA, the weights the MMA's register operand

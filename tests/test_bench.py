@@ -35,17 +35,12 @@ def test_the_w4a16_gemv_sweep_gives_each_block_shape_the_picks_register_budget()
     kernels = load_script("kernels")
     from qpass.kernels import w4a16
 
-    cases = [(1, 4096, "none", torch.float16), (1, 28672, "none", torch.float16), (2, 4096, "none", torch.float16),
-             (1, 14336, "silu_mul", torch.float16), (1, 14336, "silu_mul", torch.bfloat16)]
-    for M, N, activation, dtype in cases:
-        candidates = kernels.sweep_candidates("awq", M, N, activation, dtype)
+    for M, N, activation in [(1, 4096, "none"), (1, 28672, "none"), (2, 4096, "none"), (1, 14336, "silu_mul")]:
+        candidates = kernels.sweep_candidates("awq", M, N, activation)
         gemvs = [c for c in candidates if type(c).__name__ == "GemvConfig"]
         budgeted = [c for c in gemvs if c.split_k == 1 and c.packed_f16]
-        assert budgeted and all(c.maxnreg == w4a16.gemv_registers(c, M, N, 132, activation, dtype)
-                                for c in budgeted), (M, N)
+        assert budgeted and all(c.maxnreg == w4a16.gemv_registers(c, M, N, 132) for c in budgeted), (M, N)
         assert any(c.maxnreg for c in budgeted) or M == 2, (M, N)
-        if dtype == torch.bfloat16:  # silu_mul's unrolled 4-warp tiles keep ptxas's choice in bf16
-            assert all(not c.maxnreg for c in budgeted if c.unrolled and c.num_warps == 4)
     for M, N, activation in [(8, 4096, "none"), (16, 14336, "silu_mul")]:
         tiles = -(-N // w4a16.warp_mma_columns(activation))
         mmas = [c for c in kernels.sweep_candidates("awq", M, N, activation) if type(c).__name__ == "WarpMmaConfig"]
