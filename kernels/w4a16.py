@@ -295,10 +295,28 @@ def _packed_ok(x: torch.Tensor) -> bool:
             and x.stride(1) == 1 and x.stride(0) % 8 == 0 and x.storage_offset() % 8 == 0)
 
 
+_TRITON_AFTER_3_6 = tuple(int(part) for part in triton.__version__.split(".")[:2]) > (3, 6)
+
+
+def gemv_groups_first(cfg: GemvConfig) -> bool:
+    """Whether the GEMV's packed tile has its groups on its first axis (``GROUPS_FIRST``), its rows on the second:
+    under Triton after 3.6, at 8 warps or more. Triton 3.9 spreads 16 warps over both axes of ``[rows, groups]``
+    (warpsPerCTA [8, 2, 1]), so the sums cross warps twice (5 CTA barriers at 4096^2); on ``[groups, rows]`` it puts
+    them on the groups (3 barriers), as 3.6 does on ``[rows, groups]`` (2). H100, one row, the picks' kernels
+    compiled for sm_90 (bench/NOTES-kernels.md, seventy-eighth session), Triton 3.9, us, ``[rows, groups]`` ->
+    ``[groups, rows]`` with the rows' sums taken first, fp16 / bf16: 4096^2 (16 warps) 5.52 / 5.39 -> 4.10 / 4.17,
+    4096x6144 (8) 5.46 / 5.55 -> 4.66 / 4.85, 14336x4096 (16) 9.79 / 10.32 -> 8.69 / 9.24; Triton 3.6 takes 3.96 /
+    3.98, 4.76 / 4.82, 8.58 / 9.07. The 4-warp tiles, mixed, keep theirs (4096x28672 24.93 / 25.61 -> 24.77 / 25.36,
+    silu_mul on runs of 16 23.36 / 26.08 -> 25.05 / 25.12). Triton 3.6 on ``[groups, rows]`` takes 5 barriers where
+    it takes 2, and loses (4096^2 fp16 3.87 -> 5.47). Triton 3.7 and 3.8 are not measured."""
+    return _TRITON_AFTER_3_6 and cfg.num_warps >= 8
+
+
 def gemv_meta(cfg: GemvConfig, x: torch.Tensor, K: int, group_size: int, two_runs: bool = False) -> dict:
     """The GEMV kernel's tile constexprs for x ``[M, K]``, which dequantization it runs:
     PACKED_F16 / PACKED_BF16 (inline PTX, two weights a register) or neither (float32), and
-    UNROLLED_STEPS (``common.unrolled_steps``; the packed paths only); and ``cfg.maxnreg``'s launch
+    UNROLLED_STEPS (``common.unrolled_steps``; the packed paths only); GROUPS_FIRST, the packed tile's order
+    (``gemv_groups_first``); and ``cfg.maxnreg``'s launch
     arguments (``register_budget``) for the packed paths only, which the budgets were measured on: the float32
     path needs more registers a thread (sm_90, Triton 3.6, the 4096x28672 one-row pick: 230 of ptxas's own
     choice; at its budget of 72, 223 spill stores and 417 us against 73 on the H100; bench/NOTES-kernels.md,
@@ -314,6 +332,7 @@ def gemv_meta(cfg: GemvConfig, x: torch.Tensor, K: int, group_size: int, two_run
     packed_path = packed_f16 or packed_bf16
     return dict(GROUP_ROWS=group_rows, GROUPS=word_rows // group_rows,
                 EVEN_K=(K // 8) % (cfg.split_k * word_rows) == 0, PACKED_F16=packed_f16, PACKED_BF16=packed_bf16,
+                GROUPS_FIRST=packed_path and gemv_groups_first(cfg),
                 UNROLLED_STEPS=unrolled_steps(cfg.unrolled and packed_path, K // 8, cfg.split_k, word_rows),
                 **register_budget(cfg.maxnreg if packed_path and not two_runs else 0))
 

@@ -281,14 +281,16 @@ def _gemv_partial_x2(x_row, g_ptr, r_pair, qw_ptr, s_ptr, z_ptr, offs_n, mask_n,
                      word_cols, stride_sg, stride_sn, GROUP_SIZE: tl.constexpr, GROUP_ROWS: tl.constexpr,
                      GROUPS: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
                      BF16: tl.constexpr, HAS_NORM: tl.constexpr, SQUARES: tl.constexpr,
-                     UNROLLED_STEPS: tl.constexpr, COHERENT: tl.constexpr, WAIT: tl.constexpr):
+                     UNROLLED_STEPS: tl.constexpr, COHERENT: tl.constexpr, WAIT: tl.constexpr,
+                     GROUPS_FIRST: tl.constexpr):
     """``_gemv_partial`` with dequantization two weights a register (inline PTX; x fp16, or bf16
     with BF16, contiguous, 16-byte aligned), and under SQUARES the sum of x^2 over the rows (else
     0), from a load of each step's x slice that L1 mostly serves (the pairs read the same bytes).
 
     Each step reads a ``[GROUP_ROWS // 2, GROUPS, BLOCK_N]`` tile of even word rows and the one
     of the odd rows below them (word row ``r0 + g * GROUP_ROWS + 2 i (+1)`` at
-    ``[i, g, :]``), and issues the loads of the next step before its arithmetic: Triton does not
+    ``[i, g, :]``; ``[GROUPS, GROUP_ROWS // 2, BLOCK_N]``, at ``[g, i, :]``, with GROUPS_FIRST:
+    ``w4a16.gemv_meta``), and issues the loads of the next step before its arithmetic: Triton does not
     software-pipeline a loop without ``tl.dot``, and the GEMV needs bytes in flight. In a loop,
     ptxas puts those loads after the arithmetic all the same (they take the registers of the
     words being consumed at the back-edge); UNROLLED_STEPS > 0 (the number of steps, all of
@@ -298,8 +300,9 @@ def _gemv_partial_x2(x_row, g_ptr, r_pair, qw_ptr, s_ptr, z_ptr, offs_n, mask_n,
     COHERENT: x loaded without ``.nc`` (programmatic dependent launch); WAIT: the wait for the kernel before comes
     after the first step's word loads (``common.wait_for_prior_grids``)."""
     STEP: tl.constexpr = GROUPS * GROUP_ROWS
-    first_rows = tl.arange(0, GROUPS)[None, :, None] * GROUP_ROWS  # [1, GROUPS, 1], from the step's start
-    rows = first_rows + 2 * tl.arange(0, GROUP_ROWS // 2)[:, None, None]  # [GROUP_ROWS // 2, GROUPS, 1]
+    ROWS_AXIS: tl.constexpr = 1 if GROUPS_FIRST else 0  # the tile's axis of a group's rows, the other its groups
+    first_rows = tl.expand_dims(tl.expand_dims(tl.arange(0, GROUPS), ROWS_AXIS), 2) * GROUP_ROWS  # from the step's
+    rows = first_rows + tl.expand_dims(tl.expand_dims(2 * tl.arange(0, GROUP_ROWS // 2), 1 - ROWS_AXIS), 2)  # start
     cols = offs_n[None, None, :]
     mask_w = mask_n[None, None, :]  # broadcast against row masks; ignored when EVEN_N
     w_ptrs = qw_ptr + (row_start + rows) * stride_qk + word_cols[None, None, :]
@@ -312,7 +315,7 @@ def _gemv_partial_x2(x_row, g_ptr, r_pair, qw_ptr, s_ptr, z_ptr, offs_n, mask_n,
         w1 = tl.load(w_ptrs + stride_qk, mask=mask)
     if WAIT:  # the first step's words are in flight while the kernel before finishes
         x_row += wait_for_prior_grids()
-    acc = tl.zeros((GROUP_ROWS // 2, GROUPS, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((rows.shape[0], rows.shape[1], BLOCK_N), dtype=tl.float32)
     squares = tl.zeros((8 * STEP,), dtype=tl.float32)
     if UNROLLED_STEPS > 0:
         for i in tl.static_range(UNROLLED_STEPS):
@@ -326,7 +329,7 @@ def _gemv_partial_x2(x_row, g_ptr, r_pair, qw_ptr, s_ptr, z_ptr, offs_n, mask_n,
                 acc, squares, w0, w1, w_ptrs, r0, x_row, g_ptr, r_pair, s_ptr, z_ptr, first_rows, rows, cols, mask_w,
                 row_end, stride_qk, stride_sg, stride_sn, GROUP_SIZE, STEP, EVEN_N, EVEN_K, BF16, HAS_NORM, SQUARES,
                 COHERENT)
-    total = tl.sum(tl.sum(acc, axis=0, keep_dims=True), axis=1, keep_dims=True)
+    total = tl.sum(tl.sum(acc, axis=ROWS_AXIS, keep_dims=True), axis=1 - ROWS_AXIS, keep_dims=True)
     if not BF16:
         total *= _F16_DOT_SCALE  # back from the fp16 dot's unit (a power of two: exact in float32)
     return total, tl.sum(squares, axis=0)
@@ -375,7 +378,7 @@ def _gemv_columns(x_row, g_ptr, norm_eps, K, qw_ptr, s_ptr, z_ptr, offs_n, mask_
                   GROUPS: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
                   PACKED_F16: tl.constexpr, PACKED_BF16: tl.constexpr, HAS_NORM: tl.constexpr,
                   NORM_BLOCK: tl.constexpr, WHOLE_ROW: tl.constexpr, UNROLLED_STEPS: tl.constexpr,
-                  PDL: tl.constexpr):
+                  PDL: tl.constexpr, GROUPS_FIRST: tl.constexpr):
     """float32 x . w for the columns offs_n over the word rows [row_start, row_end): [1, 1, BLOCK_N];
     under HAS_NORM, x is the RMSNorm ``x * inv_rms * g`` of the row of K values at x_row (each
     program reduces the row itself; g at g_ptr). WHOLE_ROW: [row_start, row_end) is all of K.
@@ -392,7 +395,7 @@ def _gemv_columns(x_row, g_ptr, norm_eps, K, qw_ptr, s_ptr, z_ptr, offs_n, mask_
         acc, _ = _gemv_partial_x2(
             x_row, g_ptr, _f16_pair(inv_rms), qw_ptr, s_ptr, z_ptr, offs_n, mask_n, row_start, row_end,
             stride_qk, word_cols, stride_sg, stride_sn, GROUP_SIZE, GROUP_ROWS, GROUPS, BLOCK_N, EVEN_N, EVEN_K,
-            PACKED_BF16, HAS_NORM, False, UNROLLED_STEPS, PDL, False)
+            PACKED_BF16, HAS_NORM, False, UNROLLED_STEPS, PDL, False, GROUPS_FIRST)
         return correction * acc
     if PACKED_F16 or PACKED_BF16:
         # bf16 has float32's range: x * g in the loop and 1 / rms on the sum; the loop sums the
@@ -402,7 +405,7 @@ def _gemv_columns(x_row, g_ptr, norm_eps, K, qw_ptr, s_ptr, z_ptr, offs_n, mask_
         acc, squares = _gemv_partial_x2(x_row, g_ptr, 0, qw_ptr, s_ptr, z_ptr, offs_n, mask_n, row_start, row_end,
                                         stride_qk, word_cols, stride_sg, stride_sn, GROUP_SIZE, GROUP_ROWS, GROUPS,
                                         BLOCK_N, EVEN_N, EVEN_K, PACKED_BF16, HAS_NORM, squares_in_loop,
-                                        UNROLLED_STEPS, PDL, wait_in_loop)
+                                        UNROLLED_STEPS, PDL, wait_in_loop, GROUPS_FIRST)
         if squares_in_loop:
             acc *= tl.rsqrt((squares / K + norm_eps).to(tl.float32))
         elif HAS_NORM:
@@ -415,13 +418,13 @@ def _gemv_columns(x_row, g_ptr, norm_eps, K, qw_ptr, s_ptr, z_ptr, offs_n, mask_
 
 
 @triton.jit
-def _as_tile(sums, ROWS: tl.constexpr, GROUPS: tl.constexpr):
-    """The column sums ``[1, 1, BLOCK_N]`` (``_gemv_columns``) broadcast back over the ``[ROWS, GROUPS, BLOCK_N]``
+def _as_tile(sums, D0: tl.constexpr, D1: tl.constexpr):
+    """The column sums ``[1, 1, BLOCK_N]`` (``_gemv_columns``) broadcast back over the ``[D0, D1, BLOCK_N]``
     tile they were taken from, and the mask of its first row and group: stored so, the sums keep the tile's layout,
     where a store of the BLOCK_N sums alone takes a layout of its own (one value a thread), reached through shared
     memory with two CTA barriers more (the kernel had four; sm_90 SASS, bench/NOTES-kernels.md)."""
-    first = (tl.arange(0, ROWS)[:, None, None] == 0) & (tl.arange(0, GROUPS)[None, :, None] == 0)
-    return tl.broadcast_to(sums, (ROWS, GROUPS, sums.shape[2])), first
+    first = (tl.arange(0, D0)[:, None, None] == 0) & (tl.arange(0, D1)[None, :, None] == 0)
+    return tl.broadcast_to(sums, (D0, D1, sums.shape[2])), first
 
 
 @triton.jit
@@ -434,9 +437,10 @@ def w4a16_gemv_kernel(
     SPLIT_K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr,
     ACTIVATION: tl.constexpr, PACKED_F16: tl.constexpr, PACKED_BF16: tl.constexpr, HAS_NORM: tl.constexpr,
     NORM_BLOCK: tl.constexpr, UNROLLED_STEPS: tl.constexpr, PDL: tl.constexpr, MAXNREG: tl.constexpr,
-    UP_RUN: tl.constexpr = 0,
+    GROUPS_FIRST: tl.constexpr, UP_RUN: tl.constexpr = 0,
 ):
-    # MAXNREG: the launch's register budget (``common.register_budget``); the code does not read it
+    # MAXNREG: the launch's register budget (``common.register_budget``); the code does not read it.
+    # GROUPS_FIRST: the packed paths' tile with its groups on its first axis (``_gemv_partial_x2``)
     if PDL:  # the next kernel's programs may start as SMs free up, and read their first weights
         launch_dependent_grids()
     pid_m = tl.program_id(0)
@@ -466,7 +470,7 @@ def w4a16_gemv_kernel(
                              offs_both < N_OUT, row_start, row_end, stride_xk, stride_qk,
                              word_offsets(columns, stride_qn, stride_qt, TILE), stride_sg,
                              stride_sn, GROUP_SIZE, GROUP_ROWS, GROUPS, 2 * BLOCK_N, EVEN_N, EVEN_K, PACKED_F16,
-                             PACKED_BF16, HAS_NORM, NORM_BLOCK, SPLIT_K == 1, UNROLLED_STEPS, PDL)
+                             PACKED_BF16, HAS_NORM, NORM_BLOCK, SPLIT_K == 1, UNROLLED_STEPS, PDL, GROUPS_FIRST)
         acc, acc_up = tl.split(tl.permute(tl.reshape(both, (2, BLOCK_N)), (1, 0)))
         acc, acc_up, cols = acc[None, None, :], acc_up[None, None, :], offs_n[None, None, :]
         first = tl.full((1, 1, 1), True, tl.int1)
@@ -475,8 +479,13 @@ def w4a16_gemv_kernel(
                             stride_xk, stride_qk, word_offsets(offs_n, stride_qn, stride_qt, TILE), stride_sg,
                             stride_sn, GROUP_SIZE, GROUP_ROWS, GROUPS,
                             BLOCK_N, EVEN_N, EVEN_K, PACKED_F16, PACKED_BF16, HAS_NORM, NORM_BLOCK, SPLIT_K == 1,
-                            UNROLLED_STEPS, PDL)
-        acc, first = _as_tile(acc, GROUP_ROWS // 2 if PACKED_F16 or PACKED_BF16 else GROUP_ROWS, GROUPS)
+                            UNROLLED_STEPS, PDL, GROUPS_FIRST)
+        if not (PACKED_F16 or PACKED_BF16):
+            acc, first = _as_tile(acc, GROUP_ROWS, GROUPS)
+        elif GROUPS_FIRST:
+            acc, first = _as_tile(acc, GROUPS, GROUP_ROWS // 2)
+        else:
+            acc, first = _as_tile(acc, GROUP_ROWS // 2, GROUPS)
         # (the store's columns from none of a call's results: torch's analysis of what a kernel writes takes each
         # result of a call for made from all its arguments, the sums' loads among them)
         cols = tl.broadcast_to(offs_n[None, None, :], acc.shape)

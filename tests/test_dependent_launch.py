@@ -168,7 +168,7 @@ gemv = dict({p: tensor() for p in ("x_ptr", "g_ptr", "s_ptr", "z_ptr", "b_ptr", 
             stride_sn=1, stride_bm=4096, stride_om=4096, stride_on=1, stride_wm=4096, TILE=64, GROUP_SIZE=128,
             GROUP_ROWS=16, GROUPS=2, BLOCK_N=64, SPLIT_K=1, EVEN_N=True, EVEN_K=True, HAS_BIAS=True,
             ACTIVATION="none", PACKED_F16=False, PACKED_BF16=True, HAS_NORM=True, NORM_BLOCK=4096,
-            UNROLLED_STEPS=4, PDL=True, MAXNREG=64, UP_RUN=0)
+            UNROLLED_STEPS=4, PDL=True, MAXNREG=64, UP_RUN=0, GROUPS_FIRST=False)
 # down's warp-level MMA at 16 rows: split 4, its loop's body twice an iteration
 mma = dict({p: tensor() for p in ("x_ptr", "s_ptr", "z_ptr", "b_ptr", "out_ptr")}, qw_ptr=tensor(torch.int32),
            ws_ptr=tensor(torch.float32), M=16, N_OUT=4096, N_UP=0, K=14336, stride_xm=14336, stride_qk=64,

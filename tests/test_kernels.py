@@ -728,7 +728,8 @@ def w4a16_gemv_sm90(dtype, N, K, activation="none", norm=False, bias=False, pdl=
                       EVEN_N=True, EVEN_K=True, HAS_BIAS=bias, ACTIVATION=activation, PACKED_F16=dtype == "fp16",
                       PACKED_BF16=dtype == "bf16", HAS_NORM=norm, NORM_BLOCK=4096,
                       UNROLLED_STEPS=unrolled_steps(cfg.unrolled, K // 8, 1, word_rows), stride_xk=1,
-                      stride_qn=1, stride_sn=1, stride_on=1, PDL=pdl, TILE=WORD_TILE)
+                      stride_qn=1, stride_sn=1, stride_on=1, PDL=pdl, TILE=WORD_TILE,
+                      GROUPS_FIRST=w4a16.gemv_groups_first(cfg))
     launch = register_budget(cfg.maxnreg if budget is None else budget)  # MAXNREG, and maxnreg where given
     constexprs["MAXNREG"] = launch.pop("MAXNREG")
     pointers = {p: "*" + dtype for p in ("x_ptr", "g_ptr", "s_ptr", "z_ptr", "b_ptr", "out_ptr")}
@@ -1275,6 +1276,35 @@ def test_w4a16_gemv_issues_its_loads_before_its_arithmetic():
     assert any(max(v["loads"]) > v["first_mask"] for key, v in out.items() if key.endswith(" 0")), out
 
 
+# The CTA barriers of the W4A16 GEMV's 16-warp (4096^2) and 8-warp (4096x6144) one-row picks compiled for sm_90
+# (``compiled_for_sm90``), each tile order
+_BARRIERS_OF_W4A16_GEMV = r"""
+import json
+from qpass.kernels import w4a16
+
+out = {}
+for groups_first in (False, True):
+    w4a16.gemv_groups_first = lambda cfg: groups_first
+    for dtype in ("fp16", "bf16"):
+        for N in (4096, 6144):
+            code = sass(w4a16_gemv_sm90(dtype, N, 4096))
+            out[f"{dtype} {N} {groups_first}"] = sum(" BAR." in line for line in code)
+print(json.dumps(out))
+"""
+
+
+def test_w4a16_gemv_sums_cross_warps_once():
+    """The 16- and 8-warp GEMV tiles' sums cross warps in one reduction at most, under the Triton installed: with
+    the tile order ``w4a16.gemv_groups_first`` picks, the 16-warp pick's SASS for sm_90 has at most 3 CTA barriers and
+    the 8-warp one's at most 2 (Triton 3.6 on its order: 2 and 2; 3.9: 3 and 1), and the other order gives this
+    Triton more (3.6: 5 at 16 warps; 3.9 on 3.6's order: 5 and 3, as main had it)."""
+    out = json.loads(compiled_for_sm90(_BARRIERS_OF_W4A16_GEMV).strip().splitlines()[-1])
+    picked = w4a16.gemv_groups_first(w4a16.GemvConfig(16, 2048, 1, 16))
+    for dtype in ("fp16", "bf16"):
+        assert out[f"{dtype} 4096 {picked}"] <= 3 and out[f"{dtype} 6144 {picked}"] <= 2, out
+        assert out[f"{dtype} 4096 {not picked}"] > out[f"{dtype} 4096 {picked}"], out
+
+
 # The W4A16 GEMV at the one-row pick of 4096x28672 (4 warps, 8 steps unrolled) compiled for sm_90
 # (``compiled_for_sm90``) with ptxas's own register choice and with the pick's budget: registers and spill stores.
 _REGISTERS_OF_W4A16_GEMV = r"""
@@ -1353,7 +1383,7 @@ w4 = dict({p: tensor() for p in ("x_ptr", "g_ptr", "s_ptr", "z_ptr", "b_ptr", "o
           stride_qk=64, stride_qn=1, stride_qt=512 * 64, stride_sg=8192, stride_sn=1, stride_bm=0, stride_om=4096,
           stride_on=1, stride_wm=4096, TILE=64, GROUP_SIZE=128, GROUP_ROWS=16, GROUPS=16, BLOCK_N=16, SPLIT_K=1,
           EVEN_N=True, EVEN_K=True, HAS_BIAS=True, ACTIVATION="none", PACKED_F16=True, PACKED_BF16=False,
-          HAS_NORM=False, NORM_BLOCK=4096, UNROLLED_STEPS=2, PDL=False, MAXNREG=64, UP_RUN=0)
+          HAS_NORM=False, NORM_BLOCK=4096, UNROLLED_STEPS=2, PDL=False, MAXNREG=64, UP_RUN=0, GROUPS_FIRST=False)
 w8 = dict(x_ptr=tensor(), xs_ptr=tensor(torch.float32), qw_ptr=tensor(torch.int8), s_ptr=tensor(torch.float32),
           b_ptr=tensor(), out_ptr=tensor(), ws_ptr=tensor(torch.float32), M=1, N_OUT=4096, N_UP=4096, K=4096,
           stride_xm=4096, stride_xk=1, stride_qn=4096, stride_qk=1, stride_bm=0, stride_om=4096, stride_on=1,
@@ -1935,6 +1965,33 @@ def test_gpu_w8_gemv_unrolled(kind, M, N, block_m, K, config, steps, dtype):
     assert relative_error(linear(x, qweight, scales, residual, config=config), ref(residual)) < bound[dtype]
     for activation in EPILOGUES:
         assert error(activation, M, 2 * N, K, dtype, True, N, config=config) < bound[dtype], activation
+
+
+@cuda
+@needs_cuda
+@pytest.mark.parametrize("groups_first", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("M,N,K,group_size,config", [
+    (1, 4096, 4096, 128, w4a16.GemvConfig(16, 2048, 1, 16, unrolled=True, maxnreg=64)),
+    (2, 1000, 768, 64, w4a16.GemvConfig(16, 256, 1, 8)), (1, 200, 14336, 128, w4a16.GemvConfig(16, 1024, 3, 8)),
+    (1, 4100, 1280, 128, w4a16.GemvConfig(32, 512, 1, 4, unrolled=True))])
+def test_gpu_w4a16_gemv_either_tile_order(M, N, K, group_size, config, dtype, groups_first, monkeypatch):
+    """The packed GEMV with its tile's groups first or its rows first (``w4a16.gemv_groups_first``; each Triton
+    runs one of them, so the GPU's Triton runs the other here) against the float32 reference: 4, 8 and 16 warps,
+    split or not, N off the blocks; plain with a bias, with the RMSNorm before it, and under silu_mul."""
+    monkeypatch.setattr(w4a16, "gemv_groups_first", lambda cfg: groups_first)
+    x, qweight, scales, zeros, b = make_w4(M, N, K, group_size, dtype, False, True, N + K)
+    assert w4a16.gemv_meta(config, x, K, group_size)["GROUPS_FIRST"] == groups_first
+    out = w4a16.w4a16_linear(x, qweight, scales, zeros, group_size, b, config=config)
+    assert relative_error(out, w4_reference(x, qweight, scales, zeros, group_size, b)) < BOUND[dtype]
+    norm_weight, residual = norm_and_residual(M, N, K, dtype, N)
+    out = w4a16.w4a16_linear(20 * x, qweight, scales, zeros, group_size, residual, norm_weight=norm_weight,
+                             norm_eps=1e-5, config=config)
+    normed = reference.rms_norm(20 * x, norm_weight, 1e-5)
+    assert relative_error(out, w4_reference(normed, qweight, scales, zeros, group_size, residual)) < BOUND[dtype]
+    out = w4a16.w4a16_linear(x, qweight, scales, zeros, group_size, b, activation="silu_mul", config=config)
+    ref = reference.apply_activation(w4_reference(x, qweight, scales, zeros, group_size, b), "silu_mul")
+    assert relative_error(out, ref) < BOUND[dtype]
 
 
 @cuda
