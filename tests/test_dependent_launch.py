@@ -324,6 +324,10 @@ def _decode_layers(dtype, layers=3, hidden=1024, qkv=1536, intermediate=2048):
     return made
 
 
+# gate and up in alternating runs of 16 columns, as the methods lay them out (``qpass.methods.base``)
+GATE_UP_RUN = 16
+
+
 def _decode_step(layers, x, synchronize=False, linear=w4a16.w4a16_linear):
     """Each op reads the output of the one before it: the chain programmatic dependent launch overlaps
     (``synchronize``: not, each op waited for). ``linear``: the kernels' entry point, or the op."""
@@ -334,7 +338,8 @@ def _decode_step(layers, x, synchronize=False, linear=w4a16.w4a16_linear):
         done()
         o = linear(qkv[:, :h.shape[1]], *L["o"], 128, bias=h)
         done()
-        m = linear(o, *L["gate_up"], 128, activation="silu_mul", norm_weight=L["norm2"], norm_eps=1e-5)
+        m = linear(o, *L["gate_up"], 128, activation="silu_mul", norm_weight=L["norm2"], norm_eps=1e-5,
+                   up_run=GATE_UP_RUN)
         done()
         h = linear(m, *L["down"], 128, bias=o)
         done()
