@@ -301,8 +301,9 @@ def _gemv_partial_x2(x_row, g_ptr, r_pair, qw_ptr, s_ptr, z_ptr, offs_n, mask_n,
     after the first step's word loads (``common.wait_for_prior_grids``)."""
     STEP: tl.constexpr = GROUPS * GROUP_ROWS
     ROWS_AXIS: tl.constexpr = 1 if GROUPS_FIRST else 0  # the tile's axis of a group's rows, the other its groups
-    first_rows = tl.expand_dims(tl.expand_dims(tl.arange(0, GROUPS), ROWS_AXIS), 2) * GROUP_ROWS  # from the step's
-    rows = first_rows + tl.expand_dims(tl.expand_dims(2 * tl.arange(0, GROUP_ROWS // 2), 1 - ROWS_AXIS), 2)  # start
+    # word rows from the step's start: each group's first, then the even rows of each group
+    first_rows = tl.expand_dims(tl.expand_dims(tl.arange(0, GROUPS), ROWS_AXIS), 2) * GROUP_ROWS
+    rows = first_rows + tl.expand_dims(tl.expand_dims(2 * tl.arange(0, GROUP_ROWS // 2), 1 - ROWS_AXIS), 2)
     cols = offs_n[None, None, :]
     mask_w = mask_n[None, None, :]  # broadcast against row masks; ignored when EVEN_N
     w_ptrs = qw_ptr + (row_start + rows) * stride_qk + word_cols[None, None, :]
