@@ -394,7 +394,9 @@ class WgmmaTmaConfig(NamedTuple):
     and with ``loader_warp`` too, warp-specialized: a warp of its own issues the copies (``_wgmma_registers_config``).
     Warp-specialized, ``split_from_column`` > 0 splits K only in the tiles from that column on, which run after the
     whole tiles before it; ``dequantized_from_column`` > 0 leaves the columns from there to the dequantized weight and
-    cuBLAS instead (tails of a wave, ``_wgmma_tma_waves``).
+    cuBLAS instead (tails of a wave, ``_wgmma_tma_waves``). ``maxnreg``: the registers a thread of the
+    warp-specialized register-fed kernel, which set how many of its programs an SM holds (``rs_ws_registers``); 0
+    for ``RS_WS_REGISTERS``, two.
     """
 
     block_m: int
@@ -407,6 +409,7 @@ class WgmmaTmaConfig(NamedTuple):
     loader_warp: bool = False
     split_from_column: int = 0
     dequantized_from_column: int = 0
+    maxnreg: int = 0
 
 
 def wgmma_ok(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
@@ -486,7 +489,8 @@ def check_wgmma_tma_config(cfg: WgmmaTmaConfig):
     most 64 float32 sums a thread of the MMAs' warps with 8 dequantizing warps, 128 with 4 (the registers
     the partitions share), and a stage of x, words, scales, zeros and the weight tile each. With ``registers``:
     one warpgroup on 64 columns, a stage of x, words, scales and zeros each; ``loader_warp`` only with ``registers``
-    and ``block_m`` 64 or 128 (ptxas fails on a 256-row accumulator within ``RS_WS_REGISTERS``)."""
+    and ``block_m`` 64 or 128 (ptxas fails on a 256-row accumulator within ``RS_WS_REGISTERS``), ``maxnreg`` 0 or
+    a multiple of 8 from ``RS_WS_REGISTERS`` (128 rows: ptxas asks 94 or more) or ``rs_ws_registers(4)`` (64 rows)."""
     if cfg.split_from_column and not (cfg.dequant_warps and cfg.split_k > 1 and cfg.split_from_column > 0
                                       and cfg.split_from_column % cfg.block_n == 0):
         raise ValueError(f"{cfg}: split_from_column splits the warp-specialized kernel's tiles from that column on: "
@@ -498,6 +502,10 @@ def check_wgmma_tma_config(cfg: WgmmaTmaConfig):
     if cfg.loader_warp and not (cfg.registers and cfg.block_m <= 128):
         raise ValueError(f"{cfg}: loader_warp is the warp-specialized form of the kernel with the weights in "
                          f"registers: needs registers=True and block_m 64 or 128")
+    least = RS_WS_REGISTERS if cfg.block_m > 64 else rs_ws_registers(4)
+    if cfg.maxnreg and not (cfg.loader_warp and cfg.maxnreg % 8 == 0 and least <= cfg.maxnreg <= 255):
+        raise ValueError(f"{cfg}: maxnreg is the warp-specialized register-fed kernel's (loader_warp) registers a "
+                         f"thread: needs loader_warp and a multiple of 8 from {least} (block_m {cfg.block_m}) to 255")
     rows_a_pass = 16 * cfg.num_warps
     column_warps = cfg.block_n // 32
     if cfg.registers:
@@ -540,7 +548,7 @@ def wgmma_tma_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
                      group_size: int, bias: Optional[torch.Tensor], block_m: int, block_n: int, stages: int,
                      split_k: int, num_warps: int = 8, dequant_warps: int = 0, registers: bool = False,
                      loader_warp: bool = False, split_from_column: int = 0,
-                     dequantized_from_column: int = 0) -> torch.Tensor:
+                     dequantized_from_column: int = 0, maxnreg: int = 0) -> torch.Tensor:
     """``WgmmaTmaConfig``'s GEMM, ``x @ w (+ bias [N])`` -> ``[M, N]`` in x.dtype (``w4a16_wgmma_tma``,
     imported here at the first call).
 
@@ -564,13 +572,13 @@ def wgmma_tma_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
     out = torch.empty((M, N), device=x.device, dtype=x.dtype)
     if split_k == 1:
         wgmma_tma_launch(x, qweight, scales, zeros, group_size, bias, out, None, block_m, block_n, stages, split_k,
-                         num_warps, dequant_warps, registers, loader_warp)
+                         num_warps, dequant_warps, registers, loader_warp, maxnreg=maxnreg)
         return out
     # the split columns' float32 sums (all of them, or the tail's)
     width = N - split_from_column
     sums = split_k_workspace(M, width, 0, split_k, out)[:M * width].view(M, width)
     wgmma_tma_launch(x, qweight, scales, zeros, group_size, bias, out, sums, block_m, block_n, stages, split_k,
-                     num_warps, dequant_warps, registers, loader_warp, split_from_column)
+                     num_warps, dequant_warps, registers, loader_warp, split_from_column, maxnreg)
     tail_bias = bias[split_from_column:] if bias is not None else out
     launch(split_total_kernel, (cdiv(M * width, SPLIT_TOTAL_BLOCK),), sums, tail_bias, out[:, split_from_column:],
            M * width, width, N, BLOCK=SPLIT_TOTAL_BLOCK, HAS_BIAS=bias is not None, **dependent_launch(x))
@@ -609,7 +617,7 @@ def _fused_then_dequantized(x: torch.Tensor, qweight: torch.Tensor, scales: torc
 def wgmma_tma_launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                      group_size: int, bias: Optional[torch.Tensor], out: torch.Tensor, sums: Optional[torch.Tensor],
                      block_m: int, block_n: int, stages: int, split_k: int, num_warps: int, dequant_warps: int,
-                     registers: bool, loader_warp: bool = False, split_from_column: int = 0):
+                     registers: bool, loader_warp: bool = False, split_from_column: int = 0, maxnreg: int = 0):
     """Launch ``WgmmaTmaConfig``'s kernel: ``x @ w (+ bias)`` into ``out`` ``[M, N]`` (rows contiguous, x's
     dtype), or, with K split, the programs' float32 sums added into ``sums`` (its values before kept; the bias left
     to the caller). With ``split_from_column`` (warp-specialized), only the tiles from that column on are split, into
@@ -661,7 +669,7 @@ def wgmma_tma_launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
         sizes = (M, N, K, runs.shape[2], out.stride(0))
         if registers:
             kernel = w4a16_wgmma_tma_rs_ws_kernel if loader_warp else w4a16_wgmma_tma_rs_kernel
-            budget = {"maxnreg": RS_WS_REGISTERS} if loader_warp else {}
+            budget = {"maxnreg": maxnreg or RS_WS_REGISTERS} if loader_warp else {}
             # warp-specialized, programmatic dependent launch: its weights' first copies overlap the end of the grid
             # before (w4a16_wgmma_tma's docstring: the single-partition kernel lost with it)
             kernel[grid](*operands, *sizes, GROUP_SIZE=group_size, BLOCK_M=block_m, STAGES=stages,
@@ -710,6 +718,12 @@ def _wgmma_tma_config(M: int, N: int, K: int, sms: int) -> WgmmaTmaConfig:
 RS_WS_REGISTERS = 128
 
 
+def rs_ws_registers(programs: int) -> int:
+    """Registers a thread with which ``programs`` of the warp-specialized register-fed kernel (8 warps) fit an SM: 128
+    for two (``RS_WS_REGISTERS``), 80 for three, 64 for four (64-row tiles only: at 128 rows ptxas asks 94 or more)."""
+    return resident_registers(8, programs, 1)
+
+
 def _wgmma_registers_config(M: int, N: int, K: int, sms: int) -> WgmmaTmaConfig:
     """33 to 128 rows on Hopper: the TMA kernel with the weights as the MMA's register operand, 64 rows a program to
     64, else 128, 3 stages, K split by powers of two to 8 while the programs fit 4 an SM (64 rows) or 3 (128) and a
@@ -728,12 +742,39 @@ def _wgmma_registers_config(M: int, N: int, K: int, sms: int) -> WgmmaTmaConfig:
     66.1 (and 50.2 -> 48.3 at 64 rows again; bf16 at 128 rows 68.1 -> 68.5; the H200 in the sixty-second session, with
     the kernels then, had fp16 at 128 rows 67.87 -> 70.62), 8192x28672 at 96 rows 146.9 -> 138.7. Over more waves it
     gains nothing or loses: 4096x128256 at 64 rows (2004 programs) 208.5 -> 207.5, gate_up 4096 -> 2 x 28672 in bf16
-    at 128 rows (896) 176.4 -> 189.1."""
+    at 128 rows (896) 176.4 -> 189.1.
+
+    64-row tiles take fewer registers (``rs_ws_registers``), so three or four such programs fit an SM: there the
+    warp-specialized kernel runs wherever two, three or four programs an SM hold all of a split's programs at once,
+    at the split and residency that fill their wave the most (the fewer programs an SM on a tie). H100, fp16, us, the
+    pick before -> this (bench/NOTES-kernels.md, seventy-ninth session), at 64 rows: 4096x6144 (split 4, three an SM)
+    14.16 -> 11.79, 4096x28672 (unsplit, four an SM) 48.59 -> 39.22, 4096x12288 (split 2, three) 23.66 -> 20.18,
+    gate_up 4096 -> 2 x 14336 under silu_mul 71.46 -> 57.83; from the sweep, 4096x14336 (unsplit, two: 85%) 28.87 ->
+    21.45, 4096x11008 (split 2, three: 87%) 23.47 -> 18.77, 4096x5120 (split 4, three: 81%) 14.20 -> 10.50; bf16 and
+    33 to 48 rows alike. At 96 and 128 rows two 64-row tiles four an SM lose to one of 128 rows two an SM:
+    4096x28672 at 128 rows 59.84 against 74.28, 14336x4096 31.71 against 38.49 at best. 128-row tiles are
+    warp-specialized unsplit too where they fill 70% of a wave of two an SM (seventy-ninth session, H100, us, 80 /
+    128 rows): 4096x14336 (224 tiles) 36.00 / 36.29 -> 30.39 / 29.59 (bf16 at 128: 34.13 -> 30.20), 4096x12288 (192)
+    30.30 / 32.12 -> 29.79 / 28.62; at 65%, 4096x11008 (172), no faster (29.16 / 30.20 -> 29.84 / 29.83); split to
+    such a fill they lose (4096x6144, split 2: 19.42 -> 20.45; 4096x5120 18.22 -> 19.00)."""
     block_m = 64 if M <= 64 else 128
     tiles = cdiv(N, 64) * cdiv(M, block_m)
-    split = _wgmma_split(tiles, K, 2 * sms, most=8)
-    if 9 * 2 * sms <= 10 * tiles * split <= 10 * 2 * sms or 2 * sms < tiles <= 4 * sms:
-        return WgmmaTmaConfig(block_m, 64, 3, split, num_warps=4, registers=True, loader_warp=True)
+    if block_m == 64:
+        fills = []  # (how much of its wave a split fills, in twelfths of an SM, the fewer programs an SM, split)
+        for programs in (2, 3, 4):
+            split = _wgmma_split(tiles, K, programs * sms, most=8)
+            if tiles * split <= programs * sms:  # (integers only: M may be a SymInt)
+                fills.append((tiles * split * (12 // programs), -programs, split))
+        if fills:
+            _, programs, split = max(fills)
+            return WgmmaTmaConfig(block_m, 64, 3, split, num_warps=4, registers=True, loader_warp=True,
+                                  maxnreg=rs_ws_registers(-programs))
+    else:
+        split = _wgmma_split(tiles, K, 2 * sms, most=8)
+        whole = split == 1 and 7 * 2 * sms <= 10 * tiles  # unsplit and 70% of the wave, or more
+        if 9 * 2 * sms <= 10 * tiles * split <= 10 * 2 * sms or whole and tiles <= 4 * sms:
+            return WgmmaTmaConfig(block_m, 64, 3, split, num_warps=4, registers=True, loader_warp=True,
+                                  maxnreg=RS_WS_REGISTERS)
     split = _wgmma_split(tiles, K, (4 if block_m == 64 else 3) * sms, most=8)
     return WgmmaTmaConfig(block_m, 64, 3, split, num_warps=4, registers=True)
 

@@ -415,29 +415,38 @@ def test_w4a16_wgmma_registers_config_by_shape():
     64 rows to 64, by 128 past; 3 stages; K split by powers of two to 8 while the programs fit 4 an SM (64 rows)
     or 3 (128 rows) and a split keeps 8 steps of 64. Warp-specialized (sixty-second session) where a split keeps
     the programs within 90-100% of one wave at two an SM, and (seventy-fourth session) where unsplit they need more
-    than one wave at two an SM but at most two. Shapes as N, K."""
+    than one wave at two an SM but at most two. With 64-row tiles (seventy-ninth session) wherever two, three or four
+    an SM (``rs_ws_registers``: 128, 80, 64 registers) hold a split's programs at once, at the split and residency that
+    fill their wave the most, the fewer an SM on a tie; 128-row tiles also unsplit where they fill 70% of a wave of
+    two an SM. Shapes as N, K."""
     cfg = w4a16._wgmma_registers_config
     shapes = [(4096, 4096), (6144, 4096), (28672, 4096), (4096, 14336)]
+    assert [w4a16.rs_ws_registers(programs) for programs in (2, 3, 4)] == [w4a16.RS_WS_REGISTERS, 80, 64]
 
-    def registers(block_m, splits, loader_warps):
-        return [w4a16.WgmmaTmaConfig(block_m, 64, 3, split, num_warps=4, registers=True, loader_warp=loader_warp)
-                for split, loader_warp in zip(splits, loader_warps)]
+    def registers(block_m, splits, programs):  # (programs an SM, 0: not warp-specialized)
+        return [w4a16.WgmmaTmaConfig(block_m, 64, 3, split, num_warps=4, registers=True, loader_warp=p > 0,
+                                     maxnreg=w4a16.rs_ws_registers(p) if p else 0) for split, p in zip(splits, programs)]
 
-    # N = 4096: 64 programs a split, 256 of 264 slots at split 4; 6144: 192 at split 2 (73%); 28672: 448 unsplit,
-    # over one wave of 264
-    loader_warps = (True, False, True, True)
-    assert [cfg(M, N, K, 132) for M in (33, 64) for N, K in shapes] == 2 * registers(64, (4, 4, 1, 4), loader_warps)
-    assert [cfg(M, N, K, 132) for M in (65, 128) for N, K in shapes] == 2 * registers(128, (4, 4, 1, 4), loader_warps)
-    assert cfg(128, 8192, 4096, 132) == registers(128, [2], [True])[0]  # 128 programs: 256 slots at split 2
-    assert cfg(128, 8192, 4096, 143) == registers(128, [2], [False])[0]  # 256 of 286 slots: 90% is 257.4
-    assert cfg(64, 2048, 4096, 132) == registers(64, [8], [True])[0]
-    assert cfg(100, 1024, 1024, 132) == registers(128, [2], [False])[0]  # 16 programs; a split keeps 8 steps
+    # N = 4096: 64 programs a split, 256 of 264 slots at split 4; 6144: 192 at split 2 (73% of two an SM), 384 at
+    # split 4 (97% of three an SM; 64 rows only); 28672: 448 unsplit, over one wave of 264 (64 rows: within 528)
+    assert [cfg(M, N, K, 132) for M in (33, 64) for N, K in shapes] == 2 * registers(64, (4, 4, 1, 4), (2, 3, 4, 2))
+    assert [cfg(M, N, K, 132) for M in (65, 128) for N, K in shapes] == 2 * registers(128, (4, 4, 1, 4), (2, 0, 2, 2))
+    assert cfg(128, 8192, 4096, 132) == registers(128, [2], [2])[0]  # 128 programs: 256 slots at split 2
+    assert cfg(128, 8192, 4096, 143) == registers(128, [2], [0])[0]  # 256 of 286 slots: 90% is 257.4
+    assert cfg(64, 2048, 4096, 132) == registers(64, [8], [2])[0]
+    assert cfg(100, 1024, 1024, 132) == registers(128, [2], [0])[0]  # 16 programs; a split keeps 8 steps
     assert cfg(100, 1024, 512, 132).split_k == 1
-    assert cfg(128, 5120, 4096, 132) == registers(128, [4], [False])[0]  # 80 programs: 160 (61%), 320 over a wave
-    assert cfg(64, 128 * 264, 4096, 132) == registers(64, [1], [True])[0]  # 528 programs: two waves
-    assert cfg(64, 128 * 264 + 64, 4096, 132) == registers(64, [1], [False])[0]  # 529
-    assert cfg(128, 128256, 4096, 132) == registers(128, [1], [False])[0]  # 2004 programs
-    for c in registers(64, (8, 4, 1), (False, True, False)):
+    assert cfg(128, 5120, 4096, 132) == registers(128, [4], [0])[0]  # 80 programs: 160 (61%), 320 over a wave
+    assert cfg(64, 5120, 4096, 132) == registers(64, [4], [3])[0]  # 80 tiles: 160 (61%), 320 (81% of 396, 61% of 528)
+    assert cfg(64, 14336, 4096, 132) == registers(64, [1], [2])[0]  # 224 tiles: 85% of 264 or, split 2, of 528
+    assert cfg(64, 64 * 300, 4096, 132) == registers(64, [1], [3])[0]  # 300 programs: 76% of 396, 57% of 528
+    assert cfg(64, 128 * 264, 4096, 132) == registers(64, [1], [4])[0]  # 528 programs: four an SM
+    assert cfg(64, 128 * 264 + 64, 4096, 132) == registers(64, [1], [0])[0]  # 529
+    assert cfg(128, 128 * 264, 4096, 132) == registers(128, [1], [2])[0]  # two waves of two an SM
+    assert cfg(100, 64 * 185, 4096, 132) == registers(128, [1], [2])[0]  # 185 tiles: 70% of 264
+    assert cfg(100, 64 * 184, 4096, 132) == registers(128, [2], [0])[0]
+    assert cfg(128, 128256, 4096, 132) == registers(128, [1], [0])[0]  # 2004 programs
+    for c in registers(64, (8, 4, 1, 1), (0, 2, 3, 4)):
         w4a16.check_wgmma_tma_config(c)
 
 
@@ -528,6 +537,16 @@ def test_w4a16_wgmma_tma_rejects_shapes_it_cannot_run():
                 w4a16.WgmmaTmaConfig(256, 64, 3, 1, 4, registers=True, loader_warp=True)):
         with pytest.raises(ValueError, match=rf"{re.escape(repr(cfg))}: loader_warp .* needs registers=True and "
                                              rf"block_m 64 or 128"):
+            w4a16.check_wgmma_tma_config(cfg)
+    register_fed = w4a16.WgmmaTmaConfig(64, 64, 3, 1, 4, registers=True, loader_warp=True)
+    for cfg in (register_fed._replace(maxnreg=64), register_fed._replace(maxnreg=248),
+                register_fed._replace(block_m=128, maxnreg=128)):
+        w4a16.check_wgmma_tma_config(cfg)
+    for cfg, least in ((register_fed._replace(maxnreg=56), 64), (register_fed._replace(maxnreg=66), 64),
+                       (register_fed._replace(maxnreg=256), 64), (register_fed._replace(block_m=128, maxnreg=80), 128),
+                       (register_fed._replace(loader_warp=False, maxnreg=128), 64)):
+        with pytest.raises(ValueError, match=rf"{re.escape(repr(cfg))}: maxnreg .* needs loader_warp and a multiple "
+                                             rf"of 8 from {least} \(block_m {cfg.block_m}\) to 255"):
             w4a16.check_wgmma_tma_config(cfg)
     w4a16.check_wgmma_tma_config(w4a16.WgmmaTmaConfig(256, 128, 4, 2, 8, 4, split_from_column=4224))
     w4a16.check_wgmma_tma_config(w4a16.WgmmaTmaConfig(256, 128, 4, 1, 8, 4, dequantized_from_column=4224))
@@ -969,7 +988,8 @@ def test_w4a16_warp_specialized_kernel_reads_every_operand_by_tma():
 
 
 # The TMA kernel with the weights in registers compiled for sm_90, single-partition and warp-specialized (at its
-# register budget): fp16 128 rows, words in tiles, a bias; bf16 64 rows, words in rows, split in two, x in half tiles.
+# register budget, and the 64-row one at four programs an SM's too): fp16 128 rows, words in tiles, a bias; bf16 64
+# rows, words in rows, split in two, x in half tiles.
 # Each one's TTGIR, then its SASS as lines after "SASS".
 _REGISTER_OPERAND_TMA_KERNEL = r"""
 from triton.experimental.gluon import language as gl
@@ -991,8 +1011,9 @@ for dtype, block_m, split, bias, halves in (("fp16", 128, 1, True, False), ("bf1
     # unsplit, the output's
     pointers["tile_desc"] = (f"tensordesc<fp32[{block_m // 2},32],{sums!r}>" if split > 1
                              else f"tensordesc<{dtype}[{block_m},64],{x_tiles!r}>")
-    for kernel, budget in ((w4a16_wgmma_tma.w4a16_wgmma_tma_rs_kernel, {}),
-                           (w4a16_wgmma_tma.w4a16_wgmma_tma_rs_ws_kernel, {"maxnreg": w4a16.RS_WS_REGISTERS})):
+    budgets = [{"maxnreg": w4a16.RS_WS_REGISTERS}] + ([{"maxnreg": w4a16.rs_ws_registers(4)}] if block_m == 64 else [])
+    for kernel, budget in [(w4a16_wgmma_tma.w4a16_wgmma_tma_rs_kernel, {})] + [
+            (w4a16_wgmma_tma.w4a16_wgmma_tma_rs_ws_kernel, budget) for budget in budgets]:
         kernel = compiled(kernel, pointers, constexprs, GluonASTSource, num_warps=4, **budget)
         print(kernel.asm["ttgir"])
         print("SASS")
@@ -1040,11 +1061,11 @@ def test_w4a16_register_operand_tma_kernel_dequantizes_into_the_mma_operand():
     each step's MMAs are waited for before the loop goes on; the tile leaves by the TMA unit (split, added into the
     sums; unsplit, stored); in the SASS nothing spills and no instruction rewrites an
     operand register of an HGMMA in flight (Triton 3.6's ptxas did, with one step in flight across the loop's back
-    edge)."""
+    edge). The same at 64 rows with four programs an SM's registers (``rs_ws_registers(4)``)."""
     modules = compiled_for_sm90(_REGISTER_OPERAND_TMA_KERNEL).split("module attributes")[1:]
-    assert len(modules) == 4
-    cases = [(x_blocks, scales, bias, loader_warp) for x_blocks, scales, bias in (
-        (["128x64xf16"], "1x64xf16", True), (["32x64xbf16"] * 2, "1x64xbf16", False)) for loader_warp in (False, True)]
+    assert len(modules) == 5
+    cases = [(["128x64xf16"], "1x64xf16", True, loader_warp) for loader_warp in (False, True)]
+    cases += [(["32x64xbf16"] * 2, "1x64xbf16", False, loader_warp) for loader_warp in (False, True, True)]
     for module, (x_blocks, scales, bias, loader_warp) in zip(modules, cases):
         ttgir, code = module.split("\nSASS\n")
         copies = [line for line in ttgir.splitlines() if "ttng.async_tma_copy_global_to_local" in line]
@@ -2225,7 +2246,8 @@ def test_gpu_w4a16_tail_split_within_the_weight():
 @needs_cuda
 @needs_hopper
 @settings(max_examples=40, deadline=None)
-@given(M=st.integers(1, 300), form=st.sampled_from([(64, False), (128, False), (256, False), (64, True), (128, True)]),
+@given(M=st.integers(1, 300), form=st.sampled_from([(64, False), (128, False), (256, False), (64, True), (128, True),
+                                                    (64, 80), (64, 64)]),
        stages=st.integers(2, 4), tile=st.sampled_from([0, 64]), **HOPPER_PROBLEMS)
 def test_gpu_w4a16_wgmma_tma_register_operand(M, eighth_n, chunks, group_size, dtype, symmetric, bias, activation,
                                               form, stages, tile, split, seed):
@@ -2233,9 +2255,11 @@ def test_gpu_w4a16_wgmma_tma_register_operand(M, eighth_n, chunks, group_size, d
     reference, its words in rows or in column tiles: M off its row tiles (x's rows past M zero-filled by the TMA), N
     off its 64 columns (the copies zero-fill past N), K of 2 to 48 steps in groups of one step, two or four, more
     stages than steps, splits that leave programs without a step, a vector bias in its epilogue, a residual and each
-    activation after it, and the RMSNorm before it. Tiles of 64, 128 or 256 rows (warp-specialized: 64 or 128)."""
-    block_m, loader_warp = form
-    config = w4a16.WgmmaTmaConfig(block_m, 64, stages, split, 4, registers=True, loader_warp=loader_warp)
+    activation after it, and the RMSNorm before it. Tiles of 64, 128 or 256 rows (warp-specialized: 64 or 128, and
+    64 with three or four programs an SM's registers)."""
+    block_m, loader_warp = form  # (loader_warp: True, or the registers of three or four programs an SM)
+    config = w4a16.WgmmaTmaConfig(block_m, 64, stages, split, 4, registers=True, loader_warp=bool(loader_warp),
+                                  maxnreg=0 if loader_warp is True else loader_warp)
     K = chunks * max(128, group_size)
     check_w4_config(config, M, 8 * eighth_n, K, group_size, dtype, symmetric, bias, activation, seed, tile=tile)
 
@@ -2258,6 +2282,7 @@ HALVES_CASES += [(w4a16.WgmmaTmaConfig(128, 128, 3, 2, 8), 65, False)]  # (the s
 @needs_hopper
 @pytest.mark.parametrize("config", [REGISTERS_64._replace(split_k=1), REGISTERS_128._replace(split_k=4),
                                     REGISTERS_64._replace(split_k=2, loader_warp=True),
+                                    REGISTERS_64._replace(split_k=2, loader_warp=True, maxnreg=64),
                                     REGISTERS_128._replace(split_k=1, loader_warp=True)])
 def test_gpu_register_operand_tma_kernels_read_x_after_the_grid_before(config):
     """The warp-specialized register-fed TMA kernel launches with programmatic dependent launch: it starts while the
