@@ -774,7 +774,7 @@ def _wgmma_registers_config(M: int, N: int, K: int, sms: int) -> WgmmaTmaConfig:
         whole = split == 1 and 7 * 2 * sms <= 10 * tiles  # unsplit and 70% of the wave, or more
         if 9 * 2 * sms <= 10 * tiles * split <= 10 * 2 * sms or whole and tiles <= 4 * sms:
             return WgmmaTmaConfig(block_m, 64, 3, split, num_warps=4, registers=True, loader_warp=True,
-                                  maxnreg=RS_WS_REGISTERS)
+                                  maxnreg=rs_ws_registers(2))
     split = _wgmma_split(tiles, K, (4 if block_m == 64 else 3) * sms, most=8)
     return WgmmaTmaConfig(block_m, 64, 3, split, num_warps=4, registers=True)
 

@@ -2246,8 +2246,8 @@ def test_gpu_w4a16_tail_split_within_the_weight():
 @needs_cuda
 @needs_hopper
 @settings(max_examples=40, deadline=None)
-@given(M=st.integers(1, 300), form=st.sampled_from([(64, False), (128, False), (256, False), (64, True), (128, True),
-                                                    (64, 80), (64, 64)]),
+@given(M=st.integers(1, 300), form=st.sampled_from([(64, False, 0), (128, False, 0), (256, False, 0), (64, True, 0),
+                                                    (128, True, 0), (64, True, 80), (64, True, 64)]),
        stages=st.integers(2, 4), tile=st.sampled_from([0, 64]), **HOPPER_PROBLEMS)
 def test_gpu_w4a16_wgmma_tma_register_operand(M, eighth_n, chunks, group_size, dtype, symmetric, bias, activation,
                                               form, stages, tile, split, seed):
@@ -2257,9 +2257,9 @@ def test_gpu_w4a16_wgmma_tma_register_operand(M, eighth_n, chunks, group_size, d
     stages than steps, splits that leave programs without a step, a vector bias in its epilogue, a residual and each
     activation after it, and the RMSNorm before it. Tiles of 64, 128 or 256 rows (warp-specialized: 64 or 128, and
     64 with three or four programs an SM's registers)."""
-    block_m, loader_warp = form  # (loader_warp: True, or the registers of three or four programs an SM)
-    config = w4a16.WgmmaTmaConfig(block_m, 64, stages, split, 4, registers=True, loader_warp=bool(loader_warp),
-                                  maxnreg=0 if loader_warp is True else loader_warp)
+    block_m, loader_warp, maxnreg = form  # (maxnreg 80 / 64: three / four programs an SM)
+    config = w4a16.WgmmaTmaConfig(block_m, 64, stages, split, 4, registers=True, loader_warp=loader_warp,
+                                  maxnreg=maxnreg)
     K = chunks * max(128, group_size)
     check_w4_config(config, M, 8 * eighth_n, K, group_size, dtype, symmetric, bias, activation, seed, tile=tile)
 
