@@ -7,6 +7,7 @@ FP8 W8A8 kernels (fp16). Group size 128, no bias, random data. Every time is the
 CUDA-graph replays (``triton.testing.do_bench_cudagraph``), as in ANCHORS.md, over three rounds
 that time each peer once in turns (``run_table``): launch overhead is out, and a weight that fits
 in L2 (50 MB on the H100) stays there between replays, as it did for the peers' figures there.
+Each timing starts from an empty L2 (``empty_l2``), so no peer's figure depends on which ran before it.
 
     python bench/kernels.py --out bench/results/kernels-h100.json   # on the GPU; md and png beside it
     python bench/kernels.py --sweep --out /tmp/sweep.json           # time qpass's block shapes
@@ -29,6 +30,9 @@ import time
 import traceback
 from pathlib import Path
 
+import triton
+import triton.language as tl
+
 SHAPES = [(4096, 4096), (4096, 6144), (4096, 28672), (14336, 4096)]  # (K, N)
 MS = [1, 16, 64, 128, 1024, 4096]
 GROUP = 128
@@ -38,9 +42,40 @@ PEERS = ["fp16_cublas", "tinygemm_int4", "torchao_int4wo", "gemlite_a16w4", "qpa
 
 
 def bench(fn, rep=20):
-    import triton
-
+    """Median us of ``fn``'s CUDA-graph replays, from an empty L2 (``empty_l2``)."""
+    empty_l2()
     return triton.testing.do_bench_cudagraph(fn, rep=rep, return_mode="median") * 1000.0  # us
+
+
+@triton.jit
+def _discard_lines_kernel(ptr, LINES: tl.constexpr):
+    """Drops a program's ``LINES`` 128-byte lines at ``ptr`` from L2, written back or not."""
+    lines = tl.program_id(0) * LINES + tl.arange(0, LINES)
+    tl.inline_asm_elementwise("discard.global.L2 [$1], 128; mov.b32 $0, 0;", "=r,l", [ptr + lines * 32],
+                              dtype=tl.int32, is_pure=False, pack=1)
+
+
+_L2_SCRATCH = {}
+_LINES_A_PROGRAM = 1024
+
+
+def empty_l2(device="cuda"):
+    """Leave L2 empty, as a fresh process finds it, so that no timing depends on what ran before it. L2 keeps the
+    lines it holds against a weight that would replay from it but arrives when L2 is full: after fp16 cuBLAS (or
+    any other peer, or a 256 MB ``fill_``) the int8 GEMV read its 16.8 MB on 4096^2 from DRAM at every replay, 7.8-8.2
+    us a call, and 5.0-5.4 where L2 was empty (H100, bench/NOTES-kernels.md, sixty-eighth and eightieth sessions).
+    Loads at any eviction priority do not empty it, nor ``discard`` of lines read; twice L2's size written, then
+    discarded, does."""
+    import torch
+
+    if device not in _L2_SCRATCH:
+        lines = 2 * torch.cuda.get_device_properties(device).L2_cache_size // 128
+        _L2_SCRATCH[device] = torch.empty(triton.cdiv(lines, _LINES_A_PROGRAM) * _LINES_A_PROGRAM * 32,
+                                          dtype=torch.int32, device=device)
+    scratch = _L2_SCRATCH[device]
+    scratch.zero_()
+    _discard_lines_kernel[(scratch.numel() // (32 * _LINES_A_PROGRAM),)](scratch, LINES=_LINES_A_PROGRAM)
+    torch.cuda.synchronize(device)
 
 
 class Weights:
@@ -154,7 +189,6 @@ def sweep_candidates(kind, M, N, activation="none", registers=None):
     """Block shapes worth timing for one kernel family, M rows and N output columns (W4A16's ``activation``
     may make them half the weight's; bench/NOTES-kernels.md); ``registers``: the warp-level MMA kernel's shapes
     with each of these budgets (0: ptxas's choice), not the picks'."""
-    import torch
     from qpass.kernels import fp8, w4a16, w8a16
 
     out = []
@@ -395,7 +429,6 @@ def main():
         write_plot(args.plot)
         return
     import torch
-    import triton
 
     if args.sweep:
         results = run_sweep(SHAPES, sweep_plan(args.sweep_plan), time.time() + args.budget_s, args.dtype,
