@@ -14,7 +14,7 @@ Each timing starts from an empty L2 (``empty_l2``), so no peer's figure depends 
     python bench/kernels.py --sweep --cold --out /tmp/sweep.json    # the same, weights from DRAM
     python bench/kernels.py --sweep --cold --dtype bfloat16 --sweep-plan awq:16 --registers 0,168,200,255 \
         --out /tmp/registers.json                                   # the warp-level MMA kernel's register budgets
-    python bench/kernels.py --plot bench/results/kernels-h100.json  # only the png and md, from the json
+    python bench/kernels.py --plot bench/results/kernels-h100.json  # only the md and png, from the json
 
 A peer that fails to import or run is recorded under "errors" and the run goes on. The GPU
 machine has neither torchao nor GemLite: carry them as wheels (torchao's from PyPI; GemLite
@@ -358,16 +358,22 @@ def run_sweep(shapes, plan, deadline, dtype_name="float16", activation="none", c
     return results
 
 
+def _read_table(path):
+    """The json at ``path``, its rows, fp16 cuBLAS's us by (M, K, N), and its shapes in ``SHAPES``' order."""
+    data = json.loads(Path(path).read_text())
+    rows = data["rows"]
+    base = {(r["M"], r["K"], r["N"]): r["us"] for r in rows if r["peer"] == "fp16_cublas"}
+    return data, rows, base, sorted({(r["K"], r["N"]) for r in rows}, key=SHAPES.index)
+
+
 def write_plot(path):
+    """Each peer's speed-up over fp16 cuBLAS against M, a panel a shape, as a png beside the json at ``path``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    data = json.loads(Path(path).read_text())
-    rows = data["rows"]
-    base = {(r["M"], r["K"], r["N"]): r["us"] for r in rows if r["peer"] == "fp16_cublas"}
-    shapes = sorted({(r["K"], r["N"]) for r in rows}, key=SHAPES.index)
+    data, rows, base, shapes = _read_table(path)
     fig, axes = plt.subplots(1, len(shapes), figsize=(5 * len(shapes), 4.2), sharey=True)
     for ax, (K, N) in zip(axes, shapes):
         for peer in PEERS[1:]:
@@ -386,10 +392,14 @@ def write_plot(path):
     fig.tight_layout()
     fig.savefig(Path(path).with_suffix(".png"), dpi=110)
 
+
+def write_markdown(path):
+    """The table of the json at ``path`` as markdown beside it: each peer's speed-up over fp16 cuBLAS."""
+    data, rows, base, shapes = _read_table(path)
     lines = ["# One quantized linear: speed-up over fp16 cuBLAS", "",
              f"{data['device']}, torch {data['torch']}, triton {data['triton']}, {data['date']}. "
              "Median of CUDA-graph replays (`triton.testing.do_bench_cudagraph`) over rounds that time each peer "
-             "once in turns; group size 128; "
+             "once in turns, each timing from an empty L2 (`empty_l2`); group size 128; "
              "fp16 activations (bf16 for tinygemm and torchao). Raw times in the json beside this.", "",
              "| K, N | M | fp16 us | " + " | ".join(PEERS[1:]) + " |",
              "|---|---|---|" + "---|" * (len(PEERS) - 1)]
@@ -426,6 +436,7 @@ def main():
     parser.add_argument("--plot", metavar="JSON")
     args = parser.parse_args()
     if args.plot:
+        write_markdown(args.plot)
         write_plot(args.plot)
         return
     import torch
@@ -442,8 +453,9 @@ def main():
         data["rows"] += rows
         data["errors"].update(errors)
         Path(args.out).write_text(json.dumps(data, indent=1))
+    write_markdown(args.out)
     try:
-        write_plot(args.out)  # the md and png beside the json
+        write_plot(args.out)  # the png beside the json
     except ImportError as e:
         print(f"no plot ({e}); on a machine with matplotlib: python bench/kernels.py --plot {args.out}")
 
