@@ -62,7 +62,7 @@ _LINES_A_PROGRAM = 1024
 def empty_l2(device="cuda"):
     """Leave L2 empty, as a fresh process finds it, so that no timing depends on what ran before it. L2 keeps the
     lines it holds against a weight that would replay from it but arrives when L2 is full: after fp16 cuBLAS (or
-    any other peer, or a 256 MB ``fill_``) the int8 GEMV read its 16.8 MB on 4096^2 from DRAM at every replay, 7.8-8.2
+    any other peer, or a 256 MB ``fill_``) the int8 GEMV read its 16.8 MB on 4096^2 from DRAM at every replay, 7.8-9.0
     us a call, and 5.0-5.4 where L2 was empty (H100, bench/NOTES-kernels.md, sixty-eighth and eightieth sessions).
     Loads at any eviction priority do not empty it, nor ``discard`` of lines read; twice L2's size written, then
     discarded, does."""
