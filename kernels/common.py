@@ -403,6 +403,52 @@ def launch_dependent_grids():
                               pack=1)
 
 
+# A program's threads meet in shared memory, which Triton's block language does not address: inline PTX declares a
+# buffer (of one of these sizes, in bytes), writes and reads it. Each asm is pure, ordered by what it is given: the
+# barrier takes every store's token, each read the barrier's, so torch's analysis of a kernel sees no side effects.
+def _shared_buffer(nbytes: int) -> tl.constexpr:
+    return asm_constant("{ .shared .align 16 .b8 sums[%d]; mov.u32 $0, sums; }" % nbytes)
+
+
+_SHARED_4K, _SHARED_8K, _SHARED_16K, _SHARED_32K = (_shared_buffer(n) for n in (4096, 8192, 16384, 32768))
+
+
+@triton.jit
+def shared_address(NBYTES: tl.constexpr):
+    """The shared address of a buffer of at least NBYTES (at most 32 KB), one for each call in a kernel."""
+    tl.static_assert(NBYTES <= 32768, "a buffer of shared_address takes at most 32 KB")
+    if NBYTES <= 4096:
+        return tl.inline_asm_elementwise(_SHARED_4K, "=r", [], dtype=tl.int32, is_pure=True, pack=1)
+    elif NBYTES <= 8192:
+        return tl.inline_asm_elementwise(_SHARED_8K, "=r", [], dtype=tl.int32, is_pure=True, pack=1)
+    elif NBYTES <= 16384:
+        return tl.inline_asm_elementwise(_SHARED_16K, "=r", [], dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        return tl.inline_asm_elementwise(_SHARED_32K, "=r", [], dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def store_shared(address, value):
+    """Stores ``value`` (float32) at the shared ``address``; returns a token (0) for the barrier."""
+    return tl.inline_asm_elementwise("st.shared.f32 [$1], $2; mov.b32 $0, 0;", "=r,r,f", [address, value],
+                                     dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def barrier_after(tokens):
+    """Waits for every thread of the program (``bar.sync``) once ``tokens`` are in; returns a token (0). One barrier
+    for each value a thread holds of ``tokens``: give it one a thread."""
+    return tl.inline_asm_elementwise("bar.sync 0; mov.b32 $0, 0; // $1", "=r,r", [tokens], dtype=tl.int32,
+                                     is_pure=True, pack=1)
+
+
+@triton.jit
+def load_shared(address):
+    """The float32 at the shared ``address``."""
+    return tl.inline_asm_elementwise("ld.shared.f32 $0, [$1];", "=f,r", [address], dtype=tl.float32, is_pure=True,
+                                     pack=1)
+
+
 @triton.jit
 def prefetch_to_l2(ptrs, nbytes, issue):
     """Pull ``nbytes`` (a multiple of 16) at ``ptrs`` into L2 by one bulk prefetch (sm_90) from each thread whose

@@ -6,6 +6,9 @@ weights, against about 30 for the float32 path that the interpreter uses); bf16 
 way in bf16x2 registers (``_word_pair_dot_bf16x2``: 15), through the same loop
 (``_gemv_partial_x2``, constexprs PACKED_F16 / PACKED_BF16, ``w4a16.gemv_meta``).
 
+In fp16, where a program's tile has as many groups of K as columns (the 16-warp picks), the warps' column sums
+meet in shared memory behind one barrier (``_sums_through_shared``), not through Triton's two reductions.
+
 The GEMV also computes the RMSNorm of x when given its weight (HAS_NORM): each program
 reduces the row itself, from L2, and scales the x values it reads (``_gemv_columns``); the
 other paths run the norm as a pass of its own. A bias may be shaped as the output (a residual,
@@ -22,8 +25,8 @@ read x coherently. A decode step of 16 Llama-3-8B layers (64 GEMVs, bf16, H200) 
 import triton
 import triton.language as tl
 
-from .common import (asm_constant, launch_dependent_grids, row_inv_rms, split_range, store_output,
-                     wait_for_prior_grids, word_offsets)
+from .common import (asm_constant, barrier_after, launch_dependent_grids, load_shared, row_inv_rms, shared_address,
+                     split_range, store_output, store_shared, wait_for_prior_grids, word_offsets)
 from .int4_pairs import F16_DOT_UNIT, bf16_nibble_pairs, f16_nibble_pairs, zero_bf16x2, zero_f16x2
 
 _F32_MAGIC = tl.constexpr(8388608.0)  # 2**23: 0x4B000000 | q is 2**23 + q as float32
@@ -282,7 +285,7 @@ def _gemv_partial_x2(x_row, g_ptr, r_pair, qw_ptr, s_ptr, z_ptr, offs_n, mask_n,
                      GROUPS: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
                      BF16: tl.constexpr, HAS_NORM: tl.constexpr, SQUARES: tl.constexpr,
                      UNROLLED_STEPS: tl.constexpr, COHERENT: tl.constexpr, WAIT: tl.constexpr,
-                     GROUPS_FIRST: tl.constexpr):
+                     GROUPS_FIRST: tl.constexpr, SHARED_SUMS: tl.constexpr):
     """``_gemv_partial`` with dequantization two weights a register (inline PTX; x fp16, or bf16
     with BF16, contiguous, 16-byte aligned), and under SQUARES the sum of x^2 over the rows (else
     0), from a load of each step's x slice that L1 mostly serves (the pairs read the same bytes).
@@ -298,7 +301,8 @@ def _gemv_partial_x2(x_row, g_ptr, r_pair, qw_ptr, s_ptr, z_ptr, offs_n, mask_n,
     step lies inside [row_start, row_end). Words, zeros and scales past the end or right of N load
     as 0 (Triton zero-fills masked loads): those rows add nothing, and those columns are not stored.
     COHERENT: x loaded without ``.nc`` (programmatic dependent launch); WAIT: the wait for the kernel before comes
-    after the first step's word loads (``common.wait_for_prior_grids``)."""
+    after the first step's word loads (``common.wait_for_prior_grids``). The column sums come back ``[1, 1, BLOCK_N]``
+    or, with SHARED_SUMS, along the groups' axis (``_sums_through_shared``)."""
     STEP: tl.constexpr = GROUPS * GROUP_ROWS
     ROWS_AXIS: tl.constexpr = 1 if GROUPS_FIRST else 0  # the tile's axis of a group's rows, the other its groups
     # word rows from the step's start: each group's first, then the even rows of each group
@@ -330,7 +334,10 @@ def _gemv_partial_x2(x_row, g_ptr, r_pair, qw_ptr, s_ptr, z_ptr, offs_n, mask_n,
                 acc, squares, w0, w1, w_ptrs, r0, x_row, g_ptr, r_pair, s_ptr, z_ptr, first_rows, rows, cols, mask_w,
                 row_end, stride_qk, stride_sg, stride_sn, GROUP_SIZE, STEP, EVEN_N, EVEN_K, BF16, HAS_NORM, SQUARES,
                 COHERENT)
-    total = tl.sum(tl.sum(acc, axis=ROWS_AXIS, keep_dims=True), axis=1 - ROWS_AXIS, keep_dims=True)
+    if SHARED_SUMS:
+        total = _sums_through_shared(acc, ROWS_AXIS)
+    else:
+        total = tl.sum(tl.sum(acc, axis=ROWS_AXIS, keep_dims=True), axis=1 - ROWS_AXIS, keep_dims=True)
     if not BF16:
         total *= _F16_DOT_SCALE  # back from the fp16 dot's unit (a power of two: exact in float32)
     return total, tl.sum(squares, axis=0)
@@ -379,8 +386,9 @@ def _gemv_columns(x_row, g_ptr, norm_eps, K, qw_ptr, s_ptr, z_ptr, offs_n, mask_
                   GROUPS: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
                   PACKED_F16: tl.constexpr, PACKED_BF16: tl.constexpr, HAS_NORM: tl.constexpr,
                   NORM_BLOCK: tl.constexpr, WHOLE_ROW: tl.constexpr, UNROLLED_STEPS: tl.constexpr,
-                  PDL: tl.constexpr, GROUPS_FIRST: tl.constexpr):
-    """float32 x . w for the columns offs_n over the word rows [row_start, row_end): [1, 1, BLOCK_N];
+                  PDL: tl.constexpr, GROUPS_FIRST: tl.constexpr, SHARED_SUMS: tl.constexpr):
+    """float32 x . w for the columns offs_n over the word rows [row_start, row_end): [1, 1, BLOCK_N] (with
+    SHARED_SUMS along the groups' axis: ``_sums_through_shared``);
     under HAS_NORM, x is the RMSNorm ``x * inv_rms * g`` of the row of K values at x_row (each
     program reduces the row itself; g at g_ptr). WHOLE_ROW: [row_start, row_end) is all of K.
     word_cols: where the columns lie in a word row (``common.word_offsets``: rows of words or column tiles)."""
@@ -396,7 +404,7 @@ def _gemv_columns(x_row, g_ptr, norm_eps, K, qw_ptr, s_ptr, z_ptr, offs_n, mask_
         acc, _ = _gemv_partial_x2(
             x_row, g_ptr, _f16_pair(inv_rms), qw_ptr, s_ptr, z_ptr, offs_n, mask_n, row_start, row_end,
             stride_qk, word_cols, stride_sg, stride_sn, GROUP_SIZE, GROUP_ROWS, GROUPS, BLOCK_N, EVEN_N, EVEN_K,
-            PACKED_BF16, HAS_NORM, False, UNROLLED_STEPS, PDL, False, GROUPS_FIRST)
+            PACKED_BF16, HAS_NORM, False, UNROLLED_STEPS, PDL, False, GROUPS_FIRST, SHARED_SUMS)
         return correction * acc
     if PACKED_F16 or PACKED_BF16:
         # bf16 has float32's range: x * g in the loop and 1 / rms on the sum; the loop sums the
@@ -406,16 +414,17 @@ def _gemv_columns(x_row, g_ptr, norm_eps, K, qw_ptr, s_ptr, z_ptr, offs_n, mask_
         acc, squares = _gemv_partial_x2(x_row, g_ptr, 0, qw_ptr, s_ptr, z_ptr, offs_n, mask_n, row_start, row_end,
                                         stride_qk, word_cols, stride_sg, stride_sn, GROUP_SIZE, GROUP_ROWS, GROUPS,
                                         BLOCK_N, EVEN_N, EVEN_K, PACKED_BF16, HAS_NORM, squares_in_loop,
-                                        UNROLLED_STEPS, PDL, wait_in_loop, GROUPS_FIRST)
+                                        UNROLLED_STEPS, PDL, wait_in_loop, GROUPS_FIRST, SHARED_SUMS)
         if squares_in_loop:
             acc *= tl.rsqrt((squares / K + norm_eps).to(tl.float32))
         elif HAS_NORM:
             acc *= row_inv_rms(x_row, K, stride_xk, norm_eps, NORM_BLOCK)
         return acc
-    inv_rms = row_inv_rms(x_row, K, stride_xk, norm_eps, NORM_BLOCK) if HAS_NORM else 1.0
-    return _gemv_partial(x_row, g_ptr, inv_rms, qw_ptr, s_ptr, z_ptr, offs_n, mask_n, row_start, row_end, stride_xk,
-                         stride_qk, word_cols, stride_sg, stride_sn, GROUP_SIZE, GROUP_ROWS, GROUPS, BLOCK_N, EVEN_N,
-                         HAS_NORM)
+    else:  # (an else: Triton types every return of a function alike, and SHARED_SUMS shapes the packed ones)
+        inv_rms = row_inv_rms(x_row, K, stride_xk, norm_eps, NORM_BLOCK) if HAS_NORM else 1.0
+        return _gemv_partial(x_row, g_ptr, inv_rms, qw_ptr, s_ptr, z_ptr, offs_n, mask_n, row_start, row_end,
+                             stride_xk, stride_qk, word_cols, stride_sg, stride_sn, GROUP_SIZE, GROUP_ROWS, GROUPS,
+                             BLOCK_N, EVEN_N, HAS_NORM)
 
 
 @triton.jit
@@ -426,6 +435,47 @@ def _as_tile(sums, D0: tl.constexpr, D1: tl.constexpr):
     memory with two CTA barriers more (the kernel had four; sm_90 SASS, bench/NOTES-kernels.md)."""
     first = (tl.arange(0, D0)[:, None, None] == 0) & (tl.arange(0, D1)[None, :, None] == 0)
     return tl.broadcast_to(sums, (D0, D1, sums.shape[2])), first
+
+
+@triton.jit
+def _sums_as_tile(sums, HALF_ROWS: tl.constexpr, GROUPS_FIRST: tl.constexpr):
+    """``_as_tile`` for ``_sums_through_shared``'s sums (``[1, G, 1]``, or ``[G, 1, 1]`` with GROUPS_FIRST; column g's
+    at group g): broadcast over the tile ``[HALF_ROWS, G, G]`` (``[G, HALF_ROWS, G]``), and the mask of its first row
+    where the column (the last axis, as the store's columns are) is the group. (Stored at columns along the groups'
+    axis, the sums would be taken for contiguous there, and Triton's coalescing would change their layout.)"""
+    G: tl.constexpr = sums.shape[0] if GROUPS_FIRST else sums.shape[1]
+    columns = tl.arange(0, G)[None, None, :]
+    if GROUPS_FIRST:
+        first = (tl.arange(0, HALF_ROWS)[None, :, None] == 0) & (columns == tl.arange(0, G)[:, None, None])
+        tile = tl.broadcast_to(sums, (G, HALF_ROWS, G))
+    else:
+        first = (tl.arange(0, HALF_ROWS)[:, None, None] == 0) & (columns == tl.arange(0, G)[None, :, None])
+        tile = tl.broadcast_to(sums, (HALF_ROWS, G, G))
+    return tile, first
+
+
+@triton.jit
+def _sums_through_shared(acc, ROWS_AXIS: tl.constexpr):
+    """The column sums of ``_gemv_partial_x2``'s tile ``acc`` (``[R, G, C]``, or ``[G, R, C]`` with ROWS_AXIS 1; G == C)
+    added up through shared memory behind one barrier, where Triton's two reductions take two (the first in warps,
+    then across them). Element (r, g, c) is column c's partial ``p = r G + g``, stored at row p of a ``[R G, C + 1]``
+    buffer (one float of padding a row: fewer bank conflicts); after the barrier element (r, g, c) reads column g's
+    partial ``r C + c``, and the sums over r and c leave column g's total along the groups' axis: ``[1, G, 1]``
+    (``[G, 1, 1]``). In the layout the picks get (a warp a group, its rows and columns in its lanes) that sum is
+    within warps."""
+    GROUPS_AXIS: tl.constexpr = 1 - ROWS_AXIS
+    R: tl.constexpr = acc.shape[ROWS_AXIS]
+    G: tl.constexpr = acc.shape[GROUPS_AXIS]
+    C: tl.constexpr = acc.shape[2]
+    tl.static_assert(G == C, "one column a group")
+    r = tl.expand_dims(tl.expand_dims(tl.arange(0, R), GROUPS_AXIS), 2)
+    g = tl.expand_dims(tl.expand_dims(tl.arange(0, G), ROWS_AXIS), 2)
+    c = tl.arange(0, C)[None, None, :]
+    base = shared_address(4 * R * G * (C + 1))
+    tokens = store_shared(base + 4 * ((r * G + g) * (C + 1) + c), acc)
+    ready = barrier_after(tl.sum(tokens, axis=2, keep_dims=True))  # (a value a thread: one barrier)
+    partials = load_shared(base + ready + 4 * ((r * C + c) * (C + 1) + g))
+    return tl.sum(tl.sum(partials, axis=2, keep_dims=True), axis=ROWS_AXIS, keep_dims=True)
 
 
 @triton.jit
@@ -471,18 +521,25 @@ def w4a16_gemv_kernel(
                              offs_both < N_OUT, row_start, row_end, stride_xk, stride_qk,
                              word_offsets(columns, stride_qn, stride_qt, TILE), stride_sg,
                              stride_sn, GROUP_SIZE, GROUP_ROWS, GROUPS, 2 * BLOCK_N, EVEN_N, EVEN_K, PACKED_F16,
-                             PACKED_BF16, HAS_NORM, NORM_BLOCK, SPLIT_K == 1, UNROLLED_STEPS, PDL, GROUPS_FIRST)
+                             PACKED_BF16, HAS_NORM, NORM_BLOCK, SPLIT_K == 1, UNROLLED_STEPS, PDL, GROUPS_FIRST,
+                             False)
         acc, acc_up = tl.split(tl.permute(tl.reshape(both, (2, BLOCK_N)), (1, 0)))
         acc, acc_up, cols = acc[None, None, :], acc_up[None, None, :], offs_n[None, None, :]
         first = tl.full((1, 1, 1), True, tl.int1)
     else:
+        # fp16's packed tile's column sums through shared memory where its groups are as many as its columns (H100,
+        # one row, 4096^2 3.26 -> 3.12 us; bf16 gains nothing: 3.36 -> 3.39; bench/NOTES-kernels.md, eighty-first
+        # session)
+        SHARED_SUMS: tl.constexpr = PACKED_F16 and GROUPS == BLOCK_N
         acc = _gemv_columns(x_row, g_ptr, norm_eps, K, qw_ptr, s_ptr, z_ptr, offs_n, mask_n, row_start, row_end,
                             stride_xk, stride_qk, word_offsets(offs_n, stride_qn, stride_qt, TILE), stride_sg,
                             stride_sn, GROUP_SIZE, GROUP_ROWS, GROUPS,
                             BLOCK_N, EVEN_N, EVEN_K, PACKED_F16, PACKED_BF16, HAS_NORM, NORM_BLOCK, SPLIT_K == 1,
-                            UNROLLED_STEPS, PDL, GROUPS_FIRST)
+                            UNROLLED_STEPS, PDL, GROUPS_FIRST, SHARED_SUMS)
         if not (PACKED_F16 or PACKED_BF16):
             acc, first = _as_tile(acc, GROUP_ROWS, GROUPS)
+        elif SHARED_SUMS:
+            acc, first = _sums_as_tile(acc, GROUP_ROWS // 2, GROUPS_FIRST)
         elif GROUPS_FIRST:
             acc, first = _as_tile(acc, GROUPS, GROUP_ROWS // 2)
         else:

@@ -50,8 +50,8 @@ Needs a GPU (inline PTX: Triton's interpreter does not run it) with ``mma.sync``
 import triton
 import triton.language as tl
 
-from .common import (asm_constant, launch_dependent_grids, prefetch_to_l2, store_outputs, wait_for_prior_grids,
-                     word_offsets)
+from .common import (asm_constant, barrier_after, launch_dependent_grids, load_shared, prefetch_to_l2, shared_address,
+                     store_outputs, store_shared, wait_for_prior_grids, word_offsets)
 
 
 # The loads, by inline PTX (a ``tl.load`` could get another thread layout, and the MMA needs each lane's own
@@ -279,51 +279,6 @@ def _scaled_add(acc, part, scale_a, scale_b, M_TILES: tl.constexpr):
     return first
 
 
-# The warps' partial sums meet in shared memory, which Triton does not address: inline PTX declares a buffer (of
-# one of these sizes, in bytes), writes and reads it. Each asm is pure, ordered by what it is given: the barrier
-# takes every store's token, each read the barrier's, so torch's analysis of the kernel sees no side effects.
-def _shared_buffer(nbytes: int) -> tl.constexpr:
-    return asm_constant("{ .shared .align 16 .b8 sums[%d]; mov.u32 $0, sums; }" % nbytes)
-
-
-_SHARED_4K, _SHARED_8K, _SHARED_16K, _SHARED_32K = (_shared_buffer(n) for n in (4096, 8192, 16384, 32768))
-
-
-@triton.jit
-def _shared_sums_address(NBYTES: tl.constexpr):
-    """The shared address of a buffer of at least NBYTES (at most 32 KB) for the warps' sums."""
-    tl.static_assert(NBYTES <= 32768, "the warps' sums take at most 32 KB of shared memory")
-    if NBYTES <= 4096:
-        return tl.inline_asm_elementwise(_SHARED_4K, "=r", [], dtype=tl.int32, is_pure=True, pack=1)
-    elif NBYTES <= 8192:
-        return tl.inline_asm_elementwise(_SHARED_8K, "=r", [], dtype=tl.int32, is_pure=True, pack=1)
-    elif NBYTES <= 16384:
-        return tl.inline_asm_elementwise(_SHARED_16K, "=r", [], dtype=tl.int32, is_pure=True, pack=1)
-    else:
-        return tl.inline_asm_elementwise(_SHARED_32K, "=r", [], dtype=tl.int32, is_pure=True, pack=1)
-
-
-@triton.jit
-def _store_shared(address, value):
-    """Stores ``value`` (float32) at the shared ``address``; returns a token (0) for the barrier."""
-    return tl.inline_asm_elementwise("st.shared.f32 [$1], $2; mov.b32 $0, 0;", "=r,r,f", [address, value],
-                                     dtype=tl.int32, is_pure=True, pack=1)
-
-
-@triton.jit
-def _barrier_after(tokens):
-    """Waits for every thread of the program (``bar.sync``) once ``tokens`` are in; returns a token (0)."""
-    return tl.inline_asm_elementwise("bar.sync 0; mov.b32 $0, 0; // $1", "=r,r", [tokens], dtype=tl.int32,
-                                     is_pure=True, pack=1)
-
-
-@triton.jit
-def _load_shared(address):
-    """The float32 at the shared ``address``."""
-    return tl.inline_asm_elementwise("ld.shared.f32 $0, [$1];", "=f,r", [address], dtype=tl.float32, is_pure=True,
-                                     pack=1)
-
-
 @triton.jit
 def _value_index(i, M_TILES: tl.constexpr):
     """A lane's value ``i`` of ``_shared_sums``' order -> (its 8-row tile, its 16-column block, its row in the lane's
@@ -345,23 +300,23 @@ def _shared_sums(accs, tid, M_TILES: tl.constexpr, K_WARPS: tl.constexpr, COLUMN
     V: tl.constexpr = 16 * M_TILES
     PARTS: tl.constexpr = V // K_WARPS
     tl.static_assert(V % (2 * K_WARPS) == 0, "at most 8 warps a column block for each 8-row tile")
-    base = _shared_sums_address(4 * V * T)
+    base = shared_address(4 * V * T)
     tokens = tid * 0
     for column_b in tl.static_range(2):  # (the order that ``_value_index`` undoes)
         for tile in tl.static_range(M_TILES):
             for block in tl.static_range(4):
                 for row in tl.static_range(2):
                     i = 8 * M_TILES * column_b + 8 * tile + 2 * block + row
-                    tokens += _store_shared(base + 4 * (i * T + tid), accs[block][4 * tile + 2 * column_b + row])
-    ready = _barrier_after(tokens)
+                    tokens += store_shared(base + 4 * (i * T + tid), accs[block][4 * tile + 2 * column_b + row])
+    ready = barrier_after(tokens)
     position = tid % (32 * COLUMN_WARPS)  # the lane's and its column block's
     warp_k = tid // (32 * COLUMN_WARPS)
     sums = ()
     for r in tl.static_range(PARTS):
         row_start = base + ready + 4 * ((warp_k + r * K_WARPS) * T + position)
-        total = _load_shared(row_start)
+        total = load_shared(row_start)
         for k in tl.static_range(1, K_WARPS):
-            total += _load_shared(row_start + 4 * 32 * COLUMN_WARPS * k)
+            total += load_shared(row_start + 4 * 32 * COLUMN_WARPS * k)
         sums = sums + (total,)
     values = sums
     up_values = sums
