@@ -211,9 +211,6 @@ def zero_kernel(ptr, size, BLOCK: tl.constexpr, PDL: tl.constexpr):
     tl.store(ptr + offs, tl.zeros((BLOCK,), tl.float32), mask=offs < size)
 
 
-SPLIT_TOTAL_BLOCK = 1024
-
-
 @triton.jit
 def split_total_kernel(ws_ptr, b_ptr, out_ptr, size, N, stride_om, BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr,
                        PDL: tl.constexpr):

@@ -64,7 +64,7 @@ import triton.language as tl
 from .common import (MAX_UNROLLED_STEPS, asm_constant, bias_rows, capability, cdiv, dependent_launch, grouped_tile,
                      inv_rms_of_squares, launch_dependent_grids, mma_accumulate, mma_zeros, next_power_of_2, normed,
                      norm_weight_as_x, output_columns, register_budget, row_inv_rms, sm_count, split_for,
-                     split_k_workspace, split_range, split_total_kernel, SPLIT_TOTAL_BLOCK, store_output, traced_split,
+                     split_k_workspace, split_range, split_total_kernel, store_output, traced_split,
                      triton_interpreted, unrolled_steps, wait_for_prior_grids, WORD_TILE, word_columns, word_offsets,
                      word_strides)
 from .int4_pairs import NIBBLE_PAIRS_OUT, bf16_nibble_pairs, f16_nibble_pairs, zero_bf16x2, zero_f16x2
@@ -580,9 +580,21 @@ def wgmma_tma_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
     wgmma_tma_launch(x, qweight, scales, zeros, group_size, bias, out, sums, block_m, block_n, stages, split_k,
                      num_warps, dequant_warps, registers, loader_warp, split_from_column, maxnreg)
     tail_bias = bias[split_from_column:] if bias is not None else out
-    launch(split_total_kernel, (cdiv(M * width, SPLIT_TOTAL_BLOCK),), sums, tail_bias, out[:, split_from_column:],
-           M * width, width, N, BLOCK=SPLIT_TOTAL_BLOCK, HAS_BIAS=bias is not None, **dependent_launch(x))
+    block = split_total_block(registers and loader_warp)
+    launch(split_total_kernel, (cdiv(M * width, block),), sums, tail_bias, out[:, split_from_column:], M * width,
+           width, N, BLOCK=block, HAS_BIAS=bias is not None, **dependent_launch(x))
     return out
+
+
+def split_total_block(gemm_launched_dependent: bool) -> int:
+    """``split_total_kernel``'s values a program after a split TMA GEMM: 256 where the GEMM let it launch early
+    (programmatic dependent launch: the warp-specialized register-fed kernel), so that many small programs, queued
+    while the GEMM runs, take each SM as the GEMM's programs leave it; else 1024, fewer programs to launch once the
+    GEMM is done. H100, fp16, the op, us, 1024 -> 256 (bench/NOTES-kernels.md, eighty-second session): 4096² at 33 /
+    64 / 128 rows 10.62 / 10.35 / 14.53 -> 9.49 / 9.57 / 13.27, 4096x6144 at 48 / 64 rows 12.19 / 12.42 -> 11.52 /
+    11.79, 14336x4096 at 33 / 128 rows 23.19 / 32.57 -> 22.24 / 31.40. After the single-partition kernel, launched
+    once the GEMM is done, 256 lost: 4096x6144 at 128 rows 19.24 -> 20.69."""
+    return 256 if gemm_launched_dependent else 1024
 
 
 def _fused_then_dequantized(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,

@@ -2340,11 +2340,12 @@ def test_gpu_register_operand_tma_kernels_read_x_after_the_grid_before(config):
 @pytest.mark.parametrize("M, N, dtype, bias, first", [(5, 37, torch.float16, True, 0),
                                                        (3, 1000, torch.bfloat16, False, 0),
                                                        (7, 300, torch.float16, True, 212)])
-def test_split_total_kernel_finishes_the_sums_and_leaves_them_zero(M, N, dtype, bias, first):
+@pytest.mark.parametrize("block", [w4a16.split_total_block(True), w4a16.split_total_block(False)])
+def test_split_total_kernel_finishes_the_sums_and_leaves_them_zero(M, N, dtype, bias, first, block):
     """What finishes a split of the TMA kernels (``w4a16.wgmma_tma_matmul``): the float32 sums ``[M, N - first]``
     plus the bias's columns from ``first`` on, cast into the output's columns from ``first`` on (all of them, or the
-    tail whose K alone was split), over sizes off its block; the other columns untouched, the sums left at zero for
-    the next split."""
+    tail whose K alone was split), over sizes off either block it takes (``w4a16.split_total_block``); the other
+    columns untouched, the sums left at zero for the next split."""
     g = torch.Generator().manual_seed(M)
     # bf16 sums as bf16 holds them: Triton's interpreter rounds float32 to bf16 toward zero, the GPU to nearest
     sums = torch.randn(M * (N - first), generator=g)
@@ -2352,8 +2353,8 @@ def test_split_total_kernel_finishes_the_sums_and_leaves_them_zero(M, N, dtype, 
     b = torch.randn(N, generator=g).to(dtype).to(DEVICE) if bias else None
     expected = sums.view(M, N - first) + (b[first:].float() if bias else 0)
     out = torch.full((M, N), 7.0, dtype=dtype, device=DEVICE)
-    replay.launch(common.split_total_kernel, (common.cdiv(sums.numel(), 256),), sums, b[first:] if bias else out,
-                  out[:, first:], sums.numel(), N - first, N, BLOCK=256, HAS_BIAS=bias, PDL=False)
+    replay.launch(common.split_total_kernel, (common.cdiv(sums.numel(), block),), sums, b[first:] if bias else out,
+                  out[:, first:], sums.numel(), N - first, N, BLOCK=block, HAS_BIAS=bias, PDL=False)
     torch.testing.assert_close(out[:, first:], expected.to(dtype), rtol=0, atol=0)
     assert (out[:, :first] == 7).all() and not sums.any()
 
