@@ -654,7 +654,8 @@ def _register_step(xs, wq, ss, zs, stage, byte, acc):
     a = _register_operand(wq, zs, ss, stage, byte, A_LAYOUT, xs.dtype == gl.bfloat16)
     acc = warpgroup_mma(a, xs.index(stage).permute((1, 0)), acc, is_async=True)
     # waited for at once: an operand still in flight at the loop's back edge may have its registers reused by
-    # ptxas (Triton 3.6), and a wait for one pending gained nothing where it was safe (two steps an iteration)
+    # ptxas (Triton 3.6), and a wait for one pending gained nothing where it was safe (two steps an iteration); the
+    # warp-specialized kernel's 128-row consumer keeps one step in flight its own way (``_steps_under_mmas``)
     return warpgroup_mma_wait(num_outstanding=0, deps=[acc])
 
 
@@ -736,15 +737,65 @@ def _rs_loader(x_desc, x_half_desc, w_desc, s_desc, z_desc, xs, wq, ss, zs, read
 def _rs_consumer(x_desc, x_half_desc, w_desc, s_desc, z_desc, xs, wq, ss, zs, ready, empty, m0, lo, hi, n0, start,
                  end, word_run, GROUP_SIZE: gl.constexpr):
     """The warpgroup: each step once its stage is in, as the kernel above, then the stage freed by an mbarrier
-    arrival (no CTA barrier, no copies to issue)."""
+    arrival (no CTA barrier, no copies to issue). With 128-row tiles each step is dequantized under the MMAs of the
+    step before (``_steps_under_mmas``): H100, the op, medians of 7 rounds, us, fp16 4096x28672 at 65 / 96 / 128 rows
+    65.39 / 65.58 / 63.09 -> 62.93 / 63.15 / 62.41, 4096x12288 at 128 rows 30.14 -> 28.23, 4096² 13.18 -> 12.54,
+    14336x4096 31.68 -> 30.81, bf16 with a bias 4096² 14.50 -> 13.92; with 64-row tiles it lost (14336x4096 at 64
+    rows 22.39 -> 23.69, 4096x28672 at 33 rows 40.41 -> 42.25; bench/NOTES-kernels.md, eighty-second session)."""
     BLOCK_M: gl.constexpr = xs.type.shape[1]
     byte = _operand_bytes()
     acc = _register_accumulator(BLOCK_M)
-    for step in range(start, end):
-        stage, acc = _ready_step(xs, wq, ss, zs, ready, step - start, byte, acc)
-        fence_async_shared()  # (the stage's reads before the TMA's writes, as above)
-        mbarrier.arrive(empty.index(stage), count=1)
+    if BLOCK_M == 128:
+        acc = _steps_under_mmas(xs, wq, ss, zs, ready, empty, end - start, byte, acc)
+    else:
+        for step in range(start, end):
+            stage, acc = _ready_step(xs, wq, ss, zs, ready, step - start, byte, acc)
+            _free_stage(empty, stage)
     return (acc,)  # (a tuple: Triton 3.6 flattens the default partition's results as one)
+
+
+@gluon.jit
+def _free_stage(empty, stage):
+    """The warpgroup's reads of ``stage`` done (the fence orders them before the TMA's next writes): the loader may
+    refill it."""
+    fence_async_shared()
+    mbarrier.arrive(empty.index(stage), count=1)
+
+
+@gluon.jit
+def _step_under_mmas(xs, wq, ss, zs, ready, empty, i, byte, acc, in_flight):
+    """Step ``i``'s operand dequantized while step ``i - 1``'s MMAs, which read ``in_flight``, run; then those waited
+    for (``in_flight`` kept alive to there, so that ptxas gives the new operand other registers), their stage freed
+    and step ``i``'s MMAs issued. Returns the sums in flight and the new operand."""
+    stages: gl.constexpr = xs.type.shape[0]
+    stage = i % stages
+    mbarrier.wait(ready.index(stage), (i // stages) & 1)
+    A_LAYOUT: gl.constexpr = in_flight.type.layout
+    a = _register_operand(wq, zs, ss, stage, byte, A_LAYOUT, xs.dtype == gl.bfloat16)
+    acc, in_flight = warpgroup_mma_wait(num_outstanding=0, deps=[acc, in_flight])
+    _free_stage(empty, (i - 1) % stages)
+    return warpgroup_mma(a, xs.index(stage).permute((1, 0)), acc, is_async=True), a
+
+
+@gluon.jit
+def _steps_under_mmas(xs, wq, ss, zs, ready, empty, steps, byte, acc):
+    """The warp-specialized consumer's ``steps`` steps with each step's dequantization under the MMAs of the step
+    before (``_step_under_mmas``), two steps an iteration with an operand each, so that the one in flight at the
+    loop's back edge is always the same value and no copy of it is rewritten in flight. Returns the sums."""
+    stages: gl.constexpr = xs.type.shape[0]
+    mbarrier.wait(ready.index(0), 0)
+    A_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc.type.layout, k_width=2)
+    a0 = _register_operand(wq, zs, ss, 0, byte, A_LAYOUT, xs.dtype == gl.bfloat16)
+    acc = warpgroup_mma(a0, xs.index(0).permute((1, 0)), acc, is_async=True)
+    for j in range((steps - 1) // 2):
+        acc, a1 = _step_under_mmas(xs, wq, ss, zs, ready, empty, 1 + 2 * j, byte, acc, a0)
+        acc, a0 = _step_under_mmas(xs, wq, ss, zs, ready, empty, 2 + 2 * j, byte, acc, a1)
+    last = a0
+    if steps % 2 == 0:
+        acc, last = _step_under_mmas(xs, wq, ss, zs, ready, empty, steps - 1, byte, acc, a0)
+    acc, last = warpgroup_mma_wait(num_outstanding=0, deps=[acc, last])
+    _free_stage(empty, (steps - 1) % stages)
+    return acc
 
 
 @gluon.jit

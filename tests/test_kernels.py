@@ -1052,6 +1052,21 @@ def wgmma_operand_registers_rewritten_in_flight(sass_lines):
     return found
 
 
+def dequantized_under_mmas(sass_lines):
+    """The dequantizing instructions of ``sass_lines`` (the words' shared loads ``LDS`` and their bytes' selection
+    ``PRMT``) that run while a group of ``HGMMA`` is in flight: after its last HGMMA (``gsb0``), before the
+    ``WARPGROUP.DEPBAR`` that waits for it. (ptxas leaves a step's last two, the zero's and the scale's, after it.)"""
+    found, in_flight = [], False
+    for line in sass_lines:
+        if " HGMMA" in line and "gsb0" in line:
+            in_flight = True
+        elif "WARPGROUP.DEPBAR" in line:
+            in_flight = False
+        elif in_flight and re.search(r" (LDS|PRMT)\b", line):
+            found.append(line)
+    return found
+
+
 @pytest.mark.skipif(not w4a16._GLUON, reason="this Triton has no Gluon")
 def test_w4a16_register_operand_tma_kernel_dequantizes_into_the_mma_operand():
     """The TMA kernel with the weights in registers, compiled for sm_90: x (in whole tiles, or in halves), the words,
@@ -1061,7 +1076,8 @@ def test_w4a16_register_operand_tma_kernel_dequantizes_into_the_mma_operand():
     each step's MMAs are waited for before the loop goes on; the tile leaves by the TMA unit (split, added into the
     sums; unsplit, stored); in the SASS nothing spills and no instruction rewrites an
     operand register of an HGMMA in flight (Triton 3.6's ptxas did, with one step in flight across the loop's back
-    edge). The same at 64 rows with four programs an SM's registers (``rs_ws_registers(4)``)."""
+    edge). The same at 64 rows with four programs an SM's registers (``rs_ws_registers(4)``). The warp-specialized
+    kernel's 128-row tiles dequantize each step while the MMAs of the step before run, and no other form does."""
     modules = compiled_for_sm90(_REGISTER_OPERAND_TMA_KERNEL).split("module attributes")[1:]
     assert len(modules) == 5
     cases = [(["128x64xf16"], "1x64xf16", True, loader_warp) for loader_warp in (False, True)]
@@ -1075,13 +1091,17 @@ def test_w4a16_register_operand_tma_kernel_dequantizes_into_the_mma_operand():
         else:
             assert blocks == sorted(4 * [*x_blocks, "1x8x64xsi32", scales, scales]), blocks  # 3 stages, the loop's
         assert ttgir.count("tt.load ") == int(bias)
+        under_mmas = loader_warp and x_blocks == ["128x64xf16"]  # (``w4a16_wgmma_tma._steps_under_mmas``)
         dots = [line for line in ttgir.splitlines() if "ttng.warp_group_dot " in line]
-        assert len(dots) == 1 and "dot_op<{opIdx = 0" in dots[0] and dots[0].count("!ttg.memdesc") == 1, dots
+        # under the MMAs: the first step's, two steps an iteration and the last's
+        assert len(dots) == (4 if under_mmas else 1), dots
+        assert all("dot_op<{opIdx = 0" in dot and dot.count("!ttg.memdesc") == 1 for dot in dots), dots
         assert "pendings = 1" not in ttgir and "pendings = 0" in ttgir
         lines = code.splitlines()
-        assert sum(" HGMMA" in line for line in lines) == 4
+        assert sum(" HGMMA" in line for line in lines) == 4 * len(dots)  # (4 a step)
         assert not any(re.search(r" (LDL|STL)\b", line) for line in lines)
         assert not wgmma_operand_registers_rewritten_in_flight(lines)
+        assert bool(dequantized_under_mmas(lines)) == under_mmas
         # split: the tile added into the sums by the TMA unit, one bulk reduction a block of 32 columns (two of half
         # the rows: x in halves), no atomic instruction an element
         reductions = [line for line in ttgir.splitlines() if "ttng.async_tma_reduce" in line]
