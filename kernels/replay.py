@@ -11,16 +11,21 @@ kernels. Later calls of that signature replay the record: fresh buffers, then ea
 
 A record is kept only where replaying it is the call itself:
 
-- every tensor a kernel gets is an input of the call, one of its recorded buffers or a buffer kept between calls
-  (``kept_zeros``: passed as it is), and the result is a recorded buffer;
-- no torch op ran but those allocations (a dispatch mode watches): nothing computed a tensor that a replay would skip.
+- every tensor a kernel gets, itself or as the base of a TMA descriptor (the Gluon kernels'), is an input of the call,
+  one of its recorded buffers or a buffer kept between calls (``kept_zeros``: passed as it is), and the result is a
+  recorded buffer; a replay passes the recorded descriptor on its own tensor (the signature fixes its shape and
+  strides);
+- no torch op ran but those allocations (a dispatch mode watches): nothing computed a tensor that a replay would skip,
+  nor made a view of one.
 
-Any other signature (the dequantized weight + cuBLAS for large M, the Gluon kernels) runs ``entry`` at every call.
-Calls replay only where the kernels would run for real (``wrap_triton`` switched off, as the ops' CUDA backend and
-qpass's eager path do); under torch.compile or another tracer ``entry`` runs, and ``launch`` goes through
-``torch.library.wrap_triton`` so that the tracer sees each kernel.
+Any other signature (the dequantized weight + cuBLAS for large M) runs ``entry`` at every call. Calls replay only
+where the kernels would run for real (``wrap_triton`` switched off, as the ops' CUDA backend and qpass's eager path
+do); under torch.compile or another tracer ``entry`` runs, and ``launch`` goes through ``torch.library.wrap_triton``
+so that the tracer sees each kernel (but a Gluon kernel's, which only opaque ops launch).
 """
 
+import copy
+import dataclasses
 import inspect
 import threading
 from typing import Callable, List, NamedTuple, Optional, Tuple
@@ -58,12 +63,13 @@ class _Buffer(NamedTuple):
 class _Launch(NamedTuple):
     """One recorded launch: ``values`` are the kernel's arguments in its signature's order, constexprs included (as
     Triton's compiled launcher takes them), with None where ``tensors`` puts a tensor: (position, from the inputs,
-    index)."""
+    index), and a TMA descriptor with no base where ``descriptors`` puts its base the same way."""
 
     kernel: Callable
     grid: Tuple[int, int, int]
     values: list
     tensors: List[Tuple[int, bool, int]]
+    descriptors: List[Tuple[int, bool, int]]
     options: dict  # num_warps, num_stages, ...: for the interpreter's launch, which compiles nothing
     compiled: object  # Triton's CompiledKernel; None under the interpreter
     device_index: int
@@ -72,6 +78,8 @@ class _Launch(NamedTuple):
         values = self.values.copy()
         for position, from_inputs, index in self.tensors:
             values[position] = inputs[index] if from_inputs else buffers[index]
+        for position, from_inputs, index in self.descriptors:
+            values[position] = _on_base(values[position], inputs[index] if from_inputs else buffers[index])
         compiled = self.compiled
         if compiled is None:
             self.kernel[self.grid](*values, **self.options)
@@ -122,17 +130,19 @@ class _Recording(TorchDispatchMode):
         bound = signature.bind(*args, **{k: v for k, v in kwargs.items() if k in parameters})
         bound.apply_defaults()
         values = list(bound.arguments.values())
-        tensors = []
+        tensors, descriptors = [], []
         for position, value in enumerate(values):
-            if isinstance(value, torch.Tensor):
-                if any(value is kept for kept in _KEPT.values()):
+            descriptor = _is_descriptor(value)
+            if descriptor or isinstance(value, torch.Tensor):
+                tensor = value.base if descriptor else value
+                if any(tensor is kept for kept in _KEPT.values()):
                     continue
-                slot = self.slots.get(id(value))
+                slot = self.slots.get(id(tensor))
                 if slot is None:  # computed by the entry point: a replay would not compute it
                     self.replayable = False
                     return
-                tensors.append((position, *slot))
-                values[position] = None
+                (descriptors if descriptor else tensors).append((position, *slot))
+                values[position] = _on_base(value, None) if descriptor else None  # (holding no tensor of this call)
             elif not isinstance(value, _SCALARS):
                 self.replayable = False
                 return
@@ -144,13 +154,26 @@ class _Recording(TorchDispatchMode):
             compiled = None  # (not a CompiledKernel: replay through the kernel's own launch)
         options = {k: v for k, v in kwargs.items() if k not in parameters}
         device_index = torch.cuda.current_device() if compiled is not None else -1
-        self.launches.append(_Launch(kernel, grid, values, tensors, options, compiled, device_index))
+        self.launches.append(_Launch(kernel, grid, values, tensors, descriptors, options, compiled, device_index))
 
     def record(self, result) -> Optional[_Record]:
         slot = self.slots.get(id(result)) if isinstance(result, torch.Tensor) else None
         if not self.replayable or slot is None or slot[0]:
             return None
         return _Record(self.buffers, self.launches, slot[1])
+
+
+def _is_descriptor(value) -> bool:
+    """Whether ``value`` is a host-side TMA descriptor (Triton's or Gluon's ``TensorDescriptor``) of a tensor."""
+    return dataclasses.is_dataclass(value) and isinstance(getattr(value, "base", None), torch.Tensor)
+
+
+def _on_base(descriptor, base: Optional[torch.Tensor]):
+    """``descriptor`` with ``base`` as its tensor: the same shape, strides, block and layout (a copy, not checked again:
+    the call's signature fixes what its checks read)."""
+    moved = copy.copy(descriptor)
+    moved.base = base
+    return moved
 
 
 def _recording() -> Optional[_Recording]:
@@ -213,10 +236,12 @@ def _zeros_outside_graph_pools(size: int, device: torch.device) -> torch.Tensor:
 
 def launch(kernel, grid, *args, **kwargs):
     """``kernel[grid](*args, **kwargs)`` through ``torch.library.wrap_triton`` (a tracer sees the kernel), recorded
-    where a ``Replayed`` entry point is recording."""
+    where a ``Replayed`` entry point is recording. A Gluon kernel, which ``wrap_triton`` does not take (only opaque ops
+    run them: ``qpass.ops``), is launched as it is."""
     recording = _recording()
     if recording is None:
-        torch.library.wrap_triton(kernel)[grid](*args, **kwargs)
+        gluon = getattr(kernel, "is_gluon", lambda: False)()
+        (kernel if gluon else torch.library.wrap_triton(kernel))[grid](*args, **kwargs)
         return
     with _disable_current_modes():  # (the interpreter copies tensors by torch ops: the launch's own)
         compiled = kernel[grid](*args, **kwargs)

@@ -446,12 +446,12 @@ def wgmma_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
     M, K = x.shape
     N = word_columns(qweight)
     _, stride_qt, tile = word_strides(qweight)
-    out = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    out = new_empty((M, N), x.dtype, x.device)
     grid = (cdiv(N, 64 * warpgroups), cdiv(M, block_m), split_k)
     # split, the sums and a count per output tile; unsplit never read
     sums = split_k_workspace(M, N, grid[0] * grid[1], split_k, out)
-    w4a16_wgmma_kernel[grid](
-        x, qweight, scales, zeros, bias if bias is not None else scales, out, sums, M, N, K,
+    launch(
+        w4a16_wgmma_kernel, grid, x, qweight, scales, zeros, bias if bias is not None else scales, out, sums, M, N, K,
         x.stride(0), qweight.stride(0), stride_qt, scales.stride(0), out.stride(0), TILE=tile, GROUP_SIZE=group_size,
         BLOCK_M=block_m,
         WARPGROUPS=warpgroups, SPLIT_K=split_k, HAS_BIAS=bias is not None, BF16=x.dtype == torch.bfloat16,
@@ -569,21 +569,26 @@ def wgmma_tma_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
     if dequantized_from_column:
         return _fused_then_dequantized(x, qweight, scales, zeros, group_size, bias, dequantized_from_column, block_m,
                                        block_n, stages, num_warps, dequant_warps)
-    out = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    out = new_empty((M, N), x.dtype, x.device)  # (no view of a tensor below, where a replay can avoid one)
     if split_k == 1:
         wgmma_tma_launch(x, qweight, scales, zeros, group_size, bias, out, None, block_m, block_n, stages, split_k,
                          num_warps, dequant_warps, registers, loader_warp, maxnreg=maxnreg)
         return out
-    # the split columns' float32 sums (all of them, or the tail's)
+    # the split columns' float32 sums (all of them, or the tail's) at the workspace's start
     width = N - split_from_column
-    sums = split_k_workspace(M, width, 0, split_k, out)[:M * width].view(M, width)
+    sums = split_k_workspace(M, width, 0, split_k, out)
     wgmma_tma_launch(x, qweight, scales, zeros, group_size, bias, out, sums, block_m, block_n, stages, split_k,
                      num_warps, dequant_warps, registers, loader_warp, split_from_column, maxnreg)
-    tail_bias = bias[split_from_column:] if bias is not None else out
+    tail_bias = _columns_from(bias, split_from_column) if bias is not None else out
     block = split_total_block(registers and loader_warp)
-    launch(split_total_kernel, (cdiv(M * width, block),), sums, tail_bias, out[:, split_from_column:], M * width,
-           width, N, BLOCK=block, HAS_BIAS=bias is not None, **dependent_launch(x))
+    launch(split_total_kernel, (cdiv(M * width, block),), sums, tail_bias, _columns_from(out, split_from_column),
+           M * width, width, N, BLOCK=block, HAS_BIAS=bias is not None, **dependent_launch(x))
     return out
+
+
+def _columns_from(t: torch.Tensor, first: int) -> torch.Tensor:
+    """``t[..., first:]``, or ``t`` itself from column 0 (no view: a replay repeats no torch op)."""
+    return t[..., first:] if first else t
 
 
 def split_total_block(gemm_launched_dependent: bool) -> int:
@@ -631,9 +636,12 @@ def wgmma_tma_launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
                      block_m: int, block_n: int, stages: int, split_k: int, num_warps: int, dequant_warps: int,
                      registers: bool, loader_warp: bool = False, split_from_column: int = 0, maxnreg: int = 0):
     """Launch ``WgmmaTmaConfig``'s kernel: ``x @ w (+ bias)`` into ``out`` ``[M, N]`` (rows contiguous, x's
-    dtype), or, with K split, the programs' float32 sums added into ``sums`` (its values before kept; the bias left
-    to the caller). With ``split_from_column`` (warp-specialized), only the tiles from that column on are split, into
-    ``sums`` ``[M, N - split_from_column]``, and the tiles before it go whole into ``out`` with the bias."""
+    dtype), or, with K split, the programs' float32 sums added into ``sums`` (contiguous float32 that starts with
+    them, row-major ``[M, N]``; its values before kept; the bias left to the caller). With ``split_from_column``
+    (warp-specialized), only the tiles from that column on are split, into ``sums`` ``[M, N - split_from_column]``,
+    and the tiles before it go whole into ``out`` with the bias. The descriptors of views (the words as runs, the
+    sums' rows) are made from the tensors' own shapes and strides: a view would be a torch op, which an eager call's
+    replay cannot repeat (``replay``)."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
@@ -650,17 +658,22 @@ def wgmma_tma_launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
     grid = (cdiv(N, block_n), cdiv(M, block_m), split_k)
     if tail:  # the whole tiles, then the tail's splits (``w4a16_wgmma_tma._tail_program_tile``)
         grid = (cdiv(M, block_m) * (split_from_column // block_n + split_k * cdiv(N - split_from_column, block_n)),)
+    width = N - split_from_column  # the columns whose sums go to ``sums``
+    stride_om = out.stride(0)
     if split_k > 1 and not tail:  # the bias and out left to the caller
-        bias, out = None, sums
+        bias, out, stride_om = None, sums, width
     b = bias if bias is not None else scales
     if dequant_warps or registers:
-        # the words as runs: a column tile's K / 8 x 64 words each, or one of K / 8 x N in rows
+        # the words as runs: a column tile's K / 8 x 64 words each (the tiles' first two axes swapped), or one of
+        # K / 8 x N in rows (an axis of one before them)
         if qweight.dim() == 3:
-            runs, block = qweight.permute(1, 0, 2), [block_n // WORD_TILE, 8, WORD_TILE]
+            shape, strides = [qweight.shape[i] for i in (1, 0, 2)], [qweight.stride(i) for i in (1, 0, 2)]
+            block = [block_n // WORD_TILE, 8, WORD_TILE]
         else:
-            runs, block = qweight.unsqueeze(0), [1, 8, block_n]
-        w_desc = TensorDescriptor.from_tensor(
-            runs, block, gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=3))
+            shape, strides = [1, *qweight.shape], [qweight.shape[0] * qweight.stride(0), *qweight.stride()]
+            block = [1, 8, block_n]
+        w_desc = TensorDescriptor(
+            qweight, shape, strides, block, gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=3))
         rows = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=16, rank=2)
         s_desc, z_desc = (TensorDescriptor.from_tensor(t, [1, block_n], rows) for t in (scales, zeros))
         # and x by half tiles, where its last tile reaches far past x's end (``x_in_halves``; else x's whole tiles,
@@ -670,33 +683,33 @@ def wgmma_tma_launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
         # the tile written by the TMA unit (``_tile_by_tma``): split, blocks of x's box rows by 32 columns (128
         # bytes, swizzled as the tile in shared memory) added into the float32 sums; unsplit, the tile's rows by 64
         # columns stored, or x's descriptor (never read) where x is copied in halves and the threads store the tile
-        sums_desc = None if sums is None else TensorDescriptor.from_tensor(
-            sums, [block_m // 2 if x_halves else block_m, 32],
+        sums_desc = None if sums is None else TensorDescriptor(
+            sums, [M, width], [width, 1], [block_m // 2 if x_halves else block_m, 32],
             gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=2))
         if split_k > 1 and not tail:
             tile_desc = sums_desc
         else:
             tile_desc = x_desc if x_halves else TensorDescriptor.from_tensor(out, [block_m, 64], x_tiles)
         operands = (x_desc, x_half_desc, w_desc, s_desc, z_desc, b, out, tile_desc)
-        sizes = (M, N, K, runs.shape[2], out.stride(0))
+        sizes = (M, N, K, shape[2], stride_om)
         if registers:
             kernel = w4a16_wgmma_tma_rs_ws_kernel if loader_warp else w4a16_wgmma_tma_rs_kernel
             budget = {"maxnreg": maxnreg or RS_WS_REGISTERS} if loader_warp else {}
             # warp-specialized, programmatic dependent launch: its weights' first copies overlap the end of the grid
             # before (w4a16_wgmma_tma's docstring: the single-partition kernel lost with it)
-            kernel[grid](*operands, *sizes, GROUP_SIZE=group_size, BLOCK_M=block_m, STAGES=stages,
-                         SPLIT_K=split_k, HAS_BIAS=bias is not None, num_warps=4, launch_pdl=loader_warp, **budget)
+            launch(kernel, grid, *operands, *sizes, GROUP_SIZE=group_size, BLOCK_M=block_m, STAGES=stages,
+                   SPLIT_K=split_k, HAS_BIAS=bias is not None, num_warps=4, launch_pdl=loader_warp, **budget)
         else:
             # (tail_desc: the sums' blocks with a tail, else the tile's again, never read)
-            w4a16_wgmma_tma_ws_kernel[grid](*operands, sums_desc if tail else tile_desc, *sizes, split_from_column,
-                                            GROUP_SIZE=group_size, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages,
-                                            SPLIT_K=split_k, TAIL=tail, HAS_BIAS=bias is not None,
-                                            DEQUANT_WARPS=dequant_warps, num_warps=num_warps)
+            launch(w4a16_wgmma_tma_ws_kernel, grid, *operands, sums_desc if tail else tile_desc, *sizes,
+                   split_from_column, GROUP_SIZE=group_size, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages,
+                   SPLIT_K=split_k, TAIL=tail, HAS_BIAS=bias is not None, DEQUANT_WARPS=dequant_warps,
+                   num_warps=num_warps)
     else:
-        w4a16_wgmma_tma_kernel[grid](
-            x_desc, qweight, scales, zeros, b, out, M, N, K, qweight.stride(0), stride_qt, scales.stride(0),
-            out.stride(0), TILE=tile, GROUP_SIZE=group_size, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages,
-            SPLIT_K=split_k, HAS_BIAS=bias is not None, BF16=x.dtype == torch.bfloat16, num_warps=num_warps)
+        launch(w4a16_wgmma_tma_kernel, grid, x_desc, qweight, scales, zeros, b, out, M, N, K, qweight.stride(0),
+               stride_qt, scales.stride(0), stride_om, TILE=tile, GROUP_SIZE=group_size, BLOCK_M=block_m,
+               BLOCK_N=block_n, STAGES=stages, SPLIT_K=split_k, HAS_BIAS=bias is not None,
+               BF16=x.dtype == torch.bfloat16, num_warps=num_warps)
 
 
 def _wgmma_split(tiles: int, K: int, slots: int, min_steps: int = 8, most: int = 16) -> int:

@@ -29,7 +29,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch._library.triton import set_wrap_triton_enabled
+from torch._library.triton import is_wrap_triton_enabled, set_wrap_triton_enabled
 from torch.library import triton_op
 from triton.runtime import KernelInterface
 
@@ -81,10 +81,19 @@ def _run(cuda_kernel, cpu_reference, x: torch.Tensor, n: int, *args, bias: Optio
 
 def _opaque_gemm(name: str, gemm):
     """``gemm`` (``x [M, K], qweight, scales [K / group_size, N], ...`` -> ``[M, N]``) as the op ``qpass::<name>``,
-    which torch.compile calls as it is instead of tracing into it."""
+    which torch.compile calls as it is instead of tracing into it. Returns what the W4A16 entry point calls: the op
+    where a tracer may be watching (``wrap_triton`` on), else ``gemm`` itself, whose launches an eager call's replay
+    records (``kernels.replay``; the op's dispatch is a torch op, which a replay cannot repeat). H100, fp16, an eager
+    call of the op with its opaque GEMM -> replayed, us (bench/NOTES-kernels.md, eighty-fourth session): 4096^2 at 24
+    / 128 / 1024 rows 103.6 / 231.8 / 192.7 -> 27.1 / 61.8 / 61.4, against cuBLAS's 13.7 / 13.1 / 46.9."""
     op = torch.library.custom_op(f"qpass::{name}", gemm, mutates_args=())
     op.register_fake(lambda x, qweight, scales, *args: x.new_empty((x.shape[0], scales.shape[1])))
-    return op
+
+    @functools.wraps(gemm)
+    def call(*args):
+        return op(*args) if is_wrap_triton_enabled() else gemm(*args)
+
+    return call
 
 
 # The W4A16 op's GEMMs that torch.compile cannot trace: the weight in chunks for large M (two CUDA

@@ -7,10 +7,14 @@ on the GPU (``-m cuda``) it launches the compiled kernels directly.
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from torch._library.triton import set_wrap_triton_enabled
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from qpass.kernels import common, fp8, reference, replay, w4a16, w8a16
-from test_kernels import (BOUND, CUDA, FP8_BOUND, make_fp8, make_w4, make_w8, needs_cuda, norm_and_residual,
+from test_kernels import (BOUND, CUDA, DEVICE, FP8_BOUND, make_fp8, make_w4, make_w8, needs_cuda, needs_hopper,
+                          norm_and_residual,
                           relative_error, w4_reference)
 
 cuda = pytest.mark.cuda
@@ -120,6 +124,40 @@ def test_calls_a_replay_would_not_repeat_run_the_entry_point():
         assert counted8.calls == 2 and not run8.records
 
 
+@triton.jit
+def _doubled_rows_kernel(x_desc, out_ptr, ROWS: tl.constexpr, COLUMNS: tl.constexpr):
+    """``out = 2 x``, each program's ROWS rows of x read through a TMA descriptor."""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    block = x_desc.load([tl.program_id(0) * ROWS, 0])
+    tl.store(out_ptr + rows[:, None] * COLUMNS + tl.arange(0, COLUMNS)[None, :], block * 2)
+
+
+def doubled_rows(x: torch.Tensor, offset: float = 0.0) -> torch.Tensor:
+    """An entry point that gives its kernel x, or x + offset where ``offset``, through a descriptor, as the Gluon
+    kernels take theirs."""
+    source = x + offset if offset else x
+    out = replay.new_empty(x.shape, x.dtype, x.device)
+    replay.launch(_doubled_rows_kernel, (x.shape[0] // 8,), TensorDescriptor.from_tensor(source, [8, x.shape[1]]),
+                  out, ROWS=8, COLUMNS=x.shape[1])
+    return out
+
+
+def test_descriptor_arguments_replay_on_each_calls_tensors():
+    """A kernel's TMA descriptor of an input is recorded without its tensor, and each replay passes it on the call's
+    own; a descriptor of a tensor the entry point computed makes the call not replayable, and it still runs right."""
+    run, counted = replayed(doubled_rows)
+    with set_wrap_triton_enabled(False):
+        for seed in range(3):
+            x = torch.randn(32, 16, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+            assert torch.equal(run(x), 2 * x)
+            assert torch.equal(run(x, 1.0), 2 * (x + 1.0))
+    assert counted.calls == 1 + 3  # one recording; the computed source's call runs each time
+    replayed_record, computed = run.records.values()
+    (launch,) = replayed_record.launches
+    assert [position for position, *_ in launch.descriptors] == [0] and launch.values[0].base is None
+    assert computed is replay._NOT_REPLAYABLE
+
+
 def test_signatures_tell_apart_what_changes_a_launch():
     """Alignment, strides and dtypes each make a signature of their own; calls that agree on them share a record."""
     x, qweight, scales, zeros, _ = make_w4(1, 96, 264, 8, torch.float32, False, False, 0)
@@ -201,3 +239,36 @@ def test_gpu_replayed_launches_give_the_entry_points_results(dtype):
                 t.copy_(new)
         graph.replay()
         assert relative_error(out, entry(*fresh, **kwargs)) < BOUND[dtype]
+
+
+# (config, rows, words in column tiles of 64, the kernels): the Hopper GEMMs, whose Gluon kernels take TMA descriptors
+REGISTERS = w4a16.WgmmaTmaConfig(64, 64, 3, 2, 4, registers=True, loader_warp=True)
+HOPPER_CASES = [
+    (None, 24, 64, ["w4a16_wgmma_kernel"]),
+    (REGISTERS, 40, 64, ["w4a16_wgmma_tma_rs_ws_kernel", "split_total_kernel"]),
+    (REGISTERS._replace(split_k=1), 64, 0, ["w4a16_wgmma_tma_rs_ws_kernel"]),
+    (REGISTERS._replace(block_m=128, split_k=1, loader_warp=False), 100, 64, ["w4a16_wgmma_tma_rs_kernel"]),
+    (w4a16.WgmmaTmaConfig(256, 128, 4, 2, dequant_warps=4), 200, 0, ["w4a16_wgmma_tma_ws_kernel", "split_total_kernel"]),
+    (w4a16.WgmmaTmaConfig(128, 128, 3, 2, 8), 96, 64, ["w4a16_wgmma_tma_kernel", "split_total_kernel"]),
+]
+
+
+@cuda
+@needs_cuda
+@needs_hopper
+@pytest.mark.parametrize("config, M, tile, kernels", HOPPER_CASES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_gpu_hopper_calls_replay_their_launches(config, M, tile, kernels, bias):
+    """Eager W4A16 calls on Hopper replay their Gluon kernels: each descriptor (x, the words as runs, in rows or
+    column tiles, scales, zeros, the output tile or the split's sums) is made again on the call's own tensors, a
+    split's sums are finished by its launch after, and the result is the entry point's and the reference's."""
+    K, N = 512, 256
+
+    def inputs(seed):
+        return make_w4(M, N, K, 128, torch.float16, False, bias, seed, tile=tile)
+
+    kwargs = {} if config is None else {"config": config}
+    out = assert_replays(w4a16.w4a16_linear, lambda seed: inputs(seed)[:4] + [128, inputs(seed)[4]], kernels,
+                         **kwargs)
+    x, qweight, scales, zeros, b = inputs(1)
+    assert relative_error(out, w4_reference(x, qweight, scales, zeros, 128, b)) < BOUND[torch.float16]
