@@ -21,7 +21,7 @@ A record is kept only where replaying it is the call itself:
 Any other signature (the dequantized weight + cuBLAS for large M) runs ``entry`` at every call. Calls replay only
 where the kernels would run for real (``wrap_triton`` switched off, as the ops' CUDA backend and qpass's eager path
 do); under torch.compile or another tracer ``entry`` runs, and ``launch`` goes through ``torch.library.wrap_triton``
-so that the tracer sees each kernel (but a Gluon kernel's, which only opaque ops launch).
+so that the tracer sees each kernel (a Gluon kernel, which only opaque ops launch, goes as it is).
 """
 
 import copy
