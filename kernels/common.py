@@ -347,14 +347,21 @@ def store_outputs(accs, acc_ups, rows, cols, masks, tile, M, N_UP,
             acc += tl.load(b_ptrs, mask=masks[i], other=0).to(tl.float32)
             if ACTIVATION == "silu_mul":
                 acc_up += tl.load(b_ptrs + N_UP, mask=masks[i], other=0).to(tl.float32)
-        if ACTIVATION == "silu_mul":
-            acc = acc * tl.sigmoid(acc) * acc_up
-        elif ACTIVATION == "gelu":
-            acc = 0.5 * acc * (1 + tl.erf(acc * 0.7071067811865476))  # x * Phi(x)
-        elif ACTIVATION == "gelu_tanh":  # 0.5 * (1 + tanh(u)) is sigmoid(2 u)
-            acc = acc * tl.sigmoid(1.5957691216057308 * (acc + 0.044715 * acc * acc * acc))
         out_ptrs = out_ptr + rows[i] * stride_om + cols[i] * stride_on
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=masks[i])
+        tl.store(out_ptrs, activated(acc, acc_up, ACTIVATION).to(out_ptr.dtype.element_ty), mask=masks[i])
+
+
+@triton.jit
+def activated(acc, acc_up, ACTIVATION: tl.constexpr):
+    """ACTIVATION (one of ``ACTIVATIONS``) on float32 sums ``acc``, the gate's under "silu_mul" (``acc_up`` the up
+    columns', read under "silu_mul" only)."""
+    if ACTIVATION == "silu_mul":
+        acc = acc * tl.sigmoid(acc) * acc_up
+    elif ACTIVATION == "gelu":
+        acc = 0.5 * acc * (1 + tl.erf(acc * 0.7071067811865476))  # x * Phi(x)
+    elif ACTIVATION == "gelu_tanh":  # 0.5 * (1 + tanh(u)) is sigmoid(2 u)
+        acc = acc * tl.sigmoid(1.5957691216057308 * (acc + 0.044715 * acc * acc * acc))
+    return acc
 
 
 class MmaConfig(NamedTuple):

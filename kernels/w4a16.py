@@ -60,9 +60,11 @@ from typing import NamedTuple, Optional
 import torch
 import triton
 import triton.language as tl
+from torch._subclasses.fake_tensor import is_fake
 
-from .common import (MAX_UNROLLED_STEPS, asm_constant, bias_rows, capability, cdiv, dependent_launch, grouped_tile,
-                     inv_rms_of_squares, launch_dependent_grids, mma_accumulate, mma_zeros, next_power_of_2, normed,
+from .common import (MAX_UNROLLED_STEPS, activated, asm_constant, bias_rows, capability, cdiv, dependent_launch,
+                     grouped_tile, inv_rms_of_squares, launch_dependent_grids, mma_accumulate, mma_zeros,
+                     next_power_of_2, normed,
                      norm_weight_as_x, output_columns, register_budget, row_inv_rms, sm_count, split_for,
                      split_k_workspace, split_range, split_total_kernel, store_output, traced_split,
                      triton_interpreted, unrolled_steps, wait_for_prior_grids, WORD_TILE, word_columns, word_offsets,
@@ -457,6 +459,59 @@ def wgmma_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
         WARPGROUPS=warpgroups, SPLIT_K=split_k, HAS_BIAS=bias is not None, BF16=x.dtype == torch.bfloat16,
         SCALED=scaled, num_warps=4 * warpgroups)
     return out
+
+
+def after_gemm(out: torch.Tensor, residual: Optional[torch.Tensor], activation: str, up_run: int) -> torch.Tensor:
+    """``activation_after_gemm(out + residual, activation, up_run)`` after a GEMM that has neither in its epilogue
+    (``out`` ``[M, N]``, rows contiguous; ``residual`` None or ``[M, N]``). Traced (fake tensors: torch.compile), those
+    torch ops, which Inductor fuses with what follows though the GEMM is an opaque op; run for real, one launch
+    (``_after_gemm_kernel``) into a recorded buffer, which an eager call's replay repeats where torch ops would stop
+    it (``replay``): o, down and gate_up of a Llama layer at 17 to 1024 rows."""
+    if residual is None and activation == "none":
+        return out
+    M, N = out.shape
+    if is_fake(out) or residual is not None and (activation == "silu_mul" or residual.shape != out.shape):
+        return activation_after_gemm(out if residual is None else out + residual, activation, up_run)
+    n_out = output_columns(activation, N)
+    y = new_empty((M, n_out), out.dtype, out.device)
+    r = residual if residual is not None else out  # (never read without one)
+    block_n = 64
+    launch(_after_gemm_kernel, (cdiv(M, 16), cdiv(n_out, block_n)), out, r, y, M, n_out, out.stride(0),
+           r.stride(0), r.stride(1), y.stride(0), UP_RUN=up_run, HAS_RESIDUAL=residual is not None,
+           ACTIVATION=activation, BLOCK_M=16, BLOCK_N=block_n)
+    return y
+
+
+@triton.jit
+def _after_gemm_kernel(out_ptr, r_ptr, y_ptr, M, N_OUT, stride_om, stride_rm, stride_rn, stride_ym,
+                       UP_RUN: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``after_gemm``'s launch: y ``[M, N_OUT]`` from out (and the residual), rounded as the torch ops round (the sum
+    in out's dtype, the activation in float32). Under "silu_mul" the gate and up columns of output column j are
+    ``reference.gate_up_halves``': j and j + N_OUT, or in runs of UP_RUN."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)[:, None]
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    mask = (rows < M) & (cols < N_OUT)
+    gate, up = cols, cols + N_OUT
+    if UP_RUN > 0:
+        gate = cols // UP_RUN * (2 * UP_RUN) + cols % UP_RUN
+        up = gate + UP_RUN
+    acc = _summed(out_ptr, r_ptr, rows, gate, mask, stride_om, stride_rm, stride_rn, HAS_RESIDUAL)
+    acc_up = acc
+    if ACTIVATION == "silu_mul":
+        acc_up = _summed(out_ptr, r_ptr, rows, up, mask, stride_om, stride_rm, stride_rn, HAS_RESIDUAL)
+    tl.store(y_ptr + rows * stride_ym + cols, activated(acc, acc_up, ACTIVATION).to(y_ptr.dtype.element_ty),
+             mask=mask)
+
+
+@triton.jit
+def _summed(out_ptr, r_ptr, rows, cols, mask, stride_om, stride_rm, stride_rn, HAS_RESIDUAL: tl.constexpr):
+    """out's values at ``rows``, ``cols`` (plus the residual's, the sum rounded to out's dtype), in float32."""
+    value = tl.load(out_ptr + rows * stride_om + cols, mask=mask, other=0)
+    if HAS_RESIDUAL:
+        residual = tl.load(r_ptr + rows * stride_rm + cols * stride_rn, mask=mask, other=0)
+        value = (value.to(tl.float32) + residual.to(tl.float32)).to(value.dtype)
+    return value.to(tl.float32)
 
 
 def x_in_halves(M: int, block_m: int, warp_specialized: bool) -> bool:
@@ -1265,14 +1320,12 @@ def w4a16_linear(
             if chunked_dequantize_matmul is not None and 0 < cfg.chunk_n < N:
                 run = chunked_dequantize_matmul
             out = run(x, qweight, scales, zeros, group_size, vector_bias, cfg.block_r, cfg.block_n, cfg.chunk_n)
-        # a residual and the activation outside: under torch.compile one pointwise pass, which
-        # Inductor fuses with what follows, though ``run`` is an opaque op
-        return activation_after_gemm(out if vector_bias is bias else out + bias, activation, up_run)
+        return after_gemm(out, None if vector_bias is bias else bias, activation, up_run)
     if up_run and (isinstance(cfg, MmaConfig) or isinstance(cfg, GemvConfig) and up_run != cfg.block_n):
         # (the tensor-core kernel's epilogue reads [gate | up]; the GEMV reads runs of its BLOCK_N)
         out = w4a16_linear(x, qweight, scales, zeros, group_size, bias, norm_weight=norm_weight, norm_eps=norm_eps,
                            split_k_linear_op=split_k_linear_op)
-        return activation_after_gemm(out, activation, up_run)
+        return after_gemm(out, None, activation, up_run)
     if up_run and bias is not None:  # the epilogue reads the bias of gate column c at c, of up column c at N / 2 + c
         bias = gate_up_halves(bias, up_run)
     out = new_empty((M, n_out), x.dtype, x.device)

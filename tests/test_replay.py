@@ -10,6 +10,7 @@ import torch
 import triton
 import triton.language as tl
 from torch._library.triton import set_wrap_triton_enabled
+from torch._subclasses.fake_tensor import FakeTensorMode
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from qpass.kernels import common, fp8, reference, replay, w4a16, w8a16
@@ -158,6 +159,45 @@ def test_descriptor_arguments_replay_on_each_calls_tensors():
     assert computed is replay._NOT_REPLAYABLE
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("activation, up_run", [("none", 0), ("silu_mul", 0), ("silu_mul", 16), ("gelu", 0),
+                                                ("gelu_tanh", 0)])
+@pytest.mark.parametrize("residual", [False, True])
+def test_after_gemm_is_one_replayed_launch(dtype, activation, up_run, residual):
+    """What follows a Hopper or dequantized GEMM (``w4a16.after_gemm``: a residual added, then the activation) is one
+    launch into a recorded buffer, replayed on each call's tensors, as the torch ops compute it; traced (fake
+    tensors), those torch ops. A residual with silu_mul stays the torch ops'."""
+    M, N = 33, 160
+
+    def inputs(seed):
+        g = torch.Generator().manual_seed(seed)
+        out = torch.randn(M, N, generator=g).to(dtype).to(DEVICE)
+        return out, torch.randn(M, N, generator=g).to(dtype).to(DEVICE) if residual else None
+
+    def expected(out, r):
+        return reference.activation_after_gemm(out if r is None else out + r, activation, up_run)
+
+    run, counted = replayed(lambda out, r: w4a16.after_gemm(out, r, activation, up_run))
+    with set_wrap_triton_enabled(False):
+        for seed in range(3):
+            out, r = inputs(seed)
+            got, want = run(out, r), expected(out, r)
+            # the residual's sum rounds as torch's (but bfloat16's in the interpreter, whose casts round their own
+            # way); the activations' float32 functions are not torch's, a last bit apart here and there
+            exact = activation == "none" and (dtype == torch.float16 or CUDA)
+            assert torch.equal(got, want) if exact else relative_error(got, want) < BOUND[dtype]
+    # (nothing to do returns out itself, an input: no record)
+    replays = (residual or activation != "none") and not (residual and activation == "silu_mul")
+    assert counted.calls == (1 if replays else 3)
+    (record,) = run.records.values()
+    assert (record is replay._NOT_REPLAYABLE) != replays
+    if replays:
+        assert kernel_names(record) == ["_after_gemm_kernel"]
+    with FakeTensorMode():
+        fake_out, fake_r = (torch.empty(M, N, dtype=dtype), torch.empty(M, N, dtype=dtype) if residual else None)
+        assert w4a16.after_gemm(fake_out, fake_r, activation, up_run).shape == expected(fake_out, fake_r).shape
+
+
 def test_signatures_tell_apart_what_changes_a_launch():
     """Alignment, strides and dtypes each make a signature of their own; calls that agree on them share a record."""
     x, qweight, scales, zeros, _ = make_w4(1, 96, 264, 8, torch.float32, False, False, 0)
@@ -257,18 +297,28 @@ HOPPER_CASES = [
 @needs_cuda
 @needs_hopper
 @pytest.mark.parametrize("config, M, tile, kernels", HOPPER_CASES)
-@pytest.mark.parametrize("bias", [False, True])
-def test_gpu_hopper_calls_replay_their_launches(config, M, tile, kernels, bias):
+@pytest.mark.parametrize("epilogue", ["none", "bias", "residual", "silu_mul"])
+def test_gpu_hopper_calls_replay_their_launches(config, M, tile, kernels, epilogue):
     """Eager W4A16 calls on Hopper replay their Gluon kernels: each descriptor (x, the words as runs, in rows or
     column tiles, scales, zeros, the output tile or the split's sums) is made again on the call's own tensors, a
-    split's sums are finished by its launch after, and the result is the entry point's and the reference's."""
+    split's sums are finished by its launch after, a residual or an activation by ``w4a16.after_gemm``'s, and the
+    result is the entry point's and the reference's."""
     K, N = 512, 256
 
     def inputs(seed):
-        return make_w4(M, N, K, 128, torch.float16, False, bias, seed, tile=tile)
+        x, qweight, scales, zeros, b = make_w4(M, N, K, 128, torch.float16, False, epilogue == "bias", seed, tile=tile)
+        if epilogue == "residual":
+            b = norm_and_residual(M, N, K, torch.float16, seed)[1]
+        return x, qweight, scales, zeros, b
 
     kwargs = {} if config is None else {"config": config}
-    out = assert_replays(w4a16.w4a16_linear, lambda seed: inputs(seed)[:4] + [128, inputs(seed)[4]], kernels,
+    activation = "silu_mul" if epilogue == "silu_mul" else "none"
+    if epilogue in ("residual", "silu_mul"):
+        kwargs["activation"] = activation
+        kernels = kernels + ["_after_gemm_kernel"]
+    out = assert_replays(w4a16.w4a16_linear, lambda seed: [*inputs(seed)[:4], 128, inputs(seed)[4]], kernels,
                          **kwargs)
     x, qweight, scales, zeros, b = inputs(1)
-    assert relative_error(out, w4_reference(x, qweight, scales, zeros, 128, b)) < BOUND[torch.float16]
+    ref = reference.w4a16_linear(x.float(), qweight, scales.float(), zeros.float(), 128,
+                                 None if b is None else b.float(), activation)
+    assert relative_error(out, ref) < BOUND[torch.float16]
