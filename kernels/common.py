@@ -90,16 +90,21 @@ def mma_zeros(BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SWAP_AB: tl.constexp
 
 
 @triton.jit
-def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """The rows ``[BLOCK_M]`` and columns ``[BLOCK_N]`` of output tile ``pid`` of ``[M, N]``."""
+def grouped_tile_index(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """The row tile and the column tile (indices) of output tile ``pid`` of ``[M, N]``."""
     # Grouped tile order: GROUP_M row tiles share each weight column tile while it is in L2.
     grid_m = tl.cdiv(M, BLOCK_M)
     grid_n = tl.cdiv(N, BLOCK_N)
     width = GROUP_M * grid_n
     first_m = (pid // width) * GROUP_M
     group_rows = tl.minimum(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % group_rows
-    pid_n = (pid % width) // group_rows
+    return first_m + (pid % width) % group_rows, (pid % width) // group_rows
+
+
+@triton.jit
+def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """The rows ``[BLOCK_M]`` and columns ``[BLOCK_N]`` of output tile ``pid`` of ``[M, N]``."""
+    pid_m, pid_n = grouped_tile_index(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
     return pid_m * BLOCK_M + tl.arange(0, BLOCK_M), pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
 
 
@@ -373,6 +378,7 @@ class MmaConfig(NamedTuple):
     num_stages: int
     group_m: int = 8
     swap_ab: bool = False  # W8A16: the weight tile as the MMA's left operand (``mma_accumulate``)
+    tma: bool = False  # FP8: x's and the weight's tiles copied in by TMA (tensor descriptors; sm_90 and later)
 
 
 # An unrolled loop's code grows with its steps: past this many a kernel keeps its loop.

@@ -5,7 +5,9 @@ Two launches: ``_quantize_rows_kernel`` (one program per token: the row's amax, 
 row divided by its scale, correctly rounded, then rounded to fp8) and ``_fp8_mma_kernel``
 (fp8 x fp8 on the tensor cores, float32 accumulation, both scales applied to the
 accumulator). Split K as in the other kernels when the tiles alone would leave the GPU idle,
-reduced inside the kernel (``common.store_output``). Where an RMSNorm comes before the linear,
+reduced inside the kernel (``common.store_output``). At its large-M tile on sm_90 and later the
+TMA copies x's and the weight's tiles in (``MmaConfig.tma``); elsewhere, and traced, they are
+loaded through pointers. Where an RMSNorm comes before the linear,
 the quantization computes it as it reads the row, so its output is never written.
 
 Up to ``w8a16.GEMV_MAX_M`` rows the product is a GEMV bound by the weight's bytes, one a weight as
@@ -19,11 +21,13 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+from torch._subclasses.fake_tensor import is_fake
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import w8a16
-from .common import (MmaConfig, bias_rows, cdiv, grouped_tile, inv_rms_of_squares, next_power_of_2, normed,
-                     norm_weight_as_x, output_columns, row_inv_rms, shared_memory, sm_count, split_for,
-                     split_k_workspace, split_range, store_output, traced_split)
+from .common import (MmaConfig, bias_rows, capability, cdiv, grouped_tile_index, inv_rms_of_squares,
+                     next_power_of_2, normed, norm_weight_as_x, output_columns, row_inv_rms, shared_memory, sm_count,
+                     split_for, split_k_workspace, split_range, store_output, traced_split)
 from .replay import launch, new_empty
 
 FP8_MAX = tl.constexpr(448.0)  # largest finite float8_e4m3fn
@@ -117,19 +121,41 @@ def _quantize_rows_kernel(x_ptr, g_ptr, xq_ptr, scale_ptr, K, stride_xm, stride_
 
 
 @triton.jit
+def _fp8_tile(operand, ptrs, first_row, rows_on, stride, k0, K, offs_k, TMA: tl.constexpr, EVEN_K: tl.constexpr):
+    """An fp8 operand's tile at columns ``k0 + offs_k``: by TMA from the tensor descriptor ``operand``, its rows from
+    ``first_row + rows_on`` (the copy fills rows and columns past the tensor's end with zeros), or loaded through
+    ``ptrs`` (its rows at column 0), ``rows_on`` rows of ``stride`` on."""
+    if TMA:
+        tile = operand.load([first_row + rows_on, k0])
+    elif EVEN_K:
+        tile = tl.load(ptrs + rows_on * stride + k0)
+    else:
+        tile = tl.load(ptrs + rows_on * stride + k0, mask=((k0 + offs_k) < K)[None, :], other=0.0)
+    return tile
+
+
+@triton.jit
 def _fp8_mma_kernel(
-    a_ptr, b_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, out_ptr, ws_ptr,
+    a, b, a_scale_ptr, b_scale_ptr, bias_ptr, out_ptr, ws_ptr,
     M, N_OUT, N_UP, K,
     stride_am, stride_bn, stride_bm, stride_om, stride_on, stride_wm,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
+    TMA: tl.constexpr,
 ):
+    """x's fp8 values ``a`` ``[M, K]`` times the weight's ``b`` ``[N, K]``: pointers, or with TMA tensor descriptors
+    of blocks ``[BLOCK_M, BLOCK_K]`` and ``[BLOCK_N, BLOCK_K]``."""
     pid = tl.program_id(0)
-    offs_m, offs_n = grouped_tile(pid, M, N_OUT, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = grouped_tile_index(pid, M, N_OUT, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    # Out-of-range rows and columns read row 0 again (always valid) and are never stored.
-    a_ptrs = a_ptr + (offs_m % M)[:, None] * stride_am + offs_k[None, :]
-    b_ptrs = b_ptr + (offs_n % N_OUT)[:, None] * stride_bn + offs_k[None, :]
+    if TMA:
+        a_ptrs, b_ptrs = a, b  # (not read)
+    else:
+        # Out-of-range rows and columns read row 0 again (always valid) and are never stored.
+        a_ptrs = a + (offs_m % M)[:, None] * stride_am + offs_k[None, :]
+        b_ptrs = b + (offs_n % N_OUT)[:, None] * stride_bn + offs_k[None, :]
 
     k_tiles = tl.cdiv(K, BLOCK_K)
     tile_start, tile_end = split_range(tl.program_id(1), k_tiles, SPLIT_K, 1)
@@ -137,20 +163,12 @@ def _fp8_mma_kernel(
     acc_up = acc
     for t in range(tile_start, tile_end):
         k0 = t * BLOCK_K
-        if EVEN_K:
-            a = tl.load(a_ptrs + k0)
-            b = tl.load(b_ptrs + k0)
-        else:
-            mask_k = (k0 + offs_k) < K
-            a = tl.load(a_ptrs + k0, mask=mask_k[None, :], other=0.0)
-            b = tl.load(b_ptrs + k0, mask=mask_k[None, :], other=0.0)
-        acc = tl.dot(a, tl.trans(b), acc)
+        x_tile = _fp8_tile(a, a_ptrs, pid_m * BLOCK_M, 0, stride_am, k0, K, offs_k, TMA, EVEN_K)
+        w_tile = _fp8_tile(b, b_ptrs, pid_n * BLOCK_N, 0, stride_bn, k0, K, offs_k, TMA, EVEN_K)
+        acc = tl.dot(x_tile, tl.trans(w_tile), acc)
         if ACTIVATION == "silu_mul":
-            if EVEN_K:
-                b_up = tl.load(b_ptrs + N_UP * stride_bn + k0)
-            else:
-                b_up = tl.load(b_ptrs + N_UP * stride_bn + k0, mask=mask_k[None, :], other=0.0)
-            acc_up = tl.dot(a, tl.trans(b_up), acc_up)
+            up_tile = _fp8_tile(b, b_ptrs, pid_n * BLOCK_N, N_UP, stride_bn, k0, K, offs_k, TMA, EVEN_K)
+            acc_up = tl.dot(x_tile, tl.trans(up_tile), acc_up)
     mask_m = offs_m < M
     mask_n = offs_n < N_OUT
     a_scale = tl.load(a_scale_ptr + offs_m, mask=mask_m, other=0)[:, None]
@@ -163,9 +181,11 @@ def _fp8_mma_kernel(
 
 def shared_bytes(cfg: MmaConfig, activation: str = "none") -> int:
     """The shared memory of ``_fp8_mma_kernel``'s pipeline at ``cfg``: each of its stages holds an fp8 tile of x and
-    one of the weight, two under "silu_mul" (gate and up), as Triton 3.6 allots them for sm_90."""
+    one of the weight, two under "silu_mul" (gate and up), and copied by TMA an 8-byte barrier for each weight tile,
+    as Triton 3.6 allots them for sm_90."""
     weight_tiles = 2 if activation == "silu_mul" else 1
-    return cfg.num_stages * (cfg.block_m + weight_tiles * cfg.block_n) * cfg.block_k
+    return cfg.num_stages * (cfg.block_m + weight_tiles * cfg.block_n) * cfg.block_k + (
+        8 * cfg.num_stages * weight_tiles if cfg.tma else 0)
 
 
 def _within_shared_memory(cfg: MmaConfig, activation: str, limit: int) -> MmaConfig:
@@ -195,8 +215,11 @@ def pick_config(M: int, N: int, K: int, device: torch.device, activation: str = 
         # H100, M = 4096, the GEMM alone, us, 3 stages and groups of 8 row tiles -> 4 and 16 (bench/results/
         # ab-fp8-quantize-cast-h100.json): 4096² 113.2 -> 112.1, 4096x6144 169.4 -> 169.5, 4096x28672 831.6 -> 790.0,
         # 14336x4096 362.0 -> 362.3. Under silu_mul 128 output columns, whose gate and up tiles make the same
-        # 128 x 256 of MMAs a step (four stages of 256 columns would need 320 KB).
-        cfg = MmaConfig(128, 128 if activation == "silu_mul" else 256, 128, 1, num_warps=8, num_stages=4, group_m=16)
+        # 128 x 256 of MMAs a step (four stages of 256 columns would need 320 KB). Tiles copied by TMA, the op at
+        # 4096 rows, fp16, H100, us, pointers -> TMA, in turns (ab-fp8-tma-h100.json; outputs identical): 4096²
+        # 121.2 -> 118.1, 4096x6144 178.2 -> 177.1, 4096x28672 822.8 -> 821.1, 14336x4096 406.6 -> 378.9.
+        cfg = MmaConfig(128, 128 if activation == "silu_mul" else 256, 128, 1, num_warps=8, num_stages=4, group_m=16,
+                        tma=_copies_by_tma(device))
     else:  # large M, few 128x256 tiles: smaller tiles rather than float32 partial sums
         cfg = MmaConfig(64, 128, 128, 1, num_warps=4, num_stages=4)
     cfg = _within_shared_memory(cfg, activation, shared_memory(device))
@@ -204,6 +227,18 @@ def pick_config(M: int, N: int, K: int, device: torch.device, activation: str = 
         return cfg
     tiles = cdiv(M, cfg.block_m) * cdiv(N, cfg.block_n)
     return cfg._replace(split_k=split_for(tiles, cdiv(K, cfg.block_k), sms))
+
+
+def _copies_by_tma(device: torch.device) -> bool:
+    """Whether ``device`` has the TMA unit: an sm_90 or later GPU. On the CPU (the interpreter) the picks are the
+    H100's."""
+    return device.type != "cuda" or capability(device)[0] >= 9
+
+
+def tma_ok(qweight: torch.Tensor) -> bool:
+    """Whether the TMA copies tiles of x's fp8 rows ``[M, K]`` (contiguous) and of the weight's: rows of whole 16
+    bytes, contiguous, the weight 16-byte aligned (by storage offset: allocations are)."""
+    return qweight.shape[1] % 16 == 0 and qweight.stride(0) % 16 == 0 and qweight.storage_offset() % 16 == 0
 
 
 def quantize_rows(x: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn,
@@ -265,6 +300,16 @@ def fp8_linear(
             and shared_bytes(cfg, activation) > shared_memory(x.device)):
         raise ValueError(f"{cfg} under activation {activation!r} needs {shared_bytes(cfg, activation)} bytes of shared "
                          f"memory a program; {x.device} has {shared_memory(x.device)}: fewer stages or smaller blocks")
+    if isinstance(cfg, MmaConfig) and cfg.tma and is_fake(x):
+        # traced, pointers: Inductor (torch 2.11) keeps no descriptor of a tensor made inside the op, as x's fp8 rows
+        cfg = cfg._replace(tma=False)
+    if isinstance(cfg, MmaConfig) and cfg.tma and not (tma_ok(qweight) and _copies_by_tma(x.device)):
+        if config is not None:
+            raise ValueError(f"{cfg} copies x and the weight by TMA (an sm_90 or later GPU): needs K a multiple of 16 "
+                             f"and the weight's rows of whole 16 bytes, 16-byte aligned; got qweight "
+                             f"{tuple(qweight.shape)} strides {qweight.stride()} offset {qweight.storage_offset()} "
+                             f"on {x.device}")
+        cfg = cfg._replace(tma=False)
     if isinstance(cfg, w8a16.GemvConfig):
         xq, x_scale = quantize_rows(x, torch.float16, norm_weight, norm_eps)
         return w8a16.w8_gemv(xq, qweight, weight_scale, bias, activation, cfg, x_scale, out_dtype=x.dtype)
@@ -274,12 +319,16 @@ def fp8_linear(
     has_bias = bias is not None
     grid = (cdiv(M, cfg.block_m) * cdiv(n_out, cfg.block_n), cfg.split_k)
     ws = split_k_workspace(M, N, grid[0], cfg.split_k, out)
+    a, b = xq, qweight
+    if cfg.tma:
+        a = TensorDescriptor.from_tensor(xq, [cfg.block_m, cfg.block_k])
+        b = TensorDescriptor.from_tensor(qweight, [cfg.block_n, cfg.block_k])
     launch(
         _fp8_mma_kernel, grid,
-        xq, qweight, x_scale, weight_scale, bias if has_bias else weight_scale, out, ws, M, n_out, N - n_out, K,
+        a, b, x_scale, weight_scale, bias if has_bias else weight_scale, out, ws, M, n_out, N - n_out, K,
         xq.stride(0), qweight.stride(0), stride_bm, out.stride(0), out.stride(1), N,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-        SPLIT_K=cfg.split_k, EVEN_K=K % cfg.block_k == 0, HAS_BIAS=has_bias, ACTIVATION=activation,
+        SPLIT_K=cfg.split_k, EVEN_K=K % cfg.block_k == 0, HAS_BIAS=has_bias, ACTIVATION=activation, TMA=cfg.tma,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out

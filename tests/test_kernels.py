@@ -1602,6 +1602,7 @@ def test_fp8_rows_longer_than_one_block_quantize_in_two_passes():
 
 FP8_CONFIGS = [
     fp8.MmaConfig(16, 32, 64, 3, 4, 2),
+    fp8.MmaConfig(16, 32, 64, 3, 4, 2, tma=True),  # x's and the weight's tiles copied by TMA (K whole 16 bytes)
     w8a16.GemvConfig(8, 64, 3, 4, 2),  # W8A16's GEMV on the fp8 weights (packed on a GPU)
     w8a16.GemvConfig(8, 64, 2, 4, 2, block_m=2),  # two rows a program
     w8a16.GemvConfig(16, 128, 1, 4, 2, packed_f16=False, packed_bf16=False, block_m=2),  # float32 path on GPU too
@@ -1617,6 +1618,8 @@ def test_fp8_each_kernel_variant(config, M, N, K, seed, data):
     dtype = data.draw(st.sampled_from(cpu_dtypes(gemv=gemv)))
     if gemv and not CUDA:
         M = M % (2 * config.block_m + 1) + 1  # the interpreter runs one program per block of rows: keep them few
+    if getattr(config, "tma", False):
+        K = 16 * (K // 16 + 1)  # rows of whole 16 bytes, as the TMA copies them (``test_fp8_tma_needs_...``)
     x, qweight, weight_scale, b = make_fp8(M, N, K, dtype, True, seed)
     out = fp8.fp8_linear(x, qweight, weight_scale, b, config=config)
     assert out.dtype == dtype and out.shape == (M, N)
@@ -1656,6 +1659,27 @@ def test_fp8_quantization_of_the_rms_norm(dtype, K):
         fp8.quantize_rows(x, norm_weight=norm_weight[1:])
 
 
+def test_fp8_tma_needs_rows_of_whole_16_bytes(monkeypatch):
+    """A TMA config given for a weight the TMA cannot copy (K not in whole 16 bytes, or rows 16-byte misaligned) is
+    refused, naming the weight; a TMA pick copies such a weight through pointers instead, to the same result."""
+    x, qweight, weight_scale, _ = make_fp8(20, 40, 80, torch.float16, False, 0)
+    config = fp8.MmaConfig(16, 32, 64, 1, 4, 2, tma=True)
+    expected = fp8_reference(x, qweight, weight_scale, None)
+    assert relative_error(fp8.fp8_linear(x, qweight, weight_scale, config=config), expected) < FP8_BOUND[torch.float16]
+    with pytest.raises(ValueError, match=r"by TMA .*needs K a multiple of 16.*got qweight \(40, 72\) strides "
+                                         r"\(72, 1\) offset 0"):
+        fp8.fp8_linear(x[:, :72], qweight[:, :72].contiguous(), weight_scale, config=config)
+    shifted = torch.empty(40 * 80 + 8, dtype=qweight.dtype, device=qweight.device)[8:].view(40, 80)
+    shifted.copy_(qweight)
+    with pytest.raises(ValueError, match=r"got qweight \(40, 80\) strides \(80, 1\) offset 8"):
+        fp8.fp8_linear(x, shifted, weight_scale, config=config)
+    assert not fp8.tma_ok(shifted) and fp8.tma_ok(qweight)
+    # (the large-M pick, the one with TMA, at a size the interpreter runs quickly)
+    monkeypatch.setattr(fp8, "pick_config", lambda *args: config)
+    assert torch.equal(fp8.fp8_linear(x, shifted, weight_scale),
+                       fp8.fp8_linear(x, qweight, weight_scale, config=config._replace(tma=False)))
+
+
 def test_fp8_kernel_choice_by_rows():
     """W8A16's GEMV for a row or two (the same bytes a weight), the tensor-core kernel from three."""
     cpu = torch.device("cpu")
@@ -1678,30 +1702,37 @@ def test_fp8_picks_fit_the_shared_memory():
                     assert fp8.shared_bytes(cfg, activation) <= common.shared_memory(cpu) == 232448, (M, n_out, cfg)
                     small = fp8._within_shared_memory(cfg, activation, 101376)
                     assert fp8.shared_bytes(small, activation) <= 101376 and small.num_stages >= 2, small
-    assert fp8.pick_config(4096, 4096, 14336, cpu) == fp8.MmaConfig(128, 256, 128, 1, 8, 4, 16)
-    assert fp8.pick_config(4096, 4096, 14336, cpu, "silu_mul") == fp8.MmaConfig(128, 128, 128, 1, 8, 4, 16)
+    assert fp8.pick_config(4096, 4096, 14336, cpu) == fp8.MmaConfig(128, 256, 128, 1, 8, 4, 16, tma=True)
+    assert fp8.pick_config(4096, 4096, 14336, cpu, "silu_mul") == fp8.MmaConfig(128, 128, 128, 1, 8, 4, 16, tma=True)
     assert fp8.shared_bytes(fp8.MmaConfig(128, 256, 128, 1, 8, 3), "silu_mul") == 245760
 
 
 _SHARED_OF_FP8_MMA_KERNEL = r"""
 from qpass.kernels import fp8
 
-pointers = {"a_ptr": "*fp8e4nv", "b_ptr": "*fp8e4nv", "a_scale_ptr": "*fp32", "b_scale_ptr": "*fp32",
-            "bias_ptr": "*fp16", "out_ptr": "*fp16", "ws_ptr": "*fp32"}
+scalars = {"a_scale_ptr": "*fp32", "b_scale_ptr": "*fp32", "bias_ptr": "*fp16", "out_ptr": "*fp16", "ws_ptr": "*fp32"}
 for activation in ("none", "silu_mul"):
     cfg = fp8.pick_config(4096, 4096, 14336, fp8.torch.device("cpu"), activation)
-    kernel = compiled(fp8._fp8_mma_kernel, pointers, dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                      BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, SPLIT_K=1, EVEN_K=True, HAS_BIAS=False,
-                      ACTIVATION=activation, stride_on=1), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    print(kernel.metadata.shared, fp8.shared_bytes(cfg, activation))
+    for tma in (True, False):
+        operands = ({"a": f"tensordesc<fp8e4nv[{cfg.block_m},{cfg.block_k}]>",
+                     "b": f"tensordesc<fp8e4nv[{cfg.block_n},{cfg.block_k}]>"} if tma
+                    else {"a": "*fp8e4nv", "b": "*fp8e4nv"})
+        kernel = compiled(fp8._fp8_mma_kernel, operands | scalars, dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                          BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, SPLIT_K=1, EVEN_K=True, HAS_BIAS=False,
+                          ACTIVATION=activation, TMA=tma, stride_on=1), num_warps=cfg.num_warps,
+                          num_stages=cfg.num_stages)
+        print(tma, activation, kernel.metadata.shared, fp8.shared_bytes(cfg._replace(tma=tma), activation))
 """
 
 
 def test_fp8_shared_bytes_are_what_triton_allots_for_sm90():
     """``fp8.shared_bytes``, which the picks are cut by, against the shared memory of the kernel compiled for sm_90 at
-    the large-M picks (without and with silu_mul)."""
-    for line in compiled_for_sm90(_SHARED_OF_FP8_MMA_KERNEL).strip().splitlines()[-2:]:
-        allotted, counted = map(int, line.split())
+    the large-M picks (without and with silu_mul; the tiles copied by TMA and loaded through pointers)."""
+    lines = compiled_for_sm90(_SHARED_OF_FP8_MMA_KERNEL).strip().splitlines()[-4:]
+    assert [line.split()[:2] for line in lines] == [["True", "none"], ["False", "none"], ["True", "silu_mul"],
+                                                     ["False", "silu_mul"]]
+    for line in lines:
+        allotted, counted = map(int, line.split()[2:])
         assert allotted == counted, line
 
 
@@ -2602,6 +2633,33 @@ def test_gpu_compiled_op_calls_the_triton_kernel_without_graph_break(M):
     if kernel in ("w4a16_gemv_kernel", "_w4a16_mma_kernel", "w4a16_warp_mma_kernel") and cfg.split_k > 1:
         kernel = "torch.ops.qpass.w4a16_linear_split_k.default("  # (the op keeps the split's workspace)
     assert any(kernel in code for code in codes), f"Inductor's code does not launch {kernel}"
+
+
+@cuda
+@needs_cuda
+@pytest.mark.parametrize("activation", ["none", "silu_mul"])
+def test_gpu_compiled_fp8_op_at_a_tma_pick(activation):
+    """Compiled, the FP8 op at its large-M pick (tiles copied by TMA on Hopper, eagerly) launches the kernel in
+    Inductor's code, copying through pointers (``fp8_linear``), with no graph break, and gives the eager op's result."""
+    import torch._dynamo
+    from torch._inductor.utils import run_and_get_code
+
+    import qpass  # noqa: F401
+
+    M, n_out, K = 2048, 2560, 512
+    N = 2 * n_out if activation == "silu_mul" else n_out
+    cfg = fp8.pick_config(M, n_out, K, torch.device("cuda"), activation)
+    assert cfg.tma == (common.capability(torch.device("cuda"))[0] >= 9), cfg
+    x, qweight, weight_scale, b = make_fp8(M, N, K, torch.float16, True, 0)
+
+    def f(x):
+        return torch.ops.qpass.fp8_linear(x, qweight, weight_scale, b, activation) * 2
+
+    torch._dynamo.reset()
+    out, codes = run_and_get_code(torch.compile(f, fullgraph=True), x)
+    assert relative_error(out, 2 * fp8_reference(x, qweight, weight_scale, b, activation)) < FP8_BOUND[torch.float16]
+    assert any("_fp8_mma_kernel" in code for code in codes), "Inductor's code does not launch _fp8_mma_kernel"
+    assert relative_error(out, 2 * fp8.fp8_linear(x, qweight, weight_scale, b, activation)) < FP8_BOUND[torch.float16]
 
 
 def test_opaque_gemm_ops_run_under_torch_compile():

@@ -100,6 +100,11 @@ def test_w8a16_and_fp8_calls_replay_their_launches():
     x, qweight, weight_scale, b = make_fp8(24, 96, 256, torch.float16, True, 1)
     ref = reference.fp8_linear(x.float(), qweight, weight_scale, b.float())
     assert relative_error(out, ref) < FP8_BOUND[torch.float16]
+    # x's and the weight's tiles copied by TMA: descriptors of the quantized rows (a recorded buffer) and the weight
+    out = assert_replays(fp8.fp8_linear, lambda seed: make_fp8(24, 96, 256, torch.float16, True, seed),
+                         ["_quantize_rows_kernel", "_fp8_mma_kernel"], config=fp8.MmaConfig(16, 32, 64, 1, 4, 2,
+                                                                                            tma=True))
+    assert relative_error(out, ref) < FP8_BOUND[torch.float16]
 
 
 def test_calls_a_replay_would_not_repeat_run_the_entry_point():
