@@ -237,8 +237,8 @@ def _copies_by_tma(device: torch.device) -> bool:
 
 def tma_ok(qweight: torch.Tensor) -> bool:
     """Whether the TMA copies tiles of x's fp8 rows ``[M, K]`` (contiguous) and of the weight's: rows of whole 16
-    bytes, contiguous, the weight 16-byte aligned (by storage offset: allocations are)."""
-    return qweight.shape[1] % 16 == 0 and qweight.stride(0) % 16 == 0 and qweight.storage_offset() % 16 == 0
+    bytes, contiguous, the weight 16-byte aligned (a real tensor: traced calls copy through pointers)."""
+    return qweight.shape[1] % 16 == 0 and qweight.stride(0) % 16 == 0 and qweight.data_ptr() % 16 == 0
 
 
 def quantize_rows(x: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn,
@@ -308,7 +308,7 @@ def fp8_linear(
             raise ValueError(f"{cfg} copies x and the weight by TMA (an sm_90 or later GPU): needs K a multiple of 16 "
                              f"and the weight's rows of whole 16 bytes, 16-byte aligned; got qweight "
                              f"{tuple(qweight.shape)} strides {qweight.stride()} offset {qweight.storage_offset()} "
-                             f"on {x.device}")
+                             f"(its address {qweight.data_ptr() % 16} bytes past a multiple of 16) on {x.device}")
         cfg = cfg._replace(tma=False)
     if isinstance(cfg, w8a16.GemvConfig):
         xq, x_scale = quantize_rows(x, torch.float16, norm_weight, norm_eps)
