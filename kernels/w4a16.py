@@ -64,9 +64,8 @@ from torch._subclasses.fake_tensor import is_fake
 
 from .common import (MAX_UNROLLED_STEPS, activated, asm_constant, bias_rows, capability, cdiv, dependent_launch,
                      grouped_tile, inv_rms_of_squares, launch_dependent_grids, mma_accumulate, mma_zeros,
-                     next_power_of_2, normed,
-                     norm_weight_as_x, output_columns, register_budget, row_inv_rms, sm_count, split_for,
-                     split_k_workspace, split_range, split_total_kernel, store_output, traced_split,
+                     next_power_of_2, normed, norm_weight_as_x, output_columns, register_budget, row_inv_rms, sm_count,
+                     split_for, split_k_workspace, split_range, split_total_kernel, store_output, traced_split,
                      triton_interpreted, unrolled_steps, wait_for_prior_grids, WORD_TILE, word_columns, word_offsets,
                      word_strides)
 from .int4_pairs import NIBBLE_PAIRS_OUT, bf16_nibble_pairs, f16_nibble_pairs, zero_bf16x2, zero_f16x2
