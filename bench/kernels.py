@@ -249,6 +249,11 @@ def sweep_candidates(kind, M, N, activation="none", registers=None):
                 for swap in swaps:
                     out.append(w4a16.MmaConfig(bm, bn, bk, 0, swap, warps, stages))
             out.append(w4a16.DequantMmConfig())
+        if 128 < M <= 512:  # the register-fed kernel on 256-row tiles, one program an SM (``_register_fed_one_wave``)
+            for split in (1, 2, 4):
+                for stages in (3, 4):
+                    out.append(w4a16.WgmmaTmaConfig(256, 64, stages, split, 4, registers=True, loader_warp=True,
+                                                    maxnreg=w4a16.RS_WS_256_REGISTERS))
         if M > 256:
             for bm, bn, bk, warps in [(128, 128, 64, 8), (128, 256, 64, 8), (256, 128, 64, 8)]:
                 for swap in swaps:

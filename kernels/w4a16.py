@@ -397,7 +397,8 @@ class WgmmaTmaConfig(NamedTuple):
     whole tiles before it; ``dequantized_from_column`` > 0 leaves the columns from there to the dequantized weight and
     cuBLAS instead (tails of a wave, ``_wgmma_tma_waves``). ``maxnreg``: the registers a thread of the
     warp-specialized register-fed kernel, which set how many of its programs an SM holds (``rs_ws_registers``); 0
-    for ``RS_WS_REGISTERS``, two.
+    for ``RS_WS_REGISTERS``, two (64- and 128-row tiles; 256-row tiles take ``RS_WS_256_REGISTERS``, one, from 129 to
+    512 rows: ``_register_fed_one_wave``).
     """
 
     block_m: int
@@ -544,9 +545,9 @@ def check_wgmma_tma_config(cfg: WgmmaTmaConfig):
     memory. Warp-specialized (``dequant_warps`` 4 or 8): ``block_n`` 64 or 128 (whole runs of 64 words), at
     most 64 float32 sums a thread of the MMAs' warps with 8 dequantizing warps, 128 with 4 (the registers
     the partitions share), and a stage of x, words, scales, zeros and the weight tile each. With ``registers``:
-    one warpgroup on 64 columns, a stage of x, words, scales and zeros each; ``loader_warp`` only with ``registers``
-    and ``block_m`` 64 or 128 (ptxas fails on a 256-row accumulator within ``RS_WS_REGISTERS``), ``maxnreg`` 0 or
-    a multiple of 8 from ``RS_WS_REGISTERS`` (128 rows: ptxas asks 94 or more) or ``rs_ws_registers(4)`` (64 rows)."""
+    one warpgroup on 64 columns, a stage of x, words, scales and zeros each; ``loader_warp`` only with ``registers``,
+    ``maxnreg`` a multiple of 8 from ``rs_ws_registers(4)`` (64 rows) or ``RS_WS_REGISTERS`` (128 rows: ptxas asks 94
+    or more), either also 0 (``RS_WS_REGISTERS``), or from ``RS_WS_256_REGISTERS`` (256 rows: ptxas asks 158)."""
     if cfg.split_from_column and not (cfg.dequant_warps and cfg.split_k > 1 and cfg.split_from_column > 0
                                       and cfg.split_from_column % cfg.block_n == 0):
         raise ValueError(f"{cfg}: split_from_column splits the warp-specialized kernel's tiles from that column on: "
@@ -555,11 +556,12 @@ def check_wgmma_tma_config(cfg: WgmmaTmaConfig):
                                             and cfg.dequantized_from_column % cfg.block_n == 0):
         raise ValueError(f"{cfg}: dequantized_from_column leaves the columns from there to the dequantized weight and "
                          f"cuBLAS: needs dequant_warps, split_k 1 and a positive multiple of block_n")
-    if cfg.loader_warp and not (cfg.registers and cfg.block_m <= 128):
+    if cfg.loader_warp and not cfg.registers:
         raise ValueError(f"{cfg}: loader_warp is the warp-specialized form of the kernel with the weights in "
-                         f"registers: needs registers=True and block_m 64 or 128")
-    least = RS_WS_REGISTERS if cfg.block_m > 64 else rs_ws_registers(4)
-    if cfg.maxnreg and not (cfg.loader_warp and cfg.maxnreg % 8 == 0 and least <= cfg.maxnreg <= 255):
+                         f"registers: needs registers=True")
+    least = {64: rs_ws_registers(4), 128: RS_WS_REGISTERS}.get(cfg.block_m, RS_WS_256_REGISTERS)
+    if (cfg.maxnreg or cfg.block_m > 128 and cfg.loader_warp) and not (
+            cfg.loader_warp and cfg.maxnreg % 8 == 0 and least <= cfg.maxnreg <= 255):
         raise ValueError(f"{cfg}: maxnreg is the warp-specialized register-fed kernel's (loader_warp) registers a "
                          f"thread: needs loader_warp and a multiple of 8 from {least} (block_m {cfg.block_m}) to 255")
     rows_a_pass = 16 * cfg.num_warps
@@ -797,6 +799,9 @@ def _wgmma_tma_config(M: int, N: int, K: int, sms: int) -> WgmmaTmaConfig:
 # 8 warps at 128 registers fit two programs an SM (ptxas's own choice, 255, fits one); the loader lowers its own to
 # 24 and the consumer raises its own to what that frees (``setmaxnreg``)
 RS_WS_REGISTERS = 128
+# and on 256-row tiles, whose accumulator takes 128 registers a thread of the warpgroup: ptxas asks 158 or more, so one
+# program an SM
+RS_WS_256_REGISTERS = 168
 
 
 def rs_ws_registers(programs: int) -> int:
@@ -858,6 +863,28 @@ def _wgmma_registers_config(M: int, N: int, K: int, sms: int) -> WgmmaTmaConfig:
                                   maxnreg=rs_ws_registers(2))
     split = _wgmma_split(tiles, K, (4 if block_m == 64 else 3) * sms, most=8)
     return WgmmaTmaConfig(block_m, 64, 3, split, num_warps=4, registers=True)
+
+
+def _register_fed_one_wave(M: int, N: int, K: int, sms: int) -> Optional[WgmmaTmaConfig]:
+    """129 to 512 rows on Hopper: the warp-specialized register-fed kernel on 256-row tiles (64 columns, one program
+    an SM, 4 stages) where its programs, K split in two if twice them fit and a split keeps 32 steps, fill 70-100% of
+    one wave; else None. One warpgroup's MMAs on 256 rows, each step dequantized under the MMAs of the step before,
+    beat the warp-specialized kernel's dequantizing warps and shared weight tile, and the dequantized weight +
+    cuBLAS, where the programs are few. H100, the op, medians of 5 rounds in turns, us, the pick before
+    (``_wgmma_tma_config`` to 256 rows, then the dequantized weight or ``_wgmma_tma_waves``) -> this, and cuBLAS
+    (bench/NOTES-kernels.md, eighty-eighth session): fp16 4096² at 129 / 256 / 384 / 512 rows 23.66 / 25.16 / 34.62
+    / 38.32 -> 19.19 / 21.99 / 28.18 / 27.22 (cuBLAS 17.53 / 18.92 / 22.51 / 27.27); 4096x6144 at 129 / 256 rows 32.91
+    / 37.85 -> 26.60 / 26.88 (21.14 / 24.60); 8192² at 256 rows 67.83 -> 54.89 (57.83); 14336x4096 at 256 / 512 rows
+    56.55 / 106.26 -> 54.37 / 94.92 (66.51 / 92.82); bf16 4096² at 512 rows 38.48 -> 27.63; no slower in 38 cases from
+    129 to 512 rows, fp16 and bf16, but by 0.2% (bf16 14336x4096 at 256 rows, 54.96 -> 55.06). Over more than a wave
+    it loses to the picks (fp16, 256 rows, best of 3: 4096x28672, 448 programs, 107.71 against 109.91; 4096x14336,
+    224, 50.16 against 52.87), and so do splits of 16 steps (4096² at 256 rows, split 4: 25.09 against 21.16)."""
+    tiles = cdiv(M, 256) * cdiv(N, 64)
+    split = _wgmma_split(tiles, K, sms, min_steps=32, most=2)
+    if 7 * sms <= 10 * tiles * split <= 10 * sms:
+        return WgmmaTmaConfig(256, 64, 4, split, num_warps=4, registers=True, loader_warp=True,
+                              maxnreg=RS_WS_256_REGISTERS)
+    return None
 
 
 def _wgmma_tma_waves(M: int, N: int, K: int, sms: int) -> Optional[WgmmaTmaConfig]:
@@ -1020,6 +1047,7 @@ WARP_MMA_MAX_M = 16
 WGMMA_MAX_M = 64
 WGMMA_EXACT_MAX_M = 32  # up to here the Hopper kernel keeps the weights exact in the MMA (``WgmmaConfig.scaled``)
 WGMMA_REGISTERS_MAX_M = 128  # from 33 rows to here the TMA kernel with the weights in registers (``registers``)
+REGISTERS_ONE_WAVE_MAX_M = 512  # and on 256-row tiles to here where they fill one wave (``_register_fed_one_wave``)
 WGMMA_TMA_MAX_M = 256  # past it the dequantized weight and cuBLAS (``DequantMmConfig``) are faster on Hopper,
 WGMMA_TMA_WAVES_MAX_M = 1024  # but up to here where the TMA kernel's tiles fill whole waves (``_wgmma_tma_waves``)
 # Off Hopper (there ``WGMMA_TMA_MAX_M``), past one 128-row tile the fused kernel reads and dequantizes the
@@ -1159,6 +1187,10 @@ def pick_config(M: int, N: int, K: int, group_size: int, device: torch.device, a
     # session): 128 rows 18.9 / 26.0 / 77.7 / 39.1 against 20.8 / 40.5 / 104.1 / 54.8 on 4096², 4096x6144,
     # 4096x28672 and 14336x4096; 192 rows 25.9 / 37.2 / 126.5 / 56.6 against 30.7 / 38.7 / 157.9 / 88.8;
     # 256 rows 28.4 / 39.9 / 133.3 / 62.1 against 29.0 / 40.1 / 178.6 / 98.8
+    one_wave = hopper and tma_words and WGMMA_REGISTERS_MAX_M < M <= REGISTERS_ONE_WAVE_MAX_M and \
+        _register_fed_one_wave(M, gemm_n, K, sms)
+    if one_wave:
+        return one_wave
     if hopper and WGMMA_MAX_M < M <= WGMMA_TMA_MAX_M:
         cfg = _wgmma_tma_config(M, gemm_n, K, sms)
         return cfg if tma_words else cfg._replace(dequant_warps=0)

@@ -61,7 +61,9 @@ its own issuing the copies as the warpgroup frees each stage (an mbarrier arriva
 fence + CTA barrier + copies before the next. Its partitions take 8 warps (the loader's padded to a warpgroup), two
 programs an SM at ``w4a16.RS_WS_REGISTERS``; ``w4a16._wgmma_registers_config`` picks it where a split keeps its
 programs within one such wave. H200, fp16, us, the op, the kernel above -> this: 4096² at 64 / 128 rows 12.48 / 16.65
--> 11.32 / 15.88, 14336x4096 24.57 / 36.00 -> 23.18 / 33.16 (bench/NOTES-kernels.md, sixty-second session).
+-> 11.32 / 15.88, 14336x4096 24.57 / 36.00 -> 23.18 / 33.16 (bench/NOTES-kernels.md, sixty-second session). On
+256-row tiles its accumulator takes one program an SM (``w4a16.RS_WS_256_REGISTERS``), which
+``w4a16._register_fed_one_wave`` picks from 129 to 512 rows where its programs fill most of one wave.
 
 **x past its last row.** Where a tile of the two kernels below reaches far past x's last row (``w4a16.x_in_halves``:
 24 rows or more with the weights in registers, all its second half but a sixteenth warp-specialized), the TMA,
@@ -737,15 +739,15 @@ def _rs_loader(x_desc, x_half_desc, w_desc, s_desc, z_desc, xs, wq, ss, zs, read
 def _rs_consumer(x_desc, x_half_desc, w_desc, s_desc, z_desc, xs, wq, ss, zs, ready, empty, m0, lo, hi, n0, start,
                  end, word_run, GROUP_SIZE: gl.constexpr):
     """The warpgroup: each step once its stage is in, as the kernel above, then the stage freed by an mbarrier
-    arrival (no CTA barrier, no copies to issue). With 128-row tiles each step is dequantized under the MMAs of the
-    step before (``_steps_under_mmas``): H100, the op, medians of 7 rounds, us, fp16 4096x28672 at 65 / 96 / 128 rows
-    65.39 / 65.58 / 63.09 -> 62.93 / 63.15 / 62.41, 4096x12288 at 128 rows 30.14 -> 28.23, 4096² 13.18 -> 12.54,
-    14336x4096 31.68 -> 30.81, bf16 with a bias 4096² 14.50 -> 13.92; with 64-row tiles it lost (14336x4096 at 64
-    rows 22.39 -> 23.69, 4096x28672 at 33 rows 40.41 -> 42.25; bench/NOTES-kernels.md, eighty-second session)."""
+    arrival (no CTA barrier, no copies to issue). With 128- and 256-row tiles each step is dequantized under the MMAs
+    of the step before (``_steps_under_mmas``): H100, the op, medians of 7 rounds, us, fp16 4096x28672 at 65 / 96 /
+    128 rows 65.39 / 65.58 / 63.09 -> 62.93 / 63.15 / 62.41, 4096x12288 at 128 rows 30.14 -> 28.23, 4096² 13.18 ->
+    12.54, 14336x4096 31.68 -> 30.81, bf16 with a bias 4096² 14.50 -> 13.92; with 64-row tiles it lost (14336x4096 at
+    64 rows 22.39 -> 23.69, 4096x28672 at 33 rows 40.41 -> 42.25; bench/NOTES-kernels.md, eighty-second session)."""
     BLOCK_M: gl.constexpr = xs.type.shape[1]
     byte = _operand_bytes()
     acc = _register_accumulator(BLOCK_M)
-    if BLOCK_M == 128:
+    if BLOCK_M >= 128:
         acc = _steps_under_mmas(xs, wq, ss, zs, ready, empty, end - start, byte, acc)
     else:
         for step in range(start, end):

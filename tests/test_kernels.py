@@ -450,6 +450,44 @@ def test_w4a16_wgmma_registers_config_by_shape():
         w4a16.check_wgmma_tma_config(c)
 
 
+def test_w4a16_register_fed_one_wave_by_shape():
+    """129 to 512 rows (eighty-eighth session): the warp-specialized register-fed kernel on 256-row tiles of 64
+    columns, one program an SM, 4 stages, where its programs fill 70-100% of one wave, K split in two where twice
+    them fit and a split keeps 32 steps of 64; else None, and the picks before. Shapes as N, K."""
+    one_wave = w4a16._register_fed_one_wave
+
+    def fed(split):
+        return w4a16.WgmmaTmaConfig(256, 64, 4, split, num_warps=4, registers=True, loader_warp=True,
+                                    maxnreg=w4a16.RS_WS_256_REGISTERS)
+
+    # 4096 columns: 64 tiles, split in two (128 of 132) to 256 rows, 128 tiles unsplit to 512; 6144: 96 tiles (73%)
+    # to 256 rows, 192 past; 28672: 448 tiles
+    assert [one_wave(M, N, K, 132) for M in (129, 256) for N, K in [(4096, 4096), (6144, 4096), (4096, 14336)]] == \
+        2 * [fed(2), fed(1), fed(2)]
+    assert [one_wave(M, N, 4096, 132) for M in (257, 512) for N in (4096, 6144)] == 2 * [fed(1), None]
+    assert one_wave(256, 28672, 4096, 132) is None and one_wave(256, 5120, 4096, 132) is None  # 448; 80 (61%)
+    assert one_wave(256, 4096, 2048, 132) is None  # 64 tiles (48%): a split would keep 16 steps
+    assert one_wave(256, 64 * 92, 4096, 132) is None and one_wave(256, 64 * 93, 4096, 132) == fed(1)  # 70%: 92.4
+    assert one_wave(512, 8192, 4096, 132) is None  # 256 tiles
+    w4a16.check_wgmma_tma_config(fed(2))
+
+
+def test_w4a16_register_fed_one_wave_is_picked_from_129_to_512_rows(monkeypatch):
+    """On Hopper the pick takes ``_register_fed_one_wave`` from 129 to 512 rows wherever it gives a config and the
+    TMA reads the words; at 128 rows and past 512, and for words the TMA cannot read, the picks before."""
+    monkeypatch.setattr(w4a16, "_hopper", lambda device: True)
+    cpu = torch.device("cpu")
+    for M in (129, 200, 256, 300, 512):
+        assert w4a16.pick_config(M, 4096, 4096, 128, cpu) == w4a16._register_fed_one_wave(M, 4096, 4096, 132)
+        assert w4a16.pick_config(M, 4096, 4096, 128, cpu, tma_words=False) != w4a16.pick_config(M, 4096, 4096, 128, cpu)
+    assert w4a16.pick_config(256, 28672, 4096, 128, cpu) == w4a16._wgmma_tma_config(256, 28672, 4096, 132)
+    assert w4a16.pick_config(128, 4096, 4096, 128, cpu).block_m == 128
+    assert not getattr(w4a16.pick_config(513, 4096, 4096, 128, cpu), "loader_warp", False)
+    # gate and up under silu_mul: the GEMM's 2 N columns (2 x 2048: 64 tiles)
+    assert w4a16.pick_config(256, 2048, 4096, 128, cpu, activation="silu_mul") == \
+        w4a16._register_fed_one_wave(256, 4096, 4096, 132)
+
+
 def test_w4a16_wgmma_tma_past_256_rows_only_in_whole_waves():
     """257 to 1024 rows (fifty-third session): the warp-specialized kernel's 256 x 128 tiles where M fills 60% of
     their rows and their programs 90% of their waves: unsplit in up to two waves, split in two in one where that
@@ -533,18 +571,21 @@ def test_w4a16_wgmma_tma_rejects_shapes_it_cannot_run():
                 w4a16.WgmmaTmaConfig(256, 64, 4, 1, 4, 0, True), w4a16.WgmmaTmaConfig(64, 64, 3, 4, 4, 0, True, True)):
         w4a16.check_wgmma_tma_config(cfg)
     for cfg in (w4a16.WgmmaTmaConfig(128, 64, 3, 4, 4, loader_warp=True),
-                w4a16.WgmmaTmaConfig(256, 128, 4, 1, 8, 4, loader_warp=True),
-                w4a16.WgmmaTmaConfig(256, 64, 3, 1, 4, registers=True, loader_warp=True)):
-        with pytest.raises(ValueError, match=rf"{re.escape(repr(cfg))}: loader_warp .* needs registers=True and "
-                                             rf"block_m 64 or 128"):
+                w4a16.WgmmaTmaConfig(256, 128, 4, 1, 8, 4, loader_warp=True)):
+        with pytest.raises(ValueError, match=rf"{re.escape(repr(cfg))}: loader_warp .* needs registers=True"):
             w4a16.check_wgmma_tma_config(cfg)
     register_fed = w4a16.WgmmaTmaConfig(64, 64, 3, 1, 4, registers=True, loader_warp=True)
     for cfg in (register_fed._replace(maxnreg=64), register_fed._replace(maxnreg=248),
-                register_fed._replace(block_m=128, maxnreg=128)):
+                register_fed._replace(block_m=128, maxnreg=128), register_fed._replace(block_m=128),
+                register_fed._replace(block_m=256, stages=4, maxnreg=w4a16.RS_WS_256_REGISTERS),
+                register_fed._replace(block_m=256, maxnreg=248)):
         w4a16.check_wgmma_tma_config(cfg)
+    # (256-row tiles: ptxas asks 158 registers, so no default of 128)
     for cfg, least in ((register_fed._replace(maxnreg=56), 64), (register_fed._replace(maxnreg=66), 64),
                        (register_fed._replace(maxnreg=256), 64), (register_fed._replace(block_m=128, maxnreg=80), 128),
-                       (register_fed._replace(loader_warp=False, maxnreg=128), 64)):
+                       (register_fed._replace(loader_warp=False, maxnreg=128), 64),
+                       (register_fed._replace(block_m=256), 168),
+                       (register_fed._replace(block_m=256, maxnreg=128), 168)):
         with pytest.raises(ValueError, match=rf"{re.escape(repr(cfg))}: maxnreg .* needs loader_warp and a multiple "
                                              rf"of 8 from {least} \(block_m {cfg.block_m}\) to 255"):
             w4a16.check_wgmma_tma_config(cfg)
@@ -989,7 +1030,7 @@ def test_w4a16_warp_specialized_kernel_reads_every_operand_by_tma():
 
 # The TMA kernel with the weights in registers compiled for sm_90, single-partition and warp-specialized (at its
 # register budget, and the 64-row one at four programs an SM's too): fp16 128 rows, words in tiles, a bias; bf16 64
-# rows, words in rows, split in two, x in half tiles.
+# rows, words in rows, split in two, x in half tiles; warp-specialized only, fp16 256 rows in 4 stages, split in two.
 # Each one's TTGIR, then its SASS as lines after "SASS".
 _REGISTER_OPERAND_TMA_KERNEL = r"""
 from triton.experimental.gluon import language as gl
@@ -1000,8 +1041,9 @@ x_tiles = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank
 runs = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=3)
 rows = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=16, rank=2)
 sums = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=2)
-for dtype, block_m, split, bias, halves in (("fp16", 128, 1, True, False), ("bf16", 64, 2, False, True)):
-    constexprs = dict(GROUP_SIZE=128, BLOCK_M=block_m, STAGES=3, SPLIT_K=split, HAS_BIAS=bias)
+for dtype, block_m, split, bias, halves, stages in (("fp16", 128, 1, True, False, 3), ("bf16", 64, 2, False, True, 3),
+                                                    ("fp16", 256, 2, False, False, 4)):
+    constexprs = dict(GROUP_SIZE=128, BLOCK_M=block_m, STAGES=stages, SPLIT_K=split, HAS_BIAS=bias)
     pointers = {"b_ptr": "*" + dtype, "out_ptr": "*fp32" if split > 1 else "*" + dtype,
                 "x_desc": f"tensordesc<{dtype}[{block_m},64],{x_tiles!r}>",
                 "x_half_desc": f"tensordesc<{dtype}[{block_m // 2 if halves else block_m},64],{x_tiles!r}>",
@@ -1009,11 +1051,12 @@ for dtype, block_m, split, bias, halves in (("fp16", 128, 1, True, False), ("bf1
     pointers |= {p: f"tensordesc<{dtype}[1,64],{rows!r}>" for p in ("s_desc", "z_desc")}
     # the tile's blocks as the TMA unit writes them (w4a16.wgmma_tma_launch): split, the float32 sums' (x in halves);
     # unsplit, the output's
-    pointers["tile_desc"] = (f"tensordesc<fp32[{block_m // 2},32],{sums!r}>" if split > 1
+    pointers["tile_desc"] = (f"tensordesc<fp32[{block_m // 2 if halves else block_m},32],{sums!r}>" if split > 1
                              else f"tensordesc<{dtype}[{block_m},64],{x_tiles!r}>")
-    budgets = [{"maxnreg": w4a16.RS_WS_REGISTERS}] + ([{"maxnreg": w4a16.rs_ws_registers(4)}] if block_m == 64 else [])
-    for kernel, budget in [(w4a16_wgmma_tma.w4a16_wgmma_tma_rs_kernel, {})] + [
-            (w4a16_wgmma_tma.w4a16_wgmma_tma_rs_ws_kernel, budget) for budget in budgets]:
+    budgets = {64: [w4a16.RS_WS_REGISTERS, w4a16.rs_ws_registers(4)], 128: [w4a16.RS_WS_REGISTERS],
+               256: [w4a16.RS_WS_256_REGISTERS]}[block_m]
+    for kernel, budget in [(w4a16_wgmma_tma.w4a16_wgmma_tma_rs_kernel, {})] * (block_m < 256) + [
+            (w4a16_wgmma_tma.w4a16_wgmma_tma_rs_ws_kernel, {"maxnreg": budget}) for budget in budgets]:
         kernel = compiled(kernel, pointers, constexprs, GluonASTSource, num_warps=4, **budget)
         print(kernel.asm["ttgir"])
         print("SASS")
@@ -1076,13 +1119,16 @@ def test_w4a16_register_operand_tma_kernel_dequantizes_into_the_mma_operand():
     each step's MMAs are waited for before the loop goes on; the tile leaves by the TMA unit (split, added into the
     sums; unsplit, stored); in the SASS nothing spills and no instruction rewrites an
     operand register of an HGMMA in flight (Triton 3.6's ptxas did, with one step in flight across the loop's back
-    edge). The same at 64 rows with four programs an SM's registers (``rs_ws_registers(4)``). The warp-specialized
-    kernel's 128-row tiles dequantize each step while the MMAs of the step before run, and no other form does."""
+    edge). The same at 64 rows with four programs an SM's registers (``rs_ws_registers(4)``), and at 256 rows with
+    one's (``RS_WS_256_REGISTERS``). The warp-specialized kernel's 128- and 256-row tiles dequantize each step while
+    the MMAs of the step before run, and no other form does."""
     modules = compiled_for_sm90(_REGISTER_OPERAND_TMA_KERNEL).split("module attributes")[1:]
-    assert len(modules) == 5
-    cases = [(["128x64xf16"], "1x64xf16", True, loader_warp) for loader_warp in (False, True)]
-    cases += [(["32x64xbf16"] * 2, "1x64xbf16", False, loader_warp) for loader_warp in (False, True, True)]
-    for module, (x_blocks, scales, bias, loader_warp) in zip(modules, cases):
+    assert len(modules) == 6
+    # (x's blocks, the scales' block, a bias, warp-specialized, stages, the split sums' bulk reductions)
+    cases = [(["128x64xf16"], "1x64xf16", True, loader_warp, 3, 0) for loader_warp in (False, True)]
+    cases += [(["32x64xbf16"] * 2, "1x64xbf16", False, loader_warp, 3, 4) for loader_warp in (False, True, True)]
+    cases += [(["256x64xf16"], "1x64xf16", False, True, 4, 2)]
+    for module, (x_blocks, scales, bias, loader_warp, stages, reduced) in zip(modules, cases):
         ttgir, code = module.split("\nSASS\n")
         copies = [line for line in ttgir.splitlines() if "ttng.async_tma_copy_global_to_local" in line]
         blocks = sorted(copied_block(line) for line in copies)
@@ -1091,7 +1137,7 @@ def test_w4a16_register_operand_tma_kernel_dequantizes_into_the_mma_operand():
         else:
             assert blocks == sorted(4 * [*x_blocks, "1x8x64xsi32", scales, scales]), blocks  # 3 stages, the loop's
         assert ttgir.count("tt.load ") == int(bias)
-        under_mmas = loader_warp and x_blocks == ["128x64xf16"]  # (``w4a16_wgmma_tma._steps_under_mmas``)
+        under_mmas = loader_warp and x_blocks[0][:3] in ("128", "256")  # (``w4a16_wgmma_tma._steps_under_mmas``)
         dots = [line for line in ttgir.splitlines() if "ttng.warp_group_dot " in line]
         # under the MMAs: the first step's, two steps an iteration and the last's
         assert len(dots) == (4 if under_mmas else 1), dots
@@ -1105,12 +1151,12 @@ def test_w4a16_register_operand_tma_kernel_dequantizes_into_the_mma_operand():
         # split: the tile added into the sums by the TMA unit, one bulk reduction a block of 32 columns (two of half
         # the rows: x in halves), no atomic instruction an element
         reductions = [line for line in ttgir.splitlines() if "ttng.async_tma_reduce" in line]
-        assert len(reductions) == (4 if x_blocks[0].startswith("32x") else 0), reductions
+        assert len(reductions) == reduced, reductions
         assert sum(" UTMAREDG" in line for line in lines) == len(reductions)
         assert not any(re.search(r" (RED|ATOM)G?\b", line) for line in lines)
         # unsplit, the tile stored by the TMA unit too, in one block of 64 columns, no thread storing an element
         stores = [line for line in ttgir.splitlines() if "ttng.async_tma_copy_local_to_global" in line]
-        assert len(stores) == 1 - len(reductions) // 4, stores
+        assert len(stores) == int(not reduced), stores
         assert sum(" UTMASTG" in line for line in lines) == len(stores)
         assert not any(re.search(r" STG\b", line) for line in lines)
         # programmatic dependent launch (warp-specialized only): the first 3 stages' words, scales and zeros copied
@@ -1124,11 +1170,11 @@ def test_w4a16_register_operand_tma_kernel_dequantizes_into_the_mma_operand():
         assert len(waits) == 1 and "griddepcontrol.launch_dependents" in ir_lines[waits[0]]
         early = sorted(copied_block(line) for line in ir_lines[:waits[0]]
                        if "ttng.async_tma_copy_global_to_local" in line)
-        assert early == sorted(3 * ["1x8x64xsi32", scales, scales]), early
+        assert early == sorted(stages * ["1x8x64xsi32", scales, scales]), early
         wait = [i for i, line in enumerate(lines) if " ACQBULK" in line]
         assert len(wait) == 1 and sum(" PREEXIT" in line for line in lines[:wait[0]]) == 1
         early = [line for line in lines[:wait[0]] if " UTMALDG" in line]
-        assert len(early) == 9 and sum(" UTMALDG.3D" in line for line in early) == 3, early
+        assert len(early) == 3 * stages and sum(" UTMALDG.3D" in line for line in early) == stages, early
 
 
 # The register-fed wgmma kernel's SASS for sm_90 ("address instruction" a line), exact and scaled, one and two
@@ -2320,7 +2366,8 @@ def test_gpu_w4a16_tail_split_within_the_weight():
 @needs_hopper
 @settings(max_examples=40, deadline=None)
 @given(M=st.integers(1, 300), form=st.sampled_from([(64, False, 0), (128, False, 0), (256, False, 0), (64, True, 0),
-                                                    (128, True, 0), (64, True, 80), (64, True, 64)]),
+                                                    (128, True, 0), (64, True, 80), (64, True, 64),
+                                                    (256, True, w4a16.RS_WS_256_REGISTERS)]),
        stages=st.integers(2, 4), tile=st.sampled_from([0, 64]), **HOPPER_PROBLEMS)
 def test_gpu_w4a16_wgmma_tma_register_operand(M, eighth_n, chunks, group_size, dtype, symmetric, bias, activation,
                                               form, stages, tile, split, seed):
@@ -2328,9 +2375,9 @@ def test_gpu_w4a16_wgmma_tma_register_operand(M, eighth_n, chunks, group_size, d
     reference, its words in rows or in column tiles: M off its row tiles (x's rows past M zero-filled by the TMA), N
     off its 64 columns (the copies zero-fill past N), K of 2 to 48 steps in groups of one step, two or four, more
     stages than steps, splits that leave programs without a step, a vector bias in its epilogue, a residual and each
-    activation after it, and the RMSNorm before it. Tiles of 64, 128 or 256 rows (warp-specialized: 64 or 128, and
-    64 with three or four programs an SM's registers)."""
-    block_m, loader_warp, maxnreg = form  # (maxnreg 80 / 64: three / four programs an SM)
+    activation after it, and the RMSNorm before it. Tiles of 64, 128 or 256 rows (warp-specialized too, 64 also with
+    three or four programs an SM's registers, 256 with one's)."""
+    block_m, loader_warp, maxnreg = form  # (maxnreg 80 / 64: three / four programs an SM; 168: one)
     config = w4a16.WgmmaTmaConfig(block_m, 64, stages, split, 4, registers=True, loader_warp=loader_warp,
                                   maxnreg=maxnreg)
     K = chunks * max(128, group_size)
@@ -2341,10 +2388,13 @@ def test_gpu_w4a16_wgmma_tma_register_operand(M, eighth_n, chunks, group_size, d
 # just short of it, for the TMA kernels with the weights in registers and warp-specialized, K split or not, one tile
 # or more; and the single-partition kernel, x always in whole tiles
 REGISTERS_128, REGISTERS_64 = (w4a16.WgmmaTmaConfig(rows, 64, 3, 3, 4, registers=True) for rows in (128, 64))
+REGISTERS_256 = w4a16.WgmmaTmaConfig(256, 64, 4, 2, 4, registers=True, loader_warp=True,
+                                     maxnreg=w4a16.RS_WS_256_REGISTERS)
 HALVES_CASES = [(REGISTERS_128._replace(split_k=1), 65, True), (REGISTERS_128, 20, True), (REGISTERS_128, 104, True),
                 (REGISTERS_128, 105, False), (REGISTERS_128, 200, True), (REGISTERS_64, 40, True),
                 (REGISTERS_64, 41, False), (REGISTERS_64._replace(loader_warp=True), 40, True),
-                (REGISTERS_128._replace(loader_warp=True), 105, False)]
+                (REGISTERS_128._replace(loader_warp=True), 105, False),
+                (REGISTERS_256, 488, True), (REGISTERS_256, 489, False), (REGISTERS_256._replace(split_k=1), 300, True)]
 HALVES_CASES += [(w4a16.WgmmaTmaConfig(256, 128, 4, 2, dequant_warps=4), M, halves)
                  for M, halves in ((44, True), (136, True), (137, False), (300, True))]
 HALVES_CASES += [(w4a16.WgmmaTmaConfig(128, 128, 3, 2, 8), 65, False)]  # (the single-partition kernel: never)
@@ -2356,7 +2406,7 @@ HALVES_CASES += [(w4a16.WgmmaTmaConfig(128, 128, 3, 2, 8), 65, False)]  # (the s
 @pytest.mark.parametrize("config", [REGISTERS_64._replace(split_k=1), REGISTERS_128._replace(split_k=4),
                                     REGISTERS_64._replace(split_k=2, loader_warp=True),
                                     REGISTERS_64._replace(split_k=2, loader_warp=True, maxnreg=64),
-                                    REGISTERS_128._replace(split_k=1, loader_warp=True)])
+                                    REGISTERS_128._replace(split_k=1, loader_warp=True), REGISTERS_256])
 def test_gpu_register_operand_tma_kernels_read_x_after_the_grid_before(config):
     """The warp-specialized register-fed TMA kernel launches with programmatic dependent launch: it starts while the
     kernel before finishes and copies its first weights then, but x only once that kernel has written it (the
@@ -2464,7 +2514,9 @@ def test_gpu_w4a16_pick_past_256_rows_in_whole_waves(M, K, split, tile, tail, wa
     two, or where ``waves`` waves of whole columns leave ``tail`` columns of tiles, those split to fill a second (K >=
     8192, after one wave) or dequantized, then multiplied by cuBLAS (``_wgmma_tma_waves``): right with a bias, its
     words in tiles or rows. Words TMA cannot read (tiles of 32) take the dequantized weight + cuBLAS instead (the TMA
-    kernel is never called), right as well."""
+    kernel is never called), right as well. (500 rows of 4224 columns, whose 64-column tiles fill a wave, would take
+    the register-fed kernel first: ``_register_fed_one_wave``, left out here.)"""
+    monkeypatch.setattr(w4a16, "_register_fed_one_wave", lambda M, N, K, sms: None)
     sms = common.sm_count(torch.device(DEVICE))
     whole = sms // common.cdiv(M, 256)  # columns of 256-row tiles in a wave
     N = 128 * (waves * whole + tail if tail else sms // 4)  # (without a tail: M / 256 x sms / 4 tiles)
