@@ -254,6 +254,9 @@ def sweep_candidates(kind, M, N, activation="none", registers=None):
                 for stages in (3, 4):
                     out.append(w4a16.WgmmaTmaConfig(256, 64, stages, split, 4, registers=True, loader_warp=True,
                                                     maxnreg=w4a16.RS_WS_256_REGISTERS))
+        if 256 < M <= 640:  # the register-fed kernel on 128-row tiles over all its waves (``_register_fed_all_waves``)
+            out.append(w4a16.WgmmaTmaConfig(128, 64, 3, 1, 4, registers=True, loader_warp=True,
+                                            maxnreg=w4a16.RS_WS_REGISTERS))
         if M > 256:
             for bm, bn, bk, warps in [(128, 128, 64, 8), (128, 256, 64, 8), (256, 128, 64, 8)]:
                 for swap in swaps:

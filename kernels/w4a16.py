@@ -887,6 +887,27 @@ def _register_fed_one_wave(M: int, N: int, K: int, sms: int) -> Optional[WgmmaTm
     return None
 
 
+def _register_fed_all_waves(M: int, N: int, K: int, sms: int) -> Optional[WgmmaTmaConfig]:
+    """257 to 640 rows on Hopper where the warp-specialized kernel's tiles fit no wave rule (``_wgmma_tma_waves``):
+    the warp-specialized register-fed kernel on 128-row tiles, two programs an SM, unsplit over all its waves where
+    they are at most six and 80% full; else None (the dequantized weight + cuBLAS, whose dequantization of the whole
+    weight these rows do not amortize). H100, the op, medians of 3 rounds in turns, us, the dequantized weight ->
+    this, and fp16 cuBLAS (bench/NOTES-kernels.md, eighty-eighth session): fp16 4096x14336 at 260 / 384 / 448 / 640
+    rows 105.59 / 127.43 / 168.62 / 171.05 -> 97.94 / 95.50 / 126.44 / 159.93 (55.56 / 78.57 / 112.99 / 126.25);
+    4096x11008 at 300 / 384 rows 90.95 / 94.24 -> 64.71 / 66.19 (48.66 / 57.59); 4096x28672 at 260 / 384 rows 214.07
+    / 230.76 -> 206.73 / 198.54 (114.97 / 151.55); 8192x28672 at 384 rows 475.03 -> 394.26 (295.01); 4096x6144 at 640
+    rows 69.57 -> 60.64 (51.52); bf16 alike (4096x14336 at 384 rows 126.39 -> 96.14): faster in all 28 cases from 260
+    to 640 rows, 1.04x to 1.42x. From 896 rows the dequantized weight is amortized and it loses where K is longer:
+    8192x10240 at 896 / 1000 rows 308.77 / 322.51 -> 318.39 / 353.09, 4096x6144 at 1000 rows 96.88 -> 100.78."""
+    programs = cdiv(M, 128) * cdiv(N, 64)
+    slots = 2 * sms
+    waves = cdiv(programs, slots)
+    if waves <= 6 and 10 * programs >= 8 * waves * slots:
+        return WgmmaTmaConfig(128, 64, 3, 1, num_warps=4, registers=True, loader_warp=True,
+                              maxnreg=rs_ws_registers(2))
+    return None
+
+
 def _wgmma_tma_waves(M: int, N: int, K: int, sms: int) -> Optional[WgmmaTmaConfig]:
     """257 to 1024 rows on Hopper: the warp-specialized kernel's 256 x 128 tiles where M fills 60% of their rows
     and their programs 90% of their waves, one an SM: unsplit in one or two waves, or K split in two in one wave
@@ -1050,6 +1071,7 @@ WGMMA_REGISTERS_MAX_M = 128  # from 33 rows to here the TMA kernel with the weig
 REGISTERS_ONE_WAVE_MAX_M = 512  # and on 256-row tiles to here where they fill one wave (``_register_fed_one_wave``)
 WGMMA_TMA_MAX_M = 256  # past it the dequantized weight and cuBLAS (``DequantMmConfig``) are faster on Hopper,
 WGMMA_TMA_WAVES_MAX_M = 1024  # but up to here where the TMA kernel's tiles fill whole waves (``_wgmma_tma_waves``)
+REGISTERS_ALL_WAVES_MAX_M = 640  # and to here, where they do not, the register-fed kernel (``_register_fed_all_waves``)
 # Off Hopper (there ``WGMMA_TMA_MAX_M``), past one 128-row tile the fused kernel reads and dequantizes the
 # weight once a tile: dequantizing it once and cuBLAS is faster (H200, geometric mean over fp16 cuBLAS of
 # the four Llama shapes: M = 192 0.53 against 0.37 fused, M = 256 0.60 against 0.41; M = 128 0.46 against
@@ -1197,6 +1219,10 @@ def pick_config(M: int, N: int, K: int, group_size: int, device: torch.device, a
     whole_waves = hopper and tma_words and M <= WGMMA_TMA_WAVES_MAX_M and _wgmma_tma_waves(M, gemm_n, K, sms)
     if whole_waves:
         return whole_waves
+    all_waves = hopper and tma_words and WGMMA_TMA_MAX_M < M <= REGISTERS_ALL_WAVES_MAX_M and \
+        _register_fed_all_waves(M, gemm_n, K, sms)
+    if all_waves:
+        return all_waves
     if M >= DEQUANT_MM_MIN_M:
         return DequantMmConfig(chunk_n=dequantize_chunk_columns(M, gemm_n))
     # 17 to 64 rows on Hopper: the wgmma kernel, faster than the tensor-core kernel below on the four

@@ -281,7 +281,11 @@ def test_w4a16_kernel_choice_by_rows():
         assert not hopper or pick(M, 28672, 4096, 128, device).registers == (M <= 128)
         assert not hopper or not pick(M, 28672, 4096, 128, device, tma_words=False).registers
         assert not isinstance(pick(M, 28672, 4096, 128, device, wgmma=False), w4a16.WgmmaTmaConfig)
-    assert isinstance(pick(257, 28672, 4096, 128, device), w4a16.DequantMmConfig)
+    # past 256 rows on Hopper the register-fed kernel over all its waves where they are few and full (1344 programs
+    # of 1584 slots at 257 rows; ``_register_fed_all_waves``), else the dequantized weight
+    assert pick(257, 28672, 4096, 128, device) == w4a16._register_fed_all_waves(257, 28672, 4096, 132) if hopper else \
+        isinstance(pick(257, 28672, 4096, 128, device), w4a16.DequantMmConfig)
+    assert isinstance(pick(641, 28672, 4096, 128, device), w4a16.DequantMmConfig)
     assert isinstance(pick(24, 4096, 4160, 64, device), w4a16.MmaConfig)  # K not in 128-row chunks
     assert isinstance(pick(16, 28672, 4096, 128, device, warp_mma=False), w4a16.MmaConfig)
     # up to 64 rows K 128 a step in 2 stages where the group allows it, K 64 where it does not
@@ -486,6 +490,29 @@ def test_w4a16_register_fed_one_wave_is_picked_from_129_to_512_rows(monkeypatch)
     # gate and up under silu_mul: the GEMM's 2 N columns (2 x 2048: 64 tiles)
     assert w4a16.pick_config(256, 2048, 4096, 128, cpu, activation="silu_mul") == \
         w4a16._register_fed_one_wave(256, 4096, 4096, 132)
+
+
+def test_w4a16_register_fed_all_waves_by_shape(monkeypatch):
+    """257 to 640 rows where the warp-specialized kernel's wave rules give nothing (eighty-eighth session): the
+    warp-specialized register-fed kernel on 128-row tiles of 64 columns, two an SM, unsplit over at most six waves that
+    its programs fill to 80%; else None, and the dequantized weight. Shapes as N, K."""
+    all_waves = w4a16._register_fed_all_waves
+    fed = w4a16.WgmmaTmaConfig(128, 64, 3, 1, num_warps=4, registers=True, loader_warp=True,
+                               maxnreg=w4a16.RS_WS_REGISTERS)
+    # 264 slots a wave: 4096x14336 at 384 rows, 672 programs (85% of three waves); 4096x28672 at 257 rows, 1344 (85%
+    # of six), at 384 rows 1344 too, at 640 rows 2240 (nine waves); 4096x6144 at 384 rows, 288 (55% of two)
+    assert [all_waves(M, N, K, 132) for M, N, K in [(384, 14336, 4096), (257, 28672, 4096), (384, 28672, 14336)]] == \
+        3 * [fed]
+    assert all_waves(640, 28672, 4096, 132) is None and all_waves(384, 6144, 4096, 132) is None
+    assert all_waves(300, 64 * 70, 4096, 132) is None and all_waves(300, 64 * 70 + 1, 4096, 132) == fed  # 80%: 211.2
+    w4a16.check_wgmma_tma_config(fed)
+    monkeypatch.setattr(w4a16, "_hopper", lambda device: True)
+    cpu = torch.device("cpu")
+    for M in (257, 384, 640):  # the pick there, where the wave rules give nothing (4096x14336 to 640 rows)
+        assert w4a16.pick_config(M, 14336, 4096, 128, cpu) == fed
+        assert isinstance(w4a16.pick_config(M, 14336, 4096, 128, cpu, tma_words=False), w4a16.DequantMmConfig)
+    assert isinstance(w4a16.pick_config(641, 14336, 4096, 128, cpu), w4a16.DequantMmConfig)
+    assert w4a16.pick_config(512, 28672, 4096, 128, cpu).dequant_warps  # whole waves and a tail first
 
 
 def test_w4a16_wgmma_tma_past_256_rows_only_in_whole_waves():
@@ -2348,6 +2375,24 @@ def test_gpu_w4a16_dequantized_tail_replays_in_a_cuda_graph():
         x.copy_(make_w4(512, 640, 2048, 128, torch.float16, False, True, seed)[0])
         graph.replay()
         assert relative_error(out, w4_reference(x, qweight, scales, zeros, 128, b)) < BOUND[torch.float16]
+
+
+@cuda
+@needs_cuda
+@needs_hopper
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("M, rule", [(200, "_register_fed_one_wave"), (300, "_register_fed_all_waves")])
+def test_gpu_w4a16_register_fed_picks_past_128_rows(M, rule, dtype):
+    """Past 128 rows the pick is the register-fed kernel where its rules give a config: 256-row tiles filling most of
+    one wave (200 rows, one tile of rows, 64-column tiles for 80% of the SMs) or 128-row tiles over all their waves
+    (300 rows, three tiles of rows, x's last one in halves, 90% of one wave of two an SM): right with a bias."""
+    sms = common.sm_count(torch.device(DEVICE))
+    N = 64 * (sms * 8 // 10 if M == 200 else 2 * sms * 9 // 10 // 3)
+    x, qweight, scales, zeros, b = make_w4(M, N, 1024, 128, dtype, False, True, 0, tile=64)
+    expected = getattr(w4a16, rule)(M, N, 1024, sms)
+    assert expected is not None and w4a16.pick_config(M, N, 1024, 128, x.device, dtype=dtype) == expected
+    out = w4a16.w4a16_linear(x, qweight, scales, zeros, 128, b)
+    assert relative_error(out, w4_reference(x, qweight, scales, zeros, 128, b)) < BOUND[dtype]
 
 
 @cuda
