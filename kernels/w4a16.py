@@ -36,6 +36,9 @@ Seven paths, chosen by M (``pick_config``):
   Triton does not overlap with the tensor cores well enough: about 0.5x of cuBLAS). From 1024 rows in chunks of
   columns, each dequantized on a side stream while cuBLAS multiplies the one before.
 
+From 257 to 511 rows on Hopper x's rows may go in two parts, the first 256 and the rest, each by its own pick, where
+that beats one pick for all of them (``RowSplitConfig``, ``_rows_apart``).
+
 The GEMV computes the RMSNorm of x itself when given its weight (``w4a16_gemv``); the other paths
 run the norm as a pass of its own. A bias may be shaped as the output (a residual, ``common.bias_rows``).
 
@@ -908,6 +911,40 @@ def _register_fed_all_waves(M: int, N: int, K: int, sms: int) -> Optional[WgmmaT
     return None
 
 
+class RowSplitConfig(NamedTuple):
+    """x's first ``head_rows`` rows and the rest each by their own pick, the two outputs joined (``_rows_apart``)."""
+
+    head_rows: int
+
+
+ROW_SPLIT_HEAD_ROWS = 256  # a whole tile of rows of the 256-row kernels
+
+
+def _rows_apart(M: int, N: int, K: int, sms: int, whole) -> bool:
+    """257 to 511 rows on Hopper: whether x's first 256 rows and the rest run faster apart, each by its own pick (one
+    launch after the other, then joined), than all M by ``whole``, the pick for them all. Apart, the first 256 rows
+    fill whole tiles of the 256-row kernels, and only the rest pay for tiles of rows left part empty; the rest reads
+    the weight once more. Faster where ``whole`` is the dequantized weight + cuBLAS (whose dequantization 257-511
+    rows do not amortize), or the register-fed kernel on 128-row tiles over three waves or more
+    (``_register_fed_all_waves``), or on 256-row tiles unsplit (``_register_fed_one_wave``) with at most 64 rows in
+    the second and K from 8192, where the first 256 rows alone split K in two. H100, fp16, the op, medians of 3
+    rounds in turns, us, ``whole`` -> apart (cuBLAS) (bench/NOTES-kernels.md, eighty-ninth session): 4096x28672 at
+    260 / 300 / 384 / 500 rows 208.03 / 204.89 / 200.17 / 268.61 -> 137.42 / 171.57 / 192.75 / 239.49 (115.64 /
+    126.87 / 155.97 / 186.15); 4096x6144 at 260 / 320 rows 50.26 / 57.73 -> 35.31 / 42.60 (27.60 / 36.86);
+    14336x4096 at 260 / 320 rows 98.01 / 103.29 -> 70.32 / 82.70 (70.46 / 66.67). It loses where ``whole``'s
+    programs fill their waves (4096x11008 at 300 rows, two waves 98% full: 68.17 -> 74.00; 4096² at 300 rows, one:
+    28.28 -> 35.05), and on 256-row tiles with more rows in the second (14336x4096 at 448 rows 103.36 -> 114.68)."""
+    if not ROW_SPLIT_HEAD_ROWS < M < 2 * ROW_SPLIT_HEAD_ROWS:
+        return False
+    if isinstance(whole, DequantMmConfig):
+        return True
+    if not (isinstance(whole, WgmmaTmaConfig) and whole.registers and whole.loader_warp):
+        return False
+    if whole.block_m == 128:
+        return cdiv(M, 128) * cdiv(N, 64) > 2 * 2 * sms
+    return M % ROW_SPLIT_HEAD_ROWS <= 64 and K >= 8192 and whole.split_k == 1
+
+
 def _wgmma_tma_waves(M: int, N: int, K: int, sms: int) -> Optional[WgmmaTmaConfig]:
     """257 to 1024 rows on Hopper: the warp-specialized kernel's 256 x 128 tiles where M fills 60% of their rows
     and their programs 90% of their waves, one an SM: unsplit in one or two waves, or K split in two in one wave
@@ -1159,7 +1196,25 @@ def pick_config(M: int, N: int, K: int, group_size: int, device: torch.device, a
     ``dtype``; from the sweeps in bench/NOTES-kernels.md. ``warp_mma``, ``wgmma``: whether the inputs
     suit the warp-level MMA kernel (``warp_mma_ok``) and the Hopper kernels (``wgmma_ok``); ``tma_words``:
     whether the TMA reads the words, scales and zeros too (``wgmma_tma_words_ok``); ``norm``: whether
-    the RMSNorm of x comes with it (the GEMV computes it as it reads x)."""
+    the RMSNorm of x comes with it (the GEMV computes it as it reads x). Where x's rows run faster in two
+    parts (``_rows_apart``), a ``RowSplitConfig``, whose parts pick their own."""
+    cfg = _pick_for_all_rows(M, N, K, group_size, device, activation, warp_mma, dtype, wgmma, norm, tma_words)
+    gemm_n = 2 * N if activation == "silu_mul" else N
+    if tma_words and _hopper_kernels(K, group_size, dtype, device, wgmma) and \
+            _rows_apart(M, gemm_n, K, sm_count(device), cfg):
+        return RowSplitConfig(ROW_SPLIT_HEAD_ROWS)
+    return cfg
+
+
+def _hopper_kernels(K: int, group_size: int, dtype: torch.dtype, device: torch.device, wgmma: bool) -> bool:
+    """Whether the Hopper kernels may run: the inputs suit them (``wgmma``), K is in their chunks, x is fp16 or bf16
+    and the device is Hopper."""
+    return wgmma and wgmma_chunks(K, group_size) and dtype != torch.float32 and _hopper(device)
+
+
+def _pick_for_all_rows(M: int, N: int, K: int, group_size: int, device: torch.device, activation: str,
+                       warp_mma: bool, dtype: torch.dtype, wgmma: bool, norm: bool, tma_words: bool):
+    """``pick_config``'s kernel for all of x's M rows in one launch (or the dequantized weight + cuBLAS)."""
     sms = sm_count(device)
     # M = 1 (and 2 on weights up to 4096 x 4096) read the weight fastest with the GEMV; the
     # warp-level MMA reads it at about the same rate for any M up to 8 (H200, 4096x28672:
@@ -1199,7 +1254,7 @@ def pick_config(M: int, N: int, K: int, group_size: int, device: torch.device, a
             cfg = GemvConfig(16, 2048, 1, num_warps=16, unrolled=True)
         return cfg._replace(maxnreg=gemv_registers(cfg, M, N, sms))
     gemm_n = 2 * N if activation == "silu_mul" else N  # (gate and up both, the activation after the GEMM)
-    hopper = wgmma and wgmma_chunks(K, group_size) and dtype != torch.float32 and _hopper(device)
+    hopper = _hopper_kernels(K, group_size, dtype, device, wgmma)
     # 33 to 128 rows on Hopper: every operand by TMA, the weights the MMA's register operand
     # (``_wgmma_registers_config``)
     if hopper and tma_words and WGMMA_EXACT_MAX_M < M <= WGMMA_REGISTERS_MAX_M:
@@ -1310,8 +1365,8 @@ def w4a16_linear(
     22.3 -> 19.2 us on an H200 (bench/NOTES-kernels.md, thirty-fifth session).
     ``norm_weight`` ``[K]``: x goes through the RMSNorm ``rms_norm(x, norm_weight, norm_eps)`` (in x's dtype)
     first (``reference.rms_norm``); the GEMV computes it as it reads x, the other paths in a pass of their own.
-    ``config`` (a ``GemvConfig``, ``WarpMmaConfig``, ``WgmmaConfig``, ``WgmmaTmaConfig``, ``MmaConfig`` or
-    ``DequantMmConfig``) overrides the tuned choice; for sweeps.
+    ``config`` (a ``GemvConfig``, ``WarpMmaConfig``, ``WgmmaConfig``, ``WgmmaTmaConfig``, ``MmaConfig``,
+    ``DequantMmConfig`` or ``RowSplitConfig``, whose parts pick their own) overrides the tuned choice; for sweeps.
     ``chunked_dequantize_matmul``, ``wgmma_matmul_op``, ``wgmma_tma_matmul_op``: what runs
     ``dequantize_matmul`` where the weight goes in chunks, ``wgmma_matmul`` and ``wgmma_tma_matmul`` (the
     same arguments; by default those functions). torch.compile can trace none of them (streams; Gluon
@@ -1346,8 +1401,8 @@ def w4a16_linear(
                          f"aligned, rows of x, qweight and scales contiguous, K a multiple of 128 and group_size 64 "
                          f"or a multiple of 128; got x {tuple(x.shape)} {x.dtype} strides {x.stride()} offset "
                          f"{x.storage_offset()} on {x.device}, group_size {group_size}")
-    if (isinstance(cfg, WgmmaTmaConfig) and (cfg.dequant_warps or cfg.registers)
-            and not wgmma_tma_words_ok(qweight, scales, zeros)):
+    if ((isinstance(cfg, WgmmaTmaConfig) and (cfg.dequant_warps or cfg.registers)
+         or isinstance(cfg, RowSplitConfig) and not given) and not wgmma_tma_words_ok(qweight, scales, zeros)):
         if given:
             raise ValueError(f"{cfg} reads qweight, scales and zeros by TMA: needs words in column tiles of "
                              f"{WORD_TILE} laid out as [N / {WORD_TILE}, K / 8, {WORD_TILE}] or in contiguous rows of "
@@ -1361,6 +1416,16 @@ def w4a16_linear(
     if (split_k_linear_op is not None and not given and isinstance(cfg, (GemvConfig, WarpMmaConfig, MmaConfig))
             and traced_split(cfg, x, N)):
         return split_k_linear_op(x, qweight, scales, zeros, group_size, bias, activation, norm_weight, norm_eps, up_run)
+    if isinstance(cfg, RowSplitConfig):
+        if not 0 < cfg.head_rows < M:
+            raise ValueError(f"{cfg}: head_rows must leave rows of x's {M} on both sides")
+        parts = []
+        for rows in (slice(0, cfg.head_rows), slice(cfg.head_rows, M)):
+            part_bias = bias if bias is None or bias.dim() == 1 else bias[rows]
+            parts.append(w4a16_linear(x[rows], qweight, scales, zeros, group_size, part_bias, activation, norm_weight,
+                                      norm_eps, up_run, None, chunked_dequantize_matmul, wgmma_matmul_op,
+                                      wgmma_tma_matmul_op, split_k_linear_op))
+        return torch.cat(parts)
     if norm_weight is not None and not isinstance(cfg, GemvConfig):
         x = _rms_norm(x, norm_weight, norm_eps)
         norm_weight = None

@@ -281,9 +281,10 @@ def test_w4a16_kernel_choice_by_rows():
         assert not hopper or pick(M, 28672, 4096, 128, device).registers == (M <= 128)
         assert not hopper or not pick(M, 28672, 4096, 128, device, tma_words=False).registers
         assert not isinstance(pick(M, 28672, 4096, 128, device, wgmma=False), w4a16.WgmmaTmaConfig)
-    # past 256 rows on Hopper the register-fed kernel over all its waves where they are few and full (1344 programs
-    # of 1584 slots at 257 rows; ``_register_fed_all_waves``), else the dequantized weight
-    assert pick(257, 28672, 4096, 128, device) == w4a16._register_fed_all_waves(257, 28672, 4096, 132) if hopper else \
+    # past 256 rows on Hopper x's first 256 rows apart from the rest where the pick for them all is the register-fed
+    # kernel over three waves or more (1344 programs of 1584 slots at 257 rows: ``_register_fed_all_waves``), else the
+    # dequantized weight
+    assert pick(257, 28672, 4096, 128, device) == w4a16.RowSplitConfig(256) if hopper else \
         isinstance(pick(257, 28672, 4096, 128, device), w4a16.DequantMmConfig)
     assert isinstance(pick(641, 28672, 4096, 128, device), w4a16.DequantMmConfig)
     assert isinstance(pick(24, 4096, 4160, 64, device), w4a16.MmaConfig)  # K not in 128-row chunks
@@ -508,11 +509,73 @@ def test_w4a16_register_fed_all_waves_by_shape(monkeypatch):
     w4a16.check_wgmma_tma_config(fed)
     monkeypatch.setattr(w4a16, "_hopper", lambda device: True)
     cpu = torch.device("cpu")
-    for M in (257, 384, 640):  # the pick there, where the wave rules give nothing (4096x14336 to 640 rows)
-        assert w4a16.pick_config(M, 14336, 4096, 128, cpu) == fed
+    for M in (257, 384, 640):  # the pick for all rows there, where the wave rules give nothing (4096x14336 to 640 rows)
+        assert pick_for_all_rows(M, 14336, 4096) == fed
         assert isinstance(w4a16.pick_config(M, 14336, 4096, 128, cpu, tma_words=False), w4a16.DequantMmConfig)
+    assert w4a16.pick_config(640, 14336, 4096, 128, cpu) == fed
     assert isinstance(w4a16.pick_config(641, 14336, 4096, 128, cpu), w4a16.DequantMmConfig)
     assert w4a16.pick_config(512, 28672, 4096, 128, cpu).dequant_warps  # whole waves and a tail first
+
+
+def pick_for_all_rows(M, N, K, dtype=torch.float16):
+    """``pick_config``'s kernel for all of M rows in one launch, on a CPU device of 132 SMs."""
+    return w4a16._pick_for_all_rows(M, N, K, 128, torch.device("cpu"), "none", True, dtype, True, False, True)
+
+
+def test_w4a16_rows_apart_by_shape(monkeypatch):
+    """257 to 511 rows on Hopper (eighty-ninth session): x's first 256 rows apart from the rest, each by its own pick,
+    where the pick for them all is the dequantized weight, the register-fed kernel's 128-row tiles over three waves
+    or more, or its 256-row tiles unsplit with at most 64 rows in the second and K from 8192. Shapes as N, K."""
+    monkeypatch.setattr(w4a16, "_hopper", lambda device: True)
+    cpu = torch.device("cpu")
+
+    def apart(M, N, K):
+        return w4a16._rows_apart(M, N, K, 132, pick_for_all_rows(M, N, K))
+
+    # 128-row tiles: 4096x14336 at 300 rows, 672 programs, over the 528 of two waves; 4096x11008, 516, within them
+    assert pick_for_all_rows(300, 11008, 4096).block_m == pick_for_all_rows(300, 14336, 4096).block_m == 128
+    assert apart(300, 14336, 4096) and not apart(300, 11008, 4096)
+    assert [apart(M, 28672, 4096) for M in (256, 257, 384, 511, 512)] == [False, True, True, True, False]
+    # the dequantized weight: 4096x6144 from 257 rows
+    assert isinstance(pick_for_all_rows(260, 6144, 4096), w4a16.DequantMmConfig) and apart(260, 6144, 4096)
+    # 256-row tiles unsplit (14336x4096): to 64 rows in the second tile; not for K 4096 (4096²)
+    assert [pick_for_all_rows(M, 4096, 14336).block_m for M in (320, 321)] == [256, 256]
+    assert [apart(M, 4096, 14336) for M in (260, 320, 321, 448)] == [True, True, False, False]
+    assert pick_for_all_rows(300, 4096, 4096).block_m == 256 and not apart(300, 4096, 4096)
+    # the warp-specialized kernel through shared memory: never (8192x10240 at 320 rows)
+    assert pick_for_all_rows(320, 10240, 8192).dequant_warps and not apart(320, 10240, 8192)
+    # the pick: on Hopper, where the TMA reads the words, in fp16 and bf16; gate and up's 2 N columns
+    for dtype in (torch.float16, torch.bfloat16):
+        assert w4a16.pick_config(300, 14336, 4096, 128, cpu, dtype=dtype) == w4a16.RowSplitConfig(256)
+    assert w4a16.pick_config(300, 11008, 4096, 128, cpu, activation="silu_mul") == w4a16.RowSplitConfig(256)
+    assert not isinstance(w4a16.pick_config(300, 11008, 4096, 128, cpu), w4a16.RowSplitConfig)
+    assert isinstance(w4a16.pick_config(300, 14336, 4096, 128, cpu, tma_words=False), w4a16.DequantMmConfig)
+    monkeypatch.setattr(w4a16, "_hopper", lambda device: False)
+    assert isinstance(w4a16.pick_config(300, 14336, 4096, 128, cpu), w4a16.DequantMmConfig)
+
+
+@pytest.mark.parametrize("activation", ["none", "silu_mul"])
+def test_w4a16_row_split_joins_its_parts(activation):
+    """A ``RowSplitConfig``: x's first rows and the rest each by their own pick, one output; with a bias, or the
+    RMSNorm before and a residual (its rows split as x's) and the activation after. A split that leaves either part
+    empty is refused, naming it."""
+    dtype = cpu_dtypes(gemv=True)[0]
+    M, N, K = 7, 48, 128
+    x, qweight, scales, zeros, b = make_w4(M, N, K, 64, dtype, False, True, 3)
+    config = w4a16.RowSplitConfig(4)
+    out = w4a16.w4a16_linear(x, qweight, scales, zeros, 64, b, activation, config=config)
+    assert out.shape == (M, w4a16.output_columns(activation, N))
+    expected = reference.epilogue(w4_reference(x, qweight, scales, zeros, 64, None), b, activation, torch.float32)
+    assert relative_error(out, expected) < BOUND[dtype]
+    norm_weight, residual = norm_and_residual(M, N, K, dtype, 3)
+    out = w4a16.w4a16_linear(3 * x, qweight, scales, zeros, 64, residual, activation, norm_weight, 1e-5, config=config)
+    normed = reference.rms_norm(3 * x, norm_weight, 1e-5)
+    expected = reference.epilogue(w4_reference(normed, qweight, scales, zeros, 64, None), residual, activation,
+                                  torch.float32)
+    assert relative_error(out, expected) < BOUND[dtype]
+    for rows in (0, M):
+        with pytest.raises(ValueError, match=rf"RowSplitConfig\(head_rows={rows}\): .* x's {M}"):
+            w4a16.w4a16_linear(x, qweight, scales, zeros, 64, config=w4a16.RowSplitConfig(rows))
 
 
 def test_w4a16_wgmma_tma_past_256_rows_only_in_whole_waves():
@@ -2393,6 +2456,32 @@ def test_gpu_w4a16_register_fed_picks_past_128_rows(M, rule, dtype):
     assert expected is not None and w4a16.pick_config(M, N, 1024, 128, x.device, dtype=dtype) == expected
     out = w4a16.w4a16_linear(x, qweight, scales, zeros, 128, b)
     assert relative_error(out, w4_reference(x, qweight, scales, zeros, 128, b)) < BOUND[dtype]
+
+
+@cuda
+@needs_cuda
+@needs_hopper
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_w4a16_rows_apart(dtype):
+    """Past 256 rows, x's first 256 rows apart from the rest where the pick for them all is the register-fed kernel
+    on 128-row tiles over three waves (``_rows_apart``): at 300 rows the rest 44 (the 64-row register-fed kernel), at
+    260 rows 4 (the warp-level MMA); right with a bias, and with the RMSNorm, a residual and silu_mul."""
+    device = torch.device(DEVICE)
+    sms = common.sm_count(device)
+    N, K = 64 * (5 * sms // 3), 1024  # 5 sms programs of 128 rows: 83% of three waves of two an SM
+    for M in (260, 300):
+        x, qweight, scales, zeros, b = make_w4(M, N, K, 128, dtype, False, True, M, tile=64)
+        whole = w4a16._pick_for_all_rows(M, N, K, 128, device, "none", True, dtype, True, False, True)
+        assert whole == w4a16._register_fed_all_waves(M, N, K, sms) is not None
+        assert w4a16.pick_config(M, N, K, 128, device, dtype=dtype) == w4a16.RowSplitConfig(256)
+        out = w4a16.w4a16_linear(x, qweight, scales, zeros, 128, b)
+        assert relative_error(out, w4_reference(x, qweight, scales, zeros, 128, b)) < BOUND[dtype]
+        norm_weight, residual = norm_and_residual(M, N, K, dtype, M)
+        out = w4a16.w4a16_linear(x, qweight, scales, zeros, 128, residual, "silu_mul", norm_weight, 1e-5)
+        normed = reference.rms_norm(x, norm_weight, 1e-5)
+        expected = reference.epilogue(w4_reference(normed, qweight, scales, zeros, 128, None), residual, "silu_mul",
+                                      torch.float32)
+        assert relative_error(out, expected) < BOUND[dtype]
 
 
 @cuda
