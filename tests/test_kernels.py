@@ -525,16 +525,20 @@ def pick_for_all_rows(M, N, K, dtype=torch.float16):
 def test_w4a16_rows_apart_by_shape(monkeypatch):
     """257 to 511 rows on Hopper (eighty-ninth session): x's first 256 rows apart from the rest, each by its own pick,
     where the pick for them all is the dequantized weight, the register-fed kernel's 128-row tiles over three waves
-    or more, or its 256-row tiles unsplit with at most 64 rows in the second and K from 8192. Shapes as N, K."""
+    or more (four past 384 rows), or its 256-row tiles unsplit with at most 64 rows in the second and K from 8192.
+    Shapes as N, K."""
     monkeypatch.setattr(w4a16, "_hopper", lambda device: True)
     cpu = torch.device("cpu")
 
     def apart(M, N, K):
         return w4a16._rows_apart(M, N, K, 132, pick_for_all_rows(M, N, K))
 
-    # 128-row tiles: 4096x14336 at 300 rows, 672 programs, over the 528 of two waves; 4096x11008, 516, within them
+    # 128-row tiles: 4096x14336 at 300 rows, 672 programs, over the 528 of two waves; 4096x11008, 516, within them;
+    # past 384 rows four waves: 4096x14336 at 448 rows 896 programs, 4096x11008 688
     assert pick_for_all_rows(300, 11008, 4096).block_m == pick_for_all_rows(300, 14336, 4096).block_m == 128
     assert apart(300, 14336, 4096) and not apart(300, 11008, 4096)
+    assert pick_for_all_rows(448, 11008, 4096).block_m == pick_for_all_rows(448, 14336, 4096).block_m == 128
+    assert apart(448, 14336, 4096) and not apart(448, 11008, 4096)
     assert [apart(M, 28672, 4096) for M in (256, 257, 384, 511, 512)] == [False, True, True, True, False]
     # the dequantized weight: 4096x6144 from 257 rows
     assert isinstance(pick_for_all_rows(260, 6144, 4096), w4a16.DequantMmConfig) and apart(260, 6144, 4096)
