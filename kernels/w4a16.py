@@ -1203,8 +1203,9 @@ def pick_config(M: int, N: int, K: int, group_size: int, device: torch.device, a
     parts (``_rows_apart``), a ``RowSplitConfig``, whose parts pick their own."""
     cfg = _pick_for_all_rows(M, N, K, group_size, device, activation, warp_mma, dtype, wgmma, norm, tma_words)
     gemm_n = 2 * N if activation == "silu_mul" else N
-    if tma_words and _hopper_kernels(K, group_size, dtype, device, wgmma) and \
-            _rows_apart(M, gemm_n, K, sm_count(device), cfg):
+    # (the rule first: outside 257-511 rows it returns at once, leaving a one-token call's host time as it was)
+    if tma_words and _rows_apart(M, gemm_n, K, sm_count(device), cfg) and \
+            _hopper_kernels(K, group_size, dtype, device, wgmma):
         return RowSplitConfig(ROW_SPLIT_HEAD_ROWS)
     return cfg
 
