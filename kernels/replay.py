@@ -27,7 +27,7 @@ so that the tracer sees each kernel (a Gluon kernel, which only opaque ops launc
 import dataclasses
 import inspect
 import threading
-from typing import Callable, List, NamedTuple, Optional, Tuple
+from typing import Callable, List, NamedTuple, Optional, Tuple, Union
 
 import torch
 from torch._library.triton import is_wrap_triton_enabled
@@ -57,6 +57,22 @@ class _Buffer(NamedTuple):
 
     def allocate(self) -> torch.Tensor:
         return torch.empty(self.shape, dtype=self.dtype, device=self.device)
+
+
+class _Rows(NamedTuple):
+    """Rows ``start:stop`` of an input of the call or of one of its allocated buffers (``rows_of``, ``join_rows``),
+    which a replay views again on its own tensors once it has allocated them all."""
+
+    from_inputs: bool
+    index: int
+    start: int
+    stop: int
+
+    def allocate(self) -> None:
+        return None  # (nothing: ``view`` makes it after the buffers)
+
+    def view(self, inputs: list, buffers: list) -> torch.Tensor:
+        return (inputs if self.from_inputs else buffers)[self.index][self.start:self.stop]
 
 
 class _Launch(NamedTuple):
@@ -91,12 +107,15 @@ class _Launch(NamedTuple):
 
 
 class _Record(NamedTuple):
-    buffers: List[_Buffer]
+    buffers: List[Union[_Buffer, _Rows]]
+    views: List[int]  # the indices of the _Rows in buffers
     launches: List[_Launch]
     result: int  # the buffer returned
 
     def replay(self, inputs: list) -> torch.Tensor:
         buffers = [buffer.allocate() for buffer in self.buffers]
+        for index in self.views:
+            buffers[index] = self.buffers[index].view(inputs, buffers)
         for launch in self.launches:
             launch.run(inputs, buffers)
         return buffers[self.result]
@@ -108,7 +127,7 @@ class _Recording(TorchDispatchMode):
     def __init__(self, inputs: list):
         super().__init__()
         self.slots = {id(t): (True, i) for i, t in enumerate(inputs)}
-        self.buffers: List[_Buffer] = []
+        self.buffers: List[Union[_Buffer, _Rows]] = []
         self.alive: List[torch.Tensor] = []  # the buffers, so that their ids stay theirs while recording
         self.launches: List[_Launch] = []
         self.replayable = True
@@ -118,10 +137,15 @@ class _Recording(TorchDispatchMode):
             self.replayable = False
         return func(*args, **(kwargs or {}))
 
-    def buffer(self, t: torch.Tensor, buffer: _Buffer):
+    def buffer(self, t: torch.Tensor, buffer: Union[_Buffer, _Rows]):
         self.slots[id(t)] = (False, len(self.buffers))
         self.buffers.append(buffer)
         self.alive.append(t)
+
+    def allocated(self, t: torch.Tensor) -> Optional[int]:
+        """The index of ``t``'s buffer where the call allocated it (not an input, not a view)."""
+        from_inputs, index = self.slots.get(id(t), (True, None))
+        return None if from_inputs or not isinstance(self.buffers[index], _Buffer) else index
 
     def launch(self, kernel, grid, args: tuple, kwargs: dict, compiled):
         signature = inspect.signature(getattr(kernel, "fn", kernel))  # (the interpreter's kernels have no params)
@@ -159,7 +183,8 @@ class _Recording(TorchDispatchMode):
         slot = self.slots.get(id(result)) if isinstance(result, torch.Tensor) else None
         if not self.replayable or slot is None or slot[0]:
             return None
-        return _Record(self.buffers, self.launches, slot[1])
+        views = [index for index, buffer in enumerate(self.buffers) if isinstance(buffer, _Rows)]
+        return _Record(self.buffers, views, self.launches, slot[1])
 
 
 def _is_descriptor(value) -> bool:
@@ -192,6 +217,47 @@ def _allocate(buffer: _Buffer) -> torch.Tensor:
 def new_empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """``torch.empty``, recorded as a buffer that a replay allocates again."""
     return _allocate(_Buffer(tuple(shape), dtype, device))
+
+
+def rows_of(t: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """``t[start:stop]``, recorded as a view that a replay makes again of its own tensor: rows of an input of the call
+    or of a buffer it allocated (of any other tensor the call is not replayed)."""
+    recording = _recording()
+    if recording is None:
+        return t[start:stop]
+    with _disable_current_modes():  # (a view that a replay makes itself)
+        rows = t[start:stop]
+    from_inputs, index = recording.slots.get(id(t), (False, None))
+    if from_inputs or recording.allocated(t) is not None:
+        recording.buffer(rows, _Rows(from_inputs, index, start, stop))
+    else:
+        recording.replayable = False
+    return rows
+
+
+def join_rows(parts: List[torch.Tensor]) -> torch.Tensor:
+    """``torch.cat(parts)``. Recorded, where each part is a buffer the call allocated, a replay allocates the whole and
+    makes each part its rows: the parts' launches write them there, and nothing is copied."""
+    recording = _recording()
+    if recording is None:
+        return torch.cat(parts)
+    whole = new_empty((sum(part.shape[0] for part in parts), *parts[0].shape[1:]), parts[0].dtype, parts[0].device)
+    whole_index, start = recording.allocated(whole), 0
+    for part in parts:
+        stop = start + part.shape[0]
+        with _disable_current_modes():  # (this call's copy; a replay's parts are the rows themselves)
+            whole[start:stop].copy_(part)
+        index = recording.allocated(part)
+        # (rows that start off 16 bytes could not take what the kernels' TMA stores into a fresh buffer)
+        aligned = start * whole.stride(0) * whole.element_size() % 16 == 0
+        if index is None or not aligned or part.dtype != whole.dtype or part.shape[1:] != whole.shape[1:] or any(
+                isinstance(other, _Rows) and not other.from_inputs and other.index == index
+                for other in recording.buffers):  # (rows of it viewed: it stays a buffer, the views' source)
+            recording.replayable = False
+        else:
+            recording.buffers[index] = _Rows(False, whole_index, start, stop)
+        start = stop
+    return whole
 
 
 def kept_zeros(size: int, device: torch.device) -> torch.Tensor:

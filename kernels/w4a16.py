@@ -73,7 +73,7 @@ from .common import (MAX_UNROLLED_STEPS, activated, asm_constant, bias_rows, cap
                      word_strides)
 from .int4_pairs import NIBBLE_PAIRS_OUT, bf16_nibble_pairs, f16_nibble_pairs, zero_bf16x2, zero_f16x2
 from .reference import activation_after_gemm, check_up_run, gate_up_halves
-from .replay import launch, new_empty
+from .replay import join_rows, launch, new_empty, rows_of
 from .w4a16_gemv import w4a16_gemv_kernel
 from .w4a16_warp_mma import warp_mma_columns, w4a16_warp_mma_kernel
 
@@ -1424,12 +1424,12 @@ def w4a16_linear(
         if not 0 < cfg.head_rows < M:
             raise ValueError(f"{cfg}: head_rows must leave rows of x's {M} on both sides")
         parts = []
-        for rows in (slice(0, cfg.head_rows), slice(cfg.head_rows, M)):
-            part_bias = bias if bias is None or bias.dim() == 1 else bias[rows]
-            parts.append(w4a16_linear(x[rows], qweight, scales, zeros, group_size, part_bias, activation, norm_weight,
-                                      norm_eps, up_run, None, chunked_dequantize_matmul, wgmma_matmul_op,
-                                      wgmma_tma_matmul_op, split_k_linear_op))
-        return torch.cat(parts)
+        for start, stop in ((0, cfg.head_rows), (cfg.head_rows, M)):
+            part_bias = bias if bias is None or bias.dim() == 1 else rows_of(bias, start, stop)
+            parts.append(w4a16_linear(rows_of(x, start, stop), qweight, scales, zeros, group_size, part_bias,
+                                      activation, norm_weight, norm_eps, up_run, None, chunked_dequantize_matmul,
+                                      wgmma_matmul_op, wgmma_tma_matmul_op, split_k_linear_op))
+        return join_rows(parts)
     if norm_weight is not None and not isinstance(cfg, GemvConfig):
         x = _rms_norm(x, norm_weight, norm_eps)
         norm_weight = None

@@ -89,6 +89,46 @@ def test_w4a16_calls_replay_their_launches(case, monkeypatch):
         assert relative_error(out, w4_reference(x, qweight, scales, zeros, 64, b)) < BOUND[torch.float32]
 
 
+@pytest.mark.parametrize("case", ["bias", "residual", "norm_silu_mul"])
+def test_w4a16_row_split_replays_into_one_output(case):
+    """A ``RowSplitConfig``'s two parts replay as one record: x's (and a residual's) rows viewed on each call's own,
+    each part's launches writing its rows of one output, nothing copied; where the second part's rows start off 16
+    bytes (a TMA store could not start there) the call is not replayed, and still runs right."""
+    M, K = 7, 256
+
+    def inputs(seed, N=96):
+        x, qweight, scales, zeros, b = make_w4(M, N, K, 64, torch.float32, False, case == "bias", seed)
+        if case == "residual":
+            b = norm_and_residual(M, N, K, torch.float32, seed)[1]
+        return x, qweight, scales, zeros, 64, b
+
+    kwargs = dict(config=w4a16.RowSplitConfig(1))
+    if case == "norm_silu_mul":
+        kwargs.update(activation="silu_mul", norm_weight=norm_and_residual(M, 96, K, torch.float32, 0)[0],
+                      norm_eps=1e-5)
+    norm = ["rms_norm_kernel"] if case.startswith("norm") else []
+    out = assert_replays(w4a16.w4a16_linear, inputs, ["w4a16_gemv_kernel", *norm, "_w4a16_mma_kernel"], **kwargs)
+    run, _ = replayed(w4a16.w4a16_linear)
+    with set_wrap_triton_enabled(False):
+        run(*inputs(0), **kwargs)
+    (record,) = run.records.values()
+    # x's two views (and the residual's), then the parts' outputs as rows 0:1 and 1:7 of the whole, the result
+    views = [record.buffers[index] for index in record.views]
+    assert [(rows.start, rows.stop) for rows in views if not rows.from_inputs] == [(0, 1), (1, M)]
+    assert all(rows.index == record.result for rows in views if not rows.from_inputs)
+    assert sum(rows.from_inputs for rows in views) == (4 if case == "residual" else 2)
+    if case != "norm_silu_mul":
+        x, qweight, scales, zeros, _, b = inputs(1)
+        assert relative_error(out, w4_reference(x, qweight, scales, zeros, 64, b)) < BOUND[torch.float32]
+    # 98 float32 columns: the second part's rows start 392 bytes in
+    run, counted = replayed(w4a16.w4a16_linear)
+    with set_wrap_triton_enabled(False):
+        for seed in range(2):
+            args = inputs(seed, N=98)
+            assert torch.equal(run(*args, **kwargs), w4a16.w4a16_linear(*args, **kwargs))
+    assert counted.calls == 2 and list(run.records.values()) == [replay._NOT_REPLAYABLE]
+
+
 def test_w8a16_and_fp8_calls_replay_their_launches():
     out = assert_replays(w8a16.w8a16_linear, lambda seed: make_w8(1, 96, 256, torch.float32, True, seed),
                          ["w8_gemv_kernel"])
@@ -324,6 +364,34 @@ def test_gpu_hopper_calls_replay_their_launches(config, M, tile, kernels, epilog
     out = assert_replays(w4a16.w4a16_linear, lambda seed: [*inputs(seed)[:4], 128, inputs(seed)[4]], kernels,
                          **kwargs)
     x, qweight, scales, zeros, b = inputs(1)
+    ref = reference.w4a16_linear(x.float(), qweight, scales.float(), zeros.float(), 128,
+                                 None if b is None else b.float(), activation)
+    assert relative_error(out, ref) < BOUND[torch.float16]
+
+
+@cuda
+@needs_cuda
+@needs_hopper
+@pytest.mark.parametrize("M, tail", [(257, "w4a16_gemv_kernel"), (260, "w4a16_warp_mma_kernel"),
+                                     (300, "w4a16_wgmma_tma_rs_ws_kernel")])
+@pytest.mark.parametrize("epilogue", ["bias", "residual", "silu_mul"])
+def test_gpu_w4a16_row_split_replays_into_one_output(M, tail, epilogue):
+    """``RowSplitConfig(256)`` on Hopper, replayed: x's first 256 rows by the warp-specialized kernel, the rest (1, 4,
+    44) by theirs, on views of each call's own x (and residual), each part's launches (a residual or silu_mul after a
+    Hopper GEMM by ``after_gemm``'s) writing its rows of one output; the entry point's result and the reference's."""
+    K, N = 512, 256
+
+    def inputs(seed):
+        x, qweight, scales, zeros, b = make_w4(M, N, K, 128, torch.float16, False, epilogue == "bias", seed, tile=64)
+        if epilogue == "residual":
+            b = norm_and_residual(M, N, K, torch.float16, seed)[1]
+        return [x, qweight, scales, zeros, 128, b]
+
+    activation = "silu_mul" if epilogue == "silu_mul" else "none"
+    after = [] if epilogue == "bias" else ["_after_gemm_kernel"]
+    kernels = ["w4a16_wgmma_tma_ws_kernel", *after, tail, *(after if "wgmma" in tail else [])]
+    out = assert_replays(w4a16.w4a16_linear, inputs, kernels, config=w4a16.RowSplitConfig(256), activation=activation)
+    x, qweight, scales, zeros, _, b = inputs(1)
     ref = reference.w4a16_linear(x.float(), qweight, scales.float(), zeros.float(), 128,
                                  None if b is None else b.float(), activation)
     assert relative_error(out, ref) < BOUND[torch.float16]
