@@ -12,11 +12,11 @@ kernels. Later calls of that signature replay the record: fresh buffers, then ea
 A record is kept only where replaying it is the call itself:
 
 - every tensor a kernel gets, itself or as the base of a TMA descriptor (the Gluon kernels'), is an input of the call,
-  one of its recorded buffers or a buffer kept between calls (``kept_zeros``: passed as it is), and the result is a
-  recorded buffer; a replay passes the recorded descriptor on its own tensor (the signature fixes its shape and
-  strides);
-- no torch op ran but those allocations (a dispatch mode watches): nothing computed a tensor that a replay would skip,
-  nor made a view of one.
+  one of its recorded buffers, recorded rows of either (``rows_of``, ``join_rows``) or a buffer kept between calls
+  (``kept_zeros``: passed as it is), and the result is a recorded buffer; a replay passes the recorded descriptor on
+  its own tensor (the signature fixes its shape and strides);
+- no torch op ran but those allocations and views (a dispatch mode watches): nothing computed a tensor that a replay
+  would skip, nor made a view of one that it would not make again.
 
 Any other signature (the dequantized weight + cuBLAS for large M) runs ``entry`` at every call. Calls replay only
 where the kernels would run for real (``wrap_triton`` switched off, as the ops' CUDA backend and qpass's eager path

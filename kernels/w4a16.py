@@ -912,7 +912,9 @@ def _register_fed_all_waves(M: int, N: int, K: int, sms: int) -> Optional[WgmmaT
 
 
 class RowSplitConfig(NamedTuple):
-    """x's first ``head_rows`` rows and the rest each by their own pick, the two outputs joined (``_rows_apart``)."""
+    """x's first ``head_rows`` rows and the rest each by their own pick, the two outputs joined (``_rows_apart``). An
+    eager call replays both parts' launches on rows of x and of one output (``replay.rows_of``, ``replay.join_rows``),
+    so that its host time stays one replay's and nothing is copied; traced, the parts are joined by ``torch.cat``."""
 
     head_rows: int
 
@@ -924,7 +926,7 @@ def _rows_apart(M: int, N: int, K: int, sms: int, whole) -> bool:
     """257 to 511 rows on Hopper: whether x's first 256 rows and the rest run faster apart, each by its own pick (one
     launch after the other, then joined), than all M by ``whole``, the pick for them all. Apart, the first 256 rows
     fill whole tiles of the 256-row kernels and only the rest pay for tiles of rows left part empty, but the rest
-    reads the weight once more and the join copies the output. Faster where ``whole`` is the dequantized weight +
+    reads the weight once more and (but in a replay) the join copies the output. Faster where ``whole`` is the dequantized weight +
     cuBLAS (whose dequantization 257-511 rows do not amortize); the register-fed kernel on 128-row tiles
     (``_register_fed_all_waves``) over three waves of two an SM or more, or four past 384 rows, where the rest takes
     a 256-row tile of its own; or its 256-row tiles unsplit (``_register_fed_one_wave``) with at most 64 rows in the
