@@ -125,7 +125,9 @@ def test_w4a16_row_split_replays_into_one_output(case):
     with set_wrap_triton_enabled(False):
         for seed in range(2):
             args = inputs(seed, N=98)
-            assert torch.equal(run(*args, **kwargs), w4a16.w4a16_linear(*args, **kwargs))
+            got, expected = run(*args, **kwargs), w4a16.w4a16_linear(*args, **kwargs)
+            # (on the GPU a K split adds its partial sums in whatever order they arrive)
+            assert torch.equal(got, expected) if not CUDA else relative_error(got, expected) < BOUND[torch.float32]
     assert counted.calls == 2 and list(run.records.values()) == [replay._NOT_REPLAYABLE]
 
 
