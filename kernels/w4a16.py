@@ -914,7 +914,10 @@ def _register_fed_all_waves(M: int, N: int, K: int, sms: int) -> Optional[WgmmaT
 class RowSplitConfig(NamedTuple):
     """x's first ``head_rows`` rows and the rest each by their own pick, the two outputs joined (``_rows_apart``). An
     eager call replays both parts' launches on rows of x and of one output (``replay.rows_of``, ``replay.join_rows``),
-    so that its host time stays one replay's and nothing is copied; traced, the parts are joined by ``torch.cat``."""
+    so that its host time stays one replay's and nothing is copied; traced, the parts are joined by ``torch.cat``.
+    H200, fp16, eager calls, us a call, each part's launches run anew and joined by ``torch.cat`` -> replayed into one
+    output (bench/NOTES-kernels.md, ninetieth session): 4096x28672 at 260 / 300 / 500 rows 282.5 / 327.2 / 337.7 ->
+    130.1 / 160.4 / 224.4, 4096x14336 at 260 rows 317.7 -> 85.9, 14336x4096 at 320 rows 393.1 -> 86.0."""
 
     head_rows: int
 
