@@ -929,10 +929,10 @@ def _rows_apart(M: int, N: int, K: int, sms: int, whole) -> bool:
     """257 to 511 rows on Hopper: whether x's first 256 rows and the rest run faster apart, each by its own pick (one
     launch after the other, then joined), than all M by ``whole``, the pick for them all. Apart, the first 256 rows
     fill whole tiles of the 256-row kernels and only the rest pay for tiles of rows left part empty, but the rest
-    reads the weight once more and (but in a replay) the join copies the output. Faster where ``whole`` is the dequantized weight +
-    cuBLAS (whose dequantization 257-511 rows do not amortize); the register-fed kernel on 128-row tiles
-    (``_register_fed_all_waves``) over three waves of two an SM or more, or four past 384 rows, where the rest takes
-    a 256-row tile of its own; or its 256-row tiles unsplit (``_register_fed_one_wave``) with at most 64 rows in the
+    reads the weight once more and (but in a replay) the join copies the output. Faster where ``whole`` is the
+    dequantized weight + cuBLAS (whose dequantization 257-511 rows do not amortize); the register-fed kernel on
+    128-row tiles (``_register_fed_all_waves``) over three waves of two an SM or more, or four past 384 rows, where
+    the rest takes a 256-row tile of its own; or its 256-row tiles unsplit (``_register_fed_one_wave``) with at most 64 rows in the
     second and K from 8192, where the first 256 rows alone split K in two. H100, fp16, the op, medians of 3 rounds in
     turns, us, ``whole`` -> apart (cuBLAS) (bench/NOTES-kernels.md, eighty-ninth session): 4096x28672 at 260 / 300 /
     384 / 500 rows 208.03 / 204.89 / 200.17 / 268.61 -> 137.42 / 171.57 / 192.75 / 239.49 (115.64 / 126.87 / 155.97
