@@ -927,20 +927,20 @@ ROW_SPLIT_HEAD_ROWS = 256  # a whole tile of rows of the 256-row kernels
 
 def _rows_apart(M: int, N: int, K: int, sms: int, whole) -> bool:
     """257 to 511 rows on Hopper: whether x's first 256 rows and the rest run faster apart, each by its own pick (one
-    launch after the other, then joined), than all M by ``whole``, the pick for them all. Apart, the first 256 rows
-    fill whole tiles of the 256-row kernels and only the rest pay for tiles of rows left part empty, but the rest
-    reads the weight once more and (but in a replay) the join copies the output. Faster where ``whole`` is the
-    dequantized weight + cuBLAS (whose dequantization 257-511 rows do not amortize); the register-fed kernel on
-    128-row tiles (``_register_fed_all_waves``) over three waves of two an SM or more, or four past 384 rows, where
-    the rest takes a 256-row tile of its own; or its 256-row tiles unsplit (``_register_fed_one_wave``) with at most 64 rows in the
+    launch after the other, then joined), than all M by ``whole``, the pick for them all. Apart, the first 256 rows fill
+    whole tiles of the 256-row kernels and only the rest pay for tiles of rows left part empty, but the rest reads the
+    weight once more and (but in a replay) the join copies the output. Faster where ``whole`` is the dequantized weight
+    + cuBLAS (whose dequantization 257-511 rows do not amortize); the register-fed kernel on 128-row tiles
+    (``_register_fed_all_waves``) over three waves of two an SM or more, or four past 384 rows, where the rest takes a
+    256-row tile of its own; or its 256-row tiles unsplit (``_register_fed_one_wave``) with at most 64 rows in the
     second and K from 8192, where the first 256 rows alone split K in two. H100, fp16, the op, medians of 3 rounds in
-    turns, us, ``whole`` -> apart (cuBLAS) (bench/NOTES-kernels.md, eighty-ninth session): 4096x28672 at 260 / 300 /
-    384 / 500 rows 208.03 / 204.89 / 200.17 / 268.61 -> 137.42 / 171.57 / 192.75 / 239.49 (115.64 / 126.87 / 155.97
-    / 186.15); 4096x14336 at 448 rows 127.42 -> 110.20 (113.85); 4096x6144 at 260 / 320 rows 50.26 / 57.73 -> 35.31
-    / 42.60 (27.60 / 36.86); 14336x4096 at 260 / 320 rows 98.01 / 103.29 -> 70.32 / 82.70 (70.46 / 66.67). It loses
-    where ``whole``'s programs fill fewer waves (4096x11008 at 300 rows, two 98% full: 68.17 -> 74.00; at 500 rows,
-    three: 94.11 -> 103.81; 4096² at 300 rows, one: 28.28 -> 35.05), and on 256-row tiles with more rows in the
-    second (14336x4096 at 448 rows 103.36 -> 114.68)."""
+    turns, us, ``whole`` -> apart (cuBLAS) (bench/NOTES-kernels.md, eighty-ninth session): 4096x28672 at 260 / 300 / 384
+    / 500 rows 208.03 / 204.89 / 200.17 / 268.61 -> 137.42 / 171.57 / 192.75 / 239.49 (115.64 / 126.87 / 155.97 /
+    186.15); 4096x14336 at 448 rows 127.42 -> 110.20 (113.85); 4096x6144 at 260 / 320 rows 50.26 / 57.73 -> 35.31 /
+    42.60 (27.60 / 36.86); 14336x4096 at 260 / 320 rows 98.01 / 103.29 -> 70.32 / 82.70 (70.46 / 66.67). It loses where
+    ``whole``'s programs fill fewer waves (4096x11008 at 300 rows, two 98% full: 68.17 -> 74.00; at 500 rows, three:
+    94.11 -> 103.81; 4096² at 300 rows, one: 28.28 -> 35.05), and on 256-row tiles with more rows in the second
+    (14336x4096 at 448 rows 103.36 -> 114.68)."""
     if not ROW_SPLIT_HEAD_ROWS < M < 2 * ROW_SPLIT_HEAD_ROWS:
         return False
     if isinstance(whole, DequantMmConfig):
