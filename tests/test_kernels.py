@@ -4,8 +4,11 @@ Bound: relative error of the whole output, ``||out - ref|| / ||ref||``, where ``
 the float32 reference (``kernels/reference.py`` on float32 inputs). The kernel's output is
 rounded to the activation dtype, so the bound follows that dtype: fp16 1e-3, bf16 1e-2,
 fp32 1e-4. FP8 W8A8 gets 3e-3, 1e-2 and 1e-3: the H100's fp8 tensor cores accumulate with
-fewer bits than float32 (seen: 1.3e-3 at K = 2048 against the float32 reference). Outputs have at least 16 columns: with a handful of elements, one dot product
-whose terms cancel can stand for the whole norm and its relative error is unbounded.
+fewer bits than float32 (seen: 1.3e-3 at K = 2048 against the float32 reference). Outputs have at
+least 16 columns: with a handful of elements, one dot product whose terms cancel can stand for the
+whole norm and its relative error is unbounded. Where a test draws fewer (the W4A16 kernels' hypothesis
+tests through ``check_w4_config``, N from 8), the bound is ``w4_bound``: the larger of the dtype's and
+twice the error of dequantize-then-matmul in x's dtype on the same problem.
 
 Without a GPU the kernels run in Triton's interpreter (tests/conftest.py sets
 TRITON_INTERPRET=1 before triton is imported) on small shapes. The interpreter stores
@@ -2120,9 +2123,10 @@ def test_gpu_w8a16_mma_unsplit_at_each_tuned_tile(M, n_out, K, activation, dtype
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("activation", ("none",) + EPILOGUES)
 @pytest.mark.parametrize("residual", [False, True])
-# (1024 rows of 4200 columns: one wave of the Hopper kernel's 256 x 128 tiles, too short a K for it, and no tail)
+# (1024 rows of 4200 columns: one wave of the Hopper kernel's 256 x 128 tiles, too short a K for it, and no tail; 600
+# rows: past the 257-511 that run apart, ``w4a16._rows_apart``)
 @pytest.mark.parametrize("M,N,K,chunk_n", [(1024, 4200, 512, 4096), (2048, 4096, 1024, 2048), (4200, 3000, 256, 1024),
-                                            (500, 26000, 256, 8192)])
+                                            (600, 26000, 256, 8192)])
 def test_gpu_w4a16_dequantize_matmul_in_chunks(M, N, K, chunk_n, residual, activation, dtype):
     """The weight in chunks on two streams: right eagerly, inside a captured CUDA graph (a side
     stream forked from and joined to the captured one), and the same as the whole weight's path."""
@@ -2335,20 +2339,35 @@ def test_gpu_w4a16_warp_mma_pulls_tiles_into_l2(N, K, activation, M, dtype):
     assert relative_error(out, ref) < BOUND[dtype]
 
 
+def w4_bound(ref, x, qweight, scales, zeros, group_size, bias, activation="none"):
+    """The bound on a W4A16 kernel's error against the float32 reference ``ref``: its dtype's, or twice the error of
+    dequantize-then-matmul in x's dtype on the same problem where that is more (the weight rounded to x's dtype, the
+    products summed in float32, the output with its bias rounded, then the activation). On a few outputs one sum's
+    cancellation can take that path itself past the dtype's bound (H100: 1 row, 8 columns, K = 128, bf16, silu_mul,
+    1.04e-2; the Hopper kernel's output was the path's bit for bit)."""
+    weight = reference.dequantize_w4(qweight, scales.float(), zeros.float(), group_size).to(x.dtype).float()
+    out = x.float() @ weight
+    if bias is not None:
+        out = out + bias.float()
+    path = reference.apply_activation(out.to(x.dtype).float(), activation).to(x.dtype)
+    return max(BOUND[x.dtype], 2 * relative_error(path, ref))
+
+
 def check_w4_config(config, M, N, K, group_size, dtype, symmetric, bias, activation, seed, tile=0):
-    """``config``'s kernel against the float32 reference: with the bias (or none) and ``activation``,
+    """``config``'s kernel against the float32 reference (``w4_bound``): with the bias (or none) and ``activation``,
     then with the RMSNorm before it and a residual after it; with ``tile``, the words in column tiles."""
     args = make_w4(M, N, K, group_size, dtype, symmetric, bias, seed, tile)
     x, qweight, scales, zeros, b = args
     out = w4a16.w4a16_linear(x, qweight, scales, zeros, group_size, b, activation=activation, config=config)
     ref = reference.apply_activation(w4_reference(*args[:4], group_size, b), activation)
     assert out.shape == (M, output_columns(activation, N))
-    assert relative_error(out, ref) < BOUND[dtype]
+    assert relative_error(out, ref) < w4_bound(ref, *args[:4], group_size, b, activation)
     norm_weight, residual = norm_and_residual(M, N, K, dtype, seed)
     out = w4a16.w4a16_linear(x, qweight, scales, zeros, group_size, residual, norm_weight=norm_weight,
                              norm_eps=1e-6, config=config)
     normed = reference.rms_norm(x, norm_weight, 1e-6)
-    assert relative_error(out, w4_reference(normed, *args[1:4], group_size, residual)) < BOUND[dtype]
+    ref = w4_reference(normed, *args[1:4], group_size, residual)
+    assert relative_error(out, ref) < w4_bound(ref, normed, *args[1:4], group_size, residual)
 
 
 needs_hopper = pytest.mark.skipif(not (CUDA and torch.cuda.get_device_capability() == (9, 0)),
