@@ -2349,7 +2349,7 @@ def w4_bound(ref, x, qweight, scales, zeros, group_size, bias, activation="none"
     out = x.float() @ weight
     if bias is not None:
         out = out + bias.float()
-    path = reference.apply_activation(out.to(x.dtype).float(), activation).to(x.dtype)
+    path = reference.activation_after_gemm(out.to(x.dtype), activation)
     return max(BOUND[x.dtype], 2 * relative_error(path, ref))
 
 
