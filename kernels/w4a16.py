@@ -805,11 +805,13 @@ RS_WS_REGISTERS = 128
 # and on 256-row tiles, whose accumulator takes 128 registers a thread of the warpgroup: ptxas asks 158 or more, so one
 # program an SM
 RS_WS_256_REGISTERS = 168
-# stages of its 128-row tiles, two programs an SM (149.5 KB of shared memory). H100, fp16, the op, medians of 7 rounds
+# and the stages of its 128-row tiles, two programs an SM (149.5 KB of shared memory). H100, fp16, the op, medians of 7 rounds
 # in turns, us, 3 -> 4 (bench/NOTES-kernels.md, ninety-fifth session): 4096x28672 at 96 / 128 rows 63.36 / 60.02 ->
 # 61.66 / 58.13 (bf16 at 128 rows 61.91 -> 58.29), 14336x4096 at 128 rows (split 4) 30.68 -> 29.53, 4096² 12.23 ->
-# 12.19; 5 and 6 no faster. Not for 64-row tiles (4096x28672 at 64 rows, four an SM: 40.16 -> 40.79) nor the
-# single-partition kernel (4096x6144 at 128 rows 19.39 -> 19.70), which keep 3.
+# 12.19; 5 and 6 no faster; again in a second call, 4096x12288 at 128 rows 28.70 -> 27.46, 4096x14336 at 80 rows
+# 29.88 -> 29.37. To 128 rows only (``_wgmma_registers_config``): over all waves past 256 rows 4 stages gain 0-2% at
+# 384 rows and lose 5% at 640 (4096x14336: 158.82 -> 167.24), and 64-row tiles (4096x28672 at 64 rows, four an SM:
+# 40.16 -> 40.79) and the single-partition kernel (4096x6144 at 128 rows 19.39 -> 19.70) do not gain: those keep 3.
 RS_WS_128_STAGES = 4
 
 
@@ -821,11 +823,12 @@ def rs_ws_registers(programs: int) -> int:
 
 def _wgmma_registers_config(M: int, N: int, K: int, sms: int) -> WgmmaTmaConfig:
     """33 to 128 rows on Hopper: the TMA kernel with the weights as the MMA's register operand, 64 rows a program to
-    64, else 128, 3 stages (4 warp-specialized on 128 rows: ``RS_WS_128_STAGES``), K split by powers of two to 8 while the programs fit 4 an SM (64 rows) or 3 (128) and a
-    split keeps 8 steps. H200 sweeps (bench/NOTES-kernels.md, fifty-fourth session; splits 1-8, 3-6 stages), fp16,
-    us, the pick before -> this on 4096², 4096x6144, 4096x28672, 14336x4096: 64 rows 12.90 / 18.18 / 54.42 / 28.11
-    -> 12.15 / 15.41 / 48.27 / 26.09; 96 rows 17.82 / 24.66 / 73.47 / 36.61 -> 15.70 / 19.37 / 76.01 / 35.56; 128
-    rows 19.24 / 25.96 / 73.25 / 41.63 -> 16.93 / 20.51 / 70.14 / 35.78.
+    64, else 128, 3 stages (4 warp-specialized on 128 rows: ``RS_WS_128_STAGES``), K split by powers of two to 8
+    while the programs fit 4 an SM (64 rows) or 3 (128) and a split keeps 8 steps. H200 sweeps
+    (bench/NOTES-kernels.md, fifty-fourth session; splits 1-8, 3-6 stages), fp16, us, the pick before -> this on
+    4096², 4096x6144, 4096x28672, 14336x4096: 64 rows 12.90 / 18.18 / 54.42 / 28.11 -> 12.15 / 15.41 / 48.27 /
+    26.09; 96 rows 17.82 / 24.66 / 73.47 / 36.61 -> 15.70 / 19.37 / 76.01 / 35.56; 128 rows 19.24 / 25.96 / 73.25 /
+    41.63 -> 16.93 / 20.51 / 70.14 / 35.78.
 
     Warp-specialized (``loader_warp``) where a split keeps its programs within 90-100% of one wave at two an SM (its
     residency, ``RS_WS_REGISTERS``). H200, fp16, us, the kernel alone, the rule above -> warp-specialized
@@ -912,7 +915,7 @@ def _register_fed_all_waves(M: int, N: int, K: int, sms: int) -> Optional[WgmmaT
     slots = 2 * sms
     waves = cdiv(programs, slots)
     if waves <= 6 and 10 * programs >= 8 * waves * slots:
-        return WgmmaTmaConfig(128, 64, RS_WS_128_STAGES, 1, num_warps=4, registers=True, loader_warp=True,
+        return WgmmaTmaConfig(128, 64, 3, 1, num_warps=4, registers=True, loader_warp=True,
                               maxnreg=rs_ws_registers(2))
     return None
 

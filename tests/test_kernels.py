@@ -420,8 +420,9 @@ def test_w4a16_wgmma_tma_config_by_shape():
 
 def test_w4a16_wgmma_registers_config_by_shape():
     """33 to 128 rows (fifty-fourth session): the TMA kernel with the weights in registers, 64 columns a program by
-    64 rows to 64, by 128 past; 3 stages (warp-specialized 128-row tiles 4, ninety-fifth session); K split by powers of two to 8 while the programs fit 4 an SM (64 rows)
-    or 3 (128 rows) and a split keeps 8 steps of 64. Warp-specialized (sixty-second session) where a split keeps
+    64 rows to 64, by 128 past; 3 stages (4 warp-specialized on 128 rows, ninety-fifth session); K split by powers
+    of two to 8 while the programs fit 4 an SM (64 rows) or 3 (128 rows) and a split keeps 8 steps of 64.
+    Warp-specialized (sixty-second session) where a split keeps
     the programs within 90-100% of one wave at two an SM, and (seventy-fourth session) where unsplit they need more
     than one wave at two an SM but at most two. With 64-row tiles (seventy-ninth session) wherever two, three or four
     an SM (``rs_ws_registers``: 128, 80, 64 registers) hold a split's programs at once, at the split and residency that
@@ -434,7 +435,8 @@ def test_w4a16_wgmma_registers_config_by_shape():
     def registers(block_m, splits, programs):  # (programs an SM, 0: not warp-specialized)
         return [w4a16.WgmmaTmaConfig(block_m, 64, w4a16.RS_WS_128_STAGES if block_m == 128 and p else 3, split,
                                      num_warps=4, registers=True, loader_warp=p > 0,
-                                     maxnreg=w4a16.rs_ws_registers(p) if p else 0) for split, p in zip(splits, programs)]
+                                     maxnreg=w4a16.rs_ws_registers(p) if p else 0)
+                for split, p in zip(splits, programs)]
 
     # N = 4096: 64 programs a split, 256 of 264 slots at split 4; 6144: 192 at split 2 (73% of two an SM), 384 at
     # split 4 (97% of three an SM; 64 rows only); 28672: 448 unsplit, over one wave of 264 (64 rows: within 528)
@@ -502,7 +504,7 @@ def test_w4a16_register_fed_all_waves_by_shape(monkeypatch):
     warp-specialized register-fed kernel on 128-row tiles of 64 columns, two an SM, unsplit over at most six waves that
     its programs fill to 80%; else None, and the dequantized weight. Shapes as N, K."""
     all_waves = w4a16._register_fed_all_waves
-    fed = w4a16.WgmmaTmaConfig(128, 64, w4a16.RS_WS_128_STAGES, 1, num_warps=4, registers=True, loader_warp=True,
+    fed = w4a16.WgmmaTmaConfig(128, 64, 3, 1, num_warps=4, registers=True, loader_warp=True,
                                maxnreg=w4a16.RS_WS_REGISTERS)
     # 264 slots a wave: 4096x14336 at 384 rows, 672 programs (85% of three waves); 4096x28672 at 257 rows, 1344 (85%
     # of six), at 384 rows 1344 too, at 640 rows 2240 (nine waves); 4096x6144 at 384 rows, 288 (55% of two)
