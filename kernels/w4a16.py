@@ -805,13 +805,13 @@ RS_WS_REGISTERS = 128
 # and on 256-row tiles, whose accumulator takes 128 registers a thread of the warpgroup: ptxas asks 158 or more, so one
 # program an SM
 RS_WS_256_REGISTERS = 168
-# and the stages of its 128-row tiles, two programs an SM (149.5 KB of shared memory). H100, fp16, the op, medians of 7 rounds
-# in turns, us, 3 -> 4 (bench/NOTES-kernels.md, ninety-fifth session): 4096x28672 at 96 / 128 rows 63.36 / 60.02 ->
-# 61.66 / 58.13 (bf16 at 128 rows 61.91 -> 58.29), 14336x4096 at 128 rows (split 4) 30.68 -> 29.53, 4096² 12.23 ->
-# 12.19; 5 and 6 no faster; again in a second call, 4096x12288 at 128 rows 28.70 -> 27.46, 4096x14336 at 80 rows
-# 29.88 -> 29.37. To 128 rows only (``_wgmma_registers_config``): over all waves past 256 rows 4 stages gain 0-2% at
-# 384 rows and lose 5% at 640 (4096x14336: 158.82 -> 167.24), and 64-row tiles (4096x28672 at 64 rows, four an SM:
-# 40.16 -> 40.79) and the single-partition kernel (4096x6144 at 128 rows 19.39 -> 19.70) do not gain: those keep 3.
+# and the stages of its 128-row tiles, two programs an SM (149.5 KB of shared memory). H100, fp16, the op, medians of 7
+# rounds in turns, us, 3 -> 4 (bench/NOTES-kernels.md, ninety-fifth session): 4096x28672 at 96 / 128 rows 63.36 / 60.02
+# -> 61.66 / 58.13 (bf16 at 128 rows 61.91 -> 58.29), 14336x4096 at 128 rows (split 4) 30.68 -> 29.53, 4096² 12.23 ->
+# 12.19; 5 and 6 no faster; again in a second call, 4096x12288 at 128 rows 28.70 -> 27.46, 4096x14336 at 80 rows 29.88
+# -> 29.37. To 128 rows only (``_wgmma_registers_config``): over all waves past 256 rows 4 stages gain 0-2% at 384 rows
+# and lose 5% at 640 (4096x14336: 158.82 -> 167.24), and 64-row tiles (4096x28672 at 64 rows, four an SM: 40.16 ->
+# 40.79) and the single-partition kernel (4096x6144 at 128 rows 19.39 -> 19.70) do not gain: those keep 3.
 RS_WS_128_STAGES = 4
 
 
