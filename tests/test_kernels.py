@@ -420,14 +420,13 @@ def test_w4a16_wgmma_tma_config_by_shape():
 
 def test_w4a16_wgmma_registers_config_by_shape():
     """33 to 128 rows (fifty-fourth session): the TMA kernel with the weights in registers, 64 columns a program by
-    64 rows to 64, by 128 past; 3 stages (4 warp-specialized on 128 rows, ninety-fifth session); K split by powers
-    of two to 8 while the programs fit 4 an SM (64 rows) or 3 (128 rows) and a split keeps 8 steps of 64.
-    Warp-specialized (sixty-second session) where a split keeps
-    the programs within 90-100% of one wave at two an SM, and (seventy-fourth session) where unsplit they need more
-    than one wave at two an SM but at most two. With 64-row tiles (seventy-ninth session) wherever two, three or four
-    an SM (``rs_ws_registers``: 128, 80, 64 registers) hold a split's programs at once, at the split and residency that
-    fill their wave the most, the fewer an SM on a tie; 128-row tiles also unsplit where they fill 70% of a wave of
-    two an SM. Shapes as N, K."""
+    64 rows to 64, by 128 past; 3 stages (4 warp-specialized on 128 rows, ninety-fifth session); K split by powers of
+    two to 8 while the programs fit 4 an SM (64 rows) or 3 (128 rows) and a split keeps 8 steps of 64.
+    Warp-specialized (sixty-second session) where a split keeps the programs within 90-100% of one wave at two an SM,
+    and (seventy-fourth session) where unsplit they need more than one wave at two an SM but at most two. With 64-row
+    tiles (seventy-ninth session) wherever two, three or four an SM (``rs_ws_registers``: 128, 80, 64 registers) hold
+    a split's programs at once, at the split and residency that fill their wave the most, the fewer an SM on a tie;
+    128-row tiles also unsplit where they fill 70% of a wave of two an SM. Shapes as N, K."""
     cfg = w4a16._wgmma_registers_config
     shapes = [(4096, 4096), (6144, 4096), (28672, 4096), (4096, 14336)]
     assert [w4a16.rs_ws_registers(programs) for programs in (2, 3, 4)] == [w4a16.RS_WS_REGISTERS, 80, 64]
