@@ -547,7 +547,9 @@ def check_wgmma_tma_config(cfg: WgmmaTmaConfig):
     lanes a column each; at least 2 stages, and x's stages and three weight tiles within Hopper's shared
     memory. Warp-specialized (``dequant_warps`` 4 or 8): ``block_n`` 64 or 128 (whole runs of 64 words), at
     most 64 float32 sums a thread of the MMAs' warps with 8 dequantizing warps, 128 with 4 (the registers
-    the partitions share), and a stage of x, words, scales, zeros and the weight tile each. With ``registers``:
+    the partitions share), and at least 3 stages of x, words, scales, zeros and the weight tile each (the
+    dequantizing warps signal a tile once they hold the next step's stage, which with 2 stages the MMAs would
+    only free after that signal). With ``registers``:
     one warpgroup on 64 columns, a stage of x, words, scales and zeros each; ``loader_warp`` only with ``registers``,
     ``maxnreg`` a multiple of 8 from ``rs_ws_registers(4)`` (64 rows) or ``RS_WS_REGISTERS`` (128 rows: ptxas asks 94
     or more), either also 0 (``RS_WS_REGISTERS``), or from ``RS_WS_256_REGISTERS`` (256 rows: ptxas asks 158)."""
@@ -577,10 +579,11 @@ def check_wgmma_tma_config(cfg: WgmmaTmaConfig):
     elif cfg.dequant_warps:
         sums = cfg.block_m * cfg.block_n // (32 * cfg.num_warps)
         shared = cfg.stages * (cfg.block_m * 64 * 2 + cfg.block_n * (64 * 2 + 8 * 4 + 2 * 2))
-        fits = (cfg.dequant_warps in (4, 8) and cfg.block_n in (64, 128)
+        fits = (cfg.dequant_warps in (4, 8) and cfg.block_n in (64, 128) and cfg.stages >= 3
                 and sums <= (64 if cfg.dequant_warps == 8 else 128))
         needs = ("dequant_warps 4 or 8 with block_n 64 or 128 and block_m * block_n / (32 * num_warps) at most "
-                 "64 (8) or 128 (4), stages * (block_m * 128 + block_n * 164) bytes of shared memory")
+                 "64 (8) or 128 (4), at least 3 stages, stages * (block_m * 128 + block_n * 164) bytes of shared "
+                 "memory")
     else:
         shared = (cfg.stages * cfg.block_m + 3 * cfg.block_n) * 64 * 2
         fits = True
