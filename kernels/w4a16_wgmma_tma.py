@@ -410,7 +410,7 @@ def _dequantizer(x_desc, x_half_desc, w_desc, s_desc, z_desc, xs, wq, ss, zs, ws
     arithmetic, so that the fence finds its stores done: waiting them out right after storing held the MMAs back
     (H100, 14336x4096 at 1024 rows under ncu: 282.8 K -> 272.9 K cycles; bench/NOTES-kernels.md, ninety-seventh
     session). The partition runs about a step ahead of the MMAs, so the later signal holds them back only at the
-    first step (4096² at 1024 rows, the op in turns: 54.38 -> 54.75 us; 14336x4096 190.21 -> 184.77)."""
+    first step (1024 rows, the kernel in turns: 4096² 54.38 -> 54.75 us, 14336x4096 190.21 -> 184.77)."""
     DTYPE: gl.constexpr = ws.dtype
     WARPS: gl.constexpr = gl.num_warps()
     BLOCK_N: gl.constexpr = ws.type.shape[1]
