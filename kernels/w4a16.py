@@ -1015,7 +1015,14 @@ def _wgmma_tma_tail(M: int, N: int, K: int, sms: int) -> Optional[WgmmaTmaConfig
     - dequantized, after two waves or more (ab-w4a16-tail-after-waves-h100.json): 4096x14336 at 768 / 1024 rows 193.4
       / 206.8 -> 144.2 / 187.4 (cuBLAS 134.8 / 174.5); 4096x28672 at 512 / 768 rows 259.3 / 346.4 -> 192.8 / 301.3;
       8192x28672 at 768 rows 714.7 -> 571.5; 5120x27648 at 1024 rows 472.7 -> 445.0; faster in 14 of 15 cases, bf16
-      and silu_mul too, but 4096x28672 at 1024 rows (six waves, then 79% of one): 406.3 -> 412.3."""
+      and silu_mul too, but 4096x28672 at 1024 rows (six waves, then 79% of one): 406.3 -> 412.3.
+
+    Every whole wave goes to the kernel: fewer, with more columns dequantized beside them, lose. H100, us, 7 rounds
+    in turns, the kernel's waves (the pick's first) -> the op (ninety-eighth session,
+    ``ab-w4a16-fewer-whole-waves-h100.json``): 4096x28672 at 1024 rows fp16 6 / 5 / 4 / 3 / 1 waves 400.4 / 409.2 /
+    430.7 / 438.2 / 447.4, bf16 394.2 / 397.2 / 415.4 / 419.8 / 428.0; at 768 rows 5 / 4 / 3 / 1 292.7 / 305.7 /
+    323.0 / 354.1; 4096x14336 at 1024 rows 3 / 2 / 1 189.0 / 203.8 / 210.1. (The pick timed again as a candidate of
+    the same rounds: 410.6, 388.8, 305.4, 198.7.)"""
     row_tiles = cdiv(M, 256)
     wave = sms // row_tiles  # columns of tiles in a wave
     waves = cdiv(N, 128) // wave
