@@ -673,7 +673,10 @@ def _fused_then_dequantized(x: torch.Tensor, qweight: torch.Tensor, scales: torc
     dequantized weight + cuBLAS on the rest, whose dequantization runs on the side stream beside the kernel (one CTA
     an SM leaves room for its programs) and only its GEMM after. H100, fp16, us, the dequantized weight in chunks of
     columns -> this (bench/NOTES-kernels.md, seventieth session): 4096x6144 at 1024 rows 91.0 -> 83.2 (cuBLAS 81.4),
-    5120² 94.1 -> 85.7; the tail's dequantization before the kernel instead: 88.5, 88.8."""
+    5120² 94.1 -> 85.7; the tail's dequantization before the kernel instead: 88.5, 88.8. The tail's GEMM on the side
+    stream too, right after its dequantization, to take SMs as the kernel's last wave leaves them (ninety-ninth
+    session, 9 rounds, 1024 rows): 4096x28672 421.9 -> 414.1 (bf16 404.4 -> 407.9), 4096x6144 83.5 -> 83.4,
+    4096x14336 204.3 -> 202.1, each within its rounds' spread of 5-10%: not taken."""
     M, K = x.shape
     N = word_columns(qweight)
     out = torch.empty((M, N), device=x.device, dtype=x.dtype)
