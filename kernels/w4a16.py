@@ -358,11 +358,12 @@ class WarpMmaConfig(NamedTuple):
     num_warps: int
     split_k: int
     row_tiles: int  # 8-row tiles of x a program covers (1 or 2); more rows take more programs
-    column_warps: int = 1  # warps side by side on 64-column blocks; each block's warps take turns over K
+    column_warps: int = 1  # warps side by side on blocks of a warp's columns; each block's warps take turns over K
     unrolled: bool = False  # each warp's loop over its groups unrolled (``warp_mma_unrolled_iterations``)
     maxnreg: int = 0  # registers a thread for ptxas (0: its own choice; ``warp_mma_registers``)
     prefetch_groups: int = 0  # each warp's words pulled into L2 this many groups ahead (``warp_mma_prefetch``)
     loop_unroll: int = 1  # where not ``unrolled``: the loop's body repeated this many times an iteration
+    column_blocks: int = 4  # a warp's 16-column MMA blocks: 4 (64 weight columns) or 2 (32)
 
 
 def warp_mma_ok(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
@@ -1096,7 +1097,7 @@ def _split_within_one_wave(tiles: int, k_steps: int, slots: int) -> int:
     return split
 
 
-def _warp_mma_config(M: int, tiles: int, groups: int, sms: int) -> WarpMmaConfig:
+def _warp_mma_config(M: int, tiles: int, groups: int, sms: int, gate_up: bool = False) -> WarpMmaConfig:
     """Warps and K splits of the warp-level MMA kernel for ``tiles`` blocks of a warp's
     columns (``warp_mma_columns``) and ``groups`` groups of K. H200 sweeps
     (bench/NOTES-kernels.md), 2 <= M <= 16: 4 warps unsplit where the tiles alone fill the SMs
@@ -1106,7 +1107,13 @@ def _warp_mma_config(M: int, tiles: int, groups: int, sms: int) -> WarpMmaConfig
     split 4); each split costs a memset and atomics. Past 8 rows, where the tiles fill under
     half the SMs and K is at most 32 groups, a program an 8-row tile instead, 8 warps unsplit
     (4096x4096 at M = 16 from DRAM, bf16: 10.0 against 12.3 us; 14336x4096 stays split, 19.5
-    against 21.9). The 8-warp kernels unroll their loop over groups up to K = 32 groups (4
+    against 21.9); there, but for gate and up (``gate_up``: "silu_mul"), 32 columns a warp instead (two 16-column
+    blocks, ``column_blocks``), so that the same 2 x tiles programs each take both 8-row tiles and dequantize each
+    weight once (H100, the op, fp16 unless said, medians of 5 rounds in turns, us, one tile a program -> 32 columns,
+    bench/NOTES-kernels.md, hundredth session: 4096x4096 at 9 / 12 / 16 rows 5.55 / 5.74 / 5.71 -> 4.96 / 5.11 / 5.20,
+    bf16 at 16 rows 5.88 -> 4.97; at ptxas's own registers 6.81-7.12; it loses where the tiles or the groups are
+    more: 4096x6144 at 16 rows 6.73 against 7.36 at best, 14336x4096 12.66 against 14.20). The 8-warp kernels
+    unroll their loop over groups up to K = 32 groups (4
     iterations a warp; bf16 from DRAM, us: 4096x6144 at M = 4, 8, 16 10.3 / 10.4 / 12.8 -> 9.5 /
     9.6 / 12.3, 4096x4096 at M = 16 10.4 -> 9.5); so do the split 4-warp ones (2 iterations a warp; 4096x4096
     at M = 8, fp16 / bf16, one weight replayed: 6.56 / 5.97 -> 5.31 / 5.46; the decode step's chain at batch 8
@@ -1118,7 +1125,9 @@ def _warp_mma_config(M: int, tiles: int, groups: int, sms: int) -> WarpMmaConfig
     and 4 times: 14.40 / 18.21 in fp16); at 2 to 8 rows it is not (M = 8 bf16 14.12 -> 14.28; fifty-first)."""
     row_tiles = cdiv(M, 8)
     if M > 8 and 2 * tiles < sms and groups <= 32:
-        return WarpMmaConfig(num_warps=8, split_k=1, row_tiles=1, unrolled=True)
+        if gate_up:
+            return WarpMmaConfig(num_warps=8, split_k=1, row_tiles=1, unrolled=True)
+        return WarpMmaConfig(num_warps=8, split_k=1, row_tiles=2, unrolled=True, column_blocks=2)
     if tiles >= 2 * sms:
         return WarpMmaConfig(num_warps=4, split_k=1, row_tiles=row_tiles, column_warps=2 if M > 8 else 1)
     if 2 * tiles >= sms:
@@ -1210,9 +1219,13 @@ def warp_mma_registers(cfg: WarpMmaConfig, M: int, tiles: int, sms: int) -> int:
     Programs of two tiles and 4 warps, the fewest warps to hide the loads' latency, get 232 even where
     the grid then takes more than one wave (gate_up at 16 rows: 448 programs, 2 an SM): in the decode
     step's chain of 64 ops at batch 16, launched with PDL (thirty-eighth session), 1107 -> 1075 us for
-    gate_up's (0 before) and down's (200, split 4) together; 216 and 248 within 8 us of 232, 200 slower."""
+    gate_up's (0 before) and down's (200, split 4) together; 216 and 248 within 8 us of 232, 200 slower. 32 columns a
+    warp (``column_blocks`` 2) at 8 warps and two tiles: 168 (4096x4096 at 16 rows, fp16: 5.20 us against 7.12 at
+    ptxas's 128-142; hundredth session)."""
     if cfg.num_warps == 4 and cfg.row_tiles == 2:
         return 232
+    if cfg.column_blocks == 2:
+        return 168
     row_programs = 1 if M <= 8 * cfg.row_tiles else 2  # (comparisons only: M may be a SymInt)
     programs = row_programs * cdiv(tiles, cfg.column_warps) * cfg.split_k
     budget = min(resident_registers(cfg.num_warps, programs, sms), 168 if cfg.row_tiles == 1 else 200)
@@ -1252,7 +1265,7 @@ def _pick_for_all_rows(M: int, N: int, K: int, group_size: int, device: torch.de
     # 20.3 us at M = 1, 20.9 at 8, 29.4 at 16; the tensor-core kernel before it 54 us from M = 4).
     if warp_mma and 2 <= M <= WARP_MMA_MAX_M and not (M == 2 and N * K <= 4096 * 4096):
         tiles = cdiv(N, warp_mma_columns(activation))
-        cfg = _warp_mma_config(M, tiles, K // group_size, sms)
+        cfg = _warp_mma_config(M, tiles, K // group_size, sms, activation == "silu_mul")
         # Past 8 rows each warp pulls its words into L2 a group ahead (with the words in column tiles); H200, the
         # decode step's 64 ops at 16 rows, bf16, us: 1060.8 -> 1017.7; at 8 rows it loses (870.8 -> 979.1)
         # (bench/NOTES-kernels.md, forty-third session)
@@ -1488,16 +1501,22 @@ def w4a16_linear(
     has_bias = bias is not None
     bias_arg = bias if has_bias else scales  # any pointer; never read
     if isinstance(cfg, WarpMmaConfig):
-        if cfg.column_warps < 1 or cfg.num_warps % cfg.column_warps or cfg.num_warps > 8 * cfg.column_warps:
+        if cfg.column_blocks not in (2, 4):
+            raise ValueError(f"{cfg}: column_blocks must be 4 or 2 (a warp's 64 or 32 weight columns), got "
+                             f"{cfg.column_blocks}")
+        # warps a column block: 8 at most, and a warp's sums, 4 a block and tile, in whole pairs a warp
+        # (``_shared_sums``)
+        most = min(8, 2 * cfg.column_blocks * cfg.row_tiles)
+        if cfg.column_warps < 1 or cfg.num_warps % cfg.column_warps or cfg.num_warps > most * cfg.column_warps:
             raise ValueError(f"{cfg}: column_warps ({cfg.column_warps}) must divide num_warps ({cfg.num_warps}), "
-                             f"leaving at most 8 warps a column block")
+                             f"leaving at most {most} warps a column block")
         if cfg.row_tiles not in (1, 2) or given and not warp_mma_ok(x, qweight, scales, zeros, group_size, n_out):
             raise ValueError(f"{cfg} needs row_tiles 1 or 2, fp16/bf16 x on a GPU with at most {WARP_MMA_MAX_M} "
                              f"rows, 16-byte aligned, group_size a multiple of 64 and N a multiple of 4; got x "
                              f"{tuple(x.shape)} {x.dtype} strides {x.stride()} on {x.device}, group_size "
                              f"{group_size}, N {N}")
-        grid = (cdiv(M, 8 * cfg.row_tiles), cdiv(n_out, warp_mma_columns(activation) * cfg.column_warps),
-                cfg.split_k)
+        grid = (cdiv(M, 8 * cfg.row_tiles),
+                cdiv(n_out, warp_mma_columns(activation, cfg.column_blocks) * cfg.column_warps), cfg.split_k)
         ws = split_k_workspace(M, N, grid[0] * grid[1], cfg.split_k, out)
         launch(
             w4a16_warp_mma_kernel, grid,
@@ -1507,7 +1526,7 @@ def w4a16_linear(
             GROUP_SIZE=group_size, M_TILES=cfg.row_tiles, WARPS=cfg.num_warps, COLUMN_WARPS=cfg.column_warps,
             SPLIT_K=cfg.split_k, HAS_BIAS=has_bias, ACTIVATION=activation, BF16=x.dtype == torch.bfloat16,
             UNROLLED_ITERS=warp_mma_unrolled_iterations(cfg, K // group_size), LOOP_UNROLL=cfg.loop_unroll,
-            UP_RUN=up_run, num_warps=cfg.num_warps,
+            UP_RUN=up_run, BLOCKS=cfg.column_blocks, num_warps=cfg.num_warps,
             **register_budget(cfg.maxnreg), **dependent_launch(x),
         )
         return out

@@ -10,9 +10,9 @@ registers are exactly what it loaded, in the order the MMA wants them: the loads
 PTX (a ``tl.load`` may be given another thread layout by Triton) and so is the MMA. Lane
 ``(g, c) = (lane // 4, lane % 4)`` of a warp:
 
-- holds the columns ``base_a + b`` and ``base_b + b`` for the four 16-column blocks b
-  (``base_a = n0 + 4 g``, ``base_b = base_a + 32``, or the up columns under "silu_mul"), and
-  loads four words of each with one 16-byte load, for the two word rows ``r + 2 c`` and
+- holds the columns ``base_a + b`` and ``base_b + b`` for the BLOCKS (4 or 2) 16-column blocks b
+  (``base_a = n0 + BLOCKS g``, ``base_b = base_a + 8 BLOCKS``, or the up columns under "silu_mul"),
+  and loads BLOCKS words of each with one 16- or 8-byte load, for the two word rows ``r + 2 c`` and
   ``r + 2 c + 1`` of each 64-row step r: as the MMA's A fragment, the columns are its rows g
   and g + 8, and the rows are its K positions 2c, 2c+1 and 2c+8, 2c+9;
 - dequantizes each word into four half2 (bf16x2) registers, register t holding nibbles t and
@@ -23,12 +23,14 @@ PTX (a ``tl.load`` may be given another thread layout by Triton) and so is the M
   (``_x_pairs``): the B fragment.
 
 A program covers one or two 8-row tiles (M_TILES); more rows take more programs (program_id 0),
-adjacent in launch order, so they read the same weight tiles together: from DRAM once.
+adjacent in launch order, so they read the same weight tiles together: from DRAM once. Two blocks
+a warp (32 columns) give twice the programs of four on the same columns, each dequantizing its
+words once for both tiles, where the GPU has SMs to spare (``w4a16.pick_config``).
 
 The C fragment leaves lane (g, c) with columns a and b at rows 2c and 2c + 1 of each tile.
 A group's products accumulate unscaled in float32 (the MMA's C), and are scaled per column
 once a group (``group_size`` a multiple of 64). A program's warps cover ``COLUMN_WARPS``
-blocks of 64 columns (sharing x through L1), the warps of a block taking turns over its
+blocks of 16 BLOCKS columns (sharing x through L1), the warps of a block taking turns over its
 groups of K, each issuing the next group's loads before this one's arithmetic; at the end
 their sums are added across warps through shared memory (``_shared_sums``, inline PTX: one
 barrier) and go through ``common.store_outputs`` (split K, bias, activation) like every other
@@ -60,11 +62,14 @@ from .common import (asm_constant, barrier_after, launch_dependent_grids, load_s
 # the first group's loads of the weights, which are issued before the wait and which ptxas would otherwise sink
 # below it (nothing orders a read-only load against the wait). The weights, read once, are not kept in L1
 # (H200: 4-8% faster on 4096x28672).
-_V4, _V2 = "{$0, $1, $2, $3}, [$4];", "{$0, $1}, [$2];"
+_V4, _V2, _V1 = "{$0, $1, $2, $3}, [$4];", "{$0, $1}, [$2];", "$0, [$1];"
 _X_NC, _X = asm_constant("ld.global.nc.v4.b32 " + _V4), asm_constant("ld.global.v4.b32 " + _V4)
 _WORDS_NC = asm_constant("ld.global.nc.L1::no_allocate.v4.b32 " + _V4)
 _WORDS = asm_constant("ld.global.L1::no_allocate.v4.b32 " + _V4)
+_WORD_PAIR_NC = asm_constant("ld.global.nc.L1::no_allocate.v2.b32 " + _V2)
+_WORD_PAIR = asm_constant("ld.global.L1::no_allocate.v2.b32 " + _V2)
 _PARAMS_NC, _PARAMS = asm_constant("ld.global.nc.v2.b32 " + _V2), asm_constant("ld.global.v2.b32 " + _V2)
+_PARAM_PAIR_NC, _PARAM_PAIR = asm_constant("ld.global.nc.b32 " + _V1), asm_constant("ld.global.b32 " + _V1)
 
 
 @triton.jit
@@ -81,6 +86,12 @@ def _load_v2(ptrs, ASM: tl.constexpr):
 
 
 @triton.jit
+def _load_v1(ptrs, ASM: tl.constexpr):
+    """One 32-bit word (two 16-bit values) at each (4-byte aligned) pointer, by the load ``ASM``."""
+    return (tl.inline_asm_elementwise(ASM, "=r,l", [ptrs], dtype=tl.int32, is_pure=True, pack=1),)
+
+
+@triton.jit
 def _load_x(ptrs, COHERENT: tl.constexpr):
     if COHERENT:
         return _load_v4(ptrs, _X)
@@ -88,17 +99,19 @@ def _load_x(ptrs, COHERENT: tl.constexpr):
 
 
 @triton.jit
-def _load_words(ptrs, COHERENT: tl.constexpr):
-    if COHERENT:
-        return _load_v4(ptrs, _WORDS)
-    return _load_v4(ptrs, _WORDS_NC)
-
-
-@triton.jit
-def _load_params(ptrs, COHERENT: tl.constexpr):
-    if COHERENT:
-        return _load_v2(ptrs, _PARAMS)
-    return _load_v2(ptrs, _PARAMS_NC)
+def _load_columns(ptrs, COHERENT: tl.constexpr, BLOCKS: tl.constexpr, WORDS: tl.constexpr):
+    """What a lane reads of its BLOCKS columns (4 or 2) at ``ptrs``: with WORDS their 32-bit words (one a column),
+    else their 16-bit zeros or scales (two a register)."""
+    # (one return: Triton 3.6 compares the types of every return, taken or not)
+    if WORDS and BLOCKS == 2:
+        loaded = _load_v2(ptrs, _WORD_PAIR if COHERENT else _WORD_PAIR_NC)
+    elif WORDS:
+        loaded = _load_v4(ptrs, _WORDS if COHERENT else _WORDS_NC)
+    elif BLOCKS == 2:
+        loaded = _load_v1(ptrs, _PARAM_PAIR if COHERENT else _PARAM_PAIR_NC)
+    else:
+        loaded = _load_v2(ptrs, _PARAMS if COHERENT else _PARAMS_NC)
+    return loaded
 
 
 @triton.jit
@@ -280,33 +293,34 @@ def _scaled_add(acc, part, scale_a, scale_b, M_TILES: tl.constexpr):
 
 
 @triton.jit
-def _value_index(i, M_TILES: tl.constexpr):
+def _value_index(i, M_TILES: tl.constexpr, BLOCKS: tl.constexpr):
     """A lane's value ``i`` of ``_shared_sums``' order -> (its 8-row tile, its 16-column block, its row in the lane's
     pair (0, 1), and whether it is of column b (the up column under "silu_mul") rather than a)."""
-    half = 8 * M_TILES
+    half = 2 * BLOCKS * M_TILES
     rest = i % half
-    return rest // 8, (rest // 2) % 4, rest % 2, i // half
+    return rest // (2 * BLOCKS), (rest // 2) % BLOCKS, rest % 2, i // half
 
 
 @triton.jit
 def _shared_sums(accs, tid, M_TILES: tl.constexpr, K_WARPS: tl.constexpr, COLUMN_WARPS: tl.constexpr,
                  ACTIVATION: tl.constexpr):
-    """The program's sums (``accs``: the four blocks' partial sums, a warp's) added across the K_WARPS warps of each
-    column block, for ``common.store_outputs``: every lane stores its 16 M_TILES values (column a's first, then
+    """The program's sums (``accs``: the BLOCKS blocks' partial sums, a warp's) added across the K_WARPS warps of each
+    column block, for ``common.store_outputs``: every lane stores its 4 BLOCKS M_TILES values (column a's first, then
     column b's: ``_value_index``) in shared memory, value-major, and after one barrier each thread adds up
-    16 M_TILES / K_WARPS of the sums, those of its warp's lane position in value rows ``warp_k + r K_WARPS``.
-    A column a and its column b lie 8 M_TILES / K_WARPS parts apart: under "silu_mul" the gate and up parts."""
+    4 BLOCKS M_TILES / K_WARPS of the sums, those of its warp's lane position in value rows ``warp_k + r K_WARPS``.
+    A column a and its column b lie 2 BLOCKS M_TILES / K_WARPS parts apart: under "silu_mul" the gate and up parts."""
     T: tl.constexpr = tid.shape[0]
-    V: tl.constexpr = 16 * M_TILES
+    BLOCKS: tl.constexpr = len(accs)
+    V: tl.constexpr = 4 * BLOCKS * M_TILES
     PARTS: tl.constexpr = V // K_WARPS
-    tl.static_assert(V % (2 * K_WARPS) == 0, "at most 8 warps a column block for each 8-row tile")
+    tl.static_assert(V % (2 * K_WARPS) == 0, "at most 2 BLOCKS M_TILES warps a column block")
     base = shared_address(4 * V * T)
     tokens = tid * 0
     for column_b in tl.static_range(2):  # (the order that ``_value_index`` undoes)
         for tile in tl.static_range(M_TILES):
-            for block in tl.static_range(4):
+            for block in tl.static_range(BLOCKS):
                 for row in tl.static_range(2):
-                    i = 8 * M_TILES * column_b + 8 * tile + 2 * block + row
+                    i = 2 * BLOCKS * M_TILES * column_b + 2 * BLOCKS * tile + 2 * block + row
                     tokens += store_shared(base + 4 * (i * T + tid), accs[block][4 * tile + 2 * column_b + row])
     ready = barrier_after(tokens)
     position = tid % (32 * COLUMN_WARPS)  # the lane's and its column block's
@@ -328,40 +342,43 @@ def _shared_sums(accs, tid, M_TILES: tl.constexpr, K_WARPS: tl.constexpr, COLUMN
 
 @triton.jit
 def _shared_sums_places(tid, first_row, first_block_column, M_TILES: tl.constexpr, K_WARPS: tl.constexpr,
-                        COLUMN_WARPS: tl.constexpr, WARP_COLUMNS: tl.constexpr, ACTIVATION: tl.constexpr):
+                        COLUMN_WARPS: tl.constexpr, WARP_COLUMNS: tl.constexpr, ACTIVATION: tl.constexpr,
+                        BLOCKS: tl.constexpr):
     """The rows and columns of ``_shared_sums``' parts (from the thread's index alone: torch's analysis of the
     kernel follows what a store's pointers are computed from, and must not reach the loads)."""
     position = tid % (32 * COLUMN_WARPS)
     lane = position % 32
-    first_columns = first_block_column + (position // 32) * WARP_COLUMNS + 4 * (lane // 4)
-    PARTS: tl.constexpr = 16 * M_TILES // K_WARPS
+    first_columns = first_block_column + (position // 32) * WARP_COLUMNS + BLOCKS * (lane // 4)
+    PARTS: tl.constexpr = 4 * BLOCKS * M_TILES // K_WARPS
     COUNT: tl.constexpr = PARTS // 2 if ACTIVATION == "silu_mul" else PARTS
     rows = ()
     cols = ()
     for r in tl.static_range(COUNT):
-        tile, block, row, column_b = _value_index(tid // (32 * COLUMN_WARPS) + r * K_WARPS, M_TILES)
+        tile, block, row, column_b = _value_index(tid // (32 * COLUMN_WARPS) + r * K_WARPS, M_TILES, BLOCKS)
         rows = rows + (first_row + 8 * tile + 2 * (lane % 4) + row,)
-        cols = cols + (first_columns + block + 32 * column_b,)
+        cols = cols + (first_columns + block + 8 * BLOCKS * column_b,)
     return rows, cols
 
 
 @triton.jit
 def _load_group_weights(qw_ptr, s_ptr, z_ptr, group, lane_c, base_a, base_b, word_a, word_b, stride_qk, stride_sg,
-                        GROUP_SIZE: tl.constexpr, COHERENT: tl.constexpr):
+                        GROUP_SIZE: tl.constexpr, COHERENT: tl.constexpr, BLOCKS: tl.constexpr):
     """This lane's weights of one group: the words of each 64-row step (word rows ``r + 2 c`` and
-    ``r + 2 c + 1``, columns a0..a3 then b0..b3 of each, at word_a and word_b of a word row), and the packed
-    zeros and scales of its columns."""
+    ``r + 2 c + 1``, columns a0.. then b0.. of each, BLOCKS of either, at word_a and word_b of a word row), and the
+    packed zeros and scales of its columns."""
     sz = group * stride_sg
-    params = (_load_params(z_ptr + sz + base_a, COHERENT) + _load_params(z_ptr + sz + base_b, COHERENT)
-              + _load_params(s_ptr + sz + base_a, COHERENT) + _load_params(s_ptr + sz + base_b, COHERENT))
+    params = (_load_columns(z_ptr + sz + base_a, COHERENT, BLOCKS, False)
+              + _load_columns(z_ptr + sz + base_b, COHERENT, BLOCKS, False)
+              + _load_columns(s_ptr + sz + base_a, COHERENT, BLOCKS, False)
+              + _load_columns(s_ptr + sz + base_b, COHERENT, BLOCKS, False))
     first_row = group * (GROUP_SIZE // 8) + 2 * lane_c
     words = ()
     for step in tl.static_range(GROUP_SIZE // 64):
         row = first_row + 8 * step
-        words = words + (_load_words(qw_ptr + row * stride_qk + word_a, COHERENT)
-                         + _load_words(qw_ptr + row * stride_qk + word_b, COHERENT)
-                         + _load_words(qw_ptr + (row + 1) * stride_qk + word_a, COHERENT)
-                         + _load_words(qw_ptr + (row + 1) * stride_qk + word_b, COHERENT))
+        words = words + (_load_columns(qw_ptr + row * stride_qk + word_a, COHERENT, BLOCKS, True)
+                         + _load_columns(qw_ptr + row * stride_qk + word_b, COHERENT, BLOCKS, True)
+                         + _load_columns(qw_ptr + (row + 1) * stride_qk + word_a, COHERENT, BLOCKS, True)
+                         + _load_columns(qw_ptr + (row + 1) * stride_qk + word_b, COHERENT, BLOCKS, True))
     return words, params
 
 
@@ -382,59 +399,69 @@ def _load_group_x(x_row0, x_row1, group, lane_c, GROUP_SIZE: tl.constexpr, M_TIL
 
 @triton.jit
 def _load_group(qw_ptr, s_ptr, z_ptr, x_row0, x_row1, group, lane_c, base_a, base_b, word_a, word_b, stride_qk,
-                stride_sg, GROUP_SIZE: tl.constexpr, M_TILES: tl.constexpr, COHERENT: tl.constexpr):
+                stride_sg, GROUP_SIZE: tl.constexpr, M_TILES: tl.constexpr, COHERENT: tl.constexpr,
+                BLOCKS: tl.constexpr):
     """This lane's loads for one group: its words, x and packed zeros and scales."""
     words, params = _load_group_weights(qw_ptr, s_ptr, z_ptr, group, lane_c, base_a, base_b, word_a, word_b,
-                                        stride_qk, stride_sg, GROUP_SIZE, False)
+                                        stride_qk, stride_sg, GROUP_SIZE, False, BLOCKS)
     return words, _load_group_x(x_row0, x_row1, group, lane_c, GROUP_SIZE, M_TILES, COHERENT), params
 
 
 @triton.jit
-def _group_product(loads, live, acc0, acc1, acc2, acc3, z, GROUP_SIZE: tl.constexpr, M_TILES: tl.constexpr,
-                   BF16: tl.constexpr):
-    """The four blocks' accumulators plus one group's product (``_load_group``'s loads), scaled per
+def _zero_constants(params, BLOCKS: tl.constexpr, BF16: tl.constexpr):
+    """``_load_group_weights``' packed zeros -> for each of the BLOCKS blocks, the zero constants (``_zero_consts``)
+    of its column a and of its column b (block b's column is value b % 2 of its register)."""
+    PAIRS: tl.constexpr = BLOCKS // 2  # registers of two 16-bit values a column side
+    consts = ()
+    for p in tl.static_range(2 * PAIRS):  # column a's registers, then column b's
+        consts = consts + (_zero_consts(params[p], BF16),)
+    zero_a = ()
+    zero_b = ()
+    for b in tl.static_range(BLOCKS):
+        ca = consts[b // 2]
+        cb = consts[PAIRS + b // 2]
+        if BF16:
+            zero_a = zero_a + ((ca[b % 2],),)
+            zero_b = zero_b + ((cb[b % 2],),)
+        else:
+            zero_a = zero_a + ((ca[2 * (b % 2)], ca[2 * (b % 2) + 1]),)
+            zero_b = zero_b + ((cb[2 * (b % 2)], cb[2 * (b % 2) + 1]),)
+    return zero_a, zero_b
+
+
+@triton.jit
+def _group_product(loads, live, accs, z, GROUP_SIZE: tl.constexpr, M_TILES: tl.constexpr, BF16: tl.constexpr):
+    """The blocks' accumulators ``accs`` plus one group's product (``_load_group``'s loads), scaled per
     column and by ``live`` (0 for a group past the end)."""
     words, xs, params = loads
-    za01, za23, zb01, zb23, sa01, sa23, sb01, sb23 = params
-    zc_a01 = _zero_consts(za01, BF16)
-    zc_a23 = _zero_consts(za23, BF16)
-    zc_b01 = _zero_consts(zb01, BF16)
-    zc_b23 = _zero_consts(zb23, BF16)
-    if BF16:
-        zero_a = ((zc_a01[0],), (zc_a01[1],), (zc_a23[0],), (zc_a23[1],))
-        zero_b = ((zc_b01[0],), (zc_b01[1],), (zc_b23[0],), (zc_b23[1],))
-    else:
-        zero_a = ((zc_a01[0], zc_a01[1]), (zc_a01[2], zc_a01[3]), (zc_a23[0], zc_a23[1]), (zc_a23[2], zc_a23[3]))
-        zero_b = ((zc_b01[0], zc_b01[1]), (zc_b01[2], zc_b01[3]), (zc_b23[0], zc_b23[1]), (zc_b23[2], zc_b23[3]))
-    part0 = _zeros_like_acc(z, M_TILES)
-    part1 = _zeros_like_acc(z, M_TILES)
-    part2 = _zeros_like_acc(z, M_TILES)
-    part3 = _zeros_like_acc(z, M_TILES)
-    # words of a step: row r + 2 c columns a0..a3, b0..b3, then row r + 2 c + 1 the same
+    BLOCKS: tl.constexpr = len(accs)
+    PAIRS: tl.constexpr = BLOCKS // 2
+    zero_a, zero_b = _zero_constants(params, BLOCKS, BF16)
+    parts = ()
+    for b in tl.static_range(BLOCKS):
+        parts = parts + (_zeros_like_acc(z, M_TILES),)
+    # words of a step: row r + 2 c columns a0.., b0.., then row r + 2 c + 1 the same
     for step in tl.static_range(GROUP_SIZE // 64):
-        step_words = words[16 * step:16 * step + 16]
+        step_words = words[4 * BLOCKS * step:4 * BLOCKS * (step + 1)]
         raw = xs[8 * M_TILES * step:8 * M_TILES * step + 8 * M_TILES]
         step_xs = _x_pairs(raw[0], raw[1], raw[2], raw[3]) + _x_pairs(raw[4], raw[5], raw[6], raw[7])
         if M_TILES == 2:
             step_xs = step_xs + _x_pairs(raw[8], raw[9], raw[10], raw[11]) + _x_pairs(raw[12], raw[13], raw[14],
                                                                                        raw[15])
-        part0 = _block_step(step_words[0], step_words[4], step_words[8], step_words[12], zero_a[0], zero_b[0],
-                            step_xs, part0, BF16, M_TILES)
-        part1 = _block_step(step_words[1], step_words[5], step_words[9], step_words[13], zero_a[1], zero_b[1],
-                            step_xs, part1, BF16, M_TILES)
-        part2 = _block_step(step_words[2], step_words[6], step_words[10], step_words[14], zero_a[2], zero_b[2],
-                            step_xs, part2, BF16, M_TILES)
-        part3 = _block_step(step_words[3], step_words[7], step_words[11], step_words[15], zero_a[3], zero_b[3],
-                            step_xs, part3, BF16, M_TILES)
-    sa0, sa1 = _scales_f32(sa01, BF16)
-    sa2, sa3 = _scales_f32(sa23, BF16)
-    sb0, sb1 = _scales_f32(sb01, BF16)
-    sb2, sb3 = _scales_f32(sb23, BF16)
-    return (_scaled_add(acc0, part0, sa0 * live, sb0 * live, M_TILES),
-            _scaled_add(acc1, part1, sa1 * live, sb1 * live, M_TILES),
-            _scaled_add(acc2, part2, sa2 * live, sb2 * live, M_TILES),
-            _scaled_add(acc3, part3, sa3 * live, sb3 * live, M_TILES))
-
+        stepped = ()
+        for b in tl.static_range(BLOCKS):
+            stepped = stepped + (_block_step(step_words[b], step_words[BLOCKS + b], step_words[2 * BLOCKS + b],
+                                             step_words[3 * BLOCKS + b], zero_a[b], zero_b[b], step_xs, parts[b],
+                                             BF16, M_TILES),)
+        parts = stepped
+    scales = ()
+    for p in tl.static_range(2 * PAIRS):  # column a's registers, then column b's
+        scales = scales + (_scales_f32(params[2 * PAIRS + p], BF16),)
+    summed = ()
+    for b in tl.static_range(BLOCKS):
+        summed = summed + (_scaled_add(accs[b], parts[b], scales[b // 2][b % 2] * live,
+                                       scales[PAIRS + b // 2][b % 2] * live, M_TILES),)
+    return summed
 
 
 @triton.jit
@@ -449,7 +476,7 @@ def _prefetch_group(tile_words, group, group_end, lane, GROUP_SIZE: tl.constexpr
 def _iteration(accs, loads, it, group_start, group_end, warp_k, qw_ptr, s_ptr, z_ptr, x_row0, x_row1, lane_c, base_a,
                base_b, word_a, word_b, stride_qk, stride_sg, z, tile_words, lane, GROUP_SIZE: tl.constexpr,
                M_TILES: tl.constexpr, K_WARPS: tl.constexpr, BF16: tl.constexpr, COHERENT: tl.constexpr,
-               TILE: tl.constexpr, PREFETCH_GROUPS: tl.constexpr):
+               TILE: tl.constexpr, PREFETCH_GROUPS: tl.constexpr, BLOCKS: tl.constexpr):
     """Iteration ``it`` of a warp's walk over its groups: pulls the words of its group ``it + PREFETCH_GROUPS``
     into L2 (where PREFETCH_GROUPS > 0), issues the next group's loads, then adds this group's product
     (``loads``) to the accumulators. Returns the sums and the next loads."""
@@ -459,9 +486,8 @@ def _iteration(accs, loads, it, group_start, group_end, warp_k, qw_ptr, s_ptr, z
         _prefetch_group(tile_words, group_start + (it + PREFETCH_GROUPS) * K_WARPS + warp_k, group_end, lane,
                         GROUP_SIZE, TILE)
     next_loads = _load_group(qw_ptr, s_ptr, z_ptr, x_row0, x_row1, group, lane_c, base_a, base_b, word_a, word_b,
-                             stride_qk, stride_sg, GROUP_SIZE, M_TILES, COHERENT)
-    acc0, acc1, acc2, acc3 = accs
-    return _group_product(loads, live, acc0, acc1, acc2, acc3, z, GROUP_SIZE, M_TILES, BF16), next_loads
+                             stride_qk, stride_sg, GROUP_SIZE, M_TILES, COHERENT, BLOCKS)
+    return _group_product(loads, live, accs, z, GROUP_SIZE, M_TILES, BF16), next_loads
 
 
 @triton.jit
@@ -473,9 +499,10 @@ def w4a16_warp_mma_kernel(
     COLUMN_WARPS: tl.constexpr, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
     BF16: tl.constexpr, UNROLLED_ITERS: tl.constexpr = 0, UP_RUN: tl.constexpr = 0, MAXNREG: tl.constexpr = 0,
     PDL: tl.constexpr = False, PREFETCH_GROUPS: tl.constexpr = 0, LOOP_UNROLL: tl.constexpr = 1,
+    BLOCKS: tl.constexpr = 4,
 ):
-    """out = x @ W for 8 * M_TILES rows a program (program_id 0 picks them) and 64 weight columns
-    a warp (32 gate and 32 up columns under "silu_mul"): a program's WARPS warps cover
+    """out = x @ W for 8 * M_TILES rows a program (program_id 0 picks them) and BLOCKS blocks of 16 weight columns
+    a warp (64 with 4, 32 with 2; half of them gate and half up under "silu_mul"): a program's WARPS warps cover
     COLUMN_WARPS such blocks of columns, the K_WARPS = WARPS / COLUMN_WARPS warps of each block
     taking turns over its groups of K. MAXNREG: the launch's register budget (``common.register_budget``);
     the code does not read it. PDL: launched with programmatic dependent launch (``common.dependent_launch``).
@@ -487,7 +514,7 @@ def w4a16_warp_mma_kernel(
         launch_dependent_grids()
     T: tl.constexpr = 32 * WARPS
     K_WARPS: tl.constexpr = WARPS // COLUMN_WARPS
-    WARP_COLUMNS: tl.constexpr = 32 if ACTIVATION == "silu_mul" else 64
+    WARP_COLUMNS: tl.constexpr = 8 * BLOCKS if ACTIVATION == "silu_mul" else 16 * BLOCKS
     tid = tl.arange(0, T)
     warp = tid // 32
     warp_n = warp % COLUMN_WARPS  # which of the program's column blocks
@@ -500,20 +527,20 @@ def w4a16_warp_mma_kernel(
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
     first_row = pid_m * 8 * M_TILES
-    # Lane g's columns: a = base_a + b and b = base_b + b for the four blocks b (16-byte loads);
-    # columns past N are read at N - 4 (never stored).
-    first_column = (pid_n * COLUMN_WARPS + warp_n) * WARP_COLUMNS + 4 * lane_g
+    # Lane g's columns: a = base_a + b and b = base_b + b for the BLOCKS blocks b (16- or 8-byte loads);
+    # columns past N are read at N - BLOCKS (never stored).
+    first_column = (pid_n * COLUMN_WARPS + warp_n) * WARP_COLUMNS + BLOCKS * lane_g
     if ACTIVATION == "silu_mul" and UP_RUN > 0:  # gate and up in alternating runs of UP_RUN columns
-        gate_column = tl.minimum(first_column, N_UP - 4)
+        gate_column = tl.minimum(first_column, N_UP - BLOCKS)
         base_a = (gate_column // UP_RUN) * (2 * UP_RUN) + gate_column % UP_RUN
         base_b = base_a + UP_RUN
     elif ACTIVATION == "silu_mul":
-        base_a = tl.minimum(first_column, N_UP - 4)
+        base_a = tl.minimum(first_column, N_UP - BLOCKS)
         base_b = base_a + N_UP
     else:
-        base_a = tl.minimum(first_column, N_OUT - 4)
-        base_b = tl.minimum(first_column + 32, N_OUT - 4)
-    word_a = word_offsets(base_a, 1, stride_qt, TILE)  # (a lane's four columns lie in one tile)
+        base_a = tl.minimum(first_column, N_OUT - BLOCKS)
+        base_b = tl.minimum(first_column + 8 * BLOCKS, N_OUT - BLOCKS)
+    word_a = word_offsets(base_a, 1, stride_qt, TILE)  # (a lane's BLOCKS columns lie in one tile)
     word_b = word_offsets(base_b, 1, stride_qt, TILE)
     x_row0 = x_ptr + tl.minimum(first_row + lane_g, M - 1) * stride_xm
     x_row1 = x_ptr + tl.minimum(first_row + 8 + lane_g, M - 1) * stride_xm
@@ -529,40 +556,38 @@ def w4a16_warp_mma_kernel(
     for ahead in tl.static_range(PREFETCH_GROUPS):  # the groups before the loop's first pull
         _prefetch_group(tile_words, group_start + ahead * K_WARPS + warp_k, group_end, lane, GROUP_SIZE, TILE)
     z = tl.zeros((T,), tl.float32)
-    acc0 = _zeros_like_acc(z, M_TILES)
-    acc1 = _zeros_like_acc(z, M_TILES)
-    acc2 = _zeros_like_acc(z, M_TILES)
-    acc3 = _zeros_like_acc(z, M_TILES)
+    accs = ()
+    for b in tl.static_range(BLOCKS):
+        accs = accs + (_zeros_like_acc(z, M_TILES),)
     # Each warp takes every K_WARPS-th group; the next group's loads are issued before this one's
     # arithmetic. Past the end a warp re-reads the range's last group (already fetched by the
     # program) and scales it by 0.
     group = tl.minimum(group_start + warp_k, group_end - 1)
     words, params = _load_group_weights(qw_ptr, s_ptr, z_ptr, group, lane_c, base_a, base_b, word_a, word_b,
-                                        stride_qk, stride_sg, GROUP_SIZE, PDL)
+                                        stride_qk, stride_sg, GROUP_SIZE, PDL, BLOCKS)
     if PDL:  # the first weights are on their way as the grid before finishes writing x
         ready = wait_for_prior_grids()
         x_row0 += ready
         x_row1 += ready
     loads = (words, _load_group_x(x_row0, x_row1, group, lane_c, GROUP_SIZE, M_TILES, PDL), params)
-    accs = (acc0, acc1, acc2, acc3)
     if UNROLLED_ITERS > 0:
         for it in tl.static_range(UNROLLED_ITERS):
             accs, loads = _iteration(accs, loads, it, group_start, group_end, warp_k, qw_ptr, s_ptr, z_ptr, x_row0,
                                      x_row1, lane_c, base_a, base_b, word_a, word_b, stride_qk, stride_sg, z,
                                      tile_words, lane, GROUP_SIZE, M_TILES, K_WARPS, BF16, PDL, TILE,
-                                     PREFETCH_GROUPS)
+                                     PREFETCH_GROUPS, BLOCKS)
     else:
         for it in tl.range(0, tl.cdiv(group_end - group_start, K_WARPS), loop_unroll_factor=LOOP_UNROLL):
             accs, loads = _iteration(accs, loads, it, group_start, group_end, warp_k, qw_ptr, s_ptr, z_ptr, x_row0,
                                      x_row1, lane_c, base_a, base_b, word_a, word_b, stride_qk, stride_sg, z,
                                      tile_words, lane, GROUP_SIZE, M_TILES, K_WARPS, BF16, PDL, TILE,
-                                     PREFETCH_GROUPS)
+                                     PREFETCH_GROUPS, BLOCKS)
     # The warps' sums meet in shared memory by inline PTX, behind one barrier. Through Triton's layouts they took 53
     # CTA barriers at M = 16 on 4096^2 (a change of layout at each tl.join of a tile), or 2 in one tl.reduce whose
     # every warp took part in all of it; H200, fp16, one weight replayed, us (bench/NOTES-kernels.md, forty-ninth
     # session): 4096^2 at M = 16 6.31 -> 5.63, 4096x6144 8.49 -> 6.74, 14336x4096 14.44 -> 13.08.
     rows, cols = _shared_sums_places(tid, first_row, pid_n * COLUMN_WARPS * WARP_COLUMNS, M_TILES, K_WARPS,
-                                     COLUMN_WARPS, WARP_COLUMNS, ACTIVATION)
+                                     COLUMN_WARPS, WARP_COLUMNS, ACTIVATION, BLOCKS)
     values, up_values = _shared_sums(accs, tid, M_TILES, K_WARPS, COLUMN_WARPS, ACTIVATION)
     masks = ()
     for i in tl.static_range(len(values)):
@@ -571,6 +596,7 @@ def w4a16_warp_mma_kernel(
                   ws_ptr, stride_bm, stride_om, stride_on, stride_wm, SPLIT_K, HAS_BIAS, ACTIVATION)
 
 
-def warp_mma_columns(activation: str) -> int:
-    """Output columns of one program: 64, or 32 (and their 32 up columns) under "silu_mul"."""
-    return 32 if activation == "silu_mul" else 64
+def warp_mma_columns(activation: str, blocks: int = 4) -> int:
+    """Output columns of a warp's ``blocks`` blocks of 16 weight columns: 16 ``blocks``, or 8 ``blocks`` (and as many
+    up columns) under "silu_mul"."""
+    return 8 * blocks if activation == "silu_mul" else 16 * blocks

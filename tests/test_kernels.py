@@ -31,7 +31,7 @@ import sys
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from qpass.kernels import common, fp8, int4_pairs, reference, replay, w4a16, w8a16
@@ -238,9 +238,12 @@ def test_w4a16_kernel_choice_by_rows():
     assert [pick(M, 28672, 4096, 128, device).row_tiles for M in (3, 8, 9, 16)] == [1, 1, 2, 2]
     # past 8 rows on a wide weight, two warps side by side on columns share x through L1
     assert [pick(M, 28672, 4096, 128, device).column_warps for M in (8, 16)] == [1, 2]
-    # past 8 rows on a narrow weight with short K, a program an 8-row tile; longer K stays split
-    assert pick(16, 4096, 4096, 128, cpu) == w4a16.WarpMmaConfig(8, 1, 1, unrolled=True, maxnreg=168,
-                                                                  prefetch_groups=1)
+    # past 8 rows on a narrow weight with short K, 32 columns a warp and both 8-row tiles a program (but for gate and
+    # up: a program an 8-row tile); longer K stays split
+    assert [pick(M, 4096, 4096, 128, cpu) for M in (9, 16)] == 2 * [w4a16.WarpMmaConfig(
+        8, 1, 2, unrolled=True, maxnreg=168, prefetch_groups=1, column_blocks=2)]
+    assert pick(16, 2048, 4096, 128, cpu, activation="silu_mul") == w4a16.WarpMmaConfig(
+        8, 1, 1, unrolled=True, maxnreg=168, prefetch_groups=1)
     # past 8 rows each warp pulls its words into L2 a group ahead; up to 8 it does not
     assert [pick(M, N, K, 128, cpu).prefetch_groups for M in (8, 9, 16) for N, K in ((6144, 4096), (4096, 14336))] == [
         0, 0, 1, 1, 1, 1]
@@ -773,6 +776,11 @@ def test_w4a16_warp_mma_rejects_what_it_cannot_read():
         w4a16.w4a16_linear(x, qweight, scales, zeros, 64, config=w4a16.WarpMmaConfig(4, 1, 2, 3))
     with pytest.raises(ValueError, match=r"num_warps \(16\), leaving at most 8 warps a column block"):
         w4a16.w4a16_linear(x, qweight, scales, zeros, 64, config=w4a16.WarpMmaConfig(16, 1, 2, 1))
+    # 32 columns a warp and one 8-row tile: 8 sums a lane, so at most 4 warps take turns on a block
+    with pytest.raises(ValueError, match=r"num_warps \(8\), leaving at most 4 warps a column block"):
+        w4a16.w4a16_linear(x, qweight, scales, zeros, 64, config=w4a16.WarpMmaConfig(8, 1, 1, column_blocks=2))
+    with pytest.raises(ValueError, match=r"column_blocks must be 4 or 2 .* got 3"):
+        w4a16.w4a16_linear(x, qweight, scales, zeros, 64, config=w4a16.WarpMmaConfig(4, 1, 2, column_blocks=3))
     x, qweight, scales, zeros, _ = make_w4(24, 64, 128, 32, torch.float16, False, False, 0)
     with pytest.raises(ValueError, match=r"sm_90 GPU.*K a multiple of 128.*; got x \(24, 128\).*group_size 32"):
         w4a16.w4a16_linear(x, qweight, scales, zeros, 32, config=w4a16.WgmmaConfig(32, 1, 1))
@@ -911,7 +919,7 @@ def w4a16_warp_mma_sm90(dtype, M, N, K, activation="none", bias=False, pdl=False
                       SPLIT_K=cfg.split_k, HAS_BIAS=bias, ACTIVATION=activation, BF16=dtype == "bf16",
                       UNROLLED_ITERS=w4a16.warp_mma_unrolled_iterations(cfg, K // 128),
                       UP_RUN=16 if activation == "silu_mul" else 0, PDL=pdl, stride_on=1, TILE=WORD_TILE,
-                      PREFETCH_GROUPS=cfg.prefetch_groups, LOOP_UNROLL=cfg.loop_unroll)
+                      PREFETCH_GROUPS=cfg.prefetch_groups, LOOP_UNROLL=cfg.loop_unroll, BLOCKS=cfg.column_blocks)
     launch = register_budget(cfg.maxnreg)
     constexprs["MAXNREG"] = launch.pop("MAXNREG")
     pointers = {p: "*" + dtype for p in ("x_ptr", "s_ptr", "z_ptr", "b_ptr", "out_ptr")}
@@ -2304,23 +2312,39 @@ def test_gpu_w4a16_fp16_activations_across_fp16s_range(M, config):
        warps=st.sampled_from([4, 8]), column_warps=st.sampled_from([1, 2, 4]), split=st.integers(1, 4),
        row_tiles=st.sampled_from([1, 2]), unrolled=st.booleans(), loop_unroll=st.sampled_from([1, 2, 3]),
        up_run=st.sampled_from([4, 8, 16]), maxnreg=st.sampled_from([0, 168, 200, 232]),
-       tile=st.sampled_from([0, 8, 64]), prefetch=st.integers(0, 3),
+       tile=st.sampled_from([0, 8, 64]), prefetch=st.integers(0, 3), blocks=st.sampled_from([2, 4]),
        seed=st.integers(0, 2**16))
 def test_gpu_w4a16_warp_mma(M, eighth_n, groups, group_size, dtype, symmetric, bias, activation, warps, column_warps,
-                            split, row_tiles, unrolled, loop_unroll, up_run, maxnreg, tile, prefetch, seed):
-    """The warp-level MMA kernel against the float32 reference: N off its 64-column tiles (a
+                            split, row_tiles, unrolled, loop_unroll, up_run, maxnreg, tile, prefetch, blocks, seed):
+    """The warp-level MMA kernel against the float32 reference: N off its 64- or 32-column tiles (a
     multiple of 8, so "silu_mul" halves stay whole), splits that leave warps without a group,
     one or two 8-row tiles a program (past 8 rows with one: two programs of rows), warps side
-    by side on columns, each epilogue, the loop over groups unrolled, rolled, or its body 2 or 3 times an
-    iteration (with a remainder where the groups leave one), ptxas's registers or a budget, the words in
-    column tiles or not, pulled into L2 ahead or not (where they are in tiles of 64);
+    by side on columns, 64 or 32 columns a warp, each epilogue, the loop over groups unrolled, rolled, or its
+    body 2 or 3 times an iteration (with a remainder where the groups leave one), ptxas's registers or a budget,
+    the words in column tiles or not, pulled into L2 ahead or not (where they are in tiles of 64);
     silu_mul on gate and up in runs of ``up_run`` too, where it divides N / 2."""
-    config = w4a16.WarpMmaConfig(warps, split, row_tiles, column_warps, unrolled, maxnreg, prefetch, loop_unroll)
+    assume(warps // column_warps <= 2 * blocks * row_tiles)  # (the rest: ``w4a16.w4a16_linear`` rejects them)
+    config = w4a16.WarpMmaConfig(warps, split, row_tiles, column_warps, unrolled, maxnreg, prefetch, loop_unroll,
+                                 blocks)
     N, K = 8 * eighth_n, groups * group_size
     check_w4_config(config, M, N, K, group_size, dtype, symmetric, bias, activation, seed, tile)
     if activation == "silu_mul" and (N // 2) % up_run == 0:
         error = w4_gate_up_runs_error(config, M, N, K, group_size, dtype, bias, seed, up_run, tile=tile)
         assert error < 2 * BOUND[dtype]
+
+
+@cuda
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("M", [9, 16])
+@pytest.mark.parametrize("N", [4096, 4072])
+@pytest.mark.parametrize("tile", [0, common.WORD_TILE])
+def test_gpu_w4a16_warp_mma_32_columns_as_picked(N, M, dtype, tile):
+    """Past 8 rows on 4096 x 4096 the pick takes 32 columns a warp with both 8-row tiles a program: against the float32
+    reference with a bias and gelu, then with the RMSNorm and a residual; N off the 32-column tiles too."""
+    config = w4a16.pick_config(M, N, 4096, 128, torch.device("cuda"), dtype=dtype)
+    assert config.column_blocks == 2 and config.row_tiles == 2, config
+    check_w4_config(config, M, N, 4096, 128, dtype, False, True, "gelu", M, tile)
 
 
 @cuda
