@@ -1174,6 +1174,18 @@ def dequantize_chunk_columns(M: int, N: int) -> int:
     return columns if columns < N else 0
 
 
+def _one_wave_of_long_columns(M: int, N: int, K: int, sms: int) -> bool:
+    """Whether the one-row GEMV takes 32 weight columns a program (16 warps, 2048 rows a step) instead of 16: where
+    those programs fill 95-100% of one wave, one an SM, and K is at least 14336. H100, Triton 3.6, us, 16 -> 32
+    columns, one weight replayed fp16 / from DRAM bf16 (bench/NOTES-kernels.md, hundred-and-first session):
+    14336x4096 8.31 -> 7.69 / 12.16 -> 11.80, 16384x4096 10.52 -> 9.00 / 13.60 -> 13.21, 28672x4096 24.46 -> 21.60 /
+    24.20 -> 21.69. Below that K, or with other grids, the 16-column tile stays ahead from DRAM: 12288x4096 10.60 ->
+    10.69, 11008x4096 11.20 -> 11.75; 112 programs (18944x3584) 15.48 -> 16.62, 160 (13824x5120) 20.68 -> 21.03,
+    256 (14336x8192) 23.85 -> 24.08. (Timed without the RMSNorm or silu_mul, which keep the 16-column tile.)"""
+    programs = cdiv(N, 32)
+    return M == 1 and K >= 14336 and 20 * programs >= 19 * sms and programs <= sms
+
+
 def gemv_registers(cfg: GemvConfig, M: int, N: int, sms: int) -> int:
     """``GemvConfig.maxnreg`` for the GEMV's block shape ``cfg`` on M rows and N output columns: the most
     registers a thread (ptxas allots them 8 at a time) with which every program of the grid stays resident at
@@ -1286,7 +1298,8 @@ def _pick_for_all_rows(M: int, N: int, K: int, group_size: int, device: torch.de
         # from DRAM: 4096x6144 fp16 4.53 -> 4.03 / 5.30 -> 5.01, bf16 4.51 -> 4.17 / 5.30 -> 5.09; with the
         # norm, bf16 as in the decode step's qkv, 5.28 -> 5.21 / 5.69 -> 6.10; gate and up, K = 2048 by 8192,
         # under silu_mul, bf16 7.36 -> 5.49 / 9.22 -> 6.01, with the norm 8.18 -> 6.32 / 10.09 -> 7.16,
-        # and 1024 rows faster in all 16 silu_mul cases timed); else 16 x 2048 with 16 warps
+        # and 1024 rows faster in all 16 silu_mul cases timed); 32 x 2048 with 16 warps where K >= 14336 and those
+        # programs fill one wave (``_one_wave_of_long_columns``); else 16 x 2048 with 16 warps
         # (4096x4096: bf16 5.53 against 5.71, fp16 5.99 against 5.86-6.25; 14336x4096 bf16 11.71
         # against 13.06; fp16 from DRAM 9.65 against 11.12 rolled, forty-fifth session), all unrolled.
         reads = 2 if activation == "silu_mul" else 1  # weight columns a program reads per output column
@@ -1294,6 +1307,8 @@ def _pick_for_all_rows(M: int, N: int, K: int, group_size: int, device: torch.de
             cfg = GemvConfig(32 // reads, 512, 1, num_warps=4, unrolled=True)
         elif K <= 4096 and cdiv(N * reads, 16) > 2 * sms:
             cfg = GemvConfig(16, 2048 if norm and reads == 1 else 1024, 1, num_warps=8, unrolled=True)
+        elif _one_wave_of_long_columns(M, N, K, sms) and reads == 1 and not norm:
+            cfg = GemvConfig(32, 2048, 1, num_warps=16, unrolled=True)
         else:
             cfg = GemvConfig(16, 2048, 1, num_warps=16, unrolled=True)
         return cfg._replace(maxnreg=gemv_registers(cfg, M, N, sms))
