@@ -421,12 +421,13 @@ def _shared_buffer(nbytes: int) -> tl.constexpr:
 
 
 _SHARED_4K, _SHARED_8K, _SHARED_16K, _SHARED_32K = (_shared_buffer(n) for n in (4096, 8192, 16384, 32768))
+SHARED_ADDRESS_MAX_BYTES = tl.constexpr(32768)
 
 
 @triton.jit
 def shared_address(NBYTES: tl.constexpr):
     """The shared address of a buffer of at least NBYTES (at most 32 KB), one for each call in a kernel."""
-    tl.static_assert(NBYTES <= 32768, "a buffer of shared_address takes at most 32 KB")
+    tl.static_assert(NBYTES <= SHARED_ADDRESS_MAX_BYTES, "a buffer of shared_address takes at most 32 KB")
     if NBYTES <= 4096:
         return tl.inline_asm_elementwise(_SHARED_4K, "=r", [], dtype=tl.int32, is_pure=True, pack=1)
     elif NBYTES <= 8192:

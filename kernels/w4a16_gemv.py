@@ -25,8 +25,9 @@ read x coherently. A decode step of 16 Llama-3-8B layers (64 GEMVs, bf16, H200) 
 import triton
 import triton.language as tl
 
-from .common import (asm_constant, barrier_after, launch_dependent_grids, load_shared, row_inv_rms, shared_address,
-                     split_range, store_output, store_shared, wait_for_prior_grids, word_offsets)
+from .common import (SHARED_ADDRESS_MAX_BYTES, asm_constant, barrier_after, launch_dependent_grids, load_shared,
+                     row_inv_rms, shared_address, split_range, store_output, store_shared, wait_for_prior_grids,
+                     word_offsets)
 from .int4_pairs import F16_DOT_UNIT, bf16_nibble_pairs, f16_nibble_pairs, zero_bf16x2, zero_f16x2
 
 _F32_MAGIC = tl.constexpr(8388608.0)  # 2**23: 0x4B000000 | q is 2**23 + q as float32
@@ -529,8 +530,9 @@ def w4a16_gemv_kernel(
     else:
         # fp16's packed tile's column sums through shared memory where its groups are as many as its columns (H100,
         # one row, 4096^2 3.26 -> 3.12 us; bf16 gains nothing: 3.36 -> 3.39; bench/NOTES-kernels.md, eighty-first
-        # session)
-        SHARED_SUMS: tl.constexpr = PACKED_F16 and GROUPS == BLOCK_N
+        # session) and their buffer fits ``shared_address`` (16 x 16 does, 32 x 32 not)
+        SHARED_SUMS: tl.constexpr = (PACKED_F16 and GROUPS == BLOCK_N
+                                     and 4 * (GROUP_ROWS // 2) * GROUPS * (BLOCK_N + 1) <= SHARED_ADDRESS_MAX_BYTES)
         acc = _gemv_columns(x_row, g_ptr, norm_eps, K, qw_ptr, s_ptr, z_ptr, offs_n, mask_n, row_start, row_end,
                             stride_xk, stride_qk, word_offsets(offs_n, stride_qn, stride_qt, TILE), stride_sg,
                             stride_sn, GROUP_SIZE, GROUP_ROWS, GROUPS,
