@@ -1232,12 +1232,15 @@ def warp_mma_registers(cfg: WarpMmaConfig, M: int, tiles: int, sms: int) -> int:
     the grid then takes more than one wave (gate_up at 16 rows: 448 programs, 2 an SM): in the decode
     step's chain of 64 ops at batch 16, launched with PDL (thirty-eighth session), 1107 -> 1075 us for
     gate_up's (0 before) and down's (200, split 4) together; 216 and 248 within 8 us of 232, 200 slower. 32 columns a
-    warp (``column_blocks`` 2) at 8 warps and two tiles: 168 (4096x4096 at 16 rows, fp16: 5.20 us against 7.12 at
-    ptxas's 128-142; hundredth session)."""
+    warp (``column_blocks`` 2) at 8 warps and two tiles, one program an SM: 200, with no words pulled into L2 ahead
+    (``_pick_for_all_rows``). H100, 4096x4096 at 16 rows, the op, medians of 7 rounds in turns, us (hundredth and
+    hundred-and-second sessions): ptxas's 128-142 registers 7.12, 168 5.20; then, fp16 / bf16 from L2 and fp16 / bf16
+    from DRAM, 168 pulling 5.03 / 4.75 / 6.02 / 5.99, 168 not 4.42 / 4.31 / 5.88 / 5.75, 200 not 4.07 / 4.18 / 5.44 /
+    5.38 (200 pulling 5.05 / 5.20 from L2)."""
     if cfg.num_warps == 4 and cfg.row_tiles == 2:
         return 232
     if cfg.column_blocks == 2:
-        return 168
+        return 200
     row_programs = 1 if M <= 8 * cfg.row_tiles else 2  # (comparisons only: M may be a SymInt)
     programs = row_programs * cdiv(tiles, cfg.column_warps) * cfg.split_k
     budget = min(resident_registers(cfg.num_warps, programs, sms), 168 if cfg.row_tiles == 1 else 200)
@@ -1280,8 +1283,12 @@ def _pick_for_all_rows(M: int, N: int, K: int, group_size: int, device: torch.de
         cfg = _warp_mma_config(M, tiles, K // group_size, sms, activation == "silu_mul")
         # Past 8 rows each warp pulls its words into L2 a group ahead (with the words in column tiles); H200, the
         # decode step's 64 ops at 16 rows, bf16, us: 1060.8 -> 1017.7; at 8 rows it loses (870.8 -> 979.1)
-        # (bench/NOTES-kernels.md, forty-third session)
-        return cfg._replace(maxnreg=warp_mma_registers(cfg, M, tiles, sms), prefetch_groups=int(M > 8))
+        # (bench/NOTES-kernels.md, forty-third session), and so it does with 32 columns a warp, from L2 and from DRAM
+        # (``warp_mma_registers``). With 64 columns it still gains at 16 rows (H100, us, from L2 / DRAM, without ->
+        # with: 14336x4096 fp16 13.49 -> 12.49, 4096x28672 24.71 -> 21.38; bf16 from DRAM 15.68 -> 15.63, 27.60 ->
+        # 27.07; hundred-and-second session).
+        prefetch = M > 8 and cfg.column_blocks == 4
+        return cfg._replace(maxnreg=warp_mma_registers(cfg, M, tiles, sms), prefetch_groups=int(prefetch))
     mma_block_k = [b for b in (128, 64, 32, 16) if group_size % b == 0]
     if M <= GEMV_MAX_M or not mma_block_k:
         # No split: a program's warps cover K in steps of 64 to 512 word rows, so even N = 4096

@@ -250,11 +250,12 @@ def test_w4a16_kernel_choice_by_rows():
     assert [pick(M, 28672, 4096, 128, device).column_warps for M in (8, 16)] == [1, 2]
     # past 8 rows on a narrow weight with short K, 32 columns a warp and both 8-row tiles a program (but for gate and
     # up: a program an 8-row tile); longer K stays split
-    assert [pick(M, 4096, 4096, 128, cpu) for M in (9, 16)] == 2 * [w4a16.WarpMmaConfig(
-        8, 1, 2, unrolled=True, maxnreg=168, prefetch_groups=1, column_blocks=2)]
+    # (200 registers, and no words pulled into L2 ahead)
+    assert [pick(M, 4096, 4096, 128, cpu, dtype=dtype) for M in (9, 16) for dtype in (torch.float16, torch.bfloat16)
+            ] == 4 * [w4a16.WarpMmaConfig(8, 1, 2, unrolled=True, maxnreg=200, prefetch_groups=0, column_blocks=2)]
     assert pick(16, 2048, 4096, 128, cpu, activation="silu_mul") == w4a16.WarpMmaConfig(
         8, 1, 1, unrolled=True, maxnreg=168, prefetch_groups=1)
-    # past 8 rows each warp pulls its words into L2 a group ahead; up to 8 it does not
+    # past 8 rows each warp of 64 columns pulls its words into L2 a group ahead; up to 8 it does not
     assert [pick(M, N, K, 128, cpu).prefetch_groups for M in (8, 9, 16) for N, K in ((6144, 4096), (4096, 14336))] == [
         0, 0, 1, 1, 1, 1]
     assert pick(16, 4096, 14336, 128, device).row_tiles == 2
@@ -274,7 +275,7 @@ def test_w4a16_kernel_choice_by_rows():
     # 16 rows, on 132 SMs (qkv, o, gate_up, down)
     decode_ops = [(6144, 4096, "none"), (4096, 4096, "none"), (14336, 4096, "silu_mul"), (4096, 14336, "none")]
     assert [pick(M, N, K, 128, cpu, activation=a).maxnreg for M in (8, 16) for N, K, a in decode_ops] == [
-        168, 168, 0, 168, 200, 168, 232, 232]  # (gate_up at 8 rows: 448 programs of 4 warps, ptxas's choice)
+        168, 168, 0, 168, 200, 200, 232, 232]  # (gate_up at 8 rows: 448 programs of 4 warps, ptxas's choice)
     assert w4a16.warp_mma_registers(w4a16.WarpMmaConfig(4, 1, 1), 8, 528, 132) == 0  # 4 an SM: 128 registers
     assert isinstance(pick(8, 28672, 4096, 128, device, warp_mma=False), w4a16.MmaConfig)
     # 17 to 64 rows: the wgmma kernel on Hopper (never on the CPU), else the tensor-core kernel; the
