@@ -24,6 +24,7 @@ its wheel; it needs numpy, tqdm and triton >= 3.6) and ``pip install --no-deps``
 
 import argparse
 import datetime
+import itertools
 import json
 import statistics
 import time
@@ -205,20 +206,20 @@ def sweep_candidates(kind, M, N, activation="none", registers=None):
                                          (16, 512, 2, 4), (16, 512, 4, 4), (32, 512, 2, 4)]:
                 out.append(w4a16.GemvConfig(bn, bk, split, warps))
             out.append(w4a16.GemvConfig(16, 2048, 1, 8, packed_f16=False))
-        if 2 <= M <= 16:  # the warp-level MMA kernel, its warps on one column block or side by side on two,
-            # one program for all rows or (past 8) a program an 8-row tile, its loop rolled (its body once or
-            # twice an iteration) or unrolled (where ``warp_mma_unrolled_iterations`` allows); each with the
-            # picks' register budget and L2 prefetch
-            tiles = -(-N // w4a16.warp_mma_columns(activation))
-            for row_tiles in sorted({1, (M + 7) // 8}):
-                for warps in (4, 8):
-                    for column_warps in (1, 2):
-                        for split in (1, 2, 4, 8):
-                            for unrolled, loop_unroll in ((False, 1), (False, 2), (True, 1)):
-                                cfg = w4a16.WarpMmaConfig(warps, split, row_tiles, column_warps, unrolled,
-                                                          prefetch_groups=int(M > 8), loop_unroll=loop_unroll)
-                                budgets = registers or [w4a16.warp_mma_registers(cfg, M, tiles, 132)]
-                                out.extend(cfg._replace(maxnreg=budget) for budget in budgets)
+        if 2 <= M <= 16:  # the warp-level MMA kernel, 64 or 32 columns a warp, its warps on one column block or
+            # side by side on two, one program for all rows or (past 8) a program an 8-row tile, its loop rolled (its
+            # body once or twice an iteration) or unrolled (where ``warp_mma_unrolled_iterations`` allows); each with
+            # the picks' register budget and L2 prefetch (``w4a16._pick_for_all_rows``: 64 columns past 8 rows)
+            tiles = -(-N // w4a16.warp_mma_columns(activation))  # (as the pick counts them for the budget)
+            loops = ((False, 1), (False, 2), (True, 1))  # (unrolled, loop_unroll)
+            for column_blocks, row_tiles, warps, column_warps, split, (unrolled, loop_unroll) in itertools.product(
+                    (4, 2), sorted({1, (M + 7) // 8}), (4, 8), (1, 2), (1, 2, 4, 8), loops):
+                cfg = w4a16.WarpMmaConfig(warps, split, row_tiles, column_warps, unrolled,
+                                          prefetch_groups=int(M > 8 and column_blocks == 4), loop_unroll=loop_unroll,
+                                          column_blocks=column_blocks)
+                if warps <= w4a16.warp_mma_most_warps(cfg) * column_warps:
+                    budgets = registers or [w4a16.warp_mma_registers(cfg, M, tiles, 132)]
+                    out.extend(cfg._replace(maxnreg=budget) for budget in budgets)
         if 16 < M <= 64:  # the Hopper kernel, its weights exact or scaled in the MMA (other GPUs: reported as
             # failed, the sweep goes on)
             for warpgroups in (1, 2):

@@ -366,6 +366,12 @@ class WarpMmaConfig(NamedTuple):
     column_blocks: int = 4  # a warp's 16-column MMA blocks: 4 (64 weight columns) or 2 (32)
 
 
+def warp_mma_most_warps(cfg: WarpMmaConfig) -> int:
+    """The most warps a column block of the warp-level MMA kernel takes: 8, and a warp's sums, 4 a block and 8-row
+    tile, in whole pairs a warp (``_shared_sums``)."""
+    return min(8, 2 * cfg.column_blocks * cfg.row_tiles)
+
+
 def warp_mma_ok(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                 group_size: int, n_out: int) -> bool:
     """What the warp-level MMA kernel reads as 16- and 8-byte vectors must be aligned so: x as
@@ -1526,9 +1532,7 @@ def w4a16_linear(
         if cfg.column_blocks not in (2, 4):
             raise ValueError(f"{cfg}: column_blocks must be 4 or 2 (a warp's 64 or 32 weight columns), got "
                              f"{cfg.column_blocks}")
-        # warps a column block: 8 at most, and a warp's sums, 4 a block and tile, in whole pairs a warp
-        # (``_shared_sums``)
-        most = min(8, 2 * cfg.column_blocks * cfg.row_tiles)
+        most = warp_mma_most_warps(cfg)
         if cfg.column_warps < 1 or cfg.num_warps % cfg.column_warps or cfg.num_warps > most * cfg.column_warps:
             raise ValueError(f"{cfg}: column_warps ({cfg.column_warps}) must divide num_warps ({cfg.num_warps}), "
                              f"leaving at most {most} warps a column block")

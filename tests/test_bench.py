@@ -51,6 +51,29 @@ def test_the_w4a16_gemv_sweep_gives_each_block_shape_the_picks_register_budget()
         assert asked == [c._replace(maxnreg=r) for c in mmas for r in (0, 232)], (M, N)
 
 
+def test_the_warp_mma_sweep_times_the_picks_and_only_shapes_the_launcher_takes():
+    """At 2-16 rows ``--sweep`` times the warp-level MMA kernel's 32-column form beside its 64-column one: each pick of
+    the table's shapes is among its candidates as the pick runs it, and the launcher refuses none of them for its
+    warps (on the CPU it stops at the next check, which asks for a GPU)."""
+    import pytest
+
+    kernels = load_script("kernels")
+    from qpass.kernels import w4a16
+
+    cpu = torch.device("cpu")
+    x = torch.zeros(16, 4096, dtype=torch.float16)
+    qweight = torch.zeros(512, 4096, dtype=torch.int32)
+    scales = torch.ones(32, 4096, dtype=torch.float16)
+    for M, K, N in [(16, 4096, 4096), (9, 4096, 4096), (8, 4096, 4096), (16, 4096, 6144), (16, 4096, 28672),
+                    (16, 14336, 4096)]:
+        mmas = [c for c in kernels.sweep_candidates("awq", M, N) if type(c).__name__ == "WarpMmaConfig"]
+        assert w4a16.pick_config(M, N, K, 128, cpu) in mmas, (M, K, N)
+        assert {c.column_blocks for c in mmas} == {2, 4}, (M, N)
+    for cfg in {c._replace(maxnreg=0) for c in mmas}:
+        with pytest.raises(ValueError, match="on a GPU"):
+            w4a16.w4a16_linear(x, qweight, scales, scales, 128, config=cfg)
+
+
 def test_the_8bit_gemv_sweep_takes_every_row_in_one_program():
     """At one or two rows the 8-bit GEMV's sweep times the shapes the pick can give: both rows in one program."""
     kernels = load_script("kernels")
