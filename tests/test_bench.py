@@ -64,12 +64,14 @@ def test_the_warp_mma_sweep_times_the_picks_and_only_shapes_the_launcher_takes()
     x = torch.zeros(16, 4096, dtype=torch.float16)
     qweight = torch.zeros(512, 4096, dtype=torch.int32)
     scales = torch.ones(32, 4096, dtype=torch.float16)
+    shapes = set()  # every shape swept, its budget aside
     for M, K, N in [(16, 4096, 4096), (9, 4096, 4096), (8, 4096, 4096), (16, 4096, 6144), (16, 4096, 28672),
                     (16, 14336, 4096)]:
         mmas = [c for c in kernels.sweep_candidates("awq", M, N) if type(c).__name__ == "WarpMmaConfig"]
         assert w4a16.pick_config(M, N, K, 128, cpu) in mmas, (M, K, N)
         assert {c.column_blocks for c in mmas} == {2, 4}, (M, N)
-    for cfg in {c._replace(maxnreg=0) for c in mmas}:
+        shapes |= {c._replace(maxnreg=0) for c in mmas}
+    for cfg in shapes:
         with pytest.raises(ValueError, match="on a GPU"):
             w4a16.w4a16_linear(x, qweight, scales, scales, 128, config=cfg)
 
